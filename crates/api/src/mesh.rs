@@ -1,0 +1,221 @@
+//! `WireGuardMesh`: the interface-level settings of one mesh (usually the one named `default`).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::condition::Condition;
+use crate::fields::{CidrString, ObjectName};
+
+pub const DEFAULT_INTERFACE_NAME: &str = "wgmesh0";
+pub const DEFAULT_LISTEN_PORT: i32 = 51820;
+pub const DEFAULT_TUNNEL_CIDR: &str = "10.250.0.0/16";
+
+/// The interface-level settings of a mesh: interface name, port, MTU, backend, the pools
+/// tunnel addresses come from, and which nodes join.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "wgmesh.io",
+    version = "v1alpha1",
+    kind = "WireGuardMesh",
+    plural = "wireguardmeshes",
+    shortname = "wgmesh",
+    shortname = "wgmeshes",
+    category = "wgmesh",
+    status = "WireGuardMeshStatus",
+    derive = "PartialEq",
+    doc = "A WireGuard mesh: the interface settings every member node uses and the pools tunnel addresses come from.",
+    printcolumn(
+        name = "Interface",
+        type_ = "string",
+        json_path = ".spec.interfaceName"
+    ),
+    printcolumn(name = "Port", type_ = "integer", json_path = ".spec.listenPort"),
+    printcolumn(name = "Backend", type_ = "string", json_path = ".spec.backend"),
+    printcolumn(
+        name = "Tunnel CIDRs",
+        type_ = "string",
+        json_path = ".spec.tunnelCIDRs"
+    ),
+    printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.nodes"),
+    printcolumn(name = "Peers", type_ = "integer", json_path = ".status.peers"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WireGuardMeshSpec {
+    /// Name of the WireGuard interface on every node: 1-15 characters of letters, digits, `_`,
+    /// `.` and `-`, starting with a letter or digit.
+    #[serde(default = "default_interface_name")]
+    #[schemars(
+        length(min = 1, max = 15),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    )]
+    pub interface_name: String,
+
+    /// UDP port the mesh listens on, on every node.
+    #[serde(default = "default_listen_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub listen_port: i32,
+
+    /// MTU of the interface. Absent means automatic: the underlay MTU minus 80 bytes of
+    /// WireGuard, UDP and IPv6 overhead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 576, max = 65535))]
+    pub mtu: Option<i32>,
+
+    /// Which WireGuard implementation the agents use. `auto` prefers the kernel module and
+    /// falls back to the userspace device.
+    #[serde(default)]
+    pub backend: Backend,
+
+    /// Pools that tunnel addresses of nodes and external peers are allocated from: at most one
+    /// IPv4 and one IPv6 network.
+    #[serde(rename = "tunnelCIDRs", default = "default_tunnel_cidrs")]
+    #[schemars(length(min = 1, max = 2))]
+    #[x_kube(validation = kube::core::Rule::new("self.filter(c, isCIDR(c) && cidr(c).ip().family() == 4).size() <= 1 && self.filter(c, isCIDR(c) && cidr(c).ip().family() == 6).size() <= 1").message("tunnelCIDRs holds at most one IPv4 and one IPv6 network"))]
+    pub tunnel_cidrs: Vec<CidrString>,
+
+    /// Seconds between keepalive packets sent to every peer (0 or absent: off). Useful when
+    /// nodes sit behind NAT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub persistent_keepalive: Option<i32>,
+
+    /// Nodes that join the mesh. Absent: every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+
+    /// A Secret holding a mesh-wide secret from which a preshared key is derived for every
+    /// pair of nodes (post-quantum resistance for the node-to-node links).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preshared_key: Option<SecretKeyRef>,
+
+    /// Firewall mark put on the encrypted UDP packets, and the routing table they use, so
+    /// tunnel traffic follows the underlay routes and never loops into the tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fwmark: Option<FwmarkSpec>,
+
+    /// Stop programming this mesh. Agents keep their interfaces as they are until it is
+    /// enabled again or deleted.
+    #[serde(default)]
+    pub disabled: bool,
+
+    /// Free text for humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub comment: Option<String>,
+}
+
+/// A key of a Secret. Our objects are cluster-scoped, so the namespace is always explicit.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Namespace of the Secret.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub namespace: String,
+    /// Name of the Secret.
+    pub name: ObjectName,
+    /// Key within the Secret's data.
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// The firewall mark and routing table of the encrypted UDP socket.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct FwmarkSpec {
+    /// Mark set on every encrypted packet (SO_MARK), 1 to 2^32-1.
+    #[schemars(range(min = 1, max = 4294967295u32))]
+    pub mark: i64,
+    /// Routing table the marked packets are routed by. Absent: the main table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4294967295u32))]
+    #[x_kube(validation = kube::core::Rule::new("self != 253 && self != 255").message("tables 253 (default) and 255 (local) are reserved"))]
+    pub table: Option<i64>,
+}
+
+/// The WireGuard implementation agents use.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The kernel module where the kernel has it, else the userspace device.
+    #[default]
+    Auto,
+    /// The kernel module only; agents report an error where it is missing.
+    Kernel,
+    /// wgmesh's own userspace device on a TUN interface.
+    Userspace,
+}
+
+/// What the controller observed of the mesh.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WireGuardMeshStatus {
+    /// Nodes selected by the mesh whose agent registered.
+    #[serde(default)]
+    pub nodes: i32,
+    /// Of those, the nodes whose peer is Ready.
+    #[serde(default)]
+    pub ready_nodes: i32,
+    /// External peers of the mesh.
+    #[serde(default)]
+    pub peers: i32,
+    /// Of those, the peers that are Ready.
+    #[serde(default)]
+    pub ready_peers: i32,
+    /// Latest observations of the mesh's state (`Ready`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn default_interface_name() -> String {
+    DEFAULT_INTERFACE_NAME.to_owned()
+}
+
+fn default_listen_port() -> i32 {
+    DEFAULT_LISTEN_PORT
+}
+
+fn default_tunnel_cidrs() -> Vec<CidrString> {
+    vec![CidrString(DEFAULT_TUNNEL_CIDR.to_owned())]
+}
+
+pub(crate) fn default_secret_key() -> String {
+    "presharedKey".to_owned()
+}
+
+impl Default for WireGuardMeshSpec {
+    fn default() -> Self {
+        WireGuardMeshSpec {
+            interface_name: default_interface_name(),
+            listen_port: default_listen_port(),
+            mtu: None,
+            backend: Backend::Auto,
+            tunnel_cidrs: default_tunnel_cidrs(),
+            persistent_keepalive: None,
+            node_selector: None,
+            preshared_key: None,
+            fwmark: None,
+            disabled: false,
+            comment: None,
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! `cargo xtask`: the project's automation, in Rust so it runs wherever cargo does.
+//!
+//! - `crdgen [--check]`: write `crds/*.yaml` from the Rust types (or fail on drift);
+//! - `test`: everything CI checks: fmt, clippy, unit, integration and end-to-end tests;
+//! - `demo`: a local control plane with wgmesh installed, to look at and play with;
+//! - `bench`: benchmarks (see the subcommands).
+
+mod crdgen;
+mod demo;
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "wgmesh project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write crds/*.yaml from the Rust types in crates/api.
+    Crdgen {
+        /// Fail instead of writing when crds/ differs from the types.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run everything CI runs: fmt, clippy, unit, integration and end-to-end tests.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments passed to `cargo test` (a test name filter, for example).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Start a local control plane with wgmesh installed and show it.
+    Demo {
+        /// Exit after showing the objects instead of waiting for Ctrl-C.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Crdgen { check } => crdgen::run(check),
+        Cmd::Test {
+            no_lint,
+            cargo_test_args,
+        } => test::run(!no_lint, &cargo_test_args),
+        Cmd::Demo { no_wait } => demo::run(no_wait),
+    }
+}

@@ -1,0 +1,149 @@
+//! `cargo xtask test`: everything, in the order that fails fastest.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::setup::{
+    DEBIAN_PACKAGES, ensure_debian_packages, ensure_rust_components, repo_root, run_cmd, step,
+};
+
+pub fn run(lint: bool, cargo_test_args: &[String]) -> Result<()> {
+    let started = Instant::now();
+    let root = repo_root();
+
+    step("checking tools: Rust components and Debian packages");
+    ensure_rust_components()?;
+    ensure_debian_packages(DEBIAN_PACKAGES)?;
+
+    if lint {
+        step("cargo fmt --check");
+        run_cmd(
+            Command::new("cargo")
+                .current_dir(&root)
+                .args(["fmt", "--all", "--check"]),
+        )?;
+        step("cargo clippy --workspace --all-targets -- -D warnings");
+        run_cmd(Command::new("cargo").current_dir(&root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+
+    step("crds/ matches the Rust types");
+    crate::crdgen::run(true)?;
+
+    // Built here, with progress on the terminal, rather than inside a test whose output is
+    // captured: a cold build takes minutes.
+    step(
+        "control-plane binaries (etcd, kube-apiserver, kubectl): cached or built from the Go module proxy",
+    );
+    let bins = wgmesh_e2e::tools::control_plane_binaries()?;
+    eprintln!("    etcd:           {}", bins.etcd.display());
+    eprintln!("    kube-apiserver: {}", bins.kube_apiserver.display());
+    eprintln!("    kubectl:        {}", bins.kubectl.display());
+
+    step("cargo test --workspace (unit, integration and end-to-end tests)");
+    let totals = cargo_test(&root, cargo_test_args)?;
+    eprintln!("\nall checks passed in {:.0?}", started.elapsed());
+    println!(
+        "xtask: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    Ok(())
+}
+
+#[derive(Default, Debug, PartialEq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs `cargo test`, echoing its output, and adds up its `test result:` lines.
+fn cargo_test(root: &Path, extra: &[String]) -> Result<Totals> {
+    let mut child = Command::new("cargo")
+        .current_dir(root)
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut totals = Totals::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(t) = parse_test_result(&line) {
+            totals.passed += t.passed;
+            totals.failed += t.failed;
+            totals.ignored += t.ignored;
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!(
+            "xtask: {} passed, {} failed, {} skipped",
+            totals.passed,
+            totals.failed.max(1),
+            totals.ignored
+        );
+        bail!("cargo test failed ({status})");
+    }
+    Ok(totals)
+}
+
+/// Parses `test result: ok. 8 passed; 0 failed; 1 ignored; ...`.
+fn parse_test_result(line: &str) -> Option<Totals> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let mut totals = Totals::default();
+    for part in rest.split(['.', ';']) {
+        let mut words = part.split_whitespace();
+        let (Some(n), Some(what)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        match what {
+            "passed" => totals.passed = n,
+            "failed" => totals.failed = n,
+            "ignored" => totals.ignored = n,
+            _ => {}
+        }
+    }
+    Some(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cargo_test_summaries() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 8 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s"
+            ),
+            Some(Totals {
+                passed: 8,
+                failed: 0,
+                ignored: 1
+            })
+        );
+        assert_eq!(
+            parse_test_result("test result: FAILED. 0 passed; 2 failed; 0 ignored"),
+            Some(Totals {
+                passed: 0,
+                failed: 2,
+                ignored: 0
+            })
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
+}

@@ -1,0 +1,258 @@
+//! A real Kubernetes control plane on loopback: etcd and kube-apiserver as child processes,
+//! with RBAC, generated certificates and service-account signing keys (so TokenRequest and
+//! TokenReview work as they do in a cluster). Dropping it stops exactly the processes it
+//! started and removes its directory, also when a test panics.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::pki::{TestCa, signing_key_pair_pem};
+use crate::process::ChildGuard;
+use crate::tools::{ControlPlaneBinaries, control_plane_binaries};
+
+/// How long the API server may take to answer `/readyz` (a cold start on 2 busy cores).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A running etcd + kube-apiserver pair.
+pub struct ControlPlane {
+    // Field order is drop order: the API server stops before its store.
+    apiserver: ChildGuard,
+    etcd: ChildGuard,
+    binaries: ControlPlaneBinaries,
+    kubeconfig: PathBuf,
+    url: String,
+    ca: TestCa,
+    // Removed last, after both processes have exited.
+    dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    /// Finds or builds the binaries, starts etcd and the API server on free loopback ports, and
+    /// waits until the API server is ready.
+    pub async fn start() -> Result<Self> {
+        let binaries = tokio::task::spawn_blocking(control_plane_binaries).await??;
+        let dir = tempfile::Builder::new()
+            .prefix("wgmesh-control-plane-")
+            .tempdir()
+            .context("creating the control plane's directory")?;
+        let d = dir.path();
+
+        let ca = TestCa::new("wgmesh-test-ca")?;
+        let serving = ca.server_cert("kube-apiserver", &["127.0.0.1", "localhost"])?;
+        let admin = ca.client_cert("wgmesh-admin", Some("system:masters"))?;
+        write(d, "ca.crt", ca.cert_pem())?;
+        write(d, "apiserver.crt", &serving.cert_pem)?;
+        write(d, "apiserver.key", &serving.key_pem)?;
+        write(d, "admin.crt", &admin.cert_pem)?;
+        write(d, "admin.key", &admin.key_pem)?;
+        let (sa_key, sa_pub) = signing_key_pair_pem()?;
+        write(d, "sa.key", &sa_key)?;
+        write(d, "sa.pub", &sa_pub)?;
+
+        let etcd_port = free_port()?;
+        let etcd_peer_port = free_port()?;
+        let api_port = free_port()?;
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let url = format!("https://127.0.0.1:{api_port}");
+
+        let mut etcd_cmd = Command::new(&binaries.etcd);
+        etcd_cmd
+            .arg(format!("--data-dir={}", d.join("etcd").display()))
+            .arg(format!("--listen-client-urls={etcd_url}"))
+            .arg(format!("--advertise-client-urls={etcd_url}"))
+            .arg(format!(
+                "--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}"
+            ))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}"
+            ))
+            .arg(format!(
+                "--initial-cluster=default=http://127.0.0.1:{etcd_peer_port}"
+            ))
+            .arg("--unsafe-no-fsync")
+            .arg("--log-level=warn");
+        let etcd = ChildGuard::spawn("etcd", etcd_cmd, &d.join("etcd.log"))?;
+
+        let mut api_cmd = Command::new(&binaries.kube_apiserver);
+        let p = |name: &str| d.join(name).display().to_string();
+        api_cmd
+            .arg(format!("--etcd-servers={etcd_url}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--secure-port={api_port}"))
+            .arg(format!("--cert-dir={}", p("apiserver-certs")))
+            .arg(format!("--tls-cert-file={}", p("apiserver.crt")))
+            .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
+            .arg(format!("--client-ca-file={}", p("ca.crt")))
+            .arg("--authorization-mode=RBAC")
+            .arg(format!("--service-account-issuer={url}"))
+            .arg(format!("--service-account-key-file={}", p("sa.pub")))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                p("sa.key")
+            ))
+            .arg("--api-audiences=https://kubernetes.default.svc,wgmesh")
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .arg("--allow-privileged=true")
+            .arg("--endpoint-reconciler-type=none")
+            .arg("--enable-priority-and-fairness=false")
+            .arg("--v=0");
+        let apiserver = ChildGuard::spawn("kube-apiserver", api_cmd, &d.join("apiserver.log"))?;
+
+        let kubeconfig = d.join("kubeconfig");
+        write(
+            d,
+            "kubeconfig",
+            &kubeconfig_yaml(&url, ca.cert_pem(), &admin.cert_pem, &admin.key_pem),
+        )?;
+
+        let mut cp = ControlPlane {
+            apiserver,
+            etcd,
+            binaries,
+            kubeconfig,
+            url,
+            ca,
+            dir,
+        };
+        cp.wait_ready().await?;
+        Ok(cp)
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let client = self.client().await?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last_err = String::new();
+        while Instant::now() < deadline {
+            if !self.apiserver.is_running() {
+                bail!(
+                    "kube-apiserver exited during start-up; its log ends with:\n{}",
+                    self.apiserver.log_tail(30)
+                );
+            }
+            if !self.etcd.is_running() {
+                bail!(
+                    "etcd exited during start-up; its log ends with:\n{}",
+                    self.etcd.log_tail(30)
+                );
+            }
+            let req = http::Request::get("/readyz").body(Vec::new())?;
+            match client.request_text(req).await {
+                Ok(body) if body.trim() == "ok" => return Ok(()),
+                Ok(body) => last_err = body,
+                Err(e) => last_err = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        bail!(
+            "kube-apiserver was not ready after {READY_TIMEOUT:?} ({last_err}); its log ends with:\n{}",
+            self.apiserver.log_tail(30)
+        )
+    }
+
+    /// A client with cluster-admin rights.
+    pub async fn client(&self) -> Result<kube::Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// The admin kubeconfig file, for kubectl and for programs under test.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The API server's URL (`https://127.0.0.1:PORT`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The CA that signed the API server's certificate; tests may issue more certificates.
+    pub fn ca(&self) -> &TestCa {
+        &self.ca
+    }
+
+    /// The directory this control plane keeps its files in (removed on drop).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn binaries(&self) -> &ControlPlaneBinaries {
+        &self.binaries
+    }
+
+    /// Runs kubectl against this control plane.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.binaries.kubectl)
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .output()
+            .with_context(|| format!("running kubectl {}", args.join(" ")))
+    }
+
+    /// Runs kubectl and returns its stdout, failing with its stderr when it fails.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl(args)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Keeps the control plane's files (logs, certificates) after drop, for debugging.
+    pub fn keep_files(self) -> PathBuf {
+        let ControlPlane { dir, .. } = self;
+        dir.keep()
+    }
+}
+
+fn write(dir: &Path, name: &str, contents: &str) -> Result<()> {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))
+}
+
+/// A port that was free a moment ago. The kernel hands out ephemeral ports in sequence, so a
+/// collision with another process between this call and the bind is unlikely.
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn kubeconfig_yaml(url: &str, ca: &str, cert: &str, key: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: wgmesh-local
+  cluster:
+    server: {url}
+    certificate-authority-data: {ca}
+users:
+- name: wgmesh-admin
+  user:
+    client-certificate-data: {cert}
+    client-key-data: {key}
+contexts:
+- name: wgmesh-local
+  context:
+    cluster: wgmesh-local
+    user: wgmesh-admin
+current-context: wgmesh-local
+",
+        ca = b64(ca),
+        cert = b64(cert),
+        key = b64(key),
+    )
+}

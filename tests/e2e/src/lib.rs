@@ -1,0 +1,12 @@
+//! Test harness of wgmesh: a real local Kubernetes control plane (etcd and kube-apiserver as
+//! plain processes on loopback, like controller-runtime's envtest), the Go tools it needs, and
+//! helpers shared by the integration and end-to-end tests, the benchmarks and `cargo xtask demo`.
+
+pub mod control_plane;
+pub mod install;
+pub mod pki;
+pub mod process;
+pub mod tools;
+pub mod versions;
+
+pub use control_plane::ControlPlane;

@@ -1,0 +1,111 @@
+//! Finds the control-plane binaries, or builds them from the Go module proxy into a cache.
+//!
+//! Lookup order: `$KUBEBUILDER_ASSETS` (the directory controller-runtime's setup-envtest
+//! fills, so its users can reuse theirs), then the per-version cache
+//! (`$WGMESH_CACHE_DIR`, else `$XDG_CACHE_HOME/wgmesh`, else `~/.cache/wgmesh`), then a build
+//! with `tools/build-go-tools.sh`. A file lock keeps parallel tests from building twice.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::versions;
+
+/// Paths of the programs a control plane needs.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneBinaries {
+    pub etcd: PathBuf,
+    pub kube_apiserver: PathBuf,
+    pub kubectl: PathBuf,
+}
+
+/// The cache root, outside the repository so `cargo clean` and fresh clones keep it.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("WGMESH_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("wgmesh");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache").join("wgmesh")
+}
+
+/// Finds or builds etcd, kube-apiserver and kubectl. Prints progress on stderr when it has
+/// to build (a cold build takes minutes).
+pub fn control_plane_binaries() -> Result<ControlPlaneBinaries> {
+    if let Some(assets) = std::env::var_os("KUBEBUILDER_ASSETS") {
+        let dir = PathBuf::from(assets);
+        let bins = ControlPlaneBinaries {
+            etcd: dir.join("etcd"),
+            kube_apiserver: dir.join("kube-apiserver"),
+            kubectl: dir.join("kubectl"),
+        };
+        if bins.etcd.is_file() && bins.kube_apiserver.is_file() {
+            let kubectl = if bins.kubectl.is_file() {
+                bins.kubectl
+            } else {
+                cached_tool("k8s", versions::KUBERNETES, "kubernetes", "kubectl")?
+            };
+            return Ok(ControlPlaneBinaries { kubectl, ..bins });
+        }
+        eprintln!(
+            "[wgmesh] KUBEBUILDER_ASSETS={} has no etcd and kube-apiserver; using the wgmesh cache",
+            dir.display()
+        );
+    }
+    Ok(ControlPlaneBinaries {
+        etcd: cached_tool("etcd", versions::ETCD, "etcd", "etcd")?,
+        kube_apiserver: cached_tool("k8s", versions::KUBERNETES, "kubernetes", "kube-apiserver")?,
+        kubectl: cached_tool("k8s", versions::KUBERNETES, "kubernetes", "kubectl")?,
+    })
+}
+
+/// `<cache>/<dir_prefix>-v<version>/<binary>`, built by `build-go-tools.sh <what>` when absent.
+pub fn cached_tool(what: &str, version: &str, dir_prefix: &str, binary: &str) -> Result<PathBuf> {
+    let dir = cache_dir().join(format!("{dir_prefix}-v{version}"));
+    let path = dir.join(binary);
+    if path.is_file() {
+        return Ok(path);
+    }
+    fs::create_dir_all(cache_dir())
+        .with_context(|| format!("creating cache directory {}", cache_dir().display()))?;
+    let lock_path = cache_dir().join(format!("{dir_prefix}-v{version}.lock"));
+    let lock = File::create(&lock_path)
+        .with_context(|| format!("creating lock file {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    // Another process may have built it while we waited for the lock.
+    if path.is_file() {
+        return Ok(path);
+    }
+    eprintln!(
+        "[wgmesh] {binary} v{version} is not in {}; building it from the Go module proxy (once; cached afterwards)",
+        dir.display()
+    );
+    let script = build_script();
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(what)
+        .arg(version)
+        .arg(&dir)
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!(
+            "building {binary} v{version} failed ({status}); is Go installed and the Go module proxy reachable?"
+        );
+    }
+    if !path.is_file() {
+        bail!("{} did not produce {}", script.display(), path.display());
+    }
+    Ok(path)
+}
+
+fn build_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tools")
+        .join("build-go-tools.sh")
+}
