@@ -1,9 +1,12 @@
-//! Pure domain logic of wgmesh: WireGuard keys, CIDR sets, and (in later modules) the desired
-//! mesh, diffs and the wg-quick format. Nothing here does I/O or knows about Kubernetes or gRPC,
-//! so every decision can be tested with plain tables.
+//! Pure domain logic of wgmesh: WireGuard keys, CIDR sets, tunnel address allocation, the
+//! desired mesh and peer-set diffs. Nothing here does I/O or knows about Kubernetes or gRPC, so
+//! every decision can be tested with plain tables.
 #![forbid(unsafe_code)]
 
 pub mod cidr;
+pub mod desired;
+pub mod diff;
+pub mod ipam;
 pub mod key;
 
 pub use cidr::{Cidr, CidrError, CidrSet};

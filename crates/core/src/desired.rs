@@ -1,0 +1,398 @@
+//! The desired mesh: from a mesh, its nodes and its peers, every node's peer set and every
+//! peer's verdict (programmed, or why not).
+//!
+//! This is the one place where a peer's allowed IPs, endpoint, keepalive and preshared key are
+//! decided ([`allowed_ips_of`] and [`compute`]), and where conflicts between peers are judged.
+//! Conflicts are resolved deterministically: node peers first (their pod CIDRs are facts of the
+//! cluster, not claims), then external peers, each group oldest first (creation time, then
+//! name); a peer that conflicts with one already accepted is refused and never programmed, and
+//! the rest of the mesh is unaffected.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use blake2::{Blake2s256, Digest};
+
+use crate::{Cidr, CidrSet, Key, PublicKey};
+
+/// The mesh-level inputs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshInput {
+    pub name: String,
+    /// Pools tunnel addresses come from (at most one per address family).
+    pub tunnel_pools: Vec<Cidr>,
+    /// Keepalive for peers that set none; 0 is off.
+    pub persistent_keepalive: u16,
+    /// The mesh-wide secret node-to-node preshared keys are derived from.
+    pub preshared_key: Option<SecretInput>,
+}
+
+/// A Secret value the controller looked up, or the reason it could not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretInput {
+    Present(Vec<u8>),
+    /// Missing Secret or key, or unusable content; the message names the reference.
+    Missing(String),
+}
+
+/// A Node as far as the mesh is concerned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInput {
+    pub name: String,
+    /// Whether the node matches the mesh's node selector.
+    pub selected: bool,
+    /// `spec.podCIDRs` (falling back to `spec.podCIDR`).
+    pub pod_cidrs: Vec<Cidr>,
+}
+
+/// A `WireGuardPeer` as far as the mesh is concerned, already parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInput {
+    pub name: String,
+    /// Creation time in seconds since the epoch: the older peer wins a conflict.
+    pub created: i64,
+    pub public_key: PublicKey,
+    /// `spec.allowedIPs`, host bits masked.
+    pub allowed_ips: Vec<Cidr>,
+    /// `spec.endpoint`.
+    pub endpoint: Option<String>,
+    /// `status.endpoint`: where the peer's packets last came from.
+    pub last_seen_endpoint: Option<String>,
+    pub persistent_keepalive: Option<u16>,
+    /// The peer's own preshared key Secret, when it references one.
+    pub preshared_key: Option<SecretInput>,
+    pub responder: bool,
+    pub disabled: bool,
+    /// Set on node peers: the Node this peer is.
+    pub node: Option<String>,
+    /// Tunnel addresses allocated to the peer (`status.addresses`), one per pool.
+    pub tunnel_addresses: Vec<IpAddr>,
+}
+
+/// Which preshared key a peer uses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PresharedKey {
+    None,
+    /// The peer's own key, from its Secret.
+    Static(Key),
+    /// Node-to-node: derived per pair from the mesh secret ([`pair_preshared_key`]).
+    DerivedFromMesh,
+}
+
+/// A peer as every node (but itself) should program it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DesiredPeer {
+    /// Name of the `WireGuardPeer`.
+    pub name: String,
+    pub public_key: PublicKey,
+    pub endpoint: Option<String>,
+    /// Sorted, de-duplicated.
+    pub allowed_ips: Vec<Cidr>,
+    pub persistent_keepalive: u16,
+    pub preshared_key: PresharedKey,
+    /// The Node this peer is, for node peers.
+    pub node: Option<String>,
+}
+
+/// Why a peer is or is not programmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Programmed on every member node.
+    Programmed,
+    /// Not programmed; `reason` is a `Ready=False` condition reason (see
+    /// `wgmesh_api::condition::reason`), `message` says what to fix.
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Condition reasons, mirrored from the API crate so core stays free of Kubernetes types.
+pub mod reason {
+    pub const ALLOWED_IPS_OVERLAP: &str = "AllowedIPsOverlap";
+    pub const DUPLICATE_PUBLIC_KEY: &str = "DuplicatePublicKey";
+    pub const PRESHARED_KEY_MISSING: &str = "PresharedKeySecretMissing";
+    pub const POOL_EXHAUSTED: &str = "TunnelPoolExhausted";
+    pub const ADDRESS_PENDING: &str = "TunnelAddressPending";
+    pub const DISABLED: &str = "Disabled";
+    pub const NODE_NOT_IN_MESH: &str = "NodeNotInMesh";
+}
+
+/// A member node: a selected Node whose agent registered and whose peer is programmed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Member {
+    pub public_key: PublicKey,
+    /// Interface addresses: each tunnel address with its pool's prefix length (host bits
+    /// set, as on an `Address` line).
+    pub interface_addresses: Vec<ipnet::IpNet>,
+    /// Whether node-to-node preshared keys are derived from a mesh secret.
+    pub mesh_secret: Option<Key>,
+}
+
+/// The result: what every node should have, and every peer's verdict.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredMesh {
+    /// Member nodes by Node name.
+    pub members: BTreeMap<String, Member>,
+    /// Every programmed peer (nodes and external), by public key. A node's peer set is this
+    /// map without its own key.
+    pub peers: BTreeMap<PublicKey, Arc<DesiredPeer>>,
+    /// Every peer object's verdict, by object name.
+    pub verdicts: BTreeMap<String, Verdict>,
+}
+
+impl DesiredMesh {
+    /// The peers node `node` should have, or `None` when it is not a member.
+    pub fn peers_of<'a>(
+        &'a self,
+        node: &str,
+    ) -> Option<impl Iterator<Item = &'a Arc<DesiredPeer>> + 'a> {
+        let own = self.members.get(node)?.public_key;
+        Some(self.peers.values().filter(move |p| p.public_key != own))
+    }
+}
+
+/// The allowed IPs of a peer: its tunnel addresses as host routes, plus its node's pod CIDRs
+/// (node peers) or its own `allowedIPs` (external peers).
+pub fn allowed_ips_of(peer: &PeerInput, node: Option<&NodeInput>) -> Vec<Cidr> {
+    let claimed = claimed_networks(peer, node);
+    let hosts = peer.tunnel_addresses.iter().map(|a| Cidr::host(*a));
+    CidrSet::new(hosts.chain(claimed)).iter().copied().collect()
+}
+
+/// The networks a peer claims beyond its tunnel addresses; what conflicts are judged on.
+fn claimed_networks(peer: &PeerInput, node: Option<&NodeInput>) -> Vec<Cidr> {
+    match (peer.node.as_ref(), node) {
+        (Some(_), Some(node)) => node.pod_cidrs.clone(),
+        (Some(_), None) => Vec::new(),
+        (None, _) => peer.allowed_ips.clone(),
+    }
+}
+
+/// The per-pair preshared key of two nodes, derived from the mesh secret: both ends compute
+/// the same key (the pair is ordered), and no two pairs share one.
+pub fn pair_preshared_key(mesh_secret: &Key, a: &PublicKey, b: &PublicKey) -> Key {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    let mut h = Blake2s256::new();
+    h.update(b"wgmesh pair psk v1");
+    h.update(mesh_secret.as_bytes());
+    h.update(lo.as_bytes());
+    h.update(hi.as_bytes());
+    Key::from_bytes(h.finalize().into())
+}
+
+/// A mesh secret of any length, condensed to a key.
+fn mesh_secret_key(secret: &[u8]) -> Key {
+    let mut h = Blake2s256::new();
+    h.update(b"wgmesh mesh secret v1");
+    h.update(secret);
+    Key::from_bytes(h.finalize().into())
+}
+
+/// Computes the desired mesh. Pure: same inputs, same output.
+pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> DesiredMesh {
+    let nodes_by_name: BTreeMap<&str, &NodeInput> =
+        nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+
+    // Node peers first, then external peers; each oldest first.
+    let mut order: Vec<&PeerInput> = peers.iter().collect();
+    order.sort_by(|a, b| {
+        (a.node.is_none(), a.created, &a.name).cmp(&(b.node.is_none(), b.created, &b.name))
+    });
+
+    let mut out = DesiredMesh::default();
+    let mut keys: BTreeMap<PublicKey, &str> = BTreeMap::new();
+    let mut claims: Vec<(Cidr, String)> = Vec::new();
+    let pool_fill = pool_fill(&mesh.tunnel_pools, peers);
+    let mesh_secret = match &mesh.preshared_key {
+        Some(SecretInput::Present(bytes)) => Some(mesh_secret_key(bytes)),
+        _ => None,
+    };
+
+    for peer in order {
+        let node = peer
+            .node
+            .as_deref()
+            .and_then(|n| nodes_by_name.get(n).copied());
+        let verdict = judge(mesh, peer, node, &keys, &claims, &pool_fill);
+        if verdict == Verdict::Programmed {
+            keys.insert(peer.public_key, &peer.name);
+            let owner = match &peer.node {
+                Some(n) => format!("the pod CIDR of node {n}"),
+                None => format!("WireGuardPeer {}", peer.name),
+            };
+            claims.extend(
+                claimed_networks(peer, node)
+                    .into_iter()
+                    .map(|c| (c, owner.clone())),
+            );
+            let desired = desired_peer(mesh, peer, node);
+            if let Some(node_name) = &peer.node {
+                out.members.insert(
+                    node_name.clone(),
+                    Member {
+                        public_key: peer.public_key,
+                        interface_addresses: interface_addresses(mesh, peer),
+                        mesh_secret,
+                    },
+                );
+            }
+            out.peers.insert(peer.public_key, Arc::new(desired));
+        }
+        out.verdicts.insert(peer.name.clone(), verdict);
+    }
+    out
+}
+
+fn judge(
+    mesh: &MeshInput,
+    peer: &PeerInput,
+    node: Option<&NodeInput>,
+    keys: &BTreeMap<PublicKey, &str>,
+    claims: &[(Cidr, String)],
+    pool_fill: &[(Cidr, bool)],
+) -> Verdict {
+    let refuse = |reason, message: String| Verdict::Refused { reason, message };
+    if peer.disabled {
+        return refuse(reason::DISABLED, "spec.disabled is true".into());
+    }
+    if let Some(node_name) = &peer.node {
+        match node {
+            None => {
+                return refuse(
+                    reason::NODE_NOT_IN_MESH,
+                    format!("node {node_name} does not exist"),
+                );
+            }
+            Some(n) if !n.selected => {
+                return refuse(
+                    reason::NODE_NOT_IN_MESH,
+                    format!(
+                        "node {node_name} does not match the nodeSelector of mesh {}",
+                        mesh.name
+                    ),
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(other) = keys.get(&peer.public_key) {
+        return refuse(
+            reason::DUPLICATE_PUBLIC_KEY,
+            format!(
+                "public key {} is already used by WireGuardPeer {other}",
+                peer.public_key
+            ),
+        );
+    }
+    if let Some(SecretInput::Missing(why)) = &peer.preshared_key {
+        return refuse(reason::PRESHARED_KEY_MISSING, why.clone());
+    }
+    if peer.node.is_some() {
+        if let Some(SecretInput::Missing(why)) = &mesh.preshared_key {
+            return refuse(
+                reason::PRESHARED_KEY_MISSING,
+                format!("mesh {}: {why}", mesh.name),
+            );
+        }
+    }
+    for (pool, full) in pool_fill {
+        let has = peer.tunnel_addresses.iter().any(|a| pool.contains_addr(*a));
+        if !has {
+            return if *full {
+                refuse(
+                    reason::POOL_EXHAUSTED,
+                    format!(
+                        "tunnel pool {pool} of mesh {} has no free address",
+                        mesh.name
+                    ),
+                )
+            } else {
+                refuse(
+                    reason::ADDRESS_PENDING,
+                    format!("waiting for a tunnel address from {pool}"),
+                )
+            };
+        }
+    }
+    for cidr in claimed_networks(peer, node) {
+        if let Some(pool) = mesh.tunnel_pools.iter().find(|p| p.overlaps(&cidr)) {
+            return refuse(
+                reason::ALLOWED_IPS_OVERLAP,
+                format!(
+                    "{cidr} overlaps the tunnel pool {pool} of mesh {}",
+                    mesh.name
+                ),
+            );
+        }
+        if let Some((theirs, owner)) = claims.iter().find(|(c, _)| c.overlaps(&cidr)) {
+            return refuse(
+                reason::ALLOWED_IPS_OVERLAP,
+                format!("{cidr} overlaps {theirs}, {owner}"),
+            );
+        }
+    }
+    Verdict::Programmed
+}
+
+fn desired_peer(mesh: &MeshInput, peer: &PeerInput, node: Option<&NodeInput>) -> DesiredPeer {
+    let endpoint = if peer.node.is_some() {
+        peer.endpoint.clone()
+    } else if peer.responder {
+        None
+    } else {
+        peer.endpoint
+            .clone()
+            .or_else(|| peer.last_seen_endpoint.clone())
+    };
+    let preshared_key = match (&peer.preshared_key, &peer.node, &mesh.preshared_key) {
+        (Some(SecretInput::Present(bytes)), _, _) => match <[u8; 32]>::try_from(bytes.as_slice()) {
+            Ok(b) => PresharedKey::Static(Key::from_bytes(b)),
+            Err(_) => PresharedKey::Static(mesh_secret_key(bytes)),
+        },
+        (None, Some(_), Some(SecretInput::Present(_))) => PresharedKey::DerivedFromMesh,
+        _ => PresharedKey::None,
+    };
+    DesiredPeer {
+        name: peer.name.clone(),
+        public_key: peer.public_key,
+        endpoint,
+        allowed_ips: allowed_ips_of(peer, node),
+        persistent_keepalive: peer
+            .persistent_keepalive
+            .unwrap_or(mesh.persistent_keepalive),
+        preshared_key,
+        node: peer.node.clone(),
+    }
+}
+
+/// Each tunnel address with its pool's prefix, so the interface route covers the pool.
+fn interface_addresses(mesh: &MeshInput, peer: &PeerInput) -> Vec<ipnet::IpNet> {
+    peer.tunnel_addresses
+        .iter()
+        .filter_map(|a| {
+            let pool = mesh.tunnel_pools.iter().find(|p| p.contains_addr(*a))?;
+            ipnet::IpNet::new(*a, pool.prefix_len()).ok()
+        })
+        .collect()
+}
+
+/// For each pool, whether every assignable address is taken.
+fn pool_fill(pools: &[Cidr], peers: &[PeerInput]) -> Vec<(Cidr, bool)> {
+    pools
+        .iter()
+        .map(|pool| {
+            let used: BTreeSet<IpAddr> = peers
+                .iter()
+                .flat_map(|p| p.tunnel_addresses.iter().copied())
+                .filter(|a| pool.contains_addr(*a))
+                .collect();
+            (*pool, used.len() as u128 >= crate::ipam::capacity(pool))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[path = "desired_tests.rs"]
+mod tests;

@@ -1,0 +1,366 @@
+//! Table-driven tests of the desired mesh.
+
+use super::*;
+
+fn key(n: u8) -> PublicKey {
+    PublicKey::from_bytes([n; 32])
+}
+
+fn cidrs(list: &[&str]) -> Vec<Cidr> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+fn mesh() -> MeshInput {
+    MeshInput {
+        name: "default".into(),
+        tunnel_pools: cidrs(&["10.250.0.0/16"]),
+        persistent_keepalive: 0,
+        preshared_key: None,
+    }
+}
+
+fn node(name: &str, pod_cidr: &str) -> NodeInput {
+    NodeInput {
+        name: name.into(),
+        selected: true,
+        pod_cidrs: cidrs(&[pod_cidr]),
+    }
+}
+
+/// A node peer `<node>` with key n, created at time n, tunnel address 10.250.0.n.
+fn node_peer(node: &str, n: u8) -> PeerInput {
+    PeerInput {
+        name: node.into(),
+        created: i64::from(n),
+        public_key: key(n),
+        allowed_ips: vec![],
+        endpoint: Some(format!("192.168.0.{n}:51820")),
+        last_seen_endpoint: None,
+        persistent_keepalive: None,
+        preshared_key: None,
+        responder: false,
+        disabled: false,
+        node: Some(node.into()),
+        tunnel_addresses: vec![format!("10.250.0.{n}").parse().unwrap()],
+    }
+}
+
+/// An external peer with key n, created at time n, tunnel address 10.250.1.n.
+fn external(name: &str, n: u8, allowed: &[&str]) -> PeerInput {
+    PeerInput {
+        name: name.into(),
+        created: i64::from(n),
+        public_key: key(n),
+        allowed_ips: cidrs(allowed),
+        endpoint: None,
+        last_seen_endpoint: None,
+        persistent_keepalive: None,
+        preshared_key: None,
+        responder: false,
+        disabled: false,
+        node: None,
+        tunnel_addresses: vec![format!("10.250.1.{n}").parse().unwrap()],
+    }
+}
+
+fn three_nodes() -> (Vec<NodeInput>, Vec<PeerInput>) {
+    (
+        vec![
+            node("a", "10.244.1.0/24"),
+            node("b", "10.244.2.0/24"),
+            node("c", "10.244.3.0/24"),
+        ],
+        vec![node_peer("a", 1), node_peer("b", 2), node_peer("c", 3)],
+    )
+}
+
+fn names_of(d: &DesiredMesh, node: &str) -> Vec<String> {
+    d.peers_of(node)
+        .map(|it| it.map(|p| p.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+fn refused(d: &DesiredMesh, name: &str) -> Option<(&'static str, String)> {
+    match d.verdicts.get(name)? {
+        Verdict::Programmed => None,
+        Verdict::Refused { reason, message } => Some((*reason, message.clone())),
+    }
+}
+
+#[test]
+fn every_node_gets_every_other_node() {
+    let (nodes, peers) = three_nodes();
+    let d = compute(&mesh(), &nodes, &peers);
+    assert_eq!(names_of(&d, "a"), ["b", "c"]);
+    assert_eq!(names_of(&d, "b"), ["a", "c"]);
+    assert_eq!(names_of(&d, "c"), ["a", "b"]);
+    let b = &d.peers[&key(2)];
+    assert_eq!(
+        b.allowed_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["10.244.2.0/24", "10.250.0.2/32"],
+        "a node's allowed IPs are its tunnel address and pod CIDRs"
+    );
+    assert_eq!(b.endpoint.as_deref(), Some("192.168.0.2:51820"));
+    assert_eq!(
+        d.members["a"].interface_addresses[0].to_string(),
+        "10.250.0.1/16",
+        "the interface address carries the pool prefix"
+    );
+}
+
+#[test]
+fn membership_table() {
+    struct Case {
+        name: &'static str,
+        edit: fn(&mut Vec<NodeInput>, &mut Vec<PeerInput>),
+        members: &'static [&'static str],
+        refused: &'static [(&'static str, &'static str)],
+    }
+    let cases = [
+        Case {
+            name: "all present",
+            edit: |_, _| {},
+            members: &["a", "b", "c"],
+            refused: &[],
+        },
+        Case {
+            name: "a deleted Node drops its peer everywhere",
+            edit: |nodes, _| nodes.retain(|n| n.name != "b"),
+            members: &["a", "c"],
+            refused: &[("b", reason::NODE_NOT_IN_MESH)],
+        },
+        Case {
+            name: "a Node leaving the selector drops its peer",
+            edit: |nodes, _| nodes[2].selected = false,
+            members: &["a", "b"],
+            refused: &[("c", reason::NODE_NOT_IN_MESH)],
+        },
+        Case {
+            name: "a Node without a registered agent is not a member",
+            edit: |_, peers| peers.retain(|p| p.name != "a"),
+            members: &["b", "c"],
+            refused: &[],
+        },
+        Case {
+            name: "a disabled peer is absent everywhere",
+            edit: |_, peers| peers[1].disabled = true,
+            members: &["a", "c"],
+            refused: &[("b", reason::DISABLED)],
+        },
+        Case {
+            name: "a node without a tunnel address waits",
+            edit: |_, peers| peers[0].tunnel_addresses.clear(),
+            members: &["b", "c"],
+            refused: &[("a", reason::ADDRESS_PENDING)],
+        },
+        Case {
+            name: "the newer of two nodes with one key is refused",
+            edit: |_, peers| peers[2].public_key = key(1),
+            members: &["a", "b"],
+            refused: &[("c", reason::DUPLICATE_PUBLIC_KEY)],
+        },
+        Case {
+            name: "overlapping pod CIDRs: the newer node is refused",
+            edit: |nodes, _| nodes[1].pod_cidrs = cidrs(&["10.244.0.0/16"]),
+            members: &["a", "c"],
+            refused: &[("b", reason::ALLOWED_IPS_OVERLAP)],
+        },
+        Case {
+            name: "pod CIDR inside the tunnel pool",
+            edit: |nodes, _| nodes[0].pod_cidrs = cidrs(&["10.250.128.0/24"]),
+            members: &["b", "c"],
+            refused: &[("a", reason::ALLOWED_IPS_OVERLAP)],
+        },
+    ];
+    for case in cases {
+        let (mut nodes, mut peers) = three_nodes();
+        (case.edit)(&mut nodes, &mut peers);
+        let d = compute(&mesh(), &nodes, &peers);
+        let members: Vec<&str> = d.members.keys().map(String::as_str).collect();
+        assert_eq!(members, case.members, "{}", case.name);
+        for m in case.members {
+            assert_eq!(
+                names_of(&d, m).len(),
+                case.members.len() - 1,
+                "{}: {m} sees every other member",
+                case.name
+            );
+        }
+        for (name, reason) in case.refused {
+            let (got, message) = refused(&d, name)
+                .unwrap_or_else(|| panic!("{}: {name} should be refused", case.name));
+            assert_eq!(got, *reason, "{}: {message}", case.name);
+        }
+    }
+}
+
+#[test]
+fn external_peer_table() {
+    struct Case {
+        name: &'static str,
+        peer: PeerInput,
+        want_endpoint: Option<&'static str>,
+        refused: Option<(&'static str, &'static str)>,
+    }
+    let with = |f: fn(&mut PeerInput)| {
+        let mut p = external("laptop", 10, &["192.168.50.0/24"]);
+        f(&mut p);
+        p
+    };
+    let cases = [
+        Case {
+            name: "an endpoint in the spec is pushed",
+            peer: with(|p| p.endpoint = Some("203.0.113.1:51820".into())),
+            want_endpoint: Some("203.0.113.1:51820"),
+            refused: None,
+        },
+        Case {
+            name: "no endpoint: the last seen one is used",
+            peer: with(|p| p.last_seen_endpoint = Some("198.51.100.7:40000".into())),
+            want_endpoint: Some("198.51.100.7:40000"),
+            refused: None,
+        },
+        Case {
+            name: "a responder gets no endpoint",
+            peer: with(|p| {
+                p.responder = true;
+                p.endpoint = Some("203.0.113.1:51820".into());
+            }),
+            want_endpoint: None,
+            refused: None,
+        },
+        Case {
+            name: "overlapping a node's pod CIDR",
+            peer: external("laptop", 10, &["10.244.2.128/25"]),
+            want_endpoint: None,
+            refused: Some((reason::ALLOWED_IPS_OVERLAP, "pod CIDR of node b")),
+        },
+        Case {
+            name: "overlapping the tunnel pool",
+            peer: external("laptop", 10, &["10.250.0.0/24"]),
+            want_endpoint: None,
+            refused: Some((reason::ALLOWED_IPS_OVERLAP, "tunnel pool 10.250.0.0/16")),
+        },
+        Case {
+            name: "a node's key reused by an external peer",
+            peer: with(|p| p.public_key = key(1)),
+            want_endpoint: None,
+            refused: Some((reason::DUPLICATE_PUBLIC_KEY, "WireGuardPeer a")),
+        },
+        Case {
+            name: "a missing preshared key Secret",
+            peer: with(|p| {
+                p.preshared_key = Some(SecretInput::Missing("Secret ns/psk not found".into()))
+            }),
+            want_endpoint: None,
+            refused: Some((reason::PRESHARED_KEY_MISSING, "ns/psk")),
+        },
+    ];
+    for case in cases {
+        let (nodes, mut peers) = three_nodes();
+        peers.push(case.peer);
+        let d = compute(&mesh(), &nodes, &peers);
+        match case.refused {
+            None => {
+                assert_eq!(refused(&d, "laptop"), None, "{}", case.name);
+                let p = &d.peers[&key(10)];
+                assert_eq!(p.endpoint.as_deref(), case.want_endpoint, "{}", case.name);
+                for n in ["a", "b", "c"] {
+                    assert!(
+                        names_of(&d, n).contains(&"laptop".to_owned()),
+                        "{}",
+                        case.name
+                    );
+                }
+            }
+            Some((reason, mentions)) => {
+                let (got, message) = refused(&d, "laptop").expect(case.name);
+                assert_eq!(got, reason, "{}", case.name);
+                assert!(message.contains(mentions), "{}: {message}", case.name);
+                assert!(
+                    !d.peers.values().any(|p| p.name == "laptop"),
+                    "{}",
+                    case.name
+                );
+                assert_eq!(d.members.len(), 3, "{}: the rest is unaffected", case.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn overlap_refuses_the_newer_external_peer_and_fixing_clears_it() {
+    let (nodes, mut peers) = three_nodes();
+    peers.push(external("office", 20, &["192.168.50.0/24"]));
+    peers.push(external("intruder", 21, &["192.168.50.128/25"]));
+    let d = compute(&mesh(), &nodes, &peers);
+    let (reason, message) = refused(&d, "intruder").unwrap();
+    assert_eq!(reason, reason::ALLOWED_IPS_OVERLAP);
+    assert!(message.contains("WireGuardPeer office"), "{message}");
+    assert_eq!(refused(&d, "office"), None);
+
+    // Order of the input does not matter: the older one wins.
+    peers.reverse();
+    assert_eq!(compute(&mesh(), &nodes, &peers), d);
+
+    // Fixing the newer one clears the refusal.
+    peers
+        .iter_mut()
+        .find(|p| p.name == "intruder")
+        .unwrap()
+        .allowed_ips = cidrs(&["192.168.60.0/24"]);
+    let d = compute(&mesh(), &nodes, &peers);
+    assert_eq!(refused(&d, "intruder"), None);
+}
+
+#[test]
+fn exhausted_pool_is_reported() {
+    let mut m = mesh();
+    m.tunnel_pools = cidrs(&["10.250.0.0/30"]);
+    let (nodes, mut peers) = three_nodes();
+    peers[0].tunnel_addresses = vec!["10.250.0.1".parse().unwrap()];
+    peers[1].tunnel_addresses = vec!["10.250.0.2".parse().unwrap()];
+    peers[2].tunnel_addresses = vec![];
+    let d = compute(&m, &nodes, &peers);
+    let (reason, message) = refused(&d, "c").unwrap();
+    assert_eq!(reason, reason::POOL_EXHAUSTED);
+    assert!(message.contains("10.250.0.0/30"), "{message}");
+}
+
+#[test]
+fn keepalive_and_preshared_keys() {
+    let mut m = mesh();
+    m.persistent_keepalive = 25;
+    m.preshared_key = Some(SecretInput::Present(b"mesh secret".to_vec()));
+    let (nodes, mut peers) = three_nodes();
+    peers[1].persistent_keepalive = Some(5);
+    let mut ext = external("office", 20, &["192.168.50.0/24"]);
+    ext.preshared_key = Some(SecretInput::Present(vec![7; 32]));
+    peers.push(ext);
+    let d = compute(&m, &nodes, &peers);
+    assert_eq!(d.peers[&key(1)].persistent_keepalive, 25);
+    assert_eq!(d.peers[&key(2)].persistent_keepalive, 5);
+    assert_eq!(
+        d.peers[&key(1)].preshared_key,
+        PresharedKey::DerivedFromMesh
+    );
+    assert_eq!(
+        d.peers[&key(20)].preshared_key,
+        PresharedKey::Static(Key::from_bytes([7; 32]))
+    );
+    let secret = d.members["a"].mesh_secret.unwrap();
+    let ab = pair_preshared_key(&secret, &key(1), &key(2));
+    assert_eq!(
+        ab,
+        pair_preshared_key(&secret, &key(2), &key(1)),
+        "symmetric"
+    );
+    assert_ne!(
+        ab,
+        pair_preshared_key(&secret, &key(1), &key(3)),
+        "per pair"
+    );
+}

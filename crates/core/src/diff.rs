@@ -1,0 +1,164 @@
+//! Differences between two peer sets: what to upsert and what to remove. Used by the
+//! controller to stream deltas and by the agent to change its device in place.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::PublicKey;
+use crate::desired::DesiredPeer;
+
+/// The changes that turn one peer set into another.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerSetDelta {
+    /// Peers to add or replace (whole), sorted by public key.
+    pub upserted: Vec<Arc<DesiredPeer>>,
+    /// Public keys of peers to remove, sorted.
+    pub removed: Vec<PublicKey>,
+}
+
+impl PeerSetDelta {
+    pub fn is_empty(&self) -> bool {
+        self.upserted.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// The delta from `old` to `new`, both seen by the node with key `own` (excluded from both).
+/// Unchanged peers are skipped cheaply when both sides share the same allocation.
+pub fn diff_peer_sets(
+    old: &BTreeMap<PublicKey, Arc<DesiredPeer>>,
+    new: &BTreeMap<PublicKey, Arc<DesiredPeer>>,
+    own: Option<&PublicKey>,
+) -> PeerSetDelta {
+    let mut delta = PeerSetDelta::default();
+    for (key, peer) in new {
+        if Some(key) == own {
+            continue;
+        }
+        match old.get(key) {
+            Some(prev) if Arc::ptr_eq(prev, peer) || prev == peer => {}
+            _ => delta.upserted.push(peer.clone()),
+        }
+    }
+    for key in old.keys() {
+        if Some(key) != own && !new.contains_key(key) {
+            delta.removed.push(*key);
+        }
+    }
+    delta
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::PresharedKey;
+
+    fn peer(n: u8, endpoint: &str) -> Arc<DesiredPeer> {
+        Arc::new(DesiredPeer {
+            name: format!("p{n}"),
+            public_key: PublicKey::from_bytes([n; 32]),
+            endpoint: Some(endpoint.to_owned()),
+            allowed_ips: vec![format!("10.0.{n}.0/24").parse().unwrap()],
+            persistent_keepalive: 0,
+            preshared_key: PresharedKey::None,
+            node: None,
+        })
+    }
+
+    fn set(peers: &[Arc<DesiredPeer>]) -> BTreeMap<PublicKey, Arc<DesiredPeer>> {
+        peers.iter().map(|p| (p.public_key, p.clone())).collect()
+    }
+
+    #[test]
+    fn diff_table() {
+        let (a, b, c) = (
+            peer(1, "1.1.1.1:1"),
+            peer(2, "2.2.2.2:2"),
+            peer(3, "3.3.3.3:3"),
+        );
+        let b2 = peer(2, "2.2.2.2:9");
+        let own = PublicKey::from_bytes([3; 32]);
+        let cases: Vec<(
+            &str,
+            Vec<Arc<DesiredPeer>>,
+            Vec<Arc<DesiredPeer>>,
+            Option<&PublicKey>,
+            Vec<u8>,
+            Vec<u8>,
+        )> = vec![
+            (
+                "no change",
+                vec![a.clone(), b.clone()],
+                vec![a.clone(), b.clone()],
+                None,
+                vec![],
+                vec![],
+            ),
+            (
+                "equal but not shared is no change",
+                vec![a.clone()],
+                vec![peer(1, "1.1.1.1:1")],
+                None,
+                vec![],
+                vec![],
+            ),
+            (
+                "add",
+                vec![a.clone()],
+                vec![a.clone(), b.clone()],
+                None,
+                vec![2],
+                vec![],
+            ),
+            (
+                "remove",
+                vec![a.clone(), b.clone()],
+                vec![a.clone()],
+                None,
+                vec![],
+                vec![2],
+            ),
+            (
+                "change",
+                vec![a.clone(), b.clone()],
+                vec![a.clone(), b2.clone()],
+                None,
+                vec![2],
+                vec![],
+            ),
+            (
+                "own key never appears",
+                vec![a.clone()],
+                vec![a.clone(), c.clone()],
+                Some(&own),
+                vec![],
+                vec![],
+            ),
+            (
+                "own key removal is not sent",
+                vec![a.clone(), c.clone()],
+                vec![a.clone()],
+                Some(&own),
+                vec![],
+                vec![],
+            ),
+            (
+                "from empty is a full upsert",
+                vec![],
+                vec![a.clone(), b.clone()],
+                None,
+                vec![1, 2],
+                vec![],
+            ),
+        ];
+        for (name, old, new, own, upserted, removed) in cases {
+            let d = diff_peer_sets(&set(&old), &set(&new), own);
+            let got_up: Vec<u8> = d
+                .upserted
+                .iter()
+                .map(|p| p.public_key.as_bytes()[0])
+                .collect();
+            let got_rm: Vec<u8> = d.removed.iter().map(|k| k.as_bytes()[0]).collect();
+            assert_eq!((got_up, got_rm), (upserted, removed), "{name}");
+        }
+    }
+}
