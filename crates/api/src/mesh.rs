@@ -116,7 +116,9 @@ pub struct WireGuardMeshSpec {
 }
 
 /// A key of a Secret. Our objects are cluster-scoped, so the namespace is always explicit.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(
+    KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Namespace of the Secret.

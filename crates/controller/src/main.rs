@@ -2,12 +2,24 @@
 //! serves them to node agents over gRPC.
 
 use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use wgmesh_controller::config::{Config, LogFormat};
 
-#[derive(Parser)]
-#[command(name = "wgmesh-controller", version, about)]
-struct Args {}
-
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!("wgmesh-controller is not implemented yet (see the controller issue)")
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let config = Config::parse();
+    let filter = EnvFilter::try_from_env("WGMESH_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,kube_lease_manager=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    match wgmesh_controller::run(config).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "wgmesh-controller failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

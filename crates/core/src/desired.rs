@@ -289,13 +289,13 @@ fn judge(
     if let Some(SecretInput::Missing(why)) = &peer.preshared_key {
         return refuse(reason::PRESHARED_KEY_MISSING, why.clone());
     }
-    if peer.node.is_some() {
-        if let Some(SecretInput::Missing(why)) = &mesh.preshared_key {
-            return refuse(
-                reason::PRESHARED_KEY_MISSING,
-                format!("mesh {}: {why}", mesh.name),
-            );
-        }
+    if peer.node.is_some()
+        && let Some(SecretInput::Missing(why)) = &mesh.preshared_key
+    {
+        return refuse(
+            reason::PRESHARED_KEY_MISSING,
+            format!("mesh {}: {why}", mesh.name),
+        );
     }
     for (pool, full) in pool_fill {
         let has = peer.tunnel_addresses.iter().any(|a| pool.contains_addr(*a));

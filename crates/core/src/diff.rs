@@ -68,6 +68,16 @@ mod tests {
         peers.iter().map(|p| (p.public_key, p.clone())).collect()
     }
 
+    /// name, old set, new set, own key, upserted key bytes, removed key bytes
+    type Case<'a> = (
+        &'a str,
+        Vec<Arc<DesiredPeer>>,
+        Vec<Arc<DesiredPeer>>,
+        Option<&'a PublicKey>,
+        Vec<u8>,
+        Vec<u8>,
+    );
+
     #[test]
     fn diff_table() {
         let (a, b, c) = (
@@ -77,14 +87,7 @@ mod tests {
         );
         let b2 = peer(2, "2.2.2.2:9");
         let own = PublicKey::from_bytes([3; 32]);
-        let cases: Vec<(
-            &str,
-            Vec<Arc<DesiredPeer>>,
-            Vec<Arc<DesiredPeer>>,
-            Option<&PublicKey>,
-            Vec<u8>,
-            Vec<u8>,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "no change",
                 vec![a.clone(), b.clone()],

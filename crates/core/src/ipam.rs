@@ -38,10 +38,11 @@ pub fn allocate<'a>(
     for name in &requesters {
         let mut slots = vec![None; pools.len()];
         for addr in current.get(*name).into_iter().flatten() {
-            if let Some(i) = pools.iter().position(|p| usable(p, *addr)) {
-                if slots[i].is_none() && used[i].insert(*addr) {
-                    slots[i] = Some(*addr);
-                }
+            if let Some(i) = pools.iter().position(|p| usable(p, *addr))
+                && slots[i].is_none()
+                && used[i].insert(*addr)
+            {
+                slots[i] = Some(*addr);
             }
         }
         kept.insert(name, slots);

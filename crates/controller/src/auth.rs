@@ -1,0 +1,229 @@
+//! Agent authentication: a projected service-account token (audience `wgmesh`), checked with a
+//! TokenReview, must belong to the agent's service account and be bound to a pod running on the
+//! node the request names.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use blake2::{Blake2s256, Digest};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use tonic::{Status, metadata::MetadataMap};
+
+use crate::metrics::Metrics;
+
+/// Extra keys the API server adds to a pod-bound service-account token's user info.
+const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+
+/// How long a successful review is trusted before asking the API server again.
+const POSITIVE_TTL: Duration = Duration::from_secs(30);
+/// How long a failed review is remembered, so a misbehaving client cannot hammer the API.
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+const CACHE_LIMIT: usize = 10_000;
+
+/// Who a token belongs to, once reviewed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Identity {
+    username: String,
+    /// The node of the pod the token is bound to.
+    node: Option<String>,
+}
+
+/// A review result as cached: the identity, or the refusal's code and message.
+type CachedReview = Result<Identity, (tonic::Code, String)>;
+
+pub struct Authenticator {
+    client: kube::Client,
+    audience: String,
+    /// `system:serviceaccount:<namespace>:<name>` of the agents.
+    agent_username: String,
+    cache: Mutex<HashMap<[u8; 32], (Instant, CachedReview)>>,
+    metrics: Metrics,
+}
+
+impl Authenticator {
+    pub fn new(
+        client: kube::Client,
+        audience: String,
+        agent_namespace: &str,
+        agent_service_account: &str,
+        metrics: Metrics,
+    ) -> Self {
+        Authenticator {
+            client,
+            audience,
+            agent_username: format!(
+                "system:serviceaccount:{agent_namespace}:{agent_service_account}"
+            ),
+            cache: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// Checks that the request carries a valid agent token bound to `node`.
+    pub async fn authorize_node(&self, metadata: &MetadataMap, node: &str) -> Result<(), Status> {
+        let result = self.check(metadata, node).await;
+        if let Err(status) = &result {
+            tracing::warn!(node, code = ?status.code(), reason = status.message(), "refused an agent");
+            self.metrics.auth_failure(status.code());
+        }
+        result
+    }
+
+    async fn check(&self, metadata: &MetadataMap, node: &str) -> Result<(), Status> {
+        let token = bearer_token(metadata)?;
+        let identity = self.review(token).await?;
+        if identity.username != self.agent_username {
+            return Err(Status::permission_denied(format!(
+                "{} is not the agent service account {}",
+                identity.username, self.agent_username
+            )));
+        }
+        match identity.node.as_deref() {
+            Some(n) if n == node => Ok(()),
+            Some(n) => Err(Status::permission_denied(format!(
+                "the token belongs to a pod on node {n}, not {node}"
+            ))),
+            None => Err(Status::permission_denied(
+                "the token is not bound to a pod on a node (use a projected service-account token)",
+            )),
+        }
+    }
+
+    async fn review(&self, token: &str) -> Result<Identity, Status> {
+        let hash: [u8; 32] = Blake2s256::digest(token.as_bytes()).into();
+        if let Some(hit) = self.cached(&hash) {
+            return hit.map_err(|(code, msg)| Status::new(code, msg));
+        }
+        let result = self.review_uncached(token).await;
+        let ttl = if result.is_ok() {
+            POSITIVE_TTL
+        } else {
+            NEGATIVE_TTL
+        };
+        let stored = match &result {
+            Ok(id) => Ok(id.clone()),
+            // API errors are not cached: they say nothing about the token.
+            Err(s) if s.code() == tonic::Code::Unavailable => return result,
+            Err(s) => Err((s.code(), s.message().to_owned())),
+        };
+        let mut cache = self.cache.lock().expect("auth cache lock");
+        if cache.len() >= CACHE_LIMIT {
+            let now = Instant::now();
+            cache.retain(|_, (expiry, _)| *expiry > now);
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+        }
+        cache.insert(hash, (Instant::now() + ttl, stored));
+        result
+    }
+
+    fn cached(&self, hash: &[u8; 32]) -> Option<CachedReview> {
+        let cache = self.cache.lock().expect("auth cache lock");
+        let (expiry, result) = cache.get(hash)?;
+        (*expiry > Instant::now()).then(|| result.clone())
+    }
+
+    async fn review_uncached(&self, token: &str) -> Result<Identity, Status> {
+        let reviews: Api<TokenReview> = Api::all(self.client.clone());
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let reviewed = reviews
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| Status::unavailable(format!("TokenReview failed: {e}")))?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let why = status
+                .error
+                .unwrap_or_else(|| "token not authenticated".into());
+            return Err(Status::unauthenticated(why));
+        }
+        let audiences = status.audiences.unwrap_or_default();
+        if !audiences.contains(&self.audience) {
+            return Err(Status::unauthenticated(format!(
+                "the token is not for audience {}",
+                self.audience
+            )));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let extra = user.extra.unwrap_or_default();
+        let first = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
+        let node = match (first(EXTRA_NODE_NAME), first(EXTRA_POD_NAME)) {
+            (Some(node), _) => Some(node),
+            // Older API servers bind the pod but not the node: look the pod up.
+            (None, Some(pod)) => self.node_of_pod(&username, &pod).await?,
+            (None, None) => None,
+        };
+        Ok(Identity { username, node })
+    }
+
+    async fn node_of_pod(&self, username: &str, pod: &str) -> Result<Option<String>, Status> {
+        let namespace = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split(':').next())
+            .ok_or_else(|| Status::permission_denied("not a service account"))?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        match pods.get_opt(pod).await {
+            Ok(Some(p)) => Ok(p.spec.and_then(|s| s.node_name)),
+            Ok(None) => Err(Status::unauthenticated(format!(
+                "the token's pod {namespace}/{pod} no longer exists"
+            ))),
+            Err(e) => Err(Status::unavailable(format!(
+                "reading pod {namespace}/{pod}: {e}"
+            ))),
+        }
+    }
+}
+
+fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {
+    let value = metadata
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("no authorization metadata (Bearer token)"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| Status::unauthenticated("authorization metadata is not text"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| Status::unauthenticated("authorization metadata is not a Bearer token"))?
+        .trim();
+    if token.is_empty() {
+        return Err(Status::unauthenticated("empty Bearer token"));
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_token_table() {
+        let cases: &[(Option<&str>, Result<&str, tonic::Code>)] = &[
+            (None, Err(tonic::Code::Unauthenticated)),
+            (Some("Bearer abc.def"), Ok("abc.def")),
+            (Some("bearer abc"), Ok("abc")),
+            (Some("Basic dXNlcg=="), Err(tonic::Code::Unauthenticated)),
+            (Some("Bearer "), Err(tonic::Code::Unauthenticated)),
+        ];
+        for (header, want) in cases {
+            let mut md = MetadataMap::new();
+            if let Some(h) = header {
+                md.insert("authorization", h.parse().unwrap());
+            }
+            let got = bearer_token(&md).map_err(|s| s.code());
+            assert_eq!(&got, want, "{header:?}");
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The index: the latest desired state of every mesh, and one watch channel per (mesh, node)
+//! that agents' streams subscribe to.
+//!
+//! Publishing a new desired mesh bumps the mesh's revision and notifies only the nodes whose
+//! view changed (`send_if_modified`): a change that affects nobody sends nothing. Recent
+//! revisions are kept so a reconnecting agent can resume with a delta.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use wgmesh_core::PublicKey;
+use wgmesh_core::desired::{DesiredMesh, DesiredPeer, Member};
+use wgmesh_proto::MeshSettings;
+
+/// How many past revisions of each mesh are kept for resuming agents.
+const HISTORY: usize = 64;
+
+/// What one node sees of one mesh.
+#[derive(Clone, Debug)]
+pub struct NodeView {
+    /// The mesh's revision this view belongs to (0: the mesh has not been computed yet).
+    pub revision: u64,
+    /// The mesh's settings; `None` while the mesh does not exist.
+    pub settings: Option<Arc<MeshSettings>>,
+    pub desired: Arc<DesiredMesh>,
+}
+
+impl NodeView {
+    pub fn member<'a>(&'a self, node: &str) -> Option<&'a Member> {
+        self.desired.members.get(node)
+    }
+
+    /// The node's peer set at this view (empty when it is not a member).
+    pub fn peers_of(&self, node: &str) -> BTreeMap<PublicKey, Arc<DesiredPeer>> {
+        let own = self.member(node).map(|m| m.public_key);
+        match own {
+            None => BTreeMap::new(),
+            Some(own) => self
+                .desired
+                .peers
+                .iter()
+                .filter(|(k, _)| **k != own)
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct MeshEntry {
+    revision: u64,
+    settings: Option<Arc<MeshSettings>>,
+    desired: Arc<DesiredMesh>,
+    history: VecDeque<(u64, Arc<DesiredMesh>)>,
+}
+
+#[derive(Default)]
+struct State {
+    meshes: HashMap<String, MeshEntry>,
+    /// Subscribers by mesh, then node.
+    nodes: HashMap<String, HashMap<String, watch::Sender<NodeView>>>,
+}
+
+/// Shared by the reconciler (writes) and the gRPC streams (read).
+pub struct Index {
+    /// Identifies this process: revisions are only comparable within one epoch.
+    epoch: String,
+    state: Mutex<State>,
+}
+
+impl Index {
+    pub fn new(epoch: String) -> Self {
+        Index {
+            epoch,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// Publishes a mesh's new settings and desired state. Returns the new revision, or `None`
+    /// when nothing changed.
+    pub fn publish(&self, mesh: &str, settings: MeshSettings, desired: DesiredMesh) -> Option<u64> {
+        let mut state = self.state.lock().expect("index lock");
+        let entry = state.meshes.entry(mesh.to_owned()).or_default();
+        let settings_changed = entry.settings.as_deref() != Some(&settings);
+        if !settings_changed && *entry.desired == desired {
+            return None;
+        }
+        let desired = Arc::new(share_unchanged(&entry.desired, desired));
+        let changed = changed_keys(&entry.desired, &desired);
+        entry.revision += 1;
+        entry.settings = Some(Arc::new(settings));
+        entry.desired = desired.clone();
+        entry.history.push_back((entry.revision, desired));
+        if entry.history.len() > HISTORY {
+            entry.history.pop_front();
+        }
+        let view = view_of(entry);
+        let revision = entry.revision;
+        if let Some(subscribers) = state.nodes.get(mesh) {
+            notify(subscribers, &view, &changed, settings_changed);
+        }
+        Some(revision)
+    }
+
+    /// Forgets a deleted mesh: its subscribers see an empty view without settings.
+    pub fn remove(&self, mesh: &str) {
+        let mut state = self.state.lock().expect("index lock");
+        let Some(mut entry) = state.meshes.remove(mesh) else {
+            return;
+        };
+        entry.revision += 1;
+        let view = NodeView {
+            revision: entry.revision,
+            settings: None,
+            desired: Arc::new(DesiredMesh::default()),
+        };
+        if let Some(subscribers) = state.nodes.get(mesh) {
+            notify(subscribers, &view, &BTreeSet::new(), true);
+        }
+    }
+
+    /// Names of the meshes with a published state.
+    pub fn meshes(&self) -> Vec<String> {
+        let state = self.state.lock().expect("index lock");
+        state.meshes.keys().cloned().collect()
+    }
+
+    /// The current view of a mesh.
+    pub fn view(&self, mesh: &str) -> Option<NodeView> {
+        let state = self.state.lock().expect("index lock");
+        state.meshes.get(mesh).map(view_of)
+    }
+
+    /// The desired state of `mesh` at `revision`, if it is still remembered.
+    pub fn at_revision(&self, mesh: &str, revision: u64) -> Option<Arc<DesiredMesh>> {
+        let state = self.state.lock().expect("index lock");
+        let entry = state.meshes.get(mesh)?;
+        entry
+            .history
+            .iter()
+            .find(|(r, _)| *r == revision)
+            .map(|(_, d)| d.clone())
+    }
+
+    /// Subscribes to what `node` sees of `mesh`. Every subscriber of the same node shares one
+    /// channel.
+    pub fn subscribe(&self, mesh: &str, node: &str) -> watch::Receiver<NodeView> {
+        let mut state = self.state.lock().expect("index lock");
+        let initial = state.meshes.get(mesh).map(view_of).unwrap_or(NodeView {
+            revision: 0,
+            settings: None,
+            desired: Arc::new(DesiredMesh::default()),
+        });
+        let sender = state
+            .nodes
+            .entry(mesh.to_owned())
+            .or_default()
+            .entry(node.to_owned())
+            .or_insert_with(|| watch::channel(initial).0);
+        sender.subscribe()
+    }
+
+    /// Drops channels nobody listens to any more.
+    pub fn prune(&self) {
+        let mut state = self.state.lock().expect("index lock");
+        for nodes in state.nodes.values_mut() {
+            nodes.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        state.nodes.retain(|_, nodes| !nodes.is_empty());
+    }
+}
+
+fn view_of(entry: &MeshEntry) -> NodeView {
+    NodeView {
+        revision: entry.revision,
+        settings: entry.settings.clone(),
+        desired: entry.desired.clone(),
+    }
+}
+
+/// Public keys of the peers that were added, changed or removed.
+fn changed_keys(old: &DesiredMesh, new: &DesiredMesh) -> BTreeSet<PublicKey> {
+    let delta = wgmesh_core::diff::diff_peer_sets(&old.peers, &new.peers, None);
+    delta
+        .upserted
+        .iter()
+        .map(|p| p.public_key)
+        .chain(delta.removed)
+        .collect()
+}
+
+/// Notifies each node whose view changed: its membership, its settings, or any peer other
+/// than itself. `changed` is computed once per publish, so this is cheap per node.
+fn notify(
+    subscribers: &HashMap<String, watch::Sender<NodeView>>,
+    view: &NodeView,
+    changed: &BTreeSet<PublicKey>,
+    all: bool,
+) {
+    for (node, tx) in subscribers {
+        tx.send_if_modified(|current| {
+            let own = view.member(node).map(|m| m.public_key);
+            let changed = all
+                || current.settings.is_none()
+                || current.member(node) != view.member(node)
+                || changed.iter().any(|k| Some(*k) != own);
+            // Always move to the latest revision; wake the stream only when it matters.
+            *current = view.clone();
+            changed
+        });
+    }
+}
+
+/// Reuses the previous `Arc` of every peer that did not change, so later comparisons are
+/// pointer comparisons and unchanged peers cost no memory.
+fn share_unchanged(old: &DesiredMesh, mut new: DesiredMesh) -> DesiredMesh {
+    for (key, peer) in new.peers.iter_mut() {
+        if let Some(prev) = old.peers.get(key)
+            && **prev == **peer
+        {
+            *peer = prev.clone();
+        }
+    }
+    new
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wgmesh_core::desired::{PresharedKey, Verdict};
+
+    fn peer(n: u8, endpoint: &str) -> (PublicKey, Arc<DesiredPeer>) {
+        let key = PublicKey::from_bytes([n; 32]);
+        (
+            key,
+            Arc::new(DesiredPeer {
+                name: format!("n{n}"),
+                public_key: key,
+                endpoint: Some(endpoint.into()),
+                allowed_ips: vec![],
+                persistent_keepalive: 0,
+                preshared_key: PresharedKey::None,
+                node: Some(format!("n{n}")),
+            }),
+        )
+    }
+
+    fn mesh(endpoints: &[(u8, &str)]) -> DesiredMesh {
+        let mut d = DesiredMesh::default();
+        for (n, e) in endpoints {
+            let (k, p) = peer(*n, e);
+            d.members.insert(
+                format!("n{n}"),
+                Member {
+                    public_key: k,
+                    interface_addresses: vec![],
+                    mesh_secret: None,
+                },
+            );
+            d.peers.insert(k, p);
+            d.verdicts.insert(format!("n{n}"), Verdict::Programmed);
+        }
+        d
+    }
+
+    #[test]
+    fn only_affected_nodes_are_notified() {
+        let index = Index::new("e".into());
+        let settings = MeshSettings::default();
+        index.publish(
+            "m",
+            settings.clone(),
+            mesh(&[(1, "a:1"), (2, "b:1"), (3, "c:1")]),
+        );
+        let mut n1 = index.subscribe("m", "n1");
+        let mut n2 = index.subscribe("m", "n2");
+        n1.mark_unchanged();
+        n2.mark_unchanged();
+
+        // n1's own endpoint changes: the others must hear of it, n1 must not.
+        let rev = index.publish(
+            "m",
+            settings.clone(),
+            mesh(&[(1, "a:2"), (2, "b:1"), (3, "c:1")]),
+        );
+        assert_eq!(rev, Some(2));
+        assert!(
+            !n1.has_changed().unwrap(),
+            "n1's own change is not news to n1"
+        );
+        assert!(n2.has_changed().unwrap());
+        assert_eq!(
+            n1.borrow().revision,
+            2,
+            "n1 still moves to the latest revision"
+        );
+
+        // Publishing the same state again is not a revision at all.
+        assert_eq!(
+            index.publish("m", settings, mesh(&[(1, "a:2"), (2, "b:1"), (3, "c:1")])),
+            None
+        );
+        assert!(index.at_revision("m", 1).is_some());
+        assert!(index.at_revision("m", 99).is_none());
+    }
+}

@@ -1,0 +1,194 @@
+//! The wgmesh controller: watches Nodes, `WireGuardMesh` and `WireGuardPeer` objects,
+//! computes each node's peer set (`wgmesh_core::desired`), serves it to agents over gRPC, and,
+//! on the replica holding the lease, writes status, tunnel addresses and node peers.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod index;
+pub mod metrics;
+pub mod reconcile;
+pub mod reports;
+pub mod writer;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kube::runtime::events::{Recorder, Reporter};
+use tokio::sync::watch;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+pub use config::Config;
+pub use error::{Error, Result};
+
+/// Runs the controller until SIGTERM or Ctrl-C.
+pub async fn run(config: Config) -> Result<()> {
+    let client = kube::Client::try_default().await?;
+    let identity = config.identity.clone().unwrap_or_else(random_identity);
+    let metrics = metrics::Metrics::new();
+    let (shutdown_tx, shutdown) = watch::channel(false);
+
+    // Fail early on unreadable TLS material rather than after the caches sync.
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| Error::ReadFile {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read(&config.tls_cert)?,
+        read(&config.tls_key)?,
+    ));
+
+    let index = Arc::new(index::Index::new(format!("{identity}-{}", random_suffix())));
+    let reports = Arc::new(reports::Reports::default());
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "wgmesh-controller".into(),
+            instance: Some(identity.clone()),
+        },
+    );
+
+    let (caches, watch_driver, changes) = reconcile::watch_cluster(&client);
+    tokio::spawn(watch_driver);
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(http::serve(
+        config.metrics_addr,
+        metrics.clone(),
+        ready.clone(),
+        shutdown.clone(),
+    ));
+
+    tracing::info!("waiting for the caches to sync");
+    caches.nodes.wait_until_ready().await.ok();
+    caches.meshes.wait_until_ready().await.ok();
+    caches.peers.wait_until_ready().await.ok();
+
+    let (computed_tx, computed_rx) = watch::channel(Arc::new(reconcile::Computed::default()));
+    // A first computation before serving, so agents never see an empty mesh after a restart.
+    computed_tx.send_replace(Arc::new(reconcile::compute_all(
+        &caches,
+        &Default::default(),
+        &index,
+    )));
+    tokio::spawn(reconcile::run(
+        client.clone(),
+        caches.clone(),
+        changes,
+        index.clone(),
+        computed_tx,
+        metrics.clone(),
+    ));
+
+    let leader = leader_election(&client, &config, &identity, metrics.clone()).await?;
+    let writer = writer::Writer::new(
+        client.clone(),
+        recorder.clone(),
+        reports.clone(),
+        metrics.clone(),
+        config.status_interval(),
+    );
+    tokio::spawn(writer.run(computed_rx, leader));
+
+    let auth = Arc::new(auth::Authenticator::new(
+        client.clone(),
+        config.token_audience.clone(),
+        config.agent_namespace(),
+        &config.agent_service_account,
+        metrics.clone(),
+    ));
+    let service = grpc::MeshServer {
+        client: client.clone(),
+        caches,
+        index: index.clone(),
+        auth,
+        reports,
+        metrics: metrics.clone(),
+        recorder,
+        shutdown: shutdown.clone(),
+    };
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(addr = %config.grpc_addr, identity = %identity, "serving agents");
+
+    let prune_index = index.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            prune_index.prune();
+        }
+    });
+
+    let signal = async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: closing agent streams");
+        let _ = shutdown_tx.send(true);
+    };
+    Server::builder()
+        .tls_config(tls)?
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(wgmesh_proto::mesh_service_server::MeshServiceServer::new(
+            service,
+        ))
+        .serve_with_shutdown(config.grpc_addr, signal)
+        .await?;
+    Ok(())
+}
+
+/// Runs the lease manager; the returned channel is true while this replica is the writer.
+async fn leader_election(
+    client: &kube::Client,
+    config: &Config,
+    identity: &str,
+    metrics: metrics::Metrics,
+) -> Result<watch::Receiver<bool>> {
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+        .with_namespace(&config.namespace)
+        .with_identity(identity)
+        .with_duration(config.lease_duration)
+        .with_grace(config.lease_grace)
+        .build()
+        .await?;
+    let (mut lease, task) = manager.watch().await;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let leading = *lease.borrow_and_update();
+            metrics.set_leader(leading);
+            if tx.send_replace(leading) != leading {
+                tracing::info!(leading, "lease changed hands");
+            }
+            if lease.changed().await.is_err() {
+                break;
+            }
+        }
+        tx.send_replace(false);
+        drop(task);
+    });
+    Ok(rx)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+fn random_suffix() -> String {
+    let mut bytes = [0u8; 6];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random_identity() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "wgmesh-controller".into());
+    format!("{host}-{}", random_suffix())
+}

@@ -1,0 +1,234 @@
+//! The reconciler: watches Nodes, meshes and peers, recomputes every mesh's desired state with
+//! `wgmesh_core::desired::compute` when anything changes, and publishes it to the index (for the
+//! agents' streams) and to the status writer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::{Node, Secret};
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tokio::sync::{mpsc, watch};
+use wgmesh_api::mesh::SecretKeyRef;
+use wgmesh_api::{Backend, WireGuardMesh, WireGuardPeer};
+use wgmesh_core::desired::{self, DesiredMesh, PeerInput, SecretInput};
+use wgmesh_proto as pb;
+
+use crate::convert::{self, Secrets};
+use crate::index::Index;
+use crate::metrics::Metrics;
+
+/// How often referenced Secrets are read again (agents have no API access; the controller
+/// is the only reader, with `get` rights only).
+const SECRET_REFRESH: Duration = Duration::from_secs(15);
+
+/// The caches every replica keeps.
+#[derive(Clone)]
+pub struct Caches {
+    pub nodes: Store<Node>,
+    pub meshes: Store<WireGuardMesh>,
+    pub peers: Store<WireGuardPeer>,
+}
+
+/// What one recomputation produced, handed to the status writer.
+#[derive(Debug, Default)]
+pub struct Computed {
+    /// Desired state per mesh.
+    pub meshes: BTreeMap<String, (Arc<WireGuardMesh>, Arc<DesiredMesh>)>,
+    /// Peers whose spec could not be used at all, with why.
+    pub invalid: BTreeMap<String, String>,
+    pub peers: Vec<Arc<WireGuardPeer>>,
+    pub nodes: Vec<Arc<Node>>,
+}
+
+/// Starts the watches and returns the caches, a future that drives them, and a receiver of
+/// change signals.
+pub fn watch_cluster(
+    client: &Client,
+) -> (
+    Caches,
+    impl std::future::Future<Output = ()> + Send + 'static,
+    mpsc::Receiver<Instant>,
+) {
+    let (nodes, nodes_w) = reflector::store::<Node>();
+    let (meshes, meshes_w) = reflector::store::<WireGuardMesh>();
+    let (peers, peers_w) = reflector::store::<WireGuardPeer>();
+    let cfg = watcher::Config::default;
+    let node_events = watcher(Api::<Node>::all(client.clone()), cfg())
+        .default_backoff()
+        .reflect(nodes_w)
+        .map(|_| ())
+        .boxed();
+    let mesh_events = watcher(Api::<WireGuardMesh>::all(client.clone()), cfg())
+        .default_backoff()
+        .reflect(meshes_w)
+        .map(|_| ())
+        .boxed();
+    let peer_events = watcher(Api::<WireGuardPeer>::all(client.clone()), cfg())
+        .default_backoff()
+        .reflect(peers_w)
+        .map(|_| ())
+        .boxed();
+    let (tx, rx) = mpsc::channel(1024);
+    let driver = async move {
+        let mut all = stream::select_all([node_events, mesh_events, peer_events]);
+        while all.next().await.is_some() {
+            // A full channel already holds a pending signal: dropping this one loses nothing.
+            let _ = tx.try_send(Instant::now());
+        }
+    };
+    (
+        Caches {
+            nodes,
+            meshes,
+            peers,
+        },
+        driver,
+        rx,
+    )
+}
+
+/// Recomputes on every change signal (coalescing bursts) and on Secret changes.
+pub async fn run(
+    client: Client,
+    caches: Caches,
+    mut changes: mpsc::Receiver<Instant>,
+    index: Arc<Index>,
+    computed: watch::Sender<Arc<Computed>>,
+    metrics: Metrics,
+) {
+    let mut secrets = Secrets::new();
+    let mut refresh = tokio::time::interval(SECRET_REFRESH);
+    loop {
+        let (first_change, refresh_secrets) = tokio::select! {
+            change = changes.recv() => match change {
+                Some(at) => (at, false),
+                None => return,
+            },
+            _ = refresh.tick() => (Instant::now(), true),
+        };
+        // Coalesce whatever else is already queued into this one recomputation.
+        while changes.try_recv().is_ok() {}
+
+        // Secrets are read when first referenced and then on every refresh tick.
+        let refs = referenced_secrets(&caches);
+        secrets.retain(|r, _| refs.contains(r));
+        let to_read: BTreeSet<SecretKeyRef> = refs
+            .into_iter()
+            .filter(|r| refresh_secrets || !secrets.contains_key(r))
+            .collect();
+        secrets.extend(read_secrets(&client, &to_read).await);
+
+        let result = compute_all(&caches, &secrets, &index);
+        metrics.reconciled(first_change.elapsed().as_secs_f64());
+        computed.send_replace(Arc::new(result));
+    }
+}
+
+/// Recomputes every mesh from the caches and publishes the results to the index.
+pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Computed {
+    let nodes = caches.nodes.state();
+    let peers = caches.peers.state();
+    let meshes = caches.meshes.state();
+    let mut out = Computed {
+        peers: peers.clone(),
+        nodes: nodes.clone(),
+        ..Default::default()
+    };
+
+    let mut inputs: BTreeMap<String, Vec<PeerInput>> = BTreeMap::new();
+    for peer in &peers {
+        match convert::peer_input(peer, secrets) {
+            Ok(input) => inputs
+                .entry(peer.spec.mesh.0.clone())
+                .or_default()
+                .push(input),
+            Err(why) => {
+                out.invalid.insert(peer.name_any(), why);
+            }
+        }
+    }
+
+    let mut live = BTreeSet::new();
+    for mesh in &meshes {
+        let name = mesh.name_any();
+        let mesh_input = convert::mesh_input(mesh, secrets);
+        let node_inputs: Vec<_> = nodes.iter().map(|n| convert::node_input(n, mesh)).collect();
+        let peer_inputs = inputs.remove(&name).unwrap_or_default();
+        let desired = desired::compute(&mesh_input, &node_inputs, &peer_inputs);
+        index.publish(&name, settings_of(mesh), desired.clone());
+        out.meshes
+            .insert(name.clone(), (mesh.clone(), Arc::new(desired)));
+        live.insert(name);
+    }
+    for gone in index.meshes().into_iter().filter(|m| !live.contains(m)) {
+        index.remove(&gone);
+    }
+    out
+}
+
+/// The interface settings agents receive for a mesh.
+pub fn settings_of(mesh: &WireGuardMesh) -> pb::MeshSettings {
+    let spec = &mesh.spec;
+    pb::MeshSettings {
+        interface_name: spec.interface_name.clone(),
+        listen_port: spec.listen_port.clamp(0, 65535) as u32,
+        mtu: spec.mtu.unwrap_or(0).max(0) as u32,
+        backend: match spec.backend {
+            Backend::Auto => pb::Backend::Unspecified,
+            Backend::Kernel => pb::Backend::Kernel,
+            Backend::Userspace => pb::Backend::Userspace,
+        } as i32,
+        persistent_keepalive: spec.persistent_keepalive.unwrap_or(0).clamp(0, 65535) as u32,
+        fwmark: spec.fwmark.as_ref().map(|f| f.mark as u32).unwrap_or(0),
+        fwmark_table: spec
+            .fwmark
+            .as_ref()
+            .and_then(|f| f.table)
+            .map(|t| t as u32)
+            .unwrap_or(0),
+        tunnel_cidrs: spec.tunnel_cidrs.iter().map(|c| c.0.clone()).collect(),
+        disabled: spec.disabled,
+    }
+}
+
+fn referenced_secrets(caches: &Caches) -> BTreeSet<SecretKeyRef> {
+    let from_meshes = caches
+        .meshes
+        .state()
+        .iter()
+        .filter_map(|m| m.spec.preshared_key.clone())
+        .collect::<Vec<_>>();
+    let from_peers = caches
+        .peers
+        .state()
+        .iter()
+        .filter_map(|p| p.spec.preshared_key_secret_ref.clone())
+        .collect::<Vec<_>>();
+    from_meshes.into_iter().chain(from_peers).collect()
+}
+
+async fn read_secrets(client: &Client, refs: &BTreeSet<SecretKeyRef>) -> Secrets {
+    let mut out = Secrets::new();
+    for r in refs {
+        let api: Api<Secret> = Api::namespaced(client.clone(), &r.namespace);
+        let what = format!("Secret {}/{}", r.namespace, r.name.0);
+        let value = match api.get_opt(&r.name.0).await {
+            Ok(Some(secret)) => match secret.data.as_ref().and_then(|d| d.get(&r.key)) {
+                Some(bytes) if bytes.0.is_empty() => {
+                    SecretInput::Missing(format!("{what} key {} is empty", r.key))
+                }
+                Some(bytes) => SecretInput::Present(bytes.0.clone()),
+                None => SecretInput::Missing(format!("{what} has no key {}", r.key)),
+            },
+            Ok(None) => SecretInput::Missing(format!("{what} does not exist")),
+            Err(e) => SecretInput::Missing(format!("{what} cannot be read: {e}")),
+        };
+        out.insert(r.clone(), value);
+    }
+    out
+}

@@ -1,0 +1,125 @@
+//! What agents report of their peers (handshakes, traffic, endpoints), kept in memory and
+//! aggregated per peer for the status writer.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use tokio::sync::Notify;
+use wgmesh_core::PublicKey;
+
+/// One agent's observation of one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    pub public_key: PublicKey,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub endpoint: Option<String>,
+}
+
+/// A peer as all nodes together see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Aggregate {
+    /// The most recent handshake any node completed with the peer.
+    pub last_handshake: Option<SystemTime>,
+    /// Summed over the nodes.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// The endpoint seen by the node with the most recent handshake.
+    pub endpoint: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Reports {
+    /// mesh -> reporting node -> observations
+    by_mesh: Mutex<HashMap<String, HashMap<String, Vec<Observation>>>>,
+    /// Woken when a report changes something.
+    pub changed: Notify,
+}
+
+impl Reports {
+    /// Replaces a node's report. Wakes the status writer only when it differs.
+    pub fn record(&self, mesh: &str, node: &str, observations: Vec<Observation>) {
+        let mut by_mesh = self.by_mesh.lock().expect("reports lock");
+        let slot = by_mesh
+            .entry(mesh.to_owned())
+            .or_default()
+            .entry(node.to_owned())
+            .or_default();
+        if *slot != observations {
+            *slot = observations;
+            self.changed.notify_one();
+        }
+    }
+
+    /// Every peer of a mesh, aggregated over the reporting nodes.
+    pub fn aggregate(&self, mesh: &str) -> HashMap<PublicKey, Aggregate> {
+        let by_mesh = self.by_mesh.lock().expect("reports lock");
+        let Some(nodes) = by_mesh.get(mesh) else {
+            return HashMap::new();
+        };
+        aggregate(nodes.values().flatten())
+    }
+}
+
+/// Aggregates observations of many nodes: latest handshake, summed traffic, and the endpoint
+/// seen by whoever shook hands last.
+pub fn aggregate<'a>(
+    observations: impl Iterator<Item = &'a Observation>,
+) -> HashMap<PublicKey, Aggregate> {
+    let mut out: HashMap<PublicKey, Aggregate> = HashMap::new();
+    for o in observations {
+        let a = out.entry(o.public_key).or_default();
+        a.rx_bytes = a.rx_bytes.saturating_add(o.rx_bytes);
+        a.tx_bytes = a.tx_bytes.saturating_add(o.tx_bytes);
+        if o.last_handshake > a.last_handshake {
+            a.last_handshake = o.last_handshake;
+            if o.endpoint.is_some() {
+                a.endpoint = o.endpoint.clone();
+            }
+        } else if a.endpoint.is_none() {
+            a.endpoint = o.endpoint.clone();
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn aggregation_takes_latest_handshake_and_sums_traffic() {
+        let k = PublicKey::from_bytes([1; 32]);
+        let t = |s| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        let obs = [
+            Observation {
+                public_key: k,
+                last_handshake: t(100),
+                rx_bytes: 10,
+                tx_bytes: 1,
+                endpoint: Some("a:1".into()),
+            },
+            Observation {
+                public_key: k,
+                last_handshake: t(200),
+                rx_bytes: 5,
+                tx_bytes: 2,
+                endpoint: Some("b:1".into()),
+            },
+            Observation {
+                public_key: k,
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                endpoint: None,
+            },
+        ];
+        let agg = &aggregate(obs.iter())[&k];
+        assert_eq!(agg.last_handshake, t(200));
+        assert_eq!((agg.rx_bytes, agg.tx_bytes), (15, 3));
+        assert_eq!(agg.endpoint.as_deref(), Some("b:1"));
+    }
+}

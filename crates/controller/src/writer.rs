@@ -1,0 +1,493 @@
+//! The status writer: runs on the lease holder only. It allocates tunnel addresses, writes
+//! every peer's and mesh's status (conditions, addresses, what agents report), keeps node
+//! peers' allowed IPs in step with their Node, and deletes node peers whose Node left.
+//!
+//! Writes are bounded: nothing is written when nothing meaningful changed, what agents report
+//! is written at most once per object per `report_interval`, and a quiet mesh is never written.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+use wgmesh_api::condition::{READY, reason as api_reason};
+use wgmesh_api::{WireGuardMesh, WireGuardMeshStatus, WireGuardPeer, WireGuardPeerStatus};
+use wgmesh_core::desired::{Verdict, reason};
+use wgmesh_core::{Cidr, CidrSet, PublicKey, ipam};
+
+use crate::convert;
+use crate::metrics::Metrics;
+use crate::reconcile::Computed;
+use crate::reports::{Aggregate, Reports};
+
+/// How often the writer looks for report-driven writes that were held back by the rate limit.
+const FLUSH_TICK: Duration = Duration::from_secs(5);
+
+pub struct Writer {
+    client: Client,
+    recorder: Recorder,
+    reports: Arc<Reports>,
+    metrics: Metrics,
+    report_interval: Duration,
+    /// Addresses we allocated and wrote but the cache may not show yet.
+    pending_addresses: HashMap<String, Vec<IpAddr>>,
+    /// The last status we wrote per peer, and when report-driven fields were last written.
+    written: HashMap<String, (WireGuardPeerStatus, Option<Instant>)>,
+    mesh_written: HashMap<String, WireGuardMeshStatus>,
+    /// Each peer's last verdict reason, to raise an Event only when it changes.
+    last_reason: HashMap<String, String>,
+}
+
+/// The verdict of one peer object, whichever way it was reached.
+struct PeerVerdict {
+    ready: bool,
+    reason: String,
+    message: String,
+}
+
+impl Writer {
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        reports: Arc<Reports>,
+        metrics: Metrics,
+        report_interval: Duration,
+    ) -> Self {
+        Writer {
+            client,
+            recorder,
+            reports,
+            metrics,
+            report_interval,
+            pending_addresses: HashMap::new(),
+            written: HashMap::new(),
+            mesh_written: HashMap::new(),
+            last_reason: HashMap::new(),
+        }
+    }
+
+    /// Writes while `leader` is true; idles otherwise.
+    pub async fn run(
+        mut self,
+        mut computed: watch::Receiver<Arc<Computed>>,
+        mut leader: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(FLUSH_TICK);
+        loop {
+            if !*leader.borrow_and_update() {
+                // Another replica may write meanwhile: forget what we think we wrote.
+                self.pending_addresses.clear();
+                self.written.clear();
+                self.mesh_written.clear();
+                if leader.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let snapshot = computed.borrow_and_update().clone();
+            self.sync(&snapshot).await;
+            tokio::select! {
+                r = computed.changed() => if r.is_err() { return },
+                _ = self.reports.changed.notified() => {},
+                _ = tick.tick() => {},
+                r = leader.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    async fn sync(&mut self, snapshot: &Computed) {
+        let nodes: HashMap<String, &Arc<Node>> =
+            snapshot.nodes.iter().map(|n| (n.name_any(), n)).collect();
+        let mut by_mesh: BTreeMap<&str, Vec<&Arc<WireGuardPeer>>> = BTreeMap::new();
+        for peer in &snapshot.peers {
+            by_mesh
+                .entry(peer.spec.mesh.as_str())
+                .or_default()
+                .push(peer);
+        }
+        for (mesh_name, peers) in by_mesh {
+            let mesh = snapshot.meshes.get(mesh_name);
+            self.sync_mesh_peers(mesh_name, mesh, &peers, snapshot, &nodes)
+                .await;
+        }
+        for (name, (mesh, desired)) in &snapshot.meshes {
+            let peers: Vec<&Arc<WireGuardPeer>> = snapshot
+                .peers
+                .iter()
+                .filter(|p| p.spec.mesh.as_str() == name)
+                .collect();
+            self.write_mesh_status(mesh, &peers, &desired.verdicts)
+                .await;
+        }
+        let live: std::collections::HashSet<String> =
+            snapshot.peers.iter().map(|p| p.name_any()).collect();
+        self.written.retain(|k, _| live.contains(k));
+        self.pending_addresses.retain(|k, _| live.contains(k));
+        self.last_reason.retain(|k, _| live.contains(k));
+    }
+
+    async fn sync_mesh_peers(
+        &mut self,
+        mesh_name: &str,
+        mesh: Option<&(Arc<WireGuardMesh>, Arc<wgmesh_core::desired::DesiredMesh>)>,
+        peers: &[&Arc<WireGuardPeer>],
+        snapshot: &Computed,
+        nodes: &HashMap<String, &Arc<Node>>,
+    ) {
+        // Tunnel addresses: node peers first, then external peers, oldest first.
+        let mut order: Vec<&Arc<WireGuardPeer>> = peers.to_vec();
+        order.sort_by_key(|p| {
+            (
+                p.spec.node.is_none(),
+                p.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.as_second()),
+                p.name_any(),
+            )
+        });
+        let pools: Vec<Cidr> = mesh
+            .map(|(m, _)| {
+                m.spec
+                    .tunnel_cidrs
+                    .iter()
+                    .filter_map(|c| Cidr::parse_masked(c.as_str()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let current: BTreeMap<String, Vec<IpAddr>> = order
+            .iter()
+            .map(|p| (p.name_any(), self.current_addresses(p)))
+            .collect();
+        let names: Vec<String> = order.iter().map(|p| p.name_any()).collect();
+        let allocation = if mesh.is_some() {
+            ipam::allocate(&pools, &current, names.iter().map(String::as_str))
+        } else {
+            ipam::Allocation::default()
+        };
+        let observed = self.reports.aggregate(mesh_name);
+
+        for peer in order {
+            let name = peer.name_any();
+            let verdict = verdict_of(peer, mesh, snapshot);
+            self.raise_event_on_change(peer, &verdict).await;
+            let addresses = allocation
+                .addresses
+                .get(&name)
+                .cloned()
+                .unwrap_or_else(|| current.get(&name).cloned().unwrap_or_default());
+            self.write_peer_status(peer, &verdict, &addresses, &observed)
+                .await;
+            if let Some(node_name) = peer.spec.node.as_ref().map(|n| n.0.clone()) {
+                let node = nodes.get(&node_name).copied();
+                self.sync_node_peer(peer, mesh.map(|(m, _)| &**m), node, &addresses)
+                    .await;
+            }
+        }
+    }
+
+    /// What the peer holds now: what we last wrote (until the cache catches up), else its status.
+    fn current_addresses(&mut self, peer: &WireGuardPeer) -> Vec<IpAddr> {
+        let name = peer.name_any();
+        let from_status: Vec<IpAddr> = peer
+            .status
+            .as_ref()
+            .map(|s| s.addresses.iter().filter_map(|a| a.parse().ok()).collect())
+            .unwrap_or_default();
+        match self.pending_addresses.get(&name) {
+            Some(pending) if *pending != from_status => pending.clone(),
+            Some(_) => {
+                self.pending_addresses.remove(&name);
+                from_status
+            }
+            None => from_status,
+        }
+    }
+
+    async fn write_peer_status(
+        &mut self,
+        peer: &WireGuardPeer,
+        verdict: &PeerVerdict,
+        addresses: &[IpAddr],
+        observed: &HashMap<PublicKey, Aggregate>,
+    ) {
+        let name = peer.name_any();
+        let current = peer.status.clone().unwrap_or_default();
+        let mut desired = current.clone();
+        desired.addresses = addresses.iter().map(ToString::to_string).collect();
+        desired.observed_generation = peer.metadata.generation;
+        desired.conditions = vec![ready_condition(
+            current.conditions.iter().find(|c| c.type_ == READY),
+            verdict,
+            peer.metadata.generation,
+        )];
+
+        // What agents report is written at most once per interval per object.
+        let last_report_write = self.written.get(&name).and_then(|(_, at)| *at);
+        let report_due = last_report_write.is_none_or(|at| at.elapsed() >= self.report_interval);
+        let key = peer.spec.public_key.parse::<PublicKey>().ok();
+        let mut wrote_reports = false;
+        if let Some(agg) = key.and_then(|k| observed.get(&k)) {
+            let mut with_reports = desired.clone();
+            apply_observation(&mut with_reports, agg);
+            if with_reports != desired && report_due {
+                desired = with_reports;
+                wrote_reports = true;
+            }
+        }
+
+        if desired == current {
+            return;
+        }
+        if let Some((last, _)) = self.written.get(&name) {
+            // Already written; the cache has not caught up yet.
+            if *last == desired {
+                return;
+            }
+        }
+        let api: Api<WireGuardPeer> = Api::all(self.client.clone());
+        let patch = json!({ "status": desired });
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                self.metrics.status_written();
+                let at = if wrote_reports {
+                    Some(Instant::now())
+                } else {
+                    last_report_write
+                };
+                let addrs: Vec<IpAddr> = addresses.to_vec();
+                self.pending_addresses.insert(name.clone(), addrs);
+                self.written.insert(name, (desired, at));
+            }
+            Err(e) => {
+                self.metrics.error("status_write");
+                tracing::warn!(peer = %name, error = %e, "writing peer status failed");
+            }
+        }
+    }
+
+    /// Keeps a node peer's `spec.allowedIPs` equal to its tunnel addresses and pod CIDRs, and
+    /// deletes the node peer when its Node is gone or left the mesh's selector.
+    async fn sync_node_peer(
+        &mut self,
+        peer: &WireGuardPeer,
+        mesh: Option<&WireGuardMesh>,
+        node: Option<&Arc<Node>>,
+        addresses: &[IpAddr],
+    ) {
+        let api: Api<WireGuardPeer> = Api::all(self.client.clone());
+        let name = peer.name_any();
+        let selected = match (mesh, node) {
+            (Some(m), Some(n)) => {
+                convert::selector_matches(m.spec.node_selector.as_ref(), n.labels())
+            }
+            (None, Some(_)) => true,
+            (_, None) => false,
+        };
+        if !selected {
+            tracing::info!(peer = %name, "deleting the peer of a node that left the mesh");
+            if let Err(e) = api.delete(&name, &DeleteParams::default()).await
+                && !is_not_found(&e)
+            {
+                self.metrics.error("delete_node_peer");
+                tracing::warn!(peer = %name, error = %e, "deleting node peer failed");
+            }
+            return;
+        }
+        let Some(node) = node else { return };
+        let want: Vec<String> = CidrSet::new(
+            addresses
+                .iter()
+                .map(|a| Cidr::host(*a))
+                .chain(convert::pod_cidrs(node)),
+        )
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        let have: Vec<String> = peer.spec.allowed_ips.iter().map(|c| c.0.clone()).collect();
+        if want == have {
+            return;
+        }
+        let patch = json!({ "spec": { "allowedIPs": want } });
+        if let Err(e) = api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            self.metrics.error("node_peer_allowed_ips");
+            tracing::warn!(peer = %name, error = %e, "updating node peer allowed IPs failed");
+        }
+    }
+
+    async fn write_mesh_status(
+        &mut self,
+        mesh: &WireGuardMesh,
+        peers: &[&Arc<WireGuardPeer>],
+        verdicts: &BTreeMap<String, Verdict>,
+    ) {
+        let name = mesh.name_any();
+        let programmed =
+            |p: &WireGuardPeer| matches!(verdicts.get(&p.name_any()), Some(Verdict::Programmed));
+        let (node_peers, external): (Vec<&Arc<WireGuardPeer>>, Vec<&Arc<WireGuardPeer>>) =
+            peers.iter().copied().partition(|p| p.spec.node.is_some());
+        let nodes = node_peers.len() as i32;
+        let ready_nodes = node_peers.iter().filter(|p| programmed(p)).count() as i32;
+        let peers_count = external.len() as i32;
+        let ready_peers = external.iter().filter(|p| programmed(p)).count() as i32;
+        let all_ready = ready_nodes == nodes && ready_peers == peers_count;
+        let verdict = PeerVerdict {
+            ready: all_ready,
+            reason: if all_ready {
+                "AllPeersProgrammed"
+            } else {
+                "PeersNotReady"
+            }
+            .into(),
+            message: format!(
+                "{ready_nodes}/{nodes} nodes and {ready_peers}/{peers_count} external peers are programmed"
+            ),
+        };
+        let current = mesh.status.clone().unwrap_or_default();
+        let desired = WireGuardMeshStatus {
+            nodes,
+            ready_nodes,
+            peers: peers_count,
+            ready_peers,
+            conditions: vec![ready_condition(
+                current.conditions.iter().find(|c| c.type_ == READY),
+                &verdict,
+                mesh.metadata.generation,
+            )],
+            observed_generation: mesh.metadata.generation,
+        };
+        if desired == current || self.mesh_written.get(&name) == Some(&desired) {
+            return;
+        }
+        let api: Api<WireGuardMesh> = Api::all(self.client.clone());
+        let patch = json!({ "status": desired });
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                self.metrics.status_written();
+                self.mesh_written.insert(name, desired);
+            }
+            Err(e) => {
+                self.metrics.error("mesh_status_write");
+                tracing::warn!(mesh = %name, error = %e, "writing mesh status failed");
+            }
+        }
+    }
+
+    async fn raise_event_on_change(&mut self, peer: &WireGuardPeer, verdict: &PeerVerdict) {
+        let name = peer.name_any();
+        let previous = self
+            .last_reason
+            .insert(name.clone(), verdict.reason.clone());
+        if verdict.ready || previous.as_deref() == Some(verdict.reason.as_str()) {
+            return;
+        }
+        if verdict.reason == api_reason::PROGRAMMED {
+            return;
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: verdict.reason.clone(),
+            note: Some(verdict.message.clone()),
+            action: "Validate".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &peer.object_ref(&())).await {
+            tracing::debug!(peer = %name, error = %e, "publishing an event failed");
+        }
+    }
+}
+
+fn verdict_of(
+    peer: &WireGuardPeer,
+    mesh: Option<&(Arc<WireGuardMesh>, Arc<wgmesh_core::desired::DesiredMesh>)>,
+    snapshot: &Computed,
+) -> PeerVerdict {
+    let name = peer.name_any();
+    if let Some(why) = snapshot.invalid.get(&name) {
+        return PeerVerdict {
+            ready: false,
+            reason: "InvalidSpec".into(),
+            message: why.clone(),
+        };
+    }
+    let Some((_, desired)) = mesh else {
+        return PeerVerdict {
+            ready: false,
+            reason: api_reason::MESH_NOT_FOUND.into(),
+            message: format!("WireGuardMesh {} does not exist", peer.spec.mesh),
+        };
+    };
+    match desired.verdicts.get(&name) {
+        Some(Verdict::Programmed) => PeerVerdict {
+            ready: true,
+            reason: api_reason::PROGRAMMED.into(),
+            message: "programmed on every member node".into(),
+        },
+        Some(Verdict::Refused { reason, message }) => PeerVerdict {
+            ready: false,
+            reason: (*reason).into(),
+            message: message.clone(),
+        },
+        None => PeerVerdict {
+            ready: false,
+            reason: reason::ADDRESS_PENDING.into(),
+            message: "not yet computed".into(),
+        },
+    }
+}
+
+/// The Ready condition, keeping the previous transition time when nothing changed.
+fn ready_condition(
+    previous: Option<&Condition>,
+    verdict: &PeerVerdict,
+    generation: Option<i64>,
+) -> Condition {
+    let status = if verdict.ready { "True" } else { "False" };
+    let unchanged = previous.is_some_and(|p| {
+        p.status == status && p.reason == verdict.reason && p.message == verdict.message
+    });
+    Condition {
+        type_: READY.into(),
+        status: status.into(),
+        reason: verdict.reason.clone(),
+        message: verdict.message.clone(),
+        observed_generation: generation,
+        last_transition_time: match previous {
+            Some(p) if unchanged || p.status == status => p.last_transition_time.clone(),
+            _ => Time(jiff::Timestamp::now()),
+        },
+    }
+}
+
+fn apply_observation(status: &mut WireGuardPeerStatus, agg: &Aggregate) {
+    status.rx_bytes = i64::try_from(agg.rx_bytes).unwrap_or(i64::MAX);
+    status.tx_bytes = i64::try_from(agg.tx_bytes).unwrap_or(i64::MAX);
+    if agg.endpoint.is_some() {
+        status.endpoint = agg.endpoint.clone();
+    }
+    status.last_handshake_time = agg
+        .last_handshake
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .and_then(|d| jiff::Timestamp::from_second(d.as_secs() as i64).ok())
+        .map(Time);
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
