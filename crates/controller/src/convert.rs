@@ -76,7 +76,11 @@ pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
 }
 
 /// The peer-level input of a `WireGuardPeer`, or why it cannot be used at all.
-pub fn peer_input(peer: &WireGuardPeer, secrets: &Secrets) -> Result<PeerInput, String> {
+pub fn peer_input(
+    peer: &WireGuardPeer,
+    secrets: &Secrets,
+    seniority: u64,
+) -> Result<PeerInput, String> {
     let spec = &peer.spec;
     let public_key = spec
         .public_key
@@ -96,6 +100,12 @@ pub fn peer_input(peer: &WireGuardPeer, secrets: &Secrets) -> Result<PeerInput, 
             .as_ref()
             .map(|t| t.0.as_second())
             .unwrap_or(i64::MAX),
+        previously_programmed: status.is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == wgmesh_api::condition::READY && c.status == "True")
+        }),
+        seniority,
         public_key,
         allowed_ips,
         endpoint: spec.endpoint.as_ref().map(|e| e.0.clone()),

@@ -2,8 +2,8 @@
 //! `wgmesh_core::desired::compute` when anything changes, and publishes it to the index (for the
 //! agents' streams) and to the status writer.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
@@ -32,6 +32,48 @@ pub struct Caches {
     pub nodes: Store<Node>,
     pub meshes: Store<WireGuardMesh>,
     pub peers: Store<WireGuardPeer>,
+    pub seniority: Arc<Mutex<Seniority>>,
+}
+
+/// The order in which this process first saw each peer, to break ties between peers created
+/// in the same second (creation times have one-second resolution).
+#[derive(Default)]
+pub struct Seniority {
+    next: u64,
+    by_uid: HashMap<String, u64>,
+}
+
+impl Seniority {
+    /// Ranks every peer, giving new ones the next numbers in resourceVersion order (the order
+    /// the API server stored them in), and forgets deleted ones.
+    pub fn rank(&mut self, peers: &[Arc<WireGuardPeer>]) -> HashMap<String, u64> {
+        let mut unseen: Vec<&Arc<WireGuardPeer>> = peers
+            .iter()
+            .filter(|p| !self.by_uid.contains_key(&uid(p)))
+            .collect();
+        unseen.sort_by_key(|p| {
+            let rv = p
+                .metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok());
+            (rv.unwrap_or(u64::MAX), p.name_any())
+        });
+        for p in unseen {
+            self.next += 1;
+            self.by_uid.insert(uid(p), self.next);
+        }
+        let live: HashSet<String> = peers.iter().map(|p| uid(p)).collect();
+        self.by_uid.retain(|u, _| live.contains(u));
+        peers
+            .iter()
+            .map(|p| (p.name_any(), self.by_uid[&uid(p)]))
+            .collect()
+    }
+}
+
+fn uid(peer: &WireGuardPeer) -> String {
+    peer.metadata.uid.clone().unwrap_or_else(|| peer.name_any())
 }
 
 /// What one recomputation produced, handed to the status writer.
@@ -86,6 +128,7 @@ pub fn watch_cluster(
             nodes,
             meshes,
             peers,
+            seniority: Arc::default(),
         },
         driver,
         rx,
@@ -140,9 +183,15 @@ pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Compute
         ..Default::default()
     };
 
+    let seniority = caches
+        .seniority
+        .lock()
+        .expect("seniority lock")
+        .rank(&peers);
     let mut inputs: BTreeMap<String, Vec<PeerInput>> = BTreeMap::new();
     for peer in &peers {
-        match convert::peer_input(peer, secrets) {
+        let rank = seniority.get(&peer.name_any()).copied().unwrap_or(u64::MAX);
+        match convert::peer_input(peer, secrets, rank) {
             Ok(input) => inputs
                 .entry(peer.spec.mesh.0.clone())
                 .or_default()

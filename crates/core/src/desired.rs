@@ -52,6 +52,13 @@ pub struct PeerInput {
     pub name: String,
     /// Creation time in seconds since the epoch: the older peer wins a conflict.
     pub created: i64,
+    /// Whether the peer was programmed when last judged (its Ready condition). Creation
+    /// times have one-second resolution; among peers created in the same second, the one
+    /// already programmed keeps its place, so a verdict never flips on a controller restart.
+    pub previously_programmed: bool,
+    /// Among peers created in the same second and equally programmed: lower is older (the
+    /// controller uses the order in which it first saw them).
+    pub seniority: u64,
     pub public_key: PublicKey,
     /// `spec.allowedIPs`, host bits masked.
     pub allowed_ips: Vec<Cidr>,
@@ -198,7 +205,15 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
     // Node peers first, then external peers; each oldest first.
     let mut order: Vec<&PeerInput> = peers.iter().collect();
     order.sort_by(|a, b| {
-        (a.node.is_none(), a.created, &a.name).cmp(&(b.node.is_none(), b.created, &b.name))
+        let key = |p: &PeerInput| {
+            (
+                p.node.is_none(),
+                p.created,
+                !p.previously_programmed,
+                p.seniority,
+            )
+        };
+        key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
     });
 
     let mut out = DesiredMesh::default();

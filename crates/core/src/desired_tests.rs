@@ -32,6 +32,8 @@ fn node_peer(node: &str, n: u8) -> PeerInput {
     PeerInput {
         name: node.into(),
         created: i64::from(n),
+        previously_programmed: false,
+        seniority: 0,
         public_key: key(n),
         allowed_ips: vec![],
         endpoint: Some(format!("192.168.0.{n}:51820")),
@@ -50,6 +52,8 @@ fn external(name: &str, n: u8, allowed: &[&str]) -> PeerInput {
     PeerInput {
         name: name.into(),
         created: i64::from(n),
+        previously_programmed: false,
+        seniority: 0,
         public_key: key(n),
         allowed_ips: cidrs(allowed),
         endpoint: None,
@@ -314,6 +318,31 @@ fn overlap_refuses_the_newer_external_peer_and_fixing_clears_it() {
         .allowed_ips = cidrs(&["192.168.60.0/24"]);
     let d = compute(&mesh(), &nodes, &peers);
     assert_eq!(refused(&d, "intruder"), None);
+}
+
+#[test]
+fn same_second_ties_keep_the_programmed_peer_then_the_first_seen() {
+    let (nodes, mut peers) = three_nodes();
+    let mut office = external("office", 20, &["192.168.50.0/24"]);
+    let mut aaa = external("aaa", 21, &["192.168.50.128/25"]);
+    office.created = 100;
+    aaa.created = 100;
+    // Same second, neither programmed: the one seen first wins, whatever the names.
+    office.seniority = 1;
+    aaa.seniority = 2;
+    peers.extend([office.clone(), aaa.clone()]);
+    let d = compute(&mesh(), &nodes, &peers);
+    assert_eq!(refused(&d, "office"), None);
+    assert_eq!(refused(&d, "aaa").unwrap().0, reason::ALLOWED_IPS_OVERLAP);
+    // After a restart the first-seen order is lost, but the programmed peer keeps its place.
+    office.seniority = 0;
+    aaa.seniority = 0;
+    office.previously_programmed = true;
+    peers.truncate(3);
+    peers.extend([office, aaa]);
+    let d = compute(&mesh(), &nodes, &peers);
+    assert_eq!(refused(&d, "office"), None);
+    assert!(refused(&d, "aaa").is_some());
 }
 
 #[test]

@@ -2,10 +2,15 @@
 //! plain processes on loopback, like controller-runtime's envtest), the Go tools it needs, and
 //! helpers shared by the integration and end-to-end tests, the benchmarks and `cargo xtask demo`.
 
+pub mod agent_sim;
+pub mod binaries;
+pub mod cluster;
 pub mod control_plane;
+pub mod controller;
 pub mod install;
 pub mod pki;
 pub mod process;
+pub mod tokens;
 pub mod tools;
 pub mod versions;
 

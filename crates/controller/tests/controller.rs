@@ -1,0 +1,530 @@
+//! The controller against a real API server, with real gRPC clients standing in for agents.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use wgmesh_api::WireGuardPeer;
+use wgmesh_e2e::ControlPlane;
+use wgmesh_e2e::agent_sim::{SimAgent, channel};
+use wgmesh_e2e::cluster::{self, AGENT_NAMESPACE};
+use wgmesh_e2e::controller::{Controller, ControllerTls};
+use wgmesh_e2e::install::install_crds;
+use wgmesh_proto as pb;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Fixture {
+    cp: ControlPlane,
+    client: kube::Client,
+    tls: ControllerTls,
+}
+
+impl Fixture {
+    async fn new() -> Result<Self> {
+        let cp = ControlPlane::start().await?;
+        install_crds(&cp)?;
+        let client = cp.client().await?;
+        cp.kubectl_ok(&[
+            "apply",
+            "-f",
+            &wgmesh_e2e::install::repo_root()
+                .join("deploy/examples/mesh-default.yaml")
+                .display()
+                .to_string(),
+        ])?;
+        let tls = ControllerTls::issue(&cp)?;
+        Ok(Fixture { cp, client, tls })
+    }
+
+    async fn controller(&self, identity: &str) -> Result<Controller> {
+        Controller::start(
+            &self.cp,
+            &self.tls,
+            identity,
+            &[("WGMESH_LEASE_DURATION", "6"), ("WGMESH_LEASE_GRACE", "2")],
+        )
+        .await
+    }
+
+    /// Node `name` number `n` (pod CIDR 10.244.n.0/24, address 192.168.0.n) and its agent,
+    /// registered and watching.
+    async fn agent(&self, controller: &Controller, name: &str, n: u8) -> Result<SimAgent> {
+        cluster::create_node(
+            &self.client,
+            name,
+            &[&format!("10.244.{n}.0/24")],
+            &format!("192.168.0.{n}"),
+            &[],
+        )
+        .await?;
+        let token = cluster::agent_token(&self.client, name).await?;
+        let ch = channel(&controller.grpc_url(), &self.tls.ca_pem).await?;
+        let mut agent = SimAgent::new(ch, name, "default", &token, [n; 32]);
+        let registered = agent.register(&format!("192.168.0.{n}")).await?;
+        assert_eq!(
+            registered.tunnel_addresses.len(),
+            1,
+            "{name} gets one tunnel address from the IPv4 pool"
+        );
+        agent.watch().await?;
+        Ok(agent)
+    }
+
+    async fn apply_peer(&self, name: &str, spec: serde_json::Value) -> Result<()> {
+        let api: Api<WireGuardPeer> = Api::all(self.client.clone());
+        let body = json!({
+            "apiVersion": "wgmesh.io/v1alpha1",
+            "kind": "WireGuardPeer",
+            "metadata": {"name": name},
+            "spec": spec,
+        });
+        api.patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn peer(&self, name: &str) -> Result<WireGuardPeer> {
+        let api: Api<WireGuardPeer> = Api::all(self.client.clone());
+        Ok(api.get(name).await?)
+    }
+
+    /// Waits until the peer's Ready condition has `reason`.
+    async fn wait_reason(&self, name: &str, reason: &str) -> Result<WireGuardPeer> {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let peer = self.peer(name).await?;
+            let ready = peer
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                .cloned();
+            if ready.as_ref().is_some_and(|c| c.reason == reason) {
+                return Ok(peer);
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("{name} never got reason {reason}; Ready is {ready:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn key(n: u8) -> String {
+    wgmesh_core::PublicKey::from_bytes([n; 32]).to_base64()
+}
+
+fn last_delta(agent: &SimAgent) -> pb::PeerDelta {
+    match agent.updates.last().and_then(|u| u.update.clone()) {
+        Some(pb::peer_update::Update::Delta(d)) => d,
+        other => panic!("{}: last update is not a delta: {other:?}", agent.node),
+    }
+}
+
+fn names(peers: &[pb::Peer]) -> Vec<String> {
+    peers.iter().map(|p| p.name.clone()).collect()
+}
+
+#[tokio::test]
+async fn nodes_and_external_peers_reach_every_agent_as_exact_deltas() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let controller = fx.controller("c1").await?;
+    let mut a = fx.agent(&controller, "a", 1).await?;
+    let mut b = fx.agent(&controller, "b", 2).await?;
+    let mut c = fx.agent(&controller, "c", 3).await?;
+
+    // Every node receives the other two.
+    for agent in [&mut a, &mut b, &mut c] {
+        agent
+            .wait_until(WAIT, "the two other nodes", |s| s.peers.len() == 2)
+            .await?;
+    }
+    assert_eq!(a.peer_names(), ["node-b", "node-c"]);
+    let b_at_a = a.peer("node-b").unwrap();
+    assert_eq!(b_at_a.endpoint, "192.168.0.2:51820");
+    assert!(b_at_a.allowed_ips.contains(&"10.244.2.0/24".to_owned()));
+    assert!(
+        b_at_a
+            .allowed_ips
+            .iter()
+            .any(|ip| ip.starts_with("10.250.") && ip.ends_with("/32"))
+    );
+    let mut addresses: Vec<String> = [&a, &b, &c]
+        .iter()
+        .map(|s| s.tunnel_addresses[0].clone())
+        .collect();
+    addresses.dedup();
+    assert_eq!(
+        addresses.len(),
+        3,
+        "tunnel addresses are distinct: {addresses:?}"
+    );
+
+    // Add an external peer: exactly one upsert, everywhere.
+    fx.apply_peer(
+        "office",
+        json!({"publicKey": key(20), "allowedIPs": ["192.168.50.0/24"], "endpoint": "203.0.113.1:51820"}),
+    )
+    .await?;
+    for agent in [&mut a, &mut b, &mut c] {
+        agent
+            .wait_until(WAIT, "office", |s| s.peer("office").is_some())
+            .await?;
+        let d = last_delta(agent);
+        assert_eq!(
+            (names(&d.upserted), d.removed.len()),
+            (vec!["office".to_owned()], 0)
+        );
+    }
+    let office = a.peer("office").unwrap();
+    assert!(office.allowed_ips.contains(&"192.168.50.0/24".to_owned()));
+    assert_eq!(office.endpoint, "203.0.113.1:51820");
+
+    // Change it: one upsert with the new endpoint.
+    fx.apply_peer(
+        "office",
+        json!({"publicKey": key(20), "allowedIPs": ["192.168.50.0/24"], "endpoint": "203.0.113.9:51820"}),
+    )
+    .await?;
+    a.wait_until(WAIT, "the new endpoint", |s| {
+        s.peer("office")
+            .is_some_and(|p| p.endpoint == "203.0.113.9:51820")
+    })
+    .await?;
+    assert_eq!(names(&last_delta(&a).upserted), ["office"]);
+
+    // Disable it: one removal.
+    fx.apply_peer(
+        "office",
+        json!({"publicKey": key(20), "allowedIPs": ["192.168.50.0/24"], "endpoint": "203.0.113.9:51820", "disabled": true}),
+    )
+    .await?;
+    a.wait_until(WAIT, "office gone", |s| s.peer("office").is_none())
+        .await?;
+    let d = last_delta(&a);
+    assert_eq!(
+        (d.upserted.len(), d.removed.clone()),
+        (0, vec![vec![20u8; 32]])
+    );
+    fx.wait_reason("office", "Disabled").await?;
+
+    // Re-enable, then delete: one removal.
+    fx.apply_peer(
+        "office",
+        json!({"publicKey": key(20), "allowedIPs": ["192.168.50.0/24"], "endpoint": "203.0.113.9:51820"}),
+    )
+    .await?;
+    a.wait_until(WAIT, "office back", |s| s.peer("office").is_some())
+        .await?;
+    let api: Api<WireGuardPeer> = Api::all(fx.client.clone());
+    api.delete("office", &DeleteParams::default()).await?;
+    a.wait_until(WAIT, "office deleted", |s| s.peer("office").is_none())
+        .await?;
+    assert_eq!(last_delta(&a).removed, vec![vec![20u8; 32]]);
+
+    // An overlapping peer gets the condition and never reaches an agent.
+    fx.apply_peer(
+        "office",
+        json!({"publicKey": key(20), "allowedIPs": ["192.168.50.0/24"]}),
+    )
+    .await?;
+    a.wait_until(WAIT, "office", |s| s.peer("office").is_some())
+        .await?;
+    fx.apply_peer(
+        "intruder",
+        json!({"publicKey": key(21), "allowedIPs": ["192.168.50.128/25"]}),
+    )
+    .await?;
+    let intruder = fx.wait_reason("intruder", "AllowedIPsOverlap").await?;
+    let message = &intruder.status.unwrap().conditions[0].message;
+    assert!(message.contains("WireGuardPeer office"), "{message}");
+    assert!(
+        a.next_update(Duration::from_secs(2)).await?.is_none(),
+        "nothing is sent for a refused peer"
+    );
+    assert!(
+        !a.updates
+            .iter()
+            .chain(&b.updates)
+            .any(|u| format!("{u:?}").contains("intruder")),
+        "the overlapping peer never reached an agent"
+    );
+    // Fixing it clears the condition and programs it.
+    fx.apply_peer(
+        "intruder",
+        json!({"publicKey": key(21), "allowedIPs": ["192.168.60.0/24"]}),
+    )
+    .await?;
+    fx.wait_reason("intruder", "Programmed").await?;
+    a.wait_until(WAIT, "intruder after the fix", |s| {
+        s.peer("intruder").is_some()
+    })
+    .await?;
+
+    // Deleting a Node removes it from every agent, and its WireGuardPeer goes.
+    cluster::delete_node(&fx.client, "b").await?;
+    for agent in [&mut a, &mut c] {
+        agent
+            .wait_until(WAIT, "node-b removed", |s| s.peer("node-b").is_none())
+            .await?;
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while api.get_opt("node-b").await?.is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-b's WireGuardPeer was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Status: addresses, readiness and counts.
+    let node_a = fx.wait_reason("node-a", "Programmed").await?;
+    assert_eq!(node_a.status.unwrap().addresses.len(), 1);
+    let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(fx.client.clone());
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let status = meshes.get("default").await?.status.unwrap_or_default();
+        if (
+            status.nodes,
+            status.ready_nodes,
+            status.peers,
+            status.ready_peers,
+        ) == (2, 2, 2, 2)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mesh status never settled: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = controller.metrics().await?;
+    assert!(
+        metrics.contains("wgmesh_controller_connected_agents 3"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn agents_are_authenticated_and_bound_to_their_node() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let controller = fx.controller("c1").await?;
+    for (name, n) in [("a", 1u8), ("b", 2)] {
+        cluster::create_node(
+            &fx.client,
+            name,
+            &[&format!("10.244.{n}.0/24")],
+            &format!("192.168.0.{n}"),
+            &[],
+        )
+        .await?;
+    }
+    cluster::ensure_agent_identity(&fx.client).await?;
+    let token_a = cluster::agent_token(&fx.client, "a").await?;
+    let ch = channel(&controller.grpc_url(), &fx.tls.ca_pem).await?;
+    let code = |r: Result<pb::RegisterResponse, tonic::Status>| r.map(|_| ()).map_err(|s| s.code());
+
+    // The right token works.
+    let mut ok = SimAgent::new(ch.clone(), "a", "default", &token_a, [1; 32]);
+    assert_eq!(code(ok.register("192.168.0.1").await), Ok(()));
+
+    // A token for node a cannot register node b, nor watch its peers.
+    let mut b_with_a = SimAgent::new(ch.clone(), "b", "default", &token_a, [2; 32]);
+    assert_eq!(
+        code(b_with_a.register("192.168.0.2").await),
+        Err(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(
+        b_with_a.watch().await.map_err(|s| s.code()),
+        Err(tonic::Code::PermissionDenied)
+    );
+
+    // No token.
+    let mut none = SimAgent::new(ch.clone(), "a", "default", "", [1; 32]);
+    assert_eq!(
+        code(none.register("192.168.0.1").await),
+        Err(tonic::Code::Unauthenticated)
+    );
+
+    // A token for another audience.
+    let pod =
+        cluster::agent_pod(&fx.client, "aud-pod", "a", cluster::AGENT_SERVICE_ACCOUNT).await?;
+    let other_audience = cluster::bound_token(
+        &fx.client,
+        cluster::AGENT_SERVICE_ACCOUNT,
+        &pod,
+        "not-wgmesh",
+    )
+    .await?;
+    let mut aud = SimAgent::new(ch.clone(), "a", "default", &other_audience, [1; 32]);
+    assert_eq!(
+        code(aud.register("192.168.0.1").await),
+        Err(tonic::Code::Unauthenticated)
+    );
+
+    // An expired token, signed with the cluster's real key.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(fx.client.clone(), AGENT_NAMESPACE);
+    let sa_uid = sas
+        .get(cluster::AGENT_SERVICE_ACCOUNT)
+        .await?
+        .metadata
+        .uid
+        .context("sa uid")?;
+    let expired = wgmesh_e2e::tokens::expired_token(
+        &fx.cp,
+        AGENT_NAMESPACE,
+        cluster::AGENT_SERVICE_ACCOUNT,
+        &sa_uid,
+        &pod,
+        "wgmesh",
+    )?;
+    let mut old = SimAgent::new(ch.clone(), "a", "default", &expired, [1; 32]);
+    assert_eq!(
+        code(old.register("192.168.0.1").await),
+        Err(tonic::Code::Unauthenticated)
+    );
+
+    // Another service account on the right node.
+    let other_sa = k8s_openapi::api::core::v1::ServiceAccount {
+        metadata: kube::api::ObjectMeta {
+            name: Some("intruder".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    sas.create(&PostParams::default(), &other_sa).await?;
+    let intruder_pod = cluster::agent_pod(&fx.client, "intruder-pod", "a", "intruder").await?;
+    let intruder = cluster::bound_token(&fx.client, "intruder", &intruder_pod, "wgmesh").await?;
+    let mut sa = SimAgent::new(ch.clone(), "a", "default", &intruder, [1; 32]);
+    assert_eq!(
+        code(sa.register("192.168.0.1").await),
+        Err(tonic::Code::PermissionDenied)
+    );
+
+    // Garbage in a well-formed request is a clear error, not a crash.
+    let mut bad_key = SimAgent::new(ch, "a", "default", &token_a, [1; 32]);
+    bad_key.public_key = [0; 32];
+    let short = pb::RegisterRequest {
+        node: "a".into(),
+        mesh: "default".into(),
+        public_key: vec![1, 2, 3],
+        listen_port: 51820,
+        ..Default::default()
+    };
+    let mut client = pb::mesh_service_client::MeshServiceClient::new(
+        channel(&controller.grpc_url(), &fx.tls.ca_pem).await?,
+    );
+    let mut req = tonic::Request::new(short);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token_a}").parse()?);
+    assert_eq!(
+        client.register(req).await.map(|_| ()).map_err(|s| s.code()),
+        Err(tonic::Code::InvalidArgument)
+    );
+
+    let metrics = controller.metrics().await?;
+    assert!(
+        metrics.contains("wgmesh_controller_auth_failures_total"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+async fn lease_holder(client: &kube::Client) -> Result<String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    Ok(leases
+        .get("wgmesh-controller")
+        .await?
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default())
+}
+
+#[tokio::test]
+async fn restarts_and_failover_lose_nothing() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let mut c1 = fx.controller("c1").await?;
+    let mut a = fx.agent(&c1, "a", 1).await?;
+    let mut b = fx.agent(&c1, "b", 2).await?;
+    a.wait_until(WAIT, "node-b", |s| s.peers.len() == 1).await?;
+    b.wait_until(WAIT, "node-a", |s| s.peers.len() == 1).await?;
+    let before = a.peers.clone();
+
+    // Kill the controller; a new one comes up; agents resume without losing a peer.
+    c1.kill();
+    let c2 = fx.controller("c2").await?;
+    for agent in [&mut a, &mut b] {
+        agent.reconnect(channel(&c2.grpc_url(), &fx.tls.ca_pem).await?);
+        agent.watch().await?;
+        let update = agent
+            .next_update(WAIT)
+            .await?
+            .context("an update after reconnecting")?;
+        assert!(
+            matches!(update.update, Some(pb::peer_update::Update::Snapshot(_))),
+            "a new epoch starts with a snapshot"
+        );
+    }
+    assert_eq!(a.peers, before, "the same peers after the restart");
+
+    // A reconnect to the same controller resumes with a delta, not a snapshot.
+    a.reconnect(channel(&c2.grpc_url(), &fx.tls.ca_pem).await?);
+    a.watch().await?;
+    let resumed = a.next_update(Duration::from_secs(2)).await?;
+    assert!(
+        resumed
+            .as_ref()
+            .is_none_or(|u| matches!(u.update, Some(pb::peer_update::Update::Delta(_)))),
+        "resuming within an epoch sends no snapshot: {resumed:?}"
+    );
+
+    // Two replicas: kill the lease holder; the other takes the lease and keeps writing.
+    let c3 = fx.controller("c3").await?;
+    let mut replicas = vec![c2, c3];
+    let deadline = std::time::Instant::now() + WAIT;
+    let holder = loop {
+        let h = lease_holder(&fx.client).await?;
+        if replicas.iter().any(|r| r.identity == h) {
+            break h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no replica holds the lease ({h})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let leader_index = replicas.iter().position(|r| r.identity == holder).unwrap();
+    let mut leader = replicas.remove(leader_index);
+    let survivor = replicas.pop().unwrap();
+    leader.kill();
+    for agent in [&mut a, &mut b] {
+        agent.reconnect(channel(&survivor.grpc_url(), &fx.tls.ca_pem).await?);
+        agent.watch().await?;
+        agent.next_update(WAIT).await?;
+    }
+    assert_eq!(a.peers, before, "nothing lost when the leader dies");
+
+    // The survivor takes the lease and allocates an address for a new peer.
+    fx.apply_peer(
+        "laptop",
+        json!({"publicKey": key(30), "allowedIPs": ["192.168.70.0/24"]}),
+    )
+    .await?;
+    a.wait_until(Duration::from_secs(40), "laptop via the new leader", |s| {
+        s.peer("laptop").is_some()
+    })
+    .await?;
+    assert_eq!(lease_holder(&fx.client).await?, survivor.identity);
+    let laptop = fx.peer("laptop").await?;
+    assert_eq!(laptop.status.unwrap().addresses.len(), 1);
+    Ok(())
+}

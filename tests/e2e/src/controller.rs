@@ -1,0 +1,158 @@
+//! A real `wgmesh-controller` process against a test control plane.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use crate::ControlPlane;
+use crate::binaries::workspace_binary;
+use crate::cluster::{AGENT_NAMESPACE, ensure_agent_identity};
+use crate::process::ChildGuard;
+
+/// TLS files for the controller's gRPC server, issued by the control plane's CA.
+pub struct ControllerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA agents trust.
+    pub ca_pem: String,
+}
+
+impl ControllerTls {
+    pub fn issue(cp: &ControlPlane) -> Result<Self> {
+        let cert = cp
+            .ca()
+            .server_cert("wgmesh-controller", &["localhost", "127.0.0.1"])?;
+        let dir = cp.dir();
+        let (cert_path, key_path) = (dir.join("controller.crt"), dir.join("controller.key"));
+        std::fs::write(&cert_path, cert.cert_pem)?;
+        std::fs::write(&key_path, cert.key_pem)?;
+        Ok(ControllerTls {
+            cert: cert_path,
+            key: key_path,
+            ca_pem: cp.ca().cert_pem().to_owned(),
+        })
+    }
+}
+
+/// A running controller. Dropping it stops the process.
+pub struct Controller {
+    process: ChildGuard,
+    pub identity: String,
+    pub grpc_port: u16,
+    pub metrics_port: u16,
+}
+
+impl Controller {
+    /// Starts a controller replica named `identity` with the given extra environment.
+    pub async fn start(
+        cp: &ControlPlane,
+        tls: &ControllerTls,
+        identity: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let client = cp.client().await?;
+        ensure_agent_identity(&client).await?;
+        let binary = workspace_binary("wgmesh-controller", "wgmesh-controller")?;
+        let grpc_port = free_port()?;
+        let metrics_port = free_port()?;
+        let mut cmd = Command::new(binary);
+        cmd.env("KUBECONFIG", cp.kubeconfig())
+            .env("POD_NAMESPACE", AGENT_NAMESPACE)
+            .env("POD_NAME", identity)
+            .env("WGMESH_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
+            .env("WGMESH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .env("WGMESH_TLS_CERT", &tls.cert)
+            .env("WGMESH_TLS_KEY", &tls.key)
+            .env(
+                "WGMESH_LOG",
+                "info,wgmesh_controller=debug,kube_lease_manager=warn",
+            );
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let log = cp.dir().join(format!("controller-{identity}.log"));
+        let process = ChildGuard::spawn(&format!("controller {identity}"), cmd, &log)?;
+        let mut controller = Controller {
+            process,
+            identity: identity.to_owned(),
+            grpc_port,
+            metrics_port,
+        };
+        controller.wait_ready().await?;
+        Ok(controller)
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if !self.process.is_running() {
+                bail!(
+                    "the controller exited during start-up:\n{}",
+                    self.process.log_tail(40)
+                );
+            }
+            if http_get(self.metrics_port, "/readyz")
+                .await
+                .is_ok_and(|b| b == "ok")
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "the controller was not ready in 60 s:\n{}",
+            self.process.log_tail(40)
+        )
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("https://localhost:{}", self.grpc_port)
+    }
+
+    /// `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        http_get(self.metrics_port, "/metrics").await
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        self.process.stop(Duration::from_secs(10));
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.process.log_tail(lines)
+    }
+
+    pub fn log_path(&self) -> &Path {
+        self.process.log_path()
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A minimal HTTP/1.0 GET on loopback (no client library needed for three endpoints).
+pub async fn http_get(port: u16, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
