@@ -1,0 +1,462 @@
+//! Our userspace WireGuard device: a TUN interface, UDP sockets and boringtun's `Tunn` per
+//! peer, driven by a few OS threads, configurable in place without dropping sessions.
+//!
+//! Threads, all started from the creating thread (so all in its network namespace):
+//! - `tun`: reads the TUN, routes by allowed IPs, encrypts, sends;
+//! - `udp4`/`udp6`: receive, find the peer, decrypt, check the source, write the TUN;
+//! - `ctl`: boringtun's timers every 250 ms, persistent keepalives, and socket rebinding;
+//! - `uapi`: the `wg`-compatible control socket.
+//!
+//! The peer table is an immutable snapshot behind an `ArcSwap`: the data path loads it
+//! without locking, and a configuration change builds a new one around the same per-peer
+//! runtime state, so sessions survive changes that do not concern them.
+
+#![deny(unsafe_code)]
+
+mod allowed_ips;
+mod datapath;
+mod peers;
+mod sockets;
+mod tun;
+mod uapi;
+mod uapi_server;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+
+use self::datapath::{BUF_LEN, TICK};
+use self::peers::{Identity, Peer, PeerEntry, PeerTable};
+use self::sockets::Sockets;
+use self::tun::Tun;
+use self::uapi::Op;
+use super::{DeviceChange, DeviceError, DeviceState, InterfaceConfig, PeerConfig, PeerState};
+
+/// A running userspace WireGuard device. Dropping it stops it.
+pub struct UserspaceDevice {
+    inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+    uapi_path: Option<PathBuf>,
+}
+
+/// What the device's threads share.
+pub(crate) struct Inner {
+    name: String,
+    tun: Tun,
+    table: ArcSwap<PeerTable>,
+    sockets: ArcSwap<Sockets>,
+    stop: AtomicBool,
+    epoch: Instant,
+    /// Serialises configuration changes (the data path never takes it).
+    writer: Mutex<Writer>,
+    /// UDP readers: replaced when the listen port changes, joined at shutdown.
+    udp_threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct Writer {
+    control: mpsc::Sender<Control>,
+    next_index: u32,
+}
+
+/// Work that must run on a device thread: new sockets must be bound, and their readers
+/// started, in the device's network namespace, whichever thread calls `apply`.
+enum Control {
+    Rebind {
+        port: u16,
+        fwmark: u32,
+        reply: mpsc::Sender<Result<u16, DeviceError>>,
+    },
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn validate_name(name: &str) -> Result<(), DeviceError> {
+    let ok = !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if ok {
+        Ok(())
+    } else {
+        Err(DeviceError::InvalidConfig(format!(
+            "{name:?} is not a valid interface name (1-15 printable characters, no '/')"
+        )))
+    }
+}
+
+fn spawn(
+    name: &str,
+    role: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, DeviceError> {
+    // Thread names are limited to 15 bytes by the kernel; keep the role visible.
+    let mut thread_name = format!("{role}-{name}");
+    thread_name.truncate(15);
+    Ok(std::thread::Builder::new().name(thread_name).spawn(f)?)
+}
+
+impl UserspaceDevice {
+    /// Creates the TUN interface `config.name` (not configured with addresses: the agent does
+    /// that with rtnetlink), binds UDP sockets on `config.listen_port` for IPv4 and IPv6
+    /// (SO_MARK when `fwmark != 0`, raised buffers), starts the data path, and serves the UAPI
+    /// socket at `/var/run/wireguard/<name>.sock`. Everything lives in the calling thread's
+    /// network namespace.
+    pub fn create(config: InterfaceConfig) -> Result<Self, DeviceError> {
+        validate_name(&config.name)?;
+        let tun = Tun::create(&config.name).map_err(|source| DeviceError::Tun {
+            name: config.name.clone(),
+            source,
+        })?;
+        let sockets = Arc::new(Sockets::bind(config.listen_port, config.fwmark)?);
+        let identity = Arc::new(Identity::new(config.private_key));
+        let public_key = identity.public_key;
+        let table = PeerTable::build(identity, sockets.port, config.fwmark, Vec::new());
+        let (listener, uapi_path) = uapi_server::bind(&config.name)?;
+        let (control_tx, control_rx) = mpsc::channel();
+        // Indices only need to be unique within the device; a varying start makes stale
+        // packets from a previous run of the device unlikely to match.
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let inner = Arc::new(Inner {
+            name: config.name.clone(),
+            tun,
+            table: ArcSwap::from_pointee(table),
+            sockets: ArcSwap::new(Arc::clone(&sockets)),
+            stop: AtomicBool::new(false),
+            epoch: Instant::now(),
+            writer: Mutex::new(Writer {
+                control: control_tx,
+                next_index: seed,
+            }),
+            udp_threads: Mutex::new(Vec::new()),
+        });
+        // From here on, an early return drops `device`, which stops what was started.
+        let mut device = UserspaceDevice {
+            inner: Arc::clone(&inner),
+            threads: Vec::new(),
+            uapi_path: Some(uapi_path),
+        };
+        inner.spawn_udp_readers(&sockets)?;
+        let i = Arc::clone(&inner);
+        device.threads.push(spawn(&config.name, "tun", move || {
+            datapath::run_tun_reader(&i)
+        })?);
+        let i = Arc::clone(&inner);
+        device.threads.push(spawn(&config.name, "ctl", move || {
+            i.run_control(control_rx)
+        })?);
+        let i = Arc::clone(&inner);
+        device.threads.push(spawn(&config.name, "uapi", move || {
+            uapi_server::serve(&i, listener)
+        })?);
+        tracing::info!(
+            interface = %config.name,
+            listen_port = sockets.port,
+            %public_key,
+            "userspace WireGuard device started"
+        );
+        Ok(device)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The device as it is now: configuration, current endpoints, handshakes and counters.
+    pub fn observe(&self) -> DeviceState {
+        state_of(&self.inner.table.load())
+    }
+
+    /// Applies changes in order, in place. On error, the changes before the failing one stay
+    /// applied.
+    pub fn apply(&self, changes: &[DeviceChange]) -> Result<(), DeviceError> {
+        self.inner
+            .apply_ops(|_| changes.iter().map(|c| (c.clone(), false)).collect())
+    }
+
+    /// Stops every thread and removes the UAPI socket; the TUN interface disappears when its
+    /// descriptor closes, as the last reference to it goes.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.inner.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // The control thread, which starts UDP readers, has ended: the list is final.
+        let udp = std::mem::take(&mut *lock(&self.inner.udp_threads));
+        for t in udp {
+            let _ = t.join();
+        }
+        if let Some(path) = self.uapi_path.take() {
+            let _ = std::fs::remove_file(path);
+            tracing::info!(interface = %self.inner.name, "userspace WireGuard device stopped");
+        }
+    }
+}
+
+impl Drop for UserspaceDevice {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn state_of(table: &PeerTable) -> DeviceState {
+    DeviceState {
+        public_key: table.identity.public_key,
+        listen_port: table.listen_port,
+        fwmark: table.fwmark,
+        peers: table
+            .entries
+            .iter()
+            .map(|e| PeerState {
+                config: e.config.clone(),
+                current_endpoint: e.peer.endpoint(),
+                last_handshake: e.peer.last_handshake(),
+                rx_bytes: e.peer.rx_bytes(),
+                tx_bytes: e.peer.tx_bytes(),
+            })
+            .collect(),
+    }
+}
+
+impl Inner {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds on a clock that starts a day before the device, so that 0 ("never") is
+    /// long enough ago for every keepalive interval.
+    fn now_ms(&self) -> u64 {
+        const DAY_MS: u64 = 86_400_000;
+        DAY_MS + u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - DAY_MS)
+    }
+
+    fn spawn_udp_readers(self: &Arc<Self>, sockets: &Arc<Sockets>) -> Result<(), DeviceError> {
+        let mut threads = lock(&self.udp_threads);
+        threads.retain(|t| !t.is_finished());
+        let families: &[(bool, &str)] = if sockets.v6.is_some() {
+            &[(false, "udp4"), (true, "udp6")]
+        } else {
+            &[(false, "udp4")]
+        };
+        for &(v6, role) in families {
+            let i = Arc::clone(self);
+            let s = Arc::clone(sockets);
+            threads.push(spawn(&self.name, role, move || {
+                datapath::run_udp_reader(&i, s, v6)
+            })?);
+        }
+        Ok(())
+    }
+
+    /// The control thread: timers on a fixed tick, and requests from `apply`.
+    fn run_control(self: &Arc<Self>, requests: mpsc::Receiver<Control>) {
+        let mut out = vec![0u8; BUF_LEN];
+        let mut next_tick = Instant::now();
+        while !self.stopping() {
+            match requests.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+                Ok(Control::Rebind {
+                    port,
+                    fwmark,
+                    reply,
+                }) => {
+                    let _ = reply.send(self.rebind(port, fwmark));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                datapath::timer_tick(self, &mut out);
+                next_tick = (next_tick + TICK).max(now);
+            }
+        }
+    }
+
+    /// Binds new sockets and moves the data path to them; the old readers notice and end.
+    fn rebind(self: &Arc<Self>, port: u16, fwmark: u32) -> Result<u16, DeviceError> {
+        let sockets = Arc::new(Sockets::bind(port, fwmark)?);
+        self.sockets.store(Arc::clone(&sockets));
+        self.spawn_udp_readers(&sockets)?;
+        tracing::info!(interface = %self.name, listen_port = sockets.port, "rebound");
+        Ok(sockets.port)
+    }
+
+    /// Applies the operations `build` derives from the current peer configurations, as one
+    /// transaction against concurrent writers.
+    fn apply_ops(&self, build: impl FnOnce(&[PeerConfig]) -> Vec<Op>) -> Result<(), DeviceError> {
+        if self.stopping() {
+            return Err(DeviceError::Stopped);
+        }
+        let mut writer = lock(&self.writer);
+        let current = self.table.load_full();
+        let configs: Vec<PeerConfig> = current.entries.iter().map(|e| e.config.clone()).collect();
+        let ops = build(&configs);
+
+        let mut identity = Arc::clone(&current.identity);
+        let mut listen_port = current.listen_port;
+        let mut fwmark = current.fwmark;
+        let mut entries = current.entries.clone();
+        let mut result = Ok(());
+        for (change, explicit_endpoint) in ops {
+            match change {
+                DeviceChange::UpsertPeer(cfg) => {
+                    upsert(&mut writer, &identity, &mut entries, cfg, explicit_endpoint);
+                }
+                DeviceChange::RemovePeer(key) => entries.retain(|e| e.config.public_key != key),
+                // Port 0 means "any": an already bound device keeps its port, so that an agent
+                // reapplying "0" does not rebind on every reconcile.
+                DeviceChange::SetListenPort(port) if port == 0 || port == listen_port => {}
+                DeviceChange::SetListenPort(port) => {
+                    match self.request_rebind(&writer, port, fwmark) {
+                        Ok(bound) => listen_port = bound,
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                DeviceChange::SetFwmark(mark) => {
+                    if mark != fwmark {
+                        if let Err(e) = self.sockets.load().set_fwmark(mark) {
+                            result = Err(e.into());
+                            break;
+                        }
+                        fwmark = mark;
+                    }
+                }
+                DeviceChange::SetPrivateKey(key) => {
+                    let new = Identity::new(key);
+                    if new.public_key != identity.public_key {
+                        identity = Arc::new(new);
+                        // A peer with our own key cannot exist (the kernel drops it too).
+                        entries.retain(|e| e.config.public_key != identity.public_key);
+                        for e in &entries {
+                            e.peer.set_identity(&identity);
+                        }
+                    }
+                }
+            }
+        }
+        // Publish even after an error: the changes before it already touched runtime state.
+        self.table.store(Arc::new(PeerTable::build(
+            identity,
+            listen_port,
+            fwmark,
+            entries,
+        )));
+        result
+    }
+
+    fn request_rebind(&self, writer: &Writer, port: u16, fwmark: u32) -> Result<u16, DeviceError> {
+        let (reply, answer) = mpsc::channel();
+        writer
+            .control
+            .send(Control::Rebind {
+                port,
+                fwmark,
+                reply,
+            })
+            .map_err(|_| DeviceError::Stopped)?;
+        answer.recv().map_err(|_| DeviceError::Stopped)?
+    }
+
+    /// Answers one UAPI request.
+    fn handle_uapi(&self, text: &str) -> String {
+        match uapi::parse_request(text) {
+            Ok(uapi::Request::Get) => {
+                let table = self.table.load();
+                uapi::render_get(&table.identity.private_key, &state_of(&table))
+            }
+            Ok(uapi::Request::Set(req)) => {
+                match self.apply_ops(|current| uapi::set_to_ops(req, current)) {
+                    Ok(()) => uapi::render_errno(0),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "UAPI set");
+                        uapi::render_errno(uapi::errno(&e))
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "UAPI request");
+                uapi::render_errno(uapi::errno(&e))
+            }
+        }
+    }
+}
+
+/// Adds a peer or changes it in place: only a new preshared key restarts its session.
+fn upsert(
+    writer: &mut Writer,
+    identity: &Identity,
+    entries: &mut Vec<PeerEntry>,
+    mut cfg: PeerConfig,
+    explicit_endpoint: bool,
+) {
+    if cfg.public_key == identity.public_key {
+        tracing::warn!(peer = %cfg.public_key, "ignoring a peer with our own public key");
+        return;
+    }
+    let mut seen = Vec::with_capacity(cfg.allowed_ips.len());
+    cfg.allowed_ips.retain(|c| {
+        let new = !seen.contains(c);
+        seen.push(*c);
+        new
+    });
+    // An allowed IP belongs to one peer: the latest assignment takes it from the others.
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.config.public_key != cfg.public_key)
+    {
+        e.config
+            .allowed_ips
+            .retain(|c| !cfg.allowed_ips.contains(c));
+    }
+    match entries
+        .iter_mut()
+        .find(|e| e.config.public_key == cfg.public_key)
+    {
+        Some(e) => {
+            if e.config.preshared_key != cfg.preshared_key {
+                e.peer.reset_session(identity, cfg.preshared_key);
+            }
+            if e.config.persistent_keepalive != cfg.persistent_keepalive {
+                e.peer.set_keepalive(cfg.persistent_keepalive);
+            }
+            // A configured endpoint replaces a roamed one only when it is new (or set
+            // explicitly over the UAPI), so reapplying the same config keeps roaming intact.
+            if let Some(ep) = cfg.endpoint
+                && (explicit_endpoint || e.config.endpoint != cfg.endpoint)
+            {
+                e.peer.set_endpoint(ep);
+            }
+            e.config = cfg;
+        }
+        None => {
+            let index = loop {
+                let i = writer.next_index & 0x00FF_FFFF;
+                writer.next_index = writer.next_index.wrapping_add(1);
+                if !entries.iter().any(|e| e.peer.index == i) {
+                    break i;
+                }
+            };
+            let peer = Arc::new(Peer::new(identity, &cfg, index));
+            entries.push(PeerEntry { config: cfg, peer });
+        }
+    }
+}

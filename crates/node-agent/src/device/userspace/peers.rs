@@ -1,0 +1,257 @@
+//! The peer table the data path reads: an immutable snapshot (swapped whole on every
+//! configuration change) of per-peer runtime state that lives as long as the peer.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519;
+use wgmesh_core::{Key, PrivateKey, PublicKey};
+
+use super::allowed_ips::AllowedIps;
+use crate::device::PeerConfig;
+
+/// Handshake initiations per second the device answers before it asks for cookies.
+const DEVICE_HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// Our static identity, with the device-wide rate limiter keyed to it (its MAC1 key derives
+/// from our public key, so it is replaced together with the key).
+pub(crate) struct Identity {
+    pub private_key: PrivateKey,
+    pub public_key: PublicKey,
+    pub secret: x25519::StaticSecret,
+    pub public: x25519::PublicKey,
+    pub rate_limiter: RateLimiter,
+}
+
+impl Identity {
+    pub(crate) fn new(private_key: PrivateKey) -> Identity {
+        let secret = x25519::StaticSecret::from(private_key.to_bytes());
+        let public = x25519::PublicKey::from(&secret);
+        Identity {
+            public_key: PublicKey::from_bytes(*public.as_bytes()),
+            rate_limiter: RateLimiter::new(&public, DEVICE_HANDSHAKE_RATE_LIMIT),
+            private_key,
+            secret,
+            public,
+        }
+    }
+}
+
+/// One peer's runtime state. It survives configuration changes of the peer (allowed IPs,
+/// endpoint, keepalive); only its `Tunn` is replaced when the session must restart.
+pub(crate) struct Peer {
+    pub public_key: PublicKey,
+    /// Our 24-bit index for this peer; boringtun puts it in the top bits of every receiver
+    /// index it hands out, which is how an incoming packet finds its peer.
+    pub index: u32,
+    tunn: Mutex<Tunn>,
+    endpoint: Mutex<Option<SocketAddr>>,
+    keepalive: AtomicU16,
+    rx_bytes: AtomicU64,
+    tx_bytes: AtomicU64,
+    /// Unix time of the last completed handshake in nanoseconds; 0 is never.
+    last_handshake_nanos: AtomicU64,
+    /// Milliseconds since the device epoch of the last authenticated packet either way; the
+    /// persistent keepalive fires when it is older than the interval.
+    last_activity_ms: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn new_tunn(identity: &Identity, public_key: &PublicKey, psk: Option<Key>, index: u32) -> Tunn {
+    // Persistent keepalive is ours (Tunn cannot change it in place), so Tunn gets none.
+    Tunn::new(
+        identity.secret.clone(),
+        x25519::PublicKey::from(*public_key.as_bytes()),
+        psk.map(|k| *k.as_bytes()),
+        None,
+        index,
+        None,
+    )
+}
+
+impl Peer {
+    pub(crate) fn new(identity: &Identity, config: &PeerConfig, index: u32) -> Peer {
+        Peer {
+            public_key: config.public_key,
+            index,
+            tunn: Mutex::new(new_tunn(
+                identity,
+                &config.public_key,
+                config.preshared_key,
+                index,
+            )),
+            endpoint: Mutex::new(config.endpoint),
+            keepalive: AtomicU16::new(config.persistent_keepalive),
+            rx_bytes: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            last_handshake_nanos: AtomicU64::new(0),
+            last_activity_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Encrypts `src` into `dst`. The Tunn is locked only for the call.
+    pub(crate) fn encapsulate<'a>(&self, src: &[u8], dst: &'a mut [u8]) -> TunnResult<'a> {
+        lock(&self.tunn).encapsulate(src, dst)
+    }
+
+    /// Decrypts `datagram` into `dst` (an empty datagram flushes queued packets).
+    pub(crate) fn decapsulate<'a>(
+        &self,
+        src: Option<IpAddr>,
+        datagram: &[u8],
+        dst: &'a mut [u8],
+    ) -> TunnResult<'a> {
+        lock(&self.tunn).decapsulate(src, datagram, dst)
+    }
+
+    pub(crate) fn update_timers<'a>(&self, dst: &'a mut [u8]) -> TunnResult<'a> {
+        lock(&self.tunn).update_timers(dst)
+    }
+
+    /// Restarts the session with a new preshared key.
+    pub(crate) fn reset_session(&self, identity: &Identity, psk: Option<Key>) {
+        *lock(&self.tunn) = new_tunn(identity, &self.public_key, psk, self.index);
+    }
+
+    /// Switches to a new private key of ours; every session restarts.
+    pub(crate) fn set_identity(&self, identity: &Identity) {
+        lock(&self.tunn).set_static_private(identity.secret.clone(), identity.public, None);
+    }
+
+    pub(crate) fn endpoint(&self) -> Option<SocketAddr> {
+        *lock(&self.endpoint)
+    }
+
+    pub(crate) fn set_endpoint(&self, endpoint: SocketAddr) {
+        *lock(&self.endpoint) = Some(endpoint);
+    }
+
+    pub(crate) fn keepalive(&self) -> u16 {
+        self.keepalive.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_keepalive(&self, seconds: u16) {
+        self.keepalive.store(seconds, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_tx(&self, bytes: usize, now_ms: u64) {
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.last_activity_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_rx(&self, bytes: usize, now_ms: u64) {
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.last_activity_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn touch(&self, now_ms: u64) {
+        self.last_activity_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn last_activity_ms(&self) -> u64 {
+        self.last_activity_ms.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn rx_bytes(&self) -> u64 {
+        self.rx_bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn tx_bytes(&self) -> u64 {
+        self.tx_bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn handshake_completed(&self, at: SystemTime) {
+        let nanos = at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(1);
+        self.last_handshake_nanos
+            .store(nanos.max(1), Ordering::Relaxed);
+    }
+
+    pub(crate) fn last_handshake(&self) -> Option<SystemTime> {
+        match self.last_handshake_nanos.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(UNIX_EPOCH + Duration::from_nanos(n)),
+        }
+    }
+}
+
+/// A peer's configuration with its runtime state.
+#[derive(Clone)]
+pub(crate) struct PeerEntry {
+    pub config: PeerConfig,
+    pub peer: Arc<Peer>,
+}
+
+/// Everything the data path needs, immutable once built.
+pub(crate) struct PeerTable {
+    pub identity: Arc<Identity>,
+    pub listen_port: u16,
+    pub fwmark: u32,
+    /// In configuration order.
+    pub entries: Vec<PeerEntry>,
+    by_key: HashMap<PublicKey, usize>,
+    by_index: HashMap<u32, usize>,
+    allowed: AllowedIps<usize>,
+}
+
+impl PeerTable {
+    pub(crate) fn build(
+        identity: Arc<Identity>,
+        listen_port: u16,
+        fwmark: u32,
+        entries: Vec<PeerEntry>,
+    ) -> PeerTable {
+        let mut by_key = HashMap::with_capacity(entries.len());
+        let mut by_index = HashMap::with_capacity(entries.len());
+        let mut allowed = AllowedIps::new();
+        for (i, e) in entries.iter().enumerate() {
+            by_key.insert(e.config.public_key, i);
+            by_index.insert(e.peer.index, i);
+            for cidr in &e.config.allowed_ips {
+                allowed.insert(cidr.net(), i);
+            }
+        }
+        PeerTable {
+            identity,
+            listen_port,
+            fwmark,
+            entries,
+            by_key,
+            by_index,
+            allowed,
+        }
+    }
+
+    /// The peer that owns the longest allowed-IPs prefix containing `addr`.
+    pub(crate) fn by_allowed_ip(&self, addr: IpAddr) -> Option<&Arc<Peer>> {
+        self.allowed.lookup(addr).map(|&i| &self.entries[i].peer)
+    }
+
+    /// Whether `addr` routes to `peer`: the check on the inner source of a decrypted packet.
+    pub(crate) fn routes_to(&self, addr: IpAddr, peer: &Peer) -> bool {
+        self.allowed
+            .lookup(addr)
+            .is_some_and(|&i| std::ptr::eq(Arc::as_ptr(&self.entries[i].peer), peer))
+    }
+
+    /// The peer a receiver index of ours belongs to.
+    pub(crate) fn by_receiver_index(&self, receiver_index: u32) -> Option<&Arc<Peer>> {
+        self.by_index
+            .get(&(receiver_index >> 8))
+            .map(|&i| &self.entries[i].peer)
+    }
+
+    pub(crate) fn by_key(&self, key: &PublicKey) -> Option<&PeerEntry> {
+        self.by_key.get(key).map(|&i| &self.entries[i])
+    }
+}

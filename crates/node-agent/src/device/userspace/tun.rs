@@ -1,0 +1,92 @@
+//! The TUN interface: the only place in the device that needs `unsafe` (one ioctl).
+
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+/// `struct ifreq` as TUNSETIFF uses it: the name and the `ifr_flags` member of the union,
+/// padded so the kernel never reads past our buffer.
+#[repr(C)]
+struct IfReqFlags {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 64],
+}
+
+const _: () = assert!(std::mem::size_of::<IfReqFlags>() >= std::mem::size_of::<libc::ifreq>());
+
+/// An open layer-3 TUN interface without packet information headers. The interface exists as
+/// long as this value (its file descriptor) lives.
+#[derive(Debug)]
+pub(crate) struct Tun {
+    file: File,
+}
+
+impl Tun {
+    /// Creates (or attaches to) the TUN interface `name` in the calling thread's network
+    /// namespace. The descriptor is non-blocking: readers wait with [`Tun::wait_readable`].
+    pub(crate) fn create(name: &str) -> io::Result<Tun> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an interface name is 1 to 15 bytes without NUL",
+            ));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/net/tun")?;
+
+        let mut req = IfReqFlags {
+            name: [0; libc::IFNAMSIZ],
+            flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+            _pad: [0; 64],
+        };
+        for (dst, src) in req.name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        // SAFETY: the descriptor is open and owned by `file`, which outlives the call.
+        // TUNSETIFF reads and writes one `struct ifreq`; `req` is a fully initialised, aligned
+        // `repr(C)` value at least that large (checked at compile time above), borrowed
+        // mutably and exclusively for the duration of the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Tun { file })
+    }
+
+    /// Reads one packet; `WouldBlock` when none is waiting.
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.file).read(buf)
+    }
+
+    /// Writes one packet to the kernel.
+    pub(crate) fn write(&self, packet: &[u8]) -> io::Result<usize> {
+        (&self.file).write(packet)
+    }
+
+    /// Waits until a packet can be read or `timeout` passes. Returns whether it is readable.
+    pub(crate) fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        wait_readable(&self.file, timeout)
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` passes.
+pub(crate) fn wait_readable(fd: &impl AsFd, timeout: Duration) -> io::Result<bool> {
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}

@@ -1,0 +1,927 @@
+//! The userspace device against Debian's wireguard-go, each in its own network namespace,
+//! joined by a veth pair. Needs root, `ip`, `wg` and `wireguard-go`.
+//!
+//! Every test owns a `Lab` guard that deletes its namespaces and stops the processes it
+//! started, by PID, even when the test panics. Names carry the PID and a per-test tag, since
+//! tests run in parallel and wireguard-go's UAPI sockets share /var/run/wireguard.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sched::{CloneFlags, setns};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use wgmesh_agent::device::userspace::UserspaceDevice;
+use wgmesh_agent::device::{DeviceChange, InterfaceConfig, PeerConfig, PeerState};
+use wgmesh_core::{Cidr, Key, PrivateKey, PublicKey};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipping: the userspace device tests need root");
+    false
+}
+
+/// What a test created, undone on drop in reverse: processes (by PID), namespaces, files.
+struct Lab {
+    tag: u8,
+    ns_a: String,
+    ns_b: String,
+    if_a: String,
+    if_b: String,
+    dir: tempfile::TempDir,
+    children: Vec<Child>,
+    netns: Vec<String>,
+}
+
+impl Lab {
+    fn new(tag: u8) -> Lab {
+        let pid = std::process::id();
+        Lab {
+            tag,
+            ns_a: format!("wgud-{pid}-{tag}a"),
+            ns_b: format!("wgud-{pid}-{tag}b"),
+            if_a: format!("wgu{pid}t{tag}a"),
+            if_b: format!("wgu{pid}t{tag}b"),
+            dir: tempfile::tempdir().expect("temp dir"),
+            children: Vec::new(),
+            netns: Vec::new(),
+        }
+    }
+
+    fn underlay(&self, host: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 200, self.tag, host))
+    }
+
+    fn tunnel(&self, host: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 201, self.tag, host))
+    }
+
+    fn add_netns(&mut self, name: &str) {
+        run(&["ip", "netns", "add", name]);
+        self.netns.push(name.to_owned());
+        run(&["ip", "-n", name, "link", "set", "lo", "up"]);
+    }
+
+    /// Two namespaces joined by a veth pair: 10.200.<tag>.1 in A, .2 in B.
+    fn underlay_up(&mut self) {
+        let (a, b) = (self.ns_a.clone(), self.ns_b.clone());
+        self.add_netns(&a);
+        self.add_netns(&b);
+        let pid = std::process::id();
+        let (va, vb) = (
+            format!("vu{pid}t{}a", self.tag),
+            format!("vu{pid}t{}b", self.tag),
+        );
+        // Created directly inside the namespaces, so nothing is left in ours.
+        run(&[
+            "ip", "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b,
+        ]);
+        for (ns, dev, host) in [(&a, &va, 1), (&b, &vb, 2)] {
+            let addr = format!("{}/24", self.underlay(host));
+            run(&["ip", "-n", ns, "addr", "add", &addr, "dev", dev]);
+            run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        }
+    }
+
+    fn tunnel_addr_up(&self, ns: &str, ifname: &str, host: u8) {
+        let addr = format!("{}/24", self.tunnel(host));
+        run(&["ip", "-n", ns, "addr", "add", &addr, "dev", ifname]);
+        run(&["ip", "-n", ns, "link", "set", ifname, "mtu", "1420", "up"]);
+    }
+
+    fn write_key(&self, name: &str, base64: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, format!("{base64}\n")).unwrap();
+        path.display().to_string()
+    }
+
+    fn wg_b(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.ns_b, "wg"];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    fn wg_a(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.ns_a, "wg"];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    /// Starts wireguard-go in the foreground in namespace B and waits for its UAPI socket.
+    fn start_wireguard_go(&mut self) {
+        let log = File::create(self.dir.path().join("wireguard-go.log")).unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns_b,
+                "wireguard-go",
+                "-f",
+                &self.if_b,
+            ])
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .env("LOG_LEVEL", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("wireguard-go (apt-get install wireguard-go wireguard-tools)");
+        self.children.push(child);
+        let sock = uapi_path(&self.if_b);
+        wait_for("wireguard-go's UAPI socket", || sock.exists());
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            // `ip netns exec` execs the command, so this PID is wireguard-go itself.
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(uapi_path(&self.if_b));
+        for ns in self.netns.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        if std::thread::panicking()
+            && let Ok(log) = std::fs::read_to_string(self.dir.path().join("wireguard-go.log"))
+        {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- wireguard-go log (last lines, newest first) ---");
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+fn uapi_path(ifname: &str) -> PathBuf {
+    Path::new("/var/run/wireguard").join(format!("{ifname}.sock"))
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `f` on a new thread inside the named network namespace.
+fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    match spawn_in_netns(ns, f).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// A TCP connection from namespace `from` to `to` at `addr`, echoing a message both ways.
+fn tcp_echo(from: &str, to: &str, addr: SocketAddr) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = spawn_in_netns(to, move || {
+        let listener = TcpListener::bind(addr).expect("bind the echo listener");
+        listener.set_nonblocking(true).unwrap();
+        ready_tx.send(()).unwrap();
+        let deadline = Instant::now() + WAIT;
+        let (mut conn, _) = loop {
+            match listener.accept() {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("no connection to {addr}: {e}"),
+            }
+        };
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = [0u8; 16];
+        conn.read_exact(&mut buf).expect("read on the server side");
+        conn.write_all(&buf).expect("echo");
+    });
+    ready_rx.recv().expect("the listener started");
+    in_netns(from, move || {
+        let deadline = Instant::now() + WAIT;
+        let mut conn = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("connect to {addr}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("connecting to {addr} through the tunnel: {e}"),
+            }
+        };
+        conn.set_read_timeout(Some(WAIT)).unwrap();
+        let msg = *b"wgmesh-tcp-check";
+        conn.write_all(&msg).unwrap();
+        let mut back = [0u8; 16];
+        conn.read_exact(&mut back).expect("echo through the tunnel");
+        assert_eq!(back, msg);
+    });
+    if let Err(panic) = server.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Both directions through the tunnel.
+fn tcp_both_ways(lab: &Lab, port: u16) {
+    tcp_echo(&lab.ns_a, &lab.ns_b, SocketAddr::new(lab.tunnel(2), port));
+    tcp_echo(
+        &lab.ns_b,
+        &lab.ns_a,
+        SocketAddr::new(lab.tunnel(1), port + 1),
+    );
+}
+
+struct Setup {
+    lab: Lab,
+    device: UserspaceDevice,
+    our_key: PrivateKey,
+    their_key: PrivateKey,
+    their_port: u16,
+    peer: PeerConfig,
+}
+
+struct Options {
+    psk: Option<Key>,
+    /// Whether our side knows wireguard-go's endpoint (else wireguard-go must initiate).
+    we_know_endpoint: bool,
+    their_keepalive: Option<u16>,
+}
+
+/// Our device in A, wireguard-go in B, configured for each other; addresses up.
+fn setup(tag: u8, opts: Options) -> Setup {
+    let mut lab = Lab::new(tag);
+    lab.underlay_up();
+
+    let our_key = PrivateKey::generate();
+    let their_key = PrivateKey::generate();
+    let their_port = 51000 + u16::from(tag);
+
+    let name = lab.if_a.clone();
+    let key = our_key.clone();
+    let device = in_netns(&lab.ns_a, move || {
+        UserspaceDevice::create(InterfaceConfig {
+            name,
+            private_key: key,
+            listen_port: 0,
+            fwmark: 0,
+        })
+        .expect("create the userspace device")
+    });
+    assert_eq!(device.name(), lab.if_a);
+    let our_port = device.observe().listen_port;
+    assert_ne!(our_port, 0);
+    assert!(uapi_path(&lab.if_a).exists(), "our UAPI socket");
+    lab.tunnel_addr_up(&lab.ns_a, &lab.if_a, 1);
+
+    lab.start_wireguard_go();
+    let their_priv = lab.write_key("b.key", &their_key.expose_base64());
+    let port = their_port.to_string();
+    let our_pub = our_key.public_key().to_base64();
+    let allowed = format!("{}/32", lab.tunnel(1));
+    let endpoint = SocketAddr::new(lab.underlay(1), our_port).to_string();
+    let mut args: Vec<String> = [
+        "set",
+        &lab.if_b,
+        "private-key",
+        &their_priv,
+        "listen-port",
+        &port,
+        "peer",
+        &our_pub,
+        "allowed-ips",
+        &allowed,
+        "endpoint",
+        &endpoint,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(psk) = opts.psk {
+        args.push("preshared-key".into());
+        args.push(lab.write_key("psk", &psk.to_base64()));
+    }
+    if let Some(ka) = opts.their_keepalive {
+        args.push("persistent-keepalive".into());
+        args.push(ka.to_string());
+    }
+    lab.wg_b(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    lab.tunnel_addr_up(&lab.ns_b, &lab.if_b, 2);
+
+    let peer = PeerConfig {
+        public_key: their_key.public_key(),
+        endpoint: opts
+            .we_know_endpoint
+            .then(|| SocketAddr::new(lab.underlay(2), their_port)),
+        allowed_ips: vec![Cidr::host(lab.tunnel(2))],
+        persistent_keepalive: 0,
+        preshared_key: opts.psk,
+    };
+    device
+        .apply(&[DeviceChange::UpsertPeer(peer.clone())])
+        .expect("add the peer");
+    Setup {
+        lab,
+        device,
+        our_key,
+        their_key,
+        their_port,
+        peer,
+    }
+}
+
+fn the_peer(device: &UserspaceDevice) -> PeerState {
+    let state = device.observe();
+    assert_eq!(state.peers.len(), 1, "{state:?}");
+    state.peers.into_iter().next().unwrap()
+}
+
+fn peer_by_key(device: &UserspaceDevice, key: &PublicKey) -> PeerState {
+    device
+        .observe()
+        .peers
+        .into_iter()
+        .find(|p| p.config.public_key == *key)
+        .expect("the peer is configured")
+}
+
+/// `wg show <if> dump`: the interface line, then one line per peer.
+fn dump(lab: &Lab, ifname: &str) -> Vec<Vec<String>> {
+    lab.wg_a(&["show", ifname, "dump"])
+        .lines()
+        .map(|l| l.split('\t').map(str::to_owned).collect())
+        .collect()
+}
+
+fn interop(tag: u8, psk: Option<Key>) {
+    let s = setup(
+        tag,
+        Options {
+            psk,
+            we_know_endpoint: true,
+            their_keepalive: None,
+        },
+    );
+    let lab = &s.lab;
+    tcp_both_ways(lab, 7000);
+
+    let peer = the_peer(&s.device);
+    let handshake = peer.last_handshake.expect("a handshake happened");
+    let age = SystemTime::now()
+        .duration_since(handshake)
+        .unwrap_or_default();
+    assert!(age < WAIT * 3, "last handshake {age:?} ago");
+    assert!(peer.rx_bytes > 0 && peer.tx_bytes > 0, "{peer:?}");
+    assert_eq!(
+        peer.current_endpoint,
+        Some(SocketAddr::new(lab.underlay(2), s.their_port))
+    );
+
+    // `wg show` reads our UAPI exactly as it reads wireguard-go's.
+    eprintln!("{}", lab.wg_a(&["show", &lab.if_a]));
+    let lines = dump(lab, &lab.if_a);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let (iface, p) = (&lines[0], &lines[1]);
+    assert_eq!(iface[0], s.our_key.expose_base64());
+    assert_eq!(iface[1], s.our_key.public_key().to_base64());
+    assert_eq!(iface[2], s.device.observe().listen_port.to_string());
+    assert_eq!(p[0], s.their_key.public_key().to_base64());
+    let want_psk = psk.map_or("(none)".to_owned(), |k| k.to_base64());
+    assert_eq!(p[1], want_psk, "preshared key column");
+    assert_eq!(p[2], format!("{}:{}", lab.underlay(2), s.their_port));
+    assert_eq!(p[3], format!("{}/32", lab.tunnel(2)));
+    let latest: u64 = p[4].parse().unwrap();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        latest > 0 && now.abs_diff(latest) < 120,
+        "latest handshake {latest}, now {now}"
+    );
+    assert!(p[5].parse::<u64>().unwrap() > 0, "rx {p:?}");
+    assert!(p[6].parse::<u64>().unwrap() > 0, "tx {p:?}");
+    assert_eq!(p[7], "off");
+
+    // `wg set` through our UAPI changes allowed IPs in place.
+    let their_pub = s.their_key.public_key().to_base64();
+    let ips = format!("{}/32,10.77.0.0/16,fd77::/64", lab.tunnel(2));
+    lab.wg_a(&["set", &lab.if_a, "peer", &their_pub, "allowed-ips", &ips]);
+    let peer = the_peer(&s.device);
+    let want: Vec<Cidr> = [
+        &format!("{}/32", lab.tunnel(2)),
+        "10.77.0.0/16",
+        "fd77::/64",
+    ]
+    .iter()
+    .map(|c| c.parse().unwrap())
+    .collect();
+    let mut got = peer.config.allowed_ips.clone();
+    got.sort();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(got, want_sorted);
+    assert_eq!(
+        peer.last_handshake,
+        Some(handshake),
+        "wg set kept the session"
+    );
+    assert_eq!(
+        peer.config.preshared_key, psk,
+        "wg set kept the preshared key"
+    );
+    // And the tunnel still works.
+    tcp_echo(&lab.ns_a, &lab.ns_b, SocketAddr::new(lab.tunnel(2), 7100));
+
+    // A packet from wireguard-go whose inner source is outside the peer's allowed IPs is
+    // dropped by our side, though it decrypts fine. UDP, so that delivery needs no reply.
+    let spoofed = lab.tunnel(9);
+    run(&[
+        "ip",
+        "-n",
+        &lab.ns_b,
+        "addr",
+        "add",
+        &format!("{spoofed}/32"),
+        "dev",
+        &lab.if_b,
+    ]);
+    assert!(
+        udp_reaches(
+            &lab.ns_b,
+            &lab.ns_a,
+            lab.tunnel(2),
+            SocketAddr::new(lab.tunnel(1), 7200)
+        ),
+        "control: a datagram from the peer's own address arrives"
+    );
+    assert!(
+        !udp_reaches(
+            &lab.ns_b,
+            &lab.ns_a,
+            spoofed,
+            SocketAddr::new(lab.tunnel(1), 7201)
+        ),
+        "a datagram from {spoofed}, outside the peer's allowed IPs, must be dropped"
+    );
+}
+
+/// Whether UDP datagrams sent from `source` in namespace `from` reach `addr` in namespace
+/// `to` within a couple of seconds.
+fn udp_reaches(from: &str, to: &str, source: IpAddr, addr: SocketAddr) -> bool {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let receiver = spawn_in_netns(to, move || {
+        let sock = UdpSocket::bind(addr).expect("bind the UDP receiver");
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut buf = [0u8; 64];
+        // Only what comes from `source` counts.
+        let got = loop {
+            match sock.recv_from(&mut buf) {
+                Ok((_, from)) if from.ip() == source => break true,
+                _ if Instant::now() >= deadline => break false,
+                _ => {}
+            }
+        };
+        drop(done_rx);
+        got
+    });
+    ready_rx.recv().unwrap();
+    in_netns(from, move || {
+        let sock = UdpSocket::bind(SocketAddr::new(source, 0)).expect("bind the UDP sender");
+        // Several datagrams: the first may wait on a handshake.
+        for _ in 0..10 {
+            let _ = sock.send_to(b"wgmesh-udp-check", addr);
+            if done_tx.send(()).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    });
+    receiver.join().expect("receiver thread")
+}
+
+#[test]
+fn interop_with_wireguard_go() {
+    if !is_root() {
+        return;
+    }
+    interop(11, None);
+}
+
+#[test]
+fn interop_with_wireguard_go_and_preshared_key() {
+    if !is_root() {
+        return;
+    }
+    interop(12, Some(Key::generate()));
+}
+
+#[test]
+fn in_place_updates_keep_the_session() {
+    if !is_root() {
+        return;
+    }
+    let s = setup(
+        13,
+        Options {
+            psk: None,
+            we_know_endpoint: true,
+            their_keepalive: None,
+        },
+    );
+    let lab = &s.lab;
+    let their_key = s.their_key.public_key();
+    tcp_echo(&lab.ns_a, &lab.ns_b, SocketAddr::new(lab.tunnel(2), 7000));
+    let handshake = the_peer(&s.device).last_handshake.expect("handshake");
+
+    // Only the allowed IPs change: same session.
+    let mut wider = s.peer.clone();
+    wider.allowed_ips.push("10.98.0.0/16".parse().unwrap());
+    s.device
+        .apply(&[DeviceChange::UpsertPeer(wider.clone())])
+        .unwrap();
+    assert_eq!(the_peer(&s.device).config.allowed_ips, wider.allowed_ips);
+    tcp_both_ways(lab, 7010);
+    assert_eq!(the_peer(&s.device).last_handshake, Some(handshake));
+
+    // Keepalive and a re-applied identical endpoint: same session.
+    let mut keepalive = wider.clone();
+    keepalive.persistent_keepalive = 5;
+    s.device
+        .apply(&[DeviceChange::UpsertPeer(keepalive.clone())])
+        .unwrap();
+    assert_eq!(the_peer(&s.device).config.persistent_keepalive, 5);
+
+    // A second peer comes and goes; the first one's session is untouched.
+    let other = PeerConfig {
+        public_key: PrivateKey::generate().public_key(),
+        endpoint: Some(SocketAddr::new(lab.underlay(3), 51820)),
+        allowed_ips: vec!["10.201.99.0/24".parse().unwrap()],
+        persistent_keepalive: 0,
+        preshared_key: None,
+    };
+    s.device
+        .apply(&[DeviceChange::UpsertPeer(other.clone())])
+        .unwrap();
+    assert_eq!(s.device.observe().peers.len(), 2);
+    let first = peer_by_key(&s.device, &their_key);
+    assert_eq!(first.last_handshake, Some(handshake));
+    assert_eq!(first.config, keepalive);
+    tcp_both_ways(lab, 7020);
+    s.device
+        .apply(&[DeviceChange::RemovePeer(other.public_key)])
+        .unwrap();
+    assert_eq!(the_peer(&s.device).last_handshake, Some(handshake));
+    tcp_both_ways(lab, 7030);
+    assert_eq!(the_peer(&s.device).last_handshake, Some(handshake));
+
+    // A new listen port: the session moves with us and wireguard-go follows (it roams too).
+    let new_port = 42000 + u16::from(lab.tag);
+    s.device
+        .apply(&[DeviceChange::SetListenPort(new_port)])
+        .unwrap();
+    assert_eq!(s.device.observe().listen_port, new_port);
+    tcp_both_ways(lab, 7040);
+    let peer = the_peer(&s.device);
+    assert_eq!(
+        peer.last_handshake,
+        Some(handshake),
+        "rebinding kept the session"
+    );
+    let their_view = lab.wg_b(&["show", &lab.if_b, "endpoints"]);
+    assert!(
+        their_view.contains(&format!("{}:{new_port}", lab.underlay(1))),
+        "wireguard-go sees our new port: {their_view}"
+    );
+
+    // A new preshared key on both sides restarts the session, and it comes back.
+    let psk = Key::generate();
+    let psk_file = lab.write_key("psk", &psk.to_base64());
+    let our_pub = s.our_key.public_key().to_base64();
+    lab.wg_b(&[
+        "set",
+        &lab.if_b,
+        "peer",
+        &our_pub,
+        "preshared-key",
+        &psk_file,
+    ]);
+    let mut with_psk = keepalive.clone();
+    with_psk.preshared_key = Some(psk);
+    s.device
+        .apply(&[DeviceChange::UpsertPeer(with_psk)])
+        .unwrap();
+    tcp_both_ways(lab, 7050);
+    let after = the_peer(&s.device).last_handshake.expect("handshake");
+    assert!(after > handshake, "a new session with the new key");
+}
+
+#[test]
+fn roaming_follows_authenticated_packets() {
+    if !is_root() {
+        return;
+    }
+    let s = setup(
+        14,
+        Options {
+            psk: None,
+            we_know_endpoint: false,
+            their_keepalive: Some(1),
+        },
+    );
+    let lab = &s.lab;
+    let first = SocketAddr::new(lab.underlay(2), s.their_port);
+    wait_for("our side to learn wireguard-go's endpoint", || {
+        the_peer(&s.device).current_endpoint == Some(first)
+    });
+    assert!(the_peer(&s.device).last_handshake.is_some());
+    tcp_echo(&lab.ns_a, &lab.ns_b, SocketAddr::new(lab.tunnel(2), 7000));
+
+    // wireguard-go moves to another port; its keepalives come from there now.
+    let moved_port = s.their_port + 100;
+    lab.wg_b(&["set", &lab.if_b, "listen-port", &moved_port.to_string()]);
+    let moved = SocketAddr::new(lab.underlay(2), moved_port);
+    wait_for("our side to follow wireguard-go to its new port", || {
+        the_peer(&s.device).current_endpoint == Some(moved)
+    });
+    tcp_echo(&lab.ns_a, &lab.ns_b, SocketAddr::new(lab.tunnel(2), 7010));
+    let peer = the_peer(&s.device);
+    assert_eq!(
+        peer.config.endpoint, None,
+        "the configured endpoint is unchanged"
+    );
+    assert_eq!(peer.current_endpoint, Some(moved));
+
+    // Re-applying the same configuration does not undo roaming.
+    s.device
+        .apply(&[DeviceChange::UpsertPeer(s.peer.clone())])
+        .unwrap();
+    assert_eq!(the_peer(&s.device).current_endpoint, Some(moved));
+
+    // Key rotation: our new key, announced to wireguard-go, and the tunnel comes back.
+    let new_key = PrivateKey::generate();
+    s.device
+        .apply(&[DeviceChange::SetPrivateKey(new_key.clone())])
+        .unwrap();
+    assert_eq!(s.device.observe().public_key, new_key.public_key());
+    let endpoint = SocketAddr::new(lab.underlay(1), s.device.observe().listen_port).to_string();
+    lab.wg_b(&[
+        "set",
+        &lab.if_b,
+        "peer",
+        &s.our_key.public_key().to_base64(),
+        "remove",
+        "peer",
+        &new_key.public_key().to_base64(),
+        "allowed-ips",
+        &format!("{}/32", lab.tunnel(1)),
+        "endpoint",
+        &endpoint,
+        "persistent-keepalive",
+        "1",
+    ]);
+    tcp_both_ways(lab, 7020);
+}
+
+/// Raw UAPI requests on one connection.
+fn uapi_exchange(ifname: &str, requests: &[&str]) -> Vec<String> {
+    use std::io::{BufRead, BufReader};
+    let stream = std::os::unix::net::UnixStream::connect(uapi_path(ifname)).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut reader = BufReader::new(&stream);
+    let mut writer = &stream;
+    requests
+        .iter()
+        .map(|req| {
+            writer.write_all(req.as_bytes()).unwrap();
+            let mut reply = String::new();
+            loop {
+                let mut line = String::new();
+                assert!(reader.read_line(&mut line).unwrap() > 0, "reply cut short");
+                if line == "\n" {
+                    break;
+                }
+                reply.push_str(&line);
+            }
+            reply
+        })
+        .collect()
+}
+
+#[test]
+fn wg_tools_configure_the_device() {
+    if !is_root() {
+        return;
+    }
+    let mut lab = Lab::new(16);
+    let ns = lab.ns_a.clone();
+    lab.add_netns(&ns);
+    let name = lab.if_a.clone();
+    let device = in_netns(&lab.ns_a, move || {
+        UserspaceDevice::create(InterfaceConfig {
+            name,
+            private_key: PrivateKey::generate(),
+            listen_port: 0,
+            fwmark: 0,
+        })
+        .expect("create")
+    });
+    let ifname = lab.if_a.clone();
+    let (p1, p2) = (
+        PrivateKey::generate().public_key(),
+        PrivateKey::generate().public_key(),
+    );
+    let psk = Key::generate();
+    let psk_file = lab.write_key("psk", &psk.to_base64());
+    let new_key = PrivateKey::generate();
+    let key_file = lab.write_key("key", &new_key.expose_base64());
+    let port = 45000 + u16::from(lab.tag);
+    lab.wg_a(&[
+        "set",
+        &ifname,
+        "private-key",
+        &key_file,
+        "listen-port",
+        &port.to_string(),
+        "fwmark",
+        "0x20",
+        "peer",
+        &p1.to_base64(),
+        "allowed-ips",
+        "10.1.0.0/16,fd01::/64",
+        "endpoint",
+        "192.0.2.1:51820",
+        "persistent-keepalive",
+        "25",
+        "preshared-key",
+        &psk_file,
+        "peer",
+        &p2.to_base64(),
+        "allowed-ips",
+        "10.2.0.0/16",
+    ]);
+    let state = device.observe();
+    assert_eq!(state.public_key, new_key.public_key());
+    assert_eq!(state.listen_port, port);
+    assert_eq!(state.fwmark, 0x20);
+    let first = peer_by_key(&device, &p1);
+    assert_eq!(
+        first.config,
+        PeerConfig {
+            public_key: p1,
+            endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+            allowed_ips: vec!["10.1.0.0/16".parse().unwrap(), "fd01::/64".parse().unwrap()],
+            persistent_keepalive: 25,
+            preshared_key: Some(psk),
+        }
+    );
+    assert_eq!(first.last_handshake, None);
+    let second = peer_by_key(&device, &p2);
+    assert_eq!(second.config.endpoint, None);
+    assert_eq!(
+        second.config.preshared_key, None,
+        "no leak from the first section"
+    );
+    assert_eq!(second.config.persistent_keepalive, 0);
+
+    let conf = lab.wg_a(&["showconf", &ifname]);
+    for want in [
+        format!("ListenPort = {port}"),
+        "FwMark = 0x20".to_owned(),
+        format!("PrivateKey = {}", new_key.expose_base64()),
+        format!("PresharedKey = {}", psk.to_base64()),
+        "Endpoint = 192.0.2.1:51820".to_owned(),
+        "PersistentKeepalive = 25".to_owned(),
+    ] {
+        assert!(conf.contains(&want), "{want:?} missing from:\n{conf}");
+    }
+
+    // Allowed IPs move between peers; removal; an unknown peer with update_only is ignored.
+    lab.wg_a(&[
+        "set",
+        &ifname,
+        "peer",
+        &p2.to_base64(),
+        "allowed-ips",
+        "10.1.0.0/16",
+    ]);
+    assert_eq!(
+        peer_by_key(&device, &p1).config.allowed_ips,
+        vec!["fd01::/64".parse::<Cidr>().unwrap()]
+    );
+    assert_eq!(
+        peer_by_key(&device, &p2).config.allowed_ips,
+        vec!["10.1.0.0/16".parse::<Cidr>().unwrap()]
+    );
+    lab.wg_a(&["set", &ifname, "peer", &p1.to_base64(), "remove"]);
+    assert_eq!(device.observe().peers.len(), 1);
+
+    // Garbage gets an errno, and the connection keeps serving.
+    let replies = uapi_exchange(
+        &ifname,
+        &[
+            "set=1\nbogus=1\n\n",
+            "set=1\nlisten_port=x\n\n",
+            "frobnicate=1\n\n",
+            "get=1\n\n",
+        ],
+    );
+    assert_eq!(replies[0], format!("errno={}\n", -libc::EINVAL));
+    assert_eq!(replies[1], format!("errno={}\n", -libc::EINVAL));
+    assert_eq!(replies[2], format!("errno={}\n", -libc::EPROTO));
+    assert!(replies[3].starts_with("private_key="), "{}", replies[3]);
+    assert!(replies[3].ends_with("errno=0\n"), "{}", replies[3]);
+    assert_eq!(
+        device.observe().listen_port,
+        port,
+        "failed sets changed nothing"
+    );
+}
+
+#[test]
+fn shutdown_removes_interface_and_socket() {
+    if !is_root() {
+        return;
+    }
+    let mut lab = Lab::new(15);
+    let ns = lab.ns_a.clone();
+    lab.add_netns(&ns);
+    let name = lab.if_a.clone();
+    let device = in_netns(&lab.ns_a, move || {
+        UserspaceDevice::create(InterfaceConfig {
+            name,
+            private_key: PrivateKey::generate(),
+            listen_port: 0,
+            fwmark: 0x77,
+        })
+        .expect("create")
+    });
+    assert_eq!(device.observe().fwmark, 0x77);
+    let links = run(&["ip", "-n", &lab.ns_a, "link", "show"]);
+    assert!(links.contains(&lab.if_a), "{links}");
+    // A second device with the same name is refused while the first serves its socket.
+    let name = lab.if_a.clone();
+    let second = in_netns(&lab.ns_a, move || {
+        UserspaceDevice::create(InterfaceConfig {
+            name,
+            private_key: PrivateKey::generate(),
+            listen_port: 0,
+            fwmark: 0,
+        })
+        .map(|d| d.name().to_owned())
+    });
+    assert!(second.is_err(), "{second:?}");
+    assert!(uapi_path(&lab.if_a).exists());
+
+    device.shutdown();
+    assert!(!uapi_path(&lab.if_a).exists(), "socket removed");
+    let links = run(&["ip", "-n", &lab.ns_a, "link", "show"]);
+    assert!(!links.contains(&lab.if_a), "interface gone: {links}");
+}
