@@ -5,6 +5,7 @@
 //! - `demo`: a local control plane with wgmesh installed, to look at and play with;
 //! - `bench`: benchmarks (see the subcommands).
 
+mod bench;
 mod crdgen;
 mod demo;
 mod setup;
@@ -37,6 +38,9 @@ enum Cmd {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Benchmarks (medians and ratios from one run; see `cargo xtask bench --help`).
+    #[command(subcommand)]
+    Bench(bench::Bench),
     /// Start a local control plane with wgmesh installed and show it.
     Demo {
         /// Exit after showing the objects instead of waiting for Ctrl-C.
@@ -54,5 +58,6 @@ fn main() -> Result<()> {
             cargo_test_args,
         } => test::run(!no_lint, &cargo_test_args),
         Cmd::Demo { no_wait } => demo::run(no_wait),
+        Cmd::Bench(b) => bench::run(b),
     }
 }

@@ -52,9 +52,20 @@ impl Controller {
         identity: &str,
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        let binary = workspace_binary("wgmesh-controller", "wgmesh-controller")?;
+        Self::start_binary(cp, tls, identity, env, &binary).await
+    }
+
+    /// Like [`Controller::start`], with a given binary (a release build for benchmarks).
+    pub async fn start_binary(
+        cp: &ControlPlane,
+        tls: &ControllerTls,
+        identity: &str,
+        env: &[(&str, &str)],
+        binary: &Path,
+    ) -> Result<Self> {
         let client = cp.client().await?;
         ensure_agent_identity(&client).await?;
-        let binary = workspace_binary("wgmesh-controller", "wgmesh-controller")?;
         let grpc_port = free_port()?;
         let metrics_port = free_port()?;
         let mut cmd = Command::new(binary);
@@ -132,6 +143,10 @@ impl Controller {
 
     pub fn log_path(&self) -> &Path {
         self.process.log_path()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
     }
 }
 

@@ -1,0 +1,361 @@
+//! `cargo xtask bench control-plane`: N Node objects and N simulated agents (real gRPC clients
+//! in this process) against a release build of the controller and the real local control
+//! plane; then nodes join one at a time and we measure until every agent has the new peer.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::{StreamExt, TryStreamExt, stream};
+use prost::Message;
+use tokio::sync::mpsc;
+use tonic::Request;
+use tonic::transport::Channel;
+use wgmesh_e2e::ControlPlane;
+use wgmesh_e2e::agent_sim::channel;
+use wgmesh_e2e::cluster;
+use wgmesh_e2e::controller::{Controller, ControllerTls, http_get};
+use wgmesh_e2e::install::install_crds;
+use wgmesh_proto as pb;
+use wgmesh_proto::mesh_service_client::MeshServiceClient;
+
+use crate::setup::{repo_root, run_cmd, step};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Nodes (and simulated agents) in the mesh before the joins.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Nodes that join one at a time while we measure.
+    #[arg(long, default_value_t = 20)]
+    joins: usize,
+    /// Seconds of a quiet mesh during which status writes are counted.
+    #[arg(long, default_value_t = 60)]
+    quiet_seconds: u64,
+}
+
+/// Agents per gRPC connection (HTTP/2 limits concurrent streams per connection).
+const AGENTS_PER_CHANNEL: usize = 100;
+const CONCURRENCY: usize = 32;
+
+/// One message an agent received.
+struct Received {
+    agent: usize,
+    bytes: usize,
+    /// Keys added or changed by the message (every key, for a snapshot).
+    upserted: Vec<Vec<u8>>,
+    /// The agent's peer count after applying it.
+    total: usize,
+}
+
+fn node_name(i: usize) -> String {
+    format!("bench-node-{i:05}")
+}
+
+fn key_of(i: usize) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    k
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    step("building the controller (release)");
+    run_cmd(Command::new(env!("CARGO")).current_dir(repo_root()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "wgmesh-controller",
+    ]))?;
+    let binary: PathBuf = repo_root().join("target/release/wgmesh-controller");
+
+    step("starting the local control plane");
+    let cp = ControlPlane::start().await?;
+    install_crds(&cp)?;
+    cp.kubectl_ok(&[
+        "apply",
+        "-f",
+        &repo_root()
+            .join("deploy/examples/mesh-default.yaml")
+            .display()
+            .to_string(),
+    ])?;
+    let client = cp.client().await?;
+    let tls = ControllerTls::issue(&cp)?;
+    let controller =
+        Controller::start_binary(&cp, &tls, "bench", &[("WGMESH_LOG", "warn")], &binary).await?;
+    let total = args.nodes + args.joins;
+
+    step(&format!("creating {total} Nodes, agent pods and tokens"));
+    cluster::ensure_agent_identity(&client).await?;
+    let tokens: Vec<String> = stream::iter(0..total)
+        .map(|i| {
+            let client = client.clone();
+            async move {
+                let name = node_name(i);
+                let cidr = format!("10.{}.{}.0/24", 100 + i / 256, i % 256);
+                let ip = format!("172.16.{}.{}", i / 256, i % 256 + 1);
+                cluster::create_node(&client, &name, &[&cidr], &ip, &[]).await?;
+                cluster::agent_token(&client, &name).await
+            }
+        })
+        .buffered(CONCURRENCY)
+        .try_collect()
+        .await?;
+
+    let mut channels = Vec::new();
+    for _ in 0..total.div_ceil(AGENTS_PER_CHANNEL) {
+        channels.push(channel(&controller.grpc_url(), &tls.ca_pem).await?);
+    }
+    let channel_of = |i: usize| channels[i / AGENTS_PER_CHANNEL].clone();
+
+    step(&format!("registering {} agents", args.nodes));
+    let started = Instant::now();
+    stream::iter(0..args.nodes)
+        .map(|i| register(channel_of(i), i, tokens[i].clone()))
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
+    eprintln!("    registered in {:.1?}", started.elapsed());
+
+    step("opening every agent's peer stream and waiting for full snapshots");
+    let (tx, mut rx) = mpsc::unbounded_channel::<Received>();
+    for (i, token) in tokens.iter().enumerate().take(args.nodes) {
+        let stream = watch(channel_of(i), i, token.clone()).await?;
+        tokio::spawn(follow(i, stream, tx.clone()));
+    }
+    let started = Instant::now();
+    let mut complete: HashSet<usize> = HashSet::new();
+    let mut counts = vec![0usize; args.nodes];
+    while complete.len() < args.nodes {
+        let r = tokio::time::timeout(Duration::from_secs(300), rx.recv())
+            .await
+            .context("agents did not converge in 300 s")?
+            .context("streams ended")?;
+        counts[r.agent] = r.total;
+        if counts[r.agent] >= args.nodes - 1 {
+            complete.insert(r.agent);
+        }
+    }
+    eprintln!(
+        "    {} agents have all {} peers after {:.1?}",
+        args.nodes,
+        args.nodes - 1,
+        started.elapsed()
+    );
+    // Let the tail of the initial convergence pass.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    while rx.try_recv().is_ok() {}
+
+    step(&format!("{} nodes join one at a time", args.joins));
+    let mut latencies = Vec::new();
+    let mut bytes_per_agent = Vec::new();
+    for j in 0..args.joins {
+        let i = args.nodes + j;
+        let new_key = key_of(i).to_vec();
+        let t0 = Instant::now();
+        register(channel_of(i), i, tokens[i].clone()).await?;
+        let mut seen: HashSet<usize> = HashSet::new();
+        let mut bytes = 0usize;
+        while seen.len() < args.nodes {
+            let r = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .with_context(|| {
+                    format!(
+                        "join {j}: only {} of {} agents got the peer",
+                        seen.len(),
+                        args.nodes
+                    )
+                })?
+                .context("streams ended")?;
+            bytes += r.bytes;
+            if r.upserted.contains(&new_key) {
+                seen.insert(r.agent);
+            }
+        }
+        let latency = seen_latency(t0, Instant::now());
+        latencies.push(latency);
+        bytes_per_agent.push(bytes as f64 / args.nodes as f64);
+        // Drain what belongs to this change (status-driven updates would count otherwise).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while let Ok(r) = rx.try_recv() {
+            bytes_per_agent[j] += r.bytes as f64 / args.nodes as f64;
+        }
+        eprintln!(
+            "    join {j}: {:.0} ms, {:.0} bytes per agent",
+            latency, bytes_per_agent[j]
+        );
+    }
+
+    step(&format!(
+        "a quiet mesh for {} s: counting status writes",
+        args.quiet_seconds
+    ));
+    let before = status_writes(&controller).await?;
+    tokio::time::sleep(Duration::from_secs(args.quiet_seconds)).await;
+    let after = status_writes(&controller).await?;
+    let quiet_per_minute = (after - before) * 60.0 / args.quiet_seconds as f64;
+    let peak_rss = peak_rss_bytes(controller.pid().context("controller pid")?)?;
+
+    let p50 = percentile(&latencies, 50.0);
+    let p99 = percentile(&latencies, 99.0);
+    let bytes = median(&bytes_per_agent);
+    println!();
+    println!(
+        "control-plane benchmark ({} nodes, {} joins)",
+        args.nodes, args.joins
+    );
+    println!("| metric | value | target |");
+    println!("|---|---|---|");
+    println!("| join p50 | {p50:.0} ms | |");
+    println!("| join p99 | {p99:.0} ms | <= 1000 ms |");
+    println!("| bytes per agent per change (median) | {bytes:.0} B | <= 1024 B |");
+    println!(
+        "| controller peak RSS | {:.1} MiB | <= 256 MiB |",
+        peak_rss as f64 / 1048576.0
+    );
+    println!("| status writes per minute, quiet | {quiet_per_minute:.1} | 0 |");
+
+    let report = serde_json::json!({
+        "nodes": args.nodes,
+        "joins": args.joins,
+        "join_p50_ms": p50,
+        "join_p99_ms": p99,
+        "join_latencies_ms": latencies,
+        "bytes_per_agent_per_change": bytes,
+        "controller_peak_rss_bytes": peak_rss,
+        "quiet_writes_per_minute": quiet_per_minute,
+        "quiet_seconds": args.quiet_seconds,
+    });
+    let dir = repo_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("control-plane.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("\nwrote {}", path.display());
+    drop(controller);
+    drop(cp);
+    Ok(())
+}
+
+fn seen_latency(t0: Instant, t1: Instant) -> f64 {
+    (t1 - t0).as_secs_f64() * 1000.0
+}
+
+fn request<T>(body: T, token: &str) -> Request<T> {
+    let mut req = Request::new(body);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .expect("a token is valid metadata"),
+    );
+    req
+}
+
+async fn register(channel: Channel, i: usize, token: String) -> Result<()> {
+    let mut client = MeshServiceClient::new(channel);
+    let req = pb::RegisterRequest {
+        node: node_name(i),
+        mesh: "default".into(),
+        public_key: key_of(i).to_vec(),
+        endpoint_addresses: vec![format!("172.16.{}.{}", i / 256, i % 256 + 1)],
+        listen_port: 51820,
+        backend: pb::Backend::Userspace as i32,
+        agent_version: "bench".into(),
+    };
+    client.register(request(req, &token)).await?;
+    Ok(())
+}
+
+async fn watch(
+    channel: Channel,
+    i: usize,
+    token: String,
+) -> Result<tonic::Streaming<pb::PeerUpdate>> {
+    let mut client = MeshServiceClient::new(channel);
+    let req = pb::WatchPeersRequest {
+        node: node_name(i),
+        mesh: "default".into(),
+        ..Default::default()
+    };
+    Ok(client.watch_peers(request(req, &token)).await?.into_inner())
+}
+
+/// Follows one stream, reporting each message's size, what it upserted and the resulting
+/// peer count.
+async fn follow(
+    agent: usize,
+    mut stream: tonic::Streaming<pb::PeerUpdate>,
+    tx: mpsc::UnboundedSender<Received>,
+) {
+    let mut peers: HashSet<Vec<u8>> = HashSet::new();
+    while let Ok(Some(update)) = stream.message().await {
+        let bytes = update.encoded_len();
+        let upserted: Vec<Vec<u8>> = match update.update {
+            Some(pb::peer_update::Update::Snapshot(s)) => {
+                peers = s.peers.iter().map(|p| p.public_key.clone()).collect();
+                peers.iter().cloned().collect()
+            }
+            Some(pb::peer_update::Update::Delta(d)) => {
+                for k in &d.removed {
+                    peers.remove(k);
+                }
+                let upserted: Vec<Vec<u8>> = d.upserted.into_iter().map(|p| p.public_key).collect();
+                peers.extend(upserted.iter().cloned());
+                upserted
+            }
+            None => Vec::new(),
+        };
+        let total = peers.len();
+        if tx
+            .send(Received {
+                agent,
+                bytes,
+                upserted,
+                total,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+async fn status_writes(controller: &Controller) -> Result<f64> {
+    let text = http_get(controller.metrics_port, "/metrics").await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("wgmesh_controller_status_writes_total "))
+        .context("no status_writes metric")?
+        .trim()
+        .parse()
+        .context("parsing status_writes")
+}
+
+fn peak_rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * (v.len() as f64 - 1.0)).round() as usize;
+    v[rank.min(v.len() - 1)]
+}
+
+fn median(values: &[f64]) -> f64 {
+    percentile(values, 50.0)
+}
