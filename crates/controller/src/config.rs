@@ -33,6 +33,24 @@ pub struct Config {
     )]
     pub tls_key: PathBuf,
 
+    /// CA of the replicas' serving certificate. When set, replicas that do not hold the lease
+    /// forward agents' status reports to the one that does, authenticated by mutual TLS.
+    #[arg(long, env = "WGMESH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// host:port other replicas reach this replica's gRPC server at (default: $POD_IP and
+    /// the gRPC port).
+    #[arg(long, env = "WGMESH_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// Name in the replicas' serving certificate, checked when forwarding to another replica.
+    #[arg(
+        long,
+        env = "WGMESH_PEER_SERVER_NAME",
+        default_value = "wgmesh-controller"
+    )]
+    pub peer_server_name: String,
+
     /// Address of the HTTP server for /metrics, /healthz and /readyz.
     #[arg(long, env = "WGMESH_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
@@ -91,6 +109,14 @@ pub enum LogFormat {
 impl Config {
     pub fn agent_namespace(&self) -> &str {
         self.agent_namespace.as_deref().unwrap_or(&self.namespace)
+    }
+
+    /// Where other replicas reach this one, if known.
+    pub fn advertise_addr(&self) -> Option<String> {
+        self.advertise_addr.clone().or_else(|| {
+            let ip: std::net::IpAddr = std::env::var("POD_IP").ok()?.parse().ok()?;
+            Some(SocketAddr::new(ip, self.grpc_addr.port()).to_string())
+        })
     }
 
     pub fn status_interval(&self) -> Duration {

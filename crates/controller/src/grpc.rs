@@ -24,6 +24,7 @@ use wgmesh_proto::mesh_service_server::MeshService;
 
 use crate::auth::Authenticator;
 use crate::convert;
+use crate::forward::{FORWARDED, Forwarder};
 use crate::index::{Index, NodeView};
 use crate::metrics::Metrics;
 use crate::reconcile::Caches;
@@ -46,6 +47,10 @@ pub struct MeshServer {
     pub metrics: Metrics,
     pub recorder: Recorder,
     pub shutdown: watch::Receiver<bool>,
+    /// True while this replica holds the lease (and so writes status itself).
+    pub leader: watch::Receiver<bool>,
+    /// Passes reports on to the lease holder; `None` without a CA to authenticate replicas.
+    pub forwarder: Option<Arc<Forwarder>>,
 }
 
 /// The name of a node's `WireGuardPeer` in a mesh.
@@ -271,9 +276,15 @@ impl MeshService for MeshServer {
         &self,
         request: Request<pb::ReportStatusRequest>,
     ) -> Result<Response<pb::ReportStatusResponse>, Status> {
+        // A report another replica forwarded: that replica authenticated the agent, and the
+        // client certificate (verified against our CA) authenticates the replica.
+        let forwarded = request.metadata().contains_key(FORWARDED)
+            && request.peer_certs().is_some_and(|c| !c.is_empty());
         let (metadata, _, req) = request.into_parts();
         check_names(&req.node, &req.mesh)?;
-        self.auth.authorize_node(&metadata, &req.node).await?;
+        if !forwarded {
+            self.auth.authorize_node(&metadata, &req.node).await?;
+        }
         let observations = req
             .peers
             .iter()
@@ -293,6 +304,15 @@ impl MeshService for MeshServer {
             })
             .collect::<Result<Vec<_>, Status>>()?;
         self.reports.record(&req.mesh, &req.node, observations);
+        if !forwarded
+            && !*self.leader.borrow()
+            && let Some(forwarder) = &self.forwarder
+            && let Err(e) = forwarder.forward(req).await
+        {
+            // The agent reports again on its next change; nothing is lost for good.
+            self.metrics.error("forward_report");
+            tracing::warn!(error = %e, "forwarding a status report to the lease holder failed");
+        }
         Ok(Response::new(pb::ReportStatusResponse {}))
     }
 }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod forward;
 pub mod grpc;
 pub mod http;
 pub mod index;
@@ -28,7 +29,10 @@ pub use error::{Error, Result};
 /// Runs the controller until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> Result<()> {
     let client = kube::Client::try_default().await?;
-    let identity = config.identity.clone().unwrap_or_else(random_identity);
+    let identity = forward::lease_identity(
+        &config.identity.clone().unwrap_or_else(random_identity),
+        config.advertise_addr().as_deref(),
+    );
     let metrics = metrics::Metrics::new();
     let (shutdown_tx, shutdown) = watch::channel(false);
 
@@ -39,10 +43,22 @@ pub async fn run(config: Config) -> Result<()> {
             source,
         })
     };
-    let tls = ServerTlsConfig::new().identity(Identity::from_pem(
-        read(&config.tls_cert)?,
-        read(&config.tls_key)?,
-    ));
+    let (cert_pem, key_pem) = (read(&config.tls_cert)?, read(&config.tls_key)?);
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(&cert_pem, &key_pem));
+    let mut forwarder = None;
+    if let Some(ca_path) = &config.tls_ca {
+        let ca_pem = read(ca_path)?;
+        // Agents present no client certificate; replicas forwarding reports do.
+        tls = tls
+            .client_ca_root(tonic::transport::Certificate::from_pem(&ca_pem))
+            .client_auth_optional(true);
+        forwarder = Some(Arc::new(forward::Forwarder::new(
+            kube::Api::namespaced(client.clone(), &config.namespace),
+            &config.lease_name,
+            &identity,
+            forward::Forwarder::client_tls(&ca_pem, &cert_pem, &key_pem, &config.peer_server_name),
+        )));
+    }
 
     let index = Arc::new(index::Index::new(format!("{identity}-{}", random_suffix())));
     let reports = Arc::new(reports::Reports::default());
@@ -93,6 +109,7 @@ pub async fn run(config: Config) -> Result<()> {
         metrics.clone(),
         config.status_interval(),
     );
+    let leader_rx = leader.clone();
     tokio::spawn(writer.run(computed_rx, leader));
 
     let auth = Arc::new(auth::Authenticator::new(
@@ -111,6 +128,8 @@ pub async fn run(config: Config) -> Result<()> {
         metrics: metrics.clone(),
         recorder,
         shutdown: shutdown.clone(),
+        leader: leader_rx,
+        forwarder,
     };
     ready.store(true, Ordering::Relaxed);
     tracing::info!(addr = %config.grpc_addr, identity = %identity, "serving agents");

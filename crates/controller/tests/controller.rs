@@ -439,6 +439,11 @@ async fn agents_are_authenticated_and_bound_to_their_node() -> Result<()> {
     Ok(())
 }
 
+/// Whether a lease holder identity (`name@address`) is this replica.
+fn owns(replica: &Controller, holder: &str) -> bool {
+    holder.split('@').next() == Some(replica.identity.as_str())
+}
+
 async fn lease_holder(client: &kube::Client) -> Result<String> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     Ok(leases
@@ -493,7 +498,7 @@ async fn restarts_and_failover_lose_nothing() -> Result<()> {
     let deadline = std::time::Instant::now() + WAIT;
     let holder = loop {
         let h = lease_holder(&fx.client).await?;
-        if replicas.iter().any(|r| r.identity == h) {
+        if replicas.iter().any(|r| owns(r, &h)) {
             break h;
         }
         assert!(
@@ -502,7 +507,7 @@ async fn restarts_and_failover_lose_nothing() -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let leader_index = replicas.iter().position(|r| r.identity == holder).unwrap();
+    let leader_index = replicas.iter().position(|r| owns(r, &holder)).unwrap();
     let mut leader = replicas.remove(leader_index);
     let survivor = replicas.pop().unwrap();
     leader.kill();
@@ -523,8 +528,100 @@ async fn restarts_and_failover_lose_nothing() -> Result<()> {
         s.peer("laptop").is_some()
     })
     .await?;
-    assert_eq!(lease_holder(&fx.client).await?, survivor.identity);
+    assert!(owns(&survivor, &lease_holder(&fx.client).await?));
     let laptop = fx.peer("laptop").await?;
     assert_eq!(laptop.status.unwrap().addresses.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_reports_reach_the_writer_through_any_replica_and_a_quiet_mesh_writes_nothing()
+-> Result<()> {
+    let fx = Fixture::new().await?;
+    let env = [
+        ("WGMESH_LEASE_DURATION", "6"),
+        ("WGMESH_LEASE_GRACE", "2"),
+        ("WGMESH_STATUS_INTERVAL", "5"),
+    ];
+    let c1 = Controller::start(&fx.cp, &fx.tls, "c1", &env).await?;
+    let c2 = Controller::start(&fx.cp, &fx.tls, "c2", &env).await?;
+    let mut a = fx.agent(&c1, "a", 1).await?;
+    let mut b = fx.agent(&c1, "b", 2).await?;
+    a.wait_until(WAIT, "node-b", |s| s.peers.len() == 1).await?;
+    b.wait_until(WAIT, "node-a", |s| s.peers.len() == 1).await?;
+
+    let holder = lease_holder(&fx.client).await?;
+    let (leader, follower) = if owns(&c1, &holder) {
+        (&c1, &c2)
+    } else {
+        (&c2, &c1)
+    };
+
+    // Agent a reports through the replica that does not write.
+    a.reconnect(channel(&follower.grpc_url(), &fx.tls.ca_pem).await?);
+    let handshake = std::time::SystemTime::now();
+    let report = |rx: u64| {
+        vec![pb::PeerStatus {
+            public_key: vec![2; 32],
+            last_handshake: Some(prost_types::Timestamp::from(handshake)),
+            rx_bytes: rx,
+            tx_bytes: 2000,
+            endpoint: "192.168.0.2:51820".into(),
+        }]
+    };
+    a.report(report(1000)).await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let first_write = loop {
+        let status = fx.peer("node-b").await?.status.unwrap_or_default();
+        if status.rx_bytes == 1000 {
+            assert_eq!(status.tx_bytes, 2000);
+            assert_eq!(status.endpoint.as_deref(), Some("192.168.0.2:51820"));
+            assert!(status.last_handshake_time.is_some());
+            break std::time::Instant::now();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the report never reached the status: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // A second report right away is held back by the per-object interval (5 s here).
+    a.report(report(5000)).await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let status = fx.peer("node-b").await?.status.unwrap_or_default();
+        if status.rx_bytes == 5000 {
+            assert!(
+                first_write.elapsed() >= Duration::from_secs(4),
+                "written again after {:?}",
+                first_write.elapsed()
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second report was never written"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A quiet mesh: no writes at all.
+    let writes = |text: String| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("wgmesh_controller_status_writes_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = writes(leader.metrics().await?);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = writes(leader.metrics().await?);
+    assert_eq!(before, after, "status writes in a quiet mesh");
+    assert_eq!(
+        writes(follower.metrics().await?),
+        0.0,
+        "the replica without the lease never writes"
+    );
     Ok(())
 }

@@ -15,6 +15,8 @@ use crate::process::ChildGuard;
 pub struct ControllerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The CA file replicas authenticate each other with.
+    pub ca: PathBuf,
     /// The CA agents trust.
     pub ca_pem: String,
 }
@@ -26,11 +28,14 @@ impl ControllerTls {
             .server_cert("wgmesh-controller", &["localhost", "127.0.0.1"])?;
         let dir = cp.dir();
         let (cert_path, key_path) = (dir.join("controller.crt"), dir.join("controller.key"));
+        let ca_path = dir.join("controller-ca.crt");
         std::fs::write(&cert_path, cert.cert_pem)?;
         std::fs::write(&key_path, cert.key_pem)?;
+        std::fs::write(&ca_path, cp.ca().cert_pem())?;
         Ok(ControllerTls {
             cert: cert_path,
             key: key_path,
+            ca: ca_path,
             ca_pem: cp.ca().cert_pem().to_owned(),
         })
     }
@@ -76,6 +81,9 @@ impl Controller {
             .env("WGMESH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
             .env("WGMESH_TLS_CERT", &tls.cert)
             .env("WGMESH_TLS_KEY", &tls.key)
+            .env("WGMESH_TLS_CA", &tls.ca)
+            .env("WGMESH_ADVERTISE_ADDR", format!("127.0.0.1:{grpc_port}"))
+            .env("WGMESH_PEER_SERVER_NAME", "localhost")
             .env(
                 "WGMESH_LOG",
                 "info,wgmesh_controller=debug,kube_lease_manager=warn",

@@ -42,9 +42,11 @@ impl TestCa {
         &self.cert_pem
     }
 
-    /// A serving certificate for the given DNS names and IP addresses.
+    /// A serving certificate for the given DNS names and IP addresses, also usable as a client
+    /// certificate (controller replicas present it to each other).
     pub fn server_cert(&self, common_name: &str, sans: &[&str]) -> Result<CertifiedKey> {
-        self.issue(common_name, None, sans, ExtendedKeyUsagePurpose::ServerAuth)
+        use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        self.issue(common_name, None, sans, &[ServerAuth, ClientAuth])
     }
 
     /// A client certificate; Kubernetes reads the user from CN and groups from O.
@@ -57,7 +59,7 @@ impl TestCa {
             common_name,
             organization,
             &[],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
         )
     }
 
@@ -66,7 +68,7 @@ impl TestCa {
         common_name: &str,
         organization: Option<&str>,
         sans: &[&str],
-        usage: ExtendedKeyUsagePurpose,
+        usages: &[ExtendedKeyUsagePurpose],
     ) -> Result<CertifiedKey> {
         let key = KeyPair::generate()?;
         let mut params =
@@ -76,7 +78,7 @@ impl TestCa {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages.to_vec();
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CertifiedKey {
             cert_pem: cert.pem(),

@@ -1,0 +1,138 @@
+//! Forwarding agents' status reports to the lease holder. Every replica serves agents, but only
+//! the lease holder writes status, so a replica that is not the holder passes each report on
+//! to it over mutual TLS (the replicas share the serving certificate and its CA).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::{Request, Status};
+use wgmesh_proto as pb;
+use wgmesh_proto::mesh_service_client::MeshServiceClient;
+
+/// Metadata key marking a report forwarded by another replica.
+pub const FORWARDED: &str = "x-wgmesh-forwarded";
+/// How long the lease holder's address is trusted before reading the Lease again.
+const HOLDER_TTL: Duration = Duration::from_secs(5);
+
+/// The lease identity of a replica: `name@host:port`, so others know where to forward.
+pub fn lease_identity(name: &str, advertise: Option<&str>) -> String {
+    match advertise {
+        Some(addr) => format!("{name}@{addr}"),
+        None => name.to_owned(),
+    }
+}
+
+pub struct Forwarder {
+    leases: Api<Lease>,
+    lease_name: String,
+    own_identity: String,
+    tls: ClientTlsConfig,
+    cached: tokio::sync::Mutex<Option<(String, MeshServiceClient<Channel>)>>,
+    holder: Mutex<Option<(Instant, String)>>,
+}
+
+impl Forwarder {
+    /// `tls` authenticates this replica to the others (its serving certificate as a client
+    /// certificate) and verifies them.
+    pub fn new(
+        leases: Api<Lease>,
+        lease_name: &str,
+        own_identity: &str,
+        tls: ClientTlsConfig,
+    ) -> Self {
+        Forwarder {
+            leases,
+            lease_name: lease_name.to_owned(),
+            own_identity: own_identity.to_owned(),
+            tls,
+            cached: tokio::sync::Mutex::new(None),
+            holder: Mutex::new(None),
+        }
+    }
+
+    /// The client TLS settings of a replica: the shared CA, and its serving certificate as the
+    /// client certificate.
+    pub fn client_tls(
+        ca_pem: &[u8],
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        server_name: &str,
+    ) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca_pem))
+            .identity(Identity::from_pem(cert_pem, key_pem))
+            .domain_name(server_name)
+    }
+
+    /// Sends the report to the lease holder, unless this replica holds the lease.
+    pub async fn forward(&self, report: pb::ReportStatusRequest) -> Result<(), Status> {
+        let holder = self.holder().await?;
+        if holder == self.own_identity {
+            return Ok(());
+        }
+        let addr = holder
+            .split_once('@')
+            .map(|(_, a)| a.to_owned())
+            .ok_or_else(|| {
+                Status::unavailable(format!("lease holder {holder} advertises no address"))
+            })?;
+        let mut cached = self.cached.lock().await;
+        let client = match cached.as_ref() {
+            Some((a, c)) if *a == addr => c.clone(),
+            _ => {
+                let channel = Channel::from_shared(format!("https://{addr}"))
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .tls_config(self.tls.clone())
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .connect_timeout(Duration::from_secs(3))
+                    .connect_lazy();
+                let client = MeshServiceClient::new(channel);
+                *cached = Some((addr.clone(), client.clone()));
+                client
+            }
+        };
+        drop(cached);
+        let mut req = Request::new(report);
+        req.metadata_mut()
+            .insert(FORWARDED, "1".parse().expect("static metadata"));
+        req.set_timeout(Duration::from_secs(5));
+        let mut client = client;
+        client.report_status(req).await.map(|_| ())
+    }
+
+    async fn holder(&self) -> Result<String, Status> {
+        if let Some((at, h)) = self.holder.lock().expect("holder lock").clone()
+            && at.elapsed() < HOLDER_TTL
+        {
+            return Ok(h);
+        }
+        let lease = self
+            .leases
+            .get_opt(&self.lease_name)
+            .await
+            .map_err(|e| Status::unavailable(format!("reading the lease: {e}")))?;
+        let holder = lease
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .ok_or_else(|| Status::unavailable("no replica holds the lease"))?;
+        *self.holder.lock().expect("holder lock") = Some((Instant::now(), holder.clone()));
+        Ok(holder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities() {
+        assert_eq!(lease_identity("c1", None), "c1");
+        assert_eq!(
+            lease_identity("c1", Some("10.0.0.5:9443")),
+            "c1@10.0.0.5:9443"
+        );
+    }
+}
