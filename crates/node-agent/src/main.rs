@@ -1,13 +1,97 @@
 //! `wgmesh-agent`: owns the node's WireGuard key and programs the node's interface from the
 //! peer set the controller streams.
 
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
 use clap::Parser;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+use wgmesh_agent::agent::Agent;
+use wgmesh_agent::config::{Cli, Command, RunArgs};
+use wgmesh_agent::keys;
+use wgmesh_agent::metrics::Metrics;
+use wgmesh_agent::routing::Routing;
 
-#[derive(Parser)]
-#[command(name = "wgmesh-agent", version, about)]
-struct Args {}
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(log_filter())
+        .init();
+    let result = match cli.command {
+        Some(Command::Cleanup(args)) => cleanup(&args.interface).await,
+        Some(Command::Run) | None => run(cli.run).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "wgmesh-agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}
 
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!("wgmesh-agent is not implemented yet (see the node agent issue)")
+/// `WGMESH_LOG` (default `info`), with netlink's message tracing always off: at trace level it
+/// prints raw netlink messages, which for the kernel backend include the private key.
+fn log_filter() -> EnvFilter {
+    let base = std::env::var("WGMESH_LOG").unwrap_or_else(|_| "info".into());
+    EnvFilter::try_new(format!("{base},netlink_proto=off"))
+        .unwrap_or_else(|_| EnvFilter::new("info,netlink_proto=off"))
+}
+
+async fn cleanup(interface: &str) -> anyhow::Result<()> {
+    let routing = Routing::new().await?;
+    routing.cleanup(interface, 0, None).await?;
+    tracing::info!(
+        interface,
+        "removed the interface and the routes and rules wgmesh created"
+    );
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.node.is_empty() {
+        anyhow::bail!("--node (or NODE_NAME) is required");
+    }
+    let (key, new) = keys::load_or_create(&args.mesh_state_dir(), args.rotate_key)?;
+    tracing::info!(
+        public_key = %key.public_key(),
+        key_file = %keys::key_path(&args.mesh_state_dir()).display(),
+        "{}",
+        if new { "generated a new private key" } else { "reusing the private key" }
+    );
+    let metrics = Metrics::default();
+    let (healthy, healthy_rx) = watch::channel(false);
+    let healthy = Arc::new(healthy);
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr).await?;
+    let m = metrics.clone();
+    let app = Router::new()
+        .route("/metrics", get(move || async move { m.render() }))
+        .route(
+            "/healthz",
+            get(move || {
+                let ok = *healthy_rx.borrow();
+                async move {
+                    if ok {
+                        (StatusCode::OK, "ok")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not configured yet")
+                    }
+                }
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let agent = Agent::new(args, key, metrics, healthy).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = agent.run() => r?,
+        _ = term.recv() => tracing::info!("stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
+    }
+    Ok(())
 }

@@ -1,7 +1,12 @@
 //! The node's WireGuard device behind one interface: the agent observes it and applies
 //! changes to it, whatever implements it (the kernel module or our userspace device).
 
+pub mod backend;
+pub mod kernel;
 pub mod userspace;
+
+pub use backend::{BackendKind, Device, Requested};
+pub use kernel::{KernelDevice, KernelSupport, kernel_wireguard_available};
 
 use std::net::SocketAddr;
 use std::time::SystemTime;
@@ -88,4 +93,8 @@ pub enum DeviceError {
     Io(#[from] std::io::Error),
     #[error("the device has stopped")]
     Stopped,
+    #[error("netlink: {op}: {source}")]
+    Netlink { op: String, source: std::io::Error },
+    #[error("kernel WireGuard is unavailable: {0}")]
+    KernelUnavailable(String),
 }

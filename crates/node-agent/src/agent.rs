@@ -1,0 +1,325 @@
+//! The agent's main loop: register, follow the peer stream, and keep the device and routes
+//! equal to what the controller wants. When the controller is unreachable the data plane stays
+//! exactly as it is while the agent retries with jittered exponential backoff.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use wgmesh_core::{PrivateKey, PublicKey};
+use wgmesh_proto as pb;
+
+use crate::client::ControllerClient;
+use crate::config::{BackendArg, RunArgs};
+use crate::device::backend::{Device, Requested};
+use crate::device::{DeviceChange, InterfaceConfig, PeerConfig};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::routing::{Routing, RoutingConfig, RuleConfig};
+use crate::state::{Desired, device_changes, peer_config};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Priority of the rule that sends marked (encrypted) packets to the fwmark table.
+const FWMARK_RULE_PRIORITY: u32 = 5200;
+
+pub struct Agent {
+    args: RunArgs,
+    key: PrivateKey,
+    device: Option<Device>,
+    routing: Routing,
+    desired: Desired,
+    metrics: Metrics,
+    /// The last status sent, to report only meaningful changes.
+    last_report: Vec<pb::PeerStatus>,
+    healthy: Arc<watch::Sender<bool>>,
+}
+
+impl Agent {
+    pub async fn new(
+        args: RunArgs,
+        key: PrivateKey,
+        metrics: Metrics,
+        healthy: Arc<watch::Sender<bool>>,
+    ) -> Result<Self> {
+        Ok(Agent {
+            args,
+            key,
+            device: None,
+            routing: Routing::new().await?,
+            desired: Desired::default(),
+            metrics,
+            last_report: Vec::new(),
+            healthy,
+        })
+    }
+
+    /// Runs until the process is told to stop. Never touches the data plane on errors.
+    pub async fn run(mut self) -> Result<()> {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let started = std::time::Instant::now();
+            let result = self.session().await;
+            self.metrics.set_connected(false);
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, "lost the controller; the data plane stays as it is, retrying");
+            }
+            // A session that lasted a while was healthy: start the backoff again.
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = BACKOFF_MIN;
+            }
+            tokio::time::sleep(jitter(backoff)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection: register, then apply the stream and report until it breaks.
+    async fn session(&mut self) -> Result<()> {
+        let mut client = ControllerClient::connect(&self.args).await?;
+        let port = self
+            .desired
+            .settings
+            .as_ref()
+            .map(|s| s.listen_port)
+            .unwrap_or(51820);
+        let mut response = self.register(&mut client, port).await?;
+        let settings = response.mesh.clone().unwrap_or_default();
+        if settings.listen_port != 0 && settings.listen_port != port {
+            // First start: we only now know the mesh's port; say it again so our endpoint is right.
+            response = self.register(&mut client, settings.listen_port).await?;
+        }
+        tracing::info!(node = %self.args.node, mesh = %self.args.mesh, public_key = %self.key.public_key(), "registered");
+        if let Some(settings) = &response.mesh {
+            self.desired.settings = Some(settings.clone());
+        }
+        if let Ok(addresses) = response
+            .tunnel_addresses
+            .iter()
+            .map(|a| a.parse())
+            .collect::<Result<Vec<_>, _>>()
+            && !addresses.is_empty()
+        {
+            self.desired.addresses = addresses;
+        }
+        self.ensure_device().await?;
+        self.reconcile().await?;
+
+        let req = client.request(pb::WatchPeersRequest {
+            node: self.args.node.clone(),
+            mesh: self.args.mesh.clone(),
+            resume_epoch: self.desired.epoch.clone(),
+            resume_revision: self.desired.revision,
+        });
+        let mut stream = client.grpc().watch_peers(req).await?.into_inner();
+        self.metrics.set_connected(true);
+        let mut tick = tokio::time::interval(Duration::from_secs(self.args.report_interval.max(1)));
+        loop {
+            tokio::select! {
+                message = stream.message() => {
+                    let update = message?.ok_or(Error::StreamClosed)?;
+                    self.desired.apply(&update)?;
+                    self.metrics.update_received();
+                    self.ensure_device().await?;
+                    self.reconcile().await?;
+                }
+                _ = tick.tick() => self.report(&mut client).await?,
+            }
+        }
+    }
+
+    async fn register(
+        &self,
+        client: &mut ControllerClient,
+        port: u32,
+    ) -> Result<pb::RegisterResponse> {
+        let req = client.request(pb::RegisterRequest {
+            node: self.args.node.clone(),
+            mesh: self.args.mesh.clone(),
+            public_key: self.key.public_key().as_bytes().to_vec(),
+            endpoint_addresses: self
+                .args
+                .endpoint_address
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            listen_port: port,
+            backend: match self.device.as_ref().map(|d| d.backend()) {
+                Some(crate::device::backend::BackendKind::Kernel) => pb::Backend::Kernel,
+                Some(crate::device::backend::BackendKind::Userspace) => pb::Backend::Userspace,
+                None => pb::Backend::Unspecified,
+            } as i32,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        });
+        Ok(client.grpc().register(req).await?.into_inner())
+    }
+
+    /// Creates the device on first use with the mesh's interface settings.
+    async fn ensure_device(&mut self) -> Result<()> {
+        let Some(settings) = self.desired.settings.clone() else {
+            return Ok(());
+        };
+        if let Some(device) = &self.device {
+            if device.name() != settings.interface_name {
+                tracing::warn!(
+                    have = device.name(),
+                    want = %settings.interface_name,
+                    "the mesh's interface name changed; restart the agent to rename the interface"
+                );
+            }
+            return Ok(());
+        }
+        let requested = match (self.args.backend, settings.backend()) {
+            (Some(BackendArg::Kernel), _) | (None, pb::Backend::Kernel) => Requested::Kernel,
+            (Some(BackendArg::Userspace), _) | (None, pb::Backend::Userspace) => {
+                Requested::Userspace
+            }
+            _ => Requested::Auto,
+        };
+        let config = InterfaceConfig {
+            name: settings.interface_name.clone(),
+            private_key: self.key.clone(),
+            listen_port: u16::try_from(settings.listen_port).unwrap_or(51820),
+            fwmark: settings.fwmark,
+        };
+        let device = Device::open(requested, config).await?;
+        tracing::info!(interface = device.name(), backend = %device.backend(), "device ready");
+        self.device = Some(device);
+        Ok(())
+    }
+
+    /// Applies the difference between the device and what is wanted, then the routes.
+    async fn reconcile(&mut self) -> Result<()> {
+        let Some(device) = &self.device else {
+            return Ok(());
+        };
+        let settings = self.desired.settings.clone().unwrap_or_default();
+        if settings.disabled {
+            tracing::info!("the mesh is disabled: keeping the interface as it is");
+            return Ok(());
+        }
+        let mut wanted: Vec<PeerConfig> = Vec::with_capacity(self.desired.peers.len());
+        for (key, peer) in &self.desired.peers {
+            wanted.push(peer_config(peer, *key, resolve(&peer.endpoint).await));
+        }
+        let observed = device.observe().await?;
+        let mut changes = device_changes(&observed, &wanted);
+        let port = u16::try_from(settings.listen_port).unwrap_or(0);
+        if port != 0 && observed.listen_port != port {
+            changes.push(DeviceChange::SetListenPort(port));
+        }
+        if observed.fwmark != settings.fwmark {
+            changes.push(DeviceChange::SetFwmark(settings.fwmark));
+        }
+        if !changes.is_empty() {
+            tracing::info!(
+                changes = changes.len(),
+                peers = wanted.len(),
+                revision = self.desired.revision,
+                "updating the device"
+            );
+            device.apply(&changes).await?;
+        }
+        let rule = (settings.fwmark != 0 && settings.fwmark_table != 0).then_some(RuleConfig {
+            priority: FWMARK_RULE_PRIORITY,
+            fwmark: settings.fwmark,
+            table: settings.fwmark_table,
+            invert: false,
+        });
+        let routing = RoutingConfig {
+            interface: device.name().to_owned(),
+            addresses: self.desired.addresses.clone(),
+            mtu: (settings.mtu != 0).then_some(settings.mtu),
+            routes: self.desired.routes(),
+            table: 0,
+            rule,
+        };
+        let changed = self.routing.sync(&routing).await?;
+        if !changed.is_empty() {
+            tracing::info!(?changed, "routes updated");
+        }
+        self.metrics.set_peers(wanted.len());
+        self.healthy.send_replace(true);
+        Ok(())
+    }
+
+    /// Reports per-peer observations when they changed meaningfully (handshake, endpoint or
+    /// traffic); a quiet mesh sends nothing.
+    async fn report(&mut self, client: &mut ControllerClient) -> Result<()> {
+        let Some(device) = &self.device else {
+            return Ok(());
+        };
+        let state = device.observe().await?;
+        let names: BTreeMap<PublicKey, &str> = self
+            .desired
+            .peers
+            .iter()
+            .map(|(k, p)| (*k, p.name.as_str()))
+            .collect();
+        let peers: Vec<pb::PeerStatus> = state
+            .peers
+            .iter()
+            .map(|p| {
+                self.metrics.observe_peer(
+                    names
+                        .get(&p.config.public_key)
+                        .copied()
+                        .unwrap_or("unknown"),
+                    p.rx_bytes,
+                    p.tx_bytes,
+                    p.last_handshake,
+                );
+                pb::PeerStatus {
+                    public_key: p.config.public_key.as_bytes().to_vec(),
+                    last_handshake: p.last_handshake.map(prost_types::Timestamp::from),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                    endpoint: p
+                        .current_endpoint
+                        .map(|e| e.to_string())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        if peers == self.last_report {
+            return Ok(());
+        }
+        let req = client.request(pb::ReportStatusRequest {
+            node: self.args.node.clone(),
+            mesh: self.args.mesh.clone(),
+            peers: peers.clone(),
+        });
+        client.grpc().report_status(req).await?;
+        self.last_report = peers;
+        Ok(())
+    }
+}
+
+/// `ip:port` or `[v6]:port` directly; `host:port` through the resolver. Unresolvable: none
+/// (the peer is then answered wherever it comes from).
+async fn resolve(endpoint: &str) -> Option<SocketAddr> {
+    if endpoint.is_empty() {
+        return None;
+    }
+    if let Ok(addr) = endpoint.parse() {
+        return Some(addr);
+    }
+    match tokio::net::lookup_host(endpoint).await {
+        Ok(mut addrs) => addrs.next(),
+        Err(e) => {
+            tracing::warn!(endpoint, error = %e, "cannot resolve a peer endpoint");
+            None
+        }
+    }
+}
+
+/// Up to ±25% around `d`, so agents restarted together do not retry in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
+    d.mul_f64(factor)
+}

@@ -1,0 +1,60 @@
+//! The connection to the controller: TLS, the projected token on every call.
+
+use std::time::Duration;
+
+use tonic::Request;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use wgmesh_proto::mesh_service_client::MeshServiceClient;
+
+use crate::config::RunArgs;
+use crate::error::{Error, Result};
+
+pub struct ControllerClient {
+    inner: MeshServiceClient<Channel>,
+    token: String,
+}
+
+impl ControllerClient {
+    pub async fn connect(args: &RunArgs) -> Result<Self> {
+        let ca = std::fs::read(&args.ca_file).map_err(|source| Error::Read {
+            path: args.ca_file.display().to_string(),
+            source,
+        })?;
+        // Projected tokens are rotated by the kubelet: read the file on every connection.
+        let token = std::fs::read_to_string(&args.token_file)
+            .map_err(|source| Error::Read {
+                path: args.token_file.display().to_string(),
+                source,
+            })?
+            .trim()
+            .to_owned();
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some(name) = &args.tls_server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        let channel = Channel::from_shared(args.controller.clone())
+            .map_err(|e| Error::Config(format!("controller URL {}: {e}", args.controller)))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        Ok(ControllerClient {
+            inner: MeshServiceClient::new(channel),
+            token,
+        })
+    }
+
+    pub fn request<T>(&self, body: T) -> Request<T> {
+        let mut req = Request::new(body);
+        if let Ok(value) = format!("Bearer {}", self.token).parse() {
+            req.metadata_mut().insert("authorization", value);
+        }
+        req
+    }
+
+    pub fn grpc(&mut self) -> &mut MeshServiceClient<Channel> {
+        &mut self.inner
+    }
+}

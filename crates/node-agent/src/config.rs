@@ -1,0 +1,103 @@
+//! Command-line and environment configuration of the agent.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "wgmesh-agent", version, about = "The wgmesh node agent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Remove the interface, routes and rules the agent created, then exit.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Name of the Kubernetes Node this agent runs on.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node: String,
+
+    /// The WireGuardMesh to join.
+    #[arg(long, env = "WGMESH_MESH", default_value = "default")]
+    pub mesh: String,
+
+    /// URL of the controller's gRPC service.
+    #[arg(
+        long,
+        env = "WGMESH_CONTROLLER",
+        default_value = "https://wgmesh-controller.wgmesh-system.svc:9443"
+    )]
+    pub controller: String,
+
+    /// CA certificate (PEM) that signed the controller's certificate.
+    #[arg(long, env = "WGMESH_CA_FILE", default_value = "/etc/wgmesh/ca/ca.crt")]
+    pub ca_file: PathBuf,
+
+    /// Name to verify in the controller's certificate (default: the URL's host).
+    #[arg(long, env = "WGMESH_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+
+    /// Projected service-account token (audience wgmesh), read again on every connection.
+    #[arg(
+        long,
+        env = "WGMESH_TOKEN_FILE",
+        default_value = "/var/run/secrets/wgmesh/token"
+    )]
+    pub token_file: PathBuf,
+
+    /// Directory holding one subdirectory per mesh with the node's private key.
+    #[arg(long, env = "WGMESH_STATE_DIR", default_value = "/var/lib/wgmesh")]
+    pub state_dir: PathBuf,
+
+    /// Generate a new private key before starting (the mesh learns it on registration).
+    #[arg(long)]
+    pub rotate_key: bool,
+
+    /// Address other nodes reach this node at (default: the Node's InternalIP).
+    #[arg(long, env = "NODE_IP")]
+    pub endpoint_address: Option<IpAddr>,
+
+    /// WireGuard implementation; overrides the mesh's `backend`.
+    #[arg(long, env = "WGMESH_BACKEND", value_enum)]
+    pub backend: Option<BackendArg>,
+
+    /// Local address of /metrics and /healthz.
+    #[arg(long, env = "WGMESH_METRICS_ADDR", default_value = "127.0.0.1:9091")]
+    pub metrics_addr: SocketAddr,
+
+    /// Seconds between observations of the device for status reports.
+    #[arg(long, env = "WGMESH_REPORT_INTERVAL", default_value_t = 10)]
+    pub report_interval: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CleanupArgs {
+    /// Interface to remove.
+    #[arg(long, default_value = "wgmesh0")]
+    pub interface: String,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+impl RunArgs {
+    /// The state directory of this mesh: `<state_dir>/<mesh>`.
+    pub fn mesh_state_dir(&self) -> PathBuf {
+        self.state_dir.join(&self.mesh)
+    }
+}

@@ -1,0 +1,176 @@
+//! One device, whichever backend implements it: the kernel module when it is there, our
+//! userspace device otherwise.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::kernel::{KernelDevice, KernelSupport, kernel_wireguard_available};
+use super::userspace::UserspaceDevice;
+use super::{DeviceChange, DeviceError, DeviceState, InterfaceConfig};
+
+/// Which backend the operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Requested {
+    /// The kernel module if it is available, else the userspace device.
+    #[default]
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+impl FromStr for Requested {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Requested::Auto),
+            "kernel" => Ok(Requested::Kernel),
+            "userspace" => Ok(Requested::Userspace),
+            _ => Err(format!(
+                "{s:?} is not a device backend (auto, kernel or userspace)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Requested {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Requested::Auto => "auto",
+            Requested::Kernel => "kernel",
+            Requested::Userspace => "userspace",
+        })
+    }
+}
+
+/// The backend in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Kernel,
+    Userspace,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Kernel => "kernel",
+            BackendKind::Userspace => "userspace",
+        })
+    }
+}
+
+pub enum Device {
+    Kernel(KernelDevice),
+    Userspace(UserspaceDevice),
+}
+
+impl Device {
+    /// Opens the device with the requested backend, in the calling thread's network
+    /// namespace. `Auto` probes the kernel and falls back to the userspace device, saying why
+    /// in one log line; `Kernel` fails with [`DeviceError::KernelUnavailable`] when the kernel
+    /// has no WireGuard.
+    pub async fn open(
+        requested: Requested,
+        config: InterfaceConfig,
+    ) -> Result<Device, DeviceError> {
+        match requested {
+            Requested::Userspace => Ok(Device::Userspace(UserspaceDevice::create(config)?)),
+            Requested::Kernel => match kernel_wireguard_available().await? {
+                KernelSupport::Available => Ok(Device::Kernel(KernelDevice::create(config).await?)),
+                KernelSupport::Unavailable(reason) => Err(DeviceError::KernelUnavailable(reason)),
+            },
+            Requested::Auto => {
+                let reason = match kernel_wireguard_available().await {
+                    Ok(KernelSupport::Available) => {
+                        return Ok(Device::Kernel(KernelDevice::create(config).await?));
+                    }
+                    Ok(KernelSupport::Unavailable(reason)) => reason,
+                    Err(e) => e.to_string(),
+                };
+                tracing::info!(
+                    interface = %config.name,
+                    "kernel WireGuard unavailable ({reason}); using the userspace device"
+                );
+                // Created right here (not on a blocking-pool thread) so that its TUN and
+                // sockets live in the calling thread's network namespace; it is quick.
+                Ok(Device::Userspace(UserspaceDevice::create(config)?))
+            }
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Device::Kernel(d) => d.name(),
+            Device::Userspace(d) => d.name(),
+        }
+    }
+
+    pub fn backend(&self) -> BackendKind {
+        match self {
+            Device::Kernel(_) => BackendKind::Kernel,
+            Device::Userspace(_) => BackendKind::Userspace,
+        }
+    }
+
+    pub async fn observe(&self) -> Result<DeviceState, DeviceError> {
+        match self {
+            Device::Kernel(d) => d.observe().await,
+            Device::Userspace(d) => Ok(d.observe()),
+        }
+    }
+
+    pub async fn apply(&self, changes: &[DeviceChange]) -> Result<(), DeviceError> {
+        match self {
+            Device::Kernel(d) => d.apply(changes).await,
+            Device::Userspace(d) => d.apply(changes),
+        }
+    }
+
+    /// Stops the agent's hold on the device: a kernel link stays (and keeps forwarding), the
+    /// userspace device stops and its interface disappears.
+    pub fn shutdown(self) {
+        match self {
+            Device::Kernel(d) => drop(d),
+            Device::Userspace(d) => d.shutdown(),
+        }
+    }
+
+    /// Removes the device: deletes the kernel link, or stops the userspace device.
+    pub async fn delete(self) -> Result<(), DeviceError> {
+        match self {
+            Device::Kernel(d) => d.delete().await,
+            Device::Userspace(d) => {
+                d.shutdown();
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent spawns these on a multi-threaded runtime: they must be `Send`.
+    #[allow(dead_code)]
+    fn futures_are_send(device: &Device, config: InterfaceConfig) {
+        fn is_send<T: Send>(_: T) {}
+        is_send(Device::open(Requested::Auto, config));
+        is_send(device.observe());
+        is_send(device.apply(&[]));
+        is_send(kernel_wireguard_available());
+    }
+
+    #[test]
+    fn requested_parses() {
+        for (s, want) in [
+            ("auto", Requested::Auto),
+            ("Kernel", Requested::Kernel),
+            ("userspace", Requested::Userspace),
+        ] {
+            assert_eq!(s.parse::<Requested>(), Ok(want));
+            assert_eq!(want.to_string(), s.to_ascii_lowercase());
+        }
+        assert!("wireguard-go".parse::<Requested>().is_err());
+    }
+}

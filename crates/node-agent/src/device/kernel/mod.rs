@@ -1,0 +1,366 @@
+//! The kernel WireGuard backend: the link is created with rtnetlink (kind `wireguard`) and
+//! configured through the `wireguard` generic netlink family. Changes are sent as diffs
+//! (`WG_CMD_SET_DEVICE` without `WGDEVICE_F_REPLACE_PEERS`), so sessions of untouched peers
+//! survive; the message building is pure and lives in [`messages`].
+
+pub mod messages;
+
+use std::collections::HashSet;
+use std::io;
+use std::sync::{Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use genetlink::GenetlinkHandle;
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_generic::GenlMessage;
+use netlink_packet_wireguard::WireguardMessage;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::{LinkUnspec, LinkWireguard};
+use wgmesh_core::PublicKey;
+
+use super::{DeviceChange, DeviceError, DeviceState, InterfaceConfig};
+
+/// Whether this kernel can host WireGuard links.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelSupport {
+    Available,
+    /// Why not, as the kernel put it (such as "Operation not supported", which `ip` shows as
+    /// "Unknown device type").
+    Unavailable(String),
+}
+
+/// A WireGuard link of the kernel module. Dropping it leaves the link in place (traffic keeps
+/// flowing while the agent restarts); [`KernelDevice::delete`] removes it.
+pub struct KernelDevice {
+    name: String,
+    ifindex: u32,
+    genl: GenetlinkHandle,
+    rtnl: rtnetlink::Handle,
+    /// Peers known to have a preshared key: only those get a zero key to clear it.
+    psk_peers: Mutex<HashSet<PublicKey>>,
+    /// Serialises `apply` so that the messages of two calls never interleave.
+    apply_lock: tokio::sync::Mutex<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for KernelDevice {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn netlink_err(op: impl Into<String>, source: io::Error) -> DeviceError {
+    DeviceError::Netlink {
+        op: op.into(),
+        source,
+    }
+}
+
+/// The errno of an rtnetlink error, as an `io::Error`.
+fn rtnl_io(e: rtnetlink::Error) -> io::Error {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.to_io(),
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+fn genl_io(e: genetlink::GenetlinkError) -> io::Error {
+    match e {
+        genetlink::GenetlinkError::NetlinkError(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+fn rtnl_connection() -> Result<(rtnetlink::Handle, tokio::task::JoinHandle<()>), DeviceError> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| netlink_err("opening an rtnetlink socket", e))?;
+    Ok((handle, tokio::spawn(conn)))
+}
+
+/// Whether a kernel refusal to create a link means "no such link kind here".
+fn is_unsupported_kind(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENODEV | libc::EINVAL | libc::EAFNOSUPPORT)
+    )
+}
+
+async fn link_by_name(
+    rtnl: &rtnetlink::Handle,
+    name: &str,
+) -> Result<Option<LinkMessage>, io::Error> {
+    let mut links = rtnl.link().get().match_name(name.to_owned()).execute();
+    match links.next().await {
+        Some(Ok(link)) => Ok(Some(link)),
+        Some(Err(e)) => {
+            let e = rtnl_io(e);
+            if e.raw_os_error() == Some(libc::ENODEV) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+        None => Ok(None),
+    }
+}
+
+fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+async fn delete_link_by_name(rtnl: &rtnetlink::Handle, name: &str) -> Result<(), io::Error> {
+    rtnl.link()
+        .del_with_message(LinkUnspec::new_with_name(name).build())
+        .execute()
+        .await
+        .map_err(rtnl_io)
+}
+
+/// Probes the kernel by creating a WireGuard link with a random name and deleting it again,
+/// in the calling thread's network namespace. A refusal meaning "unknown link kind"
+/// (`EOPNOTSUPP`, `ENODEV`, `EINVAL`, `EAFNOSUPPORT`) is [`KernelSupport::Unavailable`];
+/// other failures (such as `EPERM` without `CAP_NET_ADMIN`) are errors.
+pub async fn kernel_wireguard_available() -> Result<KernelSupport, DeviceError> {
+    let (rtnl, task) = rtnl_connection()?;
+    let _abort = AbortOnDrop(task);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let name = format!("wgprobe{:08x}", nanos ^ std::process::id().rotate_left(16));
+    match rtnl
+        .link()
+        .add(LinkWireguard::new(&name).build())
+        .execute()
+        .await
+    {
+        Ok(()) => {
+            delete_link_by_name(&rtnl, &name)
+                .await
+                .map_err(|e| netlink_err(format!("deleting the probe link {name}"), e))?;
+            Ok(KernelSupport::Available)
+        }
+        Err(e) => {
+            let e = rtnl_io(e);
+            if is_unsupported_kind(&e) {
+                Ok(KernelSupport::Unavailable(format!(
+                    "no wireguard link type: {e}"
+                )))
+            } else {
+                Err(netlink_err("creating a probe WireGuard link", e))
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl KernelDevice {
+    /// Creates the WireGuard link `config.name` if it is missing (an existing WireGuard link
+    /// is adopted with its peers; a link of another kind is an error), then sets the private
+    /// key, fwmark and listen port (unless 0, which keeps the kernel's choice). The link is
+    /// not brought up nor given addresses: routing does that. Netlink sockets are opened in
+    /// the calling thread's network namespace; call from within a tokio runtime.
+    pub async fn create(config: InterfaceConfig) -> Result<KernelDevice, DeviceError> {
+        validate_name(&config.name)?;
+        let name = config.name.clone();
+        let (rtnl, rtnl_task) = rtnl_connection()?;
+        let (genl_conn, genl, _) = genetlink::new_connection()
+            .map_err(|e| netlink_err("opening a generic netlink socket", e))?;
+        let genl_task = tokio::spawn(genl_conn);
+        // From here on, dropping `device` (an early return) stops both connections.
+        let mut device = KernelDevice {
+            name: name.clone(),
+            ifindex: 0,
+            genl,
+            rtnl,
+            psk_peers: Mutex::new(HashSet::new()),
+            apply_lock: tokio::sync::Mutex::new(()),
+            tasks: vec![rtnl_task, genl_task],
+        };
+
+        let link = match link_by_name(&device.rtnl, &name)
+            .await
+            .map_err(|e| netlink_err(format!("looking up the link {name}"), e))?
+        {
+            Some(link) => {
+                if link_kind(&link) != Some(&InfoKind::Wireguard) {
+                    return Err(DeviceError::InvalidConfig(format!(
+                        "the link {name} exists and is not a WireGuard link ({:?})",
+                        link_kind(&link)
+                    )));
+                }
+                link
+            }
+            None => {
+                if let Err(e) = device
+                    .rtnl
+                    .link()
+                    .add(LinkWireguard::new(&name).build())
+                    .execute()
+                    .await
+                {
+                    let e = rtnl_io(e);
+                    return Err(if is_unsupported_kind(&e) {
+                        DeviceError::KernelUnavailable(format!("no wireguard link type: {e}"))
+                    } else {
+                        netlink_err(format!("creating the WireGuard link {name}"), e)
+                    });
+                }
+                link_by_name(&device.rtnl, &name)
+                    .await
+                    .map_err(|e| netlink_err(format!("looking up the link {name}"), e))?
+                    .ok_or_else(|| {
+                        netlink_err(
+                            format!("looking up the link {name}"),
+                            io::Error::from_raw_os_error(libc::ENODEV),
+                        )
+                    })?
+            }
+        };
+        device.ifindex = link.header.index;
+
+        // Learn which existing peers (of an adopted link) hold a preshared key.
+        device.observe().await?;
+        // An unchanged private key does not reset sessions. A listen port of 0 ("any") is
+        // not sent: on an adopted link it would move the port the peers know.
+        let mut settings = vec![
+            DeviceChange::SetPrivateKey(config.private_key.clone()),
+            DeviceChange::SetFwmark(config.fwmark),
+        ];
+        if config.listen_port != 0 {
+            settings.push(DeviceChange::SetListenPort(config.listen_port));
+        }
+        device.apply(&settings).await?;
+        tracing::info!(
+            interface = %name,
+            ifindex = device.ifindex,
+            listen_port = config.listen_port,
+            public_key = %config.private_key.public_key(),
+            "kernel WireGuard device ready"
+        );
+        Ok(device)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// The device as the kernel reports it (`WG_CMD_GET_DEVICE` dump). The kernel keeps a
+    /// single endpoint per peer, reported as both the configured and the current endpoint.
+    pub async fn observe(&self) -> Result<DeviceState, DeviceError> {
+        let messages = self
+            .request(messages::get_device_message(self.ifindex), NLM_F_DUMP)
+            .await
+            .map_err(|e| netlink_err(format!("reading the WireGuard device {}", self.name), e))?;
+        let state = messages::parse_device(&messages)?;
+        let with_psk = state
+            .peers
+            .iter()
+            .filter(|p| p.config.preshared_key.is_some())
+            .map(|p| p.config.public_key)
+            .collect();
+        *self
+            .psk_peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = with_psk;
+        Ok(state)
+    }
+
+    /// Applies `changes` in order, as diffs, in as many messages as the size budget needs. On
+    /// error, the messages before the failing one stay applied.
+    pub async fn apply(&self, changes: &[DeviceChange]) -> Result<(), DeviceError> {
+        let _serial = self.apply_lock.lock().await;
+        let batch = {
+            let mut psk = self
+                .psk_peers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            messages::set_device_messages(self.ifindex, changes, &mut psk, messages::MESSAGE_BUDGET)
+        };
+        let total = batch.len();
+        for (i, message) in batch.into_iter().enumerate() {
+            if let Err(e) = self.request(message, NLM_F_ACK).await {
+                // Relearn which peers hold a preshared key, as only part was applied.
+                let _ = self.observe().await;
+                return Err(netlink_err(
+                    format!(
+                        "configuring the WireGuard device {} (message {} of {total})",
+                        self.name,
+                        i + 1
+                    ),
+                    e,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the link (and with it every peer and session).
+    pub async fn delete(self) -> Result<(), DeviceError> {
+        self.rtnl
+            .link()
+            .del(self.ifindex)
+            .execute()
+            .await
+            .map_err(|e| netlink_err(format!("deleting the link {}", self.name), rtnl_io(e)))
+    }
+
+    /// Sends one request and collects the messages of the answer; an error message fails it.
+    async fn request(
+        &self,
+        message: WireguardMessage,
+        flags: u16,
+    ) -> Result<Vec<WireguardMessage>, io::Error> {
+        let mut nl = NetlinkMessage::from(GenlMessage::from_payload(message));
+        nl.header.flags = NLM_F_REQUEST | flags;
+        let mut genl = self.genl.clone();
+        let mut answers = genl.request(nl).await.map_err(genl_io)?;
+        let mut out = Vec::new();
+        while let Some(answer) = answers.next().await {
+            let answer = answer.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            match answer.payload {
+                NetlinkPayload::InnerMessage(genl) => out.push(genl.payload),
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), DeviceError> {
+    let ok = !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if ok {
+        Ok(())
+    } else {
+        Err(DeviceError::InvalidConfig(format!(
+            "{name:?} is not a valid interface name (1-15 printable characters, no '/')"
+        )))
+    }
+}

@@ -1,0 +1,31 @@
+//! The agent's one error type.
+
+use crate::device::DeviceError;
+use crate::keys::KeyError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("connecting to the controller: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("controller: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("device: {0}")]
+    Device(#[from] DeviceError),
+    #[error("routing: {0}")]
+    Routing(#[from] crate::routing::RoutingError),
+    #[error("key: {0}")]
+    Key(#[from] KeyError),
+    #[error("{0}")]
+    Config(String),
+    #[error("the controller sent a malformed update: {0}")]
+    Update(#[from] crate::state::UpdateError),
+    #[error("the controller closed the peer stream")]
+    StreamClosed,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

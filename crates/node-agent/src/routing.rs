@@ -1,0 +1,1232 @@
+//! Addresses, MTU, routes and the policy rule of the mesh interface, through rtnetlink,
+//! always as diffs: nothing is flushed, and routes and rules are only ever removed when they
+//! carry our protocol number ([`ROUTE_PROTOCOL`]), so what others configured is left alone.
+//!
+//! The decisions (what to add, what to delete) are pure functions ([`plan_routes`],
+//! [`plan_addresses`], [`plan_rules`]); [`Routing`] is the thin I/O shell around them.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::IpAddr;
+
+use futures::{StreamExt, TryStreamExt};
+use ipnet::IpNet;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::route::{
+    RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+use rtnetlink::{IpVersion, LinkUnspec, RouteMessageBuilder};
+
+/// `rtm_protocol` (and `FRA_PROTOCOL`) of the routes and rules we create: "wgmesh". Routes
+/// and rules with another protocol are never modified or deleted.
+pub const ROUTE_PROTOCOL: u8 = 0x57;
+
+/// The main routing table.
+pub const MAIN_TABLE: u32 = 254;
+
+/// Bytes WireGuard adds to a packet in the worst case (IPv6 outer header): 40 + 8 + 32.
+pub const WIREGUARD_OVERHEAD: u32 = 80;
+
+/// The smallest MTU we configure automatically (the IPv6 minimum).
+pub const MIN_AUTO_MTU: u32 = 1280;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingConfig {
+    pub interface: String,
+    /// Addresses of the interface, such as `10.250.0.3/16`.
+    pub addresses: Vec<IpNet>,
+    /// `None`: the underlay MTU minus [`WIREGUARD_OVERHEAD`] (at least [`MIN_AUTO_MTU`]).
+    pub mtu: Option<u32>,
+    /// Every peer's allowed IPs, routed via the interface.
+    pub routes: Vec<IpNet>,
+    /// 0 or 254: the main table; anything else is a dedicated table.
+    pub table: u32,
+    pub rule: Option<RuleConfig>,
+}
+
+/// A policy rule: `[not] fwmark M lookup T` at priority P.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleConfig {
+    pub priority: u32,
+    pub fwmark: u32,
+    pub table: u32,
+    /// `not fwmark M lookup T` when true, `fwmark M lookup T` when false.
+    pub invert: bool,
+}
+
+/// What a sync changed, for logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteChanges {
+    pub link_set_up: bool,
+    /// The new MTU, when it changed.
+    pub mtu: Option<u32>,
+    pub addresses_added: usize,
+    pub addresses_removed: usize,
+    pub routes_added: usize,
+    pub routes_removed: usize,
+    pub rules_added: usize,
+    pub rules_removed: usize,
+}
+
+impl RouteChanges {
+    pub fn is_empty(&self) -> bool {
+        *self == RouteChanges::default()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("opening an rtnetlink socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("the interface {0} does not exist")]
+    NoInterface(String),
+    #[error("{op}: {source}")]
+    Netlink {
+        op: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid routing configuration: {0}")]
+    Invalid(String),
+}
+
+fn netlink(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RoutingError {
+    let op = op.into();
+    move |e| RoutingError::Netlink {
+        op,
+        source: rtnl_io(e),
+    }
+}
+
+fn rtnl_io(e: rtnetlink::Error) -> io::Error {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.to_io(),
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+fn is_errno(e: &RoutingError, errno: i32) -> bool {
+    matches!(e, RoutingError::Netlink { source, .. } if source.raw_os_error() == Some(errno))
+}
+
+// ---------------------------------------------------------------------------------------
+// Pure planning.
+
+/// 0 and 254 both mean the main table.
+pub fn normalize_table(table: u32) -> u32 {
+    if table == 0 { MAIN_TABLE } else { table }
+}
+
+/// A unicast route via the mesh interface, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedRoute {
+    pub dst: IpNet,
+    pub table: u32,
+    pub protocol: u8,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutePlan {
+    /// Destinations to route via the interface in the wanted table.
+    pub add: Vec<IpNet>,
+    /// Indices into the observed routes.
+    pub delete: Vec<usize>,
+}
+
+/// Given the unicast routes via the interface (all tables, all protocols) and the wanted
+/// destinations: add each wanted destination (host bits masked, duplicates dropped) that has
+/// no route in `table` yet, whoever created it; delete our routes (protocol
+/// [`ROUTE_PROTOCOL`]) that are not wanted, are in another table, or duplicate one kept.
+pub fn plan_routes(observed: &[ObservedRoute], wanted: &[IpNet], table: u32) -> RoutePlan {
+    let table = normalize_table(table);
+    let mut wanted_set: Vec<IpNet> = wanted.iter().map(IpNet::trunc).collect();
+    wanted_set.sort();
+    wanted_set.dedup();
+    let wanted_lookup: HashSet<IpNet> = wanted_set.iter().copied().collect();
+
+    let mut present: HashSet<IpNet> = HashSet::new();
+    let mut plan = RoutePlan::default();
+    // Others' routes first, so that a duplicate of ours is the one deleted.
+    let mut order: Vec<usize> = (0..observed.len()).collect();
+    order.sort_by_key(|&i| observed[i].protocol == ROUTE_PROTOCOL);
+    for i in order {
+        let r = &observed[i];
+        let ours = r.protocol == ROUTE_PROTOCOL;
+        let in_table = r.table == table;
+        if in_table && wanted_lookup.contains(&r.dst) && present.insert(r.dst) {
+            continue;
+        }
+        if ours {
+            plan.delete.push(i);
+        }
+    }
+    plan.delete.sort_unstable();
+    plan.add = wanted_set
+        .into_iter()
+        .filter(|d| !present.contains(d))
+        .collect();
+    plan
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddressPlan {
+    pub add: Vec<IpNet>,
+    /// Indices into the observed addresses.
+    pub delete: Vec<usize>,
+}
+
+/// The interface is ours: every address on it that is not wanted goes, except IPv6
+/// link-local addresses (`fe80::/10`, which the kernel manages).
+pub fn plan_addresses(observed: &[IpNet], wanted: &[IpNet]) -> AddressPlan {
+    let mut wanted_set: Vec<IpNet> = wanted.to_vec();
+    wanted_set.sort();
+    wanted_set.dedup();
+    let observed_set: HashSet<IpNet> = observed.iter().copied().collect();
+    let delete = observed
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| !wanted_set.contains(a) && !is_link_local_v6(a))
+        .map(|(i, _)| i)
+        .collect();
+    let add = wanted_set
+        .into_iter()
+        .filter(|a| !observed_set.contains(a))
+        .collect();
+    AddressPlan { add, delete }
+}
+
+fn is_link_local_v6(net: &IpNet) -> bool {
+    matches!(net.addr(), IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// A policy rule as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedRule {
+    pub family: Family,
+    pub priority: u32,
+    /// 0 when the rule has no fwmark.
+    pub fwmark: u32,
+    pub table: u32,
+    pub invert: bool,
+    /// Whether the action is "lookup table".
+    pub to_table: bool,
+    pub protocol: u8,
+}
+
+impl ObservedRule {
+    fn matches(&self, family: Family, cfg: &RuleConfig) -> bool {
+        self.family == family
+            && self.to_table
+            && self.priority == cfg.priority
+            && self.fwmark == cfg.fwmark
+            && self.table == normalize_table(cfg.table)
+            && self.invert == cfg.invert
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RulePlan {
+    pub add: Vec<Family>,
+    /// Indices into the observed rules.
+    pub delete: Vec<usize>,
+}
+
+/// The wanted rule must exist exactly once in each of `families`; our other rules go (a
+/// changed rule, duplicates, a family no longer used, or every one of ours when `wanted` is
+/// `None`). An identical rule someone else created counts as present and is never deleted.
+pub fn plan_rules(
+    observed: &[ObservedRule],
+    wanted: Option<&RuleConfig>,
+    families: &[Family],
+) -> RulePlan {
+    let mut plan = RulePlan::default();
+    let mut kept: HashSet<Family> = HashSet::new();
+    let mut order: Vec<usize> = (0..observed.len()).collect();
+    order.sort_by_key(|&i| observed[i].protocol == ROUTE_PROTOCOL);
+    for i in order {
+        let r = &observed[i];
+        let wanted_here =
+            wanted.filter(|cfg| families.contains(&r.family) && r.matches(r.family, cfg));
+        if wanted_here.is_some() && kept.insert(r.family) {
+            continue;
+        }
+        if r.protocol == ROUTE_PROTOCOL {
+            plan.delete.push(i);
+        }
+    }
+    plan.delete.sort_unstable();
+    if wanted.is_some() {
+        let mut fams: Vec<Family> = families.to_vec();
+        fams.sort();
+        fams.dedup();
+        plan.add = fams.into_iter().filter(|f| !kept.contains(f)).collect();
+    }
+    plan
+}
+
+/// The address families the rule is needed in: those of the routes and addresses, IPv4 when
+/// there are none.
+pub fn rule_families(cfg: &RoutingConfig) -> Vec<Family> {
+    let mut fams: Vec<Family> = cfg
+        .routes
+        .iter()
+        .chain(&cfg.addresses)
+        .map(Family::of)
+        .collect();
+    fams.sort();
+    fams.dedup();
+    if fams.is_empty() {
+        fams.push(Family::V4);
+    }
+    fams
+}
+
+/// The MTU to configure when none is given.
+pub fn auto_mtu(underlay: u32) -> u32 {
+    underlay
+        .saturating_sub(WIREGUARD_OVERHEAD)
+        .max(MIN_AUTO_MTU)
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading kernel messages.
+
+fn route_table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+fn route_oif(m: &RouteMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        RouteAttribute::MultiPath(hops) => hops.first().map(|h| h.interface_index),
+        _ => None,
+    })
+}
+
+fn route_priority(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+fn route_dst(m: &RouteMessage) -> Option<IpNet> {
+    let len = m.header.destination_prefix_length;
+    let addr = m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(d) => match d {
+            rtnetlink::packet_route::route::RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+            rtnetlink::packet_route::route::RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+            _ => None,
+        },
+        _ => None,
+    });
+    let addr = match (addr, m.header.address_family) {
+        (Some(a), _) => a,
+        (None, AddressFamily::Inet) => IpAddr::from([0u8; 4]),
+        (None, AddressFamily::Inet6) => IpAddr::from([0u8; 16]),
+        _ => return None,
+    };
+    IpNet::new(addr, len).ok()
+}
+
+fn address_net(m: &AddressMessage) -> Option<IpNet> {
+    let local = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(a) => Some(*a),
+        _ => None,
+    });
+    let addr = local.or_else(|| {
+        m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(a) => Some(*a),
+            _ => None,
+        })
+    })?;
+    IpNet::new(addr, m.header.prefix_len).ok()
+}
+
+fn observed_rule(m: &RuleMessage) -> Option<ObservedRule> {
+    let family = match m.header.family {
+        AddressFamily::Inet => Family::V4,
+        AddressFamily::Inet6 => Family::V6,
+        _ => return None,
+    };
+    let mut rule = ObservedRule {
+        family,
+        priority: 0,
+        fwmark: 0,
+        table: u32::from(m.header.table),
+        invert: m.header.flags.contains(RuleFlags::Invert),
+        to_table: m.header.action == RuleAction::ToTable,
+        protocol: 0,
+    };
+    for a in &m.attributes {
+        match a {
+            RuleAttribute::Priority(p) => rule.priority = *p,
+            RuleAttribute::FwMark(f) => rule.fwmark = *f,
+            RuleAttribute::Table(t) => rule.table = *t,
+            RuleAttribute::Protocol(p) => rule.protocol = u8::from(*p),
+            _ => {}
+        }
+    }
+    Some(rule)
+}
+
+fn link_mtu(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    })
+}
+
+fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The I/O shell.
+
+/// Programs the mesh interface's addresses, MTU, routes and rule. Its netlink socket lives in
+/// the network namespace of the thread that called [`Routing::new`].
+pub struct Routing {
+    handle: rtnetlink::Handle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Routing {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Routing {
+    /// Opens an rtnetlink socket; call from within a tokio runtime.
+    pub async fn new() -> Result<Routing, RoutingError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(RoutingError::Socket)?;
+        let task = tokio::spawn(conn);
+        Ok(Routing { handle, task })
+    }
+
+    /// Brings the interface up, sets its MTU if it differs, then adds missing addresses and
+    /// removes the others (IPv6 link-local excepted), adds missing routes via the interface in
+    /// `cfg.table` (protocol [`ROUTE_PROTOCOL`]) and deletes our routes that are no longer
+    /// wanted, and makes the rule exist exactly once per address family in use.
+    pub async fn sync(&self, cfg: &RoutingConfig) -> Result<RouteChanges, RoutingError> {
+        let table = normalize_table(cfg.table);
+        let link = self
+            .link_by_name(&cfg.interface)
+            .await?
+            .ok_or_else(|| RoutingError::NoInterface(cfg.interface.clone()))?;
+        let ifindex = link.header.index;
+        let mut changes = RouteChanges::default();
+
+        // Link state and MTU.
+        let want_mtu = match cfg.mtu {
+            Some(m) => m,
+            None => auto_mtu(self.underlay_mtu_excluding(Some(ifindex)).await?),
+        };
+        let up = link.header.flags.contains(LinkFlags::Up);
+        let mtu_differs = link_mtu(&link) != Some(want_mtu);
+        if !up || mtu_differs {
+            let mut msg = LinkUnspec::new_with_index(ifindex);
+            if !up {
+                msg = msg.up();
+            }
+            if mtu_differs {
+                msg = msg.mtu(want_mtu);
+            }
+            self.handle
+                .link()
+                .set(msg.build())
+                .execute()
+                .await
+                .map_err(netlink(format!("setting up {}", cfg.interface)))?;
+            changes.link_set_up = !up;
+            changes.mtu = mtu_differs.then_some(want_mtu);
+        }
+
+        // Addresses: new ones first, so that the interface keeps an IPv4 address throughout
+        // when one replaces another in a different subnet (removing the last one makes the
+        // kernel drop every IPv4 route via the interface).
+        let observed_addrs = self.addresses(ifindex, &cfg.interface).await?;
+        let nets: Vec<IpNet> = observed_addrs.iter().map(|(n, _)| *n).collect();
+        let plan = plan_addresses(&nets, &cfg.addresses);
+        let mut added = HashSet::new();
+        for net in plan.add {
+            if self.add_address(ifindex, net, &cfg.interface).await? {
+                added.insert(net);
+            }
+        }
+        for &i in &plan.delete {
+            let (net, msg) = &observed_addrs[i];
+            match self
+                .handle
+                .address()
+                .del(msg.clone())
+                .execute()
+                .await
+                .map_err(netlink(format!("removing {net} from {}", cfg.interface)))
+            {
+                Ok(()) => changes.addresses_removed += 1,
+                // Already gone (a secondary removed with its primary).
+                Err(e) if is_errno(&e, libc::EADDRNOTAVAIL) || is_errno(&e, libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !plan.delete.is_empty() {
+            // Removing a primary IPv4 address also removes its secondaries (unless
+            // promote_secondaries is set): put back what went with it.
+            let now: Vec<IpNet> = self
+                .addresses(ifindex, &cfg.interface)
+                .await?
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            for net in plan_addresses(&now, &cfg.addresses).add {
+                if self.add_address(ifindex, net, &cfg.interface).await? {
+                    added.insert(net);
+                }
+            }
+        }
+        changes.addresses_added = added.len();
+
+        // Routes (after the addresses, whose prefix routes count as present).
+        let observed = self.routes_via(ifindex).await?;
+        let plain: Vec<ObservedRoute> = observed.iter().map(|(r, _)| r.clone()).collect();
+        let plan = plan_routes(&plain, &cfg.routes, table);
+        for i in plan.delete {
+            self.delete_route(&observed[i].1, &observed[i].0).await?;
+            changes.routes_removed += 1;
+        }
+        for dst in plan.add {
+            if self.add_route(dst, ifindex, table, &cfg.interface).await? {
+                changes.routes_added += 1;
+            }
+        }
+
+        // Rule.
+        let rules = self.rules().await?;
+        let plain: Vec<ObservedRule> = rules.iter().map(|(r, _)| r.clone()).collect();
+        let plan = plan_rules(&plain, cfg.rule.as_ref(), &rule_families(cfg));
+        for i in plan.delete {
+            self.delete_rule(&rules[i].1).await?;
+            changes.rules_removed += 1;
+        }
+        if let Some(rule) = &cfg.rule {
+            for family in plan.add {
+                self.add_rule(rule, family).await?;
+                changes.rules_added += 1;
+            }
+        }
+        if !changes.is_empty() {
+            tracing::debug!(interface = %cfg.interface, ?changes, "routing synced");
+        }
+        Ok(changes)
+    }
+
+    /// The MTU of the interface holding the default route (IPv4, else IPv6), else the
+    /// largest MTU among the up links other than loopback, WireGuard and TUN links; 1500 if
+    /// there is none.
+    pub async fn underlay_mtu(&self) -> Result<u32, RoutingError> {
+        self.underlay_mtu_excluding(None).await
+    }
+
+    /// Removes our routes (protocol [`ROUTE_PROTOCOL`]) via the interface or in `table` (when
+    /// it is a dedicated one), our rules and any rule identical to `rule`, then the interface.
+    pub async fn cleanup(
+        &self,
+        interface: &str,
+        table: u32,
+        rule: Option<&RuleConfig>,
+    ) -> Result<(), RoutingError> {
+        let table = normalize_table(table);
+        let link = self.link_by_name(interface).await?;
+        let ifindex = link.as_ref().map(|l| l.header.index);
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            for msg in self.dump_routes(family, interface).await? {
+                if msg.header.protocol != RouteProtocol::from(ROUTE_PROTOCOL) {
+                    continue;
+                }
+                let via_interface = ifindex.is_some() && route_oif(&msg) == ifindex;
+                let in_table = table != MAIN_TABLE && route_table(&msg) == table;
+                if (via_interface || in_table)
+                    && let Some(dst) = route_dst(&msg)
+                {
+                    let observed = ObservedRoute {
+                        dst,
+                        table: route_table(&msg),
+                        protocol: ROUTE_PROTOCOL,
+                    };
+                    match self.delete_route(&msg, &observed).await {
+                        Err(e) if is_errno(&e, libc::ESRCH) => {}
+                        other => other?,
+                    }
+                }
+            }
+        }
+        for (observed, msg) in self.rules().await? {
+            let identical = rule.is_some_and(|r| observed.matches(observed.family, r));
+            if observed.protocol == ROUTE_PROTOCOL || identical {
+                self.delete_rule(&msg).await?;
+            }
+        }
+        if let Some(index) = ifindex {
+            match self
+                .handle
+                .link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(netlink(format!("deleting the link {interface}")))
+            {
+                Err(e) if is_errno(&e, libc::ENODEV) => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>, RoutingError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.next().await {
+            Some(Ok(link)) => Ok(Some(link)),
+            Some(Err(e)) => {
+                let e = netlink(format!("looking up the link {name}"))(e);
+                if is_errno(&e, libc::ENODEV) {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn addresses(
+        &self,
+        ifindex: u32,
+        interface: &str,
+    ) -> Result<Vec<(IpNet, AddressMessage)>, RoutingError> {
+        Ok(self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(netlink(format!("listing the addresses of {interface}")))?
+            .into_iter()
+            .filter(|m| m.header.index == ifindex)
+            .filter_map(|m| address_net(&m).map(|n| (n, m)))
+            .collect())
+    }
+
+    /// Adds an address; false if it is already there.
+    async fn add_address(
+        &self,
+        ifindex: u32,
+        net: IpNet,
+        interface: &str,
+    ) -> Result<bool, RoutingError> {
+        match self
+            .handle
+            .address()
+            .add(ifindex, net.addr(), net.prefix_len())
+            .execute()
+            .await
+            .map_err(netlink(format!("adding {net} to {interface}")))
+        {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn underlay_mtu_excluding(&self, exclude: Option<u32>) -> Result<u32, RoutingError> {
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("listing links"))?;
+        let mtu_of = |index: u32| {
+            links
+                .iter()
+                .find(|l| l.header.index == index)
+                .and_then(link_mtu)
+        };
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let default = self
+                .dump_routes(family, "the underlay")
+                .await?
+                .into_iter()
+                .filter(|m| {
+                    m.header.destination_prefix_length == 0
+                        && m.header.kind == RouteType::Unicast
+                        && route_table(m) == MAIN_TABLE
+                })
+                .filter_map(|m| route_oif(&m).map(|oif| (route_priority(&m), oif)))
+                .filter(|(_, oif)| Some(*oif) != exclude)
+                .min();
+            if let Some(mtu) = default.and_then(|(_, oif)| mtu_of(oif)) {
+                return Ok(mtu);
+            }
+        }
+        let largest = links
+            .iter()
+            .filter(|l| {
+                let flags = l.header.flags;
+                flags.contains(LinkFlags::Up)
+                    && !flags.contains(LinkFlags::Loopback)
+                    && Some(l.header.index) != exclude
+                    && !matches!(link_kind(l), Some(InfoKind::Wireguard | InfoKind::Tun))
+            })
+            .filter_map(link_mtu)
+            .max();
+        Ok(largest.unwrap_or(1500))
+    }
+
+    async fn dump_routes(
+        &self,
+        family: AddressFamily,
+        what: &str,
+    ) -> Result<Vec<RouteMessage>, RoutingError> {
+        let mut request = RouteMessage::default();
+        request.header.address_family = family;
+        self.handle
+            .route()
+            .get(request)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink(format!("listing the routes of {what}")))
+    }
+
+    /// Unicast routes via the interface, in every table.
+    async fn routes_via(
+        &self,
+        ifindex: u32,
+    ) -> Result<Vec<(ObservedRoute, RouteMessage)>, RoutingError> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            for msg in self.dump_routes(family, "the interface").await? {
+                if msg.header.kind != RouteType::Unicast || route_oif(&msg) != Some(ifindex) {
+                    continue;
+                }
+                if let Some(dst) = route_dst(&msg) {
+                    let observed = ObservedRoute {
+                        dst,
+                        table: route_table(&msg),
+                        protocol: u8::from(msg.header.protocol),
+                    };
+                    out.push((observed, msg));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds a route; false if an identical one appeared meanwhile or another interface
+    /// already holds this destination (logged, not an error: that route is not ours).
+    async fn add_route(
+        &self,
+        dst: IpNet,
+        ifindex: u32,
+        table: u32,
+        interface: &str,
+    ) -> Result<bool, RoutingError> {
+        let scope = if dst.addr().is_ipv4() {
+            RouteScope::Link
+        } else {
+            RouteScope::Universe
+        };
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .map_err(|e| RoutingError::Invalid(format!("route to {dst}: {e}")))?
+            .output_interface(ifindex)
+            .table_id(table)
+            .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+            .scope(scope)
+            .build();
+        let res = self
+            .handle
+            .route()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(netlink(format!(
+                "adding the route {dst} dev {interface} table {table}"
+            )));
+        match res {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::EEXIST) => {
+                tracing::warn!(
+                    route = %dst, table, interface,
+                    "a route to this destination already exists in this table, not via the mesh interface; leaving it"
+                );
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn delete_route(
+        &self,
+        msg: &RouteMessage,
+        observed: &ObservedRoute,
+    ) -> Result<(), RoutingError> {
+        let mut del = RouteMessage::default();
+        del.header = msg.header.clone();
+        del.attributes = msg
+            .attributes
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    RouteAttribute::Destination(_)
+                        | RouteAttribute::Table(_)
+                        | RouteAttribute::Oif(_)
+                        | RouteAttribute::Priority(_)
+                )
+            })
+            .cloned()
+            .collect();
+        self.handle
+            .route()
+            .del(del)
+            .execute()
+            .await
+            .map_err(netlink(format!(
+                "deleting the route {} table {}",
+                observed.dst, observed.table
+            )))
+    }
+
+    async fn rules(&self) -> Result<Vec<(ObservedRule, RuleMessage)>, RoutingError> {
+        let mut out = Vec::new();
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let msgs: Vec<RuleMessage> = self
+                .handle
+                .rule()
+                .get(version)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(netlink("listing the policy rules"))?;
+            out.extend(
+                msgs.into_iter()
+                    .filter_map(|m| observed_rule(&m).map(|r| (r, m))),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn add_rule(&self, rule: &RuleConfig, family: Family) -> Result<(), RoutingError> {
+        let request = self
+            .handle
+            .rule()
+            .add()
+            .priority(rule.priority)
+            .fw_mark(rule.fwmark)
+            .table_id(normalize_table(rule.table))
+            .action(RuleAction::ToTable);
+        let describe = format!(
+            "adding the rule {}fwmark {:#x} lookup {} priority {}",
+            if rule.invert { "not " } else { "" },
+            rule.fwmark,
+            rule.table,
+            rule.priority
+        );
+        let finish = |m: &mut RuleMessage| {
+            if rule.invert {
+                m.header.flags |= RuleFlags::Invert;
+            }
+            m.attributes
+                .push(RuleAttribute::Protocol(RouteProtocol::from(ROUTE_PROTOCOL)));
+        };
+        match family {
+            Family::V4 => {
+                let mut r = request.v4();
+                finish(r.message_mut());
+                r.execute().await
+            }
+            Family::V6 => {
+                let mut r = request.v6();
+                finish(r.message_mut());
+                r.execute().await
+            }
+        }
+        .map_err(netlink(describe))
+    }
+
+    async fn delete_rule(&self, msg: &RuleMessage) -> Result<(), RoutingError> {
+        match self
+            .handle
+            .rule()
+            .del(msg.clone())
+            .execute()
+            .await
+            .map_err(netlink("deleting a policy rule"))
+        {
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent spawns these on a multi-threaded runtime: they must be `Send`.
+    #[allow(dead_code)]
+    fn futures_are_send(routing: &Routing, cfg: &RoutingConfig) {
+        fn is_send<T: Send>(_: T) {}
+        is_send(Routing::new());
+        is_send(routing.sync(cfg));
+        is_send(routing.underlay_mtu());
+        is_send(routing.cleanup("wgmesh0", 0, None));
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn route(dst: &str, table: u32, protocol: u8) -> ObservedRoute {
+        ObservedRoute {
+            dst: net(dst),
+            table,
+            protocol,
+        }
+    }
+
+    const OURS: u8 = ROUTE_PROTOCOL;
+    const KERNEL: u8 = 2;
+    const STATIC: u8 = 4;
+
+    #[test]
+    fn plan_routes_table() {
+        struct Case {
+            name: &'static str,
+            observed: Vec<ObservedRoute>,
+            wanted: Vec<&'static str>,
+            table: u32,
+            add: Vec<&'static str>,
+            delete: Vec<usize>,
+        }
+        let cases = vec![
+            Case {
+                name: "empty",
+                observed: vec![],
+                wanted: vec![],
+                table: 0,
+                add: vec![],
+                delete: vec![],
+            },
+            Case {
+                name: "all new, host bits masked, duplicates dropped",
+                observed: vec![],
+                wanted: vec!["10.1.0.0/24", "10.2.0.7/16", "10.1.0.0/24", "fd00::1/64"],
+                table: 0,
+                add: vec!["10.1.0.0/24", "10.2.0.0/16", "fd00::/64"],
+                delete: vec![],
+            },
+            Case {
+                name: "in sync",
+                observed: vec![
+                    route("10.1.0.0/24", 254, OURS),
+                    route("fd00::/64", 254, OURS),
+                ],
+                wanted: vec!["10.1.0.0/24", "fd00::/64"],
+                table: 254,
+                add: vec![],
+                delete: vec![],
+            },
+            Case {
+                name: "one removed, one added, others' routes untouched",
+                observed: vec![
+                    route("10.1.0.0/24", 254, OURS),
+                    route("10.2.0.0/24", 254, OURS),
+                    route("10.9.0.0/24", 254, STATIC),
+                    route("10.250.0.0/16", 254, KERNEL),
+                ],
+                wanted: vec!["10.1.0.0/24", "10.3.0.0/24"],
+                table: 0,
+                add: vec!["10.3.0.0/24"],
+                delete: vec![1],
+            },
+            Case {
+                name: "someone else's route to a wanted destination counts as present",
+                observed: vec![route("10.250.0.0/16", 254, KERNEL)],
+                wanted: vec!["10.250.0.0/16"],
+                table: 254,
+                add: vec![],
+                delete: vec![],
+            },
+            Case {
+                name: "ours duplicating someone else's is deleted",
+                observed: vec![
+                    route("10.250.0.0/16", 254, OURS),
+                    route("10.250.0.0/16", 254, KERNEL),
+                ],
+                wanted: vec!["10.250.0.0/16"],
+                table: 254,
+                add: vec![],
+                delete: vec![0],
+            },
+            Case {
+                name: "table changed: ours in the old table go, the new table is filled",
+                observed: vec![
+                    route("10.1.0.0/24", 254, OURS),
+                    route("10.1.0.0/24", 51820, OURS),
+                    route("10.5.0.0/24", 100, STATIC),
+                ],
+                wanted: vec!["10.1.0.0/24", "10.2.0.0/24"],
+                table: 51820,
+                add: vec!["10.2.0.0/24"],
+                delete: vec![0],
+            },
+            Case {
+                name: "nothing wanted: all of ours go",
+                observed: vec![
+                    route("10.1.0.0/24", 254, OURS),
+                    route("10.9.0.0/24", 254, STATIC),
+                    route("fd00::/64", 7, OURS),
+                ],
+                wanted: vec![],
+                table: 0,
+                add: vec![],
+                delete: vec![0, 2],
+            },
+        ];
+        for case in cases {
+            let wanted: Vec<IpNet> = case.wanted.iter().map(|s| net(s)).collect();
+            let plan = plan_routes(&case.observed, &wanted, case.table);
+            let add: Vec<IpNet> = case.add.iter().map(|s| net(s)).collect();
+            assert_eq!(plan.add, add, "case {:?}: add", case.name);
+            assert_eq!(plan.delete, case.delete, "case {:?}: delete", case.name);
+        }
+    }
+
+    #[test]
+    fn plan_addresses_table() {
+        /// Name, observed, wanted, to add, to delete.
+        type Case = (
+            &'static str,
+            Vec<&'static str>,
+            Vec<&'static str>,
+            Vec<&'static str>,
+            Vec<usize>,
+        );
+        let cases: Vec<Case> = vec![
+            ("empty", vec![], vec![], vec![], vec![]),
+            (
+                "new",
+                vec![],
+                vec!["10.250.0.3/16", "fd00::3/64"],
+                vec!["10.250.0.3/16", "fd00::3/64"],
+                vec![],
+            ),
+            (
+                "in sync, link-local kept",
+                vec!["10.250.0.3/16", "fe80::1/64"],
+                vec!["10.250.0.3/16"],
+                vec![],
+                vec![],
+            ),
+            (
+                "prefix changed: the old one goes",
+                vec!["10.250.0.3/24", "10.9.9.9/32"],
+                vec!["10.250.0.3/16"],
+                vec!["10.250.0.3/16"],
+                vec![0, 1],
+            ),
+        ];
+        for (name, observed, wanted, add, delete) in cases {
+            let observed: Vec<IpNet> = observed.iter().map(|s| net(s)).collect();
+            let wanted: Vec<IpNet> = wanted.iter().map(|s| net(s)).collect();
+            let plan = plan_addresses(&observed, &wanted);
+            let add: Vec<IpNet> = add.iter().map(|s| net(s)).collect();
+            assert_eq!(plan.add, add, "case {name:?}");
+            assert_eq!(plan.delete, delete, "case {name:?}");
+        }
+    }
+
+    fn rule(family: Family, priority: u32, protocol: u8) -> ObservedRule {
+        ObservedRule {
+            family,
+            priority,
+            fwmark: 0x51820,
+            table: 51820,
+            invert: true,
+            to_table: true,
+            protocol,
+        }
+    }
+
+    #[test]
+    fn plan_rules_table() {
+        let cfg = RuleConfig {
+            priority: 100,
+            fwmark: 0x51820,
+            table: 51820,
+            invert: true,
+        };
+        let main_rule = ObservedRule {
+            family: Family::V4,
+            priority: 32766,
+            fwmark: 0,
+            table: 254,
+            invert: false,
+            to_table: true,
+            protocol: 0,
+        };
+        struct Case {
+            name: &'static str,
+            observed: Vec<ObservedRule>,
+            wanted: Option<RuleConfig>,
+            families: Vec<Family>,
+            add: Vec<Family>,
+            delete: Vec<usize>,
+        }
+        let cases = vec![
+            Case {
+                name: "missing",
+                observed: vec![main_rule.clone()],
+                wanted: Some(cfg.clone()),
+                families: vec![Family::V4, Family::V6],
+                add: vec![Family::V4, Family::V6],
+                delete: vec![],
+            },
+            Case {
+                name: "present once",
+                observed: vec![main_rule.clone(), rule(Family::V4, 100, OURS)],
+                wanted: Some(cfg.clone()),
+                families: vec![Family::V4],
+                add: vec![],
+                delete: vec![],
+            },
+            Case {
+                name: "duplicates of ours go",
+                observed: vec![rule(Family::V4, 100, OURS), rule(Family::V4, 100, OURS)],
+                wanted: Some(cfg.clone()),
+                families: vec![Family::V4],
+                add: vec![],
+                delete: vec![1],
+            },
+            Case {
+                name: "an identical rule of someone else's counts, ours duplicating it goes",
+                observed: vec![rule(Family::V4, 100, OURS), rule(Family::V4, 100, 0)],
+                wanted: Some(cfg.clone()),
+                families: vec![Family::V4],
+                add: vec![],
+                delete: vec![0],
+            },
+            Case {
+                name: "priority changed",
+                observed: vec![rule(Family::V4, 99, OURS)],
+                wanted: Some(cfg.clone()),
+                families: vec![Family::V4],
+                add: vec![Family::V4],
+                delete: vec![0],
+            },
+            Case {
+                name: "inversion changed",
+                observed: vec![ObservedRule {
+                    invert: false,
+                    ..rule(Family::V4, 100, OURS)
+                }],
+                wanted: Some(cfg.clone()),
+                families: vec![Family::V4],
+                add: vec![Family::V4],
+                delete: vec![0],
+            },
+            Case {
+                name: "family no longer used",
+                observed: vec![rule(Family::V4, 100, OURS), rule(Family::V6, 100, OURS)],
+                wanted: Some(cfg.clone()),
+                families: vec![Family::V4],
+                add: vec![],
+                delete: vec![1],
+            },
+            Case {
+                name: "no rule wanted: ours go, others stay",
+                observed: vec![
+                    main_rule.clone(),
+                    rule(Family::V4, 100, OURS),
+                    rule(Family::V6, 100, 0),
+                ],
+                wanted: None,
+                families: vec![Family::V4, Family::V6],
+                add: vec![],
+                delete: vec![1],
+            },
+        ];
+        for case in cases {
+            let plan = plan_rules(&case.observed, case.wanted.as_ref(), &case.families);
+            assert_eq!(plan.add, case.add, "case {:?}: add", case.name);
+            assert_eq!(plan.delete, case.delete, "case {:?}: delete", case.name);
+        }
+    }
+
+    #[test]
+    fn families_and_mtu() {
+        let mut cfg = RoutingConfig {
+            interface: "wgmesh0".into(),
+            addresses: vec![],
+            mtu: None,
+            routes: vec![],
+            table: 0,
+            rule: None,
+        };
+        assert_eq!(rule_families(&cfg), vec![Family::V4]);
+        cfg.routes = vec![net("fd00::/64")];
+        assert_eq!(rule_families(&cfg), vec![Family::V6]);
+        cfg.addresses = vec![net("10.0.0.1/16")];
+        assert_eq!(rule_families(&cfg), vec![Family::V4, Family::V6]);
+        assert_eq!(auto_mtu(1500), 1420);
+        assert_eq!(auto_mtu(9000), 8920);
+        assert_eq!(auto_mtu(1300), MIN_AUTO_MTU);
+        assert_eq!(normalize_table(0), 254);
+        assert_eq!(normalize_table(7), 7);
+    }
+}

@@ -1,0 +1,352 @@
+//! The agent's view of what the controller wants (applied from the stream), and the pure
+//! decision of what to change on the device to get there.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use wgmesh_core::{Cidr, Key, PublicKey};
+use wgmesh_proto as pb;
+
+use crate::device::{DeviceChange, DeviceState, PeerConfig};
+
+/// What the controller has sent so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Desired {
+    pub epoch: String,
+    pub revision: u64,
+    pub settings: Option<pb::MeshSettings>,
+    /// Interface addresses, such as `10.250.0.3/16`.
+    pub addresses: Vec<IpNet>,
+    pub peers: BTreeMap<PublicKey, pb::Peer>,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UpdateError {
+    #[error("peer {name:?}: public key must be 32 bytes, got {len}")]
+    Key { name: String, len: usize },
+    #[error("removed key must be 32 bytes, got {0}")]
+    RemovedKey(usize),
+    #[error("tunnel address {0:?} is not an address with a prefix")]
+    Address(String),
+    #[error("the update carries neither a snapshot nor a delta")]
+    Empty,
+}
+
+fn key_of(bytes: &[u8]) -> Option<PublicKey> {
+    <[u8; 32]>::try_from(bytes).ok().map(PublicKey::from_bytes)
+}
+
+impl Desired {
+    /// Applies one stream message. A malformed message changes nothing.
+    pub fn apply(&mut self, update: &pb::PeerUpdate) -> Result<(), UpdateError> {
+        let mut next = self.clone();
+        match &update.update {
+            Some(pb::peer_update::Update::Snapshot(s)) => {
+                next.peers = keyed(&s.peers)?;
+                next.settings = s.mesh.clone();
+                next.addresses = parse_addresses(&s.tunnel_addresses)?;
+            }
+            Some(pb::peer_update::Update::Delta(d)) => {
+                for key in &d.removed {
+                    let key = key_of(key).ok_or(UpdateError::RemovedKey(key.len()))?;
+                    next.peers.remove(&key);
+                }
+                next.peers.extend(keyed(&d.upserted)?);
+                if d.mesh.is_some() {
+                    next.settings = d.mesh.clone();
+                }
+                if !d.tunnel_addresses.is_empty() {
+                    next.addresses = parse_addresses(&d.tunnel_addresses)?;
+                }
+            }
+            None => return Err(UpdateError::Empty),
+        }
+        next.epoch = update.epoch.clone();
+        next.revision = update.revision;
+        *self = next;
+        Ok(())
+    }
+
+    /// Every network routed into the interface: all peers' allowed IPs.
+    pub fn routes(&self) -> Vec<IpNet> {
+        let set: BTreeSet<IpNet> = self
+            .peers
+            .values()
+            .flat_map(|p| p.allowed_ips.iter())
+            .filter_map(|c| Cidr::parse_masked(c).ok())
+            .map(|c| c.net())
+            .collect();
+        set.into_iter().collect()
+    }
+}
+
+fn keyed(peers: &[pb::Peer]) -> Result<BTreeMap<PublicKey, pb::Peer>, UpdateError> {
+    peers
+        .iter()
+        .map(|p| {
+            key_of(&p.public_key)
+                .map(|k| (k, p.clone()))
+                .ok_or_else(|| UpdateError::Key {
+                    name: p.name.clone(),
+                    len: p.public_key.len(),
+                })
+        })
+        .collect()
+}
+
+fn parse_addresses(list: &[String]) -> Result<Vec<IpNet>, UpdateError> {
+    list.iter()
+        .map(|a| a.parse().map_err(|_| UpdateError::Address(a.clone())))
+        .collect()
+}
+
+/// A peer as the device should have it. `endpoint` is the resolved `pb::Peer::endpoint`
+/// (`None` when it is empty or does not resolve).
+pub fn peer_config(peer: &pb::Peer, key: PublicKey, endpoint: Option<SocketAddr>) -> PeerConfig {
+    let mut allowed_ips: Vec<Cidr> = peer
+        .allowed_ips
+        .iter()
+        .filter_map(|c| Cidr::parse_masked(c).ok())
+        .collect();
+    allowed_ips.sort();
+    allowed_ips.dedup();
+    PeerConfig {
+        public_key: key,
+        endpoint,
+        allowed_ips,
+        persistent_keepalive: u16::try_from(peer.persistent_keepalive).unwrap_or(u16::MAX),
+        preshared_key: <[u8; 32]>::try_from(peer.preshared_key.as_slice())
+            .ok()
+            .map(Key::from_bytes),
+    }
+}
+
+/// The changes that turn the observed device into the wanted peer set: remove what is not
+/// wanted, upsert what differs, leave the rest (and its session) alone. An unset endpoint
+/// never overrides where a roaming peer was last seen.
+pub fn device_changes(observed: &DeviceState, wanted: &[PeerConfig]) -> Vec<DeviceChange> {
+    let have: BTreeMap<PublicKey, &PeerConfig> = observed
+        .peers
+        .iter()
+        .map(|p| (p.config.public_key, &p.config))
+        .collect();
+    let want: BTreeMap<PublicKey, &PeerConfig> = wanted.iter().map(|p| (p.public_key, p)).collect();
+    let mut changes = Vec::new();
+    for key in have.keys().filter(|k| !want.contains_key(k)) {
+        changes.push(DeviceChange::RemovePeer(*key));
+    }
+    for (key, w) in &want {
+        let differs = match have.get(key) {
+            None => true,
+            Some(h) => {
+                let mut h_allowed = h.allowed_ips.clone();
+                h_allowed.sort();
+                h_allowed != w.allowed_ips
+                    || h.persistent_keepalive != w.persistent_keepalive
+                    || h.preshared_key != w.preshared_key
+                    || (w.endpoint.is_some() && h.endpoint != w.endpoint)
+            }
+        };
+        if differs {
+            changes.push(DeviceChange::UpsertPeer((*w).clone()));
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::PeerState;
+
+    fn peer(n: u8, endpoint: &str, allowed: &[&str]) -> pb::Peer {
+        pb::Peer {
+            public_key: vec![n; 32],
+            name: format!("p{n}"),
+            endpoint: endpoint.into(),
+            allowed_ips: allowed.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn config(n: u8, endpoint: Option<&str>, allowed: &[&str]) -> PeerConfig {
+        let p = peer(n, "", allowed);
+        peer_config(
+            &p,
+            PublicKey::from_bytes([n; 32]),
+            endpoint.map(|e| e.parse().unwrap()),
+        )
+    }
+
+    fn observed(peers: Vec<PeerConfig>) -> DeviceState {
+        DeviceState {
+            public_key: PublicKey::from_bytes([0; 32]),
+            listen_port: 51820,
+            fwmark: 0,
+            peers: peers
+                .into_iter()
+                .map(|config| PeerState {
+                    current_endpoint: config.endpoint,
+                    config,
+                    last_handshake: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                })
+                .collect(),
+        }
+    }
+
+    fn summary(changes: &[DeviceChange]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|c| match c {
+                DeviceChange::UpsertPeer(p) => format!("+{}", p.public_key.as_bytes()[0]),
+                DeviceChange::RemovePeer(k) => format!("-{}", k.as_bytes()[0]),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn device_changes_table() {
+        let a = config(1, Some("192.0.2.1:51820"), &["10.244.1.0/24"]);
+        let b = config(2, Some("192.0.2.2:51820"), &["10.244.2.0/24"]);
+        let roaming_b = config(2, None, &["10.244.2.0/24"]);
+        let b_moved = config(2, Some("192.0.2.9:51820"), &["10.244.2.0/24"]);
+        let b_more = config(
+            2,
+            Some("192.0.2.2:51820"),
+            &["10.244.2.0/24", "10.250.0.2/32"],
+        );
+        // name, device has, controller wants, expected changes
+        type Case<'a> = (&'a str, Vec<PeerConfig>, Vec<PeerConfig>, Vec<&'a str>);
+        let cases: Vec<Case> = vec![
+            (
+                "nothing to do",
+                vec![a.clone(), b.clone()],
+                vec![a.clone(), b.clone()],
+                vec![],
+            ),
+            (
+                "add",
+                vec![a.clone()],
+                vec![a.clone(), b.clone()],
+                vec!["+2"],
+            ),
+            (
+                "remove",
+                vec![a.clone(), b.clone()],
+                vec![a.clone()],
+                vec!["-2"],
+            ),
+            (
+                "allowed IPs changed",
+                vec![a.clone(), b.clone()],
+                vec![a.clone(), b_more],
+                vec!["+2"],
+            ),
+            (
+                "endpoint changed",
+                vec![b.clone()],
+                vec![b_moved],
+                vec!["+2"],
+            ),
+            (
+                "no endpoint wanted leaves a roamed one alone",
+                vec![b.clone()],
+                vec![roaming_b],
+                vec![],
+            ),
+            (
+                "from an empty device",
+                vec![],
+                vec![a.clone(), b.clone()],
+                vec!["+1", "+2"],
+            ),
+        ];
+        for (name, have, want, expected) in cases {
+            assert_eq!(
+                summary(&device_changes(&observed(have), &want)),
+                expected,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn updates_apply_and_malformed_ones_change_nothing() {
+        let mut d = Desired::default();
+        let snapshot = pb::PeerUpdate {
+            epoch: "e".into(),
+            revision: 3,
+            update: Some(pb::peer_update::Update::Snapshot(pb::PeerSnapshot {
+                peers: vec![
+                    peer(1, "a:1", &["10.0.1.0/24"]),
+                    peer(2, "b:1", &["10.0.2.0/24"]),
+                ],
+                mesh: Some(pb::MeshSettings {
+                    interface_name: "wgmesh0".into(),
+                    ..Default::default()
+                }),
+                tunnel_addresses: vec!["10.250.0.1/16".into()],
+            })),
+        };
+        d.apply(&snapshot).unwrap();
+        assert_eq!((d.peers.len(), d.revision, d.addresses.len()), (2, 3, 1));
+        assert_eq!(d.routes().len(), 2);
+
+        let delta = pb::PeerUpdate {
+            epoch: "e".into(),
+            revision: 4,
+            update: Some(pb::peer_update::Update::Delta(pb::PeerDelta {
+                upserted: vec![peer(3, "c:1", &["10.0.3.0/24"])],
+                removed: vec![vec![1; 32]],
+                ..Default::default()
+            })),
+        };
+        d.apply(&delta).unwrap();
+        let keys: Vec<u8> = d.peers.keys().map(|k| k.as_bytes()[0]).collect();
+        assert_eq!(keys, [2, 3]);
+        assert_eq!(
+            d.settings.as_ref().unwrap().interface_name,
+            "wgmesh0",
+            "settings kept"
+        );
+
+        let before = d.clone();
+        for bad in [
+            pb::PeerUpdate {
+                update: None,
+                ..Default::default()
+            },
+            pb::PeerUpdate {
+                update: Some(pb::peer_update::Update::Delta(pb::PeerDelta {
+                    upserted: vec![pb::Peer {
+                        public_key: vec![1, 2, 3],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+            pb::PeerUpdate {
+                update: Some(pb::peer_update::Update::Delta(pb::PeerDelta {
+                    removed: vec![vec![9; 31]],
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+            pb::PeerUpdate {
+                update: Some(pb::peer_update::Update::Snapshot(pb::PeerSnapshot {
+                    tunnel_addresses: vec!["garbage".into()],
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+        ] {
+            assert!(d.apply(&bad).is_err());
+            assert_eq!(d, before, "a malformed message changes nothing");
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Backend selection against the real kernel, in a fresh network namespace: the kernel
+//! WireGuard probe must agree with `ip link add .. type wireguard`, `Requested::Kernel` must
+//! fail clearly without the module, and `Requested::Auto` must fall back to the userspace
+//! device with one log line saying why. Where the module exists, the kernel device itself is
+//! exercised too. Needs root and `ip`.
+
+use std::fs::File;
+use std::future::Future;
+use std::io::Write;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use nix::sched::{CloneFlags, setns};
+use wgmesh_agent::device::{
+    BackendKind, Device, DeviceChange, DeviceError, InterfaceConfig, KernelSupport, PeerConfig,
+    Requested, kernel_wireguard_available,
+};
+use wgmesh_core::{Cidr, Key, PrivateKey};
+
+fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipping: the device backend tests need root");
+    false
+}
+
+/// A network namespace, deleted on drop (also when the test panics).
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("wgdb-{}-{tag}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("running ip");
+        assert!(out.status.success(), "ip netns add {name} failed");
+        Netns { name }
+    }
+
+    fn run<F, Fut>(&self, body: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        let path = format!("/var/run/netns/{}", self.name);
+        let thread = std::thread::spawn(move || {
+            setns(
+                File::open(&path).expect("namespace"),
+                CloneFlags::CLONE_NEWNET,
+            )
+            .expect("setns");
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(body());
+        });
+        if let Err(panic) = thread.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn ip(ns: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["-n", ns])
+        .args(args)
+        .output()
+        .expect("running ip");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Log output captured from the test thread.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+fn config(name: &str, key: &PrivateKey) -> InterfaceConfig {
+    InterfaceConfig {
+        name: name.to_owned(),
+        private_key: key.clone(),
+        listen_port: 0,
+        fwmark: 0,
+    }
+}
+
+fn peer(n: u8, psk: Option<Key>) -> PeerConfig {
+    PeerConfig {
+        public_key: PrivateKey::from_bytes([n; 32]).public_key(),
+        endpoint: Some(([192, 0, 2, n], 51820).into()),
+        allowed_ips: vec![Cidr::from(
+            format!("10.77.{n}.0/24").parse::<ipnet::IpNet>().unwrap(),
+        )],
+        persistent_keepalive: 25,
+        preshared_key: psk,
+    }
+}
+
+#[test]
+fn backend_selection_follows_the_kernel() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("sel");
+    // Ground truth from iproute2.
+    let (kernel_has_wg, _) = ip(&ns.name, &["link", "add", "wgx", "type", "wireguard"]);
+    if kernel_has_wg {
+        ip(&ns.name, &["link", "del", "wgx"]);
+    }
+    let ns_name = ns.name.clone();
+    let ifname = format!("wgb{}", std::process::id() % 100_000);
+    ns.run(move || async move {
+        let support = kernel_wireguard_available().await.expect("the probe runs");
+        match (&support, kernel_has_wg) {
+            (KernelSupport::Available, true) => {}
+            (KernelSupport::Unavailable(reason), false) => {
+                assert!(!reason.is_empty());
+                eprintln!("kernel WireGuard unavailable: {reason}");
+            }
+            (support, _) => panic!("probe says {support:?}, ip says {kernel_has_wg}"),
+        }
+        let (_, links) = ip(&ns_name, &["link", "show"]);
+        assert!(
+            !links.contains("wgprobe"),
+            "the probe link is gone: {links}"
+        );
+
+        let key = PrivateKey::generate();
+        let requested_kernel = Device::open(Requested::Kernel, config(&ifname, &key)).await;
+        match requested_kernel {
+            Err(DeviceError::KernelUnavailable(reason)) if !kernel_has_wg => {
+                let msg = DeviceError::KernelUnavailable(reason).to_string();
+                assert!(msg.contains("kernel WireGuard is unavailable"), "{msg}");
+            }
+            Ok(device) if kernel_has_wg => exercise_kernel_device(device, &ns_name).await,
+            Err(e) => panic!("kernel backend: unexpected error {e}"),
+            Ok(_) => panic!("kernel backend opened although ip cannot create the link"),
+        }
+
+        let logs = Capture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        let device = Device::open(Requested::Auto, config(&ifname, &key))
+            .await
+            .expect("auto opens a device");
+        drop(guard);
+        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let want = if kernel_has_wg {
+            BackendKind::Kernel
+        } else {
+            BackendKind::Userspace
+        };
+        assert_eq!(device.backend(), want);
+        assert_eq!(device.name(), ifname);
+        let fallback_lines = logs
+            .lines()
+            .filter(|l| l.contains("kernel WireGuard unavailable ("))
+            .count();
+        if kernel_has_wg {
+            assert_eq!(fallback_lines, 0, "{logs}");
+        } else {
+            assert_eq!(fallback_lines, 1, "{logs}");
+            assert!(logs.contains("using the userspace device"), "{logs}");
+        }
+        assert!(
+            !logs.contains(&key.expose_base64()),
+            "no private key in logs"
+        );
+
+        // The same API whatever the backend.
+        device
+            .apply(&[DeviceChange::UpsertPeer(peer(1, None))])
+            .await
+            .unwrap();
+        let state = device.observe().await.unwrap();
+        assert_eq!(state.public_key, key.public_key());
+        assert_eq!(state.peers.len(), 1);
+        assert_eq!(state.peers[0].config.allowed_ips, peer(1, None).allowed_ips);
+        device.delete().await.unwrap();
+    });
+}
+
+/// Runs only where the kernel has WireGuard.
+async fn exercise_kernel_device(device: Device, ns: &str) {
+    assert_eq!(device.backend(), BackendKind::Kernel);
+    let psk = Key::from_bytes([3; 32]);
+    device
+        .apply(&[
+            DeviceChange::SetListenPort(51999),
+            DeviceChange::SetFwmark(0x77),
+            DeviceChange::UpsertPeer(peer(1, Some(psk))),
+            DeviceChange::UpsertPeer(peer(2, None)),
+        ])
+        .await
+        .unwrap();
+    let state = device.observe().await.unwrap();
+    assert_eq!((state.listen_port, state.fwmark), (51999, 0x77));
+    assert_eq!(state.peers.len(), 2);
+    let p1 = &state.peers[0];
+    assert_eq!(p1.config.preshared_key, Some(psk));
+    assert_eq!(p1.config.persistent_keepalive, 25);
+    assert_eq!(p1.last_handshake, None);
+    assert_eq!(p1.config.allowed_ips, peer(1, None).allowed_ips);
+
+    // Dropping the preshared key clears it; removal removes.
+    let mut p1_new = peer(1, None);
+    p1_new
+        .allowed_ips
+        .push(Cidr::from("10.78.0.0/16".parse::<ipnet::IpNet>().unwrap()));
+    device
+        .apply(&[
+            DeviceChange::UpsertPeer(p1_new.clone()),
+            DeviceChange::RemovePeer(peer(2, None).public_key),
+        ])
+        .await
+        .unwrap();
+    let state = device.observe().await.unwrap();
+    assert_eq!(state.peers.len(), 1);
+    assert_eq!(state.peers[0].config.preshared_key, None);
+    assert_eq!(state.peers[0].config.allowed_ips, p1_new.allowed_ips);
+
+    let name = device.name().to_owned();
+    device.delete().await.unwrap();
+    let (exists, _) = ip(ns, &["link", "show", &name]);
+    assert!(!exists, "the kernel link is deleted");
+}

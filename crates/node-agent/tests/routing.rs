@@ -1,0 +1,404 @@
+//! `Routing` against the real kernel, each test in its own network namespace with veth
+//! links standing in for the mesh interface and the underlay (this kernel has no `dummy`
+//! module). Needs root and `ip`.
+//!
+//! The test body runs on a thread that joined the namespace (`setns`) before creating its
+//! tokio runtime, so the rtnetlink socket opened by `Routing::new` lives there. A `Netns`
+//! guard deletes the namespace on drop, also when the test panics.
+
+use std::fs::File;
+use std::future::Future;
+use std::process::Command;
+
+use ipnet::IpNet;
+use nix::sched::{CloneFlags, setns};
+use wgmesh_agent::routing::{RouteChanges, Routing, RoutingConfig, RuleConfig};
+
+fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipping: the routing tests need root");
+    false
+}
+
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("wgrt-{}-{tag}", std::process::id());
+        // A namespace left by a crashed run with the same PID would make `add` fail.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("running ip");
+        assert!(
+            out.status.success(),
+            "ip netns add {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Netns { name }
+    }
+
+    /// `ip -n <ns> ...`.
+    fn ip(&self, args: &[&str]) -> String {
+        NsCmd(self.name.clone()).ip(args)
+    }
+
+    /// A veth pair `<name>` / `<name>p` with this MTU; the peer end up when `peer_up` (so
+    /// that `<name>` gets a carrier once it is up).
+    fn veth(&self, name: &str, mtu: u32, peer_up: bool) {
+        let peer = format!("{name}p");
+        let mtu = mtu.to_string();
+        self.ip(&[
+            "link", "add", name, "mtu", &mtu, "type", "veth", "peer", "name", &peer, "mtu", &mtu,
+        ]);
+        if peer_up {
+            self.ip(&["link", "set", &peer, "up"]);
+        }
+    }
+
+    /// Runs `body` to completion on a thread inside the namespace, with its own runtime;
+    /// a panic in it is re-raised here.
+    fn run<F, Fut>(&self, body: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        let path = format!("/var/run/netns/{}", self.name);
+        let thread = std::thread::spawn(move || {
+            let ns = File::open(&path).expect("opening the namespace");
+            setns(ns, CloneFlags::CLONE_NEWNET).expect("setns");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(body());
+        });
+        if let Err(panic) = thread.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn nets(list: &[&str]) -> Vec<IpNet> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+#[test]
+fn sync_applies_only_the_diff() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("diff");
+    ns.veth("wgt0", 1500, true);
+    let name = ns.name.clone();
+    ns.run(move || async move {
+        let ns = NsCmd(name);
+        let routing = Routing::new().await.unwrap();
+        let mut cfg = RoutingConfig {
+            interface: "wgt0".into(),
+            addresses: nets(&["10.250.0.3/16", "fd00:250::3/64"]),
+            mtu: Some(1400),
+            routes: nets(&["10.251.1.0/24", "10.251.2.0/24", "fd00:251::/64"]),
+            table: 0,
+            rule: None,
+        };
+        let changes = routing.sync(&cfg).await.unwrap();
+        assert_eq!(
+            changes,
+            RouteChanges {
+                link_set_up: true,
+                mtu: Some(1400),
+                addresses_added: 2,
+                routes_added: 3,
+                ..RouteChanges::default()
+            }
+        );
+        let link = ns.ip(&["link", "show", "wgt0"]);
+        assert!(link.contains("mtu 1400") && link.contains(",UP"), "{link}");
+        let addrs = ns.ip(&["addr", "show", "dev", "wgt0"]);
+        assert!(addrs.contains("inet 10.250.0.3/16"), "{addrs}");
+        assert!(addrs.contains("inet6 fd00:250::3/64"), "{addrs}");
+        for (family, dst) in [
+            ("-4", "10.251.1.0/24"),
+            ("-4", "10.251.2.0/24"),
+            ("-6", "fd00:251::/64"),
+        ] {
+            let found = ns.routes(family, "wgt0", dst);
+            assert_eq!(found.len(), 1, "{dst}: {found:?}");
+            assert!(found[0].contains("proto 87"), "{dst}: {found:?}");
+            assert!(!found[0].contains("table"), "main table: {found:?}");
+        }
+
+        // A route via the interface that we did not create.
+        ns.ip(&["route", "add", "10.252.0.0/24", "dev", "wgt0"]);
+
+        cfg.routes = nets(&["10.251.1.0/24", "10.251.3.0/24", "fd00:251::/64"]);
+        let changes = routing.sync(&cfg).await.unwrap();
+        assert_eq!(
+            changes,
+            RouteChanges {
+                routes_added: 1,
+                routes_removed: 1,
+                ..RouteChanges::default()
+            }
+        );
+        assert!(ns.routes("-4", "wgt0", "10.251.2.0/24").is_empty());
+        assert_eq!(ns.routes("-4", "wgt0", "10.251.3.0/24").len(), 1);
+        assert_eq!(ns.routes("-4", "wgt0", "10.251.1.0/24").len(), 1);
+        assert_eq!(ns.routes("-6", "wgt0", "fd00:251::/64").len(), 1);
+        let manual = ns.routes("-4", "wgt0", "10.252.0.0/24");
+        assert_eq!(manual.len(), 1, "the foreign route stays: {manual:?}");
+        // The address's own prefix route (proto kernel) is still there.
+        assert_eq!(ns.routes("-4", "wgt0", "10.250.0.0/16").len(), 1);
+
+        // In sync: nothing to do.
+        assert!(routing.sync(&cfg).await.unwrap().is_empty());
+
+        // New address in another subnet: added before the old ones go (not the IPv6
+        // link-local), so the interface never loses its routes.
+        cfg.addresses = nets(&["10.249.0.4/16"]);
+        let changes = routing.sync(&cfg).await.unwrap();
+        assert_eq!(
+            changes,
+            RouteChanges {
+                addresses_added: 1,
+                addresses_removed: 2,
+                ..RouteChanges::default()
+            }
+        );
+        let addrs = ns.ip(&["addr", "show", "dev", "wgt0"]);
+        assert!(addrs.contains("inet 10.249.0.4/16"), "{addrs}");
+        assert!(!addrs.contains("10.250.0.3"), "{addrs}");
+        assert!(!addrs.contains("fd00:250::3"), "{addrs}");
+        assert!(addrs.contains("inet6 fe80::"), "link-local kept: {addrs}");
+        assert_eq!(ns.routes("-4", "wgt0", "10.251.1.0/24").len(), 1);
+        assert_eq!(ns.routes("-6", "wgt0", "fd00:251::/64").len(), 1);
+        assert_eq!(ns.routes("-4", "wgt0", "10.252.0.0/24").len(), 1);
+
+        // Same subnet: the new address is a secondary of the old, and the kernel removes it
+        // (and every IPv4 route via the interface) with the old primary; one sync converges.
+        cfg.addresses = nets(&["10.249.0.5/16"]);
+        let changes = routing.sync(&cfg).await.unwrap();
+        assert_eq!((changes.addresses_added, changes.addresses_removed), (1, 1));
+        let addrs = ns.ip(&["addr", "show", "dev", "wgt0"]);
+        assert!(addrs.contains("inet 10.249.0.5/16"), "{addrs}");
+        assert!(!addrs.contains("10.249.0.4"), "{addrs}");
+        assert_eq!(ns.routes("-4", "wgt0", "10.251.1.0/24").len(), 1);
+        assert_eq!(ns.routes("-4", "wgt0", "10.251.3.0/24").len(), 1);
+        assert!(routing.sync(&cfg).await.unwrap().is_empty());
+        // The foreign route went with the kernel's flush (if it did flush): re-add it.
+        if ns.routes("-4", "wgt0", "10.252.0.0/24").is_empty() {
+            ns.ip(&["route", "add", "10.252.0.0/24", "dev", "wgt0"]);
+        }
+
+        // No routes wanted: ours go, the foreign one stays.
+        cfg.routes.clear();
+        let changes = routing.sync(&cfg).await.unwrap();
+        assert_eq!(changes.routes_removed, 3);
+        let left = ns.ip(&["route", "show", "table", "all", "proto", "87"]);
+        assert!(left.trim().is_empty(), "{left}");
+        assert_eq!(ns.routes("-4", "wgt0", "10.252.0.0/24").len(), 1);
+    });
+}
+
+#[test]
+fn dedicated_table_rule_and_cleanup() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("rule");
+    ns.veth("wgt1", 1500, true);
+    ns.veth("other0", 1500, true);
+    ns.ip(&["link", "set", "other0", "up"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.99.0.0/24",
+        "dev",
+        "other0",
+        "proto",
+        "static",
+    ]);
+    let name = ns.name.clone();
+    ns.run(move || async move {
+        let ns = NsCmd(name);
+        let routing = Routing::new().await.unwrap();
+        let rule = RuleConfig {
+            priority: 100,
+            fwmark: 0x51820,
+            table: 51820,
+            invert: true,
+        };
+        let cfg = RoutingConfig {
+            interface: "wgt1".into(),
+            addresses: nets(&["10.250.0.5/16"]),
+            mtu: Some(1420),
+            routes: nets(&["10.251.1.0/24", "10.251.9.9/32"]),
+            table: 51820,
+            rule: Some(rule.clone()),
+        };
+        let first = routing.sync(&cfg).await.unwrap();
+        assert_eq!(first.routes_added, 2);
+        assert_eq!(first.rules_added, 1, "IPv4 only: {first:?}");
+        let second = routing.sync(&cfg).await.unwrap();
+        assert!(second.is_empty(), "{second:?}");
+
+        let rules = ns.ip(&["rule", "show"]);
+        let ours: Vec<&str> = rules.lines().filter(|l| l.contains("0x51820")).collect();
+        assert_eq!(ours.len(), 1, "{rules}");
+        assert!(
+            ours[0].starts_with("100:")
+                && ours[0].contains("not from all fwmark 0x51820 lookup 51820"),
+            "{rules}"
+        );
+        let rules6 = ns.ip(&["-6", "rule", "show"]);
+        assert!(!rules6.contains("0x51820"), "{rules6}");
+
+        let table = ns.ip(&["route", "show", "table", "51820"]);
+        assert!(table.contains("10.251.1.0/24 dev wgt1 proto 87"), "{table}");
+        assert!(table.contains("10.251.9.9 dev wgt1 proto 87"), "{table}");
+        let main = ns.ip(&["route", "show", "table", "main", "dev", "wgt1"]);
+        assert!(
+            !main.contains("proto 87"),
+            "nothing of ours in main: {main}"
+        );
+
+        // The rule flips to "fwmark M lookup T": replaced, still once.
+        let mut flipped = cfg.clone();
+        flipped.rule = Some(RuleConfig {
+            invert: false,
+            ..rule.clone()
+        });
+        let changes = routing.sync(&flipped).await.unwrap();
+        assert_eq!((changes.rules_added, changes.rules_removed), (1, 1));
+        let rules = ns.ip(&["rule", "show"]);
+        let ours: Vec<&str> = rules.lines().filter(|l| l.contains("0x51820")).collect();
+        assert_eq!(ours.len(), 1, "{rules}");
+        assert!(!ours[0].contains("not"), "{rules}");
+
+        routing
+            .cleanup("wgt1", 51820, flipped.rule.as_ref())
+            .await
+            .unwrap();
+        let rules = ns.ip(&["rule", "show"]);
+        assert!(!rules.contains("0x51820"), "{rules}");
+        let table = ns.ip(&["route", "show", "table", "51820"]);
+        assert!(table.trim().is_empty(), "{table}");
+        assert!(!ns.ip_ok(&["link", "show", "wgt1"]), "the link is gone");
+        // Someone else's route on another link is untouched.
+        let other = ns.ip(&["route", "show", "dev", "other0"]);
+        assert!(other.contains("10.99.0.0/24"), "{other}");
+        // Cleaning up again is harmless.
+        routing
+            .cleanup("wgt1", 51820, flipped.rule.as_ref())
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn underlay_mtu_and_auto_mtu() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("mtu");
+    for (dev, mtu) in [("ul0", 1420), ("ul1", 9000), ("wgt2", 1500)] {
+        ns.veth(dev, mtu, false);
+    }
+    let name = ns.name.clone();
+    ns.run(move || async move {
+        let ns = NsCmd(name);
+        let routing = Routing::new().await.unwrap();
+        // Nothing up: the default.
+        assert_eq!(routing.underlay_mtu().await.unwrap(), 1500);
+        for dev in ["ul0", "ul0p", "ul1", "ul1p"] {
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        // No default route: the largest MTU among the up links.
+        assert_eq!(routing.underlay_mtu().await.unwrap(), 9000);
+        ns.ip(&["addr", "add", "192.168.77.2/24", "dev", "ul0"]);
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.77.1",
+            "dev",
+            "ul0",
+        ]);
+        // The link holding the default route.
+        assert_eq!(routing.underlay_mtu().await.unwrap(), 1420);
+
+        let cfg = RoutingConfig {
+            interface: "wgt2".into(),
+            addresses: nets(&["10.250.0.6/16"]),
+            mtu: None,
+            routes: vec![],
+            table: 0,
+            rule: None,
+        };
+        let changes = routing.sync(&cfg).await.unwrap();
+        assert_eq!(changes.mtu, Some(1340));
+        let link = ns.ip(&["link", "show", "wgt2"]);
+        assert!(link.contains("mtu 1340"), "{link}");
+        assert!(routing.sync(&cfg).await.unwrap().is_empty());
+
+        // A missing interface is a clear error.
+        let missing = RoutingConfig {
+            interface: "nope0".into(),
+            ..cfg
+        };
+        let err = routing.sync(&missing).await.unwrap_err();
+        assert!(err.to_string().contains("nope0"), "{err}");
+    });
+}
+
+/// `ip -n <ns>` from inside the test body (the body owns no guard: the outer `Netns` does).
+struct NsCmd(String);
+
+impl NsCmd {
+    fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .output()
+            .expect("running ip");
+        assert!(
+            out.status.success(),
+            "ip {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ip_ok(&self, args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Lines of `ip <family> route show table all dev <dev>` for destination `dst`.
+    fn routes(&self, family: &str, dev: &str, dst: &str) -> Vec<String> {
+        self.ip(&[family, "route", "show", "table", "all", "dev", dev])
+            .lines()
+            .filter(|l| l.starts_with(&format!("{dst} ")))
+            .map(str::to_owned)
+            .collect()
+    }
+}
