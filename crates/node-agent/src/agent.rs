@@ -22,6 +22,8 @@ use crate::state::{Desired, device_changes, peer_config};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often an agent that is not (or no longer) a member registers again.
+const REREGISTER: Duration = Duration::from_secs(5);
 /// Priority of the rule that sends marked (encrypted) packets to the fwmark table.
 const FWMARK_RULE_PRIORITY: u32 = 5200;
 
@@ -115,8 +117,19 @@ impl Agent {
         let mut stream = client.grpc().watch_peers(req).await?.into_inner();
         self.metrics.set_connected(true);
         let mut tick = tokio::time::interval(Duration::from_secs(self.args.report_interval.max(1)));
+        let mut membership = tokio::time::interval(REREGISTER);
         loop {
             tokio::select! {
+                _ = membership.tick() => {
+                    // Not a member (our Node was deleted and our peer with it, or the Node left
+                    // the selector): say we are here again, so we rejoin once it is back.
+                    if self.desired.addresses.is_empty() {
+                        let port = self.desired.settings.as_ref().map(|s| s.listen_port).unwrap_or(51820);
+                        if let Err(e) = self.register(&mut client, port).await {
+                            tracing::debug!(error = %e, "not a member of the mesh yet");
+                        }
+                    }
+                }
                 message = stream.message() => {
                     let update = message?.ok_or(Error::StreamClosed)?;
                     self.desired.apply(&update)?;

@@ -44,6 +44,8 @@ impl ControllerTls {
 /// A running controller. Dropping it stops the process.
 pub struct Controller {
     process: ChildGuard,
+    /// How it was started, to start it again on the same ports.
+    command: (PathBuf, Vec<(String, String)>, PathBuf),
     pub identity: String,
     pub grpc_port: u16,
     pub metrics_port: u16,
@@ -77,7 +79,7 @@ impl Controller {
         cmd.env("KUBECONFIG", cp.kubeconfig())
             .env("POD_NAMESPACE", AGENT_NAMESPACE)
             .env("POD_NAME", identity)
-            .env("WGMESH_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
+            .env("WGMESH_GRPC_ADDR", grpc_bind(env, grpc_port))
             .env("WGMESH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
             .env("WGMESH_TLS_CERT", &tls.cert)
             .env("WGMESH_TLS_KEY", &tls.key)
@@ -92,9 +94,14 @@ impl Controller {
             cmd.env(k, v);
         }
         let log = cp.dir().join(format!("controller-{identity}.log"));
+        let envs: Vec<(String, String)> = cmd
+            .get_envs()
+            .filter_map(|(k, v)| Some((k.to_str()?.to_owned(), v?.to_str()?.to_owned())))
+            .collect();
         let process = ChildGuard::spawn(&format!("controller {identity}"), cmd, &log)?;
         let mut controller = Controller {
             process,
+            command: (binary.to_owned(), envs, log),
             identity: identity.to_owned(),
             grpc_port,
             metrics_port,
@@ -135,6 +142,16 @@ impl Controller {
         http_get(self.metrics_port, "/metrics").await
     }
 
+    /// Starts the controller again, same ports and identity, after a kill or stop.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.process.kill();
+        let (binary, envs, log) = &self.command;
+        let mut cmd = Command::new(binary);
+        cmd.envs(envs.iter().map(|(k, v)| (k, v)));
+        self.process = ChildGuard::spawn(&format!("controller {}", self.identity), cmd, log)?;
+        self.wait_ready().await
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill(&mut self) {
         self.process.kill();
@@ -155,6 +172,16 @@ impl Controller {
 
     pub fn pid(&self) -> Option<u32> {
         self.process.pid()
+    }
+}
+
+/// Loopback only, unless the test's nodes (network namespaces) must reach the controller over
+/// the test bridge (`WGMESH_BIND_ALL` in `env`).
+fn grpc_bind(env: &[(&str, &str)], port: u16) -> String {
+    if env.iter().any(|(k, _)| *k == "WGMESH_BIND_ALL") {
+        format!("0.0.0.0:{port}")
+    } else {
+        format!("127.0.0.1:{port}")
     }
 }
 

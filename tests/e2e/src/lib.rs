@@ -8,6 +8,8 @@ pub mod cluster;
 pub mod control_plane;
 pub mod controller;
 pub mod install;
+pub mod mesh;
+pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod tokens;

@@ -1,0 +1,259 @@
+//! Network namespaces as test hosts: creation and removal (also on panic), veth links, the CNI
+//! plugins, and running code inside a namespace.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// Runs a command, failing with its stderr.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    check(program, args, out)
+}
+
+fn check(program: &str, args: &[&str], out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Self> {
+        let _ = sh("ip", &["netns", "del", name]);
+        sh("ip", &["netns", "add", name])?;
+        let ns = Netns { name: name.into() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n <ns> ...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        sh("ip", &full)
+    }
+
+    /// Runs a program inside the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let mut full = vec!["netns", "exec", &self.name, program];
+        full.extend_from_slice(args);
+        sh("ip", &full)
+    }
+
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])?;
+        Ok(())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (sockets it opens live there).
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let path = self.path();
+        std::thread::spawn(move || -> Result<T> {
+            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("entering {path}"))?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("a thread in {} panicked", self.name))?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A link in the root namespace, deleted on drop (a bridge, or the root end of a veth pair).
+pub struct RootLink {
+    pub name: String,
+}
+
+impl Drop for RootLink {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["link", "del", &self.name]);
+    }
+}
+
+/// A bridge in the root namespace with an address: the test's underlay.
+pub fn bridge(name: &str, address: &str) -> Result<RootLink> {
+    let _ = sh("ip", &["link", "del", name]);
+    sh("ip", &["link", "add", name, "type", "bridge"])?;
+    let link = RootLink { name: name.into() };
+    sh("ip", &["addr", "add", address, "dev", name])?;
+    sh("ip", &["link", "set", name, "up"])?;
+    Ok(link)
+}
+
+/// A veth pair: `root_end` attached to `bridge`, the other end inside `ns` as `inner_name`
+/// with `address`.
+pub fn veth_to_bridge(
+    bridge: &str,
+    root_end: &str,
+    ns: &Netns,
+    inner_name: &str,
+    address: &str,
+) -> Result<RootLink> {
+    let _ = sh("ip", &["link", "del", root_end]);
+    sh(
+        "ip",
+        &[
+            "link", "add", root_end, "type", "veth", "peer", "name", "wgmtmp0", "netns", &ns.name,
+        ],
+    )?;
+    let link = RootLink {
+        name: root_end.into(),
+    };
+    sh("ip", &["link", "set", root_end, "master", bridge, "up"])?;
+    ns.ip(&["link", "set", "wgmtmp0", "name", inner_name])?;
+    ns.ip(&["addr", "add", address, "dev", inner_name])?;
+    ns.ip(&["link", "set", inner_name, "up"])?;
+    Ok(link)
+}
+
+/// A veth pair between two namespaces.
+pub fn veth_between(
+    a: &Netns,
+    a_name: &str,
+    a_addr: &str,
+    b: &Netns,
+    b_name: &str,
+    b_addr: &str,
+) -> Result<()> {
+    a.ip(&[
+        "link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", &b.name,
+    ])?;
+    a.ip(&["addr", "add", a_addr, "dev", a_name])?;
+    a.ip(&["link", "set", a_name, "up"])?;
+    b.ip(&["addr", "add", b_addr, "dev", b_name])?;
+    b.ip(&["link", "set", b_name, "up"])?;
+    Ok(())
+}
+
+/// Directory of the Debian CNI plugins.
+pub const CNI_PATH: &str = "/usr/lib/cni";
+
+/// Attaches `pod` to `node` with the real CNI `bridge` + `host-local` plugins, as a kubelet
+/// would, and returns the pod's address.
+pub fn cni_add_pod(
+    node: &Netns,
+    pod: &Netns,
+    pod_cidr: &str,
+    data_dir: &std::path::Path,
+) -> Result<String> {
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "wgmesh-test",
+        "type": "bridge",
+        "bridge": "cni0",
+        "isGateway": true,
+        "isDefaultGateway": true,
+        "ipMasq": false,
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]], "dataDir": data_dir},
+    });
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.name, &format!("{CNI_PATH}/bridge")])
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", &pod.name)
+        .env("CNI_NETNS", pod.path())
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", CNI_PATH)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(conf.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let result = check("cni bridge", &["ADD"], out)?;
+    let json: serde_json::Value = serde_json::from_str(&result)?;
+    let address = json["ips"][0]["address"]
+        .as_str()
+        .context("the CNI result has no address")?;
+    Ok(address.split('/').next().unwrap_or(address).to_owned())
+}
+
+/// Starts a TCP echo server inside `ns` on `addr`; it answers `n` connections, then stops.
+pub fn echo_server(
+    ns: &Netns,
+    addr: SocketAddr,
+    connections: usize,
+) -> Result<std::thread::JoinHandle<()>> {
+    let path = ns.path();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let entered = File::open(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|f| Ok(nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?));
+        let listener = match entered.and_then(|()| Ok(TcpListener::bind(addr)?)) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready_tx.send(Ok(()));
+        for stream in listener.incoming().take(connections) {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("the echo server did not start")??;
+    Ok(handle)
+}
+
+/// Connects from inside `ns` to `addr`, sends `payload` and checks it comes back.
+pub fn echo_roundtrip(
+    ns: &Netns,
+    addr: SocketAddr,
+    payload: Vec<u8>,
+    timeout: Duration,
+) -> Result<()> {
+    ns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(&payload)?;
+        let mut back = vec![0u8; payload.len()];
+        stream.read_exact(&mut back)?;
+        if back != payload {
+            bail!("the echo differs");
+        }
+        Ok(())
+    })
+}
