@@ -36,8 +36,12 @@ pub fn node_input(node: &Node, mesh: &WireGuardMesh) -> NodeInput {
         name: node.name_any(),
         selected: selector_matches(mesh.spec.node_selector.as_ref(), node.labels()),
         pod_cidrs: pod_cidrs(node),
+        rotate_key_request: node.annotations().get(ROTATE_KEY_ANNOTATION).cloned(),
     }
 }
+
+/// A Node annotation asking the node's agent for a new key; change its value to rotate again.
+pub const ROTATE_KEY_ANNOTATION: &str = "wgmesh.io/rotate-key";
 
 /// `spec.podCIDRs`, falling back to the older single `spec.podCIDR`.
 pub fn pod_cidrs(node: &Node) -> Vec<Cidr> {

@@ -389,9 +389,13 @@ impl PeerStream {
         let member = view.member(&self.node);
         let peers = view.peers_of(&self.node);
         let settings = view.settings.as_deref().cloned();
+        let rotate_key_request = member
+            .and_then(|m| m.rotate_key_request.clone())
+            .unwrap_or_default();
         let snapshot = || pb::PeerUpdate {
             epoch: self.epoch.clone(),
             revision: view.revision,
+            rotate_key_request: rotate_key_request.clone(),
             update: Some(pb::peer_update::Update::Snapshot(pb::PeerSnapshot {
                 peers: peers.values().map(|p| to_proto(p, member)).collect(),
                 mesh: settings.clone(),
@@ -415,7 +419,9 @@ impl PeerStream {
         let settings_changed = sent.settings.as_deref() != view.settings.as_deref();
         let addresses_changed = sent.member.as_ref().map(|m| &m.interface_addresses)
             != member.map(|m| &m.interface_addresses);
-        if delta.is_empty() && !settings_changed && !addresses_changed {
+        let rotation_changed = sent.member.as_ref().map(|m| &m.rotate_key_request)
+            != member.map(|m| &m.rotate_key_request);
+        if delta.is_empty() && !settings_changed && !addresses_changed && !rotation_changed {
             return None;
         }
         // Far behind: a snapshot is smaller than the delta.
@@ -425,6 +431,7 @@ impl PeerStream {
         Some(pb::PeerUpdate {
             epoch: self.epoch.clone(),
             revision: view.revision,
+            rotate_key_request,
             update: Some(pb::peer_update::Update::Delta(pb::PeerDelta {
                 upserted: delta.upserted.iter().map(|p| to_proto(p, member)).collect(),
                 removed: delta

@@ -260,6 +260,7 @@ mod tests {
                     public_key: k,
                     interface_addresses: vec![],
                     mesh_secret: None,
+                    rotate_key_request: None,
                 },
             );
             d.peers.insert(k, p);

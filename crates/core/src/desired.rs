@@ -44,6 +44,8 @@ pub struct NodeInput {
     pub selected: bool,
     /// `spec.podCIDRs` (falling back to `spec.podCIDR`).
     pub pod_cidrs: Vec<Cidr>,
+    /// The value of the Node's key rotation annotation, if any.
+    pub rotate_key_request: Option<String>,
 }
 
 /// A `WireGuardPeer` as far as the mesh is concerned, already parsed.
@@ -135,6 +137,8 @@ pub struct Member {
     pub interface_addresses: Vec<ipnet::IpNet>,
     /// Whether node-to-node preshared keys are derived from a mesh secret.
     pub mesh_secret: Option<Key>,
+    /// A request to the node's agent for a new key (the Node's rotation annotation).
+    pub rotate_key_request: Option<String>,
 }
 
 /// The result: what every node should have, and every peer's verdict.
@@ -250,6 +254,7 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
                         public_key: peer.public_key,
                         interface_addresses: interface_addresses(mesh, peer),
                         mesh_secret,
+                        rotate_key_request: node.and_then(|n| n.rotate_key_request.clone()),
                     },
                 );
             }

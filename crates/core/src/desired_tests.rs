@@ -24,6 +24,7 @@ fn node(name: &str, pod_cidr: &str) -> NodeInput {
         name: name.into(),
         selected: true,
         pod_cidrs: cidrs(&[pod_cidr]),
+        rotate_key_request: None,
     }
 }
 

@@ -16,6 +16,7 @@ use crate::config::{BackendArg, RunArgs};
 use crate::device::backend::{Device, Requested};
 use crate::device::{DeviceChange, InterfaceConfig, PeerConfig};
 use crate::error::{Error, Result};
+use crate::keys;
 use crate::metrics::Metrics;
 use crate::routing::{Routing, RoutingConfig, RuleConfig};
 use crate::state::{Desired, device_changes, peer_config};
@@ -133,6 +134,12 @@ impl Agent {
                 message = stream.message() => {
                     let update = message?.ok_or(Error::StreamClosed)?;
                     self.desired.apply(&update)?;
+                    if !update.rotate_key_request.is_empty()
+                        && keys::handled_rotation(&self.args.mesh_state_dir()).as_deref()
+                            != Some(update.rotate_key_request.as_str())
+                    {
+                        self.rotate_key(&mut client, &update.rotate_key_request).await?;
+                    }
                     self.metrics.update_received();
                     self.ensure_device().await?;
                     self.reconcile().await?;
@@ -140,6 +147,27 @@ impl Agent {
                 _ = tick.tick() => self.report(&mut client).await?,
             }
         }
+    }
+
+    /// A new private key, as the Node's rotation annotation asked: kept on disk first, then on
+    /// the device, then registered so the mesh learns the new public key.
+    async fn rotate_key(&mut self, client: &mut ControllerClient, request: &str) -> Result<()> {
+        let dir = self.args.mesh_state_dir();
+        let (key, _) = keys::load_or_create(&dir, true)?;
+        keys::record_rotation(&dir, request)?;
+        self.key = key.clone();
+        if let Some(device) = &self.device {
+            device.apply(&[DeviceChange::SetPrivateKey(key)]).await?;
+        }
+        let port = self
+            .desired
+            .settings
+            .as_ref()
+            .map(|s| s.listen_port)
+            .unwrap_or(51820);
+        self.register(client, port).await?;
+        tracing::info!(public_key = %self.key.public_key(), "rotated the private key as the Node's annotation asked");
+        Ok(())
     }
 
     async fn register(

@@ -67,6 +67,19 @@ pub fn load_or_create(state_dir: &Path, rotate: bool) -> Result<(PrivateKey, boo
     Ok((key, true))
 }
 
+/// The last key rotation request (the Node annotation's value) this node acted on.
+pub fn handled_rotation(state_dir: &Path) -> Option<String> {
+    fs::read_to_string(state_dir.join("rotation"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// Remembers that the rotation request `value` has been acted on.
+pub fn record_rotation(state_dir: &Path, value: &str) -> Result<(), KeyError> {
+    let path = state_dir.join("rotation");
+    fs::write(&path, value).map_err(|source| KeyError::Io { path, source })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -280,6 +280,7 @@ mod tests {
         let snapshot = pb::PeerUpdate {
             epoch: "e".into(),
             revision: 3,
+            rotate_key_request: String::new(),
             update: Some(pb::peer_update::Update::Snapshot(pb::PeerSnapshot {
                 peers: vec![
                     peer(1, "a:1", &["10.0.1.0/24"]),
@@ -299,6 +300,7 @@ mod tests {
         let delta = pb::PeerUpdate {
             epoch: "e".into(),
             revision: 4,
+            rotate_key_request: String::new(),
             update: Some(pb::peer_update::Update::Delta(pb::PeerDelta {
                 upserted: vec![peer(3, "c:1", &["10.0.3.0/24"])],
                 removed: vec![vec![1; 32]],

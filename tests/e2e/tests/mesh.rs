@@ -217,7 +217,26 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
     .await?;
     pod_matrix(&mesh, Duration::from_secs(30))?;
 
-    // 7. A foreign peer: Debian's wireguard-go, configured only with `wg`, peers with node-1.
+    // 7. Key rotation by Node annotation: the agent makes a new key and the mesh learns it.
+    let old_key = mesh.public_key(1)?;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(mesh.client.clone());
+    let patch =
+        json!({"metadata": {"annotations": {"wgmesh.io/rotate-key": "2026-11-21T00:00:00Z"}}});
+    nodes
+        .patch("node-2", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    wait_for(
+        "node-2's new key on node-1",
+        Duration::from_secs(30),
+        || {
+            let new_key = mesh.public_key(1)?;
+            Ok(new_key != old_key && mesh.wg_peers(0)?.iter().any(|(k, _)| *k == new_key))
+        },
+    )
+    .await?;
+    pod_matrix(&mesh, Duration::from_secs(30))?;
+
+    // 8. A foreign peer: Debian's wireguard-go, configured only with `wg`, peers with node-1.
     interop_with_wireguard_go(&mesh).await?;
     Ok(())
 }

@@ -54,6 +54,11 @@ fn node_name(i: usize) -> String {
     format!("bench-node-{i:05}")
 }
 
+/// A made-up node address (never contacted: only agents' registrations carry it).
+fn node_ip(i: usize) -> String {
+    format!("172.16.{}.{}", i / 250, i % 250 + 1)
+}
+
 fn key_of(i: usize) -> [u8; 32] {
     let mut k = [0u8; 32];
     k[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
@@ -96,7 +101,7 @@ pub async fn run(args: Args) -> Result<()> {
             async move {
                 let name = node_name(i);
                 let cidr = format!("10.{}.{}.0/24", 100 + i / 256, i % 256);
-                let ip = format!("172.16.{}.{}", i / 256, i % 256 + 1);
+                let ip = node_ip(i);
                 cluster::create_node(&client, &name, &[&cidr], &ip, &[]).await?;
                 cluster::agent_token(&client, &name).await
             }
@@ -260,7 +265,7 @@ async fn register(channel: Channel, i: usize, token: String) -> Result<()> {
         node: node_name(i),
         mesh: "default".into(),
         public_key: key_of(i).to_vec(),
-        endpoint_addresses: vec![format!("172.16.{}.{}", i / 256, i % 256 + 1)],
+        endpoint_addresses: vec![node_ip(i)],
         listen_port: 51820,
         backend: pb::Backend::Userspace as i32,
         agent_version: "bench".into(),
