@@ -252,14 +252,8 @@ impl Writer {
                 return;
             }
         }
-        let api: Api<WireGuardPeer> = Api::all(self.client.clone());
-        let patch = json!({ "status": desired });
-        match api
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                self.metrics.status_written();
+        match self.patch_status::<WireGuardPeer, _>(&name, &desired).await {
+            Ok(()) => {
                 let at = if wrote_reports {
                     Some(Instant::now())
                 } else {
@@ -372,14 +366,8 @@ impl Writer {
         if desired == current || self.mesh_written.get(&name) == Some(&desired) {
             return;
         }
-        let api: Api<WireGuardMesh> = Api::all(self.client.clone());
-        let patch = json!({ "status": desired });
-        match api
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                self.metrics.status_written();
+        match self.patch_status::<WireGuardMesh, _>(&name, &desired).await {
+            Ok(()) => {
                 self.mesh_written.insert(name, desired);
             }
             Err(e) => {
@@ -387,6 +375,24 @@ impl Writer {
                 tracing::warn!(mesh = %name, error = %e, "writing mesh status failed");
             }
         }
+    }
+
+    /// One status write (a merge patch of `.status`), counted.
+    async fn patch_status<K, S>(&self, name: &str, status: &S) -> kube::Result<()>
+    where
+        K: Resource<Scope = k8s_openapi::ClusterResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+        S: serde::Serialize,
+    {
+        let api: Api<K> = Api::all(self.client.clone());
+        let patch = json!({ "status": status });
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        self.metrics.status_written();
+        Ok(())
     }
 
     async fn raise_event_on_change(&mut self, peer: &WireGuardPeer, verdict: &PeerVerdict) {

@@ -11,7 +11,7 @@ use wgmesh_e2e::ControlPlane;
 use wgmesh_e2e::agent_sim::{SimAgent, channel};
 use wgmesh_e2e::cluster::{self, AGENT_NAMESPACE};
 use wgmesh_e2e::controller::{Controller, ControllerTls};
-use wgmesh_e2e::install::install_crds;
+use wgmesh_e2e::install::install_default_mesh;
 use wgmesh_proto as pb;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -25,16 +25,8 @@ struct Fixture {
 impl Fixture {
     async fn new() -> Result<Self> {
         let cp = ControlPlane::start().await?;
-        install_crds(&cp)?;
+        install_default_mesh(&cp)?;
         let client = cp.client().await?;
-        cp.kubectl_ok(&[
-            "apply",
-            "-f",
-            &wgmesh_e2e::install::repo_root()
-                .join("deploy/examples/mesh-default.yaml")
-                .display()
-                .to_string(),
-        ])?;
         let tls = ControllerTls::issue(&cp)?;
         Ok(Fixture { cp, client, tls })
     }

@@ -26,6 +26,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "wireguard-tools",
     "wireguard-go",
     "containernetworking-plugins",
+    // sysctl, unshare, nsenter and mount in the end-to-end tests' node namespaces
+    "procps",
+    "util-linux",
+    "mount",
 ];
 
 /// Installs the missing Debian packages with apt-get (root only; others get a clear message).

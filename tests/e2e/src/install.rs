@@ -29,3 +29,11 @@ pub fn install_crds(cp: &ControlPlane) -> Result<String> {
     }
     Ok(applied)
 }
+
+/// The CRDs and the `default` mesh of `deploy/examples/mesh-default.yaml`.
+pub fn install_default_mesh(cp: &ControlPlane) -> Result<()> {
+    install_crds(cp)?;
+    let mesh = repo_root().join("deploy/examples/mesh-default.yaml");
+    cp.kubectl_ok(&["apply", "-f", &mesh.display().to_string()])?;
+    Ok(())
+}

@@ -13,7 +13,7 @@ use crate::ControlPlane;
 use crate::binaries::workspace_binary;
 use crate::cluster;
 use crate::controller::{Controller, ControllerTls};
-use crate::install::{install_crds, repo_root};
+use crate::install::install_default_mesh;
 use crate::netns::{Netns, RootLink, bridge, cni_add_pod, veth_to_bridge};
 use crate::process::ChildGuard;
 
@@ -55,15 +55,7 @@ impl TestMesh {
         let id = format!("{}{}", std::process::id() % 1000, seq);
         let underlay = format!("192.168.{}", 100 + (std::process::id() + seq) % 100);
         let cp = ControlPlane::start().await?;
-        install_crds(&cp)?;
-        cp.kubectl_ok(&[
-            "apply",
-            "-f",
-            &repo_root()
-                .join("deploy/examples/mesh-default.yaml")
-                .display()
-                .to_string(),
-        ])?;
+        install_default_mesh(&cp)?;
         let client = cp.client().await?;
         let tls = ControllerTls::issue(&cp)?;
         let bridge = bridge(&format!("wgm{id}br"), &format!("{underlay}.254/24"))?;
@@ -241,6 +233,24 @@ impl TestMesh {
             })
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// Node `i`'s whole agent log (across restarts).
+    pub fn agent_log(&self, i: usize) -> Result<String> {
+        Ok(std::fs::read_to_string(
+            self.dir
+                .path()
+                .join(format!("agent-{}.log", self.nodes[i].index)),
+        )?)
+    }
+
+    /// Node `i`'s private key in base64, from its key file (to check it never leaks).
+    pub fn private_key(&self, i: usize) -> Result<String> {
+        Ok(
+            std::fs::read_to_string(self.nodes[i].state_dir.join("default/private.key"))?
+                .trim()
+                .to_owned(),
+        )
     }
 
     /// Node `i`'s public key, from its key file.

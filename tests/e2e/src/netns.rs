@@ -257,3 +257,23 @@ pub fn echo_roundtrip(
         Ok(())
     })
 }
+
+/// A plain HTTP/1.0 GET from inside `ns` (the agents' metrics port is node-local).
+pub fn http_get_in(ns: &Netns, port: u16, path: &str) -> Result<String> {
+    let path = path.to_owned();
+    ns.run(move || {
+        let mut stream = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(2),
+        )?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        if !head.contains(" 200 ") {
+            bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+        }
+        Ok(body.to_owned())
+    })
+}

@@ -133,6 +133,12 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
         "non-WireGuard traffic between nodes:\n{other}"
     );
 
+    // The agent's metrics and health on its local port.
+    let health = netns::http_get_in(&mesh.nodes[0].ns, 9091, "/healthz")?;
+    assert_eq!(health.trim(), "ok");
+    let metrics = netns::http_get_in(&mesh.nodes[0].ns, 9091, "/metrics")?;
+    assert!(metrics.contains("wgmesh_agent_peers 2"), "{metrics}");
+
     // 3. wg show inside a node lists its peers with recent handshakes.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -238,6 +244,22 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
 
     // 8. A foreign peer: Debian's wireguard-go, configured only with `wg`, peers with node-1.
     interop_with_wireguard_go(&mesh).await?;
+
+    // Private keys stay on their node: never in a log, nor in the API.
+    let objects = mesh
+        .cp
+        .kubectl_ok(&["get", "wgpeers,wgmeshes,nodes", "-o", "yaml"])?;
+    for i in 0..mesh.nodes.len() {
+        let private = mesh.private_key(i)?;
+        assert!(
+            !mesh.agent_log(i)?.contains(&private),
+            "node {i}'s private key is in its log"
+        );
+        assert!(
+            !objects.contains(&private),
+            "node {i}'s private key is in the API"
+        );
+    }
     Ok(())
 }
 

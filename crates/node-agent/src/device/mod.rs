@@ -98,3 +98,21 @@ pub enum DeviceError {
     #[error("kernel WireGuard is unavailable: {0}")]
     KernelUnavailable(String),
 }
+
+/// Checks a Linux interface name: 1-15 printable bytes, not `.` or `..`, no `/` or `:`.
+pub(crate) fn validate_name(name: &str) -> Result<(), DeviceError> {
+    let ok = !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if ok {
+        Ok(())
+    } else {
+        Err(DeviceError::InvalidConfig(format!(
+            "{name:?} is not a valid interface name (1-15 printable characters, no '/')"
+        )))
+    }
+}

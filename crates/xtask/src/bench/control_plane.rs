@@ -17,7 +17,7 @@ use wgmesh_e2e::ControlPlane;
 use wgmesh_e2e::agent_sim::channel;
 use wgmesh_e2e::cluster;
 use wgmesh_e2e::controller::{Controller, ControllerTls, http_get};
-use wgmesh_e2e::install::install_crds;
+use wgmesh_e2e::install::install_default_mesh;
 use wgmesh_proto as pb;
 use wgmesh_proto::mesh_service_client::MeshServiceClient;
 
@@ -78,15 +78,7 @@ pub async fn run(args: Args) -> Result<()> {
 
     step("starting the local control plane");
     let cp = ControlPlane::start().await?;
-    install_crds(&cp)?;
-    cp.kubectl_ok(&[
-        "apply",
-        "-f",
-        &repo_root()
-            .join("deploy/examples/mesh-default.yaml")
-            .display()
-            .to_string(),
-    ])?;
+    install_default_mesh(&cp)?;
     let client = cp.client().await?;
     let tls = ControllerTls::issue(&cp)?;
     let controller =

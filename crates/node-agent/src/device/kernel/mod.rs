@@ -19,7 +19,7 @@ use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessa
 use rtnetlink::{LinkUnspec, LinkWireguard};
 use wgmesh_core::PublicKey;
 
-use super::{DeviceChange, DeviceError, DeviceState, InterfaceConfig};
+use super::{DeviceChange, DeviceError, DeviceState, InterfaceConfig, validate_name};
 
 /// Whether this kernel can host WireGuard links.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -345,22 +345,5 @@ impl KernelDevice {
             }
         }
         Ok(out)
-    }
-}
-
-fn validate_name(name: &str) -> Result<(), DeviceError> {
-    let ok = !name.is_empty()
-        && name.len() < 16
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
-    if ok {
-        Ok(())
-    } else {
-        Err(DeviceError::InvalidConfig(format!(
-            "{name:?} is not a valid interface name (1-15 printable characters, no '/')"
-        )))
     }
 }

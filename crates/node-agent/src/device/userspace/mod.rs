@@ -35,7 +35,9 @@ use self::peers::{Identity, Peer, PeerEntry, PeerTable};
 use self::sockets::Sockets;
 use self::tun::Tun;
 use self::uapi::Op;
-use super::{DeviceChange, DeviceError, DeviceState, InterfaceConfig, PeerConfig, PeerState};
+use super::{
+    DeviceChange, DeviceError, DeviceState, InterfaceConfig, PeerConfig, PeerState, validate_name,
+};
 
 /// A running userspace WireGuard device. Dropping it stops it.
 pub struct UserspaceDevice {
@@ -75,23 +77,6 @@ enum Control {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn validate_name(name: &str) -> Result<(), DeviceError> {
-    let ok = !name.is_empty()
-        && name.len() < 16
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
-    if ok {
-        Ok(())
-    } else {
-        Err(DeviceError::InvalidConfig(format!(
-            "{name:?} is not a valid interface name (1-15 printable characters, no '/')"
-        )))
-    }
 }
 
 fn spawn(
