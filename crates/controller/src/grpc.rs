@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use wgmesh_api::WireGuardPeer;
 use wgmesh_core::PublicKey;
-use wgmesh_core::desired::{DesiredPeer, Member, PresharedKey, pair_preshared_key};
+use wgmesh_core::desired::{DesiredMesh, DesiredPeer, Member, PresharedKey, pair_preshared_key};
 use wgmesh_core::diff::diff_peer_sets;
 use wgmesh_proto as pb;
 use wgmesh_proto::mesh_service_server::MeshService;
@@ -34,7 +34,7 @@ use crate::reports::{Observation, Reports};
 /// (the address then arrives on the peer stream).
 const REGISTER_WAIT: Duration = Duration::from_secs(10);
 /// Messages buffered per stream; a slower agent gets coalesced updates instead.
-const STREAM_BUFFER: usize = 4;
+const STREAM_BUFFER: usize = 2;
 /// Field manager of the node peer fields a registration owns.
 const REGISTER_MANAGER: &str = "wgmesh-controller-register";
 
@@ -338,11 +338,27 @@ struct PeerStream {
     shutdown: watch::Receiver<bool>,
 }
 
-/// What was last sent, to compute the next delta from.
+/// What was last sent, to compute the next delta from. It holds the shared desired mesh, not
+/// a per-stream copy of the peer set: a thousand streams cost a thousand pointers.
 struct Sent {
     member: Option<Member>,
     settings: Option<Arc<pb::MeshSettings>>,
-    peers: BTreeMap<PublicKey, Arc<DesiredPeer>>,
+    desired: Arc<DesiredMesh>,
+}
+
+static NO_PEERS: BTreeMap<PublicKey, Arc<DesiredPeer>> = BTreeMap::new();
+
+/// The peers a node sees (every programmed peer but itself, filtered by the caller with the
+/// node's own key), or none when it is not a member.
+fn visible<'a>(
+    desired: &'a DesiredMesh,
+    member: Option<&Member>,
+) -> &'a BTreeMap<PublicKey, Arc<DesiredPeer>> {
+    if member.is_some() {
+        &desired.peers
+    } else {
+        &NO_PEERS
+    }
 }
 
 impl PeerStream {
@@ -351,7 +367,7 @@ impl PeerStream {
         let mut sent: Option<Sent> = base.map(|b| Sent {
             member: b.member(&self.node).cloned(),
             settings: None,
-            peers: b.peers_of(&self.node),
+            desired: b.desired.clone(),
         });
         loop {
             let view = self.views.borrow_and_update().clone();
@@ -372,7 +388,7 @@ impl PeerStream {
                 sent = Some(Sent {
                     member: view.member(&self.node).cloned(),
                     settings: view.settings.clone(),
-                    peers: view.peers_of(&self.node),
+                    desired: view.desired.clone(),
                 });
             }
             tokio::select! {
@@ -387,7 +403,9 @@ impl PeerStream {
 
     fn next_update(&self, view: &NodeView, sent: Option<&Sent>) -> Option<pb::PeerUpdate> {
         let member = view.member(&self.node);
-        let peers = view.peers_of(&self.node);
+        let own = member.map(|m| m.public_key);
+        let peers = visible(&view.desired, member);
+        let count = peers.len() - usize::from(own.is_some_and(|k| peers.contains_key(&k)));
         let settings = view.settings.as_deref().cloned();
         let rotate_key_request = member
             .and_then(|m| m.rotate_key_request.clone())
@@ -397,7 +415,11 @@ impl PeerStream {
             revision: view.revision,
             rotate_key_request: rotate_key_request.clone(),
             update: Some(pb::peer_update::Update::Snapshot(pb::PeerSnapshot {
-                peers: peers.values().map(|p| to_proto(p, member)).collect(),
+                peers: peers
+                    .values()
+                    .filter(|p| Some(p.public_key) != own)
+                    .map(|p| to_proto(p, member))
+                    .collect(),
                 mesh: settings.clone(),
                 tunnel_addresses: addresses_of(member),
             })),
@@ -415,7 +437,8 @@ impl PeerStream {
         {
             return Some(snapshot());
         }
-        let delta = diff_peer_sets(&sent.peers, &peers, None);
+        let before = visible(&sent.desired, sent.member.as_ref());
+        let delta = diff_peer_sets(before, peers, own.as_ref());
         let settings_changed = sent.settings.as_deref() != view.settings.as_deref();
         let addresses_changed = sent.member.as_ref().map(|m| &m.interface_addresses)
             != member.map(|m| &m.interface_addresses);
@@ -425,7 +448,7 @@ impl PeerStream {
             return None;
         }
         // Far behind: a snapshot is smaller than the delta.
-        if delta.upserted.len() + delta.removed.len() > peers.len().max(8) {
+        if delta.upserted.len() + delta.removed.len() > count.max(8) {
             return Some(snapshot());
         }
         Some(pb::PeerUpdate {

@@ -14,7 +14,7 @@ use wgmesh_core::desired::{DesiredMesh, DesiredPeer, Member};
 use wgmesh_proto::MeshSettings;
 
 /// How many past revisions of each mesh are kept for resuming agents.
-const HISTORY: usize = 64;
+const HISTORY: usize = 16;
 
 /// What one node sees of one mesh.
 #[derive(Clone, Debug)]
