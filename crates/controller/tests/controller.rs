@@ -403,8 +403,6 @@ async fn agents_are_authenticated_and_bound_to_their_node() -> Result<()> {
     );
 
     // Garbage in a well-formed request is a clear error, not a crash.
-    let mut bad_key = SimAgent::new(ch, "a", "default", &token_a, [1; 32]);
-    bad_key.public_key = [0; 32];
     let short = pb::RegisterRequest {
         node: "a".into(),
         mesh: "default".into(),
@@ -412,9 +410,7 @@ async fn agents_are_authenticated_and_bound_to_their_node() -> Result<()> {
         listen_port: 51820,
         ..Default::default()
     };
-    let mut client = pb::mesh_service_client::MeshServiceClient::new(
-        channel(&controller.grpc_url(), &fx.tls.ca_pem).await?,
-    );
+    let mut client = pb::mesh_service_client::MeshServiceClient::new(ch);
     let mut req = tonic::Request::new(short);
     req.metadata_mut()
         .insert("authorization", format!("Bearer {token_a}").parse()?);
