@@ -8,6 +8,7 @@ pub mod desired;
 pub mod diff;
 pub mod ipam;
 pub mod key;
+pub mod wgquick;
 
 pub use cidr::{Cidr, CidrError, CidrSet};
 pub use key::{Key, KeyError, PrivateKey, PublicKey};
