@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use wgmesh_e2e::ControlPlane;
+use wgmesh_e2e::controller::{Controller, ControllerTls};
 use wgmesh_e2e::install::install_crds;
 
 use crate::setup::{repo_root, step};
@@ -13,6 +14,9 @@ pub fn run(no_wait: bool) -> Result<()> {
 }
 
 async fn demo(no_wait: bool) -> Result<()> {
+    step("building wgmesh-controller");
+    wgmesh_e2e::binaries::workspace_binary("wgmesh-controller", "wgmesh-controller")?;
+
     step("starting a local Kubernetes control plane (etcd + kube-apiserver on loopback)");
     let cp = ControlPlane::start().await?;
     eprintln!("    API server: {}", cp.url());
@@ -26,6 +30,12 @@ async fn demo(no_wait: bool) -> Result<()> {
         "{}",
         cp.kubectl_ok(&["apply", "-f", &examples.display().to_string()])?
     );
+
+    step("starting wgmesh-controller against it (TLS, leader election, status writer)");
+    let tls = ControllerTls::issue(&cp)?;
+    let controller = Controller::start(&cp, &tls, "demo", &[]).await?;
+    // Give the status writer a moment to allocate addresses and judge the peers.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
 
     step("kubectl get wireguardmeshes,wireguardpeers");
     println!(
@@ -42,10 +52,15 @@ async fn demo(no_wait: bool) -> Result<()> {
     println!("    export KUBECONFIG={kubeconfig}");
     println!("    kubectl get wgmesh,wgpeer");
     println!("    kubectl explain wireguardpeer.spec");
+    println!(
+        "    kubectl describe wgpeer berlin-office   # Ready=False: its preshared-key Secret is missing"
+    );
+    println!("\nController log: {}", controller.log_path().display());
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
-    step("stopping the control plane");
+    step("stopping the controller and the control plane");
+    drop(controller);
     drop(cp);
     Ok(())
 }
