@@ -20,6 +20,10 @@ pub enum Command {
     Run,
     /// Remove the interface, routes and rules the agent created, then exit.
     Cleanup(CleanupArgs),
+    /// Run only the userspace WireGuard device, configured through its UAPI socket (`wg set`),
+    /// until SIGTERM or SIGINT: for benchmarks and debugging, not for production.
+    #[command(hide = true)]
+    UserspaceDevice(UserspaceDeviceArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -85,6 +89,13 @@ pub struct RunArgs {
 pub struct CleanupArgs {
     /// Interface to remove.
     #[arg(long, default_value = "wgmesh0")]
+    pub interface: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UserspaceDeviceArgs {
+    /// TUN interface to create (its UAPI socket is /var/run/wireguard/NAME.sock).
+    #[arg(long)]
     pub interface: String,
 }
 

@@ -12,9 +12,12 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 use wgmesh_agent::agent::Agent;
 use wgmesh_agent::config::{Cli, Command, RunArgs};
+use wgmesh_agent::device::InterfaceConfig;
+use wgmesh_agent::device::userspace::UserspaceDevice;
 use wgmesh_agent::keys;
 use wgmesh_agent::metrics::Metrics;
 use wgmesh_agent::routing::Routing;
+use wgmesh_core::PrivateKey;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -24,6 +27,7 @@ async fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Some(Command::Cleanup(args)) => cleanup(&args.interface).await,
+        Some(Command::UserspaceDevice(args)) => userspace_device(&args.interface).await,
         Some(Command::Run) | None => run(cli.run).await,
     };
     match result {
@@ -50,6 +54,24 @@ async fn cleanup(interface: &str) -> anyhow::Result<()> {
         interface,
         "removed the interface and the routes and rules wgmesh created"
     );
+    Ok(())
+}
+
+/// The userspace device alone, with a random key and port, for benchmarks and debugging:
+/// configure it with `wg set` (no addresses or routes: set those with `ip`).
+async fn userspace_device(interface: &str) -> anyhow::Result<()> {
+    let device = UserspaceDevice::create(InterfaceConfig {
+        name: interface.to_owned(),
+        private_key: PrivateKey::generate(),
+        listen_port: 0,
+        fwmark: 0,
+    })?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    device.shutdown();
     Ok(())
 }
 

@@ -5,3 +5,7 @@
 pub const KUBERNETES: &str = "1.34.4";
 /// etcd, the API server's store.
 pub const ETCD: &str = "3.6.16";
+/// Upstream wireguard-go (`golang.zx2c4.com/wireguard`), the data plane benchmark's strongest
+/// userspace peer. Its tags are not semver, so this is the proxy's `@latest` pseudo-version
+/// (the program calls itself v0.0.20250522).
+pub const WIREGUARD_GO: &str = "0.0.0-20260522210424-ecfc5a8d5446";

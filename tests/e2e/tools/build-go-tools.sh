@@ -57,8 +57,10 @@ helm)
   ;;
 wggo)
   go mod init local/wggobin >/dev/null 2>&1
-  say "downloading golang.zx2c4.com/wireguard $version"
-  go get "golang.zx2c4.com/wireguard@$version"
+  # VERSION without the leading v, like the others. Upstream's tags (0.0.YYYYMMDD) are not
+  # semver, so the proxy has pseudo-versions only: `go list -m golang.zx2c4.com/wireguard@latest`.
+  say "downloading golang.zx2c4.com/wireguard v$version"
+  go get "golang.zx2c4.com/wireguard@v$version"
   say "compiling wireguard-go"
   mkdir -p bin
   go build -trimpath -ldflags "-s -w" -o bin/wireguard-go golang.zx2c4.com/wireguard

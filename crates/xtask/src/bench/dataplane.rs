@@ -1,0 +1,966 @@
+//! `cargo xtask bench dataplane`: two network namespaces joined by a veth pair; in one run,
+//! interleaved rounds measure, over (a) the raw veth, (b) our userspace device (a release build
+//! of `wgmesh-agent userspace-device`), (c) Debian's wireguard-go and (d) upstream wireguard-go
+//! built from the Go module proxy:
+//! - iperf3 TCP throughput, one stream;
+//! - TCP request/response latency (1-byte ping-pong, p50 and p99);
+//! - CPU seconds of both device processes per GB of payload during the iperf3 run.
+//!
+//! Every WireGuard flavour is started fresh for each measurement with its own interface names
+//! (the UAPI socket directory is shared by all namespaces) and configured the same way, with
+//! `wg set` through its UAPI socket. Before each measurement we wait, up to a cap, for the
+//! machine to be idle. Everything stays inside the two namespaces the benchmark creates.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use wgmesh_e2e::netns::{Netns, echo_server, sh, veth_between};
+use wgmesh_e2e::process::ChildGuard;
+use wgmesh_e2e::{tools, versions};
+
+use crate::setup::{ensure_debian_packages, repo_root, run_cmd, step};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Interleaved rounds; each measures every path once (medians are over rounds).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds of each iperf3 run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Timed 1-byte round trips per latency measurement (after a warm-up).
+    #[arg(long, default_value_t = 2000)]
+    round_trips: usize,
+    /// Longest wait, in seconds, for an idle machine before each measurement.
+    #[arg(long, default_value_t = 60)]
+    max_idle_wait: u64,
+    /// Leave out upstream wireguard-go (it is built from the Go module proxy on first use).
+    #[arg(long)]
+    no_upstream: bool,
+}
+
+const NS_A: &str = "wgmbench-a";
+const NS_B: &str = "wgmbench-b";
+const VETH_A: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+const VETH_B: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+const TUNNEL_A: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+const TUNNEL_B: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+const MTU: &str = "1420";
+const IPERF_PORT: u16 = 5201;
+const PING_PORT: u16 = 5301;
+const WARMUP_ROUND_TRIPS: usize = 200;
+/// Fraction of all cores' time that must be idle over one second before we measure.
+const IDLE_TARGET: f64 = 0.90;
+const UAPI_DIR: &str = "/var/run/wireguard";
+
+/// How a WireGuard flavour's device process is started (one per namespace).
+enum Launcher {
+    /// `wgmesh-agent userspace-device --interface NAME`.
+    Wgmesh(PathBuf),
+    /// `wireguard-go -f NAME`.
+    WireguardGo(PathBuf),
+}
+
+/// One thing we measure: the raw veth, or a WireGuard flavour over it.
+struct Flavour {
+    /// Prefix of its JSON fields.
+    key: &'static str,
+    label: String,
+    /// `None` for the raw veth.
+    device: Option<Device>,
+}
+
+struct Device {
+    launcher: Launcher,
+    /// Interface names are `<prefix>-a` and `<prefix>-b`.
+    prefix: &'static str,
+    /// Listen ports: `port` in A, `port + 1` in B.
+    port: u16,
+}
+
+/// One measurement of one flavour.
+#[derive(Default)]
+struct Sample {
+    round: usize,
+    idle_fraction: f64,
+    idle_wait_s: f64,
+    gbps: f64,
+    bytes: u64,
+    retransmits: u64,
+    latency_p50_us: f64,
+    latency_p99_us: f64,
+    /// utime + stime of both device processes during the iperf3 run.
+    cpu_s: Option<f64>,
+    cpu_s_per_gb: Option<f64>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.rounds == 0 || args.seconds == 0 || args.round_trips == 0 {
+        bail!("--rounds, --seconds and --round-trips must be at least 1");
+    }
+    if !is_root() {
+        bail!("the data plane benchmark creates network namespaces: run it as root");
+    }
+    step("checking tools: iperf3, wg, Debian's wireguard-go");
+    ensure_debian_packages(&["iproute2", "iperf3", "wireguard-tools", "wireguard-go"])?;
+    let debian_wggo = PathBuf::from("/usr/bin/wireguard-go");
+    if !debian_wggo.is_file() {
+        bail!(
+            "{} is missing (Debian package wireguard-go)",
+            debian_wggo.display()
+        );
+    }
+
+    step("building the node agent (release)");
+    run_cmd(Command::new(env!("CARGO")).current_dir(repo_root()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "wgmesh-node-agent",
+    ]))?;
+    let agent = repo_root().join("target/release/wgmesh-agent");
+
+    let upstream = if args.no_upstream {
+        eprintln!("    --no-upstream: leaving out upstream wireguard-go");
+        None
+    } else {
+        step(&format!(
+            "finding upstream wireguard-go {} (built from the Go module proxy on first use)",
+            versions::WIREGUARD_GO
+        ));
+        match tools::cached_tool(
+            "wggo",
+            versions::WIREGUARD_GO,
+            "wireguard-go",
+            "wireguard-go",
+        ) {
+            Ok(path) => Some(path),
+            Err(e) => {
+                eprintln!("    SKIPPING upstream wireguard-go: {e:#}");
+                None
+            }
+        }
+    };
+
+    let mut program_versions = BTreeMap::new();
+    program_versions.insert("wireguard_go", program_version(&debian_wggo));
+    if let Some(path) = &upstream {
+        program_versions.insert("wireguard_go_upstream", program_version(path));
+    }
+    program_versions.insert("iperf3", program_version(Path::new("iperf3")));
+
+    let mut flavours = vec![
+        Flavour {
+            key: "veth",
+            label: "raw veth".into(),
+            device: None,
+        },
+        Flavour {
+            key: "wgmesh",
+            label: "wgmesh userspace".into(),
+            device: Some(Device {
+                launcher: Launcher::Wgmesh(agent),
+                prefix: "wgbm",
+                port: 51910,
+            }),
+        },
+        Flavour {
+            key: "wireguard_go",
+            label: format!("wireguard-go {} (Debian)", program_versions["wireguard_go"]),
+            device: Some(Device {
+                launcher: Launcher::WireguardGo(debian_wggo),
+                prefix: "wgbd",
+                port: 51920,
+            }),
+        },
+    ];
+    if let Some(path) = upstream {
+        flavours.push(Flavour {
+            key: "wireguard_go_upstream",
+            label: format!(
+                "wireguard-go {} (upstream)",
+                program_versions["wireguard_go_upstream"]
+            ),
+            device: Some(Device {
+                launcher: Launcher::WireguardGo(path),
+                prefix: "wgbu",
+                port: 51930,
+            }),
+        });
+    }
+
+    let work = repo_root().join("target/bench/dataplane");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+
+    step(&format!(
+        "creating namespaces {NS_A} and {NS_B} joined by a veth pair"
+    ));
+    // Declared first, so dropped last: device processes stop before the namespaces go.
+    let ns_a = Netns::create(NS_A)?;
+    let ns_b = Netns::create(NS_B)?;
+    veth_between(
+        &ns_a,
+        "wgmb-va",
+        &format!("{VETH_A}/24"),
+        &ns_b,
+        "wgmb-vb",
+        &format!("{VETH_B}/24"),
+    )?;
+    let tck = clock_ticks();
+
+    let mut samples: Vec<Vec<Sample>> = flavours.iter().map(|_| Vec::new()).collect();
+    let mut failures: Vec<String> = Vec::new();
+    let n = flavours.len();
+    for round in 0..args.rounds {
+        step(&format!("round {}/{}", round + 1, args.rounds));
+        // Rotate the order so no flavour always runs first (or right after another).
+        for i in 0..n {
+            let idx = (i + round) % n;
+            let f = &flavours[idx];
+            match measure(&args, f, round, &ns_a, &ns_b, &work, tck) {
+                Ok(s) => {
+                    eprintln!(
+                        "    {:<40} {:>6.2} Gbit/s  {:>7} retr  p50 {:>5.0} us  p99 {:>5.0} us  {}  (idle {:.0}%)",
+                        f.label,
+                        s.gbps,
+                        s.retransmits,
+                        s.latency_p50_us,
+                        s.latency_p99_us,
+                        s.cpu_s_per_gb
+                            .map(|c| format!("{c:.2} CPU s/GB"))
+                            .unwrap_or_default(),
+                        s.idle_fraction * 100.0
+                    );
+                    samples[idx].push(s);
+                }
+                Err(e) => {
+                    let msg = format!("round {}, {}: {e:#}", round + 1, f.label);
+                    eprintln!("    FAILED {msg}");
+                    failures.push(msg);
+                }
+            }
+        }
+    }
+    drop(ns_b);
+    drop(ns_a);
+
+    let report = report(&args, &flavours, &samples, &program_versions, &failures);
+    print_table(&args, &flavours, &samples, &report);
+    let dir = repo_root().join("target/bench");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("dataplane.json");
+    fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!(
+        "\nwrote {} (device logs in {})",
+        path.display(),
+        work.display()
+    );
+    if !failures.is_empty() {
+        bail!(
+            "{} measurement(s) failed:\n  {}",
+            failures.len(),
+            failures.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// One measurement: start the flavour's devices (if any), wait until the far end answers and
+/// the machine is idle, then latency, then throughput with the devices' CPU time.
+fn measure(
+    args: &Args,
+    f: &Flavour,
+    round: usize,
+    ns_a: &Netns,
+    ns_b: &Netns,
+    work: &Path,
+    tck: f64,
+) -> Result<Sample> {
+    let (mut tunnel, server) = match &f.device {
+        Some(d) => (Some(Tunnel::start(d, ns_a, ns_b, work)?), TUNNEL_B),
+        None => (None, VETH_B),
+    };
+    wait_reachable(ns_a, server).with_context(|| match &tunnel {
+        Some(t) => format!(
+            "no TCP through the tunnel; device logs:\n{}\n{}",
+            t.a.log_tail(10),
+            t.b.log_tail(10)
+        ),
+        None => "no TCP over the veth".into(),
+    })?;
+    let (idle_fraction, idle_wait_s) = wait_idle(Duration::from_secs(args.max_idle_wait))?;
+    let (latency_p50_us, latency_p99_us) = latency(ns_a, ns_b, server, args.round_trips)?;
+    let pids: Vec<u32> = tunnel
+        .iter()
+        .flat_map(|t| [t.a.pid(), t.b.pid()])
+        .flatten()
+        .collect();
+    let cpu_before = cpu_seconds(&pids, tck)?;
+    let result = iperf(ns_a, ns_b, server, args.seconds, work)?;
+    let cpu_after = cpu_seconds(&pids, tck)?;
+    if let Some(t) = tunnel.as_mut() {
+        t.check_running()?;
+    }
+    drop(tunnel);
+    let cpu_s = (!pids.is_empty()).then_some(cpu_after - cpu_before);
+    let gb = result.bytes as f64 / 1e9;
+    Ok(Sample {
+        round: round + 1,
+        idle_fraction,
+        idle_wait_s,
+        gbps: result.bits_per_second / 1e9,
+        bytes: result.bytes,
+        retransmits: result.retransmits,
+        latency_p50_us,
+        latency_p99_us,
+        cpu_s,
+        cpu_s_per_gb: cpu_s.filter(|_| gb > 0.0).map(|c| c / gb),
+    })
+}
+
+/// The two device processes of a WireGuard flavour; dropping it stops them (by PID).
+struct Tunnel {
+    a: ChildGuard,
+    b: ChildGuard,
+}
+
+impl Tunnel {
+    fn start(d: &Device, ns_a: &Netns, ns_b: &Netns, work: &Path) -> Result<Tunnel> {
+        let if_a = format!("{}-a", d.prefix);
+        let if_b = format!("{}-b", d.prefix);
+        let a = start_device(&d.launcher, ns_a, &if_a, work)?;
+        let b = start_device(&d.launcher, ns_b, &if_b, work)?;
+        let tunnel = Tunnel { a, b };
+        let key_a = Key::generate(work, &if_a)?;
+        let key_b = Key::generate(work, &if_b)?;
+        let (port_a, port_b) = (d.port.to_string(), (d.port + 1).to_string());
+        configure(
+            ns_a,
+            &if_a,
+            &key_a,
+            &port_a,
+            &key_b.public,
+            &format!("{VETH_B}:{port_b}"),
+            TUNNEL_B,
+            TUNNEL_A,
+        )?;
+        configure(
+            ns_b,
+            &if_b,
+            &key_b,
+            &port_b,
+            &key_a.public,
+            &format!("{VETH_A}:{port_a}"),
+            TUNNEL_A,
+            TUNNEL_B,
+        )?;
+        Ok(tunnel)
+    }
+
+    fn check_running(&mut self) -> Result<()> {
+        for d in [&mut self.a, &mut self.b] {
+            if !d.is_running() {
+                bail!("{} exited; its log:\n{}", d.name(), d.log_tail(20));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        for d in [&mut self.a, &mut self.b] {
+            d.stop(Duration::from_secs(5));
+            // Gone already unless the device had to be killed (the guard's name is the
+            // interface's).
+            let _ = fs::remove_file(uapi_socket(d.name()));
+        }
+    }
+}
+
+fn uapi_socket(interface: &str) -> PathBuf {
+    Path::new(UAPI_DIR).join(format!("{interface}.sock"))
+}
+
+/// Starts one device process inside `ns` and waits for its UAPI socket.
+fn start_device(
+    launcher: &Launcher,
+    ns: &Netns,
+    interface: &str,
+    work: &Path,
+) -> Result<ChildGuard> {
+    // Names are the benchmark's own; a socket left by a killed earlier run would confuse us.
+    let socket = uapi_socket(interface);
+    let _ = fs::remove_file(&socket);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name]);
+    match launcher {
+        Launcher::Wgmesh(agent) => {
+            cmd.arg(agent)
+                .args(["userspace-device", "--interface", interface])
+                .env("WGMESH_LOG", "warn");
+        }
+        Launcher::WireguardGo(program) => {
+            cmd.arg(program)
+                .args(["-f", interface])
+                .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
+        }
+    }
+    // `ip netns exec` execs the program: the child's PID is the device's.
+    let mut child = ChildGuard::spawn(interface, cmd, &work.join(format!("{interface}.log")))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if !child.is_running() {
+            bail!(
+                "{interface} exited at start; its log:\n{}",
+                child.log_tail(20)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{interface}: no UAPI socket {} after 10 s; its log:\n{}",
+                socket.display(),
+                child.log_tail(20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+/// A throwaway key pair; the private key is in a file only until `configure` has used it.
+struct Key {
+    file: PathBuf,
+    public: String,
+}
+
+impl Key {
+    fn generate(work: &Path, name: &str) -> Result<Key> {
+        let private = sh("wg", &["genkey"])?;
+        let public = with_stdin("wg", &["pubkey"], private.as_bytes())?
+            .trim()
+            .to_owned();
+        let file = work.join(format!("{name}.key"));
+        fs::write(&file, private.trim())?;
+        Ok(Key { file, public })
+    }
+}
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.file);
+    }
+}
+
+/// `wg set` through the UAPI socket (identical for every flavour), then the tunnel address,
+/// MTU and link state with `ip`.
+#[allow(clippy::too_many_arguments)]
+fn configure(
+    ns: &Netns,
+    interface: &str,
+    key: &Key,
+    port: &str,
+    peer: &str,
+    endpoint: &str,
+    peer_address: Ipv4Addr,
+    address: Ipv4Addr,
+) -> Result<()> {
+    let key_file = key.file.to_string_lossy();
+    ns.exec(
+        "wg",
+        &[
+            "set",
+            interface,
+            "private-key",
+            &key_file,
+            "listen-port",
+            port,
+            "peer",
+            peer,
+            "endpoint",
+            endpoint,
+            "allowed-ips",
+            &format!("{peer_address}/32"),
+        ],
+    )?;
+    ns.ip(&["addr", "add", &format!("{address}/24"), "dev", interface])?;
+    ns.ip(&["link", "set", interface, "mtu", MTU, "up"])?;
+    Ok(())
+}
+
+/// Runs a program with `input` on its stdin; its stdout.
+fn with_stdin(program: &str, args: &[&str], input: &[u8]) -> Result<String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program}"))?;
+    child.stdin.take().context("stdin")?.write_all(input)?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Waits until a TCP connection attempt from A to `server` gets an answer (a refusal from a
+/// closed port is one): the path works, and for WireGuard the handshake is done.
+fn wait_reachable(ns_a: &Netns, server: Ipv4Addr) -> Result<()> {
+    ns_a.run(move || {
+        let addr = SocketAddr::from((server, 9));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    bail!("{addr} unreachable after 20 s: {e}")
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    })
+}
+
+/// 1-byte TCP ping-pong from A to an echo server in B: p50 and p99 in microseconds.
+fn latency(ns_a: &Netns, ns_b: &Netns, server: Ipv4Addr, round_trips: usize) -> Result<(f64, f64)> {
+    let addr = SocketAddr::from((server, PING_PORT));
+    let echo = echo_server(ns_b, addr, 1)?;
+    let samples = ns_a.run(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut byte = [0u8; 1];
+        let mut samples = Vec::with_capacity(round_trips);
+        for i in 0..WARMUP_ROUND_TRIPS + round_trips {
+            let t0 = Instant::now();
+            stream.write_all(&[i as u8])?;
+            stream.read_exact(&mut byte)?;
+            if i >= WARMUP_ROUND_TRIPS {
+                samples.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        Ok(samples)
+    })?;
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("the echo server panicked"))?;
+    Ok((percentile(&samples, 50.0), percentile(&samples, 99.0)))
+}
+
+struct IperfResult {
+    bits_per_second: f64,
+    bytes: u64,
+    retransmits: u64,
+}
+
+/// `iperf3 -s -1` in B, `iperf3 -c -J` from A.
+fn iperf(
+    ns_a: &Netns,
+    ns_b: &Netns,
+    server: Ipv4Addr,
+    seconds: u64,
+    work: &Path,
+) -> Result<IperfResult> {
+    let port = IPERF_PORT.to_string();
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns", "exec", &ns_b.name, "iperf3", "-s", "-1", "-p", &port,
+    ]);
+    let mut srv = ChildGuard::spawn("iperf3 server", cmd, &work.join("iperf3-server.log"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let listening = ns_b.exec("ss", &["-Hltn", &format!("sport = :{port}")])?;
+        if !listening.trim().is_empty() {
+            break;
+        }
+        if !srv.is_running() || Instant::now() > deadline {
+            bail!("the iperf3 server did not start: {}", srv.log_tail(5));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut client = Command::new("ip");
+    client.args(["netns", "exec", &ns_a.name, "iperf3", "-c"]);
+    client.arg(server.to_string()).args([
+        "-p",
+        &port,
+        "-t",
+        &seconds.to_string(),
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ]);
+    let (ok, stdout, stderr) = output_with_timeout(client, Duration::from_secs(seconds + 30))?;
+    let json: Value = serde_json::from_str(&stdout)
+        .with_context(|| format!("iperf3 printed no JSON: {stdout} {stderr}"))?;
+    if !ok || json.get("error").is_some() {
+        bail!(
+            "iperf3 failed: {} {}",
+            json.get("error").unwrap_or(&Value::Null),
+            stderr.trim()
+        );
+    }
+    srv.stop(Duration::from_secs(2));
+    let end = &json["end"];
+    Ok(IperfResult {
+        bits_per_second: end["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("no end.sum_received.bits_per_second")?,
+        bytes: end["sum_received"]["bytes"].as_u64().unwrap_or(0),
+        retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+    })
+}
+
+/// Runs `cmd`, killing it after `timeout`: (success, stdout, stderr).
+fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Result<(bool, String, String)> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut err = child.stderr.take().context("stderr")?;
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{:?} did not finish in {timeout:?}", cmd.get_program());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    Ok((status.success(), stdout, stderr))
+}
+
+/// (idle, total) jiffies of all cores from /proc/stat (iowait counts as idle).
+fn cpu_jiffies() -> Result<(u64, u64)> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    // guest and guest_nice are already part of user and nice.
+    let total = v.iter().take(8).sum();
+    Ok((idle, total))
+}
+
+/// Waits until the machine was at least `IDLE_TARGET` idle over one second, at most `max`:
+/// (the last idle fraction, seconds waited).
+fn wait_idle(max: Duration) -> Result<(f64, f64)> {
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        let (i0, t0) = cpu_jiffies()?;
+        std::thread::sleep(Duration::from_secs(1));
+        let (i1, t1) = cpu_jiffies()?;
+        let idle = (i1 - i0) as f64 / (t1 - t0).max(1) as f64;
+        let waited = start.elapsed();
+        if idle >= IDLE_TARGET {
+            return Ok((idle, waited.as_secs_f64()));
+        }
+        if waited >= max {
+            eprintln!(
+                "    the machine is still busy ({:.0}% idle) after {:.0} s; measuring anyway",
+                idle * 100.0,
+                waited.as_secs_f64()
+            );
+            return Ok((idle, waited.as_secs_f64()));
+        }
+        if !said {
+            eprintln!(
+                "    waiting for an idle machine ({:.0}% idle, want {:.0}%)",
+                idle * 100.0,
+                IDLE_TARGET * 100.0
+            );
+            said = true;
+        }
+    }
+}
+
+fn clock_ticks() -> f64 {
+    sh("getconf", &["CLK_TCK"])
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Sum of utime + stime, in seconds, of the processes `pids` (all their threads).
+fn cpu_seconds(pids: &[u32], tck: f64) -> Result<f64> {
+    let mut ticks = 0u64;
+    for pid in pids {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("reading /proc/{pid}/stat"))?;
+        // Fields after the command name, which is in parentheses and may hold spaces:
+        // state is field 3, utime 14 and stime 15.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("malformed stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        for i in [11, 12] {
+            ticks += fields
+                .get(i)
+                .context("short stat")?
+                .parse::<u64>()
+                .context("parsing stat")?;
+        }
+    }
+    Ok(ticks as f64 / tck)
+}
+
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn program_version(program: &Path) -> String {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.lines().next().map(|l| {
+                l.split_whitespace()
+                    .find(|w| w.starts_with('v') || w.starts_with(|c: char| c.is_ascii_digit()))
+                    .unwrap_or(l)
+                    .to_owned()
+            })
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn report(
+    args: &Args,
+    flavours: &[Flavour],
+    samples: &[Vec<Sample>],
+    program_versions: &BTreeMap<&str, String>,
+    failures: &[String],
+) -> Value {
+    let mut r = serde_json::Map::new();
+    r.insert("rounds".into(), json!(args.rounds));
+    r.insert("seconds".into(), json!(args.seconds));
+    r.insert("round_trips".into(), json!(args.round_trips));
+    r.insert("idle_target".into(), json!(IDLE_TARGET));
+    r.insert(
+        "cores".into(),
+        json!(std::thread::available_parallelism().map_or(0, |n| n.get())),
+    );
+    r.insert("versions".into(), json!(program_versions));
+    r.insert(
+        "wireguard_go_upstream_module".into(),
+        json!(format!(
+            "golang.zx2c4.com/wireguard@v{}",
+            versions::WIREGUARD_GO
+        )),
+    );
+    let medians = medians(samples);
+    for key in ["veth", "wgmesh", "wireguard_go", "wireguard_go_upstream"] {
+        let m = flavours
+            .iter()
+            .position(|f| f.key == key)
+            .and_then(|i| medians[i].as_ref());
+        r.insert(format!("{key}_gbps"), json!(m.map(|m| m.gbps)));
+        r.insert(
+            format!("{key}_latency_p50_us"),
+            json!(m.map(|m| m.latency_p50_us)),
+        );
+        r.insert(
+            format!("{key}_latency_p99_us"),
+            json!(m.map(|m| m.latency_p99_us)),
+        );
+        r.insert(
+            format!("{key}_retransmits"),
+            json!(m.map(|m| m.retransmits)),
+        );
+        if key != "veth" {
+            r.insert(
+                format!("{key}_cpu_s_per_gb"),
+                json!(m.and_then(|m| m.cpu_s_per_gb)),
+            );
+        }
+    }
+    let ratio = |a: &str, b: &str| -> Value {
+        match (r[a].as_f64(), r[b].as_f64()) {
+            (Some(x), Some(y)) if y > 0.0 => json!(x / y),
+            _ => Value::Null,
+        }
+    };
+    let ratios = [
+        (
+            "ratio_vs_wireguard_go",
+            ratio("wgmesh_gbps", "wireguard_go_gbps"),
+        ),
+        (
+            "ratio_vs_wireguard_go_upstream",
+            ratio("wgmesh_gbps", "wireguard_go_upstream_gbps"),
+        ),
+        ("ratio_vs_veth", ratio("wgmesh_gbps", "veth_gbps")),
+    ];
+    for (k, v) in ratios {
+        r.insert(k.into(), v);
+    }
+    let mut raw = serde_json::Map::new();
+    for (f, s) in flavours.iter().zip(samples) {
+        let rows: Vec<Value> = s
+            .iter()
+            .map(|s| {
+                json!({
+                    "round": s.round,
+                    "gbps": s.gbps,
+                    "bytes": s.bytes,
+                    "retransmits": s.retransmits,
+                    "latency_p50_us": s.latency_p50_us,
+                    "latency_p99_us": s.latency_p99_us,
+                    "cpu_s": s.cpu_s,
+                    "cpu_s_per_gb": s.cpu_s_per_gb,
+                    "idle_fraction_before": s.idle_fraction,
+                    "idle_wait_s": s.idle_wait_s,
+                })
+            })
+            .collect();
+        raw.insert(f.key.into(), json!({"label": f.label, "rounds": rows}));
+    }
+    r.insert("raw".into(), Value::Object(raw));
+    r.insert("failures".into(), json!(failures));
+    Value::Object(r)
+}
+
+/// Per-flavour medians over rounds (of throughput, per-round latency percentiles, CPU).
+fn medians(samples: &[Vec<Sample>]) -> Vec<Option<Sample>> {
+    samples
+        .iter()
+        .map(|s| {
+            if s.is_empty() {
+                return None;
+            }
+            let of = |f: fn(&Sample) -> f64| median(&s.iter().map(f).collect::<Vec<_>>());
+            let cpu: Vec<f64> = s.iter().filter_map(|s| s.cpu_s_per_gb).collect();
+            Some(Sample {
+                gbps: of(|s| s.gbps),
+                retransmits: of(|s| s.retransmits as f64) as u64,
+                latency_p50_us: of(|s| s.latency_p50_us),
+                latency_p99_us: of(|s| s.latency_p99_us),
+                cpu_s_per_gb: (!cpu.is_empty()).then(|| median(&cpu)),
+                ..Sample::default()
+            })
+        })
+        .collect()
+}
+
+fn print_table(args: &Args, flavours: &[Flavour], samples: &[Vec<Sample>], report: &Value) {
+    let medians = medians(samples);
+    println!();
+    println!(
+        "data plane benchmark ({} rounds, iperf3 -t {}, {} round trips; medians over rounds)",
+        args.rounds, args.seconds, args.round_trips
+    );
+    println!(
+        "| path | Gbit/s | per round | retransmits | latency p50 | latency p99 | CPU s/GB (both ends) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for ((f, s), m) in flavours.iter().zip(samples).zip(&medians) {
+        let Some(m) = m else {
+            println!("| {} | failed | | | | | |", f.label);
+            continue;
+        };
+        let per_round: Vec<String> = s.iter().map(|s| format!("{:.2}", s.gbps)).collect();
+        println!(
+            "| {} | {:.2} | {} | {} | {:.0} us | {:.0} us | {} |",
+            f.label,
+            m.gbps,
+            per_round.join(" / "),
+            m.retransmits,
+            m.latency_p50_us,
+            m.latency_p99_us,
+            m.cpu_s_per_gb
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    let show = |k: &str| {
+        report[k]
+            .as_f64()
+            .map(|v| format!("{v:.2}"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    println!();
+    println!(
+        "wgmesh / wireguard-go (Debian): {}   wgmesh / wireguard-go (upstream): {}   wgmesh / veth: {}",
+        show("ratio_vs_wireguard_go"),
+        show("ratio_vs_wireguard_go_upstream"),
+        show("ratio_vs_veth")
+    );
+    let busy: Vec<String> = flavours
+        .iter()
+        .zip(samples)
+        .flat_map(|(f, s)| {
+            s.iter()
+                .filter(|s| s.idle_fraction < IDLE_TARGET)
+                .map(move |s| {
+                    format!(
+                        "round {} {} ({:.0}% idle)",
+                        s.round,
+                        f.label,
+                        s.idle_fraction * 100.0
+                    )
+                })
+        })
+        .collect();
+    if !busy.is_empty() {
+        println!("measured on a busy machine: {}", busy.join(", "));
+    }
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * (v.len() as f64 - 1.0)).round() as usize;
+    v[rank.min(v.len() - 1)]
+}
+
+fn median(values: &[f64]) -> f64 {
+    percentile(values, 50.0)
+}
