@@ -2,6 +2,7 @@
 //! in this process) against a release build of the controller and the real local control
 //! plane; then nodes join one at a time and we measure until every agent has the new peer.
 
+use super::stats::{median, percentile};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Command;
@@ -341,18 +342,4 @@ fn peak_rss_bytes(pid: u32) -> Result<u64> {
         .trim()
         .parse()?;
     Ok(kb * 1024)
-}
-
-fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * (v.len() as f64 - 1.0)).round() as usize;
-    v[rank.min(v.len() - 1)]
-}
-
-fn median(values: &[f64]) -> f64 {
-    percentile(values, 50.0)
 }

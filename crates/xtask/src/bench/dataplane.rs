@@ -11,6 +11,7 @@
 //! `wg set` through its UAPI socket. Before each measurement we wait, up to a cap, for the
 //! machine to be idle. Everything stays inside the two namespaces the benchmark creates.
 
+use super::stats::{median, percentile};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
@@ -949,18 +950,4 @@ fn print_table(args: &Args, flavours: &[Flavour], samples: &[Vec<Sample>], repor
     if !busy.is_empty() {
         println!("measured on a busy machine: {}", busy.join(", "));
     }
-}
-
-fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * (v.len() as f64 - 1.0)).round() as usize;
-    v[rank.min(v.len() - 1)]
-}
-
-fn median(values: &[f64]) -> f64 {
-    percentile(values, 50.0)
 }

@@ -2,6 +2,7 @@
 
 mod control_plane;
 mod dataplane;
+mod stats;
 
 use anyhow::Result;
 use clap::Subcommand;
