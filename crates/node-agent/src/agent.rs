@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::keys;
 use crate::metrics::Metrics;
 use crate::routing::{Routing, RoutingConfig, RuleConfig};
-use crate::state::{Desired, device_changes, peer_config};
+use crate::state::{DEFAULT_LISTEN_PORT, Desired, device_changes, peer_config};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -81,12 +81,7 @@ impl Agent {
     /// One connection: register, then apply the stream and report until it breaks.
     async fn session(&mut self) -> Result<()> {
         let mut client = ControllerClient::connect(&self.args).await?;
-        let port = self
-            .desired
-            .settings
-            .as_ref()
-            .map(|s| s.listen_port)
-            .unwrap_or(51820);
+        let port = self.desired.listen_port();
         let mut response = self.register(&mut client, port).await?;
         let settings = response.mesh.clone().unwrap_or_default();
         if settings.listen_port != 0 && settings.listen_port != port {
@@ -125,7 +120,7 @@ impl Agent {
                     // Not a member (our Node was deleted and our peer with it, or the Node left
                     // the selector): say we are here again, so we rejoin once it is back.
                     if self.desired.addresses.is_empty() {
-                        let port = self.desired.settings.as_ref().map(|s| s.listen_port).unwrap_or(51820);
+                        let port = self.desired.listen_port();
                         if let Err(e) = self.register(&mut client, port).await {
                             tracing::debug!(error = %e, "not a member of the mesh yet");
                         }
@@ -159,12 +154,7 @@ impl Agent {
         if let Some(device) = &self.device {
             device.apply(&[DeviceChange::SetPrivateKey(key)]).await?;
         }
-        let port = self
-            .desired
-            .settings
-            .as_ref()
-            .map(|s| s.listen_port)
-            .unwrap_or(51820);
+        let port = self.desired.listen_port();
         self.register(client, port).await?;
         tracing::info!(public_key = %self.key.public_key(), "rotated the private key as the Node's annotation asked");
         Ok(())
@@ -221,7 +211,7 @@ impl Agent {
         let config = InterfaceConfig {
             name: settings.interface_name.clone(),
             private_key: self.key.clone(),
-            listen_port: u16::try_from(settings.listen_port).unwrap_or(51820),
+            listen_port: u16::try_from(settings.listen_port).unwrap_or(DEFAULT_LISTEN_PORT as u16),
             fwmark: settings.fwmark,
         };
         let device = Device::open(requested, config).await?;

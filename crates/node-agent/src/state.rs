@@ -10,6 +10,9 @@ use wgmesh_proto as pb;
 
 use crate::device::{DeviceChange, DeviceState, PeerConfig};
 
+/// WireGuard's customary port, used until the mesh says otherwise.
+pub const DEFAULT_LISTEN_PORT: u32 = 51820;
+
 /// What the controller has sent so far.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired {
@@ -66,6 +69,15 @@ impl Desired {
         next.revision = update.revision;
         *self = next;
         Ok(())
+    }
+
+    /// The mesh's listen port as far as we know (the WireGuard default before the first
+    /// registration answers).
+    pub fn listen_port(&self) -> u32 {
+        self.settings
+            .as_ref()
+            .map(|s| s.listen_port)
+            .unwrap_or(DEFAULT_LISTEN_PORT)
     }
 
     /// Every network routed into the interface: all peers' allowed IPs.
