@@ -228,15 +228,9 @@ impl MeshService for MeshServer {
         .flatten();
         let settings = self.index.view(&req.mesh).and_then(|v| v.settings);
         Ok(Response::new(pb::RegisterResponse {
-            tunnel_addresses: member
-                .map(|m| {
-                    m.interface_addresses
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            tunnel_addresses: addresses_of(member.as_ref()),
             mesh: settings.map(|s| (*s).clone()),
+            pod_cidrs: pod_cidrs_of(member.as_ref()),
         }))
     }
 
@@ -422,6 +416,7 @@ impl PeerStream {
                     .collect(),
                 mesh: settings.clone(),
                 tunnel_addresses: addresses_of(member),
+                pod_cidrs: pod_cidrs_of(member),
             })),
         };
         let Some(sent) = sent else {
@@ -444,7 +439,14 @@ impl PeerStream {
             != member.map(|m| &m.interface_addresses);
         let rotation_changed = sent.member.as_ref().map(|m| &m.rotate_key_request)
             != member.map(|m| &m.rotate_key_request);
-        if delta.is_empty() && !settings_changed && !addresses_changed && !rotation_changed {
+        let pod_cidrs_changed =
+            sent.member.as_ref().map(|m| &m.pod_cidrs) != member.map(|m| &m.pod_cidrs);
+        if delta.is_empty()
+            && !settings_changed
+            && !addresses_changed
+            && !rotation_changed
+            && !pod_cidrs_changed
+        {
             return None;
         }
         // Far behind: a snapshot is smaller than the delta.
@@ -468,6 +470,11 @@ impl PeerStream {
                 } else {
                     Vec::new()
                 },
+                pod_cidrs: if pod_cidrs_changed {
+                    pod_cidrs_of(member)
+                } else {
+                    Vec::new()
+                },
             })),
         })
     }
@@ -481,6 +488,12 @@ fn addresses_of(member: Option<&Member>) -> Vec<String> {
                 .map(ToString::to_string)
                 .collect()
         })
+        .unwrap_or_default()
+}
+
+fn pod_cidrs_of(member: Option<&Member>) -> Vec<String> {
+    member
+        .map(|m| m.pod_cidrs.iter().map(ToString::to_string).collect())
         .unwrap_or_default()
 }
 

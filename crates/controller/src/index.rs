@@ -261,6 +261,7 @@ mod tests {
                     interface_addresses: vec![],
                     mesh_secret: None,
                     rotate_key_request: None,
+                    pod_cidrs: vec![],
                 },
             );
             d.peers.insert(k, p);

@@ -139,6 +139,8 @@ pub struct Member {
     pub mesh_secret: Option<Key>,
     /// A request to the node's agent for a new key (the Node's rotation annotation).
     pub rotate_key_request: Option<String>,
+    /// The Node's pod CIDRs, which an agent in CNI mode hands to its pods.
+    pub pod_cidrs: Vec<Cidr>,
 }
 
 /// The result: what every node should have, and every peer's verdict.
@@ -255,6 +257,7 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
                         interface_addresses: interface_addresses(mesh, peer),
                         mesh_secret,
                         rotate_key_request: node.and_then(|n| n.rotate_key_request.clone()),
+                        pod_cidrs: node.map(|n| n.pod_cidrs.clone()).unwrap_or_default(),
                     },
                 );
             }

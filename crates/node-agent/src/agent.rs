@@ -12,7 +12,7 @@ use wgmesh_core::{PrivateKey, PublicKey};
 use wgmesh_proto as pb;
 
 use crate::client::ControllerClient;
-use crate::config::{BackendArg, RunArgs};
+use crate::config::{BackendArg, NetworkArgs, NetworkMode, RunArgs};
 use crate::device::backend::{Device, Requested};
 use crate::device::{DeviceChange, InterfaceConfig, PeerConfig};
 use crate::error::{Error, Result};
@@ -25,7 +25,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How often an agent that is not (or no longer) a member registers again.
 const REREGISTER: Duration = Duration::from_secs(5);
-/// Priority of the rule that sends marked (encrypted) packets to the fwmark table.
+/// Priority of the rule that sends marked (encrypted) packets to the fwmark table; ahead of
+/// the add-on mode's rule, so encrypted packets never loop into the tunnel.
 const FWMARK_RULE_PRIORITY: u32 = 5200;
 
 pub struct Agent {
@@ -91,6 +92,11 @@ impl Agent {
         tracing::info!(node = %self.args.node, mesh = %self.args.mesh, public_key = %self.key.public_key(), "registered");
         if let Some(settings) = &response.mesh {
             self.desired.settings = Some(settings.clone());
+        }
+        if let Ok(cidrs) = crate::state::parse_pod_cidrs(&response.pod_cidrs)
+            && !cidrs.is_empty()
+        {
+            self.desired.pod_cidrs = cidrs;
         }
         if let Ok(addresses) = response
             .tunnel_addresses
@@ -252,26 +258,42 @@ impl Agent {
             );
             device.apply(&changes).await?;
         }
-        let rule = (settings.fwmark != 0 && settings.fwmark_table != 0).then_some(RuleConfig {
-            priority: FWMARK_RULE_PRIORITY,
-            fwmark: settings.fwmark,
-            table: settings.fwmark_table,
-            invert: false,
-        });
-        let routing = RoutingConfig {
-            interface: device.name().to_owned(),
-            addresses: self.desired.addresses.clone(),
-            mtu: (settings.mtu != 0).then_some(settings.mtu),
-            routes: self.desired.routes(),
-            table: 0,
-            rule,
-        };
+        let routing = routing_config(&self.args.network, &settings, device.name(), &self.desired);
         let changed = self.routing.sync(&routing).await?;
         if !changed.is_empty() {
             tracing::info!(?changed, "routes updated");
         }
+        if self.args.network.network_mode == NetworkMode::Cni {
+            self.write_cni_config(&settings).await?;
+        }
         self.metrics.set_peers(wanted.len());
         self.healthy.send_replace(true);
+        Ok(())
+    }
+
+    /// CNI mode: the node's conflist, once the controller has told us the pod CIDRs.
+    async fn write_cni_config(&self, settings: &pb::MeshSettings) -> Result<()> {
+        if self.desired.pod_cidrs.is_empty() {
+            tracing::warn!(node = %self.args.node, "CNI mode, but the Node has no pod CIDRs yet: no CNI configuration written");
+            return Ok(());
+        }
+        let mtu = match settings.mtu {
+            0 => crate::routing::auto_mtu(self.routing.underlay_mtu().await?),
+            m => m,
+        };
+        let net = &self.args.network;
+        let conflist = crate::cni::conflist(&self.desired.pod_cidrs, mtu, &net.cni_bridge);
+        let path = crate::cni::conflist_path(&net.cni_conf_dir);
+        let written =
+            crate::cni::write_conflist(&net.cni_conf_dir, &conflist).map_err(|source| {
+                Error::Write {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+        if written {
+            tracing::info!(path = %path.display(), pod_cidrs = ?self.desired.pod_cidrs, mtu, "CNI configuration written");
+        }
         Ok(())
     }
 
@@ -353,4 +375,109 @@ fn jitter(d: Duration) -> Duration {
         .unwrap_or(0);
     let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
     d.mul_f64(factor)
+}
+
+/// Where the routes to peers go, and the rules that select them. CNI mode: the main table
+/// (nothing else routes pods). Add-on mode: a table of our own, looked up ahead of the main
+/// table, where the other CNI's plaintext routes to the same pod CIDRs are; when the mesh
+/// marks its encrypted packets, they are exempt (`not fwmark`), which keeps a peer whose
+/// allowed IPs cover its own endpoint from looping.
+pub fn routing_config(
+    net: &NetworkArgs,
+    settings: &pb::MeshSettings,
+    interface: &str,
+    desired: &Desired,
+) -> RoutingConfig {
+    let mut rules = Vec::new();
+    if settings.fwmark != 0 && settings.fwmark_table != 0 {
+        rules.push(RuleConfig {
+            priority: FWMARK_RULE_PRIORITY,
+            fwmark: settings.fwmark,
+            table: settings.fwmark_table,
+            invert: false,
+        });
+    }
+    let table = match net.network_mode {
+        NetworkMode::Cni => 0,
+        NetworkMode::Addon => {
+            rules.push(RuleConfig {
+                priority: net.route_rule_priority,
+                fwmark: settings.fwmark,
+                table: net.route_table,
+                invert: settings.fwmark != 0,
+            });
+            net.route_table
+        }
+    };
+    RoutingConfig {
+        interface: interface.to_owned(),
+        addresses: desired.addresses.clone(),
+        mtu: (settings.mtu != 0).then_some(settings.mtu),
+        routes: desired.routes(),
+        table,
+        rules,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn net(mode: &str) -> NetworkArgs {
+        crate::config::Cli::parse_from(["wgmesh-agent", "--network-mode", mode])
+            .run
+            .network
+    }
+
+    #[test]
+    fn routing_per_network_mode() {
+        struct Case {
+            mode: &'static str,
+            fwmark: (u32, u32),
+            table: u32,
+            rules: Vec<(u32, u32, u32, bool)>,
+        }
+        let cases = [
+            Case {
+                mode: "cni",
+                fwmark: (0, 0),
+                table: 0,
+                rules: vec![],
+            },
+            Case {
+                mode: "cni",
+                fwmark: (0x57, 100),
+                table: 0,
+                rules: vec![(5200, 0x57, 100, false)],
+            },
+            Case {
+                mode: "addon",
+                fwmark: (0, 0),
+                table: 51820,
+                rules: vec![(5210, 0, 51820, false)],
+            },
+            Case {
+                mode: "addon",
+                fwmark: (0x57, 100),
+                table: 51820,
+                rules: vec![(5200, 0x57, 100, false), (5210, 0x57, 51820, true)],
+            },
+        ];
+        for case in cases {
+            let settings = pb::MeshSettings {
+                fwmark: case.fwmark.0,
+                fwmark_table: case.fwmark.1,
+                ..Default::default()
+            };
+            let cfg = routing_config(&net(case.mode), &settings, "wgmesh0", &Desired::default());
+            assert_eq!(cfg.table, case.table, "{} {:?}", case.mode, case.fwmark);
+            let rules: Vec<_> = cfg
+                .rules
+                .iter()
+                .map(|r| (r.priority, r.fwmark, r.table, r.invert))
+                .collect();
+            assert_eq!(rules, case.rules, "{} {:?}", case.mode, case.fwmark);
+        }
+    }
 }

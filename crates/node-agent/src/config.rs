@@ -83,6 +83,43 @@ pub struct RunArgs {
     /// Seconds between observations of the device for status reports.
     #[arg(long, env = "WGMESH_REPORT_INTERVAL", default_value_t = 10)]
     pub report_interval: u64,
+
+    #[command(flatten)]
+    pub network: NetworkArgs,
+}
+
+/// How the agent fits with the cluster's pod network.
+#[derive(Args, Debug, Clone)]
+pub struct NetworkArgs {
+    /// `addon`: another CNI plugin owns the pod network, and wgmesh only encrypts: routes to
+    /// peers go into their own table (--route-table), chosen by a rule ahead of the main
+    /// table. `cni`: wgmesh is the CNI too: it writes the node's conflist (bridge, host-local
+    /// over the node's pod CIDRs, portmap, loopback) and routes peers in the main table.
+    #[arg(long, env = "WGMESH_NETWORK_MODE", value_enum, default_value_t = NetworkMode::Addon)]
+    pub network_mode: NetworkMode,
+
+    /// Routing table of the routes to peers in add-on mode.
+    #[arg(long, env = "WGMESH_ROUTE_TABLE", default_value_t = 51820)]
+    pub route_table: u32,
+
+    /// Priority of the rule `lookup <route-table>` in add-on mode: below the main table's
+    /// 32766, so that the tunnel wins over the other CNI's plaintext routes to the same pods.
+    #[arg(long, env = "WGMESH_ROUTE_RULE_PRIORITY", default_value_t = 5210)]
+    pub route_rule_priority: u32,
+
+    /// Directory the conflist is written to in CNI mode.
+    #[arg(long, env = "WGMESH_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+
+    /// Name of the pods' bridge in CNI mode.
+    #[arg(long, env = "WGMESH_CNI_BRIDGE", default_value = "wgmesh-br0")]
+    pub cni_bridge: String,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NetworkMode {
+    Addon,
+    Cni,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -90,6 +127,10 @@ pub struct CleanupArgs {
     /// Interface to remove.
     #[arg(long, default_value = "wgmesh0")]
     pub interface: String,
+
+    /// Routing table of the routes to peers (add-on mode), emptied of our routes.
+    #[arg(long, env = "WGMESH_ROUTE_TABLE", default_value_t = 51820)]
+    pub route_table: u32,
 }
 
 #[derive(Args, Debug, Clone)]

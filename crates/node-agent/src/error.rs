@@ -24,6 +24,11 @@ pub enum Error {
     Config(String),
     #[error("the controller sent a malformed update: {0}")]
     Update(#[from] crate::state::UpdateError),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the controller closed the peer stream")]
     StreamClosed,
 }

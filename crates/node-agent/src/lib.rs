@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod cni;
 pub mod config;
 pub mod device;
 pub mod error;

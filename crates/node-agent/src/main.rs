@@ -26,7 +26,7 @@ async fn main() -> ExitCode {
         .with_env_filter(log_filter())
         .init();
     let result = match cli.command {
-        Some(Command::Cleanup(args)) => cleanup(&args.interface).await,
+        Some(Command::Cleanup(args)) => cleanup(&args.interface, args.route_table).await,
         Some(Command::UserspaceDevice(args)) => userspace_device(&args.interface).await,
         Some(Command::Run) | None => run(cli.run).await,
     };
@@ -47,9 +47,9 @@ fn log_filter() -> EnvFilter {
         .unwrap_or_else(|_| EnvFilter::new("info,netlink_proto=off"))
 }
 
-async fn cleanup(interface: &str) -> anyhow::Result<()> {
+async fn cleanup(interface: &str, route_table: u32) -> anyhow::Result<()> {
     let routing = Routing::new().await?;
-    routing.cleanup(interface, 0, None).await?;
+    routing.cleanup(interface, route_table, &[]).await?;
     tracing::info!(
         interface,
         "removed the interface and the routes and rules wgmesh created"

@@ -44,13 +44,14 @@ pub struct RoutingConfig {
     pub routes: Vec<IpNet>,
     /// 0 or 254: the main table; anything else is a dedicated table.
     pub table: u32,
-    pub rule: Option<RuleConfig>,
+    pub rules: Vec<RuleConfig>,
 }
 
-/// A policy rule: `[not] fwmark M lookup T` at priority P.
+/// A policy rule: `[not] fwmark M lookup T` at priority P, or `lookup T` when the mark is 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleConfig {
     pub priority: u32,
+    /// 0: every packet (no fwmark selector).
     pub fwmark: u32,
     pub table: u32,
     /// `not fwmark M lookup T` when true, `fwmark M lookup T` when false.
@@ -244,28 +245,34 @@ impl ObservedRule {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RulePlan {
-    pub add: Vec<Family>,
+    /// Rules to add: (index into the wanted rules, family).
+    pub add: Vec<(usize, Family)>,
     /// Indices into the observed rules.
     pub delete: Vec<usize>,
 }
 
-/// The wanted rule must exist exactly once in each of `families`; our other rules go (a
-/// changed rule, duplicates, a family no longer used, or every one of ours when `wanted` is
-/// `None`). An identical rule someone else created counts as present and is never deleted.
+/// Each wanted rule must exist exactly once in each of `families`; our other rules go (a
+/// changed rule, duplicates, a family no longer used, or every one of ours when nothing is
+/// wanted). An identical rule someone else created counts as present and is never deleted.
 pub fn plan_rules(
     observed: &[ObservedRule],
-    wanted: Option<&RuleConfig>,
+    wanted: &[RuleConfig],
     families: &[Family],
 ) -> RulePlan {
     let mut plan = RulePlan::default();
-    let mut kept: HashSet<Family> = HashSet::new();
+    let mut kept: HashSet<(usize, Family)> = HashSet::new();
     let mut order: Vec<usize> = (0..observed.len()).collect();
     order.sort_by_key(|&i| observed[i].protocol == ROUTE_PROTOCOL);
     for i in order {
         let r = &observed[i];
-        let wanted_here =
-            wanted.filter(|cfg| families.contains(&r.family) && r.matches(r.family, cfg));
-        if wanted_here.is_some() && kept.insert(r.family) {
+        let slot = if families.contains(&r.family) {
+            (0..wanted.len())
+                .find(|&w| r.matches(r.family, &wanted[w]) && !kept.contains(&(w, r.family)))
+        } else {
+            None
+        };
+        if let Some(w) = slot {
+            kept.insert((w, r.family));
             continue;
         }
         if r.protocol == ROUTE_PROTOCOL {
@@ -273,11 +280,15 @@ pub fn plan_rules(
         }
     }
     plan.delete.sort_unstable();
-    if wanted.is_some() {
-        let mut fams: Vec<Family> = families.to_vec();
-        fams.sort();
-        fams.dedup();
-        plan.add = fams.into_iter().filter(|f| !kept.contains(f)).collect();
+    let mut fams: Vec<Family> = families.to_vec();
+    fams.sort();
+    fams.dedup();
+    for w in 0..wanted.len() {
+        for &f in &fams {
+            if !kept.contains(&(w, f)) {
+                plan.add.push((w, f));
+            }
+        }
     }
     plan
 }
@@ -538,16 +549,14 @@ impl Routing {
         // Rule.
         let rules = self.rules().await?;
         let plain: Vec<ObservedRule> = rules.iter().map(|(r, _)| r.clone()).collect();
-        let plan = plan_rules(&plain, cfg.rule.as_ref(), &rule_families(cfg));
+        let plan = plan_rules(&plain, &cfg.rules, &rule_families(cfg));
         for i in plan.delete {
             self.delete_rule(&rules[i].1).await?;
             changes.rules_removed += 1;
         }
-        if let Some(rule) = &cfg.rule {
-            for family in plan.add {
-                self.add_rule(rule, family).await?;
-                changes.rules_added += 1;
-            }
+        for (w, family) in plan.add {
+            self.add_rule(&cfg.rules[w], family).await?;
+            changes.rules_added += 1;
         }
         if !changes.is_empty() {
             tracing::debug!(interface = %cfg.interface, ?changes, "routing synced");
@@ -563,12 +572,13 @@ impl Routing {
     }
 
     /// Removes our routes (protocol [`ROUTE_PROTOCOL`]) via the interface or in `table` (when
-    /// it is a dedicated one), our rules and any rule identical to `rule`, then the interface.
+    /// it is a dedicated one), our rules and any rule identical to one of `rules`, then the
+    /// interface.
     pub async fn cleanup(
         &self,
         interface: &str,
         table: u32,
-        rule: Option<&RuleConfig>,
+        rules: &[RuleConfig],
     ) -> Result<(), RoutingError> {
         let table = normalize_table(table);
         let link = self.link_by_name(interface).await?;
@@ -596,7 +606,7 @@ impl Routing {
             }
         }
         for (observed, msg) in self.rules().await? {
-            let identical = rule.is_some_and(|r| observed.matches(observed.family, r));
+            let identical = rules.iter().any(|r| observed.matches(observed.family, r));
             if observed.protocol == ROUTE_PROTOCOL || identical {
                 self.delete_rule(&msg).await?;
             }
@@ -861,14 +871,16 @@ impl Routing {
     }
 
     async fn add_rule(&self, rule: &RuleConfig, family: Family) -> Result<(), RoutingError> {
-        let request = self
+        let mut request = self
             .handle
             .rule()
             .add()
             .priority(rule.priority)
-            .fw_mark(rule.fwmark)
             .table_id(normalize_table(rule.table))
             .action(RuleAction::ToTable);
+        if rule.fwmark != 0 {
+            request = request.fw_mark(rule.fwmark);
+        }
         let describe = format!(
             "adding the rule {}fwmark {:#x} lookup {} priority {}",
             if rule.invert { "not " } else { "" },
@@ -924,7 +936,7 @@ mod tests {
         is_send(Routing::new());
         is_send(routing.sync(cfg));
         is_send(routing.underlay_mtu());
-        is_send(routing.cleanup("wgmesh0", 0, None));
+        is_send(routing.cleanup("wgmesh0", 0, &[]));
     }
 
     fn net(s: &str) -> IpNet {
@@ -1123,24 +1135,24 @@ mod tests {
         struct Case {
             name: &'static str,
             observed: Vec<ObservedRule>,
-            wanted: Option<RuleConfig>,
+            wanted: Vec<RuleConfig>,
             families: Vec<Family>,
-            add: Vec<Family>,
+            add: Vec<(usize, Family)>,
             delete: Vec<usize>,
         }
         let cases = vec![
             Case {
                 name: "missing",
                 observed: vec![main_rule.clone()],
-                wanted: Some(cfg.clone()),
+                wanted: vec![cfg.clone()],
                 families: vec![Family::V4, Family::V6],
-                add: vec![Family::V4, Family::V6],
+                add: vec![(0, Family::V4), (0, Family::V6)],
                 delete: vec![],
             },
             Case {
                 name: "present once",
                 observed: vec![main_rule.clone(), rule(Family::V4, 100, OURS)],
-                wanted: Some(cfg.clone()),
+                wanted: vec![cfg.clone()],
                 families: vec![Family::V4],
                 add: vec![],
                 delete: vec![],
@@ -1148,7 +1160,7 @@ mod tests {
             Case {
                 name: "duplicates of ours go",
                 observed: vec![rule(Family::V4, 100, OURS), rule(Family::V4, 100, OURS)],
-                wanted: Some(cfg.clone()),
+                wanted: vec![cfg.clone()],
                 families: vec![Family::V4],
                 add: vec![],
                 delete: vec![1],
@@ -1156,7 +1168,7 @@ mod tests {
             Case {
                 name: "an identical rule of someone else's counts, ours duplicating it goes",
                 observed: vec![rule(Family::V4, 100, OURS), rule(Family::V4, 100, 0)],
-                wanted: Some(cfg.clone()),
+                wanted: vec![cfg.clone()],
                 families: vec![Family::V4],
                 add: vec![],
                 delete: vec![0],
@@ -1164,9 +1176,9 @@ mod tests {
             Case {
                 name: "priority changed",
                 observed: vec![rule(Family::V4, 99, OURS)],
-                wanted: Some(cfg.clone()),
+                wanted: vec![cfg.clone()],
                 families: vec![Family::V4],
-                add: vec![Family::V4],
+                add: vec![(0, Family::V4)],
                 delete: vec![0],
             },
             Case {
@@ -1175,15 +1187,15 @@ mod tests {
                     invert: false,
                     ..rule(Family::V4, 100, OURS)
                 }],
-                wanted: Some(cfg.clone()),
+                wanted: vec![cfg.clone()],
                 families: vec![Family::V4],
-                add: vec![Family::V4],
+                add: vec![(0, Family::V4)],
                 delete: vec![0],
             },
             Case {
                 name: "family no longer used",
                 observed: vec![rule(Family::V4, 100, OURS), rule(Family::V6, 100, OURS)],
-                wanted: Some(cfg.clone()),
+                wanted: vec![cfg.clone()],
                 families: vec![Family::V4],
                 add: vec![],
                 delete: vec![1],
@@ -1195,14 +1207,14 @@ mod tests {
                     rule(Family::V4, 100, OURS),
                     rule(Family::V6, 100, 0),
                 ],
-                wanted: None,
+                wanted: vec![],
                 families: vec![Family::V4, Family::V6],
                 add: vec![],
                 delete: vec![1],
             },
         ];
         for case in cases {
-            let plan = plan_rules(&case.observed, case.wanted.as_ref(), &case.families);
+            let plan = plan_rules(&case.observed, &case.wanted, &case.families);
             assert_eq!(plan.add, case.add, "case {:?}: add", case.name);
             assert_eq!(plan.delete, case.delete, "case {:?}: delete", case.name);
         }
@@ -1216,7 +1228,7 @@ mod tests {
             mtu: None,
             routes: vec![],
             table: 0,
-            rule: None,
+            rules: vec![],
         };
         assert_eq!(rule_families(&cfg), vec![Family::V4]);
         cfg.routes = vec![net("fd00::/64")];

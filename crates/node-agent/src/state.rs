@@ -21,6 +21,8 @@ pub struct Desired {
     pub settings: Option<pb::MeshSettings>,
     /// Interface addresses, such as `10.250.0.3/16`.
     pub addresses: Vec<IpNet>,
+    /// The Node's pod CIDRs (used in CNI mode).
+    pub pod_cidrs: Vec<IpNet>,
     pub peers: BTreeMap<PublicKey, pb::Peer>,
 }
 
@@ -32,6 +34,8 @@ pub enum UpdateError {
     RemovedKey(usize),
     #[error("tunnel address {0:?} is not an address with a prefix")]
     Address(String),
+    #[error("pod CIDR {0:?} is not a CIDR")]
+    PodCidr(String),
     #[error("the update carries neither a snapshot nor a delta")]
     Empty,
 }
@@ -49,6 +53,7 @@ impl Desired {
                 next.peers = keyed(&s.peers)?;
                 next.settings = s.mesh.clone();
                 next.addresses = parse_addresses(&s.tunnel_addresses)?;
+                next.pod_cidrs = parse_pod_cidrs(&s.pod_cidrs)?;
             }
             Some(pb::peer_update::Update::Delta(d)) => {
                 for key in &d.removed {
@@ -61,6 +66,9 @@ impl Desired {
                 }
                 if !d.tunnel_addresses.is_empty() {
                     next.addresses = parse_addresses(&d.tunnel_addresses)?;
+                }
+                if !d.pod_cidrs.is_empty() {
+                    next.pod_cidrs = parse_pod_cidrs(&d.pod_cidrs)?;
                 }
             }
             None => return Err(UpdateError::Empty),
@@ -110,6 +118,17 @@ fn keyed(peers: &[pb::Peer]) -> Result<BTreeMap<PublicKey, pb::Peer>, UpdateErro
 fn parse_addresses(list: &[String]) -> Result<Vec<IpNet>, UpdateError> {
     list.iter()
         .map(|a| a.parse().map_err(|_| UpdateError::Address(a.clone())))
+        .collect()
+}
+
+/// Pod CIDRs as the controller sends them (network addresses, such as `10.244.1.0/24`).
+pub fn parse_pod_cidrs(list: &[String]) -> Result<Vec<IpNet>, UpdateError> {
+    list.iter()
+        .map(|c| {
+            Cidr::parse_strict(c)
+                .map(|c| c.net())
+                .map_err(|_| UpdateError::PodCidr(c.clone()))
+        })
         .collect()
 }
 
@@ -303,10 +322,12 @@ mod tests {
                     ..Default::default()
                 }),
                 tunnel_addresses: vec!["10.250.0.1/16".into()],
+                pod_cidrs: vec!["10.244.1.0/24".into()],
             })),
         };
         d.apply(&snapshot).unwrap();
         assert_eq!((d.peers.len(), d.revision, d.addresses.len()), (2, 3, 1));
+        assert_eq!(d.pod_cidrs, vec!["10.244.1.0/24".parse::<IpNet>().unwrap()]);
         assert_eq!(d.routes().len(), 2);
 
         let delta = pb::PeerUpdate {
@@ -347,6 +368,13 @@ mod tests {
             pb::PeerUpdate {
                 update: Some(pb::peer_update::Update::Delta(pb::PeerDelta {
                     removed: vec![vec![9; 31]],
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+            pb::PeerUpdate {
+                update: Some(pb::peer_update::Update::Delta(pb::PeerDelta {
+                    pod_cidrs: vec!["10.244.1.1/24".into()],
                     ..Default::default()
                 })),
                 ..Default::default()

@@ -113,7 +113,7 @@ fn sync_applies_only_the_diff() {
             mtu: Some(1400),
             routes: nets(&["10.251.1.0/24", "10.251.2.0/24", "fd00:251::/64"]),
             table: 0,
-            rule: None,
+            rules: vec![],
         };
         let changes = routing.sync(&cfg).await.unwrap();
         assert_eq!(
@@ -248,7 +248,7 @@ fn dedicated_table_rule_and_cleanup() {
             mtu: Some(1420),
             routes: nets(&["10.251.1.0/24", "10.251.9.9/32"]),
             table: 51820,
-            rule: Some(rule.clone()),
+            rules: vec![rule.clone()],
         };
         let first = routing.sync(&cfg).await.unwrap();
         assert_eq!(first.routes_added, 2);
@@ -278,10 +278,10 @@ fn dedicated_table_rule_and_cleanup() {
 
         // The rule flips to "fwmark M lookup T": replaced, still once.
         let mut flipped = cfg.clone();
-        flipped.rule = Some(RuleConfig {
+        flipped.rules = vec![RuleConfig {
             invert: false,
             ..rule.clone()
-        });
+        }];
         let changes = routing.sync(&flipped).await.unwrap();
         assert_eq!((changes.rules_added, changes.rules_removed), (1, 1));
         let rules = ns.ip(&["rule", "show"]);
@@ -290,7 +290,7 @@ fn dedicated_table_rule_and_cleanup() {
         assert!(!ours[0].contains("not"), "{rules}");
 
         routing
-            .cleanup("wgt1", 51820, flipped.rule.as_ref())
+            .cleanup("wgt1", 51820, &flipped.rules)
             .await
             .unwrap();
         let rules = ns.ip(&["rule", "show"]);
@@ -303,7 +303,7 @@ fn dedicated_table_rule_and_cleanup() {
         assert!(other.contains("10.99.0.0/24"), "{other}");
         // Cleaning up again is harmless.
         routing
-            .cleanup("wgt1", 51820, flipped.rule.as_ref())
+            .cleanup("wgt1", 51820, &flipped.rules)
             .await
             .unwrap();
     });
@@ -348,7 +348,7 @@ fn underlay_mtu_and_auto_mtu() {
             mtu: None,
             routes: vec![],
             table: 0,
-            rule: None,
+            rules: vec![],
         };
         let changes = routing.sync(&cfg).await.unwrap();
         assert_eq!(changes.mtu, Some(1340));
