@@ -1,11 +1,20 @@
-//! crds/*.yaml must be exactly what the Rust types generate (`cargo xtask crdgen`).
+//! crds/*.yaml, and their copies in the Helm chart, must be exactly what the Rust types
+//! generate (`cargo xtask crdgen`).
 
 use std::path::Path;
 
 #[test]
 fn checked_in_crds_match_the_rust_types() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds");
-    for (file, crd) in wgmesh_api::crds() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for (dir, file, crd) in ["crds", "deploy/helm/wgmesh/crds"]
+        .into_iter()
+        .flat_map(|d| {
+            let dir = root.join(d);
+            wgmesh_api::crds()
+                .into_iter()
+                .map(move |(f, c)| (dir.clone(), f, c))
+        })
+    {
         let path = dir.join(file);
         let have = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's automation, in Rust so it runs wherever cargo does.
 //!
 //! - `crdgen [--check]`: write `crds/*.yaml` from the Rust types (or fail on drift);
+//! - `manifests [--check]`: render `deploy/manifests/wgmesh.yaml` from the Helm chart;
 //! - `test`: everything CI checks: fmt, clippy, unit, integration and end-to-end tests;
 //! - `demo`: a local control plane with wgmesh installed, to look at and play with;
 //! - `bench`: benchmarks (see the subcommands).
@@ -8,6 +9,7 @@
 mod bench;
 mod crdgen;
 mod demo;
+mod manifests;
 mod setup;
 mod test;
 
@@ -26,6 +28,13 @@ enum Cmd {
     /// Write crds/*.yaml from the Rust types in crates/api.
     Crdgen {
         /// Fail instead of writing when crds/ differs from the types.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Render deploy/manifests/wgmesh.yaml from the Helm chart (helm is built and cached
+    /// on first use).
+    Manifests {
+        /// Fail instead of writing when the file differs from the chart.
         #[arg(long)]
         check: bool,
     },
@@ -53,6 +62,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Crdgen { check } => crdgen::run(check),
+        Cmd::Manifests { check } => manifests::run(check),
         Cmd::Test {
             no_lint,
             cargo_test_args,

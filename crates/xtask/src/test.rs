@@ -49,6 +49,9 @@ pub fn run(lint: bool, cargo_test_args: &[String]) -> Result<()> {
     eprintln!("    etcd:           {}", bins.etcd.display());
     eprintln!("    kube-apiserver: {}", bins.kube_apiserver.display());
     eprintln!("    kubectl:        {}", bins.kubectl.display());
+    step("helm: cached or built from the Go module proxy");
+    let helm = wgmesh_e2e::helm::Helm::new()?;
+    eprintln!("    helm:           {}", helm.binary.display());
 
     step("cargo test --workspace (unit, integration and end-to-end tests)");
     let totals = cargo_test(&root, cargo_test_args)?;

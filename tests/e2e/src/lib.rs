@@ -7,6 +7,7 @@ pub mod binaries;
 pub mod cluster;
 pub mod control_plane;
 pub mod controller;
+pub mod helm;
 pub mod install;
 pub mod mesh;
 pub mod netns;

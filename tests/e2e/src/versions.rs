@@ -9,3 +9,5 @@ pub const ETCD: &str = "3.6.16";
 /// userspace peer. Its tags are not semver, so this is the proxy's `@latest` pseudo-version
 /// (the program calls itself v0.0.20250522).
 pub const WIREGUARD_GO: &str = "0.0.0-20260522210424-ecfc5a8d5446";
+/// Helm, for the chart's tests and the plain manifests rendered from it.
+pub const HELM: &str = "3.19.5";

@@ -1,0 +1,31 @@
+{{/* Labels every object carries. */}}
+{{- define "wgmesh.labels" -}}
+app.kubernetes.io/name: wgmesh
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end }}
+
+{{- define "wgmesh.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* Whether the controller runs on the host network: CNI mode needs it, since pod
+networking only exists once agents have reached the controller. */}}
+{{- define "wgmesh.controllerHostNetwork" -}}
+{{- if kindIs "bool" .Values.controller.hostNetwork -}}
+{{ .Values.controller.hostNetwork }}
+{{- else -}}
+{{ .Values.cni.enabled }}
+{{- end -}}
+{{- end }}
+
+{{/* The name agents check in the controller's certificate. */}}
+{{- define "wgmesh.serverName" -}}
+wgmesh-controller.{{ .Release.Namespace }}.svc
+{{- end }}
+
+{{- define "wgmesh.tlsSecret" -}}
+{{ .Values.tls.existingSecret | default "wgmesh-controller-tls" }}
+{{- end }}

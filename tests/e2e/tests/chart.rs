@@ -1,0 +1,165 @@
+//! The Helm chart: lint, rendered output against checked-in snapshots, the plain manifests
+//! up to date, and a real install and upgrade into a real API server.
+//!
+//! Snapshots live in tests/e2e/testdata/helm/<name>.yaml; after an intended change, run the
+//! tests with `WGMESH_UPDATE_SNAPSHOTS=1` and review the diff.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use wgmesh_e2e::ControlPlane;
+use wgmesh_e2e::helm::{self, Helm, NAMESPACE, RELEASE, mask_generated};
+use wgmesh_e2e::install::repo_root;
+
+fn testdata(file: &str) -> PathBuf {
+    repo_root().join("tests/e2e/testdata/helm").join(file)
+}
+
+#[test]
+fn chart_lints_and_renders_like_its_snapshots() -> Result<()> {
+    let helm = Helm::new()?;
+    let chart = helm::chart_dir().display().to_string();
+    for values in [None, Some("cni.values.yaml"), Some("custom.values.yaml")] {
+        let mut args = vec!["lint".to_owned(), chart.clone(), "--strict".to_owned()];
+        if let Some(v) = values {
+            args.extend(["--values".to_owned(), testdata(v).display().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        helm.ok(&args, None)?;
+    }
+
+    let mut stale = Vec::new();
+    for (name, values) in [
+        ("default", None),
+        ("cni", Some("cni.values.yaml")),
+        ("custom", Some("custom.values.yaml")),
+    ] {
+        let path = values.map(|v| testdata(v).display().to_string());
+        let mut extra = Vec::new();
+        if let Some(p) = &path {
+            extra.extend(["--values", p.as_str()]);
+        }
+        let rendered = mask_generated(&helm.template(&extra)?);
+        let snapshot = testdata(&format!("{name}.snapshot.yaml"));
+        let have = std::fs::read_to_string(&snapshot).unwrap_or_default();
+        if have != rendered {
+            if std::env::var_os("WGMESH_UPDATE_SNAPSHOTS").is_some() {
+                std::fs::write(&snapshot, &rendered)?;
+            } else {
+                stale.push(snapshot.display().to_string());
+            }
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "helm template output differs from {stale:?}; if intended, run with WGMESH_UPDATE_SNAPSHOTS=1 and review the diff"
+    );
+
+    // The plain manifests are exactly the chart's rendering.
+    let want = helm.render_manifests()?;
+    let have = std::fs::read_to_string(helm::manifests_path())?;
+    assert!(
+        have == want,
+        "deploy/manifests/wgmesh.yaml differs from the chart; run `cargo xtask manifests`"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_wrong_value_type_is_refused_by_the_schema() -> Result<()> {
+    let helm = Helm::new()?;
+    let bad = testdata("wrong-type.values.yaml").display().to_string();
+    let chart = helm::chart_dir().display().to_string();
+    let out = helm.run(&["template", RELEASE, &chart, "--values", &bad], None)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted: {stderr}");
+    assert!(
+        stderr.contains("/controller/replicas") && stderr.contains("want integer"),
+        "the error names the value and the type: {stderr}"
+    );
+    Ok(())
+}
+
+/// resourceVersion of every object the release manages, by kind/namespace/name.
+fn release_versions(cp: &ControlPlane, helm: &Helm) -> Result<BTreeMap<String, String>> {
+    let manifest = helm.ok(
+        &["get", "manifest", RELEASE, "--namespace", NAMESPACE],
+        Some(cp.kubeconfig()),
+    )?;
+    let mut out = BTreeMap::new();
+    for doc in manifest.split("\n---") {
+        let value: serde_yaml::Value = serde_yaml::from_str(doc)?;
+        let Some(kind) = value["kind"].as_str() else {
+            continue;
+        };
+        let name = value["metadata"]["name"].as_str().context("name")?;
+        let ns = value["metadata"]["namespace"].as_str();
+        let mut args = vec![
+            "get",
+            kind,
+            name,
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ];
+        if let Some(ns) = ns {
+            args.extend(["--namespace", ns]);
+        }
+        let version = cp.kubectl_ok(&args)?;
+        out.insert(format!("{kind}/{}/{name}", ns.unwrap_or("")), version);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn helm_install_then_upgrade_changes_nothing() -> Result<()> {
+    let cp = ControlPlane::start().await?;
+    let helm = Helm::new()?;
+
+    // A wrong type is refused at install, and nothing is created.
+    let bad = testdata("wrong-type.values.yaml").display().to_string();
+    let refused = helm.install(&cp, &["--values", &bad]);
+    let message = format!("{:#}", refused.expect_err("the schema refused the values"));
+    assert!(message.contains("want integer"), "{message}");
+    // (Helm installs a chart's crds/ before rendering; the release itself never happens.)
+    let objects = cp.kubectl_ok(&[
+        "get",
+        "deployments,daemonsets,secrets,serviceaccounts",
+        "--namespace",
+        NAMESPACE,
+        "-o",
+        "name",
+    ])?;
+    assert!(objects.trim().is_empty(), "nothing installed: {objects}");
+    let releases = helm.ok(&["list", "--all-namespaces", "-q"], Some(cp.kubeconfig()))?;
+    assert!(releases.trim().is_empty(), "no release: {releases}");
+
+    helm.install(&cp, &[])?;
+    for crd in ["wireguardmeshes.wgmesh.io", "wireguardpeers.wgmesh.io"] {
+        cp.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            &format!("crd/{crd}"),
+        ])?;
+    }
+    let mesh = cp.kubectl_ok(&["get", "wireguardmeshes", "default", "-o", "yaml"])?;
+    assert!(mesh.contains("10.250.0.0/16"), "{mesh}");
+    let secret = cp.kubectl_ok(&[
+        "get",
+        "secret",
+        "wgmesh-controller-tls",
+        "--namespace",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.data.ca\\.crt}",
+    ])?;
+    assert!(!secret.is_empty(), "a CA was generated");
+
+    let before = release_versions(&cp, &helm)?;
+    assert!(before.len() >= 10, "{before:?}");
+    helm.install(&cp, &[])?;
+    let after = release_versions(&cp, &helm)?;
+    assert_eq!(before, after, "a second upgrade rewrote objects");
+    Ok(())
+}
