@@ -77,6 +77,33 @@ pub fn conflist_path(dir: &Path) -> PathBuf {
     dir.join(CONFLIST_FILE)
 }
 
+/// The plugins the conflist uses.
+pub const PLUGINS: [&str; 4] = ["bridge", "host-local", "portmap", "loopback"];
+
+/// Copies each of [`PLUGINS`] from `from` to `to` where `to` has none (a plugin already
+/// there, maybe another version other pods depend on, is never replaced). Each copy is
+/// written to a temporary name and renamed, so the runtime never runs a partial binary.
+/// Returns the names copied.
+pub fn install_plugins(from: &Path, to: &Path) -> io::Result<Vec<&'static str>> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(to)?;
+    let mut copied = Vec::new();
+    for name in PLUGINS {
+        let target = to.join(name);
+        if target.exists() {
+            continue;
+        }
+        let source = from.join(name);
+        let tmp = to.join(format!(".{name}.wgmesh-tmp"));
+        std::fs::copy(&source, &tmp)
+            .map_err(|e| io::Error::new(e.kind(), format!("copying {}: {e}", source.display())))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, &target)?;
+        copied.push(name);
+    }
+    Ok(copied)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +147,27 @@ mod tests {
                 .collect();
             assert_eq!(types, ["bridge", "portmap", "loopback"]);
         }
+    }
+
+    #[test]
+    fn installs_only_missing_plugins() {
+        let from = tempfile::tempdir().unwrap();
+        let to = tempfile::tempdir().unwrap();
+        for name in PLUGINS {
+            std::fs::write(from.path().join(name), format!("ours {name}")).unwrap();
+        }
+        std::fs::write(to.path().join("loopback"), "theirs").unwrap();
+        let copied = install_plugins(from.path(), to.path()).unwrap();
+        assert_eq!(copied, ["bridge", "host-local", "portmap"]);
+        assert_eq!(
+            std::fs::read_to_string(to.path().join("loopback")).unwrap(),
+            "theirs",
+            "an existing plugin is kept"
+        );
+        assert!(install_plugins(from.path(), to.path()).unwrap().is_empty());
+        let missing = tempfile::tempdir().unwrap();
+        let err = install_plugins(from.path().join("nope").as_path(), missing.path()).unwrap_err();
+        assert!(err.to_string().contains("bridge"), "{err}");
     }
 
     #[test]

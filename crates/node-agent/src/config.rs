@@ -20,6 +20,9 @@ pub enum Command {
     Run,
     /// Remove the interface, routes and rules the agent created, then exit.
     Cleanup(CleanupArgs),
+    /// Copy the CNI plugins CNI mode uses into the node's plugin directory, where missing
+    /// (an init container in CNI mode: kind's nodes, for one, have no `bridge`).
+    InstallCniPlugins(InstallCniPluginsArgs),
     /// Run only the userspace WireGuard device, configured through its UAPI socket (`wg set`),
     /// until SIGTERM or SIGINT: for benchmarks and debugging, not for production.
     #[command(hide = true)]
@@ -131,6 +134,16 @@ pub struct CleanupArgs {
     /// Routing table of the routes to peers (add-on mode), emptied of our routes.
     #[arg(long, env = "WGMESH_ROUTE_TABLE", default_value_t = 51820)]
     pub route_table: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InstallCniPluginsArgs {
+    /// Where the plugins are (in the image: Debian's containernetworking-plugins).
+    #[arg(long, default_value = "/usr/lib/cni")]
+    pub from: PathBuf,
+    /// The node's CNI plugin directory, as mounted.
+    #[arg(long, default_value = "/host/opt/cni/bin")]
+    pub to: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -27,6 +27,7 @@ async fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Some(Command::Cleanup(args)) => cleanup(&args.interface, args.route_table).await,
+        Some(Command::InstallCniPlugins(args)) => install_cni_plugins(&args.from, &args.to),
         Some(Command::UserspaceDevice(args)) => userspace_device(&args.interface).await,
         Some(Command::Run) | None => run(cli.run).await,
     };
@@ -54,6 +55,12 @@ async fn cleanup(interface: &str, route_table: u32) -> anyhow::Result<()> {
         interface,
         "removed the interface and the routes and rules wgmesh created"
     );
+    Ok(())
+}
+
+fn install_cni_plugins(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    let copied = wgmesh_agent::cni::install_plugins(from, to)?;
+    tracing::info!(?copied, to = %to.display(), "CNI plugins installed where missing");
     Ok(())
 }
 
