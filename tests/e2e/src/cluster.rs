@@ -125,7 +125,12 @@ pub async fn bound_token(
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     let request = TokenRequest {
         spec: TokenRequestSpec {
-            audiences: vec![audience.into()],
+            // Empty: the API server's own audiences (the in-cluster token).
+            audiences: if audience.is_empty() {
+                vec![]
+            } else {
+                vec![audience.into()]
+            },
             expiration_seconds: Some(3600),
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),

@@ -45,7 +45,7 @@ impl ControllerTls {
 pub struct Controller {
     process: ChildGuard,
     /// How it was started, to start it again on the same ports.
-    command: (PathBuf, Vec<(String, String)>, PathBuf),
+    command: (PathBuf, Vec<String>, Vec<(String, String)>, PathBuf),
     pub identity: String,
     pub grpc_port: u16,
     pub metrics_port: u16,
@@ -94,14 +94,31 @@ impl Controller {
             cmd.env(k, v);
         }
         let log = cp.dir().join(format!("controller-{identity}.log"));
+        Self::spawn(identity, cmd, &log, grpc_port, metrics_port).await
+    }
+
+    /// Starts `cmd` (a controller however launched, listening on the given ports) and waits
+    /// until it is ready. [`Controller::restart`] runs the same command again.
+    pub async fn spawn(
+        identity: &str,
+        cmd: Command,
+        log: &Path,
+        grpc_port: u16,
+        metrics_port: u16,
+    ) -> Result<Self> {
+        let program = PathBuf::from(cmd.get_program());
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         let envs: Vec<(String, String)> = cmd
             .get_envs()
             .filter_map(|(k, v)| Some((k.to_str()?.to_owned(), v?.to_str()?.to_owned())))
             .collect();
-        let process = ChildGuard::spawn(&format!("controller {identity}"), cmd, &log)?;
+        let process = ChildGuard::spawn(&format!("controller {identity}"), cmd, log)?;
         let mut controller = Controller {
             process,
-            command: (binary.to_owned(), envs, log),
+            command: (program, args, envs, log.to_owned()),
             identity: identity.to_owned(),
             grpc_port,
             metrics_port,
@@ -145,9 +162,9 @@ impl Controller {
     /// Starts the controller again, same ports and identity, after a kill or stop.
     pub async fn restart(&mut self) -> Result<()> {
         self.process.kill();
-        let (binary, envs, log) = &self.command;
-        let mut cmd = Command::new(binary);
-        cmd.envs(envs.iter().map(|(k, v)| (k, v)));
+        let (program, args, envs, log) = &self.command;
+        let mut cmd = Command::new(program);
+        cmd.args(args).envs(envs.iter().map(|(k, v)| (k, v)));
         self.process = ChildGuard::spawn(&format!("controller {}", self.identity), cmd, log)?;
         self.wait_ready().await
     }
@@ -185,7 +202,7 @@ fn grpc_bind(env: &[(&str, &str)], port: u16) -> String {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

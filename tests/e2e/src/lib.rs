@@ -12,6 +12,7 @@ pub mod install;
 pub mod mesh;
 pub mod netns;
 pub mod pki;
+pub mod pods;
 pub mod process;
 pub mod tokens;
 pub mod tools;

@@ -1,23 +1,43 @@
-//! A whole test mesh on one machine: the local control plane, the real controller, and N
-//! "nodes" (network namespaces on a shared underlay bridge), each with a real `wgmesh-agent`
-//! and a "pod" attached by the real CNI bridge plugin.
+//! A whole test mesh on one machine: the local control plane with the Helm chart installed,
+//! the chart's controller, and N "nodes" (network namespaces on a shared underlay bridge),
+//! each running the chart's agent, with a "pod" attached by the real CNI plugins.
+//!
+//! The controller and agents run with exactly the command, arguments and environment of the
+//! installed Deployment and DaemonSet (see [`crate::pods`]); only the chart's values differ
+//! from a user's (free ports, one controller replica, debug logs, short report interval).
+//!
+//! Two network modes, as the chart has them:
+//! - [`NetworkMode::Cni`]: the agents write the nodes' conflist, and pods are attached
+//!   by running the plugins of that very file;
+//! - [`NetworkMode::Addon`]: a pre-existing routed "CNI", as kindnet installs it (a bridge per
+//!   node, and plain routes to the other nodes' pod CIDRs via their node addresses), under
+//!   agents in add-on mode.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use crate::ControlPlane;
-use crate::binaries::workspace_binary;
 use crate::cluster;
-use crate::controller::{Controller, ControllerTls};
-use crate::install::install_default_mesh;
-use crate::netns::{Netns, RootLink, bridge, cni_add_pod, veth_to_bridge};
+use crate::controller::{Controller, free_port};
+use crate::helm::{Helm, NAMESPACE};
+use crate::netns::{Netns, RootLink, bridge, cni_add_conflist, cni_add_pod, veth_to_bridge};
+use crate::pods::{self, Installed, Launch, VolumeSources};
 use crate::process::ChildGuard;
 
 static MESHES: AtomicU32 = AtomicU32::new(0);
+
+/// The conflist the agent writes in CNI mode, relative to a node's root.
+const CONFLIST: &str = "etc/cni/net.d/05-wgmesh.conflist";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkMode {
+    Cni,
+    Addon,
+}
 
 pub struct TestNode {
     pub name: String,
@@ -30,46 +50,117 @@ pub struct TestNode {
     pub pod: Netns,
     pub ns: Netns,
     _veth: RootLink,
-    state_dir: PathBuf,
-    token_file: PathBuf,
+    /// The node's "host" filesystem (hostPath volumes).
+    pub host_root: PathBuf,
+    launch: Option<Launch>,
 }
 
 pub struct TestMesh {
     pub nodes: Vec<TestNode>,
     pub controller: Option<Controller>,
-    pub tls: ControllerTls,
+    pub mode: NetworkMode,
     pub client: kube::Client,
     /// The underlay's /24 prefix, such as `192.168.101`.
     pub underlay: String,
     pub id: String,
-    agent_binary: PathBuf,
+    pub installed: Installed,
     _bridge: RootLink,
     pub cp: ControlPlane,
     dir: tempfile::TempDir,
 }
 
 impl TestMesh {
-    /// The control plane, the controller, and `n` nodes with agents and pods.
+    /// A mesh in CNI mode: the control plane, the chart, the controller, and `n` nodes with
+    /// agents and pods.
     pub async fn start(n: usize) -> Result<Self> {
+        Self::start_in(n, NetworkMode::Cni).await
+    }
+
+    pub async fn start_in(n: usize, mode: NetworkMode) -> Result<Self> {
         let seq = MESHES.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}{}", std::process::id() % 1000, seq);
         let underlay = format!("192.168.{}", 100 + (std::process::id() + seq) % 100);
         let cp = ControlPlane::start().await?;
-        install_default_mesh(&cp)?;
         let client = cp.client().await?;
-        let tls = ControllerTls::issue(&cp)?;
-        let bridge = bridge(&format!("wgm{id}br"), &format!("{underlay}.254/24"))?;
-        let controller = Controller::start(&cp, &tls, "c1", &[("WGMESH_BIND_ALL", "1")]).await?;
-        let agent_binary = workspace_binary("wgmesh-node-agent", "wgmesh-agent")?;
         let dir = tempfile::Builder::new().prefix("wgmesh-mesh-").tempdir()?;
+        let bridge = bridge(&format!("wgm{id}br"), &format!("{underlay}.254/24"))?;
+
+        // The chart, with the values a test needs.
+        let (grpc_port, metrics_port) = (free_port()?, free_port()?);
+        let values = dir.path().join("values.yaml");
+        std::fs::write(
+            &values,
+            format!(
+                "cni:\n  enabled: {}\n\
+                 controller:\n  replicas: 1\n  grpcPort: {grpc_port}\n  metricsPort: {metrics_port}\n\
+                 \x20 logLevel: info,wgmesh_controller=debug,kube_lease_manager=warn\n\
+                 agent:\n  reportInterval: 2\n  logLevel: info,wgmesh_agent=debug\n",
+                mode == NetworkMode::Cni
+            ),
+        )?;
+        Helm::new()?.install(&cp, &["--values", &values.display().to_string()])?;
+        let installed = Installed::read(&client).await?;
+
+        // The controller, as its Deployment says, on the host (root) network namespace.
+        let controller_ip = format!("{underlay}.254");
+        let pod = cluster::agent_pod(
+            &client,
+            "wgmesh-controller-0",
+            "node-1",
+            "wgmesh-controller",
+        )
+        .await?;
+        let spec = installed.controller_pod()?.clone();
+        let container = spec.containers.first().context("no container")?.clone();
+        let fields: pods::Fields = BTreeMap::from([
+            ("metadata.name", "wgmesh-controller-0".to_owned()),
+            ("metadata.namespace", NAMESPACE.to_owned()),
+            ("status.podIP", controller_ip.clone()),
+        ]);
+        let api_port = cp
+            .url()
+            .rsplit(':')
+            .next()
+            .context("the API server URL has no port")?
+            .to_owned();
+        let mut services = vec![
+            ("KUBERNETES_SERVICE_HOST".to_owned(), "127.0.0.1".to_owned()),
+            ("KUBERNETES_SERVICE_PORT".to_owned(), api_port),
+        ];
+        services.extend(installed.service_env(&controller_ip));
+        let env = pods::container_env(&container, &fields, &services)?;
+        let controller_dir = dir.path().join("controller");
+        let launch = pods::prepare(
+            &spec,
+            &container,
+            env,
+            &VolumeSources {
+                client: &client,
+                pod: &pod,
+                host_root: &controller_dir.join("host"),
+                volume_dir: &controller_dir.join("volumes"),
+                api_ca: cp.ca().cert_pem(),
+            },
+        )
+        .await?;
+        let log = dir.path().join("controller.log");
+        let controller = Controller::spawn(
+            "wgmesh-controller-0",
+            launch.command(None),
+            &log,
+            grpc_port,
+            metrics_port,
+        )
+        .await?;
+
         let mut mesh = TestMesh {
             nodes: Vec::new(),
             controller: Some(controller),
-            tls,
+            mode,
             client,
             underlay,
             id,
-            agent_binary,
+            installed,
             _bridge: bridge,
             cp,
             dir,
@@ -77,8 +168,17 @@ impl TestMesh {
         for i in 1..=n {
             mesh.add_node(i).await?;
         }
+        if mode == NetworkMode::Addon {
+            mesh.install_plain_routes()?;
+        }
         for i in 0..n {
+            mesh.prepare_agent(i).await?;
             mesh.start_agent(i)?;
+        }
+        if mode == NetworkMode::Cni {
+            for i in 0..n {
+                mesh.attach_pod_from_agent_conflist(i).await?;
+            }
         }
         Ok(mesh)
     }
@@ -97,13 +197,16 @@ impl TestMesh {
         )?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         let pod_cidr = format!("10.244.{i}.0/24");
-        let ipam_dir = self.dir.path().join(format!("ipam-{i}"));
-        let pod_ip = cni_add_pod(&ns, &pod, &pod_cidr, &ipam_dir)?;
+        let pod_ip = match self.mode {
+            // The other CNI's bridge, there before wgmesh.
+            NetworkMode::Addon => {
+                let ipam_dir = self.dir.path().join(format!("ipam-{i}"));
+                cni_add_pod(&ns, &pod, &pod_cidr, &ipam_dir)?
+            }
+            // Attached once the agent has written the conflist.
+            NetworkMode::Cni => String::new(),
+        };
         cluster::create_node(&self.client, &name, &[&pod_cidr], &node_ip, &[]).await?;
-        let token = cluster::agent_token(&self.client, &name).await?;
-        let state_dir = self.dir.path().join(format!("state-{i}"));
-        let token_file = self.dir.path().join(format!("token-{i}"));
-        std::fs::write(&token_file, token)?;
         self.nodes.push(TestNode {
             name,
             index: i,
@@ -114,37 +217,103 @@ impl TestMesh {
             pod,
             ns,
             _veth: veth,
-            state_dir,
-            token_file,
+            host_root: self.dir.path().join(format!("node-{i}")).join("host"),
+            launch: None,
         });
         Ok(())
     }
 
-    /// The controller URL as seen from the nodes.
-    pub fn controller_url(&self) -> String {
-        let port = self.controller.as_ref().map(|c| c.grpc_port).unwrap_or(0);
-        format!("https://{}.254:{port}", self.underlay)
+    /// Add-on mode's pre-existing CNI routes: each node routes the other nodes' pod CIDRs in
+    /// plaintext via their node addresses, as kindnet does.
+    fn install_plain_routes(&self) -> Result<()> {
+        for node in &self.nodes {
+            for other in self.nodes.iter().filter(|o| o.index != node.index) {
+                node.ns
+                    .ip(&["route", "add", &other.pod_cidr, "via", &other.node_ip])?;
+            }
+        }
+        Ok(())
     }
 
-    /// Starts node `i`'s agent inside its namespace, with a private /var/run/wireguard (one per
-    /// node, as on a real machine).
+    /// Node `i`'s agent pod as its DaemonSet says: the pod object (its token is bound to it),
+    /// the volumes and the environment.
+    async fn prepare_agent(&mut self, i: usize) -> Result<()> {
+        let controller_ip = format!("{}.254", self.underlay);
+        let node = &self.nodes[i];
+        let pod = cluster::agent_pod(
+            &self.client,
+            &format!("wgmesh-agent-{}", node.name),
+            &node.name,
+            cluster::AGENT_SERVICE_ACCOUNT,
+        )
+        .await?;
+        let spec = self.installed.agent_pod()?.clone();
+        let fields: pods::Fields = BTreeMap::from([
+            ("spec.nodeName", node.name.clone()),
+            ("status.hostIP", node.node_ip.clone()),
+            ("metadata.namespace", NAMESPACE.to_owned()),
+        ]);
+        let services = self.installed.service_env(&controller_ip);
+        let sources = VolumeSources {
+            client: &self.client,
+            pod: &pod,
+            host_root: &node.host_root,
+            volume_dir: &self
+                .dir
+                .path()
+                .join(format!("node-{}", node.index))
+                .join("volumes"),
+            api_ca: self.cp.ca().cert_pem(),
+        };
+        // Init containers run to completion first, as the kubelet runs them.
+        for init in spec.init_containers.iter().flatten() {
+            let env = pods::container_env(init, &fields, &services)?;
+            let launch = pods::prepare(&spec, init, env, &sources).await?;
+            let out = launch.command(Some(&node.ns.name)).output()?;
+            if !out.status.success() {
+                bail!(
+                    "init container {} failed: {}",
+                    init.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let container = spec.containers.first().context("no container")?;
+        let env = pods::container_env(container, &fields, &services)?;
+        let launch = pods::prepare(&spec, container, env, &sources).await?;
+        self.nodes[i].launch = Some(launch);
+        Ok(())
+    }
+
+    /// CNI mode: waits for the conflist node `i`'s agent writes, then attaches the pod by
+    /// running that conflist's plugins.
+    async fn attach_pod_from_agent_conflist(&mut self, i: usize) -> Result<()> {
+        let path = self.nodes[i].host_root.join(CONFLIST);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !path.exists() {
+            if Instant::now() > deadline {
+                bail!(
+                    "node {i}'s agent wrote no {}\n{}",
+                    path.display(),
+                    self.agent_logs(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let node = &self.nodes[i];
+        let data_dir = node.host_root.join("var/lib/cni/networks");
+        // The plugins the agent's init container installed on the node.
+        let plugin_dir = node.host_root.join("opt/cni/bin");
+        let ip = cni_add_conflist(&node.ns, &node.pod, &path, &plugin_dir, &data_dir)?;
+        self.nodes[i].pod_ip = ip;
+        Ok(())
+    }
+
+    /// Starts node `i`'s agent inside its namespace.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
-        let url = self.controller_url();
-        let ca = self.tls.ca.clone();
         let node = &mut self.nodes[i];
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &node.ns.name, "unshare", "--mount", "--propagation", "private", "sh", "-c"])
-            .arg("mkdir -p /var/run/wireguard && mount -t tmpfs tmpfs /var/run/wireguard && exec \"$0\" \"$@\"")
-            .arg(&self.agent_binary)
-            .args(["--node", &node.name, "--controller", &url, "--tls-server-name", "localhost"])
-            .arg("--ca-file")
-            .arg(&ca)
-            .arg("--token-file")
-            .arg(&node.token_file)
-            .arg("--state-dir")
-            .arg(&node.state_dir)
-            .args(["--endpoint-address", &node.node_ip, "--backend", "userspace", "--report-interval", "2"])
-            .env("WGMESH_LOG", "info,wgmesh_agent=debug");
+        let launch = node.launch.as_ref().context("the agent was not prepared")?;
+        let cmd = launch.command(Some(&node.ns.name));
         let log = self.dir.path().join(format!("agent-{}.log", node.index));
         node.agent = Some(ChildGuard::spawn(
             &format!("agent {}", node.name),
@@ -246,22 +415,35 @@ impl TestMesh {
 
     /// Node `i`'s private key in base64, from its key file (to check it never leaks).
     pub fn private_key(&self, i: usize) -> Result<String> {
-        Ok(
-            std::fs::read_to_string(self.nodes[i].state_dir.join("default/private.key"))?
-                .trim()
-                .to_owned(),
-        )
+        Ok(std::fs::read_to_string(self.key_file(i))?.trim().to_owned())
     }
 
     /// Node `i`'s public key, from its key file.
     pub fn public_key(&self, i: usize) -> Result<String> {
-        let text = std::fs::read_to_string(self.nodes[i].state_dir.join("default/private.key"))?;
+        let text = std::fs::read_to_string(self.key_file(i))?;
         let key: wgmesh_core::PrivateKey = text.parse()?;
         Ok(key.public_key().to_base64())
     }
 
-    /// Routes of node `i`'s main table.
+    /// Node `i`'s key file (the agent's hostPath state directory).
+    pub fn key_file(&self, i: usize) -> PathBuf {
+        self.nodes[i]
+            .host_root
+            .join("var/lib/wgmesh/default/private.key")
+    }
+
+    /// Routes of the table the mesh's routes are in: main in CNI mode, the agent's own in
+    /// add-on mode.
     pub fn routes(&self, i: usize) -> Result<String> {
-        self.nodes[i].ns.ip(&["route", "show"])
+        let table = match self.mode {
+            NetworkMode::Cni => "main".to_owned(),
+            NetworkMode::Addon => self.nodes[i]
+                .launch
+                .as_ref()
+                .and_then(|l| l.env_value("WGMESH_ROUTE_TABLE"))
+                .unwrap_or("51820")
+                .to_owned(),
+        };
+        self.nodes[i].ns.ip(&["route", "show", "table", &table])
     }
 }

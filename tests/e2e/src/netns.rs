@@ -201,6 +201,64 @@ pub fn cni_add_pod(
     Ok(address.split('/').next().unwrap_or(address).to_owned())
 }
 
+/// Attaches `pod` by running the plugins of the conflist at `conflist` from `plugin_dir` in
+/// order, as a container runtime does (each gets the previous one's result), with the node's
+/// host-local state under `data_dir` (the node's /var/lib/cni/networks). Returns the pod's
+/// first address.
+pub fn cni_add_conflist(
+    node: &Netns,
+    pod: &Netns,
+    conflist: &std::path::Path,
+    plugin_dir: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> Result<String> {
+    let plugin_dir = plugin_dir.to_str().context("plugin directory")?;
+    let list: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(conflist)?)?;
+    let plugins = list["plugins"]
+        .as_array()
+        .context("the conflist has no plugins")?;
+    let mut prev: Option<serde_json::Value> = None;
+    for plugin in plugins {
+        let mut conf = plugin.clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        if conf["ipam"]["type"] == "host-local" {
+            conf["ipam"]["dataDir"] = serde_json::json!(data_dir);
+        }
+        if let Some(p) = &prev {
+            conf["prevResult"] = p.clone();
+        }
+        let kind = conf["type"]
+            .as_str()
+            .context("a plugin without type")?
+            .to_owned();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &node.name, &format!("{plugin_dir}/{kind}")])
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", &pod.name)
+            .env("CNI_NETNS", pod.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", plugin_dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(conf.to_string().as_bytes())?;
+        let out = child.wait_with_output()?;
+        let result = check(&format!("cni {kind}"), &["ADD"], out)?;
+        prev = Some(serde_json::from_str(&result)?);
+    }
+    let result = prev.context("the conflist has no plugins")?;
+    let address = result["ips"][0]["address"]
+        .as_str()
+        .context("the CNI result has no address")?;
+    Ok(address.split('/').next().unwrap_or(address).to_owned())
+}
+
 /// Starts a TCP echo server inside `ns` on `addr`; it answers `n` connections, then stops.
 pub fn echo_server(
     ns: &Netns,

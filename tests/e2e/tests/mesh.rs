@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use wgmesh_e2e::cluster;
-use wgmesh_e2e::mesh::TestMesh;
+use wgmesh_e2e::mesh::{NetworkMode, TestMesh};
 use wgmesh_e2e::netns::{self, Netns, echo_roundtrip, echo_server, sh, veth_to_bridge};
 use wgmesh_e2e::process::ChildGuard;
 
@@ -65,6 +65,51 @@ fn pod_matrix(mesh: &TestMesh, timeout: Duration) -> Result<()> {
     }
 }
 
+/// Captures node `from`'s underlay link while pod `from` sends a marker to pod `to`: the
+/// marker never appears, the transfer is WireGuard UDP, and nothing else crosses between
+/// nodes (the controller's gRPC aside).
+fn assert_transfer_encrypted(mesh: &TestMesh, from: usize, to: usize) -> Result<()> {
+    let capture = mesh.cp.dir().join(format!("underlay-{from}-{to}.pcap"));
+    let iface = format!("wgm{}v{}", mesh.id, mesh.nodes[from].index);
+    let mut cmd = std::process::Command::new("tcpdump");
+    cmd.args(["-i", &iface, "-U", "-n", "-w"]).arg(&capture);
+    let mut tcpdump = ChildGuard::spawn("tcpdump", cmd, &mesh.cp.dir().join("tcpdump.log"))?;
+    std::thread::sleep(Duration::from_millis(700));
+    let marker = b"WGMESH-PLAINTEXT-MARKER-".repeat(4000);
+    echo_roundtrip(
+        &mesh.nodes[from].pod,
+        addr(&mesh.nodes[to].pod_ip, ECHO_PORT),
+        marker,
+        Duration::from_secs(10),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    tcpdump.stop(Duration::from_secs(5));
+    let read = |filter: &str| -> Result<String> {
+        let mut args = vec!["-r", capture.to_str().unwrap(), "-n", "-A"];
+        args.extend(filter.split_whitespace());
+        sh("tcpdump", &args)
+    };
+    let all = read("")?;
+    assert!(
+        !all.contains("WGMESH-PLAINTEXT-MARKER"),
+        "the marker crossed the underlay in plaintext"
+    );
+    let wireguard = read("udp port 51820")?;
+    assert!(
+        wireguard.lines().count() > 20,
+        "the transfer went over WireGuard:\n{wireguard}"
+    );
+    let controller_host = format!("{}.254", mesh.underlay);
+    let other = read(&format!(
+        "ip and not udp port 51820 and not host {controller_host}"
+    ))?;
+    assert!(
+        other.trim().is_empty(),
+        "non-WireGuard traffic between nodes:\n{other}"
+    );
+    Ok(())
+}
+
 async fn wait_for<F: Fn() -> Result<bool>>(what: &str, timeout: Duration, f: F) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -94,44 +139,7 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
     pod_matrix(&mesh, Duration::from_secs(30))?;
 
     // 2. On the underlay, a transfer of a marker shows only WireGuard UDP, never the marker.
-    let capture = mesh.cp.dir().join("underlay.pcap");
-    let iface = format!("wgm{}v1", mesh.id);
-    let mut cmd = std::process::Command::new("tcpdump");
-    cmd.args(["-i", &iface, "-U", "-n", "-w"]).arg(&capture);
-    let mut tcpdump = ChildGuard::spawn("tcpdump", cmd, &mesh.cp.dir().join("tcpdump.log"))?;
-    std::thread::sleep(Duration::from_millis(700));
-    let marker = b"WGMESH-PLAINTEXT-MARKER-".repeat(4000);
-    echo_roundtrip(
-        &mesh.nodes[0].pod,
-        addr(&mesh.nodes[1].pod_ip, ECHO_PORT),
-        marker,
-        Duration::from_secs(10),
-    )?;
-    std::thread::sleep(Duration::from_millis(500));
-    tcpdump.stop(Duration::from_secs(5));
-    let read = |filter: &str| -> Result<String> {
-        let mut args = vec!["-r", capture.to_str().unwrap(), "-n", "-A"];
-        args.extend(filter.split_whitespace());
-        sh("tcpdump", &args)
-    };
-    let all = read("")?;
-    assert!(
-        !all.contains("WGMESH-PLAINTEXT-MARKER"),
-        "the marker crossed the underlay in plaintext"
-    );
-    let wireguard = read("udp port 51820")?;
-    assert!(
-        wireguard.lines().count() > 20,
-        "the transfer went over WireGuard:\n{wireguard}"
-    );
-    let controller_host = format!("{}.254", mesh.underlay);
-    let other = read(&format!(
-        "ip and not udp port 51820 and not host {controller_host}"
-    ))?;
-    assert!(
-        other.trim().is_empty(),
-        "non-WireGuard traffic between nodes:\n{other}"
-    );
+    assert_transfer_encrypted(&mesh, 0, 1)?;
 
     // The agent's metrics and health on its local port.
     let health = netns::http_get_in(&mesh.nodes[0].ns, 9091, "/healthz")?;
@@ -372,6 +380,51 @@ async fn interop_with_wireguard_go(mesh: &TestMesh) -> Result<()> {
     assert!(
         !show.trim().ends_with("\t0"),
         "wireguard-go completed a handshake: {show}"
+    );
+    Ok(())
+}
+
+/// Add-on mode over a routed "CNI" like kindnet: every node already routes the other nodes'
+/// pod CIDRs in plaintext via their addresses. wgmesh's own table and rule win over those
+/// routes, so pod traffic is encrypted although a plaintext route exists; the other CNI's
+/// routes are left as they were.
+#[tokio::test]
+async fn addon_mode_encrypts_over_an_existing_routed_cni() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipped: the end-to-end mesh needs root (network namespaces, TUN)");
+        return Ok(());
+    }
+    let mesh = TestMesh::start_in(3, NetworkMode::Addon).await?;
+    mesh.wait_peer_counts(2, Duration::from_secs(90)).await?;
+    for node in &mesh.nodes {
+        echo_server(&node.pod, addr("0.0.0.0", ECHO_PORT), usize::MAX)?;
+    }
+    pod_matrix(&mesh, Duration::from_secs(30))?;
+
+    // The plaintext route is still there, but the kernel picks the tunnel.
+    let node = &mesh.nodes[0];
+    let main = node.ns.ip(&["route", "show", "table", "main"])?;
+    let plain = format!("{} via {}", mesh.nodes[1].pod_cidr, mesh.nodes[1].node_ip);
+    assert!(main.contains(&plain), "the CNI's route is kept: {main}");
+    let ours = mesh.routes(0)?;
+    assert!(
+        ours.contains(&format!("{} dev wgmesh0", mesh.nodes[1].pod_cidr)),
+        "wgmesh's table: {ours}"
+    );
+    let rules = node.ns.ip(&["rule", "show"])?;
+    assert!(rules.contains("5210:\tfrom all lookup 51820"), "{rules}");
+    let chosen = node.ns.ip(&["route", "get", &mesh.nodes[1].pod_ip])?;
+    assert!(chosen.contains("dev wgmesh0"), "{chosen}");
+
+    assert_transfer_encrypted(&mesh, 0, 1)?;
+    assert_transfer_encrypted(&mesh, 2, 0)?;
+    // No conflist in add-on mode: the other CNI owns pod networking.
+    assert!(
+        !node
+            .host_root
+            .join("etc/cni/net.d")
+            .join("05-wgmesh.conflist")
+            .exists()
     );
     Ok(())
 }
