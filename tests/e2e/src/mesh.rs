@@ -330,6 +330,19 @@ impl TestMesh {
         }
     }
 
+    /// `wg show wgmesh0` inside node `i`, for people (the private key shows as hidden).
+    pub fn wg_show(&self, i: usize) -> Result<String> {
+        let pid = self.nodes[i]
+            .agent
+            .as_ref()
+            .and_then(|a| a.pid())
+            .context("the agent is not running")?;
+        crate::netns::sh(
+            "nsenter",
+            &["-t", &pid.to_string(), "-m", "-n", "wg", "show", "wgmesh0"],
+        )
+    }
+
     /// `wg show wgmesh0 dump` inside node `i` (its network and mount namespaces).
     pub fn wg_dump(&self, i: usize) -> Result<String> {
         let pid = self.nodes[i]

@@ -306,10 +306,19 @@ pub fn echo_roundtrip(
     ns.run(move || {
         let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
-        stream.write_all(&payload)?;
+        // Write from another thread while reading here: a payload larger than both ends'
+        // buffers would otherwise deadlock against the echo.
+        let mut writer = stream.try_clone()?;
+        let payload = std::sync::Arc::new(payload);
+        let sent = std::sync::Arc::clone(&payload);
+        let writing = std::thread::spawn(move || writer.write_all(&sent));
         let mut back = vec![0u8; payload.len()];
-        stream.read_exact(&mut back)?;
-        if back != payload {
+        let read = stream.read_exact(&mut back);
+        writing
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+        read?;
+        if back != *payload {
             bail!("the echo differs");
         }
         Ok(())
