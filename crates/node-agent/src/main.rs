@@ -100,6 +100,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let m = metrics.clone();
     let app = Router::new()
         .route("/metrics", get(move || async move { m.render() }))
+        // Liveness: the process serves. Restarting an agent that cannot reach the controller
+        // would not help, so "configured" is readiness (/healthz) only.
+        .route("/livez", get(|| async { "ok" }))
         .route(
             "/healthz",
             get(move || {

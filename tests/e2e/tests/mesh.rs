@@ -142,8 +142,10 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
     assert_transfer_encrypted(&mesh, 0, 1)?;
 
     // The agent's metrics and health on its local port.
-    let health = netns::http_get_in(&mesh.nodes[0].ns, 9091, "/healthz")?;
-    assert_eq!(health.trim(), "ok");
+    for path in ["/healthz", "/livez"] {
+        let health = netns::http_get_in(&mesh.nodes[0].ns, 9091, path)?;
+        assert_eq!(health.trim(), "ok", "{path}");
+    }
     let metrics = netns::http_get_in(&mesh.nodes[0].ns, 9091, "/metrics")?;
     assert!(metrics.contains("wgmesh_agent_peers 2"), "{metrics}");
 
