@@ -332,37 +332,26 @@ impl TestMesh {
 
     /// `wg show wgmesh0` inside node `i`, for people (the private key shows as hidden).
     pub fn wg_show(&self, i: usize) -> Result<String> {
-        let pid = self.nodes[i]
-            .agent
-            .as_ref()
-            .and_then(|a| a.pid())
-            .context("the agent is not running")?;
-        crate::netns::sh(
-            "nsenter",
-            &["-t", &pid.to_string(), "-m", "-n", "wg", "show", "wgmesh0"],
-        )
+        self.wg_in_node(i, &["show", "wgmesh0"])
     }
 
-    /// `wg show wgmesh0 dump` inside node `i` (its network and mount namespaces).
+    /// `wg show wgmesh0 dump` inside node `i`.
     pub fn wg_dump(&self, i: usize) -> Result<String> {
+        self.wg_in_node(i, &["show", "wgmesh0", "dump"])
+    }
+
+    /// `wg ARGS` in node `i`'s network and mount namespaces (the agent's, where the
+    /// userspace device's UAPI socket is).
+    fn wg_in_node(&self, i: usize, args: &[&str]) -> Result<String> {
         let pid = self.nodes[i]
             .agent
             .as_ref()
             .and_then(|a| a.pid())
-            .context("the agent is not running")?;
-        crate::netns::sh(
-            "nsenter",
-            &[
-                "-t",
-                &pid.to_string(),
-                "-m",
-                "-n",
-                "wg",
-                "show",
-                "wgmesh0",
-                "dump",
-            ],
-        )
+            .context("the agent is not running")?
+            .to_string();
+        let mut all = vec!["-t", &pid, "-m", "-n", "wg"];
+        all.extend_from_slice(args);
+        crate::netns::sh("nsenter", &all)
     }
 
     /// Peers of node `i` as `wg` sees them: (public key, latest handshake unix seconds).

@@ -176,13 +176,26 @@ pub fn cni_add_pod(
         "ipMasq": false,
         "ipam": {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]], "dataDir": data_dir},
     });
+    let result = run_cni_plugin(node, pod, CNI_PATH, &conf)?;
+    first_address(&result)
+}
+
+/// Runs one CNI plugin's ADD for `pod` from inside `node`, with `conf` on its stdin; returns
+/// its result.
+fn run_cni_plugin(
+    node: &Netns,
+    pod: &Netns,
+    plugin_dir: &str,
+    conf: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    let kind = conf["type"].as_str().context("a plugin without type")?;
     let mut child = Command::new("ip")
-        .args(["netns", "exec", &node.name, &format!("{CNI_PATH}/bridge")])
+        .args(["netns", "exec", &node.name, &format!("{plugin_dir}/{kind}")])
         .env("CNI_COMMAND", "ADD")
         .env("CNI_CONTAINERID", &pod.name)
         .env("CNI_NETNS", pod.path())
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", CNI_PATH)
+        .env("CNI_PATH", plugin_dir)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -193,9 +206,13 @@ pub fn cni_add_pod(
         .context("stdin")?
         .write_all(conf.to_string().as_bytes())?;
     let out = child.wait_with_output()?;
-    let result = check("cni bridge", &["ADD"], out)?;
-    let json: serde_json::Value = serde_json::from_str(&result)?;
-    let address = json["ips"][0]["address"]
+    let result = check(&format!("cni {kind}"), &["ADD"], out)?;
+    Ok(serde_json::from_str(&result)?)
+}
+
+/// The first address of a CNI result, without its prefix length.
+fn first_address(result: &serde_json::Value) -> Result<String> {
+    let address = result["ips"][0]["address"]
         .as_str()
         .context("the CNI result has no address")?;
     Ok(address.split('/').next().unwrap_or(address).to_owned())
@@ -228,35 +245,9 @@ pub fn cni_add_conflist(
         if let Some(p) = &prev {
             conf["prevResult"] = p.clone();
         }
-        let kind = conf["type"]
-            .as_str()
-            .context("a plugin without type")?
-            .to_owned();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &node.name, &format!("{plugin_dir}/{kind}")])
-            .env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", &pod.name)
-            .env("CNI_NETNS", pod.path())
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", plugin_dir)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(conf.to_string().as_bytes())?;
-        let out = child.wait_with_output()?;
-        let result = check(&format!("cni {kind}"), &["ADD"], out)?;
-        prev = Some(serde_json::from_str(&result)?);
+        prev = Some(run_cni_plugin(node, pod, plugin_dir, &conf)?);
     }
-    let result = prev.context("the conflist has no plugins")?;
-    let address = result["ips"][0]["address"]
-        .as_str()
-        .context("the CNI result has no address")?;
-    Ok(address.split('/').next().unwrap_or(address).to_owned())
+    first_address(&prev.context("the conflist has no plugins")?)
 }
 
 /// Starts a TCP echo server inside `ns` on `addr`; it answers `n` connections, then stops.
