@@ -2,7 +2,15 @@
 //! peer's verdict (programmed, or why not).
 //!
 //! This is the one place where a peer's allowed IPs, endpoint, keepalive and preshared key are
-//! decided ([`allowed_ips_of`] and [`compute`]), and where conflicts between peers are judged.
+//! decided ([`allowed_ips_of`], [`gateway_allowed_ips`] and [`compute`]), and where conflicts
+//! between peers are judged.
+//!
+//! External peers attach to gateway nodes only (every member node unless the mesh narrows it
+//! with a gateway selector). Gateways program every peer; the other members ("interior"
+//! nodes) program only node peers, and reach external peers through the first gateway (by
+//! name), whose allowed IPs on interior nodes also carry every external peer's networks. The
+//! exported client config mirrors this ([`crate::export`]): each gateway's pods straight to
+//! that gateway, everything else through the first gateway.
 //! Conflicts are resolved deterministically: node peers first (their pod CIDRs are facts of the
 //! cluster, not claims), then external peers, each group oldest first (creation time, then
 //! name); a peer that conflicts with one already accepted is refused and never programmed, and
@@ -46,6 +54,9 @@ pub struct NodeInput {
     pub pod_cidrs: Vec<Cidr>,
     /// The value of the Node's key rotation annotation, if any.
     pub rotate_key_request: Option<String>,
+    /// Whether the node matches the mesh's gateway selector (true when there is none):
+    /// external peers attach to gateway nodes only.
+    pub gateway: bool,
 }
 
 /// A `WireGuardPeer` as far as the mesh is concerned, already parsed.
@@ -126,6 +137,7 @@ pub mod reason {
     pub const ADDRESS_PENDING: &str = "TunnelAddressPending";
     pub const DISABLED: &str = "Disabled";
     pub const NODE_NOT_IN_MESH: &str = "NodeNotInMesh";
+    pub const NO_GATEWAY: &str = "NoGateway";
 }
 
 /// A member node: a selected Node whose agent registered and whose peer is programmed.
@@ -141,6 +153,9 @@ pub struct Member {
     pub rotate_key_request: Option<String>,
     /// The Node's pod CIDRs, which an agent in CNI mode hands to its pods.
     pub pod_cidrs: Vec<Cidr>,
+    /// Whether external peers attach to this node. Gateways see [`DesiredMesh::peers`], the
+    /// others [`DesiredMesh::interior_peers`].
+    pub gateway: bool,
 }
 
 /// The result: what every node should have, and every peer's verdict.
@@ -151,6 +166,13 @@ pub struct DesiredMesh {
     /// Every programmed peer (nodes and external), by public key. A node's peer set is this
     /// map without its own key.
     pub peers: BTreeMap<PublicKey, Arc<DesiredPeer>>,
+    /// What non-gateway members program (without their own key): the node peers only, the
+    /// first gateway's allowed IPs extended by every external peer's ([`gateway_allowed_ips`]).
+    /// Shared by all interior nodes, like `peers` by all gateways.
+    pub interior_peers: BTreeMap<PublicKey, Arc<DesiredPeer>>,
+    /// Gateway members by Node name, sorted; the first one carries the traffic between
+    /// external peers and interior nodes.
+    pub gateways: Vec<String>,
     /// Every peer object's verdict, by object name.
     pub verdicts: BTreeMap<String, Verdict>,
 }
@@ -161,8 +183,23 @@ impl DesiredMesh {
         &'a self,
         node: &str,
     ) -> Option<impl Iterator<Item = &'a Arc<DesiredPeer>> + 'a> {
-        let own = self.members.get(node)?.public_key;
-        Some(self.peers.values().filter(move |p| p.public_key != own))
+        let member = self.members.get(node)?;
+        let own = member.public_key;
+        Some(
+            self.visible_to(member)
+                .values()
+                .filter(move |p| p.public_key != own),
+        )
+    }
+
+    /// The shared peer set a member filters its own key out of: every peer for gateways, the
+    /// interior view for the others.
+    pub fn visible_to(&self, member: &Member) -> &BTreeMap<PublicKey, Arc<DesiredPeer>> {
+        if member.gateway {
+            &self.peers
+        } else {
+            &self.interior_peers
+        }
     }
 }
 
@@ -172,6 +209,21 @@ pub fn allowed_ips_of(peer: &PeerInput, node: Option<&NodeInput>) -> Vec<Cidr> {
     let claimed = claimed_networks(peer, node);
     let hosts = peer.tunnel_addresses.iter().map(|a| Cidr::host(*a));
     CidrSet::new(hosts.chain(claimed)).iter().copied().collect()
+}
+
+/// The allowed IPs interior (non-gateway) nodes give the first gateway: its own, plus every
+/// programmed external peer's, so traffic to external peers goes through that gateway.
+pub fn gateway_allowed_ips<'a>(
+    gateway: &DesiredPeer,
+    external: impl IntoIterator<Item = &'a DesiredPeer>,
+) -> Vec<Cidr> {
+    let routed = external
+        .into_iter()
+        .flat_map(|p| p.allowed_ips.iter().copied());
+    CidrSet::new(gateway.allowed_ips.iter().copied().chain(routed))
+        .iter()
+        .copied()
+        .collect()
 }
 
 /// The networks a peer claims beyond its tunnel addresses; what conflicts are judged on.
@@ -236,7 +288,21 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
             .node
             .as_deref()
             .and_then(|n| nodes_by_name.get(n).copied());
-        let verdict = judge(mesh, peer, node, &keys, &claims, &pool_fill);
+        let mut verdict = judge(mesh, peer, node, &keys, &claims, &pool_fill);
+        // Node peers come first, so every gateway is known by the time external peers are
+        // judged; an external peer with no gateway to attach to is programmed nowhere.
+        if verdict == Verdict::Programmed
+            && peer.node.is_none()
+            && !out.members.values().any(|m| m.gateway)
+        {
+            verdict = Verdict::Refused {
+                reason: reason::NO_GATEWAY,
+                message: format!(
+                    "no member node of mesh {} is a gateway (see its gatewaySelector)",
+                    mesh.name
+                ),
+            };
+        }
         if verdict == Verdict::Programmed {
             keys.insert(peer.public_key, &peer.name);
             let owner = match &peer.node {
@@ -258,6 +324,7 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
                         mesh_secret,
                         rotate_key_request: node.and_then(|n| n.rotate_key_request.clone()),
                         pod_cidrs: node.map(|n| n.pod_cidrs.clone()).unwrap_or_default(),
+                        gateway: node.is_some_and(|n| n.gateway),
                     },
                 );
             }
@@ -265,7 +332,42 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         }
         out.verdicts.insert(peer.name.clone(), verdict);
     }
+    out.gateways = out
+        .members
+        .iter()
+        .filter(|(_, m)| m.gateway)
+        .map(|(n, _)| n.clone())
+        .collect();
+    out.interior_peers = interior_peers(&out);
     out
+}
+
+/// The interior view: node peers, with the first gateway routing every external network.
+fn interior_peers(d: &DesiredMesh) -> BTreeMap<PublicKey, Arc<DesiredPeer>> {
+    let first = d
+        .gateways
+        .first()
+        .and_then(|g| d.members.get(g))
+        .map(|m| m.public_key);
+    let external: Vec<&DesiredPeer> = d
+        .peers
+        .values()
+        .filter(|p| p.node.is_none())
+        .map(|p| &**p)
+        .collect();
+    d.peers
+        .iter()
+        .filter(|(_, p)| p.node.is_some())
+        .map(|(k, p)| {
+            if Some(*k) == first && !external.is_empty() {
+                let mut routed = (**p).clone();
+                routed.allowed_ips = gateway_allowed_ips(p, external.iter().copied());
+                (*k, Arc::new(routed))
+            } else {
+                (*k, p.clone())
+            }
+        })
+        .collect()
 }
 
 fn judge(

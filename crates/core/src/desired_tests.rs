@@ -25,6 +25,7 @@ fn node(name: &str, pod_cidr: &str) -> NodeInput {
         selected: true,
         pod_cidrs: cidrs(&[pod_cidr]),
         rotate_key_request: None,
+        gateway: true,
     }
 }
 
@@ -393,4 +394,117 @@ fn keepalive_and_preshared_keys() {
         pair_preshared_key(&secret, &key(1), &key(3)),
         "per pair"
     );
+}
+
+fn allowed_of(d: &DesiredMesh, node: &str, peer: &str) -> Option<Vec<String>> {
+    let member = &d.members[node];
+    d.visible_to(member)
+        .values()
+        .find(|p| p.name == peer && p.public_key != member.public_key)
+        .map(|p| p.allowed_ips.iter().map(ToString::to_string).collect())
+}
+
+#[test]
+fn gateway_table() {
+    // name, which of a/b/c are gateways, expected (node, peers it programs, allowed IPs it
+    // gives node a), verdict of the external peer
+    type Case<'a> = (
+        &'a str,
+        [bool; 3],
+        Vec<(&'a str, Vec<&'a str>, Option<Vec<&'a str>>)>,
+        Option<&'a str>,
+    );
+    let a_plain = Some(vec!["10.244.1.0/24", "10.250.0.1/32"]);
+    let a_routing = Some(vec![
+        "10.244.1.0/24",
+        "10.250.0.1/32",
+        "10.250.1.9/32",
+        "192.168.50.0/24",
+    ]);
+    let cases: Vec<Case> = vec![
+        (
+            "all nodes are gateways (the default): everyone programs the site",
+            [true, true, true],
+            vec![
+                ("a", vec!["b", "c", "site"], None),
+                ("b", vec!["a", "c", "site"], a_plain.clone()),
+                ("c", vec!["a", "b", "site"], a_plain.clone()),
+            ],
+            None,
+        ),
+        (
+            "a is the only gateway: b and c route the site through a",
+            [true, false, false],
+            vec![
+                ("a", vec!["b", "c", "site"], None),
+                ("b", vec!["a", "c"], a_routing.clone()),
+                ("c", vec!["a", "b"], a_routing.clone()),
+            ],
+            None,
+        ),
+        (
+            "a and c are gateways: b routes through the first, a",
+            [true, false, true],
+            vec![
+                ("a", vec!["b", "c", "site"], None),
+                ("b", vec!["a", "c"], a_routing.clone()),
+                ("c", vec!["a", "b", "site"], a_plain.clone()),
+            ],
+            None,
+        ),
+        (
+            "no gateway: the site is refused and nobody routes it",
+            [false, false, false],
+            vec![
+                ("a", vec!["b", "c"], None),
+                ("b", vec!["a", "c"], a_plain.clone()),
+            ],
+            Some(reason::NO_GATEWAY),
+        ),
+    ];
+    for (name, gateways, want, verdict) in cases {
+        let (mut nodes, mut peers) = three_nodes();
+        for (n, g) in nodes.iter_mut().zip(gateways) {
+            n.gateway = g;
+        }
+        let mut site = external("site", 9, &["192.168.50.0/24"]);
+        site.tunnel_addresses = vec!["10.250.1.9".parse().unwrap()];
+        peers.push(site);
+        let d = compute(&mesh(), &nodes, &peers);
+        let expected_gateways: Vec<&str> = ["a", "b", "c"]
+            .into_iter()
+            .zip(gateways)
+            .filter(|(_, g)| *g)
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(d.gateways, expected_gateways, "{name}: gateways");
+        for (node, programs, a_allowed) in want {
+            assert_eq!(names_of(&d, node), programs, "{name}: peers of {node}");
+            if let Some(a_allowed) = a_allowed {
+                assert_eq!(
+                    allowed_of(&d, node, "a"),
+                    Some(a_allowed.iter().map(|s| s.to_string()).collect()),
+                    "{name}: allowed IPs of a on {node}"
+                );
+            }
+        }
+        assert_eq!(refused(&d, "site").map(|r| r.0), verdict, "{name}: verdict");
+    }
+}
+
+#[test]
+fn removing_the_site_removes_its_routes_from_interior_nodes() {
+    let (mut nodes, mut peers) = three_nodes();
+    nodes[1].gateway = false;
+    nodes[2].gateway = false;
+    peers.push(external("site", 9, &["192.168.50.0/24"]));
+    let with = compute(&mesh(), &nodes, &peers);
+    peers.pop();
+    let without = compute(&mesh(), &nodes, &peers);
+    assert_ne!(allowed_of(&with, "b", "a"), allowed_of(&without, "b", "a"));
+    assert_eq!(
+        allowed_of(&without, "b", "a"),
+        Some(vec!["10.244.1.0/24".into(), "10.250.0.1/32".into()])
+    );
+    assert!(without.interior_peers.values().all(|p| p.node.is_some()));
 }

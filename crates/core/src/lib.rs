@@ -6,6 +6,7 @@
 pub mod cidr;
 pub mod desired;
 pub mod diff;
+pub mod export;
 pub mod ipam;
 pub mod key;
 pub mod wgquick;

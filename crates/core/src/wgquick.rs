@@ -194,37 +194,45 @@ pub fn render(cfg: &WgQuickConfig) -> String {
     }
     for peer in &cfg.peers {
         out.push('\n');
-        if let Some(comment) = &peer.comment {
-            let comment = one_line(comment);
-            let comment = comment.trim();
-            if !comment.is_empty() {
-                // A comment that itself reads as a name tag is wrapped in one, so that it
-                // parses back unchanged.
-                if name_tag(comment).is_some() {
-                    out.push_str("# Name = ");
-                } else {
-                    out.push_str("# ");
-                }
-                out.push_str(comment);
-                out.push('\n');
+        out.push_str(&render_peer(peer));
+    }
+    out
+}
+
+/// Renders one `[Peer]` section (with its `# comment` line), as [`render`] writes it: what a
+/// node or a remote site hands to the other side of a tunnel. Holds no private key.
+pub fn render_peer(peer: &Peer) -> String {
+    let mut out = String::new();
+    if let Some(comment) = &peer.comment {
+        let comment = one_line(comment);
+        let comment = comment.trim();
+        if !comment.is_empty() {
+            // A comment that itself reads as a name tag is wrapped in one, so that it
+            // parses back unchanged.
+            if name_tag(comment).is_some() {
+                out.push_str("# Name = ");
+            } else {
+                out.push_str("# ");
             }
+            out.push_str(comment);
+            out.push('\n');
         }
-        out.push_str("[Peer]\n");
-        key_value(&mut out, "PublicKey", &peer.public_key.to_base64());
-        if let Some(psk) = &peer.preshared_key {
-            key_value(&mut out, "PresharedKey", &psk.to_base64());
-        }
-        list(
-            &mut out,
-            "AllowedIPs",
-            peer.allowed_ips.iter().map(ToString::to_string),
-        );
-        if let Some(endpoint) = &peer.endpoint {
-            key_value(&mut out, "Endpoint", &one_line(endpoint));
-        }
-        if let Some(keepalive) = peer.persistent_keepalive {
-            key_value(&mut out, "PersistentKeepalive", &keepalive.to_string());
-        }
+    }
+    out.push_str("[Peer]\n");
+    key_value(&mut out, "PublicKey", &peer.public_key.to_base64());
+    if let Some(psk) = &peer.preshared_key {
+        key_value(&mut out, "PresharedKey", &psk.to_base64());
+    }
+    list(
+        &mut out,
+        "AllowedIPs",
+        peer.allowed_ips.iter().map(ToString::to_string),
+    );
+    if let Some(endpoint) = &peer.endpoint {
+        key_value(&mut out, "Endpoint", &one_line(endpoint));
+    }
+    if let Some(keepalive) = peer.persistent_keepalive {
+        key_value(&mut out, "PersistentKeepalive", &keepalive.to_string());
     }
     out
 }
