@@ -14,4 +14,5 @@ pub mod reason {
     pub const POOL_EXHAUSTED: &str = "TunnelPoolExhausted";
     pub const MESH_NOT_FOUND: &str = "MeshNotFound";
     pub const DISABLED: &str = "Disabled";
+    pub const NO_GATEWAY: &str = "NoGateway";
 }

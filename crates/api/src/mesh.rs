@@ -94,6 +94,11 @@ pub struct WireGuardMeshSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<LabelSelector>,
 
+    /// Member nodes that external peers attach to (gateways). Absent: every member node.
+    /// Other nodes reach external peers through the first gateway (by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_selector: Option<LabelSelector>,
+
     /// A Secret holding a mesh-wide secret from which a preshared key is derived for every
     /// pair of nodes (post-quantum resistance for the node-to-node links).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,6 +185,10 @@ pub struct WireGuardMeshStatus {
     /// Of those, the peers that are Ready.
     #[serde(default)]
     pub ready_peers: i32,
+    /// Gateway nodes, in order: external peers' configs list them all and send what no
+    /// gateway owns through the first one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
     /// Latest observations of the mesh's state (`Ready`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -214,6 +223,7 @@ impl Default for WireGuardMeshSpec {
             tunnel_cidrs: default_tunnel_cidrs(),
             persistent_keepalive: None,
             node_selector: None,
+            gateway_selector: None,
             preshared_key: None,
             fwmark: None,
             disabled: false,

@@ -168,6 +168,10 @@ pub struct WireGuardPeerStatus {
     /// Most recent handshake any node completed with the peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handshake_time: Option<Time>,
+    /// The latest handshake each node reported with this peer, by node name (nodes that
+    /// never completed one are left out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handshakes: Vec<NodeHandshake>,
     /// Bytes received from the peer, summed over the nodes.
     #[serde(default)]
     pub rx_bytes: i64,
@@ -177,6 +181,16 @@ pub struct WireGuardPeerStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// One node's latest handshake with a peer.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeHandshake {
+    /// The reporting Node.
+    pub node: String,
+    /// When that node last completed a handshake with the peer.
+    pub last_handshake_time: Time,
 }
 
 fn default_mesh() -> ObjectName {

@@ -37,6 +37,7 @@ pub fn node_input(node: &Node, mesh: &WireGuardMesh) -> NodeInput {
         selected: selector_matches(mesh.spec.node_selector.as_ref(), node.labels()),
         pod_cidrs: pod_cidrs(node),
         rotate_key_request: node.annotations().get(ROTATE_KEY_ANNOTATION).cloned(),
+        gateway: selector_matches(mesh.spec.gateway_selector.as_ref(), node.labels()),
     }
 }
 

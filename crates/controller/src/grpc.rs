@@ -342,16 +342,15 @@ struct Sent {
 
 static NO_PEERS: BTreeMap<PublicKey, Arc<DesiredPeer>> = BTreeMap::new();
 
-/// The peers a node sees (every programmed peer but itself, filtered by the caller with the
-/// node's own key), or none when it is not a member.
+/// The peers a node sees (the shared set for gateways or for interior nodes, filtered by the
+/// caller with the node's own key), or none when it is not a member.
 fn visible<'a>(
     desired: &'a DesiredMesh,
     member: Option<&Member>,
 ) -> &'a BTreeMap<PublicKey, Arc<DesiredPeer>> {
-    if member.is_some() {
-        &desired.peers
-    } else {
-        &NO_PEERS
+    match member {
+        Some(m) => desired.visible_to(m),
+        None => &NO_PEERS,
     }
 }
 

@@ -33,14 +33,13 @@ impl NodeView {
 
     /// The node's peer set at this view (empty when it is not a member).
     pub fn peers_of(&self, node: &str) -> BTreeMap<PublicKey, Arc<DesiredPeer>> {
-        let own = self.member(node).map(|m| m.public_key);
-        match own {
+        match self.member(node) {
             None => BTreeMap::new(),
-            Some(own) => self
+            Some(member) => self
                 .desired
-                .peers
+                .visible_to(member)
                 .iter()
-                .filter(|(k, _)| **k != own)
+                .filter(|(k, _)| **k != member.public_key)
                 .map(|(k, v)| (*k, v.clone()))
                 .collect(),
         }
@@ -184,13 +183,24 @@ fn view_of(entry: &MeshEntry) -> NodeView {
 }
 
 /// Public keys of the peers that were added, changed or removed.
+/// Public keys of the peers that were added, changed or removed, in either shared view
+/// (gateways' or interior nodes').
 fn changed_keys(old: &DesiredMesh, new: &DesiredMesh) -> BTreeSet<PublicKey> {
-    let delta = wgmesh_core::diff::diff_peer_sets(&old.peers, &new.peers, None);
-    delta
-        .upserted
-        .iter()
-        .map(|p| p.public_key)
-        .chain(delta.removed)
+    let views = [
+        (&old.peers, &new.peers),
+        (&old.interior_peers, &new.interior_peers),
+    ];
+    views
+        .into_iter()
+        .flat_map(|(o, n)| {
+            let delta = wgmesh_core::diff::diff_peer_sets(o, n, None);
+            delta
+                .upserted
+                .iter()
+                .map(|p| p.public_key)
+                .chain(delta.removed)
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
@@ -219,11 +229,17 @@ fn notify(
 /// Reuses the previous `Arc` of every peer that did not change, so later comparisons are
 /// pointer comparisons and unchanged peers cost no memory.
 fn share_unchanged(old: &DesiredMesh, mut new: DesiredMesh) -> DesiredMesh {
-    for (key, peer) in new.peers.iter_mut() {
-        if let Some(prev) = old.peers.get(key)
-            && **prev == **peer
-        {
-            *peer = prev.clone();
+    let views = [
+        (&old.peers, &mut new.peers),
+        (&old.interior_peers, &mut new.interior_peers),
+    ];
+    for (old, new) in views {
+        for (key, peer) in new.iter_mut() {
+            if let Some(prev) = old.get(key)
+                && **prev == **peer
+            {
+                *peer = prev.clone();
+            }
         }
     }
     new
@@ -262,6 +278,7 @@ mod tests {
                     mesh_secret: None,
                     rotate_key_request: None,
                     pod_cidrs: vec![],
+                    gateway: true,
                 },
             );
             d.peers.insert(k, p);

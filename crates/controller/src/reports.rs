@@ -1,7 +1,7 @@
 //! What agents report of their peers (handshakes, traffic, endpoints), kept in memory and
 //! aggregated per peer for the status writer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -28,6 +28,8 @@ pub struct Aggregate {
     pub tx_bytes: u64,
     /// The endpoint seen by the node with the most recent handshake.
     pub endpoint: Option<String>,
+    /// Each reporting node's latest handshake (nodes without one are left out).
+    pub by_node: BTreeMap<String, SystemTime>,
 }
 
 #[derive(Default)]
@@ -59,18 +61,25 @@ impl Reports {
         let Some(nodes) = by_mesh.get(mesh) else {
             return HashMap::new();
         };
-        aggregate(nodes.values().flatten())
+        aggregate(
+            nodes
+                .iter()
+                .flat_map(|(node, obs)| obs.iter().map(move |o| (node.as_str(), o))),
+        )
     }
 }
 
 /// Aggregates observations of many nodes: latest handshake, summed traffic, and the endpoint
 /// seen by whoever shook hands last.
 pub fn aggregate<'a>(
-    observations: impl Iterator<Item = &'a Observation>,
+    observations: impl Iterator<Item = (&'a str, &'a Observation)>,
 ) -> HashMap<PublicKey, Aggregate> {
     let mut out: HashMap<PublicKey, Aggregate> = HashMap::new();
-    for o in observations {
+    for (node, o) in observations {
         let a = out.entry(o.public_key).or_default();
+        if let Some(t) = o.last_handshake {
+            a.by_node.insert(node.to_owned(), t);
+        }
         a.rx_bytes = a.rx_bytes.saturating_add(o.rx_bytes);
         a.tx_bytes = a.tx_bytes.saturating_add(o.tx_bytes);
         if o.last_handshake > a.last_handshake {
@@ -117,9 +126,18 @@ mod tests {
                 endpoint: None,
             },
         ];
-        let agg = &aggregate(obs.iter())[&k];
+        let nodes = ["a", "b", "c"];
+        let agg = &aggregate(nodes.into_iter().zip(obs.iter()))[&k];
         assert_eq!(agg.last_handshake, t(200));
         assert_eq!((agg.rx_bytes, agg.tx_bytes), (15, 3));
         assert_eq!(agg.endpoint.as_deref(), Some("b:1"));
+        assert_eq!(
+            agg.by_node
+                .iter()
+                .map(|(n, t)| (n.as_str(), Some(*t)))
+                .collect::<Vec<_>>(),
+            [("a", t(100)), ("b", t(200))],
+            "per node: only those with a handshake"
+        );
     }
 }

@@ -18,6 +18,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 use wgmesh_api::condition::{READY, reason as api_reason};
+use wgmesh_api::peer::NodeHandshake;
 use wgmesh_api::{WireGuardMesh, WireGuardMeshStatus, WireGuardPeer, WireGuardPeerStatus};
 use wgmesh_core::desired::{Verdict, reason};
 use wgmesh_core::{Cidr, CidrSet, PublicKey, ipam};
@@ -123,8 +124,7 @@ impl Writer {
                 .iter()
                 .filter(|p| p.spec.mesh.as_str() == name)
                 .collect();
-            self.write_mesh_status(mesh, &peers, &desired.verdicts)
-                .await;
+            self.write_mesh_status(mesh, &peers, desired).await;
         }
         let live: std::collections::HashSet<String> =
             snapshot.peers.iter().map(|p| p.name_any()).collect();
@@ -326,8 +326,9 @@ impl Writer {
         &mut self,
         mesh: &WireGuardMesh,
         peers: &[&Arc<WireGuardPeer>],
-        verdicts: &BTreeMap<String, Verdict>,
+        desired_mesh: &wgmesh_core::desired::DesiredMesh,
     ) {
+        let verdicts = &desired_mesh.verdicts;
         let name = mesh.name_any();
         let programmed =
             |p: &WireGuardPeer| matches!(verdicts.get(&p.name_any()), Some(Verdict::Programmed));
@@ -356,6 +357,7 @@ impl Writer {
             ready_nodes,
             peers: peers_count,
             ready_peers,
+            gateways: desired_mesh.gateways.clone(),
             conditions: vec![ready_condition(
                 current.conditions.iter().find(|c| c.type_ == READY),
                 &verdict,
@@ -487,11 +489,24 @@ fn apply_observation(status: &mut WireGuardPeerStatus, agg: &Aggregate) {
     if agg.endpoint.is_some() {
         status.endpoint = agg.endpoint.clone();
     }
-    status.last_handshake_time = agg
-        .last_handshake
-        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+    status.last_handshake_time = agg.last_handshake.and_then(to_time);
+    status.handshakes = agg
+        .by_node
+        .iter()
+        .filter_map(|(node, t)| {
+            Some(NodeHandshake {
+                node: node.clone(),
+                last_handshake_time: to_time(*t)?,
+            })
+        })
+        .collect();
+}
+
+fn to_time(t: SystemTime) -> Option<Time> {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
         .and_then(|d| jiff::Timestamp::from_second(d.as_secs() as i64).ok())
-        .map(Time);
+        .map(Time)
 }
 
 fn is_not_found(e: &kube::Error) -> bool {
