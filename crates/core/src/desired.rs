@@ -247,6 +247,22 @@ pub fn pair_preshared_key(mesh_secret: &Key, a: &PublicKey, b: &PublicKey) -> Ke
     Key::from_bytes(h.finalize().into())
 }
 
+/// A peer's preshared key from its Secret: the `wg genpsk` text (base64, surrounding
+/// whitespace ignored), 32 raw bytes, or else any secret condensed to a key (which the other
+/// side can only know by computing the same).
+pub fn peer_preshared_key(bytes: &[u8]) -> Key {
+    if let Some(key) = std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|t| t.trim().parse::<Key>().ok())
+    {
+        return key;
+    }
+    match <[u8; 32]>::try_from(bytes) {
+        Ok(b) => Key::from_bytes(b),
+        Err(_) => mesh_secret_key(bytes),
+    }
+}
+
 /// A mesh secret of any length, condensed to a key.
 fn mesh_secret_key(secret: &[u8]) -> Key {
     let mut h = Blake2s256::new();
@@ -472,10 +488,9 @@ fn desired_peer(mesh: &MeshInput, peer: &PeerInput, node: Option<&NodeInput>) ->
             .or_else(|| peer.last_seen_endpoint.clone())
     };
     let preshared_key = match (&peer.preshared_key, &peer.node, &mesh.preshared_key) {
-        (Some(SecretInput::Present(bytes)), _, _) => match <[u8; 32]>::try_from(bytes.as_slice()) {
-            Ok(b) => PresharedKey::Static(Key::from_bytes(b)),
-            Err(_) => PresharedKey::Static(mesh_secret_key(bytes)),
-        },
+        (Some(SecretInput::Present(bytes)), _, _) => {
+            PresharedKey::Static(peer_preshared_key(bytes))
+        }
         (None, Some(_), Some(SecretInput::Present(_))) => PresharedKey::DerivedFromMesh,
         _ => PresharedKey::None,
     };

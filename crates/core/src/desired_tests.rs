@@ -508,3 +508,21 @@ fn removing_the_site_removes_its_routes_from_interior_nodes() {
     );
     assert!(without.interior_peers.values().all(|p| p.node.is_some()));
 }
+
+#[test]
+fn peer_preshared_key_formats() {
+    let k = Key::from_bytes([5; 32]);
+    // name, Secret bytes, expected key
+    let cases: Vec<(&str, Vec<u8>, Key)> = vec![
+        ("wg genpsk text", format!("{k}\n").into_bytes(), k),
+        ("raw bytes", vec![5; 32], k),
+        (
+            "anything else is condensed",
+            b"hunter2".to_vec(),
+            mesh_secret_key(b"hunter2"),
+        ),
+    ];
+    for (name, bytes, want) in cases {
+        assert_eq!(peer_preshared_key(&bytes), want, "{name}");
+    }
+}

@@ -1,0 +1,300 @@
+//! `import FILE`: the `[Peer]` sections of a wg-quick config as `WireGuardPeer`s (and Secrets
+//! for their preshared keys). Everything is checked before anything is created.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
+use serde::Serialize;
+use wgmesh_api::mesh::SecretKeyRef;
+use wgmesh_api::{WireGuardPeer, WireGuardPeerSpec};
+use wgmesh_core::wgquick::{self, WgQuickConfig};
+
+use crate::KubeArgs;
+use crate::cluster;
+use crate::exit::{self, err};
+use crate::output::{self, Format};
+use crate::peer::is_dns_name;
+
+pub struct Opts {
+    pub file: PathBuf,
+    pub name: Option<String>,
+    pub mesh: String,
+    pub apply: bool,
+    pub secret_namespace: String,
+    pub output: Format,
+}
+
+/// An object to print or create.
+#[derive(Serialize, Clone, Debug)]
+#[serde(untagged)]
+pub enum Object {
+    Peer(Box<WireGuardPeer>),
+    Secret(Box<Secret>),
+}
+
+pub async fn run(kube: &KubeArgs, opts: Opts) -> Result<()> {
+    let text = read(&opts.file)?;
+    let cfg = wgquick::parse(&text).map_err(|e| {
+        err(
+            exit::INVALID_INPUT,
+            format!("{}: {e}; nothing was created", opts.file.display()),
+        )
+    })?;
+    let stem = opts
+        .file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| s != "-")
+        .unwrap_or_else(|| "imported".into());
+    let objects = objects(&cfg, &opts, &stem)?;
+    if !opts.apply {
+        return output::print(opts.output, &objects);
+    }
+    let client = cluster::client(kube).await?;
+    cluster::mesh_objects(&client, &opts.mesh).await?;
+    let peers: Api<WireGuardPeer> = Api::all(client.clone());
+    for o in &objects {
+        if let Object::Peer(p) = o {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            if peers.get_opt(&name).await?.is_some() {
+                return Err(err(
+                    exit::NOT_FOUND,
+                    format!("WireGuardPeer {name} already exists; nothing was created"),
+                ));
+            }
+        }
+    }
+    for o in &objects {
+        match o {
+            Object::Secret(s) => {
+                let ns = s.metadata.namespace.clone().unwrap_or_default();
+                let name = s.metadata.name.clone().unwrap_or_default();
+                Api::<Secret>::namespaced(client.clone(), &ns)
+                    .create(&PostParams::default(), s)
+                    .await
+                    .with_context(|| format!("creating Secret {ns}/{name}"))?;
+                println!("secret/{name} created in {ns}");
+            }
+            Object::Peer(p) => {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                peers
+                    .create(&PostParams::default(), p)
+                    .await
+                    .with_context(|| format!("creating WireGuardPeer {name}"))?;
+                println!("wireguardpeer.wgmesh.io/{name} created");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read(path: &PathBuf) -> Result<String> {
+    let mut text = String::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading stdin")?;
+    } else {
+        text = std::fs::read_to_string(path).map_err(|e| {
+            err(
+                exit::INVALID_INPUT,
+                format!("reading {}: {e}", path.display()),
+            )
+        })?;
+    }
+    Ok(text)
+}
+
+/// The objects equivalent to the config's peers: pure, so it is tested without a cluster.
+pub fn objects(cfg: &WgQuickConfig, opts: &Opts, stem: &str) -> Result<Vec<Object>> {
+    if cfg.peers.is_empty() {
+        return Err(err(
+            exit::INVALID_INPUT,
+            format!("{}: the file has no [Peer] section", opts.file.display()),
+        ));
+    }
+    let many = cfg.peers.len() > 1;
+    let mut names = BTreeSet::new();
+    let mut out = Vec::new();
+    for (i, p) in cfg.peers.iter().enumerate() {
+        let n = i + 1;
+        let name = match (&opts.name, many) {
+            (Some(name), false) => name.clone(),
+            (Some(name), true) => format!("{name}-{n}"),
+            (None, _) => p
+                .comment
+                .as_deref()
+                .map(sanitize)
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| format!("{}-{n}", sanitize(stem))),
+        };
+        if !is_dns_name(&name) {
+            return Err(err(
+                exit::INVALID_INPUT,
+                format!("peer {n}: {name:?} is not a valid object name (use --name)"),
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err(err(
+                exit::INVALID_INPUT,
+                format!("peer {n}: the name {name} is used twice (use --name)"),
+            ));
+        }
+        let mut spec: WireGuardPeerSpec = serde_json::from_value(serde_json::json!({
+            "mesh": opts.mesh,
+            "publicKey": p.public_key.to_base64(),
+        }))?;
+        spec.allowed_ips = p.allowed_ips.iter().map(|c| c.to_string().into()).collect();
+        spec.endpoint = p.endpoint.clone().map(Into::into);
+        spec.persistent_keepalive = p.persistent_keepalive.map(i32::from);
+        spec.comment = p.comment.clone();
+        if let Some(psk) = &p.preshared_key {
+            let secret = format!("wgpeer-{name}-psk");
+            spec.preshared_key_secret_ref = Some(SecretKeyRef {
+                namespace: opts.secret_namespace.clone(),
+                name: secret.clone().into(),
+                key: "presharedKey".into(),
+            });
+            out.push(Object::Secret(Box::new(Secret {
+                metadata: ObjectMeta {
+                    name: Some(secret),
+                    namespace: Some(opts.secret_namespace.clone()),
+                    labels: Some(BTreeMap::from([("wgmesh.io/peer".into(), name.clone())])),
+                    ..ObjectMeta::default()
+                },
+                type_: Some("Opaque".into()),
+                data: Some(BTreeMap::from([(
+                    "presharedKey".into(),
+                    ByteString(psk.to_base64().into_bytes()),
+                )])),
+                ..Secret::default()
+            })));
+        }
+        out.push(Object::Peer(Box::new(WireGuardPeer::new(&name, spec))));
+    }
+    Ok(out)
+}
+
+/// A comment turned into an object name: lowercase, runs of anything else become `-`.
+fn sanitize(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.trim().chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches('-')
+        .chars()
+        .take(63)
+        .collect::<String>()
+        .trim_end_matches('-')
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(name: Option<&str>) -> Opts {
+        Opts {
+            file: "wg0.conf".into(),
+            name: name.map(Into::into),
+            mesh: "default".into(),
+            apply: false,
+            secret_namespace: "wgmesh-system".into(),
+            output: Format::Yaml,
+        }
+    }
+
+    const SERVER: &str = "\
+# an existing VPN server's config
+[interface]
+privatekey = CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=
+Address = 10.8.0.1/24
+Address = fd08::1/64
+DNS = 1.1.1.1
+Table = off
+PostUp = iptables -A FORWARD -i %i -j ACCEPT
+
+# Alice's Laptop
+[Peer]
+PublicKey = AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=
+AllowedIPs = 10.8.0.2/32
+AllowedIPs = fd08::2/128
+
+[peer]
+# Name = Berlin office
+PublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=
+PresharedKey = BQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQU=
+AllowedIPs = 10.8.0.3/32, 192.168.50.0/24
+Endpoint = 203.0.113.10:51820
+PersistentKeepalive = 25
+";
+
+    fn peer_specs(objects: &[Object]) -> Vec<(String, serde_json::Value)> {
+        objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::Peer(p) => Some((
+                    p.metadata.name.clone().unwrap(),
+                    serde_json::to_value(&p.spec).unwrap(),
+                )),
+                Object::Secret(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_server_config_becomes_one_peer_per_section() {
+        let cfg = wgquick::parse(SERVER).unwrap();
+        let objects = objects(&cfg, &opts(None), "wg0").unwrap();
+        let peers = peer_specs(&objects);
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].0, "alice-s-laptop");
+        assert_eq!(
+            peers[0].1["allowedIPs"],
+            serde_json::json!(["10.8.0.2/32", "fd08::2/128"])
+        );
+        assert_eq!(peers[1].0, "berlin-office");
+        assert_eq!(peers[1].1["endpoint"], "203.0.113.10:51820");
+        assert_eq!(peers[1].1["persistentKeepalive"], 25);
+        assert_eq!(
+            peers[1].1["presharedKeySecretRef"]["name"],
+            "wgpeer-berlin-office-psk"
+        );
+        let secret = objects
+            .iter()
+            .find_map(|o| match o {
+                Object::Secret(s) => Some(s),
+                _ => None,
+            })
+            .unwrap();
+        let psk = &secret.data.as_ref().unwrap()["presharedKey"].0;
+        assert_eq!(psk, b"BQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQU=");
+    }
+
+    #[test]
+    fn names_from_the_flag() {
+        let cfg = wgquick::parse(SERVER).unwrap();
+        let names: Vec<String> = peer_specs(&objects(&cfg, &opts(Some("old")), "wg0").unwrap())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["old-1", "old-2"]);
+        assert!(objects(&cfg, &opts(Some("Bad_Name")), "wg0").is_err());
+    }
+
+    #[test]
+    fn invalid_file_names_its_line() {
+        let broken = SERVER.replace("AllowedIPs = 10.8.0.2/32\n", "AllowedIPs = 10.8.0.300/32\n");
+        let e = wgquick::parse(&broken).unwrap_err();
+        assert_eq!(e.line, 13, "{e}");
+    }
+}

@@ -1,0 +1,335 @@
+//! `status`: every node and external peer of each mesh, and a node-by-node handshake matrix.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use serde::Serialize;
+use wgmesh_api::{WireGuardMesh, WireGuardPeer};
+
+use crate::KubeArgs;
+use crate::cluster;
+use crate::config::ready_condition;
+use crate::exit::{self, err};
+use crate::output::{self, Format};
+
+/// A handshake younger than this is "recent": WireGuard session keys last 180 s, so a pair
+/// that exchanges traffic handshakes again before that (and the status lags by up to the
+/// controller's status interval, 30 s by default).
+pub const RECENT_SECS: i64 = 180 + 30;
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshStatus {
+    pub mesh: String,
+    pub gateways: Vec<String>,
+    pub ready: bool,
+    pub peers: Vec<PeerRow>,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerRow {
+    pub name: String,
+    /// The Node, for node peers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    pub addresses: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_handshake_time: Option<Timestamp>,
+    pub rx_bytes: i64,
+    pub tx_bytes: i64,
+    pub ready: bool,
+    pub reason: String,
+    pub message: String,
+    /// Each node's latest handshake with this peer.
+    pub handshakes: BTreeMap<String, Timestamp>,
+}
+
+pub async fn run(kube: &KubeArgs, mesh: Option<String>, format: Format) -> Result<()> {
+    let client = cluster::client(kube).await?;
+    let meshes: Vec<WireGuardMesh> = match &mesh {
+        Some(name) => vec![cluster::mesh_objects(&client, name).await?.mesh],
+        None => {
+            Api::<WireGuardMesh>::all(client.clone())
+                .list(&ListParams::default())
+                .await?
+                .items
+        }
+    };
+    if meshes.is_empty() {
+        return Err(err(exit::NOT_FOUND, "there is no WireGuardMesh"));
+    }
+    let peers = cluster::all_peers(&client).await?;
+    let statuses: Vec<MeshStatus> = meshes.iter().map(|m| mesh_status(m, &peers)).collect();
+    if format == Format::Table {
+        let now = Timestamp::now();
+        for (i, s) in statuses.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            print!("{}", table(s, now));
+        }
+    } else {
+        output::print(format, &statuses)?;
+    }
+    if statuses.iter().all(|s| s.ready) {
+        Ok(())
+    } else {
+        Err(err(exit::NOT_READY, "not every node and peer is Ready"))
+    }
+}
+
+pub fn mesh_status(mesh: &WireGuardMesh, peers: &[WireGuardPeer]) -> MeshStatus {
+    let name = mesh.name_any();
+    let rows: Vec<PeerRow> = peers
+        .iter()
+        .filter(|p| p.spec.mesh.as_str() == name)
+        .map(row)
+        .collect();
+    MeshStatus {
+        gateways: mesh
+            .status
+            .as_ref()
+            .map(|s| s.gateways.clone())
+            .unwrap_or_default(),
+        ready: rows.iter().all(|r| r.ready),
+        mesh: name,
+        peers: rows,
+    }
+}
+
+fn row(p: &WireGuardPeer) -> PeerRow {
+    let status = p.status.clone().unwrap_or_default();
+    let cond = ready_condition(p);
+    PeerRow {
+        name: p.name_any(),
+        node: p.spec.node.as_ref().map(|n| n.0.clone()),
+        endpoint: status
+            .endpoint
+            .clone()
+            .or_else(|| p.spec.endpoint.as_ref().map(|e| e.0.clone())),
+        addresses: status.addresses.clone(),
+        last_handshake_time: status.last_handshake_time.as_ref().map(|t| t.0),
+        rx_bytes: status.rx_bytes,
+        tx_bytes: status.tx_bytes,
+        ready: cond.is_some_and(|c| c.status == "True"),
+        reason: cond.map(|c| c.reason.clone()).unwrap_or_default(),
+        message: cond.map(|c| c.message.clone()).unwrap_or_default(),
+        handshakes: status
+            .handshakes
+            .iter()
+            .map(|h| (h.node.clone(), h.last_handshake_time.0))
+            .collect(),
+    }
+}
+
+/// The human view: a table of peers, then the matrix (rows: reporting nodes; columns: every
+/// peer, numbered as in the table).
+pub fn table(s: &MeshStatus, now: Timestamp) -> String {
+    let mut out = String::new();
+    let gateways = if s.gateways.is_empty() {
+        "none".to_owned()
+    } else {
+        s.gateways.join(", ")
+    };
+    let _ = writeln!(out, "MESH {}   gateways: {gateways}", s.mesh);
+    let header = [
+        "#",
+        "NAME",
+        "KIND",
+        "ENDPOINT",
+        "ADDRESS",
+        "HANDSHAKE",
+        "RX",
+        "TX",
+        "READY",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for (i, r) in s.peers.iter().enumerate() {
+        let kind = match &r.node {
+            Some(n) if s.gateways.contains(n) => "node (gw)".to_owned(),
+            Some(_) => "node".to_owned(),
+            None => "external".to_owned(),
+        };
+        cells.push(vec![
+            (i + 1).to_string(),
+            r.name.clone(),
+            kind,
+            r.endpoint.clone().unwrap_or_else(|| "-".into()),
+            r.addresses.first().cloned().unwrap_or_else(|| "-".into()),
+            r.last_handshake_time
+                .map(|t| format!("{} ago", age(now, t)))
+                .unwrap_or_else(|| "never".into()),
+            bytes(r.rx_bytes),
+            bytes(r.tx_bytes),
+            if r.ready {
+                "True".into()
+            } else {
+                format!("False ({})", r.reason)
+            },
+        ]);
+    }
+    write_columns(&mut out, &cells);
+    for r in s.peers.iter().filter(|r| !r.ready && !r.message.is_empty()) {
+        let _ = writeln!(out, "  {}: {}", r.name, r.message);
+    }
+
+    let observers: Vec<&PeerRow> = s.peers.iter().filter(|r| r.node.is_some()).collect();
+    if observers.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\nHANDSHAKES (row: node, column: peer #; age of the last handshake, \"-\" never, \
+         \"old\" over {RECENT_SECS}s)"
+    );
+    let mut grid: Vec<Vec<String>> = Vec::new();
+    let mut head = vec!["".to_owned()];
+    head.extend((1..=s.peers.len()).map(|i| i.to_string()));
+    grid.push(head);
+    for o in observers {
+        let node = o.node.clone().unwrap_or_default();
+        let mut line = vec![node.clone()];
+        for col in &s.peers {
+            line.push(if col.name == o.name {
+                "\\".into()
+            } else {
+                match col.handshakes.get(&node) {
+                    None => "-".into(),
+                    Some(t) if now.as_second() - t.as_second() > RECENT_SECS => "old".into(),
+                    Some(t) => age(now, *t),
+                }
+            });
+        }
+        grid.push(line);
+    }
+    write_columns(&mut out, &grid);
+    out
+}
+
+fn write_columns(out: &mut String, rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+}
+
+/// A short age: `42s`, `5m`, `3h`, `2d`.
+pub fn age(now: Timestamp, then: Timestamp) -> String {
+    let s = (now.as_second() - then.as_second()).max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+fn bytes(n: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n.max(0) as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, node: Option<&str>, hs: &[(&str, i64)], ready: bool) -> PeerRow {
+        PeerRow {
+            name: name.into(),
+            node: node.map(Into::into),
+            endpoint: Some("192.168.0.1:51820".into()),
+            addresses: vec!["10.250.0.1".into()],
+            last_handshake_time: hs
+                .iter()
+                .map(|(_, t)| Timestamp::from_second(*t).unwrap())
+                .max(),
+            rx_bytes: 2048,
+            tx_bytes: 10,
+            ready,
+            reason: if ready {
+                "Programmed"
+            } else {
+                "AllowedIPsOverlap"
+            }
+            .into(),
+            message: if ready { "" } else { "10.0.0.0/8 overlaps" }.into(),
+            handshakes: hs
+                .iter()
+                .map(|(n, t)| (n.to_string(), Timestamp::from_second(*t).unwrap()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_matrix_shows_a_broken_pair() {
+        let now = Timestamp::from_second(10_000).unwrap();
+        let s = MeshStatus {
+            mesh: "default".into(),
+            gateways: vec!["a".into()],
+            ready: false,
+            peers: vec![
+                row("node-a", Some("a"), &[("b", 9_990)], true),
+                row("node-b", Some("b"), &[("a", 9_995)], true),
+                row("laptop", None, &[("a", 5_000)], true),
+                row("bad", None, &[], false),
+            ],
+        };
+        let text = table(&s, now);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("MESH default   gateways: a"), "{text}");
+        assert!(text.contains("node (gw)"), "{text}");
+        assert!(text.contains("False (AllowedIPsOverlap)"), "{text}");
+        assert!(text.contains("  bad: 10.0.0.0/8 overlaps"), "{text}");
+        assert!(text.contains("2.0 KiB"), "{text}");
+        let a = lines.iter().find(|l| l.starts_with("a ")).unwrap();
+        let b = lines.iter().find(|l| l.starts_with("b ")).unwrap();
+        assert_eq!(
+            a.split_whitespace().collect::<Vec<_>>(),
+            ["a", "\\", "5s", "old", "-"]
+        );
+        assert_eq!(
+            b.split_whitespace().collect::<Vec<_>>(),
+            ["b", "10s", "\\", "-", "-"]
+        );
+    }
+
+    #[test]
+    fn ages() {
+        let now = Timestamp::from_second(100_000).unwrap();
+        let at = |s: i64| Timestamp::from_second(100_000 - s).unwrap();
+        assert_eq!(age(now, at(5)), "5s");
+        assert_eq!(age(now, at(125)), "2m");
+        assert_eq!(age(now, at(7200)), "2h");
+        assert_eq!(age(now, at(200_000 - 100_000 + 86_400)), "2d");
+    }
+}
