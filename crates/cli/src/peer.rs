@@ -57,6 +57,9 @@ pub struct AddArgs {
     /// PersistentKeepalive of the peer's device, in seconds (0: off).
     #[arg(long)]
     pub keepalive: Option<u16>,
+    /// ListenPort of the peer's device (a site the mesh reaches at --endpoint needs one).
+    #[arg(long)]
+    pub listen_port: Option<u16>,
     /// Also use a new preshared key (kept in a Secret, which the mesh needs).
     #[arg(long)]
     pub preshared_key: bool,
@@ -508,6 +511,7 @@ fn spec_from_args(args: &AddArgs) -> Result<WireGuardPeerSpec> {
             .collect();
     }
     client.persistent_keepalive = args.keepalive.map(i32::from);
+    client.listen_port = args.listen_port.filter(|p| *p > 0).map(i32::from);
     let mut spec: WireGuardPeerSpec = serde_json::from_value(serde_json::json!({
         "mesh": args.mesh,
         // Replaced by the real key before the object is created.
