@@ -78,7 +78,7 @@ pub async fn run(kube: &KubeArgs, opts: Opts) -> Result<()> {
                     .create(&PostParams::default(), s)
                     .await
                     .with_context(|| format!("creating Secret {ns}/{name}"))?;
-                println!("secret/{name} created in {ns}");
+                outln!("secret/{name} created in {ns}");
             }
             Object::Peer(p) => {
                 let name = p.metadata.name.clone().unwrap_or_default();
@@ -86,7 +86,7 @@ pub async fn run(kube: &KubeArgs, opts: Opts) -> Result<()> {
                     .create(&PostParams::default(), p)
                     .await
                     .with_context(|| format!("creating WireGuardPeer {name}"))?;
-                println!("wireguardpeer.wgmesh.io/{name} created");
+                outln!("wireguardpeer.wgmesh.io/{name} created");
             }
         }
     }

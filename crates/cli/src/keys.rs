@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use wgmesh_core::{Key, PrivateKey};
 
 pub fn genkey() -> Result<()> {
-    println!("{}", PrivateKey::generate().expose_base64());
+    outln!("{}", PrivateKey::generate().expose_base64());
     Ok(())
 }
 
@@ -16,11 +16,11 @@ pub fn pubkey(mut input: impl Read) -> Result<()> {
         .read_to_string(&mut text)
         .context("reading a private key from stdin")?;
     let key: PrivateKey = text.parse().context("invalid private key on stdin")?;
-    println!("{}", key.public_key());
+    outln!("{}", key.public_key());
     Ok(())
 }
 
 pub fn genpsk() -> Result<()> {
-    println!("{}", Key::generate());
+    outln!("{}", Key::generate());
     Ok(())
 }

@@ -1,12 +1,13 @@
 //! `kubectl-wgmesh`: the kubectl plugin of wgmesh (`kubectl wgmesh ...`).
 #![forbid(unsafe_code)]
 
+#[macro_use]
+mod output;
 mod cluster;
 mod config;
 mod exit;
 mod import;
 mod keys;
-mod output;
 mod peer;
 mod qr;
 mod status;

@@ -280,7 +280,7 @@ pub async fn export_node(
             format!("node {node} is not a Ready member of mesh {mesh}"),
         ));
     };
-    print!(
+    out!(
         "{}",
         wgquick::render_peer(&node_as_peer(peer, &extra, keepalive))
     );
@@ -310,10 +310,10 @@ fn show(
         eprintln!("QR code written to {}", path.display());
     }
     if args.qr {
-        print!("{}", qr::terminal(&text)?);
-        println!();
+        out!("{}", qr::terminal(&text)?);
+        outln!();
     } else {
-        print!("{text}");
+        out!("{text}");
     }
     Ok(())
 }

@@ -71,9 +71,9 @@ pub async fn run(kube: &KubeArgs, mesh: Option<String>, format: Format) -> Resul
         let now = Timestamp::now();
         for (i, s) in statuses.iter().enumerate() {
             if i > 0 {
-                println!();
+                outln!();
             }
-            print!("{}", table(s, now));
+            out!("{}", table(s, now));
         }
     } else {
         output::print(format, &statuses)?;
