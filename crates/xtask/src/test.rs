@@ -55,12 +55,70 @@ pub fn run(lint: bool, cargo_test_args: &[String]) -> Result<()> {
 
     step("cargo test --workspace (unit, integration and end-to-end tests)");
     let totals = cargo_test(&root, cargo_test_args)?;
+
+    step(&format!(
+        "fuzzing the wg-quick parser for {FUZZ_SECONDS} s (cargo +nightly fuzz)"
+    ));
+    fuzz(&root)?;
     eprintln!("\nall checks passed in {:.0?}", started.elapsed());
     println!(
         "xtask: {} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored
     );
     Ok(())
+}
+
+/// How long `cargo xtask test` fuzzes the wg-quick parser.
+const FUZZ_SECONDS: u32 = 30;
+/// The cargo-fuzz release installed when it is missing.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Runs the `wgquick_parse` fuzz target for a while; a crash fails the run. Skipped, with the
+/// reason printed, only when no nightly toolchain or cargo-fuzz can be had.
+fn fuzz(root: &Path) -> Result<()> {
+    let nightly = Command::new("cargo")
+        .args(["+nightly", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !nightly {
+        eprintln!("    skipped: no nightly toolchain (`rustup toolchain install nightly`)");
+        return Ok(());
+    }
+    let has_cargo_fuzz = || {
+        Command::new("cargo")
+            .args(["fuzz", "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_cargo_fuzz() {
+        eprintln!("    installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        let installed = Command::new("cargo")
+            .args([
+                "install",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ_VERSION,
+                "--locked",
+            ])
+            .status();
+        if !installed.is_ok_and(|s| s.success()) || !has_cargo_fuzz() {
+            eprintln!("    skipped: cargo-fuzz could not be installed");
+            return Ok(());
+        }
+    }
+    run_cmd(Command::new("cargo").current_dir(root).args([
+        "+nightly",
+        "fuzz",
+        "run",
+        "wgquick_parse",
+        "--",
+        &format!("-max_total_time={FUZZ_SECONDS}"),
+    ]))
+    .context("the wg-quick parser fuzz target found a crash (see fuzz/artifacts/)")
 }
 
 #[derive(Default, Debug, PartialEq)]
