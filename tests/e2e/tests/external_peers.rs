@@ -413,6 +413,29 @@ async fn laptop_and_remote_office() -> Result<()> {
         "{table}"
     );
 
+    // A peer the controller refuses: exit code 6 with the reason, and nothing left behind.
+    let out = cli.run(&["peer", "add", "clash", "--allowed-ips", "10.244.2.0/25"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("AllowedIPsOverlap"), "{stderr}");
+    assert!(
+        !mesh
+            .cp
+            .kubectl(&["get", "wireguardpeer", "clash"])?
+            .status
+            .success(),
+        "the refused peer was deleted again"
+    );
+
+    // A node as a [Peer] section for another site.
+    let section = cli.ok(&["export", "node", "node-2"])?;
+    assert!(section.contains(&mesh.public_key(1)?), "{section}");
+    assert!(section.contains("10.244.2.0/24"), "{section}");
+    assert!(
+        section.contains(&format!("Endpoint = {}.2:51820", mesh.underlay)),
+        "{section}"
+    );
+
     let t = Instant::now();
     mesh.cp.kubectl_ok(&["delete", "wireguardpeer", "office"])?;
     eventually("the office is cut off", Duration::from_secs(15), || {
