@@ -327,4 +327,72 @@ mod tests {
         assert!(index.at_revision("m", 1).is_some());
         assert!(index.at_revision("m", 99).is_none());
     }
+
+    /// Three nodes, n1 the only gateway, and optionally an external site.
+    fn gateway_mesh(with_site: bool) -> DesiredMesh {
+        use wgmesh_core::desired::{MeshInput, NodeInput, PeerInput, compute};
+        let node = |n: u8| NodeInput {
+            name: format!("n{n}"),
+            selected: true,
+            pod_cidrs: vec![format!("10.244.{n}.0/24").parse().unwrap()],
+            rotate_key_request: None,
+            gateway: n == 1,
+        };
+        let peer = |n: u8, node: Option<String>, allowed: &str| PeerInput {
+            name: node.clone().unwrap_or_else(|| "site".into()),
+            created: i64::from(n),
+            previously_programmed: false,
+            seniority: 0,
+            public_key: PublicKey::from_bytes([n; 32]),
+            allowed_ips: allowed.parse::<wgmesh_core::Cidr>().into_iter().collect(),
+            endpoint: None,
+            last_seen_endpoint: None,
+            persistent_keepalive: None,
+            preshared_key: None,
+            responder: false,
+            disabled: false,
+            node,
+            tunnel_addresses: vec![format!("10.250.0.{n}").parse().unwrap()],
+        };
+        let mut peers: Vec<PeerInput> = (1..=3)
+            .map(|n| peer(n, Some(format!("n{n}")), ""))
+            .collect();
+        if with_site {
+            peers.push(peer(9, None, "192.168.50.0/24"));
+        }
+        let mesh = MeshInput {
+            name: "m".into(),
+            tunnel_pools: vec!["10.250.0.0/16".parse().unwrap()],
+            ..MeshInput::default()
+        };
+        compute(&mesh, &[node(1), node(2), node(3)], &peers)
+    }
+
+    #[test]
+    fn interior_nodes_hear_of_external_peers_through_the_gateway() {
+        let index = Index::new("e".into());
+        let settings = MeshSettings::default();
+        index.publish("m", settings.clone(), gateway_mesh(false));
+        let mut n1 = index.subscribe("m", "n1");
+        let mut n2 = index.subscribe("m", "n2");
+        n1.mark_unchanged();
+        n2.mark_unchanged();
+
+        index.publish("m", settings, gateway_mesh(true));
+        assert!(n1.has_changed().unwrap(), "the gateway gets the site");
+        assert!(n2.has_changed().unwrap(), "interior nodes route it via n1");
+        let site = PublicKey::from_bytes([9; 32]);
+        let gateway = PublicKey::from_bytes([1; 32]);
+        let n1_peers = n1.borrow().peers_of("n1");
+        let n2_peers = n2.borrow().peers_of("n2");
+        assert!(n1_peers.contains_key(&site));
+        assert!(!n2_peers.contains_key(&site));
+        let via: Vec<String> = n2_peers[&gateway]
+            .allowed_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(via.contains(&"192.168.50.0/24".to_owned()), "{via:?}");
+        assert!(via.contains(&"10.250.0.9/32".to_owned()), "{via:?}");
+    }
 }
