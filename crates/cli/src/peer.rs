@@ -66,7 +66,7 @@ pub struct AddArgs {
     /// Keep the private key in a Secret, so `peer config` works without the key file.
     #[arg(long)]
     pub store_private_key: bool,
-    /// Use this private key instead of generating one.
+    /// Use this private key (or the one in this wg-quick config) instead of generating one.
     #[arg(long)]
     pub private_key_file: Option<PathBuf>,
     /// Namespace of the Secrets.
@@ -96,8 +96,8 @@ pub struct ShowArgs {
 pub struct ConfigArgs {
     /// Name of the WireGuardPeer.
     pub name: String,
-    /// The peer's private key (as `wg genkey` writes it). Absent: the Secret that
-    /// `peer add --store-private-key` made.
+    /// The peer's private key (as `wg genkey` writes it), or its earlier wg-quick config.
+    /// Absent: the Secret that `peer add --store-private-key` made.
     #[arg(long)]
     pub private_key_file: Option<PathBuf>,
     /// Namespace of the Secrets.
@@ -445,9 +445,25 @@ fn read_private_key(path: &Path) -> Result<PrivateKey> {
             format!("reading {}: {e}", path.display()),
         )
     })?;
-    text.trim()
-        .parse()
-        .map_err(|e| err(exit::INVALID_INPUT, format!("{}: {e}", path.display())))
+    if let Ok(key) = text.trim().parse() {
+        return Ok(key);
+    }
+    // Or the config `peer add` printed earlier: its [Interface] holds the key.
+    match wgquick::parse(&text) {
+        Ok(cfg) => cfg.interface.private_key.ok_or_else(|| {
+            err(
+                exit::INVALID_INPUT,
+                format!("{}: the config has no PrivateKey", path.display()),
+            )
+        }),
+        Err(e) => Err(err(
+            exit::INVALID_INPUT,
+            format!(
+                "{}: neither a private key nor a wg-quick config ({e})",
+                path.display()
+            ),
+        )),
+    }
 }
 
 fn parse_cidrs(flag: &str, values: &[String]) -> Result<Vec<Cidr>> {
@@ -602,6 +618,30 @@ mod tests {
             serde_json::json!(["10.96.0.10", "cluster.local"])
         );
         assert_eq!(json["client"]["persistentKeepalive"], 25);
+    }
+
+    #[test]
+    fn private_key_from_a_key_file_or_a_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = PrivateKey::generate();
+        let plain = dir.path().join("key");
+        std::fs::write(&plain, format!("{}\n", key.expose_base64())).unwrap();
+        let conf = dir.path().join("wg0.conf");
+        std::fs::write(
+            &conf,
+            format!("[Interface]\nPrivateKey = {}\n", key.expose_base64()),
+        )
+        .unwrap();
+        for path in [&plain, &conf] {
+            assert_eq!(
+                read_private_key(path).unwrap().public_key(),
+                key.public_key()
+            );
+        }
+        std::fs::write(&plain, "[Interface]\nPrivateKey = nope\n").unwrap();
+        let e = read_private_key(&plain).unwrap_err();
+        assert_eq!(exit::code_of(&e), exit::INVALID_INPUT);
+        assert!(e.to_string().contains("line 2"), "{e}");
     }
 
     #[test]
