@@ -252,8 +252,21 @@ async fn laptop_and_remote_office() -> Result<()> {
     );
     assert!(config.contains("PresharedKey = "), "{config}");
     assert!(std::fs::metadata(&png)?.len() > 0, "the PNG was written");
-    // The private key stored in the Secret gives the same config again.
+    // The private key stored in the Secret gives the same config again, and so does the
+    // saved config itself.
     assert_eq!(cli.ok(&["peer", "config", "laptop"])?, config);
+    let saved = dir.join("laptop.conf");
+    std::fs::write(&saved, &config)?;
+    assert_eq!(
+        cli.ok(&[
+            "peer",
+            "config",
+            "laptop",
+            "--private-key-file",
+            saved.to_str().unwrap()
+        ])?,
+        config
+    );
 
     let iface = format!("wgl{}", mesh.id);
     let _wggo = wireguard_go_from_config(&laptop, &iface, &config, &dir)?;
