@@ -127,7 +127,11 @@ pub fn run(args: Args) -> Result<()> {
         "-p",
         "wgmesh-node-agent",
     ]))?;
-    let agent = repo_root().join("target/release/wgmesh-agent");
+    // Where that build went: CARGO_TARGET_DIR when set (a shared build cache), else target/.
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let agent = target_dir.join("release/wgmesh-agent");
 
     let upstream = if args.no_upstream {
         eprintln!("    --no-upstream: leaving out upstream wireguard-go");
