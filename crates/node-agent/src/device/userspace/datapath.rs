@@ -2,7 +2,11 @@
 //!
 //! Each loop owns its buffers and reuses them for every packet. A peer's `Tunn` is locked only
 //! while it encrypts or decrypts into such a buffer; every syscall happens after the lock is
-//! released. The peer table is an immutable snapshot loaded once per packet.
+//! released. The peer table is an immutable snapshot loaded once per read.
+//!
+//! Bulk TCP is batched at both ends: a TUN read returns a TCP super-packet (TSO), split here
+//! into segments that are encrypted under one lock into one buffer and sent with one UDP GSO
+//! syscall; a UDP read returns a run of coalesced datagrams (GRO).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -15,8 +19,9 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use wgmesh_core::PublicKey;
 
 use super::Inner;
+use super::offload::{self, TunPacket, VNET_HDR_LEN, VnetHdr};
 use super::peers::{Peer, PeerTable};
-use super::sockets::Sockets;
+use super::sockets::{self, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, Sockets};
 
 /// Large enough for any IP packet plus WireGuard's overhead, and for any UDP datagram.
 pub(crate) const BUF_LEN: usize = 65536 + 256;
@@ -44,13 +49,36 @@ fn send(inner: &Inner, peer: &Peer, buf: &[u8], to: SocketAddr) {
     }
 }
 
+/// What the TUN reader reuses for every read.
+struct TxBuffers {
+    /// One TUN read: virtio-net header and packet.
+    read: Vec<u8>,
+    /// One segment of a super-packet, before encryption.
+    segment: Vec<u8>,
+    /// Encrypted datagrams back to back, and their lengths.
+    out: Vec<u8>,
+    lens: Vec<usize>,
+}
+
+/// Room `out` must have for one more encrypted packet of `len` bytes (boringtun wants
+/// `len + 32`, and 148 for a handshake initiation).
+fn room_for(len: usize) -> usize {
+    (len + 32).max(148)
+}
+
 /// The TUN reader: packets the kernel routes to the interface, encrypted to their peer.
 pub(crate) fn run_tun_reader(inner: &Inner) {
-    let mut packet = vec![0u8; BUF_LEN];
-    let mut out = vec![0u8; BUF_LEN];
+    let mut b = TxBuffers {
+        read: vec![0u8; BUF_LEN],
+        segment: vec![0u8; BUF_LEN],
+        // A 64 KiB super-packet grows by 32 bytes per segment; twice that is always enough
+        // for one super-packet at a sensible MSS (a tiny one is sent in several batches).
+        out: vec![0u8; 2 * BUF_LEN],
+        lens: Vec::with_capacity(256),
+    };
     while !inner.stopping() {
-        match inner.tun.read(&mut packet) {
-            Ok(n) => handle_tun_packet(inner, &packet[..n], &mut out),
+        match inner.tun.read(&mut b.read) {
+            Ok(n) => handle_tun_read(inner, n, &mut b),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if let Err(e) = inner.tun.wait_readable(TICK) {
                     tracing::warn!(error = %e, "waiting on the TUN device");
@@ -67,7 +95,22 @@ pub(crate) fn run_tun_reader(inner: &Inner) {
     }
 }
 
-fn handle_tun_packet(inner: &Inner, packet: &[u8], out: &mut [u8]) {
+fn handle_tun_read(inner: &Inner, n: usize, b: &mut TxBuffers) {
+    let Some(read) = b.read.get_mut(..n) else {
+        return;
+    };
+    let Some(hdr) = VnetHdr::parse(read) else {
+        return;
+    };
+    let packet = &mut read[VNET_HDR_LEN..];
+    let kind = match offload::classify(&hdr, packet) {
+        Ok(kind) => kind,
+        Err(e) => {
+            tracing::trace!(error = ?e, ?hdr, "dropping a TUN packet");
+            return;
+        }
+    };
+    let packet = &*packet;
     let Some(dst) = Tunn::dst_address(packet) else {
         return;
     };
@@ -80,10 +123,75 @@ fn handle_tun_packet(inner: &Inner, packet: &[u8], out: &mut [u8]) {
     let Some(endpoint) = peer.endpoint() else {
         return;
     };
-    match peer.encapsulate(packet, out) {
-        TunnResult::WriteToNetwork(buf) => send(inner, peer, buf, endpoint),
-        TunnResult::Err(e) => tracing::trace!(error = ?e, "encapsulate"),
-        _ => {}
+    match kind {
+        TunPacket::Single => match peer.encapsulate(packet, &mut b.out) {
+            TunnResult::WriteToNetwork(buf) => send(inner, peer, buf, endpoint),
+            TunnResult::Err(e) => tracing::trace!(error = ?e, "encapsulate"),
+            _ => {}
+        },
+        TunPacket::Tcp(split) => {
+            let count = split.count(packet.len());
+            let mut i = 0;
+            while i < count {
+                b.lens.clear();
+                let mut used = 0;
+                {
+                    let mut tunn = peer.tunn();
+                    while i < count {
+                        let Some(len) = split.segment(packet, i, &mut b.segment) else {
+                            i = count;
+                            break;
+                        };
+                        if b.out.len() - used < room_for(len) {
+                            break;
+                        }
+                        i += 1;
+                        match tunn.encapsulate(&b.segment[..len], &mut b.out[used..]) {
+                            TunnResult::WriteToNetwork(buf) => {
+                                used += buf.len();
+                                b.lens.push(buf.len());
+                            }
+                            TunnResult::Err(e) => tracing::trace!(error = ?e, "encapsulate"),
+                            _ => {}
+                        }
+                    }
+                }
+                send_batch(inner, peer, &b.out[..used], &b.lens, endpoint);
+            }
+        }
+    }
+}
+
+/// Sends datagrams that lie back to back in `buf` with lengths `lens`: each run of equal
+/// lengths (the run's last may be shorter) in one GSO send.
+fn send_batch(inner: &Inner, peer: &Peer, buf: &[u8], lens: &[usize], to: SocketAddr) {
+    let sockets = inner.sockets.load();
+    let mut start = 0;
+    let mut i = 0;
+    while i < lens.len() {
+        let segment = lens[i];
+        let mut bytes = 0;
+        let mut j = i;
+        while j < lens.len()
+            && j - i < MAX_GSO_SEGMENTS
+            && bytes + lens[j] <= MAX_GSO_BYTES
+            && (lens[j] == segment || (lens[j] < segment && j > i))
+        {
+            bytes += lens[j];
+            j += 1;
+            if lens[j - 1] < segment {
+                break;
+            }
+        }
+        let Some(run) = buf.get(start..start + bytes) else {
+            return;
+        };
+        match sockets.send_segments(run, segment, to) {
+            Ok(n) => peer.count_tx(n, inner.now_ms()),
+            Err(e) => tracing::trace!(error = %e, %to, "send failed"),
+        }
+        start += bytes;
+        i = j;
     }
 }
 
@@ -100,9 +208,17 @@ pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
     };
     let mut datagram = vec![0u8; BUF_LEN];
     let mut out = vec![0u8; BUF_LEN];
+    let mut cmsg = sockets::gro_cmsg_space();
     while !inner.stopping() && Arc::ptr_eq(&inner.sockets.load(), &sockets) {
-        match socket.recv_from(&mut datagram) {
-            Ok((n, src)) => handle_datagram(inner, &datagram[..n], canonical(src), &mut out),
+        match sockets::recv(socket, &mut datagram, &mut cmsg) {
+            Ok(r) => {
+                let src = canonical(r.from);
+                let received = &datagram[..r.len.min(datagram.len())];
+                // With GRO the buffer holds datagrams of `segment` bytes (the last shorter).
+                for d in received.chunks(r.segment.unwrap_or(r.len).max(1)) {
+                    handle_datagram(inner, d, src, &mut out);
+                }
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -178,6 +294,10 @@ fn handle_datagram(inner: &Inner, datagram: &[u8], src: SocketAddr, out: &mut [u
     let Some(msg_type) = le_u32(datagram, 0) else {
         return;
     };
+    // Decrypted packets land after room for the virtio-net header the TUN wants.
+    let Some(out) = out.get_mut(VNET_HDR_LEN..) else {
+        return;
+    };
     let table = inner.table.load();
     let Some(peer) = find_peer(inner, &table, msg_type, datagram, src, out) else {
         return;
@@ -231,7 +351,8 @@ fn deliver(inner: &Inner, table: &PeerTable, peer: &Peer, packet: &[u8], inner_s
         tracing::trace!(%inner_src, peer = %peer.public_key, "source not in allowed IPs");
         return;
     }
-    if let Err(e) = inner.tun.write(packet) {
+    // A plain packet: no GSO, checksums as the sender made them.
+    if let Err(e) = inner.tun.write_with_header(&[0; VNET_HDR_LEN], packet) {
         tracing::trace!(error = %e, "TUN write");
     }
 }

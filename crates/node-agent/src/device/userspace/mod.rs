@@ -15,6 +15,7 @@
 
 mod allowed_ips;
 mod datapath;
+mod offload;
 mod peers;
 mod sockets;
 mod tun;

@@ -97,6 +97,11 @@ impl Peer {
         }
     }
 
+    /// The session, locked: for encrypting a run of packets under one lock.
+    pub(crate) fn tunn(&self) -> MutexGuard<'_, Tunn> {
+        lock(&self.tunn)
+    }
+
     /// Encrypts `src` into `dst`. The Tunn is locked only for the call.
     pub(crate) fn encapsulate<'a>(&self, src: &[u8], dst: &'a mut [u8]) -> TunnResult<'a> {
         lock(&self.tunn).encapsulate(src, dst)

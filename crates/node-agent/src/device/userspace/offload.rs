@@ -1,0 +1,414 @@
+//! TUN offloads done in userspace. The TUN is opened with a virtio-net header in front of
+//! every packet and with TSO and checksum offload on, so the kernel hands us TCP
+//! super-packets of up to 64 KiB (one read instead of ~45) with checksums left to us. Here we
+//! parse that header, finish partial checksums, and split super-packets into wire-sized
+//! segments, exactly as a NIC would before encryption.
+//!
+//! Input comes from the local kernel, but nothing here trusts it: every offset is checked and
+//! a malformed packet is an error, never a panic.
+
+/// `struct virtio_net_hdr` (without `num_buffers`): what TUN puts before each packet.
+pub(crate) const VNET_HDR_LEN: usize = 10;
+
+const F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_ECN: u8 = 0x80;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_PSH: u8 = 0x08;
+const TCP_CWR: u8 = 0x80;
+const PROTO_TCP: u8 = 6;
+
+/// The virtio-net header of one TUN read. Its 16-bit fields are in host byte order (a TUN
+/// without TUNSETVNETLE/BE uses the legacy, native order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct VnetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+impl VnetHdr {
+    pub(crate) fn parse(b: &[u8]) -> Option<VnetHdr> {
+        let b = b.get(..VNET_HDR_LEN)?;
+        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        Some(VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u16_at(2),
+            gso_size: u16_at(4),
+            csum_start: u16_at(6),
+            csum_offset: u16_at(8),
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn write(&self, b: &mut [u8; VNET_HDR_LEN]) {
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_ne_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_ne_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_ne_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_ne_bytes());
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum OffloadError {
+    /// Offsets in the header or the packet do not fit the packet.
+    Malformed,
+    /// A GSO type we did not enable (UDP segmentation).
+    Unsupported(u8),
+}
+
+/// One's complement sum of `data` as big-endian 16-bit words (odd tail padded with zero),
+/// added to `acc`, not folded. 32-bit words keep the loop short; the carries fold the same.
+pub(crate) fn sum(data: &[u8], mut acc: u64) -> u64 {
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+    }
+    let rest = words.remainder();
+    let mut tail = [0u8; 4];
+    tail[..rest.len()].copy_from_slice(rest);
+    acc + u64::from(u32::from_be_bytes(tail))
+}
+
+/// Folds a sum to 16 bits (not complemented).
+pub(crate) fn fold(mut acc: u64) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// The pseudo-header sum of TCP/UDP over IPv4 or IPv6 for an L4 length, not folded.
+fn pseudo_sum(packet: &[u8], l4_len: usize) -> Option<u64> {
+    let len = l4_len as u64;
+    match packet.first()? >> 4 {
+        4 => Some(sum(packet.get(12..20)?, u64::from(PROTO_TCP) + len)),
+        6 => Some(sum(packet.get(8..40)?, u64::from(PROTO_TCP) + len)),
+        _ => None,
+    }
+}
+
+/// Finishes the checksum the kernel left for us (`F_NEEDS_CSUM`): the field at
+/// `csum_start + csum_offset` holds the pseudo-header sum; the sum runs from `csum_start`.
+pub(crate) fn finish_checksum(hdr: &VnetHdr, packet: &mut [u8]) -> Result<(), OffloadError> {
+    if hdr.flags & F_NEEDS_CSUM == 0 {
+        return Ok(());
+    }
+    let start = usize::from(hdr.csum_start);
+    let at = start + usize::from(hdr.csum_offset);
+    if at + 2 > packet.len() {
+        return Err(OffloadError::Malformed);
+    }
+    let c = !fold(sum(&packet[start..], 0));
+    // As the kernel does: a computed 0 goes out as 0xffff (0 means "none" for UDP).
+    let c = if c == 0 { 0xffff } else { c };
+    packet[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    Ok(())
+}
+
+/// What a TUN read holds: one packet ready to encrypt, or a TCP super-packet to split.
+pub(crate) enum TunPacket {
+    Single,
+    Tcp(TcpSplit),
+}
+
+/// How to split a TCP super-packet into segments.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TcpSplit {
+    v6: bool,
+    /// Offset of the TCP header (= IP header length).
+    l4: usize,
+    /// IP + TCP header length: what every segment repeats.
+    hdr_len: usize,
+    mss: usize,
+}
+
+impl TcpSplit {
+    /// How many segments the packet makes.
+    pub(crate) fn count(&self, packet_len: usize) -> usize {
+        packet_len.saturating_sub(self.hdr_len).div_ceil(self.mss)
+    }
+
+    /// Writes segment `i` of `packet` into `out` with its headers fixed up (lengths, IPv4 id
+    /// and checksum, TCP sequence, flags and checksum). Returns its length, or `None` past the
+    /// last segment or when `out` is too small.
+    pub(crate) fn segment(&self, packet: &[u8], i: usize, out: &mut [u8]) -> Option<usize> {
+        let payload = packet.get(self.hdr_len..)?;
+        let off = i.checked_mul(self.mss)?;
+        if off >= payload.len() {
+            return None;
+        }
+        let chunk = &payload[off..payload.len().min(off + self.mss)];
+        let len = self.hdr_len + chunk.len();
+        let seg = out.get_mut(..len)?;
+        seg[..self.hdr_len].copy_from_slice(&packet[..self.hdr_len]);
+        seg[self.hdr_len..].copy_from_slice(chunk);
+        let last = off + chunk.len() == payload.len();
+        let l4 = self.l4;
+        if self.v6 {
+            let plen = u16::try_from(len - 40).ok()?;
+            seg[4..6].copy_from_slice(&plen.to_be_bytes());
+        } else {
+            let total = u16::try_from(len).ok()?;
+            seg[2..4].copy_from_slice(&total.to_be_bytes());
+            let id = u16::from_be_bytes([seg[4], seg[5]]).wrapping_add(i as u16);
+            seg[4..6].copy_from_slice(&id.to_be_bytes());
+            seg[10..12].copy_from_slice(&[0, 0]);
+            let c = !fold(sum(&seg[..l4], 0));
+            seg[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        let seq = u32::from_be_bytes([seg[l4 + 4], seg[l4 + 5], seg[l4 + 6], seg[l4 + 7]])
+            .wrapping_add(off as u32);
+        seg[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+        if !last {
+            seg[l4 + 13] &= !(TCP_FIN | TCP_PSH);
+        }
+        if i != 0 {
+            seg[l4 + 13] &= !TCP_CWR;
+        }
+        seg[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
+        let c = !fold(sum(&seg[l4..], pseudo_sum(seg, len - l4)?));
+        seg[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+        Some(len)
+    }
+}
+
+/// Looks at a TUN read (`packet` is what follows the header): a single packet gets its
+/// checksum finished in place; a TCP super-packet is checked and described for splitting.
+pub(crate) fn classify(hdr: &VnetHdr, packet: &mut [u8]) -> Result<TunPacket, OffloadError> {
+    let gso = hdr.gso_type & !GSO_ECN;
+    if gso == GSO_NONE {
+        finish_checksum(hdr, packet)?;
+        return Ok(TunPacket::Single);
+    }
+    let v6 = match (gso, packet.first().map(|b| b >> 4)) {
+        (GSO_TCPV4, Some(4)) => false,
+        (GSO_TCPV6, Some(6)) => true,
+        (GSO_TCPV4 | GSO_TCPV6, _) => return Err(OffloadError::Malformed),
+        (other, _) => return Err(OffloadError::Unsupported(other)),
+    };
+    let l4 = if v6 {
+        // Extension headers may sit between IPv6 and TCP: the kernel says where TCP starts.
+        usize::from(hdr.csum_start)
+    } else {
+        usize::from(packet[0] & 0x0f) * 4
+    };
+    let min_ip = if v6 { 40 } else { 20 };
+    if l4 < min_ip || (!v6 && packet.get(9) != Some(&PROTO_TCP)) {
+        return Err(OffloadError::Malformed);
+    }
+    let tcp_hlen = usize::from(packet.get(l4 + 12).ok_or(OffloadError::Malformed)? >> 4) * 4;
+    let hdr_len = l4 + tcp_hlen;
+    let mss = usize::from(hdr.gso_size);
+    if tcp_hlen < 20 || hdr_len > packet.len() || mss == 0 {
+        return Err(OffloadError::Malformed);
+    }
+    Ok(TunPacket::Tcp(TcpSplit {
+        v6,
+        l4,
+        hdr_len,
+        mss,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TCP/IPv4 packet from 10.0.0.1:1000 to 10.0.0.2:2000 with `payload` and flags.
+    fn tcp4(payload: &[u8], seq: u32, flags: u8) -> Vec<u8> {
+        let total = 40 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&7u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = PROTO_TCP;
+        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        let c = !fold(sum(&p[..20], 0));
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p[20..22].copy_from_slice(&1000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&2000u16.to_be_bytes());
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[32] = 5 << 4;
+        p[33] = flags;
+        p[40..].copy_from_slice(payload);
+        let c = !fold(sum(&p[20..], pseudo_sum(&p, total - 20).unwrap()));
+        p[36..38].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    fn tcp6(payload: &[u8], seq: u32, flags: u8) -> Vec<u8> {
+        let total = 60 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+        p[6] = PROTO_TCP;
+        p[7] = 64;
+        p[8..24].copy_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        p[24..40].copy_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        p[44..48].copy_from_slice(&seq.to_be_bytes());
+        p[52] = 5 << 4;
+        p[53] = flags;
+        p[60..].copy_from_slice(payload);
+        let c = !fold(sum(&p[40..], pseudo_sum(&p, total - 40).unwrap()));
+        p[56..58].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    fn checksum_ok(p: &[u8]) -> bool {
+        let (l4, ip_ok) = if p[0] >> 4 == 4 {
+            (20, fold(sum(&p[..20], 0)) == 0xffff)
+        } else {
+            (40, true)
+        };
+        ip_ok && fold(sum(&p[l4..], pseudo_sum(p, p.len() - l4).unwrap())) == 0xffff
+    }
+
+    fn gso(gso_type: u8, mss: u16, csum_start: u16) -> VnetHdr {
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type,
+            hdr_len: 0,
+            gso_size: mss,
+            csum_start,
+            csum_offset: 16,
+        }
+    }
+
+    #[test]
+    fn checksum_matches_rfc1071_example() {
+        // RFC 1071 section 3: the words 0001 f203 f4f5 f6f7 sum to ddf2.
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(fold(sum(&data, 0)), 0xddf2);
+        assert_eq!(
+            fold(sum(&data[..7], 0)),
+            fold(sum(&[0, 1, 0xf2, 3, 0xf4, 0xf5, 0xf6], 0))
+        );
+        assert_eq!(fold(sum(&[0xab], 0)), 0xab00);
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let h = VnetHdr {
+            flags: 1,
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1368,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let mut b = [0u8; VNET_HDR_LEN];
+        h.write(&mut b);
+        assert_eq!(VnetHdr::parse(&b), Some(h));
+        assert_eq!(VnetHdr::parse(&b[..9]), None);
+    }
+
+    fn split_all(hdr: &VnetHdr, packet: &mut [u8]) -> Vec<Vec<u8>> {
+        let TunPacket::Tcp(split) = classify(hdr, packet).unwrap() else {
+            panic!("not split");
+        };
+        let mut out = vec![0u8; 65536];
+        let segs: Vec<Vec<u8>> = (0..split.count(packet.len()))
+            .map(|i| {
+                let n = split.segment(packet, i, &mut out).unwrap();
+                out[..n].to_vec()
+            })
+            .collect();
+        assert!(split.segment(packet, segs.len(), &mut out).is_none());
+        segs
+    }
+
+    #[test]
+    fn splits_tcp4_like_the_kernel_would_have_sent_it() {
+        let payload: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
+        let mut sp = tcp4(&payload, 0xffff_fff0, TCP_PSH | TCP_FIN | TCP_CWR | 0x10);
+        let segs = split_all(&gso(GSO_TCPV4 | GSO_ECN, 1000, 20), &mut sp);
+        assert_eq!(segs.len(), 3);
+        for (i, s) in segs.iter().enumerate() {
+            let len = if i < 2 { 1000 } else { 500 };
+            let seq = 0xffff_fff0u32.wrapping_add(1000 * i as u32);
+            let want = tcp4(&payload[1000 * i..1000 * i + len], seq, s[33]);
+            assert_eq!(s[20..], want[20..]);
+            assert_eq!(s[2..4], want[2..4]);
+            assert_eq!(u16::from_be_bytes([s[4], s[5]]), 7 + i as u16);
+            assert!(checksum_ok(s));
+        }
+        assert_eq!(segs[0][33], TCP_CWR | 0x10);
+        assert_eq!(segs[1][33], 0x10);
+        assert_eq!(segs[2][33], TCP_PSH | TCP_FIN | 0x10);
+    }
+
+    #[test]
+    fn splits_tcp6() {
+        let payload = vec![0x5a; 3000];
+        let mut sp = tcp6(&payload, 1, TCP_PSH | 0x10);
+        let segs = split_all(&gso(GSO_TCPV6, 1440, 40), &mut sp);
+        assert_eq!(segs.len(), 3);
+        assert_eq!(segs[2].len(), 60 + 120);
+        for s in &segs {
+            assert_eq!(usize::from(u16::from_be_bytes([s[4], s[5]])), s.len() - 40);
+            assert!(checksum_ok(s));
+        }
+    }
+
+    #[test]
+    fn finishes_a_partial_checksum() {
+        let mut p = tcp4(b"hello, world!", 5, 0x18);
+        let want = p.clone();
+        // What the kernel leaves: the folded pseudo-header sum, not complemented.
+        let partial = fold(pseudo_sum(&p, p.len() - 20).unwrap());
+        p[36..38].copy_from_slice(&partial.to_be_bytes());
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 20,
+            csum_offset: 16,
+            ..VnetHdr::default()
+        };
+        assert!(matches!(classify(&hdr, &mut p), Ok(TunPacket::Single)));
+        assert_eq!(p, want);
+    }
+
+    #[test]
+    fn rejects_what_does_not_fit_without_panicking() {
+        let mut p = tcp4(&[1; 100], 0, 0x10);
+        let bad_csum = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 130,
+            csum_offset: 16,
+            ..VnetHdr::default()
+        };
+        assert_eq!(
+            classify(&bad_csum, &mut p).err(),
+            Some(OffloadError::Malformed)
+        );
+        assert!(classify(&gso(GSO_TCPV6, 100, 40), &mut p).is_err());
+        assert!(classify(&gso(GSO_TCPV4, 0, 20), &mut p).is_err());
+        assert_eq!(
+            classify(&gso(5, 100, 20), &mut p).err(),
+            Some(OffloadError::Unsupported(5))
+        );
+        for n in 0..p.len() {
+            let mut short = p[..n].to_vec();
+            if let Ok(TunPacket::Tcp(s)) = classify(&gso(GSO_TCPV4, 30, 20), &mut short) {
+                let mut out = [0u8; 200];
+                for i in 0..s.count(n) + 1 {
+                    let _ = s.segment(&short, i, &mut out);
+                }
+            }
+        }
+        let mut v6 = tcp6(&[1; 50], 0, 0x10);
+        assert!(classify(&gso(GSO_TCPV6, 10, 500), &mut v6).is_err());
+        assert!(classify(&gso(GSO_TCPV6, 10, 4), &mut v6).is_err());
+    }
+}
