@@ -6,7 +6,8 @@
 //!
 //! Bulk TCP is batched at both ends: a TUN read returns a TCP super-packet (TSO), split here
 //! into segments that are encrypted under one lock into one buffer and sent with one UDP GSO
-//! syscall; a UDP read returns a run of coalesced datagrams (GRO).
+//! syscall; a UDP read returns a run of coalesced datagrams (GRO), whose decrypted TCP
+//! segments are coalesced again into super-packets, one TUN write each.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -19,7 +20,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use wgmesh_core::PublicKey;
 
 use super::Inner;
-use super::offload::{self, TunPacket, VNET_HDR_LEN, VnetHdr};
+use super::offload::{self, Coalescer, TunPacket, VNET_HDR_LEN, VnetHdr};
 use super::peers::{Peer, PeerTable};
 use super::sockets::{self, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, Sockets};
 
@@ -209,6 +210,7 @@ pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
     let mut datagram = vec![0u8; BUF_LEN];
     let mut out = vec![0u8; BUF_LEN];
     let mut cmsg = sockets::gro_cmsg_space();
+    let mut rx = Coalescer::new();
     while !inner.stopping() && Arc::ptr_eq(&inner.sockets.load(), &sockets) {
         match sockets::recv(socket, &mut datagram, &mut cmsg) {
             Ok(r) => {
@@ -216,8 +218,9 @@ pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
                 let received = &datagram[..r.len.min(datagram.len())];
                 // With GRO the buffer holds datagrams of `segment` bytes (the last shorter).
                 for d in received.chunks(r.segment.unwrap_or(r.len).max(1)) {
-                    handle_datagram(inner, d, src, &mut out);
+                    handle_datagram(inner, d, src, &mut out, &mut rx);
                 }
+                rx.flush(&mut |b| write_tun(inner, b));
             }
             Err(e)
                 if matches!(
@@ -290,7 +293,13 @@ fn find_peer<'t>(
     }
 }
 
-fn handle_datagram(inner: &Inner, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+fn handle_datagram(
+    inner: &Inner,
+    datagram: &[u8],
+    src: SocketAddr,
+    out: &mut [u8],
+    rx: &mut Coalescer,
+) {
     let Some(msg_type) = le_u32(datagram, 0) else {
         return;
     };
@@ -332,11 +341,11 @@ fn handle_datagram(inner: &Inner, datagram: &[u8], src: SocketAddr, out: &mut [u
         }
         TunnResult::WriteToTunnelV4(packet, inner_src) => {
             authenticated(peer);
-            deliver(inner, &table, peer, packet, IpAddr::V4(inner_src));
+            deliver(inner, &table, peer, packet, IpAddr::V4(inner_src), rx);
         }
         TunnResult::WriteToTunnelV6(packet, inner_src) => {
             authenticated(peer);
-            deliver(inner, &table, peer, packet, IpAddr::V6(inner_src));
+            deliver(inner, &table, peer, packet, IpAddr::V6(inner_src), rx);
         }
         // A keepalive: authenticated, carries nothing.
         TunnResult::Done if msg_type == DATA => authenticated(peer),
@@ -345,14 +354,26 @@ fn handle_datagram(inner: &Inner, datagram: &[u8], src: SocketAddr, out: &mut [u
     }
 }
 
-/// Hands a decrypted packet to the kernel if its source is one the peer may use.
-fn deliver(inner: &Inner, table: &PeerTable, peer: &Peer, packet: &[u8], inner_src: IpAddr) {
+/// Hands a decrypted packet to the kernel, through the coalescer, if its source is one the
+/// peer may use.
+fn deliver(
+    inner: &Inner,
+    table: &PeerTable,
+    peer: &Peer,
+    packet: &[u8],
+    inner_src: IpAddr,
+    rx: &mut Coalescer,
+) {
     if !table.routes_to(inner_src, peer) {
         tracing::trace!(%inner_src, peer = %peer.public_key, "source not in allowed IPs");
         return;
     }
-    // A plain packet: no GSO, checksums as the sender made them.
-    if let Err(e) = inner.tun.write_with_header(&[0; VNET_HDR_LEN], packet) {
+    rx.push(packet, &mut |b| write_tun(inner, b));
+}
+
+/// One virtio-net header and its packet to the kernel.
+fn write_tun(inner: &Inner, buf: &[u8]) {
+    if let Err(e) = inner.tun.write(buf) {
         tracing::trace!(error = %e, "TUN write");
     }
 }

@@ -2,7 +2,9 @@
 //! every packet and with TSO and checksum offload on, so the kernel hands us TCP
 //! super-packets of up to 64 KiB (one read instead of ~45) with checksums left to us. Here we
 //! parse that header, finish partial checksums, and split super-packets into wire-sized
-//! segments, exactly as a NIC would before encryption.
+//! segments, exactly as a NIC would before encryption. On the way in, consecutive segments of
+//! one TCP flow are coalesced back into a super-packet (GRO), so the kernel's TCP stack and
+//! the TUN see one packet and one write instead of dozens.
 //!
 //! Input comes from the local kernel, but nothing here trusts it: every offset is checked and
 //! a malformed packet is an error, never a panic.
@@ -18,6 +20,7 @@ const GSO_ECN: u8 = 0x80;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
 const TCP_CWR: u8 = 0x80;
 const PROTO_TCP: u8 = 6;
 
@@ -47,7 +50,6 @@ impl VnetHdr {
         })
     }
 
-    #[cfg(test)]
     pub(crate) fn write(&self, b: &mut [u8; VNET_HDR_LEN]) {
         b[0] = self.flags;
         b[1] = self.gso_type;
@@ -218,6 +220,195 @@ pub(crate) fn classify(hdr: &VnetHdr, packet: &mut [u8]) -> Result<TunPacket, Of
         hdr_len,
         mss,
     }))
+}
+
+/// What coalescing needs to know about a decrypted TCP packet.
+#[derive(Clone, Copy, Debug)]
+struct TcpMeta {
+    v6: bool,
+    l4: usize,
+    hdr_len: usize,
+    seq: u32,
+    flags: u8,
+}
+
+/// A TCP packet that may join a super-packet: unfragmented, no IPv6 extension headers, only
+/// ACK (and PSH) set, carrying data, lengths consistent with the buffer.
+fn coalescable(p: &[u8]) -> Option<TcpMeta> {
+    let (v6, l4) = match p.first()? >> 4 {
+        4 => {
+            let l4 = usize::from(p[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([*p.get(2)?, *p.get(3)?]));
+            // More-fragments or an offset: a fragment is never merged.
+            let fragment = u16::from_be_bytes([*p.get(6)?, *p.get(7)?]) & 0x3fff != 0;
+            if l4 < 20 || total != p.len() || fragment || *p.get(9)? != PROTO_TCP {
+                return None;
+            }
+            (false, l4)
+        }
+        6 => {
+            let plen = usize::from(u16::from_be_bytes([*p.get(4)?, *p.get(5)?]));
+            if plen + 40 != p.len() || *p.get(6)? != PROTO_TCP {
+                return None;
+            }
+            (true, 40)
+        }
+        _ => return None,
+    };
+    let hdr_len = l4 + usize::from(*p.get(l4 + 12)? >> 4) * 4;
+    let flags = *p.get(l4 + 13)?;
+    if hdr_len < l4 + 20 || hdr_len >= p.len() || flags & !TCP_PSH != TCP_ACK {
+        return None;
+    }
+    let seq = u32::from_be_bytes([p[l4 + 4], p[l4 + 5], p[l4 + 6], p[l4 + 7]]);
+    Some(TcpMeta {
+        v6,
+        l4,
+        hdr_len,
+        seq,
+        flags,
+    })
+}
+
+/// Whether two headers of the same shape agree on everything but the fields that differ
+/// between segments of one super-packet (IP length, id, checksum; TCP sequence, checksum,
+/// PSH).
+fn same_flow(a: &[u8], b: &[u8], m: &TcpMeta) -> bool {
+    let l4 = m.l4;
+    let ip_same = if m.v6 {
+        a[..4] == b[..4] && a[6..40] == b[6..40]
+    } else {
+        a[..2] == b[..2] && a[6..10] == b[6..10] && a[12..l4] == b[12..l4]
+    };
+    ip_same
+        && a[l4..l4 + 4] == b[l4..l4 + 4]
+        && a[l4 + 8..l4 + 13] == b[l4 + 8..l4 + 13]
+        && a[l4 + 13] & !TCP_PSH == b[l4 + 13] & !TCP_PSH
+        && a[l4 + 14..l4 + 16] == b[l4 + 14..l4 + 16]
+        && a[l4 + 18..m.hdr_len] == b[l4 + 18..m.hdr_len]
+}
+
+/// The super-packet being built.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    meta: TcpMeta,
+    /// Payload bytes of every segment but the last (which may be shorter).
+    mss: usize,
+    next_seq: u32,
+    segments: usize,
+    /// A short segment or PSH ends a super-packet, as in the kernel's GRO.
+    closed: bool,
+}
+
+/// GRO for TUN writes: consecutive in-order segments of one TCP flow become one super-packet
+/// with a virtio-net header asking the kernel for nothing but the final checksum (which the
+/// kernel then does not verify: the AEAD already authenticated every byte).
+pub(crate) struct Coalescer {
+    /// Virtio-net header, then the packet.
+    buf: Vec<u8>,
+    /// Bytes of `buf` in use; 0 when nothing is held.
+    len: usize,
+    held: Option<Held>,
+}
+
+/// The largest IP packet a super-packet may become (16-bit length fields).
+const MAX_SUPER: usize = 65_535;
+
+impl Coalescer {
+    pub(crate) fn new() -> Coalescer {
+        Coalescer {
+            buf: vec![0u8; VNET_HDR_LEN + MAX_SUPER],
+            len: 0,
+            held: None,
+        }
+    }
+
+    /// Takes one decrypted packet. Whatever cannot join the held super-packet first flushes
+    /// it through `write`, so packets reach the kernel in the order they came.
+    pub(crate) fn push(&mut self, packet: &[u8], write: &mut impl FnMut(&[u8])) {
+        let meta = coalescable(packet);
+        if let (Some(h), Some(m)) = (self.held.as_mut(), meta) {
+            let payload = packet.len() - m.hdr_len;
+            let held = &self.buf[VNET_HDR_LEN..self.len];
+            if !h.closed
+                && m.v6 == h.meta.v6
+                && m.hdr_len == h.meta.hdr_len
+                && m.seq == h.next_seq
+                && payload <= h.mss
+                && self.len - VNET_HDR_LEN + payload <= MAX_SUPER
+                && same_flow(held, packet, &h.meta)
+            {
+                self.buf[self.len..self.len + payload].copy_from_slice(&packet[m.hdr_len..]);
+                self.len += payload;
+                h.next_seq = h.next_seq.wrapping_add(payload as u32);
+                h.segments += 1;
+                h.closed = payload < h.mss || m.flags & TCP_PSH != 0;
+                if m.flags & TCP_PSH != 0 {
+                    let l4 = VNET_HDR_LEN + h.meta.l4;
+                    self.buf[l4 + 13] |= TCP_PSH;
+                }
+                return;
+            }
+        }
+        self.flush(write);
+        if packet.len() > MAX_SUPER {
+            return;
+        }
+        self.buf[VNET_HDR_LEN..VNET_HDR_LEN + packet.len()].copy_from_slice(packet);
+        self.len = VNET_HDR_LEN + packet.len();
+        match meta {
+            Some(m) => {
+                let payload = packet.len() - m.hdr_len;
+                self.held = Some(Held {
+                    meta: m,
+                    mss: payload,
+                    next_seq: m.seq.wrapping_add(payload as u32),
+                    segments: 1,
+                    closed: m.flags & TCP_PSH != 0,
+                });
+            }
+            None => self.flush(write),
+        }
+    }
+
+    /// Writes what is held, if anything.
+    pub(crate) fn flush(&mut self, write: &mut impl FnMut(&[u8])) {
+        if self.len == 0 {
+            return;
+        }
+        let mut hdr = VnetHdr::default();
+        if let Some(h) = self.held.take()
+            && h.segments > 1
+        {
+            let m = h.meta;
+            let p = &mut self.buf[VNET_HDR_LEN..self.len];
+            let len = p.len();
+            if m.v6 {
+                p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+            } else {
+                p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+                p[10..12].copy_from_slice(&[0, 0]);
+                let c = !fold(sum(&p[..m.l4], 0));
+                p[10..12].copy_from_slice(&c.to_be_bytes());
+            }
+            // CHECKSUM_PARTIAL: the field holds the pseudo-header sum, not complemented.
+            let partial = pseudo_sum(p, len - m.l4).map_or(0, fold);
+            p[m.l4 + 16..m.l4 + 18].copy_from_slice(&partial.to_be_bytes());
+            hdr = VnetHdr {
+                flags: F_NEEDS_CSUM,
+                gso_type: if m.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+                hdr_len: m.hdr_len as u16,
+                gso_size: h.mss as u16,
+                csum_start: m.l4 as u16,
+                csum_offset: 16,
+            };
+        }
+        let mut b = [0u8; VNET_HDR_LEN];
+        hdr.write(&mut b);
+        self.buf[..VNET_HDR_LEN].copy_from_slice(&b);
+        write(&self.buf[..self.len]);
+        self.len = 0;
+    }
 }
 
 #[cfg(test)]
@@ -410,5 +601,122 @@ mod tests {
         let mut v6 = tcp6(&[1; 50], 0, 0x10);
         assert!(classify(&gso(GSO_TCPV6, 10, 500), &mut v6).is_err());
         assert!(classify(&gso(GSO_TCPV6, 10, 4), &mut v6).is_err());
+    }
+
+    fn coalesce(packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let mut c = Coalescer::new();
+        let mut written = Vec::new();
+        for p in packets {
+            c.push(p, &mut |b| written.push(b.to_vec()));
+        }
+        c.flush(&mut |b| written.push(b.to_vec()));
+        written
+    }
+
+    /// Undoes what the kernel would: segments a written super-packet again.
+    fn resegment(written: &[u8]) -> Vec<Vec<u8>> {
+        let hdr = VnetHdr::parse(written).unwrap();
+        let mut p = written[VNET_HDR_LEN..].to_vec();
+        if hdr.gso_type == GSO_NONE {
+            assert_eq!(hdr, VnetHdr::default());
+            return vec![p];
+        }
+        assert_eq!(hdr.flags, F_NEEDS_CSUM);
+        assert_eq!(usize::from(hdr.hdr_len), usize::from(hdr.csum_start) + 20);
+        split_all(&hdr, &mut p)
+    }
+
+    #[test]
+    fn coalesces_what_it_split_and_the_kernel_gets_the_same_segments() {
+        for v6 in [false, true] {
+            let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+            let (mut sp, hdr) = if v6 {
+                (
+                    tcp6(&payload, 9, TCP_PSH | TCP_ACK),
+                    gso(GSO_TCPV6, 1300, 40),
+                )
+            } else {
+                (
+                    tcp4(&payload, 9, TCP_PSH | TCP_ACK),
+                    gso(GSO_TCPV4, 1300, 20),
+                )
+            };
+            let segs = split_all(&hdr, &mut sp);
+            let written = coalesce(&segs);
+            assert_eq!(written.len(), 1);
+            let w = VnetHdr::parse(&written[0]).unwrap();
+            assert_eq!(w.gso_size, 1300);
+            assert_eq!(w.gso_type, if v6 { GSO_TCPV6 } else { GSO_TCPV4 });
+            assert_eq!(resegment(&written[0]), segs);
+        }
+    }
+
+    #[test]
+    fn keeps_order_and_breaks_runs_where_the_kernel_would() {
+        let payload = vec![3u8; 4000];
+        let mut sp = tcp4(&payload, 100, TCP_ACK);
+        let segs = split_all(&gso(GSO_TCPV4, 1000, 20), &mut sp);
+        let other_flow = {
+            let mut p = tcp4(&[1; 1000], 5000, TCP_ACK);
+            p[20..22].copy_from_slice(&1001u16.to_be_bytes());
+            p
+        };
+        let udp = {
+            let mut p = tcp4(&[9; 30], 0, 0);
+            p[9] = 17;
+            p
+        };
+        let syn = tcp4(&[], 1, 0x02);
+        // In order: 0 1 | udp | 2 | other | 3, then a gap (segment 1 again), a SYN.
+        let input = vec![
+            segs[0].clone(),
+            segs[1].clone(),
+            udp.clone(),
+            segs[2].clone(),
+            other_flow.clone(),
+            segs[3].clone(),
+            segs[1].clone(),
+            syn.clone(),
+        ];
+        let out: Vec<Vec<Vec<u8>>> = coalesce(&input).iter().map(|w| resegment(w)).collect();
+        let want: Vec<Vec<Vec<u8>>> = vec![
+            vec![segs[0].clone(), segs[1].clone()],
+            vec![udp],
+            vec![segs[2].clone()],
+            vec![other_flow],
+            vec![segs[3].clone()],
+            vec![segs[1].clone()],
+            vec![syn],
+        ];
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn a_short_segment_or_push_ends_a_super_packet() {
+        let mut a = tcp4(&[1; 1000], 0, TCP_ACK);
+        let b = tcp4(&[2; 500], 1000, TCP_ACK);
+        let c = tcp4(&[3; 500], 1500, TCP_ACK);
+        assert_eq!(coalesce(&[a.clone(), b.clone(), c.clone()]).len(), 2);
+        a[33] |= TCP_PSH;
+        assert_eq!(coalesce(&[a, b]).len(), 2);
+    }
+
+    #[test]
+    fn coalescer_survives_garbage() {
+        let mut c = Coalescer::new();
+        let mut n = 0;
+        let good = tcp4(&[5; 200], 0, TCP_ACK);
+        for len in 0..good.len() {
+            for flip in [0usize, 2, 3, 9, 32, 46] {
+                let mut p = good[..len].to_vec();
+                if let Some(b) = p.get_mut(flip) {
+                    *b ^= 0xff;
+                }
+                c.push(&p, &mut |_| n += 1);
+            }
+        }
+        c.push(&vec![0x45; 70_000], &mut |_| n += 1);
+        c.flush(&mut |_| n += 1);
+        assert!(n > 0);
     }
 }

@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
@@ -89,9 +89,9 @@ impl Tun {
         (&self.file).read(buf)
     }
 
-    /// Writes one virtio-net header and its packet to the kernel, in one syscall.
-    pub(crate) fn write_with_header(&self, header: &[u8], packet: &[u8]) -> io::Result<usize> {
-        (&self.file).write_vectored(&[IoSlice::new(header), IoSlice::new(packet)])
+    /// Writes one virtio-net header and its packet to the kernel.
+    pub(crate) fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        (&self.file).write(buf)
     }
 
     /// Waits until a packet can be read or `timeout` passes. Returns whether it is readable.
