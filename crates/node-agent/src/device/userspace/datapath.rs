@@ -217,8 +217,11 @@ pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
                 let src = canonical(r.from);
                 let received = &datagram[..r.len.min(datagram.len())];
                 // With GRO the buffer holds datagrams of `segment` bytes (the last shorter).
+                // One table snapshot and one clock read for the whole run of datagrams.
+                let table = inner.table.load();
+                let now = inner.now_ms();
                 for d in received.chunks(r.segment.unwrap_or(r.len).max(1)) {
-                    handle_datagram(inner, d, src, &mut out, &mut rx);
+                    handle_datagram(inner, &table, now, d, src, &mut out, &mut rx);
                 }
                 rx.flush(&mut |b| write_tun(inner, b));
             }
@@ -295,6 +298,8 @@ fn find_peer<'t>(
 
 fn handle_datagram(
     inner: &Inner,
+    table: &PeerTable,
+    now: u64,
     datagram: &[u8],
     src: SocketAddr,
     out: &mut [u8],
@@ -307,11 +312,9 @@ fn handle_datagram(
     let Some(out) = out.get_mut(VNET_HDR_LEN..) else {
         return;
     };
-    let table = inner.table.load();
-    let Some(peer) = find_peer(inner, &table, msg_type, datagram, src, out) else {
+    let Some(peer) = find_peer(inner, table, msg_type, datagram, src, out) else {
         return;
     };
-    let now = inner.now_ms();
     // Roaming and counters follow only packets that authenticate as this peer.
     let authenticated = |peer: &Peer| {
         peer.set_endpoint(src);
@@ -341,11 +344,11 @@ fn handle_datagram(
         }
         TunnResult::WriteToTunnelV4(packet, inner_src) => {
             authenticated(peer);
-            deliver(inner, &table, peer, packet, IpAddr::V4(inner_src), rx);
+            deliver(inner, table, peer, packet, IpAddr::V4(inner_src), rx);
         }
         TunnResult::WriteToTunnelV6(packet, inner_src) => {
             authenticated(peer);
-            deliver(inner, &table, peer, packet, IpAddr::V6(inner_src), rx);
+            deliver(inner, table, peer, packet, IpAddr::V6(inner_src), rx);
         }
         // A keepalive: authenticated, carries nothing.
         TunnResult::Done if msg_type == DATA => authenticated(peer),
