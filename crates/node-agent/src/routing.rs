@@ -415,7 +415,8 @@ fn link_mtu(link: &LinkMessage) -> Option<u32> {
     })
 }
 
-fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
+/// The `kind` of a link (`wireguard`, `tun`, ...), as `ip -d link` shows it.
+pub(crate) fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
             LinkInfo::Kind(k) => Some(k),

@@ -12,6 +12,7 @@ use crate::cluster::{AGENT_NAMESPACE, ensure_agent_identity};
 use crate::process::ChildGuard;
 
 /// TLS files for the controller's gRPC server, issued by the control plane's CA.
+#[derive(Clone)]
 pub struct ControllerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -44,8 +45,9 @@ impl ControllerTls {
 /// A running controller. Dropping it stops the process.
 pub struct Controller {
     process: ChildGuard,
-    /// How it was started, to start it again on the same ports.
-    command: (PathBuf, Vec<String>, Vec<(String, String)>, PathBuf),
+    /// Builds the command it was started with, to start it again exactly so.
+    command: Box<dyn Fn() -> Command + Send + Sync>,
+    log: PathBuf,
     pub identity: String,
     pub grpc_port: u16,
     pub metrics_port: u16,
@@ -75,50 +77,52 @@ impl Controller {
         ensure_agent_identity(&client).await?;
         let grpc_port = free_port()?;
         let metrics_port = free_port()?;
-        let mut cmd = Command::new(binary);
-        cmd.env("KUBECONFIG", cp.kubeconfig())
-            .env("POD_NAMESPACE", AGENT_NAMESPACE)
-            .env("POD_NAME", identity)
-            .env("WGMESH_GRPC_ADDR", grpc_bind(env, grpc_port))
-            .env("WGMESH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-            .env("WGMESH_TLS_CERT", &tls.cert)
-            .env("WGMESH_TLS_KEY", &tls.key)
-            .env("WGMESH_TLS_CA", &tls.ca)
-            .env("WGMESH_ADVERTISE_ADDR", format!("127.0.0.1:{grpc_port}"))
-            .env("WGMESH_PEER_SERVER_NAME", "localhost")
-            .env(
-                "WGMESH_LOG",
-                "info,wgmesh_controller=debug,kube_lease_manager=warn",
-            );
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let binary = binary.to_owned();
+        let grpc_addr = grpc_bind(env, grpc_port);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (kubeconfig, tls) = (cp.kubeconfig().to_owned(), tls.clone());
+        let identity_env = identity.to_owned();
+        let command = move || {
+            let mut cmd = Command::new(&binary);
+            cmd.env("KUBECONFIG", &kubeconfig)
+                .env("POD_NAMESPACE", AGENT_NAMESPACE)
+                .env("POD_NAME", &identity_env)
+                .env("WGMESH_GRPC_ADDR", &grpc_addr)
+                .env("WGMESH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+                .env("WGMESH_TLS_CERT", &tls.cert)
+                .env("WGMESH_TLS_KEY", &tls.key)
+                .env("WGMESH_TLS_CA", &tls.ca)
+                .env("WGMESH_ADVERTISE_ADDR", format!("127.0.0.1:{grpc_port}"))
+                .env("WGMESH_PEER_SERVER_NAME", "localhost")
+                .env(
+                    "WGMESH_LOG",
+                    "info,wgmesh_controller=debug,kube_lease_manager=warn",
+                );
+            cmd.envs(env.iter().map(|(k, v)| (k, v)));
+            cmd
+        };
         let log = cp.dir().join(format!("controller-{identity}.log"));
-        Self::spawn(identity, cmd, &log, grpc_port, metrics_port).await
+        Self::spawn(identity, command, &log, grpc_port, metrics_port).await
     }
 
-    /// Starts `cmd` (a controller however launched, listening on the given ports) and waits
-    /// until it is ready. [`Controller::restart`] runs the same command again.
+    /// Starts the command `command` builds (a controller however launched, listening on the
+    /// given ports) and waits until it is ready. [`Controller::restart`] builds and runs it
+    /// again.
     pub async fn spawn(
         identity: &str,
-        cmd: Command,
+        command: impl Fn() -> Command + Send + Sync + 'static,
         log: &Path,
         grpc_port: u16,
         metrics_port: u16,
     ) -> Result<Self> {
-        let program = PathBuf::from(cmd.get_program());
-        let args: Vec<String> = cmd
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let envs: Vec<(String, String)> = cmd
-            .get_envs()
-            .filter_map(|(k, v)| Some((k.to_str()?.to_owned(), v?.to_str()?.to_owned())))
-            .collect();
-        let process = ChildGuard::spawn(&format!("controller {identity}"), cmd, log)?;
+        let process = ChildGuard::spawn(&format!("controller {identity}"), command(), log)?;
         let mut controller = Controller {
             process,
-            command: (program, args, envs, log.to_owned()),
+            command: Box::new(command),
+            log: log.to_owned(),
             identity: identity.to_owned(),
             grpc_port,
             metrics_port,
@@ -162,10 +166,11 @@ impl Controller {
     /// Starts the controller again, same ports and identity, after a kill or stop.
     pub async fn restart(&mut self) -> Result<()> {
         self.process.kill();
-        let (program, args, envs, log) = &self.command;
-        let mut cmd = Command::new(program);
-        cmd.args(args).envs(envs.iter().map(|(k, v)| (k, v)));
-        self.process = ChildGuard::spawn(&format!("controller {}", self.identity), cmd, log)?;
+        self.process = ChildGuard::spawn(
+            &format!("controller {}", self.identity),
+            (self.command)(),
+            &self.log,
+        )?;
         self.wait_ready().await
     }
 

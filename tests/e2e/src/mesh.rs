@@ -87,17 +87,19 @@ impl TestMesh {
 
         // The chart, with the values a test needs.
         let (grpc_port, metrics_port) = (free_port()?, free_port()?);
-        let values = dir.path().join("values.yaml");
-        std::fs::write(
-            &values,
-            format!(
-                "cni:\n  enabled: {}\n\
-                 controller:\n  replicas: 1\n  grpcPort: {grpc_port}\n  metricsPort: {metrics_port}\n\
-                 \x20 logLevel: info,wgmesh_controller=debug,kube_lease_manager=warn\n\
-                 agent:\n  reportInterval: 2\n  logLevel: info,wgmesh_agent=debug\n",
-                mode == NetworkMode::Cni
-            ),
-        )?;
+        // JSON is YAML: Helm reads it as a values file.
+        let values = dir.path().join("values.json");
+        let values_json = serde_json::json!({
+            "cni": {"enabled": mode == NetworkMode::Cni},
+            "controller": {
+                "replicas": 1,
+                "grpcPort": grpc_port,
+                "metricsPort": metrics_port,
+                "logLevel": "info,wgmesh_controller=debug,kube_lease_manager=warn",
+            },
+            "agent": {"reportInterval": 2, "logLevel": "info,wgmesh_agent=debug"},
+        });
+        std::fs::write(&values, values_json.to_string())?;
         Helm::new()?.install(&cp, &["--values", &values.display().to_string()])?;
         let installed = Installed::read(&client).await?;
 
@@ -146,7 +148,7 @@ impl TestMesh {
         let log = dir.path().join("controller.log");
         let controller = Controller::spawn(
             "wgmesh-controller-0",
-            launch.command(None),
+            move || launch.command(None),
             &log,
             grpc_port,
             metrics_port,
@@ -321,6 +323,20 @@ impl TestMesh {
             &log,
         )?);
         Ok(())
+    }
+
+    /// A host outside the cluster on the nodes' underlay (a laptop, a site's router): the
+    /// namespace `wgm<id><tag>` with `eth0` at `<underlay>.<octet>/24`, and its bridge port.
+    pub fn outside_host(&self, tag: &str, octet: u8) -> Result<(Netns, RootLink)> {
+        let ns = Netns::create(&format!("wgm{}{tag}", self.id))?;
+        let link = veth_to_bridge(
+            &format!("wgm{}br", self.id),
+            &format!("wgm{}v{tag}", self.id),
+            &ns,
+            "eth0",
+            &format!("{}.{octet}/24", self.underlay),
+        )?;
+        Ok((ns, link))
     }
 
     /// Stops node `i`'s agent (SIGTERM).

@@ -18,6 +18,25 @@ pub fn sh(program: &str, args: &[&str]) -> Result<String> {
     check(program, args, out)
 }
 
+/// Runs `cmd` with `input` on its stdin, failing with its stderr; its stdout.
+pub fn sh_with_input(mut cmd: Command, input: &[u8]) -> Result<String> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program}"))?;
+    child.stdin.take().context("stdin")?.write_all(input)?;
+    let out = child.wait_with_output()?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    check(&program, &args, out)
+}
+
 fn check(program: &str, args: &[&str], out: Output) -> Result<String> {
     if !out.status.success() {
         bail!(
@@ -189,24 +208,14 @@ fn run_cni_plugin(
     conf: &serde_json::Value,
 ) -> Result<serde_json::Value> {
     let kind = conf["type"].as_str().context("a plugin without type")?;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &node.name, &format!("{plugin_dir}/{kind}")])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &node.name, &format!("{plugin_dir}/{kind}")])
         .env("CNI_COMMAND", "ADD")
         .env("CNI_CONTAINERID", &pod.name)
         .env("CNI_NETNS", pod.path())
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", plugin_dir)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(conf.to_string().as_bytes())?;
-    let out = child.wait_with_output()?;
-    let result = check(&format!("cni {kind}"), &["ADD"], out)?;
+        .env("CNI_PATH", plugin_dir);
+    let result = sh_with_input(cmd, conf.to_string().as_bytes())?;
     Ok(serde_json::from_str(&result)?)
 }
 

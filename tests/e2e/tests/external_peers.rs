@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use wgmesh_e2e::binaries::workspace_binary;
 use wgmesh_e2e::mesh::TestMesh;
-use wgmesh_e2e::netns::{
-    Netns, RootLink, echo_roundtrip, echo_server, veth_between, veth_to_bridge,
-};
+use wgmesh_e2e::netns::{Netns, echo_roundtrip, echo_server, veth_between};
 use wgmesh_e2e::process::ChildGuard;
 
 const ECHO_PORT: u16 = 7000;
@@ -222,14 +220,7 @@ async fn laptop_and_remote_office() -> Result<()> {
 
     // 1. A laptop: every node is a gateway (the default).
     let started = Instant::now();
-    let laptop = Netns::create(&format!("wgm{}l", mesh.id))?;
-    let _laptop_link: RootLink = veth_to_bridge(
-        &format!("wgm{}br", mesh.id),
-        &format!("wgm{}vl", mesh.id),
-        &laptop,
-        "eth0",
-        &format!("{}.50/24", mesh.underlay),
-    )?;
+    let (laptop, _laptop_link) = mesh.outside_host("l", 50)?;
     let png = dir.join("laptop.png");
     let config = cli.ok(&[
         "peer",
@@ -354,16 +345,9 @@ async fn laptop_and_remote_office() -> Result<()> {
             Ok(())
         },
     )?;
-    let router = Netns::create(&format!("wgm{}r", mesh.id))?;
+    let (router, _router_link) = mesh.outside_host("r", 60)?;
     let office = Netns::create(&format!("wgm{}o", mesh.id))?;
     let router_ip = format!("{}.60", mesh.underlay);
-    let _router_link = veth_to_bridge(
-        &format!("wgm{}br", mesh.id),
-        &format!("wgm{}vr", mesh.id),
-        &router,
-        "eth0",
-        &format!("{router_ip}/24"),
-    )?;
     veth_between(
         &router,
         "lan0",

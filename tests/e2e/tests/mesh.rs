@@ -10,7 +10,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use wgmesh_e2e::cluster;
 use wgmesh_e2e::mesh::{NetworkMode, TestMesh};
-use wgmesh_e2e::netns::{self, Netns, echo_roundtrip, echo_server, sh, veth_to_bridge};
+use wgmesh_e2e::netns::{self, Netns, echo_roundtrip, echo_server, sh};
 use wgmesh_e2e::process::ChildGuard;
 
 const ECHO_PORT: u16 = 7000;
@@ -274,14 +274,7 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
 }
 
 async fn interop_with_wireguard_go(mesh: &TestMesh) -> Result<()> {
-    let laptop = Netns::create(&format!("wgm{}l", mesh.id))?;
-    let _veth = veth_to_bridge(
-        &format!("wgm{}br", mesh.id),
-        &format!("wgm{}vl", mesh.id),
-        &laptop,
-        "eth0",
-        &format!("{}.50/24", mesh.underlay),
-    )?;
+    let (laptop, _veth) = mesh.outside_host("l", 50)?;
     let private = sh("wg", &["genkey"])?.trim().to_owned();
     let public = {
         let key: wgmesh_core::PrivateKey = private.parse()?;

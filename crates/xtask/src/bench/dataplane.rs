@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use wgmesh_e2e::netns::{Netns, echo_server, sh, veth_between};
+use wgmesh_e2e::netns::{Netns, echo_server, sh, sh_with_input, veth_between};
 use wgmesh_e2e::process::ChildGuard;
 use wgmesh_e2e::{tools, versions};
 
@@ -451,9 +451,9 @@ struct Key {
 impl Key {
     fn generate(work: &Path, name: &str) -> Result<Key> {
         let private = sh("wg", &["genkey"])?;
-        let public = with_stdin("wg", &["pubkey"], private.as_bytes())?
-            .trim()
-            .to_owned();
+        let mut pubkey = Command::new("wg");
+        pubkey.arg("pubkey");
+        let public = sh_with_input(pubkey, private.as_bytes())?.trim().to_owned();
         let file = work.join(format!("{name}.key"));
         fs::write(&file, private.trim())?;
         Ok(Key { file, public })
@@ -500,27 +500,6 @@ fn configure(
     ns.ip(&["addr", "add", &format!("{address}/24"), "dev", interface])?;
     ns.ip(&["link", "set", interface, "mtu", MTU, "up"])?;
     Ok(())
-}
-
-/// Runs a program with `input` on its stdin; its stdout.
-fn with_stdin(program: &str, args: &[&str], input: &[u8]) -> Result<String> {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {program}"))?;
-    child.stdin.take().context("stdin")?.write_all(input)?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Waits until a TCP connection attempt from A to `server` gets an answer (a refusal from a

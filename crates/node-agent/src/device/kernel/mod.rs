@@ -15,7 +15,9 @@ use genetlink::GenetlinkHandle;
 use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_wireguard::WireguardMessage;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{InfoKind, LinkMessage};
+
+use crate::routing::link_kind;
 use rtnetlink::{LinkUnspec, LinkWireguard};
 use wgmesh_core::PublicKey;
 
@@ -105,16 +107,6 @@ async fn link_by_name(
         }
         None => Ok(None),
     }
-}
-
-fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
-            LinkInfo::Kind(k) => Some(k),
-            _ => None,
-        }),
-        _ => None,
-    })
 }
 
 async fn delete_link_by_name(rtnl: &rtnetlink::Handle, name: &str) -> Result<(), io::Error> {
