@@ -12,7 +12,7 @@ use wgmesh_e2e::helm::Helm;
 use wgmesh_e2e::mesh::TestMesh;
 use wgmesh_e2e::netns::{echo_roundtrip, echo_server};
 
-use crate::setup::step;
+use crate::setup::{DEBIAN_PACKAGES, ensure_debian_packages, step};
 
 const NODES: usize = 3;
 const ECHO_PORT: u16 = 7000;
@@ -21,6 +21,15 @@ pub fn run(no_wait: bool) -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("the demo creates network namespaces and TUN devices: run it as root");
     }
+    // What the nodes and pods run (the end-to-end tests' packages), and ping for the commands
+    // printed at the end.
+    step("checking Debian packages");
+    let packages: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .chain(["iputils-ping"])
+        .collect();
+    ensure_debian_packages(&packages)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(demo(no_wait))
 }
