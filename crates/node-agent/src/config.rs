@@ -151,6 +151,10 @@ pub struct UserspaceDeviceArgs {
     /// TUN interface to create (its UAPI socket is /var/run/wireguard/NAME.sock).
     #[arg(long)]
     pub interface: String,
+    /// Crypto workers: `auto` (one per core, used while a core is idle) or a number that are
+    /// always used (0: the reader threads do everything).
+    #[arg(long, default_value = "auto")]
+    pub workers: crate::device::userspace::WorkerPolicy,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 use wgmesh_agent::agent::Agent;
 use wgmesh_agent::config::{Cli, Command, RunArgs};
 use wgmesh_agent::device::InterfaceConfig;
-use wgmesh_agent::device::userspace::UserspaceDevice;
+use wgmesh_agent::device::userspace::{UserspaceDevice, WorkerPolicy};
 use wgmesh_agent::keys;
 use wgmesh_agent::metrics::Metrics;
 use wgmesh_agent::routing::Routing;
@@ -28,7 +28,9 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Cleanup(args)) => cleanup(&args.interface, args.route_table).await,
         Some(Command::InstallCniPlugins(args)) => install_cni_plugins(&args.from, &args.to),
-        Some(Command::UserspaceDevice(args)) => userspace_device(&args.interface).await,
+        Some(Command::UserspaceDevice(args)) => {
+            userspace_device(&args.interface, args.workers).await
+        }
         Some(Command::Run) | None => run(cli.run).await,
     };
     match result {
@@ -66,13 +68,16 @@ fn install_cni_plugins(from: &std::path::Path, to: &std::path::Path) -> anyhow::
 
 /// The userspace device alone, with a random key and port, for benchmarks and debugging:
 /// configure it with `wg set` (no addresses or routes: set those with `ip`).
-async fn userspace_device(interface: &str) -> anyhow::Result<()> {
-    let device = UserspaceDevice::create(InterfaceConfig {
-        name: interface.to_owned(),
-        private_key: PrivateKey::generate(),
-        listen_port: 0,
-        fwmark: 0,
-    })?;
+async fn userspace_device(interface: &str, workers: WorkerPolicy) -> anyhow::Result<()> {
+    let device = UserspaceDevice::create_with(
+        InterfaceConfig {
+            name: interface.to_owned(),
+            private_key: PrivateKey::generate(),
+            listen_port: 0,
+            fwmark: 0,
+        },
+        workers,
+    )?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}

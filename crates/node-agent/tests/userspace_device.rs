@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use wgmesh_agent::device::userspace::UserspaceDevice;
+use wgmesh_agent::device::userspace::{UserspaceDevice, WorkerPolicy};
 use wgmesh_agent::device::{DeviceChange, InterfaceConfig, PeerConfig, PeerState};
 use wgmesh_core::{Cidr, Key, PrivateKey, PublicKey};
 
@@ -265,6 +265,52 @@ fn tcp_echo(from: &str, to: &str, addr: SocketAddr) {
     }
 }
 
+const BULK_BYTES: usize = 8 << 20;
+
+/// Byte `i` of a bulk transfer: a pattern in which a lost, repeated or reordered segment
+/// shows.
+fn bulk_byte(i: usize) -> u8 {
+    (i.wrapping_mul(31) ^ (i >> 11)) as u8
+}
+
+/// Sends `bytes` of the bulk pattern from `from` to a listener at `addr` in `to`, which
+/// checks every byte.
+fn tcp_bulk(from: &str, to: &str, addr: SocketAddr, bytes: usize) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = spawn_in_netns(to, move || {
+        let listener = TcpListener::bind(addr).expect("bind the bulk listener");
+        ready_tx.send(()).unwrap();
+        let (mut conn, _) = listener.accept().expect("accept the bulk connection");
+        conn.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut at = 0;
+        while at < bytes {
+            let n = conn.read(&mut buf).expect("bulk read through the tunnel");
+            assert!(n > 0, "bulk connection closed after {at} of {bytes} bytes");
+            for (k, b) in buf[..n].iter().enumerate() {
+                assert_eq!(
+                    *b,
+                    bulk_byte(at + k),
+                    "byte {} of the bulk transfer",
+                    at + k
+                );
+            }
+            at += n;
+        }
+    });
+    ready_rx.recv().expect("the bulk listener started");
+    in_netns(from, move || {
+        let mut conn =
+            TcpStream::connect_timeout(&addr, WAIT).expect("connect for the bulk transfer");
+        let data: Vec<u8> = (0..bytes).map(bulk_byte).collect();
+        conn.write_all(&data)
+            .expect("bulk write through the tunnel");
+    });
+    if let Err(panic) = server.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 /// Both directions through the tunnel.
 fn tcp_both_ways(lab: &Lab, port: u16) {
     tcp_echo(&lab.ns_a, &lab.ns_b, SocketAddr::new(lab.tunnel(2), port));
@@ -289,6 +335,7 @@ struct Options {
     /// Whether our side knows wireguard-go's endpoint (else wireguard-go must initiate).
     we_know_endpoint: bool,
     their_keepalive: Option<u16>,
+    workers: WorkerPolicy,
 }
 
 /// Our device in A, wireguard-go in B, configured for each other; addresses up.
@@ -302,13 +349,17 @@ fn setup(tag: u8, opts: Options) -> Setup {
 
     let name = lab.if_a.clone();
     let key = our_key.clone();
+    let workers = opts.workers;
     let device = in_netns(&lab.ns_a, move || {
-        UserspaceDevice::create(InterfaceConfig {
-            name,
-            private_key: key,
-            listen_port: 0,
-            fwmark: 0,
-        })
+        UserspaceDevice::create_with(
+            InterfaceConfig {
+                name,
+                private_key: key,
+                listen_port: 0,
+                fwmark: 0,
+            },
+            workers,
+        )
         .expect("create the userspace device")
     });
     assert_eq!(device.name(), lab.if_a);
@@ -396,17 +447,32 @@ fn dump(lab: &Lab, ifname: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-fn interop(tag: u8, psk: Option<Key>) {
+fn interop(tag: u8, psk: Option<Key>, workers: WorkerPolicy) {
     let s = setup(
         tag,
         Options {
             psk,
             we_know_endpoint: true,
             their_keepalive: None,
+            workers,
         },
     );
     let lab = &s.lab;
     tcp_both_ways(lab, 7000);
+    // Bulk both ways: TSO super-packets split, GSO and GRO batches, coalescing, and (with
+    // workers) the hand-over, all keeping every byte in order.
+    tcp_bulk(
+        &lab.ns_a,
+        &lab.ns_b,
+        SocketAddr::new(lab.tunnel(2), 7100),
+        BULK_BYTES,
+    );
+    tcp_bulk(
+        &lab.ns_b,
+        &lab.ns_a,
+        SocketAddr::new(lab.tunnel(1), 7101),
+        BULK_BYTES,
+    );
 
     let peer = the_peer(&s.device);
     let handshake = peer.last_handshake.expect("a handshake happened");
@@ -552,7 +618,7 @@ fn interop_with_wireguard_go() {
     if !is_root() {
         return;
     }
-    interop(11, None);
+    interop(11, None, WorkerPolicy::Fixed(2));
 }
 
 #[test]
@@ -560,7 +626,7 @@ fn interop_with_wireguard_go_and_preshared_key() {
     if !is_root() {
         return;
     }
-    interop(12, Some(Key::generate()));
+    interop(12, Some(Key::generate()), WorkerPolicy::Fixed(0));
 }
 
 #[test]
@@ -574,6 +640,7 @@ fn in_place_updates_keep_the_session() {
             psk: None,
             we_know_endpoint: true,
             their_keepalive: None,
+            workers: WorkerPolicy::Auto,
         },
     );
     let lab = &s.lab;
@@ -674,6 +741,7 @@ fn roaming_follows_authenticated_packets() {
             psk: None,
             we_know_endpoint: false,
             their_keepalive: Some(1),
+            workers: WorkerPolicy::Fixed(1),
         },
     );
     let lab = &s.lab;

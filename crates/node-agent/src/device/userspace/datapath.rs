@@ -1,13 +1,16 @@
-//! The packet loops: TUN to UDP (encrypt), UDP to TUN (decrypt), and the timer tick.
+//! The readers: TUN to workers (to encrypt), UDP to workers (to decrypt), handshakes, and
+//! the timer tick.
 //!
-//! Each loop owns its buffers and reuses them for every packet. A peer's `Tunn` is locked only
-//! while it encrypts or decrypts into such a buffer; every syscall happens after the lock is
-//! released. The peer table is an immutable snapshot loaded once per read.
+//! Each reader owns its buffers and reuses them. A reader fetches packets and decides whose
+//! they are; the encryption or decryption, and the syscalls that finish the job, happen in
+//! `workers` (on the peer's worker, or inline for small batches). Handshake messages are rare
+//! and handled by the UDP reader itself. The peer table is an immutable snapshot loaded once
+//! per read.
 //!
 //! Bulk TCP is batched at both ends: a TUN read returns a TCP super-packet (TSO), split here
-//! into segments that are encrypted under one lock into one buffer and sent with one UDP GSO
-//! syscall; a UDP read returns a run of coalesced datagrams (GRO), whose decrypted TCP
-//! segments are coalesced again into super-packets, one TUN write each.
+//! into segments that are encrypted under one lock and sent with one UDP GSO syscall; a UDP
+//! receive returns runs of coalesced datagrams (GRO, several runs per `recvmmsg`), whose
+//! decrypted TCP segments are coalesced again into super-packets, one TUN write each.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -20,9 +23,10 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use wgmesh_core::PublicKey;
 
 use super::Inner;
-use super::offload::{self, Coalescer, TunPacket, VNET_HDR_LEN, VnetHdr};
+use super::offload::{self, TunPacket, VNET_HDR_LEN, VnetHdr};
 use super::peers::{Peer, PeerTable};
-use super::sockets::{self, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, Sockets};
+use super::sockets::{self, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, RECV_BATCH, Received, Sockets};
+use super::workers::Scratch;
 
 /// Large enough for any IP packet plus WireGuard's overhead, and for any UDP datagram.
 pub(crate) const BUF_LEN: usize = 65536 + 256;
@@ -50,36 +54,14 @@ fn send(inner: &Inner, peer: &Peer, buf: &[u8], to: SocketAddr) {
     }
 }
 
-/// What the TUN reader reuses for every read.
-struct TxBuffers {
-    /// One TUN read: virtio-net header and packet.
-    read: Vec<u8>,
-    /// One segment of a super-packet, before encryption.
-    segment: Vec<u8>,
-    /// Encrypted datagrams back to back, and their lengths.
-    out: Vec<u8>,
-    lens: Vec<usize>,
-}
-
-/// Room `out` must have for one more encrypted packet of `len` bytes (boringtun wants
-/// `len + 32`, and 148 for a handshake initiation).
-fn room_for(len: usize) -> usize {
-    (len + 32).max(148)
-}
-
-/// The TUN reader: packets the kernel routes to the interface, encrypted to their peer.
+/// The TUN reader: packets the kernel routes to the interface, handed to their peer's worker
+/// for encryption.
 pub(crate) fn run_tun_reader(inner: &Inner) {
-    let mut b = TxBuffers {
-        read: vec![0u8; BUF_LEN],
-        segment: vec![0u8; BUF_LEN],
-        // A 64 KiB super-packet grows by 32 bytes per segment; twice that is always enough
-        // for one super-packet at a sensible MSS (a tiny one is sent in several batches).
-        out: vec![0u8; 2 * BUF_LEN],
-        lens: Vec::with_capacity(256),
-    };
+    let mut read = vec![0u8; BUF_LEN];
+    let mut scratch = Scratch::new();
     while !inner.stopping() {
-        match inner.tun.read(&mut b.read) {
-            Ok(n) => handle_tun_read(inner, n, &mut b),
+        match inner.tun.read(&mut read) {
+            Ok(n) => handle_tun_read(inner, &mut read[..n], &mut scratch),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if let Err(e) = inner.tun.wait_readable(TICK) {
                     tracing::warn!(error = %e, "waiting on the TUN device");
@@ -96,10 +78,7 @@ pub(crate) fn run_tun_reader(inner: &Inner) {
     }
 }
 
-fn handle_tun_read(inner: &Inner, n: usize, b: &mut TxBuffers) {
-    let Some(read) = b.read.get_mut(..n) else {
-        return;
-    };
+fn handle_tun_read(inner: &Inner, read: &mut [u8], scratch: &mut Scratch) {
     let Some(hdr) = VnetHdr::parse(read) else {
         return;
     };
@@ -124,48 +103,46 @@ fn handle_tun_read(inner: &Inner, n: usize, b: &mut TxBuffers) {
     let Some(endpoint) = peer.endpoint() else {
         return;
     };
+    let workers = &inner.workers;
+    let mut batch = workers.batch();
     match kind {
-        TunPacket::Single => match peer.encapsulate(packet, &mut b.out) {
-            TunnResult::WriteToNetwork(buf) => send(inner, peer, buf, endpoint),
-            TunnResult::Err(e) => tracing::trace!(error = ?e, "encapsulate"),
-            _ => {}
-        },
+        TunPacket::Single => {
+            let Some(dst) = batch.buf.get_mut(..packet.len()) else {
+                return;
+            };
+            dst.copy_from_slice(packet);
+            batch.lens.push(packet.len());
+        }
         TunPacket::Tcp(split) => {
-            let count = split.count(packet.len());
-            let mut i = 0;
-            while i < count {
-                b.lens.clear();
-                let mut used = 0;
-                {
-                    let mut tunn = peer.tunn();
-                    while i < count {
-                        let Some(len) = split.segment(packet, i, &mut b.segment) else {
-                            i = count;
-                            break;
-                        };
-                        if b.out.len() - used < room_for(len) {
-                            break;
-                        }
-                        i += 1;
-                        match tunn.encapsulate(&b.segment[..len], &mut b.out[used..]) {
-                            TunnResult::WriteToNetwork(buf) => {
-                                used += buf.len();
-                                b.lens.push(buf.len());
-                            }
-                            TunnResult::Err(e) => tracing::trace!(error = ?e, "encapsulate"),
-                            _ => {}
+            let mut used = 0;
+            for i in 0..split.count(packet.len()) {
+                let len = match split.segment(packet, i, &mut batch.buf[used..]) {
+                    Some(len) => len,
+                    // Full (only with a tiny MSS): the segments so far go, the rest follow.
+                    None if used > 0 => {
+                        let full = std::mem::replace(&mut batch, workers.batch());
+                        workers.encrypt(inner, scratch, peer, endpoint, full);
+                        used = 0;
+                        match split.segment(packet, i, &mut batch.buf) {
+                            Some(len) => len,
+                            None => break,
                         }
                     }
-                }
-                send_batch(inner, peer, &b.out[..used], &b.lens, endpoint);
+                    None => break,
+                };
+                used += len;
+                batch.lens.push(len);
             }
         }
+    }
+    if !batch.lens.is_empty() {
+        workers.encrypt(inner, scratch, peer, endpoint, batch);
     }
 }
 
 /// Sends datagrams that lie back to back in `buf` with lengths `lens`: each run of equal
 /// lengths (the run's last may be shorter) in one GSO send.
-fn send_batch(inner: &Inner, peer: &Peer, buf: &[u8], lens: &[usize], to: SocketAddr) {
+pub(crate) fn send_batch(inner: &Inner, peer: &Peer, buf: &[u8], lens: &[usize], to: SocketAddr) {
     let sockets = inner.sockets.load();
     let mut start = 0;
     let mut i = 0;
@@ -196,8 +173,9 @@ fn send_batch(inner: &Inner, peer: &Peer, buf: &[u8], lens: &[usize], to: Socket
     }
 }
 
-/// A UDP reader for one socket of `sockets`. It ends when the device stops or the sockets are
-/// replaced (listen port change).
+/// A UDP reader for one socket of `sockets`: several reads per `recvmmsg`, transport data
+/// handed to the peer's worker, handshakes answered here. It ends when the device stops or
+/// the sockets are replaced (listen port change).
 pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
     let socket = if v6 {
         match &sockets.v6 {
@@ -207,23 +185,19 @@ pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
     } else {
         &sockets.v4
     };
-    let mut datagram = vec![0u8; BUF_LEN];
+    let workers = &inner.workers;
+    let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| workers.batch().buf).collect();
+    let mut got = Vec::with_capacity(RECV_BATCH);
     let mut out = vec![0u8; BUF_LEN];
-    let mut cmsg = sockets::gro_cmsg_space();
-    let mut rx = Coalescer::new();
+    let mut scratch = Scratch::new();
     while !inner.stopping() && Arc::ptr_eq(&inner.sockets.load(), &sockets) {
-        match sockets::recv(socket, &mut datagram, &mut cmsg) {
-            Ok(r) => {
-                let src = canonical(r.from);
-                let received = &datagram[..r.len.min(datagram.len())];
-                // With GRO the buffer holds datagrams of `segment` bytes (the last shorter).
-                // One table snapshot and one clock read for the whole run of datagrams.
+        match sockets::recv_many(socket, &mut bufs, &mut got) {
+            Ok(()) => {
+                // One table snapshot for everything this call received.
                 let table = inner.table.load();
-                let now = inner.now_ms();
-                for d in received.chunks(r.segment.unwrap_or(r.len).max(1)) {
-                    handle_datagram(inner, &table, now, d, src, &mut out, &mut rx);
+                for (buf, r) in bufs.iter_mut().zip(&got) {
+                    handle_read(inner, &table, buf, r, &mut out, &mut scratch);
                 }
-                rx.flush(&mut |b| write_tun(inner, b));
             }
             Err(e)
                 if matches!(
@@ -245,6 +219,78 @@ pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
             }
         }
     }
+}
+
+/// One read: a datagram, or a GRO run of datagrams of `r.segment` bytes (the last shorter)
+/// from one sender. Transport data goes to workers in runs of one peer (the whole buffer when,
+/// as almost always, it is all one peer's); anything else is handled here, in order.
+fn handle_read(
+    inner: &Inner,
+    table: &PeerTable,
+    buf: &mut Vec<u8>,
+    r: &Received,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+) {
+    let src = canonical(r.from);
+    let Some(received) = buf.get(..r.len) else {
+        return;
+    };
+    let segment = r.segment.unwrap_or(r.len).max(1);
+    let data_peer = |d: &[u8]| {
+        (le_u32(d, 0) == Some(DATA))
+            .then(|| table.by_receiver_index(le_u32(d, 4)?))
+            .flatten()
+    };
+    let workers = &inner.workers;
+    let first = received.chunks(segment).next().and_then(data_peer);
+    if let Some(peer) = first
+        && received
+            .chunks(segment)
+            .all(|d| data_peer(d).is_some_and(|p| Arc::ptr_eq(p, peer)))
+    {
+        let mut batch = workers.batch();
+        std::mem::swap(buf, &mut batch.buf);
+        batch.lens.extend(received_lens(r.len, segment));
+        workers.decrypt(inner, scratch, peer, src, batch);
+        return;
+    }
+    // Mixed: copy each run of one peer's data into its own batch.
+    let mut run: Option<(&Arc<Peer>, super::workers::Batch, usize)> = None;
+    for d in received.chunks(segment) {
+        let peer = data_peer(d);
+        if let Some((p, batch, used)) = run.as_mut()
+            && peer.is_some_and(|q| Arc::ptr_eq(q, p))
+            && *used + d.len() <= batch.buf.len()
+        {
+            batch.buf[*used..*used + d.len()].copy_from_slice(d);
+            *used += d.len();
+            batch.lens.push(d.len());
+            continue;
+        }
+        if let Some((p, batch, _)) = run.take() {
+            workers.decrypt(inner, scratch, p, src, batch);
+        }
+        match peer {
+            Some(p) => {
+                let mut batch = workers.batch();
+                batch.buf[..d.len()].copy_from_slice(d);
+                batch.lens.push(d.len());
+                run = Some((p, batch, d.len()));
+            }
+            None => handle_control(inner, table, d, src, out),
+        }
+    }
+    if let Some((p, batch, _)) = run {
+        workers.decrypt(inner, scratch, p, src, batch);
+    }
+}
+
+/// The lengths of the datagrams in a read of `len` bytes cut every `segment` bytes.
+fn received_lens(len: usize, segment: usize) -> impl Iterator<Item = usize> {
+    (0..len)
+        .step_by(segment)
+        .map(move |at| segment.min(len - at))
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -296,29 +342,23 @@ fn find_peer<'t>(
     }
 }
 
-fn handle_datagram(
+/// A datagram that is not transport data of a known peer: handshake messages and cookie
+/// replies go through the peer's session here; anything else is dropped.
+fn handle_control(
     inner: &Inner,
     table: &PeerTable,
-    now: u64,
     datagram: &[u8],
     src: SocketAddr,
     out: &mut [u8],
-    rx: &mut Coalescer,
 ) {
     let Some(msg_type) = le_u32(datagram, 0) else {
         return;
     };
-    // Decrypted packets land after room for the virtio-net header the TUN wants.
-    let Some(out) = out.get_mut(VNET_HDR_LEN..) else {
+    if msg_type == DATA {
         return;
-    };
+    }
     let Some(peer) = find_peer(inner, table, msg_type, datagram, src, out) else {
         return;
-    };
-    // Roaming and counters follow only packets that authenticate as this peer.
-    let authenticated = |peer: &Peer| {
-        peer.set_endpoint(src);
-        peer.count_rx(datagram.len(), now);
     };
     match peer.decapsulate(Some(src.ip()), datagram, out) {
         TunnResult::WriteToNetwork(reply) => {
@@ -328,7 +368,9 @@ fn handle_datagram(
                 let _ = inner.sockets.load().send_to(reply, src);
                 return;
             }
-            authenticated(peer);
+            // Roaming and counters follow only packets that authenticate as this peer.
+            peer.set_endpoint(src);
+            peer.count_rx(datagram.len(), inner.now_ms());
             // A response sent (we are responder) or a response received (we are initiator)
             // is a completed handshake: the moment boringtun starts the new session.
             if (msg_type == HANDSHAKE_INIT && reply_type == HANDSHAKE_RESP)
@@ -342,40 +384,13 @@ fn handle_datagram(
                 send(inner, peer, queued, src);
             }
         }
-        TunnResult::WriteToTunnelV4(packet, inner_src) => {
-            authenticated(peer);
-            deliver(inner, table, peer, packet, IpAddr::V4(inner_src), rx);
-        }
-        TunnResult::WriteToTunnelV6(packet, inner_src) => {
-            authenticated(peer);
-            deliver(inner, table, peer, packet, IpAddr::V6(inner_src), rx);
-        }
-        // A keepalive: authenticated, carries nothing.
-        TunnResult::Done if msg_type == DATA => authenticated(peer),
-        TunnResult::Done => {}
         TunnResult::Err(e) => tracing::trace!(error = ?e, %src, "decapsulate"),
+        _ => {}
     }
-}
-
-/// Hands a decrypted packet to the kernel, through the coalescer, if its source is one the
-/// peer may use.
-fn deliver(
-    inner: &Inner,
-    table: &PeerTable,
-    peer: &Peer,
-    packet: &[u8],
-    inner_src: IpAddr,
-    rx: &mut Coalescer,
-) {
-    if !table.routes_to(inner_src, peer) {
-        tracing::trace!(%inner_src, peer = %peer.public_key, "source not in allowed IPs");
-        return;
-    }
-    rx.push(packet, &mut |b| write_tun(inner, b));
 }
 
 /// One virtio-net header and its packet to the kernel.
-fn write_tun(inner: &Inner, buf: &[u8]) {
+pub(crate) fn write_tun(inner: &Inner, buf: &[u8]) {
     if let Err(e) = inner.tun.write(buf) {
         tracing::trace!(error = %e, "TUN write");
     }

@@ -2,8 +2,10 @@
 //! peer, driven by a few OS threads, configurable in place without dropping sessions.
 //!
 //! Threads, all started from the creating thread (so all in its network namespace):
-//! - `tun`: reads the TUN, routes by allowed IPs, encrypts, sends;
-//! - `udp4`/`udp6`: receive, find the peer, decrypt, check the source, write the TUN;
+//! - `tun`: reads the TUN, routes by allowed IPs, splits TCP super-packets, hands them over;
+//! - `udp4`/`udp6`: receive, find the peer, hand transport data over, answer handshakes;
+//! - `wk<N>`, one per core: encrypt and send, or decrypt, check sources and write the TUN,
+//!   for the peers assigned to them (`workers`);
 //! - `ctl`: boringtun's timers every 250 ms, persistent keepalives, and socket rebinding;
 //! - `uapi`: the `wg`-compatible control socket.
 //!
@@ -21,6 +23,7 @@ mod sockets;
 mod tun;
 mod uapi;
 mod uapi_server;
+mod workers;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +39,8 @@ use self::peers::{Identity, Peer, PeerEntry, PeerTable};
 use self::sockets::Sockets;
 use self::tun::Tun;
 use self::uapi::Op;
+pub use self::workers::WorkerPolicy;
+use self::workers::Workers;
 use super::{
     DeviceChange, DeviceError, DeviceState, InterfaceConfig, PeerConfig, PeerState, validate_name,
 };
@@ -59,6 +64,7 @@ pub(crate) struct Inner {
     writer: Mutex<Writer>,
     /// UDP readers: replaced when the listen port changes, joined at shutdown.
     udp_threads: Mutex<Vec<JoinHandle<()>>>,
+    workers: Workers,
 }
 
 struct Writer {
@@ -98,6 +104,14 @@ impl UserspaceDevice {
     /// socket at `/var/run/wireguard/<name>.sock`. Everything lives in the calling thread's
     /// network namespace.
     pub fn create(config: InterfaceConfig) -> Result<Self, DeviceError> {
+        Self::create_with(config, WorkerPolicy::Auto)
+    }
+
+    /// [`UserspaceDevice::create`], with crypto spread over cores as `workers` says.
+    pub fn create_with(
+        config: InterfaceConfig,
+        workers: WorkerPolicy,
+    ) -> Result<Self, DeviceError> {
         validate_name(&config.name)?;
         let tun = Tun::create(&config.name).map_err(|source| DeviceError::Tun {
             name: config.name.clone(),
@@ -109,6 +123,7 @@ impl UserspaceDevice {
         let table = PeerTable::build(identity, sockets.port, config.fwmark, Vec::new());
         let (listener, uapi_path) = uapi_server::bind(&config.name)?;
         let (control_tx, control_rx) = mpsc::channel();
+        let (workers, queues) = Workers::new(workers);
         // Indices only need to be unique within the device; a varying start makes stale
         // packets from a previous run of the device unlikely to match.
         let seed = SystemTime::now()
@@ -127,6 +142,7 @@ impl UserspaceDevice {
                 next_index: seed,
             }),
             udp_threads: Mutex::new(Vec::new()),
+            workers,
         });
         // From here on, an early return drops `device`, which stops what was started.
         let mut device = UserspaceDevice {
@@ -134,6 +150,9 @@ impl UserspaceDevice {
             threads: Vec::new(),
             uapi_path: Some(uapi_path),
         };
+        device
+            .threads
+            .extend(workers::spawn_workers(&inner, queues)?);
         inner.spawn_udp_readers(&sockets)?;
         let i = Arc::clone(&inner);
         device.threads.push(spawn(&config.name, "tun", move || {
@@ -269,6 +288,7 @@ impl Inner {
             let now = Instant::now();
             if now >= next_tick {
                 datapath::timer_tick(self, &mut out);
+                self.workers.tick();
                 next_tick = (next_tick + TICK).max(now);
             }
         }

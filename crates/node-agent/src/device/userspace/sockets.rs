@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage, recvmsg, sendmsg,
-    setsockopt, sockopt,
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage,
+    recvmmsg, sendmsg, setsockopt, sockopt,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -39,8 +39,13 @@ pub(crate) struct Sockets {
     gso: AtomicBool,
 }
 
+/// Reads one `recv_many` call asks for: with GRO each may hold a run of up to 64 datagrams
+/// from one sender, so a few cover bursts from several senders at once.
+pub(crate) const RECV_BATCH: usize = 8;
+
 /// A receive: bytes, sender, and the size of each datagram when the kernel coalesced several
 /// (UDP GRO) into one buffer.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Received {
     pub len: usize,
     pub from: SocketAddr,
@@ -178,32 +183,57 @@ impl Sockets {
     }
 }
 
-/// Receives into `buf` from `socket`; `cmsg` is reusable space for the GRO control message
-/// (from `gro_cmsg_space`).
-pub(crate) fn recv(socket: &UdpSocket, buf: &mut [u8], cmsg: &mut [u8]) -> io::Result<Received> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg =
-        recvmsg::<SockaddrStorage>(socket.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::empty())?;
-    let mut segment = None;
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::UdpGroSegments(size) = c {
-            segment = usize::try_from(size).ok().filter(|&s| s > 0);
+/// Receives up to `bufs.len()` reads (a datagram, or a GRO run of them) with one `recvmmsg`,
+/// waiting up to `RECV_TIMEOUT` for the first; `got` gets one entry per read, in order.
+/// A read whose datagrams or control message did not fit is dropped, never misread.
+pub(crate) fn recv_many(
+    socket: &UdpSocket,
+    bufs: &mut [Vec<u8>],
+    got: &mut Vec<Received>,
+) -> io::Result<()> {
+    got.clear();
+    // Fresh headers for every call (two small allocations per syscall, not per packet): nix
+    // does not restore `msg_controllen`, which the kernel shrinks to what it wrote, so reused
+    // headers would truncate a later read's GRO size and its datagrams would read as one.
+    let mut headers =
+        MultiHeaders::<SockaddrStorage>::preallocate(bufs.len(), Some(gro_cmsg_space()));
+    let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
+        bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+    let reads = recvmmsg(
+        socket.as_raw_fd(),
+        &mut headers,
+        iovs.iter_mut(),
+        MsgFlags::MSG_WAITFORONE,
+        None,
+    )?;
+    for msg in reads {
+        if msg
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
+        {
+            tracing::trace!("dropping a truncated UDP read");
+            continue;
         }
+        let mut segment = None;
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::UdpGroSegments(size) = c {
+                segment = usize::try_from(size).ok().filter(|&s| s > 0);
+            }
+        }
+        let Some(from) = msg.address.as_ref().and_then(socket_addr) else {
+            continue;
+        };
+        got.push(Received {
+            len: msg.bytes,
+            from,
+            segment,
+        });
     }
-    let from = msg
-        .address
-        .as_ref()
-        .and_then(socket_addr)
-        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))?;
-    Ok(Received {
-        len: msg.bytes,
-        from,
-        segment,
-    })
+    Ok(())
 }
 
-/// Space for the one control message `recv` asks for.
-pub(crate) fn gro_cmsg_space() -> Vec<u8> {
+/// Space for the one control message a receive asks for.
+fn gro_cmsg_space() -> Vec<u8> {
     nix::cmsg_space!(libc::c_int)
 }
 

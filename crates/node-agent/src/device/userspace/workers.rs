@@ -1,0 +1,489 @@
+//! Crypto workers: where the device encrypts and decrypts when there is bulk to move, one
+//! thread per core.
+//!
+//! Every peer belongs to one worker (by its index), and each worker takes its jobs in order, so
+//! one peer's packets, and with them every flow's, are encrypted and sent, or decrypted and
+//! delivered, in the order they came, while different peers use different cores. A job is a
+//! whole batch (a TCP super-packet split into segments, or a GRO run of datagrams): one
+//! hand-over, one lock of the peer's session and one syscall serve dozens of packets.
+//!
+//! The readers keep the work that fetches packets (TUN reads and TSO splitting, UDP receives
+//! and peer lookup) and the workers do the rest, so even one flow is spread over two threads.
+//!
+//! A hand-over costs work of its own (a wake-up, and the batch moving between caches), which
+//! only pays when another core is free to take it. So under the default policy the readers
+//! hand batches over only while the node has an idle core (sampled every tick from
+//! `/proc/stat`); on a saturated node they do everything themselves, as they do for small
+//! batches (request/response traffic is spared two wake-ups). A reader processes a batch
+//! itself only when its worker has nothing of the same direction pending, so nothing is ever
+//! overtaken.
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use boringtun::noise::TunnResult;
+
+use super::datapath::{BUF_LEN, TICK};
+use super::offload::Coalescer;
+use super::peers::Peer;
+use super::{DeviceError, Inner, lock, spawn};
+
+/// Jobs a worker may have queued; a reader that finds the queue full waits, which pushes back
+/// on the TUN queue or the socket buffer rather than growing memory.
+const QUEUE_DEPTH: usize = 32;
+
+/// Most workers, whatever the core count: a device rarely has more busy peers at once.
+const MAX_WORKERS: usize = 8;
+
+/// Batches of at most this many packets are processed by their reader when it may.
+const INLINE_MAX_PACKETS: usize = 2;
+
+/// Buffers kept for reuse; more are allocated under load and freed when returned past this.
+const POOL_SIZE: usize = 2 * MAX_WORKERS * QUEUE_DEPTH;
+
+/// How a device spreads its crypto over cores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WorkerPolicy {
+    /// One worker per core (none on one core); batches go to them while a core is idle.
+    #[default]
+    Auto,
+    /// This many workers, always given every batch larger than a couple of packets (0: the
+    /// readers do everything).
+    Fixed(usize),
+}
+
+impl FromStr for WorkerPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<WorkerPolicy, String> {
+        match s {
+            "auto" => Ok(WorkerPolicy::Auto),
+            n => n
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n <= MAX_WORKERS)
+                .map(WorkerPolicy::Fixed)
+                .ok_or_else(|| format!("expected `auto` or 0 to {MAX_WORKERS} workers, got `{s}`")),
+        }
+    }
+}
+
+/// Packets back to back in `buf`, with their lengths.
+pub(crate) struct Batch {
+    pub buf: Vec<u8>,
+    pub lens: Vec<usize>,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            buf: vec![0u8; BUF_LEN],
+            lens: Vec::with_capacity(128),
+        }
+    }
+
+    /// The packets, in order.
+    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        let mut at = 0;
+        self.lens.iter().map(move |&len| {
+            let p = self.buf.get(at..at + len).unwrap_or_default();
+            at += len;
+            p
+        })
+    }
+}
+
+pub(crate) enum Job {
+    /// Plaintext packets for `peer`, to encrypt and send to `endpoint`.
+    Encrypt {
+        peer: Arc<Peer>,
+        endpoint: SocketAddr,
+        batch: Batch,
+    },
+    /// Transport-data datagrams from `src` that carry `peer`'s receiver index.
+    Decrypt {
+        peer: Arc<Peer>,
+        src: SocketAddr,
+        batch: Batch,
+    },
+}
+
+struct Worker {
+    queue: SyncSender<Job>,
+    /// Jobs queued or running, per direction: a reader may only do a job itself (and so
+    /// overtake nothing) when its direction has none.
+    encrypting: AtomicUsize,
+    decrypting: AtomicUsize,
+}
+
+/// The workers of one device and the buffers they pass around.
+pub(crate) struct Workers {
+    workers: Vec<Worker>,
+    pool: Mutex<Vec<Batch>>,
+    /// Whether large batches go to workers now (always under `Fixed`, while a core is idle
+    /// under `Auto`).
+    hand_over: AtomicBool,
+    policy: WorkerPolicy,
+    idle: Mutex<IdleCores>,
+}
+
+/// What one thread reuses to encrypt or decrypt batches.
+pub(crate) struct Scratch {
+    /// Encrypted datagrams, or decrypted packets, back to back.
+    out: Vec<u8>,
+    lens: Vec<usize>,
+    /// Where each decrypted packet lies in `out`, and its inner source address.
+    decrypted: Vec<(usize, usize, IpAddr)>,
+    coalescer: Coalescer,
+}
+
+impl Scratch {
+    pub(crate) fn new() -> Scratch {
+        Scratch {
+            // Room for a batch plus WireGuard's 32 bytes per packet.
+            out: vec![0u8; 2 * BUF_LEN],
+            lens: Vec::with_capacity(256),
+            decrypted: Vec::with_capacity(256),
+            coalescer: Coalescer::new(),
+        }
+    }
+}
+
+impl Workers {
+    /// The workers `policy` asks for, and the queues their threads will take jobs from.
+    pub(crate) fn new(policy: WorkerPolicy) -> (Workers, Vec<Receiver<Job>>) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let count = match policy {
+            WorkerPolicy::Auto if cores > 1 => cores.min(MAX_WORKERS),
+            WorkerPolicy::Auto => 0,
+            WorkerPolicy::Fixed(n) => n.min(MAX_WORKERS),
+        };
+        let (workers, queues) = (0..count)
+            .map(|_| {
+                let (tx, rx) = mpsc::sync_channel(QUEUE_DEPTH);
+                let worker = Worker {
+                    queue: tx,
+                    encrypting: AtomicUsize::new(0),
+                    decrypting: AtomicUsize::new(0),
+                };
+                (worker, rx)
+            })
+            .unzip();
+        (
+            Workers {
+                workers,
+                pool: Mutex::new(Vec::new()),
+                hand_over: AtomicBool::new(matches!(policy, WorkerPolicy::Fixed(_))),
+                policy,
+                idle: Mutex::new(IdleCores::default()),
+            },
+            queues,
+        )
+    }
+
+    /// An empty batch.
+    pub(crate) fn batch(&self) -> Batch {
+        let mut b = lock(&self.pool).pop().unwrap_or_else(Batch::new);
+        b.lens.clear();
+        b
+    }
+
+    fn recycle(&self, batch: Batch) {
+        let mut pool = lock(&self.pool);
+        if pool.len() < POOL_SIZE {
+            pool.push(batch);
+        }
+    }
+
+    /// Called every tick: under `Auto`, hand over while at least one core was idle over the
+    /// last tick, and stop below half a core (hysteresis, so that the pipeline's own
+    /// wake-up gaps do not make it flap).
+    pub(crate) fn tick(&self) {
+        if self.policy != WorkerPolicy::Auto || self.workers.is_empty() {
+            return;
+        }
+        let Some(idle) = lock(&self.idle).sample() else {
+            return;
+        };
+        let on = self.hand_over.load(Ordering::Relaxed);
+        if !on && idle >= 1.0 {
+            self.hand_over.store(true, Ordering::Relaxed);
+        } else if on && idle < 0.5 {
+            self.hand_over.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a batch of `packets` goes to worker `w` rather than being done by its reader:
+    /// always while `w` has some of the same direction pending (order), else when it is
+    /// large and a core is free for it.
+    fn hands_over(&self, pending: &AtomicUsize, packets: usize) -> bool {
+        pending.load(Ordering::Acquire) > 0
+            || (packets > INLINE_MAX_PACKETS && self.hand_over.load(Ordering::Relaxed))
+    }
+
+    fn worker_of(&self, peer: &Peer) -> Option<&Worker> {
+        let n = self.workers.len();
+        (n > 0).then(|| &self.workers[peer.index as usize % n])
+    }
+
+    /// Encrypts `batch` for `peer` and sends it to `endpoint`: on the peer's worker, or here
+    /// when it is small and nothing of the peer's worker's encrypting is pending.
+    pub(crate) fn encrypt(
+        &self,
+        inner: &Inner,
+        scratch: &mut Scratch,
+        peer: &Arc<Peer>,
+        endpoint: SocketAddr,
+        batch: Batch,
+    ) {
+        match self.worker_of(peer) {
+            Some(w) if self.hands_over(&w.encrypting, batch.lens.len()) => {
+                w.encrypting.fetch_add(1, Ordering::AcqRel);
+                let job = Job::Encrypt {
+                    peer: Arc::clone(peer),
+                    endpoint,
+                    batch,
+                };
+                if w.queue.send(job).is_err() {
+                    w.encrypting.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            _ => {
+                encrypt_batch(inner, scratch, peer, endpoint, &batch);
+                self.recycle(batch);
+            }
+        }
+    }
+
+    /// Decrypts `batch` (datagrams from `src` for `peer`) and delivers what it carries, on the
+    /// peer's worker or here, as `encrypt` decides.
+    pub(crate) fn decrypt(
+        &self,
+        inner: &Inner,
+        scratch: &mut Scratch,
+        peer: &Arc<Peer>,
+        src: SocketAddr,
+        batch: Batch,
+    ) {
+        match self.worker_of(peer) {
+            Some(w) if self.hands_over(&w.decrypting, batch.lens.len()) => {
+                w.decrypting.fetch_add(1, Ordering::AcqRel);
+                let job = Job::Decrypt {
+                    peer: Arc::clone(peer),
+                    src,
+                    batch,
+                };
+                if w.queue.send(job).is_err() {
+                    w.decrypting.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            _ => {
+                decrypt_batch(inner, scratch, peer, src, &batch);
+                self.recycle(batch);
+            }
+        }
+    }
+}
+
+/// Starts the worker threads; they end once the device stops and their queue is drained.
+pub(crate) fn spawn_workers(
+    inner: &Arc<Inner>,
+    queues: Vec<Receiver<Job>>,
+) -> Result<Vec<JoinHandle<()>>, DeviceError> {
+    queues
+        .into_iter()
+        .enumerate()
+        .map(|(i, jobs)| {
+            let inner = Arc::clone(inner);
+            spawn(&inner.name.clone(), &format!("wk{i}"), move || {
+                run_worker(&inner, i, jobs)
+            })
+        })
+        .collect()
+}
+
+fn run_worker(inner: &Inner, index: usize, jobs: Receiver<Job>) {
+    let workers = &inner.workers;
+    let me = &workers.workers[index];
+    let mut scratch = Scratch::new();
+    loop {
+        let job = match jobs.recv_timeout(TICK) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) if inner.stopping() => break,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        match job {
+            Job::Encrypt {
+                peer,
+                endpoint,
+                batch,
+            } => {
+                encrypt_batch(inner, &mut scratch, &peer, endpoint, &batch);
+                me.encrypting.fetch_sub(1, Ordering::AcqRel);
+                workers.recycle(batch);
+            }
+            Job::Decrypt { peer, src, batch } => {
+                decrypt_batch(inner, &mut scratch, &peer, src, &batch);
+                me.decrypting.fetch_sub(1, Ordering::AcqRel);
+                workers.recycle(batch);
+            }
+        }
+    }
+}
+
+/// Room `out` must have for one more encrypted packet of `len` bytes (boringtun wants
+/// `len + 32`, and 148 for a handshake initiation).
+fn room_for(len: usize) -> usize {
+    (len + 32).max(148)
+}
+
+/// Encrypts the batch under as few locks of the peer's session as its size allows, and sends
+/// the datagrams with as few syscalls.
+fn encrypt_batch(inner: &Inner, s: &mut Scratch, peer: &Peer, endpoint: SocketAddr, batch: &Batch) {
+    let mut packets = batch.packets().peekable();
+    while packets.peek().is_some() {
+        s.lens.clear();
+        let mut used = 0;
+        {
+            let mut tunn = peer.tunn();
+            while let Some(packet) = packets.next_if(|p| s.out.len() - used >= room_for(p.len())) {
+                match tunn.encapsulate(packet, &mut s.out[used..]) {
+                    TunnResult::WriteToNetwork(buf) => {
+                        used += buf.len();
+                        s.lens.push(buf.len());
+                    }
+                    TunnResult::Err(e) => tracing::trace!(error = ?e, "encapsulate"),
+                    _ => {}
+                }
+            }
+        }
+        if used == 0 && packets.peek().is_some() {
+            // Cannot happen with `out` twice a batch; never spin if it did.
+            return;
+        }
+        super::datapath::send_batch(inner, peer, &s.out[..used], &s.lens, endpoint);
+    }
+}
+
+/// Decrypts the batch under one lock of the peer's session, then hands what it carried to
+/// the kernel through the coalescer, checking each packet's source against the peer's allowed
+/// IPs. Roaming and counters follow only datagrams that authenticate.
+fn decrypt_batch(inner: &Inner, s: &mut Scratch, peer: &Peer, src: SocketAddr, batch: &Batch) {
+    let table = inner.table.load();
+    let now = inner.now_ms();
+    s.decrypted.clear();
+    let mut authenticated = 0;
+    let mut used = 0;
+    {
+        let mut tunn = peer.tunn();
+        for datagram in batch.packets() {
+            // A decrypted packet is 32 bytes shorter than its datagram; `out` holds a batch.
+            let Some(out) = s.out.get_mut(used..) else {
+                break;
+            };
+            match tunn.decapsulate(Some(src.ip()), datagram, out) {
+                TunnResult::WriteToTunnelV4(p, inner_src) => {
+                    s.decrypted.push((used, p.len(), IpAddr::V4(inner_src)));
+                    used += p.len();
+                    authenticated += datagram.len();
+                }
+                TunnResult::WriteToTunnelV6(p, inner_src) => {
+                    s.decrypted.push((used, p.len(), IpAddr::V6(inner_src)));
+                    used += p.len();
+                    authenticated += datagram.len();
+                }
+                // A keepalive: authenticated, carries nothing.
+                TunnResult::Done => authenticated += datagram.len(),
+                TunnResult::WriteToNetwork(_) => {}
+                TunnResult::Err(e) => tracing::trace!(error = ?e, %src, "decapsulate"),
+            }
+        }
+    }
+    if authenticated > 0 {
+        peer.set_endpoint(src);
+        peer.count_rx(authenticated, now);
+    }
+    let write = &mut |b: &[u8]| super::datapath::write_tun(inner, b);
+    for &(at, len, inner_src) in &s.decrypted {
+        if !table.routes_to(inner_src, peer) {
+            tracing::trace!(%inner_src, peer = %peer.public_key, "source not in allowed IPs");
+            continue;
+        }
+        s.coalescer.push(&s.out[at..at + len], write);
+    }
+    s.coalescer.flush(write);
+}
+
+/// Idle time of the whole node between two samples of `/proc/stat`, in cores.
+#[derive(Default)]
+struct IdleCores {
+    /// Idle (with iowait) and total jiffies at the last sample.
+    last: Option<(u64, u64)>,
+}
+
+impl IdleCores {
+    fn sample(&mut self) -> Option<f64> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let now = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| parse_cpu_line(&s))?;
+        let (idle, total) = now;
+        let previous = self.last.replace(now)?;
+        let busy_window = total.checked_sub(previous.1).filter(|&t| t > 0)?;
+        let idle_window = idle.saturating_sub(previous.0);
+        Some(idle_window as f64 / busy_window as f64 * cores as f64)
+    }
+}
+
+/// Idle and total jiffies from the aggregate `cpu` line of `/proc/stat`.
+fn parse_cpu_line(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice], the guests being
+    // counted in user and nice already.
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    let total = fields.iter().take(8).sum();
+    Some((idle, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_parses() {
+        let cases = [
+            ("auto", Ok(WorkerPolicy::Auto)),
+            ("0", Ok(WorkerPolicy::Fixed(0))),
+            ("2", Ok(WorkerPolicy::Fixed(2))),
+            ("9", Err(())),
+            ("-1", Err(())),
+            ("", Err(())),
+        ];
+        for (text, want) in cases {
+            assert_eq!(
+                text.parse::<WorkerPolicy>().map_err(|_| ()),
+                want,
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_the_cpu_line() {
+        let stat = "cpu  100 5 50 1000 20 3 2 1 7 0\ncpu0 50 2 25 500 10 1 1 0 3 0\n";
+        assert_eq!(parse_cpu_line(stat), Some((1020, 1181)));
+        assert_eq!(parse_cpu_line("cpu0 1 2 3\n"), None);
+        assert_eq!(parse_cpu_line("cpu  1 x 3\n"), None);
+        assert_eq!(parse_cpu_line("cpu  1 2 3\n"), None);
+    }
+}
