@@ -1,6 +1,7 @@
 //! `cargo xtask bench dataplane`: two network namespaces joined by a veth pair; in one run,
 //! interleaved rounds measure, over (a) the raw veth, (b) our userspace device (a release build
-//! of `wgmesh-agent userspace-device`), (c) Debian's wireguard-go and (d) upstream wireguard-go
+//! of `wgmesh-agent userspace-device`, with its default worker policy and again with 2 crypto
+//! workers that take every batch), (c) Debian's wireguard-go and (d) upstream wireguard-go
 //! built from the Go module proxy:
 //! - iperf3 TCP throughput, one stream;
 //! - TCP request/response latency (1-byte ping-pong, p50 and p99);
@@ -63,8 +64,11 @@ const UAPI_DIR: &str = "/var/run/wireguard";
 
 /// How a WireGuard flavour's device process is started (one per namespace).
 enum Launcher {
-    /// `wgmesh-agent userspace-device --interface NAME`.
-    Wgmesh(PathBuf),
+    /// `wgmesh-agent userspace-device --interface NAME --workers WORKERS`.
+    Wgmesh {
+        agent: PathBuf,
+        workers: &'static str,
+    },
     /// `wireguard-go -f NAME`.
     WireguardGo(PathBuf),
 }
@@ -172,9 +176,26 @@ pub fn run(args: Args) -> Result<()> {
             key: "wgmesh",
             label: "wgmesh userspace".into(),
             device: Some(Device {
-                launcher: Launcher::Wgmesh(agent),
+                launcher: Launcher::Wgmesh {
+                    agent: agent.clone(),
+                    workers: "auto",
+                },
                 prefix: "wgbm",
                 port: 51910,
+            }),
+        },
+        // The same device made to hand every batch to its crypto workers, which the default
+        // only does while a core is idle: what the pipeline costs or gains on this machine.
+        Flavour {
+            key: "wgmesh_workers",
+            label: "wgmesh userspace, 2 workers".into(),
+            device: Some(Device {
+                launcher: Launcher::Wgmesh {
+                    agent,
+                    workers: "2",
+                },
+                prefix: "wgbw",
+                port: 51940,
             }),
         },
         Flavour {
@@ -409,9 +430,10 @@ fn start_device(
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name]);
     match launcher {
-        Launcher::Wgmesh(agent) => {
+        Launcher::Wgmesh { agent, workers } => {
             cmd.arg(agent)
                 .args(["userspace-device", "--interface", interface])
+                .args(["--workers", workers])
                 .env("WGMESH_LOG", "warn");
         }
         Launcher::WireguardGo(program) => {
@@ -778,7 +800,13 @@ fn report(
         )),
     );
     let medians = medians(samples);
-    for key in ["veth", "wgmesh", "wireguard_go", "wireguard_go_upstream"] {
+    for key in [
+        "veth",
+        "wgmesh",
+        "wgmesh_workers",
+        "wireguard_go",
+        "wireguard_go_upstream",
+    ] {
         let m = flavours
             .iter()
             .position(|f| f.key == key)

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwapOption;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
@@ -50,7 +51,9 @@ pub(crate) struct Peer {
     /// index it hands out, which is how an incoming packet finds its peer.
     pub index: u32,
     tunn: Mutex<Tunn>,
-    endpoint: Mutex<Option<SocketAddr>>,
+    /// Read for every TUN read and compared on every received batch: lock-free, and only
+    /// replaced (one allocation) when the peer roams.
+    endpoint: ArcSwapOption<SocketAddr>,
     keepalive: AtomicU16,
     rx_bytes: AtomicU64,
     tx_bytes: AtomicU64,
@@ -88,7 +91,7 @@ impl Peer {
                 config.preshared_key,
                 index,
             )),
-            endpoint: Mutex::new(config.endpoint),
+            endpoint: ArcSwapOption::new(config.endpoint.map(Arc::new)),
             keepalive: AtomicU16::new(config.persistent_keepalive),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
@@ -132,11 +135,13 @@ impl Peer {
     }
 
     pub(crate) fn endpoint(&self) -> Option<SocketAddr> {
-        *lock(&self.endpoint)
+        self.endpoint.load().as_deref().copied()
     }
 
     pub(crate) fn set_endpoint(&self, endpoint: SocketAddr) {
-        *lock(&self.endpoint) = Some(endpoint);
+        if self.endpoint() != Some(endpoint) {
+            self.endpoint.store(Some(Arc::new(endpoint)));
+        }
     }
 
     pub(crate) fn keepalive(&self) -> u16 {
