@@ -25,8 +25,10 @@ use wgmesh_core::PublicKey;
 use super::Inner;
 use super::offload::{self, TunPacket, VNET_HDR_LEN, VnetHdr};
 use super::peers::{Peer, PeerTable};
-use super::sockets::{self, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, RECV_BATCH, Received, Sockets};
-use super::workers::Scratch;
+use super::sockets::{
+    BatchReceiver, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, RECV_BATCH, Received, Sockets,
+};
+use super::workers::{Direction, Scratch, open, seal};
 
 /// Large enough for any IP packet plus WireGuard's overhead, and for any UDP datagram.
 pub(crate) const BUF_LEN: usize = 65536 + 256;
@@ -54,14 +56,26 @@ fn send(inner: &Inner, peer: &Peer, buf: &[u8], to: SocketAddr) {
     }
 }
 
-/// The TUN reader: packets the kernel routes to the interface, handed to their peer's worker
-/// for encryption.
+/// What the TUN reader reuses for every read.
+struct TunReader {
+    /// One TUN read: virtio-net header and packet.
+    read: Vec<u8>,
+    /// One segment of a super-packet the reader encrypts itself.
+    segment: Vec<u8>,
+    scratch: Scratch,
+}
+
+/// The TUN reader: packets the kernel routes to the interface, encrypted to their peer (on
+/// its worker, or here; see `workers`).
 pub(crate) fn run_tun_reader(inner: &Inner) {
-    let mut read = vec![0u8; BUF_LEN];
-    let mut scratch = Scratch::new();
+    let mut r = TunReader {
+        read: vec![0u8; BUF_LEN],
+        segment: vec![0u8; BUF_LEN],
+        scratch: Scratch::new(),
+    };
     while !inner.stopping() {
-        match inner.tun.read(&mut read) {
-            Ok(n) => handle_tun_read(inner, &mut read[..n], &mut scratch),
+        match inner.tun.read(&mut r.read) {
+            Ok(n) => handle_tun_read(inner, n, &mut r),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if let Err(e) = inner.tun.wait_readable(TICK) {
                     tracing::warn!(error = %e, "waiting on the TUN device");
@@ -78,7 +92,10 @@ pub(crate) fn run_tun_reader(inner: &Inner) {
     }
 }
 
-fn handle_tun_read(inner: &Inner, read: &mut [u8], scratch: &mut Scratch) {
+fn handle_tun_read(inner: &Inner, n: usize, r: &mut TunReader) {
+    let Some(read) = r.read.get_mut(..n) else {
+        return;
+    };
     let Some(hdr) = VnetHdr::parse(read) else {
         return;
     };
@@ -103,7 +120,27 @@ fn handle_tun_read(inner: &Inner, read: &mut [u8], scratch: &mut Scratch) {
     let Some(endpoint) = peer.endpoint() else {
         return;
     };
+    let count = match &kind {
+        TunPacket::Single => 1,
+        TunPacket::Tcp(split) => split.count(packet.len()),
+    };
     let workers = &inner.workers;
+    let Some(worker) = workers.take(peer, Direction::Encrypt, count) else {
+        let segment = &mut r.segment;
+        seal(inner, &mut r.scratch, peer, endpoint, |sealer| match kind {
+            TunPacket::Single => sealer.push(packet),
+            TunPacket::Tcp(split) => {
+                for i in 0..count {
+                    let Some(len) = split.segment(packet, i, segment) else {
+                        break;
+                    };
+                    sealer.push(&segment[..len]);
+                }
+            }
+        });
+        return;
+    };
+    // For the worker: the packet, or the super-packet's segments, into batches.
     let mut batch = workers.batch();
     match kind {
         TunPacket::Single => {
@@ -115,13 +152,16 @@ fn handle_tun_read(inner: &Inner, read: &mut [u8], scratch: &mut Scratch) {
         }
         TunPacket::Tcp(split) => {
             let mut used = 0;
-            for i in 0..split.count(packet.len()) {
+            for i in 0..count {
                 let len = match split.segment(packet, i, &mut batch.buf[used..]) {
                     Some(len) => len,
                     // Full (only with a tiny MSS): the segments so far go, the rest follow.
                     None if used > 0 => {
-                        let full = std::mem::replace(&mut batch, workers.batch());
-                        workers.encrypt(inner, scratch, peer, endpoint, full);
+                        worker.encrypt(
+                            peer,
+                            endpoint,
+                            std::mem::replace(&mut batch, workers.batch()),
+                        );
                         used = 0;
                         match split.segment(packet, i, &mut batch.buf) {
                             Some(len) => len,
@@ -136,7 +176,7 @@ fn handle_tun_read(inner: &Inner, read: &mut [u8], scratch: &mut Scratch) {
         }
     }
     if !batch.lens.is_empty() {
-        workers.encrypt(inner, scratch, peer, endpoint, batch);
+        worker.encrypt(peer, endpoint, batch);
     }
 }
 
@@ -186,12 +226,13 @@ pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
         &sockets.v4
     };
     let workers = &inner.workers;
-    let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| workers.batch().buf).collect();
+    let mut bufs: [Vec<u8>; RECV_BATCH] = std::array::from_fn(|_| workers.batch().buf);
+    let mut receiver = BatchReceiver::new();
     let mut got = Vec::with_capacity(RECV_BATCH);
     let mut out = vec![0u8; BUF_LEN];
     let mut scratch = Scratch::new();
     while !inner.stopping() && Arc::ptr_eq(&inner.sockets.load(), &sockets) {
-        match sockets::recv_many(socket, &mut bufs, &mut got) {
+        match receiver.recv(socket, &mut bufs, &mut got) {
             Ok(()) => {
                 // One table snapshot for everything this call received.
                 let table = inner.table.load();
@@ -221,9 +262,16 @@ pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
     }
 }
 
+/// What a read is: its length, the size of its datagrams, and their sender.
+struct Read {
+    len: usize,
+    segment: usize,
+    src: SocketAddr,
+}
+
 /// One read: a datagram, or a GRO run of datagrams of `r.segment` bytes (the last shorter)
-/// from one sender. Transport data goes to workers in runs of one peer (the whole buffer when,
-/// as almost always, it is all one peer's); anything else is handled here, in order.
+/// from one sender. Transport data is opened in runs of one peer (almost always the whole
+/// read), on the peer's worker or here; anything else is handled here, in order.
 fn handle_read(
     inner: &Inner,
     table: &PeerTable,
@@ -232,58 +280,69 @@ fn handle_read(
     out: &mut [u8],
     scratch: &mut Scratch,
 ) {
-    let src = canonical(r.from);
-    let Some(received) = buf.get(..r.len) else {
-        return;
+    let len = r.len.min(buf.len());
+    let read = Read {
+        len,
+        segment: r.segment.unwrap_or(len).max(1),
+        src: canonical(r.from),
     };
-    let segment = r.segment.unwrap_or(r.len).max(1);
+    let (segment, src) = (read.segment, read.src);
     let data_peer = |d: &[u8]| {
         (le_u32(d, 0) == Some(DATA))
             .then(|| table.by_receiver_index(le_u32(d, 4)?))
             .flatten()
     };
-    let workers = &inner.workers;
-    let first = received.chunks(segment).next().and_then(data_peer);
-    if let Some(peer) = first
-        && received
-            .chunks(segment)
-            .all(|d| data_peer(d).is_some_and(|p| Arc::ptr_eq(p, peer)))
-    {
-        let mut batch = workers.batch();
-        std::mem::swap(buf, &mut batch.buf);
-        batch.lens.extend(received_lens(r.len, segment));
-        workers.decrypt(inner, scratch, peer, src, batch);
-        return;
-    }
-    // Mixed: copy each run of one peer's data into its own batch.
-    let mut run: Option<(&Arc<Peer>, super::workers::Batch, usize)> = None;
-    for d in received.chunks(segment) {
-        let peer = data_peer(d);
-        if let Some((p, batch, used)) = run.as_mut()
-            && peer.is_some_and(|q| Arc::ptr_eq(q, p))
-            && *used + d.len() <= batch.buf.len()
-        {
-            batch.buf[*used..*used + d.len()].copy_from_slice(d);
-            *used += d.len();
-            batch.lens.push(d.len());
-            continue;
-        }
-        if let Some((p, batch, _)) = run.take() {
-            workers.decrypt(inner, scratch, p, src, batch);
-        }
-        match peer {
-            Some(p) => {
-                let mut batch = workers.batch();
-                batch.buf[..d.len()].copy_from_slice(d);
-                batch.lens.push(d.len());
-                run = Some((p, batch, d.len()));
+    // Runs of datagrams for one peer: byte ranges of `buf`, cut every `segment` bytes.
+    let mut run: Option<(&Arc<Peer>, usize, usize)> = None;
+    let mut at = 0;
+    while at < len {
+        let end = (at + segment).min(len);
+        let peer = data_peer(&buf[at..end]);
+        match (run, peer) {
+            (Some((p, start, _)), Some(q)) if Arc::ptr_eq(p, q) => run = Some((p, start, end)),
+            _ => {
+                if let Some((p, start, stop)) = run.take() {
+                    open_run(inner, buf, &read, start..stop, p, scratch);
+                }
+                match peer {
+                    Some(p) => run = Some((p, at, end)),
+                    None => handle_control(inner, table, &buf[at..end], src, out),
+                }
             }
-            None => handle_control(inner, table, d, src, out),
         }
+        at = end;
     }
-    if let Some((p, batch, _)) = run {
-        workers.decrypt(inner, scratch, p, src, batch);
+    if let Some((p, start, stop)) = run {
+        open_run(inner, buf, &read, start..stop, p, scratch);
     }
+}
+
+/// Opens the datagrams in `buf[range]` (cut every `segment` bytes), all `peer`'s: here, or on
+/// its worker, to which the buffer moves when the run is the whole read (no copy).
+fn open_run(
+    inner: &Inner,
+    buf: &mut Vec<u8>,
+    read: &Read,
+    range: std::ops::Range<usize>,
+    peer: &Arc<Peer>,
+    scratch: &mut Scratch,
+) {
+    let (segment, src) = (read.segment, read.src);
+    let run = &buf[range.clone()];
+    let count = run.len().div_ceil(segment);
+    let workers = &inner.workers;
+    let Some(worker) = workers.take(peer, Direction::Decrypt, count) else {
+        open(inner, scratch, peer, src, run.chunks(segment));
+        return;
+    };
+    let mut batch = workers.batch();
+    if range == (0..read.len) {
+        std::mem::swap(buf, &mut batch.buf);
+    } else {
+        batch.buf[..run.len()].copy_from_slice(run);
+    }
+    batch.lens.extend(received_lens(range.len(), segment));
+    worker.decrypt(peer, src, batch);
 }
 
 /// The lengths of the datagrams in a read of `len` bytes cut every `segment` bytes.

@@ -183,53 +183,79 @@ impl Sockets {
     }
 }
 
-/// Receives up to `bufs.len()` reads (a datagram, or a GRO run of them) with one `recvmmsg`,
-/// waiting up to `RECV_TIMEOUT` for the first; `got` gets one entry per read, in order.
-/// A read whose datagrams or control message did not fit is dropped, never misread.
-pub(crate) fn recv_many(
-    socket: &UdpSocket,
-    bufs: &mut [Vec<u8>],
-    got: &mut Vec<Received>,
-) -> io::Result<()> {
-    got.clear();
-    // Fresh headers for every call (two small allocations per syscall, not per packet): nix
-    // does not restore `msg_controllen`, which the kernel shrinks to what it wrote, so reused
-    // headers would truncate a later read's GRO size and its datagrams would read as one.
-    let mut headers =
-        MultiHeaders::<SockaddrStorage>::preallocate(bufs.len(), Some(gro_cmsg_space()));
-    let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
-        bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
-    let reads = recvmmsg(
-        socket.as_raw_fd(),
-        &mut headers,
-        iovs.iter_mut(),
-        MsgFlags::MSG_WAITFORONE,
-        None,
-    )?;
-    for msg in reads {
-        if msg
-            .flags
-            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
-        {
-            tracing::trace!("dropping a truncated UDP read");
-            continue;
+/// Receives with `recvmmsg`: up to `RECV_BATCH` reads (a datagram, or a GRO run of them)
+/// per syscall.
+pub(crate) struct BatchReceiver {
+    headers: MultiHeaders<SockaddrStorage>,
+    /// Whether every header still has room for the GRO control message. The kernel shrinks
+    /// `msg_controllen` to what it wrote and nix does not restore it, so after a read without
+    /// the message (a lone datagram) the headers are rebuilt: reused, they would truncate a
+    /// later read's GRO size, and its datagrams would read as one.
+    whole: bool,
+}
+
+impl BatchReceiver {
+    pub(crate) fn new() -> BatchReceiver {
+        BatchReceiver {
+            headers: Self::headers(),
+            whole: true,
         }
-        let mut segment = None;
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::UdpGroSegments(size) = c {
-                segment = usize::try_from(size).ok().filter(|&s| s > 0);
-            }
-        }
-        let Some(from) = msg.address.as_ref().and_then(socket_addr) else {
-            continue;
-        };
-        got.push(Received {
-            len: msg.bytes,
-            from,
-            segment,
-        });
     }
-    Ok(())
+
+    fn headers() -> MultiHeaders<SockaddrStorage> {
+        MultiHeaders::preallocate(RECV_BATCH, Some(gro_cmsg_space()))
+    }
+
+    /// Receives into `bufs`, waiting up to `RECV_TIMEOUT` for the first read; `got` gets one
+    /// entry per read, in order. A read whose datagrams or control message did not fit is
+    /// dropped, never misread.
+    pub(crate) fn recv(
+        &mut self,
+        socket: &UdpSocket,
+        bufs: &mut [Vec<u8>; RECV_BATCH],
+        got: &mut Vec<Received>,
+    ) -> io::Result<()> {
+        got.clear();
+        if !self.whole {
+            self.headers = Self::headers();
+            self.whole = true;
+        }
+        let mut iovs = bufs.each_mut().map(|b| [IoSliceMut::new(b)]);
+        let reads = recvmmsg(
+            socket.as_raw_fd(),
+            &mut self.headers,
+            iovs.iter_mut(),
+            MsgFlags::MSG_WAITFORONE,
+            None,
+        )?;
+        let mut whole = true;
+        for msg in reads {
+            let mut segment = None;
+            for c in msg.cmsgs()? {
+                if let ControlMessageOwned::UdpGroSegments(size) = c {
+                    segment = usize::try_from(size).ok().filter(|&s| s > 0);
+                }
+            }
+            whole &= segment.is_some();
+            if msg
+                .flags
+                .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
+            {
+                tracing::trace!("dropping a truncated UDP read");
+                continue;
+            }
+            let Some(from) = msg.address.as_ref().and_then(socket_addr) else {
+                continue;
+            };
+            got.push(Received {
+                len: msg.bytes,
+                from,
+                segment,
+            });
+        }
+        self.whole = whole;
+        Ok(())
+    }
 }
 
 /// Space for the one control message a receive asks for.

@@ -22,12 +22,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use boringtun::noise::TunnResult;
+use boringtun::noise::{Tunn, TunnResult};
 
-use super::datapath::{BUF_LEN, TICK};
+use super::datapath::{BUF_LEN, TICK, send_batch};
 use super::offload::Coalescer;
 use super::peers::Peer;
 use super::{DeviceError, Inner, lock, spawn};
@@ -217,75 +217,76 @@ impl Workers {
         }
     }
 
-    /// Whether a batch of `packets` goes to worker `w` rather than being done by its reader:
-    /// always while `w` has some of the same direction pending (order), else when it is
-    /// large and a core is free for it.
-    fn hands_over(&self, pending: &AtomicUsize, packets: usize) -> bool {
-        pending.load(Ordering::Acquire) > 0
-            || (packets > INLINE_MAX_PACKETS && self.hand_over.load(Ordering::Relaxed))
-    }
-
-    fn worker_of(&self, peer: &Peer) -> Option<&Worker> {
+    /// The worker to hand a batch of `packets` of `peer`'s to, or `None` when its reader does
+    /// it: a worker takes it while it has some of the same direction pending (so nothing is
+    /// overtaken), else when the batch is large and a core is free for it.
+    pub(crate) fn take(
+        &self,
+        peer: &Peer,
+        direction: Direction,
+        packets: usize,
+    ) -> Option<Handoff<'_>> {
         let n = self.workers.len();
-        (n > 0).then(|| &self.workers[peer.index as usize % n])
+        if n == 0 {
+            return None;
+        }
+        let worker = &self.workers[peer.index as usize % n];
+        let pending = worker.pending(direction).load(Ordering::Acquire) > 0;
+        (pending || (packets > INLINE_MAX_PACKETS && self.hand_over.load(Ordering::Relaxed)))
+            .then_some(Handoff { worker, direction })
     }
+}
 
-    /// Encrypts `batch` for `peer` and sends it to `endpoint`: on the peer's worker, or here
-    /// when it is small and nothing of the peer's worker's encrypting is pending.
-    pub(crate) fn encrypt(
-        &self,
-        inner: &Inner,
-        scratch: &mut Scratch,
-        peer: &Arc<Peer>,
-        endpoint: SocketAddr,
-        batch: Batch,
-    ) {
-        match self.worker_of(peer) {
-            Some(w) if self.hands_over(&w.encrypting, batch.lens.len()) => {
-                w.encrypting.fetch_add(1, Ordering::AcqRel);
-                let job = Job::Encrypt {
-                    peer: Arc::clone(peer),
-                    endpoint,
-                    batch,
-                };
-                if w.queue.send(job).is_err() {
-                    w.encrypting.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-            _ => {
-                encrypt_batch(inner, scratch, peer, endpoint, &batch);
-                self.recycle(batch);
-            }
+/// Which way a batch goes through the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Encrypt,
+    Decrypt,
+}
+
+impl Worker {
+    fn pending(&self, direction: Direction) -> &AtomicUsize {
+        match direction {
+            Direction::Encrypt => &self.encrypting,
+            Direction::Decrypt => &self.decrypting,
         }
     }
 
-    /// Decrypts `batch` (datagrams from `src` for `peer`) and delivers what it carries, on the
-    /// peer's worker or here, as `encrypt` decides.
-    pub(crate) fn decrypt(
-        &self,
-        inner: &Inner,
-        scratch: &mut Scratch,
-        peer: &Arc<Peer>,
-        src: SocketAddr,
-        batch: Batch,
-    ) {
-        match self.worker_of(peer) {
-            Some(w) if self.hands_over(&w.decrypting, batch.lens.len()) => {
-                w.decrypting.fetch_add(1, Ordering::AcqRel);
-                let job = Job::Decrypt {
-                    peer: Arc::clone(peer),
-                    src,
-                    batch,
-                };
-                if w.queue.send(job).is_err() {
-                    w.decrypting.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-            _ => {
-                decrypt_batch(inner, scratch, peer, src, &batch);
-                self.recycle(batch);
-            }
+    fn send(&self, direction: Direction, job: Job) {
+        let pending = self.pending(direction);
+        pending.fetch_add(1, Ordering::AcqRel);
+        if self.queue.send(job).is_err() {
+            pending.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+}
+
+/// A worker chosen by [`Workers::take`] for one direction.
+#[derive(Clone, Copy)]
+pub(crate) struct Handoff<'w> {
+    worker: &'w Worker,
+    direction: Direction,
+}
+
+impl Handoff<'_> {
+    /// Plaintext packets for `peer`, to encrypt and send to `endpoint`.
+    pub(crate) fn encrypt(&self, peer: &Arc<Peer>, endpoint: SocketAddr, batch: Batch) {
+        debug_assert_eq!(self.direction, Direction::Encrypt);
+        let peer = Arc::clone(peer);
+        let job = Job::Encrypt {
+            peer,
+            endpoint,
+            batch,
+        };
+        self.worker.send(self.direction, job);
+    }
+
+    /// Transport-data datagrams from `src` for `peer`, to decrypt and deliver.
+    pub(crate) fn decrypt(&self, peer: &Arc<Peer>, src: SocketAddr, batch: Batch) {
+        debug_assert_eq!(self.direction, Direction::Decrypt);
+        let peer = Arc::clone(peer);
+        self.worker
+            .send(self.direction, Job::Decrypt { peer, src, batch });
     }
 }
 
@@ -323,12 +324,14 @@ fn run_worker(inner: &Inner, index: usize, jobs: Receiver<Job>) {
                 endpoint,
                 batch,
             } => {
-                encrypt_batch(inner, &mut scratch, &peer, endpoint, &batch);
+                seal(inner, &mut scratch, &peer, endpoint, |sealer| {
+                    batch.packets().for_each(|p| sealer.push(p));
+                });
                 me.encrypting.fetch_sub(1, Ordering::AcqRel);
                 workers.recycle(batch);
             }
             Job::Decrypt { peer, src, batch } => {
-                decrypt_batch(inner, &mut scratch, &peer, src, &batch);
+                open(inner, &mut scratch, &peer, src, batch.packets());
                 me.decrypting.fetch_sub(1, Ordering::AcqRel);
                 workers.recycle(batch);
             }
@@ -342,38 +345,84 @@ fn room_for(len: usize) -> usize {
     (len + 32).max(148)
 }
 
-/// Encrypts the batch under as few locks of the peer's session as its size allows, and sends
-/// the datagrams with as few syscalls.
-fn encrypt_batch(inner: &Inner, s: &mut Scratch, peer: &Peer, endpoint: SocketAddr, batch: &Batch) {
-    let mut packets = batch.packets().peekable();
-    while packets.peek().is_some() {
-        s.lens.clear();
-        let mut used = 0;
-        {
-            let mut tunn = peer.tunn();
-            while let Some(packet) = packets.next_if(|p| s.out.len() - used >= room_for(p.len())) {
-                match tunn.encapsulate(packet, &mut s.out[used..]) {
-                    TunnResult::WriteToNetwork(buf) => {
-                        used += buf.len();
-                        s.lens.push(buf.len());
-                    }
-                    TunnResult::Err(e) => tracing::trace!(error = ?e, "encapsulate"),
-                    _ => {}
-                }
+/// Encrypts the packets `fill` pushes, for `peer`, under as few locks of its session as
+/// `out` allows (one for a super-packet), and sends them to `endpoint` with as few syscalls,
+/// never holding the lock during one.
+pub(crate) fn seal(
+    inner: &Inner,
+    s: &mut Scratch,
+    peer: &Peer,
+    endpoint: SocketAddr,
+    fill: impl FnOnce(&mut Sealer<'_>),
+) {
+    s.lens.clear();
+    let mut sealer = Sealer {
+        inner,
+        peer,
+        endpoint,
+        tunn: None,
+        out: &mut s.out,
+        lens: &mut s.lens,
+        used: 0,
+    };
+    fill(&mut sealer);
+    sealer.flush();
+}
+
+/// Encrypts packets one by one into a shared buffer; see [`seal`].
+pub(crate) struct Sealer<'a> {
+    inner: &'a Inner,
+    peer: &'a Peer,
+    endpoint: SocketAddr,
+    tunn: Option<MutexGuard<'a, Tunn>>,
+    out: &'a mut [u8],
+    lens: &'a mut Vec<usize>,
+    used: usize,
+}
+
+impl Sealer<'_> {
+    pub(crate) fn push(&mut self, packet: &[u8]) {
+        if self.out.len() - self.used < room_for(packet.len()) {
+            self.flush();
+            if self.out.len() < room_for(packet.len()) {
+                return;
             }
         }
-        if used == 0 && packets.peek().is_some() {
-            // Cannot happen with `out` twice a batch; never spin if it did.
-            return;
+        let peer = self.peer;
+        let tunn = self.tunn.get_or_insert_with(|| peer.tunn());
+        match tunn.encapsulate(packet, &mut self.out[self.used..]) {
+            TunnResult::WriteToNetwork(buf) => {
+                self.used += buf.len();
+                self.lens.push(buf.len());
+            }
+            TunnResult::Err(e) => tracing::trace!(error = ?e, "encapsulate"),
+            _ => {}
         }
-        super::datapath::send_batch(inner, peer, &s.out[..used], &s.lens, endpoint);
+    }
+
+    /// Unlocks the session and sends what is encrypted.
+    fn flush(&mut self) {
+        self.tunn = None;
+        if self.used > 0 {
+            let out = &self.out[..self.used];
+            send_batch(self.inner, self.peer, out, self.lens, self.endpoint);
+        }
+        self.used = 0;
+        self.lens.clear();
     }
 }
 
-/// Decrypts the batch under one lock of the peer's session, then hands what it carried to
-/// the kernel through the coalescer, checking each packet's source against the peer's allowed
-/// IPs. Roaming and counters follow only datagrams that authenticate.
-fn decrypt_batch(inner: &Inner, s: &mut Scratch, peer: &Peer, src: SocketAddr, batch: &Batch) {
+/// Decrypts transport-data datagrams from `src` for `peer` under one lock of its session,
+/// then hands what they carried to the kernel through the coalescer, checking each packet's
+/// source against the peer's allowed IPs. Roaming and counters follow only datagrams that
+/// authenticate.
+pub(crate) fn open<'d>(
+    inner: &Inner,
+    s: &mut Scratch,
+    peer: &Peer,
+    src: SocketAddr,
+    datagrams: impl Iterator<Item = &'d [u8]>,
+) {
     let table = inner.table.load();
     let now = inner.now_ms();
     s.decrypted.clear();
@@ -381,7 +430,7 @@ fn decrypt_batch(inner: &Inner, s: &mut Scratch, peer: &Peer, src: SocketAddr, b
     let mut used = 0;
     {
         let mut tunn = peer.tunn();
-        for datagram in batch.packets() {
+        for datagram in datagrams {
             // A decrypted packet is 32 bytes shorter than its datagram; `out` holds a batch.
             let Some(out) = s.out.get_mut(used..) else {
                 break;
