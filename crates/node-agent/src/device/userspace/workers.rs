@@ -34,7 +34,7 @@ use super::{DeviceError, Inner, lock, spawn};
 
 /// Jobs a worker may have queued; a reader that finds the queue full waits, which pushes back
 /// on the TUN queue or the socket buffer rather than growing memory.
-const QUEUE_DEPTH: usize = 32;
+const QUEUE_DEPTH: usize = 16;
 
 /// Most workers, whatever the core count: a device rarely has more busy peers at once.
 const MAX_WORKERS: usize = 8;
@@ -42,8 +42,9 @@ const MAX_WORKERS: usize = 8;
 /// Batches of at most this many packets are processed by their reader when it may.
 const INLINE_MAX_PACKETS: usize = 2;
 
-/// Buffers kept for reuse; more are allocated under load and freed when returned past this.
-const POOL_SIZE: usize = 2 * MAX_WORKERS * QUEUE_DEPTH;
+/// Batches (64 KiB each) kept for reuse: enough for two busy workers' queues. More are
+/// allocated when a burst needs them and freed when returned past this.
+const POOL_SIZE: usize = 4 * QUEUE_DEPTH;
 
 /// How a device spreads its crypto over cores.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
