@@ -25,9 +25,7 @@ use wgmesh_core::PublicKey;
 use super::Inner;
 use super::offload::{self, TunPacket, VNET_HDR_LEN, VnetHdr};
 use super::peers::{Peer, PeerTable};
-use super::sockets::{
-    BatchReceiver, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, RECV_BATCH, Received, Sockets,
-};
+use super::sockets::{BatchReceiver, RECV_BATCH, Received, Sockets};
 use super::workers::{Direction, Scratch, open, seal};
 
 /// Large enough for any IP packet plus WireGuard's overhead, and for any UDP datagram.
@@ -177,39 +175,6 @@ fn handle_tun_read(inner: &Inner, n: usize, r: &mut TunReader) {
     }
     if !batch.lens.is_empty() {
         worker.encrypt(peer, endpoint, batch);
-    }
-}
-
-/// Sends datagrams that lie back to back in `buf` with lengths `lens`: each run of equal
-/// lengths (the run's last may be shorter) in one GSO send.
-pub(crate) fn send_batch(inner: &Inner, peer: &Peer, buf: &[u8], lens: &[usize], to: SocketAddr) {
-    let sockets = inner.sockets.load();
-    let mut start = 0;
-    let mut i = 0;
-    while i < lens.len() {
-        let segment = lens[i];
-        let mut bytes = 0;
-        let mut j = i;
-        while j < lens.len()
-            && j - i < MAX_GSO_SEGMENTS
-            && bytes + lens[j] <= MAX_GSO_BYTES
-            && (lens[j] == segment || (lens[j] < segment && j > i))
-        {
-            bytes += lens[j];
-            j += 1;
-            if lens[j - 1] < segment {
-                break;
-            }
-        }
-        let Some(run) = buf.get(start..start + bytes) else {
-            return;
-        };
-        match sockets.send_segments(run, segment, to) {
-            Ok(n) => peer.count_tx(n, inner.now_ms()),
-            Err(e) => tracing::trace!(error = %e, %to, "send failed"),
-        }
-        start += bytes;
-        i = j;
     }
 }
 
@@ -445,13 +410,6 @@ fn handle_control(
         }
         TunnResult::Err(e) => tracing::trace!(error = ?e, %src, "decapsulate"),
         _ => {}
-    }
-}
-
-/// One virtio-net header and its packet to the kernel.
-pub(crate) fn write_tun(inner: &Inner, buf: &[u8]) {
-    if let Err(e) = inner.tun.write(buf) {
-        tracing::trace!(error = %e, "TUN write");
     }
 }
 

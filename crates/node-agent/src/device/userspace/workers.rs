@@ -27,9 +27,10 @@ use std::thread::JoinHandle;
 
 use boringtun::noise::{Tunn, TunnResult};
 
-use super::datapath::{BUF_LEN, TICK, send_batch};
+use super::datapath::{BUF_LEN, TICK};
 use super::offload::Coalescer;
 use super::peers::Peer;
+use super::sockets::{MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 use super::{DeviceError, Inner, lock, spawn};
 
 /// Jobs a worker may have queued; a reader that finds the queue full waits, which pushes back
@@ -413,6 +414,39 @@ impl Sealer<'_> {
     }
 }
 
+/// Sends datagrams that lie back to back in `buf` with lengths `lens`: each run of equal
+/// lengths (the run's last may be shorter) in one GSO send.
+fn send_batch(inner: &Inner, peer: &Peer, buf: &[u8], lens: &[usize], to: SocketAddr) {
+    let sockets = inner.sockets.load();
+    let mut start = 0;
+    let mut i = 0;
+    while i < lens.len() {
+        let segment = lens[i];
+        let mut bytes = 0;
+        let mut j = i;
+        while j < lens.len()
+            && j - i < MAX_GSO_SEGMENTS
+            && bytes + lens[j] <= MAX_GSO_BYTES
+            && (lens[j] == segment || (lens[j] < segment && j > i))
+        {
+            bytes += lens[j];
+            j += 1;
+            if lens[j - 1] < segment {
+                break;
+            }
+        }
+        let Some(run) = buf.get(start..start + bytes) else {
+            return;
+        };
+        match sockets.send_segments(run, segment, to) {
+            Ok(n) => peer.count_tx(n, inner.now_ms()),
+            Err(e) => tracing::trace!(error = %e, %to, "send failed"),
+        }
+        start += bytes;
+        i = j;
+    }
+}
+
 /// Decrypts transport-data datagrams from `src` for `peer` under one lock of its session,
 /// then hands what they carried to the kernel through the coalescer, checking each packet's
 /// source against the peer's allowed IPs. Roaming and counters follow only datagrams that
@@ -458,7 +492,7 @@ pub(crate) fn open<'d>(
         peer.set_endpoint(src);
         peer.count_rx(authenticated, now);
     }
-    let write = &mut |b: &[u8]| super::datapath::write_tun(inner, b);
+    let write = &mut |b: &[u8]| write_tun(inner, b);
     for &(at, len, inner_src) in &s.decrypted {
         if !table.routes_to(inner_src, peer) {
             tracing::trace!(%inner_src, peer = %peer.public_key, "source not in allowed IPs");
@@ -467,6 +501,13 @@ pub(crate) fn open<'d>(
         s.coalescer.push(&s.out[at..at + len], write);
     }
     s.coalescer.flush(write);
+}
+
+/// One virtio-net header and its packet to the kernel.
+fn write_tun(inner: &Inner, buf: &[u8]) {
+    if let Err(e) = inner.tun.write(buf) {
+        tracing::trace!(error = %e, "TUN write");
+    }
 }
 
 /// Idle time of the whole node between two samples of `/proc/stat`, in cores.
