@@ -4,86 +4,21 @@
 //! device with one log line saying why. Where the module exists, the kernel device itself is
 //! exercised too. Needs root and `ip`.
 
-use std::fs::File;
-use std::future::Future;
 use std::io::Write;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use nix::sched::{CloneFlags, setns};
 use wgmesh_agent::device::{
     BackendKind, Device, DeviceChange, DeviceError, InterfaceConfig, KernelSupport, PeerConfig,
     Requested, kernel_wireguard_available,
 };
 use wgmesh_core::{Cidr, Key, PrivateKey};
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping: the device backend tests need root");
-    false
-}
+mod common;
 
-/// A network namespace, deleted on drop (also when the test panics).
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("wgdb-{}-{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("running ip");
-        assert!(out.status.success(), "ip netns add {name} failed");
-        Netns { name }
-    }
-
-    fn run<F, Fut>(&self, body: F)
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = ()>,
-    {
-        let path = format!("/var/run/netns/{}", self.name);
-        let thread = std::thread::spawn(move || {
-            setns(
-                File::open(&path).expect("namespace"),
-                CloneFlags::CLONE_NEWNET,
-            )
-            .expect("setns");
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(body());
-        });
-        if let Err(panic) = thread.join() {
-            std::panic::resume_unwind(panic);
-        }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
+use common::{Netns, NsCmd, is_root};
 
 fn ip(ns: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("ip")
-        .args(["-n", ns])
-        .args(args)
-        .output()
-        .expect("running ip");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    NsCmd(ns.to_owned()).try_ip(args)
 }
 
 /// Log output captured from the test thread.
@@ -130,10 +65,10 @@ fn peer(n: u8, psk: Option<Key>) -> PeerConfig {
 
 #[test]
 fn backend_selection_follows_the_kernel() {
-    if !is_root() {
+    if !is_root("device backend") {
         return;
     }
-    let ns = Netns::new("sel");
+    let ns = Netns::new(format!("wgdb-{}-sel", std::process::id()));
     // Ground truth from iproute2.
     let (kernel_has_wg, _) = ip(&ns.name, &["link", "add", "wgx", "type", "wireguard"]);
     if kernel_has_wg {

@@ -6,106 +6,43 @@
 //! tokio runtime, so the rtnetlink socket opened by `Routing::new` lives there. A `Netns`
 //! guard deletes the namespace on drop, also when the test panics.
 
-use std::fs::File;
-use std::future::Future;
-use std::process::Command;
-
 use ipnet::IpNet;
-use nix::sched::{CloneFlags, setns};
 use wgmesh_agent::routing::{RouteChanges, Routing, RoutingConfig, RuleConfig};
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping: the routing tests need root");
-    false
-}
+mod common;
 
-struct Netns {
-    name: String,
-}
+use common::{Netns, NsCmd, is_root};
 
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("wgrt-{}-{tag}", std::process::id());
-        // A namespace left by a crashed run with the same PID would make `add` fail.
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("running ip");
-        assert!(
-            out.status.success(),
-            "ip netns add {name} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Netns { name }
-    }
-
-    /// `ip -n <ns> ...`.
-    fn ip(&self, args: &[&str]) -> String {
-        NsCmd(self.name.clone()).ip(args)
-    }
-
-    /// A veth pair `<name>` / `<name>p` with this MTU; the peer end up when `peer_up` (so
-    /// that `<name>` gets a carrier once it is up).
-    fn veth(&self, name: &str, mtu: u32, peer_up: bool) {
-        let peer = format!("{name}p");
-        let mtu = mtu.to_string();
-        self.ip(&[
-            "link", "add", name, "mtu", &mtu, "type", "veth", "peer", "name", &peer, "mtu", &mtu,
-        ]);
-        if peer_up {
-            self.ip(&["link", "set", &peer, "up"]);
-        }
-    }
-
-    /// Runs `body` to completion on a thread inside the namespace, with its own runtime;
-    /// a panic in it is re-raised here.
-    fn run<F, Fut>(&self, body: F)
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = ()>,
-    {
-        let path = format!("/var/run/netns/{}", self.name);
-        let thread = std::thread::spawn(move || {
-            let ns = File::open(&path).expect("opening the namespace");
-            setns(ns, CloneFlags::CLONE_NEWNET).expect("setns");
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(body());
-        });
-        if let Err(panic) = thread.join() {
-            std::panic::resume_unwind(panic);
-        }
+/// A veth pair `<name>` / `<name>p` in `ns` with this MTU; the peer end up when `peer_up` (so
+/// that `<name>` gets a carrier once it is up).
+fn veth(ns: &Netns, name: &str, mtu: u32, peer_up: bool) {
+    let peer = format!("{name}p");
+    let mtu = mtu.to_string();
+    ns.ip(&[
+        "link", "add", name, "mtu", &mtu, "type", "veth", "peer", "name", &peer, "mtu", &mtu,
+    ]);
+    if peer_up {
+        ns.ip(&["link", "set", &peer, "up"]);
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
+fn netns(tag: &str) -> Netns {
+    Netns::new(format!("wgrt-{}-{tag}", std::process::id()))
 }
-
 fn nets(list: &[&str]) -> Vec<IpNet> {
     list.iter().map(|s| s.parse().unwrap()).collect()
 }
 
 #[test]
 fn sync_applies_only_the_diff() {
-    if !is_root() {
+    if !is_root("routing") {
         return;
     }
-    let ns = Netns::new("diff");
-    ns.veth("wgt0", 1500, true);
-    let name = ns.name.clone();
+    let ns = netns("diff");
+    veth(&ns, "wgt0", 1500, true);
+    let cmd = ns.cmd();
     ns.run(move || async move {
-        let ns = NsCmd(name);
+        let ns = cmd;
         let routing = Routing::new().await.unwrap();
         let mut cfg = RoutingConfig {
             interface: "wgt0".into(),
@@ -216,12 +153,12 @@ fn sync_applies_only_the_diff() {
 
 #[test]
 fn dedicated_table_rule_and_cleanup() {
-    if !is_root() {
+    if !is_root("routing") {
         return;
     }
-    let ns = Netns::new("rule");
-    ns.veth("wgt1", 1500, true);
-    ns.veth("other0", 1500, true);
+    let ns = netns("rule");
+    veth(&ns, "wgt1", 1500, true);
+    veth(&ns, "other0", 1500, true);
     ns.ip(&["link", "set", "other0", "up"]);
     ns.ip(&[
         "route",
@@ -232,9 +169,9 @@ fn dedicated_table_rule_and_cleanup() {
         "proto",
         "static",
     ]);
-    let name = ns.name.clone();
+    let cmd = ns.cmd();
     ns.run(move || async move {
-        let ns = NsCmd(name);
+        let ns = cmd;
         let routing = Routing::new().await.unwrap();
         let rule = RuleConfig {
             priority: 100,
@@ -311,16 +248,16 @@ fn dedicated_table_rule_and_cleanup() {
 
 #[test]
 fn underlay_mtu_and_auto_mtu() {
-    if !is_root() {
+    if !is_root("routing") {
         return;
     }
-    let ns = Netns::new("mtu");
+    let ns = netns("mtu");
     for (dev, mtu) in [("ul0", 1420), ("ul1", 9000), ("wgt2", 1500)] {
-        ns.veth(dev, mtu, false);
+        veth(&ns, dev, mtu, false);
     }
-    let name = ns.name.clone();
+    let cmd = ns.cmd();
     ns.run(move || async move {
-        let ns = NsCmd(name);
+        let ns = cmd;
         let routing = Routing::new().await.unwrap();
         // Nothing up: the default.
         assert_eq!(routing.underlay_mtu().await.unwrap(), 1500);
@@ -367,32 +304,12 @@ fn underlay_mtu_and_auto_mtu() {
 }
 
 /// `ip -n <ns>` from inside the test body (the body owns no guard: the outer `Netns` does).
-struct NsCmd(String);
+/// What the routing tests ask of `ip` beyond the shared helpers.
+trait Routes {
+    fn routes(&self, family: &str, dev: &str, dst: &str) -> Vec<String>;
+}
 
-impl NsCmd {
-    fn ip(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["-n", &self.0])
-            .args(args)
-            .output()
-            .expect("running ip");
-        assert!(
-            out.status.success(),
-            "ip {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn ip_ok(&self, args: &[&str]) -> bool {
-        Command::new("ip")
-            .args(["-n", &self.0])
-            .args(args)
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    }
-
+impl Routes for NsCmd {
     /// Lines of `ip <family> route show table all dev <dev>` for destination `dst`.
     fn routes(&self, family: &str, dev: &str, dst: &str) -> Vec<String> {
         self.ip(&[family, "route", "show", "table", "all", "dev", dev])

@@ -10,10 +10,8 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use wgmesh_agent::device::userspace::{UserspaceDevice, WorkerPolicy};
@@ -35,13 +33,9 @@ fn run(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping: the userspace device tests need root");
-    false
-}
+mod common;
+
+use common::{Netns, in_netns, is_root, spawn_in_netns};
 
 /// What a test created, undone on drop in reverse: processes (by PID), namespaces, files.
 struct Lab {
@@ -52,7 +46,8 @@ struct Lab {
     if_b: String,
     dir: tempfile::TempDir,
     children: Vec<Child>,
-    netns: Vec<String>,
+    /// Deleted when the lab drops, after its processes are stopped.
+    netns: Vec<Netns>,
 }
 
 impl Lab {
@@ -79,9 +74,7 @@ impl Lab {
     }
 
     fn add_netns(&mut self, name: &str) {
-        run(&["ip", "netns", "add", name]);
-        self.netns.push(name.to_owned());
-        run(&["ip", "-n", name, "link", "set", "lo", "up"]);
+        self.netns.push(Netns::new(name));
     }
 
     /// Two namespaces joined by a veth pair: 10.200.<tag>.1 in A, .2 in B.
@@ -170,9 +163,6 @@ impl Drop for Lab {
             let _ = child.wait();
         }
         let _ = std::fs::remove_file(uapi_path(&self.if_b));
-        for ns in self.netns.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
         if std::thread::panicking()
             && let Ok(log) = std::fs::read_to_string(self.dir.path().join("wireguard-go.log"))
         {
@@ -194,26 +184,6 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Runs `f` on a new thread inside the named network namespace.
-fn spawn_in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-}
-
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    match spawn_in_netns(ns, f).join() {
-        Ok(v) => v,
-        Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 
@@ -615,7 +585,7 @@ fn udp_reaches(from: &str, to: &str, source: IpAddr, addr: SocketAddr) -> bool {
 
 #[test]
 fn interop_with_wireguard_go() {
-    if !is_root() {
+    if !is_root("userspace device") {
         return;
     }
     interop(11, None, WorkerPolicy::Fixed(2));
@@ -623,7 +593,7 @@ fn interop_with_wireguard_go() {
 
 #[test]
 fn interop_with_wireguard_go_and_preshared_key() {
-    if !is_root() {
+    if !is_root("userspace device") {
         return;
     }
     interop(12, Some(Key::generate()), WorkerPolicy::Fixed(0));
@@ -631,7 +601,7 @@ fn interop_with_wireguard_go_and_preshared_key() {
 
 #[test]
 fn in_place_updates_keep_the_session() {
-    if !is_root() {
+    if !is_root("userspace device") {
         return;
     }
     let s = setup(
@@ -732,7 +702,7 @@ fn in_place_updates_keep_the_session() {
 
 #[test]
 fn roaming_follows_authenticated_packets() {
-    if !is_root() {
+    if !is_root("userspace device") {
         return;
     }
     let s = setup(
@@ -825,7 +795,7 @@ fn uapi_exchange(ifname: &str, requests: &[&str]) -> Vec<String> {
 
 #[test]
 fn wg_tools_configure_the_device() {
-    if !is_root() {
+    if !is_root("userspace device") {
         return;
     }
     let mut lab = Lab::new(16);
@@ -955,7 +925,7 @@ fn wg_tools_configure_the_device() {
 
 #[test]
 fn shutdown_removes_interface_and_socket() {
-    if !is_root() {
+    if !is_root("userspace device") {
         return;
     }
     let mut lab = Lab::new(15);
