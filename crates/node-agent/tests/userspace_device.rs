@@ -793,12 +793,9 @@ fn uapi_exchange(ifname: &str, requests: &[&str]) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn wg_tools_configure_the_device() {
-    if !is_root("userspace device") {
-        return;
-    }
-    let mut lab = Lab::new(16);
+/// Our device alone in namespace A (no underlay, no peer), with a fresh key and `fwmark`.
+fn lone_device(tag: u8, fwmark: u32) -> (Lab, UserspaceDevice) {
+    let mut lab = Lab::new(tag);
     let ns = lab.ns_a.clone();
     lab.add_netns(&ns);
     let name = lab.if_a.clone();
@@ -807,10 +804,19 @@ fn wg_tools_configure_the_device() {
             name,
             private_key: PrivateKey::generate(),
             listen_port: 0,
-            fwmark: 0,
+            fwmark,
         })
         .expect("create")
     });
+    (lab, device)
+}
+
+#[test]
+fn wg_tools_configure_the_device() {
+    if !is_root("userspace device") {
+        return;
+    }
+    let (lab, device) = lone_device(16, 0);
     let ifname = lab.if_a.clone();
     let (p1, p2) = (
         PrivateKey::generate().public_key(),
@@ -928,19 +934,7 @@ fn shutdown_removes_interface_and_socket() {
     if !is_root("userspace device") {
         return;
     }
-    let mut lab = Lab::new(15);
-    let ns = lab.ns_a.clone();
-    lab.add_netns(&ns);
-    let name = lab.if_a.clone();
-    let device = in_netns(&lab.ns_a, move || {
-        UserspaceDevice::create(InterfaceConfig {
-            name,
-            private_key: PrivateKey::generate(),
-            listen_port: 0,
-            fwmark: 0x77,
-        })
-        .expect("create")
-    });
+    let (lab, device) = lone_device(15, 0x77);
     assert_eq!(device.observe().fwmark, 0x77);
     let links = run(&["ip", "-n", &lab.ns_a, "link", "show"]);
     assert!(links.contains(&lab.if_a), "{links}");
