@@ -251,34 +251,83 @@ fn handle_read(
         segment: r.segment.unwrap_or(len).max(1),
         src: canonical(r.from),
     };
-    let (segment, src) = (read.segment, read.src);
     let data_peer = |d: &[u8]| {
         (le_u32(d, 0) == Some(DATA))
-            .then(|| table.by_receiver_index(le_u32(d, 4)?))
+            .then(|| table.by_receiver_index(le_u32(d, 4)?).map(SamePeer))
             .flatten()
     };
-    // Runs of datagrams for one peer: byte ranges of `buf`, cut every `segment` bytes.
-    let mut run: Option<(&Arc<Peer>, usize, usize)> = None;
-    let mut at = 0;
-    while at < len {
-        let end = (at + segment).min(len);
-        let peer = data_peer(&buf[at..end]);
-        match (run, peer) {
-            (Some((p, start, _)), Some(q)) if Arc::ptr_eq(p, q) => run = Some((p, start, end)),
-            _ => {
-                if let Some((p, start, stop)) = run.take() {
-                    open_run(inner, buf, &read, start..stop, p, scratch);
-                }
-                match peer {
-                    Some(p) => run = Some((p, at, end)),
-                    None => handle_control(inner, table, &buf[at..end], src, out),
-                }
+    let mut pieces = Pieces::new(read.len, read.segment);
+    while let Some(piece) = pieces.next(buf, data_peer) {
+        match piece {
+            Piece::Data(SamePeer(peer), range) => {
+                open_run(inner, buf, &read, range, peer, scratch);
             }
+            Piece::Other(range) => handle_control(inner, table, &buf[range], read.src, out),
         }
-        at = end;
     }
-    if let Some((p, start, stop)) = run {
-        open_run(inner, buf, &read, start..stop, p, scratch);
+}
+
+/// A peer compared by identity, so that runs of one peer's datagrams can be found.
+#[derive(Clone, Copy)]
+struct SamePeer<'t>(&'t Arc<Peer>);
+
+impl PartialEq for SamePeer<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(self.0, other.0)
+    }
+}
+
+/// A piece of a read: a run of consecutive transport-data datagrams of one peer, or one other
+/// datagram; ranges are byte ranges of the read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece<K> {
+    Data(K, std::ops::Range<usize>),
+    Other(std::ops::Range<usize>),
+}
+
+/// Cuts a read of `len` bytes, a datagram every `segment` bytes (the last may be shorter),
+/// into pieces, in order. Not an `Iterator`: the caller may move the buffer between pieces
+/// (a whole-read run is always the last piece).
+struct Pieces {
+    len: usize,
+    segment: usize,
+    at: usize,
+}
+
+impl Pieces {
+    fn new(len: usize, segment: usize) -> Pieces {
+        Pieces {
+            len,
+            segment: segment.max(1),
+            at: 0,
+        }
+    }
+
+    /// The next piece of `buf`; `peer_of` says whose transport data a datagram is (`None`:
+    /// anything else).
+    fn next<K: Copy + PartialEq>(
+        &mut self,
+        buf: &[u8],
+        peer_of: impl Fn(&[u8]) -> Option<K>,
+    ) -> Option<Piece<K>> {
+        let len = self.len.min(buf.len());
+        let end_of = |at: usize| (at + self.segment).min(len);
+        let start = self.at;
+        if start >= len {
+            return None;
+        }
+        let mut end = end_of(start);
+        let piece = match peer_of(&buf[start..end]) {
+            None => Piece::Other(start..end),
+            Some(peer) => {
+                while end < len && peer_of(&buf[end..end_of(end)]) == Some(peer) {
+                    end = end_of(end);
+                }
+                Piece::Data(peer, start..end)
+            }
+        };
+        self.at = end;
+        Some(piece)
     }
 }
 
@@ -443,5 +492,85 @@ pub(crate) fn timer_tick(inner: &Inner, out: &mut [u8]) {
                 send(inner, peer, buf, ep);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cuts `datagrams` (laid back to back; the first byte says whose data each is, 0 for
+    /// anything else) as a read with `segment`-byte datagrams.
+    fn cut(datagrams: &[&[u8]], segment: usize) -> Vec<Piece<u8>> {
+        let buf: Vec<u8> = datagrams.concat();
+        let mut pieces = Pieces::new(buf.len(), segment);
+        let mut out = Vec::new();
+        while let Some(p) = pieces.next(&buf, |d| d.first().copied().filter(|&b| b != 0)) {
+            out.push(p);
+        }
+        out
+    }
+
+    /// A case: its name, the datagrams, the segment size, and the pieces wanted.
+    type Case<'a> = (&'a str, &'a [&'a [u8]], usize, Vec<Piece<u8>>);
+
+    #[test]
+    fn a_read_is_cut_into_runs_of_one_peer_and_single_others() {
+        use Piece::{Data, Other};
+        let cases: &[Case] = &[
+            ("empty", &[], 4, vec![]),
+            ("one datagram", &[&[7, 0, 0]], 3, vec![Data(7, 0..3)]),
+            (
+                "one peer, last shorter",
+                &[&[7, 0, 0, 0], &[7, 0, 0, 0], &[7, 0]],
+                4,
+                vec![Data(7, 0..10)],
+            ),
+            (
+                "two peers",
+                &[&[7, 0], &[7, 0], &[8, 0], &[7, 0]],
+                2,
+                vec![Data(7, 0..4), Data(8, 4..6), Data(7, 6..8)],
+            ),
+            (
+                "others stand alone and split runs",
+                &[&[0, 1], &[0, 2], &[7, 0], &[0, 3], &[7, 0]],
+                2,
+                vec![
+                    Other(0..2),
+                    Other(2..4),
+                    Data(7, 4..6),
+                    Other(6..8),
+                    Data(7, 8..10),
+                ],
+            ),
+            (
+                "no GRO: the segment is the read",
+                &[&[7, 1, 2, 3, 4]],
+                5,
+                vec![Data(7, 0..5)],
+            ),
+            (
+                "a zero segment is one byte",
+                &[&[7], &[7]],
+                0,
+                vec![Data(7, 0..2)],
+            ),
+        ];
+        for (name, datagrams, segment, want) in cases {
+            assert_eq!(&cut(datagrams, *segment), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn pieces_never_reach_past_the_buffer() {
+        // A length the buffer does not have (it cannot happen; it must not panic either).
+        let buf = [7u8; 5];
+        let mut pieces = Pieces::new(64, 4);
+        let mut got = Vec::new();
+        while let Some(p) = pieces.next(&buf, |d| d.first().copied()) {
+            got.push(p);
+        }
+        assert_eq!(got, vec![Piece::Data(7, 0..5)]);
     }
 }
