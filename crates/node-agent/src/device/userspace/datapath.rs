@@ -54,10 +54,16 @@ fn send(inner: &Inner, peer: &Peer, buf: &[u8], to: SocketAddr) {
     }
 }
 
-/// What the TUN reader reuses for every read.
+/// TUN reads taken per wake-up at most. After a small packet the reader takes what else is
+/// waiting, so that a burst of small packets (ACKs, request/response traffic of many flows)
+/// is sealed under one lock per peer and leaves in GSO runs, not one `sendto` each.
+const TUN_READS: usize = 8;
+
+/// What the TUN reader reuses for every wake-up.
 struct TunReader {
-    /// One TUN read: virtio-net header and packet.
-    read: Vec<u8>,
+    /// TUN reads (virtio-net header and packet each), and how long each is.
+    reads: Vec<Vec<u8>>,
+    lens: Vec<usize>,
     /// One segment of a super-packet the reader encrypts itself.
     segment: Vec<u8>,
     scratch: Scratch,
@@ -67,13 +73,28 @@ struct TunReader {
 /// its worker, or here; see `workers`).
 pub(crate) fn run_tun_reader(inner: &Inner) {
     let mut r = TunReader {
-        read: vec![0u8; BUF_LEN],
+        reads: (0..TUN_READS).map(|_| vec![0u8; BUF_LEN]).collect(),
+        lens: Vec::with_capacity(TUN_READS),
         segment: vec![0u8; BUF_LEN],
         scratch: Scratch::new(),
     };
     while !inner.stopping() {
-        match inner.tun.read(&mut r.read) {
-            Ok(n) => handle_tun_read(inner, n, &mut r),
+        r.lens.clear();
+        match inner.tun.read(&mut r.reads[0]) {
+            Ok(n) => {
+                r.lens.push(n);
+                // A super-packet is a batch already.
+                let small = VnetHdr::parse(&r.reads[0][..n]).is_some_and(|h| h.gso_type == 0);
+                while small && r.lens.len() < TUN_READS {
+                    let k = r.lens.len();
+                    match inner.tun.read(&mut r.reads[k]) {
+                        Ok(n) => r.lens.push(n),
+                        // Nothing more waiting (or an error the next wake-up will see).
+                        Err(_) => break,
+                    }
+                }
+                handle_tun_reads(inner, &mut r);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if let Err(e) = inner.tun.wait_readable(TICK) {
                     tracing::warn!(error = %e, "waiting on the TUN device");
@@ -90,87 +111,145 @@ pub(crate) fn run_tun_reader(inner: &Inner) {
     }
 }
 
-fn handle_tun_read(inner: &Inner, n: usize, r: &mut TunReader) {
-    let Some(read) = r.read.get_mut(..n) else {
-        return;
-    };
-    let Some(hdr) = VnetHdr::parse(read) else {
-        return;
-    };
-    let packet = &mut read[VNET_HDR_LEN..];
+/// Where one TUN read goes.
+#[derive(Clone, Copy)]
+struct Outgoing<'t> {
+    peer: SamePeer<'t>,
+    endpoint: SocketAddr,
+    kind: TunPacket,
+    /// Packets it makes (segments of a super-packet).
+    count: usize,
+}
+
+/// Finishes a TUN read's checksum or checks its super-packet, and finds its peer. `None`:
+/// dropped (malformed, no peer, or no endpoint to send to, not even a handshake).
+fn outgoing<'t>(table: &'t PeerTable, read: &mut [u8]) -> Option<Outgoing<'t>> {
+    let hdr = VnetHdr::parse(read)?;
+    let packet = read.get_mut(VNET_HDR_LEN..)?;
     let kind = match offload::classify(&hdr, packet) {
         Ok(kind) => kind,
         Err(e) => {
             tracing::trace!(error = ?e, ?hdr, "dropping a TUN packet");
-            return;
+            return None;
         }
     };
-    let packet = &*packet;
-    let Some(dst) = Tunn::dst_address(packet) else {
-        return;
-    };
-    let table = inner.table.load();
+    let dst = Tunn::dst_address(packet)?;
     let Some(peer) = table.by_allowed_ip(dst) else {
         tracing::trace!(%dst, "no peer for destination");
-        return;
-    };
-    // Without an endpoint there is nowhere to send, not even a handshake.
-    let Some(endpoint) = peer.endpoint() else {
-        return;
+        return None;
     };
     let count = match &kind {
         TunPacket::Single => 1,
         TunPacket::Tcp(split) => split.count(packet.len()),
     };
+    Some(Outgoing {
+        peer: SamePeer(peer),
+        endpoint: peer.endpoint()?,
+        kind,
+        count,
+    })
+}
+
+/// The reads of one wake-up, in order; consecutive reads for one peer go as one batch.
+fn handle_tun_reads(inner: &Inner, r: &mut TunReader) {
+    let table = inner.table.load();
+    let mut out: [Option<Outgoing>; TUN_READS] = [None; TUN_READS];
+    for (k, &n) in r.lens.iter().enumerate() {
+        out[k] = r.reads[k]
+            .get_mut(..n)
+            .and_then(|read| outgoing(&table, read));
+    }
+    let reads = r.lens.len();
+    let mut k = 0;
+    while k < reads {
+        let Some(first) = out[k] else {
+            k += 1;
+            continue;
+        };
+        let mut end = k + 1;
+        while end < reads
+            && out[end].is_some_and(|o| o.peer == first.peer && o.endpoint == first.endpoint)
+        {
+            end += 1;
+        }
+        send_reads(inner, r, &out[k..end], k);
+        k = end;
+    }
+}
+
+/// Encrypts and sends reads `first..` (all for one peer, described by `group`): here, or on
+/// the peer's worker in batches.
+fn send_reads(inner: &Inner, r: &mut TunReader, group: &[Option<Outgoing>], first: usize) {
+    let Some(Some(head)) = group.first() else {
+        return;
+    };
+    let (peer, endpoint) = (head.peer.0, head.endpoint);
+    let count = group.iter().flatten().map(|o| o.count).sum();
+    let TunReader {
+        reads,
+        lens,
+        segment,
+        scratch,
+    } = r;
+    let packets = group
+        .iter()
+        .flatten()
+        .zip(first..)
+        .map(|(o, k)| (o.kind, &reads[k][VNET_HDR_LEN..lens[k]]));
     let workers = &inner.workers;
     let Some(worker) = workers.take(peer, Direction::Encrypt, count) else {
-        let segment = &mut r.segment;
-        seal(inner, &mut r.scratch, peer, endpoint, |sealer| match kind {
-            TunPacket::Single => sealer.push(packet),
-            TunPacket::Tcp(split) => {
-                for i in 0..count {
-                    let Some(len) = split.segment(packet, i, segment) else {
-                        break;
-                    };
-                    sealer.push(&segment[..len]);
+        seal(inner, scratch, peer, endpoint, |sealer| {
+            for (kind, packet) in packets {
+                match kind {
+                    TunPacket::Single => sealer.push(packet),
+                    TunPacket::Tcp(split) => {
+                        for i in 0..split.count(packet.len()) {
+                            let Some(len) = split.segment(packet, i, segment) else {
+                                break;
+                            };
+                            sealer.push(&segment[..len]);
+                        }
+                    }
                 }
             }
         });
         return;
     };
-    // For the worker: the packet, or the super-packet's segments, into batches.
+    // For the worker: the packets, and the super-packets' segments, into batches.
     let mut batch = workers.batch();
-    match kind {
-        TunPacket::Single => {
-            let Some(dst) = batch.buf.get_mut(..packet.len()) else {
-                return;
+    let mut used = 0;
+    for (kind, packet) in packets {
+        let count = match kind {
+            TunPacket::Single => 1,
+            TunPacket::Tcp(split) => split.count(packet.len()),
+        };
+        for i in 0..count {
+            let fill = |buf: &mut [u8]| match kind {
+                TunPacket::Single => buf.get_mut(..packet.len()).map(|b| {
+                    b.copy_from_slice(packet);
+                    packet.len()
+                }),
+                TunPacket::Tcp(split) => split.segment(packet, i, buf),
             };
-            dst.copy_from_slice(packet);
-            batch.lens.push(packet.len());
-        }
-        TunPacket::Tcp(split) => {
-            let mut used = 0;
-            for i in 0..count {
-                let len = match split.segment(packet, i, &mut batch.buf[used..]) {
-                    Some(len) => len,
-                    // Full (only with a tiny MSS): the segments so far go, the rest follow.
-                    None if used > 0 => {
-                        worker.encrypt(
-                            peer,
-                            endpoint,
-                            std::mem::replace(&mut batch, workers.batch()),
-                        );
-                        used = 0;
-                        match split.segment(packet, i, &mut batch.buf) {
-                            Some(len) => len,
-                            None => break,
-                        }
+            let len = match fill(&mut batch.buf[used..]) {
+                Some(len) => len,
+                // Full: what is in it goes, the rest follows in the next batch.
+                None if used > 0 => {
+                    worker.encrypt(
+                        peer,
+                        endpoint,
+                        std::mem::replace(&mut batch, workers.batch()),
+                    );
+                    used = 0;
+                    match fill(&mut batch.buf) {
+                        Some(len) => len,
+                        None => continue,
                     }
-                    None => break,
-                };
-                used += len;
-                batch.lens.push(len);
-            }
+                }
+                None => continue,
+            };
+            used += len;
+            batch.lens.push(len);
         }
     }
     if !batch.lens.is_empty() {

@@ -118,6 +118,7 @@ pub(crate) fn finish_checksum(hdr: &VnetHdr, packet: &mut [u8]) -> Result<(), Of
 }
 
 /// What a TUN read holds: one packet ready to encrypt, or a TCP super-packet to split.
+#[derive(Clone, Copy, Debug)]
 pub(crate) enum TunPacket {
     Single,
     Tcp(TcpSplit),
