@@ -39,8 +39,8 @@ pub(crate) struct Sockets {
     gso: AtomicBool,
 }
 
-/// Reads one `recv_many` call asks for: with GRO each may hold a run of up to 64 datagrams
-/// from one sender, so a few cover bursts from several senders at once.
+/// Reads one `BatchReceiver::recv` asks for: with GRO each may hold a run of up to 64
+/// datagrams from one sender, so a few cover bursts from several senders at once.
 pub(crate) const RECV_BATCH: usize = 8;
 
 /// A receive: bytes, sender, and the size of each datagram when the kernel coalesced several
@@ -190,7 +190,8 @@ pub(crate) struct BatchReceiver {
     /// Whether every header still has room for the GRO control message. The kernel shrinks
     /// `msg_controllen` to what it wrote and nix does not restore it, so after a read without
     /// the message (a lone datagram) the headers are rebuilt: reused, they would truncate a
-    /// later read's GRO size, and its datagrams would read as one.
+    /// later read's GRO size, and its datagrams would read as one. (`msg_namelen` shrinks
+    /// too, but each socket only ever receives its own family's address size.)
     whole: bool,
 }
 
@@ -230,20 +231,27 @@ impl BatchReceiver {
         )?;
         let mut whole = true;
         for msg in reads {
-            let mut segment = None;
-            for c in msg.cmsgs()? {
-                if let ControlMessageOwned::UdpGroSegments(size) = c {
-                    segment = usize::try_from(size).ok().filter(|&s| s > 0);
-                }
-            }
-            whole &= segment.is_some();
+            // With a truncated control message the GRO size is unknown; with truncated data
+            // datagrams are missing. Either way the read cannot be cut safely.
             if msg
                 .flags
                 .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
             {
                 tracing::trace!("dropping a truncated UDP read");
+                whole = false;
                 continue;
             }
+            let Ok(cmsgs) = msg.cmsgs() else {
+                whole = false;
+                continue;
+            };
+            let segment = cmsgs
+                .filter_map(|c| match c {
+                    ControlMessageOwned::UdpGroSegments(size) => usize::try_from(size).ok(),
+                    _ => None,
+                })
+                .find(|&s| s > 0);
+            whole &= segment.is_some();
             let Some(from) = msg.address.as_ref().and_then(socket_addr) else {
                 continue;
             };
@@ -270,4 +278,48 @@ fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
     a.as_sockaddr_in6()
         .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
         .filter(|_| a.family().is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Receives until `bytes` have come, returning each read's length and GRO size.
+    fn receive(
+        receiver: &mut BatchReceiver,
+        socket: &UdpSocket,
+        bufs: &mut [Vec<u8>; RECV_BATCH],
+        bytes: usize,
+    ) -> Vec<(usize, Option<usize>)> {
+        let mut reads = Vec::new();
+        let mut got = Vec::new();
+        while reads.iter().map(|&(len, _)| len).sum::<usize>() < bytes {
+            receiver
+                .recv(socket, bufs, &mut got)
+                .expect("a read within the receive timeout");
+            reads.extend(got.iter().map(|r| (r.len, r.segment)));
+        }
+        reads
+    }
+
+    /// A GSO send over loopback arrives as one GRO read (or, on a kernel that does not
+    /// coalesce there, as single datagrams): either way every datagram keeps its size, also
+    /// after a lone datagram has shrunk a receive header's control length.
+    #[test]
+    fn gro_reads_keep_their_segment_size_after_lone_datagrams() {
+        let rx = Sockets::bind(0, 0).expect("bind the receiver");
+        let tx = Sockets::bind(0, 0).expect("bind the sender");
+        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, rx.port));
+        let mut receiver = BatchReceiver::new();
+        let mut bufs: [Vec<u8>; RECV_BATCH] = std::array::from_fn(|_| vec![0u8; 1 << 16]);
+        for _ in 0..3 {
+            tx.send_segments(&[1u8; 300], 100, to).expect("GSO send");
+            for (len, segment) in receive(&mut receiver, &rx.v4, &mut bufs, 300) {
+                assert_eq!(segment.unwrap_or(len), 100, "a read of {len} bytes");
+            }
+            tx.send_to(&[2u8; 50], to).expect("send");
+            let lone = receive(&mut receiver, &rx.v4, &mut bufs, 50);
+            assert_eq!(lone, vec![(50, None)]);
+        }
+    }
 }
