@@ -3,9 +3,9 @@
 //!
 //! Each reader owns its buffers and reuses them. A reader fetches packets and decides whose
 //! they are; the encryption or decryption, and the syscalls that finish the job, happen in
-//! `workers` (on the peer's worker, or inline for small batches). Handshake messages are rare
-//! and handled by the UDP reader itself. The peer table is an immutable snapshot loaded once
-//! per read.
+//! `workers`: on the peer's worker, or in the reader itself (small batches, and every batch
+//! while the node has no idle core). Handshake messages are rare and handled by the UDP
+//! reader itself. The peer table is an immutable snapshot loaded once per read.
 //!
 //! Bulk TCP is batched at both ends: a TUN read returns a TCP super-packet (TSO), split here
 //! into segments that are encrypted under one lock and sent with one UDP GSO syscall; a UDP
@@ -280,7 +280,10 @@ pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
             Ok(()) => {
                 // One table snapshot for everything this call received.
                 let table = inner.table.load();
-                for (buf, r) in bufs.iter_mut().zip(&got) {
+                for r in &got {
+                    let Some(buf) = bufs.get_mut(r.slot) else {
+                        continue;
+                    };
                     handle_read(inner, &table, buf, r, &mut out, &mut scratch);
                 }
             }

@@ -43,10 +43,11 @@ pub(crate) struct Sockets {
 /// datagrams from one sender, so a few cover bursts from several senders at once.
 pub(crate) const RECV_BATCH: usize = 8;
 
-/// A receive: bytes, sender, and the size of each datagram when the kernel coalesced several
-/// (UDP GRO) into one buffer.
+/// A receive: which of the buffers it is in, bytes, sender, and the size of each datagram
+/// when the kernel coalesced several (UDP GRO) into one buffer.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Received {
+    pub slot: usize,
     pub len: usize,
     pub from: SocketAddr,
     pub segment: Option<usize>,
@@ -208,8 +209,8 @@ impl BatchReceiver {
     }
 
     /// Receives into `bufs`, waiting up to `RECV_TIMEOUT` for the first read; `got` gets one
-    /// entry per read, in order. A read whose datagrams or control message did not fit is
-    /// dropped, never misread.
+    /// entry per read, in order, saying which buffer holds it. A read whose datagrams or
+    /// control message did not fit is dropped, never misread.
     pub(crate) fn recv(
         &mut self,
         socket: &UdpSocket,
@@ -230,7 +231,7 @@ impl BatchReceiver {
             None,
         )?;
         let mut whole = true;
-        for msg in reads {
+        for (slot, msg) in reads.enumerate() {
             // With a truncated control message the GRO size is unknown; with truncated data
             // datagrams are missing. Either way the read cannot be cut safely.
             if msg
@@ -256,6 +257,7 @@ impl BatchReceiver {
                 continue;
             };
             got.push(Received {
+                slot,
                 len: msg.bytes,
                 from,
                 segment,
@@ -297,6 +299,9 @@ mod tests {
             receiver
                 .recv(socket, bufs, &mut got)
                 .expect("a read within the receive timeout");
+            for (k, r) in got.iter().enumerate() {
+                assert!(r.slot >= k && r.slot < RECV_BATCH, "{r:?}");
+            }
             reads.extend(got.iter().map(|r| (r.len, r.segment)));
         }
         reads
@@ -321,5 +326,24 @@ mod tests {
             let lone = receive(&mut receiver, &rx.v4, &mut bufs, 50);
             assert_eq!(lone, vec![(50, None)]);
         }
+    }
+
+    /// A read dropped for truncation leaves a gap: the next read says which buffer it is in.
+    #[test]
+    fn a_dropped_read_does_not_shift_the_others() {
+        let rx = Sockets::bind(0, 0).expect("bind the receiver");
+        let tx = Sockets::bind(0, 0).expect("bind the sender");
+        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, rx.port));
+        tx.send_to(&[1u8; 200], to).expect("send");
+        tx.send_to(&[2u8; 50], to).expect("send");
+        // Both are queued before the one call that reads them; the first does not fit.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut receiver = BatchReceiver::new();
+        let mut bufs: [Vec<u8>; RECV_BATCH] = std::array::from_fn(|_| vec![0u8; 100]);
+        let mut got = Vec::new();
+        receiver.recv(&rx.v4, &mut bufs, &mut got).expect("receive");
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].slot, got[0].len), (1, 50));
+        assert_eq!(bufs[1][..50], [2u8; 50]);
     }
 }
