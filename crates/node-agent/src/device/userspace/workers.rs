@@ -88,13 +88,14 @@ impl Batch {
         }
     }
 
-    /// The packets, in order.
+    /// The packets, in order (a length past the buffer, which filling never makes, ends
+    /// them rather than yielding an empty packet, which would encrypt as a keepalive).
     pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
         let mut at = 0;
-        self.lens.iter().map(move |&len| {
-            let p = self.buf.get(at..at + len).unwrap_or_default();
+        self.lens.iter().map_while(move |&len| {
+            let p = self.buf.get(at..at + len)?;
             at += len;
-            p
+            Some(p)
         })
     }
 }
