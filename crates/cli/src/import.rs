@@ -20,12 +20,25 @@ use crate::exit::{self, err};
 use crate::output::{self, Format};
 use crate::peer::is_dns_name;
 
+#[derive(clap::Args, Debug)]
 pub struct Opts {
+    /// The wg-quick file (`-` for stdin).
     pub file: PathBuf,
+    /// Name of the peer (a file with several peers: NAME-1, NAME-2, ...). Default: each
+    /// peer's `# Name = ...` comment, else `<file name>-<n>`.
+    #[arg(long)]
     pub name: Option<String>,
+    /// The mesh the peers join.
+    #[arg(long, default_value = "default")]
     pub mesh: String,
+    /// Create them in the cluster instead of printing them.
+    #[arg(long)]
     pub apply: bool,
+    /// Namespace of the Secrets that hold preshared keys found in the file.
+    #[arg(long, default_value = "wgmesh-system")]
     pub secret_namespace: String,
+    /// Output format of the printed objects.
+    #[arg(short, long, value_enum, default_value_t = Format::Yaml)]
     pub output: Format,
 }
 

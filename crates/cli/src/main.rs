@@ -75,26 +75,7 @@ enum Cmd {
     /// Read a wg-quick config and print (or `--apply`) the equivalent WireGuardPeers, one per
     /// [Peer] section.
     #[command(after_help = EXIT_CODES)]
-    Import {
-        /// The wg-quick file (`-` for stdin).
-        file: PathBuf,
-        /// Name of the peer (a file with several peers: NAME-1, NAME-2, ...). Default: each
-        /// peer's `# Name = ...` comment, else `<file name>-<n>`.
-        #[arg(long)]
-        name: Option<String>,
-        /// The mesh the peers join.
-        #[arg(long, default_value = "default")]
-        mesh: String,
-        /// Create them in the cluster instead of printing them.
-        #[arg(long)]
-        apply: bool,
-        /// Namespace of the Secrets that hold preshared keys found in the file.
-        #[arg(long, default_value = "wgmesh-system")]
-        secret_namespace: String,
-        /// Output format of the printed objects.
-        #[arg(short, long, value_enum, default_value_t = Format::Yaml)]
-        output: Format,
-    },
+    Import(import::Opts),
     /// Print a config for the other side of a tunnel.
     #[command(subcommand)]
     Export(ExportCmd),
@@ -142,24 +123,7 @@ fn main() -> ExitCode {
         Cmd::Genkey => keys::genkey(),
         Cmd::Pubkey => keys::pubkey(std::io::stdin().lock()),
         Cmd::Genpsk => keys::genpsk(),
-        Cmd::Import {
-            file,
-            name,
-            mesh,
-            apply,
-            secret_namespace,
-            output,
-        } => run(import::run(
-            &cli.kube,
-            import::Opts {
-                file,
-                name,
-                mesh,
-                apply,
-                secret_namespace,
-                output,
-            },
-        )),
+        Cmd::Import(opts) => run(import::run(&cli.kube, opts)),
         Cmd::Status { mesh, output } => run(status::run(&cli.kube, mesh, output)),
         Cmd::Peer(PeerCmd::Add(args)) => run(peer::add(&cli.kube, args)),
         Cmd::Peer(PeerCmd::Config(args)) => run(peer::config(&cli.kube, args)),
