@@ -195,15 +195,15 @@ fn send_reads(inner: &Inner, r: &mut TunReader, group: &[Option<Outgoing>], firs
         .iter()
         .flatten()
         .zip(first..)
-        .map(|(o, k)| (o.kind, &reads[k][VNET_HDR_LEN..lens[k]]));
+        .map(|(o, k)| (o.kind, o.count, &reads[k][VNET_HDR_LEN..lens[k]]));
     let workers = &inner.workers;
     let Some(worker) = workers.take(peer, Direction::Encrypt, count) else {
         seal(inner, scratch, peer, endpoint, |sealer| {
-            for (kind, packet) in packets {
+            for (kind, count, packet) in packets {
                 match kind {
                     TunPacket::Single => sealer.push(packet),
                     TunPacket::Tcp(split) => {
-                        for i in 0..split.count(packet.len()) {
+                        for i in 0..count {
                             let Some(len) = split.segment(packet, i, segment) else {
                                 break;
                             };
@@ -218,11 +218,7 @@ fn send_reads(inner: &Inner, r: &mut TunReader, group: &[Option<Outgoing>], firs
     // For the worker: the packets, and the super-packets' segments, into batches.
     let mut batch = workers.batch();
     let mut used = 0;
-    for (kind, packet) in packets {
-        let count = match kind {
-            TunPacket::Single => 1,
-            TunPacket::Tcp(split) => split.count(packet.len()),
-        };
+    for (kind, count, packet) in packets {
         for i in 0..count {
             let fill = |buf: &mut [u8]| match kind {
                 TunPacket::Single => buf.get_mut(..packet.len()).map(|b| {
