@@ -13,6 +13,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::pki::{TestCa, signing_key_pair_pem};
 use crate::process::ChildGuard;
+use crate::scratch::ScratchDir;
 use crate::tools::{ControlPlaneBinaries, control_plane_binaries};
 
 /// How long the API server may take to answer `/readyz` (a cold start on 2 busy cores).
@@ -28,7 +29,7 @@ pub struct ControlPlane {
     url: String,
     ca: TestCa,
     // Removed last, after both processes have exited.
-    dir: tempfile::TempDir,
+    dir: ScratchDir,
 }
 
 impl ControlPlane {
@@ -36,10 +37,7 @@ impl ControlPlane {
     /// waits until the API server is ready.
     pub async fn start() -> Result<Self> {
         let binaries = tokio::task::spawn_blocking(control_plane_binaries).await??;
-        let dir = tempfile::Builder::new()
-            .prefix("wgmesh-control-plane-")
-            .tempdir()
-            .context("creating the control plane's directory")?;
+        let dir = ScratchDir::new("wgmesh-control-plane-")?;
         let d = dir.path();
 
         let ca = TestCa::new("wgmesh-test-ca")?;
@@ -208,12 +206,6 @@ impl ControlPlane {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// Keeps the control plane's files (logs, certificates) after drop, for debugging.
-    pub fn keep_files(self) -> PathBuf {
-        let ControlPlane { dir, .. } = self;
-        dir.keep()
     }
 }
 

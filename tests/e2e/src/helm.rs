@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::ControlPlane;
 use crate::install::repo_root;
+use crate::scratch::ScratchDir;
 use crate::tools::cached_tool;
 use crate::versions;
 
@@ -36,7 +37,7 @@ pub fn manifests_values() -> PathBuf {
 pub struct Helm {
     pub binary: PathBuf,
     /// Helm's own cache, config and data directories, kept out of $HOME.
-    home: tempfile::TempDir,
+    home: ScratchDir,
 }
 
 impl Helm {
@@ -44,7 +45,7 @@ impl Helm {
     pub fn new() -> Result<Self> {
         Ok(Helm {
             binary: cached_tool("helm", versions::HELM, "helm", "helm")?,
-            home: tempfile::Builder::new().prefix("wgmesh-helm-").tempdir()?,
+            home: ScratchDir::new("wgmesh-helm-")?,
         })
     }
 

@@ -14,6 +14,7 @@ pub mod netns;
 pub mod pki;
 pub mod pods;
 pub mod process;
+pub mod scratch;
 pub mod tokens;
 pub mod tools;
 pub mod versions;

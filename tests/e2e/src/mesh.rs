@@ -27,6 +27,7 @@ use crate::helm::{Helm, NAMESPACE};
 use crate::netns::{Netns, RootLink, bridge, cni_add_conflist, cni_add_pod, veth_to_bridge};
 use crate::pods::{self, Installed, Launch, VolumeSources};
 use crate::process::ChildGuard;
+use crate::scratch::ScratchDir;
 
 static MESHES: AtomicU32 = AtomicU32::new(0);
 
@@ -66,7 +67,7 @@ pub struct TestMesh {
     pub installed: Installed,
     _bridge: RootLink,
     pub cp: ControlPlane,
-    dir: tempfile::TempDir,
+    dir: ScratchDir,
 }
 
 impl TestMesh {
@@ -82,7 +83,7 @@ impl TestMesh {
         let underlay = format!("192.168.{}", 100 + (std::process::id() + seq) % 100);
         let cp = ControlPlane::start().await?;
         let client = cp.client().await?;
-        let dir = tempfile::Builder::new().prefix("wgmesh-mesh-").tempdir()?;
+        let dir = ScratchDir::new("wgmesh-mesh-")?;
         let bridge = bridge(&format!("wgm{id}br"), &format!("{underlay}.254/24"))?;
 
         // The chart, with the values a test needs.
