@@ -9,6 +9,7 @@
 mod bench;
 mod crdgen;
 mod demo;
+mod disk;
 mod manifests;
 mod setup;
 mod test;
@@ -39,14 +40,7 @@ enum Cmd {
         check: bool,
     },
     /// Run everything CI runs: fmt, clippy, unit, integration and end-to-end tests.
-    Test {
-        /// Skip `cargo fmt --check` and clippy.
-        #[arg(long)]
-        no_lint: bool,
-        /// Extra arguments passed to `cargo test` (a test name filter, for example).
-        #[arg(last = true)]
-        cargo_test_args: Vec<String>,
-    },
+    Test(test::Opts),
     /// Benchmarks (medians and ratios from one run; see `cargo xtask bench --help`).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -63,10 +57,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Crdgen { check } => crdgen::run(check),
         Cmd::Manifests { check } => manifests::run(check),
-        Cmd::Test {
-            no_lint,
-            cargo_test_args,
-        } => test::run(!no_lint, &cargo_test_args),
+        Cmd::Test(opts) => test::run(&opts),
         Cmd::Demo { no_wait } => demo::run(no_wait),
         Cmd::Bench(b) => bench::run(b),
     }

@@ -11,7 +11,20 @@ use crate::setup::{
     DEBIAN_PACKAGES, ensure_debian_packages, ensure_rust_components, repo_root, run_cmd, step,
 };
 
-pub fn run(lint: bool, cargo_test_args: &[String]) -> Result<()> {
+#[derive(clap::Args)]
+pub struct Opts {
+    /// Skip `cargo fmt --check` and clippy.
+    #[arg(long)]
+    no_lint: bool,
+    /// Run even when the disks seem to lack the space the run needs.
+    #[arg(long)]
+    no_disk_check: bool,
+    /// Extra arguments passed to `cargo test` (a test name filter, for example).
+    #[arg(last = true)]
+    cargo_test_args: Vec<String>,
+}
+
+pub fn run(opts: &Opts) -> Result<()> {
     let started = Instant::now();
     let root = repo_root();
 
@@ -19,7 +32,14 @@ pub fn run(lint: bool, cargo_test_args: &[String]) -> Result<()> {
     ensure_rust_components()?;
     ensure_debian_packages(DEBIAN_PACKAGES)?;
 
-    if lint {
+    step("free disk space");
+    if opts.no_disk_check {
+        eprintln!("    skipped (--no-disk-check)");
+    } else {
+        crate::disk::check(crate::disk::test_needs(&root))?;
+    }
+
+    if !opts.no_lint {
         step("cargo fmt --check");
         run_cmd(
             Command::new("cargo")
@@ -54,7 +74,7 @@ pub fn run(lint: bool, cargo_test_args: &[String]) -> Result<()> {
     eprintln!("    helm:           {}", helm.binary.display());
 
     step("cargo test --workspace (unit, integration and end-to-end tests)");
-    let totals = cargo_test(&root, cargo_test_args)?;
+    let totals = cargo_test(&root, &opts.cargo_test_args)?;
 
     step(&format!(
         "fuzzing the wg-quick parser for {FUZZ_SECONDS} s (cargo +nightly fuzz)"

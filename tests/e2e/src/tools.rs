@@ -63,9 +63,27 @@ pub fn control_plane_binaries() -> Result<ControlPlaneBinaries> {
     })
 }
 
+/// Whether every binary `cargo xtask test` needs from Go (etcd, kube-apiserver, kubectl,
+/// helm) is already in the cache, so that no Go build will run.
+pub fn go_tools_cached() -> bool {
+    [
+        ("etcd", versions::ETCD, "etcd"),
+        ("kubernetes", versions::KUBERNETES, "kube-apiserver"),
+        ("kubernetes", versions::KUBERNETES, "kubectl"),
+        ("helm", versions::HELM, "helm"),
+    ]
+    .iter()
+    .all(|(dir_prefix, version, binary)| cache_entry(dir_prefix, version).join(binary).is_file())
+}
+
+/// The cache directory of one tool's version.
+fn cache_entry(dir_prefix: &str, version: &str) -> PathBuf {
+    cache_dir().join(format!("{dir_prefix}-v{version}"))
+}
+
 /// `<cache>/<dir_prefix>-v<version>/<binary>`, built by `build-go-tools.sh <what>` when absent.
 pub fn cached_tool(what: &str, version: &str, dir_prefix: &str, binary: &str) -> Result<PathBuf> {
-    let dir = cache_dir().join(format!("{dir_prefix}-v{version}"));
+    let dir = cache_entry(dir_prefix, version);
     let path = dir.join(binary);
     if path.is_file() {
         return Ok(path);
