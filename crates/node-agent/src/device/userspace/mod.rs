@@ -9,6 +9,9 @@
 //! - `ctl`: boringtun's timers every 250 ms, persistent keepalives, and socket rebinding;
 //! - `uapi`: the `wg`-compatible control socket.
 //!
+//! Each runs under `supervise`: a panic, which would be a bug, is logged and the thread's loop
+//! started again, rather than leaving the device without a reader or a worker.
+//!
 //! The peer table is an immutable snapshot behind an `ArcSwap`: the data path loads it
 //! without locking, and a configuration change builds a new one around the same per-peer
 //! runtime state, so sessions survive changes that do not concern them.
@@ -86,15 +89,51 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Starts the device thread `role`, running `run` under [`supervise`].
 fn spawn(
-    name: &str,
+    inner: &Arc<Inner>,
     role: &str,
-    f: impl FnOnce() + Send + 'static,
+    run: impl FnMut() + Send + 'static,
 ) -> Result<JoinHandle<()>, DeviceError> {
     // Thread names are limited to 15 bytes by the kernel; keep the role visible.
-    let mut thread_name = format!("{role}-{name}");
+    let mut thread_name = format!("{role}-{}", inner.name);
     thread_name.truncate(15);
-    Ok(std::thread::Builder::new().name(thread_name).spawn(f)?)
+    let inner = Arc::clone(inner);
+    let role = role.to_owned();
+    Ok(std::thread::Builder::new()
+        .name(thread_name)
+        .spawn(move || supervise(&inner.name, &role, || inner.stopping(), run))?)
+}
+
+/// Runs a device thread's loop, and runs it again after a panic, so that a bug set off by
+/// one packet cannot leave the device half-dead (a reader gone means a direction gone).
+/// Nothing here should panic on any input; when something does, it is logged as an error.
+/// A loop that returns (the device stops, or its sockets were replaced) ends the thread.
+fn supervise(interface: &str, role: &str, stopping: impl Fn() -> bool, mut run: impl FnMut()) {
+    // AssertUnwindSafe: each loop sets up its own buffers when it starts, and shared state
+    // sits behind locks whose poisoning `lock` ignores (see `workers::contain`).
+    while let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut run)) {
+        tracing::error!(
+            interface,
+            thread = role,
+            message = %panic_message(&*panic),
+            "a userspace device thread panicked; restarting it"
+        );
+        if stopping() {
+            return;
+        }
+        // A panic on every packet must not spin a core, nor flood the log.
+        std::thread::sleep(TICK);
+    }
+}
+
+/// The text a panic was raised with, when it is text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 impl UserspaceDevice {
@@ -155,16 +194,16 @@ impl UserspaceDevice {
             .extend(workers::spawn_workers(&inner, queues)?);
         inner.spawn_udp_readers(&sockets)?;
         let i = Arc::clone(&inner);
-        device.threads.push(spawn(&config.name, "tun", move || {
-            datapath::run_tun_reader(&i)
-        })?);
+        device
+            .threads
+            .push(spawn(&inner, "tun", move || datapath::run_tun_reader(&i))?);
         let i = Arc::clone(&inner);
-        device.threads.push(spawn(&config.name, "ctl", move || {
-            i.run_control(control_rx)
-        })?);
+        device
+            .threads
+            .push(spawn(&inner, "ctl", move || i.run_control(&control_rx))?);
         let i = Arc::clone(&inner);
-        device.threads.push(spawn(&config.name, "uapi", move || {
-            uapi_server::serve(&i, listener)
+        device.threads.push(spawn(&inner, "uapi", move || {
+            uapi_server::serve(&i, &listener)
         })?);
         tracing::info!(
             interface = %config.name,
@@ -262,15 +301,15 @@ impl Inner {
         for &(v6, role) in families {
             let i = Arc::clone(self);
             let s = Arc::clone(sockets);
-            threads.push(spawn(&self.name, role, move || {
-                datapath::run_udp_reader(&i, s, v6)
+            threads.push(spawn(self, role, move || {
+                datapath::run_udp_reader(&i, Arc::clone(&s), v6)
             })?);
         }
         Ok(())
     }
 
     /// The control thread: timers on a fixed tick, and requests from `apply`.
-    fn run_control(self: &Arc<Self>, requests: mpsc::Receiver<Control>) {
+    fn run_control(self: &Arc<Self>, requests: &mpsc::Receiver<Control>) {
         let mut out = vec![0u8; BUF_LEN];
         let mut next_tick = Instant::now();
         while !self.stopping() {
@@ -464,5 +503,54 @@ fn upsert(
             let peer = Arc::new(Peer::new(identity, &cfg, index));
             entries.push(PeerEntry { config: cfg, peer });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    #[test]
+    fn a_panicking_thread_loop_is_run_again_until_it_returns() {
+        let runs = Cell::new(0);
+        supervise(
+            "wgtest0",
+            "tun",
+            || false,
+            || {
+                runs.set(runs.get() + 1);
+                if runs.get() < 3 {
+                    panic!("bug number {}", runs.get());
+                }
+            },
+        );
+        assert_eq!(runs.get(), 3);
+    }
+
+    #[test]
+    fn a_stopping_device_does_not_restart_a_panicked_loop() {
+        let runs = Cell::new(0);
+        supervise(
+            "wgtest0",
+            "udp4",
+            || true,
+            || {
+                runs.set(runs.get() + 1);
+                panic!("bug");
+            },
+        );
+        assert_eq!(runs.get(), 1);
+    }
+
+    #[test]
+    fn panic_messages_are_text() {
+        let text = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
+        assert_eq!(panic_message(&*text), "plain");
+        let formatted = std::panic::catch_unwind(|| panic!("n = {}", 4)).unwrap_err();
+        assert_eq!(panic_message(&*formatted), "n = 4");
+        let other = std::panic::catch_unwind(|| std::panic::panic_any(7u8)).unwrap_err();
+        assert_eq!(panic_message(&*other), "");
     }
 }

@@ -51,7 +51,7 @@ pub(crate) fn bind(name: &str) -> Result<(UnixListener, PathBuf), DeviceError> {
 }
 
 /// Accepts clients one at a time until the device stops.
-pub(crate) fn serve(inner: &Inner, listener: UnixListener) {
+pub(crate) fn serve(inner: &Inner, listener: &UnixListener) {
     while !inner.stopping() {
         match listener.accept() {
             Ok((stream, _)) => {

@@ -31,7 +31,7 @@ use super::datapath::{BUF_LEN, TICK};
 use super::offload::Coalescer;
 use super::peers::Peer;
 use super::sockets::{MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
-use super::{DeviceError, Inner, lock, spawn};
+use super::{DeviceError, Inner, lock, panic_message, spawn};
 
 /// Jobs a worker may have queued; a reader that finds the queue full waits, which pushes back
 /// on the TUN queue or the socket buffer rather than growing memory.
@@ -302,15 +302,15 @@ pub(crate) fn spawn_workers(
         .into_iter()
         .enumerate()
         .map(|(i, jobs)| {
-            let inner = Arc::clone(inner);
-            spawn(&inner.name.clone(), &format!("wk{i}"), move || {
-                run_worker(&inner, i, jobs)
+            let worker = Arc::clone(inner);
+            spawn(inner, &format!("wk{i}"), move || {
+                run_worker(&worker, i, &jobs)
             })
         })
         .collect()
 }
 
-fn run_worker(inner: &Inner, index: usize, jobs: Receiver<Job>) {
+fn run_worker(inner: &Inner, index: usize, jobs: &Receiver<Job>) {
     let workers = &inner.workers;
     let me = &workers.workers[index];
     let mut scratch = Scratch::new();
@@ -327,19 +327,40 @@ fn run_worker(inner: &Inner, index: usize, jobs: Receiver<Job>) {
                 endpoint,
                 batch,
             } => {
-                seal(inner, &mut scratch, &peer, endpoint, |sealer| {
-                    batch.packets().for_each(|p| sealer.push(p));
+                contain(Direction::Encrypt, &me.encrypting, || {
+                    seal(inner, &mut scratch, &peer, endpoint, |sealer| {
+                        batch.packets().for_each(|p| sealer.push(p));
+                    });
                 });
-                me.encrypting.fetch_sub(1, Ordering::AcqRel);
                 workers.recycle(batch);
             }
             Job::Decrypt { peer, src, batch } => {
-                open(inner, &mut scratch, &peer, src, batch.packets());
-                me.decrypting.fetch_sub(1, Ordering::AcqRel);
+                contain(Direction::Decrypt, &me.decrypting, || {
+                    open(inner, &mut scratch, &peer, src, batch.packets());
+                });
                 workers.recycle(batch);
             }
         }
     }
+}
+
+/// Runs one queued batch, then counts it as no longer pending, also when it panicked. Nothing
+/// in it should panic on any input; if a bug does, that batch's packets are lost and logged,
+/// and the worker goes on. A count left above zero would make the readers queue that
+/// worker's peers' batches behind a job that never ends.
+fn contain(direction: Direction, pending: &AtomicUsize, work: impl FnOnce()) {
+    // AssertUnwindSafe: what the work may leave half-done is the batch (recycled, its lengths
+    // reset), the scratch buffers (rewritten before every use) and at worst the peer's session,
+    // whose poisoned lock `lock` ignores: a session broken by a bug fails to decrypt until the
+    // next handshake replaces it, which beats a worker that is gone.
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        tracing::error!(
+            ?direction,
+            message = %panic_message(&*panic),
+            "a crypto worker's batch panicked; its packets were dropped"
+        );
+    }
+    pending.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// Room `out` must have for one more encrypted packet of `len` bytes (boringtun wants
@@ -568,6 +589,17 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_panicking_batch_is_no_longer_pending_and_the_worker_goes_on() {
+        let pending = AtomicUsize::new(2);
+        contain(Direction::Decrypt, &pending, || panic!("a bug"));
+        assert_eq!(pending.load(Ordering::Acquire), 1);
+        let mut ran = false;
+        contain(Direction::Decrypt, &pending, || ran = true);
+        assert!(ran);
+        assert_eq!(pending.load(Ordering::Acquire), 0);
     }
 
     #[test]
