@@ -33,12 +33,18 @@ const SCRATCH: u64 = GB;
 /// the temporary directory (4.3 GB at most, removed after), then 250 MB of binaries.
 const GO_BUILD: u64 = 5 * GB;
 
-/// What `cargo xtask test` will write, given the repository root.
-pub fn test_needs(root: &Path) -> Vec<Need> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+/// Cargo's target directory for the repository at `root`.
+pub fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let built = target.join("debug").join("deps").is_dir();
+        .unwrap_or_else(|| root.join("target"))
+}
+
+/// What `cargo xtask test` will write, given cargo's target directory.
+pub fn test_needs(target: &Path) -> Vec<Need> {
+    // Not target/debug/deps: `cargo xtask` has built itself there before this runs. The
+    // agent's binary comes only from building the workspace's tests.
+    let built = target.join("debug").join("wgmesh-agent").is_file();
     let mut needs = vec![
         Need {
             what: if built {
@@ -46,7 +52,7 @@ pub fn test_needs(root: &Path) -> Vec<Need> {
             } else {
                 "a clean build of the workspace and the fuzz target"
             },
-            path: target,
+            path: target.to_owned(),
             bytes: if built { REBUILD } else { CLEAN_BUILD },
         },
         Need {
@@ -217,6 +223,17 @@ mod tests {
                 .collect();
             assert_eq!(got, case.short, "{}", case.name);
         }
+    }
+
+    #[test]
+    fn a_target_with_only_xtask_in_it_needs_a_clean_build() {
+        let target = tempfile::tempdir().unwrap();
+        let debug = target.path().join("debug");
+        std::fs::create_dir_all(debug.join("deps")).unwrap();
+        std::fs::write(debug.join("xtask"), "").unwrap();
+        assert_eq!(test_needs(target.path())[0].bytes, CLEAN_BUILD);
+        std::fs::write(debug.join("wgmesh-agent"), "").unwrap();
+        assert_eq!(test_needs(target.path())[0].bytes, REBUILD);
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub fn run(opts: &Opts) -> Result<()> {
     if opts.no_disk_check {
         eprintln!("    skipped (--no-disk-check)");
     } else {
-        crate::disk::check(crate::disk::test_needs(&root))?;
+        crate::disk::check(crate::disk::test_needs(&crate::disk::target_dir(&root)))?;
     }
 
     if !opts.no_lint {
