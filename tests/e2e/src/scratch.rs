@@ -1,5 +1,6 @@
 //! Scratch directories for control planes, meshes and helm homes: removed when dropped, and,
-//! when a run was killed before it could drop them, by the next run.
+//! when a run was killed before it could drop them, by the next run. `build-go-tools.sh`
+//! locks its work directories the same way (with flock(1)), so those go too.
 //!
 //! A control plane's directory holds etcd's 64 MB WAL, and CI machines' disks are shared and
 //! sometimes nearly full, so leftovers of killed runs must not pile up. Each directory holds a
@@ -120,6 +121,39 @@ mod tests {
         assert_eq!(removed, vec![abandoned, legacy]);
         assert!(owned.exists() && young.exists() && other.exists());
         drop(held);
+    }
+
+    #[test]
+    fn a_lock_held_by_another_process_with_flock_1_protects_its_directory() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("wgmesh-gobuild.x");
+        std::fs::create_dir(&dir).unwrap();
+        let lock = dir.join(LOCK_FILE);
+        // As build-go-tools.sh takes it; `exec` leaves one process holding it.
+        let mut holder = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(r#"exec 9>"$1" && flock 9 && exec sleep 30"#)
+            .arg("holder")
+            .arg(&lock)
+            .spawn()
+            .unwrap();
+        // Wait until flock(1) holds it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while File::open(&lock).map_or(true, |f| f.try_lock().is_ok()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "flock(1) never took the lock"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        age(&dir);
+        assert!(remove_abandoned(parent.path(), "wgmesh-gobuild.").is_empty());
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        assert_eq!(
+            remove_abandoned(parent.path(), "wgmesh-gobuild."),
+            vec![dir]
+        );
     }
 
     #[test]

@@ -99,6 +99,8 @@ pub fn cached_tool(what: &str, version: &str, dir_prefix: &str, binary: &str) ->
     if path.is_file() {
         return Ok(path);
     }
+    // A killed build leaves gigabytes of Go caches behind; a running one holds its lock.
+    crate::scratch::remove_abandoned(&std::env::temp_dir(), "wgmesh-gobuild.");
     eprintln!(
         "[wgmesh] {binary} v{version} is not in {}; building it from the Go module proxy (once; cached afterwards)",
         dir.display()

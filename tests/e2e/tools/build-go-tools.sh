@@ -14,6 +14,11 @@ set -euo pipefail
 what=$1 version=$2 out=$3
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 work=$(mktemp -d "${TMPDIR:-/tmp}/wgmesh-gobuild.XXXXXX")
+# Held (by this shell and the go commands it starts) until the build ends, however it ends:
+# the test harness removes unlocked wgmesh-gobuild.* directories left by killed builds
+# (tests/e2e/src/scratch.rs).
+exec 9>"$work/.owner.lock"
+flock 9
 # The module and build caches live in the work directory and go with it: they hold about
 # 4 GB after the Kubernetes build, for 240 MB of binaries that are cached themselves.
 # Go makes module files read-only, hence the chmod before removal.
