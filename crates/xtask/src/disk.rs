@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use nix::sys::statvfs::statvfs;
+use wgmesh_e2e::tools::{self, GoTool};
 
 const GB: u64 = 1_000_000_000;
 
@@ -61,7 +62,7 @@ pub fn test_needs(target: &Path) -> Vec<Need> {
             bytes: SCRATCH,
         },
     ];
-    if !wgmesh_e2e::tools::go_tools_cached() {
+    if !tools::TEST_TOOLS.iter().all(GoTool::is_cached) {
         needs.push(Need {
             what: "building etcd, kube-apiserver, kubectl and helm with Go",
             path: std::env::temp_dir(),

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use crate::ControlPlane;
 use crate::install::repo_root;
 use crate::scratch::ScratchDir;
-use crate::tools::cached_tool;
+use crate::tools::{self, cached_tool};
 use crate::versions;
 
 /// Namespace the chart is installed into, everywhere (tests, demo, docs).
@@ -44,7 +44,7 @@ impl Helm {
     /// Finds helm in the cache, or builds it.
     pub fn new() -> Result<Self> {
         Ok(Helm {
-            binary: cached_tool("helm", versions::HELM, "helm", "helm")?,
+            binary: cached_tool(&tools::HELM)?,
             home: ScratchDir::new("wgmesh-helm-")?,
         })
     }

@@ -47,7 +47,7 @@ pub fn control_plane_binaries() -> Result<ControlPlaneBinaries> {
             let kubectl = if bins.kubectl.is_file() {
                 bins.kubectl
             } else {
-                cached_tool("k8s", versions::KUBERNETES, "kubernetes", "kubectl")?
+                cached_tool(&KUBECTL)?
             };
             return Ok(ControlPlaneBinaries { kubectl, ..bins });
         }
@@ -57,33 +57,76 @@ pub fn control_plane_binaries() -> Result<ControlPlaneBinaries> {
         );
     }
     Ok(ControlPlaneBinaries {
-        etcd: cached_tool("etcd", versions::ETCD, "etcd", "etcd")?,
-        kube_apiserver: cached_tool("k8s", versions::KUBERNETES, "kubernetes", "kube-apiserver")?,
-        kubectl: cached_tool("k8s", versions::KUBERNETES, "kubernetes", "kubectl")?,
+        etcd: cached_tool(&ETCD)?,
+        kube_apiserver: cached_tool(&KUBE_APISERVER)?,
+        kubectl: cached_tool(&KUBECTL)?,
     })
 }
 
-/// Whether every binary `cargo xtask test` needs from Go (etcd, kube-apiserver, kubectl,
-/// helm) is already in the cache, so that no Go build will run.
-pub fn go_tools_cached() -> bool {
-    [
-        ("etcd", versions::ETCD, "etcd"),
-        ("kubernetes", versions::KUBERNETES, "kube-apiserver"),
-        ("kubernetes", versions::KUBERNETES, "kubectl"),
-        ("helm", versions::HELM, "helm"),
-    ]
-    .iter()
-    .all(|(dir_prefix, version, binary)| cache_entry(dir_prefix, version).join(binary).is_file())
+/// A program built from the Go module proxy by `build-go-tools.sh <what> <version>` into
+/// `<cache>/<dir_prefix>-v<version>/<binary>`.
+#[derive(Debug, Clone, Copy)]
+pub struct GoTool {
+    pub what: &'static str,
+    pub version: &'static str,
+    pub dir_prefix: &'static str,
+    pub binary: &'static str,
 }
 
-/// The cache directory of one tool's version.
-fn cache_entry(dir_prefix: &str, version: &str) -> PathBuf {
-    cache_dir().join(format!("{dir_prefix}-v{version}"))
+pub const ETCD: GoTool = GoTool {
+    what: "etcd",
+    version: versions::ETCD,
+    dir_prefix: "etcd",
+    binary: "etcd",
+};
+pub const KUBE_APISERVER: GoTool = GoTool {
+    what: "k8s",
+    version: versions::KUBERNETES,
+    dir_prefix: "kubernetes",
+    binary: "kube-apiserver",
+};
+pub const KUBECTL: GoTool = GoTool {
+    binary: "kubectl",
+    ..KUBE_APISERVER
+};
+pub const HELM: GoTool = GoTool {
+    what: "helm",
+    version: versions::HELM,
+    dir_prefix: "helm",
+    binary: "helm",
+};
+/// Upstream wireguard-go, for the data-plane benchmark.
+pub const WIREGUARD_GO: GoTool = GoTool {
+    what: "wggo",
+    version: versions::WIREGUARD_GO,
+    dir_prefix: "wireguard-go",
+    binary: "wireguard-go",
+};
+
+/// Every program `cargo xtask test` needs from Go.
+pub const TEST_TOOLS: [GoTool; 4] = [ETCD, KUBE_APISERVER, KUBECTL, HELM];
+
+impl GoTool {
+    /// The cache directory of this tool's version.
+    fn cache_entry(&self) -> PathBuf {
+        cache_dir().join(format!("{}-v{}", self.dir_prefix, self.version))
+    }
+
+    /// Whether it is in the cache, so that no Go build will run for it.
+    pub fn is_cached(&self) -> bool {
+        self.cache_entry().join(self.binary).is_file()
+    }
 }
 
-/// `<cache>/<dir_prefix>-v<version>/<binary>`, built by `build-go-tools.sh <what>` when absent.
-pub fn cached_tool(what: &str, version: &str, dir_prefix: &str, binary: &str) -> Result<PathBuf> {
-    let dir = cache_entry(dir_prefix, version);
+/// The tool's path in the cache, built first when absent.
+pub fn cached_tool(tool: &GoTool) -> Result<PathBuf> {
+    let GoTool {
+        what,
+        version,
+        dir_prefix,
+        binary,
+    } = *tool;
+    let dir = tool.cache_entry();
     let path = dir.join(binary);
     if path.is_file() {
         return Ok(path);

@@ -145,12 +145,7 @@ pub fn run(args: Args) -> Result<()> {
             "finding upstream wireguard-go {} (built from the Go module proxy on first use)",
             versions::WIREGUARD_GO
         ));
-        match tools::cached_tool(
-            "wggo",
-            versions::WIREGUARD_GO,
-            "wireguard-go",
-            "wireguard-go",
-        ) {
+        match tools::cached_tool(&tools::WIREGUARD_GO) {
             Ok(path) => Some(path),
             Err(e) => {
                 eprintln!("    SKIPPING upstream wireguard-go: {e:#}");
