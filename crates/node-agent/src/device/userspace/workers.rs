@@ -182,7 +182,7 @@ impl Workers {
                 pool: Mutex::new(Vec::new()),
                 hand_over: AtomicBool::new(matches!(policy, WorkerPolicy::Fixed(_))),
                 policy,
-                idle: Mutex::new(IdleCores::default()),
+                idle: Mutex::new(IdleCores { cores, last: None }),
             },
             queues,
         )
@@ -533,15 +533,16 @@ fn write_tun(inner: &Inner, buf: &[u8]) {
 }
 
 /// Idle time of the whole node between two samples of `/proc/stat`, in cores.
-#[derive(Default)]
 struct IdleCores {
+    /// The cores the idle fraction is scaled to (the device's count, found once).
+    cores: usize,
     /// Idle (with iowait) and total jiffies at the last sample.
     last: Option<(u64, u64)>,
 }
 
 impl IdleCores {
     fn sample(&mut self) -> Option<f64> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = self.cores;
         let now = std::fs::read_to_string("/proc/stat")
             .ok()
             .and_then(|s| parse_cpu_line(&s))?;
