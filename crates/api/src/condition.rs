@@ -15,4 +15,6 @@ pub mod reason {
     pub const MESH_NOT_FOUND: &str = "MeshNotFound";
     pub const DISABLED: &str = "Disabled";
     pub const NO_GATEWAY: &str = "NoGateway";
+    pub const RESERVED_RANGE: &str = "ReservedRange";
+    pub const NODE_NOT_OWNED: &str = "NodePeerNotOwned";
 }

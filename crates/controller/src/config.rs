@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use wgmesh_core::Cidr;
+use wgmesh_core::desired::ReservedRange;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -95,6 +97,13 @@ pub struct Config {
     #[arg(long, env = "WGMESH_STATUS_INTERVAL", default_value_t = 30)]
     pub status_interval: u64,
 
+    /// Ranges no WireGuardPeer may claim, besides those the controller finds itself (loopback,
+    /// link-local and metadata, multicast, every Node's addresses, the API server's
+    /// addresses, and the ServiceCIDR objects of Kubernetes 1.33+): name the Service CIDR
+    /// here on older clusters, and any underlay range nodes must keep reaching directly.
+    #[arg(long, env = "WGMESH_RESERVED_CIDRS", value_delimiter = ',')]
+    pub reserved_cidrs: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "WGMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -119,7 +128,77 @@ impl Config {
         })
     }
 
+    /// `--reserved-cidrs`, parsed, and the API server's address when the controller reaches it
+    /// by IP (`api_server_host` is the host of its cluster URL).
+    pub fn reserved_ranges(
+        &self,
+        api_server_host: Option<&str>,
+    ) -> Result<Vec<ReservedRange>, crate::Error> {
+        let mut out = self
+            .reserved_cidrs
+            .iter()
+            .map(|c| {
+                Cidr::parse_masked(c.trim())
+                    .map(|cidr| ReservedRange::new(cidr, "reserved by --reserved-cidrs"))
+                    .map_err(|e| crate::Error::Config(format!("--reserved-cidrs {c:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let api_ip = api_server_host
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+            .and_then(|h| h.parse::<std::net::IpAddr>().ok());
+        if let Some(ip) = api_ip {
+            out.push(ReservedRange::new(
+                Cidr::host(ip),
+                "the address the controller reaches the API server at",
+            ));
+        }
+        Ok(out)
+    }
+
     pub fn status_interval(&self) -> Duration {
         Duration::from_secs(self.status_interval)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_ranges_table() {
+        type Case<'a> = (
+            &'a [&'a str],
+            Option<&'a str>,
+            Result<&'a [&'a str], &'a str>,
+        );
+        let cases: &[Case] = &[
+            (&[], None, Ok(&[])),
+            (&["10.96.0.0/12"], None, Ok(&["10.96.0.0/12"])),
+            (
+                &["10.96.0.1/12", "fd00::/108"],
+                None,
+                Ok(&["10.96.0.0/12", "fd00::/108"]),
+            ),
+            (&[], Some("203.0.113.7"), Ok(&["203.0.113.7/32"])),
+            (&[], Some("[2001:db8::7]"), Ok(&["2001:db8::7/128"])),
+            (&[], Some("api.example.com"), Ok(&[])),
+            (&["10.96.0.0/33"], None, Err("--reserved-cidrs")),
+            (&["nonsense"], None, Err("nonsense")),
+        ];
+        for (flags, host, want) in cases {
+            let mut args = vec!["wgmesh-controller".to_owned()];
+            for f in *flags {
+                args.push(format!("--reserved-cidrs={f}"));
+            }
+            let config = Config::parse_from(args);
+            let got = config
+                .reserved_ranges(*host)
+                .map(|r| r.iter().map(|r| r.cidr.to_string()).collect::<Vec<_>>());
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, *want, "{flags:?} {host:?}"),
+                (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{e}"),
+                (got, want) => panic!("{flags:?} {host:?}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 }

@@ -9,13 +9,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use wgmesh_api::{WireGuardMesh, WireGuardPeer, mesh::SecretKeyRef};
 use wgmesh_core::Cidr;
-use wgmesh_core::desired::{MeshInput, NodeInput, PeerInput, SecretInput};
+use wgmesh_core::desired::{MeshInput, NodeInput, PeerInput, ReservedRange, SecretInput};
 
 /// Secret values the controller has looked up, by reference.
 pub type Secrets = BTreeMap<SecretKeyRef, SecretInput>;
 
-/// The mesh-level input of a `WireGuardMesh`.
-pub fn mesh_input(mesh: &WireGuardMesh, secrets: &Secrets) -> MeshInput {
+/// The mesh-level input of a `WireGuardMesh`; `reserved` are the cluster's ranges no peer may
+/// claim (Service CIDRs, the API server), beyond the fixed ones and the nodes' addresses.
+pub fn mesh_input(
+    mesh: &WireGuardMesh,
+    secrets: &Secrets,
+    reserved: &[ReservedRange],
+) -> MeshInput {
     let spec = &mesh.spec;
     MeshInput {
         name: mesh.name_any(),
@@ -27,6 +32,7 @@ pub fn mesh_input(mesh: &WireGuardMesh, secrets: &Secrets) -> MeshInput {
             .collect(),
         persistent_keepalive: clamp_u16(spec.persistent_keepalive),
         preshared_key: spec.preshared_key.as_ref().map(|r| secret(r, secrets)),
+        reserved: reserved.to_vec(),
     }
 }
 
@@ -34,6 +40,8 @@ pub fn mesh_input(mesh: &WireGuardMesh, secrets: &Secrets) -> MeshInput {
 pub fn node_input(node: &Node, mesh: &WireGuardMesh) -> NodeInput {
     NodeInput {
         name: node.name_any(),
+        uid: node.metadata.uid.clone().unwrap_or_default(),
+        addresses: node_addresses(node),
         selected: selector_matches(mesh.spec.node_selector.as_ref(), node.labels()),
         pod_cidrs: pod_cidrs(node),
         rotate_key_request: node.annotations().get(ROTATE_KEY_ANNOTATION).cloned(),
@@ -123,10 +131,37 @@ pub fn peer_input(
         responder: spec.responder,
         disabled: spec.disabled,
         node: spec.node.as_ref().map(|n| n.0.clone()),
+        node_owner_uid: node_owner_uid(peer),
         tunnel_addresses: status
             .map(|s| s.addresses.iter().filter_map(|a| a.parse().ok()).collect())
             .unwrap_or_default(),
     })
+}
+
+/// The UID of the Node that owns a node peer: its ownerReference to the Node its `spec.node`
+/// names (the controller sets it on the peers it creates).
+pub fn node_owner_uid(peer: &WireGuardPeer) -> Option<String> {
+    let node = peer.spec.node.as_ref()?;
+    peer.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.api_version == "v1" && o.kind == "Node" && o.name == node.0)
+        .map(|o| o.uid.clone())
+}
+
+/// Whether `peer` is the controller's own peer of `node`: the only kind the controller keeps
+/// in sync with its Node (and deletes when the Node leaves).
+pub fn is_owned_node_peer(peer: &WireGuardPeer, node: Option<&Node>) -> bool {
+    match (
+        node_owner_uid(peer),
+        node.and_then(|n| n.metadata.uid.as_deref()),
+    ) {
+        (Some(owner), Some(uid)) => owner == uid,
+        // The Node is gone: a peer that was owned by a Node of that name is ours to clean.
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
 }
 
 fn secret(reference: &SecretKeyRef, secrets: &Secrets) -> SecretInput {

@@ -333,6 +333,8 @@ mod tests {
         use wgmesh_core::desired::{MeshInput, NodeInput, PeerInput, compute};
         let node = |n: u8| NodeInput {
             name: format!("n{n}"),
+            uid: format!("uid-n{n}"),
+            addresses: vec![],
             selected: true,
             pod_cidrs: vec![format!("10.244.{n}.0/24").parse().unwrap()],
             rotate_key_request: None,
@@ -351,6 +353,7 @@ mod tests {
             preshared_key: None,
             responder: false,
             disabled: false,
+            node_owner_uid: node.as_ref().map(|n| format!("uid-{n}")),
             node,
             tunnel_addresses: vec![format!("10.250.0.{n}").parse().unwrap()],
         };

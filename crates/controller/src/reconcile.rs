@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -15,7 +17,7 @@ use kube::{Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use wgmesh_api::mesh::SecretKeyRef;
 use wgmesh_api::{Backend, WireGuardMesh, WireGuardPeer};
-use wgmesh_core::desired::{self, DesiredMesh, PeerInput, SecretInput};
+use wgmesh_core::desired::{self, DesiredMesh, PeerInput, ReservedRange, SecretInput};
 use wgmesh_proto as pb;
 
 use crate::convert::{self, Secrets};
@@ -32,7 +34,52 @@ pub struct Caches {
     pub nodes: Store<Node>,
     pub meshes: Store<WireGuardMesh>,
     pub peers: Store<WireGuardPeer>,
+    /// The cluster's Service CIDRs (Kubernetes 1.33+); reserved, no peer may claim them.
+    pub service_cidrs: Store<ServiceCIDR>,
+    /// The `kubernetes` Service's endpoints: the API server's real addresses, reserved.
+    pub api_endpoints: Store<EndpointSlice>,
+    /// Reserved ranges from the controller's configuration (`--reserved-cidrs`) and the
+    /// address it reaches the API server at.
+    pub configured_reserved: Arc<Vec<ReservedRange>>,
     pub seniority: Arc<Mutex<Seniority>>,
+}
+
+impl Caches {
+    /// Every cluster-wide range no peer may claim, beyond the fixed ones and node addresses.
+    pub fn reserved(&self) -> Vec<ReservedRange> {
+        let service_cidrs = self.service_cidrs.state().into_iter().flat_map(|s| {
+            let name = s.name_any();
+            s.spec
+                .as_ref()
+                .and_then(|spec| spec.cidrs.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(move |c| {
+                    let cidr = wgmesh_core::Cidr::parse_masked(&c).ok()?;
+                    Some(ReservedRange::new(
+                        cidr,
+                        format!("the Service CIDR ({name})"),
+                    ))
+                })
+        });
+        let api_server = self.api_endpoints.state().into_iter().flat_map(|slice| {
+            slice
+                .endpoints
+                .iter()
+                .flat_map(|e| e.addresses.clone())
+                .filter_map(|a| a.parse().ok())
+                .map(|ip| {
+                    ReservedRange::new(wgmesh_core::Cidr::host(ip), "an address of the API server")
+                })
+                .collect::<Vec<_>>()
+        });
+        self.configured_reserved
+            .iter()
+            .cloned()
+            .chain(service_cidrs)
+            .chain(api_server)
+            .collect()
+    }
 }
 
 /// The order in which this process first saw each peer, to break ties between peers created
@@ -91,6 +138,7 @@ pub struct Computed {
 /// change signals.
 pub fn watch_cluster(
     client: &Client,
+    configured_reserved: Vec<ReservedRange>,
 ) -> (
     Caches,
     impl std::future::Future<Output = ()> + Send + 'static,
@@ -99,6 +147,8 @@ pub fn watch_cluster(
     let (nodes, nodes_w) = reflector::store::<Node>();
     let (meshes, meshes_w) = reflector::store::<WireGuardMesh>();
     let (peers, peers_w) = reflector::store::<WireGuardPeer>();
+    let (service_cidrs, service_cidrs_w) = reflector::store::<ServiceCIDR>();
+    let (api_endpoints, api_endpoints_w) = reflector::store::<EndpointSlice>();
     let cfg = watcher::Config::default;
     let node_events = watcher(Api::<Node>::all(client.clone()), cfg())
         .default_backoff()
@@ -115,9 +165,30 @@ pub fn watch_cluster(
         .reflect(peers_w)
         .map(|_| ())
         .boxed();
+    // Reserved ranges: clusters before 1.33 have no ServiceCIDR objects (that watch then
+    // retries with backoff, and --reserved-cidrs must name the Service CIDR).
+    let service_cidr_events = watcher(Api::<ServiceCIDR>::all(client.clone()), cfg())
+        .default_backoff()
+        .reflect(service_cidrs_w)
+        .map(|_| ())
+        .boxed();
+    let api_endpoint_events = watcher(
+        Api::<EndpointSlice>::namespaced(client.clone(), "default"),
+        cfg().labels("kubernetes.io/service-name=kubernetes"),
+    )
+    .default_backoff()
+    .reflect(api_endpoints_w)
+    .map(|_| ())
+    .boxed();
     let (tx, rx) = mpsc::channel(1024);
     let driver = async move {
-        let mut all = stream::select_all([node_events, mesh_events, peer_events]);
+        let mut all = stream::select_all([
+            node_events,
+            mesh_events,
+            peer_events,
+            service_cidr_events,
+            api_endpoint_events,
+        ]);
         while all.next().await.is_some() {
             // A full channel already holds a pending signal: dropping this one loses nothing.
             let _ = tx.try_send(Instant::now());
@@ -128,6 +199,9 @@ pub fn watch_cluster(
             nodes,
             meshes,
             peers,
+            service_cidrs,
+            api_endpoints,
+            configured_reserved: Arc::new(configured_reserved),
             seniority: Arc::default(),
         },
         driver,
@@ -202,10 +276,11 @@ pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Compute
         }
     }
 
+    let reserved = caches.reserved();
     let mut live = BTreeSet::new();
     for mesh in &meshes {
         let name = mesh.name_any();
-        let mesh_input = convert::mesh_input(mesh, secrets);
+        let mesh_input = convert::mesh_input(mesh, secrets, &reserved);
         let node_inputs: Vec<_> = nodes.iter().map(|n| convert::node_input(n, mesh)).collect();
         let peer_inputs = inputs.remove(&name).unwrap_or_default();
         let desired = desired::compute(&mesh_input, &node_inputs, &peer_inputs);

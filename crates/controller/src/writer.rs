@@ -187,6 +187,10 @@ impl Writer {
                 .await;
             if let Some(node_name) = peer.spec.node.as_ref().map(|n| n.0.clone()) {
                 let node = nodes.get(&node_name).copied();
+                // Someone else's object claiming a node: judged (refused), never adopted.
+                if !convert::is_owned_node_peer(peer, node.map(|n| &**n)) {
+                    continue;
+                }
                 self.sync_node_peer(peer, mesh.map(|(m, _)| &**m), node, &addresses)
                     .await;
             }

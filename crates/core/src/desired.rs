@@ -34,6 +34,56 @@ pub struct MeshInput {
     pub persistent_keepalive: u16,
     /// The mesh-wide secret node-to-node preshared keys are derived from.
     pub preshared_key: Option<SecretInput>,
+    /// Ranges no peer may claim beyond [`FIXED_RESERVED`] and the nodes' own addresses
+    /// (which [`compute`] adds from [`NodeInput::addresses`]): the Service CIDRs, the API
+    /// server's addresses, what the operator configured.
+    pub reserved: Vec<ReservedRange>,
+}
+
+/// A range no peer may claim as allowed IPs: routed into the tunnel on every node, it would
+/// cut nodes off from what they need (the underlay, the API server, cloud metadata).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservedRange {
+    pub cidr: Cidr,
+    /// What the range is, for the refusal's message ("the Service CIDR").
+    pub what: String,
+}
+
+impl ReservedRange {
+    pub fn new(cidr: Cidr, what: impl Into<String>) -> Self {
+        ReservedRange {
+            cidr,
+            what: what.into(),
+        }
+    }
+}
+
+/// Ranges reserved on every node whatever the cluster: (network, what it is).
+pub const FIXED_RESERVED: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "\"this network\" (0.0.0.0/8)"),
+    ("127.0.0.0/8", "IPv4 loopback"),
+    (
+        "169.254.0.0/16",
+        "IPv4 link-local, cloud metadata included (169.254.169.254)",
+    ),
+    ("224.0.0.0/4", "IPv4 multicast"),
+    ("255.255.255.255/32", "the IPv4 broadcast address"),
+    ("::/128", "the IPv6 unspecified address"),
+    ("::1/128", "IPv6 loopback"),
+    ("::ffff:0:0/96", "IPv4-mapped IPv6 addresses"),
+    ("fe80::/10", "IPv6 link-local"),
+    ("ff00::/8", "IPv6 multicast"),
+];
+
+/// [`FIXED_RESERVED`], parsed.
+pub fn fixed_reserved() -> Vec<ReservedRange> {
+    FIXED_RESERVED
+        .iter()
+        .map(|(cidr, what)| {
+            let cidr = cidr.parse().expect("FIXED_RESERVED holds valid CIDRs");
+            ReservedRange::new(cidr, *what)
+        })
+        .collect()
 }
 
 /// A Secret value the controller looked up, or the reason it could not.
@@ -48,6 +98,10 @@ pub enum SecretInput {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeInput {
     pub name: String,
+    /// The Node's UID: only a peer owned by this very Node object may claim to be it.
+    pub uid: String,
+    /// The Node's addresses (InternalIP, ExternalIP): reserved, no peer may claim them.
+    pub addresses: Vec<IpAddr>,
     /// Whether the node matches the mesh's node selector.
     pub selected: bool,
     /// `spec.podCIDRs` (falling back to `spec.podCIDR`).
@@ -86,6 +140,9 @@ pub struct PeerInput {
     pub disabled: bool,
     /// Set on node peers: the Node this peer is.
     pub node: Option<String>,
+    /// The UID in the object's ownerReference to the Node named by `node`, if it has one.
+    /// The controller creates node peers with it; a `spec.node` without it is not trusted.
+    pub node_owner_uid: Option<String>,
     /// Tunnel addresses allocated to the peer (`status.addresses`), one per pool.
     pub tunnel_addresses: Vec<IpAddr>,
 }
@@ -138,6 +195,8 @@ pub mod reason {
     pub const DISABLED: &str = "Disabled";
     pub const NODE_NOT_IN_MESH: &str = "NodeNotInMesh";
     pub const NO_GATEWAY: &str = "NoGateway";
+    pub const RESERVED_RANGE: &str = "ReservedRange";
+    pub const NODE_NOT_OWNED: &str = "NodePeerNotOwned";
 }
 
 /// A member node: a selected Node whose agent registered and whose peer is programmed.
@@ -291,12 +350,18 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
     });
 
     let mut out = DesiredMesh::default();
-    let mut keys: BTreeMap<PublicKey, &str> = BTreeMap::new();
+    let key_owners = key_owners(peers);
+    let reserved = reserved_ranges(mesh, nodes);
     let mut claims: Vec<(Cidr, String)> = Vec::new();
     let pool_fill = pool_fill(&mesh.tunnel_pools, peers);
     let mesh_secret = match &mesh.preshared_key {
         Some(SecretInput::Present(bytes)) => Some(mesh_secret_key(bytes)),
         _ => None,
+    };
+    let judged = Judged {
+        key_owners: &key_owners,
+        reserved: &reserved,
+        pool_fill: &pool_fill,
     };
 
     for peer in order {
@@ -304,7 +369,7 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
             .node
             .as_deref()
             .and_then(|n| nodes_by_name.get(n).copied());
-        let mut verdict = judge(mesh, peer, node, &keys, &claims, &pool_fill);
+        let mut verdict = judge(mesh, peer, node, &judged, &claims);
         // Node peers come first, so every gateway is known by the time external peers are
         // judged; an external peer with no gateway to attach to is programmed nowhere.
         if verdict == Verdict::Programmed
@@ -320,7 +385,6 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
             };
         }
         if verdict == Verdict::Programmed {
-            keys.insert(peer.public_key, &peer.name);
             let owner = match &peer.node {
                 Some(n) => format!("the pod CIDR of node {n}"),
                 None => format!("WireGuardPeer {}", peer.name),
@@ -386,13 +450,50 @@ fn interior_peers(d: &DesiredMesh) -> BTreeMap<PublicKey, Arc<DesiredPeer>> {
         .collect()
 }
 
+/// Which peer holds each public key: the oldest one claiming it that is not disabled,
+/// whether a node or external peer. Age, not kind, decides, so a node cannot take over an
+/// external peer's key (nor a newer node's) by registering it.
+fn key_owners(peers: &[PeerInput]) -> BTreeMap<PublicKey, &str> {
+    let mut by_age: Vec<&PeerInput> = peers.iter().filter(|p| !p.disabled).collect();
+    by_age.sort_by(|a, b| {
+        let key = |p: &PeerInput| (p.created, !p.previously_programmed, p.seniority);
+        key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
+    });
+    let mut owners = BTreeMap::new();
+    for p in by_age {
+        owners.entry(p.public_key).or_insert(p.name.as_str());
+    }
+    owners
+}
+
+/// Every range no peer may claim in this mesh: the fixed ones, every Node's addresses, and the
+/// mesh's own (Service CIDRs, the API server).
+pub fn reserved_ranges(mesh: &MeshInput, nodes: &[NodeInput]) -> Vec<ReservedRange> {
+    let node_addresses = nodes.iter().flat_map(|n| {
+        n.addresses.iter().map(move |a| {
+            ReservedRange::new(Cidr::host(*a), format!("an address of node {}", n.name))
+        })
+    });
+    fixed_reserved()
+        .into_iter()
+        .chain(mesh.reserved.iter().cloned())
+        .chain(node_addresses)
+        .collect()
+}
+
+/// What every peer of a mesh is judged against, computed once per mesh.
+struct Judged<'a> {
+    key_owners: &'a BTreeMap<PublicKey, &'a str>,
+    reserved: &'a [ReservedRange],
+    pool_fill: &'a [(Cidr, bool)],
+}
+
 fn judge(
     mesh: &MeshInput,
     peer: &PeerInput,
     node: Option<&NodeInput>,
-    keys: &BTreeMap<PublicKey, &str>,
+    judged: &Judged<'_>,
     claims: &[(Cidr, String)],
-    pool_fill: &[(Cidr, bool)],
 ) -> Verdict {
     let refuse = |reason, message: String| Verdict::Refused { reason, message };
     if peer.disabled {
@@ -415,10 +516,24 @@ fn judge(
                     ),
                 );
             }
+            Some(n) if peer.node_owner_uid.as_deref() != Some(n.uid.as_str()) => {
+                return refuse(
+                    reason::NODE_NOT_OWNED,
+                    format!(
+                        "spec.node names node {node_name}, which only the controller's own peer \
+                         of that Node (owned by it) may; remove spec.node to make this an \
+                         external peer"
+                    ),
+                );
+            }
             Some(_) => {}
         }
     }
-    if let Some(other) = keys.get(&peer.public_key) {
+    if let Some(other) = judged
+        .key_owners
+        .get(&peer.public_key)
+        .filter(|owner| **owner != peer.name)
+    {
         return refuse(
             reason::DUPLICATE_PUBLIC_KEY,
             format!(
@@ -438,7 +553,7 @@ fn judge(
             format!("mesh {}: {why}", mesh.name),
         );
     }
-    for (pool, full) in pool_fill {
+    for (pool, full) in judged.pool_fill {
         let has = peer.tunnel_addresses.iter().any(|a| pool.contains_addr(*a));
         if !has {
             return if *full {
@@ -458,6 +573,15 @@ fn judge(
         }
     }
     for cidr in claimed_networks(peer, node) {
+        if let Some(r) = judged.reserved.iter().find(|r| r.cidr.overlaps(&cidr)) {
+            return refuse(
+                reason::RESERVED_RANGE,
+                format!(
+                    "{cidr} overlaps {}, {}: routing it into the mesh would cut nodes off",
+                    r.cidr, r.what
+                ),
+            );
+        }
         if let Some(pool) = mesh.tunnel_pools.iter().find(|p| p.overlaps(&cidr)) {
             return refuse(
                 reason::ALLOWED_IPS_OVERLAP,

@@ -16,12 +16,15 @@ fn mesh() -> MeshInput {
         tunnel_pools: cidrs(&["10.250.0.0/16"]),
         persistent_keepalive: 0,
         preshared_key: None,
+        reserved: vec![],
     }
 }
 
 fn node(name: &str, pod_cidr: &str) -> NodeInput {
     NodeInput {
         name: name.into(),
+        uid: format!("uid-{name}"),
+        addresses: vec![],
         selected: true,
         pod_cidrs: cidrs(&[pod_cidr]),
         rotate_key_request: None,
@@ -45,6 +48,7 @@ fn node_peer(node: &str, n: u8) -> PeerInput {
         responder: false,
         disabled: false,
         node: Some(node.into()),
+        node_owner_uid: Some(format!("uid-{node}")),
         tunnel_addresses: vec![format!("10.250.0.{n}").parse().unwrap()],
     }
 }
@@ -65,6 +69,7 @@ fn external(name: &str, n: u8, allowed: &[&str]) -> PeerInput {
         responder: false,
         disabled: false,
         node: None,
+        node_owner_uid: None,
         tunnel_addresses: vec![format!("10.250.1.{n}").parse().unwrap()],
     }
 }
@@ -524,5 +529,178 @@ fn peer_preshared_key_formats() {
     ];
     for (name, bytes, want) in cases {
         assert_eq!(peer_preshared_key(&bytes), want, "{name}");
+    }
+}
+
+/// Whoever holds a key first keeps it: a node registering an older peer's key is refused, not
+/// the victim (node peers are judged before external ones for their CIDRs, not their keys).
+#[test]
+fn public_key_table() {
+    struct Case {
+        name: &'static str,
+        peers: fn() -> Vec<PeerInput>,
+        programmed: &'static [&'static str],
+        duplicate: &'static [&'static str],
+    }
+    let cases = [
+        Case {
+            name: "a node registering an older external peer's key",
+            peers: || {
+                let mut c = node_peer("c", 30);
+                c.public_key = key(9);
+                vec![
+                    node_peer("a", 1),
+                    node_peer("b", 2),
+                    c,
+                    external("laptop", 9, &[]),
+                ]
+            },
+            programmed: &["a", "b", "laptop"],
+            duplicate: &["c"],
+        },
+        Case {
+            name: "a node registering a newer node's key",
+            peers: || {
+                let mut c = node_peer("c", 30);
+                c.public_key = key(2);
+                vec![node_peer("a", 1), node_peer("b", 2), c]
+            },
+            programmed: &["a", "b"],
+            duplicate: &["c"],
+        },
+        Case {
+            name: "an external peer copying a node's key",
+            peers: || {
+                vec![
+                    node_peer("a", 1),
+                    node_peer("b", 2),
+                    node_peer("c", 3),
+                    external("copycat", 2, &[]),
+                ]
+            },
+            programmed: &["a", "b", "c"],
+            duplicate: &["copycat"],
+        },
+        Case {
+            name: "a disabled holder gives its key up",
+            peers: || {
+                let mut old = external("old", 9, &[]);
+                old.disabled = true;
+                let mut c = node_peer("c", 30);
+                c.public_key = key(9);
+                vec![node_peer("a", 1), node_peer("b", 2), c, old]
+            },
+            programmed: &["a", "b", "c"],
+            duplicate: &[],
+        },
+    ];
+    let (nodes, _) = three_nodes();
+    for case in cases {
+        let d = compute(&mesh(), &nodes, &(case.peers)());
+        for name in case.programmed {
+            assert_eq!(refused(&d, name), None, "{}: {name}", case.name);
+        }
+        for name in case.duplicate {
+            let (reason, message) =
+                refused(&d, name).unwrap_or_else(|| panic!("{}: {name} refused", case.name));
+            assert_eq!(
+                reason,
+                reason::DUPLICATE_PUBLIC_KEY,
+                "{}: {message}",
+                case.name
+            );
+        }
+    }
+}
+
+/// Claims that would route what nodes need into the tunnel are refused and never programmed.
+#[test]
+fn reserved_range_table() {
+    let mut m = mesh();
+    m.reserved = vec![
+        ReservedRange::new("10.96.0.0/12".parse().unwrap(), "the Service CIDR"),
+        ReservedRange::new("203.0.113.10/32".parse().unwrap(), "the API server"),
+    ];
+    let (mut nodes, node_peers) = three_nodes();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        n.addresses = vec![format!("192.168.0.{}", i + 1).parse().unwrap()];
+    }
+    nodes[2].addresses.push("2001:db8::3".parse().unwrap());
+    let cases: &[(&str, &str, Option<&str>)] = &[
+        (
+            "192.168.0.1/32",
+            "a node's InternalIP",
+            Some("an address of node a"),
+        ),
+        (
+            "192.168.0.0/16",
+            "a supernet of node addresses",
+            Some("node"),
+        ),
+        (
+            "2001:db8::/64",
+            "a node's IPv6 address",
+            Some("an address of node c"),
+        ),
+        ("169.254.169.254/32", "cloud metadata", Some("metadata")),
+        ("127.0.0.0/8", "loopback", Some("loopback")),
+        ("::1/128", "IPv6 loopback", Some("loopback")),
+        ("fe80::/64", "IPv6 link-local", Some("link-local")),
+        ("224.0.0.0/24", "multicast", Some("multicast")),
+        ("ff02::/16", "IPv6 multicast", Some("multicast")),
+        ("0.0.0.0/0", "the IPv4 default route", Some("this network")),
+        ("::/0", "the IPv6 default route", Some("unspecified")),
+        (
+            "10.100.0.0/16",
+            "inside the Service CIDR",
+            Some("Service CIDR"),
+        ),
+        (
+            "203.0.113.0/24",
+            "the API server's network",
+            Some("API server"),
+        ),
+        ("192.168.100.0/24", "a remote site's LAN", None),
+        ("2001:db8:1::/48", "an IPv6 LAN beside a node's", None),
+    ];
+    for (claim, what, refusal) in cases {
+        let mut peers = node_peers.clone();
+        peers.push(external("site", 9, &[claim]));
+        let d = compute(&m, &nodes, &peers);
+        match (refused(&d, "site"), refusal) {
+            (None, None) => assert!(d.peers.contains_key(&key(9)), "{what}"),
+            (Some((reason, message)), Some(want)) => {
+                assert_eq!(reason, reason::RESERVED_RANGE, "{what}: {message}");
+                assert!(message.contains(want), "{what}: {message}");
+                assert!(!d.peers.contains_key(&key(9)), "{what}: never programmed");
+            }
+            (got, want) => panic!("{what}: got {got:?}, want a refusal naming {want:?}"),
+        }
+        assert_eq!(d.members.len(), 3, "{what}: the nodes are unaffected");
+    }
+}
+
+/// `spec.node` is honoured only on the peer the controller created for that very Node.
+#[test]
+fn node_claim_ownership_table() {
+    let cases: &[(&str, Option<&str>, bool)] = &[
+        ("owned by the Node", Some("uid-c"), true),
+        ("created by a user (no ownerReference)", None, false),
+        (
+            "owned by an earlier Node of the same name",
+            Some("uid-old"),
+            false,
+        ),
+    ];
+    for (what, owner, member) in cases {
+        let (nodes, mut peers) = three_nodes();
+        peers[2].node_owner_uid = owner.map(str::to_owned);
+        let d = compute(&mesh(), &nodes, &peers);
+        assert_eq!(d.members.contains_key("c"), *member, "{what}");
+        if !member {
+            let (reason, message) = refused(&d, "c").expect("refused");
+            assert_eq!(reason, reason::NODE_NOT_OWNED, "{what}: {message}");
+            assert!(!d.peers.contains_key(&key(3)), "{what}: never programmed");
+        }
     }
 }
