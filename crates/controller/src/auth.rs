@@ -23,6 +23,45 @@ const POSITIVE_TTL: Duration = Duration::from_secs(30);
 /// How long a failed review is remembered, so a misbehaving client cannot hammer the API.
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 const CACHE_LIMIT: usize = 10_000;
+/// Failed reviews allowed in a burst, and refilled per second: past that, tokens not already
+/// reviewed are refused without asking the API server, so a caller spraying bogus tokens
+/// costs the API server at most this many TokenReviews.
+const FAILED_REVIEW_BURST: f64 = 20.0;
+const FAILED_REVIEWS_PER_SECOND: f64 = 2.0;
+
+/// A token bucket of failed reviews.
+#[derive(Debug)]
+struct FailureBudget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl FailureBudget {
+    fn new(now: Instant) -> Self {
+        FailureBudget {
+            tokens: FAILED_REVIEW_BURST,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * FAILED_REVIEWS_PER_SECOND).min(FAILED_REVIEW_BURST);
+        self.at = now;
+    }
+
+    /// Whether a new review may be sent now.
+    fn allows(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= 1.0
+    }
+
+    /// Counts a failed review.
+    fn charge(&mut self, now: Instant) {
+        self.refill(now);
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
+}
 
 /// Who a token belongs to, once reviewed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +80,7 @@ pub struct Authenticator {
     /// `system:serviceaccount:<namespace>:<name>` of the agents.
     agent_username: String,
     cache: Mutex<HashMap<[u8; 32], (Instant, CachedReview)>>,
+    failures: Mutex<FailureBudget>,
     metrics: Metrics,
 }
 
@@ -59,6 +99,7 @@ impl Authenticator {
                 "system:serviceaccount:{agent_namespace}:{agent_service_account}"
             ),
             cache: Mutex::new(HashMap::new()),
+            failures: Mutex::new(FailureBudget::new(Instant::now())),
             metrics,
         }
     }
@@ -98,7 +139,23 @@ impl Authenticator {
         if let Some(hit) = self.cached(&hash) {
             return hit.map_err(|(code, msg)| Status::new(code, msg));
         }
+        if !self
+            .failures
+            .lock()
+            .expect("failure budget lock")
+            .allows(Instant::now())
+        {
+            return Err(Status::resource_exhausted(
+                "too many failed token reviews; retry later",
+            ));
+        }
         let result = self.review_uncached(token).await;
+        if matches!(&result, Err(s) if s.code() != tonic::Code::Unavailable) {
+            self.failures
+                .lock()
+                .expect("failure budget lock")
+                .charge(Instant::now());
+        }
         let ttl = if result.is_ok() {
             POSITIVE_TTL
         } else {
@@ -161,9 +218,12 @@ impl Authenticator {
         let first = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
         let node = match (first(EXTRA_NODE_NAME), first(EXTRA_POD_NAME)) {
             (Some(node), _) => Some(node),
-            // Older API servers bind the pod but not the node: look the pod up.
-            (None, Some(pod)) => self.node_of_pod(&username, &pod).await?,
-            (None, None) => None,
+            // Older API servers bind the pod but not the node: look the pod up, but only for
+            // the agents' account (anyone else is refused anyway, without costing a read).
+            (None, Some(pod)) if username == self.agent_username => {
+                self.node_of_pod(&username, &pod).await?
+            }
+            (None, _) => None,
         };
         Ok(Identity { username, node })
     }
@@ -207,6 +267,38 @@ fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_reviews_are_rate_limited() {
+        let start = Instant::now();
+        let mut budget = FailureBudget::new(start);
+        let burst = FAILED_REVIEW_BURST as usize;
+        for i in 0..burst {
+            assert!(budget.allows(start), "review {i} of the burst");
+            budget.charge(start);
+        }
+        assert!(!budget.allows(start), "the burst is spent");
+        let one_token = Duration::from_secs_f64(1.0 / FAILED_REVIEWS_PER_SECOND);
+        assert!(
+            !budget.allows(start + one_token / 2),
+            "half a token is not enough"
+        );
+        assert!(
+            budget.allows(start + one_token),
+            "refilled at the steady rate"
+        );
+        budget.charge(start + one_token);
+        assert!(!budget.allows(start + one_token));
+        let later = start + Duration::from_secs(3600);
+        assert!(budget.allows(later));
+        for _ in 0..burst {
+            budget.charge(later);
+        }
+        assert!(
+            !budget.allows(later),
+            "the bucket never holds more than the burst"
+        );
+    }
 
     #[test]
     fn bearer_token_table() {

@@ -1,7 +1,7 @@
 //! The `wgmesh.v1.MeshService` gRPC service: registration, peer streams and status reports.
 //! Every replica serves it from its own caches.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,7 +28,7 @@ use crate::forward::{FORWARDED, Forwarder};
 use crate::index::{Index, NodeView};
 use crate::metrics::Metrics;
 use crate::reconcile::Caches;
-use crate::reports::{Observation, Reports};
+use crate::reports::{self, Reported, Reports};
 
 /// How long Register waits for the new node's tunnel address before answering without it
 /// (the address then arrives on the peer stream).
@@ -97,6 +97,38 @@ fn public_key(bytes: &[u8]) -> Result<PublicKey, Status> {
     Ok(PublicKey::from_bytes(bytes))
 }
 
+/// The endpoint address a node registers: the first it names, which must be one of its Node's
+/// addresses (an agent speaks for its own node only, never for another's address), else the
+/// Node's first address.
+fn endpoint_address(
+    node: &str,
+    named: &[String],
+    node_addresses: &[IpAddr],
+) -> Result<IpAddr, Status> {
+    let Some(first) = named.first() else {
+        return node_addresses.first().copied().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "no endpoint address given and Node {node} has no InternalIP or ExternalIP"
+            ))
+        });
+    };
+    let ip: IpAddr = first.parse().map_err(|_| {
+        Status::invalid_argument(format!("endpoint address {first:?} is not an IP address"))
+    })?;
+    if node_addresses.contains(&ip) {
+        Ok(ip)
+    } else {
+        Err(Status::permission_denied(format!(
+            "endpoint address {ip} is not an address of Node {node} (its addresses: {})",
+            node_addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+}
+
 fn endpoint_string(ip: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
 }
@@ -136,17 +168,11 @@ impl MeshService for MeshServer {
                 req.node, req.mesh
             )));
         }
-        let address = req
-            .endpoint_addresses
-            .iter()
-            .find_map(|a| a.parse::<IpAddr>().ok())
-            .or_else(|| convert::node_addresses(&node).into_iter().next())
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "no endpoint address given and Node {} has no InternalIP",
-                    req.node
-                ))
-            })?;
+        let address = endpoint_address(
+            &req.node,
+            &req.endpoint_addresses,
+            &convert::node_addresses(&node),
+        )?;
 
         let name = node_peer_name(&req.mesh, &req.node);
         let api: Api<WireGuardPeer> = Api::all(self.client.clone());
@@ -155,13 +181,16 @@ impl MeshService for MeshServer {
             .peers
             .get(&kube::runtime::reflector::ObjectRef::new(&name));
         if let Some(existing) = &existing
-            && existing.spec.node.as_ref().map(|n| n.as_str()) != Some(req.node.as_str())
+            && (existing.spec.node.as_ref().map(|n| n.as_str()) != Some(req.node.as_str())
+                || convert::node_owner_uid(existing).is_none())
         {
             return Err(Status::failed_precondition(format!(
-                "WireGuardPeer {name} exists and is not the peer of node {}",
+                "WireGuardPeer {name} exists and is not the controller's peer of node {} \
+                 (no ownerReference to the Node); delete it to let the node register",
                 req.node
             )));
         }
+        self.check_key_is_free(&key, &name, &req.node).await?;
         let apply = json!({
             "apiVersion": "wgmesh.io/v1alpha1",
             "kind": "WireGuardPeer",
@@ -279,24 +308,41 @@ impl MeshService for MeshServer {
         if !forwarded {
             self.auth.authorize_node(&metadata, &req.node).await?;
         }
-        let observations = req
+        // A node reports on its own peers in a mesh it belongs to, and nothing else.
+        let view = self.index.view(&req.mesh).ok_or_else(|| {
+            Status::not_found(format!("WireGuardMesh {} does not exist", req.mesh))
+        })?;
+        let member = view.member(&req.node).ok_or_else(|| {
+            Status::permission_denied(format!(
+                "node {} is not a member of mesh {}",
+                req.node, req.mesh
+            ))
+        })?;
+        let peer_set: BTreeSet<PublicKey> = view
+            .desired
+            .visible_to(member)
+            .keys()
+            .filter(|k| **k != member.public_key)
+            .copied()
+            .collect();
+        let reported = req
             .peers
             .iter()
             .map(|p| {
-                Ok(Observation {
+                Ok(Reported {
                     public_key: public_key(&p.public_key)?,
-                    last_handshake: p.last_handshake.as_ref().and_then(|t| {
-                        let secs = u64::try_from(t.seconds).ok()?;
-                        let nanos = u32::try_from(t.nanos).ok()?;
-                        SystemTime::UNIX_EPOCH
-                            .checked_add(Duration::new(secs, nanos.min(999_999_999)))
-                    }),
+                    last_handshake: p.last_handshake.as_ref().map(|t| (t.seconds, t.nanos)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
-                    endpoint: (!p.endpoint.is_empty()).then(|| p.endpoint.clone()),
+                    endpoint: p.endpoint.clone(),
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
+        let (observations, dropped) = reports::scope(reported, &peer_set, SystemTime::now());
+        if dropped > 0 {
+            self.metrics.error("report_out_of_scope");
+            tracing::warn!(node = %req.node, mesh = %req.mesh, dropped, "dropped report entries for peers outside the node's peer set");
+        }
         self.reports.record(&req.mesh, &req.node, observations);
         if !forwarded
             && !*self.leader.borrow()
@@ -308,6 +354,43 @@ impl MeshService for MeshServer {
             tracing::warn!(error = %e, "forwarding a status report to the lease holder failed");
         }
         Ok(Response::new(pb::ReportStatusResponse {}))
+    }
+}
+
+impl MeshServer {
+    /// Refuses a key that any other WireGuardPeer holds (in any mesh): registering it would
+    /// take the holder's place and its per-pair preshared keys.
+    async fn check_key_is_free(
+        &self,
+        key: &PublicKey,
+        own: &str,
+        node: &str,
+    ) -> Result<(), Status> {
+        let Some(holder) = self
+            .caches
+            .peers
+            .state()
+            .into_iter()
+            .find(|p| p.name_any() != own && p.spec.public_key.parse().ok() == Some(*key))
+        else {
+            return Ok(());
+        };
+        let holder_name = holder.name_any();
+        tracing::warn!(%node, public_key = %key, holder = %holder_name, "refused a registration with a key another peer holds");
+        self.metrics.error("register_duplicate_key");
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "DuplicatePublicKeyRefused".into(),
+            note: Some(format!(
+                "node {node} tried to register public key {key}, which WireGuardPeer {holder_name} holds; refused"
+            )),
+            action: "Register".into(),
+            secondary: None,
+        };
+        let _ = self.recorder.publish(&event, &holder.object_ref(&())).await;
+        Err(Status::already_exists(format!(
+            "public key {key} is held by WireGuardPeer {holder_name}; a node must register its own key"
+        )))
     }
 }
 
@@ -522,6 +605,30 @@ pub fn to_proto(peer: &DesiredPeer, own: Option<&Member>) -> pb::Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_address_table() {
+        let addrs: Vec<IpAddr> = vec![
+            "192.168.0.1".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        ];
+        type Case<'a> = (&'a [&'a str], &'a [IpAddr], Result<&'a str, tonic::Code>);
+        let cases: &[Case] = &[
+            (&[], &addrs, Ok("192.168.0.1")),
+            (&["2001:db8::1"], &addrs, Ok("2001:db8::1")),
+            (&["192.168.0.2"], &addrs, Err(tonic::Code::PermissionDenied)),
+            (&["192.168.0.1"], &[], Err(tonic::Code::PermissionDenied)),
+            (&["not-an-ip"], &addrs, Err(tonic::Code::InvalidArgument)),
+            (&[], &[], Err(tonic::Code::FailedPrecondition)),
+        ];
+        for (named, node_addrs, want) in cases {
+            let named: Vec<String> = named.iter().map(|s| s.to_string()).collect();
+            let got = endpoint_address("n", &named, node_addrs)
+                .map(|ip| ip.to_string())
+                .map_err(|s| s.code());
+            assert_eq!(got, want.map(str::to_owned), "{named:?} {node_addrs:?}");
+        }
+    }
 
     #[test]
     fn node_peer_names() {

@@ -26,9 +26,17 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 pub use config::Config;
 pub use error::{Error, Result};
 
+/// The largest request an agent may send: a status report of a 5,000-peer mesh is about
+/// 500 KiB, so 4 MiB leaves room and still bounds what one request costs us.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
 /// Runs the controller until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> Result<()> {
-    let client = kube::Client::try_default().await?;
+    let kube_config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::Config(format!("Kubernetes client configuration: {e}")))?;
+    let reserved = config.reserved_ranges(kube_config.cluster_url.host())?;
+    let client = kube::Client::try_from(kube_config)?;
     let identity = forward::lease_identity(
         &config.identity.clone().unwrap_or_else(random_identity),
         config.advertise_addr().as_deref(),
@@ -70,7 +78,7 @@ pub async fn run(config: Config) -> Result<()> {
         },
     );
 
-    let (caches, watch_driver, changes) = reconcile::watch_cluster(&client);
+    let (caches, watch_driver, changes) = reconcile::watch_cluster(&client, reserved);
     tokio::spawn(watch_driver);
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(http::serve(
@@ -100,6 +108,23 @@ pub async fn run(config: Config) -> Result<()> {
         computed_tx,
         metrics.clone(),
     ));
+
+    // Reports of deleted meshes and nodes (or nodes that left a mesh) are forgotten.
+    let mut computed_for_reports = computed_rx.clone();
+    let prune_reports = reports.clone();
+    tokio::spawn(async move {
+        while computed_for_reports.changed().await.is_ok() {
+            let computed = computed_for_reports.borrow_and_update().clone();
+            let members = computed
+                .meshes
+                .iter()
+                .map(|(name, (_, desired))| {
+                    (name.clone(), desired.members.keys().cloned().collect())
+                })
+                .collect();
+            prune_reports.prune(&members);
+        }
+    });
 
     let leader = leader_election(&client, &config, &identity, metrics.clone()).await?;
     let writer = writer::Writer::new(
@@ -150,10 +175,13 @@ pub async fn run(config: Config) -> Result<()> {
     };
     Server::builder()
         .tls_config(tls)?
+        // Bounds what one unauthenticated request can make us allocate.
+        .concurrency_limit_per_connection(64)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .add_service(wgmesh_proto::mesh_service_server::MeshServiceServer::new(
-            service,
-        ))
+        .add_service(
+            wgmesh_proto::mesh_service_server::MeshServiceServer::new(service)
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .serve_with_shutdown(config.grpc_addr, signal)
         .await?;
     Ok(())
