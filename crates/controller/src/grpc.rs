@@ -20,6 +20,7 @@ use wgmesh_core::PublicKey;
 use wgmesh_core::desired::{DesiredMesh, DesiredPeer, Member, PresharedKey, pair_preshared_key};
 use wgmesh_core::diff::diff_peer_sets;
 use wgmesh_proto as pb;
+use wgmesh_proto::checked;
 use wgmesh_proto::mesh_service_server::MeshService;
 
 use crate::auth::Authenticator;
@@ -28,7 +29,7 @@ use crate::forward::{FORWARDED, Forwarder};
 use crate::index::{Index, NodeView};
 use crate::metrics::Metrics;
 use crate::reconcile::Caches;
-use crate::reports::{self, Reported, Reports};
+use crate::reports::Reports;
 
 /// How long Register waits for the new node's tunnel address before answering without it
 /// (the address then arrives on the peer stream).
@@ -70,51 +71,21 @@ pub fn node_peer_name(mesh: &str, node: &str) -> String {
     format!("{}-{suffix}", name[..240].trim_end_matches(['-', '.']))
 }
 
-fn check_names(node: &str, mesh: &str) -> Result<(), Status> {
-    let valid = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 253
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-    };
-    if !valid(node) {
-        return Err(Status::invalid_argument(format!(
-            "invalid node name {node:?}"
-        )));
-    }
-    if !valid(mesh) {
-        return Err(Status::invalid_argument(format!(
-            "invalid mesh name {mesh:?}"
-        )));
-    }
-    Ok(())
-}
-
-fn public_key(bytes: &[u8]) -> Result<PublicKey, Status> {
-    let bytes: [u8; 32] = bytes.try_into().map_err(|_| {
-        Status::invalid_argument(format!("public_key must be 32 bytes, got {}", bytes.len()))
-    })?;
-    Ok(PublicKey::from_bytes(bytes))
-}
-
 /// The endpoint address a node registers: the first it names, which must be one of its Node's
 /// addresses (an agent speaks for its own node only, never for another's address), else the
 /// Node's first address.
 fn endpoint_address(
     node: &str,
-    named: &[String],
+    named: &[IpAddr],
     node_addresses: &[IpAddr],
 ) -> Result<IpAddr, Status> {
-    let Some(first) = named.first() else {
+    let Some(ip) = named.first().copied() else {
         return node_addresses.first().copied().ok_or_else(|| {
             Status::failed_precondition(format!(
                 "no endpoint address given and Node {node} has no InternalIP or ExternalIP"
             ))
         });
     };
-    let ip: IpAddr = first.parse().map_err(|_| {
-        Status::invalid_argument(format!("endpoint address {first:?} is not an IP address"))
-    })?;
     if node_addresses.contains(&ip) {
         Ok(ip)
     } else {
@@ -140,13 +111,9 @@ impl MeshService for MeshServer {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
-        check_names(&req.node, &req.mesh)?;
+        let req = checked::register(&req)?;
         self.auth.authorize_node(&metadata, &req.node).await?;
-        let key = public_key(&req.public_key)?;
-        let port = u16::try_from(req.listen_port)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| Status::invalid_argument("listen_port must be 1-65535"))?;
+        let (key, port) = (req.public_key, req.listen_port);
 
         let mesh = self
             .caches
@@ -270,7 +237,7 @@ impl MeshService for MeshServer {
         request: Request<pb::WatchPeersRequest>,
     ) -> Result<Response<Self::WatchPeersStream>, Status> {
         let (metadata, _, req) = request.into_parts();
-        check_names(&req.node, &req.mesh)?;
+        let req = checked::watch(&req)?;
         self.auth.authorize_node(&metadata, &req.node).await?;
         let views = self.index.subscribe(&req.mesh, &req.node);
         let base = (req.resume_epoch == self.index.epoch() && req.resume_revision > 0)
@@ -303,8 +270,8 @@ impl MeshService for MeshServer {
         // client certificate (verified against our CA) authenticates the replica.
         let forwarded = request.metadata().contains_key(FORWARDED)
             && request.peer_certs().is_some_and(|c| !c.is_empty());
-        let (metadata, _, req) = request.into_parts();
-        check_names(&req.node, &req.mesh)?;
+        let (metadata, _, request) = request.into_parts();
+        let req = checked::report(&request)?;
         if !forwarded {
             self.auth.authorize_node(&metadata, &req.node).await?;
         }
@@ -325,20 +292,7 @@ impl MeshService for MeshServer {
             .filter(|k| **k != member.public_key)
             .copied()
             .collect();
-        let reported = req
-            .peers
-            .iter()
-            .map(|p| {
-                Ok(Reported {
-                    public_key: public_key(&p.public_key)?,
-                    last_handshake: p.last_handshake.as_ref().map(|t| (t.seconds, t.nanos)),
-                    rx_bytes: p.rx_bytes,
-                    tx_bytes: p.tx_bytes,
-                    endpoint: p.endpoint.clone(),
-                })
-            })
-            .collect::<Result<Vec<_>, Status>>()?;
-        let (observations, dropped) = reports::scope(reported, &peer_set, SystemTime::now());
+        let (observations, dropped) = checked::scope(req.peers, &peer_set, SystemTime::now());
         if dropped > 0 {
             self.metrics.error("report_out_of_scope");
             tracing::warn!(node = %req.node, mesh = %req.mesh, dropped, "dropped report entries for peers outside the node's peer set");
@@ -347,7 +301,7 @@ impl MeshService for MeshServer {
         if !forwarded
             && !*self.leader.borrow()
             && let Some(forwarder) = &self.forwarder
-            && let Err(e) = forwarder.forward(req).await
+            && let Err(e) = forwarder.forward(request).await
         {
             // The agent reports again on its next change; nothing is lost for good.
             self.metrics.error("forward_report");
@@ -608,21 +562,25 @@ mod tests {
 
     #[test]
     fn endpoint_address_table() {
-        let addrs: Vec<IpAddr> = vec![
-            "192.168.0.1".parse().unwrap(),
-            "2001:db8::1".parse().unwrap(),
-        ];
-        type Case<'a> = (&'a [&'a str], &'a [IpAddr], Result<&'a str, tonic::Code>);
-        let cases: &[Case] = &[
-            (&[], &addrs, Ok("192.168.0.1")),
-            (&["2001:db8::1"], &addrs, Ok("2001:db8::1")),
-            (&["192.168.0.2"], &addrs, Err(tonic::Code::PermissionDenied)),
-            (&["192.168.0.1"], &[], Err(tonic::Code::PermissionDenied)),
-            (&["not-an-ip"], &addrs, Err(tonic::Code::InvalidArgument)),
-            (&[], &[], Err(tonic::Code::FailedPrecondition)),
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let addrs = [ip("192.168.0.1"), ip("2001:db8::1")];
+        type Case<'a> = (Vec<IpAddr>, &'a [IpAddr], Result<&'a str, tonic::Code>);
+        let cases: Vec<Case> = vec![
+            (vec![], &addrs, Ok("192.168.0.1")),
+            (vec![ip("2001:db8::1")], &addrs, Ok("2001:db8::1")),
+            (
+                vec![ip("192.168.0.2")],
+                &addrs,
+                Err(tonic::Code::PermissionDenied),
+            ),
+            (
+                vec![ip("192.168.0.1")],
+                &[],
+                Err(tonic::Code::PermissionDenied),
+            ),
+            (vec![], &[], Err(tonic::Code::FailedPrecondition)),
         ];
         for (named, node_addrs, want) in cases {
-            let named: Vec<String> = named.iter().map(|s| s.to_string()).collect();
             let got = endpoint_address("n", &named, node_addrs)
                 .map(|ip| ip.to_string())
                 .map_err(|s| s.code());

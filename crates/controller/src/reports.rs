@@ -2,22 +2,13 @@
 //! aggregated per peer for the status writer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::Notify;
 use wgmesh_core::PublicKey;
 
-/// One agent's observation of one peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Observation {
-    pub public_key: PublicKey,
-    pub last_handshake: Option<SystemTime>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub endpoint: Option<String>,
-}
+pub use wgmesh_proto::checked::Observation;
 
 /// A peer as all nodes together see it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -89,48 +80,6 @@ impl Reports {
     }
 }
 
-/// One observation as an agent sent it, before [`scope`] judged it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reported {
-    pub public_key: PublicKey,
-    /// Seconds and nanoseconds since the epoch, as on the wire.
-    pub last_handshake: Option<(i64, i32)>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub endpoint: String,
-}
-
-/// What a node's report may say, whatever it sends: only peers in its own peer set (once
-/// each, so a report holds at most that many), endpoints that parse as socket addresses, and
-/// handshakes no later than `now` (a forged future time must not win the aggregate). Returns
-/// the kept observations and how many were dropped.
-pub fn scope(
-    reported: Vec<Reported>,
-    peer_set: &BTreeSet<PublicKey>,
-    now: SystemTime,
-) -> (Vec<Observation>, usize) {
-    let total = reported.len();
-    let mut seen = BTreeSet::new();
-    let kept: Vec<Observation> = reported
-        .into_iter()
-        .filter(|r| peer_set.contains(&r.public_key) && seen.insert(r.public_key))
-        .map(|r| Observation {
-            public_key: r.public_key,
-            last_handshake: r.last_handshake.and_then(|(secs, nanos)| {
-                let secs = u64::try_from(secs).ok()?;
-                let nanos = u32::try_from(nanos).ok()?.min(999_999_999);
-                let at = SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))?;
-                Some(at.min(now))
-            }),
-            rx_bytes: r.rx_bytes,
-            tx_bytes: r.tx_bytes,
-            endpoint: r.endpoint.parse::<SocketAddr>().ok().map(|a| a.to_string()),
-        })
-        .collect();
-    let dropped = total - kept.len();
-    (kept, dropped)
-}
-
 /// Aggregates observations of many nodes: latest handshake, summed traffic, and the endpoint
 /// seen by whoever shook hands last.
 pub fn aggregate<'a>(
@@ -160,94 +109,6 @@ pub fn aggregate<'a>(
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    #[test]
-    fn scope_table() {
-        let (mine, theirs, stranger) = (
-            PublicKey::from_bytes([1; 32]),
-            PublicKey::from_bytes([2; 32]),
-            PublicKey::from_bytes([9; 32]),
-        );
-        let peer_set: BTreeSet<PublicKey> = [mine, theirs].into();
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let at = |s| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
-        let reported = |key, hs: Option<(i64, i32)>, endpoint: &str| Reported {
-            public_key: key,
-            last_handshake: hs,
-            rx_bytes: 1,
-            tx_bytes: 2,
-            endpoint: endpoint.into(),
-        };
-        type Case<'a> = (
-            &'a str,
-            Vec<Reported>,
-            Vec<(PublicKey, Option<SystemTime>, Option<&'a str>)>,
-            usize,
-        );
-        let cases: Vec<Case> = vec![
-            (
-                "a plain report",
-                vec![reported(mine, Some((500, 0)), "192.0.2.1:51820")],
-                vec![(mine, at(500), Some("192.0.2.1:51820"))],
-                0,
-            ),
-            (
-                "a peer outside the node's set is dropped",
-                vec![
-                    reported(stranger, Some((500, 0)), ""),
-                    reported(theirs, None, ""),
-                ],
-                vec![(theirs, None, None)],
-                1,
-            ),
-            (
-                "a future handshake is clamped to now",
-                vec![reported(mine, Some((i64::MAX, 999_999_999)), "")],
-                vec![(mine, Some(now), None)],
-                0,
-            ),
-            (
-                "negative times and nanos are no handshake",
-                vec![
-                    reported(mine, Some((-5, 0)), ""),
-                    reported(theirs, Some((5, -1)), ""),
-                ],
-                vec![(mine, None, None), (theirs, None, None)],
-                0,
-            ),
-            (
-                "endpoints must be socket addresses",
-                vec![
-                    reported(mine, None, "evil.example:51820\nX-Injected: 1"),
-                    reported(theirs, None, "[2001:db8::1]:51820"),
-                ],
-                vec![
-                    (mine, None, None),
-                    (theirs, None, Some("[2001:db8::1]:51820")),
-                ],
-                0,
-            ),
-            (
-                "a key repeated is kept once",
-                vec![
-                    reported(mine, Some((1, 0)), ""),
-                    reported(mine, Some((2, 0)), ""),
-                    reported(mine, Some((3, 0)), ""),
-                ],
-                vec![(mine, at(1), None)],
-                2,
-            ),
-        ];
-        for (name, input, want, dropped) in cases {
-            let (kept, n) = scope(input, &peer_set, now);
-            let got: Vec<_> = kept
-                .iter()
-                .map(|o| (o.public_key, o.last_handshake, o.endpoint.as_deref()))
-                .collect();
-            assert_eq!(got, want, "{name}");
-            assert_eq!(n, dropped, "{name}: dropped");
-        }
-    }
 
     #[test]
     fn prune_forgets_gone_meshes_and_nodes() {

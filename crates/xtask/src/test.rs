@@ -77,7 +77,7 @@ pub fn run(opts: &Opts) -> Result<()> {
     let totals = cargo_test(&root, &opts.cargo_test_args)?;
 
     step(&format!(
-        "fuzzing the wg-quick parser for {FUZZ_SECONDS} s (cargo +nightly fuzz)"
+        "fuzzing the wg-quick parser and the agents' gRPC requests, {FUZZ_SECONDS} s each (cargo +nightly fuzz)"
     ));
     fuzz(&root)?;
     eprintln!("\nall checks passed in {:.0?}", started.elapsed());
@@ -88,13 +88,21 @@ pub fn run(opts: &Opts) -> Result<()> {
     Ok(())
 }
 
-/// How long `cargo xtask test` fuzzes the wg-quick parser.
+/// How long `cargo xtask test` fuzzes each target.
 const FUZZ_SECONDS: u32 = 30;
+/// The fuzz targets (`fuzz/fuzz_targets/`) and what each finding means.
+const FUZZ_TARGETS: &[(&str, &str)] = &[
+    ("wgquick_parse", "the wg-quick parser"),
+    (
+        "grpc_requests",
+        "the controller's checks of agent requests (wgmesh_proto::checked)",
+    ),
+];
 /// The cargo-fuzz release installed when it is missing.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-/// Runs the `wgquick_parse` fuzz target for a while; a crash fails the run. Skipped, with the
-/// reason printed, only when no nightly toolchain or cargo-fuzz can be had.
+/// Runs each fuzz target for a while; a crash fails the run. Skipped, with the reason printed,
+/// only when no nightly toolchain or cargo-fuzz can be had.
 fn fuzz(root: &Path) -> Result<()> {
     let nightly = Command::new("cargo")
         .args(["+nightly", "--version"])
@@ -130,15 +138,19 @@ fn fuzz(root: &Path) -> Result<()> {
             return Ok(());
         }
     }
-    run_cmd(Command::new("cargo").current_dir(root).args([
-        "+nightly",
-        "fuzz",
-        "run",
-        "wgquick_parse",
-        "--",
-        &format!("-max_total_time={FUZZ_SECONDS}"),
-    ]))
-    .context("the wg-quick parser fuzz target found a crash (see fuzz/artifacts/)")
+    for (target, what) in FUZZ_TARGETS {
+        eprintln!("    {target}: {what}");
+        run_cmd(Command::new("cargo").current_dir(root).args([
+            "+nightly",
+            "fuzz",
+            "run",
+            target,
+            "--",
+            &format!("-max_total_time={FUZZ_SECONDS}"),
+        ]))
+        .with_context(|| format!("fuzzing {what} found a crash (see fuzz/artifacts/{target}/)"))?;
+    }
+    Ok(())
 }
 
 #[derive(Default, Debug, PartialEq)]
