@@ -10,6 +10,7 @@ mod import;
 mod keys;
 mod peer;
 mod qr;
+mod secret_file;
 mod status;
 
 use std::path::PathBuf;

@@ -20,6 +20,7 @@ use crate::cluster::{self, MeshObjects};
 use crate::config::{self, ready_condition};
 use crate::exit::{self, err};
 use crate::qr;
+use crate::secret_file;
 
 /// Key of the preshared key in its Secret.
 const PSK_KEY: &str = "presharedKey";
@@ -87,7 +88,8 @@ pub struct ShowArgs {
     /// Print the config as a QR code instead of text.
     #[arg(long)]
     pub qr: bool,
-    /// Also write the config as a QR code to this PNG file.
+    /// Also write the config as a QR code to this PNG file. It holds the private key: it is
+    /// created with mode 0600, and an existing file there is replaced (not rewritten).
     #[arg(long)]
     pub qr_png: Option<PathBuf>,
 }
@@ -304,9 +306,7 @@ fn show(
     })?;
     let text = wgquick::render(&cfg);
     if let Some(path) = &args.qr_png {
-        let file =
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        qr::png(&text, std::io::BufWriter::new(file))?;
+        secret_file::write(path, |out| qr::png(&text, out))?;
         eprintln!("QR code written to {}", path.display());
     }
     if args.qr {

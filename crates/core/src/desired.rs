@@ -86,12 +86,24 @@ pub fn fixed_reserved() -> Vec<ReservedRange> {
         .collect()
 }
 
-/// A Secret value the controller looked up, or the reason it could not.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A Secret value the controller looked up, or the reason it could not. `Debug` shows the
+/// length of a present value, never its bytes.
+#[derive(Clone, PartialEq, Eq)]
 pub enum SecretInput {
     Present(Vec<u8>),
     /// Missing Secret or key, or unusable content; the message names the reference.
     Missing(String),
+}
+
+impl std::fmt::Debug for SecretInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretInput::Present(bytes) => {
+                write!(f, "Present(<redacted, {} bytes>)", bytes.len())
+            }
+            SecretInput::Missing(why) => f.debug_tuple("Missing").field(why).finish(),
+        }
+    }
 }
 
 /// A Node as far as the mesh is concerned.

@@ -69,9 +69,12 @@ impl fmt::Display for Key {
     }
 }
 
+/// Redacted: a bare `Key` is usually a preshared key or a mesh secret, and a `?value` in a
+/// log line must not leak it. `Display` and [`Key::to_base64`] still write it on purpose;
+/// [`PublicKey`]'s `Debug` shows the public key.
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Key({})", self.to_base64())
+        f.write_str("Key(<redacted>)")
     }
 }
 

@@ -9,6 +9,8 @@ pub mod diff;
 pub mod export;
 pub mod ipam;
 pub mod key;
+#[cfg(test)]
+mod redaction_tests;
 pub mod wgquick;
 
 pub use cidr::{Cidr, CidrError, CidrSet};

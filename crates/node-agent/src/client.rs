@@ -16,6 +16,8 @@ pub struct ControllerClient {
 
 impl ControllerClient {
     pub async fn connect(args: &RunArgs) -> Result<Self> {
+        // The agent checked this at start-up; never connect without TLS regardless.
+        crate::config::check_controller_url(&args.controller).map_err(Error::Config)?;
         let ca = std::fs::read(&args.ca_file).map_err(|source| Error::Read {
             path: args.ca_file.display().to_string(),
             source,

@@ -170,3 +170,58 @@ impl RunArgs {
         self.state_dir.join(&self.mesh)
     }
 }
+
+/// Accepts only an `https://` controller URL with a host. Over plain `http://` tonic would
+/// quietly skip TLS: the node's token would go out, and its peer set come in, unencrypted
+/// and unauthenticated (issue #12, item 9). Checked once at start-up, before the agent
+/// touches anything.
+pub fn check_controller_url(url: &str) -> Result<(), String> {
+    let refuse = |why: &str| {
+        Err(format!(
+            "the controller URL must be https://HOST[:PORT] ({why}): {url:?}"
+        ))
+    };
+    let uri: axum::http::Uri = match url.parse() {
+        Ok(uri) => uri,
+        Err(e) => return refuse(&e.to_string()),
+    };
+    if uri.scheme() != Some(&axum::http::uri::Scheme::HTTPS) {
+        return refuse("TLS is required; plain http or another scheme is refused");
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return refuse("no host");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_controller_url;
+
+    #[test]
+    fn only_https_controller_urls_pass() {
+        for (url, ok) in [
+            ("https://wgmesh-controller.wgmesh-system.svc:9443", true),
+            ("https://10.0.0.1:9443", true),
+            ("https://[fd00::1]:9443", true),
+            ("HTTPS://controller:9443", true),
+            ("https://controller", true),
+            ("http://wgmesh-controller.wgmesh-system.svc:9443", false),
+            ("HTTP://controller:9443", false),
+            ("controller:9443", false),
+            ("//controller:9443", false),
+            ("unix:///run/wgmesh.sock", false),
+            ("grpc://controller:9443", false),
+            ("https://", false),
+            ("https:///path", false),
+            ("", false),
+            ("https://con troller", false),
+        ] {
+            let got = check_controller_url(url);
+            assert_eq!(got.is_ok(), ok, "{url:?}: {got:?}");
+            if let Err(msg) = got {
+                assert!(msg.contains("https://"), "{url:?}: {msg}");
+            }
+        }
+    }
+}

@@ -88,6 +88,8 @@ async fn userspace_device(interface: &str, workers: WorkerPolicy) -> anyhow::Res
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // First of all: nothing (key, state, device, routes) may happen with a URL we refuse.
+    wgmesh_agent::config::check_controller_url(&args.controller).map_err(anyhow::Error::msg)?;
     if args.node.is_empty() {
         anyhow::bail!("--node (or NODE_NAME) is required");
     }

@@ -957,3 +957,280 @@ fn shutdown_removes_interface_and_socket() {
     let links = run(&["ip", "-n", &lab.ns_a, "link", "show"]);
     assert!(!links.contains(&lab.if_a), "interface gone: {links}");
 }
+
+/// BLAKE2s-256 of the concatenation of `parts`.
+fn blake2s(parts: &[&[u8]]) -> [u8; 32] {
+    use blake2::Digest;
+    let mut h = blake2::Blake2s256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+/// HMAC-BLAKE2s, WireGuard's KDF building block.
+fn hmac_blake2s(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    use hmac::Mac;
+    let mut m =
+        <hmac::SimpleHmac<blake2::Blake2s256> as hmac::digest::KeyInit>::new_from_slice(key)
+            .unwrap();
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// A handshake initiation to `responder` that claims to be from `claimed` without knowing
+/// its private key: a fresh ephemeral, the claimed static key encrypted exactly as a real
+/// initiator would (so the responder finds the peer by it), a garbage timestamp (which needs
+/// the claimed private key), a valid MAC1 and no MAC2. Only its sender index varies later.
+fn forged_initiation(responder: &PublicKey, claimed: &PublicKey) -> [u8; 148] {
+    use boringtun::x25519;
+    use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+    let responder_pub = x25519::PublicKey::from(*responder.as_bytes());
+    let ephemeral = x25519::StaticSecret::from(PrivateKey::generate().to_bytes());
+    let ephemeral_pub = x25519::PublicKey::from(&ephemeral);
+
+    let mut chain = blake2s(&[b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"]);
+    let mut hash = blake2s(&[&chain, b"WireGuard v1 zx2c4 Jason@zx2c4.com"]);
+    hash = blake2s(&[&hash, responder.as_bytes()]);
+    // C = KDF1(C, e.pub); H = HASH(H || e.pub)
+    let t0 = hmac_blake2s(&chain, &[ephemeral_pub.as_bytes()]);
+    chain = hmac_blake2s(&t0, &[&[1]]);
+    hash = blake2s(&[&hash, ephemeral_pub.as_bytes()]);
+    // (C, k) = KDF2(C, DH(e, S_r)); static = AEAD(k, 0, S_i.pub, H)
+    let dh = ephemeral.diffie_hellman(&responder_pub);
+    let t0 = hmac_blake2s(&chain, &[dh.as_bytes()]);
+    let t1 = hmac_blake2s(&t0, &[&[1]]);
+    let key = hmac_blake2s(&t0, &[&t1, &[2]]);
+    let sealed = chacha20poly1305::ChaCha20Poly1305::new(&key.into())
+        .encrypt(
+            &[0u8; 12].into(),
+            Payload {
+                msg: claimed.as_bytes(),
+                aad: &hash,
+            },
+        )
+        .unwrap();
+
+    let mut msg = [0u8; 148];
+    msg[0] = 1;
+    msg[8..40].copy_from_slice(ephemeral_pub.as_bytes());
+    msg[40..88].copy_from_slice(&sealed);
+    // The timestamp: 28 bytes the responder cannot authenticate.
+    msg[88..116].copy_from_slice(&Key::generate().as_bytes()[..28]);
+    msg
+}
+
+/// Sets `sender` and recomputes MAC1 (keyed by the responder's public key).
+fn stamp_initiation(msg: &mut [u8; 148], responder: &PublicKey, sender: u32) {
+    use blake2::digest::Mac;
+    msg[4..8].copy_from_slice(&sender.to_le_bytes());
+    let mac_key = blake2s(&[b"mac1----", responder.as_bytes()]);
+    let mut mac = <blake2::Blake2sMac<blake2::digest::consts::U16> as blake2::digest::KeyInit>::new_from_slice(&mac_key)
+        .unwrap();
+    mac.update(&msg[..116]);
+    let mac1: [u8; 16] = mac.finalize().into_bytes().into();
+    msg[116..132].copy_from_slice(&mac1);
+}
+
+/// Issue #12, item 6: a flood of forged handshake initiations (valid MAC1, claiming the real
+/// peer's key, from many source addresses, far above the device's 100/s limit) must not
+/// keep the real peer out. Under load the device answers with cookies; the real peer's
+/// retry carrying a cookie MAC2 must then pass every limiter on its way, which needs one
+/// limiter (one cookie secret) for the device and its peers' sessions.
+#[test]
+fn handshake_completes_under_a_flood_of_forged_initiations() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    if !is_root("userspace device") {
+        return;
+    }
+    let s = setup(
+        21,
+        Options {
+            psk: None,
+            we_know_endpoint: false,
+            their_keepalive: None,
+            workers: WorkerPolicy::Fixed(0),
+        },
+    );
+    let lab = &s.lab;
+    let our_pub = s.our_key.public_key();
+    let their_pub = s.their_key.public_key();
+    let target = SocketAddr::new(lab.underlay(1), s.device.observe().listen_port);
+
+    // The flood's source addresses, on B's side of the underlay.
+    let veth_b = format!("vu{}t{}b", std::process::id(), lab.tag);
+    let sources: Vec<IpAddr> = (100..164)
+        .map(|h| IpAddr::V4(Ipv4Addr::new(10, 200, lab.tag, h)))
+        .collect();
+    for src in &sources {
+        run(&[
+            "ip",
+            "-n",
+            &lab.ns_b,
+            "addr",
+            "add",
+            &format!("{src}/32"),
+            "dev",
+            &veth_b,
+        ]);
+    }
+    let templates: Vec<[u8; 148]> = (0..16)
+        .map(|_| forged_initiation(&our_pub, &their_pub))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let flood = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        spawn_in_netns(&lab.ns_b, move || {
+            let socks: Vec<UdpSocket> = sources
+                .iter()
+                .map(|ip| UdpSocket::bind(SocketAddr::new(*ip, 0)).expect("bind a flood source"))
+                .collect();
+            let mut n: u32 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                // One initiation from every source per round: about 3200 a second.
+                for sock in &socks {
+                    let mut msg = templates[n as usize % templates.len()];
+                    stamp_initiation(&mut msg, &our_pub, n.wrapping_mul(2_654_435_761));
+                    let _ = sock.send_to(&msg, target);
+                    n = n.wrapping_add(1);
+                }
+                sent.fetch_add(socks.len() as u64, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // Let the flood put the device under load before the real peer shows up.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let started = Instant::now();
+    // wireguard-go initiates (we do not know its endpoint) when B sends through the tunnel.
+    let handshake = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let _ = udp_reaches(
+                &lab.ns_b,
+                &lab.ns_a,
+                lab.tunnel(2),
+                SocketAddr::new(lab.tunnel(1), 7300),
+            );
+        });
+        let deadline = started + Duration::from_secs(25);
+        loop {
+            if let Some(at) = the_peer(&s.device).last_handshake {
+                break Some(at);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let took = started.elapsed();
+    let flooded = sent.load(Ordering::Relaxed);
+    assert!(
+        handshake.is_some(),
+        "no handshake with the real peer within {took:?} under a flood of {flooded} forged \
+         initiations"
+    );
+    eprintln!("handshake after {took:?}, {flooded} forged initiations sent so far");
+    // Traffic flows both ways while the flood goes on.
+    tcp_both_ways(lab, 7310);
+    stop.store(true, Ordering::Relaxed);
+    flood.join().expect("flood thread");
+    assert!(
+        sent.load(Ordering::Relaxed) > 1000,
+        "the flood ran far above the limit"
+    );
+}
+
+/// Mode bits and owner of `path` (not following a symlink).
+fn mode_and_owner(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.mode() & 0o7777, m.uid())
+}
+
+/// Connects to the unix socket at `path` as uid/gid `uid` (no supplementary groups);
+/// whether that worked, and what the probe said.
+fn connects_as(uid: u32, path: &Path) -> (bool, String) {
+    let probe = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])";
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={uid}"),
+        &format!("--regid={uid}"),
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        probe,
+    ])
+    .arg(path);
+    let out = cmd.output().expect("setpriv and /usr/bin/python3");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue #12's check "an unprivileged local user tries the UAPI socket": the socket reads
+/// and sets keys, so only root may connect. The device runs as its own process under umask
+/// 000, with the socket directory left 0755 beforehand (as wireguard-go creates it): the
+/// directory ends up 0700 and the socket 0600, uid 65534 is refused, root's `wg` works.
+#[test]
+fn only_root_reaches_the_uapi_socket() {
+    if !is_root("userspace device") {
+        return;
+    }
+    let mut lab = Lab::new(22);
+    let ns = lab.ns_a.clone();
+    lab.add_netns(&ns);
+    let dir = Path::new("/var/run/wireguard");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let log = File::create(lab.dir.path().join("device.log")).unwrap();
+    let child = Command::new("sh")
+        .args([
+            "-c",
+            "umask 000; exec ip netns exec \"$1\" \"$2\" userspace-device --interface \"$3\" --workers 0",
+            "sh",
+            &ns,
+            env!("CARGO_BIN_EXE_wgmesh-agent"),
+            &lab.if_a,
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("run wgmesh-agent userspace-device");
+    // Stopped (SIGTERM, by PID) and waited for when the lab drops.
+    lab.children.push(child);
+    let sock = uapi_path(&lab.if_a);
+    wait_for("the device's UAPI socket", || sock.exists());
+    // The UAPI answers once the device is up.
+    wait_for("wg show as root", || {
+        Command::new("ip")
+            .args(["netns", "exec", &ns, "wg", "show", &lab.if_a])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+
+    assert_eq!(mode_and_owner(dir), (0o700, 0), "{}", dir.display());
+    assert_eq!(mode_and_owner(&sock), (0o600, 0), "{}", sock.display());
+    let leftovers: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(&lab.if_a) && *n != format!("{}.sock", lab.if_a))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    let (ok, said) = connects_as(65534, &sock);
+    assert!(!ok, "uid 65534 connected to the UAPI socket");
+    assert!(said.contains("PermissionError"), "{said}");
+    let (ok, said) = connects_as(0, &sock);
+    assert!(ok, "control: root connects with the same probe: {said}");
+    let shown = lab.wg_a(&["show", &lab.if_a]);
+    assert!(shown.contains("public key"), "{shown}");
+}

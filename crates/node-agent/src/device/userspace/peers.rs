@@ -21,12 +21,18 @@ const DEVICE_HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 /// Our static identity, with the device-wide rate limiter keyed to it (its MAC1 key derives
 /// from our public key, so it is replaced together with the key).
+///
+/// Every peer's `Tunn` shares this one limiter: the data path checks MAC1 and load with it
+/// before finding the peer, and the `Tunn` checks again. Two limiters would hold two cookie
+/// secrets, so under load a peer's retry carrying one's cookie would be refused by the
+/// other, forever (issue #12, item 6).
 pub(crate) struct Identity {
     pub private_key: PrivateKey,
     pub public_key: PublicKey,
     pub secret: x25519::StaticSecret,
     pub public: x25519::PublicKey,
-    pub rate_limiter: RateLimiter,
+    /// Its count is reset by the device's timer tick (a `Tunn` given a limiter does not).
+    pub rate_limiter: Arc<RateLimiter>,
 }
 
 impl Identity {
@@ -35,7 +41,7 @@ impl Identity {
         let public = x25519::PublicKey::from(&secret);
         Identity {
             public_key: PublicKey::from_bytes(*public.as_bytes()),
-            rate_limiter: RateLimiter::new(&public, DEVICE_HANDSHAKE_RATE_LIMIT),
+            rate_limiter: Arc::new(RateLimiter::new(&public, DEVICE_HANDSHAKE_RATE_LIMIT)),
             private_key,
             secret,
             public,
@@ -76,7 +82,7 @@ fn new_tunn(identity: &Identity, public_key: &PublicKey, psk: Option<Key>, index
         psk.map(|k| *k.as_bytes()),
         None,
         index,
-        None,
+        Some(identity.rate_limiter.clone()),
     )
 }
 
@@ -131,7 +137,11 @@ impl Peer {
 
     /// Switches to a new private key of ours; every session restarts.
     pub(crate) fn set_identity(&self, identity: &Identity) {
-        lock(&self.tunn).set_static_private(identity.secret.clone(), identity.public, None);
+        lock(&self.tunn).set_static_private(
+            identity.secret.clone(),
+            identity.public,
+            Some(identity.rate_limiter.clone()),
+        );
     }
 
     pub(crate) fn endpoint(&self) -> Option<SocketAddr> {

@@ -3,7 +3,7 @@
 
 use std::fs::{self, DirBuilder, Permissions};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,6 +21,12 @@ const MAX_REQUEST: usize = 1 << 20;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Creates the socket, refusing if a live process already serves this name.
+///
+/// The socket reads and sets keys, so only root may reach it, whatever the umask, with no
+/// moment where it is reachable by anyone else (issue #12): the directory is made (or
+/// made again) 0700 and ours; the socket is bound inside a staging directory of our own
+/// (0700), made 0600 there, and only then renamed to its name, which atomically replaces a
+/// stale socket a crashed device left.
 pub(crate) fn bind(name: &str) -> Result<(UnixListener, PathBuf), DeviceError> {
     let dir = Path::new(SOCKET_DIR);
     let path = dir.join(format!("{name}.sock"));
@@ -28,26 +34,56 @@ pub(crate) fn bind(name: &str) -> Result<(UnixListener, PathBuf), DeviceError> {
         path: path.display().to_string(),
         source,
     };
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(err)?;
+    private_dir(dir).map_err(err)?;
     if UnixStream::connect(&path).is_ok() {
         return Err(err(io::Error::new(
             io::ErrorKind::AddrInUse,
             "another process serves this interface",
         )));
     }
-    match fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = UnixListener::bind(&path).map_err(err)?;
-    fs::set_permissions(&path, Permissions::from_mode(0o600)).map_err(err)?;
+    let staging = dir.join(format!(".{name}.sock.{}.tmp", std::process::id()));
+    // Left by a crashed device of an earlier process with our PID: ours to remove.
+    let _ = fs::remove_dir_all(&staging);
+    let bound = DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .and_then(|()| {
+            fs::set_permissions(&staging, Permissions::from_mode(0o700))?;
+            let tmp = staging.join("sock");
+            let listener = UnixListener::bind(&tmp)?;
+            fs::set_permissions(&tmp, Permissions::from_mode(0o600))?;
+            fs::rename(&tmp, &path)?;
+            Ok(listener)
+        });
+    let _ = fs::remove_dir_all(&staging);
+    let listener = bound.map_err(err)?;
     listener.set_nonblocking(true).map_err(err)?;
     Ok((listener, path))
+}
+
+/// Makes `dir` a directory of ours with mode 0700: created so if missing, its mode
+/// tightened if looser (wireguard-go, for one, creates it 0755); a symlink or a directory
+/// of another user is refused.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_dir() {
+        return Err(io::Error::other(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} belongs to uid {}, not to us", dir.display(), meta.uid()),
+        ));
+    }
+    if meta.mode() & 0o7777 != 0o700 {
+        fs::set_permissions(dir, Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// Accepts clients one at a time until the device stops.
