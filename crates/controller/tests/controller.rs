@@ -613,3 +613,69 @@ async fn status_reports_reach_the_writer_through_any_replica_and_a_quiet_mesh_wr
     );
     Ok(())
 }
+
+/// `spec.node` is the controller's to set (the chart's admission policy stops others at the
+/// API server; this is the controller's own check behind it): a WireGuardPeer claiming a
+/// node that the Node does not own is refused, never programmed, and never adopted, synced
+/// or deleted by the controller.
+#[tokio::test]
+async fn a_user_made_node_peer_is_refused_and_left_alone() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let controller = fx.controller("c1").await?;
+    let mut a = fx.agent(&controller, "a", 1).await?;
+    let _b = fx.agent(&controller, "b", 2).await?;
+    a.wait_until(WAIT, "node b", |s| s.peers.len() == 1).await?;
+
+    // Claims node b (which exists, and has its own peer) and a ghost node (which the
+    // controller used to delete the object for).
+    let claims = [
+        (
+            "fake-b",
+            "b",
+            30u8,
+            "NodePeerNotOwned",
+            "only the controller",
+        ),
+        ("fake-ghost", "ghost", 31, "NodeNotInMesh", "does not exist"),
+    ];
+    for (name, node, n, reason, says) in claims {
+        fx.apply_peer(
+            name,
+            json!({"publicKey": key(n), "node": node, "allowedIPs": ["10.99.0.0/24"]}),
+        )
+        .await?;
+        let peer = fx.wait_reason(name, reason).await?;
+        let message = &peer.status.unwrap().conditions[0].message;
+        assert!(message.contains(says), "{name}: {message}");
+    }
+    // A node must not register over such an object either.
+    cluster::create_node(&fx.client, "c", &["10.244.3.0/24"], "192.168.0.3", &[]).await?;
+    fx.apply_peer(
+        "node-c",
+        json!({"publicKey": key(32), "node": "c", "allowedIPs": ["10.98.0.0/24"]}),
+    )
+    .await?;
+    let token = cluster::agent_token(&fx.client, "c").await?;
+    let ch = channel(&controller.grpc_url(), &fx.tls.ca_pem).await?;
+    let refused = SimAgent::new(ch, "c", "default", &token, [3; 32])
+        .register("192.168.0.3")
+        .await
+        .expect_err("registering over a user's node-c object");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+
+    // Nothing reached the agents, and the objects are as their author left them.
+    assert_eq!(
+        a.next_update(Duration::from_secs(3)).await?.map(|_| ()),
+        None
+    );
+    assert_eq!(a.peer_names(), ["node-b"]);
+    for name in ["fake-b", "fake-ghost", "node-c"] {
+        let peer = fx.peer(name).await?;
+        assert_eq!(peer.spec.allowed_ips.len(), 1, "{name} was not synced");
+    }
+    Ok(())
+}
