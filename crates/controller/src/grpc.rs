@@ -1,7 +1,7 @@
 //! The `wgmesh.v1.MeshService` gRPC service: registration, peer streams and status reports.
 //! Every replica serves it from its own caches.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,11 +17,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use wgmesh_api::WireGuardPeer;
 use wgmesh_core::PublicKey;
-use wgmesh_core::desired::{DesiredMesh, DesiredPeer, Member, PresharedKey, pair_preshared_key};
-use wgmesh_core::diff::diff_peer_sets;
+use wgmesh_core::node_config::{NodeConfig, NodeUpdate, next_update};
 use wgmesh_proto as pb;
-use wgmesh_proto::checked;
 use wgmesh_proto::mesh_service_server::MeshService;
+use wgmesh_proto::{checked, encode};
 
 use crate::auth::Authenticator;
 use crate::convert;
@@ -224,9 +223,9 @@ impl MeshService for MeshServer {
         .flatten();
         let settings = self.index.view(&req.mesh).and_then(|v| v.settings);
         Ok(Response::new(pb::RegisterResponse {
-            tunnel_addresses: addresses_of(member.as_ref()),
+            tunnel_addresses: encode::tunnel_addresses(member.as_ref()),
             mesh: settings.map(|s| (*s).clone()),
-            pod_cidrs: pod_cidrs_of(member.as_ref()),
+            pod_cidrs: encode::pod_cidrs(member.as_ref()),
         }))
     }
 
@@ -279,19 +278,14 @@ impl MeshService for MeshServer {
         let view = self.index.view(&req.mesh).ok_or_else(|| {
             Status::not_found(format!("WireGuardMesh {} does not exist", req.mesh))
         })?;
-        let member = view.member(&req.node).ok_or_else(|| {
-            Status::permission_denied(format!(
+        let config = NodeConfig::of(&req.node, view.settings.clone(), view.desired.clone());
+        if config.member.is_none() {
+            return Err(Status::permission_denied(format!(
                 "node {} is not a member of mesh {}",
                 req.node, req.mesh
-            ))
-        })?;
-        let peer_set: BTreeSet<PublicKey> = view
-            .desired
-            .visible_to(member)
-            .keys()
-            .filter(|k| **k != member.public_key)
-            .copied()
-            .collect();
+            )));
+        }
+        let peer_set: BTreeSet<PublicKey> = config.peers().map(|p| p.public_key).collect();
         let (observations, dropped) = checked::scope(req.peers, &peer_set, SystemTime::now());
         if dropped > 0 {
             self.metrics.error("report_out_of_scope");
@@ -369,57 +363,41 @@ struct PeerStream {
     shutdown: watch::Receiver<bool>,
 }
 
-/// What was last sent, to compute the next delta from. It holds the shared desired mesh, not
-/// a per-stream copy of the peer set: a thousand streams cost a thousand pointers.
-struct Sent {
-    member: Option<Member>,
-    settings: Option<Arc<pb::MeshSettings>>,
-    desired: Arc<DesiredMesh>,
-}
-
-static NO_PEERS: BTreeMap<PublicKey, Arc<DesiredPeer>> = BTreeMap::new();
-
-/// The peers a node sees (the shared set for gateways or for interior nodes, filtered by the
-/// caller with the node's own key), or none when it is not a member.
-fn visible<'a>(
-    desired: &'a DesiredMesh,
-    member: Option<&Member>,
-) -> &'a BTreeMap<PublicKey, Arc<DesiredPeer>> {
-    match member {
-        Some(m) => desired.visible_to(m),
-        None => &NO_PEERS,
-    }
-}
-
 impl PeerStream {
+    /// The node's view of a mesh view: the shared desired state and its own membership, not
+    /// a per-stream copy of the peer set (a thousand streams cost a thousand pointers).
+    fn config_of(&self, view: &NodeView) -> NodeConfig<pb::MeshSettings> {
+        NodeConfig::of(&self.node, view.settings.clone(), view.desired.clone())
+    }
+
     async fn run(mut self, base: Option<NodeView>) {
         self.metrics.agent_connected();
-        let mut sent: Option<Sent> = base.map(|b| Sent {
-            member: b.member(&self.node).cloned(),
-            settings: None,
-            desired: b.desired.clone(),
+        // What was last sent, to compute the next delta from.
+        let mut sent: Option<NodeConfig<pb::MeshSettings>> = base.map(|b| {
+            let mut config = self.config_of(&b);
+            // A resumed agent's settings are not known: send them again.
+            config.settings = None;
+            config
         });
         loop {
             let view = self.views.borrow_and_update().clone();
             if view.settings.is_some() {
-                if let Some(update) = self.next_update(&view, sent.as_ref()) {
-                    let kind = match update.update {
-                        Some(pb::peer_update::Update::Snapshot(_)) => "snapshot",
-                        _ => "delta",
+                let now = self.config_of(&view);
+                if let Some(update) = next_update(sent.as_ref(), &now) {
+                    let kind = match update {
+                        NodeUpdate::Snapshot => "snapshot",
+                        NodeUpdate::Delta(_) => "delta",
                     };
-                    let bytes = update.encoded_len();
+                    let message = encode::peer_update(&self.epoch, view.revision, &now, &update);
+                    let bytes = message.encoded_len();
                     // Waits while the agent is slow; the watch channel meanwhile keeps only the
                     // latest view, so the next message covers everything missed.
-                    if self.tx.send(Ok(update)).await.is_err() {
+                    if self.tx.send(Ok(message)).await.is_err() {
                         break;
                     }
                     self.metrics.stream_sent(kind, bytes);
                 }
-                sent = Some(Sent {
-                    member: view.member(&self.node).cloned(),
-                    settings: view.settings.clone(),
-                    desired: view.desired.clone(),
-                });
+                sent = Some(now);
             }
             tokio::select! {
                 r = self.views.changed() => if r.is_err() { break },
@@ -429,130 +407,6 @@ impl PeerStream {
         }
         self.metrics.agent_disconnected();
         tracing::info!(node = %self.node, "peer stream ended");
-    }
-
-    fn next_update(&self, view: &NodeView, sent: Option<&Sent>) -> Option<pb::PeerUpdate> {
-        let member = view.member(&self.node);
-        let own = member.map(|m| m.public_key);
-        let peers = visible(&view.desired, member);
-        let count = peers.len() - usize::from(own.is_some_and(|k| peers.contains_key(&k)));
-        let settings = view.settings.as_deref().cloned();
-        let rotate_key_request = member
-            .and_then(|m| m.rotate_key_request.clone())
-            .unwrap_or_default();
-        let snapshot = || pb::PeerUpdate {
-            epoch: self.epoch.clone(),
-            revision: view.revision,
-            rotate_key_request: rotate_key_request.clone(),
-            update: Some(pb::peer_update::Update::Snapshot(pb::PeerSnapshot {
-                peers: peers
-                    .values()
-                    .filter(|p| Some(p.public_key) != own)
-                    .map(|p| to_proto(p, member))
-                    .collect(),
-                mesh: settings.clone(),
-                tunnel_addresses: addresses_of(member),
-                pod_cidrs: pod_cidrs_of(member),
-            })),
-        };
-        let Some(sent) = sent else {
-            return Some(snapshot());
-        };
-        // Our own key or the mesh secret changed: every derived preshared key changes too.
-        if sent.member.is_some()
-            && member.map(|m| (&m.public_key, &m.mesh_secret))
-                != sent
-                    .member
-                    .as_ref()
-                    .map(|m| (&m.public_key, &m.mesh_secret))
-        {
-            return Some(snapshot());
-        }
-        let before = visible(&sent.desired, sent.member.as_ref());
-        let delta = diff_peer_sets(before, peers, own.as_ref());
-        let settings_changed = sent.settings.as_deref() != view.settings.as_deref();
-        let addresses_changed = sent.member.as_ref().map(|m| &m.interface_addresses)
-            != member.map(|m| &m.interface_addresses);
-        let rotation_changed = sent.member.as_ref().map(|m| &m.rotate_key_request)
-            != member.map(|m| &m.rotate_key_request);
-        let pod_cidrs_changed =
-            sent.member.as_ref().map(|m| &m.pod_cidrs) != member.map(|m| &m.pod_cidrs);
-        if delta.is_empty()
-            && !settings_changed
-            && !addresses_changed
-            && !rotation_changed
-            && !pod_cidrs_changed
-        {
-            return None;
-        }
-        // Far behind: a snapshot is smaller than the delta.
-        if delta.upserted.len() + delta.removed.len() > count.max(8) {
-            return Some(snapshot());
-        }
-        Some(pb::PeerUpdate {
-            epoch: self.epoch.clone(),
-            revision: view.revision,
-            rotate_key_request,
-            update: Some(pb::peer_update::Update::Delta(pb::PeerDelta {
-                upserted: delta.upserted.iter().map(|p| to_proto(p, member)).collect(),
-                removed: delta
-                    .removed
-                    .iter()
-                    .map(|k| k.as_bytes().to_vec())
-                    .collect(),
-                mesh: settings_changed.then_some(settings).flatten(),
-                tunnel_addresses: if addresses_changed {
-                    addresses_of(member)
-                } else {
-                    Vec::new()
-                },
-                pod_cidrs: if pod_cidrs_changed {
-                    pod_cidrs_of(member)
-                } else {
-                    Vec::new()
-                },
-            })),
-        })
-    }
-}
-
-fn addresses_of(member: Option<&Member>) -> Vec<String> {
-    member
-        .map(|m| {
-            m.interface_addresses
-                .iter()
-                .map(ToString::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn pod_cidrs_of(member: Option<&Member>) -> Vec<String> {
-    member
-        .map(|m| m.pod_cidrs.iter().map(ToString::to_string).collect())
-        .unwrap_or_default()
-}
-
-/// A desired peer as the node `own` should program it (resolving derived preshared keys).
-pub fn to_proto(peer: &DesiredPeer, own: Option<&Member>) -> pb::Peer {
-    let preshared_key = match (&peer.preshared_key, own) {
-        (PresharedKey::Static(k), _) => k.as_bytes().to_vec(),
-        (PresharedKey::DerivedFromMesh, Some(me)) => match (&me.mesh_secret, peer.node.is_some()) {
-            (Some(secret), true) => pair_preshared_key(secret, &me.public_key, &peer.public_key)
-                .as_bytes()
-                .to_vec(),
-            _ => Vec::new(),
-        },
-        _ => Vec::new(),
-    };
-    pb::Peer {
-        public_key: peer.public_key.as_bytes().to_vec(),
-        name: peer.name.clone(),
-        endpoint: peer.endpoint.clone().unwrap_or_default(),
-        allowed_ips: peer.allowed_ips.iter().map(ToString::to_string).collect(),
-        persistent_keepalive: u32::from(peer.persistent_keepalive),
-        preshared_key,
-        node: peer.node.clone().unwrap_or_default(),
     }
 }
 

@@ -5,12 +5,12 @@
 //! view changed (`send_if_modified`): a change that affects nobody sends nothing. Recent
 //! revisions are kept so a reconnecting agent can resume with a delta.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use wgmesh_core::PublicKey;
-use wgmesh_core::desired::{DesiredMesh, DesiredPeer, Member};
+use wgmesh_core::desired::{DesiredMesh, Member};
 use wgmesh_proto::MeshSettings;
 
 /// How many past revisions of each mesh are kept for resuming agents.
@@ -29,20 +29,6 @@ pub struct NodeView {
 impl NodeView {
     pub fn member<'a>(&'a self, node: &str) -> Option<&'a Member> {
         self.desired.members.get(node)
-    }
-
-    /// The node's peer set at this view (empty when it is not a member).
-    pub fn peers_of(&self, node: &str) -> BTreeMap<PublicKey, Arc<DesiredPeer>> {
-        match self.member(node) {
-            None => BTreeMap::new(),
-            Some(member) => self
-                .desired
-                .visible_to(member)
-                .iter()
-                .filter(|(k, _)| **k != member.public_key)
-                .map(|(k, v)| (*k, v.clone()))
-                .collect(),
-        }
     }
 }
 
@@ -248,6 +234,8 @@ fn share_unchanged(old: &DesiredMesh, mut new: DesiredMesh) -> DesiredMesh {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+    use wgmesh_core::desired::DesiredPeer;
     use wgmesh_core::desired::{PresharedKey, Verdict};
 
     fn peer(n: u8, endpoint: &str) -> (PublicKey, Arc<DesiredPeer>) {
@@ -386,8 +374,18 @@ mod tests {
         assert!(n2.has_changed().unwrap(), "interior nodes route it via n1");
         let site = PublicKey::from_bytes([9; 32]);
         let gateway = PublicKey::from_bytes([1; 32]);
-        let n1_peers = n1.borrow().peers_of("n1");
-        let n2_peers = n2.borrow().peers_of("n2");
+        let peers_of = |node: &str, view: &NodeView| {
+            wgmesh_core::node_config::NodeConfig::of(
+                node,
+                view.settings.clone(),
+                view.desired.clone(),
+            )
+            .peers()
+            .map(|p| (p.public_key, p.clone()))
+            .collect::<BTreeMap<_, _>>()
+        };
+        let n1_peers = peers_of("n1", &n1.borrow());
+        let n2_peers = peers_of("n2", &n2.borrow());
         assert!(n1_peers.contains_key(&site));
         assert!(!n2_peers.contains_key(&site));
         let via: Vec<String> = n2_peers[&gateway]

@@ -249,20 +249,6 @@ pub struct DesiredMesh {
 }
 
 impl DesiredMesh {
-    /// The peers node `node` should have, or `None` when it is not a member.
-    pub fn peers_of<'a>(
-        &'a self,
-        node: &str,
-    ) -> Option<impl Iterator<Item = &'a Arc<DesiredPeer>> + 'a> {
-        let member = self.members.get(node)?;
-        let own = member.public_key;
-        Some(
-            self.visible_to(member)
-                .values()
-                .filter(move |p| p.public_key != own),
-        )
-    }
-
     /// The shared peer set a member filters its own key out of: every peer for gateways, the
     /// interior view for the others.
     pub fn visible_to(&self, member: &Member) -> &BTreeMap<PublicKey, Arc<DesiredPeer>> {

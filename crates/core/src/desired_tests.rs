@@ -85,10 +85,12 @@ fn three_nodes() -> (Vec<NodeInput>, Vec<PeerInput>) {
     )
 }
 
+/// The names of the peers `node` programs (none when it is not a member).
 fn names_of(d: &DesiredMesh, node: &str) -> Vec<String> {
-    d.peers_of(node)
-        .map(|it| it.map(|p| p.name.clone()).collect())
-        .unwrap_or_default()
+    crate::node_config::NodeConfig::<()>::of(node, None, Arc::new(d.clone()))
+        .peers()
+        .map(|p| p.name.clone())
+        .collect()
 }
 
 fn refused(d: &DesiredMesh, name: &str) -> Option<(&'static str, String)> {
@@ -402,10 +404,10 @@ fn keepalive_and_preshared_keys() {
 }
 
 fn allowed_of(d: &DesiredMesh, node: &str, peer: &str) -> Option<Vec<String>> {
-    let member = &d.members[node];
-    d.visible_to(member)
-        .values()
-        .find(|p| p.name == peer && p.public_key != member.public_key)
+    assert!(d.members.contains_key(node), "{node} is a member");
+    crate::node_config::NodeConfig::<()>::of(node, None, Arc::new(d.clone()))
+        .peers()
+        .find(|p| p.name == peer)
         .map(|p| p.allowed_ips.iter().map(ToString::to_string).collect())
 }
 

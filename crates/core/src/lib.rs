@@ -9,6 +9,7 @@ pub mod diff;
 pub mod export;
 pub mod ipam;
 pub mod key;
+pub mod node_config;
 #[cfg(test)]
 mod redaction_tests;
 pub mod wgquick;

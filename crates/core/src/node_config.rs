@@ -1,0 +1,158 @@
+//! One node's view of a mesh ([`NodeConfig`]), and what to send a node to take it from one
+//! view to the next ([`next_update`]): a snapshot, a delta, or nothing.
+//!
+//! Shaped for thousands of nodes: a view holds the mesh's shared desired state (one
+//! reference-counted entry per peer, shared by every node) and only what is the node's own
+//! (its membership: key, addresses, pod CIDRs). What differs per node when a message is encoded
+//! (leaving itself out, its per-pair preshared keys) is derived then, never stored per node.
+//!
+//! The settings type is the caller's (the wire's interface settings): core only compares them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::desired::{DesiredMesh, DesiredPeer, Member, PresharedKey, pair_preshared_key};
+use crate::diff::diff_peer_sets;
+use crate::{Key, PublicKey};
+
+/// What one node should have of one mesh.
+#[derive(Debug, Clone)]
+pub struct NodeConfig<S> {
+    /// The mesh's interface settings; `None` while the mesh does not exist.
+    pub settings: Option<Arc<S>>,
+    /// The node's membership; `None` when it is not a member (no peers then).
+    pub member: Option<Member>,
+    /// The mesh's desired state, shared by every node's view.
+    pub desired: Arc<DesiredMesh>,
+}
+
+static NO_PEERS: BTreeMap<PublicKey, Arc<DesiredPeer>> = BTreeMap::new();
+
+impl<S> NodeConfig<S> {
+    /// Node `node`'s view of a mesh's desired state.
+    pub fn of(node: &str, settings: Option<Arc<S>>, desired: Arc<DesiredMesh>) -> Self {
+        NodeConfig {
+            settings,
+            member: desired.members.get(node).cloned(),
+            desired,
+        }
+    }
+
+    /// The node's own public key, when it is a member.
+    pub fn own_key(&self) -> Option<PublicKey> {
+        self.member.as_ref().map(|m| m.public_key)
+    }
+
+    /// The shared peer set the node's peers come from (its own key included, if present):
+    /// every peer for gateways, the interior view for the others, none for non-members.
+    pub fn shared_peers(&self) -> &BTreeMap<PublicKey, Arc<DesiredPeer>> {
+        match &self.member {
+            Some(m) => self.desired.visible_to(m),
+            None => &NO_PEERS,
+        }
+    }
+
+    /// The node's peers: the shared set without itself.
+    pub fn peers(&self) -> impl Iterator<Item = &Arc<DesiredPeer>> {
+        let own = self.own_key();
+        self.shared_peers()
+            .values()
+            .filter(move |p| Some(p.public_key) != own)
+    }
+
+    /// How many peers the node has.
+    pub fn peer_count(&self) -> usize {
+        let shared = self.shared_peers();
+        shared.len() - usize::from(self.own_key().is_some_and(|k| shared.contains_key(&k)))
+    }
+
+    /// The preshared key this node uses with `peer`: the peer's own, or the pair's key derived
+    /// from the mesh secret (node peers, when the mesh has one), or none.
+    pub fn preshared_key(&self, peer: &DesiredPeer) -> Option<Key> {
+        match (&peer.preshared_key, &self.member) {
+            (PresharedKey::Static(k), _) => Some(*k),
+            (PresharedKey::DerivedFromMesh, Some(me)) if peer.node.is_some() => me
+                .mesh_secret
+                .as_ref()
+                .map(|secret| pair_preshared_key(secret, &me.public_key, &peer.public_key)),
+            _ => None,
+        }
+    }
+}
+
+/// What changed for a node between two views. Only what changed is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeDelta<S> {
+    /// Peers to add or replace, whole, sorted by key.
+    pub upserted: Vec<Arc<DesiredPeer>>,
+    /// Peers to remove, sorted.
+    pub removed: Vec<PublicKey>,
+    pub settings: Option<Arc<S>>,
+    /// The node's interface addresses, when they changed.
+    pub addresses_changed: bool,
+    /// The node's pod CIDRs, when they changed.
+    pub pod_cidrs_changed: bool,
+}
+
+/// What to send a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeUpdate<S> {
+    /// The whole view (the node's first message, or when a delta would be larger or every
+    /// derived key changed).
+    Snapshot,
+    Delta(NodeDelta<S>),
+}
+
+/// The update that takes a node from the view it was last sent (`sent`, `None` before the
+/// first message) to `now`, or `None` when nothing it holds changed.
+pub fn next_update<S: PartialEq>(
+    sent: Option<&NodeConfig<S>>,
+    now: &NodeConfig<S>,
+) -> Option<NodeUpdate<S>> {
+    let Some(sent) = sent else {
+        return Some(NodeUpdate::Snapshot);
+    };
+    let (before, after) = (sent.member.as_ref(), now.member.as_ref());
+    // Our own key or the mesh secret changed: every derived preshared key changes too.
+    if before.is_some()
+        && before.map(|m| (&m.public_key, &m.mesh_secret))
+            != after.map(|m| (&m.public_key, &m.mesh_secret))
+    {
+        return Some(NodeUpdate::Snapshot);
+    }
+    let own = now.own_key();
+    let peers = diff_peer_sets(sent.shared_peers(), now.shared_peers(), own.as_ref());
+    let settings_changed = sent.settings.as_deref() != now.settings.as_deref();
+    let addresses_changed =
+        before.map(|m| &m.interface_addresses) != after.map(|m| &m.interface_addresses);
+    let rotation_changed =
+        before.map(|m| &m.rotate_key_request) != after.map(|m| &m.rotate_key_request);
+    let pod_cidrs_changed = before.map(|m| &m.pod_cidrs) != after.map(|m| &m.pod_cidrs);
+    if peers.is_empty()
+        && !settings_changed
+        && !addresses_changed
+        && !rotation_changed
+        && !pod_cidrs_changed
+    {
+        return None;
+    }
+    // Far behind: a snapshot is smaller than the delta.
+    if peers.upserted.len() + peers.removed.len() > now.peer_count().max(8) {
+        return Some(NodeUpdate::Snapshot);
+    }
+    Some(NodeUpdate::Delta(NodeDelta {
+        upserted: peers.upserted,
+        removed: peers.removed,
+        settings: if settings_changed {
+            now.settings.clone()
+        } else {
+            None
+        },
+        addresses_changed,
+        pod_cidrs_changed,
+    }))
+}
+
+#[cfg(test)]
+#[path = "node_config_tests.rs"]
+mod tests;

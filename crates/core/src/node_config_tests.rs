@@ -1,0 +1,269 @@
+//! Table-driven tests of a node's view and the snapshot-or-delta rule.
+
+use super::*;
+use crate::desired::{MeshInput, NodeInput, PeerInput, SecretInput, compute};
+
+type Settings = &'static str;
+
+fn key(n: u8) -> PublicKey {
+    PublicKey::from_bytes([n; 32])
+}
+
+fn node(n: u8) -> NodeInput {
+    NodeInput {
+        name: format!("n{n}"),
+        uid: format!("uid-n{n}"),
+        addresses: vec![],
+        selected: true,
+        pod_cidrs: vec![format!("10.244.{n}.0/24").parse().unwrap()],
+        rotate_key_request: None,
+        gateway: true,
+    }
+}
+
+fn node_peer(n: u8) -> PeerInput {
+    PeerInput {
+        name: format!("n{n}"),
+        created: i64::from(n),
+        previously_programmed: false,
+        seniority: 0,
+        public_key: key(n),
+        allowed_ips: vec![],
+        endpoint: Some(format!("192.168.0.{n}:51820")),
+        last_seen_endpoint: None,
+        persistent_keepalive: None,
+        preshared_key: None,
+        responder: false,
+        disabled: false,
+        node: Some(format!("n{n}")),
+        node_owner_uid: Some(format!("uid-n{n}")),
+        tunnel_addresses: vec![format!("10.250.0.{n}").parse().unwrap()],
+    }
+}
+
+/// A mesh of nodes 1..=count, optionally with a mesh secret.
+fn mesh_of(
+    count: u8,
+    edit: impl Fn(&mut MeshInput, &mut Vec<NodeInput>, &mut Vec<PeerInput>),
+) -> Arc<DesiredMesh> {
+    let mut mesh = MeshInput {
+        name: "m".into(),
+        tunnel_pools: vec!["10.250.0.0/16".parse().unwrap()],
+        ..MeshInput::default()
+    };
+    let mut nodes: Vec<NodeInput> = (1..=count).map(node).collect();
+    let mut peers: Vec<PeerInput> = (1..=count).map(node_peer).collect();
+    edit(&mut mesh, &mut nodes, &mut peers);
+    Arc::new(compute(&mesh, &nodes, &peers))
+}
+
+fn plain(count: u8) -> Arc<DesiredMesh> {
+    mesh_of(count, |_, _, _| {})
+}
+
+fn view(desired: &Arc<DesiredMesh>, settings: Settings) -> NodeConfig<Settings> {
+    NodeConfig::of("n1", Some(Arc::new(settings)), desired.clone())
+}
+
+/// What an update is, in short: "snapshot", "none", or "delta +keys -keys [settings]
+/// [addresses] [pod-cidrs]".
+fn summary(update: Option<NodeUpdate<Settings>>) -> String {
+    match update {
+        None => "none".into(),
+        Some(NodeUpdate::Snapshot) => "snapshot".into(),
+        Some(NodeUpdate::Delta(d)) => {
+            let mut s = String::from("delta");
+            for p in &d.upserted {
+                s += &format!(" +{}", p.public_key.as_bytes()[0]);
+            }
+            for k in &d.removed {
+                s += &format!(" -{}", k.as_bytes()[0]);
+            }
+            if let Some(settings) = &d.settings {
+                s += &format!(" settings={settings}");
+            }
+            if d.addresses_changed {
+                s += " addresses";
+            }
+            if d.pod_cidrs_changed {
+                s += " pod-cidrs";
+            }
+            s
+        }
+    }
+}
+
+#[test]
+fn a_view_leaves_the_node_out_and_shares_the_entries() {
+    let desired = plain(3);
+    let n1 = view(&desired, "s");
+    let n2 = NodeConfig::of("n2", Some(Arc::new("s")), desired.clone());
+    let keys = |v: &NodeConfig<Settings>| v.peers().map(|p| p.public_key).collect::<Vec<_>>();
+    assert_eq!(keys(&n1), [key(2), key(3)]);
+    assert_eq!(keys(&n2), [key(1), key(3)]);
+    assert_eq!(n1.peer_count(), 2);
+    let three_at_1 = n1.peers().find(|p| p.public_key == key(3)).unwrap();
+    let three_at_2 = n2.peers().find(|p| p.public_key == key(3)).unwrap();
+    assert!(
+        Arc::ptr_eq(three_at_1, three_at_2),
+        "one entry per peer, shared by every view"
+    );
+    let outsider = NodeConfig::of("n9", Some(Arc::new("s")), desired);
+    assert_eq!((outsider.peer_count(), outsider.peers().count()), (0, 0));
+}
+
+#[test]
+fn preshared_keys_are_derived_per_pair_when_encoding() {
+    let secret = |m: &mut MeshInput, _: &mut Vec<NodeInput>, _: &mut Vec<PeerInput>| {
+        m.preshared_key = Some(SecretInput::Present(b"mesh secret".to_vec()));
+    };
+    let desired = mesh_of(3, secret);
+    let n1 = view(&desired, "s");
+    let n2 = NodeConfig::<Settings>::of("n2", None, desired.clone());
+    let peer = |v: &NodeConfig<Settings>, n: u8| {
+        v.peers().find(|p| p.public_key == key(n)).unwrap().clone()
+    };
+    let k12 = n1.preshared_key(&peer(&n1, 2)).expect("derived");
+    assert_eq!(
+        Some(k12),
+        n2.preshared_key(&peer(&n2, 1)),
+        "both ends derive the same key"
+    );
+    assert_ne!(
+        Some(k12),
+        n1.preshared_key(&peer(&n1, 3)),
+        "no two pairs share one"
+    );
+    assert_eq!(
+        view(&plain(3), "s").preshared_key(&peer(&view(&plain(3), "s"), 2)),
+        None
+    );
+}
+
+#[test]
+fn next_update_table() {
+    struct Case {
+        name: &'static str,
+        sent: Option<(Arc<DesiredMesh>, Settings)>,
+        now: (Arc<DesiredMesh>, Settings),
+        want: &'static str,
+    }
+    let base = plain(3);
+    let cases = [
+        Case {
+            name: "the first message is a snapshot",
+            sent: None,
+            now: (base.clone(), "s"),
+            want: "snapshot",
+        },
+        Case {
+            name: "nothing changed: nothing is sent",
+            sent: Some((base.clone(), "s")),
+            now: (plain(3), "s"),
+            want: "none",
+        },
+        Case {
+            name: "a node joins: one upsert",
+            sent: Some((base.clone(), "s")),
+            now: (plain(4), "s"),
+            want: "delta +4",
+        },
+        Case {
+            name: "a node leaves: one removal",
+            sent: Some((base.clone(), "s")),
+            now: (plain(2), "s"),
+            want: "delta -3",
+        },
+        Case {
+            name: "settings change alone",
+            sent: Some((base.clone(), "s")),
+            now: (base.clone(), "t"),
+            want: "delta settings=t",
+        },
+        Case {
+            name: "a peer's endpoint changes: that peer only",
+            sent: Some((base.clone(), "s")),
+            now: (
+                mesh_of(3, |_, _, p| {
+                    p[2].endpoint = Some("192.168.9.9:51820".into())
+                }),
+                "s",
+            ),
+            want: "delta +3",
+        },
+        Case {
+            name: "our own tunnel address changes",
+            sent: Some((base.clone(), "s")),
+            now: (
+                mesh_of(3, |_, _, p| {
+                    p[0].tunnel_addresses = vec!["10.250.0.99".parse().unwrap()]
+                }),
+                "s",
+            ),
+            want: "delta addresses",
+        },
+        Case {
+            name: "our pod CIDRs change",
+            sent: Some((base.clone(), "s")),
+            now: (
+                mesh_of(3, |_, n, _| {
+                    n[0].pod_cidrs = vec!["10.245.1.0/24".parse().unwrap()]
+                }),
+                "s",
+            ),
+            want: "delta pod-cidrs",
+        },
+        Case {
+            name: "our key changes: every derived key changes, a snapshot",
+            sent: Some((base.clone(), "s")),
+            now: (mesh_of(3, |_, _, p| p[0].public_key = key(11)), "s"),
+            want: "snapshot",
+        },
+        Case {
+            name: "the mesh secret appears: a snapshot",
+            sent: Some((base.clone(), "s")),
+            now: (
+                mesh_of(3, |m, _, _| {
+                    m.preshared_key = Some(SecretInput::Present(b"x".to_vec()))
+                }),
+                "s",
+            ),
+            want: "snapshot",
+        },
+        Case {
+            name: "far behind: a snapshot is smaller than 38 changes for 19 peers",
+            sent: Some((plain(20), "s")),
+            now: (
+                mesh_of(20, |_, _, p| {
+                    for peer in p.iter_mut().skip(1) {
+                        peer.public_key = key(100 + peer.public_key.as_bytes()[0]);
+                    }
+                }),
+                "s",
+            ),
+            want: "snapshot",
+        },
+        Case {
+            name: "many joins at once are still a delta while smaller",
+            sent: Some((plain(2), "s")),
+            now: (plain(20), "s"),
+            want: "delta +3 +4 +5 +6 +7 +8 +9 +10 +11 +12 +13 +14 +15 +16 +17 +18 +19 +20",
+        },
+        Case {
+            name: "we leave the mesh: a snapshot of nothing",
+            sent: Some((base.clone(), "s")),
+            now: (mesh_of(3, |_, n, _| n[0].selected = false), "s"),
+            want: "snapshot",
+        },
+    ];
+    for case in cases {
+        let sent = case.sent.map(|(d, s)| view(&d, s));
+        let now = view(&case.now.0, case.now.1);
+        assert_eq!(
+            summary(next_update(sent.as_ref(), &now)),
+            case.want,
+            "{}",
+            case.name
+        );
+    }
+}
