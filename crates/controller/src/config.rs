@@ -43,7 +43,8 @@ pub struct Config {
     #[arg(long, env = "WGMESH_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
 
-    /// Name in the replicas' serving certificate, checked when forwarding to another replica.
+    /// Name in the replicas' serving certificate, checked when forwarding to another replica,
+    /// and required in the client certificate of a replica that forwards a report.
     #[arg(
         long,
         env = "WGMESH_PEER_SERVER_NAME",

@@ -130,6 +130,7 @@ pub async fn run(config: Config) -> Result<()> {
         shutdown: shutdown.clone(),
         leader: leader_rx,
         forwarder,
+        replica_name: config.peer_server_name.clone(),
     };
     ready.store(true, Ordering::Relaxed);
     tracing::info!(addr = %config.grpc_addr, identity = %identity, "serving agents");
