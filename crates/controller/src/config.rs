@@ -92,6 +92,17 @@ pub struct Config {
     #[arg(long, env = "WGMESH_TOKEN_AUDIENCE", default_value = "wgmesh")]
     pub token_audience: String,
 
+    /// Namespaces whose Secrets the controller reads (preshared keys of meshes and peers),
+    /// comma-separated. A reference to a Secret anywhere else is not read, and its object is
+    /// not Ready. Keep the controller's own namespace (its TLS key) out of this list.
+    #[arg(
+        long,
+        env = "WGMESH_SECRET_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "wgmesh-secrets"
+    )]
+    pub secret_namespaces: Vec<String>,
+
     /// Minimum seconds between two writes of agent-reported status to one object.
     #[arg(long, env = "WGMESH_STATUS_INTERVAL", default_value_t = 30)]
     pub status_interval: u64,

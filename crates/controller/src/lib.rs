@@ -14,6 +14,7 @@ pub mod index;
 pub mod metrics;
 pub mod reconcile;
 pub mod reports;
+pub mod secret_scope;
 pub mod writer;
 
 use std::sync::Arc;
@@ -99,6 +100,7 @@ pub async fn run(config: Config) -> Result<()> {
         index.clone(),
         computed_tx,
         metrics.clone(),
+        secret_scope::SecretNamespaces::new(&config.secret_namespaces),
     ));
 
     let leader = leader_election(&client, &config, &identity, metrics.clone()).await?;

@@ -697,3 +697,93 @@ async fn a_forwarded_report_needs_the_replica_certificate_not_just_the_ca() -> R
     }
     Ok(())
 }
+
+/// Creates namespace `ns` (if needed) and a Secret there with a valid preshared key.
+async fn psk_secret(client: &kube::Client, ns: &str, name: &str, byte: u8) -> Result<()> {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::{Namespace, Secret};
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(ns.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match namespaces.create(&PostParams::default(), &namespace).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(
+            [("presharedKey".to_owned(), ByteString(vec![byte; 32]))]
+                .into_iter()
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn secrets_outside_the_secret_namespaces_are_never_read() -> Result<()> {
+    let fx = Fixture::new().await?;
+    // The controller's own namespace holds its TLS key: a peer must not be able to point there.
+    psk_secret(&fx.client, AGENT_NAMESPACE, "wgmesh-controller-tls", 7).await?;
+    psk_secret(&fx.client, "wgmesh-secrets", "laptop-psk", 8).await?;
+    let controller = Controller::start(
+        &fx.cp,
+        &fx.tls,
+        "c1",
+        &[("WGMESH_SECRET_NAMESPACES", "wgmesh-secrets,other-secrets")],
+    )
+    .await?;
+    let _a = fx.agent(&controller, "a", 1).await?;
+    let psk_ref =
+        |ns: &str, name: &str| json!({"namespace": ns, "name": name, "key": "presharedKey"});
+
+    fx.apply_peer(
+        "laptop",
+        json!({"publicKey": key(40), "allowedIPs": ["192.168.71.0/24"],
+               "presharedKeySecretRef": psk_ref("wgmesh-secrets", "laptop-psk")}),
+    )
+    .await?;
+    fx.wait_reason("laptop", "Programmed").await?;
+
+    fx.apply_peer(
+        "sneaky",
+        json!({"publicKey": key(41), "allowedIPs": ["192.168.72.0/24"],
+               "presharedKeySecretRef": psk_ref(AGENT_NAMESPACE, "wgmesh-controller-tls")}),
+    )
+    .await?;
+    let sneaky = fx
+        .wait_reason("sneaky", "PresharedKeySecretMissing")
+        .await?;
+    let ready = sneaky
+        .status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+        .context("a Ready condition")?;
+    assert_eq!(ready.status, "False");
+    assert!(
+        ready
+            .message
+            .contains(&format!("{AGENT_NAMESPACE}/wgmesh-controller-tls"))
+            && ready.message.contains("not read")
+            && ready.message.contains("other-secrets, wgmesh-secrets"),
+        "the message names the Secret and the allowed namespaces: {}",
+        ready.message
+    );
+    // Still refused after the periodic re-read of Secrets (15 s).
+    tokio::time::sleep(Duration::from_secs(17)).await;
+    fx.wait_reason("sneaky", "PresharedKeySecretMissing")
+        .await?;
+    Ok(())
+}

@@ -325,3 +325,59 @@ async fn only_the_controller_makes_node_members() -> Result<()> {
     );
     Ok(())
 }
+
+/// `kubectl auth can-i VERB secrets` of the controller's service account in `namespace`.
+fn controller_can(cp: &ControlPlane, verb: &str, namespace: &str) -> Result<bool> {
+    let out = cp.kubectl(&[
+        "auth",
+        "can-i",
+        verb,
+        "secrets",
+        "--namespace",
+        namespace,
+        "--as",
+        &controller_user(),
+    ])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
+}
+
+#[tokio::test]
+async fn the_controller_reads_secrets_only_in_the_secret_namespaces() -> Result<()> {
+    let cp = ControlPlane::start().await?;
+    let helm = Helm::new()?;
+    cp.kubectl_ok(&["create", "namespace", "team-a"])?;
+    helm.install(&cp, &["--set", "rbac.secretNamespaces={team-a}"])?;
+
+    // Not in its own namespace, where its TLS key lives; only where peer Secrets live.
+    assert!(
+        !controller_can(&cp, "get", NAMESPACE)?,
+        "get in {NAMESPACE}"
+    );
+    assert!(controller_can(&cp, "get", "wgmesh-secrets")?);
+    assert!(controller_can(&cp, "get", "team-a")?);
+    assert!(!controller_can(&cp, "list", "wgmesh-secrets")?);
+    assert!(!controller_can(&cp, "get", "kube-system")?);
+
+    // The chart made the peer Secrets namespace, and keeps it (and its Secrets) on uninstall.
+    let keep = cp.kubectl_ok(&[
+        "get",
+        "namespace",
+        "wgmesh-secrets",
+        "-o",
+        "jsonpath={.metadata.annotations.helm\\.sh/resource-policy}",
+    ])?;
+    assert_eq!(keep, "keep");
+
+    // The controller is told the same namespaces.
+    let env = cp.kubectl_ok(&[
+        "get",
+        "deployment",
+        "wgmesh-controller",
+        "--namespace",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].env[?(@.name==\"WGMESH_SECRET_NAMESPACES\")].value}",
+    ])?;
+    assert_eq!(env, "wgmesh-secrets,team-a");
+    Ok(())
+}
