@@ -35,7 +35,7 @@ pub struct Opts {
     #[arg(long)]
     pub apply: bool,
     /// Namespace of the Secrets that hold preshared keys found in the file.
-    #[arg(long, default_value = "wgmesh-system")]
+    #[arg(long, default_value = "wgmesh-secrets")]
     pub secret_namespace: String,
     /// Output format of the printed objects.
     #[arg(short, long, value_enum, default_value_t = Format::Yaml)]
@@ -221,7 +221,7 @@ mod tests {
             name: name.map(Into::into),
             mesh: "default".into(),
             apply: false,
-            secret_namespace: "wgmesh-system".into(),
+            secret_namespace: "wgmesh-secrets".into(),
             output: Format::Yaml,
         }
     }

@@ -71,7 +71,7 @@ pub struct AddArgs {
     #[arg(long)]
     pub private_key_file: Option<PathBuf>,
     /// Namespace of the Secrets.
-    #[arg(long, default_value = "wgmesh-system")]
+    #[arg(long, default_value = "wgmesh-secrets")]
     pub secret_namespace: String,
     /// Free text stored on the peer.
     #[arg(long)]
@@ -103,7 +103,7 @@ pub struct ConfigArgs {
     #[arg(long)]
     pub private_key_file: Option<PathBuf>,
     /// Namespace of the Secrets.
-    #[arg(long, default_value = "wgmesh-system")]
+    #[arg(long, default_value = "wgmesh-secrets")]
     pub secret_namespace: String,
     #[command(flatten)]
     pub show: ShowArgs,

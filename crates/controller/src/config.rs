@@ -45,7 +45,8 @@ pub struct Config {
     #[arg(long, env = "WGMESH_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
 
-    /// Name in the replicas' serving certificate, checked when forwarding to another replica.
+    /// Name in the replicas' serving certificate, checked when forwarding to another replica,
+    /// and required in the client certificate of a replica that forwards a report.
     #[arg(
         long,
         env = "WGMESH_PEER_SERVER_NAME",
@@ -92,6 +93,17 @@ pub struct Config {
     /// Audience agents' projected tokens must carry.
     #[arg(long, env = "WGMESH_TOKEN_AUDIENCE", default_value = "wgmesh")]
     pub token_audience: String,
+
+    /// Namespaces whose Secrets the controller reads (preshared keys of meshes and peers),
+    /// comma-separated. A reference to a Secret anywhere else is not read, and its object is
+    /// not Ready. Keep the controller's own namespace (its TLS key) out of this list.
+    #[arg(
+        long,
+        env = "WGMESH_SECRET_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "wgmesh-secrets"
+    )]
+    pub secret_namespaces: Vec<String>,
 
     /// Minimum seconds between two writes of agent-reported status to one object.
     #[arg(long, env = "WGMESH_STATUS_INTERVAL", default_value_t = 30)]

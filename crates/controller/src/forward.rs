@@ -25,6 +25,28 @@ pub fn lease_identity(name: &str, advertise: Option<&str>) -> String {
     }
 }
 
+/// Whether `der`, the leaf certificate a client presented (already verified against the CA),
+/// names the replicas: a DNS subject alternative name equal to `replica_name` (the chart's
+/// generated certificate has `wgmesh-controller`, also the `--peer-server-name` replicas
+/// check when they connect to each other). The CA may sign other certificates; only this
+/// name makes a client a replica whose forwarded reports skip agent authentication.
+/// Unparsable input is not a replica.
+pub fn is_replica_certificate(der: &[u8], replica_name: &str) -> bool {
+    use x509_parser::extensions::GeneralName;
+    let Ok((rest, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    if !rest.is_empty() {
+        return false;
+    }
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    san.value.general_names.iter().any(
+        |name| matches!(name, GeneralName::DNSName(dns) if dns.eq_ignore_ascii_case(replica_name)),
+    )
+}
+
 pub struct Forwarder {
     leases: Api<Lease>,
     lease_name: String,
@@ -126,6 +148,56 @@ impl Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cert(sans: &[&str]) -> Vec<u8> {
+        let names = sans.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        rcgen::generate_simple_self_signed(names)
+            .expect("a test certificate")
+            .cert
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn replica_certificates() {
+        let chart = cert(&[
+            "wgmesh-controller",
+            "wgmesh-controller.wgmesh-system",
+            "wgmesh-controller.wgmesh-system.svc",
+        ]);
+        let only_service = cert(&["wgmesh-controller.wgmesh-system.svc"]);
+        let other = cert(&["intruder.example"]);
+        let no_san = cert(&[]);
+        let ip_only = cert(&["127.0.0.1"]);
+        let mut trailing = chart.clone();
+        trailing.push(0);
+        let cases: &[(&str, &[u8], &str, bool)] = &[
+            ("the chart's certificate", &chart, "wgmesh-controller", true),
+            ("case does not matter", &chart, "WGMESH-Controller", true),
+            ("another configured name", &chart, "localhost", false),
+            (
+                "only the service name",
+                &only_service,
+                "wgmesh-controller",
+                false,
+            ),
+            ("another SAN", &other, "wgmesh-controller", false),
+            ("no SAN", &no_san, "wgmesh-controller", false),
+            ("an IP SAN only", &ip_only, "127.0.0.1", false),
+            ("garbage", b"not a certificate", "wgmesh-controller", false),
+            ("empty", b"", "wgmesh-controller", false),
+            (
+                "truncated",
+                &chart[..chart.len() / 2],
+                "wgmesh-controller",
+                false,
+            ),
+            ("trailing bytes", &trailing, "wgmesh-controller", false),
+        ];
+        for (what, der, name, want) in cases {
+            assert_eq!(is_replica_certificate(der, name), *want, "{what}");
+        }
+    }
 
     #[test]
     fn identities() {

@@ -24,7 +24,7 @@ use wgmesh_proto::{checked, encode};
 
 use crate::auth::Authenticator;
 use crate::convert;
-use crate::forward::{FORWARDED, Forwarder};
+use crate::forward::{FORWARDED, Forwarder, is_replica_certificate};
 use crate::index::{Index, NodeView};
 use crate::metrics::Metrics;
 use crate::reconcile::Caches;
@@ -51,6 +51,8 @@ pub struct MeshServer {
     pub leader: watch::Receiver<bool>,
     /// Passes reports on to the lease holder; `None` without a CA to authenticate replicas.
     pub forwarder: Option<Arc<Forwarder>>,
+    /// The name replicas' client certificates carry (`--peer-server-name`).
+    pub replica_name: String,
 }
 
 /// The name of a node's `WireGuardPeer` in a mesh.
@@ -266,9 +268,13 @@ impl MeshService for MeshServer {
         request: Request<pb::ReportStatusRequest>,
     ) -> Result<Response<pb::ReportStatusResponse>, Status> {
         // A report another replica forwarded: that replica authenticated the agent, and the
-        // client certificate (verified against our CA) authenticates the replica.
+        // client certificate (verified against our CA, and naming the replicas) authenticates
+        // the replica. Anything else goes through agent authentication.
         let forwarded = request.metadata().contains_key(FORWARDED)
-            && request.peer_certs().is_some_and(|c| !c.is_empty());
+            && request.peer_certs().is_some_and(|c| {
+                c.first()
+                    .is_some_and(|leaf| is_replica_certificate(leaf, &self.replica_name))
+            });
         let (metadata, _, request) = request.into_parts();
         let req = checked::report(&request)?;
         if !forwarded {

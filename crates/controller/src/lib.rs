@@ -14,6 +14,7 @@ pub mod index;
 pub mod metrics;
 pub mod reconcile;
 pub mod reports;
+pub mod secret_scope;
 pub mod writer;
 
 use std::sync::Arc;
@@ -107,6 +108,7 @@ pub async fn run(config: Config) -> Result<()> {
         index.clone(),
         computed_tx,
         metrics.clone(),
+        secret_scope::SecretNamespaces::new(&config.secret_namespaces),
     ));
 
     // Reports of deleted meshes and nodes (or nodes that left a mesh) are forgotten.
@@ -155,6 +157,7 @@ pub async fn run(config: Config) -> Result<()> {
         shutdown: shutdown.clone(),
         leader: leader_rx,
         forwarder,
+        replica_name: config.peer_server_name.clone(),
     };
     ready.store(true, Ordering::Relaxed);
     tracing::info!(addr = %config.grpc_addr, identity = %identity, "serving agents");

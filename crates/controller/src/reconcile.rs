@@ -23,6 +23,7 @@ use wgmesh_proto as pb;
 use crate::convert::{self, Secrets};
 use crate::index::Index;
 use crate::metrics::Metrics;
+use crate::secret_scope::SecretNamespaces;
 
 /// How often referenced Secrets are read again (agents have no API access; the controller
 /// is the only reader, with `get` rights only).
@@ -217,6 +218,7 @@ pub async fn run(
     index: Arc<Index>,
     computed: watch::Sender<Arc<Computed>>,
     metrics: Metrics,
+    secret_namespaces: SecretNamespaces,
 ) {
     let mut secrets = Secrets::new();
     let mut refresh = tokio::time::interval(SECRET_REFRESH);
@@ -238,7 +240,7 @@ pub async fn run(
             .into_iter()
             .filter(|r| refresh_secrets || !secrets.contains_key(r))
             .collect();
-        secrets.extend(read_secrets(&client, &to_read).await);
+        secrets.extend(read_secrets(&client, &to_read, &secret_namespaces).await);
 
         let result = compute_all(&caches, &secrets, &index);
         metrics.reconciled(first_change.elapsed().as_secs_f64());
@@ -336,9 +338,18 @@ fn referenced_secrets(caches: &Caches) -> BTreeSet<SecretKeyRef> {
     from_meshes.into_iter().chain(from_peers).collect()
 }
 
-async fn read_secrets(client: &Client, refs: &BTreeSet<SecretKeyRef>) -> Secrets {
+async fn read_secrets(
+    client: &Client,
+    refs: &BTreeSet<SecretKeyRef>,
+    allowed: &SecretNamespaces,
+) -> Secrets {
     let mut out = Secrets::new();
     for r in refs {
+        // Outside the allowed namespaces: not even a request.
+        if let Err(why) = allowed.check(r) {
+            out.insert(r.clone(), SecretInput::Missing(why));
+            continue;
+        }
         let api: Api<Secret> = Api::namespaced(client.clone(), &r.namespace);
         let what = format!("Secret {}/{}", r.namespace, r.name.0);
         let value = match api.get_opt(&r.name.0).await {

@@ -679,3 +679,176 @@ async fn a_user_made_node_peer_is_refused_and_left_alone() -> Result<()> {
     }
     Ok(())
 }
+/// A gRPC channel to `controller` presenting `cert` as the client certificate.
+async fn channel_with_client_cert(
+    controller: &Controller,
+    ca_pem: &str,
+    cert: &wgmesh_e2e::pki::CertifiedKey,
+) -> Result<tonic::transport::Channel> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem))
+        .domain_name("localhost");
+    Ok(Channel::from_shared(controller.grpc_url())?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?)
+}
+
+#[tokio::test]
+async fn a_forwarded_report_needs_the_replica_certificate_not_just_the_ca() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let controller = fx.controller("c1").await?;
+    let mut a = fx.agent(&controller, "a", 1).await?;
+    let mut b = fx.agent(&controller, "b", 2).await?;
+    a.wait_until(WAIT, "node-b", |s| s.peers.len() == 1).await?;
+    b.wait_until(WAIT, "node-a", |s| s.peers.len() == 1).await?;
+
+    // A report marked as forwarded by a replica, carrying no agent token.
+    let forwarded = |rx: u64| {
+        let mut req = tonic::Request::new(pb::ReportStatusRequest {
+            node: "a".into(),
+            mesh: "default".into(),
+            peers: vec![pb::PeerStatus {
+                public_key: vec![2; 32],
+                last_handshake: None,
+                rx_bytes: rx,
+                tx_bytes: 1,
+                endpoint: "192.168.0.2:51820".into(),
+            }],
+        });
+        req.metadata_mut()
+            .insert("x-wgmesh-forwarded", "1".parse().expect("metadata"));
+        req
+    };
+
+    // A certificate from the same CA, valid for client authentication, naming someone else.
+    let other = fx
+        .cp
+        .ca()
+        .server_cert("wgmesh-controller", &["intruder.example"])?;
+    let ch = channel_with_client_cert(&controller, &fx.tls.ca_pem, &other).await?;
+    let mut client = pb::mesh_service_client::MeshServiceClient::new(ch);
+    let refused = client.report_status(forwarded(666)).await;
+    assert_eq!(
+        refused.map(|_| ()).map_err(|s| s.code()),
+        Err(tonic::Code::Unauthenticated),
+        "a forwarded report from a certificate without the replica name is authenticated as an agent's"
+    );
+
+    // The replicas' own certificate (it names the peer server name, `localhost` here) is
+    // trusted as a replica.
+    let replica = fx
+        .cp
+        .ca()
+        .server_cert("wgmesh-controller", &["localhost", "127.0.0.1"])?;
+    let ch = channel_with_client_cert(&controller, &fx.tls.ca_pem, &replica).await?;
+    let mut client = pb::mesh_service_client::MeshServiceClient::new(ch);
+    client.report_status(forwarded(1000)).await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let status = fx.peer("node-b").await?.status.unwrap_or_default();
+        assert_ne!(status.rx_bytes, 666, "the refused report was recorded");
+        if status.rx_bytes == 1000 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica's report never reached the status: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Creates namespace `ns` (if needed) and a Secret there with a valid preshared key.
+async fn psk_secret(client: &kube::Client, ns: &str, name: &str, byte: u8) -> Result<()> {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::{Namespace, Secret};
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(ns.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match namespaces.create(&PostParams::default(), &namespace).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(
+            [("presharedKey".to_owned(), ByteString(vec![byte; 32]))]
+                .into_iter()
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn secrets_outside_the_secret_namespaces_are_never_read() -> Result<()> {
+    let fx = Fixture::new().await?;
+    // The controller's own namespace holds its TLS key: a peer must not be able to point there.
+    psk_secret(&fx.client, AGENT_NAMESPACE, "wgmesh-controller-tls", 7).await?;
+    psk_secret(&fx.client, "wgmesh-secrets", "laptop-psk", 8).await?;
+    let controller = Controller::start(
+        &fx.cp,
+        &fx.tls,
+        "c1",
+        &[("WGMESH_SECRET_NAMESPACES", "wgmesh-secrets,other-secrets")],
+    )
+    .await?;
+    let _a = fx.agent(&controller, "a", 1).await?;
+    let psk_ref =
+        |ns: &str, name: &str| json!({"namespace": ns, "name": name, "key": "presharedKey"});
+
+    fx.apply_peer(
+        "laptop",
+        json!({"publicKey": key(40), "allowedIPs": ["192.168.71.0/24"],
+               "presharedKeySecretRef": psk_ref("wgmesh-secrets", "laptop-psk")}),
+    )
+    .await?;
+    fx.wait_reason("laptop", "Programmed").await?;
+
+    fx.apply_peer(
+        "sneaky",
+        json!({"publicKey": key(41), "allowedIPs": ["192.168.72.0/24"],
+               "presharedKeySecretRef": psk_ref(AGENT_NAMESPACE, "wgmesh-controller-tls")}),
+    )
+    .await?;
+    let sneaky = fx
+        .wait_reason("sneaky", "PresharedKeySecretMissing")
+        .await?;
+    let ready = sneaky
+        .status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+        .context("a Ready condition")?;
+    assert_eq!(ready.status, "False");
+    assert!(
+        ready
+            .message
+            .contains(&format!("{AGENT_NAMESPACE}/wgmesh-controller-tls"))
+            && ready.message.contains("not read")
+            && ready.message.contains("other-secrets, wgmesh-secrets"),
+        "the message names the Secret and the allowed namespaces: {}",
+        ready.message
+    );
+    // Still refused after the periodic re-read of Secrets (15 s).
+    tokio::time::sleep(Duration::from_secs(17)).await;
+    fx.wait_reason("sneaky", "PresharedKeySecretMissing")
+        .await?;
+    Ok(())
+}

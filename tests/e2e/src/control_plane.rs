@@ -162,6 +162,16 @@ impl ControlPlane {
         Ok(kube::Client::try_from(config)?)
     }
 
+    /// A client acting as `user` (impersonated by the admin, as `kubectl --as`): RBAC and
+    /// admission see that user, with the groups the API server gives it.
+    pub async fn client_as(&self, user: &str) -> Result<kube::Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        config.auth_info.impersonate = Some(user.to_owned());
+        Ok(kube::Client::try_from(config)?)
+    }
+
     /// The admin kubeconfig file, for kubectl and for programs under test.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig

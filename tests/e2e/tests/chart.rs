@@ -163,3 +163,221 @@ async fn helm_install_then_upgrade_changes_nothing() -> Result<()> {
     assert_eq!(before, after, "a second upgrade rewrote objects");
     Ok(())
 }
+
+/// The controller's service account, as the API server names it.
+fn controller_user() -> String {
+    format!("system:serviceaccount:{NAMESPACE}:wgmesh-controller")
+}
+
+/// A WireGuardPeer body; `node` makes it a node member.
+fn peer_body(name: &str, key_byte: u8, node: Option<&str>) -> serde_json::Value {
+    let mut spec = serde_json::json!({
+        "mesh": "default",
+        "publicKey": wgmesh_core::PublicKey::from_bytes([key_byte; 32]).to_base64(),
+    });
+    if let Some(node) = node {
+        spec["node"] = node.into();
+    } else {
+        spec["allowedIPs"] = serde_json::json!(["192.168.70.0/24"]);
+    }
+    serde_json::json!({
+        "apiVersion": "wgmesh.io/v1alpha1",
+        "kind": "WireGuardPeer",
+        "metadata": {"name": name},
+        "spec": spec,
+    })
+}
+
+/// The admission error's message when `result` was refused by the node policy.
+fn refused_by_node_policy<T>(result: &kube::Result<T>) -> Option<String> {
+    match result {
+        Err(kube::Error::Api(s)) if s.message.contains("spec.node") => Some(s.message.clone()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn only_the_controller_makes_node_members() -> Result<()> {
+    use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+    use wgmesh_api::WireGuardPeer;
+
+    let cp = ControlPlane::start().await?;
+    let helm = Helm::new()?;
+    helm.install(&cp, &[])?;
+    cp.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/wireguardpeers.wgmesh.io",
+    ])?;
+    // An ordinary user allowed to write WireGuardPeers (as `peer add` users are).
+    cp.kubectl_ok(&[
+        "create",
+        "clusterrole",
+        "peer-author",
+        "--verb=get,list,create,update,patch,delete",
+        "--resource=wireguardpeers.wgmesh.io",
+    ])?;
+    cp.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "peer-author",
+        "--clusterrole=peer-author",
+        "--user=alice",
+    ])?;
+    let alice: Api<WireGuardPeer> = Api::all(cp.client_as("alice").await?);
+    let controller: Api<WireGuardPeer> = Api::all(cp.client_as(&controller_user()).await?);
+    let admin: Api<WireGuardPeer> = Api::all(cp.client().await?);
+    let create = |api: &Api<WireGuardPeer>, body: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            let peer: WireGuardPeer = serde_json::from_value(body).expect("a peer");
+            api.create(&PostParams::default(), &peer).await
+        }
+    };
+    let merge = |api: &Api<WireGuardPeer>, name: &'static str, patch: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+        }
+    };
+
+    // The policy is enforced once the API server has loaded and type-checked it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let message = loop {
+        let attempt = create(&alice, peer_body("intruder", 9, Some("worker-1"))).await;
+        if let Some(message) = refused_by_node_policy(&attempt) {
+            break message;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "alice still creates node members after 60 s: {attempt:?}"
+        );
+        if attempt.is_ok() {
+            admin.delete("intruder", &DeleteParams::default()).await?;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    assert!(
+        message.contains(&controller_user()),
+        "the message names who may: {message}"
+    );
+
+    // Alice's own peers are hers to write, but not to make node members.
+    create(&alice, peer_body("laptop", 10, None)).await?;
+    let add_node = merge(
+        &alice,
+        "laptop",
+        serde_json::json!({"spec": {"node": "worker-1"}}),
+    )
+    .await;
+    assert!(
+        refused_by_node_policy(&add_node).is_some(),
+        "alice made her peer a node member"
+    );
+    merge(
+        &alice,
+        "laptop",
+        serde_json::json!({"spec": {"comment": "mine"}}),
+    )
+    .await?;
+
+    // The controller creates node members and updates them.
+    create(
+        &controller,
+        peer_body("node-worker-1", 11, Some("worker-1")),
+    )
+    .await?;
+    merge(
+        &controller,
+        "node-worker-1",
+        serde_json::json!({"spec": {"endpoint": "192.168.0.1:51820"}}),
+    )
+    .await?;
+
+    // Alice can neither move a node member to another node nor change its spec, but may
+    // label it.
+    for patch in [
+        serde_json::json!({"spec": {"node": "worker-2"}}),
+        serde_json::json!({"spec": {"publicKey": wgmesh_core::PublicKey::from_bytes([9; 32]).to_base64()}}),
+    ] {
+        let refused = merge(&alice, "node-worker-1", patch.clone()).await;
+        assert!(
+            refused_by_node_policy(&refused).is_some(),
+            "alice changed a node member with {patch}"
+        );
+    }
+    merge(
+        &alice,
+        "node-worker-1",
+        serde_json::json!({"metadata": {"labels": {"team": "ops"}}}),
+    )
+    .await?;
+    let node_peer = admin.get("node-worker-1").await?;
+    assert_eq!(
+        node_peer.spec.node.as_ref().map(|n| n.0.as_str()),
+        Some("worker-1")
+    );
+    assert_eq!(
+        node_peer.spec.public_key,
+        wgmesh_core::PublicKey::from_bytes([11; 32]).to_base64()
+    );
+    Ok(())
+}
+
+/// `kubectl auth can-i VERB secrets` of the controller's service account in `namespace`.
+fn controller_can(cp: &ControlPlane, verb: &str, namespace: &str) -> Result<bool> {
+    let out = cp.kubectl(&[
+        "auth",
+        "can-i",
+        verb,
+        "secrets",
+        "--namespace",
+        namespace,
+        "--as",
+        &controller_user(),
+    ])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
+}
+
+#[tokio::test]
+async fn the_controller_reads_secrets_only_in_the_secret_namespaces() -> Result<()> {
+    let cp = ControlPlane::start().await?;
+    let helm = Helm::new()?;
+    cp.kubectl_ok(&["create", "namespace", "team-a"])?;
+    helm.install(&cp, &["--set", "rbac.secretNamespaces={team-a}"])?;
+
+    // Not in its own namespace, where its TLS key lives; only where peer Secrets live.
+    assert!(
+        !controller_can(&cp, "get", NAMESPACE)?,
+        "get in {NAMESPACE}"
+    );
+    assert!(controller_can(&cp, "get", "wgmesh-secrets")?);
+    assert!(controller_can(&cp, "get", "team-a")?);
+    assert!(!controller_can(&cp, "list", "wgmesh-secrets")?);
+    assert!(!controller_can(&cp, "get", "kube-system")?);
+
+    // The chart made the peer Secrets namespace, and keeps it (and its Secrets) on uninstall.
+    let keep = cp.kubectl_ok(&[
+        "get",
+        "namespace",
+        "wgmesh-secrets",
+        "-o",
+        "jsonpath={.metadata.annotations.helm\\.sh/resource-policy}",
+    ])?;
+    assert_eq!(keep, "keep");
+
+    // The controller is told the same namespaces.
+    let env = cp.kubectl_ok(&[
+        "get",
+        "deployment",
+        "wgmesh-controller",
+        "--namespace",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].env[?(@.name==\"WGMESH_SECRET_NAMESPACES\")].value}",
+    ])?;
+    assert_eq!(env, "wgmesh-secrets,team-a");
+    Ok(())
+}

@@ -29,3 +29,9 @@ wgmesh-controller.{{ .Release.Namespace }}.svc
 {{- define "wgmesh.tlsSecret" -}}
 {{ .Values.tls.existingSecret | default "wgmesh-controller-tls" }}
 {{- end }}
+
+{{/* The namespaces the controller reads Secrets in, comma-separated: peerSecrets.namespace
+and rbac.secretNamespaces. */}}
+{{- define "wgmesh.secretNamespaces" -}}
+{{ prepend .Values.rbac.secretNamespaces .Values.peerSecrets.namespace | uniq | join "," }}
+{{- end }}
