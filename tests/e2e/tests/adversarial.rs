@@ -396,6 +396,40 @@ async fn a_rogue_node_a_hostile_peer_author_and_a_local_user_change_nothing() ->
     .await?;
     refused_with(&client, "copies-node-2", "DuplicatePublicKey").await?;
 
+    // The controller's own TLS key as a preshared key: outside the Secret namespaces, never
+    // read.
+    apply_peer(
+        &client,
+        "steals-tls-key",
+        json!({
+            "mesh": "default",
+            "publicKey": key(211),
+            "allowedIPs": ["10.78.0.0/24"],
+            "presharedKeySecretRef": {
+                "namespace": NAMESPACE,
+                "name": "wgmesh-controller-tls",
+                "key": "tls.key",
+            },
+        }),
+    )
+    .await?;
+    let message = refused_with(&client, "steals-tls-key", "PresharedKeySecretMissing").await?;
+    assert!(message.contains("not read"), "{message}");
+    // Becoming a node: the API server refuses anyone but the controller (the chart's
+    // admission policy).
+    let claim = apply_peer(
+        &client,
+        "claims-a-node",
+        json!({"mesh": "default", "publicKey": key(212), "node": "node-2"}),
+    )
+    .await;
+    match claim {
+        Err(e) if format!("{e:#}").contains("wgmesh-controller") => {
+            eprintln!("refused as it should be: spec.node by a user: {e:#}");
+        }
+        other => bail!("a user set spec.node: {other:?}"),
+    }
+
     // Give the controller a moment to (wrongly) act, then compare every node's data plane.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = data_plane(&mesh)?;
