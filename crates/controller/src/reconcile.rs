@@ -133,6 +133,10 @@ pub struct Computed {
     pub invalid: BTreeMap<String, String>,
     pub peers: Vec<Arc<WireGuardPeer>>,
     pub nodes: Vec<Arc<Node>>,
+    /// Meshes held at their last published state: a Secret they reference has never been
+    /// read successfully (a fresh controller, an API error), so what they should be is
+    /// unknown. Their agents and statuses are left as they are.
+    pub held: BTreeMap<String, Vec<SecretKeyRef>>,
 }
 
 /// Starts the watches and returns the caches, a future that drives them, and a receiver of
@@ -240,7 +244,8 @@ pub async fn run(
             .into_iter()
             .filter(|r| refresh_secrets || !secrets.contains_key(r))
             .collect();
-        secrets.extend(read_secrets(&client, &to_read, &secret_namespaces).await);
+        let read = read_secrets(&client, &to_read, &secret_namespaces, &secrets, &metrics).await;
+        secrets.extend(read);
 
         let result = compute_all(&caches, &secrets, &index);
         metrics.reconciled(first_change.elapsed().as_secs_f64());
@@ -282,19 +287,56 @@ pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Compute
     let mut live = BTreeSet::new();
     for mesh in &meshes {
         let name = mesh.name_any();
+        live.insert(name.clone());
+        let unknown = unknown_secrets(mesh, &peers, secrets);
+        if !unknown.is_empty() {
+            tracing::warn!(mesh = %name, secrets = ?unknown, "holding the mesh as it is: a Secret it references could not be read yet");
+            out.held.insert(name, unknown);
+            continue;
+        }
         let mesh_input = convert::mesh_input(mesh, secrets, &reserved);
         let node_inputs: Vec<_> = nodes.iter().map(|n| convert::node_input(n, mesh)).collect();
         let peer_inputs = inputs.remove(&name).unwrap_or_default();
         let desired = desired::compute(&mesh_input, &node_inputs, &peer_inputs);
         index.publish(&name, settings_of(mesh), desired.clone());
-        out.meshes
-            .insert(name.clone(), (mesh.clone(), Arc::new(desired)));
-        live.insert(name);
+        out.meshes.insert(name, (mesh.clone(), Arc::new(desired)));
     }
     for gone in index.meshes().into_iter().filter(|m| !live.contains(m)) {
         index.remove(&gone);
     }
     out
+}
+
+/// The Secrets a mesh and its peers reference whose value is unknown: never read, or only
+/// ever failing to read. (A Secret that does not exist is known: missing.)
+fn unknown_secrets(
+    mesh: &WireGuardMesh,
+    peers: &[Arc<WireGuardPeer>],
+    secrets: &Secrets,
+) -> Vec<SecretKeyRef> {
+    let name = mesh.name_any();
+    let of_peers = peers
+        .iter()
+        .filter(|p| p.spec.mesh.0 == name)
+        .filter_map(|p| p.spec.preshared_key_secret_ref.as_ref());
+    let refs: BTreeSet<&SecretKeyRef> = mesh.spec.preshared_key.iter().chain(of_peers).collect();
+    refs.into_iter()
+        .filter(|r| !secrets.contains_key(r))
+        .cloned()
+        .collect()
+}
+
+/// A Secret's value after a read: what the API said, except that an error (throttling, a
+/// timeout, a forbidden) keeps the last value read, or leaves it unknown. Only NotFound means
+/// missing: an API blip must never change the data plane.
+fn after_read(
+    previous: Option<&SecretInput>,
+    read: Result<SecretInput, String>,
+) -> Option<SecretInput> {
+    match read {
+        Ok(value) => Some(value),
+        Err(_) => previous.cloned(),
+    }
 }
 
 /// The interface settings agents receive for a mesh.
@@ -342,6 +384,8 @@ async fn read_secrets(
     client: &Client,
     refs: &BTreeSet<SecretKeyRef>,
     allowed: &SecretNamespaces,
+    previous: &Secrets,
+    metrics: &Metrics,
 ) -> Secrets {
     let mut out = Secrets::new();
     for r in refs {
@@ -352,18 +396,71 @@ async fn read_secrets(
         }
         let api: Api<Secret> = Api::namespaced(client.clone(), &r.namespace);
         let what = format!("Secret {}/{}", r.namespace, r.name.0);
-        let value = match api.get_opt(&r.name.0).await {
-            Ok(Some(secret)) => match secret.data.as_ref().and_then(|d| d.get(&r.key)) {
+        let read = match api.get_opt(&r.name.0).await {
+            Ok(Some(secret)) => Ok(match secret.data.as_ref().and_then(|d| d.get(&r.key)) {
                 Some(bytes) if bytes.0.is_empty() => {
                     SecretInput::Missing(format!("{what} key {} is empty", r.key))
                 }
                 Some(bytes) => SecretInput::Present(bytes.0.clone()),
                 None => SecretInput::Missing(format!("{what} has no key {}", r.key)),
-            },
-            Ok(None) => SecretInput::Missing(format!("{what} does not exist")),
-            Err(e) => SecretInput::Missing(format!("{what} cannot be read: {e}")),
+            }),
+            Ok(None) => Ok(SecretInput::Missing(format!("{what} does not exist"))),
+            Err(e) => {
+                metrics.error("read_secret");
+                tracing::warn!(secret = %what, error = %e, "reading a Secret failed; keeping what was last read");
+                Err(e.to_string())
+            }
         };
-        out.insert(r.clone(), value);
+        if let Some(value) = after_read(previous.get(r), read) {
+            out.insert(r.clone(), value);
+        }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_error_keeps_the_last_value_and_only_not_found_means_missing() {
+        let present = SecretInput::Present(b"k".to_vec());
+        let missing = SecretInput::Missing("Secret s/x does not exist".into());
+        type Case<'a> = (
+            &'a str,
+            Option<&'a SecretInput>,
+            Result<SecretInput, String>,
+            Option<&'a SecretInput>,
+        );
+        let cases: Vec<Case> = vec![
+            ("read", None, Ok(present.clone()), Some(&present)),
+            (
+                "deleted (NotFound)",
+                Some(&present),
+                Ok(missing.clone()),
+                Some(&missing),
+            ),
+            (
+                "an error keeps the last value",
+                Some(&present),
+                Err("429".into()),
+                Some(&present),
+            ),
+            (
+                "an error keeps a known absence",
+                Some(&missing),
+                Err("timeout".into()),
+                Some(&missing),
+            ),
+            (
+                "an error before any read leaves it unknown",
+                None,
+                Err("403".into()),
+                None,
+            ),
+        ];
+        for (what, previous, read, want) in cases {
+            assert_eq!(after_read(previous, read).as_ref(), want, "{what}");
+        }
+    }
 }

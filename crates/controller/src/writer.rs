@@ -114,6 +114,10 @@ impl Writer {
                 .push(peer);
         }
         for (mesh_name, peers) in by_mesh {
+            // Unknown until its Secrets are read: its peers keep the status they have.
+            if snapshot.held.contains_key(mesh_name) {
+                continue;
+            }
             let mesh = snapshot.meshes.get(mesh_name);
             self.sync_mesh_peers(mesh_name, mesh, &peers, snapshot, &nodes)
                 .await;
