@@ -13,13 +13,13 @@ use wgmesh_proto as pb;
 
 use crate::client::ControllerClient;
 use crate::config::{BackendArg, NetworkArgs, NetworkMode, RunArgs};
-use crate::device::backend::{Device, Requested};
-use crate::device::{DeviceChange, InterfaceConfig, PeerConfig};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::metrics::Metrics;
 use crate::routing::{Routing, RoutingConfig, RuleConfig};
 use crate::state::{DEFAULT_LISTEN_PORT, Desired, device_changes, peer_config};
+use wgmesh_device::backend::{Device, Requested};
+use wgmesh_device::{DeviceChange, InterfaceConfig, PeerConfig};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -183,8 +183,8 @@ impl Agent {
                 .collect(),
             listen_port: port,
             backend: match self.device.as_ref().map(|d| d.backend()) {
-                Some(crate::device::backend::BackendKind::Kernel) => pb::Backend::Kernel,
-                Some(crate::device::backend::BackendKind::Userspace) => pb::Backend::Userspace,
+                Some(wgmesh_device::backend::BackendKind::Kernel) => pb::Backend::Kernel,
+                Some(wgmesh_device::backend::BackendKind::Userspace) => pb::Backend::Userspace,
                 None => pb::Backend::Unspecified,
             } as i32,
             agent_version: env!("CARGO_PKG_VERSION").into(),

@@ -154,7 +154,7 @@ pub struct UserspaceDeviceArgs {
     /// Crypto workers: `auto` (one per core, used while a core is idle) or a number that are
     /// always used (0: the reader threads do everything).
     #[arg(long, default_value = "auto")]
-    pub workers: crate::device::userspace::WorkerPolicy,
+    pub workers: wgmesh_device::userspace::WorkerPolicy,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

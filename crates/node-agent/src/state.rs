@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use wgmesh_core::{Cidr, Key, PublicKey};
 use wgmesh_proto as pb;
 
-use crate::device::{DeviceChange, DeviceState, PeerConfig};
+use wgmesh_device::{DeviceChange, DeviceState, PeerConfig};
 
 /// WireGuard's customary port, used until the mesh says otherwise.
 pub const DEFAULT_LISTEN_PORT: u32 = 51820;
@@ -189,7 +189,7 @@ pub fn device_changes(observed: &DeviceState, wanted: &[PeerConfig]) -> Vec<Devi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::PeerState;
+    use wgmesh_device::PeerState;
 
     fn peer(n: u8, endpoint: &str, allowed: &[&str]) -> pb::Peer {
         pb::Peer {
@@ -390,5 +390,89 @@ mod tests {
             assert!(d.apply(&bad).is_err());
             assert_eq!(d, before, "a malformed message changes nothing");
         }
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use std::collections::BTreeMap;
+
+    use wgmesh_core::{Key, PrivateKey};
+    use wgmesh_device::{DeviceChange, DeviceState, InterfaceConfig, PeerConfig, PeerState};
+
+    use super::Desired;
+
+    /// Issue #12, item 12: what the agent holds and might log with `?` never shows a private
+    /// or preshared key; public keys still show.
+    #[test]
+    fn debug_never_shows_a_secret() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| 101 + i as u8);
+        let psk = Key::from_bytes(bytes);
+        let private = PrivateKey::from_bytes(bytes);
+        let public = PrivateKey::generate().public_key();
+        let peer = PeerConfig {
+            public_key: public,
+            endpoint: None,
+            allowed_ips: Vec::new(),
+            persistent_keepalive: 0,
+            preshared_key: Some(psk),
+        };
+        let state = DeviceState {
+            public_key: public,
+            listen_port: 1,
+            fwmark: 0,
+            peers: vec![PeerState {
+                config: peer.clone(),
+                current_endpoint: None,
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+            }],
+        };
+        let pb_peer = wgmesh_proto::Peer {
+            public_key: public.as_bytes().to_vec(),
+            preshared_key: bytes.to_vec(),
+            ..Default::default()
+        };
+        let desired = Desired {
+            peers: BTreeMap::from([(public, pb_peer)]),
+            ..Desired::default()
+        };
+        let mut needles = vec![psk.to_base64(), format!("{bytes:?}")];
+        needles.extend(
+            bytes
+                .windows(4)
+                .map(|w| w.iter().map(u8::to_string).collect::<Vec<_>>().join(", ")),
+        );
+        for (what, debug) in [
+            ("PeerConfig", format!("{peer:?}")),
+            (
+                "DeviceChange::UpsertPeer",
+                format!("{:?}", DeviceChange::UpsertPeer(peer.clone())),
+            ),
+            (
+                "DeviceChange::SetPrivateKey",
+                format!("{:?}", DeviceChange::SetPrivateKey(private.clone())),
+            ),
+            (
+                "InterfaceConfig",
+                format!(
+                    "{:?}",
+                    InterfaceConfig {
+                        name: "wgmesh0".into(),
+                        private_key: private.clone(),
+                        listen_port: 0,
+                        fwmark: 0,
+                    }
+                ),
+            ),
+            ("DeviceState", format!("{state:?}")),
+            ("Desired", format!("{desired:?}")),
+        ] {
+            for n in &needles {
+                assert!(!debug.contains(n.as_str()), "{what} shows {n}: {debug}");
+            }
+        }
+        assert!(format!("{peer:?}").contains(&public.to_base64()));
     }
 }

@@ -14,7 +14,7 @@ use netlink_packet_wireguard::{
 };
 use wgmesh_core::{Cidr, Key, PublicKey};
 
-use crate::device::{DeviceChange, DeviceError, DeviceState, PeerConfig, PeerState};
+use crate::{DeviceChange, DeviceState, Error, PeerConfig, PeerState};
 
 /// Bytes of a netlink header (16) plus a generic netlink header (4).
 pub const HEADERS_LEN: usize = 20;
@@ -252,7 +252,7 @@ fn allowed_ip(cidr: &Cidr) -> WireguardAllowedIp {
 /// The device as described by the messages of a `WG_CMD_GET_DEVICE` dump. The kernel puts
 /// the interface attributes in the first message and may continue a peer with many allowed
 /// IPs at the start of the next message (same public key): those are merged.
-pub fn parse_device(messages: &[WireguardMessage]) -> Result<DeviceState, DeviceError> {
+pub fn parse_device(messages: &[WireguardMessage]) -> Result<DeviceState, Error> {
     let mut state = DeviceState {
         public_key: PublicKey::from_bytes([0; 32]),
         listen_port: 0,
@@ -283,7 +283,7 @@ pub fn parse_device(messages: &[WireguardMessage]) -> Result<DeviceState, Device
     Ok(state)
 }
 
-fn parse_peer(peer: &WireguardPeer) -> Result<PeerState, DeviceError> {
+fn parse_peer(peer: &WireguardPeer) -> Result<PeerState, Error> {
     let mut public_key = None;
     let mut state = PeerState {
         config: PeerConfig {
@@ -326,12 +326,12 @@ fn parse_peer(peer: &WireguardPeer) -> Result<PeerState, DeviceError> {
         }
     }
     state.config.public_key = public_key.ok_or_else(|| {
-        DeviceError::InvalidConfig("the kernel reported a peer without a public key".into())
+        Error::InvalidConfig("the kernel reported a peer without a public key".into())
     })?;
     Ok(state)
 }
 
-fn parse_allowed_ip(ip: &WireguardAllowedIp) -> Result<Cidr, DeviceError> {
+fn parse_allowed_ip(ip: &WireguardAllowedIp) -> Result<Cidr, Error> {
     let mut addr = None;
     let mut prefix = None;
     for attribute in ip.iter() {
@@ -342,12 +342,12 @@ fn parse_allowed_ip(ip: &WireguardAllowedIp) -> Result<Cidr, DeviceError> {
         }
     }
     let (Some(addr), Some(prefix)) = (addr, prefix) else {
-        return Err(DeviceError::InvalidConfig(
+        return Err(Error::InvalidConfig(
             "the kernel reported an allowed IP without an address or a prefix".into(),
         ));
     };
     let net = IpNet::new(addr, prefix).map_err(|_| {
-        DeviceError::InvalidConfig(format!(
+        Error::InvalidConfig(format!(
             "the kernel reported an invalid allowed IP {addr}/{prefix}"
         ))
     })?;
