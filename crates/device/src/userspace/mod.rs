@@ -20,6 +20,7 @@
 
 mod allowed_ips;
 mod datapath;
+mod limits;
 mod offload;
 mod peers;
 mod sockets;
@@ -37,7 +38,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 
-use self::datapath::{BUF_LEN, TICK};
+use self::limits::{BUF_LEN, TICK};
 use self::peers::{Identity, Peer, PeerEntry, PeerTable};
 use self::sockets::Sockets;
 use self::tun::Tun;

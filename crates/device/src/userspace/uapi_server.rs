@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::Inner;
-use super::datapath::TICK;
+use super::limits::TICK;
 use super::tun::wait_readable;
 use crate::Error;
 

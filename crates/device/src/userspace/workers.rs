@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 
 use boringtun::noise::{Tunn, TunnResult};
 
-use super::datapath::{BUF_LEN, TICK};
+use super::limits::{BUF_LEN, TICK};
 use super::offload::Coalescer;
 use super::peers::Peer;
 use super::sockets::{MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
