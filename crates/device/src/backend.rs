@@ -8,8 +8,11 @@ use super::kernel::{KernelDevice, KernelSupport, kernel_wireguard_available};
 use super::userspace::UserspaceDevice;
 use super::{DeviceChange, DeviceState, Error, InterfaceConfig};
 
-/// Which backend the operator asked for.
+/// Which backend the operator asked for: the choice (the agent's `--backend`, or the mesh's
+/// `backend` as the agent converts it in `state::requested_backend`). What then runs is a
+/// [`BackendKind`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Requested {
     /// The kernel module if it is available, else the userspace device.
     #[default]
@@ -43,7 +46,7 @@ impl fmt::Display for Requested {
     }
 }
 
-/// The backend in use.
+/// The backend in use, as [`Device::backend`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Kernel,

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use wgmesh_core::{Cidr, Key, PublicKey};
 use wgmesh_proto as pb;
 
-use wgmesh_device::{DeviceChange, DeviceState, PeerConfig};
+use wgmesh_device::{BackendKind, DeviceChange, DeviceState, PeerConfig, Requested};
 
 /// WireGuard's customary port, used until the mesh says otherwise.
 pub const DEFAULT_LISTEN_PORT: u32 = 51820;
@@ -134,6 +134,26 @@ pub fn parse_pod_cidrs(list: &[String]) -> Result<Vec<IpNet>, UpdateError> {
 
 /// A peer as the device should have it. `endpoint` is the resolved `pb::Peer::endpoint`
 /// (`None` when it is empty or does not resolve).
+/// The backend to open: the agent's `--backend` when given, else the mesh's (the CRD's
+/// `backend` as the controller sends it; unspecified is `auto`). The one place the wire's
+/// backend becomes the device's.
+pub fn requested_backend(cli: Option<Requested>, mesh: pb::Backend) -> Requested {
+    cli.unwrap_or(match mesh {
+        pb::Backend::Kernel => Requested::Kernel,
+        pb::Backend::Userspace => Requested::Userspace,
+        pb::Backend::Unspecified => Requested::Auto,
+    })
+}
+
+/// The backend the agent reports on registration: the one running, if the device is open.
+pub fn wire_backend(running: Option<BackendKind>) -> pb::Backend {
+    match running {
+        Some(BackendKind::Kernel) => pb::Backend::Kernel,
+        Some(BackendKind::Userspace) => pb::Backend::Userspace,
+        None => pb::Backend::Unspecified,
+    }
+}
+
 pub fn peer_config(peer: &pb::Peer, key: PublicKey, endpoint: Option<SocketAddr>) -> PeerConfig {
     let mut allowed_ips: Vec<Cidr> = peer
         .allowed_ips
@@ -188,6 +208,35 @@ pub fn device_changes(observed: &DeviceState, wanted: &[PeerConfig]) -> Vec<Devi
 
 #[cfg(test)]
 mod tests {
+    /// `--backend` wins when given (`auto` included); else the mesh's, unspecified as `auto`.
+    /// What runs is reported as it is, and nothing before the device is open.
+    #[test]
+    fn backend_conversions() {
+        use pb::Backend as W;
+        use wgmesh_device::{BackendKind, Requested as R};
+        for (cli, mesh, want) in [
+            (None, W::Unspecified, R::Auto),
+            (None, W::Kernel, R::Kernel),
+            (None, W::Userspace, R::Userspace),
+            (Some(R::Auto), W::Kernel, R::Auto),
+            (Some(R::Kernel), W::Userspace, R::Kernel),
+            (Some(R::Userspace), W::Kernel, R::Userspace),
+            (Some(R::Userspace), W::Unspecified, R::Userspace),
+        ] {
+            assert_eq!(
+                super::requested_backend(cli, mesh),
+                want,
+                "{cli:?} {mesh:?}"
+            );
+        }
+        assert_eq!(super::wire_backend(None), W::Unspecified);
+        assert_eq!(super::wire_backend(Some(BackendKind::Kernel)), W::Kernel);
+        assert_eq!(
+            super::wire_backend(Some(BackendKind::Userspace)),
+            W::Userspace
+        );
+    }
+
     use super::*;
     use wgmesh_device::PeerState;
 
