@@ -12,14 +12,16 @@ use wgmesh_core::{PrivateKey, PublicKey};
 use wgmesh_proto as pb;
 
 use crate::client::ControllerClient;
-use crate::config::{BackendArg, NetworkArgs, NetworkMode, RunArgs};
-use crate::device::backend::{Device, Requested};
-use crate::device::{DeviceChange, InterfaceConfig, PeerConfig};
+use crate::config::{NetworkArgs, NetworkMode, RunArgs};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::metrics::Metrics;
 use crate::routing::{Routing, RoutingConfig, RuleConfig};
-use crate::state::{DEFAULT_LISTEN_PORT, Desired, device_changes, peer_config};
+use crate::state::{
+    DEFAULT_LISTEN_PORT, Desired, device_changes, peer_config, requested_backend, wire_backend,
+};
+use wgmesh_device::Device;
+use wgmesh_device::{DeviceChange, InterfaceConfig, PeerConfig};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -182,11 +184,7 @@ impl Agent {
                 .map(ToString::to_string)
                 .collect(),
             listen_port: port,
-            backend: match self.device.as_ref().map(|d| d.backend()) {
-                Some(crate::device::backend::BackendKind::Kernel) => pb::Backend::Kernel,
-                Some(crate::device::backend::BackendKind::Userspace) => pb::Backend::Userspace,
-                None => pb::Backend::Unspecified,
-            } as i32,
+            backend: wire_backend(self.device.as_ref().map(Device::backend)) as i32,
             agent_version: env!("CARGO_PKG_VERSION").into(),
         });
         Ok(client.grpc().register(req).await?.into_inner())
@@ -207,13 +205,7 @@ impl Agent {
             }
             return Ok(());
         }
-        let requested = match (self.args.backend, settings.backend()) {
-            (Some(BackendArg::Kernel), _) | (None, pb::Backend::Kernel) => Requested::Kernel,
-            (Some(BackendArg::Userspace), _) | (None, pb::Backend::Userspace) => {
-                Requested::Userspace
-            }
-            _ => Requested::Auto,
-        };
+        let requested = requested_backend(self.args.backend, settings.backend());
         let config = InterfaceConfig {
             name: settings.interface_name.clone(),
             private_key: self.key.clone(),

@@ -4,6 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use wgmesh_device::Requested;
 
 #[derive(Parser, Debug)]
 #[command(name = "wgmesh-agent", version, about = "The wgmesh node agent")]
@@ -77,7 +78,7 @@ pub struct RunArgs {
 
     /// WireGuard implementation; overrides the mesh's `backend`.
     #[arg(long, env = "WGMESH_BACKEND", value_enum)]
-    pub backend: Option<BackendArg>,
+    pub backend: Option<Requested>,
 
     /// Local address of /metrics and /healthz.
     #[arg(long, env = "WGMESH_METRICS_ADDR", default_value = "127.0.0.1:9091")]
@@ -154,14 +155,7 @@ pub struct UserspaceDeviceArgs {
     /// Crypto workers: `auto` (one per core, used while a core is idle) or a number that are
     /// always used (0: the reader threads do everything).
     #[arg(long, default_value = "auto")]
-    pub workers: crate::device::userspace::WorkerPolicy,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BackendArg {
-    Auto,
-    Kernel,
-    Userspace,
+    pub workers: wgmesh_device::userspace::WorkerPolicy,
 }
 
 impl RunArgs {

@@ -1,7 +1,7 @@
 //! The agent's one error type.
 
-use crate::device::DeviceError;
 use crate::keys::KeyError;
+use wgmesh_device::Error as DeviceError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

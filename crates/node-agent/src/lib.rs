@@ -1,11 +1,13 @@
-//! The wgmesh node agent: the node's key, the connection to the controller, the WireGuard
-//! device (kernel or userspace) and the routes, kept equal to what the controller wants.
+//! The wgmesh node agent: the node's key, the connection to the controller, the routes and
+//! the CNI configuration, kept equal to what the controller wants, on top of the WireGuard
+//! device (kernel or userspace) of the `wgmesh-device` crate.
+
+#![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod client;
 pub mod cni;
 pub mod config;
-pub mod device;
 pub mod error;
 pub mod keys;
 pub mod metrics;

@@ -1,6 +1,8 @@
 //! `wgmesh-agent`: owns the node's WireGuard key and programs the node's interface from the
 //! peer set the controller streams.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -12,12 +14,12 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 use wgmesh_agent::agent::Agent;
 use wgmesh_agent::config::{Cli, Command, RunArgs};
-use wgmesh_agent::device::InterfaceConfig;
-use wgmesh_agent::device::userspace::{UserspaceDevice, WorkerPolicy};
 use wgmesh_agent::keys;
 use wgmesh_agent::metrics::Metrics;
 use wgmesh_agent::routing::Routing;
 use wgmesh_core::PrivateKey;
+use wgmesh_device::InterfaceConfig;
+use wgmesh_device::userspace::{UserspaceDevice, WorkerPolicy};
 
 #[tokio::main]
 async fn main() -> ExitCode {

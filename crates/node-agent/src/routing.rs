@@ -13,12 +13,13 @@ use futures::{StreamExt, TryStreamExt};
 use ipnet::IpNet;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{
     RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use rtnetlink::{IpVersion, LinkUnspec, RouteMessageBuilder};
+use wgmesh_device::kernel::link_kind;
 
 /// `rtm_protocol` (and `FRA_PROTOCOL`) of the routes and rules we create: "wgmesh". Routes
 /// and rules with another protocol are never modified or deleted.
@@ -411,17 +412,6 @@ fn observed_rule(m: &RuleMessage) -> Option<ObservedRule> {
 fn link_mtu(link: &LinkMessage) -> Option<u32> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::Mtu(m) => Some(*m),
-        _ => None,
-    })
-}
-
-/// The `kind` of a link (`wireguard`, `tun`, ...), as `ip -d link` shows it.
-pub(crate) fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
-            LinkInfo::Kind(k) => Some(k),
-            _ => None,
-        }),
         _ => None,
     })
 }

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use wgmesh_core::{Cidr, Key, PublicKey};
 use wgmesh_proto as pb;
 
-use crate::device::{DeviceChange, DeviceState, PeerConfig};
+use wgmesh_device::{BackendKind, DeviceChange, DeviceState, PeerConfig, Requested};
 
 /// WireGuard's customary port, used until the mesh says otherwise.
 pub const DEFAULT_LISTEN_PORT: u32 = 51820;
@@ -134,6 +134,26 @@ pub fn parse_pod_cidrs(list: &[String]) -> Result<Vec<IpNet>, UpdateError> {
 
 /// A peer as the device should have it. `endpoint` is the resolved `pb::Peer::endpoint`
 /// (`None` when it is empty or does not resolve).
+/// The backend to open: the agent's `--backend` when given, else the mesh's (the CRD's
+/// `backend` as the controller sends it; unspecified is `auto`). The one place the wire's
+/// backend becomes the device's.
+pub fn requested_backend(cli: Option<Requested>, mesh: pb::Backend) -> Requested {
+    cli.unwrap_or(match mesh {
+        pb::Backend::Kernel => Requested::Kernel,
+        pb::Backend::Userspace => Requested::Userspace,
+        pb::Backend::Unspecified => Requested::Auto,
+    })
+}
+
+/// The backend the agent reports on registration: the one running, if the device is open.
+pub fn wire_backend(running: Option<BackendKind>) -> pb::Backend {
+    match running {
+        Some(BackendKind::Kernel) => pb::Backend::Kernel,
+        Some(BackendKind::Userspace) => pb::Backend::Userspace,
+        None => pb::Backend::Unspecified,
+    }
+}
+
 pub fn peer_config(peer: &pb::Peer, key: PublicKey, endpoint: Option<SocketAddr>) -> PeerConfig {
     let mut allowed_ips: Vec<Cidr> = peer
         .allowed_ips
@@ -188,8 +208,37 @@ pub fn device_changes(observed: &DeviceState, wanted: &[PeerConfig]) -> Vec<Devi
 
 #[cfg(test)]
 mod tests {
+    /// `--backend` wins when given (`auto` included); else the mesh's, unspecified as `auto`.
+    /// What runs is reported as it is, and nothing before the device is open.
+    #[test]
+    fn backend_conversions() {
+        use pb::Backend as W;
+        use wgmesh_device::{BackendKind, Requested as R};
+        for (cli, mesh, want) in [
+            (None, W::Unspecified, R::Auto),
+            (None, W::Kernel, R::Kernel),
+            (None, W::Userspace, R::Userspace),
+            (Some(R::Auto), W::Kernel, R::Auto),
+            (Some(R::Kernel), W::Userspace, R::Kernel),
+            (Some(R::Userspace), W::Kernel, R::Userspace),
+            (Some(R::Userspace), W::Unspecified, R::Userspace),
+        ] {
+            assert_eq!(
+                super::requested_backend(cli, mesh),
+                want,
+                "{cli:?} {mesh:?}"
+            );
+        }
+        assert_eq!(super::wire_backend(None), W::Unspecified);
+        assert_eq!(super::wire_backend(Some(BackendKind::Kernel)), W::Kernel);
+        assert_eq!(
+            super::wire_backend(Some(BackendKind::Userspace)),
+            W::Userspace
+        );
+    }
+
     use super::*;
-    use crate::device::PeerState;
+    use wgmesh_device::PeerState;
 
     fn peer(n: u8, endpoint: &str, allowed: &[&str]) -> pb::Peer {
         pb::Peer {
@@ -390,5 +439,89 @@ mod tests {
             assert!(d.apply(&bad).is_err());
             assert_eq!(d, before, "a malformed message changes nothing");
         }
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use std::collections::BTreeMap;
+
+    use wgmesh_core::{Key, PrivateKey};
+    use wgmesh_device::{DeviceChange, DeviceState, InterfaceConfig, PeerConfig, PeerState};
+
+    use super::Desired;
+
+    /// Issue #12, item 12: what the agent holds and might log with `?` never shows a private
+    /// or preshared key; public keys still show.
+    #[test]
+    fn debug_never_shows_a_secret() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| 101 + i as u8);
+        let psk = Key::from_bytes(bytes);
+        let private = PrivateKey::from_bytes(bytes);
+        let public = PrivateKey::generate().public_key();
+        let peer = PeerConfig {
+            public_key: public,
+            endpoint: None,
+            allowed_ips: Vec::new(),
+            persistent_keepalive: 0,
+            preshared_key: Some(psk),
+        };
+        let state = DeviceState {
+            public_key: public,
+            listen_port: 1,
+            fwmark: 0,
+            peers: vec![PeerState {
+                config: peer.clone(),
+                current_endpoint: None,
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+            }],
+        };
+        let pb_peer = wgmesh_proto::Peer {
+            public_key: public.as_bytes().to_vec(),
+            preshared_key: bytes.to_vec(),
+            ..Default::default()
+        };
+        let desired = Desired {
+            peers: BTreeMap::from([(public, pb_peer)]),
+            ..Desired::default()
+        };
+        let mut needles = vec![psk.to_base64(), format!("{bytes:?}")];
+        needles.extend(
+            bytes
+                .windows(4)
+                .map(|w| w.iter().map(u8::to_string).collect::<Vec<_>>().join(", ")),
+        );
+        for (what, debug) in [
+            ("PeerConfig", format!("{peer:?}")),
+            (
+                "DeviceChange::UpsertPeer",
+                format!("{:?}", DeviceChange::UpsertPeer(peer.clone())),
+            ),
+            (
+                "DeviceChange::SetPrivateKey",
+                format!("{:?}", DeviceChange::SetPrivateKey(private.clone())),
+            ),
+            (
+                "InterfaceConfig",
+                format!(
+                    "{:?}",
+                    InterfaceConfig {
+                        name: "wgmesh0".into(),
+                        private_key: private.clone(),
+                        listen_port: 0,
+                        fwmark: 0,
+                    }
+                ),
+            ),
+            ("DeviceState", format!("{state:?}")),
+            ("Desired", format!("{desired:?}")),
+        ] {
+            for n in &needles {
+                assert!(!debug.contains(n.as_str()), "{what} shows {n}: {debug}");
+            }
+        }
+        assert!(format!("{peer:?}").contains(&public.to_base64()));
     }
 }

@@ -6,10 +6,13 @@ use std::str::FromStr;
 
 use super::kernel::{KernelDevice, KernelSupport, kernel_wireguard_available};
 use super::userspace::UserspaceDevice;
-use super::{DeviceChange, DeviceError, DeviceState, InterfaceConfig};
+use super::{DeviceChange, DeviceState, Error, InterfaceConfig};
 
-/// Which backend the operator asked for.
+/// Which backend the operator asked for: the choice (the agent's `--backend`, or the mesh's
+/// `backend` as the agent converts it in `state::requested_backend`). What then runs is a
+/// [`BackendKind`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Requested {
     /// The kernel module if it is available, else the userspace device.
     #[default]
@@ -43,7 +46,7 @@ impl fmt::Display for Requested {
     }
 }
 
-/// The backend in use.
+/// The backend in use, as [`Device::backend`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Kernel,
@@ -67,17 +70,14 @@ pub enum Device {
 impl Device {
     /// Opens the device with the requested backend, in the calling thread's network
     /// namespace. `Auto` probes the kernel and falls back to the userspace device, saying why
-    /// in one log line; `Kernel` fails with [`DeviceError::KernelUnavailable`] when the kernel
+    /// in one log line; `Kernel` fails with [`Error::KernelUnavailable`] when the kernel
     /// has no WireGuard.
-    pub async fn open(
-        requested: Requested,
-        config: InterfaceConfig,
-    ) -> Result<Device, DeviceError> {
+    pub async fn open(requested: Requested, config: InterfaceConfig) -> Result<Device, Error> {
         match requested {
             Requested::Userspace => Ok(Device::Userspace(UserspaceDevice::create(config)?)),
             Requested::Kernel => match kernel_wireguard_available().await? {
                 KernelSupport::Available => Ok(Device::Kernel(KernelDevice::create(config).await?)),
-                KernelSupport::Unavailable(reason) => Err(DeviceError::KernelUnavailable(reason)),
+                KernelSupport::Unavailable(reason) => Err(Error::KernelUnavailable(reason)),
             },
             Requested::Auto => {
                 let reason = match kernel_wireguard_available().await {
@@ -112,14 +112,14 @@ impl Device {
         }
     }
 
-    pub async fn observe(&self) -> Result<DeviceState, DeviceError> {
+    pub async fn observe(&self) -> Result<DeviceState, Error> {
         match self {
             Device::Kernel(d) => d.observe().await,
             Device::Userspace(d) => Ok(d.observe()),
         }
     }
 
-    pub async fn apply(&self, changes: &[DeviceChange]) -> Result<(), DeviceError> {
+    pub async fn apply(&self, changes: &[DeviceChange]) -> Result<(), Error> {
         match self {
             Device::Kernel(d) => d.apply(changes).await,
             Device::Userspace(d) => d.apply(changes),
@@ -136,7 +136,7 @@ impl Device {
     }
 
     /// Removes the device: deletes the kernel link, or stops the userspace device.
-    pub async fn delete(self) -> Result<(), DeviceError> {
+    pub async fn delete(self) -> Result<(), Error> {
         match self {
             Device::Kernel(d) => d.delete().await,
             Device::Userspace(d) => {

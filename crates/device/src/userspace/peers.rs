@@ -14,7 +14,7 @@ use boringtun::x25519;
 use wgmesh_core::{Key, PrivateKey, PublicKey};
 
 use super::allowed_ips::AllowedIps;
-use crate::device::PeerConfig;
+use crate::PeerConfig;
 
 /// Handshake initiations per second the device answers before it asks for cookies.
 const DEVICE_HANDSHAKE_RATE_LIMIT: u64 = 100;

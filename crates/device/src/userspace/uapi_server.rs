@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::Inner;
-use super::datapath::TICK;
+use super::limits::TICK;
 use super::tun::wait_readable;
-use crate::device::DeviceError;
+use crate::Error;
 
 pub(crate) const SOCKET_DIR: &str = "/var/run/wireguard";
 
@@ -27,10 +27,10 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// made again) 0700 and ours; the socket is bound inside a staging directory of our own
 /// (0700), made 0600 there, and only then renamed to its name, which atomically replaces a
 /// stale socket a crashed device left.
-pub(crate) fn bind(name: &str) -> Result<(UnixListener, PathBuf), DeviceError> {
+pub(crate) fn bind(name: &str) -> Result<(UnixListener, PathBuf), Error> {
     let dir = Path::new(SOCKET_DIR);
     let path = dir.join(format!("{name}.sock"));
-    let err = |source| DeviceError::Uapi {
+    let err = |source| Error::Uapi {
         path: path.display().to_string(),
         source,
     };

@@ -7,11 +7,11 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use wgmesh_agent::device::{
-    BackendKind, Device, DeviceChange, DeviceError, InterfaceConfig, KernelSupport, PeerConfig,
+use wgmesh_core::{Cidr, Key, PrivateKey};
+use wgmesh_device::{
+    BackendKind, Device, DeviceChange, Error, InterfaceConfig, KernelSupport, PeerConfig,
     Requested, kernel_wireguard_available,
 };
-use wgmesh_core::{Cidr, Key, PrivateKey};
 
 mod common;
 
@@ -95,8 +95,8 @@ fn backend_selection_follows_the_kernel() {
         let key = PrivateKey::generate();
         let requested_kernel = Device::open(Requested::Kernel, config(&ifname, &key)).await;
         match requested_kernel {
-            Err(DeviceError::KernelUnavailable(reason)) if !kernel_has_wg => {
-                let msg = DeviceError::KernelUnavailable(reason).to_string();
+            Err(Error::KernelUnavailable(reason)) if !kernel_has_wg => {
+                let msg = Error::KernelUnavailable(reason).to_string();
                 assert!(msg.contains("kernel WireGuard is unavailable"), "{msg}");
             }
             Ok(device) if kernel_has_wg => exercise_kernel_device(device, &ns_name).await,

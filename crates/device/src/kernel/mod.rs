@@ -15,13 +15,23 @@ use genetlink::GenetlinkHandle;
 use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_wireguard::WireguardMessage;
-use rtnetlink::packet_route::link::{InfoKind, LinkMessage};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 
-use crate::routing::link_kind;
 use rtnetlink::{LinkUnspec, LinkWireguard};
 use wgmesh_core::PublicKey;
 
-use super::{DeviceChange, DeviceError, DeviceState, InterfaceConfig, validate_name};
+use super::{DeviceChange, DeviceState, Error, InterfaceConfig, validate_name};
+
+/// The `kind` of a link (`wireguard`, `tun`, ...), as `ip -d link` shows it.
+pub fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
 
 /// Whether this kernel can host WireGuard links.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,8 +64,8 @@ impl Drop for KernelDevice {
     }
 }
 
-fn netlink_err(op: impl Into<String>, source: io::Error) -> DeviceError {
-    DeviceError::Netlink {
+fn netlink_err(op: impl Into<String>, source: io::Error) -> Error {
+    Error::Netlink {
         op: op.into(),
         source,
     }
@@ -76,7 +86,7 @@ fn genl_io(e: genetlink::GenetlinkError) -> io::Error {
     }
 }
 
-fn rtnl_connection() -> Result<(rtnetlink::Handle, tokio::task::JoinHandle<()>), DeviceError> {
+fn rtnl_connection() -> Result<(rtnetlink::Handle, tokio::task::JoinHandle<()>), Error> {
     let (conn, handle, _) =
         rtnetlink::new_connection().map_err(|e| netlink_err("opening an rtnetlink socket", e))?;
     Ok((handle, tokio::spawn(conn)))
@@ -121,7 +131,7 @@ async fn delete_link_by_name(rtnl: &rtnetlink::Handle, name: &str) -> Result<(),
 /// in the calling thread's network namespace. A refusal meaning "unknown link kind"
 /// (`EOPNOTSUPP`, `ENODEV`, `EINVAL`, `EAFNOSUPPORT`) is [`KernelSupport::Unavailable`];
 /// other failures (such as `EPERM` without `CAP_NET_ADMIN`) are errors.
-pub async fn kernel_wireguard_available() -> Result<KernelSupport, DeviceError> {
+pub async fn kernel_wireguard_available() -> Result<KernelSupport, Error> {
     let (rtnl, task) = rtnl_connection()?;
     let _abort = AbortOnDrop(task);
     let nanos = SystemTime::now()
@@ -168,7 +178,7 @@ impl KernelDevice {
     /// key, fwmark and listen port (unless 0, which keeps the kernel's choice). The link is
     /// not brought up nor given addresses: routing does that. Netlink sockets are opened in
     /// the calling thread's network namespace; call from within a tokio runtime.
-    pub async fn create(config: InterfaceConfig) -> Result<KernelDevice, DeviceError> {
+    pub async fn create(config: InterfaceConfig) -> Result<KernelDevice, Error> {
         validate_name(&config.name)?;
         let name = config.name.clone();
         let (rtnl, rtnl_task) = rtnl_connection()?;
@@ -192,7 +202,7 @@ impl KernelDevice {
         {
             Some(link) => {
                 if link_kind(&link) != Some(&InfoKind::Wireguard) {
-                    return Err(DeviceError::InvalidConfig(format!(
+                    return Err(Error::InvalidConfig(format!(
                         "the link {name} exists and is not a WireGuard link ({:?})",
                         link_kind(&link)
                     )));
@@ -209,7 +219,7 @@ impl KernelDevice {
                 {
                     let e = rtnl_io(e);
                     return Err(if is_unsupported_kind(&e) {
-                        DeviceError::KernelUnavailable(format!("no wireguard link type: {e}"))
+                        Error::KernelUnavailable(format!("no wireguard link type: {e}"))
                     } else {
                         netlink_err(format!("creating the WireGuard link {name}"), e)
                     });
@@ -259,7 +269,7 @@ impl KernelDevice {
 
     /// The device as the kernel reports it (`WG_CMD_GET_DEVICE` dump). The kernel keeps a
     /// single endpoint per peer, reported as both the configured and the current endpoint.
-    pub async fn observe(&self) -> Result<DeviceState, DeviceError> {
+    pub async fn observe(&self) -> Result<DeviceState, Error> {
         let messages = self
             .request(messages::get_device_message(self.ifindex), NLM_F_DUMP)
             .await
@@ -280,7 +290,7 @@ impl KernelDevice {
 
     /// Applies `changes` in order, as diffs, in as many messages as the size budget needs. On
     /// error, the messages before the failing one stay applied.
-    pub async fn apply(&self, changes: &[DeviceChange]) -> Result<(), DeviceError> {
+    pub async fn apply(&self, changes: &[DeviceChange]) -> Result<(), Error> {
         let _serial = self.apply_lock.lock().await;
         let batch = {
             let mut psk = self
@@ -308,7 +318,7 @@ impl KernelDevice {
     }
 
     /// Deletes the link (and with it every peer and session).
-    pub async fn delete(self) -> Result<(), DeviceError> {
+    pub async fn delete(self) -> Result<(), Error> {
         self.rtnl
             .link()
             .del(self.ifindex)

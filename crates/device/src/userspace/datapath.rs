@@ -23,17 +23,11 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use wgmesh_core::PublicKey;
 
 use super::Inner;
+use super::limits::{BUF_LEN, TICK};
 use super::offload::{self, TunPacket, VNET_HDR_LEN, VnetHdr};
 use super::peers::{Peer, PeerTable};
 use super::sockets::{BatchReceiver, RECV_BATCH, Received, Sockets};
 use super::workers::{Direction, Scratch, open, seal};
-
-/// Large enough for any IP packet plus WireGuard's overhead, and for any UDP datagram.
-pub(crate) const BUF_LEN: usize = 65536 + 256;
-
-/// How often boringtun's timers run (its documentation asks for about 250 ms), and how
-/// often blocked loops look at the stop flag.
-pub(crate) const TICK: Duration = Duration::from_millis(250);
 
 const HANDSHAKE_INIT: u32 = 1;
 const HANDSHAKE_RESP: u32 = 2;

@@ -27,11 +27,11 @@ use std::thread::JoinHandle;
 
 use boringtun::noise::{Tunn, TunnResult};
 
-use super::datapath::{BUF_LEN, TICK};
+use super::limits::{BUF_LEN, TICK};
 use super::offload::Coalescer;
 use super::peers::Peer;
 use super::sockets::{MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
-use super::{DeviceError, Inner, lock, panic_message, spawn};
+use super::{Error, Inner, lock, panic_message, spawn};
 
 /// Jobs a worker may have queued; a reader that finds the queue full waits, which pushes back
 /// on the TUN queue or the socket buffer rather than growing memory.
@@ -297,7 +297,7 @@ impl Handoff<'_> {
 pub(crate) fn spawn_workers(
     inner: &Arc<Inner>,
     queues: Vec<Receiver<Job>>,
-) -> Result<Vec<JoinHandle<()>>, DeviceError> {
+) -> Result<Vec<JoinHandle<()>>, Error> {
     queues
         .into_iter()
         .enumerate()

@@ -8,7 +8,7 @@ use std::time::UNIX_EPOCH;
 
 use wgmesh_core::{Cidr, Key, PrivateKey, PublicKey};
 
-use crate::device::{DeviceChange, DeviceError, DeviceState, PeerConfig};
+use crate::{DeviceChange, DeviceState, Error, PeerConfig};
 
 /// errno values as the UAPI reports them (negated, as wireguard-go does and `wg` expects).
 pub(crate) const ERRNO_IO: i32 = -libc::EIO;
@@ -63,27 +63,27 @@ impl PeerUpdate {
     }
 }
 
-fn protocol(msg: impl Into<String>) -> DeviceError {
-    DeviceError::UapiProtocol(msg.into())
+fn protocol(msg: impl Into<String>) -> Error {
+    Error::UapiProtocol(msg.into())
 }
 
-fn invalid(msg: impl Into<String>) -> DeviceError {
-    DeviceError::InvalidConfig(msg.into())
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidConfig(msg.into())
 }
 
 /// The errno to report for an error.
-pub(crate) fn errno(err: &DeviceError) -> i32 {
+pub(crate) fn errno(err: &Error) -> i32 {
     match err {
-        DeviceError::UapiProtocol(_) => ERRNO_PROTOCOL,
-        DeviceError::InvalidConfig(_) => ERRNO_INVALID,
-        DeviceError::Bind { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => {
+        Error::UapiProtocol(_) => ERRNO_PROTOCOL,
+        Error::InvalidConfig(_) => ERRNO_INVALID,
+        Error::Bind { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => {
             ERRNO_PORT_IN_USE
         }
         _ => ERRNO_IO,
     }
 }
 
-pub(crate) fn parse_hex_key(value: &str) -> Result<[u8; 32], DeviceError> {
+pub(crate) fn parse_hex_key(value: &str) -> Result<[u8; 32], Error> {
     let b = value.as_bytes();
     if b.len() != 64 {
         return Err(invalid(format!("a key is 64 hex digits, got {}", b.len())));
@@ -112,7 +112,7 @@ pub(crate) fn hex(bytes: &[u8; 32]) -> String {
     s
 }
 
-fn parse_true(key: &str, value: &str) -> Result<bool, DeviceError> {
+fn parse_true(key: &str, value: &str) -> Result<bool, Error> {
     match value {
         "true" => Ok(true),
         "false" => Ok(false),
@@ -120,14 +120,14 @@ fn parse_true(key: &str, value: &str) -> Result<bool, DeviceError> {
     }
 }
 
-fn parse_num<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, DeviceError> {
+fn parse_num<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, Error> {
     value
         .parse()
         .map_err(|_| invalid(format!("{key}={value:?} is not a valid number")))
 }
 
 /// Parses one request: its lines up to, not including, the blank line that ends it.
-pub(crate) fn parse_request(text: &str) -> Result<Request, DeviceError> {
+pub(crate) fn parse_request(text: &str) -> Result<Request, Error> {
     let mut lines = text.split('\n').filter(|l| !l.is_empty());
     match lines.next() {
         Some("get=1") => match lines.next() {
@@ -143,7 +143,7 @@ pub(crate) fn parse_request(text: &str) -> Result<Request, DeviceError> {
     }
 }
 
-fn parse_set<'a>(lines: impl Iterator<Item = &'a str>) -> Result<SetRequest, DeviceError> {
+fn parse_set<'a>(lines: impl Iterator<Item = &'a str>) -> Result<SetRequest, Error> {
     let mut req = SetRequest::default();
     for line in lines {
         let (key, value) = line
@@ -321,7 +321,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::device::PeerState;
+    use crate::PeerState;
 
     fn key(b: u8) -> PublicKey {
         PublicKey::from_bytes([b; 32])
@@ -360,10 +360,7 @@ mod tests {
             hex(&[5; 32])
         );
         // fwmark must be decimal.
-        assert!(matches!(
-            parse_request(&text),
-            Err(DeviceError::InvalidConfig(_))
-        ));
+        assert!(matches!(parse_request(&text), Err(Error::InvalidConfig(_))));
 
         let text = format!(
             "set=1\nprivate_key={}\nlisten_port=51820\nfwmark=7\nreplace_peers=true\n\
@@ -489,7 +486,7 @@ mod tests {
     fn errno_mapping() {
         assert_eq!(errno(&protocol("x")), -libc::EPROTO);
         assert_eq!(errno(&invalid("x")), -libc::EINVAL);
-        let in_use = DeviceError::Bind {
+        let in_use = Error::Bind {
             port: 1,
             source: std::io::ErrorKind::AddrInUse.into(),
         };

@@ -13,7 +13,7 @@ use nix::sys::socket::{
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::device::DeviceError;
+use crate::Error;
 
 /// Socket buffer size asked for. Default buffers drop bursts (dataplane.md: ~14% receive
 /// drops at default sizes, twice the throughput at 4 MiB).
@@ -86,12 +86,12 @@ fn size_buffers(s: &Socket) {
 
 impl Sockets {
     /// Binds IPv4 and IPv6 on `port`; with port 0 both get the same OS-chosen port.
-    pub(crate) fn bind(port: u16, fwmark: u32) -> Result<Sockets, DeviceError> {
+    pub(crate) fn bind(port: u16, fwmark: u32) -> Result<Sockets, Error> {
         let attempts = if port == 0 { 8 } else { 1 };
         let mut last_err = None;
         for _ in 0..attempts {
             let v4 = socket(Domain::IPV4, port, fwmark)
-                .map_err(|source| DeviceError::Bind { port, source })?;
+                .map_err(|source| Error::Bind { port, source })?;
             let bound = v4.local_addr()?.port();
             match socket(Domain::IPV6, bound, fwmark) {
                 Ok(v6) => {
@@ -115,7 +115,7 @@ impl Sockets {
                 }
             }
         }
-        Err(DeviceError::Bind {
+        Err(Error::Bind {
             port,
             source: last_err.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)),
         })

@@ -20,6 +20,7 @@
 
 mod allowed_ips;
 mod datapath;
+mod limits;
 mod offload;
 mod peers;
 mod sockets;
@@ -37,7 +38,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 
-use self::datapath::{BUF_LEN, TICK};
+use self::limits::{BUF_LEN, TICK};
 use self::peers::{Identity, Peer, PeerEntry, PeerTable};
 use self::sockets::Sockets;
 use self::tun::Tun;
@@ -45,7 +46,7 @@ use self::uapi::Op;
 pub use self::workers::WorkerPolicy;
 use self::workers::Workers;
 use super::{
-    DeviceChange, DeviceError, DeviceState, InterfaceConfig, PeerConfig, PeerState, validate_name,
+    DeviceChange, DeviceState, Error, InterfaceConfig, PeerConfig, PeerState, validate_name,
 };
 
 /// A running userspace WireGuard device. Dropping it stops it.
@@ -81,7 +82,7 @@ enum Control {
     Rebind {
         port: u16,
         fwmark: u32,
-        reply: mpsc::Sender<Result<u16, DeviceError>>,
+        reply: mpsc::Sender<Result<u16, Error>>,
     },
 }
 
@@ -94,7 +95,7 @@ fn spawn(
     inner: &Arc<Inner>,
     role: &str,
     run: impl FnMut() + Send + 'static,
-) -> Result<JoinHandle<()>, DeviceError> {
+) -> Result<JoinHandle<()>, Error> {
     // Thread names are limited to 15 bytes by the kernel; keep the role visible.
     let mut thread_name = format!("{role}-{}", inner.name);
     thread_name.truncate(15);
@@ -142,17 +143,14 @@ impl UserspaceDevice {
     /// (SO_MARK when `fwmark != 0`, raised buffers), starts the data path, and serves the UAPI
     /// socket at `/var/run/wireguard/<name>.sock`. Everything lives in the calling thread's
     /// network namespace.
-    pub fn create(config: InterfaceConfig) -> Result<Self, DeviceError> {
+    pub fn create(config: InterfaceConfig) -> Result<Self, Error> {
         Self::create_with(config, WorkerPolicy::Auto)
     }
 
     /// [`UserspaceDevice::create`], with crypto spread over cores as `workers` says.
-    pub fn create_with(
-        config: InterfaceConfig,
-        workers: WorkerPolicy,
-    ) -> Result<Self, DeviceError> {
+    pub fn create_with(config: InterfaceConfig, workers: WorkerPolicy) -> Result<Self, Error> {
         validate_name(&config.name)?;
-        let tun = Tun::create(&config.name).map_err(|source| DeviceError::Tun {
+        let tun = Tun::create(&config.name).map_err(|source| Error::Tun {
             name: config.name.clone(),
             source,
         })?;
@@ -225,7 +223,7 @@ impl UserspaceDevice {
 
     /// Applies changes in order, in place. On error, the changes before the failing one stay
     /// applied.
-    pub fn apply(&self, changes: &[DeviceChange]) -> Result<(), DeviceError> {
+    pub fn apply(&self, changes: &[DeviceChange]) -> Result<(), Error> {
         self.inner
             .apply_ops(|_| changes.iter().map(|c| (c.clone(), false)).collect())
     }
@@ -290,7 +288,7 @@ impl Inner {
         DAY_MS + u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - DAY_MS)
     }
 
-    fn spawn_udp_readers(self: &Arc<Self>, sockets: &Arc<Sockets>) -> Result<(), DeviceError> {
+    fn spawn_udp_readers(self: &Arc<Self>, sockets: &Arc<Sockets>) -> Result<(), Error> {
         let mut threads = lock(&self.udp_threads);
         threads.retain(|t| !t.is_finished());
         let families: &[(bool, &str)] = if sockets.v6.is_some() {
@@ -334,7 +332,7 @@ impl Inner {
     }
 
     /// Binds new sockets and moves the data path to them; the old readers notice and end.
-    fn rebind(self: &Arc<Self>, port: u16, fwmark: u32) -> Result<u16, DeviceError> {
+    fn rebind(self: &Arc<Self>, port: u16, fwmark: u32) -> Result<u16, Error> {
         let sockets = Arc::new(Sockets::bind(port, fwmark)?);
         self.sockets.store(Arc::clone(&sockets));
         self.spawn_udp_readers(&sockets)?;
@@ -344,9 +342,9 @@ impl Inner {
 
     /// Applies the operations `build` derives from the current peer configurations, as one
     /// transaction against concurrent writers.
-    fn apply_ops(&self, build: impl FnOnce(&[PeerConfig]) -> Vec<Op>) -> Result<(), DeviceError> {
+    fn apply_ops(&self, build: impl FnOnce(&[PeerConfig]) -> Vec<Op>) -> Result<(), Error> {
         if self.stopping() {
-            return Err(DeviceError::Stopped);
+            return Err(Error::Stopped);
         }
         let mut writer = lock(&self.writer);
         let current = self.table.load_full();
@@ -408,7 +406,7 @@ impl Inner {
         result
     }
 
-    fn request_rebind(&self, writer: &Writer, port: u16, fwmark: u32) -> Result<u16, DeviceError> {
+    fn request_rebind(&self, writer: &Writer, port: u16, fwmark: u32) -> Result<u16, Error> {
         let (reply, answer) = mpsc::channel();
         writer
             .control
@@ -417,8 +415,8 @@ impl Inner {
                 fwmark,
                 reply,
             })
-            .map_err(|_| DeviceError::Stopped)?;
-        answer.recv().map_err(|_| DeviceError::Stopped)?
+            .map_err(|_| Error::Stopped)?;
+        answer.recv().map_err(|_| Error::Stopped)?
     }
 
     /// Answers one UAPI request.
