@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::{Client, Resource, ResourceExt};
+use wgmesh_api::condition::Reason;
 use wgmesh_api::mesh::SecretKeyRef;
 use wgmesh_api::{ClientSpec, WireGuardPeer, WireGuardPeerSpec};
 use wgmesh_core::export::{client_config, node_as_peer};
@@ -27,8 +28,11 @@ const PSK_KEY: &str = "presharedKey";
 /// Key of the private key in its Secret (`--store-private-key`).
 const PRIVATE_KEY_KEY: &str = "privateKey";
 
-/// Ready=False reasons that only mean "not yet": waiting goes on.
-const TRANSIENT: &[&str] = &["TunnelAddressPending", "PresharedKeySecretMissing"];
+/// Whether a Ready=False reason only means "not yet", so waiting goes on. A reason this CLI
+/// does not know (from a newer controller) is taken as lasting: better to stop than hang.
+fn keeps_waiting(reason: &str) -> bool {
+    reason.parse::<Reason>().is_ok_and(Reason::is_transient)
+}
 
 #[derive(clap::Args, Debug)]
 pub struct AddArgs {
@@ -335,7 +339,7 @@ async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Result<Wi
             if c.status == "True" {
                 return Ok(peer);
             }
-            if !TRANSIENT.contains(&c.reason.as_str()) {
+            if !keeps_waiting(&c.reason) {
                 return Err(err(
                     exit::NOT_READY,
                     format!(
@@ -585,6 +589,22 @@ mod tests {
         T::try_parse_from(std::iter::once("t").chain(list.iter().copied()))
             .unwrap()
             .add
+    }
+
+    #[test]
+    fn waiting_goes_on_only_for_transient_reasons() {
+        let cases = [
+            ("TunnelAddressPending", true),
+            ("PresharedKeySecretMissing", true),
+            ("AllowedIPsOverlap", false),
+            ("MeshNotFound", false),
+            ("Disabled", false),
+            ("SomeReasonFromANewerController", false),
+            ("", false),
+        ];
+        for (reason, want) in cases {
+            assert_eq!(keeps_waiting(reason), want, "{reason:?}");
+        }
     }
 
     #[test]

@@ -17,10 +17,10 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
-use wgmesh_api::condition::{READY, reason as api_reason};
+use wgmesh_api::condition::{READY, Reason};
 use wgmesh_api::peer::NodeHandshake;
 use wgmesh_api::{WireGuardMesh, WireGuardMeshStatus, WireGuardPeer, WireGuardPeerStatus};
-use wgmesh_core::desired::{Verdict, reason};
+use wgmesh_core::desired::Verdict;
 use wgmesh_core::{Cidr, CidrSet, PublicKey, ipam};
 
 use crate::convert;
@@ -43,13 +43,14 @@ pub struct Writer {
     written: HashMap<String, (WireGuardPeerStatus, Option<Instant>)>,
     mesh_written: HashMap<String, WireGuardMeshStatus>,
     /// Each peer's last verdict reason, to raise an Event only when it changes.
-    last_reason: HashMap<String, String>,
+    last_reason: HashMap<String, Reason>,
 }
 
 /// The verdict of one peer object, whichever way it was reached.
+#[derive(Debug, PartialEq, Eq)]
 struct PeerVerdict {
     ready: bool,
-    reason: String,
+    reason: Reason,
     message: String,
 }
 
@@ -346,11 +347,10 @@ impl Writer {
         let verdict = PeerVerdict {
             ready: all_ready,
             reason: if all_ready {
-                "AllPeersProgrammed"
+                Reason::AllPeersProgrammed
             } else {
-                "PeersNotReady"
-            }
-            .into(),
+                Reason::PeersNotReady
+            },
             message: format!(
                 "{ready_nodes}/{nodes} nodes and {ready_peers}/{peers_count} external peers are programmed"
             ),
@@ -403,18 +403,16 @@ impl Writer {
 
     async fn raise_event_on_change(&mut self, peer: &WireGuardPeer, verdict: &PeerVerdict) {
         let name = peer.name_any();
-        let previous = self
-            .last_reason
-            .insert(name.clone(), verdict.reason.clone());
-        if verdict.ready || previous.as_deref() == Some(verdict.reason.as_str()) {
+        let previous = self.last_reason.insert(name.clone(), verdict.reason);
+        if verdict.ready || previous == Some(verdict.reason) {
             return;
         }
-        if verdict.reason == api_reason::PROGRAMMED {
+        if verdict.reason == Reason::Programmed {
             return;
         }
         let event = Event {
             type_: EventType::Warning,
-            reason: verdict.reason.clone(),
+            reason: verdict.reason.as_str().into(),
             note: Some(verdict.message.clone()),
             action: "Validate".into(),
             secondary: None,
@@ -434,31 +432,31 @@ fn verdict_of(
     if let Some(why) = snapshot.invalid.get(&name) {
         return PeerVerdict {
             ready: false,
-            reason: "InvalidSpec".into(),
+            reason: Reason::InvalidSpec,
             message: why.clone(),
         };
     }
     let Some((_, desired)) = mesh else {
         return PeerVerdict {
             ready: false,
-            reason: api_reason::MESH_NOT_FOUND.into(),
+            reason: Reason::MeshNotFound,
             message: format!("WireGuardMesh {} does not exist", peer.spec.mesh),
         };
     };
     match desired.verdicts.get(&name) {
         Some(Verdict::Programmed) => PeerVerdict {
             ready: true,
-            reason: api_reason::PROGRAMMED.into(),
+            reason: Reason::Programmed,
             message: "programmed on every member node".into(),
         },
         Some(Verdict::Refused { reason, message }) => PeerVerdict {
             ready: false,
-            reason: (*reason).into(),
+            reason: *reason,
             message: message.clone(),
         },
         None => PeerVerdict {
             ready: false,
-            reason: reason::ADDRESS_PENDING.into(),
+            reason: Reason::TunnelAddressPending,
             message: "not yet computed".into(),
         },
     }
@@ -472,12 +470,12 @@ fn ready_condition(
 ) -> Condition {
     let status = if verdict.ready { "True" } else { "False" };
     let unchanged = previous.is_some_and(|p| {
-        p.status == status && p.reason == verdict.reason && p.message == verdict.message
+        p.status == status && p.reason == verdict.reason.as_str() && p.message == verdict.message
     });
     Condition {
         type_: READY.into(),
         status: status.into(),
-        reason: verdict.reason.clone(),
+        reason: verdict.reason.as_str().into(),
         message: verdict.message.clone(),
         observed_generation: generation,
         last_transition_time: match previous {

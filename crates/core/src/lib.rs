@@ -9,9 +9,11 @@ pub mod diff;
 pub mod export;
 pub mod ipam;
 pub mod key;
+pub mod reason;
 #[cfg(test)]
 mod redaction_tests;
 pub mod wgquick;
 
 pub use cidr::{Cidr, CidrError, CidrSet};
 pub use key::{Key, KeyError, PrivateKey, PublicKey};
+pub use reason::Reason;
