@@ -514,3 +514,163 @@ fn to_time(t: SystemTime) -> Option<Time> {
 fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wgmesh_api::WireGuardMeshSpec;
+    use wgmesh_core::desired::DesiredMesh;
+
+    fn peer(name: &str) -> WireGuardPeer {
+        let spec = serde_json::from_value(json!({
+            "mesh": "office",
+            "publicKey": PublicKey::from_bytes([1; 32]).to_base64(),
+        }))
+        .unwrap();
+        WireGuardPeer::new(name, spec)
+    }
+
+    fn verdict(ready: bool, reason: Reason, message: &str) -> PeerVerdict {
+        PeerVerdict {
+            ready,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn verdict_of_table() {
+        let mut desired = DesiredMesh::default();
+        desired.verdicts.insert("ok".into(), Verdict::Programmed);
+        desired.verdicts.insert(
+            "off".into(),
+            Verdict::Refused {
+                reason: Reason::Disabled,
+                message: "spec.disabled is true".into(),
+            },
+        );
+        let mesh = (
+            Arc::new(WireGuardMesh::new("office", WireGuardMeshSpec::default())),
+            Arc::new(desired),
+        );
+        let mut snapshot = Computed::default();
+        snapshot
+            .invalid
+            .insert("broken".into(), "spec.endpoint: bad port".into());
+        // (case, peer, whether its mesh exists, expected verdict)
+        let cases = [
+            (
+                "an invalid spec wins over everything",
+                "broken",
+                true,
+                verdict(false, Reason::InvalidSpec, "spec.endpoint: bad port"),
+            ),
+            (
+                "an invalid spec wins over a missing mesh",
+                "broken",
+                false,
+                verdict(false, Reason::InvalidSpec, "spec.endpoint: bad port"),
+            ),
+            (
+                "no mesh",
+                "ok",
+                false,
+                verdict(
+                    false,
+                    Reason::MeshNotFound,
+                    "WireGuardMesh office does not exist",
+                ),
+            ),
+            (
+                "programmed",
+                "ok",
+                true,
+                verdict(true, Reason::Programmed, "programmed on every member node"),
+            ),
+            (
+                "refused: core's reason and message",
+                "off",
+                true,
+                verdict(false, Reason::Disabled, "spec.disabled is true"),
+            ),
+            (
+                "not in the computation yet: pending, not refused",
+                "new",
+                true,
+                verdict(false, Reason::TunnelAddressPending, "not yet computed"),
+            ),
+        ];
+        for (case, name, has_mesh, want) in cases {
+            let got = verdict_of(&peer(name), has_mesh.then_some(&mesh), &snapshot);
+            assert_eq!(got, want, "{case}");
+        }
+    }
+
+    #[test]
+    fn ready_condition_table() {
+        let then = Time(jiff::Timestamp::UNIX_EPOCH);
+        let previous = |status: &str, reason: Reason, message: &str| Condition {
+            type_: READY.into(),
+            status: status.into(),
+            reason: reason.as_str().into(),
+            message: message.into(),
+            observed_generation: Some(1),
+            last_transition_time: then.clone(),
+        };
+        let refused = verdict(false, Reason::AllowedIpsOverlap, "overlaps node a");
+        let programmed = verdict(true, Reason::Programmed, "programmed on every member node");
+        // (case, previous condition, verdict, whether the transition time is kept)
+        let cases = [
+            ("first condition", None, &refused, false),
+            (
+                "nothing changed",
+                Some(previous(
+                    "False",
+                    Reason::AllowedIpsOverlap,
+                    "overlaps node a",
+                )),
+                &refused,
+                true,
+            ),
+            (
+                "same status, another reason: no transition",
+                Some(previous("False", Reason::TunnelAddressPending, "pending")),
+                &refused,
+                true,
+            ),
+            (
+                "False to True is a transition",
+                Some(previous(
+                    "False",
+                    Reason::AllowedIpsOverlap,
+                    "overlaps node a",
+                )),
+                &programmed,
+                false,
+            ),
+            (
+                "True to False is a transition",
+                Some(previous(
+                    "True",
+                    Reason::Programmed,
+                    "programmed on every member node",
+                )),
+                &refused,
+                false,
+            ),
+        ];
+        for (case, previous, verdict, kept) in cases {
+            let got = ready_condition(previous.as_ref(), verdict, Some(7));
+            assert_eq!(got.type_, READY, "{case}");
+            assert_eq!(
+                got.status,
+                if verdict.ready { "True" } else { "False" },
+                "{case}"
+            );
+            assert_eq!(got.reason, verdict.reason.as_str(), "{case}");
+            assert_eq!(got.message, verdict.message, "{case}");
+            assert_eq!(got.observed_generation, Some(7), "{case}");
+            assert_eq!(got.last_transition_time == then, kept, "{case}");
+        }
+    }
+}
