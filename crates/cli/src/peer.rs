@@ -14,7 +14,7 @@ use wgmesh_api::condition::Reason;
 use wgmesh_api::mesh::SecretKeyRef;
 use wgmesh_api::{ClientSpec, WireGuardPeer, WireGuardPeerSpec};
 use wgmesh_core::export::{client_config, node_as_peer};
-use wgmesh_core::{Cidr, Key, PrivateKey, wgquick};
+use wgmesh_core::{Cidr, Key, PrivateKey, validate, wgquick};
 
 use crate::KubeArgs;
 use crate::cluster::{self, MeshObjects};
@@ -482,7 +482,7 @@ fn parse_cidrs(flag: &str, values: &[String]) -> Result<Vec<Cidr>> {
 
 /// The peer's spec from the flags, everything checked before the cluster is asked.
 fn spec_from_args(args: &AddArgs) -> Result<WireGuardPeerSpec> {
-    if !is_dns_name(&args.name) {
+    if !validate::is_object_name(&args.name) {
         return Err(err(
             exit::INVALID_INPUT,
             format!(
@@ -545,33 +545,8 @@ fn spec_from_args(args: &AddArgs) -> Result<WireGuardPeerSpec> {
 }
 
 fn check_endpoint(e: &str) -> Result<()> {
-    let bad = || {
-        err(
-            exit::INVALID_INPUT,
-            format!("--endpoint {e:?}: must be host:port or [ipv6]:port"),
-        )
-    };
-    let (host, port) = e.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    if host.is_empty() || port == 0 || (host.contains(':') && !host.starts_with('[')) {
-        return Err(bad());
-    }
-    Ok(())
-}
-
-/// An RFC 1123 subdomain, as Kubernetes object names are.
-pub fn is_dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
+    validate::check_endpoint(e)
+        .map_err(|why| err(exit::INVALID_INPUT, format!("--endpoint: {why}")))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod key;
 pub mod reason;
 #[cfg(test)]
 mod redaction_tests;
+pub mod validate;
 pub mod wgquick;
 
 pub use cidr::{Cidr, CidrError, CidrSet};

@@ -24,11 +24,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::str::FromStr;
 
 use ipnet::IpNet;
 
+use crate::validate::{
+    check_endpoint, is_host_name, is_name_byte, looks_numeric, parse_digits, show,
+};
 use crate::{Cidr, Key, PrivateKey, PublicKey};
 
 /// The largest input [`parse`] accepts, in bytes.
@@ -269,17 +272,6 @@ fn error(line: usize, message: impl Into<String>) -> ParseError {
     ParseError {
         line,
         message: message.into(),
-    }
-}
-
-/// Quotes a piece of input for an error message, cut short if long.
-fn show(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.chars().count() <= MAX {
-        format!("{s:?}")
-    } else {
-        let head: String = s.chars().take(MAX).collect();
-        format!("{head:?}...")
     }
 }
 
@@ -752,14 +744,6 @@ fn parse_address(s: &str) -> Option<IpNet> {
     }
 }
 
-/// Unsigned decimal digits only (`str::parse` would also take a leading `+`).
-fn parse_digits<T: FromStr>(s: &str) -> Option<T> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
-}
-
 /// `off` is `Some(None)`; a decimal or `0x` hex number is `Some(Some(mark))`.
 fn parse_fwmark(s: &str) -> Option<Option<u32>> {
     if s.eq_ignore_ascii_case("off") {
@@ -775,106 +759,20 @@ fn parse_fwmark(s: &str) -> Option<Option<u32>> {
     }
 }
 
-fn is_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.'
-}
-
-/// Looks like an attempt at an IPv4 address (digits and dots only).
-fn numeric(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-}
-
-fn valid_hostname(s: &str) -> bool {
-    let s = s.strip_suffix('.').unwrap_or(s);
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-}
-
 fn check_dns(s: &str) -> Result<(), String> {
     if s.parse::<IpAddr>().is_ok() {
         return Ok(());
     }
-    if s.contains(':') || numeric(s) {
+    if s.contains(':') || looks_numeric(s) {
         return Err(format!("invalid DNS server {}: not an IP address", show(s)));
     }
-    if valid_hostname(s) {
+    if is_host_name(s) {
         return Ok(());
     }
     Err(format!(
         "invalid DNS entry {}: expected a name server IP or a search domain",
         show(s)
     ))
-}
-
-fn check_endpoint(s: &str) -> Result<(), String> {
-    if s.is_empty() {
-        return Err("empty Endpoint: expected host:port".to_owned());
-    }
-    let port = if let Some(rest) = s.strip_prefix('[') {
-        let Some((addr, after)) = rest.split_once(']') else {
-            return Err(format!("invalid Endpoint {}: unclosed '['", show(s)));
-        };
-        let Some(port) = after.strip_prefix(':') else {
-            return Err(format!(
-                "Endpoint {} has no port: expected [address]:port",
-                show(s)
-            ));
-        };
-        let (ip, zone) = match addr.split_once('%') {
-            Some((ip, zone)) => (ip, Some(zone)),
-            None => (addr, None),
-        };
-        let zone_ok = zone.is_none_or(|z| !z.is_empty() && z.bytes().all(is_name_byte));
-        if ip.parse::<Ipv6Addr>().is_err() || !zone_ok {
-            return Err(format!(
-                "invalid Endpoint {}: {} is not an IPv6 address",
-                show(s),
-                show(addr)
-            ));
-        }
-        port
-    } else {
-        let Some((host, port)) = s.rsplit_once(':') else {
-            return Err(format!(
-                "Endpoint {} has no port: expected host:port",
-                show(s)
-            ));
-        };
-        if host.contains(':') {
-            return Err(format!(
-                "invalid Endpoint {}: an IPv6 endpoint is written [address]:port",
-                show(s)
-            ));
-        }
-        let host_ok = if numeric(host) {
-            host.parse::<Ipv4Addr>().is_ok()
-        } else {
-            valid_hostname(host)
-        };
-        if !host_ok {
-            return Err(format!(
-                "invalid Endpoint {}: {} is not an IP address or host name",
-                show(s),
-                show(host)
-            ));
-        }
-        port
-    };
-    match parse_digits::<u16>(port) {
-        Some(p) if p != 0 => Ok(()),
-        _ => Err(format!(
-            "invalid Endpoint {}: port {} is not 1-65535",
-            show(s),
-            show(port)
-        )),
-    }
 }
 
 #[cfg(test)]
