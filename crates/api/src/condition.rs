@@ -5,16 +5,5 @@ pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 /// The one condition every object carries: whether it is programmed into the mesh.
 pub const READY: &str = "Ready";
 
-/// Reasons of the `Ready` condition, in `UpperCamelCase` as Kubernetes conventions ask.
-pub mod reason {
-    pub const PROGRAMMED: &str = "Programmed";
-    pub const ALLOWED_IPS_OVERLAP: &str = "AllowedIPsOverlap";
-    pub const DUPLICATE_PUBLIC_KEY: &str = "DuplicatePublicKey";
-    pub const PRESHARED_KEY_MISSING: &str = "PresharedKeySecretMissing";
-    pub const POOL_EXHAUSTED: &str = "TunnelPoolExhausted";
-    pub const MESH_NOT_FOUND: &str = "MeshNotFound";
-    pub const DISABLED: &str = "Disabled";
-    pub const NO_GATEWAY: &str = "NoGateway";
-    pub const RESERVED_RANGE: &str = "ReservedRange";
-    pub const NODE_NOT_OWNED: &str = "NodePeerNotOwned";
-}
+/// Reasons of the `Ready` condition: core's one list, so controller and CLI agree on them.
+pub use wgmesh_core::reason::{Reason, UnknownReason};

@@ -149,7 +149,7 @@ mod tests {
         vec![Condition {
             type_: READY.into(),
             status: "True".into(),
-            reason: "Programmed".into(),
+            reason: wgmesh_api::condition::Reason::Programmed.as_str().into(),
             message: String::new(),
             observed_generation: None,
             last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(

@@ -12,13 +12,13 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use serde::Serialize;
 use wgmesh_api::mesh::SecretKeyRef;
 use wgmesh_api::{WireGuardPeer, WireGuardPeerSpec};
+use wgmesh_core::validate::is_object_name;
 use wgmesh_core::wgquick::{self, WgQuickConfig};
 
 use crate::KubeArgs;
 use crate::cluster;
 use crate::exit::{self, err};
 use crate::output::{self, Format};
-use crate::peer::is_dns_name;
 
 #[derive(clap::Args, Debug)]
 pub struct Opts {
@@ -146,7 +146,7 @@ pub fn objects(cfg: &WgQuickConfig, opts: &Opts, stem: &str) -> Result<Vec<Objec
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| format!("{}-{n}", sanitize(stem))),
         };
-        if !is_dns_name(&name) {
+        if !is_object_name(&name) {
             return Err(err(
                 exit::INVALID_INPUT,
                 format!("peer {n}: {name:?} is not a valid object name (use --name)"),

@@ -262,6 +262,7 @@ fn bytes(n: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wgmesh_api::condition::Reason;
 
     fn row(name: &str, node: Option<&str>, hs: &[(&str, i64)], ready: bool) -> PeerRow {
         PeerRow {
@@ -277,10 +278,11 @@ mod tests {
             tx_bytes: 10,
             ready,
             reason: if ready {
-                "Programmed"
+                Reason::Programmed
             } else {
-                "AllowedIPsOverlap"
+                Reason::AllowedIpsOverlap
             }
+            .as_str()
             .into(),
             message: if ready { "" } else { "10.0.0.0/8 overlaps" }.into(),
             handshakes: hs

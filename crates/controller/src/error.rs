@@ -22,18 +22,4 @@ pub enum Error {
     Config(String),
 }
 
-impl Error {
-    /// A short, stable label for the `errors` metric.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "kube",
-            Error::ReadFile { .. } => "read_file",
-            Error::Transport(_) => "transport",
-            Error::Lease(_) => "lease",
-            Error::Http { .. } => "http",
-            Error::Config(_) => "config",
-        }
-    }
-}
-
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -463,4 +463,102 @@ mod tests {
             assert_eq!(after_read(previous, read).as_ref(), want, "{what}");
         }
     }
+
+    /// A peer as the API server lists it: (name, uid, resourceVersion).
+    fn peer((name, uid, rv): (&str, Option<&str>, Option<&str>)) -> Arc<WireGuardPeer> {
+        let spec = serde_json::from_value(serde_json::json!({
+            "publicKey": wgmesh_core::PublicKey::from_bytes([1; 32]).to_base64(),
+        }))
+        .unwrap();
+        let mut p = WireGuardPeer::new(name, spec);
+        p.metadata.uid = uid.map(Into::into);
+        p.metadata.resource_version = rv.map(Into::into);
+        Arc::new(p)
+    }
+
+    type Listed = (&'static str, Option<&'static str>, Option<&'static str>);
+    /// One listing and the ranks it must yield.
+    type Round = (&'static [Listed], &'static [(&'static str, u64)]);
+
+    /// Each case feeds one `Seniority` successive listings and checks every rank it returns.
+    #[test]
+    fn seniority_rank_table() {
+        struct Case {
+            name: &'static str,
+            rounds: &'static [Round],
+        }
+        let cases = [
+            Case {
+                name: "new peers are ranked by resourceVersion, not list order",
+                rounds: &[(
+                    &[
+                        ("c", Some("u-c"), Some("30")),
+                        ("a", Some("u-a"), Some("200")),
+                        ("b", Some("u-b"), Some("9")),
+                    ],
+                    &[("b", 1), ("c", 2), ("a", 3)],
+                )],
+            },
+            Case {
+                name: "a missing or unparsable resourceVersion ranks last, ties by name",
+                rounds: &[(
+                    &[
+                        ("z", Some("u-z"), None),
+                        ("y", Some("u-y"), Some("not-a-number")),
+                        ("x", Some("u-x"), Some("5")),
+                    ],
+                    &[("x", 1), ("y", 2), ("z", 3)],
+                )],
+            },
+            Case {
+                name: "a seen peer keeps its rank even when a later one has a lower version",
+                rounds: &[
+                    (&[("a", Some("u-a"), Some("50"))], &[("a", 1)]),
+                    (
+                        &[
+                            ("a", Some("u-a"), Some("51")),
+                            ("b", Some("u-b"), Some("7")),
+                        ],
+                        &[("a", 1), ("b", 2)],
+                    ),
+                ],
+            },
+            Case {
+                name: "a deleted peer is forgotten; recreated (new uid) it ranks as new",
+                rounds: &[
+                    (
+                        &[
+                            ("a", Some("u-a1"), Some("1")),
+                            ("b", Some("u-b"), Some("2")),
+                        ],
+                        &[("a", 1), ("b", 2)],
+                    ),
+                    (&[("b", Some("u-b"), Some("2"))], &[("b", 2)]),
+                    (
+                        &[
+                            ("a", Some("u-a2"), Some("3")),
+                            ("b", Some("u-b"), Some("2")),
+                        ],
+                        &[("a", 3), ("b", 2)],
+                    ),
+                ],
+            },
+            Case {
+                name: "without a uid the name identifies the peer",
+                rounds: &[
+                    (&[("a", None, Some("1"))], &[("a", 1)]),
+                    (&[("a", None, Some("2"))], &[("a", 1)]),
+                ],
+            },
+        ];
+        for case in cases {
+            let mut seniority = Seniority::default();
+            for (i, (listed, want)) in case.rounds.iter().enumerate() {
+                let peers: Vec<_> = listed.iter().copied().map(peer).collect();
+                let want: HashMap<String, u64> =
+                    want.iter().map(|(n, r)| (n.to_string(), *r)).collect();
+                assert_eq!(seniority.rank(&peers), want, "{}: round {i}", case.name);
+            }
+        }
+    }
 }

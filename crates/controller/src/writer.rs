@@ -17,10 +17,10 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
-use wgmesh_api::condition::{READY, reason as api_reason};
+use wgmesh_api::condition::{READY, Reason};
 use wgmesh_api::peer::NodeHandshake;
 use wgmesh_api::{WireGuardMesh, WireGuardMeshStatus, WireGuardPeer, WireGuardPeerStatus};
-use wgmesh_core::desired::{Verdict, reason};
+use wgmesh_core::desired::Verdict;
 use wgmesh_core::{Cidr, CidrSet, PublicKey, ipam};
 
 use crate::convert;
@@ -43,13 +43,14 @@ pub struct Writer {
     written: HashMap<String, (WireGuardPeerStatus, Option<Instant>)>,
     mesh_written: HashMap<String, WireGuardMeshStatus>,
     /// Each peer's last verdict reason, to raise an Event only when it changes.
-    last_reason: HashMap<String, String>,
+    last_reason: HashMap<String, Reason>,
 }
 
 /// The verdict of one peer object, whichever way it was reached.
+#[derive(Debug, PartialEq, Eq)]
 struct PeerVerdict {
     ready: bool,
-    reason: String,
+    reason: Reason,
     message: String,
 }
 
@@ -350,11 +351,10 @@ impl Writer {
         let verdict = PeerVerdict {
             ready: all_ready,
             reason: if all_ready {
-                "AllPeersProgrammed"
+                Reason::AllPeersProgrammed
             } else {
-                "PeersNotReady"
-            }
-            .into(),
+                Reason::PeersNotReady
+            },
             message: format!(
                 "{ready_nodes}/{nodes} nodes and {ready_peers}/{peers_count} external peers are programmed"
             ),
@@ -407,18 +407,16 @@ impl Writer {
 
     async fn raise_event_on_change(&mut self, peer: &WireGuardPeer, verdict: &PeerVerdict) {
         let name = peer.name_any();
-        let previous = self
-            .last_reason
-            .insert(name.clone(), verdict.reason.clone());
-        if verdict.ready || previous.as_deref() == Some(verdict.reason.as_str()) {
+        let previous = self.last_reason.insert(name.clone(), verdict.reason);
+        if verdict.ready || previous == Some(verdict.reason) {
             return;
         }
-        if verdict.reason == api_reason::PROGRAMMED {
+        if verdict.reason == Reason::Programmed {
             return;
         }
         let event = Event {
             type_: EventType::Warning,
-            reason: verdict.reason.clone(),
+            reason: verdict.reason.as_str().into(),
             note: Some(verdict.message.clone()),
             action: "Validate".into(),
             secondary: None,
@@ -438,31 +436,31 @@ fn verdict_of(
     if let Some(why) = snapshot.invalid.get(&name) {
         return PeerVerdict {
             ready: false,
-            reason: "InvalidSpec".into(),
+            reason: Reason::InvalidSpec,
             message: why.clone(),
         };
     }
     let Some((_, desired)) = mesh else {
         return PeerVerdict {
             ready: false,
-            reason: api_reason::MESH_NOT_FOUND.into(),
+            reason: Reason::MeshNotFound,
             message: format!("WireGuardMesh {} does not exist", peer.spec.mesh),
         };
     };
     match desired.verdicts.get(&name) {
         Some(Verdict::Programmed) => PeerVerdict {
             ready: true,
-            reason: api_reason::PROGRAMMED.into(),
+            reason: Reason::Programmed,
             message: "programmed on every member node".into(),
         },
         Some(Verdict::Refused { reason, message }) => PeerVerdict {
             ready: false,
-            reason: (*reason).into(),
+            reason: *reason,
             message: message.clone(),
         },
         None => PeerVerdict {
             ready: false,
-            reason: reason::ADDRESS_PENDING.into(),
+            reason: Reason::TunnelAddressPending,
             message: "not yet computed".into(),
         },
     }
@@ -476,12 +474,12 @@ fn ready_condition(
 ) -> Condition {
     let status = if verdict.ready { "True" } else { "False" };
     let unchanged = previous.is_some_and(|p| {
-        p.status == status && p.reason == verdict.reason && p.message == verdict.message
+        p.status == status && p.reason == verdict.reason.as_str() && p.message == verdict.message
     });
     Condition {
         type_: READY.into(),
         status: status.into(),
-        reason: verdict.reason.clone(),
+        reason: verdict.reason.as_str().into(),
         message: verdict.message.clone(),
         observed_generation: generation,
         last_transition_time: match previous {
@@ -519,4 +517,164 @@ fn to_time(t: SystemTime) -> Option<Time> {
 
 fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wgmesh_api::WireGuardMeshSpec;
+    use wgmesh_core::desired::DesiredMesh;
+
+    fn peer(name: &str) -> WireGuardPeer {
+        let spec = serde_json::from_value(json!({
+            "mesh": "office",
+            "publicKey": PublicKey::from_bytes([1; 32]).to_base64(),
+        }))
+        .unwrap();
+        WireGuardPeer::new(name, spec)
+    }
+
+    fn verdict(ready: bool, reason: Reason, message: &str) -> PeerVerdict {
+        PeerVerdict {
+            ready,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn verdict_of_table() {
+        let mut desired = DesiredMesh::default();
+        desired.verdicts.insert("ok".into(), Verdict::Programmed);
+        desired.verdicts.insert(
+            "off".into(),
+            Verdict::Refused {
+                reason: Reason::Disabled,
+                message: "spec.disabled is true".into(),
+            },
+        );
+        let mesh = (
+            Arc::new(WireGuardMesh::new("office", WireGuardMeshSpec::default())),
+            Arc::new(desired),
+        );
+        let mut snapshot = Computed::default();
+        snapshot
+            .invalid
+            .insert("broken".into(), "spec.endpoint: bad port".into());
+        // (case, peer, whether its mesh exists, expected verdict)
+        let cases = [
+            (
+                "an invalid spec wins over everything",
+                "broken",
+                true,
+                verdict(false, Reason::InvalidSpec, "spec.endpoint: bad port"),
+            ),
+            (
+                "an invalid spec wins over a missing mesh",
+                "broken",
+                false,
+                verdict(false, Reason::InvalidSpec, "spec.endpoint: bad port"),
+            ),
+            (
+                "no mesh",
+                "ok",
+                false,
+                verdict(
+                    false,
+                    Reason::MeshNotFound,
+                    "WireGuardMesh office does not exist",
+                ),
+            ),
+            (
+                "programmed",
+                "ok",
+                true,
+                verdict(true, Reason::Programmed, "programmed on every member node"),
+            ),
+            (
+                "refused: core's reason and message",
+                "off",
+                true,
+                verdict(false, Reason::Disabled, "spec.disabled is true"),
+            ),
+            (
+                "not in the computation yet: pending, not refused",
+                "new",
+                true,
+                verdict(false, Reason::TunnelAddressPending, "not yet computed"),
+            ),
+        ];
+        for (case, name, has_mesh, want) in cases {
+            let got = verdict_of(&peer(name), has_mesh.then_some(&mesh), &snapshot);
+            assert_eq!(got, want, "{case}");
+        }
+    }
+
+    #[test]
+    fn ready_condition_table() {
+        let then = Time(jiff::Timestamp::UNIX_EPOCH);
+        let previous = |status: &str, reason: Reason, message: &str| Condition {
+            type_: READY.into(),
+            status: status.into(),
+            reason: reason.as_str().into(),
+            message: message.into(),
+            observed_generation: Some(1),
+            last_transition_time: then.clone(),
+        };
+        let refused = verdict(false, Reason::AllowedIpsOverlap, "overlaps node a");
+        let programmed = verdict(true, Reason::Programmed, "programmed on every member node");
+        // (case, previous condition, verdict, whether the transition time is kept)
+        let cases = [
+            ("first condition", None, &refused, false),
+            (
+                "nothing changed",
+                Some(previous(
+                    "False",
+                    Reason::AllowedIpsOverlap,
+                    "overlaps node a",
+                )),
+                &refused,
+                true,
+            ),
+            (
+                "same status, another reason: no transition",
+                Some(previous("False", Reason::TunnelAddressPending, "pending")),
+                &refused,
+                true,
+            ),
+            (
+                "False to True is a transition",
+                Some(previous(
+                    "False",
+                    Reason::AllowedIpsOverlap,
+                    "overlaps node a",
+                )),
+                &programmed,
+                false,
+            ),
+            (
+                "True to False is a transition",
+                Some(previous(
+                    "True",
+                    Reason::Programmed,
+                    "programmed on every member node",
+                )),
+                &refused,
+                false,
+            ),
+        ];
+        for (case, previous, verdict, kept) in cases {
+            let got = ready_condition(previous.as_ref(), verdict, Some(7));
+            assert_eq!(got.type_, READY, "{case}");
+            assert_eq!(
+                got.status,
+                if verdict.ready { "True" } else { "False" },
+                "{case}"
+            );
+            assert_eq!(got.reason, verdict.reason.as_str(), "{case}");
+            assert_eq!(got.message, verdict.message, "{case}");
+            assert_eq!(got.observed_generation, Some(7), "{case}");
+            assert_eq!(got.last_transition_time == then, kept, "{case}");
+        }
+    }
 }

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use blake2::{Blake2s256, Digest};
 
+use crate::reason::Reason;
 use crate::{Cidr, CidrSet, Key, PublicKey};
 
 /// The mesh-level inputs.
@@ -189,26 +190,9 @@ pub struct DesiredPeer {
 pub enum Verdict {
     /// Programmed on every member node.
     Programmed,
-    /// Not programmed; `reason` is a `Ready=False` condition reason (see
-    /// `wgmesh_api::condition::reason`), `message` says what to fix.
-    Refused {
-        reason: &'static str,
-        message: String,
-    },
-}
-
-/// Condition reasons, mirrored from the API crate so core stays free of Kubernetes types.
-pub mod reason {
-    pub const ALLOWED_IPS_OVERLAP: &str = "AllowedIPsOverlap";
-    pub const DUPLICATE_PUBLIC_KEY: &str = "DuplicatePublicKey";
-    pub const PRESHARED_KEY_MISSING: &str = "PresharedKeySecretMissing";
-    pub const POOL_EXHAUSTED: &str = "TunnelPoolExhausted";
-    pub const ADDRESS_PENDING: &str = "TunnelAddressPending";
-    pub const DISABLED: &str = "Disabled";
-    pub const NODE_NOT_IN_MESH: &str = "NodeNotInMesh";
-    pub const NO_GATEWAY: &str = "NoGateway";
-    pub const RESERVED_RANGE: &str = "ReservedRange";
-    pub const NODE_NOT_OWNED: &str = "NodePeerNotOwned";
+    /// Not programmed; `reason` is the `Ready=False` condition reason, `message` says what
+    /// to fix.
+    Refused { reason: Reason, message: String },
 }
 
 /// A member node: a selected Node whose agent registered and whose peer is programmed.
@@ -375,7 +359,7 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
             && !out.members.values().any(|m| m.gateway)
         {
             verdict = Verdict::Refused {
-                reason: reason::NO_GATEWAY,
+                reason: Reason::NoGateway,
                 message: format!(
                     "no member node of mesh {} is a gateway (see its gatewaySelector)",
                     mesh.name
@@ -495,19 +479,19 @@ fn judge(
 ) -> Verdict {
     let refuse = |reason, message: String| Verdict::Refused { reason, message };
     if peer.disabled {
-        return refuse(reason::DISABLED, "spec.disabled is true".into());
+        return refuse(Reason::Disabled, "spec.disabled is true".into());
     }
     if let Some(node_name) = &peer.node {
         match node {
             None => {
                 return refuse(
-                    reason::NODE_NOT_IN_MESH,
+                    Reason::NodeNotInMesh,
                     format!("node {node_name} does not exist"),
                 );
             }
             Some(n) if !n.selected => {
                 return refuse(
-                    reason::NODE_NOT_IN_MESH,
+                    Reason::NodeNotInMesh,
                     format!(
                         "node {node_name} does not match the nodeSelector of mesh {}",
                         mesh.name
@@ -516,7 +500,7 @@ fn judge(
             }
             Some(n) if peer.node_owner_uid.as_deref() != Some(n.uid.as_str()) => {
                 return refuse(
-                    reason::NODE_NOT_OWNED,
+                    Reason::NodePeerNotOwned,
                     format!(
                         "spec.node names node {node_name}, which only the controller's own peer \
                          of that Node (owned by it) may; remove spec.node to make this an \
@@ -533,7 +517,7 @@ fn judge(
         .filter(|owner| **owner != peer.name)
     {
         return refuse(
-            reason::DUPLICATE_PUBLIC_KEY,
+            Reason::DuplicatePublicKey,
             format!(
                 "public key {} is already used by WireGuardPeer {other}",
                 peer.public_key
@@ -541,13 +525,13 @@ fn judge(
         );
     }
     if let Some(SecretInput::Missing(why)) = &peer.preshared_key {
-        return refuse(reason::PRESHARED_KEY_MISSING, why.clone());
+        return refuse(Reason::PresharedKeySecretMissing, why.clone());
     }
     if peer.node.is_some()
         && let Some(SecretInput::Missing(why)) = &mesh.preshared_key
     {
         return refuse(
-            reason::PRESHARED_KEY_MISSING,
+            Reason::PresharedKeySecretMissing,
             format!("mesh {}: {why}", mesh.name),
         );
     }
@@ -556,7 +540,7 @@ fn judge(
         if !has {
             return if *full {
                 refuse(
-                    reason::POOL_EXHAUSTED,
+                    Reason::TunnelPoolExhausted,
                     format!(
                         "tunnel pool {pool} of mesh {} has no free address",
                         mesh.name
@@ -564,7 +548,7 @@ fn judge(
                 )
             } else {
                 refuse(
-                    reason::ADDRESS_PENDING,
+                    Reason::TunnelAddressPending,
                     format!("waiting for a tunnel address from {pool}"),
                 )
             };
@@ -573,7 +557,7 @@ fn judge(
     for cidr in claimed_networks(peer, node) {
         if let Some(r) = judged.reserved.iter().find(|r| r.cidr.overlaps(&cidr)) {
             return refuse(
-                reason::RESERVED_RANGE,
+                Reason::ReservedRange,
                 format!(
                     "{cidr} overlaps {}, {}: routing it into the mesh would cut nodes off",
                     r.cidr, r.what
@@ -582,7 +566,7 @@ fn judge(
         }
         if let Some(pool) = mesh.tunnel_pools.iter().find(|p| p.overlaps(&cidr)) {
             return refuse(
-                reason::ALLOWED_IPS_OVERLAP,
+                Reason::AllowedIpsOverlap,
                 format!(
                     "{cidr} overlaps the tunnel pool {pool} of mesh {}",
                     mesh.name
@@ -591,7 +575,7 @@ fn judge(
         }
         if let Some((theirs, owner)) = claims.iter().find(|(c, _)| c.overlaps(&cidr)) {
             return refuse(
-                reason::ALLOWED_IPS_OVERLAP,
+                Reason::AllowedIpsOverlap,
                 format!("{cidr} overlaps {theirs}, {owner}"),
             );
         }

@@ -93,7 +93,7 @@ fn names_of(d: &DesiredMesh, node: &str) -> Vec<String> {
         .collect()
 }
 
-fn refused(d: &DesiredMesh, name: &str) -> Option<(&'static str, String)> {
+fn refused(d: &DesiredMesh, name: &str) -> Option<(Reason, String)> {
     match d.verdicts.get(name)? {
         Verdict::Programmed => None,
         Verdict::Refused { reason, message } => Some((*reason, message.clone())),
@@ -130,7 +130,7 @@ fn membership_table() {
         name: &'static str,
         edit: fn(&mut Vec<NodeInput>, &mut Vec<PeerInput>),
         members: &'static [&'static str],
-        refused: &'static [(&'static str, &'static str)],
+        refused: &'static [(&'static str, Reason)],
     }
     let cases = [
         Case {
@@ -143,13 +143,13 @@ fn membership_table() {
             name: "a deleted Node drops its peer everywhere",
             edit: |nodes, _| nodes.retain(|n| n.name != "b"),
             members: &["a", "c"],
-            refused: &[("b", reason::NODE_NOT_IN_MESH)],
+            refused: &[("b", Reason::NodeNotInMesh)],
         },
         Case {
             name: "a Node leaving the selector drops its peer",
             edit: |nodes, _| nodes[2].selected = false,
             members: &["a", "b"],
-            refused: &[("c", reason::NODE_NOT_IN_MESH)],
+            refused: &[("c", Reason::NodeNotInMesh)],
         },
         Case {
             name: "a Node without a registered agent is not a member",
@@ -161,31 +161,31 @@ fn membership_table() {
             name: "a disabled peer is absent everywhere",
             edit: |_, peers| peers[1].disabled = true,
             members: &["a", "c"],
-            refused: &[("b", reason::DISABLED)],
+            refused: &[("b", Reason::Disabled)],
         },
         Case {
             name: "a node without a tunnel address waits",
             edit: |_, peers| peers[0].tunnel_addresses.clear(),
             members: &["b", "c"],
-            refused: &[("a", reason::ADDRESS_PENDING)],
+            refused: &[("a", Reason::TunnelAddressPending)],
         },
         Case {
             name: "the newer of two nodes with one key is refused",
             edit: |_, peers| peers[2].public_key = key(1),
             members: &["a", "b"],
-            refused: &[("c", reason::DUPLICATE_PUBLIC_KEY)],
+            refused: &[("c", Reason::DuplicatePublicKey)],
         },
         Case {
             name: "overlapping pod CIDRs: the newer node is refused",
             edit: |nodes, _| nodes[1].pod_cidrs = cidrs(&["10.244.0.0/16"]),
             members: &["a", "c"],
-            refused: &[("b", reason::ALLOWED_IPS_OVERLAP)],
+            refused: &[("b", Reason::AllowedIpsOverlap)],
         },
         Case {
             name: "pod CIDR inside the tunnel pool",
             edit: |nodes, _| nodes[0].pod_cidrs = cidrs(&["10.250.128.0/24"]),
             members: &["b", "c"],
-            refused: &[("a", reason::ALLOWED_IPS_OVERLAP)],
+            refused: &[("a", Reason::AllowedIpsOverlap)],
         },
     ];
     for case in cases {
@@ -216,7 +216,7 @@ fn external_peer_table() {
         name: &'static str,
         peer: PeerInput,
         want_endpoint: Option<&'static str>,
-        refused: Option<(&'static str, &'static str)>,
+        refused: Option<(Reason, &'static str)>,
     }
     let with = |f: fn(&mut PeerInput)| {
         let mut p = external("laptop", 10, &["192.168.50.0/24"]);
@@ -249,19 +249,19 @@ fn external_peer_table() {
             name: "overlapping a node's pod CIDR",
             peer: external("laptop", 10, &["10.244.2.128/25"]),
             want_endpoint: None,
-            refused: Some((reason::ALLOWED_IPS_OVERLAP, "pod CIDR of node b")),
+            refused: Some((Reason::AllowedIpsOverlap, "pod CIDR of node b")),
         },
         Case {
             name: "overlapping the tunnel pool",
             peer: external("laptop", 10, &["10.250.0.0/24"]),
             want_endpoint: None,
-            refused: Some((reason::ALLOWED_IPS_OVERLAP, "tunnel pool 10.250.0.0/16")),
+            refused: Some((Reason::AllowedIpsOverlap, "tunnel pool 10.250.0.0/16")),
         },
         Case {
             name: "a node's key reused by an external peer",
             peer: with(|p| p.public_key = key(1)),
             want_endpoint: None,
-            refused: Some((reason::DUPLICATE_PUBLIC_KEY, "WireGuardPeer a")),
+            refused: Some((Reason::DuplicatePublicKey, "WireGuardPeer a")),
         },
         Case {
             name: "a missing preshared key Secret",
@@ -269,7 +269,7 @@ fn external_peer_table() {
                 p.preshared_key = Some(SecretInput::Missing("Secret ns/psk not found".into()))
             }),
             want_endpoint: None,
-            refused: Some((reason::PRESHARED_KEY_MISSING, "ns/psk")),
+            refused: Some((Reason::PresharedKeySecretMissing, "ns/psk")),
         },
     ];
     for case in cases {
@@ -311,7 +311,7 @@ fn overlap_refuses_the_newer_external_peer_and_fixing_clears_it() {
     peers.push(external("intruder", 21, &["192.168.50.128/25"]));
     let d = compute(&mesh(), &nodes, &peers);
     let (reason, message) = refused(&d, "intruder").unwrap();
-    assert_eq!(reason, reason::ALLOWED_IPS_OVERLAP);
+    assert_eq!(reason, Reason::AllowedIpsOverlap);
     assert!(message.contains("WireGuardPeer office"), "{message}");
     assert_eq!(refused(&d, "office"), None);
 
@@ -342,7 +342,7 @@ fn same_second_ties_keep_the_programmed_peer_then_the_first_seen() {
     peers.extend([office.clone(), aaa.clone()]);
     let d = compute(&mesh(), &nodes, &peers);
     assert_eq!(refused(&d, "office"), None);
-    assert_eq!(refused(&d, "aaa").unwrap().0, reason::ALLOWED_IPS_OVERLAP);
+    assert_eq!(refused(&d, "aaa").unwrap().0, Reason::AllowedIpsOverlap);
     // After a restart the first-seen order is lost, but the programmed peer keeps its place.
     office.seniority = 0;
     aaa.seniority = 0;
@@ -364,7 +364,7 @@ fn exhausted_pool_is_reported() {
     peers[2].tunnel_addresses = vec![];
     let d = compute(&m, &nodes, &peers);
     let (reason, message) = refused(&d, "c").unwrap();
-    assert_eq!(reason, reason::POOL_EXHAUSTED);
+    assert_eq!(reason, Reason::TunnelPoolExhausted);
     assert!(message.contains("10.250.0.0/30"), "{message}");
 }
 
@@ -419,7 +419,7 @@ fn gateway_table() {
         &'a str,
         [bool; 3],
         Vec<(&'a str, Vec<&'a str>, Option<Vec<&'a str>>)>,
-        Option<&'a str>,
+        Option<Reason>,
     );
     let a_plain = Some(vec!["10.244.1.0/24", "10.250.0.1/32"]);
     let a_routing = Some(vec![
@@ -466,7 +466,7 @@ fn gateway_table() {
                 ("a", vec!["b", "c"], None),
                 ("b", vec!["a", "c"], a_plain.clone()),
             ],
-            Some(reason::NO_GATEWAY),
+            Some(Reason::NoGateway),
         ),
     ];
     for (name, gateways, want, verdict) in cases {
@@ -607,7 +607,7 @@ fn public_key_table() {
                 refused(&d, name).unwrap_or_else(|| panic!("{}: {name} refused", case.name));
             assert_eq!(
                 reason,
-                reason::DUPLICATE_PUBLIC_KEY,
+                Reason::DuplicatePublicKey,
                 "{}: {message}",
                 case.name
             );
@@ -672,7 +672,7 @@ fn reserved_range_table() {
         match (refused(&d, "site"), refusal) {
             (None, None) => assert!(d.peers.contains_key(&key(9)), "{what}"),
             (Some((reason, message)), Some(want)) => {
-                assert_eq!(reason, reason::RESERVED_RANGE, "{what}: {message}");
+                assert_eq!(reason, Reason::ReservedRange, "{what}: {message}");
                 assert!(message.contains(want), "{what}: {message}");
                 assert!(!d.peers.contains_key(&key(9)), "{what}: never programmed");
             }
@@ -701,7 +701,7 @@ fn node_claim_ownership_table() {
         assert_eq!(d.members.contains_key("c"), *member, "{what}");
         if !member {
             let (reason, message) = refused(&d, "c").expect("refused");
-            assert_eq!(reason, reason::NODE_NOT_OWNED, "{what}: {message}");
+            assert_eq!(reason, Reason::NodePeerNotOwned, "{what}: {message}");
             assert!(!d.peers.contains_key(&key(3)), "{what}: never programmed");
         }
     }

@@ -10,9 +10,12 @@ pub mod export;
 pub mod ipam;
 pub mod key;
 pub mod node_config;
+pub mod reason;
 #[cfg(test)]
 mod redaction_tests;
+pub mod validate;
 pub mod wgquick;
 
 pub use cidr::{Cidr, CidrError, CidrSet};
 pub use key::{Key, KeyError, PrivateKey, PublicKey};
+pub use reason::Reason;

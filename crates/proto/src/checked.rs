@@ -73,15 +73,8 @@ pub struct Observation {
     pub endpoint: Option<String>,
 }
 
-/// A Kubernetes object name (DNS-1123 subdomain): what Node and mesh names must be.
-pub fn is_object_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && s.split('.')
-            .all(|label| !label.is_empty() && !label.starts_with('-') && !label.ends_with('-'))
-}
+/// What Node and mesh names must be; core holds the one definition.
+pub use wgmesh_core::validate::is_object_name;
 
 fn names(node: &str, mesh: &str) -> Result<(), Status> {
     if !is_object_name(node) {
@@ -242,28 +235,6 @@ mod tests {
             backend: 0,
             agent_version: "0.1.0".into(),
         }
-    }
-
-    #[test]
-    fn object_name_table() {
-        let cases = [
-            ("worker-1", true),
-            ("node.example.com", true),
-            ("a", true),
-            ("", false),
-            ("Worker", false),
-            ("-worker", false),
-            ("worker-", false),
-            ("a..b", false),
-            ("a_b", false),
-            ("../etc", false),
-            ("a\nb", false),
-        ];
-        for (name, ok) in cases {
-            assert_eq!(is_object_name(name), ok, "{name:?}");
-        }
-        assert!(is_object_name(&"a".repeat(253)));
-        assert!(!is_object_name(&"a".repeat(254)));
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! `peer add`, `peer config` and `export node`.
+//! `peer add`: create a WireGuardPeer (and its Secrets) from flags, wait until the controller
+//! accepts it, and print the new peer's config; undo everything if it is refused.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -10,25 +11,26 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::{Client, Resource, ResourceExt};
+use wgmesh_api::condition::Reason;
 use wgmesh_api::mesh::SecretKeyRef;
 use wgmesh_api::{ClientSpec, WireGuardPeer, WireGuardPeerSpec};
-use wgmesh_core::export::{client_config, node_as_peer};
-use wgmesh_core::{Cidr, Key, PrivateKey, wgquick};
+use wgmesh_core::{Key, PrivateKey, validate};
 
+use super::export::{ShowArgs, show};
+use super::{
+    PRIVATE_KEY_KEY, PSK_KEY, parse_cidrs, private_key_secret_name, psk_secret_name,
+    read_private_key,
+};
 use crate::KubeArgs;
-use crate::cluster::{self, MeshObjects};
-use crate::config::{self, ready_condition};
+use crate::cluster;
+use crate::config::ready_condition;
 use crate::exit::{self, err};
-use crate::qr;
-use crate::secret_file;
 
-/// Key of the preshared key in its Secret.
-const PSK_KEY: &str = "presharedKey";
-/// Key of the private key in its Secret (`--store-private-key`).
-const PRIVATE_KEY_KEY: &str = "privateKey";
-
-/// Ready=False reasons that only mean "not yet": waiting goes on.
-const TRANSIENT: &[&str] = &["TunnelAddressPending", "PresharedKeySecretMissing"];
+/// Whether a Ready=False reason only means "not yet", so waiting goes on. A reason this CLI
+/// does not know (from a newer controller) is taken as lasting: better to stop than hang.
+fn keeps_waiting(reason: &str) -> bool {
+    reason.parse::<Reason>().is_ok_and(Reason::is_transient)
+}
 
 #[derive(clap::Args, Debug)]
 pub struct AddArgs {
@@ -79,32 +81,6 @@ pub struct AddArgs {
     /// Seconds to wait for the controller to accept the peer.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
-    #[command(flatten)]
-    pub show: ShowArgs,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct ShowArgs {
-    /// Print the config as a QR code instead of text.
-    #[arg(long)]
-    pub qr: bool,
-    /// Also write the config as a QR code to this PNG file. It holds the private key: it is
-    /// created with mode 0600, and an existing file there is replaced (not rewritten).
-    #[arg(long)]
-    pub qr_png: Option<PathBuf>,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct ConfigArgs {
-    /// Name of the WireGuardPeer.
-    pub name: String,
-    /// The peer's private key (as `wg genkey` writes it), or its earlier wg-quick config.
-    /// Absent: the Secret that `peer add --store-private-key` made.
-    #[arg(long)]
-    pub private_key_file: Option<PathBuf>,
-    /// Namespace of the Secrets.
-    #[arg(long, default_value = "wgmesh-secrets")]
-    pub secret_namespace: String,
     #[command(flatten)]
     pub show: ShowArgs,
 }
@@ -191,133 +167,6 @@ pub async fn add(kube: &KubeArgs, args: AddArgs) -> Result<()> {
     show(&objects, &peer, private_key, psk, &args.show)
 }
 
-pub async fn config(kube: &KubeArgs, args: ConfigArgs) -> Result<()> {
-    let client = cluster::client(kube).await?;
-    let peer = cluster::get_peer(&client, &args.name).await?;
-    if peer.spec.node.is_some() {
-        return Err(err(
-            exit::INVALID_INPUT,
-            format!(
-                "WireGuardPeer {} is a node; `export node {}` prints it as a peer",
-                args.name,
-                peer.spec
-                    .node
-                    .as_ref()
-                    .map(|n| n.0.as_str())
-                    .unwrap_or_default()
-            ),
-        ));
-    }
-    let private_key = match &args.private_key_file {
-        Some(path) => read_private_key(path)?,
-        None => {
-            let name = private_key_secret_name(&args.name);
-            let value = read_secret(&client, &args.secret_namespace, &name, PRIVATE_KEY_KEY)
-                .await?
-                .ok_or_else(|| {
-                    err(
-                        exit::INVALID_INPUT,
-                        format!(
-                            "no --private-key-file given and no Secret {}/{name} with the key",
-                            args.secret_namespace
-                        ),
-                    )
-                })?;
-            String::from_utf8_lossy(&value)
-                .trim()
-                .parse()
-                .map_err(|e| err(exit::INVALID_INPUT, format!("Secret {name}: {e}")))?
-        }
-    };
-    if private_key.public_key().to_base64() != peer.spec.public_key {
-        return Err(err(
-            exit::INVALID_INPUT,
-            format!(
-                "the private key does not belong to WireGuardPeer {} (its public key is {})",
-                args.name, peer.spec.public_key
-            ),
-        ));
-    }
-    let psk = match &peer.spec.preshared_key_secret_ref {
-        Some(r) => {
-            let value = read_secret(&client, &r.namespace, r.name.as_str(), &r.key)
-                .await?
-                .ok_or_else(|| {
-                    err(
-                        exit::NOT_FOUND,
-                        format!("Secret {}/{} has no key {}", r.namespace, r.name, r.key),
-                    )
-                })?;
-            Some(wgmesh_core::desired::peer_preshared_key(&value))
-        }
-        None => None,
-    };
-    if !config::is_ready(&peer) {
-        eprintln!(
-            "warning: WireGuardPeer {} is not Ready{}",
-            args.name,
-            ready_condition(&peer)
-                .map(|c| format!(": {}: {}", c.reason, c.message))
-                .unwrap_or_default()
-        );
-    }
-    let objects = cluster::mesh_objects(&client, peer.spec.mesh.as_str()).await?;
-    show(&objects, &peer, private_key, psk, &args.show)
-}
-
-pub async fn export_node(
-    kube: &KubeArgs,
-    node: &str,
-    mesh: &str,
-    allowed_ips: &[String],
-    keepalive: Option<u16>,
-) -> Result<()> {
-    let extra = parse_cidrs("--allowed-ips", allowed_ips)?;
-    let client = cluster::client(kube).await?;
-    let objects = cluster::mesh_objects(&client, mesh).await?;
-    let nodes = config::node_peers(&objects.peers);
-    let Some(peer) = nodes.get(node) else {
-        return Err(err(
-            exit::NOT_FOUND,
-            format!("node {node} is not a Ready member of mesh {mesh}"),
-        ));
-    };
-    out!(
-        "{}",
-        wgquick::render_peer(&node_as_peer(peer, &extra, keepalive))
-    );
-    Ok(())
-}
-
-/// Renders the config and prints it (or its QR code), and writes the PNG.
-fn show(
-    objects: &MeshObjects,
-    peer: &WireGuardPeer,
-    private_key: PrivateKey,
-    psk: Option<Key>,
-    args: &ShowArgs,
-) -> Result<()> {
-    let input = config::client_input(&objects.mesh, &objects.peers, peer, Some(private_key), psk)?;
-    let cfg = client_config(&input).map_err(|e| {
-        err(
-            exit::NOT_READY,
-            format!("mesh {}: {e}", objects.mesh.name_any()),
-        )
-    })?;
-    let text = wgquick::render(&cfg);
-    if let Some(path) = &args.qr_png {
-        secret_file::write(path, |out| qr::png(&text, out))?;
-        eprintln!("QR code written to {}", path.display());
-    }
-    if args.qr {
-        out!("{}", qr::terminal(&text)?);
-        outln!();
-    } else {
-        out!("{text}");
-    }
-    Ok(())
-}
-
 /// Polls the peer until its Ready condition is True (Ok), False for a lasting reason
 /// (NOT_READY), or the timeout (TIMEOUT).
 async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Result<WireGuardPeer> {
@@ -335,7 +184,7 @@ async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Result<Wi
             if c.status == "True" {
                 return Ok(peer);
             }
-            if !TRANSIENT.contains(&c.reason.as_str()) {
+            if !keeps_waiting(&c.reason) {
                 return Err(err(
                     exit::NOT_READY,
                     format!(
@@ -371,14 +220,6 @@ async fn undo(client: &Client, name: &str, namespace: &str, secrets: &[String]) 
             eprintln!("warning: deleting Secret {namespace}/{s}: {e}");
         }
     }
-}
-
-fn psk_secret_name(peer: &str) -> String {
-    format!("wgpeer-{peer}-psk")
-}
-
-fn private_key_secret_name(peer: &str) -> String {
-    format!("wgpeer-{peer}-private-key")
 }
 
 /// A Secret owned by the peer, so deleting the peer deletes it too.
@@ -421,64 +262,9 @@ async fn create_secret(
     Ok(())
 }
 
-async fn read_secret(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    key: &str,
-) -> Result<Option<Vec<u8>>> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = api
-        .get_opt(name)
-        .await
-        .with_context(|| format!("reading Secret {namespace}/{name}"))?;
-    Ok(secret
-        .and_then(|s| s.data)
-        .and_then(|mut d| d.remove(key))
-        .map(|b| b.0))
-}
-
-fn read_private_key(path: &Path) -> Result<PrivateKey> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        err(
-            exit::INVALID_INPUT,
-            format!("reading {}: {e}", path.display()),
-        )
-    })?;
-    if let Ok(key) = text.trim().parse() {
-        return Ok(key);
-    }
-    // Or the config `peer add` printed earlier: its [Interface] holds the key.
-    match wgquick::parse(&text) {
-        Ok(cfg) => cfg.interface.private_key.ok_or_else(|| {
-            err(
-                exit::INVALID_INPUT,
-                format!("{}: the config has no PrivateKey", path.display()),
-            )
-        }),
-        Err(e) => Err(err(
-            exit::INVALID_INPUT,
-            format!(
-                "{}: neither a private key nor a wg-quick config ({e})",
-                path.display()
-            ),
-        )),
-    }
-}
-
-fn parse_cidrs(flag: &str, values: &[String]) -> Result<Vec<Cidr>> {
-    values
-        .iter()
-        .map(|v| {
-            Cidr::parse_strict(v.trim())
-                .map_err(|e| err(exit::INVALID_INPUT, format!("{flag} {v}: {e}")))
-        })
-        .collect()
-}
-
 /// The peer's spec from the flags, everything checked before the cluster is asked.
 fn spec_from_args(args: &AddArgs) -> Result<WireGuardPeerSpec> {
-    if !is_dns_name(&args.name) {
+    if !validate::is_object_name(&args.name) {
         return Err(err(
             exit::INVALID_INPUT,
             format!(
@@ -541,33 +327,8 @@ fn spec_from_args(args: &AddArgs) -> Result<WireGuardPeerSpec> {
 }
 
 fn check_endpoint(e: &str) -> Result<()> {
-    let bad = || {
-        err(
-            exit::INVALID_INPUT,
-            format!("--endpoint {e:?}: must be host:port or [ipv6]:port"),
-        )
-    };
-    let (host, port) = e.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    if host.is_empty() || port == 0 || (host.contains(':') && !host.starts_with('[')) {
-        return Err(bad());
-    }
-    Ok(())
-}
-
-/// An RFC 1123 subdomain, as Kubernetes object names are.
-pub fn is_dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
+    validate::check_endpoint(e)
+        .map_err(|why| err(exit::INVALID_INPUT, format!("--endpoint: {why}")))
 }
 
 #[cfg(test)]
@@ -585,6 +346,22 @@ mod tests {
         T::try_parse_from(std::iter::once("t").chain(list.iter().copied()))
             .unwrap()
             .add
+    }
+
+    #[test]
+    fn waiting_goes_on_only_for_transient_reasons() {
+        let cases = [
+            ("TunnelAddressPending", true),
+            ("PresharedKeySecretMissing", true),
+            ("AllowedIPsOverlap", false),
+            ("MeshNotFound", false),
+            ("Disabled", false),
+            ("SomeReasonFromANewerController", false),
+            ("", false),
+        ];
+        for (reason, want) in cases {
+            assert_eq!(keeps_waiting(reason), want, "{reason:?}");
+        }
     }
 
     #[test]
@@ -618,30 +395,6 @@ mod tests {
             serde_json::json!(["10.96.0.10", "cluster.local"])
         );
         assert_eq!(json["client"]["persistentKeepalive"], 25);
-    }
-
-    #[test]
-    fn private_key_from_a_key_file_or_a_config() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = PrivateKey::generate();
-        let plain = dir.path().join("key");
-        std::fs::write(&plain, format!("{}\n", key.expose_base64())).unwrap();
-        let conf = dir.path().join("wg0.conf");
-        std::fs::write(
-            &conf,
-            format!("[Interface]\nPrivateKey = {}\n", key.expose_base64()),
-        )
-        .unwrap();
-        for path in [&plain, &conf] {
-            assert_eq!(
-                read_private_key(path).unwrap().public_key(),
-                key.public_key()
-            );
-        }
-        std::fs::write(&plain, "[Interface]\nPrivateKey = nope\n").unwrap();
-        let e = read_private_key(&plain).unwrap_err();
-        assert_eq!(exit::code_of(&e), exit::INVALID_INPUT);
-        assert!(e.to_string().contains("line 2"), "{e}");
     }
 
     #[test]

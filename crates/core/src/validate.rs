@@ -1,0 +1,210 @@
+//! Validators shared by everything that takes names and endpoints from outside: the CLI's
+//! flags, wg-quick files and the agents' gRPC requests. One definition each, so a value one
+//! of them accepts is not refused by another.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+/// A Kubernetes object name (RFC 1123 subdomain), what Node, mesh and peer names must be:
+/// the API server's own rule (`[a-z0-9]([-a-z0-9]*[a-z0-9])?` labels joined by dots, at most
+/// 253 bytes; unlike a host name, a label may be longer than 63).
+pub fn is_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.split('.')
+            .all(|label| !label.is_empty() && !label.starts_with('-') && !label.ends_with('-'))
+}
+
+/// A host name as resolvers take it: labels of 1-63 letters, digits, `-` or `_` (SRV-style
+/// names exist in the wild), at most 253 bytes, an optional trailing dot.
+pub fn is_host_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// A WireGuard endpoint: `ipv4:port`, `host.name:port` or `[ipv6]:port` (with an optional
+/// `%zone`), port 1-65535. The error says what is wrong, quoting the input.
+pub fn check_endpoint(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("empty Endpoint: expected host:port".to_owned());
+    }
+    let port = if let Some(rest) = s.strip_prefix('[') {
+        let Some((addr, after)) = rest.split_once(']') else {
+            return Err(format!("invalid Endpoint {}: unclosed '['", show(s)));
+        };
+        let Some(port) = after.strip_prefix(':') else {
+            return Err(format!(
+                "Endpoint {} has no port: expected [address]:port",
+                show(s)
+            ));
+        };
+        let (ip, zone) = match addr.split_once('%') {
+            Some((ip, zone)) => (ip, Some(zone)),
+            None => (addr, None),
+        };
+        let zone_ok = zone.is_none_or(|z| !z.is_empty() && z.bytes().all(is_name_byte));
+        if ip.parse::<Ipv6Addr>().is_err() || !zone_ok {
+            return Err(format!(
+                "invalid Endpoint {}: {} is not an IPv6 address",
+                show(s),
+                show(addr)
+            ));
+        }
+        port
+    } else {
+        let Some((host, port)) = s.rsplit_once(':') else {
+            return Err(format!(
+                "Endpoint {} has no port: expected host:port",
+                show(s)
+            ));
+        };
+        if host.contains(':') {
+            return Err(format!(
+                "invalid Endpoint {}: an IPv6 endpoint is written [address]:port",
+                show(s)
+            ));
+        }
+        // Digits and dots are an IPv4 address or a mistake, never a host name.
+        let host_ok = if looks_numeric(host) {
+            host.parse::<Ipv4Addr>().is_ok()
+        } else {
+            is_host_name(host)
+        };
+        if !host_ok {
+            return Err(format!(
+                "invalid Endpoint {}: {} is not an IP address or host name",
+                show(s),
+                show(host)
+            ));
+        }
+        port
+    };
+    match parse_digits::<u16>(port) {
+        Some(p) if p != 0 => Ok(()),
+        _ => Err(format!(
+            "invalid Endpoint {}: port {} is not 1-65535",
+            show(s),
+            show(port)
+        )),
+    }
+}
+
+/// A byte of a name the kernel knows a thing by: an interface (an IPv6 zone) or a routing table.
+pub(crate) fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.'
+}
+
+/// Looks like an attempt at an IPv4 address (digits and dots only).
+pub(crate) fn looks_numeric(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+/// Unsigned decimal digits only (`str::parse` would also take a leading `+`).
+pub(crate) fn parse_digits<T: FromStr>(s: &str) -> Option<T> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Quotes a piece of input for an error message, cut short if long.
+pub(crate) fn show(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(MAX).collect();
+        format!("{head:?}...")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Copy)]
+    enum Kind {
+        ObjectName,
+        HostName,
+        Endpoint,
+    }
+    use Kind::*;
+
+    fn accepts(kind: Kind, s: &str) -> bool {
+        match kind {
+            ObjectName => is_object_name(s),
+            HostName => is_host_name(s),
+            Endpoint => check_endpoint(s).is_ok(),
+        }
+    }
+
+    #[test]
+    fn validator_table() {
+        let long_label = "a".repeat(64);
+        let long_name = "a".repeat(253);
+        let too_long_name = "a".repeat(254);
+        let cases: &[(Kind, &str, bool)] = &[
+            (ObjectName, "worker-1", true),
+            (ObjectName, "node.example.com", true),
+            (ObjectName, "a", true),
+            (ObjectName, &long_label, true),
+            (ObjectName, &long_name, true),
+            (ObjectName, &too_long_name, false),
+            (ObjectName, "", false),
+            (ObjectName, "Worker", false),
+            (ObjectName, "-worker", false),
+            (ObjectName, "worker-", false),
+            (ObjectName, "a..b", false),
+            (ObjectName, "a.", false),
+            (ObjectName, "a_b", false),
+            (ObjectName, "../etc", false),
+            (ObjectName, "a\nb", false),
+            (HostName, "vpn.example.com", true),
+            (HostName, "vpn.example.com.", true),
+            (HostName, "_srv.Example.com", true),
+            (HostName, &long_label, false),
+            (HostName, "", false),
+            (HostName, ".", false),
+            (HostName, "a..b", false),
+            (HostName, "a b", false),
+            (Endpoint, "203.0.113.10:51820", true),
+            (Endpoint, "vpn.example.com:51820", true),
+            (Endpoint, "[fd00::1]:51820", true),
+            (Endpoint, "[fe80::1%eth0]:51820", true),
+            (Endpoint, "localhost:1", true),
+            (Endpoint, "", false),
+            (Endpoint, "no-port", false),
+            (Endpoint, "fd00::1:51820", false),
+            (Endpoint, "[fd00::1]", false),
+            (Endpoint, "[fd00::1:51820", false),
+            (Endpoint, "[not-v6]:51820", false),
+            (Endpoint, "[fe80::1%]:51820", false),
+            (Endpoint, "300.1.1.1:51820", false),
+            (Endpoint, "host:0", false),
+            (Endpoint, "host:65536", false),
+            (Endpoint, "host:+1", false),
+            (Endpoint, ":51820", false),
+            (Endpoint, "a b:51820", false),
+        ];
+        for &(kind, s, want) in cases {
+            assert_eq!(accepts(kind, s), want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn endpoint_errors_quote_the_input_cut_short() {
+        let long = format!("{}:0", "a".repeat(100));
+        let e = check_endpoint(&long).unwrap_err();
+        assert!(e.contains("...") && e.len() < 200, "{e}");
+    }
+}
