@@ -641,4 +641,4 @@ fn pool_fill(pools: &[Cidr], peers: &[PeerInput]) -> Vec<(Cidr, bool)> {
 
 #[cfg(test)]
 #[path = "desired_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -1,8 +1,9 @@
-//! Table-driven tests of the desired mesh.
+//! Table-driven tests of the desired mesh. Its fixtures (`key`, `mesh`, `node`, `node_peer`)
+//! serve the other tests of core too.
 
 use super::*;
 
-fn key(n: u8) -> PublicKey {
+pub(crate) fn key(n: u8) -> PublicKey {
     PublicKey::from_bytes([n; 32])
 }
 
@@ -10,7 +11,7 @@ fn cidrs(list: &[&str]) -> Vec<Cidr> {
     list.iter().map(|s| s.parse().unwrap()).collect()
 }
 
-fn mesh() -> MeshInput {
+pub(crate) fn mesh() -> MeshInput {
     MeshInput {
         name: "default".into(),
         tunnel_pools: cidrs(&["10.250.0.0/16"]),
@@ -20,7 +21,7 @@ fn mesh() -> MeshInput {
     }
 }
 
-fn node(name: &str, pod_cidr: &str) -> NodeInput {
+pub(crate) fn node(name: &str, pod_cidr: &str) -> NodeInput {
     NodeInput {
         name: name.into(),
         uid: format!("uid-{name}"),
@@ -33,7 +34,7 @@ fn node(name: &str, pod_cidr: &str) -> NodeInput {
 }
 
 /// A node peer `<node>` with key n, created at time n, tunnel address 10.250.0.n.
-fn node_peer(node: &str, n: u8) -> PeerInput {
+pub(crate) fn node_peer(node: &str, n: u8) -> PeerInput {
     PeerInput {
         name: node.into(),
         created: i64::from(n),

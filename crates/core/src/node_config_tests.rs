@@ -1,44 +1,18 @@
 //! Table-driven tests of a node's view and the snapshot-or-delta rule.
 
 use super::*;
+use crate::desired::tests::{self as fixtures, key};
 use crate::desired::{MeshInput, NodeInput, PeerInput, SecretInput, compute};
 
 type Settings = &'static str;
 
-fn key(n: u8) -> PublicKey {
-    PublicKey::from_bytes([n; 32])
-}
-
+/// Node `n<n>` with pod CIDR 10.244.n.0/24, and its peer (key n, tunnel address 10.250.0.n).
 fn node(n: u8) -> NodeInput {
-    NodeInput {
-        name: format!("n{n}"),
-        uid: format!("uid-n{n}"),
-        addresses: vec![],
-        selected: true,
-        pod_cidrs: vec![format!("10.244.{n}.0/24").parse().unwrap()],
-        rotate_key_request: None,
-        gateway: true,
-    }
+    fixtures::node(&format!("n{n}"), &format!("10.244.{n}.0/24"))
 }
 
 fn node_peer(n: u8) -> PeerInput {
-    PeerInput {
-        name: format!("n{n}"),
-        created: i64::from(n),
-        previously_programmed: false,
-        seniority: 0,
-        public_key: key(n),
-        allowed_ips: vec![],
-        endpoint: Some(format!("192.168.0.{n}:51820")),
-        last_seen_endpoint: None,
-        persistent_keepalive: None,
-        preshared_key: None,
-        responder: false,
-        disabled: false,
-        node: Some(format!("n{n}")),
-        node_owner_uid: Some(format!("uid-n{n}")),
-        tunnel_addresses: vec![format!("10.250.0.{n}").parse().unwrap()],
-    }
+    fixtures::node_peer(&format!("n{n}"), n)
 }
 
 /// A mesh of nodes 1..=count, optionally with a mesh secret.
@@ -46,11 +20,7 @@ fn mesh_of(
     count: u8,
     edit: impl Fn(&mut MeshInput, &mut Vec<NodeInput>, &mut Vec<PeerInput>),
 ) -> Arc<DesiredMesh> {
-    let mut mesh = MeshInput {
-        name: "m".into(),
-        tunnel_pools: vec!["10.250.0.0/16".parse().unwrap()],
-        ..MeshInput::default()
-    };
+    let mut mesh = fixtures::mesh();
     let mut nodes: Vec<NodeInput> = (1..=count).map(node).collect();
     let mut peers: Vec<PeerInput> = (1..=count).map(node_peer).collect();
     edit(&mut mesh, &mut nodes, &mut peers);
