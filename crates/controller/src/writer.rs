@@ -21,7 +21,7 @@ use wgmesh_api::condition::{READY, Reason};
 use wgmesh_api::peer::NodeHandshake;
 use wgmesh_api::{WireGuardMesh, WireGuardMeshStatus, WireGuardPeer, WireGuardPeerStatus};
 use wgmesh_core::desired::Verdict;
-use wgmesh_core::{Cidr, CidrSet, PublicKey, ipam};
+use wgmesh_core::{Cidr, PublicKey, ipam};
 
 use crate::convert;
 use crate::metrics::Metrics;
@@ -308,15 +308,11 @@ impl Writer {
             return;
         }
         let Some(node) = node else { return };
-        let want: Vec<String> = CidrSet::new(
-            addresses
+        let want: Vec<String> =
+            wgmesh_core::desired::node_allowed_ips(addresses, &convert::pod_cidrs(node))
                 .iter()
-                .map(|a| Cidr::host(*a))
-                .chain(convert::pod_cidrs(node)),
-        )
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+                .map(ToString::to_string)
+                .collect();
         let have: Vec<String> = peer.spec.allowed_ips.iter().map(|c| c.0.clone()).collect();
         if want == have {
             return;

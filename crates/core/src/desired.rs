@@ -247,9 +247,22 @@ impl DesiredMesh {
 /// The allowed IPs of a peer: its tunnel addresses as host routes, plus its node's pod CIDRs
 /// (node peers) or its own `allowedIPs` (external peers).
 pub fn allowed_ips_of(peer: &PeerInput, node: Option<&NodeInput>) -> Vec<Cidr> {
-    let claimed = claimed_networks(peer, node);
-    let hosts = peer.tunnel_addresses.iter().map(|a| Cidr::host(*a));
-    CidrSet::new(hosts.chain(claimed)).iter().copied().collect()
+    with_tunnel_addresses(&peer.tunnel_addresses, claimed_networks(peer, node))
+}
+
+/// A node peer's allowed IPs from its tunnel addresses and its Node's pod CIDRs (what the
+/// controller also writes into the node peer's `spec.allowedIPs`, for people to read).
+pub fn node_allowed_ips(tunnel_addresses: &[IpAddr], pod_cidrs: &[Cidr]) -> Vec<Cidr> {
+    with_tunnel_addresses(tunnel_addresses, pod_cidrs.to_vec())
+}
+
+/// Tunnel addresses as host routes plus `networks`, sorted and without overlaps.
+fn with_tunnel_addresses(tunnel_addresses: &[IpAddr], networks: Vec<Cidr>) -> Vec<Cidr> {
+    let hosts = tunnel_addresses.iter().map(|a| Cidr::host(*a));
+    CidrSet::new(hosts.chain(networks))
+        .iter()
+        .copied()
+        .collect()
 }
 
 /// The allowed IPs interior (non-gateway) nodes give the first gateway: its own, plus every
