@@ -1,0 +1,575 @@
+//! The pure half of routing: what the mesh interface's addresses, routes and rules should be,
+//! and the changes that get the kernel there from what it reports.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// `rtm_protocol` (and `FRA_PROTOCOL`) of the routes and rules we create: "wgmesh". Routes
+/// and rules with another protocol are never modified or deleted.
+pub const ROUTE_PROTOCOL: u8 = 0x57;
+
+/// The main routing table.
+pub const MAIN_TABLE: u32 = 254;
+
+/// Bytes WireGuard adds to a packet in the worst case (IPv6 outer header): 40 + 8 + 32.
+pub const WIREGUARD_OVERHEAD: u32 = 80;
+
+/// The smallest MTU we configure automatically (the IPv6 minimum).
+pub const MIN_AUTO_MTU: u32 = 1280;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingConfig {
+    pub interface: String,
+    /// Addresses of the interface, such as `10.250.0.3/16`.
+    pub addresses: Vec<IpNet>,
+    /// `None`: the underlay MTU minus [`WIREGUARD_OVERHEAD`] (at least [`MIN_AUTO_MTU`]).
+    pub mtu: Option<u32>,
+    /// Every peer's allowed IPs, routed via the interface.
+    pub routes: Vec<IpNet>,
+    /// 0 or 254: the main table; anything else is a dedicated table.
+    pub table: u32,
+    pub rules: Vec<RuleConfig>,
+}
+
+/// A policy rule: `[not] fwmark M lookup T` at priority P, or `lookup T` when the mark is 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleConfig {
+    pub priority: u32,
+    /// 0: every packet (no fwmark selector).
+    pub fwmark: u32,
+    pub table: u32,
+    /// `not fwmark M lookup T` when true, `fwmark M lookup T` when false.
+    pub invert: bool,
+}
+
+/// What a sync changed, for logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteChanges {
+    pub link_set_up: bool,
+    /// The new MTU, when it changed.
+    pub mtu: Option<u32>,
+    pub addresses_added: usize,
+    pub addresses_removed: usize,
+    pub routes_added: usize,
+    pub routes_removed: usize,
+    pub rules_added: usize,
+    pub rules_removed: usize,
+}
+
+impl RouteChanges {
+    pub fn is_empty(&self) -> bool {
+        *self == RouteChanges::default()
+    }
+}
+
+/// 0 and 254 both mean the main table.
+pub fn normalize_table(table: u32) -> u32 {
+    if table == 0 { MAIN_TABLE } else { table }
+}
+
+/// A unicast route via the mesh interface, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedRoute {
+    pub dst: IpNet,
+    pub table: u32,
+    pub protocol: u8,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutePlan {
+    /// Destinations to route via the interface in the wanted table.
+    pub add: Vec<IpNet>,
+    /// Indices into the observed routes.
+    pub delete: Vec<usize>,
+}
+
+/// Given the unicast routes via the interface (all tables, all protocols) and the wanted
+/// destinations: add each wanted destination (host bits masked, duplicates dropped) that has
+/// no route in `table` yet, whoever created it; delete our routes (protocol
+/// [`ROUTE_PROTOCOL`]) that are not wanted, are in another table, or duplicate one kept.
+pub fn plan_routes(observed: &[ObservedRoute], wanted: &[IpNet], table: u32) -> RoutePlan {
+    let table = normalize_table(table);
+    let mut wanted_set: Vec<IpNet> = wanted.iter().map(IpNet::trunc).collect();
+    wanted_set.sort();
+    wanted_set.dedup();
+    let wanted_lookup: HashSet<IpNet> = wanted_set.iter().copied().collect();
+
+    let mut present: HashSet<IpNet> = HashSet::new();
+    let mut plan = RoutePlan::default();
+    // Others' routes first, so that a duplicate of ours is the one deleted.
+    let mut order: Vec<usize> = (0..observed.len()).collect();
+    order.sort_by_key(|&i| observed[i].protocol == ROUTE_PROTOCOL);
+    for i in order {
+        let r = &observed[i];
+        let ours = r.protocol == ROUTE_PROTOCOL;
+        let in_table = r.table == table;
+        if in_table && wanted_lookup.contains(&r.dst) && present.insert(r.dst) {
+            continue;
+        }
+        if ours {
+            plan.delete.push(i);
+        }
+    }
+    plan.delete.sort_unstable();
+    plan.add = wanted_set
+        .into_iter()
+        .filter(|d| !present.contains(d))
+        .collect();
+    plan
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddressPlan {
+    pub add: Vec<IpNet>,
+    /// Indices into the observed addresses.
+    pub delete: Vec<usize>,
+}
+
+/// The interface is ours: every address on it that is not wanted goes, except IPv6
+/// link-local addresses (`fe80::/10`, which the kernel manages).
+pub fn plan_addresses(observed: &[IpNet], wanted: &[IpNet]) -> AddressPlan {
+    let mut wanted_set: Vec<IpNet> = wanted.to_vec();
+    wanted_set.sort();
+    wanted_set.dedup();
+    let observed_set: HashSet<IpNet> = observed.iter().copied().collect();
+    let delete = observed
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| !wanted_set.contains(a) && !is_link_local_v6(a))
+        .map(|(i, _)| i)
+        .collect();
+    let add = wanted_set
+        .into_iter()
+        .filter(|a| !observed_set.contains(a))
+        .collect();
+    AddressPlan { add, delete }
+}
+
+fn is_link_local_v6(net: &IpNet) -> bool {
+    matches!(net.addr(), IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// A policy rule as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedRule {
+    pub family: Family,
+    pub priority: u32,
+    /// 0 when the rule has no fwmark.
+    pub fwmark: u32,
+    pub table: u32,
+    pub invert: bool,
+    /// Whether the action is "lookup table".
+    pub to_table: bool,
+    pub protocol: u8,
+}
+
+impl ObservedRule {
+    /// Whether this kernel rule is exactly the wanted rule `cfg` for `family`.
+    pub(super) fn matches(&self, family: Family, cfg: &RuleConfig) -> bool {
+        self.family == family
+            && self.to_table
+            && self.priority == cfg.priority
+            && self.fwmark == cfg.fwmark
+            && self.table == normalize_table(cfg.table)
+            && self.invert == cfg.invert
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RulePlan {
+    /// Rules to add: (index into the wanted rules, family).
+    pub add: Vec<(usize, Family)>,
+    /// Indices into the observed rules.
+    pub delete: Vec<usize>,
+}
+
+/// Each wanted rule must exist exactly once in each of `families`; our other rules go (a
+/// changed rule, duplicates, a family no longer used, or every one of ours when nothing is
+/// wanted). An identical rule someone else created counts as present and is never deleted.
+pub fn plan_rules(
+    observed: &[ObservedRule],
+    wanted: &[RuleConfig],
+    families: &[Family],
+) -> RulePlan {
+    let mut plan = RulePlan::default();
+    let mut kept: HashSet<(usize, Family)> = HashSet::new();
+    let mut order: Vec<usize> = (0..observed.len()).collect();
+    order.sort_by_key(|&i| observed[i].protocol == ROUTE_PROTOCOL);
+    for i in order {
+        let r = &observed[i];
+        let slot = if families.contains(&r.family) {
+            (0..wanted.len())
+                .find(|&w| r.matches(r.family, &wanted[w]) && !kept.contains(&(w, r.family)))
+        } else {
+            None
+        };
+        if let Some(w) = slot {
+            kept.insert((w, r.family));
+            continue;
+        }
+        if r.protocol == ROUTE_PROTOCOL {
+            plan.delete.push(i);
+        }
+    }
+    plan.delete.sort_unstable();
+    let mut fams: Vec<Family> = families.to_vec();
+    fams.sort();
+    fams.dedup();
+    for w in 0..wanted.len() {
+        for &f in &fams {
+            if !kept.contains(&(w, f)) {
+                plan.add.push((w, f));
+            }
+        }
+    }
+    plan
+}
+
+/// The address families the rule is needed in: those of the routes and addresses, IPv4 when
+/// there are none.
+pub fn rule_families(cfg: &RoutingConfig) -> Vec<Family> {
+    let mut fams: Vec<Family> = cfg
+        .routes
+        .iter()
+        .chain(&cfg.addresses)
+        .map(Family::of)
+        .collect();
+    fams.sort();
+    fams.dedup();
+    if fams.is_empty() {
+        fams.push(Family::V4);
+    }
+    fams
+}
+
+/// The MTU to configure when none is given.
+pub fn auto_mtu(underlay: u32) -> u32 {
+    underlay
+        .saturating_sub(WIREGUARD_OVERHEAD)
+        .max(MIN_AUTO_MTU)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn route(dst: &str, table: u32, protocol: u8) -> ObservedRoute {
+        ObservedRoute {
+            dst: net(dst),
+            table,
+            protocol,
+        }
+    }
+
+    const OURS: u8 = ROUTE_PROTOCOL;
+    const KERNEL: u8 = 2;
+    const STATIC: u8 = 4;
+
+    #[test]
+    fn plan_routes_table() {
+        struct Case {
+            name: &'static str,
+            observed: Vec<ObservedRoute>,
+            wanted: Vec<&'static str>,
+            table: u32,
+            add: Vec<&'static str>,
+            delete: Vec<usize>,
+        }
+        let cases = vec![
+            Case {
+                name: "empty",
+                observed: vec![],
+                wanted: vec![],
+                table: 0,
+                add: vec![],
+                delete: vec![],
+            },
+            Case {
+                name: "all new, host bits masked, duplicates dropped",
+                observed: vec![],
+                wanted: vec!["10.1.0.0/24", "10.2.0.7/16", "10.1.0.0/24", "fd00::1/64"],
+                table: 0,
+                add: vec!["10.1.0.0/24", "10.2.0.0/16", "fd00::/64"],
+                delete: vec![],
+            },
+            Case {
+                name: "in sync",
+                observed: vec![
+                    route("10.1.0.0/24", 254, OURS),
+                    route("fd00::/64", 254, OURS),
+                ],
+                wanted: vec!["10.1.0.0/24", "fd00::/64"],
+                table: 254,
+                add: vec![],
+                delete: vec![],
+            },
+            Case {
+                name: "one removed, one added, others' routes untouched",
+                observed: vec![
+                    route("10.1.0.0/24", 254, OURS),
+                    route("10.2.0.0/24", 254, OURS),
+                    route("10.9.0.0/24", 254, STATIC),
+                    route("10.250.0.0/16", 254, KERNEL),
+                ],
+                wanted: vec!["10.1.0.0/24", "10.3.0.0/24"],
+                table: 0,
+                add: vec!["10.3.0.0/24"],
+                delete: vec![1],
+            },
+            Case {
+                name: "someone else's route to a wanted destination counts as present",
+                observed: vec![route("10.250.0.0/16", 254, KERNEL)],
+                wanted: vec!["10.250.0.0/16"],
+                table: 254,
+                add: vec![],
+                delete: vec![],
+            },
+            Case {
+                name: "ours duplicating someone else's is deleted",
+                observed: vec![
+                    route("10.250.0.0/16", 254, OURS),
+                    route("10.250.0.0/16", 254, KERNEL),
+                ],
+                wanted: vec!["10.250.0.0/16"],
+                table: 254,
+                add: vec![],
+                delete: vec![0],
+            },
+            Case {
+                name: "table changed: ours in the old table go, the new table is filled",
+                observed: vec![
+                    route("10.1.0.0/24", 254, OURS),
+                    route("10.1.0.0/24", 51820, OURS),
+                    route("10.5.0.0/24", 100, STATIC),
+                ],
+                wanted: vec!["10.1.0.0/24", "10.2.0.0/24"],
+                table: 51820,
+                add: vec!["10.2.0.0/24"],
+                delete: vec![0],
+            },
+            Case {
+                name: "nothing wanted: all of ours go",
+                observed: vec![
+                    route("10.1.0.0/24", 254, OURS),
+                    route("10.9.0.0/24", 254, STATIC),
+                    route("fd00::/64", 7, OURS),
+                ],
+                wanted: vec![],
+                table: 0,
+                add: vec![],
+                delete: vec![0, 2],
+            },
+        ];
+        for case in cases {
+            let wanted: Vec<IpNet> = case.wanted.iter().map(|s| net(s)).collect();
+            let plan = plan_routes(&case.observed, &wanted, case.table);
+            let add: Vec<IpNet> = case.add.iter().map(|s| net(s)).collect();
+            assert_eq!(plan.add, add, "case {:?}: add", case.name);
+            assert_eq!(plan.delete, case.delete, "case {:?}: delete", case.name);
+        }
+    }
+
+    #[test]
+    fn plan_addresses_table() {
+        /// Name, observed, wanted, to add, to delete.
+        type Case = (
+            &'static str,
+            Vec<&'static str>,
+            Vec<&'static str>,
+            Vec<&'static str>,
+            Vec<usize>,
+        );
+        let cases: Vec<Case> = vec![
+            ("empty", vec![], vec![], vec![], vec![]),
+            (
+                "new",
+                vec![],
+                vec!["10.250.0.3/16", "fd00::3/64"],
+                vec!["10.250.0.3/16", "fd00::3/64"],
+                vec![],
+            ),
+            (
+                "in sync, link-local kept",
+                vec!["10.250.0.3/16", "fe80::1/64"],
+                vec!["10.250.0.3/16"],
+                vec![],
+                vec![],
+            ),
+            (
+                "prefix changed: the old one goes",
+                vec!["10.250.0.3/24", "10.9.9.9/32"],
+                vec!["10.250.0.3/16"],
+                vec!["10.250.0.3/16"],
+                vec![0, 1],
+            ),
+        ];
+        for (name, observed, wanted, add, delete) in cases {
+            let observed: Vec<IpNet> = observed.iter().map(|s| net(s)).collect();
+            let wanted: Vec<IpNet> = wanted.iter().map(|s| net(s)).collect();
+            let plan = plan_addresses(&observed, &wanted);
+            let add: Vec<IpNet> = add.iter().map(|s| net(s)).collect();
+            assert_eq!(plan.add, add, "case {name:?}");
+            assert_eq!(plan.delete, delete, "case {name:?}");
+        }
+    }
+
+    fn rule(family: Family, priority: u32, protocol: u8) -> ObservedRule {
+        ObservedRule {
+            family,
+            priority,
+            fwmark: 0x51820,
+            table: 51820,
+            invert: true,
+            to_table: true,
+            protocol,
+        }
+    }
+
+    #[test]
+    fn plan_rules_table() {
+        let cfg = RuleConfig {
+            priority: 100,
+            fwmark: 0x51820,
+            table: 51820,
+            invert: true,
+        };
+        let main_rule = ObservedRule {
+            family: Family::V4,
+            priority: 32766,
+            fwmark: 0,
+            table: 254,
+            invert: false,
+            to_table: true,
+            protocol: 0,
+        };
+        struct Case {
+            name: &'static str,
+            observed: Vec<ObservedRule>,
+            wanted: Vec<RuleConfig>,
+            families: Vec<Family>,
+            add: Vec<(usize, Family)>,
+            delete: Vec<usize>,
+        }
+        let cases = vec![
+            Case {
+                name: "missing",
+                observed: vec![main_rule.clone()],
+                wanted: vec![cfg.clone()],
+                families: vec![Family::V4, Family::V6],
+                add: vec![(0, Family::V4), (0, Family::V6)],
+                delete: vec![],
+            },
+            Case {
+                name: "present once",
+                observed: vec![main_rule.clone(), rule(Family::V4, 100, OURS)],
+                wanted: vec![cfg.clone()],
+                families: vec![Family::V4],
+                add: vec![],
+                delete: vec![],
+            },
+            Case {
+                name: "duplicates of ours go",
+                observed: vec![rule(Family::V4, 100, OURS), rule(Family::V4, 100, OURS)],
+                wanted: vec![cfg.clone()],
+                families: vec![Family::V4],
+                add: vec![],
+                delete: vec![1],
+            },
+            Case {
+                name: "an identical rule of someone else's counts, ours duplicating it goes",
+                observed: vec![rule(Family::V4, 100, OURS), rule(Family::V4, 100, 0)],
+                wanted: vec![cfg.clone()],
+                families: vec![Family::V4],
+                add: vec![],
+                delete: vec![0],
+            },
+            Case {
+                name: "priority changed",
+                observed: vec![rule(Family::V4, 99, OURS)],
+                wanted: vec![cfg.clone()],
+                families: vec![Family::V4],
+                add: vec![(0, Family::V4)],
+                delete: vec![0],
+            },
+            Case {
+                name: "inversion changed",
+                observed: vec![ObservedRule {
+                    invert: false,
+                    ..rule(Family::V4, 100, OURS)
+                }],
+                wanted: vec![cfg.clone()],
+                families: vec![Family::V4],
+                add: vec![(0, Family::V4)],
+                delete: vec![0],
+            },
+            Case {
+                name: "family no longer used",
+                observed: vec![rule(Family::V4, 100, OURS), rule(Family::V6, 100, OURS)],
+                wanted: vec![cfg.clone()],
+                families: vec![Family::V4],
+                add: vec![],
+                delete: vec![1],
+            },
+            Case {
+                name: "no rule wanted: ours go, others stay",
+                observed: vec![
+                    main_rule.clone(),
+                    rule(Family::V4, 100, OURS),
+                    rule(Family::V6, 100, 0),
+                ],
+                wanted: vec![],
+                families: vec![Family::V4, Family::V6],
+                add: vec![],
+                delete: vec![1],
+            },
+        ];
+        for case in cases {
+            let plan = plan_rules(&case.observed, &case.wanted, &case.families);
+            assert_eq!(plan.add, case.add, "case {:?}: add", case.name);
+            assert_eq!(plan.delete, case.delete, "case {:?}: delete", case.name);
+        }
+    }
+
+    #[test]
+    fn families_and_mtu() {
+        let mut cfg = RoutingConfig {
+            interface: "wgmesh0".into(),
+            addresses: vec![],
+            mtu: None,
+            routes: vec![],
+            table: 0,
+            rules: vec![],
+        };
+        assert_eq!(rule_families(&cfg), vec![Family::V4]);
+        cfg.routes = vec![net("fd00::/64")];
+        assert_eq!(rule_families(&cfg), vec![Family::V6]);
+        cfg.addresses = vec![net("10.0.0.1/16")];
+        assert_eq!(rule_families(&cfg), vec![Family::V4, Family::V6]);
+        assert_eq!(auto_mtu(1500), 1420);
+        assert_eq!(auto_mtu(9000), 8920);
+        assert_eq!(auto_mtu(1300), MIN_AUTO_MTU);
+        assert_eq!(normalize_table(0), 254);
+        assert_eq!(normalize_table(7), 7);
+    }
+}
