@@ -9,6 +9,7 @@ pub mod client;
 pub mod cni;
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod routing;

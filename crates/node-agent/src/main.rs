@@ -6,9 +6,6 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use axum::Router;
-use axum::http::StatusCode;
-use axum::routing::get;
 use clap::Parser;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
@@ -105,27 +102,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Metrics::default();
     let (healthy, healthy_rx) = watch::channel(false);
     let healthy = Arc::new(healthy);
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr).await?;
-    let m = metrics.clone();
-    let app = Router::new()
-        .route("/metrics", get(move || async move { m.render() }))
-        // Liveness: the process serves. Restarting an agent that cannot reach the controller
-        // would not help, so "configured" is readiness (/healthz) only.
-        .route("/livez", get(|| async { "ok" }))
-        .route(
-            "/healthz",
-            get(move || {
-                let ok = *healthy_rx.borrow();
-                async move {
-                    if ok {
-                        (StatusCode::OK, "ok")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not configured yet")
-                    }
-                }
-            }),
-        );
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    wgmesh_agent::http::serve(args.metrics_addr, metrics.clone(), healthy_rx).await?;
 
     let agent = Agent::new(args, key, metrics, healthy).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
