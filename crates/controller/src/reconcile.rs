@@ -307,17 +307,26 @@ pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Compute
     out
 }
 
-/// The Secrets a mesh and its peers reference whose value is unknown: never read, or only
-/// ever failing to read. (A Secret that does not exist is known: missing.)
+/// The Secrets whose value is unknown (never read, or only ever failing to read; a Secret that
+/// does not exist is known: missing) and that the mesh's data plane depends on: the mesh's
+/// own, and those of peers programmed now. A new peer's unknown Secret only keeps that peer
+/// out (as a missing one does), so no peer author can freeze the mesh by naming a Secret.
 fn unknown_secrets(
     mesh: &WireGuardMesh,
     peers: &[Arc<WireGuardPeer>],
     secrets: &Secrets,
 ) -> Vec<SecretKeyRef> {
     let name = mesh.name_any();
+    let programmed = |p: &WireGuardPeer| {
+        p.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == wgmesh_api::condition::READY && c.status == "True")
+        })
+    };
     let of_peers = peers
         .iter()
-        .filter(|p| p.spec.mesh.0 == name)
+        .filter(|p| p.spec.mesh.0 == name && programmed(p))
         .filter_map(|p| p.spec.preshared_key_secret_ref.as_ref());
     let refs: BTreeSet<&SecretKeyRef> = mesh.spec.preshared_key.iter().chain(of_peers).collect();
     refs.into_iter()
