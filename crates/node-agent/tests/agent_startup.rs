@@ -3,6 +3,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+// The namespace helpers are the device crate's: one copy for both crates.
+#[path = "../../device/tests/common/mod.rs"]
 mod common;
 
 use common::{Netns, is_root};

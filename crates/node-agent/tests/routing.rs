@@ -9,6 +9,8 @@
 use ipnet::IpNet;
 use wgmesh_agent::routing::{RouteChanges, Routing, RoutingConfig, RuleConfig};
 
+// The namespace helpers are the device crate's: one copy for both crates.
+#[path = "../../device/tests/common/mod.rs"]
 mod common;
 
 use common::{Netns, NsCmd, is_root};

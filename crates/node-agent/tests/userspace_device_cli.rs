@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+// The namespace helpers are the device crate's: one copy for both crates.
+#[path = "../../device/tests/common/mod.rs"]
 mod common;
 
 use common::{Netns, is_root};

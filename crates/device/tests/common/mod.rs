@@ -1,4 +1,5 @@
-//! What the device's integration tests share: network namespaces that are deleted on drop
+//! What the device's and the agent's integration tests share (the agent includes this file
+//! with `#[path]`): network namespaces that are deleted on drop
 //! (also when a test panics), `ip` inside them, and running code inside them.
 
 // Every test file compiles its own copy and uses a part of it.
