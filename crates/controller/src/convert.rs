@@ -113,11 +113,7 @@ pub fn peer_input(
             .as_ref()
             .map(|t| t.0.as_second())
             .unwrap_or(i64::MAX),
-        previously_programmed: status.is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == wgmesh_api::condition::READY && c.status == "True")
-        }),
+        previously_programmed: is_programmed(peer),
         seniority,
         public_key,
         allowed_ips,
@@ -135,6 +131,15 @@ pub fn peer_input(
         tunnel_addresses: status
             .map(|s| s.addresses.iter().filter_map(|a| a.parse().ok()).collect())
             .unwrap_or_default(),
+    })
+}
+
+/// Whether the peer was programmed when last judged (its `Ready` condition is `True`).
+pub fn is_programmed(peer: &WireGuardPeer) -> bool {
+    peer.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == wgmesh_api::condition::READY && c.status == "True")
     })
 }
 

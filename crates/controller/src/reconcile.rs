@@ -317,16 +317,9 @@ fn unknown_secrets(
     secrets: &Secrets,
 ) -> Vec<SecretKeyRef> {
     let name = mesh.name_any();
-    let programmed = |p: &WireGuardPeer| {
-        p.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == wgmesh_api::condition::READY && c.status == "True")
-        })
-    };
     let of_peers = peers
         .iter()
-        .filter(|p| p.spec.mesh.0 == name && programmed(p))
+        .filter(|p| p.spec.mesh.0 == name && convert::is_programmed(p))
         .filter_map(|p| p.spec.preshared_key_secret_ref.as_ref());
     let refs: BTreeSet<&SecretKeyRef> = mesh.spec.preshared_key.iter().chain(of_peers).collect();
     refs.into_iter()

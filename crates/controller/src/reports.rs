@@ -60,8 +60,9 @@ impl Reports {
         });
     }
 
-    /// How many nodes' reports are kept, over all meshes (for tests and metrics).
-    pub fn reporting_nodes(&self) -> usize {
+    /// How many nodes' reports are kept, over all meshes.
+    #[cfg(test)]
+    fn reporting_nodes(&self) -> usize {
         let by_mesh = self.by_mesh.lock().expect("reports lock");
         by_mesh.values().map(HashMap::len).sum()
     }
