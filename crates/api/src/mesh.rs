@@ -114,10 +114,34 @@ pub struct WireGuardMeshSpec {
     #[serde(default)]
     pub disabled: bool,
 
+    /// Strict mode (the default): pod traffic to mesh destinations is dropped, never sent in
+    /// plaintext, whenever the tunnel cannot carry it (the agent starting, stopped, crashed or
+    /// upgrading; a peer not yet programmed). `false` lets such traffic fall back to the
+    /// node's other routes unencrypted: for add-on users who prefer plaintext over an outage.
+    #[serde(default = "default_strict")]
+    pub strict: bool,
+
+    /// The cluster's pod networks (the `--cluster-cidr` of kube-controller-manager, or your
+    /// CNI's pools). In strict mode an address in them that no peer covers yet, such as a
+    /// node's that joined before every agent got the update, is dropped rather than sent in
+    /// plaintext. Each node's own pod CIDRs stay local. Absent: only known peers' networks are
+    /// protected.
+    #[serde(
+        rename = "clusterCIDRs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(length(max = 8))]
+    pub cluster_cidrs: Vec<CidrString>,
+
     /// Free text for humans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub comment: Option<String>,
+}
+
+fn default_strict() -> bool {
+    true
 }
 
 /// A key of a Secret. Our objects are cluster-scoped, so the namespace is always explicit.
@@ -227,6 +251,8 @@ impl Default for WireGuardMeshSpec {
             preshared_key: None,
             fwmark: None,
             disabled: false,
+            strict: true,
+            cluster_cidrs: Vec::new(),
             comment: None,
         }
     }

@@ -363,6 +363,8 @@ pub fn settings_of(mesh: &WireGuardMesh) -> pb::MeshSettings {
             .unwrap_or(0),
         tunnel_cidrs: spec.tunnel_cidrs.iter().map(|c| c.0.clone()).collect(),
         disabled: spec.disabled,
+        plaintext_fallback: !spec.strict,
+        cluster_cidrs: spec.cluster_cidrs.iter().map(|c| c.0.clone()).collect(),
     }
 }
 

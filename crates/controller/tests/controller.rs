@@ -718,6 +718,7 @@ async fn a_forwarded_report_needs_the_replica_certificate_not_just_the_ca() -> R
                 tx_bytes: 1,
                 endpoint: "192.168.0.2:51820".into(),
             }],
+            ..Default::default()
         });
         req.metadata_mut()
             .insert("x-wgmesh-forwarded", "1".parse().expect("metadata"));

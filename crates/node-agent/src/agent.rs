@@ -334,6 +334,7 @@ impl Agent {
             node: self.args.node.clone(),
             mesh: self.args.mesh.clone(),
             peers: peers.clone(),
+            ..Default::default()
         });
         client.grpc().report_status(req).await?;
         self.last_report = peers;

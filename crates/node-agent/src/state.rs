@@ -372,6 +372,7 @@ mod tests {
                 }),
                 tunnel_addresses: vec!["10.250.0.1/16".into()],
                 pod_cidrs: vec!["10.244.1.0/24".into()],
+                ..Default::default()
             })),
         };
         d.apply(&snapshot).unwrap();

@@ -295,6 +295,7 @@ mod tests {
             node: "n".into(),
             mesh: "m".into(),
             peers,
+            ..Default::default()
         };
         assert!(report(&req(vec![peer(vec![1; 32])])).is_ok());
         assert!(report(&req(vec![peer(vec![1; 33])])).is_err());

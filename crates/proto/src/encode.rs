@@ -6,7 +6,7 @@
 use wgmesh_core::desired::{DesiredPeer, Member};
 use wgmesh_core::node_config::{NodeConfig, NodeUpdate};
 
-use crate::{MeshSettings, Peer, PeerDelta, PeerSnapshot, PeerUpdate, peer_update};
+use crate::{Departure, MeshSettings, Peer, PeerDelta, PeerSnapshot, PeerUpdate, peer_update};
 
 /// A peer as the node of `view` programs it.
 pub fn peer(peer: &DesiredPeer, view: &NodeConfig<MeshSettings>) -> Peer {
@@ -50,7 +50,19 @@ pub fn snapshot(view: &NodeConfig<MeshSettings>) -> PeerSnapshot {
         mesh: view.settings.as_deref().cloned(),
         tunnel_addresses: tunnel_addresses(view.member.as_ref()),
         pod_cidrs: pod_cidrs(view.member.as_ref()),
+        // Not a leaving instruction: the agent keeps what it has.
+        departure: if view.member.is_some() {
+            Departure::Unspecified
+        } else {
+            Departure::NotRegistered
+        } as i32,
+        members: members(view),
     }
+}
+
+/// How many nodes are members of the mesh at this view's revision.
+fn members(view: &NodeConfig<MeshSettings>) -> u32 {
+    u32::try_from(view.desired.members.len()).unwrap_or(u32::MAX)
 }
 
 /// The stream message for `update`, taking the node to `view`.
@@ -77,6 +89,7 @@ pub fn peer_update(
             } else {
                 Vec::new()
             },
+            members: members(view),
         }),
     };
     PeerUpdate {

@@ -116,6 +116,7 @@ impl SimAgent {
             node: self.node.clone(),
             mesh: self.mesh.clone(),
             peers,
+            ..Default::default()
         });
         self.client.report_status(req).await?;
         Ok(())
