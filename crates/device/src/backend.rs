@@ -126,8 +126,18 @@ impl Device {
         }
     }
 
+    /// Makes the interface outlive the process: a kernel link always does; the userspace
+    /// device's TUN becomes persistent, so its addresses and routes stay (and drop traffic)
+    /// while no process serves it, and the next one attaches to it.
+    pub fn keep_after_exit(&self) -> Result<(), Error> {
+        match self {
+            Device::Kernel(_) => Ok(()),
+            Device::Userspace(d) => d.set_persistent(true),
+        }
+    }
+
     /// Stops the agent's hold on the device: a kernel link stays (and keeps forwarding), the
-    /// userspace device stops and its interface disappears.
+    /// userspace device stops; its interface disappears unless it was made persistent.
     pub fn shutdown(self) {
         match self {
             Device::Kernel(d) => drop(d),
@@ -135,14 +145,12 @@ impl Device {
         }
     }
 
-    /// Removes the device: deletes the kernel link, or stops the userspace device.
+    /// Removes the device: deletes the kernel link, or stops the userspace device and
+    /// removes its interface (persistent or not).
     pub async fn delete(self) -> Result<(), Error> {
         match self {
             Device::Kernel(d) => d.delete().await,
-            Device::Userspace(d) => {
-                d.shutdown();
-                Ok(())
-            }
+            Device::Userspace(d) => d.delete(),
         }
     }
 }

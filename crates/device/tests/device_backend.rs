@@ -194,3 +194,50 @@ async fn exercise_kernel_device(device: Device, ns: &str) {
     let (exists, _) = ip(ns, &["link", "show", &name]);
     assert!(!exists, "the kernel link is deleted");
 }
+
+/// A userspace device made persistent outlives the process's hold on it: its interface, its
+/// address and the routes through it stay (a crashed or upgrading agent leaves no gap for
+/// plaintext), the next device attaches to the same interface, and `delete` removes it.
+#[test]
+fn a_persistent_userspace_device_outlives_its_process() {
+    if !is_root("device backend") {
+        return;
+    }
+    let ns = Netns::new("wgm-dev-persist");
+    let cmd = ns.cmd();
+    ns.run(move || async move {
+        let key = PrivateKey::generate();
+        let device = Device::open(Requested::Userspace, config("wgp0", &key))
+            .await
+            .expect("userspace device");
+        device.keep_after_exit().expect("persistent");
+        cmd.ip(&["address", "add", "10.250.0.1/16", "dev", "wgp0"]);
+        cmd.ip(&["link", "set", "wgp0", "up"]);
+        cmd.ip(&["route", "add", "10.244.2.0/24", "dev", "wgp0"]);
+        let index = cmd.ip(&["-o", "link", "show", "wgp0"]);
+        device.shutdown();
+
+        let (exists, _) = cmd.try_ip(&["link", "show", "wgp0"]);
+        assert!(exists, "the persistent interface stays after shutdown");
+        let routes = cmd.ip(&["route", "show", "10.244.2.0/24"]);
+        assert!(routes.contains("dev wgp0"), "its routes stay: {routes}");
+
+        let again = Device::open(Requested::Userspace, config("wgp0", &key))
+            .await
+            .expect("attaching to the persistent interface");
+        let index_again = cmd.ip(&["-o", "link", "show", "wgp0"]);
+        assert_eq!(
+            index.split(':').next(),
+            index_again.split(':').next(),
+            "the same interface (ifindex)"
+        );
+        assert!(
+            cmd.ip(&["address", "show", "dev", "wgp0"])
+                .contains("10.250.0.1/16"),
+            "its address kept"
+        );
+        again.delete().await.expect("delete");
+        let (exists, _) = cmd.try_ip(&["link", "show", "wgp0"]);
+        assert!(!exists, "delete removes a persistent interface");
+    });
+}

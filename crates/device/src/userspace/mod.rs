@@ -234,6 +234,25 @@ impl UserspaceDevice {
         self.stop();
     }
 
+    /// Whether the interface (with its addresses and routes) outlives this device: see
+    /// [`UserspaceDevice::delete`] for removing a persistent one.
+    pub fn set_persistent(&self, persistent: bool) -> Result<(), Error> {
+        self.inner
+            .tun
+            .set_persistent(persistent)
+            .map_err(|source| Error::Tun {
+                name: self.inner.name.clone(),
+                source,
+            })
+    }
+
+    /// Stops the device and removes its interface, persistent or not.
+    pub fn delete(self) -> Result<(), Error> {
+        let persistent = self.set_persistent(false);
+        self.shutdown();
+        persistent
+    }
+
     fn stop(&mut self) {
         self.inner.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {

@@ -1,4 +1,4 @@
-//! The TUN interface: the only place in the device that needs `unsafe` (two ioctls).
+//! The TUN interface: the only place in the device that needs `unsafe` (three ioctls).
 
 #![allow(unsafe_code)]
 
@@ -23,7 +23,7 @@ const _: () = assert!(std::mem::size_of::<IfReqFlags>() >= std::mem::size_of::<l
 
 /// An open layer-3 TUN interface without packet information headers, but with a virtio-net
 /// header before every packet read or written (see `offload`). The interface exists as long
-/// as this value (its file descriptor) lives.
+/// as this value (its file descriptor) lives, unless it is made persistent.
 #[derive(Debug)]
 pub(crate) struct Tun {
     file: File,
@@ -82,6 +82,26 @@ impl Tun {
             );
         }
         Ok(Tun { file })
+    }
+
+    /// Whether the interface outlives its last descriptor. A persistent TUN keeps its
+    /// addresses and the routes through it after our process exits (crashed, upgraded): the
+    /// kernel then drops what is routed to it, so mesh traffic never falls back to another
+    /// route in plaintext, and the next process attaches to it by name.
+    pub(crate) fn set_persistent(&self, persistent: bool) -> io::Result<()> {
+        // SAFETY: the descriptor is open and owned by `self.file`. TUNSETPERSIST takes its
+        // argument by value (0 or 1) and touches no memory of ours.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETPERSIST,
+                libc::c_ulong::from(persistent),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Reads one virtio-net header and its packet; `WouldBlock` when none is waiting.
