@@ -126,13 +126,14 @@ impl Device {
         }
     }
 
-    /// Makes the interface outlive the process: a kernel link always does; the userspace
-    /// device's TUN becomes persistent, so its addresses and routes stay (and drop traffic)
-    /// while no process serves it, and the next one attaches to it.
-    pub fn keep_after_exit(&self) -> Result<(), Error> {
+    /// Whether the interface outlives the process. A kernel link always does. With `keep`,
+    /// the userspace device's TUN becomes persistent, so its addresses and routes stay (and
+    /// drop traffic) while no process serves it, and the next one attaches to it; without,
+    /// it goes with the process.
+    pub fn keep_after_exit(&self, keep: bool) -> Result<(), Error> {
         match self {
             Device::Kernel(_) => Ok(()),
-            Device::Userspace(d) => d.set_persistent(true),
+            Device::Userspace(d) => d.set_persistent(keep),
         }
     }
 

@@ -210,7 +210,7 @@ fn a_persistent_userspace_device_outlives_its_process() {
         let device = Device::open(Requested::Userspace, config("wgp0", &key))
             .await
             .expect("userspace device");
-        device.keep_after_exit().expect("persistent");
+        device.keep_after_exit(true).expect("persistent");
         cmd.ip(&["address", "add", "10.250.0.1/16", "dev", "wgp0"]);
         cmd.ip(&["link", "set", "wgp0", "up"]);
         cmd.ip(&["route", "add", "10.244.2.0/24", "dev", "wgp0"]);

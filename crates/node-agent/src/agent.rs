@@ -16,9 +16,11 @@ use crate::config::{NetworkArgs, NetworkMode, RunArgs};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::metrics::Metrics;
-use crate::routing::{Routing, RoutingConfig, RuleConfig};
+use crate::routing::{Routing, RoutingConfig, RuleConfig, sparing};
+use crate::saved;
 use crate::state::{
-    DEFAULT_LISTEN_PORT, Desired, device_changes, peer_config, requested_backend, wire_backend,
+    DEFAULT_LISTEN_PORT, Desired, Verdict, device_changes, peer_config, requested_backend, verdict,
+    wire_backend,
 };
 use wgmesh_device::Device;
 use wgmesh_device::{DeviceChange, InterfaceConfig, PeerConfig};
@@ -36,10 +38,19 @@ pub struct Agent {
     key: PrivateKey,
     device: Option<Device>,
     routing: Routing,
+    /// The mesh as the controller last described it (what stream resumption builds on).
     desired: Desired,
+    /// What is programmed on the node: `desired`, unless the agent refused it.
+    programmed: Desired,
+    /// Why the last update was not programmed; empty once one is.
+    refused: String,
+    /// Set once the node left the mesh as it said, until it is a member again.
+    departed: pb::Departure,
+    /// Addresses of the controller, kept reachable over the underlay whatever the mesh says.
+    controller_addresses: Vec<std::net::IpAddr>,
     metrics: Metrics,
-    /// The last status sent, to report only meaningful changes.
-    last_report: Vec<pb::PeerStatus>,
+    /// The last report sent, to report only meaningful changes.
+    last_report: Option<pb::ReportStatusRequest>,
     healthy: Arc<watch::Sender<bool>>,
 }
 
@@ -56,14 +67,22 @@ impl Agent {
             device: None,
             routing: Routing::new().await?,
             desired: Desired::default(),
+            programmed: Desired::default(),
+            refused: String::new(),
+            departed: pb::Departure::Unspecified,
+            controller_addresses: Vec::new(),
             metrics,
-            last_report: Vec::new(),
+            last_report: None,
             healthy,
         })
     }
 
-    /// Runs until the process is told to stop. Never touches the data plane on errors.
+    /// Runs until the process is told to stop. Never touches the data plane on errors, and
+    /// never on stopping: the interface, its routes and the guards stay (a SIGTERM cannot be
+    /// told from an upgrade); only the mesh ends a node's membership.
     pub async fn run(mut self) -> Result<()> {
+        self.controller_addresses = controller_addresses(&self.args.controller).await;
+        self.restore().await;
         let mut backoff = BACKOFF_MIN;
         loop {
             let started = std::time::Instant::now();
@@ -85,32 +104,19 @@ impl Agent {
     async fn session(&mut self) -> Result<()> {
         let mut client = ControllerClient::connect(&self.args).await?;
         let port = self.desired.listen_port();
-        let mut response = self.register(&mut client, port).await?;
+        let response = self.register(&mut client, port).await?;
         let settings = response.mesh.clone().unwrap_or_default();
         if settings.listen_port != 0 && settings.listen_port != port {
             // First start: we only now know the mesh's port; say it again so our endpoint is right.
-            response = self.register(&mut client, settings.listen_port).await?;
+            self.register(&mut client, settings.listen_port).await?;
+        }
+        if self.desired.settings.is_none() {
+            // Only for the port we register with until the stream's first message.
+            self.desired.settings = response.mesh;
         }
         tracing::info!(node = %self.args.node, mesh = %self.args.mesh, public_key = %self.key.public_key(), "registered");
-        if let Some(settings) = &response.mesh {
-            self.desired.settings = Some(settings.clone());
-        }
-        if let Ok(cidrs) = crate::state::parse_pod_cidrs(&response.pod_cidrs)
-            && !cidrs.is_empty()
-        {
-            self.desired.pod_cidrs = cidrs;
-        }
-        if let Ok(addresses) = response
-            .tunnel_addresses
-            .iter()
-            .map(|a| a.parse())
-            .collect::<Result<Vec<_>, _>>()
-            && !addresses.is_empty()
-        {
-            self.desired.addresses = addresses;
-        }
-        self.ensure_device().await?;
-        self.reconcile().await?;
+        // Nothing is programmed from the registration alone: the stream's first message is
+        // the whole view, and until it arrives what is programmed (or was saved) stays.
 
         let req = client.request(pb::WatchPeersRequest {
             node: self.args.node.clone(),
@@ -144,8 +150,18 @@ impl Agent {
                         self.rotate_key(&mut client, &update.rotate_key_request).await?;
                     }
                     self.metrics.update_received();
-                    self.ensure_device().await?;
-                    self.reconcile().await?;
+                    match verdict(&self.programmed, &self.desired) {
+                        Verdict::Program => self.program(self.desired.clone()).await?,
+                        Verdict::Leave(reason) => self.leave(reason).await?,
+                        Verdict::Refuse(why) => {
+                            if why != self.refused {
+                                tracing::warn!(reason = %why, "refusing an update that would wipe the data plane; keeping what is programmed");
+                                self.metrics.update_refused();
+                            }
+                            self.refused = why;
+                        }
+                    }
+                    self.report(&mut client).await?;
                 }
                 _ = tick.tick() => self.report(&mut client).await?,
             }
@@ -190,9 +206,106 @@ impl Agent {
         Ok(client.grpc().register(req).await?.into_inner())
     }
 
+    /// Programs the saved configuration of the last run, before the controller is reached:
+    /// a restarted userspace device gets its tunnels back (a kernel one still has them) even
+    /// while the controller is down. Failures are logged; the controller's view follows.
+    async fn restore(&mut self) {
+        let Some(saved) = saved::load(&self.args.mesh_state_dir()) else {
+            return;
+        };
+        tracing::info!(
+            peers = saved.peers.len(),
+            revision = saved.revision,
+            "programming the configuration saved by the last run"
+        );
+        self.desired = saved.clone();
+        if let Err(e) = self.program(saved).await {
+            tracing::warn!(error = %e, "could not program the saved configuration; waiting for the controller");
+        }
+    }
+
+    /// Makes the node what `next` describes (device, routes and guards, CNI configuration),
+    /// then remembers and saves it as programmed.
+    async fn program(&mut self, next: Desired) -> Result<()> {
+        if next.settings.as_ref().is_some_and(|s| s.disabled) {
+            tracing::info!("the mesh is disabled: keeping the interface as it is");
+            return Ok(());
+        }
+        self.ensure_device(next.settings.as_ref()).await?;
+        self.reconcile(&next).await?;
+        self.refused.clear();
+        if next.is_member() {
+            self.departed = pb::Departure::Unspecified;
+        }
+        let dir = self.args.mesh_state_dir();
+        saved::save(&dir, &next).map_err(|source| Error::Write {
+            path: saved::path(&dir).display().to_string(),
+            source,
+        })?;
+        self.programmed = next;
+        Ok(())
+    }
+
+    /// The mesh ended this node's membership: removes the device, our routes, guards and
+    /// rules, the CNI configuration and the saved configuration. The key stays, for a later
+    /// return.
+    async fn leave(&mut self, reason: pb::Departure) -> Result<()> {
+        if self.departed == reason && self.device.is_none() {
+            return Ok(());
+        }
+        tracing::info!(
+            reason = reason.as_str_name(),
+            "the mesh ended this node's membership; removing its data path"
+        );
+        let settings = self
+            .programmed
+            .settings
+            .clone()
+            .or_else(|| self.desired.settings.clone())
+            .unwrap_or_default();
+        let interface = if settings.interface_name.is_empty() {
+            wgmesh_api_default_interface()
+        } else {
+            settings.interface_name.clone()
+        };
+        if let Some(device) = self.device.take() {
+            device.delete().await?;
+        }
+        let routing = routing_config(
+            &self.args.network,
+            &settings,
+            &interface,
+            &Desired::default(),
+            &[],
+        );
+        self.routing
+            .cleanup(&interface, self.args.network.route_table, &routing.rules)
+            .await?;
+        if self.args.network.network_mode == NetworkMode::Cni {
+            let dir = &self.args.network.cni_conf_dir;
+            crate::cni::remove_conflist(dir).map_err(|source| Error::Write {
+                path: crate::cni::conflist_path(dir).display().to_string(),
+                source,
+            })?;
+        }
+        let dir = self.args.mesh_state_dir();
+        saved::remove(&dir).map_err(|source| Error::Write {
+            path: saved::path(&dir).display().to_string(),
+            source,
+        })?;
+        self.programmed = Desired {
+            departure: reason,
+            ..Desired::default()
+        };
+        self.refused.clear();
+        self.departed = reason;
+        self.metrics.set_peers(0);
+        Ok(())
+    }
+
     /// Creates the device on first use with the mesh's interface settings.
-    async fn ensure_device(&mut self) -> Result<()> {
-        let Some(settings) = self.desired.settings.clone() else {
+    async fn ensure_device(&mut self, settings: Option<&pb::MeshSettings>) -> Result<()> {
+        let Some(settings) = settings.cloned() else {
             return Ok(());
         };
         if let Some(device) = &self.device {
@@ -218,18 +331,18 @@ impl Agent {
         Ok(())
     }
 
-    /// Applies the difference between the device and what is wanted, then the routes.
-    async fn reconcile(&mut self) -> Result<()> {
+    /// Applies the difference between the device and `desired`, then the routes and guards.
+    async fn reconcile(&mut self, desired: &Desired) -> Result<()> {
         let Some(device) = &self.device else {
             return Ok(());
         };
-        let settings = self.desired.settings.clone().unwrap_or_default();
-        if settings.disabled {
-            tracing::info!("the mesh is disabled: keeping the interface as it is");
-            return Ok(());
-        }
-        let mut wanted: Vec<PeerConfig> = Vec::with_capacity(self.desired.peers.len());
-        for (key, peer) in &self.desired.peers {
+        let settings = desired.settings.clone().unwrap_or_default();
+        // Strict: the interface and its routes outlive this process (a crash or an upgrade
+        // leaves them dropping traffic, not sending it in plaintext). Plaintext fallback: a
+        // userspace interface goes with the process, and the node's other routes take over.
+        device.keep_after_exit(!settings.plaintext_fallback)?;
+        let mut wanted: Vec<PeerConfig> = Vec::with_capacity(desired.peers.len());
+        for (key, peer) in &desired.peers {
             wanted.push(peer_config(peer, *key, resolve(&peer.endpoint).await));
         }
         let observed = device.observe().await?;
@@ -245,18 +358,27 @@ impl Agent {
             tracing::info!(
                 changes = changes.len(),
                 peers = wanted.len(),
-                revision = self.desired.revision,
+                revision = desired.revision,
                 "updating the device"
             );
             device.apply(&changes).await?;
         }
-        let routing = routing_config(&self.args.network, &settings, device.name(), &self.desired);
+        let mut keep_reachable = self.routing.underlay_addresses().await?;
+        keep_reachable.extend(self.args.endpoint_address.iter().copied());
+        keep_reachable.extend(self.controller_addresses.iter().copied());
+        let routing = routing_config(
+            &self.args.network,
+            &settings,
+            device.name(),
+            desired,
+            &keep_reachable,
+        );
         let changed = self.routing.sync(&routing).await?;
         if !changed.is_empty() {
             tracing::info!(?changed, "routes updated");
         }
         if self.args.network.network_mode == NetworkMode::Cni {
-            self.write_cni_config(&settings).await?;
+            self.write_cni_config(&settings, desired).await?;
         }
         self.metrics.set_peers(wanted.len());
         self.healthy.send_replace(true);
@@ -264,8 +386,8 @@ impl Agent {
     }
 
     /// CNI mode: the node's conflist, once the controller has told us the pod CIDRs.
-    async fn write_cni_config(&self, settings: &pb::MeshSettings) -> Result<()> {
-        if self.desired.pod_cidrs.is_empty() {
+    async fn write_cni_config(&self, settings: &pb::MeshSettings, desired: &Desired) -> Result<()> {
+        if desired.pod_cidrs.is_empty() {
             tracing::warn!(node = %self.args.node, "CNI mode, but the Node has no pod CIDRs yet: no CNI configuration written");
             return Ok(());
         }
@@ -274,7 +396,7 @@ impl Agent {
             m => m,
         };
         let net = &self.args.network;
-        let conflist = crate::cni::conflist(&self.desired.pod_cidrs, mtu, &net.cni_bridge);
+        let conflist = crate::cni::conflist(&desired.pod_cidrs, mtu, &net.cni_bridge);
         let path = crate::cni::conflist_path(&net.cni_conf_dir);
         let written =
             crate::cni::write_conflist(&net.cni_conf_dir, &conflist).map_err(|source| {
@@ -284,7 +406,7 @@ impl Agent {
                 }
             })?;
         if written {
-            tracing::info!(path = %path.display(), pod_cidrs = ?self.desired.pod_cidrs, mtu, "CNI configuration written");
+            tracing::info!(path = %path.display(), pod_cidrs = ?desired.pod_cidrs, mtu, "CNI configuration written");
         }
         Ok(())
     }
@@ -292,10 +414,10 @@ impl Agent {
     /// Reports per-peer observations when they changed meaningfully (handshake, endpoint or
     /// traffic); a quiet mesh sends nothing.
     async fn report(&mut self, client: &mut ControllerClient) -> Result<()> {
-        let Some(device) = &self.device else {
-            return Ok(());
+        let state = match &self.device {
+            Some(device) => Some(device.observe().await?),
+            None => None,
         };
-        let state = device.observe().await?;
         let names: BTreeMap<PublicKey, &str> = self
             .desired
             .peers
@@ -303,8 +425,8 @@ impl Agent {
             .map(|(k, p)| (*k, p.name.as_str()))
             .collect();
         let peers: Vec<pb::PeerStatus> = state
-            .peers
             .iter()
+            .flat_map(|s| s.peers.iter())
             .map(|p| {
                 self.metrics.observe_peer(
                     names
@@ -327,19 +449,67 @@ impl Agent {
                 }
             })
             .collect();
-        if peers == self.last_report {
-            return Ok(());
-        }
-        let req = client.request(pb::ReportStatusRequest {
+        let report = pb::ReportStatusRequest {
             node: self.args.node.clone(),
             mesh: self.args.mesh.clone(),
-            peers: peers.clone(),
-            ..Default::default()
-        });
+            peers,
+            programmed_epoch: self.programmed.epoch.clone(),
+            programmed_revision: self.programmed.revision,
+            departed: self.departed as i32,
+            refused_update: self.refused.clone(),
+        };
+        if !worth_reporting(self.last_report.as_ref(), &report) {
+            return Ok(());
+        }
+        let req = client.request(report.clone());
         client.grpc().report_status(req).await?;
-        self.last_report = peers;
+        self.last_report = Some(report);
         Ok(())
     }
+}
+
+/// Whether a report says something new: peers observed differently, a refusal or a departure
+/// changed, or the node got its first programmed configuration from this controller. A new
+/// revision alone is not news (thousands of agents would answer every change).
+fn worth_reporting(last: Option<&pb::ReportStatusRequest>, now: &pb::ReportStatusRequest) -> bool {
+    let Some(last) = last else {
+        return true;
+    };
+    last.peers != now.peers
+        || last.departed != now.departed
+        || last.refused_update != now.refused_update
+        || last.programmed_epoch != now.programmed_epoch
+        || (last.programmed_revision == 0) != (now.programmed_revision == 0)
+}
+
+/// The controller's addresses, from its URL (resolved if it is a name), so that routing never
+/// takes them into the mesh or blackholes them.
+async fn controller_addresses(url: &str) -> Vec<std::net::IpAddr> {
+    let Ok(uri) = url.parse::<tonic::transport::Uri>() else {
+        return Vec::new();
+    };
+    let Some(host) = uri.host() else {
+        return Vec::new();
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse() {
+        return vec![ip];
+    }
+    let port = uri.port_u16().unwrap_or(443);
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::lookup_host((host, port)),
+    )
+    .await
+    {
+        Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The interface name when nothing better is known.
+fn wgmesh_api_default_interface() -> String {
+    "wgmesh0".to_owned()
 }
 
 /// `ip:port` or `[v6]:port` directly; `host:port` through the resolver. Unresolvable: none
@@ -375,11 +545,18 @@ fn jitter(d: Duration) -> Duration {
 /// table, where the other CNI's plaintext routes to the same pod CIDRs are; when the mesh
 /// marks its encrypted packets, they are exempt (`not fwmark`), which keeps a peer whose
 /// allowed IPs cover its own endpoint from looping.
+///
+/// Strict meshes (the default) also get guards: a blackhole behind every network the mesh
+/// protects (peers' allowed IPs, the tunnel pools, the cluster's pod networks), so that
+/// whatever happens to the interface that traffic is dropped rather than sent elsewhere in
+/// plaintext; the node's own pod CIDRs stay local. Nothing containing an address in
+/// `keep_reachable` (the underlay, the controller) is ever routed into the mesh or guarded.
 pub fn routing_config(
     net: &NetworkArgs,
     settings: &pb::MeshSettings,
     interface: &str,
     desired: &Desired,
+    keep_reachable: &[std::net::IpAddr],
 ) -> RoutingConfig {
     let mut rules = Vec::new();
     if settings.fwmark != 0 && settings.fwmark_table != 0 {
@@ -402,13 +579,43 @@ pub fn routing_config(
             net.route_table
         }
     };
+    let (routes, refused) = sparing(&desired.routes(), keep_reachable);
+    if !refused.is_empty() {
+        tracing::warn!(
+            ?refused,
+            "not routing into the mesh what covers the underlay or the controller"
+        );
+    }
+    let guards = if settings.plaintext_fallback || !desired.is_member() {
+        Vec::new()
+    } else {
+        let mut protected = routes.clone();
+        protected.extend(
+            settings
+                .tunnel_cidrs
+                .iter()
+                .chain(&settings.cluster_cidrs)
+                .filter_map(|c| c.parse::<ipnet::IpNet>().ok())
+                .map(|n| n.trunc()),
+        );
+        let (guards, refused) = sparing(&protected, keep_reachable);
+        if !refused.is_empty() {
+            tracing::warn!(
+                ?refused,
+                "not guarding what covers the underlay or the controller"
+            );
+        }
+        guards
+    };
     RoutingConfig {
         interface: interface.to_owned(),
         addresses: desired.addresses.clone(),
         mtu: (settings.mtu != 0).then_some(settings.mtu),
-        routes: desired.routes(),
+        routes,
         table,
         rules,
+        guards,
+        local: desired.pod_cidrs.clone(),
     }
 }
 
@@ -463,7 +670,13 @@ mod tests {
                 fwmark_table: case.fwmark.1,
                 ..Default::default()
             };
-            let cfg = routing_config(&net(case.mode), &settings, "wgmesh0", &Desired::default());
+            let cfg = routing_config(
+                &net(case.mode),
+                &settings,
+                "wgmesh0",
+                &Desired::default(),
+                &[],
+            );
             assert_eq!(cfg.table, case.table, "{} {:?}", case.mode, case.fwmark);
             let rules: Vec<_> = cfg
                 .rules

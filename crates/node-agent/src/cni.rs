@@ -73,6 +73,15 @@ pub fn write_conflist(dir: &Path, content: &Value) -> io::Result<bool> {
     Ok(true)
 }
 
+/// Removes our conflist (the node left the mesh); true if there was one.
+pub fn remove_conflist(dir: &Path) -> io::Result<bool> {
+    match std::fs::remove_file(conflist_path(dir)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 pub fn conflist_path(dir: &Path) -> PathBuf {
     dir.join(CONFLIST_FILE)
 }

@@ -13,4 +13,5 @@ pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod routing;
+pub mod saved;
 pub mod state;

@@ -21,6 +21,7 @@ struct Inner {
     connected: Gauge,
     peers: Gauge,
     updates: Counter,
+    refused: Counter,
     rx: Family<PeerLabel, Gauge>,
     tx: Family<PeerLabel, Gauge>,
     handshake: Family<PeerLabel, Gauge>,
@@ -30,6 +31,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let (connected, peers, updates) = (Gauge::default(), Gauge::default(), Counter::default());
         let (rx, tx, handshake) = (Family::default(), Family::default(), Family::default());
+        let refused = Counter::default();
         let mut registry = Registry::with_prefix("wgmesh_agent");
         registry.register(
             "controller_connected",
@@ -41,6 +43,11 @@ impl Default for Metrics {
             "updates",
             "Peer updates received from the controller",
             updates.clone(),
+        );
+        registry.register(
+            "refused_updates",
+            "Updates not programmed because they would have wiped the data plane without the mesh saying so",
+            refused.clone(),
         );
         registry.register("peer_rx_bytes", "Bytes received from a peer", rx.clone());
         registry.register("peer_tx_bytes", "Bytes sent to a peer", tx.clone());
@@ -55,6 +62,7 @@ impl Default for Metrics {
                 connected,
                 peers,
                 updates,
+                refused,
                 rx,
                 tx,
                 handshake,
@@ -72,6 +80,9 @@ impl Metrics {
     }
     pub fn update_received(&self) {
         self.inner.updates.inc();
+    }
+    pub fn update_refused(&self) {
+        self.inner.refused.inc();
     }
     pub fn observe_peer(&self, name: &str, rx: u64, tx: u64, handshake: Option<SystemTime>) {
         let label = vec![("peer", name.to_owned())];

@@ -24,6 +24,55 @@ pub struct Desired {
     /// The Node's pod CIDRs (used in CNI mode).
     pub pod_cidrs: Vec<IpNet>,
     pub peers: BTreeMap<PublicKey, pb::Peer>,
+    /// Why the node is not a member, from the last snapshot (unspecified while it is one).
+    pub departure: pb::Departure,
+    /// How many nodes are members of the mesh (0: not said).
+    pub members: u32,
+}
+
+/// What the agent does with a new view of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Program it on the node.
+    Program,
+    /// The mesh says this node leaves it: remove the data path (interface, routes, rules,
+    /// CNI configuration, saved configuration). The key stays.
+    Leave(pb::Departure),
+    /// Keep what is programmed: the view would wipe the data plane without the mesh saying
+    /// so (a controller bug, a cache emptied by an API blip). Reported, never applied.
+    Refuse(String),
+}
+
+/// Whether the agent may take the node from `programmed` to `next`. Only the mesh ends a
+/// membership (mesh deleted, Node deleted, Node deselected); a view that drops it for any
+/// other reason, or that leaves a member with no peers while other members exist, is refused.
+pub fn verdict(programmed: &Desired, next: &Desired) -> Verdict {
+    use pb::Departure as D;
+    if !next.is_member() {
+        if matches!(
+            next.departure,
+            D::MeshDeleted | D::NodeDeleted | D::NodeNotSelected
+        ) {
+            return Verdict::Leave(next.departure);
+        }
+        if programmed.is_member() {
+            return Verdict::Refuse(format!(
+                "revision {}: would end this node's membership, but the mesh gives no reason to leave ({})",
+                next.revision,
+                next.departure.as_str_name()
+            ));
+        }
+        return Verdict::Program;
+    }
+    if next.peers.is_empty() && !programmed.peers.is_empty() && next.members > 1 {
+        return Verdict::Refuse(format!(
+            "revision {}: would remove all {} peers while {} members exist",
+            next.revision,
+            programmed.peers.len(),
+            next.members
+        ));
+    }
+    Verdict::Program
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -54,6 +103,8 @@ impl Desired {
                 next.settings = s.mesh.clone();
                 next.addresses = parse_addresses(&s.tunnel_addresses)?;
                 next.pod_cidrs = parse_pod_cidrs(&s.pod_cidrs)?;
+                next.departure = s.departure();
+                next.members = s.members;
             }
             Some(pb::peer_update::Update::Delta(d)) => {
                 for key in &d.removed {
@@ -70,6 +121,9 @@ impl Desired {
                 if !d.pod_cidrs.is_empty() {
                     next.pod_cidrs = parse_pod_cidrs(&d.pod_cidrs)?;
                 }
+                if d.members != 0 {
+                    next.members = d.members;
+                }
             }
             None => return Err(UpdateError::Empty),
         }
@@ -77,6 +131,29 @@ impl Desired {
         next.revision = update.revision;
         *self = next;
         Ok(())
+    }
+
+    /// Whether the node is a member: it has tunnel addresses.
+    pub fn is_member(&self) -> bool {
+        !self.addresses.is_empty()
+    }
+
+    /// The whole view as one stream message: what the agent saves on the node, and reads
+    /// back with [`Desired::apply`] after a restart.
+    pub fn to_snapshot(&self) -> pb::PeerUpdate {
+        pb::PeerUpdate {
+            epoch: self.epoch.clone(),
+            revision: self.revision,
+            rotate_key_request: String::new(),
+            update: Some(pb::peer_update::Update::Snapshot(pb::PeerSnapshot {
+                peers: self.peers.values().cloned().collect(),
+                mesh: self.settings.clone(),
+                tunnel_addresses: self.addresses.iter().map(ToString::to_string).collect(),
+                pod_cidrs: self.pod_cidrs.iter().map(ToString::to_string).collect(),
+                departure: self.departure as i32,
+                members: self.members,
+            })),
+        }
     }
 
     /// The mesh's listen port as far as we know (the WireGuard default before the first
@@ -286,6 +363,139 @@ mod tests {
                 other => format!("{other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn verdict_table() {
+        use pb::Departure as D;
+        let view = |peers: &[u8], member: bool, departure: D, members: u32| Desired {
+            revision: 9,
+            addresses: if member {
+                vec!["10.250.0.1/16".parse().unwrap()]
+            } else {
+                vec![]
+            },
+            peers: peers
+                .iter()
+                .map(|&n| (PublicKey::from_bytes([n; 32]), peer(n, "", &[])))
+                .collect(),
+            departure,
+            members,
+            ..Default::default()
+        };
+        let member3 = view(&[2, 3], true, D::Unspecified, 3);
+        let nothing = Desired::default();
+        let empty_member = view(&[], true, D::Unspecified, 3);
+        let leave = |d| Verdict::Leave(d);
+        let refuse = Verdict::Refuse;
+        // name, programmed, next, expected
+        let cases: Vec<(&str, &Desired, Desired, Verdict)> = vec![
+            (
+                "a member's change",
+                &member3,
+                view(&[2, 4], true, D::Unspecified, 3),
+                Verdict::Program,
+            ),
+            (
+                "the first snapshot",
+                &nothing,
+                view(&[2, 3], true, D::Unspecified, 3),
+                Verdict::Program,
+            ),
+            (
+                "not registered yet, nothing programmed",
+                &nothing,
+                view(&[], false, D::NotRegistered, 3),
+                Verdict::Program,
+            ),
+            (
+                "mesh deleted",
+                &member3,
+                view(&[], false, D::MeshDeleted, 0),
+                leave(D::MeshDeleted),
+            ),
+            (
+                "node deleted",
+                &member3,
+                view(&[], false, D::NodeDeleted, 2),
+                leave(D::NodeDeleted),
+            ),
+            (
+                "node deselected",
+                &member3,
+                view(&[], false, D::NodeNotSelected, 2),
+                leave(D::NodeNotSelected),
+            ),
+            (
+                "a departure after a restart with nothing programmed still cleans up",
+                &nothing,
+                view(&[], false, D::MeshDeleted, 0),
+                leave(D::MeshDeleted),
+            ),
+            (
+                "membership lost without a reason",
+                &member3,
+                view(&[], false, D::NotRegistered, 3),
+                refuse(
+                    "revision 9: would end this node's membership, but the mesh gives no \
+                     reason to leave (DEPARTURE_NOT_REGISTERED)"
+                        .into(),
+                ),
+            ),
+            (
+                "membership lost, from an older controller",
+                &member3,
+                view(&[], false, D::Unspecified, 0),
+                refuse(
+                    "revision 9: would end this node's membership, but the mesh gives no \
+                     reason to leave (DEPARTURE_UNSPECIFIED)"
+                        .into(),
+                ),
+            ),
+            (
+                "every peer gone while others are members",
+                &member3,
+                view(&[], true, D::Unspecified, 3),
+                refuse("revision 9: would remove all 2 peers while 3 members exist".into()),
+            ),
+            (
+                "every peer gone, and this node is the last member",
+                &member3,
+                view(&[], true, D::Unspecified, 1),
+                Verdict::Program,
+            ),
+            (
+                "no peers before either",
+                &empty_member,
+                view(&[], true, D::Unspecified, 3),
+                Verdict::Program,
+            ),
+        ];
+        for (name, programmed, next, want) in cases {
+            assert_eq!(verdict(programmed, &next), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_view_survives_its_snapshot() {
+        let mut d = Desired::default();
+        d.apply(&pb::PeerUpdate {
+            epoch: "e".into(),
+            revision: 4,
+            rotate_key_request: String::new(),
+            update: Some(pb::peer_update::Update::Snapshot(pb::PeerSnapshot {
+                peers: vec![peer(1, "a:1", &["10.0.1.0/24"])],
+                mesh: Some(pb::MeshSettings::default()),
+                tunnel_addresses: vec!["10.250.0.1/16".into()],
+                pod_cidrs: vec!["10.244.1.0/24".into()],
+                departure: 0,
+                members: 2,
+            })),
+        })
+        .unwrap();
+        let mut again = Desired::default();
+        again.apply(&d.to_snapshot()).unwrap();
+        assert_eq!(again, d);
     }
 
     #[test]

@@ -53,6 +53,8 @@ fn sync_applies_only_the_diff() {
             routes: nets(&["10.251.1.0/24", "10.251.2.0/24", "fd00:251::/64"]),
             table: 0,
             rules: vec![],
+            guards: vec![],
+            local: vec![],
         };
         let changes = routing.sync(&cfg).await.unwrap();
         assert_eq!(
@@ -188,6 +190,8 @@ fn dedicated_table_rule_and_cleanup() {
             routes: nets(&["10.251.1.0/24", "10.251.9.9/32"]),
             table: 51820,
             rules: vec![rule.clone()],
+            guards: vec![],
+            local: vec![],
         };
         let first = routing.sync(&cfg).await.unwrap();
         assert_eq!(first.routes_added, 2);
@@ -288,6 +292,8 @@ fn underlay_mtu_and_auto_mtu() {
             routes: vec![],
             table: 0,
             rules: vec![],
+            guards: vec![],
+            local: vec![],
         };
         let changes = routing.sync(&cfg).await.unwrap();
         assert_eq!(changes.mtu, Some(1340));
@@ -320,4 +326,97 @@ impl Routes for NsCmd {
             .map(str::to_owned)
             .collect()
     }
+}
+
+/// Guards: a blackhole behind every protected network, in the routes' table, that stays when
+/// the interface goes, so that the node's default route through the underlay never carries
+/// mesh traffic; the node's own pod CIDRs are thrown back to the main table in a dedicated
+/// table; a removed network's guard goes after its route.
+#[test]
+fn guards_outlive_the_interface_and_follow_the_mesh() {
+    if !is_root("routing") {
+        return;
+    }
+    let ns = netns("guards");
+    veth(&ns, "wgt0", 1420, true);
+    veth(&ns, "und0", 1500, true);
+    ns.ip(&["link", "set", "und0", "up"]);
+    ns.ip(&["addr", "add", "192.168.50.1/24", "dev", "und0"]);
+    ns.ip(&["route", "add", "default", "via", "192.168.50.254"]);
+    let cmd = ns.cmd();
+    ns.run(move || async move {
+        let ns = cmd;
+        let routing = Routing::new().await.unwrap();
+        let underlay = routing.underlay_addresses().await.unwrap();
+        for addr in ["192.168.50.1", "192.168.50.254"] {
+            assert!(
+                underlay.contains(&addr.parse().unwrap()),
+                "the default route's gateway and its interface's addresses: {underlay:?}"
+            );
+        }
+        assert!(
+            !underlay.contains(&"10.250.0.3".parse().unwrap()),
+            "not the mesh's"
+        );
+        let mut cfg = RoutingConfig {
+            interface: "wgt0".into(),
+            addresses: nets(&["10.250.0.3/16"]),
+            mtu: Some(1420),
+            routes: nets(&["10.251.2.0/24", "10.251.3.0/24"]),
+            table: 0,
+            rules: vec![],
+            guards: nets(&["10.251.2.0/24", "10.251.3.0/24", "10.250.0.0/16"]),
+            local: nets(&["10.251.1.0/24"]),
+        };
+        let changes = routing.sync(&cfg).await.unwrap();
+        assert_eq!(changes.guards_added, 3, "{changes:?}");
+        let via_underlay = |dst: &str| ns.try_ip(&["-4", "route", "get", dst]).1.contains("und0");
+        assert!(
+            ns.try_ip(&["-4", "route", "get", "10.251.2.5"])
+                .1
+                .contains("wgt0")
+        );
+
+        // The interface goes (an agent crashed with a non-persistent device): its routes go
+        // with it, the guards stay, and nothing protected falls to the default route.
+        ns.ip(&["link", "del", "wgt0"]);
+        for dst in ["10.251.2.5", "10.251.3.5", "10.250.0.9"] {
+            assert!(
+                !via_underlay(dst),
+                "{dst} must not leave through the underlay"
+            );
+        }
+        assert!(via_underlay("8.8.8.8"), "the rest still does");
+        let blackholes = ns.ip(&["-4", "route", "show", "type", "blackhole"]);
+        assert_eq!(blackholes.lines().count(), 3, "{blackholes}");
+        assert!(blackholes.contains("metric 1000000"), "{blackholes}");
+
+        // Back, and a peer removed: its route and guard go; it routes like any address.
+        ns.ip(&[
+            "link", "add", "wgt0", "type", "veth", "peer", "name", "wgt0p",
+        ]);
+        ns.ip(&["link", "set", "wgt0p", "up"]);
+        cfg.routes = nets(&["10.251.3.0/24"]);
+        cfg.guards = nets(&["10.251.3.0/24", "10.250.0.0/16"]);
+        let changes = routing.sync(&cfg).await.unwrap();
+        assert_eq!(changes.guards_removed, 1, "{changes:?}");
+        assert!(via_underlay("10.251.2.5"));
+        assert!(!via_underlay("10.251.3.5"));
+
+        // A dedicated table (add-on mode): guards there, and the node's own pod CIDR thrown
+        // back to the main table.
+        cfg.table = 51820;
+        cfg.guards = nets(&["10.251.0.0/16"]);
+        routing.sync(&cfg).await.unwrap();
+        let table = ns.ip(&["-4", "route", "show", "table", "51820"]);
+        assert!(table.contains("blackhole 10.251.0.0/16"), "{table}");
+        assert!(table.contains("throw 10.251.1.0/24"), "{table}");
+        let main = ns.ip(&["-4", "route", "show", "type", "blackhole"]);
+        assert!(main.is_empty(), "the main table's guards went: {main}");
+
+        // Cleanup removes every guard and throw, in the dedicated table and the main one.
+        routing.cleanup("wgt0", 51820, &[]).await.unwrap();
+        let left = ns.ip(&["-4", "route", "show", "table", "all", "proto", "87"]);
+        assert!(left.is_empty(), "{left}");
+    });
 }

@@ -85,6 +85,18 @@ fn route_priority(m: &RouteMessage) -> u32 {
         .unwrap_or(0)
 }
 
+fn route_gateway(m: &RouteMessage) -> Option<IpAddr> {
+    m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(rtnetlink::packet_route::route::RouteAddress::Inet(a)) => {
+            Some(IpAddr::V4(*a))
+        }
+        RouteAttribute::Gateway(rtnetlink::packet_route::route::RouteAddress::Inet6(a)) => {
+            Some(IpAddr::V6(*a))
+        }
+        _ => None,
+    })
+}
+
 fn route_dst(m: &RouteMessage) -> Option<IpNet> {
     let len = m.header.destination_prefix_length;
     let addr = m.attributes.iter().find_map(|a| match a {
@@ -180,14 +192,25 @@ impl Routing {
     /// removes the others (IPv6 link-local excepted), adds missing routes via the interface in
     /// `cfg.table` (protocol [`ROUTE_PROTOCOL`]) and deletes our routes that are no longer
     /// wanted, and makes the rule exist exactly once per address family in use.
+    ///
+    /// Guards come first and go last: a network is guarded before it is routed into the
+    /// interface and unguarded only after that route went, so at no point in between does it
+    /// fall back to another route. They are put in place even when the interface is missing.
     pub async fn sync(&self, cfg: &RoutingConfig) -> Result<RouteChanges, RoutingError> {
         let table = normalize_table(cfg.table);
+        let mut changes = RouteChanges::default();
+        let specials = self.specials().await?;
+        let plain: Vec<ObservedSpecial> = specials.iter().map(|(r, _)| r.clone()).collect();
+        let special_plan = plan_specials(&plain, &wanted_specials(cfg), table);
+        for (dst, kind) in &special_plan.add {
+            self.add_special(*dst, *kind, table).await?;
+            changes.guards_added += 1;
+        }
         let link = self
             .link_by_name(&cfg.interface)
             .await?
             .ok_or_else(|| RoutingError::NoInterface(cfg.interface.clone()))?;
         let ifindex = link.header.index;
-        let mut changes = RouteChanges::default();
 
         // Link state and MTU.
         let want_mtu = match cfg.mtu {
@@ -285,6 +308,15 @@ impl Routing {
             self.add_rule(&cfg.rules[w], family).await?;
             changes.rules_added += 1;
         }
+
+        for i in special_plan.delete {
+            let (observed, msg) = &specials[i];
+            match self.delete_special(msg, observed).await {
+                Err(e) if is_errno(&e, libc::ESRCH) => {}
+                other => other?,
+            }
+            changes.guards_removed += 1;
+        }
         if !changes.is_empty() {
             tracing::debug!(interface = %cfg.interface, ?changes, "routing synced");
         }
@@ -298,9 +330,44 @@ impl Routing {
         self.underlay_mtu_excluding(None).await
     }
 
+    /// Addresses the node must keep reaching over the underlay whatever the mesh says: the
+    /// gateways of its default routes and the addresses of the interfaces holding them.
+    pub async fn underlay_addresses(&self) -> Result<Vec<IpAddr>, RoutingError> {
+        let mut gateways = Vec::new();
+        let mut links = HashSet::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            for msg in self.dump_routes(family, "the node").await? {
+                let default = msg.header.destination_prefix_length == 0
+                    && msg.header.kind == RouteType::Unicast
+                    && route_table(&msg) == MAIN_TABLE;
+                if !default {
+                    continue;
+                }
+                gateways.extend(route_gateway(&msg));
+                links.extend(route_oif(&msg));
+            }
+        }
+        let mut addrs = gateways;
+        let mut all = self.handle.address().get().execute();
+        while let Some(msg) = all
+            .try_next()
+            .await
+            .map_err(netlink("listing the node's addresses"))?
+        {
+            if links.contains(&msg.header.index)
+                && let Some(net) = address_net(&msg)
+            {
+                addrs.push(net.addr());
+            }
+        }
+        addrs.sort();
+        addrs.dedup();
+        Ok(addrs)
+    }
+
     /// Removes our routes (protocol [`ROUTE_PROTOCOL`]) via the interface or in `table` (when
-    /// it is a dedicated one), our rules and any rule identical to one of `rules`, then the
-    /// interface.
+    /// it is a dedicated one), our guard and throw routes in `table` and the main table, our
+    /// rules and any rule identical to one of `rules`, then the interface.
     pub async fn cleanup(
         &self,
         interface: &str,
@@ -329,6 +396,15 @@ impl Routing {
                         Err(e) if is_errno(&e, libc::ESRCH) => {}
                         other => other?,
                     }
+                }
+            }
+        }
+        for (observed, msg) in self.specials().await? {
+            // CNI mode keeps its guards in the main table, add-on mode in its own.
+            if observed.table == table || observed.table == MAIN_TABLE {
+                match self.delete_special(&msg, &observed).await {
+                    Err(e) if is_errno(&e, libc::ESRCH) => {}
+                    other => other?,
                 }
             }
         }
@@ -544,6 +620,97 @@ impl Routing {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Our blackhole and throw routes, in every table.
+    async fn specials(&self) -> Result<Vec<(ObservedSpecial, RouteMessage)>, RoutingError> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            for msg in self.dump_routes(family, "the guards").await? {
+                let kind = match msg.header.kind {
+                    RouteType::BlackHole => SpecialKind::Blackhole,
+                    RouteType::Throw => SpecialKind::Throw,
+                    _ => continue,
+                };
+                if msg.header.protocol != RouteProtocol::from(ROUTE_PROTOCOL) {
+                    continue;
+                }
+                if let Some(dst) = route_dst(&msg) {
+                    let observed = ObservedSpecial {
+                        dst,
+                        table: route_table(&msg),
+                        kind,
+                        metric: route_priority(&msg),
+                    };
+                    out.push((observed, msg));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn add_special(
+        &self,
+        dst: IpNet,
+        kind: SpecialKind,
+        table: u32,
+    ) -> Result<(), RoutingError> {
+        let (kind, metric) = match kind {
+            SpecialKind::Blackhole => (RouteType::BlackHole, GUARD_METRIC),
+            SpecialKind::Throw => (RouteType::Throw, 0),
+        };
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .map_err(|e| RoutingError::Invalid(format!("route to {dst}: {e}")))?
+            .kind(kind)
+            .table_id(table)
+            .priority(metric)
+            .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+            .scope(RouteScope::Universe)
+            .build();
+        match self
+            .handle
+            .route()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(netlink(format!(
+                "adding the {kind:?} route {dst} table {table}"
+            ))) {
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn delete_special(
+        &self,
+        msg: &RouteMessage,
+        observed: &ObservedSpecial,
+    ) -> Result<(), RoutingError> {
+        let mut del = RouteMessage::default();
+        del.header = msg.header.clone();
+        del.attributes = msg
+            .attributes
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    RouteAttribute::Destination(_)
+                        | RouteAttribute::Table(_)
+                        | RouteAttribute::Priority(_)
+                )
+            })
+            .cloned()
+            .collect();
+        self.handle
+            .route()
+            .del(del)
+            .execute()
+            .await
+            .map_err(netlink(format!(
+                "deleting the {:?} route {} table {}",
+                observed.kind, observed.dst, observed.table
+            )))
     }
 
     async fn delete_route(

@@ -31,6 +31,16 @@ pub struct RoutingConfig {
     /// 0 or 254: the main table; anything else is a dedicated table.
     pub table: u32,
     pub rules: Vec<RuleConfig>,
+    /// Fail-closed fallbacks in `table`: a `blackhole` route (metric [`GUARD_METRIC`], behind
+    /// the routes via the interface) per protected network. They do not depend on the
+    /// interface, so whatever happens to it (the agent stopped or crashed, a peer not
+    /// programmed yet) traffic for the mesh is dropped there, never routed elsewhere in
+    /// plaintext. Empty when the mesh allows plaintext fallback.
+    pub guards: Vec<IpNet>,
+    /// Networks that stay local although a guard covers them (the node's own pod CIDRs inside
+    /// the cluster's): a `throw` route in a dedicated table, so their lookup goes on to the
+    /// main table. Unused with the main table, where the local routes are more specific.
+    pub local: Vec<IpNet>,
 }
 
 /// A policy rule: `[not] fwmark M lookup T` at priority P, or `lookup T` when the mark is 0.
@@ -42,6 +52,91 @@ pub struct RuleConfig {
     pub table: u32,
     /// `not fwmark M lookup T` when true, `fwmark M lookup T` when false.
     pub invert: bool,
+}
+
+/// The metric of the guard routes: far behind any route via the interface (metric 0), so
+/// they only matter once that route is gone.
+pub const GUARD_METRIC: u32 = 1_000_000;
+
+/// The kinds of route we use besides unicast via the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SpecialKind {
+    /// Drops the packet: the fail-closed fallback.
+    Blackhole,
+    /// Ends the lookup in this table, so the next rule's table decides.
+    Throw,
+}
+
+/// One of our special routes, as the kernel reports it (protocol [`ROUTE_PROTOCOL`] only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedSpecial {
+    pub dst: IpNet,
+    pub table: u32,
+    pub kind: SpecialKind,
+    pub metric: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialPlan {
+    pub add: Vec<(IpNet, SpecialKind)>,
+    /// Indices into the observed special routes.
+    pub delete: Vec<usize>,
+}
+
+/// The wanted special routes of `cfg`: its guards, and its local exceptions when the table is
+/// a dedicated one. Host bits masked, duplicates dropped.
+pub fn wanted_specials(cfg: &RoutingConfig) -> Vec<(IpNet, SpecialKind)> {
+    let mut wanted: Vec<(IpNet, SpecialKind)> = cfg
+        .guards
+        .iter()
+        .map(|n| (n.trunc(), SpecialKind::Blackhole))
+        .collect();
+    if normalize_table(cfg.table) != MAIN_TABLE && !cfg.guards.is_empty() {
+        wanted.extend(cfg.local.iter().map(|n| (n.trunc(), SpecialKind::Throw)));
+    }
+    wanted.sort();
+    wanted.dedup();
+    wanted
+}
+
+/// Keeps each wanted special route that exists in `table` (kind and metric alike), adds the
+/// missing ones, and deletes every other one of ours (another table, kind, metric, or no
+/// longer wanted).
+pub fn plan_specials(
+    observed: &[ObservedSpecial],
+    wanted: &[(IpNet, SpecialKind)],
+    table: u32,
+) -> SpecialPlan {
+    let table = normalize_table(table);
+    let want: HashSet<(IpNet, SpecialKind)> = wanted.iter().copied().collect();
+    let mut present: HashSet<(IpNet, SpecialKind)> = HashSet::new();
+    let mut plan = SpecialPlan::default();
+    for (i, r) in observed.iter().enumerate() {
+        let key = (r.dst, r.kind);
+        let metric = match r.kind {
+            SpecialKind::Blackhole => GUARD_METRIC,
+            SpecialKind::Throw => 0,
+        };
+        if r.table == table && r.metric == metric && want.contains(&key) && present.insert(key) {
+            continue;
+        }
+        plan.delete.push(i);
+    }
+    plan.add = wanted
+        .iter()
+        .copied()
+        .filter(|k| !present.contains(k))
+        .collect();
+    plan
+}
+
+/// Splits `nets` into those that may be routed into the mesh (or guarded) and those that
+/// contain an address the node must keep reaching over the underlay (its own underlay
+/// addresses, its gateways, the API server, the controller): whatever a peer or a mesh
+/// claims, those are never taken into the tunnel or blackholed.
+pub fn sparing(nets: &[IpNet], keep_reachable: &[IpAddr]) -> (Vec<IpNet>, Vec<IpNet>) {
+    nets.iter()
+        .partition(|n| !keep_reachable.iter().any(|a| n.contains(a)))
 }
 
 /// What a sync changed, for logs.
@@ -56,6 +151,8 @@ pub struct RouteChanges {
     pub routes_removed: usize,
     pub rules_added: usize,
     pub rules_removed: usize,
+    pub guards_added: usize,
+    pub guards_removed: usize,
 }
 
 impl RouteChanges {
@@ -560,6 +657,8 @@ mod tests {
             routes: vec![],
             table: 0,
             rules: vec![],
+            guards: vec![],
+            local: vec![],
         };
         assert_eq!(rule_families(&cfg), vec![Family::V4]);
         cfg.routes = vec![net("fd00::/64")];
@@ -571,5 +670,136 @@ mod tests {
         assert_eq!(auto_mtu(1300), MIN_AUTO_MTU);
         assert_eq!(normalize_table(0), 254);
         assert_eq!(normalize_table(7), 7);
+    }
+
+    fn special(dst: &str, table: u32, kind: SpecialKind, metric: u32) -> ObservedSpecial {
+        ObservedSpecial {
+            dst: net(dst),
+            table,
+            kind,
+            metric,
+        }
+    }
+
+    #[test]
+    fn plan_specials_table() {
+        use SpecialKind::{Blackhole as B, Throw as T};
+        const G: u32 = GUARD_METRIC;
+        // name, observed, wanted, table, add, delete
+        type Case = (
+            &'static str,
+            Vec<ObservedSpecial>,
+            Vec<(&'static str, SpecialKind)>,
+            u32,
+            Vec<(&'static str, SpecialKind)>,
+            Vec<usize>,
+        );
+        let cases: Vec<Case> = vec![
+            ("nothing", vec![], vec![], 254, vec![], vec![]),
+            (
+                "all new",
+                vec![],
+                vec![("10.244.0.0/16", B), ("10.244.1.0/24", T)],
+                51820,
+                vec![("10.244.0.0/16", B), ("10.244.1.0/24", T)],
+                vec![],
+            ),
+            (
+                "in sync",
+                vec![
+                    special("10.244.0.0/16", 51820, B, G),
+                    special("10.244.1.0/24", 51820, T, 0),
+                ],
+                vec![("10.244.0.0/16", B), ("10.244.1.0/24", T)],
+                51820,
+                vec![],
+                vec![],
+            ),
+            (
+                "a removed peer's guard goes, a new one comes",
+                vec![
+                    special("10.244.2.0/24", 254, B, G),
+                    special("10.244.3.0/24", 254, B, G),
+                ],
+                vec![("10.244.3.0/24", B), ("10.244.4.0/24", B)],
+                0,
+                vec![("10.244.4.0/24", B)],
+                vec![0],
+            ),
+            (
+                "another table, metric or kind is replaced; duplicates go",
+                vec![
+                    special("10.244.2.0/24", 51820, B, G),
+                    special("10.244.3.0/24", 254, B, 5),
+                    special("10.244.4.0/24", 254, T, 0),
+                    special("10.244.5.0/24", 254, B, G),
+                    special("10.244.5.0/24", 254, B, G),
+                ],
+                vec![
+                    ("10.244.2.0/24", B),
+                    ("10.244.3.0/24", B),
+                    ("10.244.4.0/24", B),
+                    ("10.244.5.0/24", B),
+                ],
+                254,
+                vec![
+                    ("10.244.2.0/24", B),
+                    ("10.244.3.0/24", B),
+                    ("10.244.4.0/24", B),
+                ],
+                vec![0, 1, 2, 4],
+            ),
+        ];
+        for (name, observed, wanted, table, add, delete) in cases {
+            let wanted: Vec<(IpNet, SpecialKind)> =
+                wanted.into_iter().map(|(n, k)| (net(n), k)).collect();
+            let plan = plan_specials(&observed, &wanted, table);
+            let add: Vec<(IpNet, SpecialKind)> =
+                add.into_iter().map(|(n, k)| (net(n), k)).collect();
+            assert_eq!(plan, SpecialPlan { add, delete }, "{name}");
+        }
+    }
+
+    #[test]
+    fn wanted_specials_per_table() {
+        let cfg = |table: u32, guards: &[&str], local: &[&str]| RoutingConfig {
+            interface: "wgmesh0".into(),
+            addresses: vec![],
+            mtu: None,
+            routes: vec![],
+            table,
+            rules: vec![],
+            guards: guards.iter().map(|g| net(g)).collect(),
+            local: local.iter().map(|l| net(l)).collect(),
+        };
+        use SpecialKind::{Blackhole as B, Throw as T};
+        assert_eq!(
+            wanted_specials(&cfg(51820, &["10.244.0.7/16"], &["10.244.1.0/24"])),
+            vec![(net("10.244.0.0/16"), B), (net("10.244.1.0/24"), T)],
+            "a dedicated table: guards, and throws for what stays local"
+        );
+        assert_eq!(
+            wanted_specials(&cfg(0, &["10.244.0.0/16"], &["10.244.1.0/24"])),
+            vec![(net("10.244.0.0/16"), B)],
+            "the main table: the local routes are more specific already"
+        );
+        assert_eq!(
+            wanted_specials(&cfg(51820, &[], &["10.244.1.0/24"])),
+            vec![],
+            "no guards (plaintext fallback allowed): nothing to make an exception to"
+        );
+    }
+
+    #[test]
+    fn sparing_keeps_the_underlay_reachable() {
+        let nets: Vec<IpNet> = ["10.244.0.0/16", "192.168.0.0/16", "0.0.0.0/0", "fd00::/64"]
+            .iter()
+            .map(|n| net(n))
+            .collect();
+        let keep: Vec<IpAddr> = vec!["192.168.1.10".parse().unwrap(), "fd01::1".parse().unwrap()];
+        let (kept, refused) = sparing(&nets, &keep);
+        assert_eq!(kept, vec![net("10.244.0.0/16"), net("fd00::/64")]);
+        assert_eq!(refused, vec![net("192.168.0.0/16"), net("0.0.0.0/0")]);
+        assert_eq!(sparing(&nets, &[]).0, nets, "nothing to spare");
     }
 }
