@@ -135,6 +135,18 @@ pub struct CleanupArgs {
     /// Routing table of the routes to peers (add-on mode), emptied of our routes.
     #[arg(long, env = "WGMESH_ROUTE_TABLE", default_value_t = 51820)]
     pub route_table: u32,
+
+    /// The mesh whose saved configuration goes (the key stays).
+    #[arg(long, env = "WGMESH_MESH", default_value = "default")]
+    pub mesh: String,
+
+    /// The agents' state directory.
+    #[arg(long, env = "WGMESH_STATE_DIR", default_value = "/var/lib/wgmesh")]
+    pub state_dir: PathBuf,
+
+    /// Directory of the CNI conflist written in CNI mode, removed if it is there.
+    #[arg(long, env = "WGMESH_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]

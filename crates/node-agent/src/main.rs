@@ -25,7 +25,7 @@ async fn main() -> ExitCode {
         .with_env_filter(log_filter())
         .init();
     let result = match cli.command {
-        Some(Command::Cleanup(args)) => cleanup(&args.interface, args.route_table).await,
+        Some(Command::Cleanup(args)) => cleanup(&args).await,
         Some(Command::InstallCniPlugins(args)) => install_cni_plugins(&args.from, &args.to),
         Some(Command::UserspaceDevice(args)) => {
             userspace_device(&args.interface, args.workers).await
@@ -49,13 +49,28 @@ fn log_filter() -> EnvFilter {
         .unwrap_or_else(|_| EnvFilter::new("info,netlink_proto=off"))
 }
 
-async fn cleanup(interface: &str, route_table: u32) -> anyhow::Result<()> {
+/// For a node whose agent is gone: removes what an agent leaves on purpose when it stops (it
+/// cannot tell a stop from an upgrade), saying what went.
+async fn cleanup(args: &wgmesh_agent::config::CleanupArgs) -> anyhow::Result<()> {
     let routing = Routing::new().await?;
-    routing.cleanup(interface, route_table, &[]).await?;
+    routing
+        .cleanup(&args.interface, args.route_table, &[])
+        .await?;
     tracing::info!(
-        interface,
-        "removed the interface and the routes and rules wgmesh created"
+        interface = %args.interface,
+        route_table = args.route_table,
+        "removed the interface (with its addresses), wgmesh's routes via it, its guard and throw routes (main table and table {}) and its rules",
+        args.route_table
     );
+    if wgmesh_agent::cni::remove_conflist(&args.cni_conf_dir)? {
+        tracing::info!(path = %wgmesh_agent::cni::conflist_path(&args.cni_conf_dir).display(), "removed the CNI configuration");
+    }
+    let dir = args.state_dir.join(&args.mesh);
+    let saved = wgmesh_agent::saved::path(&dir);
+    if saved.exists() {
+        wgmesh_agent::saved::remove(&dir)?;
+        tracing::info!(path = %saved.display(), "removed the saved configuration (the key stays)");
+    }
     Ok(())
 }
 
