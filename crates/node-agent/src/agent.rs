@@ -46,7 +46,8 @@ pub struct Agent {
     refused: String,
     /// Set once the node left the mesh as it said, until it is a member again.
     departed: pb::Departure,
-    /// Addresses of the controller, kept reachable over the underlay whatever the mesh says.
+    /// Addresses of the controller and the API server, kept reachable over the underlay
+    /// whatever the mesh says.
     controller_addresses: Vec<std::net::IpAddr>,
     metrics: Metrics,
     /// The last report sent, to report only meaningful changes.
@@ -82,6 +83,12 @@ impl Agent {
     /// told from an upgrade); only the mesh ends a node's membership.
     pub async fn run(mut self) -> Result<()> {
         self.controller_addresses = controller_addresses(&self.args.controller).await;
+        // The API server as pods see it (the kubelet sets this in every container).
+        self.controller_addresses.extend(
+            std::env::var("KUBERNETES_SERVICE_HOST")
+                .ok()
+                .and_then(|h| h.parse::<std::net::IpAddr>().ok()),
+        );
         self.restore().await;
         let mut backoff = BACKOFF_MIN;
         loop {
@@ -684,6 +691,79 @@ mod tests {
                 .map(|r| (r.priority, r.fwmark, r.table, r.invert))
                 .collect();
             assert_eq!(rules, case.rules, "{} {:?}", case.mode, case.fwmark);
+        }
+    }
+
+    #[test]
+    fn guards_follow_strictness_membership_and_the_underlay() {
+        let nets = |list: &[&str]| -> Vec<ipnet::IpNet> {
+            list.iter().map(|n| n.parse().unwrap()).collect()
+        };
+        let member = Desired {
+            addresses: nets(&["10.250.0.1/16"]),
+            pod_cidrs: nets(&["10.244.1.0/24"]),
+            peers: [(
+                PublicKey::from_bytes([2; 32]),
+                pb::Peer {
+                    public_key: vec![2; 32],
+                    allowed_ips: vec!["10.244.2.0/24".into(), "192.168.9.0/24".into()],
+                    ..Default::default()
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        let strict = pb::MeshSettings {
+            tunnel_cidrs: vec!["10.250.0.0/16".into()],
+            cluster_cidrs: vec!["10.244.0.0/16".into(), "192.168.0.0/16".into()],
+            ..Default::default()
+        };
+        let lax = pb::MeshSettings {
+            plaintext_fallback: true,
+            ..strict.clone()
+        };
+        let underlay: Vec<std::net::IpAddr> = vec!["192.168.9.7".parse().unwrap()];
+        // name, mode, settings, view, routes, guards
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a pb::MeshSettings,
+            Desired,
+            Vec<&'a str>,
+            Vec<&'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "strict member: peers, pools and the cluster guarded; the underlay spared",
+                "cni",
+                &strict,
+                member.clone(),
+                vec!["10.244.2.0/24"],
+                vec!["10.244.2.0/24", "10.250.0.0/16", "10.244.0.0/16"],
+            ),
+            (
+                "plaintext fallback: no guards",
+                "addon",
+                &lax,
+                member.clone(),
+                vec!["10.244.2.0/24"],
+                vec![],
+            ),
+            (
+                "not a member: nothing to protect yet",
+                "cni",
+                &strict,
+                Desired::default(),
+                vec![],
+                vec![],
+            ),
+        ];
+        for (name, mode, settings, view, routes, guards) in cases {
+            let cfg = routing_config(&net(mode), settings, "wgmesh0", &view, &underlay);
+            assert_eq!(cfg.routes, nets(&routes), "{name}: routes");
+            assert_eq!(cfg.guards, nets(&guards), "{name}: guards");
+            assert_eq!(cfg.local, view.pod_cidrs, "{name}: local");
         }
     }
 }
