@@ -3,8 +3,10 @@
 //! every decision can be tested with plain tables.
 #![forbid(unsafe_code)]
 
+pub mod agent_config;
 pub mod cidr;
 pub mod desired;
+pub mod device;
 pub mod diff;
 pub mod export;
 pub mod ipam;

@@ -20,10 +20,10 @@ pub mod userspace;
 pub use backend::{BackendKind, Device, Requested};
 pub use kernel::{KernelDevice, KernelSupport, kernel_wireguard_available};
 
-use std::net::SocketAddr;
-use std::time::SystemTime;
-
-use wgmesh_core::{Cidr, Key, PrivateKey, PublicKey};
+use wgmesh_core::PrivateKey;
+// The device's vocabulary is core's, so that the decision of what to change (the pure
+// `device_changes`) lives with the other decisions.
+pub use wgmesh_core::device::{DeviceChange, DeviceState, PeerConfig, PeerState, device_changes};
 
 /// Interface-level settings of a device.
 #[derive(Debug, Clone)]
@@ -35,52 +35,6 @@ pub struct InterfaceConfig {
     pub listen_port: u16,
     /// SO_MARK for the encrypted UDP sockets; 0 is none.
     pub fwmark: u32,
-}
-
-/// One peer as the device should have it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerConfig {
-    pub public_key: PublicKey,
-    /// Where to send first; roaming replaces it with where authenticated packets come from.
-    pub endpoint: Option<SocketAddr>,
-    pub allowed_ips: Vec<Cidr>,
-    /// Seconds; 0 is off.
-    pub persistent_keepalive: u16,
-    pub preshared_key: Option<Key>,
-}
-
-/// A change to the device. Changes are applied in place: other peers' sessions are never
-/// touched, and a peer whose only change is its allowed IPs or endpoint keeps its session.
-#[derive(Debug, Clone)]
-pub enum DeviceChange {
-    /// Adds the peer, or replaces the configuration of the peer with this public key.
-    UpsertPeer(PeerConfig),
-    RemovePeer(PublicKey),
-    SetListenPort(u16),
-    SetFwmark(u32),
-    /// A new private key (key rotation): every session restarts.
-    SetPrivateKey(PrivateKey),
-}
-
-/// What the device reports of one peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerState {
-    pub config: PeerConfig,
-    /// The endpoint in use now (after roaming).
-    pub current_endpoint: Option<SocketAddr>,
-    /// When the last handshake completed; `None` if never.
-    pub last_handshake: Option<SystemTime>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-}
-
-/// What the device reports of itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceState {
-    pub public_key: PublicKey,
-    pub listen_port: u16,
-    pub fwmark: u32,
-    pub peers: Vec<PeerState>,
 }
 
 #[derive(Debug, thiserror::Error)]

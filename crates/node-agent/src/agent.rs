@@ -19,11 +19,11 @@ use crate::metrics::Metrics;
 use crate::routing::{Routing, RoutingConfig, RuleConfig, sparing};
 use crate::saved;
 use crate::state::{
-    DEFAULT_LISTEN_PORT, Desired, Verdict, device_changes, peer_config, requested_backend, verdict,
-    wire_backend,
+    DEFAULT_LISTEN_PORT, Desired, listen_port, peer_config, requested_backend, wire_backend,
 };
+use wgmesh_core::agent_config::{AgentUpdate, Departure, Verdict, verdict};
 use wgmesh_device::Device;
-use wgmesh_device::{DeviceChange, InterfaceConfig, PeerConfig};
+use wgmesh_device::{DeviceChange, InterfaceConfig, PeerConfig, device_changes};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -45,7 +45,7 @@ pub struct Agent {
     /// Why the last update was not programmed; empty once one is.
     refused: String,
     /// Set once the node left the mesh as it said, until it is a member again.
-    departed: pb::Departure,
+    departed: Departure,
     /// Addresses of the controller and the API server, kept reachable over the underlay
     /// whatever the mesh says.
     controller_addresses: Vec<std::net::IpAddr>,
@@ -70,7 +70,7 @@ impl Agent {
             desired: Desired::default(),
             programmed: Desired::default(),
             refused: String::new(),
-            departed: pb::Departure::Unspecified,
+            departed: Departure::Unspecified,
             controller_addresses: Vec::new(),
             metrics,
             last_report: None,
@@ -110,7 +110,7 @@ impl Agent {
     /// One connection: register, then apply the stream and report until it breaks.
     async fn session(&mut self) -> Result<()> {
         let mut client = ControllerClient::connect(&self.args).await?;
-        let port = self.desired.listen_port();
+        let port = listen_port(&self.desired);
         let response = self.register(&mut client, port).await?;
         let settings = response.mesh.clone().unwrap_or_default();
         if settings.listen_port != 0 && settings.listen_port != port {
@@ -140,21 +140,24 @@ impl Agent {
                 _ = membership.tick() => {
                     // Not a member (our Node was deleted and our peer with it, or the Node left
                     // the selector): say we are here again, so we rejoin once it is back.
-                    if self.desired.addresses.is_empty() {
-                        let port = self.desired.listen_port();
+                    if !self.desired.is_member() {
+                        let port = listen_port(&self.desired);
                         if let Err(e) = self.register(&mut client, port).await {
                             tracing::debug!(error = %e, "not a member of the mesh yet");
                         }
                     }
                 }
                 message = stream.message() => {
-                    let update = message?.ok_or(Error::StreamClosed)?;
-                    self.desired.apply(&update)?;
-                    if !update.rotate_key_request.is_empty()
+                    let message = message?.ok_or(Error::StreamClosed)?;
+                    // Checked whole before anything changes: a malformed message is refused.
+                    let update = AgentUpdate::try_from(&message)?;
+                    let rotation = update.rotate_key_request.clone();
+                    self.desired.apply(update);
+                    if let Some(request) = rotation
                         && keys::handled_rotation(&self.args.mesh_state_dir()).as_deref()
-                            != Some(update.rotate_key_request.as_str())
+                            != Some(request.as_str())
                     {
-                        self.rotate_key(&mut client, &update.rotate_key_request).await?;
+                        self.rotate_key(&mut client, &request).await?;
                     }
                     self.metrics.update_received();
                     match verdict(&self.programmed, &self.desired) {
@@ -185,7 +188,7 @@ impl Agent {
         if let Some(device) = &self.device {
             device.apply(&[DeviceChange::SetPrivateKey(key)]).await?;
         }
-        let port = self.desired.listen_port();
+        let port = listen_port(&self.desired);
         self.register(client, port).await?;
         tracing::info!(public_key = %self.key.public_key(), "rotated the private key as the Node's annotation asked");
         Ok(())
@@ -242,7 +245,7 @@ impl Agent {
         self.reconcile(&next).await?;
         self.refused.clear();
         if next.is_member() {
-            self.departed = pb::Departure::Unspecified;
+            self.departed = Departure::Unspecified;
         }
         let dir = self.args.mesh_state_dir();
         saved::save(&dir, &next).map_err(|source| Error::Write {
@@ -256,12 +259,12 @@ impl Agent {
     /// The mesh ended this node's membership: removes the device, our routes, guards and
     /// rules, the CNI configuration and the saved configuration. The key stays, for a later
     /// return.
-    async fn leave(&mut self, reason: pb::Departure) -> Result<()> {
+    async fn leave(&mut self, reason: Departure) -> Result<()> {
         if self.departed == reason && self.device.is_none() {
             return Ok(());
         }
         tracing::info!(
-            reason = reason.as_str_name(),
+            reason = reason.as_str(),
             "the mesh ended this node's membership; removing its data path"
         );
         let settings = self
@@ -349,18 +352,12 @@ impl Agent {
         // userspace interface goes with the process, and the node's other routes take over.
         device.keep_after_exit(!settings.plaintext_fallback)?;
         let mut wanted: Vec<PeerConfig> = Vec::with_capacity(desired.peers.len());
-        for (key, peer) in &desired.peers {
-            wanted.push(peer_config(peer, *key, resolve(&peer.endpoint).await));
+        for peer in desired.peers.values() {
+            wanted.push(peer_config(peer, resolve(peer.endpoint.as_deref()).await));
         }
         let observed = device.observe().await?;
-        let mut changes = device_changes(&observed, &wanted);
         let port = u16::try_from(settings.listen_port).unwrap_or(0);
-        if port != 0 && observed.listen_port != port {
-            changes.push(DeviceChange::SetListenPort(port));
-        }
-        if observed.fwmark != settings.fwmark {
-            changes.push(DeviceChange::SetFwmark(settings.fwmark));
-        }
+        let changes = device_changes(&observed, &wanted, port, settings.fwmark);
         if !changes.is_empty() {
             tracing::info!(
                 changes = changes.len(),
@@ -462,7 +459,7 @@ impl Agent {
             peers,
             programmed_epoch: self.programmed.epoch.clone(),
             programmed_revision: self.programmed.revision,
-            departed: self.departed as i32,
+            departed: wgmesh_proto::decode::wire_departure(self.departed) as i32,
             refused_update: self.refused.clone(),
         };
         if !worth_reporting(self.last_report.as_ref(), &report) {
@@ -521,10 +518,8 @@ fn wgmesh_api_default_interface() -> String {
 
 /// `ip:port` or `[v6]:port` directly; `host:port` through the resolver. Unresolvable: none
 /// (the peer is then answered wherever it comes from).
-async fn resolve(endpoint: &str) -> Option<SocketAddr> {
-    if endpoint.is_empty() {
-        return None;
-    }
+async fn resolve(endpoint: Option<&str>) -> Option<SocketAddr> {
+    let endpoint = endpoint?;
     if let Ok(addr) = endpoint.parse() {
         return Some(addr);
     }
@@ -704,10 +699,17 @@ mod tests {
             pod_cidrs: nets(&["10.244.1.0/24"]),
             peers: [(
                 PublicKey::from_bytes([2; 32]),
-                pb::Peer {
-                    public_key: vec![2; 32],
-                    allowed_ips: vec!["10.244.2.0/24".into(), "192.168.9.0/24".into()],
-                    ..Default::default()
+                wgmesh_core::agent_config::AgentPeer {
+                    public_key: PublicKey::from_bytes([2; 32]),
+                    name: "node-2".into(),
+                    endpoint: None,
+                    allowed_ips: ["10.244.2.0/24", "192.168.9.0/24"]
+                        .iter()
+                        .map(|c| wgmesh_core::Cidr::parse_strict(c).unwrap())
+                        .collect(),
+                    persistent_keepalive: 0,
+                    preshared_key: None,
+                    node: Some("node-2".into()),
                 },
             )]
             .into_iter()

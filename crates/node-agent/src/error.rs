@@ -23,7 +23,7 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
     #[error("the controller sent a malformed update: {0}")]
-    Update(#[from] crate::state::UpdateError),
+    Update(#[from] wgmesh_proto::decode::DecodeError),
     #[error("writing {path}: {source}")]
     Write {
         path: String,

@@ -28,7 +28,7 @@ pub fn save(state_dir: &Path, programmed: &Desired) -> io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
-    file.write_all(&programmed.to_snapshot().encode_to_vec())?;
+    file.write_all(&pb::decode::snapshot(programmed).encode_to_vec())?;
     file.sync_all()?;
     fs::rename(&tmp, path(state_dir))
 }
@@ -45,12 +45,17 @@ pub fn load(state_dir: &Path) -> Option<Desired> {
             return None;
         }
     };
-    let mut desired = Desired::default();
-    match pb::PeerUpdate::decode(bytes.as_slice())
+    let decoded = pb::PeerUpdate::decode(bytes.as_slice())
         .map_err(|e| e.to_string())
-        .and_then(|u| desired.apply(&u).map_err(|e| e.to_string()))
-    {
-        Ok(()) => Some(desired),
+        .and_then(|u| {
+            wgmesh_core::agent_config::AgentUpdate::try_from(&u).map_err(|e| e.to_string())
+        });
+    match decoded {
+        Ok(update) => {
+            let mut desired = Desired::default();
+            desired.apply(update);
+            Some(desired)
+        }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "ignoring a damaged saved configuration");
             None
@@ -76,8 +81,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(load(dir.path()).is_none(), "nothing saved yet");
         let mut desired = Desired::default();
-        desired
-            .apply(&pb::PeerUpdate {
+        desired.apply(
+            wgmesh_core::agent_config::AgentUpdate::try_from(&pb::PeerUpdate {
                 epoch: "e1".into(),
                 revision: 7,
                 rotate_key_request: String::new(),
@@ -101,7 +106,8 @@ mod tests {
                     members: 3,
                 })),
             })
-            .unwrap();
+            .unwrap(),
+        );
         save(dir.path(), &desired).unwrap();
         let mode = fs::metadata(path(dir.path())).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

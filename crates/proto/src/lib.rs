@@ -10,6 +10,7 @@ pub mod v1 {
 pub use v1::*;
 
 pub mod checked;
+pub mod decode;
 pub mod encode;
 
 /// By hand (the build skips the generated one): the preshared key is the one secret on this

@@ -1,0 +1,189 @@
+use super::*;
+use crate::PeerDelta;
+
+fn wire_peer(n: u8) -> Peer {
+    Peer {
+        public_key: vec![n; 32],
+        name: format!("p{n}"),
+        endpoint: format!("192.0.2.{n}:51820"),
+        allowed_ips: vec![
+            format!("10.244.{n}.0/24"),
+            format!("10.250.0.{n}/32"),
+            format!("10.244.{n}.0/24"),
+        ],
+        persistent_keepalive: 25,
+        preshared_key: vec![7; 32],
+        node: format!("node-{n}"),
+    }
+}
+
+fn snapshot_update(peers: Vec<Peer>) -> PeerUpdate {
+    PeerUpdate {
+        epoch: "e".into(),
+        revision: 3,
+        rotate_key_request: "r1".into(),
+        update: Some(peer_update::Update::Snapshot(PeerSnapshot {
+            peers,
+            mesh: Some(MeshSettings {
+                interface_name: "wgmesh0".into(),
+                ..Default::default()
+            }),
+            tunnel_addresses: vec!["10.250.0.1/16".into()],
+            pod_cidrs: vec!["10.244.1.0/24".into()],
+            departure: crate::Departure::Unspecified as i32,
+            members: 3,
+        })),
+    }
+}
+
+fn delta_update(delta: PeerDelta) -> PeerUpdate {
+    PeerUpdate {
+        epoch: "e".into(),
+        revision: 4,
+        rotate_key_request: String::new(),
+        update: Some(peer_update::Update::Delta(delta)),
+    }
+}
+
+#[test]
+fn a_snapshot_decodes_typed_and_encodes_back() {
+    let update = AgentUpdate::try_from(&snapshot_update(vec![wire_peer(2), wire_peer(3)])).unwrap();
+    assert_eq!(update.rotate_key_request.as_deref(), Some("r1"));
+    let mut config = AgentConfig::default();
+    config.apply(update);
+    let p2 = &config.peers[&PublicKey::from_bytes([2; 32])];
+    assert_eq!(
+        p2.allowed_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["10.244.2.0/24", "10.250.0.2/32"],
+        "sorted, once each"
+    );
+    assert_eq!(p2.endpoint.as_deref(), Some("192.0.2.2:51820"));
+    assert_eq!(p2.preshared_key, Some(Key::from_bytes([7; 32])));
+    assert_eq!(p2.node.as_deref(), Some("node-2"));
+    assert_eq!(p2.persistent_keepalive, 25);
+
+    let mut again = AgentConfig::default();
+    again.apply(AgentUpdate::try_from(&snapshot(&config)).unwrap());
+    assert_eq!(again, config, "what the agent saves reads back the same");
+}
+
+#[test]
+fn deltas_carry_only_what_changed() {
+    let update = AgentUpdate::try_from(&delta_update(PeerDelta {
+        upserted: vec![wire_peer(4)],
+        removed: vec![vec![2; 32]],
+        ..Default::default()
+    }))
+    .unwrap();
+    match update.change {
+        AgentChange::Delta {
+            upserted,
+            removed,
+            settings,
+            addresses,
+            pod_cidrs,
+            members,
+        } => {
+            assert_eq!(upserted.len(), 1);
+            assert_eq!(removed, vec![PublicKey::from_bytes([2; 32])]);
+            assert_eq!(
+                (settings, addresses, pod_cidrs, members),
+                (None, None, None, None)
+            );
+        }
+        other => panic!("not a delta: {other:?}"),
+    }
+}
+
+/// Every malformed field is refused, and the error names it.
+#[test]
+fn malformed_fields_are_named() {
+    let bad_peer = |edit: fn(&mut Peer)| {
+        let mut p = wire_peer(2);
+        edit(&mut p);
+        snapshot_update(vec![wire_peer(1), p])
+    };
+    let cases: Vec<(PeerUpdate, &str)> = vec![
+        (
+            PeerUpdate {
+                update: None,
+                ..Default::default()
+            },
+            "update",
+        ),
+        (
+            bad_peer(|p| p.public_key = vec![1, 2, 3]),
+            "snapshot.peers[1].public_key",
+        ),
+        (
+            bad_peer(|p| p.allowed_ips[1] = "10.0.0.0/33".into()),
+            "snapshot.peers[1].allowed_ips[1]",
+        ),
+        (
+            bad_peer(|p| p.endpoint = "no-port".into()),
+            "snapshot.peers[1].endpoint",
+        ),
+        (
+            bad_peer(|p| p.preshared_key = vec![1; 31]),
+            "snapshot.peers[1].preshared_key",
+        ),
+        (
+            bad_peer(|p| p.persistent_keepalive = 70_000),
+            "snapshot.peers[1].persistent_keepalive",
+        ),
+        (
+            delta_update(PeerDelta {
+                removed: vec![vec![9; 31]],
+                ..Default::default()
+            }),
+            "delta.removed[0]",
+        ),
+        (
+            delta_update(PeerDelta {
+                pod_cidrs: vec!["10.244.1.1/24".into()],
+                ..Default::default()
+            }),
+            "delta.pod_cidrs[0]",
+        ),
+        (
+            delta_update(PeerDelta {
+                tunnel_addresses: vec!["10.250.0.1".into()],
+                ..Default::default()
+            }),
+            "delta.tunnel_addresses[0]",
+        ),
+        (
+            delta_update(PeerDelta {
+                upserted: vec![Peer {
+                    public_key: vec![],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            "delta.upserted[0].public_key",
+        ),
+    ];
+    for (update, field) in cases {
+        match AgentUpdate::try_from(&update) {
+            Err(e) => assert_eq!(e.field, field, "{e}"),
+            Ok(u) => panic!("{field}: accepted {u:?}"),
+        }
+    }
+}
+
+#[test]
+fn unknown_departures_never_mean_leave() {
+    assert_eq!(departure(99), Departure::Unspecified);
+    for d in [
+        Departure::Unspecified,
+        Departure::MeshDeleted,
+        Departure::NodeDeleted,
+        Departure::NodeNotSelected,
+        Departure::NotRegistered,
+    ] {
+        assert_eq!(departure(wire_departure(d) as i32), d);
+    }
+}
