@@ -146,17 +146,21 @@ impl Writer {
         snapshot: &Computed,
         nodes: &HashMap<String, &Arc<Node>>,
     ) {
-        // Tunnel addresses: node peers first, then external peers, oldest first.
+        // Tunnel addresses go in the desired mesh's precedence (core decides it, with the
+        // claims); peers it has not seen yet come last, by name.
+        let rank: HashMap<&str, usize> = mesh
+            .map(|(_, d)| {
+                d.precedence
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (n.as_str(), i))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut order: Vec<&Arc<WireGuardPeer>> = peers.to_vec();
-        order.sort_by_key(|p| {
-            (
-                p.spec.node.is_none(),
-                p.metadata
-                    .creation_timestamp
-                    .as_ref()
-                    .map(|t| t.0.as_second()),
-                p.name_any(),
-            )
+        order.sort_by_cached_key(|p| {
+            let name = p.name_any();
+            (rank.get(name.as_str()).copied().unwrap_or(usize::MAX), name)
         });
         let pools: Vec<Cidr> = mesh
             .map(|(m, _)| {

@@ -230,6 +230,10 @@ pub struct DesiredMesh {
     pub gateways: Vec<String>,
     /// Every peer object's verdict, by object name.
     pub verdicts: BTreeMap<String, Verdict>,
+    /// Every peer object's name by precedence: node peers first, then external peers; each
+    /// oldest first (created, already programmed, seniority, name). Claims are judged in this
+    /// order, and the writer allocates tunnel addresses in it.
+    pub precedence: Vec<String>,
 }
 
 impl DesiredMesh {
@@ -344,7 +348,10 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
     });
 
-    let mut out = DesiredMesh::default();
+    let mut out = DesiredMesh {
+        precedence: order.iter().map(|p| p.name.clone()).collect(),
+        ..DesiredMesh::default()
+    };
     let key_owners = key_owners(peers);
     let reserved = reserved_ranges(mesh, nodes);
     let mut claims: Vec<(Cidr, String)> = Vec::new();

@@ -355,6 +355,38 @@ fn same_second_ties_keep_the_programmed_peer_then_the_first_seen() {
     assert!(refused(&d, "aaa").is_some());
 }
 
+/// The precedence claims are judged in is the one the writer allocates addresses in: node
+/// peers first, then external ones, each oldest first, ties by programmed, then first seen.
+#[test]
+fn precedence_is_the_allocation_order() {
+    let (nodes, mut peers) = three_nodes();
+    let mut office = external("office", 20, &["192.168.50.0/24"]);
+    let mut aaa = external("aaa", 21, &["192.168.60.0/24"]);
+    let early = external("early", 1, &["192.168.70.0/24"]);
+    office.created = 100;
+    aaa.created = 100;
+    office.seniority = 1;
+    aaa.seniority = 2;
+    peers.extend([aaa.clone(), office.clone(), early]);
+    let d = compute(&mesh(), &nodes, &peers);
+    let node_peers: Vec<String> = peers
+        .iter()
+        .filter(|p| p.node.is_some())
+        .map(|p| p.name.clone())
+        .collect();
+    assert_eq!(d.precedence[..3], node_peers[..], "nodes first");
+    assert_eq!(d.precedence[3..], ["early", "office", "aaa"]);
+    aaa.previously_programmed = true;
+    peers.truncate(3);
+    peers.extend([office, aaa]);
+    let d = compute(&mesh(), &nodes, &peers);
+    assert_eq!(
+        d.precedence[3..],
+        ["aaa", "office"],
+        "programmed before seen first"
+    );
+}
+
 #[test]
 fn exhausted_pool_is_reported() {
     let mut m = mesh();
