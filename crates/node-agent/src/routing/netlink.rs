@@ -217,15 +217,18 @@ impl Routing {
             Some(m) => m,
             None => auto_mtu(self.underlay_mtu_excluding(Some(ifindex)).await?),
         };
-        let up = link.header.flags.contains(LinkFlags::Up);
-        let mtu_differs = link_mtu(&link) != Some(want_mtu);
-        if !up || mtu_differs {
+        let link_plan = plan_link(
+            link.header.flags.contains(LinkFlags::Up),
+            link_mtu(&link),
+            want_mtu,
+        );
+        if link_plan != LinkPlan::default() {
             let mut msg = LinkUnspec::new_with_index(ifindex);
-            if !up {
+            if link_plan.set_up {
                 msg = msg.up();
             }
-            if mtu_differs {
-                msg = msg.mtu(want_mtu);
+            if let Some(mtu) = link_plan.mtu {
+                msg = msg.mtu(mtu);
             }
             self.handle
                 .link()
@@ -233,8 +236,8 @@ impl Routing {
                 .execute()
                 .await
                 .map_err(netlink(format!("setting up {}", cfg.interface)))?;
-            changes.link_set_up = !up;
-            changes.mtu = mtu_differs.then_some(want_mtu);
+            changes.link_set_up = link_plan.set_up;
+            changes.mtu = link_plan.mtu;
         }
 
         // Addresses: new ones first, so that the interface keeps an IPv4 address throughout
@@ -379,12 +382,9 @@ impl Routing {
         let ifindex = link.as_ref().map(|l| l.header.index);
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             for msg in self.dump_routes(family, interface).await? {
-                if msg.header.protocol != RouteProtocol::from(ROUTE_PROTOCOL) {
-                    continue;
-                }
                 let via_interface = ifindex.is_some() && route_oif(&msg) == ifindex;
-                let in_table = table != MAIN_TABLE && route_table(&msg) == table;
-                if (via_interface || in_table)
+                let protocol = u8::from(msg.header.protocol);
+                if cleaned_up(protocol, via_interface, route_table(&msg), table)
                     && let Some(dst) = route_dst(&msg)
                 {
                     let observed = ObservedRoute {

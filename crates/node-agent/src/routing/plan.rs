@@ -139,6 +139,29 @@ pub fn sparing(nets: &[IpNet], keep_reachable: &[IpAddr]) -> (Vec<IpNet>, Vec<Ip
         .partition(|n| !keep_reachable.iter().any(|a| n.contains(a)))
 }
 
+/// What to change on the interface's link: bring it up, and set its MTU when it differs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkPlan {
+    pub set_up: bool,
+    pub mtu: Option<u32>,
+}
+
+/// The link plan for a link that is `up` with `mtu` (unknown: `None`), wanted at `want_mtu`.
+pub fn plan_link(up: bool, mtu: Option<u32>, want_mtu: u32) -> LinkPlan {
+    LinkPlan {
+        set_up: !up,
+        mtu: (mtu != Some(want_mtu)).then_some(want_mtu),
+    }
+}
+
+/// Whether a cleanup removes this unicast route: only ours (protocol [`ROUTE_PROTOCOL`]),
+/// via the interface (any table), or anywhere in the dedicated `table` (the interface may be
+/// gone already).
+pub fn cleaned_up(protocol: u8, via_interface: bool, route_table: u32, table: u32) -> bool {
+    let table = normalize_table(table);
+    protocol == ROUTE_PROTOCOL && (via_interface || (table != MAIN_TABLE && route_table == table))
+}
+
 /// What a sync changed, for logs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteChanges {
@@ -801,5 +824,33 @@ mod tests {
         assert_eq!(kept, vec![net("10.244.0.0/16"), net("fd00::/64")]);
         assert_eq!(refused, vec![net("192.168.0.0/16"), net("0.0.0.0/0")]);
         assert_eq!(sparing(&nets, &[]).0, nets, "nothing to spare");
+    }
+
+    #[test]
+    fn link_and_cleanup_decisions() {
+        assert_eq!(plan_link(true, Some(1420), 1420), LinkPlan::default());
+        assert_eq!(
+            plan_link(false, Some(1500), 1420),
+            LinkPlan {
+                set_up: true,
+                mtu: Some(1420)
+            }
+        );
+        assert_eq!(plan_link(true, None, 1420).mtu, Some(1420), "unknown MTU");
+        // protocol, via interface, route's table, cleanup table, removed
+        for (protocol, via, rt, table, want) in [
+            (OURS, true, 254, 0, true),
+            (OURS, false, 254, 0, false),
+            (OURS, false, 51820, 51820, true),
+            (OURS, false, 254, 51820, false),
+            (STATIC, true, 254, 0, false),
+            (KERNEL, false, 51820, 51820, false),
+        ] {
+            assert_eq!(
+                cleaned_up(protocol, via, rt, table),
+                want,
+                "{protocol} {via} {rt} {table}"
+            );
+        }
     }
 }
