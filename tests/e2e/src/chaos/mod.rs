@@ -305,6 +305,7 @@ impl Chaos {
     pub async fn run(&mut self, fault: Fault) -> Result<FaultReport> {
         let started = Instant::now();
         let from = self.meter.now_ms();
+        self.watcher.clear_examples()?;
         let before = self.watcher.poll()?;
         let outcome = self.inject(fault).await;
         let notes = self.kubelet().await?;

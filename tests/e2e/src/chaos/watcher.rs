@@ -150,7 +150,8 @@ pub struct TapCount {
     pub node: String,
     pub packets: u64,
     pub plaintext: u64,
-    /// The first few plaintext packets, for failure messages.
+    /// The first few plaintext packets since [`Watcher::clear_examples`], for failure
+    /// messages.
     pub examples: Vec<String>,
 }
 
@@ -259,6 +260,16 @@ impl Watcher {
             }
         }
         Ok(self.taps.iter().map(|t| t.count.clone()).collect())
+    }
+
+    /// Reads what was captured so far, then forgets the examples of plaintext packets (the
+    /// counts stay): the next ones are collected afresh.
+    pub fn clear_examples(&mut self) -> Result<()> {
+        self.poll()?;
+        for tap in &mut self.taps {
+            tap.count.examples.clear();
+        }
+        Ok(())
     }
 
     /// Plaintext packets seen so far on all links.
