@@ -24,6 +24,9 @@ pub struct ControlPlane {
     // Field order is drop order: the API server stops before its store.
     apiserver: ChildGuard,
     etcd: ChildGuard,
+    /// The processes' arguments, to start them again exactly so after [`ControlPlane::stop`].
+    etcd_args: Vec<String>,
+    apiserver_args: Vec<String>,
     binaries: ControlPlaneBinaries,
     kubeconfig: PathBuf,
     url: String,
@@ -58,49 +61,44 @@ impl ControlPlane {
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let url = format!("https://127.0.0.1:{api_port}");
 
+        let etcd_args: Vec<String> = vec![
+            format!("--data-dir={}", d.join("etcd").display()),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}"),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}"),
+            format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer_port}"),
+            "--unsafe-no-fsync".into(),
+            "--log-level=warn".into(),
+        ];
         let mut etcd_cmd = Command::new(&binaries.etcd);
-        etcd_cmd
-            .arg(format!("--data-dir={}", d.join("etcd").display()))
-            .arg(format!("--listen-client-urls={etcd_url}"))
-            .arg(format!("--advertise-client-urls={etcd_url}"))
-            .arg(format!(
-                "--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}"
-            ))
-            .arg(format!(
-                "--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}"
-            ))
-            .arg(format!(
-                "--initial-cluster=default=http://127.0.0.1:{etcd_peer_port}"
-            ))
-            .arg("--unsafe-no-fsync")
-            .arg("--log-level=warn");
+        etcd_cmd.args(&etcd_args);
         let etcd = ChildGuard::spawn("etcd", etcd_cmd, &d.join("etcd.log"))?;
 
-        let mut api_cmd = Command::new(&binaries.kube_apiserver);
         let p = |name: &str| d.join(name).display().to_string();
-        api_cmd
-            .arg(format!("--etcd-servers={etcd_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--secure-port={api_port}"))
-            .arg(format!("--cert-dir={}", p("apiserver-certs")))
-            .arg(format!("--tls-cert-file={}", p("apiserver.crt")))
-            .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
-            .arg(format!("--client-ca-file={}", p("ca.crt")))
-            .arg("--authorization-mode=RBAC")
-            .arg(format!("--service-account-issuer={url}"))
-            .arg(format!("--service-account-key-file={}", p("sa.pub")))
-            .arg(format!(
-                "--service-account-signing-key-file={}",
-                p("sa.key")
-            ))
-            .arg("--api-audiences=https://kubernetes.default.svc,wgmesh")
-            .arg("--service-cluster-ip-range=10.96.0.0/16")
-            .arg("--disable-admission-plugins=ServiceAccount")
-            .arg("--allow-privileged=true")
-            .arg("--endpoint-reconciler-type=none")
-            .arg("--enable-priority-and-fairness=false")
-            .arg("--v=0");
+        let apiserver_args: Vec<String> = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", p("apiserver-certs")),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            "--authorization-mode=RBAC".into(),
+            format!("--service-account-issuer={url}"),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--api-audiences=https://kubernetes.default.svc,wgmesh".into(),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--disable-admission-plugins=ServiceAccount".into(),
+            "--allow-privileged=true".into(),
+            "--endpoint-reconciler-type=none".into(),
+            "--enable-priority-and-fairness=false".into(),
+            "--v=0".into(),
+        ];
+        let mut api_cmd = Command::new(&binaries.kube_apiserver);
+        api_cmd.args(&apiserver_args);
         let apiserver = ChildGuard::spawn("kube-apiserver", api_cmd, &d.join("apiserver.log"))?;
 
         let kubeconfig = d.join("kubeconfig");
@@ -113,6 +111,8 @@ impl ControlPlane {
         let mut cp = ControlPlane {
             apiserver,
             etcd,
+            etcd_args,
+            apiserver_args,
             binaries,
             kubeconfig,
             url,
@@ -121,6 +121,27 @@ impl ControlPlane {
         };
         cp.wait_ready().await?;
         Ok(cp)
+    }
+
+    /// Stops the API server and etcd (SIGTERM, as an outage or an upgrade would), keeping
+    /// their data: [`ControlPlane::start_again`] brings them back with the same state, ports
+    /// and certificates.
+    pub fn stop(&mut self) {
+        self.apiserver.stop(Duration::from_secs(10));
+        self.etcd.stop(Duration::from_secs(10));
+    }
+
+    /// Starts etcd and the API server again after [`ControlPlane::stop`], and waits until the
+    /// API server is ready.
+    pub async fn start_again(&mut self) -> Result<()> {
+        let d = self.dir.path().to_owned();
+        let mut etcd = Command::new(&self.binaries.etcd);
+        etcd.args(&self.etcd_args);
+        self.etcd = ChildGuard::spawn("etcd", etcd, &d.join("etcd.log"))?;
+        let mut api = Command::new(&self.binaries.kube_apiserver);
+        api.args(&self.apiserver_args);
+        self.apiserver = ChildGuard::spawn("kube-apiserver", api, &d.join("apiserver.log"))?;
+        self.wait_ready().await
     }
 
     async fn wait_ready(&mut self) -> Result<()> {

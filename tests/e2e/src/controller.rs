@@ -174,6 +174,11 @@ impl Controller {
         self.wait_ready().await
     }
 
+    /// Whether the process is still running (false once it exited or was stopped).
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill(&mut self) {
         self.process.kill();

@@ -4,6 +4,7 @@
 
 pub mod agent_sim;
 pub mod binaries;
+pub mod chaos;
 pub mod cluster;
 pub mod control_plane;
 pub mod controller;

@@ -6,6 +6,12 @@
 //! installed Deployment and DaemonSet (see [`crate::pods`]); only the chart's values differ
 //! from a user's (free ports, one controller replica, debug logs, short report interval).
 //!
+//! Nodes are like real ones in one respect that matters for leaks: each has a default route
+//! through an underlay router (a namespace on the bridge, forwarding, with routes back to
+//! every node's pod CIDR, as a cloud's VPC routes have). So a packet no more specific route
+//! takes leaves the node in plaintext and reaches its destination, instead of failing as
+//! unreachable, and a leak test cannot pass for the wrong reason.
+//!
 //! Two network modes, as the chart has them:
 //! - [`NetworkMode::Cni`]: the agents write the nodes' conflist, and pods are attached
 //!   by running the plugins of that very file;
@@ -14,8 +20,8 @@
 //!   agents in add-on mode.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -28,8 +34,6 @@ use crate::netns::{Netns, RootLink, bridge, cni_add_conflist, cni_add_pod, veth_
 use crate::pods::{self, Installed, Launch, VolumeSources};
 use crate::process::ChildGuard;
 use crate::scratch::ScratchDir;
-
-static MESHES: AtomicU32 = AtomicU32::new(0);
 
 /// The conflist the agent writes in CNI mode, relative to a node's root.
 const CONFLIST: &str = "etc/cni/net.d/05-wgmesh.conflist";
@@ -65,9 +69,40 @@ pub struct TestMesh {
     pub underlay: String,
     pub id: String,
     pub installed: Installed,
+    /// The underlay router, at `<underlay>.253`: every node's default gateway.
+    pub router: Netns,
+    _router_link: RootLink,
     _bridge: RootLink,
     pub cp: ControlPlane,
     dir: ScratchDir,
+    /// Holds the underlay's /24 for this mesh (see [`reserve_underlay`]); released last.
+    _underlay_lock: File,
+}
+
+/// The underlay router's last octet.
+pub const ROUTER_OCTET: u8 = 253;
+
+/// Picks a free underlay /24 `192.168.X` (X in 100..200) for a new mesh: one that no address
+/// of the root namespace is on (meshes of other processes, whichever harness version made
+/// them) and whose lock file no live mesh holds (this process's and others'). The lock is
+/// held as long as the returned file is open. Starting from a pid-derived X keeps concurrent
+/// processes from contending for the same one first.
+fn reserve_underlay() -> Result<(u8, File)> {
+    let dir = std::env::temp_dir().join("wgmesh-underlays");
+    std::fs::create_dir_all(&dir)?;
+    let start = std::process::id() % 100;
+    for k in 0..100 {
+        let octet = (100 + (start + k) % 100) as u8;
+        let used = crate::netns::sh("ip", &["-o", "-4", "addr", "show"])?;
+        if used.contains(&format!(" 192.168.{octet}.")) {
+            continue;
+        }
+        let file = File::create(dir.join(format!("192.168.{octet}.lock")))?;
+        if file.try_lock().is_ok() {
+            return Ok((octet, file));
+        }
+    }
+    bail!("no free underlay /24 in 192.168.100-199.0/24")
 }
 
 impl TestMesh {
@@ -78,13 +113,28 @@ impl TestMesh {
     }
 
     pub async fn start_in(n: usize, mode: NetworkMode) -> Result<Self> {
-        let seq = MESHES.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}{}", std::process::id() % 1000, seq);
-        let underlay = format!("192.168.{}", 100 + (std::process::id() + seq) % 100);
+        let (octet, underlay_lock) = reserve_underlay()?;
+        // Unique while the lock is held; the letter keeps it apart from the numeric ids of
+        // older harnesses (process id and sequence).
+        let id = format!("u{octet}");
+        let underlay = format!("192.168.{octet}");
         let cp = ControlPlane::start().await?;
         let client = cp.client().await?;
         let dir = ScratchDir::new("wgmesh-mesh-")?;
         let bridge = bridge(&format!("wgm{id}br"), &format!("{underlay}.254/24"))?;
+        let router = Netns::create(&format!("wgm{id}r"))?;
+        let router_link = veth_to_bridge(
+            &format!("wgm{id}br"),
+            &format!("wgm{id}vr"),
+            &router,
+            "eth0",
+            &format!("{underlay}.{ROUTER_OCTET}/24"),
+        )?;
+        router.sysctl("net.ipv4.ip_forward", "1")?;
+        // It forwards back out of the interface a packet came in on: no redirects, so the
+        // nodes keep sending through it as they would through a real gateway.
+        router.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
+        router.sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
 
         // The chart, with the values a test needs.
         let (grpc_port, metrics_port) = (free_port()?, free_port()?);
@@ -164,9 +214,12 @@ impl TestMesh {
             underlay,
             id,
             installed,
+            router,
+            _router_link: router_link,
             _bridge: bridge,
             cp,
             dir,
+            _underlay_lock: underlay_lock,
         };
         for i in 1..=n {
             mesh.add_node(i).await?;
@@ -199,7 +252,13 @@ impl TestMesh {
             &format!("{node_ip}/24"),
         )?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        // Like every real node: a default route through the underlay's router, which routes
+        // the node's pod CIDR back to it.
+        let router_ip = format!("{}.{ROUTER_OCTET}", self.underlay);
+        ns.ip(&["route", "add", "default", "via", &router_ip])?;
         let pod_cidr = format!("10.244.{i}.0/24");
+        self.router
+            .ip(&["route", "replace", &pod_cidr, "via", &node_ip])?;
         let pod_ip = match self.mode {
             // The other CNI's bridge, there before wgmesh.
             NetworkMode::Addon => {
@@ -324,6 +383,64 @@ impl TestMesh {
             &log,
         )?);
         Ok(())
+    }
+
+    /// A new node joins: its Node object, namespaces and pod, and its agent started; in add-on
+    /// mode, the other CNI's plain routes to and from it. Returns its position in `nodes`.
+    pub async fn join_node(&mut self) -> Result<usize> {
+        let i = self.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
+        self.add_node(i).await?;
+        let pos = self.nodes.len() - 1;
+        if self.mode == NetworkMode::Addon {
+            let new = &self.nodes[pos];
+            for other in &self.nodes[..pos] {
+                other
+                    .ns
+                    .ip(&["route", "add", &new.pod_cidr, "via", &new.node_ip])?;
+                new.ns
+                    .ip(&["route", "add", &other.pod_cidr, "via", &other.node_ip])?;
+            }
+        }
+        self.prepare_agent(pos).await?;
+        self.start_agent(pos)?;
+        if self.mode == NetworkMode::Cni {
+            self.attach_pod_from_agent_conflist(pos).await?;
+        }
+        Ok(pos)
+    }
+
+    /// The node at `pos` is gone, as a machine is once deleted: its agent stopped (SIGTERM),
+    /// its namespaces and underlay link removed, the routes to it on the router and (add-on
+    /// mode) on the other nodes removed. The Node object is the caller's to delete first.
+    pub fn remove_node(&mut self, pos: usize) -> Result<()> {
+        self.stop_agent(pos);
+        let node = self.nodes.remove(pos);
+        let _ = self.router.ip(&["route", "del", &node.pod_cidr]);
+        if self.mode == NetworkMode::Addon {
+            for other in &self.nodes {
+                let _ = other.ns.ip(&["route", "del", &node.pod_cidr]);
+            }
+        }
+        drop(node);
+        Ok(())
+    }
+
+    /// Kills node `pos`'s agent at once (SIGKILL), as a crash would.
+    pub fn kill_agent(&mut self, pos: usize) {
+        if let Some(mut agent) = self.nodes[pos].agent.take() {
+            agent.kill();
+        }
+    }
+
+    /// The root-namespace end of node `pos`'s underlay link: everything the node sends on
+    /// the underlay crosses it (captures see the node's side as direction "in").
+    pub fn underlay_link(&self, pos: usize) -> String {
+        format!("wgm{}v{}", self.id, self.nodes[pos].index)
+    }
+
+    /// The mesh's scratch directory (logs, captures); removed on drop.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// A host outside the cluster on the nodes' underlay (a laptop, a site's router): the

@@ -2,6 +2,7 @@
 
 mod control_plane;
 mod dataplane;
+mod disruption;
 mod stats;
 
 use anyhow::Result;
@@ -15,6 +16,10 @@ pub enum Bench {
     /// Throughput, latency and CPU per GB of our userspace device against the raw veth,
     /// Debian's and upstream wireguard-go, between two network namespaces (root).
     Dataplane(dataplane::Args),
+    /// What each fault (agent, controller and API server restarts, nodes joining and leaving,
+    /// key rotation, peer deletion, Secrets denied) costs pod traffic on a local mesh: the
+    /// longest stall, pings lost, plaintext packets seen, TCP resets (root).
+    Disruption(disruption::Args),
 }
 
 pub fn run(bench: Bench) -> Result<()> {
@@ -26,5 +31,11 @@ pub fn run(bench: Bench) -> Result<()> {
             rt.block_on(control_plane::run(args))
         }
         Bench::Dataplane(args) => dataplane::run(args),
+        Bench::Disruption(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(disruption::run(args))
+        }
     }
 }
