@@ -57,13 +57,23 @@ pub struct DeviceState {
 /// The changes that turn the observed device into the wanted one: remove the peers not
 /// wanted (also those found on a device adopted after a restart), upsert those that differ,
 /// leave the rest (and their sessions) alone; then the port (unless 0: any) and the mark.
-/// An unset endpoint never overrides where a roaming peer was last seen.
+///
+/// Endpoints roam: a device reports where a peer's authenticated packets last came from, and
+/// that wins over the configured one. So a wanted endpoint is pushed only when it is new to
+/// the device's configuration *and* differs from what was asked last time (`previous`, what
+/// the agent last applied; empty after a restart, when the configured one is pushed once).
+/// An unset endpoint never overrides a roamed one.
 pub fn device_changes(
     observed: &DeviceState,
     wanted: &[PeerConfig],
+    previous: &[PeerConfig],
     listen_port: u16,
     fwmark: u32,
 ) -> Vec<DeviceChange> {
+    let asked: BTreeMap<PublicKey, Option<SocketAddr>> = previous
+        .iter()
+        .map(|p| (p.public_key, p.endpoint))
+        .collect();
     let have: BTreeMap<PublicKey, &PeerConfig> = observed
         .peers
         .iter()
@@ -82,7 +92,9 @@ pub fn device_changes(
                 !same_set(&h.allowed_ips, &w.allowed_ips)
                     || h.persistent_keepalive != w.persistent_keepalive
                     || h.preshared_key != w.preshared_key
-                    || (w.endpoint.is_some() && h.endpoint != w.endpoint)
+                    || (w.endpoint.is_some()
+                        && h.endpoint != w.endpoint
+                        && asked.get(key).copied().flatten() != w.endpoint)
             }
         };
         if differs {

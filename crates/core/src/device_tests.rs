@@ -141,9 +141,44 @@ fn device_changes_table() {
     ];
     for (name, have, want, expected) in cases {
         assert_eq!(
-            summary(&device_changes(&observed(have, 51820, 0), &want, 51820, 0)),
+            summary(&device_changes(
+                &observed(have, 51820, 0),
+                &want,
+                &[],
+                51820,
+                0
+            )),
             expected,
             "{name}"
+        );
+    }
+}
+
+/// A peer the device saw roam keeps its roamed endpoint while the controller still asks for
+/// the one it asked for before; a new endpoint from the controller is pushed.
+#[test]
+fn roamed_endpoints_are_not_pushed_back() {
+    let configured = config(2, Some("192.0.2.2:51820"), &["10.244.2.0/24"]);
+    let roamed = config(2, Some("198.51.100.7:40000"), &["10.244.2.0/24"]);
+    let moved = config(2, Some("192.0.2.9:51820"), &["10.244.2.0/24"]);
+    let device = observed(vec![roamed], 51820, 0);
+    // wanted, asked last time, expected
+    let cases = [
+        (&configured, vec![configured.clone()], vec![]),
+        (&moved, vec![configured.clone()], vec!["+2"]),
+        (&configured, vec![], vec!["+2"]),
+    ];
+    for (want, previous, expected) in cases {
+        assert_eq!(
+            summary(&device_changes(
+                &device,
+                std::slice::from_ref(want),
+                &previous,
+                51820,
+                0
+            )),
+            expected,
+            "{want:?} after {previous:?}"
         );
     }
 }
@@ -160,7 +195,7 @@ fn port_and_mark() {
         (51000, 0x57, vec!["port 51000", "mark 87"]),
     ] {
         assert_eq!(
-            summary(&device_changes(&device, &[], port, mark)),
+            summary(&device_changes(&device, &[], &[], port, mark)),
             expected,
             "{port} {mark}"
         );

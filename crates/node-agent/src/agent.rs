@@ -42,6 +42,9 @@ pub struct Agent {
     desired: Desired,
     /// What is programmed on the node: `desired`, unless the agent refused it.
     programmed: Desired,
+    /// The peers as last applied to the device (endpoints as asked), to tell a roamed
+    /// endpoint from one the controller changed.
+    last_wanted: Vec<PeerConfig>,
     /// Why the last update was not programmed; empty once one is.
     refused: String,
     /// Set once the node left the mesh as it said, until it is a member again.
@@ -69,6 +72,7 @@ impl Agent {
             routing: Routing::new().await?,
             desired: Desired::default(),
             programmed: Desired::default(),
+            last_wanted: Vec::new(),
             refused: String::new(),
             departed: Departure::Unspecified,
             controller_addresses: Vec::new(),
@@ -281,6 +285,7 @@ impl Agent {
         if let Some(device) = self.device.take() {
             device.delete().await?;
         }
+        self.last_wanted.clear();
         let routing = routing_config(
             &self.args.network,
             &settings,
@@ -357,7 +362,7 @@ impl Agent {
         }
         let observed = device.observe().await?;
         let port = u16::try_from(settings.listen_port).unwrap_or(0);
-        let changes = device_changes(&observed, &wanted, port, settings.fwmark);
+        let changes = device_changes(&observed, &wanted, &self.last_wanted, port, settings.fwmark);
         if !changes.is_empty() {
             tracing::info!(
                 changes = changes.len(),
@@ -367,6 +372,8 @@ impl Agent {
             );
             device.apply(&changes).await?;
         }
+        let peers = wanted.len();
+        self.last_wanted = wanted;
         let mut keep_reachable = self.routing.underlay_addresses().await?;
         keep_reachable.extend(self.args.endpoint_address.iter().copied());
         keep_reachable.extend(self.controller_addresses.iter().copied());
@@ -384,7 +391,7 @@ impl Agent {
         if self.args.network.network_mode == NetworkMode::Cni {
             self.write_cni_config(&settings, desired).await?;
         }
-        self.metrics.set_peers(wanted.len());
+        self.metrics.set_peers(peers);
         self.healthy.send_replace(true);
         Ok(())
     }
