@@ -252,6 +252,8 @@ impl MeshService for MeshServer {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = PeerStream {
             node: req.node.clone(),
+            mesh: req.mesh.clone(),
+            meshes: self.caches.meshes.clone(),
             epoch: self.index.epoch().to_owned(),
             views,
             tx,
@@ -362,6 +364,9 @@ fn node_owner(node: &k8s_openapi::api::core::v1::Node) -> OwnerReference {
 /// One agent's stream: a snapshot, then deltas, coalesced when the agent is slow.
 struct PeerStream {
     node: String,
+    mesh: String,
+    /// The synced mesh cache: a mesh absent from it is deleted, and its nodes are told so.
+    meshes: kube::runtime::reflector::Store<wgmesh_api::WireGuardMesh>,
     epoch: String,
     views: watch::Receiver<NodeView>,
     tx: mpsc::Sender<Result<pb::PeerUpdate, Status>>,
@@ -387,8 +392,19 @@ impl PeerStream {
         });
         loop {
             let view = self.views.borrow_and_update().clone();
-            if view.settings.is_some() {
-                let now = self.config_of(&view);
+            // No settings: the mesh was never computed, is held (a Secret it needs is not
+            // read yet), or is gone. Only gone (absent from the synced cache) is news.
+            let mesh_gone = view.settings.is_none()
+                && self
+                    .meshes
+                    .get(&kube::runtime::reflector::ObjectRef::new(&self.mesh))
+                    .is_none();
+            if view.settings.is_some() || mesh_gone {
+                let now = if mesh_gone {
+                    NodeConfig::mesh_deleted()
+                } else {
+                    self.config_of(&view)
+                };
                 if let Some(update) = next_update(sent.as_ref(), &now) {
                     let kind = match update {
                         NodeUpdate::Snapshot => "snapshot",

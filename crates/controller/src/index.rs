@@ -204,6 +204,7 @@ fn notify(
             let changed = all
                 || current.settings.is_none()
                 || current.member(node) != view.member(node)
+                || current.desired.non_members.get(node) != view.desired.non_members.get(node)
                 || changed.iter().any(|k| Some(*k) != own);
             // Always move to the latest revision; wake the stream only when it matters.
             *current = view.clone();

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use blake2::{Blake2s256, Digest};
 
+use crate::agent_config::Departure;
 use crate::reason::Reason;
 use crate::{Cidr, CidrSet, Key, PublicKey};
 
@@ -234,6 +235,9 @@ pub struct DesiredMesh {
     /// oldest first (created, already programmed, seniority, name). Claims are judged in this
     /// order, and the writer allocates tunnel addresses in it.
     pub precedence: Vec<String>,
+    /// Why each known Node that is not a member is not one: not selected, or not registered
+    /// (yet). A Node missing here and from `members` does not exist.
+    pub non_members: BTreeMap<String, Departure>,
 }
 
 impl DesiredMesh {
@@ -414,6 +418,18 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         }
         out.verdicts.insert(peer.name.clone(), verdict);
     }
+    out.non_members = nodes
+        .iter()
+        .filter(|n| !out.members.contains_key(&n.name))
+        .map(|n| {
+            let why = if n.selected {
+                Departure::NotRegistered
+            } else {
+                Departure::NodeNotSelected
+            };
+            (n.name.clone(), why)
+        })
+        .collect();
     out.gateways = out
         .members
         .iter()

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::agent_config::Departure;
 use crate::desired::{DesiredMesh, DesiredPeer, Member, PresharedKey, pair_preshared_key};
 use crate::diff::diff_peer_sets;
 use crate::{Key, PublicKey};
@@ -24,6 +25,9 @@ pub struct NodeConfig<S> {
     pub member: Option<Member>,
     /// The mesh's desired state, shared by every node's view.
     pub desired: Arc<DesiredMesh>,
+    /// Why the node is not a member (`Unspecified` for a member): the agent removes its data
+    /// path only for the reasons that end a membership.
+    pub departure: Departure,
 }
 
 static NO_PEERS: BTreeMap<PublicKey, Arc<DesiredPeer>> = BTreeMap::new();
@@ -31,10 +35,28 @@ static NO_PEERS: BTreeMap<PublicKey, Arc<DesiredPeer>> = BTreeMap::new();
 impl<S> NodeConfig<S> {
     /// Node `node`'s view of a mesh's desired state.
     pub fn of(node: &str, settings: Option<Arc<S>>, desired: Arc<DesiredMesh>) -> Self {
+        let member = desired.members.get(node).cloned();
+        let departure = match (&member, desired.non_members.get(node)) {
+            (Some(_), _) => Departure::Unspecified,
+            (None, Some(why)) => *why,
+            // Computed from a synced cache without this Node: it was deleted.
+            (None, None) => Departure::NodeDeleted,
+        };
         NodeConfig {
             settings,
-            member: desired.members.get(node).cloned(),
+            member,
             desired,
+            departure,
+        }
+    }
+
+    /// The view of a node whose mesh is gone (deleted, or absent from a synced cache).
+    pub fn mesh_deleted() -> Self {
+        NodeConfig {
+            settings: None,
+            member: None,
+            desired: Arc::default(),
+            departure: Departure::MeshDeleted,
         }
     }
 
@@ -112,6 +134,10 @@ pub fn next_update<S: PartialEq>(
     let Some(sent) = sent else {
         return Some(NodeUpdate::Snapshot);
     };
+    // A membership that ends, or a reason that changes, is said with the whole view.
+    if sent.departure != now.departure {
+        return Some(NodeUpdate::Snapshot);
+    }
     let (before, after) = (sent.member.as_ref(), now.member.as_ref());
     // Our own key or the mesh secret changed: every derived preshared key changes too.
     if before.is_some()

@@ -237,3 +237,44 @@ fn next_update_table() {
         );
     }
 }
+
+/// Why a node is not a member, as its view says: deselected, not registered yet, deleted
+/// (absent from the Nodes the mesh was computed from), or the mesh gone; a change of reason is
+/// sent as a snapshot.
+#[test]
+fn departures_per_node_and_their_snapshots() {
+    let desired = mesh_of(3, |_, nodes, peers| {
+        nodes[1].selected = false; // n2
+        peers.retain(|p| p.node.as_deref() != Some("n3")); // n3 not registered
+        nodes.push(node(9)); // n9, never registered either
+    });
+    let of = |node: &str| NodeConfig::<Settings>::of(node, Some(Arc::new("s")), desired.clone());
+    // node, expected departure
+    for (node, want) in [
+        ("n1", Departure::Unspecified),
+        ("n2", Departure::NodeNotSelected),
+        ("n3", Departure::NotRegistered),
+        ("n9", Departure::NotRegistered),
+        ("n7", Departure::NodeDeleted),
+    ] {
+        assert_eq!(of(node).departure, want, "{node}");
+    }
+    assert_eq!(
+        NodeConfig::<Settings>::mesh_deleted().departure,
+        Departure::MeshDeleted
+    );
+
+    // A member whose Node goes: a snapshot that says so.
+    let before = view(&plain(3), "s");
+    let gone = mesh_of(3, |_, nodes, peers| {
+        nodes.retain(|n| n.name != "n1");
+        peers.retain(|p| p.node.as_deref() != Some("n1"));
+    });
+    let after = view(&gone, "s");
+    assert_eq!(after.departure, Departure::NodeDeleted);
+    assert_eq!(summary(next_update(Some(&before), &after)), "snapshot");
+    // The mesh then goes too: another snapshot; and nothing more after that.
+    let deleted = NodeConfig::<Settings>::mesh_deleted();
+    assert_eq!(summary(next_update(Some(&after), &deleted)), "snapshot");
+    assert_eq!(summary(next_update(Some(&deleted), &deleted)), "none");
+}

@@ -115,17 +115,35 @@ impl Agent {
     async fn session(&mut self) -> Result<()> {
         let mut client = ControllerClient::connect(&self.args).await?;
         let port = listen_port(&self.desired);
-        let response = self.register(&mut client, port).await?;
-        let settings = response.mesh.clone().unwrap_or_default();
-        if settings.listen_port != 0 && settings.listen_port != port {
-            // First start: we only now know the mesh's port; say it again so our endpoint is right.
-            self.register(&mut client, settings.listen_port).await?;
+        match self.register(&mut client, port).await {
+            Ok(response) => {
+                let settings = response.mesh.clone().unwrap_or_default();
+                if settings.listen_port != 0 && settings.listen_port != port {
+                    // First start: we only now know the mesh's port; say it again so our
+                    // endpoint is right.
+                    self.register(&mut client, settings.listen_port).await?;
+                }
+                if self.desired.settings.is_none() {
+                    // Only for the port we register with until the stream's first message.
+                    self.desired.settings = response.mesh;
+                }
+                tracing::info!(node = %self.args.node, mesh = %self.args.mesh, public_key = %self.key.public_key(), "registered");
+            }
+            // The mesh or the Node is gone, or the Node is not selected: not a member, but the
+            // stream still says whether that ends what this node has programmed.
+            Err(Error::Rpc(status))
+                if matches!(
+                    status.code(),
+                    tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                ) =>
+            {
+                tracing::info!(
+                    reason = status.message(),
+                    "not registered; following the mesh for whether to leave"
+                );
+            }
+            Err(e) => return Err(e),
         }
-        if self.desired.settings.is_none() {
-            // Only for the port we register with until the stream's first message.
-            self.desired.settings = response.mesh;
-        }
-        tracing::info!(node = %self.args.node, mesh = %self.args.mesh, public_key = %self.key.public_key(), "registered");
         // Nothing is programmed from the registration alone: the stream's first message is
         // the whole view, and until it arrives what is programmed (or was saved) stays.
 

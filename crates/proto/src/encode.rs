@@ -6,7 +6,7 @@
 use wgmesh_core::desired::{DesiredPeer, Member};
 use wgmesh_core::node_config::{NodeConfig, NodeUpdate};
 
-use crate::{Departure, MeshSettings, Peer, PeerDelta, PeerSnapshot, PeerUpdate, peer_update};
+use crate::{MeshSettings, Peer, PeerDelta, PeerSnapshot, PeerUpdate, peer_update};
 
 /// A peer as the node of `view` programs it.
 pub fn peer(peer: &DesiredPeer, view: &NodeConfig<MeshSettings>) -> Peer {
@@ -50,12 +50,7 @@ pub fn snapshot(view: &NodeConfig<MeshSettings>) -> PeerSnapshot {
         mesh: view.settings.as_deref().cloned(),
         tunnel_addresses: tunnel_addresses(view.member.as_ref()),
         pod_cidrs: pod_cidrs(view.member.as_ref()),
-        // Not a leaving instruction: the agent keeps what it has.
-        departure: if view.member.is_some() {
-            Departure::Unspecified
-        } else {
-            Departure::NotRegistered
-        } as i32,
+        departure: crate::decode::wire_departure(view.departure) as i32,
         members: members(view),
     }
 }

@@ -213,10 +213,20 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
     transfer_result.map_err(|_| anyhow::anyhow!("the transfer thread panicked"))??;
     mesh.controller.as_mut().unwrap().restart().await?;
 
-    // 6. Deleting a node removes its peer and routes from the others; adding it back restores them.
+    // 6. Deleting a node removes its peer and routes from the others, and the node leaves:
+    // its agent removes its interface, routes and guards (the mesh said so, a SIGTERM never
+    // does); adding it back restores everything.
     cluster::delete_node(&mesh.client, "node-3").await?;
     wait_for("node-3 gone from node-1", Duration::from_secs(60), || {
         Ok(mesh.wg_peers(0)?.len() == 1 && !mesh.routes(0)?.contains("10.244.3.0/24"))
+    })
+    .await?;
+    wait_for("node-3 left the mesh", Duration::from_secs(60), || {
+        let link = mesh.nodes[2].ns.ip(&["-o", "link", "show"])?;
+        let ours = mesh.nodes[2]
+            .ns
+            .ip(&["route", "show", "table", "all", "proto", "87"])?;
+        Ok(!link.contains("wgmesh0") && ours.trim().is_empty())
     })
     .await?;
     cluster::create_node(
