@@ -280,6 +280,27 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
             "node {i}'s private key is in the API"
         );
     }
+
+    // 9. Deleting the mesh is what ends it on the nodes: every agent removes its interface,
+    // routes, guards and CNI configuration, and keeps its key.
+    mesh.cp.kubectl_ok(&["delete", "wireguardmeshes", "default"])?;
+    wait_for("every node left", Duration::from_secs(60), || {
+        for node in &mesh.nodes {
+            let link = node.ns.ip(&["-o", "link", "show"])?;
+            let ours = node
+                .ns
+                .ip(&["route", "show", "table", "all", "proto", "87"])?;
+            let conflist = node.host_root.join("etc/cni/net.d/05-wgmesh.conflist");
+            if link.contains("wgmesh0") || !ours.trim().is_empty() || conflist.exists() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    for i in 0..mesh.nodes.len() {
+        assert!(mesh.key_file(i).exists(), "node {i} keeps its key");
+    }
     Ok(())
 }
 
