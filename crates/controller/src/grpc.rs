@@ -300,6 +300,14 @@ impl MeshService for MeshServer {
             tracing::warn!(node = %req.node, mesh = %req.mesh, dropped, "dropped report entries for peers outside the node's peer set");
         }
         self.reports.record(&req.mesh, &req.node, observations);
+        self.reports.record_agent(
+            &req.mesh,
+            &req.node,
+            crate::reports::AgentState {
+                programmed: req.programmed,
+                refused_update: req.refused_update.clone(),
+            },
+        );
         if !forwarded
             && !*self.leader.borrow()
             && let Some(forwarder) = &self.forwarder

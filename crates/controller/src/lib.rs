@@ -3,6 +3,7 @@
 //! on the replica holding the lease, writes status, tunnel addresses and node peers.
 #![forbid(unsafe_code)]
 
+pub mod agent_followups;
 pub mod auth;
 pub mod config;
 pub mod convert;

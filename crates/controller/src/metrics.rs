@@ -28,6 +28,7 @@ struct Inner {
     auth_failures: Family<Labels, Counter>,
     status_writes: Counter,
     is_leader: Gauge,
+    refused_updates: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -48,6 +49,12 @@ impl Metrics {
         let auth_failures = Family::<Labels, Counter>::default();
         let status_writes = Counter::default();
         let is_leader = Gauge::default();
+        let refused_updates = Family::<Labels, Counter>::default();
+        registry.register(
+            "agent_refused_updates",
+            "Updates agents refused to program (they would have wiped the node without the mesh saying so), by mesh",
+            refused_updates.clone(),
+        );
         registry.register(
             "reconciles",
             "Recomputations of the desired mesh",
@@ -101,6 +108,7 @@ impl Metrics {
                 auth_failures,
                 status_writes,
                 is_leader,
+                refused_updates,
             }),
         }
     }
@@ -108,6 +116,13 @@ impl Metrics {
     pub fn reconciled(&self, seconds_since_change: f64) {
         self.inner.reconciles.inc();
         self.inner.convergence.observe(seconds_since_change);
+    }
+
+    pub fn agent_refused_update(&self, mesh: &str) {
+        self.inner
+            .refused_updates
+            .get_or_create(&vec![("mesh", mesh.to_owned())])
+            .inc();
     }
 
     pub fn error(&self, reason: &str) {

@@ -24,10 +24,20 @@ pub struct Aggregate {
     pub by_node: BTreeMap<String, SystemTime>,
 }
 
+/// What an agent says of itself: whether it has programmed a configuration, and the update it
+/// last refused (empty: none).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentState {
+    pub programmed: bool,
+    pub refused_update: String,
+}
+
 #[derive(Default)]
 pub struct Reports {
     /// mesh -> reporting node -> observations
     by_mesh: Mutex<HashMap<String, HashMap<String, Vec<Observation>>>>,
+    /// mesh -> node -> what its agent says of itself
+    agents: Mutex<HashMap<String, HashMap<String, AgentState>>>,
     /// Woken when a report changes something.
     pub changed: Notify,
 }
@@ -47,11 +57,39 @@ impl Reports {
         }
     }
 
+    /// Replaces what a node's agent says of itself. Wakes the status writer when it differs.
+    pub fn record_agent(&self, mesh: &str, node: &str, state: AgentState) {
+        let mut agents = self.agents.lock().expect("reports lock");
+        let slot = agents
+            .entry(mesh.to_owned())
+            .or_default()
+            .entry(node.to_owned())
+            .or_default();
+        if *slot != state {
+            *slot = state;
+            self.changed.notify_one();
+        }
+    }
+
+    /// What the agents of a mesh say of themselves, by node.
+    pub fn agents(&self, mesh: &str) -> HashMap<String, AgentState> {
+        let agents = self.agents.lock().expect("reports lock");
+        agents.get(mesh).cloned().unwrap_or_default()
+    }
+
     /// Forgets the reports of meshes and nodes that are gone: `members` holds every mesh that
     /// exists with its member nodes.
     pub fn prune(&self, members: &BTreeMap<String, BTreeSet<String>>) {
         let mut by_mesh = self.by_mesh.lock().expect("reports lock");
         by_mesh.retain(|mesh, nodes| match members.get(mesh) {
+            Some(live) => {
+                nodes.retain(|node, _| live.contains(node));
+                !nodes.is_empty()
+            }
+            None => false,
+        });
+        let mut agents = self.agents.lock().expect("reports lock");
+        agents.retain(|mesh, nodes| match members.get(mesh) {
             Some(live) => {
                 nodes.retain(|node, _| live.contains(node));
                 !nodes.is_empty()

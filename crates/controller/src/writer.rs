@@ -44,6 +44,8 @@ pub struct Writer {
     mesh_written: HashMap<String, WireGuardMeshStatus>,
     /// Each peer's last verdict reason, to raise an Event only when it changes.
     last_reason: HashMap<String, Reason>,
+    /// Refusal events and the startup taint, from what agents say of themselves.
+    followups: crate::agent_followups::AgentFollowUps,
 }
 
 /// The verdict of one peer object, whichever way it was reached.
@@ -72,6 +74,7 @@ impl Writer {
             written: HashMap::new(),
             mesh_written: HashMap::new(),
             last_reason: HashMap::new(),
+            followups: Default::default(),
         }
     }
 
@@ -133,6 +136,15 @@ impl Writer {
         }
         let live: std::collections::HashSet<String> =
             snapshot.peers.iter().map(|p| p.name_any()).collect();
+        self.followups
+            .sync(
+                &self.client,
+                &self.recorder,
+                &self.metrics,
+                &self.reports,
+                snapshot,
+            )
+            .await;
         self.written.retain(|k, _| live.contains(k));
         self.pending_addresses.retain(|k, _| live.contains(k));
         self.last_reason.retain(|k, _| live.contains(k));

@@ -853,3 +853,77 @@ async fn secrets_outside_the_secret_namespaces_are_never_read() -> Result<()> {
         .await?;
     Ok(())
 }
+
+/// The startup taint goes once the node's agent says it has programmed the mesh (not before),
+/// other taints stay; an agent's refusal becomes one Warning event on its Node.
+#[tokio::test]
+async fn the_startup_taint_goes_once_programmed_and_refusals_become_events() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let c = fx.controller("c1").await?;
+    let mut a = fx.agent(&c, "a", 1).await?;
+    let _b = fx.agent(&c, "b", 2).await?;
+    a.wait_until(WAIT, "node-b", |s| s.peers.len() == 1).await?;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(fx.client.clone());
+    let taints = json!({"spec": {"taints": [
+        {"key": "wgmesh.io/agent-not-ready", "effect": "NoSchedule"},
+        {"key": "example.com/other", "effect": "NoSchedule"},
+    ]}});
+    nodes
+        .patch("a", &PatchParams::default(), &Patch::Merge(&taints))
+        .await?;
+    let keys = |n: &k8s_openapi::api::core::v1::Node| -> Vec<String> {
+        n.spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .map(|t| t.iter().map(|t| t.key.clone()).collect())
+            .unwrap_or_default()
+    };
+
+    // Nothing programmed yet: the taint stays.
+    a.report_state(0, "").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(keys(&nodes.get("a").await?).contains(&"wgmesh.io/agent-not-ready".to_owned()));
+
+    a.report_state(3, "").await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let now = keys(&nodes.get("a").await?);
+        if now == ["example.com/other"] {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the startup taint stayed: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let refusal = "revision 9: would remove all 1 peers while 2 members exist";
+    a.report_state(3, refusal).await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(fx.client.clone());
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let found: Vec<_> = events
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("UpdateRefused"))
+            .collect();
+        if let Some(e) = found.first() {
+            assert_eq!(found.len(), 1, "one event: {found:?}");
+            assert!(e.note.as_deref().unwrap_or("").contains(refusal), "{e:?}");
+            assert_eq!(
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()),
+                Some("a")
+            );
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no UpdateRefused event"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

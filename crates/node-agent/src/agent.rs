@@ -443,6 +443,11 @@ impl Agent {
     /// Reports per-peer observations when they changed meaningfully (handshake, endpoint or
     /// traffic); a quiet mesh sends nothing.
     async fn report(&mut self, client: &mut ControllerClient) -> Result<()> {
+        // The controller takes reports from members only (a node that left has nothing to
+        // report on).
+        if !self.desired.is_member() {
+            return Ok(());
+        }
         let state = match &self.device {
             Some(device) => Some(device.observe().await?),
             None => None,

@@ -20,6 +20,10 @@ pub const MAX_ENDPOINT_ADDRESSES: usize = 16;
 pub const MAX_REPORTED_PEERS: usize = 10_000;
 /// Longest agent version string kept (it is logged and shown in status).
 pub const MAX_AGENT_VERSION: usize = 64;
+/// Longest refusal message kept (it becomes an event's note).
+pub const MAX_REFUSAL: usize = 512;
+/// Longest epoch an agent may echo (the controller's own are far shorter).
+pub const MAX_EPOCH: usize = 128;
 
 /// A checked `RegisterRequest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +53,11 @@ pub struct Report {
     pub node: String,
     pub mesh: String,
     pub peers: Vec<Reported>,
+    /// Whether the agent has programmed a configuration from this controller's epoch or an
+    /// earlier one (its revision is not the controller's to trust, only that there is one).
+    pub programmed: bool,
+    /// The update the agent refused to program, and why; empty when none.
+    pub refused_update: String,
 }
 
 /// One observation as an agent sent it, before [`scope`] judged it.
@@ -182,10 +191,22 @@ pub fn report(req: &ReportStatusRequest) -> Result<Report, Status> {
             })
         })
         .collect::<Result<Vec<_>, Status>>()?;
+    if req.programmed_epoch.len() > MAX_EPOCH {
+        return Err(Status::invalid_argument(format!(
+            "programmed_epoch is longer than {MAX_EPOCH} bytes"
+        )));
+    }
+    if req.refused_update.len() > MAX_REFUSAL {
+        return Err(Status::invalid_argument(format!(
+            "refused_update is longer than {MAX_REFUSAL} bytes"
+        )));
+    }
     Ok(Report {
         node: req.node.clone(),
         mesh: req.mesh.clone(),
         peers,
+        programmed: req.programmed_revision > 0,
+        refused_update: req.refused_update.clone(),
     })
 }
 
@@ -298,6 +319,18 @@ mod tests {
             ..Default::default()
         };
         assert!(report(&req(vec![peer(vec![1; 32])])).is_ok());
+        let long = |n: usize| "x".repeat(n);
+        let with = |epoch: String, refused: String| ReportStatusRequest {
+            programmed_epoch: epoch,
+            refused_update: refused,
+            programmed_revision: 3,
+            ..req(vec![])
+        };
+        let ok = report(&with(long(MAX_EPOCH), long(MAX_REFUSAL))).unwrap();
+        assert!(ok.programmed);
+        assert_eq!(ok.refused_update.len(), MAX_REFUSAL);
+        assert!(report(&with(long(MAX_EPOCH + 1), String::new())).is_err());
+        assert!(report(&with(String::new(), long(MAX_REFUSAL + 1))).is_err());
         assert!(report(&req(vec![peer(vec![1; 33])])).is_err());
         let many = vec![peer(vec![1; 32]); MAX_REPORTED_PEERS + 1];
         let err = report(&req(many)).unwrap_err();

@@ -122,6 +122,25 @@ impl SimAgent {
         Ok(())
     }
 
+    /// Says what the agent has done: programmed `revision` (0: nothing yet), refused an
+    /// update (non-empty), as a real agent's report carries it.
+    pub async fn report_state(
+        &mut self,
+        revision: u64,
+        refused_update: &str,
+    ) -> Result<(), tonic::Status> {
+        let req = self.request(pb::ReportStatusRequest {
+            node: self.node.clone(),
+            mesh: self.mesh.clone(),
+            programmed_epoch: self.epoch.clone(),
+            programmed_revision: revision,
+            refused_update: refused_update.to_owned(),
+            ..Default::default()
+        });
+        self.client.report_status(req).await?;
+        Ok(())
+    }
+
     /// Receives and applies one update, or `None` when none arrives within `timeout`.
     pub async fn next_update(&mut self, timeout: Duration) -> Result<Option<pb::PeerUpdate>> {
         let stream = self.stream.as_mut().context("not watching")?;

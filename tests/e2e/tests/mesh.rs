@@ -283,7 +283,8 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
 
     // 9. Deleting the mesh is what ends it on the nodes: every agent removes its interface,
     // routes, guards and CNI configuration, and keeps its key.
-    mesh.cp.kubectl_ok(&["delete", "wireguardmeshes", "default"])?;
+    mesh.cp
+        .kubectl_ok(&["delete", "wireguardmeshes", "default"])?;
     wait_for("every node left", Duration::from_secs(60), || {
         for node in &mesh.nodes {
             let link = node.ns.ip(&["-o", "link", "show"])?;

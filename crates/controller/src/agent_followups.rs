@@ -1,0 +1,195 @@
+//! What the lease holder does about what agents say of themselves: an event when an agent
+//! refused an update (it would have wiped the node without the mesh saying so), and the
+//! startup taint removed from a Node once its agent has programmed the mesh there.
+//!
+//! The taint (`wgmesh.io/agent-not-ready:NoSchedule`, set through the kubelet's
+//! `--register-with-taints`) keeps pods off a new node until the mesh runs on it: in add-on
+//! mode the other CNI would otherwise carry their traffic in plaintext before our agent ever
+//! started there. Like Cilium's `node.cilium.io/agent-not-ready`.
+
+use std::collections::HashMap;
+
+use k8s_openapi::api::core::v1::{Node, Taint};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::metrics::Metrics;
+use crate::reconcile::Computed;
+use crate::reports::{AgentState, Reports};
+
+/// The startup taint's key.
+pub const AGENT_NOT_READY_TAINT: &str = "wgmesh.io/agent-not-ready";
+
+/// The Node's taints without ours, when it carries ours (with any effect); `None` otherwise.
+pub fn without_startup_taint(node: &Node) -> Option<Vec<Taint>> {
+    let taints = node.spec.as_ref()?.taints.as_ref()?;
+    if !taints.iter().any(|t| t.key == AGENT_NOT_READY_TAINT) {
+        return None;
+    }
+    Some(
+        taints
+            .iter()
+            .filter(|t| t.key != AGENT_NOT_READY_TAINT)
+            .cloned()
+            .collect(),
+    )
+}
+
+/// The refusal to announce: a new, non-empty one (once per distinct message).
+pub fn refusal_to_announce<'a>(last: Option<&String>, state: &'a AgentState) -> Option<&'a str> {
+    let refused = state.refused_update.as_str();
+    (!refused.is_empty() && last.map(String::as_str) != Some(refused)).then_some(refused)
+}
+
+#[derive(Default)]
+pub struct AgentFollowUps {
+    /// (mesh, node) -> the refusal last announced.
+    announced: HashMap<(String, String), String>,
+}
+
+impl AgentFollowUps {
+    pub async fn sync(
+        &mut self,
+        client: &Client,
+        recorder: &Recorder,
+        metrics: &Metrics,
+        reports: &Reports,
+        snapshot: &Computed,
+    ) {
+        let nodes: HashMap<String, &Node> = snapshot
+            .nodes
+            .iter()
+            .map(|n| (n.name_any(), n.as_ref()))
+            .collect();
+        let mut seen = Vec::new();
+        for (mesh, (_, desired)) in &snapshot.meshes {
+            for (node_name, state) in reports.agents(mesh) {
+                if !desired.members.contains_key(&node_name) {
+                    continue;
+                }
+                let Some(node) = nodes.get(&node_name) else {
+                    continue;
+                };
+                let key = (mesh.clone(), node_name.clone());
+                if let Some(refused) = refusal_to_announce(self.announced.get(&key), &state) {
+                    metrics.agent_refused_update(mesh);
+                    let event = Event {
+                        type_: EventType::Warning,
+                        reason: "UpdateRefused".into(),
+                        note: Some(format!("mesh {mesh}: {refused}")),
+                        action: "Program".into(),
+                        secondary: None,
+                    };
+                    if let Err(e) = recorder.publish(&event, &node.object_ref(&())).await {
+                        tracing::debug!(node = %node_name, error = %e, "publishing an event failed");
+                    }
+                    tracing::warn!(node = %node_name, mesh = %mesh, refused, "an agent refused an update");
+                    self.announced.insert(key.clone(), refused.to_owned());
+                } else if state.refused_update.is_empty() {
+                    self.announced.remove(&key);
+                }
+                seen.push(key);
+                if state.programmed
+                    && let Some(kept) = without_startup_taint(node)
+                {
+                    remove_startup_taint(client, node, kept).await;
+                }
+            }
+        }
+        self.announced.retain(|k, _| seen.contains(k));
+    }
+}
+
+/// Replaces the Node's taints with `kept`, only if the Node is still the one we read (its
+/// `resourceVersion` in the patch): a concurrent change (the node lifecycle controller's own
+/// taints) wins with a conflict, and the next sync tries again.
+async fn remove_startup_taint(client: &Client, node: &Node, kept: Vec<Taint>) {
+    let name = node.name_any();
+    let patch = json!({
+        "metadata": {"resourceVersion": node.resource_version()},
+        "spec": {"taints": kept},
+    });
+    let api: Api<Node> = Api::all(client.clone());
+    match api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(node = %name, taint = AGENT_NOT_READY_TAINT, "the node's agent programmed the mesh: removed the startup taint")
+        }
+        Err(e) => {
+            tracing::debug!(node = %name, error = %e, "removing the startup taint failed; trying again")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(taints: &[(&str, &str)]) -> Node {
+        Node {
+            spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+                taints: Some(
+                    taints
+                        .iter()
+                        .map(|(k, e)| Taint {
+                            key: (*k).into(),
+                            effect: (*e).into(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn startup_taint_table() {
+        let keys =
+            |t: Option<Vec<Taint>>| t.map(|t| t.into_iter().map(|t| t.key).collect::<Vec<_>>());
+        assert_eq!(keys(without_startup_taint(&Node::default())), None);
+        assert_eq!(
+            keys(without_startup_taint(&node(&[("other", "NoSchedule")]))),
+            None
+        );
+        assert_eq!(
+            keys(without_startup_taint(&node(&[
+                ("other", "NoSchedule"),
+                (AGENT_NOT_READY_TAINT, "NoSchedule"),
+                (AGENT_NOT_READY_TAINT, "NoExecute"),
+            ]))),
+            Some(vec!["other".to_owned()])
+        );
+        assert_eq!(
+            keys(without_startup_taint(&node(&[(
+                AGENT_NOT_READY_TAINT,
+                "NoSchedule"
+            )]))),
+            Some(vec![])
+        );
+    }
+
+    #[test]
+    fn refusals_are_announced_once_each() {
+        let state = |r: &str| AgentState {
+            programmed: true,
+            refused_update: r.into(),
+        };
+        let first = "revision 9: would remove all 2 peers while 3 members exist".to_owned();
+        assert_eq!(refusal_to_announce(None, &state("")), None);
+        assert_eq!(
+            refusal_to_announce(None, &state(&first)),
+            Some(first.as_str())
+        );
+        assert_eq!(refusal_to_announce(Some(&first), &state(&first)), None);
+        assert_eq!(
+            refusal_to_announce(Some(&first), &state("revision 10: other")),
+            Some("revision 10: other")
+        );
+    }
+}
