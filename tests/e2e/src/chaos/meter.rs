@@ -371,6 +371,42 @@ fn receive_pongs(socket: UdpSocket, stop: &AtomicBool, state: &Mutex<State>) {
     }
 }
 
+/// UDP datagrams from a pod to an address every 10 ms, until dropped: traffic that must
+/// not leak while the mesh converges (whether anything answers does not matter).
+pub struct Spray {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+pub const SPRAY_PORT: u16 = 7102;
+
+impl Spray {
+    pub fn start(src: &Netns, to: std::net::Ipv4Addr) -> Result<Self> {
+        let socket = in_netns(src, || Ok(UdpSocket::bind(("0.0.0.0", 0))?))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let _ = socket.send_to(b"spray", (to, SPRAY_PORT));
+                std::thread::sleep(STREAM_INTERVAL);
+            }
+        });
+        Ok(Spray {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Spray {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
