@@ -388,6 +388,14 @@ impl TestMesh {
     /// A new node joins: its Node object, namespaces and pod, and its agent started; in add-on
     /// mode, the other CNI's plain routes to and from it. Returns its position in `nodes`.
     pub async fn join_node(&mut self) -> Result<usize> {
+        let pos = self.add_joining_node().await?;
+        self.start_joining_node(pos).await?;
+        Ok(pos)
+    }
+
+    /// The first half of [`TestMesh::join_node`]: the machine and its Node object, without
+    /// its agent (and, in CNI mode, without its pod, which needs the agent's conflist).
+    pub async fn add_joining_node(&mut self) -> Result<usize> {
         let i = self.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
         self.add_node(i).await?;
         let pos = self.nodes.len() - 1;
@@ -401,12 +409,18 @@ impl TestMesh {
                     .ip(&["route", "add", &other.pod_cidr, "via", &other.node_ip])?;
             }
         }
+        Ok(pos)
+    }
+
+    /// The second half of [`TestMesh::join_node`]: the agent started (and the pod attached,
+    /// in CNI mode).
+    pub async fn start_joining_node(&mut self, pos: usize) -> Result<()> {
         self.prepare_agent(pos).await?;
         self.start_agent(pos)?;
         if self.mode == NetworkMode::Cni {
             self.attach_pod_from_agent_conflist(pos).await?;
         }
-        Ok(pos)
+        Ok(())
     }
 
     /// The node at `pos` is gone, as a machine is once deleted: its agent stopped (SIGTERM),

@@ -310,13 +310,30 @@ fn send_stream(to: SocketAddr, stop: &AtomicBool, state: &Mutex<State>, start: I
             }
         };
         let _ = conn.set_nodelay(true);
-        // A write blocks only when the send buffer is full: minutes of stall at this rate.
-        let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+        // While the path is down the send buffer fills (each unacknowledged 8-byte segment is
+        // charged a whole packet buffer) and writes block for seconds: a stall, not a break.
+        // The timeout only lets the loop see the stop flag.
+        let _ = conn.set_write_timeout(Some(POLL));
         let mut next = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
-            if let Err(e) = conn.write_all(&seq.to_be_bytes()) {
-                lock(state).breaks.push((ms(start), format!("sender: {e}")));
-                break;
+        'connection: while !stop.load(Ordering::Relaxed) {
+            let message = seq.to_be_bytes();
+            let mut written = 0;
+            while written < message.len() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                match conn.write(&message[written..]) {
+                    Ok(n) => written += n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => {
+                        lock(state).breaks.push((ms(start), format!("sender: {e}")));
+                        break 'connection;
+                    }
+                }
             }
             seq += 1;
             // Steady pace, without catching up in bursts after a slow write.
@@ -367,6 +384,42 @@ fn receive_pongs(socket: UdpSocket, stop: &AtomicBool, state: &Mutex<State>) {
             if let Some(r) = lock(state).ping_replied.get_mut(seq) {
                 *r = true;
             }
+        }
+    }
+}
+
+/// UDP datagrams from a pod to an address every 10 ms, until dropped: traffic that must
+/// not leak while the mesh converges (whether anything answers does not matter).
+pub struct Spray {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+pub const SPRAY_PORT: u16 = 7102;
+
+impl Spray {
+    pub fn start(src: &Netns, to: std::net::Ipv4Addr) -> Result<Self> {
+        let socket = in_netns(src, || Ok(UdpSocket::bind(("0.0.0.0", 0))?))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let _ = socket.send_to(b"spray", (to, SPRAY_PORT));
+                std::thread::sleep(STREAM_INTERVAL);
+            }
+        });
+        Ok(Spray {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Spray {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

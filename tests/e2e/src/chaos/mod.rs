@@ -105,6 +105,9 @@ pub struct Options {
     pub preshared_key: bool,
     /// An external peer on every node (needed by [`Fault::ExternalPeerDeleted`]).
     pub external_peer: bool,
+    /// The mesh's `spec.clusterCIDRs` (all pod CIDRs, 10.244.0.0/16), as a strict user sets
+    /// them: a joining node's pod addresses are protected before its peer is known.
+    pub cluster_cidrs: bool,
 }
 
 impl Options {
@@ -119,6 +122,7 @@ impl Options {
             strict: true,
             preshared_key: true,
             external_peer: true,
+            cluster_cidrs: true,
         }
     }
 }
@@ -219,6 +223,9 @@ impl Chaos {
         let mesh = TestMesh::start_in(options.nodes, options.mode).await?;
         let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(mesh.client.clone());
         let mut spec = json!({"strict": options.strict});
+        if options.cluster_cidrs {
+            spec["clusterCIDRs"] = json!([PROTECTED[0]]);
+        }
         if options.preshared_key {
             let secrets: Api<Secret> = Api::namespaced(mesh.client.clone(), SECRETS_NAMESPACE);
             let secret: Secret = serde_json::from_value(json!({
@@ -341,6 +348,11 @@ impl Chaos {
         {
             error = Some(format!("{e:#}\n{}", self.mesh.agent_logs(15)));
         }
+        if let Some(e) = &mut error
+            && let Some(c) = &self.mesh.controller
+        {
+            e.push_str(&format!("\n--- controller ---\n{}", c.log_tail(30)));
+        }
         Ok(FaultReport {
             fault: fault.name().to_owned(),
             duration_ms: started.elapsed().as_millis() as u64,
@@ -415,10 +427,16 @@ impl Chaos {
                     .await
             }
             Fault::NodeJoin => {
-                let pos = self.mesh.join_node().await?;
+                let pos = self.mesh.add_joining_node().await?;
                 let name = self.mesh.nodes[pos].name.clone();
                 self.watcher.watch(&name, &self.mesh.underlay_link(pos))?;
                 self.joined = Some(name);
+                // The risk of a join: traffic to the new node's pods before every node has
+                // its peer. From the node's first pod address (host-local hands out .2 first)
+                // until the mesh has converged, node-1's pod sends to it.
+                let target = first_pod_address(&self.mesh.nodes[pos].pod_cidr)?;
+                let _spray = meter::Spray::start(&self.mesh.nodes[0].pod, target)?;
+                self.mesh.start_joining_node(pos).await?;
                 self.mesh
                     .wait_peer_counts(self.expected_peers(), Duration::from_secs(90))
                     .await
@@ -521,6 +539,13 @@ impl Chaos {
     }
 }
 
+/// The address host-local gives the first pod of `cidr` (`10.244.4.0/24` -> `10.244.4.2`;
+/// `.1` is the bridge's).
+fn first_pod_address(cidr: &str) -> Result<std::net::Ipv4Addr> {
+    let net: std::net::Ipv4Addr = cidr.split('/').next().unwrap_or_default().parse()?;
+    Ok((u32::from(net) + 2).into())
+}
+
 /// Every node's peers as (public key, preshared key, allowed IPs), sorted: what a wiping
 /// update would change.
 fn data_planes(mesh: &TestMesh) -> Result<Vec<Vec<String>>> {
@@ -556,5 +581,60 @@ async fn wait_until(what: &str, secs: u64, f: impl Fn() -> Result<bool>) -> Resu
             bail!("timed out after {secs} s waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_pod_address_of_a_node_cidr() {
+        assert_eq!(
+            first_pod_address("10.244.4.0/24").unwrap(),
+            std::net::Ipv4Addr::new(10, 244, 4, 2)
+        );
+        assert!(first_pod_address("nonsense").is_err());
+    }
+
+    #[test]
+    fn the_promise_needs_everything() {
+        let ok = FaultReport {
+            fault: "x".into(),
+            duration_ms: 1,
+            longest_stall_ms: 5000,
+            pings_sent: 10,
+            pings_lost: 10,
+            plaintext_packets: 0,
+            plaintext_by_node: BTreeMap::new(),
+            plaintext_examples: vec![],
+            tcp_reset: false,
+            tcp_breaks: vec![],
+            stream_continued: true,
+            error: None,
+            notes: vec![],
+        };
+        // Stalls and lost pings are reported, not judged.
+        assert!(ok.kept_the_promise());
+        for broken in [
+            FaultReport {
+                plaintext_packets: 1,
+                ..ok.clone()
+            },
+            FaultReport {
+                tcp_reset: true,
+                ..ok.clone()
+            },
+            FaultReport {
+                stream_continued: false,
+                ..ok.clone()
+            },
+            FaultReport {
+                error: Some("no recovery".into()),
+                ..ok.clone()
+            },
+        ] {
+            assert!(!broken.kept_the_promise(), "{broken:?}");
+        }
     }
 }
