@@ -152,10 +152,20 @@ fn schedule(rounds: usize) -> Vec<Fault> {
 fn summarise(reports: &[FaultReport]) -> Value {
     let values =
         |f: fn(&FaultReport) -> u64| -> Vec<f64> { reports.iter().map(|r| f(r) as f64).collect() };
+    let recovered: Vec<f64> = reports
+        .iter()
+        .filter_map(|r| r.recovered_after_start_ms.map(|ms| ms as f64))
+        .collect();
+    let recovered = if recovered.is_empty() {
+        Value::Null
+    } else {
+        json!(median(&recovered))
+    };
     json!({
         "rounds": reports.len(),
         "longest_stall_ms": median(&values(|r| r.longest_stall_ms)),
         "pings_lost": median(&values(|r| r.pings_lost)),
+        "recovered_after_start_ms": recovered,
         "plaintext_packets": reports.iter().map(|r| r.plaintext_packets).sum::<u64>(),
         "tcp_reset": reports.iter().any(|r| r.tcp_reset),
         "kept_the_promise": reports.iter().all(FaultReport::kept_the_promise),

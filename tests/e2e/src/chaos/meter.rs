@@ -183,6 +183,16 @@ impl Meter {
         }
     }
 
+    /// When the first ping sent at or after `after` (ms) that got a reply was sent: the data
+    /// path works again from then on.
+    pub fn first_answered_ping(&self, after: u64) -> Option<u64> {
+        let s = self.state();
+        let first = s.ping_sent.partition_point(|&t| t < after);
+        (first..s.ping_sent.len())
+            .find(|&i| s.ping_replied[i])
+            .map(|i| s.ping_sent[i])
+    }
+
     /// Waits until `messages` stream messages and a ping reply arrived after `after` (ms):
     /// the traffic flows.
     pub async fn wait_flowing(&self, after: u64, messages: u64, timeout: Duration) -> Result<()> {

@@ -150,6 +150,10 @@ pub struct FaultReport {
     pub error: Option<String>,
     /// What the harness did as a kubelet would (a process that exited restarted).
     pub notes: Vec<String>,
+    /// Agent restarts: from the new agent process's start until the first ping (from a pod on
+    /// that node, every 20 ms) that was answered: the restart's own stall, without the time
+    /// the node had no agent.
+    pub recovered_after_start_ms: Option<u64>,
 }
 
 impl FaultReport {
@@ -165,7 +169,7 @@ impl FaultReport {
     /// One line for people.
     pub fn summary(&self) -> String {
         format!(
-            "{:<28} {:<4} stall {:>6} ms  pings lost {:>4}/{:<5} plaintext {:>5}  reset {:<5} continued {:<5} {}{}",
+            "{:<28} {:<4} stall {:>6} ms  pings lost {:>4}/{:<5} plaintext {:>5}  reset {:<5} continued {:<5} {}{}{}",
             self.fault,
             if self.kept_the_promise() {
                 "ok"
@@ -178,6 +182,9 @@ impl FaultReport {
             self.plaintext_packets,
             self.tcp_reset,
             self.stream_continued,
+            self.recovered_after_start_ms
+                .map(|ms| format!("back {ms} ms after start "))
+                .unwrap_or_default(),
             self.error
                 .as_deref()
                 .map(|e| format!("error: {e}"))
@@ -211,6 +218,8 @@ pub struct Chaos {
     external_peers: usize,
     /// The node that joined (by name), for [`Fault::NodeLeave`].
     joined: Option<String>,
+    /// When the last restarted agent was started (meter ms).
+    agent_started_at: Option<u64>,
 }
 
 impl Chaos {
@@ -299,6 +308,7 @@ impl Chaos {
             options,
             external_peers,
             joined: None,
+            agent_started_at: None,
         })
     }
 
@@ -314,6 +324,7 @@ impl Chaos {
         let from = self.meter.now_ms();
         self.watcher.clear_examples()?;
         let before = self.watcher.poll()?;
+        self.agent_started_at = None;
         let outcome = self.inject(fault).await;
         let notes = self.kubelet().await?;
         let flowing = self
@@ -367,6 +378,9 @@ impl Chaos {
             stream_continued: flowing.is_ok(),
             error,
             notes,
+            recovered_after_start_ms: self
+                .agent_started_at
+                .and_then(|t| Some(self.meter.first_answered_ping(t)? - t)),
         })
     }
 
@@ -407,6 +421,7 @@ impl Chaos {
                     self.mesh.kill_agent(0);
                 }
                 tokio::time::sleep(o.down).await;
+                self.agent_started_at = Some(self.meter.now_ms());
                 self.mesh.start_agent(0)?;
                 self.mesh
                     .wait_peer_counts(self.expected_peers(), Duration::from_secs(90))
@@ -613,6 +628,7 @@ mod tests {
             stream_continued: true,
             error: None,
             notes: vec![],
+            recovered_after_start_ms: None,
         };
         // Stalls and lost pings are reported, not judged.
         assert!(ok.kept_the_promise());
