@@ -1,13 +1,15 @@
 //! What the lease holder does about what agents say of themselves: an event when an agent
-//! refused an update (it would have wiped the node without the mesh saying so), and the
-//! startup taint removed from a Node once its agent has programmed the mesh there.
+//! refused an update (it would have wiped the node without the mesh saying so), the startup
+//! taint removed from a Node once its agent has programmed the mesh there, and a deleted
+//! mesh let go (its finalizer removed) once its nodes' agents have left it.
 //!
 //! The taint (`wgmesh.io/agent-not-ready:NoSchedule`, set through the kubelet's
 //! `--register-with-taints`) keeps pods off a new node until the mesh runs on it: in add-on
 //! mode the other CNI would otherwise carry their traffic in plaintext before our agent ever
 //! started there. Like Cilium's `node.cilium.io/agent-not-ready`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::api::{Api, Patch, PatchParams};
@@ -15,12 +17,35 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
+use wgmesh_api::WireGuardMesh;
+
 use crate::metrics::Metrics;
 use crate::reconcile::Computed;
 use crate::reports::{AgentState, Reports};
 
 /// The startup taint's key.
 pub const AGENT_NOT_READY_TAINT: &str = "wgmesh.io/agent-not-ready";
+
+/// The finalizer that keeps a deleted mesh until its nodes' agents have left it (removed their
+/// interface, routes and CNI configuration), so that `helm uninstall` leaves nodes clean.
+pub const AGENTS_CLEAN_FINALIZER: &str = "wgmesh.io/agents-clean";
+
+/// The nodes a deleted mesh still waits for: those with a node peer in it whose agent has not
+/// said it left.
+pub fn waiting_for(nodes: &BTreeSet<String>, left: &BTreeSet<String>) -> Vec<String> {
+    nodes.difference(left).cloned().collect()
+}
+
+/// Whether a deleted mesh may go: nobody left to wait for, or it waited `timeout` since its
+/// deletion (an agent that is down never reports).
+pub fn may_go(
+    waiting: &[String],
+    deleted_at: SystemTime,
+    now: SystemTime,
+    timeout: Duration,
+) -> bool {
+    waiting.is_empty() || now.duration_since(deleted_at).unwrap_or_default() >= timeout
+}
 
 /// The Node's taints without ours, when it carries ours (with any effect); `None` otherwise.
 pub fn without_startup_taint(node: &Node) -> Option<Vec<Taint>> {
@@ -43,13 +68,76 @@ pub fn refusal_to_announce<'a>(last: Option<&String>, state: &'a AgentState) -> 
     (!refused.is_empty() && last.map(String::as_str) != Some(refused)).then_some(refused)
 }
 
-#[derive(Default)]
 pub struct AgentFollowUps {
     /// (mesh, node) -> the refusal last announced.
     announced: HashMap<(String, String), String>,
+    leave_timeout: Duration,
 }
 
 impl AgentFollowUps {
+    pub fn new(leave_timeout: Duration) -> Self {
+        AgentFollowUps {
+            announced: HashMap::new(),
+            leave_timeout,
+        }
+    }
+
+    /// Every live mesh carries the finalizer; a deleted one loses it once its agents left.
+    pub async fn sync_finalizers(&self, client: &Client, reports: &Reports, snapshot: &Computed) {
+        let api: Api<WireGuardMesh> = Api::all(client.clone());
+        for (mesh, _) in snapshot.meshes.values() {
+            if !mesh
+                .finalizers()
+                .iter()
+                .any(|f| f == AGENTS_CLEAN_FINALIZER)
+            {
+                let mut finalizers = mesh.finalizers().to_vec();
+                finalizers.push(AGENTS_CLEAN_FINALIZER.to_owned());
+                set_finalizers(&api, mesh, finalizers).await;
+            }
+        }
+        for (name, (mesh, nodes)) in &snapshot.deleting {
+            if !mesh
+                .finalizers()
+                .iter()
+                .any(|f| f == AGENTS_CLEAN_FINALIZER)
+            {
+                continue;
+            }
+            let waiting = waiting_for(nodes, &reports.left(name));
+            let deleted_at = mesh
+                .metadata
+                .deletion_timestamp
+                .as_ref()
+                .map(|t| SystemTime::from(t.0))
+                .unwrap_or_else(SystemTime::now);
+            if may_go(&waiting, deleted_at, SystemTime::now(), self.leave_timeout) {
+                if waiting.is_empty() {
+                    tracing::info!(mesh = %name, nodes = nodes.len(), "every node left the deleted mesh; letting it go");
+                } else {
+                    tracing::warn!(mesh = %name, ?waiting, timeout = ?self.leave_timeout, "these nodes did not say they left the deleted mesh in time; letting it go (clean them with wgmesh-agent cleanup)");
+                }
+                let kept = mesh
+                    .finalizers()
+                    .iter()
+                    .filter(|f| *f != AGENTS_CLEAN_FINALIZER)
+                    .cloned()
+                    .collect();
+                set_finalizers(&api, mesh, kept).await;
+            } else {
+                tracing::debug!(mesh = %name, ?waiting, "waiting for nodes to leave the deleted mesh");
+            }
+        }
+        let existing: BTreeSet<String> = snapshot
+            .meshes
+            .keys()
+            .chain(snapshot.deleting.keys())
+            .chain(snapshot.held.keys())
+            .cloned()
+            .collect();
+        reports.forget_left(&existing);
+    }
+
     pub async fn sync(
         &mut self,
         client: &Client,
@@ -99,6 +187,21 @@ impl AgentFollowUps {
             }
         }
         self.announced.retain(|k, _| seen.contains(k));
+    }
+}
+
+/// Sets a mesh's finalizers, only if it is still the object we read (its `resourceVersion`):
+/// on a conflict the next sync tries again.
+async fn set_finalizers(api: &Api<WireGuardMesh>, mesh: &WireGuardMesh, finalizers: Vec<String>) {
+    let name = mesh.name_any();
+    let patch = json!({
+        "metadata": {"resourceVersion": mesh.resource_version(), "finalizers": finalizers},
+    });
+    if let Err(e) = api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::debug!(mesh = %name, error = %e, "updating the mesh's finalizers failed; trying again");
     }
 }
 
@@ -172,6 +275,30 @@ mod tests {
             )]))),
             Some(vec![])
         );
+    }
+
+    #[test]
+    fn a_deleted_mesh_goes_when_its_nodes_left_or_the_wait_is_over() {
+        let set = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let timeout = Duration::from_secs(120);
+        // nodes, left, seconds since deletion, waiting, may go
+        for (nodes, left, secs, want_waiting, want_go) in [
+            (set(&["a", "b"]), set(&[]), 5, vec!["a", "b"], false),
+            (set(&["a", "b"]), set(&["a"]), 5, vec!["b"], false),
+            (set(&["a", "b"]), set(&["b", "a", "c"]), 5, vec![], true),
+            (set(&[]), set(&[]), 0, vec![], true),
+            (set(&["a", "b"]), set(&["a"]), 120, vec!["b"], true),
+        ] {
+            let waiting = waiting_for(&nodes, &left);
+            assert_eq!(waiting, want_waiting, "{nodes:?} {left:?}");
+            let now = t0 + Duration::from_secs(secs);
+            assert_eq!(
+                may_go(&waiting, t0, now, timeout),
+                want_go,
+                "{nodes:?} {left:?} {secs}"
+            );
+        }
     }
 
     #[test]

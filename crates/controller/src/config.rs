@@ -105,6 +105,11 @@ pub struct Config {
     )]
     pub secret_namespaces: Vec<String>,
 
+    /// Seconds a deleted mesh waits for its nodes' agents to report that they left (removed
+    /// their data path) before it goes anyway (an agent that is down never reports).
+    #[arg(long, env = "WGMESH_LEAVE_TIMEOUT", default_value_t = 120)]
+    pub leave_timeout: u64,
+
     /// Minimum seconds between two writes of agent-reported status to one object.
     #[arg(long, env = "WGMESH_STATUS_INTERVAL", default_value_t = 30)]
     pub status_interval: u64,

@@ -282,6 +282,13 @@ impl MeshService for MeshServer {
         if !forwarded {
             self.auth.authorize_node(&metadata, &req.node).await?;
         }
+        // A node whose agent left a deleted mesh says so (it is no member any more): what
+        // the mesh's finalizer waits for.
+        if req.left_deleted_mesh {
+            self.reports.record_left(&req.mesh, &req.node);
+            self.forward_to_leader(forwarded, request).await;
+            return Ok(Response::new(pb::ReportStatusResponse {}));
+        }
         // A node reports on its own peers in a mesh it belongs to, and nothing else.
         let view = self.index.view(&req.mesh).ok_or_else(|| {
             Status::not_found(format!("WireGuardMesh {} does not exist", req.mesh))
@@ -308,6 +315,15 @@ impl MeshService for MeshServer {
                 refused_update: req.refused_update.clone(),
             },
         );
+        self.forward_to_leader(forwarded, request).await;
+        Ok(Response::new(pb::ReportStatusResponse {}))
+    }
+}
+
+impl MeshServer {
+    /// Passes an agent's report on to the lease holder (the writer), unless we are it or the
+    /// report came from another replica.
+    async fn forward_to_leader(&self, forwarded: bool, request: pb::ReportStatusRequest) {
         if !forwarded
             && !*self.leader.borrow()
             && let Some(forwarder) = &self.forwarder
@@ -317,11 +333,8 @@ impl MeshService for MeshServer {
             self.metrics.error("forward_report");
             tracing::warn!(error = %e, "forwarding a status report to the lease holder failed");
         }
-        Ok(Response::new(pb::ReportStatusResponse {}))
     }
-}
 
-impl MeshServer {
     /// Refuses a key that any other WireGuardPeer holds (in any mesh): registering it would
     /// take the holder's place and its per-pair preshared keys.
     async fn check_key_is_free(
@@ -401,12 +414,13 @@ impl PeerStream {
         loop {
             let view = self.views.borrow_and_update().clone();
             // No settings: the mesh was never computed, is held (a Secret it needs is not
-            // read yet), or is gone. Only gone (absent from the synced cache) is news.
+            // read yet), or is gone. Only gone (absent from the synced cache, or being
+            // deleted) is news.
             let mesh_gone = view.settings.is_none()
                 && self
                     .meshes
                     .get(&kube::runtime::reflector::ObjectRef::new(&self.mesh))
-                    .is_none();
+                    .is_none_or(|m| m.metadata.deletion_timestamp.is_some());
             if view.settings.is_some() || mesh_gone {
                 let now = if mesh_gone {
                     NodeConfig::mesh_deleted()

@@ -136,6 +136,7 @@ pub async fn run(config: Config) -> Result<()> {
         reports.clone(),
         metrics.clone(),
         config.status_interval(),
+        std::time::Duration::from_secs(config.leave_timeout),
     );
     let leader_rx = leader.clone();
     tokio::spawn(writer.run(computed_rx, leader));

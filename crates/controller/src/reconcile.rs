@@ -137,6 +137,9 @@ pub struct Computed {
     /// read successfully (a fresh controller, an API error), so what they should be is
     /// unknown. Their agents and statuses are left as they are.
     pub held: BTreeMap<String, Vec<SecretKeyRef>>,
+    /// Meshes being deleted (their finalizer waits for their nodes to leave), with the nodes
+    /// that have a node peer in them.
+    pub deleting: BTreeMap<String, (Arc<WireGuardMesh>, BTreeSet<String>)>,
 }
 
 /// Starts the watches and returns the caches, a future that drives them, and a receiver of
@@ -287,6 +290,16 @@ pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Compute
     let mut live = BTreeSet::new();
     for mesh in &meshes {
         let name = mesh.name_any();
+        if mesh.metadata.deletion_timestamp.is_some() {
+            // Being deleted: its agents are told so (the index forgets it) and leave.
+            let nodes = peers
+                .iter()
+                .filter(|p| p.spec.mesh.0 == name)
+                .filter_map(|p| p.spec.node.as_ref().map(|n| n.0.clone()))
+                .collect();
+            out.deleting.insert(name, (mesh.clone(), nodes));
+            continue;
+        }
         live.insert(name.clone());
         let unknown = unknown_secrets(mesh, &peers, secrets);
         if !unknown.is_empty() {

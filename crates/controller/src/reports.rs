@@ -38,6 +38,9 @@ pub struct Reports {
     by_mesh: Mutex<HashMap<String, HashMap<String, Vec<Observation>>>>,
     /// mesh -> node -> what its agent says of itself
     agents: Mutex<HashMap<String, HashMap<String, AgentState>>>,
+    /// mesh -> nodes whose agents left it after it was deleted (kept until the mesh object
+    /// is gone, whatever the other reports' pruning does)
+    left: Mutex<HashMap<String, BTreeSet<String>>>,
     /// Woken when a report changes something.
     pub changed: Notify,
 }
@@ -69,6 +72,30 @@ impl Reports {
             *slot = state;
             self.changed.notify_one();
         }
+    }
+
+    /// Records that a node's agent left a deleted mesh.
+    pub fn record_left(&self, mesh: &str, node: &str) {
+        let mut left = self.left.lock().expect("reports lock");
+        if left
+            .entry(mesh.to_owned())
+            .or_default()
+            .insert(node.to_owned())
+        {
+            self.changed.notify_one();
+        }
+    }
+
+    /// The nodes whose agents left the deleted mesh `mesh`.
+    pub fn left(&self, mesh: &str) -> BTreeSet<String> {
+        let left = self.left.lock().expect("reports lock");
+        left.get(mesh).cloned().unwrap_or_default()
+    }
+
+    /// Forgets who left meshes that no longer exist at all.
+    pub fn forget_left(&self, existing: &BTreeSet<String>) {
+        let mut left = self.left.lock().expect("reports lock");
+        left.retain(|mesh, _| existing.contains(mesh));
     }
 
     /// What the agents of a mesh say of themselves, by node.

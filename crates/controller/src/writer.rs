@@ -63,6 +63,7 @@ impl Writer {
         reports: Arc<Reports>,
         metrics: Metrics,
         report_interval: Duration,
+        leave_timeout: Duration,
     ) -> Self {
         Writer {
             client,
@@ -74,7 +75,7 @@ impl Writer {
             written: HashMap::new(),
             mesh_written: HashMap::new(),
             last_reason: HashMap::new(),
-            followups: Default::default(),
+            followups: crate::agent_followups::AgentFollowUps::new(leave_timeout),
         }
     }
 
@@ -136,6 +137,9 @@ impl Writer {
         }
         let live: std::collections::HashSet<String> =
             snapshot.peers.iter().map(|p| p.name_any()).collect();
+        self.followups
+            .sync_finalizers(&self.client, &self.reports, snapshot)
+            .await;
         self.followups
             .sync(
                 &self.client,

@@ -927,3 +927,65 @@ async fn the_startup_taint_goes_once_programmed_and_refusals_become_events() -> 
     }
     Ok(())
 }
+
+/// A deleted mesh tells its agents so, and goes once every node's agent said it left; an agent
+/// that never says so holds it only until the leave timeout.
+#[tokio::test]
+async fn a_deleted_mesh_waits_for_its_nodes_to_leave() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let c = Controller::start(
+        &fx.cp,
+        &fx.tls,
+        "c1",
+        &[
+            ("WGMESH_LEASE_DURATION", "6"),
+            ("WGMESH_LEASE_GRACE", "2"),
+            ("WGMESH_LEAVE_TIMEOUT", "60"),
+        ],
+    )
+    .await?;
+    let mut a = fx.agent(&c, "a", 1).await?;
+    let mut b = fx.agent(&c, "b", 2).await?;
+    a.wait_until(WAIT, "node-b", |s| s.peers.len() == 1).await?;
+    let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(fx.client.clone());
+    let deadline = std::time::Instant::now() + WAIT;
+    while !meshes
+        .get("default")
+        .await?
+        .metadata
+        .finalizers
+        .unwrap_or_default()
+        .contains(&"wgmesh.io/agents-clean".to_owned())
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no finalizer on the mesh"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    meshes.delete("default", &DeleteParams::default()).await?;
+    for agent in [&mut a, &mut b] {
+        agent
+            .wait_until(WAIT, "told the mesh is deleted", |s| {
+                s.tunnel_addresses.is_empty() && s.departure == pb::Departure::MeshDeleted as i32
+            })
+            .await?;
+    }
+    a.report_left_deleted_mesh().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        meshes.get_opt("default").await?.is_some(),
+        "b has not left yet"
+    );
+    b.report_left_deleted_mesh().await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    while meshes.get_opt("default").await?.is_some() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the mesh stayed after every node left"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

@@ -443,9 +443,9 @@ impl Agent {
     /// Reports per-peer observations when they changed meaningfully (handshake, endpoint or
     /// traffic); a quiet mesh sends nothing.
     async fn report(&mut self, client: &mut ControllerClient) -> Result<()> {
-        // The controller takes reports from members only (a node that left has nothing to
-        // report on).
-        if !self.desired.is_member() {
+        // The controller takes reports from members only, and from a node that left a
+        // deleted mesh (the mesh's deletion waits for that).
+        if !self.desired.is_member() && self.departed != Departure::MeshDeleted {
             return Ok(());
         }
         let state = match &self.device {

@@ -58,6 +58,8 @@ pub struct Report {
     pub programmed: bool,
     /// The update the agent refused to program, and why; empty when none.
     pub refused_update: String,
+    /// The agent removed its data path because the mesh was deleted.
+    pub left_deleted_mesh: bool,
 }
 
 /// One observation as an agent sent it, before [`scope`] judged it.
@@ -207,6 +209,7 @@ pub fn report(req: &ReportStatusRequest) -> Result<Report, Status> {
         peers,
         programmed: req.programmed_revision > 0,
         refused_update: req.refused_update.clone(),
+        left_deleted_mesh: req.departed == crate::Departure::MeshDeleted as i32,
     })
 }
 

@@ -33,6 +33,8 @@ pub struct SimAgent {
     /// The peer set as applied so far, by public key.
     pub peers: BTreeMap<Vec<u8>, pb::Peer>,
     pub tunnel_addresses: Vec<String>,
+    /// The last snapshot's departure (why the node is not a member).
+    pub departure: i32,
     pub settings: Option<pb::MeshSettings>,
     /// Every update received, in order.
     pub updates: Vec<pb::PeerUpdate>,
@@ -57,6 +59,7 @@ impl SimAgent {
             stream: None,
             peers: BTreeMap::new(),
             tunnel_addresses: Vec::new(),
+            departure: 0,
             settings: None,
             updates: Vec::new(),
             epoch: String::new(),
@@ -141,6 +144,18 @@ impl SimAgent {
         Ok(())
     }
 
+    /// Says the agent left the deleted mesh (removed its data path), as a real agent does.
+    pub async fn report_left_deleted_mesh(&mut self) -> Result<(), tonic::Status> {
+        let req = self.request(pb::ReportStatusRequest {
+            node: self.node.clone(),
+            mesh: self.mesh.clone(),
+            departed: pb::Departure::MeshDeleted as i32,
+            ..Default::default()
+        });
+        self.client.report_status(req).await?;
+        Ok(())
+    }
+
     /// Receives and applies one update, or `None` when none arrives within `timeout`.
     pub async fn next_update(&mut self, timeout: Duration) -> Result<Option<pb::PeerUpdate>> {
         let stream = self.stream.as_mut().context("not watching")?;
@@ -164,6 +179,7 @@ impl SimAgent {
                     .collect();
                 self.settings = s.mesh.clone();
                 self.tunnel_addresses = s.tunnel_addresses.clone();
+                self.departure = s.departure;
             }
             Some(pb::peer_update::Update::Delta(d)) => {
                 for p in &d.upserted {

@@ -302,6 +302,15 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
     for i in 0..mesh.nodes.len() {
         assert!(mesh.key_file(i).exists(), "node {i} keeps its key");
     }
+    // The agents said they left, so the mesh's finalizer let it go (well before the timeout).
+    wait_for("the mesh object gone", Duration::from_secs(30), || {
+        Ok(mesh
+            .cp
+            .kubectl_ok(&["get", "wireguardmeshes", "-o", "name"])?
+            .trim()
+            .is_empty())
+    })
+    .await?;
     Ok(())
 }
 
