@@ -12,9 +12,15 @@ use wgmesh_core::desired::ReservedRange;
 #[command(
     name = "wgmesh-controller",
     version,
-    about = "The wgmesh cluster controller"
+    about = "The wgmesh cluster controller",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 pub struct Config {
+    /// Without a command: run the controller.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address the gRPC server (agents) listens on.
     #[arg(long, env = "WGMESH_GRPC_ADDR", default_value = "0.0.0.0:9443")]
     pub grpc_addr: SocketAddr,
@@ -124,6 +130,24 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "WGMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Delete a WireGuardMesh and wait until it is gone, that is until its nodes' agents have
+    /// left it (the controller's finalizer) or the controller gave up on them: what the Helm
+    /// chart's pre-delete hook runs, so that `helm uninstall` leaves nodes clean.
+    DeleteMesh(DeleteMeshArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeleteMeshArgs {
+    /// The mesh to delete.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Seconds to wait for it to go.
+    #[arg(long, default_value_t = 180)]
+    pub timeout: u64,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -33,6 +33,30 @@ pub use error::{Error, Result};
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// Runs the controller until SIGTERM or Ctrl-C.
+/// `wgmesh-controller delete-mesh`: deletes the mesh and waits until the API server has let
+/// it go (after the controller removed its finalizer), or the timeout.
+pub async fn delete_mesh(args: &config::DeleteMeshArgs) -> Result<()> {
+    use kube::api::{Api, DeleteParams};
+    let client = kube::Client::try_default().await?;
+    let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(client);
+    if meshes.get_opt(&args.name).await?.is_none() {
+        tracing::info!(mesh = %args.name, "no such mesh: nothing to delete");
+        return Ok(());
+    }
+    meshes.delete(&args.name, &DeleteParams::default()).await?;
+    tracing::info!(mesh = %args.name, "deleted; waiting for its nodes to leave");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout);
+    while meshes.get_opt(&args.name).await?.is_some() {
+        if std::time::Instant::now() > deadline {
+            tracing::warn!(mesh = %args.name, "still there after {} s: some nodes may keep their interface (wgmesh-agent cleanup removes it)", args.timeout);
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    tracing::info!(mesh = %args.name, "gone: its nodes left");
+    Ok(())
+}
+
 pub async fn run(config: Config) -> Result<()> {
     let kube_config = kube::Config::infer()
         .await

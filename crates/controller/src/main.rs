@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wgmesh_controller::config::{Config, LogFormat};
+use wgmesh_controller::config::{Command, Config, LogFormat};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -15,7 +15,11 @@ async fn main() -> std::process::ExitCode {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    match wgmesh_controller::run(config).await {
+    let result = match config.command.clone() {
+        Some(Command::DeleteMesh(args)) => wgmesh_controller::delete_mesh(&args).await,
+        None => wgmesh_controller::run(config).await,
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "wgmesh-controller failed");
