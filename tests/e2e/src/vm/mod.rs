@@ -12,6 +12,7 @@
 //! command. `cargo xtask vm run -- CMD ARGS` is the same from the command line, and
 //! `tests/e2e/tools/vm-runner.sh` makes it a cargo runner.
 
+pub mod lane;
 mod prepare;
 
 use std::fmt;
