@@ -11,6 +11,7 @@ mod bench;
 mod crdgen;
 mod demo;
 mod disk;
+mod kernel_lane;
 mod manifests;
 mod setup;
 mod test;
