@@ -153,6 +153,7 @@ async fn kernel_vm_mesh() -> Result<()> {
             &[
                 "--exact",
                 "kernel_vm_in_vm_mesh",
+                "--include-ignored",
                 "--nocapture",
                 "--test-threads=1",
             ],
@@ -219,11 +220,12 @@ impl Probes {
 }
 
 /// From pod namespace `ns`, a UDP probe to `to` every `interval` until `stop`; replies that
-/// come within 2 s of the last probe count.
+/// come within `drain` of the last probe count.
 fn prober(
     ns: &str,
     to: SocketAddr,
     interval: Duration,
+    drain: Duration,
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<Result<Result<Probes>>> {
     in_netns(ns, move || {
@@ -252,7 +254,7 @@ fn prober(
             sent += 1;
             recv_until(&socket, next, &mut got);
         }
-        recv_until(&socket, Instant::now() + Duration::from_secs(2), &mut got);
+        recv_until(&socket, Instant::now() + drain, &mut got);
         Ok(Probes {
             sent,
             received: got.len() as u64,
@@ -267,7 +269,13 @@ fn join<T>(h: JoinHandle<Result<Result<T>>>) -> Result<T> {
 /// `count` probes from `from` to `to`, one every 100 ms; how many came back.
 fn probe_burst(from: &str, to: SocketAddr, count: u64) -> Result<Probes> {
     let stop = Arc::new(AtomicBool::new(false));
-    let h = prober(from, to, Duration::from_millis(100), stop.clone());
+    let h = prober(
+        from,
+        to,
+        Duration::from_millis(100),
+        Duration::from_millis(500),
+        stop.clone(),
+    );
     std::thread::sleep(Duration::from_millis(100 * count));
     stop.store(true, Ordering::Relaxed);
     join(h)
@@ -383,8 +391,11 @@ fn all_logs(nodes: &[VmNode]) -> String {
 
 /// Inside the VM: three nodes with real agents on kernel WireGuard (the mesh's `backend:
 /// auto`, which must choose the kernel here), pod-to-pod traffic both ways, the routes and
-/// guard routes, and an agent SIGTERM + restart under traffic with the kernel link kept.
+/// guard routes, an agent SIGTERM + restart under traffic with the kernel link kept, and
+/// `wgmesh-agent cleanup` removing the link and every route it made. Ignored on the host
+/// (`kernel_vm_mesh` runs it inside with `--include-ignored`).
 #[test]
+#[ignore = "runs inside the kernel VM, started by kernel_vm_mesh"]
 fn kernel_vm_in_vm_mesh() -> Result<()> {
     if !vm_only("kernel_vm_in_vm_mesh") {
         return Ok(());
@@ -609,12 +620,14 @@ fn kernel_vm_in_vm_mesh() -> Result<()> {
         &nodes[0].pod.name,
         format!("{}:7777", nodes[1].pod_ip).parse()?,
         interval,
+        Duration::from_secs(2),
         stop.clone(),
     );
     let back = prober(
         &nodes[1].pod.name,
         format!("{}:7777", nodes[0].pod_ip).parse()?,
         interval,
+        Duration::from_secs(2),
         stop.clone(),
     );
     std::thread::sleep(Duration::from_secs(2));
@@ -636,6 +649,10 @@ fn kernel_vm_in_vm_mesh() -> Result<()> {
     nodes[0].start_agent()?;
     // Until it has reported again: its metrics endpoint answers once it runs.
     std::thread::sleep(Duration::from_secs(8));
+    eprintln!(
+        "node-1's agent after its restart:\n{}",
+        nodes[0].log_tail(15)
+    );
     let after_restart = nodes[0].ifindex()?;
     let peers_after = nodes[0].peers()?.len();
     stop.store(true, Ordering::Relaxed);
@@ -679,13 +696,37 @@ fn kernel_vm_in_vm_mesh() -> Result<()> {
         "no probe lost across the agent's restart\n{}",
         all_logs(&nodes)
     );
-    lap("done");
-    // Agents first (their guards hold the namespaces' links), then the namespaces.
+
+    // Agents first, then `wgmesh-agent cleanup` on node-1: the kernel link and every route
+    // the agent made (protocol 87, guards included) go; the key stays.
     for node in &mut nodes {
         if let Some(mut a) = node.agent.take() {
             a.stop(Duration::from_secs(10));
         }
     }
+    let state = work.join(&nodes[0].name);
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &nodes[0].ns.name,
+            &setup.agent.display().to_string(),
+            "cleanup",
+            "--state-dir",
+            &state.display().to_string(),
+            "--cni-conf-dir",
+            &work.join("no-cni").display().to_string(),
+        ],
+    )?;
+    let gone = nodes[0].ns.ip(&["link", "show", "wgmesh0"]).is_err();
+    let left = nodes[0]
+        .ns
+        .ip(&["route", "show", "table", "all", "proto", "87"])?;
+    assert!(gone, "cleanup removes the kernel link");
+    assert!(left.trim().is_empty(), "cleanup removes our routes: {left}");
+    lap("wgmesh-agent cleanup removed the kernel link and the routes");
+    lap("done");
     vm::record_ran("kernel_vm_in_vm_mesh");
     Ok(())
 }

@@ -17,6 +17,7 @@ mod prepare;
 
 use std::fmt;
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -186,10 +187,9 @@ fn shell_quote(s: &str) -> String {
 
 /// Boots a VM with the prepared kernel and runs `job` in it.
 pub fn run(vm: &KernelVm, job: &VmJob) -> Result<VmOutput> {
-    let dir = tempfile::Builder::new()
-        .prefix("wgmesh-vm-job-")
-        .tempdir()
-        .context("creating the job directory")?;
+    // Removed on drop; a killed run's is removed by a later one.
+    let dir =
+        crate::scratch::ScratchDir::new("wgmesh-vm-job-").context("creating the job directory")?;
     let jd = dir.path().to_owned();
     let mut script = String::from("#!/bin/sh\n");
     script.push_str(
@@ -258,6 +258,15 @@ pub fn run(vm: &KernelVm, job: &VmJob) -> Result<VmOutput> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(jd.join("qemu.log"))?);
+    // The VM dies with the thread that started it, also when the test process is killed
+    // before it could stop it.
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
     let started = Instant::now();
     let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
     let deadline = started + job.timeout;
