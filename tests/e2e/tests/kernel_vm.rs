@@ -337,8 +337,21 @@ impl VmNode {
         Ok(())
     }
 
+    /// The agent's log (all its runs), without colours.
+    fn log(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// How many times the agent said its kernel device was ready (once per run).
+    fn kernel_device_ready(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("device ready") && l.contains("backend=kernel"))
+            .count()
+    }
+
     fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log();
         let all: Vec<&str> = text.lines().collect();
         format!(
             "--- {} ---\n{}",
@@ -379,6 +392,24 @@ impl VmNode {
         let out = self.ns.ip(&["-o", "link", "show", "wgmesh0"])?;
         Ok(out.split(':').next().unwrap_or_default().to_owned())
     }
+}
+
+/// Removes terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn all_logs(nodes: &[VmNode]) -> String {
@@ -483,7 +514,8 @@ fn kernel_vm_in_vm_mesh() -> Result<()> {
             .arg("--state-dir")
             .arg(&state)
             .args(["--report-interval", "2"])
-            .env("WGMESH_LOG", "info,wgmesh_agent=debug");
+            .env("WGMESH_LOG", "info,wgmesh_agent=debug")
+            .env("NO_COLOR", "1");
         nodes.push(VmNode {
             name: name.clone(),
             ns,
@@ -527,9 +559,9 @@ fn kernel_vm_in_vm_mesh() -> Result<()> {
             !Path::new("/var/run/wireguard/wgmesh0.sock").exists(),
             "no userspace UAPI socket"
         );
-        let log = std::fs::read_to_string(&node.log)?;
+        let log = node.log();
         assert!(
-            !log.contains("using the userspace device"),
+            node.kernel_device_ready() == 1 && !log.contains("using the userspace device"),
             "{}: backend auto chose the kernel: {}",
             node.name,
             node.log_tail(30)
@@ -647,8 +679,22 @@ fn kernel_vm_in_vm_mesh() -> Result<()> {
     ));
     std::thread::sleep(Duration::from_secs(3));
     nodes[0].start_agent()?;
-    // Until it has reported again: its metrics endpoint answers once it runs.
-    std::thread::sleep(Duration::from_secs(8));
+    // Until it has its device again (the saved configuration programmed) and has registered,
+    // then two more seconds of traffic.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !(nodes[0].kernel_device_ready() == 2
+        && nodes[0].log().matches(" registered ").count() >= 2)
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "node-1's agent did not come back:\n{}",
+                nodes[0].log_tail(30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lap("node-1's agent is back (device ready, registered)");
+    std::thread::sleep(Duration::from_secs(2));
     eprintln!(
         "node-1's agent after its restart:\n{}",
         nodes[0].log_tail(15)
