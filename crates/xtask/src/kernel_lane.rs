@@ -48,7 +48,12 @@ pub fn run(root: &Path, cargo_test_args: &[String]) -> Result<LaneResult> {
         .current_dir(root)
         .args(["test", "-p", "wgmesh-e2e", "--test", "kernel_vm", "--"])
         .args(cargo_test_args)
-        .args(["--test-threads=1"])
+        .args(
+            (!cargo_test_args
+                .iter()
+                .any(|a| a.starts_with("--test-threads")))
+            .then_some("--test-threads=1"),
+        )
         .env(lane::LANE_REPORT_ENV, &report)
         .stdout(Stdio::piped())
         .spawn()
