@@ -62,6 +62,13 @@ pub fn test_needs(target: &Path) -> Vec<Need> {
             bytes: SCRATCH,
         },
     ];
+    if !wgmesh_e2e::vm::is_prepared() {
+        needs.push(Need {
+            what: "Debian's kernel for the kernel VM lane (a 71 MB .deb, 430 MB unpacked)",
+            path: tools::cache_dir(),
+            bytes: GB,
+        });
+    }
     if !tools::TEST_TOOLS.iter().all(GoTool::is_cached) {
         needs.push(Need {
             what: "building etcd, kube-apiserver, kubectl and helm with Go",

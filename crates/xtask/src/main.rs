@@ -4,15 +4,18 @@
 //! - `manifests [--check]`: render `deploy/manifests/wgmesh.yaml` from the Helm chart;
 //! - `test`: everything CI checks: fmt, clippy, unit, integration and end-to-end tests;
 //! - `demo`: a local control plane with wgmesh installed, to look at and play with;
-//! - `bench`: benchmarks (see the subcommands).
+//! - `bench`: benchmarks (see the subcommands);
+//! - `vm`: the kernel VM lane by hand (prepare it, run a command in it).
 
 mod bench;
 mod crdgen;
 mod demo;
 mod disk;
+mod kernel_lane;
 mod manifests;
 mod setup;
 mod test;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -50,6 +53,9 @@ enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// The kernel VM (Debian's kernel, with WireGuard, under QEMU): prepare it, run in it.
+    #[command(subcommand)]
+    Vm(vm::Vm),
 }
 
 fn main() -> Result<()> {
@@ -60,5 +66,6 @@ fn main() -> Result<()> {
         Cmd::Test(opts) => test::run(&opts),
         Cmd::Demo { no_wait } => demo::run(no_wait),
         Cmd::Bench(b) => bench::run(b),
+        Cmd::Vm(v) => vm::run(v),
     }
 }

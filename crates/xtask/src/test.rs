@@ -73,13 +73,40 @@ pub fn run(opts: &Opts) -> Result<()> {
     let helm = wgmesh_e2e::helm::Helm::new()?;
     eprintln!("    helm:           {}", helm.binary.display());
 
-    step("cargo test --workspace (unit, integration and end-to-end tests)");
-    let totals = cargo_test(&root, &opts.cargo_test_args)?;
+    // `-- kernel_vm_` selects only the kernel VM lane: the rest is skipped.
+    let kernel_only = crate::kernel_lane::only_this_lane(&opts.cargo_test_args);
+    let mut totals = if kernel_only {
+        step("cargo test --workspace: skipped (the filters select only the kernel VM lane)");
+        Totals::default()
+    } else {
+        step("cargo test --workspace (unit, integration and end-to-end tests)");
+        cargo_test(&root, &opts.cargo_test_args)?
+    };
 
-    step(&format!(
-        "fuzzing the wg-quick parser and the agents' gRPC requests, {FUZZ_SECONDS} s each (cargo +nightly fuzz)"
-    ));
-    fuzz(&root)?;
+    step("kernel VM lane: the kernel backend on Debian's kernel under QEMU (tests/e2e/src/vm)");
+    match crate::kernel_lane::run(&root, &opts.cargo_test_args) {
+        Ok(lane) => {
+            totals.passed += lane.passed;
+            totals.failed += lane.failed;
+            totals.ignored += lane.ignored;
+        }
+        Err(e) => {
+            println!(
+                "xtask: {} passed, {} failed, {} skipped",
+                totals.passed,
+                totals.failed.max(1),
+                totals.ignored
+            );
+            return Err(e);
+        }
+    }
+
+    if !kernel_only {
+        step(&format!(
+            "fuzzing the wg-quick parser and the agents' gRPC requests, {FUZZ_SECONDS} s each (cargo +nightly fuzz)"
+        ));
+        fuzz(&root)?;
+    }
     eprintln!("\nall checks passed in {:.0?}", started.elapsed());
     println!(
         "xtask: {} passed, {} failed, {} skipped",
@@ -154,10 +181,10 @@ fn fuzz(root: &Path) -> Result<()> {
 }
 
 #[derive(Default, Debug, PartialEq)]
-struct Totals {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+pub(crate) struct Totals {
+    pub(crate) passed: u64,
+    pub(crate) failed: u64,
+    pub(crate) ignored: u64,
 }
 
 /// Runs `cargo test`, echoing its output, and adds up its `test result:` lines.
@@ -194,7 +221,7 @@ fn cargo_test(root: &Path, extra: &[String]) -> Result<Totals> {
 }
 
 /// Parses `test result: ok. 8 passed; 0 failed; 1 ignored; ...`.
-fn parse_test_result(line: &str) -> Option<Totals> {
+pub(crate) fn parse_test_result(line: &str) -> Option<Totals> {
     let rest = line.trim().strip_prefix("test result: ")?;
     let mut totals = Totals::default();
     for part in rest.split(['.', ';']) {

@@ -19,5 +19,6 @@ pub mod scratch;
 pub mod tokens;
 pub mod tools;
 pub mod versions;
+pub mod vm;
 
 pub use control_plane::ControlPlane;
