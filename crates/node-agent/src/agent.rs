@@ -160,9 +160,11 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = membership.tick() => {
-                    // Not a member (our Node was deleted and our peer with it, or the Node left
-                    // the selector): say we are here again, so we rejoin once it is back.
-                    if !self.desired.is_member() {
+                    // Registration pending (or refused): say we are here again. A node the
+                    // mesh said left (deleted, deselected, mesh gone) waits for the stream to
+                    // say it may register again (its departure turns NotRegistered), rather
+                    // than asking every few seconds.
+                    if self.registration_due() {
                         let port = listen_port(&self.desired);
                         if let Err(e) = self.register(&mut client, port).await {
                             tracing::debug!(error = %e, "not a member of the mesh yet");
@@ -174,6 +176,7 @@ impl Agent {
                     // Checked whole before anything changes: a malformed message is refused.
                     let update = AgentUpdate::try_from(&message)?;
                     let rotation = update.rotate_key_request.clone();
+                    let was_due = self.registration_due();
                     self.desired.apply(update);
                     if let Some(request) = rotation
                         && keys::handled_rotation(&self.args.mesh_state_dir()).as_deref()
@@ -193,11 +196,27 @@ impl Agent {
                             self.refused = why;
                         }
                     }
-                    self.report(&mut client).await?;
+                    if self.registration_due() && !was_due {
+                        // The mesh has us again (Node back, selected again, mesh re-created).
+                        let port = listen_port(&self.desired);
+                        if let Err(e) = self.register(&mut client, port).await {
+                            tracing::debug!(error = %e, "not a member of the mesh yet");
+                        }
+                    }
+                    // Said now rather than at the next tick; a refused report is not worth
+                    // the stream.
+                    if let Err(e) = self.report(&mut client).await {
+                        tracing::debug!(error = %e, "reporting after an update failed");
+                    }
                 }
                 _ = tick.tick() => self.report(&mut client).await?,
             }
         }
+    }
+
+    /// Whether to (re)register: not a member, and not told by the mesh that this node left it.
+    fn registration_due(&self) -> bool {
+        !self.desired.is_member() && !self.desired.departure.ends_membership()
     }
 
     /// A new private key, as the Node's rotation annotation asked: kept on disk first, then on
