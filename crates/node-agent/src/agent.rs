@@ -86,14 +86,16 @@ impl Agent {
     /// never on stopping: the interface, its routes and the guards stay (a SIGTERM cannot be
     /// told from an upgrade); only the mesh ends a node's membership.
     pub async fn run(mut self) -> Result<()> {
-        self.controller_addresses = controller_addresses(&self.args.controller).await;
         // The API server as pods see it (the kubelet sets this in every container).
         self.controller_addresses.extend(
             std::env::var("KUBERNETES_SERVICE_HOST")
                 .ok()
                 .and_then(|h| h.parse::<std::net::IpAddr>().ok()),
         );
+        // Tunnels first: resolving the controller's name may need DNS, which may need them.
         self.restore().await;
+        self.controller_addresses
+            .extend(controller_addresses(&self.args.controller).await);
         let mut backoff = BACKOFF_MIN;
         loop {
             let started = std::time::Instant::now();
