@@ -552,12 +552,13 @@ pub(crate) fn timer_tick(inner: &Inner, out: &mut [u8]) {
             TunnResult::Err(e) => tracing::trace!(error = ?e, "timers"),
             _ => {}
         }
-        // Persistent keepalive as the kernel does it: when nothing authenticated went either
-        // way for the interval. Without a session this starts a handshake.
+        // Passive keepalive as the kernel does it: data came in and nothing went back for
+        // KEEPALIVE_TIMEOUT. Persistent keepalive as well: when nothing authenticated went
+        // either way for the interval. Without a session either starts a handshake.
         let interval = u64::from(peer.keepalive()) * 1000;
+        let passive = peer.take_due_keepalive(now);
         if let Some(ep) = endpoint
-            && interval > 0
-            && now.saturating_sub(peer.last_activity_ms()) >= interval
+            && (passive || interval > 0 && now.saturating_sub(peer.last_activity_ms()) >= interval)
         {
             peer.touch(now);
             if let TunnResult::WriteToNetwork(buf) = peer.encapsulate(&[], out) {

@@ -68,7 +68,16 @@ pub(crate) struct Peer {
     /// Milliseconds since the device epoch of the last authenticated packet either way; the
     /// persistent keepalive fires when it is older than the interval.
     last_activity_ms: AtomicU64,
+    /// When data came in with nothing sent back since (ms since the device epoch; 0: nothing
+    /// owed): the passive keepalive is due [`KEEPALIVE_TIMEOUT_MS`] later, as in the kernel.
+    /// boringtun's own check compares 250 ms timer ticks and misses a reply that arrives in
+    /// the tick its request left in; the peer then renews the session 15 s later.
+    keepalive_owed_since_ms: AtomicU64,
 }
+
+/// WireGuard's KEEPALIVE_TIMEOUT: how long a peer that received data waits for something of
+/// its own to send back before it sends an empty packet.
+pub(crate) const KEEPALIVE_TIMEOUT_MS: u64 = 10_000;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -103,6 +112,7 @@ impl Peer {
             tx_bytes: AtomicU64::new(0),
             last_handshake_nanos: AtomicU64::new(0),
             last_activity_ms: AtomicU64::new(0),
+            keepalive_owed_since_ms: AtomicU64::new(0),
         }
     }
 
@@ -162,9 +172,35 @@ impl Peer {
         self.keepalive.store(seconds, Ordering::Relaxed);
     }
 
+    /// Counts a packet sent to the peer (any authenticated one: it also answers for data
+    /// received, so no passive keepalive is owed any more).
     pub(crate) fn count_tx(&self, bytes: usize, now_ms: u64) {
         self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         self.last_activity_ms.store(now_ms, Ordering::Relaxed);
+        self.keepalive_owed_since_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Data (not a keepalive) came from the peer: a passive keepalive is owed unless something
+    /// is sent back first. The first such packet starts the clock.
+    pub(crate) fn data_received(&self, now_ms: u64) {
+        let _ = self.keepalive_owed_since_ms.compare_exchange(
+            0,
+            now_ms.max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether the passive keepalive is due now; when it is, it is no longer owed (sent or
+    /// not, it is asked for once per received burst, as the kernel's timer fires once).
+    pub(crate) fn take_due_keepalive(&self, now_ms: u64) -> bool {
+        let since = self.keepalive_owed_since_ms.load(Ordering::Relaxed);
+        since != 0
+            && now_ms.saturating_sub(since) >= KEEPALIVE_TIMEOUT_MS
+            && self
+                .keepalive_owed_since_ms
+                .compare_exchange(since, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     pub(crate) fn count_rx(&self, bytes: usize, now_ms: u64) {

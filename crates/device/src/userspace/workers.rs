@@ -514,6 +514,9 @@ pub(crate) fn open<'d>(
         peer.set_endpoint(src);
         peer.count_rx(authenticated, now);
     }
+    if !s.decrypted.is_empty() {
+        peer.data_received(now);
+    }
     let write = &mut |b: &[u8]| write_tun(inner, b);
     for &(at, len, inner_src) in &s.decrypted {
         if !table.routes_to(inner_src, peer) {
