@@ -8,6 +8,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod control_plane;
 pub mod controller;
+pub mod foreign;
 pub mod helm;
 pub mod install;
 pub mod mesh;

@@ -2,39 +2,43 @@
 //! kernel, which has WireGuard (see `wgmesh_e2e::vm`). The build machines' own kernel has none.
 //!
 //! Each `kernel_vm_*` test here is one of two kinds:
-//! - host side (`kernel_vm_device_backend`, `kernel_vm_mesh`): prepares what stays on the host
-//!   (the control plane and the controller: under emulation they would be very slow), boots a
-//!   VM running a test binary, and fails with its output when that fails. Skipped inside;
+//! - host side (`kernel_vm_device_backend`, `kernel_vm_mesh`, `kernel_vm_mixed_mesh`):
+//!   prepares what stays on the host (the control plane and the controller: under emulation
+//!   they would be very slow), boots a VM running a test binary, and fails with its output when
+//!   that fails. Skipped inside;
 //! - inside (`kernel_vm_in_vm_*`): runs only in the VM (`WGMESH_IN_VM=1`), skipped elsewhere.
 //!
-//! Inside, the lean part: one VM, one network namespace per node (bridged to the VM's root
-//! namespace, the underlay router), real `wgmesh-agent` processes, pods as namespaces behind
-//! each node, UDP probes written here (no `ping` is installed and processes are expensive
-//! under emulation), and `wg`, which reads kernel links over generic netlink.
+//! Inside, the lean part (`wgmesh_e2e::vm::guest`): one VM, one network namespace per node
+//! (bridged to the VM's root namespace, the underlay router), real `wgmesh-agent` processes,
+//! pods as namespaces behind each node, UDP probes, and `wg`, which reads kernel links over
+//! generic netlink.
 
-use std::collections::BTreeSet;
-use std::fs::File;
-use std::net::{SocketAddr, UdpSocket};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use wgmesh_e2e::ControlPlane;
 use wgmesh_e2e::binaries::workspace_binary;
+use wgmesh_e2e::chaos::watcher::Watcher;
 use wgmesh_e2e::cluster;
 use wgmesh_e2e::controller::{Controller, ControllerTls};
+use wgmesh_e2e::foreign::{quick_parts, wireguard_go_from_config};
 use wgmesh_e2e::install::install_default_mesh;
 use wgmesh_e2e::netns::{Netns, sh};
-use wgmesh_e2e::process::ChildGuard;
 use wgmesh_e2e::scratch::ScratchDir;
+use wgmesh_e2e::vm::guest::{
+    AgentArgs, BRIDGE, Backend, ECHO_PORT, Echoes, INTERFACE, TwoWay, UNDERLAY, VmNode, all_logs,
+    gateway, reaches, tcp_proxy, underlay, wait_until,
+};
 use wgmesh_e2e::vm::{self, HOST_FROM_GUEST, lane};
 
-/// What the host hands the in-VM mesh test (as JSON, in a file the VM reads over 9p).
+/// What the host hands an in-VM mesh test (as JSON, in a file the VM reads over 9p).
 #[derive(Serialize, Deserialize, Debug)]
 struct MeshSetup {
     agent: PathBuf,
@@ -43,14 +47,25 @@ struct MeshSetup {
     ca_file: PathBuf,
     /// One per node, in order: (node name, token file).
     nodes: Vec<(String, PathBuf)>,
+    /// For tests that change the cluster from inside the VM.
+    api: Option<ApiAccess>,
+}
+
+/// The API server, from inside the VM: its port on the host's loopback (the test proxies the
+/// VM's own loopback port there, so the kubeconfig works unchanged), an admin kubeconfig, and
+/// the CLI.
+#[derive(Serialize, Deserialize, Debug)]
+struct ApiAccess {
+    port: u16,
+    kubeconfig: PathBuf,
+    cli: PathBuf,
 }
 
 const SETUP_ENV: &str = "WGMESH_KVM_SETUP";
-/// Nodes of the in-VM mesh.
+/// Nodes the in-VM meshes start with.
 const NODES: usize = 3;
-/// The in-VM underlay: node i at `.i`, the VM's root namespace (router, controller proxy)
-/// at `.254`.
-const UNDERLAY: &str = "192.168.77";
+/// The mark the mixed mesh puts on its encrypted packets.
+const FWMARK: u32 = 0x51820;
 
 fn host_only(test: &str) -> bool {
     if vm::in_vm() {
@@ -103,6 +118,111 @@ fn kernel_vm_device_backend() -> Result<()> {
     Ok(())
 }
 
+/// What stays on the host for an in-VM mesh: the control plane, the `default` mesh (patched
+/// with `mesh_patch`), the controller, and `NODES` Nodes with their agents' tokens.
+struct HostSide {
+    cp: ControlPlane,
+    controller: Controller,
+    _dir: ScratchDir,
+    setup_file: PathBuf,
+}
+
+impl HostSide {
+    async fn start(test: &str, mesh_patch: Option<serde_json::Value>, api: bool) -> Result<Self> {
+        let started = Instant::now();
+        let cp = ControlPlane::start().await?;
+        install_default_mesh(&cp)?;
+        let client = cp.client().await?;
+        if let Some(patch) = mesh_patch {
+            let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(client.clone());
+            meshes
+                .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+        let tls = ControllerTls::issue(&cp)?;
+        let controller = Controller::start(&cp, &tls, "wgmesh-controller-0", &[]).await?;
+        let dir = ScratchDir::new("wgmesh-kvm-")?;
+        let mut nodes = Vec::new();
+        for i in 1..=NODES {
+            let name = format!("node-{i}");
+            cluster::create_node(
+                &client,
+                &name,
+                &[&format!("10.244.{i}.0/24")],
+                &format!("{UNDERLAY}.{i}"),
+                &[],
+            )
+            .await?;
+            let token = cluster::agent_token(&client, &name).await?;
+            let file = dir.path().join(format!("{name}.token"));
+            std::fs::write(&file, token)?;
+            nodes.push((name, file));
+        }
+        let api = if api {
+            let port = cp
+                .url()
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .context("the API server's port")?;
+            Some(ApiAccess {
+                port,
+                kubeconfig: cp.kubeconfig().to_owned(),
+                cli: workspace_binary("wgmesh-cli", "kubectl-wgmesh")?,
+            })
+        } else {
+            None
+        };
+        let setup = MeshSetup {
+            agent: workspace_binary("wgmesh-node-agent", "wgmesh-agent")?,
+            grpc_port: controller.grpc_port,
+            ca_file: tls.ca.clone(),
+            nodes,
+            api,
+        };
+        let setup_file = dir.path().join("setup.json");
+        std::fs::write(&setup_file, serde_json::to_string(&setup)?)?;
+        eprintln!(
+            "[wgmesh] {test}: control plane and controller up on the host in {:.1?}",
+            started.elapsed()
+        );
+        Ok(HostSide {
+            cp,
+            controller,
+            _dir: dir,
+            setup_file,
+        })
+    }
+
+    /// Runs the in-VM test `inside` in a VM; fails with its output (and the controller's log)
+    /// unless it passed there.
+    async fn run_inside(&self, inside: &'static str, timeout: Duration) -> Result<usize> {
+        let exe = std::env::current_exe()?;
+        let setup_path = self.setup_file.display().to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            lane::run_test_binary(
+                &exe,
+                &[
+                    "--exact",
+                    inside,
+                    "--include-ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ],
+                &[(SETUP_ENV, &setup_path)],
+                timeout,
+            )
+        })
+        .await?
+        .map_err(|e| e.context(format!("controller log:\n{}", self.controller.log_tail(30))))?;
+        eprintln!("--- in the VM ---\n{}{}", out.stdout, out.stderr);
+        if !out.ran.iter().any(|t| t == inside) {
+            bail!("{inside} did not run in the VM:\n{}", out.stderr);
+        }
+        Ok(out.ran.len())
+    }
+}
+
 /// A three-node mesh on kernel WireGuard: the control plane and the controller on the host,
 /// the agents in the VM (see [`kernel_vm_in_vm_mesh`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,313 +231,82 @@ async fn kernel_vm_mesh() -> Result<()> {
         return Ok(());
     }
     let started = Instant::now();
-    let cp = ControlPlane::start().await?;
-    install_default_mesh(&cp)?;
-    let tls = ControllerTls::issue(&cp)?;
-    let controller = Controller::start(&cp, &tls, "wgmesh-controller-0", &[]).await?;
-    let client = cp.client().await?;
-    let dir = ScratchDir::new("wgmesh-kvm-")?;
-    let mut nodes = Vec::new();
-    for i in 1..=NODES {
-        let name = format!("node-{i}");
-        cluster::create_node(
-            &client,
-            &name,
-            &[&format!("10.244.{i}.0/24")],
-            &format!("{UNDERLAY}.{i}"),
-            &[],
-        )
+    let host = HostSide::start("kernel_vm_mesh", None, false).await?;
+    let ran = host
+        .run_inside("kernel_vm_in_vm_mesh", Duration::from_secs(900))
         .await?;
-        let token = cluster::agent_token(&client, &name).await?;
-        let file = dir.path().join(format!("{name}.token"));
-        std::fs::write(&file, token)?;
-        nodes.push((name, file));
+    lane::report("kernel_vm_mesh", ran, started);
+    Ok(())
+}
+
+/// Kernel nodes with a userspace node, a foreign peer (Debian's wireguard-go) through them,
+/// and the cluster changing around them, with the mesh's fwmark set: see
+/// [`kernel_vm_in_vm_mixed_mesh`]. The test changes the cluster from inside the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_vm_mixed_mesh() -> Result<()> {
+    if !host_only("kernel_vm_mixed_mesh") {
+        return Ok(());
     }
-    let setup = MeshSetup {
-        agent: workspace_binary("wgmesh-node-agent", "wgmesh-agent")?,
-        grpc_port: controller.grpc_port,
-        ca_file: tls.ca.clone(),
-        nodes,
-    };
-    let setup_file = dir.path().join("setup.json");
-    std::fs::write(&setup_file, serde_json::to_string(&setup)?)?;
-    eprintln!(
-        "[wgmesh] kernel_vm_mesh: control plane and controller up on the host in {:.1?}",
-        started.elapsed()
-    );
-    let exe = std::env::current_exe()?;
-    let setup_path = setup_file.display().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        lane::run_test_binary(
-            &exe,
-            &[
-                "--exact",
-                "kernel_vm_in_vm_mesh",
-                "--include-ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ],
-            &[(SETUP_ENV, &setup_path)],
-            Duration::from_secs(900),
-        )
-    })
-    .await?
-    .map_err(|e| e.context(format!("controller log:\n{}", controller.log_tail(30))))?;
-    eprintln!("--- in the VM ---\n{}{}", out.stdout, out.stderr);
-    if !out.ran.iter().any(|t| t == "kernel_vm_in_vm_mesh") {
-        bail!(
-            "kernel_vm_in_vm_mesh did not run in the VM:\n{}",
-            out.stderr
-        );
-    }
-    lane::report("kernel_vm_mesh", out.ran.len(), started);
+    let started = Instant::now();
+    let host = HostSide::start(
+        "kernel_vm_mixed_mesh",
+        Some(json!({"spec": {"fwmark": {"mark": FWMARK}}})),
+        true,
+    )
+    .await?;
+    let ran = host
+        .run_inside("kernel_vm_in_vm_mixed_mesh", Duration::from_secs(1200))
+        .await?;
+    drop(host.cp);
+    lane::report("kernel_vm_mixed_mesh", ran, started);
     Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
 // Inside the VM.
 
-/// Runs `f` on a thread inside network namespace `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<Result<T>> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("entering {path}"))?;
-        Ok(f())
+fn read_setup() -> Result<MeshSetup> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(
+        std::env::var(SETUP_ENV).context("no mesh setup")?,
+    )?)?)
+}
+
+/// The underlay and the proxy to the controller on the host; how agents reach it.
+fn guest_setup(setup: &MeshSetup) -> Result<AgentArgs> {
+    underlay()?;
+    let proxy = format!("{}:{}", gateway(), setup.grpc_port);
+    tcp_proxy(
+        proxy.parse()?,
+        format!("{HOST_FROM_GUEST}:{}", setup.grpc_port).parse()?,
+    )?;
+    Ok(AgentArgs {
+        agent: setup.agent.clone(),
+        controller: format!("https://{proxy}"),
+        ca_file: setup.ca_file.clone(),
     })
 }
 
-/// A UDP echo server in a pod namespace, until `stop`.
-fn echo_server(ns: &str, port: u16, stop: Arc<AtomicBool>) -> JoinHandle<Result<Result<()>>> {
-    in_netns(ns, move || {
-        let socket = UdpSocket::bind(("0.0.0.0", port))?;
-        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let mut buf = [0u8; 64];
-        while !stop.load(Ordering::Relaxed) {
-            if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                socket.send_to(&buf[..n], from)?;
+/// Pod to pod with probes of `size` bytes, every ordered pair of running nodes.
+fn every_pair_reaches(nodes: &[VmNode], size: usize, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for a in nodes {
+        for b in nodes {
+            if a.name == b.name {
+                continue;
             }
+            reaches(&a.pod.name, b.pod_addr()?, size, deadline, || {
+                format!(
+                    "pod {} -> pod {}\n{}\n{}",
+                    a.name,
+                    b.name,
+                    a.ns.ip(&["route", "show", "table", "all"])
+                        .unwrap_or_default(),
+                    all_logs(nodes)
+                )
+            })?;
         }
-        Ok(())
-    })
-}
-
-/// Probes counted: how many were sent and how many came back.
-#[derive(Debug, Clone, Copy)]
-struct Probes {
-    sent: u64,
-    received: u64,
-}
-
-impl Probes {
-    fn lost(&self) -> u64 {
-        self.sent - self.received
     }
-}
-
-/// From pod namespace `ns`, a UDP probe to `to` every `interval` until `stop`; replies that
-/// come within `drain` of the last probe count.
-fn prober(
-    ns: &str,
-    to: SocketAddr,
-    interval: Duration,
-    drain: Duration,
-    stop: Arc<AtomicBool>,
-) -> JoinHandle<Result<Result<Probes>>> {
-    in_netns(ns, move || {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
-        let mut got = BTreeSet::new();
-        let mut buf = [0u8; 64];
-        let mut sent = 0u64;
-        let mut recv_until = |socket: &UdpSocket, until: Instant, got: &mut BTreeSet<u64>| {
-            loop {
-                let now = Instant::now();
-                if now >= until {
-                    return;
-                }
-                let _ = socket.set_read_timeout(Some(until - now));
-                if let Ok(n) = socket.recv(&mut buf)
-                    && n == 8
-                {
-                    got.insert(u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")));
-                }
-            }
-        };
-        while !stop.load(Ordering::Relaxed) {
-            let next = Instant::now() + interval;
-            // Unreachable routes (a send error) count as lost probes.
-            let _ = socket.send_to(&sent.to_be_bytes(), to);
-            sent += 1;
-            recv_until(&socket, next, &mut got);
-        }
-        recv_until(&socket, Instant::now() + drain, &mut got);
-        Ok(Probes {
-            sent,
-            received: got.len() as u64,
-        })
-    })
-}
-
-fn join<T>(h: JoinHandle<Result<Result<T>>>) -> Result<T> {
-    h.join().map_err(|_| anyhow::anyhow!("thread panicked"))??
-}
-
-/// `count` probes from `from` to `to`, one every 100 ms; how many came back.
-fn probe_burst(from: &str, to: SocketAddr, count: u64) -> Result<Probes> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let h = prober(
-        from,
-        to,
-        Duration::from_millis(100),
-        Duration::from_millis(500),
-        stop.clone(),
-    );
-    std::thread::sleep(Duration::from_millis(100 * count));
-    stop.store(true, Ordering::Relaxed);
-    join(h)
-}
-
-/// Forwards TCP connections to `listen` (in the VM's root namespace) to the host at `to`:
-/// the nodes reach the controller through it (the user-mode network NATs only the VM's own
-/// address).
-fn tcp_proxy(listen: SocketAddr, to: SocketAddr) -> Result<()> {
-    let listener = std::net::TcpListener::bind(listen)?;
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let Ok(upstream) = std::net::TcpStream::connect(to) else {
-                    return;
-                };
-                let (mut a, mut b) = (
-                    conn.try_clone().expect("clone"),
-                    upstream.try_clone().expect("clone"),
-                );
-                let t = std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut a, &mut b);
-                    let _ = b.shutdown(std::net::Shutdown::Write);
-                });
-                let (mut c, mut d) = (upstream, conn);
-                let _ = std::io::copy(&mut c, &mut d);
-                let _ = d.shutdown(std::net::Shutdown::Write);
-                let _ = t.join();
-            });
-        }
-    });
     Ok(())
-}
-
-struct VmNode {
-    name: String,
-    ns: Netns,
-    pod: Netns,
-    pod_ip: String,
-    agent: Option<ChildGuard>,
-    command: Command,
-    log: PathBuf,
-}
-
-impl VmNode {
-    fn start_agent(&mut self) -> Result<()> {
-        let mut cmd = Command::new(self.command.get_program());
-        cmd.args(self.command.get_args());
-        for (k, v) in self.command.get_envs() {
-            if let Some(v) = v {
-                cmd.env(k, v);
-            }
-        }
-        self.agent = Some(ChildGuard::spawn(
-            &format!("agent {}", self.name),
-            cmd,
-            &self.log,
-        )?);
-        Ok(())
-    }
-
-    /// The agent's log (all its runs), without colours.
-    fn log(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    /// How many times the agent said its kernel device was ready (once per run).
-    fn kernel_device_ready(&self) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| l.contains("device ready") && l.contains("backend=kernel"))
-            .count()
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let text = self.log();
-        let all: Vec<&str> = text.lines().collect();
-        format!(
-            "--- {} ---\n{}",
-            self.name,
-            all[all.len().saturating_sub(lines)..].join("\n")
-        )
-    }
-
-    fn wg_dump(&self) -> Result<String> {
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.ns.name,
-                "wg",
-                "show",
-                "wgmesh0",
-                "dump",
-            ],
-        )
-    }
-
-    /// Peers with a handshake, as `wg` reads them from the kernel (generic netlink).
-    fn peers(&self) -> Result<Vec<(String, u64)>> {
-        Ok(self
-            .wg_dump()?
-            .lines()
-            .skip(1)
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split('\t').collect();
-                Some((f.first()?.to_string(), f.get(4)?.parse().ok()?))
-            })
-            .collect())
-    }
-
-    fn ifindex(&self) -> Result<String> {
-        let out = self.ns.ip(&["-o", "link", "show", "wgmesh0"])?;
-        Ok(out.split(':').next().unwrap_or_default().to_owned())
-    }
-}
-
-/// Removes terminal colour sequences (`ESC [ ... m`).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn all_logs(nodes: &[VmNode]) -> String {
-    nodes
-        .iter()
-        .map(|n| n.log_tail(25))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// Inside the VM: three nodes with real agents on kernel WireGuard (the mesh's `backend:
@@ -438,93 +327,19 @@ fn kernel_vm_in_vm_mesh() -> Result<()> {
     )?)?;
     let work = Path::new("/tmp/wgmesh-kvm");
     std::fs::create_dir_all(work)?;
-
-    // The underlay: a bridge in the VM's root namespace, which routes (the nodes' default
-    // gateway, with routes back to every pod CIDR) and proxies the controller.
-    let gw = format!("{UNDERLAY}.254");
-    sh("ip", &["link", "add", "kvbr", "type", "bridge"])?;
-    sh("ip", &["addr", "add", &format!("{gw}/24"), "dev", "kvbr"])?;
-    sh("ip", &["link", "set", "kvbr", "up"])?;
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
-    let proxy: SocketAddr = format!("{gw}:{}", setup.grpc_port).parse()?;
-    tcp_proxy(
-        proxy,
-        format!("{HOST_FROM_GUEST}:{}", setup.grpc_port).parse()?,
-    )?;
+    let args = guest_setup(&setup)?;
     lap("underlay and controller proxy up");
 
     let mut nodes = Vec::new();
     for (i, (name, token)) in setup.nodes.iter().enumerate() {
-        let i = i + 1;
-        let ns = Netns::create(&format!("kvn{i}"))?;
-        let pod = Netns::create(&format!("kvp{i}"))?;
-        let node_ip = format!("{UNDERLAY}.{i}");
-        let pod_ip = format!("10.244.{i}.2");
-        // Node on the underlay.
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                &format!("kvv{i}"),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &ns.name,
-            ],
-        )?;
-        sh(
-            "ip",
-            &["link", "set", &format!("kvv{i}"), "master", "kvbr", "up"],
-        )?;
-        ns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", "default", "via", &gw])?;
-        ns.sysctl("net.ipv4.ip_forward", "1")?;
-        sh(
-            "ip",
-            &["route", "add", &format!("10.244.{i}.0/24"), "via", &node_ip],
-        )?;
-        // The pod behind its node (a routed veth, as a simple CNI would make it).
-        ns.ip(&[
-            "link", "add", "pod0", "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
-        ])?;
-        ns.ip(&["addr", "add", &format!("10.244.{i}.1/24"), "dev", "pod0"])?;
-        ns.ip(&["link", "set", "pod0", "up"])?;
-        pod.ip(&["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
-        pod.ip(&["link", "set", "eth0", "up"])?;
-        pod.ip(&["route", "add", "default", "via", &format!("10.244.{i}.1")])?;
-
-        let state = work.join(name);
-        std::fs::create_dir_all(&state)?;
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &ns.name])
-            .arg(&setup.agent)
-            .args(["--node", name])
-            .args(["--controller", &format!("https://{proxy}")])
-            .args(["--tls-server-name", "localhost"])
-            .arg("--ca-file")
-            .arg(&setup.ca_file)
-            .arg("--token-file")
-            .arg(token)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--report-interval", "2"])
-            .env("WGMESH_LOG", "info,wgmesh_agent=debug")
-            .env("NO_COLOR", "1");
-        nodes.push(VmNode {
-            name: name.clone(),
-            ns,
-            pod,
-            pod_ip,
-            agent: None,
-            command,
-            log: work.join(format!("{name}.log")),
-        });
+        nodes.push(VmNode::wire(
+            name,
+            i + 1,
+            Backend::Auto,
+            &args,
+            token,
+            work,
+        )?);
     }
     lap("nodes and pods wired");
     for node in &mut nodes {
@@ -569,36 +384,9 @@ fn kernel_vm_in_vm_mesh() -> Result<()> {
     }
 
     // Pod to pod, every ordered pair.
-    let stop_echo = Arc::new(AtomicBool::new(false));
-    let echoes: Vec<_> = nodes
-        .iter()
-        .map(|n| echo_server(&n.pod.name, 7777, stop_echo.clone()))
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for a in 0..NODES {
-        for b in 0..NODES {
-            if a == b {
-                continue;
-            }
-            let to: SocketAddr = format!("{}:7777", nodes[b].pod_ip).parse()?;
-            loop {
-                let p = probe_burst(&nodes[a].pod.name, to, 5)?;
-                if p.received == p.sent {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "pod {} -> pod {}: {p:?}\n{}\n{}",
-                        nodes[a].name,
-                        nodes[b].name,
-                        nodes[a].ns.ip(&["route", "show", "table", "all"])?,
-                        all_logs(&nodes)
-                    );
-                }
-            }
-        }
-    }
+    let pods: Vec<&str> = nodes.iter().map(|n| n.pod.name.as_str()).collect();
+    let echoes = Echoes::start(&pods);
+    every_pair_reaches(&nodes, 8, Duration::from_secs(60))?;
     lap("pod to pod, every pair both ways, through kernel WireGuard");
     for node in &nodes {
         let dump = node.peers()?;
@@ -646,22 +434,12 @@ fn kernel_vm_in_vm_mesh() -> Result<()> {
 
     // SIGTERM node-1's agent under traffic both ways; the kernel link stays (same ifindex,
     // peers kept), traffic keeps flowing; then the agent starts again.
-    let stop = Arc::new(AtomicBool::new(false));
-    let interval = Duration::from_millis(50);
-    let there = prober(
+    let traffic = TwoWay::start(
         &nodes[0].pod.name,
-        format!("{}:7777", nodes[1].pod_ip).parse()?,
-        interval,
-        Duration::from_secs(2),
-        stop.clone(),
-    );
-    let back = prober(
+        &nodes[0].pod_ip,
         &nodes[1].pod.name,
-        format!("{}:7777", nodes[0].pod_ip).parse()?,
-        interval,
-        Duration::from_secs(2),
-        stop.clone(),
-    );
+        &nodes[1].pod_ip,
+    )?;
     std::thread::sleep(Duration::from_secs(2));
     let before = nodes[0].ifindex()?;
     let stopped_at = Instant::now();
@@ -701,15 +479,11 @@ fn kernel_vm_in_vm_mesh() -> Result<()> {
     );
     let after_restart = nodes[0].ifindex()?;
     let peers_after = nodes[0].peers()?.len();
-    stop.store(true, Ordering::Relaxed);
-    let (there, back) = (join(there)?, join(back)?);
+    let (there, back) = traffic.finish()?;
     lap(&format!(
         "node-1's agent restarted; ifindex {after_restart}, {peers_after} peers; probes pod1->pod2 {there:?}, pod2->pod1 {back:?}"
     ));
-    stop_echo.store(true, Ordering::Relaxed);
-    for e in echoes {
-        join(e)?;
-    }
+    echoes.stop()?;
     println!(
         "kernel_vm_in_vm_mesh: lost probes during the agent restart: pod1->pod2 {} of {}, pod2->pod1 {} of {}",
         there.lost(),
@@ -774,5 +548,459 @@ fn kernel_vm_in_vm_mesh() -> Result<()> {
     lap("wgmesh-agent cleanup removed the kernel link and the routes");
     lap("done");
     vm::record_ran("kernel_vm_in_vm_mesh");
+    Ok(())
+}
+
+/// Every node's sessions with the other nodes in `nodes`: (node, peer key) -> latest handshake.
+fn sessions(nodes: &[&VmNode]) -> Result<BTreeMap<(String, String), u64>> {
+    let keys: Vec<String> = nodes
+        .iter()
+        .map(|n| n.public_key())
+        .collect::<Result<_>>()?;
+    let mut out = BTreeMap::new();
+    for n in nodes {
+        for (key, row) in n.peer_table()? {
+            if keys.contains(&key) {
+                out.insert((n.name.clone(), key), row.handshake);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The sessions in `before` that were reset since: a new handshake, unless the old session was
+/// due for WireGuard's own rekey (sessions renew every 120 s under traffic).
+fn resets(
+    before: &BTreeMap<(String, String), u64>,
+    after: &BTreeMap<(String, String), u64>,
+) -> Vec<String> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    before
+        .iter()
+        .filter_map(|((node, key), &was)| {
+            let is = after.get(&(node.clone(), key.clone())).copied();
+            let rekey_due = now.saturating_sub(was) >= 115;
+            (is != Some(was) && !(is.is_some() && rekey_due))
+                .then(|| format!("{node}: peer {key}: handshake {was} -> {is:?}"))
+        })
+        .collect()
+}
+
+fn peer_counts(nodes: &[&VmNode]) -> Vec<usize> {
+    nodes
+        .iter()
+        .map(|n| n.peer_table().map(|t| t.len()).unwrap_or(usize::MAX))
+        .collect()
+}
+
+/// Inside the VM, a mixed mesh with fwmark set, changed around its traffic:
+/// 1. node-1 and node-2 on kernel WireGuard (`auto`), node-3 on our userspace device: pod to
+///    pod every way, full-size packets (the interface MTU), the fwmark on the device and its
+///    `not fwmark` rule;
+/// 2. a laptop running Debian's wireguard-go, from the config `kubectl wgmesh peer add`
+///    prints, reaches every pod through the nodes (kernel and userspace gateways) and back;
+/// 3. node-2's key is rotated (the Node annotation): the others follow, node-1's session with
+///    node-3 is untouched;
+/// 4. node-2 moves to another underlay address: the kernel (and userspace) peers roam to it;
+/// 5. node-4 (kernel) joins, then leaves by its Node's deletion: peers are added and removed
+///    in place (no other session renewed), the roamed endpoint is not pushed back to the
+///    configured one, and node-4's agent takes its link down when it leaves;
+/// 6. node-1's agent is killed (SIGKILL) under traffic to node-3 and comes back: no probe lost;
+/// and all along, a capture on every node's underlay link sees no pod or tunnel address in
+/// plaintext.
+#[test]
+#[ignore = "runs inside the kernel VM, started by kernel_vm_mixed_mesh"]
+fn kernel_vm_in_vm_mixed_mesh() -> Result<()> {
+    if !vm_only("kernel_vm_in_vm_mixed_mesh") {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let lap = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
+    let setup = read_setup()?;
+    let api = setup.api.as_ref().context("no API access in the setup")?;
+    let work = Path::new("/tmp/wgmesh-kvm");
+    std::fs::create_dir_all(work)?;
+    let args = guest_setup(&setup)?;
+    tcp_proxy(
+        format!("127.0.0.1:{}", api.port).parse()?,
+        format!("{HOST_FROM_GUEST}:{}", api.port).parse()?,
+    )?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = rt.block_on(async {
+        let config = kube::Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(&api.kubeconfig)?,
+            &KubeConfigOptions::default(),
+        )
+        .await?;
+        anyhow::Ok(kube::Client::try_from(config)?)
+    })?;
+    let node_api: Api<Node> = Api::all(client.clone());
+    lap("underlay, controller and API server proxies up");
+
+    let mut nodes = Vec::new();
+    for (i, (name, token)) in setup.nodes.iter().enumerate() {
+        let backend = if i + 1 == NODES {
+            Backend::Userspace
+        } else {
+            Backend::Auto
+        };
+        nodes.push(VmNode::wire(name, i + 1, backend, &args, token, work)?);
+    }
+    // Everything the nodes send on the underlay, from before their agents start.
+    let mut watcher = Watcher::new(work, &["10.244.0.0/16", "10.250.0.0/16"])?;
+    for node in &nodes {
+        watcher.watch(&node.name, &node.underlay_link())?;
+    }
+    for node in &mut nodes {
+        node.start_agent()?;
+    }
+    lap("nodes wired, captures and agents started");
+
+    // 1. The mixed mesh.
+    wait_until(
+        "every node has the other two as peers",
+        Duration::from_secs(240),
+        || Ok(peer_counts(&nodes.iter().collect::<Vec<_>>()) == vec![NODES - 1; NODES]),
+        || {
+            let dumps: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("{}: {:?}", n.name, n.wg_dump()))
+                .collect();
+            format!("{}\n{}", dumps.join("\n"), all_logs(&nodes))
+        },
+    )?;
+    for node in &nodes {
+        let link = node.ns.ip(&["-d", "link", "show", INTERFACE])?;
+        let (want, kind) = match node.backend {
+            Backend::Auto => ("kernel", link.contains("wireguard")),
+            Backend::Userspace => ("userspace", link.contains("tun")),
+        };
+        assert!(
+            kind && node.device_ready(want) == 1,
+            "{}: a {want} device: {link}\n{}",
+            node.name,
+            node.log_tail(20)
+        );
+        assert!(
+            link.contains("mtu 1420"),
+            "{}: MTU 1420 (the underlay's 1500 less 80): {link}",
+            node.name
+        );
+        let fwmark = node.wg(&["show", INTERFACE, "fwmark"])?;
+        assert_eq!(
+            fwmark.trim(),
+            format!("{FWMARK:#x}"),
+            "{}: fwmark",
+            node.name
+        );
+        let rules = node.ns.ip(&["rule", "show"])?;
+        assert!(
+            rules
+                .lines()
+                .any(|l| l.contains(&format!("not from all fwmark {FWMARK:#x}"))
+                    && l.contains("lookup 51820")),
+            "{}: the rule to the mesh's table exempts marked packets:\n{rules}",
+            node.name
+        );
+    }
+    lap("devices: kernel, kernel, userspace; MTU 1420; fwmark and its rule");
+    let pods: Vec<&str> = nodes.iter().map(|n| n.pod.name.as_str()).collect();
+    let mut echoes = Echoes::start(&pods);
+    every_pair_reaches(&nodes, 8, Duration::from_secs(60))?;
+    // The largest packet the interface takes: 1420 less the IPv4 and UDP headers.
+    every_pair_reaches(&nodes, 1420 - 28, Duration::from_secs(30))?;
+    lap("pod to pod every way, kernel and userspace, small and full-size packets");
+
+    // 2. A laptop on wireguard-go through the mesh's gateways.
+    let laptop = Netns::create("kvl")?;
+    sh(
+        "ip",
+        &[
+            "link",
+            "add",
+            "kvv50",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &laptop.name,
+        ],
+    )?;
+    sh("ip", &["link", "set", "kvv50", "master", BRIDGE, "up"])?;
+    laptop.ip(&["addr", "add", &format!("{UNDERLAY}.50/24"), "dev", "eth0"])?;
+    laptop.ip(&["link", "set", "eth0", "up"])?;
+    laptop.ip(&["route", "add", "default", "via", &gateway()])?;
+    watcher.watch("laptop", "kvv50")?;
+    let out = std::process::Command::new(&api.cli)
+        .arg("--kubeconfig")
+        .arg(&api.kubeconfig)
+        .args([
+            "peer",
+            "add",
+            "laptop",
+            "--client-allowed-ips",
+            "10.96.0.0/16",
+        ])
+        .args(["--keepalive", "5"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl-wgmesh peer add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let config = String::from_utf8(out.stdout)?;
+    assert_eq!(config.matches("[Peer]").count(), NODES, "{config}");
+    let _wireguard_go = wireguard_go_from_config(&laptop, "wgl0", &config, work)?;
+    let laptop_ip = quick_parts(&config)
+        .addresses
+        .first()
+        .and_then(|a| a.split('/').next().map(str::to_owned))
+        .context("the laptop's address")?;
+    echoes.add(&laptop.name);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for node in &nodes {
+        reaches(&laptop.name, node.pod_addr()?, 8, deadline, || {
+            format!("laptop -> {}\n{}", node.name, all_logs(&nodes))
+        })?;
+        reaches(
+            &node.pod.name,
+            format!("{laptop_ip}:{ECHO_PORT}").parse()?,
+            8,
+            deadline,
+            || format!("{} -> laptop\n{}", node.name, all_logs(&nodes)),
+        )?;
+    }
+    let views: Vec<&VmNode> = nodes.iter().collect();
+    assert_eq!(
+        peer_counts(&views),
+        vec![NODES; NODES],
+        "the laptop on every node"
+    );
+    lap("laptop (wireguard-go) <-> every pod, through kernel and userspace gateways");
+
+    // 3. node-2's key rotated.
+    let before = sessions(&views)?;
+    let old_key = nodes[1].public_key()?;
+    let stamp = format!("{}", t0.elapsed().as_nanos());
+    rt.block_on(node_api.patch(
+        "node-2",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"wgmesh.io/rotate-key": stamp}}})),
+    ))?;
+    wait_until(
+        "node-1 and node-3 follow node-2's new key",
+        Duration::from_secs(120),
+        || {
+            let new = nodes[1].public_key()?;
+            Ok(new != old_key
+                && [&nodes[0], &nodes[2]].iter().all(|n| {
+                    n.peer_table()
+                        .is_ok_and(|t| t.contains_key(&new) && !t.contains_key(&old_key))
+                }))
+        },
+        || all_logs(&nodes),
+    )?;
+    every_pair_reaches(&nodes, 8, Duration::from_secs(60))?;
+    let after = sessions(&views)?;
+    let untouched: BTreeMap<_, _> = before
+        .into_iter()
+        .filter(|((node, key), _)| node != "node-2" && *key != old_key)
+        .collect();
+    let reset = resets(&untouched, &after);
+    assert!(
+        reset.is_empty(),
+        "sessions reset by the rotation: {reset:?}\n{}",
+        all_logs(&nodes)
+    );
+    lap("node-2's key rotated; the others followed; node-1 <-> node-3 kept its session");
+
+    // 4. node-2 moves on the underlay: the peers roam to its new address.
+    let moved = format!("{UNDERLAY}.12");
+    let n2 = &nodes[1];
+    n2.ns.ip(&[
+        "addr",
+        "del",
+        &format!("{}/24", n2.underlay_ip()),
+        "dev",
+        "eth0",
+    ])?;
+    n2.ns
+        .ip(&["addr", "add", &format!("{moved}/24"), "dev", "eth0"])?;
+    n2.ns
+        .ip(&["route", "replace", "default", "via", &gateway()])?;
+    sh("ip", &["route", "replace", "10.244.2.0/24", "via", &moved])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for other in [&nodes[0], &nodes[2]] {
+        reaches(&n2.pod.name, other.pod_addr()?, 8, deadline, || {
+            format!("node-2 (moved) -> {}\n{}", other.name, all_logs(&nodes))
+        })?;
+        reaches(&other.pod.name, n2.pod_addr()?, 8, deadline, || {
+            format!("{} -> node-2 (moved)\n{}", other.name, all_logs(&nodes))
+        })?;
+    }
+    let n2_key = n2.public_key()?;
+    let roamed = |n: &VmNode| -> Result<String> {
+        Ok(n.peer_table()?
+            .get(&n2_key)
+            .map(|r| r.endpoint.clone())
+            .unwrap_or_default())
+    };
+    for other in [&nodes[0], &nodes[2]] {
+        assert_eq!(
+            roamed(other)?,
+            format!("{moved}:51820"),
+            "{} follows node-2 to its new address",
+            other.name
+        );
+    }
+    lap("node-2 moved to .12; node-1 (kernel) and node-3 (userspace) roamed to it");
+
+    // 5. node-4 joins, then leaves.
+    let before = sessions(&views)?;
+    let token = rt.block_on(async {
+        cluster::create_node(
+            &client,
+            "node-4",
+            &["10.244.4.0/24"],
+            &format!("{UNDERLAY}.4"),
+            &[],
+        )
+        .await?;
+        cluster::agent_token(&client, "node-4").await
+    })?;
+    let token_file = work.join("node-4.token");
+    std::fs::write(&token_file, token)?;
+    let mut n4 = VmNode::wire("node-4", 4, Backend::Auto, &args, &token_file, work)?;
+    watcher.watch("node-4", &n4.underlay_link())?;
+    n4.start_agent()?;
+    wait_until(
+        "node-4 and the others have each other",
+        Duration::from_secs(180),
+        || {
+            let mut all: Vec<&VmNode> = nodes.iter().collect();
+            all.push(&n4);
+            Ok(peer_counts(&all) == vec![NODES + 1; NODES + 1])
+        },
+        || format!("{}\n{}", all_logs(&nodes), n4.log_tail(25)),
+    )?;
+    echoes.add(&n4.pod.name);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // node-2 first: node-4 only knows node-2's configured (old) address until node-2 speaks.
+    for other in [&nodes[1], &nodes[0], &nodes[2]] {
+        reaches(&other.pod.name, n4.pod_addr()?, 8, deadline, || {
+            format!("{} -> node-4\n{}", other.name, n4.log_tail(25))
+        })?;
+        reaches(&n4.pod.name, other.pod_addr()?, 8, deadline, || {
+            format!("node-4 -> {}\n{}", other.name, n4.log_tail(25))
+        })?;
+    }
+    let reset = resets(&before, &sessions(&views)?);
+    assert!(
+        reset.is_empty(),
+        "sessions reset by node-4's join: {reset:?}\n{}",
+        all_logs(&nodes)
+    );
+    for other in [&nodes[0], &nodes[2]] {
+        assert_eq!(
+            roamed(other)?,
+            format!("{moved}:51820"),
+            "{}: the roamed endpoint stays through the update that added node-4",
+            other.name
+        );
+    }
+    lap("node-4 (kernel) joined: peers added in place, no session reset, roaming kept");
+
+    rt.block_on(cluster::delete_node(&client, "node-4"))?;
+    wait_until(
+        "node-4 leaves: the others drop it, its agent takes its link down",
+        Duration::from_secs(120),
+        || {
+            Ok(peer_counts(&views) == vec![NODES; NODES]
+                && n4.ns.ip(&["link", "show", INTERFACE]).is_err())
+        },
+        || format!("{}\n{}", all_logs(&nodes), n4.log_tail(25)),
+    )?;
+    every_pair_reaches(&nodes, 8, Duration::from_secs(30))?;
+    let reset = resets(&before, &sessions(&views)?);
+    assert!(
+        reset.is_empty(),
+        "sessions reset by node-4's leaving: {reset:?}\n{}",
+        all_logs(&nodes)
+    );
+    if let Some(mut agent) = n4.agent.take() {
+        agent.stop(Duration::from_secs(10));
+    }
+    lap("node-4 left: removed in place everywhere, its link gone");
+
+    // 6. node-1's agent killed under traffic to the userspace node, and started again.
+    let traffic = TwoWay::start(
+        &nodes[0].pod.name,
+        &nodes[0].pod_ip,
+        &nodes[2].pod.name,
+        &nodes[2].pod_ip,
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let ifindex = nodes[0].ifindex()?;
+    nodes[0].agent.as_mut().context("node-1's agent")?.kill();
+    nodes[0].agent = None;
+    std::thread::sleep(Duration::from_secs(3));
+    nodes[0].start_agent()?;
+    wait_until(
+        "node-1's agent is back",
+        Duration::from_secs(120),
+        || {
+            Ok(nodes[0].kernel_device_ready() == 2
+                && nodes[0].log().matches(" registered ").count() >= 2)
+        },
+        || nodes[0].log_tail(30),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (there, back) = traffic.finish()?;
+    println!(
+        "kernel_vm_in_vm_mixed_mesh: lost probes across node-1's agent SIGKILL + restart: pod1->pod3 {} of {}, pod3->pod1 {} of {}",
+        there.lost(),
+        there.sent,
+        back.lost(),
+        back.sent
+    );
+    assert_eq!(nodes[0].ifindex()?, ifindex, "the kernel link stays");
+    assert_eq!(
+        (there.lost(), back.lost()),
+        (0, 0),
+        "no probe lost across the agent's SIGKILL\n{}",
+        all_logs(&nodes)
+    );
+    lap("node-1's agent killed and back: no probe lost");
+
+    // The capture, all along.
+    let counts = watcher.poll()?;
+    for c in &counts {
+        println!(
+            "kernel_vm_in_vm_mixed_mesh: underlay of {}: {} packets, {} in plaintext {:?}",
+            c.node, c.packets, c.plaintext, c.examples
+        );
+    }
+    assert!(
+        counts.iter().all(|c| c.plaintext == 0 && c.packets > 0),
+        "no pod or tunnel address in plaintext on any node's underlay: {counts:?}"
+    );
+    lap("capture: no plaintext on any node's underlay link");
+
+    echoes.stop()?;
+    for node in &mut nodes {
+        if let Some(mut a) = node.agent.take() {
+            a.stop(Duration::from_secs(10));
+        }
+    }
+    lap("done");
+    vm::record_ran("kernel_vm_in_vm_mixed_mesh");
     Ok(())
 }

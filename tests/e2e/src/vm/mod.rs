@@ -12,6 +12,7 @@
 //! command. `cargo xtask vm run -- CMD ARGS` is the same from the command line, and
 //! `tests/e2e/tools/vm-runner.sh` makes it a cargo runner.
 
+pub mod guest;
 pub mod lane;
 mod prepare;
 
@@ -91,7 +92,7 @@ impl VmJob {
             cwd: std::env::current_dir().unwrap_or_else(|_| "/".into()),
             env: Vec::new(),
             timeout: Duration::from_secs(600),
-            memory_mib: 768,
+            memory_mib: 1024,
             cpus: std::env::var("WGMESH_VM_CPUS")
                 .ok()
                 .and_then(|c| c.parse().ok())
