@@ -453,6 +453,97 @@ impl TestMesh {
     }
 
     /// The mesh's scratch directory (logs, captures); removed on drop.
+    /// What `helm uninstall` does first, with the stand-in for the kubelet: creates the
+    /// chart's pre-delete hook objects (service account, role, binding) from the installed
+    /// release, then runs the hook Job's container as its pod spec says (command, arguments,
+    /// environment, the service account's in-cluster credentials) until it exits. Returns its
+    /// log; fails if it does not exit 0 within `timeout`.
+    pub async fn run_uninstall_hook(&self, timeout: Duration) -> Result<String> {
+        use k8s_openapi::api::batch::v1::Job;
+        let hooks = Helm::new()?.ok(
+            &[
+                "get",
+                "hooks",
+                crate::helm::RELEASE,
+                "--namespace",
+                NAMESPACE,
+            ],
+            Some(self.cp.kubeconfig()),
+        )?;
+        let mut job = None;
+        let mut others = String::new();
+        for doc in hooks.split("\n---") {
+            let value: serde_yaml::Value = serde_yaml::from_str(doc)?;
+            match value.get("kind").and_then(|k| k.as_str()) {
+                Some("Job") => job = Some(serde_yaml::from_value::<Job>(value)?),
+                Some(_) => others.push_str(&format!("---\n{doc}\n")),
+                None => {}
+            }
+        }
+        let job = job.context("the release has no hook Job")?;
+        let objects = self.dir.path().join("uninstall-hook-objects.yaml");
+        std::fs::write(&objects, others)?;
+        self.cp
+            .kubectl_ok(&["apply", "-f", &objects.display().to_string()])?;
+        let spec = job
+            .spec
+            .and_then(|s| s.template.spec)
+            .context("the hook Job has no pod spec")?;
+        let container = spec.containers.first().context("no container")?.clone();
+        let name = "wgmesh-uninstall-hook";
+        let sa = spec.service_account_name.as_deref().unwrap_or("default");
+        let pod = cluster::agent_pod(&self.client, name, "node-1", sa).await?;
+        let api_port = self
+            .cp
+            .url()
+            .rsplit(':')
+            .next()
+            .context("the API server URL has no port")?
+            .to_owned();
+        let services = vec![
+            ("KUBERNETES_SERVICE_HOST".to_owned(), "127.0.0.1".to_owned()),
+            ("KUBERNETES_SERVICE_PORT".to_owned(), api_port),
+        ];
+        let fields: pods::Fields = BTreeMap::from([
+            ("metadata.name", name.to_owned()),
+            ("metadata.namespace", NAMESPACE.to_owned()),
+        ]);
+        let env = pods::container_env(&container, &fields, &services)?;
+        let dir = self.dir.path().join(name);
+        let launch = pods::prepare(
+            &spec,
+            &container,
+            env,
+            &VolumeSources {
+                client: &self.client,
+                pod: &pod,
+                host_root: &dir.join("host"),
+                volume_dir: &dir.join("volumes"),
+                api_ca: self.cp.ca().cert_pem(),
+            },
+        )
+        .await?;
+        let log = dir.join("hook.log");
+        let mut child = ChildGuard::spawn(name, launch.command(None), &log)?;
+        let deadline = Instant::now() + timeout;
+        while child.is_running() {
+            if Instant::now() > deadline {
+                child.stop(Duration::from_secs(5));
+                bail!(
+                    "the uninstall hook still ran after {timeout:?}: {}",
+                    child.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let code = child.exit_code();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if code != Some(0) {
+            bail!("the uninstall hook exited with {code:?}:\n{text}");
+        }
+        Ok(text)
+    }
+
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }

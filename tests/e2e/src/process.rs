@@ -63,6 +63,14 @@ impl ChildGuard {
         }
     }
 
+    /// The exit code once the process exited (None while it runs, or when a signal ended it).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+            .and_then(|status| status.code())
+    }
+
     /// Stops the process: SIGTERM, up to `grace` to exit, then SIGKILL.
     pub fn stop(&mut self, grace: Duration) {
         let Some(mut child) = self.child.take() else {

@@ -281,10 +281,11 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
         );
     }
 
-    // 9. Deleting the mesh is what ends it on the nodes: every agent removes its interface,
-    // routes, guards and CNI configuration, and keeps its key.
-    mesh.cp
-        .kubectl_ok(&["delete", "wireguardmeshes", "default"])?;
+    // 9. Uninstalling: the chart's pre-delete hook deletes the mesh and waits for the agents
+    // to leave. Deleting the mesh is what ends it on the nodes: every agent removes its
+    // interface, routes, guards and CNI configuration, and keeps its key.
+    let hook = mesh.run_uninstall_hook(Duration::from_secs(120)).await?;
+    eprintln!("--- the uninstall hook ---\n{hook}");
     wait_for("every node left", Duration::from_secs(60), || {
         for node in &mesh.nodes {
             let link = node.ns.ip(&["-o", "link", "show"])?;
