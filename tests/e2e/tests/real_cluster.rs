@@ -1,14 +1,18 @@
 //! A real cluster on this machine (`wgmesh_e2e::real_cluster`): real kubelets and containerd
-//! on namespace nodes, the scheduler and the controller manager, and a pod that runs.
+//! on namespace nodes, the scheduler and the controller manager, a pod that runs, and a
+//! ClusterIP Service (kube-proxy) that reaches it from every node.
 //!
 //! Opt-in while it is groundwork: set `WGMESH_REAL_CLUSTER=1` (as root); otherwise the test
 //! says so and passes. Its first run builds kubelet and the other Kubernetes programs (with
 //! kube-apiserver, 20-30 minutes on 2 cores) and installs containerd, runc and busybox-static
 //! with apt-get when missing. `WGMESH_REAL_CLUSTER_NODES` sets the number of nodes (default 3).
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use wgmesh_e2e::netns::Netns;
 use wgmesh_e2e::real_cluster::RealCluster;
 use wgmesh_e2e::real_cluster::image::BUSYBOX_IMAGE;
 
@@ -40,6 +44,21 @@ fn usage(pid: u32) -> Option<(String, u64, u64)> {
     Some((name, ticks, rss))
 }
 
+/// `GET /` from inside `ns`; the response's body.
+fn http_get(ns: &Netns, addr: SocketAddr) -> Result<String> {
+    ns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default())
+    })
+}
+
 fn node_count() -> usize {
     std::env::var("WGMESH_REAL_CLUSTER_NODES")
         .ok()
@@ -64,23 +83,34 @@ async fn real_cluster_nodes_become_ready() -> Result<()> {
         cluster.cp.kubectl_ok(&["get", "nodes", "-o", "wide"])?
     );
 
-    // A pod the scheduler places, on the busybox image built here.
-    let pod = serde_json::json!({
+    // A pod the scheduler places, on the busybox image built here: a web server, behind a
+    // ClusterIP Service.
+    let objects = serde_json::json!({
         "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "sleeper", "namespace": "default"},
-        "spec": {
-            "containers": [{
-                "name": "main",
-                "image": BUSYBOX_IMAGE,
-                "imagePullPolicy": "Never",
-                "command": ["/bin/sh", "-c", "echo started; exec sleep 3600"],
-            }],
-            "terminationGracePeriodSeconds": 1,
-        },
+        "kind": "List",
+        "items": [{
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "sleeper", "namespace": "default", "labels": {"app": "web"}},
+            "spec": {
+                "containers": [{
+                    "name": "main",
+                    "image": BUSYBOX_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": ["/bin/sh", "-c",
+                        "mkdir -p /www && echo hello-from-$(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"],
+                }],
+                "terminationGracePeriodSeconds": 1,
+            },
+        }, {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+        }],
     });
     let manifest = cluster.dir().join("sleeper.json");
-    std::fs::write(&manifest, pod.to_string())?;
+    std::fs::write(&manifest, objects.to_string())?;
     let manifest = manifest.display().to_string();
     cluster.cp.kubectl_ok(&["apply", "-f", &manifest])?;
     let pod_started = Instant::now();
@@ -127,6 +157,38 @@ async fn real_cluster_nodes_become_ready() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // The Service from every node's network namespace (hostNetwork's view): kube-proxy's
+    // rules there send it to the pod, on its node or across the underlay.
+    let cluster_ip =
+        cluster
+            .cp
+            .kubectl_ok(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"])?;
+    let addr: SocketAddr = format!("{cluster_ip}:80").parse()?;
+    let service_started = Instant::now();
+    for node in &cluster.nodes {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match http_get(&node.ns, addr) {
+                Ok(body) if body.contains("hello-from-sleeper") => break,
+                Ok(body) if Instant::now() > deadline => {
+                    bail!("{}: {addr} answered {body:?}", node.name)
+                }
+                Err(e) if Instant::now() > deadline => {
+                    bail!(
+                        "{}: {addr}: {e:#}\n{}",
+                        node.name,
+                        node.kube_proxy_log_tail(20)
+                    )
+                }
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+    eprintln!(
+        "[real-cluster] Service {addr} answers from every node after {:.1?}",
+        service_started.elapsed()
+    );
 
     // The idle cluster's cost: CPU over 30 s and resident memory of every process it runs
     // (per program name), read from /proc (clock ticks of 10 ms).

@@ -199,7 +199,9 @@ fn busybox_image(dir: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(rootfs.join(d))?;
     }
     std::fs::copy(busybox, bin.join("busybox"))?;
-    for applet in ["sh", "sleep", "ip", "wget", "nc", "cat", "ls", "hostname"] {
+    for applet in [
+        "sh", "sleep", "ip", "wget", "nc", "cat", "ls", "hostname", "mkdir", "echo", "httpd",
+    ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet))?;
     }
     let archive = dir.join("busybox.oci.tar");

@@ -1,7 +1,8 @@
 //! A real Kubernetes cluster on one machine: the local control plane ([`ControlPlane`]) plus
 //! kube-scheduler and kube-controller-manager (allocating pod CIDRs to Nodes), and N nodes,
 //! each a network namespace on an underlay bridge with a default route through an underlay
-//! router, a private mount namespace, and its own containerd and kubelet (see [`node`]).
+//! router, a private mount namespace, and its own containerd, kubelet and kube-proxy (see
+//! [`node`]).
 //!
 //! kind's idea without containers as nodes: there is no container engine or registry here,
 //! so the nodes are namespaces and every image is built on this machine ([`image`]).
@@ -185,6 +186,13 @@ impl RealCluster {
             &cert.cert_pem,
             &cert.key_pem,
         );
+        let proxy_cert = self.cp.ca().client_cert("system:kube-proxy", None)?;
+        let proxy_kubeconfig = kubeconfig_yaml(
+            &format!("https://{}", self.api_forwarder.addr()),
+            self.cp.ca().cert_pem(),
+            &proxy_cert.cert_pem,
+            &proxy_cert.key_pem,
+        );
         let root = self.dir.path().join(&name);
         std::fs::create_dir_all(&root)?;
         let ca_file = self.cp.dir().join("ca.crt");
@@ -200,6 +208,8 @@ impl RealCluster {
             kubeconfig,
             ca_file: &ca_file,
             kubelet: &self.binaries.kubelet,
+            kube_proxy: &self.binaries.kube_proxy,
+            proxy_kubeconfig,
             images: &self.images.archives,
             cgroup_root: format!("/wgmesh-{}-{name}", self.id),
         })

@@ -1,9 +1,9 @@
 //! One node of a real cluster: a network namespace on the underlay (default route through the
 //! underlay's router), a private mount namespace, and in them the node's own containerd (own
-//! root, state and socket) and kubelet (own root directory, cgroup root, CNI directory),
-//! registering as a real Node.
+//! root, state and socket), kubelet (own root directory, cgroup root, CNI directory),
+//! registering as a real Node, and kube-proxy.
 //!
-//! Dropping a node stops its kubelet, kills what runs in its pods (every process in its
+//! Dropping a node stops its kube-proxy and kubelet, kills what runs in its pods (every process in its
 //! cgroups) and containerd's shims for it (found by this node's socket path in their
 //! command line), stops containerd, removes its cgroups, and ends its mount and network
 //! namespaces: only processes and objects this node started.
@@ -38,6 +38,9 @@ pub struct NodeParams<'a> {
     pub kubeconfig: String,
     pub ca_file: &'a Path,
     pub kubelet: &'a Path,
+    pub kube_proxy: &'a Path,
+    /// kube-proxy's kubeconfig (as `system:kube-proxy`).
+    pub proxy_kubeconfig: String,
     pub images: &'a [PathBuf],
     /// The cgroup (in every v1 hierarchy) under which the kubelet puts its pods.
     pub cgroup_root: String,
@@ -50,8 +53,9 @@ pub struct RealNode {
     /// The node's directory: containerd's and the kubelet's state, logs, CNI configuration.
     pub root: PathBuf,
     cgroup_root: String,
-    // Drop order (after `Drop::drop`): kubelet, containerd, the mount namespace's holder, the
-    // network namespace, then its underlay link.
+    // Drop order (after `Drop::drop`): kube-proxy, kubelet, containerd, the mount namespace's
+    // holder, the network namespace, then its underlay link.
+    kube_proxy: Option<ChildGuard>,
     kubelet: Option<ChildGuard>,
     containerd: Option<ChildGuard>,
     holder: Option<ChildGuard>,
@@ -80,6 +84,7 @@ impl RealNode {
             "var/log/pods",
             "containerd",
             "kubelet",
+            "kube-proxy",
         ] {
             std::fs::create_dir_all(p.root.join(d))?;
         }
@@ -89,6 +94,7 @@ impl RealNode {
             node_ip: p.node_ip.clone(),
             root: p.root.clone(),
             cgroup_root: p.cgroup_root.clone(),
+            kube_proxy: None,
             kubelet: None,
             containerd: None,
             holder: None,
@@ -166,6 +172,25 @@ impl RealNode {
             kubelet,
             &p.root.join("kubelet.log"),
         )?);
+
+        // kube-proxy in iptables mode, in the node's network namespace (its rules are the
+        // node's), as a DaemonSet with hostNetwork would run it.
+        let proxy_dir = p.root.join("kube-proxy");
+        std::fs::write(proxy_dir.join("kubeconfig"), &p.proxy_kubeconfig)?;
+        let proxy_config = proxy_dir.join("config.yaml");
+        std::fs::write(
+            &proxy_config,
+            kube_proxy_config_yaml(&p.name, &proxy_dir.join("kubeconfig")),
+        )?;
+        let mut kube_proxy = enter(p.kube_proxy);
+        kube_proxy
+            .arg(format!("--config={}", proxy_config.display()))
+            .arg("--v=1");
+        node.kube_proxy = Some(ChildGuard::spawn(
+            "kube-proxy",
+            kube_proxy,
+            &p.root.join("kube-proxy.log"),
+        )?);
         Ok(node)
     }
 
@@ -218,9 +243,13 @@ impl RealNode {
 
     /// Whether the kubelet and containerd still run; the end of the log of one that stopped.
     pub fn check_running(&mut self) -> Result<()> {
-        for guard in [self.kubelet.as_mut(), self.containerd.as_mut()]
-            .into_iter()
-            .flatten()
+        for guard in [
+            self.kube_proxy.as_mut(),
+            self.kubelet.as_mut(),
+            self.containerd.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
         {
             if !guard.is_running() {
                 bail!(
@@ -241,6 +270,13 @@ impl RealNode {
             .unwrap_or_default()
     }
 
+    pub fn kube_proxy_log_tail(&self, lines: usize) -> String {
+        self.kube_proxy
+            .as_ref()
+            .map(|k| k.log_tail(lines))
+            .unwrap_or_default()
+    }
+
     pub fn containerd_log_tail(&self, lines: usize) -> String {
         self.containerd
             .as_ref()
@@ -250,7 +286,7 @@ impl RealNode {
 
     /// PIDs of the node's processes: kubelet, containerd, shims, and everything in its pods.
     pub fn pids(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = [&self.kubelet, &self.containerd]
+        let mut pids: Vec<u32> = [&self.kube_proxy, &self.kubelet, &self.containerd]
             .into_iter()
             .flatten()
             .filter_map(ChildGuard::pid)
@@ -303,6 +339,9 @@ impl RealNode {
 
 impl Drop for RealNode {
     fn drop(&mut self) {
+        if let Some(mut kube_proxy) = self.kube_proxy.take() {
+            kube_proxy.stop(Duration::from_secs(5));
+        }
         if let Some(mut kubelet) = self.kubelet.take() {
             kubelet.stop(Duration::from_secs(5));
         }
@@ -518,5 +557,31 @@ nodeStatusReportFrequency: 10s
         ca = p.ca_file.display(),
         resolv = p.root.join("etc/resolv.conf").display(),
         logs = p.root.join("var/log/pods").display(),
+    )
+}
+
+/// kube-proxy's configuration: iptables mode, and no conntrack settings, some of which are
+/// the machine's (`nf_conntrack_max`) rather than the namespace's.
+fn kube_proxy_config_yaml(name: &str, kubeconfig: &Path) -> String {
+    format!(
+        r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: {kubeconfig}
+hostnameOverride: {name}
+mode: iptables
+clusterCIDR: {cluster_cidr}
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+conntrack:
+  maxPerCore: 0
+  min: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+  udpTimeout: 0s
+  udpStreamTimeout: 0s
+"#,
+        kubeconfig = kubeconfig.display(),
+        cluster_cidr = super::CLUSTER_CIDR,
     )
 }
