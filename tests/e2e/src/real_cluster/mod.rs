@@ -305,6 +305,42 @@ impl RealCluster {
     }
 }
 
+/// `WGMESH_REAL_CLUSTER_LOGS=DIR` keeps the cluster's logs and configuration files in DIR
+/// when it is dropped: the control plane's, the controllers', and each node's.
+impl Drop for RealCluster {
+    fn drop(&mut self) {
+        let Some(keep) = std::env::var_os("WGMESH_REAL_CLUSTER_LOGS") else {
+            return;
+        };
+        let keep = std::path::PathBuf::from(keep);
+        copy_logs(self.dir.path(), &keep.join("cluster"));
+        copy_logs(self.cp.dir(), &keep.join("control-plane"));
+        eprintln!("[wgmesh] real cluster: logs kept in {}", keep.display());
+    }
+}
+
+/// Copies the logs and configuration files under `from` to `to`, leaving out the runtimes'
+/// state (images, snapshots, pods' volumes).
+fn copy_logs(from: &std::path::Path, to: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(kind) = e.file_type() else { continue };
+        if kind.is_dir() && !matches!(name.as_str(), "containerd" | "root" | "images") {
+            copy_logs(&e.path(), &to.join(&name));
+        } else if kind.is_file()
+            && [".log", ".yaml", ".toml", ".conflist"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+        {
+            let _ = std::fs::create_dir_all(to);
+            let _ = std::fs::copy(e.path(), to.join(&name));
+        }
+    }
+}
+
 fn is_ready(node: &Node) -> bool {
     node.status
         .as_ref()

@@ -21,6 +21,18 @@ use crate::process::ChildGuard;
 
 use super::image::PAUSE_IMAGE;
 
+/// Paths kubelet, containerd and the CNI library use whatever they are configured with:
+/// the kubelet's device-plugin socket (/var/lib/kubelet/device-plugins) and its log symlinks
+/// (/var/log/containers), libcni's result cache (/var/lib/cni/results), and containerd 1.6's
+/// shim sockets (/run/containerd/s). Each node has its own, bound over them in its mount
+/// namespace.
+const NODE_LOCAL_PATHS: &[&str] = &[
+    "/var/lib/kubelet",
+    "/var/lib/cni",
+    "/var/log",
+    "/run/containerd",
+];
+
 /// What a node needs from its cluster to start.
 pub struct NodeParams<'a> {
     pub name: String,
@@ -104,17 +116,35 @@ impl RealNode {
         create_cgroups(&p.cgroup_root)?;
 
         // The mount namespace: kubelet and containerd share it (volumes the kubelet mounts
-        // must be visible to runc), and whatever they mount goes with it.
+        // must be visible to runc), and whatever they mount goes with it. The few paths they
+        // use whatever their configuration says are the node's own there (bind mounts of the
+        // node's directories; the mount points are created, empty, when the machine lacks them).
         let netns_path = node.ns.path();
+        let mut binds: Vec<String> = Vec::new();
+        for host_path in NODE_LOCAL_PATHS {
+            let own = p.root.join("host").join(host_path.trim_start_matches('/'));
+            std::fs::create_dir_all(&own)?;
+            std::fs::create_dir_all(host_path)
+                .with_context(|| format!("creating the mount point {host_path}"))?;
+            binds.push(own.display().to_string());
+            binds.push((*host_path).to_owned());
+        }
         let mut holder = Command::new("nsenter");
         holder
             .arg(format!("--net={netns_path}"))
             .args(["unshare", "--mount", "--propagation", "private"])
-            .args(["sleep", "infinity"]);
-        let holder = ChildGuard::spawn("mount-ns", holder, &p.root.join("mount-ns.log"))?;
+            .args([
+                "sh",
+                "-c",
+                r#"set -e; while [ $# -gt 0 ]; do mount --bind "$1" "$2"; shift 2; done; exec sleep infinity"#,
+                "mount-ns",
+            ])
+            .args(&binds);
+        let mut holder = ChildGuard::spawn("mount-ns", holder, &p.root.join("mount-ns.log"))?;
         let holder_pid = holder.pid().context("the holder has no PID")?;
+        let ready = wait_for_holder(&mut holder, holder_pid);
         node.holder = Some(holder);
-        wait_for_own_mount_ns(holder_pid)?;
+        ready?;
         let enter = |program: &Path| {
             let mut cmd = Command::new("nsenter");
             cmd.arg(format!("--net={netns_path}"))
@@ -298,25 +328,6 @@ impl RealNode {
         pids
     }
 
-    /// The sockets of this node's shims, from the `address` file of each task's directory.
-    fn shim_sockets(&self) -> Vec<PathBuf> {
-        let tasks = self
-            .root
-            .join("containerd/state/io.containerd.runtime.v2.task/k8s.io");
-        let Ok(entries) = std::fs::read_dir(tasks) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path().join("address")).ok())
-            .filter_map(|a| {
-                let path = a.trim().strip_prefix("unix://")?.to_owned();
-                path.starts_with("/run/containerd/s/")
-                    .then(|| PathBuf::from(path))
-            })
-            .collect()
-    }
-
     /// containerd's shims for this node: their command line names this node's socket.
     fn shim_pids(&self) -> Vec<u32> {
         let sock = self.root.join("containerd/containerd.sock");
@@ -356,18 +367,9 @@ impl Drop for RealNode {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        // containerd 1.6 puts the shims' sockets in /run/containerd/s whatever its
-        // configuration says; a killed shim leaves its socket there. Each task's directory
-        // names its shim's socket.
-        let sockets = self.shim_sockets();
         for pid in self.shim_pids() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
-        for socket in &sockets {
-            let _ = std::fs::remove_file(socket);
-        }
-        let _ = std::fs::remove_dir("/run/containerd/s");
-        let _ = std::fs::remove_dir("/run/containerd");
         if let Some(mut containerd) = self.containerd.take() {
             containerd.stop(Duration::from_secs(5));
         }
@@ -378,18 +380,27 @@ impl Drop for RealNode {
     }
 }
 
-fn wait_for_own_mount_ns(pid: u32) -> Result<()> {
+/// Waits until the holder has made its bind mounts in a mount namespace of its own (it then
+/// becomes `sleep`).
+fn wait_for_holder(holder: &mut ChildGuard, pid: u32) -> Result<()> {
     let ours = std::fs::read_link("/proc/self/ns/mnt")?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if let Ok(theirs) = std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
-            && theirs != ours
-        {
+        if !holder.is_running() {
+            bail!(
+                "the mount namespace's holder exited: {}",
+                holder.log_tail(10)
+            );
+        }
+        let own_ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).is_ok_and(|t| t != ours);
+        let sleeping =
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep");
+        if own_ns && sleeping {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    bail!("process {pid} did not enter a mount namespace of its own")
+    bail!("process {pid} did not set up its mount namespace")
 }
 
 /// The cgroup v1 hierarchies mounted under /sys/fs/cgroup (cgroup v2 has one, the root).
