@@ -1,6 +1,7 @@
 //! What a real cluster needs from the machine: Debian packages (installed with apt-get when
 //! missing and we are root), and the kernel settings every kubelet changes, put back after.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Result, bail};
@@ -73,28 +74,88 @@ const KUBELET_SYSCTLS: &[&str] = &[
     "kernel/keys/root_maxbytes",
 ];
 
-/// The values of [`KUBELET_SYSCTLS`] before the kubelets started; written back on drop.
+/// The machine's values of [`KUBELET_SYSCTLS`] from before any cluster's kubelets started:
+/// written by the first cluster, read back when the last one ends (its own drop, or the
+/// cleanup after a killed run), so that concurrent and killed runs still restore the
+/// machine's values rather than a kubelet's.
+const SAVED: &str = "wgmesh-real-cluster-kernel.saved";
+const SAVED_LOCK: &str = "wgmesh-real-cluster-kernel.lock";
+
+fn read_current() -> String {
+    KUBELET_SYSCTLS
+        .iter()
+        .filter_map(|k| {
+            let v = std::fs::read_to_string(format!("/proc/sys/{k}")).ok()?;
+            Some(format!("{k} {}\n", v.trim()))
+        })
+        .collect()
+}
+
+fn with_lock<T>(f: impl FnOnce(&Path) -> T) -> Option<T> {
+    let tmp = std::env::temp_dir();
+    let lock = std::fs::File::create(tmp.join(SAVED_LOCK)).ok()?;
+    lock.lock().ok()?;
+    Some(f(&tmp.join(SAVED)))
+}
+
+/// Whether a cluster other than the one in `own` is running (holds its directory's lock).
+fn other_clusters_live(own: Option<&Path>) -> bool {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let dir = e.path();
+        e.file_name()
+            .to_string_lossy()
+            .starts_with(super::sweep::DIR_PREFIX)
+            && Some(dir.as_path()) != own
+            && std::fs::File::open(dir.join(crate::scratch::LOCK_FILE))
+                .is_ok_and(|l| l.try_lock().is_err())
+    })
+}
+
+/// Writes the saved values back and forgets them, unless another cluster still runs.
+pub fn restore_if_last(own: Option<&Path>) {
+    with_lock(|saved| {
+        if other_clusters_live(own) {
+            return;
+        }
+        let Ok(text) = std::fs::read_to_string(saved) else {
+            return;
+        };
+        for line in text.lines() {
+            if let Some((key, value)) = line.split_once(' ')
+                && KUBELET_SYSCTLS.contains(&key)
+            {
+                let _ = std::fs::write(format!("/proc/sys/{key}"), value);
+            }
+        }
+        let _ = std::fs::remove_file(saved);
+    });
+}
+
+/// Holds the kernel settings for one cluster: saves the machine's values when no cluster has,
+/// and restores them on drop when it is the last cluster.
 pub struct KernelSettings {
-    saved: Vec<(&'static str, String)>,
+    own: PathBuf,
 }
 
 impl KernelSettings {
-    pub fn save() -> Self {
-        let saved = KUBELET_SYSCTLS
-            .iter()
-            .filter_map(|k| {
-                let v = std::fs::read_to_string(format!("/proc/sys/{k}")).ok()?;
-                Some((*k, v.trim().to_owned()))
-            })
-            .collect();
-        KernelSettings { saved }
+    /// `own` is the cluster's directory (which it holds the lock of).
+    pub fn save(own: &Path) -> Self {
+        with_lock(|saved| {
+            if !saved.exists() {
+                let _ = std::fs::write(saved, read_current());
+            }
+        });
+        KernelSettings {
+            own: own.to_owned(),
+        }
     }
 }
 
 impl Drop for KernelSettings {
     fn drop(&mut self) {
-        for (key, value) in &self.saved {
-            let _ = std::fs::write(format!("/proc/sys/{key}"), value);
-        }
+        restore_if_last(Some(&self.own));
     }
 }

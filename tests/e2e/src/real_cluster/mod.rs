@@ -15,6 +15,7 @@ pub mod host;
 pub mod image;
 pub mod node;
 pub mod proxy;
+pub mod sweep;
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -35,6 +36,7 @@ use crate::tools::{ClusterBinaries, cluster_binaries};
 use self::image::ClusterImages;
 use self::node::{NodeParams, RealNode};
 use self::proxy::TcpForwarder;
+use self::sweep::Ledger;
 
 /// The pods' address range, split into one /24 per Node by the controller manager.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
@@ -73,11 +75,19 @@ impl RealCluster {
         let (octet, underlay_lock) = crate::mesh::reserve_underlay()?;
         let id = format!("k{octet}");
         let underlay = format!("192.168.{octet}");
-        let cp = ControlPlane::start().await?;
-        let dir = ScratchDir::new("wgmesh-real-cluster-")?;
+        sweep::sweep_abandoned();
+        let dir = ScratchDir::new(sweep::DIR_PREFIX)?;
         let d = dir.path().to_owned();
+        let ledger = Ledger::new(&d);
+        let cp = ControlPlane::start().await?;
+        for pid in cp.pids() {
+            ledger.process(Some(pid));
+        }
         let images = ClusterImages::build(&d.join("images"))?;
 
+        ledger.link(&format!("wgm{id}br"));
+        ledger.link(&format!("wgm{id}vr"));
+        ledger.netns(&format!("wgm{id}r"));
         let bridge = bridge(&format!("wgm{id}br"), &format!("{underlay}.254/24"))?;
         let router = Netns::create(&format!("wgm{id}r"))?;
         let router_link = veth_to_bridge(
@@ -118,6 +128,7 @@ impl RealCluster {
             "--v=1".into(),
         ]);
         let scheduler = ChildGuard::spawn("kube-scheduler", scheduler, &d.join("scheduler.log"))?;
+        ledger.process(scheduler.pid());
 
         let kcm_port = free_port()?;
         let mut kcm = Command::new(&binaries.kube_controller_manager);
@@ -138,6 +149,7 @@ impl RealCluster {
         ]);
         let controller_manager =
             ChildGuard::spawn("kube-controller-manager", kcm, &d.join("kcm.log"))?;
+        ledger.process(controller_manager.pid());
 
         // Kubelets authenticate as system:node:<name> in system:nodes. Without the Node
         // authorizer (the API server runs RBAC only), the group gets the system:node role,
@@ -158,7 +170,7 @@ impl RealCluster {
             router,
             _router_link: router_link,
             _bridge: bridge,
-            _kernel: host::KernelSettings::save(),
+            _kernel: host::KernelSettings::save(&d),
             cp,
             underlay,
             id,
@@ -212,6 +224,7 @@ impl RealCluster {
             proxy_kubeconfig,
             images: &self.images.archives,
             cgroup_root: format!("/wgmesh-{}-{name}", self.id),
+            ledger: &Ledger::new(self.dir.path()),
         })
         .with_context(|| format!("starting {name}"))?;
         self.nodes.push(node);

@@ -20,6 +20,7 @@ use crate::netns::{Netns, RootLink};
 use crate::process::ChildGuard;
 
 use super::image::PAUSE_IMAGE;
+use super::sweep::Ledger;
 
 /// Paths kubelet, containerd and the CNI library use whatever they are configured with:
 /// the kubelet's device-plugin socket (/var/lib/kubelet/device-plugins) and its log symlinks
@@ -56,6 +57,8 @@ pub struct NodeParams<'a> {
     pub images: &'a [PathBuf],
     /// The cgroup (in every v1 hierarchy) under which the kubelet puts its pods.
     pub cgroup_root: String,
+    /// Where the node notes what it creates, for the cleanup after a killed run.
+    pub ledger: &'a Ledger,
 }
 
 pub struct RealNode {
@@ -80,6 +83,9 @@ impl RealNode {
     /// starts the kubelet (which registers the Node; it becomes Ready once
     /// [`RealNode::write_cni_config`] has run).
     pub fn start(p: NodeParams<'_>) -> Result<Self> {
+        p.ledger.netns(&p.netns);
+        p.ledger.link(&p.root_link);
+        p.ledger.cgroup(&p.cgroup_root);
         let ns = Netns::create(&p.netns)?;
         let veth = crate::netns::veth_to_bridge(
             &p.bridge,
@@ -142,6 +148,7 @@ impl RealNode {
             .args(&binds);
         let mut holder = ChildGuard::spawn("mount-ns", holder, &p.root.join("mount-ns.log"))?;
         let holder_pid = holder.pid().context("the holder has no PID")?;
+        p.ledger.process(Some(holder_pid));
         let ready = wait_for_holder(&mut holder, holder_pid);
         node.holder = Some(holder);
         ready?;
@@ -158,11 +165,10 @@ impl RealNode {
         std::fs::write(&config, containerd_config(&p.root, &sock))?;
         let mut containerd = enter(Path::new("/usr/bin/containerd"));
         containerd.arg(format!("--config={}", config.display()));
-        node.containerd = Some(ChildGuard::spawn(
-            "containerd",
-            containerd,
-            &p.root.join("containerd.log"),
-        )?);
+        let containerd =
+            ChildGuard::spawn("containerd", containerd, &p.root.join("containerd.log"))?;
+        p.ledger.process(containerd.pid());
+        node.containerd = Some(containerd);
         node.wait_containerd(&sock)?;
         for archive in p.images {
             let out = enter(Path::new("/usr/bin/ctr"))
@@ -197,11 +203,9 @@ impl RealNode {
             .arg(format!("--root-dir={}", kubelet_dir.join("root").display()))
             .arg(format!("--cert-dir={}", kubelet_dir.join("pki").display()))
             .arg("--v=1");
-        node.kubelet = Some(ChildGuard::spawn(
-            "kubelet",
-            kubelet,
-            &p.root.join("kubelet.log"),
-        )?);
+        let kubelet = ChildGuard::spawn("kubelet", kubelet, &p.root.join("kubelet.log"))?;
+        p.ledger.process(kubelet.pid());
+        node.kubelet = Some(kubelet);
 
         // kube-proxy in iptables mode, in the node's network namespace (its rules are the
         // node's), as a DaemonSet with hostNetwork would run it.
@@ -216,11 +220,10 @@ impl RealNode {
         kube_proxy
             .arg(format!("--config={}", proxy_config.display()))
             .arg("--v=1");
-        node.kube_proxy = Some(ChildGuard::spawn(
-            "kube-proxy",
-            kube_proxy,
-            &p.root.join("kube-proxy.log"),
-        )?);
+        let kube_proxy =
+            ChildGuard::spawn("kube-proxy", kube_proxy, &p.root.join("kube-proxy.log"))?;
+        p.ledger.process(kube_proxy.pid());
+        node.kube_proxy = Some(kube_proxy);
         Ok(node)
     }
 
@@ -437,7 +440,7 @@ fn create_cgroups(root: &str) -> Result<()> {
 }
 
 /// Every process in the cgroup root's subtree (any hierarchy: they hold the same processes).
-fn cgroup_pids(root: &str) -> Vec<u32> {
+pub(super) fn cgroup_pids(root: &str) -> Vec<u32> {
     let mut pids = Vec::new();
     for h in hierarchies() {
         let dir = h.join(root.trim_start_matches('/'));
@@ -462,7 +465,7 @@ fn collect_procs(dir: &Path, pids: &mut Vec<u32>) {
 }
 
 /// Removes the cgroup root's subtree, deepest first (cgroups are removed with rmdir).
-fn remove_cgroups(root: &str) {
+pub(super) fn remove_cgroups(root: &str) {
     fn remove(dir: &Path) {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
