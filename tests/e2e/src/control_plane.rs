@@ -213,6 +213,14 @@ impl ControlPlane {
         self.dir.path()
     }
 
+    /// The PIDs of etcd and the API server (for resource measurements).
+    pub fn pids(&self) -> Vec<u32> {
+        [&self.etcd, &self.apiserver]
+            .into_iter()
+            .filter_map(ChildGuard::pid)
+            .collect()
+    }
+
     pub fn binaries(&self) -> &ControlPlaneBinaries {
         &self.binaries
     }

@@ -16,6 +16,7 @@ pub mod netns;
 pub mod pki;
 pub mod pods;
 pub mod process;
+pub mod real_cluster;
 pub mod scratch;
 pub mod tokens;
 pub mod tools;

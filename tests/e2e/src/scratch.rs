@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 
 /// The lock file in every scratch directory.
-const LOCK_FILE: &str = ".owner.lock";
+pub(crate) const LOCK_FILE: &str = ".owner.lock";
 
 /// How old an unlocked directory must be before it is removed: a directory is created a moment
 /// before its lock is taken, and that moment must not look abandoned to another run.

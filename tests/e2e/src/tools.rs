@@ -89,6 +89,47 @@ pub const KUBECTL: GoTool = GoTool {
     binary: "kubectl",
     ..KUBE_APISERVER
 };
+/// What a real cluster adds to the control plane: the node agent, the Service proxy, the
+/// scheduler and the controller manager (`crate::real_cluster`). Built together with
+/// kube-apiserver and kubectl, from the same `k8s.io/kubernetes` version, into the same cache
+/// entry; an entry made before they were added is completed by one more build.
+pub const KUBELET: GoTool = GoTool {
+    binary: "kubelet",
+    ..KUBE_APISERVER
+};
+pub const KUBE_PROXY: GoTool = GoTool {
+    binary: "kube-proxy",
+    ..KUBE_APISERVER
+};
+pub const KUBE_SCHEDULER: GoTool = GoTool {
+    binary: "kube-scheduler",
+    ..KUBE_APISERVER
+};
+pub const KUBE_CONTROLLER_MANAGER: GoTool = GoTool {
+    binary: "kube-controller-manager",
+    ..KUBE_APISERVER
+};
+
+/// Paths of the Kubernetes programs a real cluster runs besides its control plane.
+#[derive(Debug, Clone)]
+pub struct ClusterBinaries {
+    pub kubelet: PathBuf,
+    pub kube_proxy: PathBuf,
+    pub kube_scheduler: PathBuf,
+    pub kube_controller_manager: PathBuf,
+}
+
+/// Finds or builds kubelet, kube-proxy, kube-scheduler and kube-controller-manager (the
+/// version of [`KUBE_APISERVER`]; `$KUBEBUILDER_ASSETS` has none of them).
+pub fn cluster_binaries() -> Result<ClusterBinaries> {
+    Ok(ClusterBinaries {
+        kubelet: cached_tool(&KUBELET)?,
+        kube_proxy: cached_tool(&KUBE_PROXY)?,
+        kube_scheduler: cached_tool(&KUBE_SCHEDULER)?,
+        kube_controller_manager: cached_tool(&KUBE_CONTROLLER_MANAGER)?,
+    })
+}
+
 pub const HELM: GoTool = GoTool {
     what: "helm",
     version: versions::HELM,

@@ -3,7 +3,8 @@
 # No registry ships kube-apiserver, so we build it the way envtest-style setups do:
 # a wrapper module that maps k8s.io/kubernetes's ./staging replaces to published tags.
 #
-#   build-go-tools.sh k8s    VERSION OUTDIR   -> OUTDIR/{kube-apiserver,kubectl}
+#   build-go-tools.sh k8s    VERSION OUTDIR   -> OUTDIR/{kube-apiserver,kubectl,kubelet,
+#                                                 kube-proxy,kube-scheduler,kube-controller-manager}
 #   build-go-tools.sh etcd   VERSION OUTDIR   -> OUTDIR/etcd
 #   build-go-tools.sh helm   VERSION OUTDIR   -> OUTDIR/helm
 #   build-go-tools.sh wggo   VERSION OUTDIR   -> OUTDIR/wireguard-go
@@ -26,6 +27,26 @@ export GOMODCACHE=$work/gomodcache GOCACHE=$work/gocache
 trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
 cd "$work"
 say() { echo "[build-go-tools] $*" >&2; }
+# A line every 30 s while a long step runs (the Kubernetes build is silent for many minutes):
+# the time spent and how many packages the Go build cache holds so far.
+ticker() {
+  local start=$SECONDS
+  while sleep 30; do
+    local n
+    n=$(find "$GOCACHE" -name '*-d' 2>/dev/null | wc -l)
+    say "... $1: $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s, $n build outputs cached"
+  done
+}
+# Runs "$@" with the ticker going.
+with_ticker() {
+  local what=$1; shift
+  ticker "$what" &
+  local tick=$!
+  local rc=0
+  "$@" || rc=$?
+  kill "$tick" 2>/dev/null; wait "$tick" 2>/dev/null || true
+  return "$rc"
+}
 
 case "$what" in
 k8s)
@@ -37,16 +58,21 @@ k8s)
   for m in $(sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$gomod"); do
     go mod edit "-replace=$m=$m@v0.$minor_patch"
   done
+  # The control plane, kubectl, and what a real node and a whole cluster run: one module
+  # download and one compilation for all (they share most of their packages).
+  cmds="kube-apiserver kubectl kubelet kube-proxy kube-scheduler kube-controller-manager"
   say "downloading modules (about 1 GB on a cold cache)"
-  go get "k8s.io/kubernetes/cmd/kube-apiserver@v$version" "k8s.io/kubernetes/cmd/kubectl@v$version"
+  # shellcheck disable=SC2046
+  with_ticker downloading go get $(for c in $cmds; do echo "k8s.io/kubernetes/cmd/$c@v$version"; done)
   ld="-s -w"
   for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld="$ld -X $p.gitVersion=v$version -X $p.gitMajor=1 -X $p.gitMinor=$(cut -d. -f2 <<<"$version")"
   done
-  say "compiling kube-apiserver and kubectl (10-20 minutes on 2 cores when cold)"
+  say "compiling $cmds (20-30 minutes on 2 cores when cold)"
   mkdir -p bin
-  go build -trimpath -pgo=off -tags selinux,notest,grpcnotrace -ldflags "$ld" -o bin/ \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
+  # shellcheck disable=SC2046
+  with_ticker compiling go build -trimpath -pgo=off -tags selinux,notest,grpcnotrace -ldflags "$ld" -o bin/ \
+    $(for c in $cmds; do echo "k8s.io/kubernetes/cmd/$c"; done)
   ;;
 etcd)
   go mod init local/etcdbin >/dev/null 2>&1

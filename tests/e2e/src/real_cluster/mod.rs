@@ -1,0 +1,394 @@
+//! A real Kubernetes cluster on one machine: the local control plane ([`ControlPlane`]) plus
+//! kube-scheduler and kube-controller-manager (allocating pod CIDRs to Nodes), and N nodes,
+//! each a network namespace on an underlay bridge with a default route through an underlay
+//! router, a private mount namespace, and its own containerd, kubelet and kube-proxy (see
+//! [`node`]).
+//!
+//! kind's idea without containers as nodes: there is no container engine or registry here,
+//! so the nodes are namespaces and every image is built on this machine ([`image`]).
+//!
+//! Dropping the cluster stops every process it started, by PID, removes the nodes' cgroups
+//! and namespaces and the underlay, and puts back the kernel settings the kubelets changed,
+//! also when a test fails.
+
+pub mod host;
+pub mod image;
+pub mod node;
+pub mod proxy;
+pub mod sweep;
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams};
+
+use crate::ControlPlane;
+use crate::controller::free_port;
+use crate::netns::{Netns, RootLink, bridge, veth_to_bridge};
+use crate::process::ChildGuard;
+use crate::scratch::ScratchDir;
+use crate::tools::{ClusterBinaries, cluster_binaries};
+
+use self::image::ClusterImages;
+use self::node::{NodeParams, RealNode};
+use self::proxy::TcpForwarder;
+use self::sweep::Ledger;
+
+/// The pods' address range, split into one /24 per Node by the controller manager.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The Services' range, as the API server has it.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The underlay router's last octet (every node's default gateway).
+const ROUTER_OCTET: u8 = 253;
+
+pub struct RealCluster {
+    // Field order is drop order: the nodes first, then the cluster's controllers, the path to
+    // the API server, the underlay, the control plane, and the directory last.
+    pub nodes: Vec<RealNode>,
+    scheduler: ChildGuard,
+    controller_manager: ChildGuard,
+    api_forwarder: TcpForwarder,
+    pub router: Netns,
+    _router_link: RootLink,
+    _bridge: RootLink,
+    _kernel: host::KernelSettings,
+    pub cp: ControlPlane,
+    /// The underlay's /24 prefix, such as `192.168.101`.
+    pub underlay: String,
+    pub id: String,
+    binaries: ClusterBinaries,
+    images: ClusterImages,
+    dir: ScratchDir,
+    _underlay_lock: File,
+}
+
+impl RealCluster {
+    /// The control plane, the scheduler and controller manager, and `n` nodes whose kubelets
+    /// have registered (not yet Ready: see [`RealCluster::wait_nodes_ready`]).
+    pub async fn start(n: usize) -> Result<Self> {
+        host::ensure_packages()?;
+        let binaries = tokio::task::spawn_blocking(cluster_binaries).await??;
+        let (octet, underlay_lock) = crate::mesh::reserve_underlay()?;
+        let id = format!("k{octet}");
+        let underlay = format!("192.168.{octet}");
+        sweep::sweep_abandoned();
+        let dir = ScratchDir::new(sweep::DIR_PREFIX)?;
+        let d = dir.path().to_owned();
+        let ledger = Ledger::new(&d);
+        let cp = ControlPlane::start().await?;
+        for pid in cp.pids() {
+            ledger.process(Some(pid));
+        }
+        let images = ClusterImages::build(&d.join("images"))?;
+
+        ledger.link(&format!("wgm{id}br"));
+        ledger.link(&format!("wgm{id}vr"));
+        ledger.netns(&format!("wgm{id}r"));
+        let bridge = bridge(&format!("wgm{id}br"), &format!("{underlay}.254/24"))?;
+        let router = Netns::create(&format!("wgm{id}r"))?;
+        let router_link = veth_to_bridge(
+            &format!("wgm{id}br"),
+            &format!("wgm{id}vr"),
+            &router,
+            "eth0",
+            &format!("{underlay}.{ROUTER_OCTET}/24"),
+        )?;
+        router.sysctl("net.ipv4.ip_forward", "1")?;
+        router.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
+        router.sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
+
+        // The API server listens on loopback; the nodes reach it on the underlay's bridge.
+        let api_port: u16 = cp
+            .url()
+            .rsplit(':')
+            .next()
+            .context("the API server URL has no port")?
+            .parse()?;
+        let api_forwarder = TcpForwarder::start(
+            format!("{underlay}.254:0").parse()?,
+            SocketAddr::from(([127, 0, 0, 1], api_port)),
+        )?;
+
+        let cp_dir = cp.dir().to_owned();
+        let kubeconfig = cp.kubeconfig().display().to_string();
+        let p = |name: &str| cp_dir.join(name).display().to_string();
+
+        let sched_port = free_port()?;
+        let mut scheduler = Command::new(&binaries.kube_scheduler);
+        scheduler.args([
+            format!("--kubeconfig={kubeconfig}"),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={sched_port}"),
+            format!("--cert-dir={}", d.join("scheduler-certs").display()),
+            "--v=1".into(),
+        ]);
+        let scheduler = ChildGuard::spawn("kube-scheduler", scheduler, &d.join("scheduler.log"))?;
+        ledger.process(scheduler.pid());
+
+        let kcm_port = free_port()?;
+        let mut kcm = Command::new(&binaries.kube_controller_manager);
+        kcm.args([
+            format!("--kubeconfig={kubeconfig}"),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={kcm_port}"),
+            format!("--cert-dir={}", d.join("kcm-certs").display()),
+            "--allocate-node-cidrs=true".into(),
+            format!("--cluster-cidr={CLUSTER_CIDR}"),
+            "--node-cidr-mask-size=24".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            format!("--root-ca-file={}", p("ca.crt")),
+            format!("--service-account-private-key-file={}", p("sa.key")),
+            "--use-service-account-credentials=false".into(),
+            "--v=1".into(),
+        ]);
+        let controller_manager =
+            ChildGuard::spawn("kube-controller-manager", kcm, &d.join("kcm.log"))?;
+        ledger.process(controller_manager.pid());
+
+        // Kubelets authenticate as system:node:<name> in system:nodes. Without the Node
+        // authorizer (the API server runs RBAC only), the group gets the system:node role,
+        // as kubeadm once bound it.
+        cp.kubectl_ok(&[
+            "create",
+            "clusterrolebinding",
+            "wgmesh-test-nodes",
+            "--clusterrole=system:node",
+            "--group=system:nodes",
+        ])?;
+
+        let mut cluster = RealCluster {
+            nodes: Vec::new(),
+            scheduler,
+            controller_manager,
+            api_forwarder,
+            router,
+            _router_link: router_link,
+            _bridge: bridge,
+            _kernel: host::KernelSettings::save(&d),
+            cp,
+            underlay,
+            id,
+            binaries,
+            images,
+            dir,
+            _underlay_lock: underlay_lock,
+        };
+        for i in 1..=n {
+            cluster.add_node(i)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts node `i` (`node-i`, at `<underlay>.i`).
+    pub fn add_node(&mut self, i: usize) -> Result<()> {
+        let name = format!("node-{i}");
+        let cert = self
+            .cp
+            .ca()
+            .client_cert(&format!("system:node:{name}"), Some("system:nodes"))?;
+        let kubeconfig = kubeconfig_yaml(
+            &format!("https://{}", self.api_forwarder.addr()),
+            self.cp.ca().cert_pem(),
+            &cert.cert_pem,
+            &cert.key_pem,
+        );
+        let proxy_cert = self.cp.ca().client_cert("system:kube-proxy", None)?;
+        let proxy_kubeconfig = kubeconfig_yaml(
+            &format!("https://{}", self.api_forwarder.addr()),
+            self.cp.ca().cert_pem(),
+            &proxy_cert.cert_pem,
+            &proxy_cert.key_pem,
+        );
+        let root = self.dir.path().join(&name);
+        std::fs::create_dir_all(&root)?;
+        let ca_file = self.cp.dir().join("ca.crt");
+        let node = RealNode::start(NodeParams {
+            name: name.clone(),
+            index: i,
+            netns: format!("wgm{}n{i}", self.id),
+            node_ip: format!("{}.{i}", self.underlay),
+            gateway: format!("{}.{ROUTER_OCTET}", self.underlay),
+            bridge: format!("wgm{}br", self.id),
+            root_link: format!("wgm{}v{i}", self.id),
+            root,
+            kubeconfig,
+            ca_file: &ca_file,
+            kubelet: &self.binaries.kubelet,
+            kube_proxy: &self.binaries.kube_proxy,
+            proxy_kubeconfig,
+            images: &self.images.archives,
+            cgroup_root: format!("/wgmesh-{}-{name}", self.id),
+            ledger: &Ledger::new(self.dir.path()),
+        })
+        .with_context(|| format!("starting {name}"))?;
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    /// Waits until every node is Ready: as the controller manager gives a Node its pod CIDR,
+    /// writes that node's CNI configuration and routes the CIDR on the underlay router.
+    pub async fn wait_nodes_ready(&mut self, timeout: Duration) -> Result<()> {
+        let client = self.cp.client().await?;
+        let api: Api<Node> = Api::all(client);
+        let deadline = Instant::now() + timeout;
+        let mut configured = vec![false; self.nodes.len()];
+        let last = loop {
+            self.check_running()?;
+            let list = api.list(&ListParams::default()).await?;
+            let mut ready = 0;
+            for (k, node) in self.nodes.iter().enumerate() {
+                let Some(obj) = list
+                    .items
+                    .iter()
+                    .find(|o| o.metadata.name.as_deref() == Some(&node.name))
+                else {
+                    continue;
+                };
+                if !configured[k]
+                    && let Some(cidr) = obj.spec.as_ref().and_then(|s| s.pod_cidr.clone())
+                {
+                    node.write_cni_config(&cidr)?;
+                    self.router
+                        .ip(&["route", "replace", &cidr, "via", &node.node_ip])?;
+                    configured[k] = true;
+                }
+                if is_ready(obj) {
+                    ready += 1;
+                }
+            }
+            if ready == self.nodes.len() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                break format!("{ready} of {} nodes Ready", self.nodes.len());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let logs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("--- {} kubelet:\n{}", n.name, n.kubelet_log_tail(15)))
+            .collect();
+        bail!(
+            "nodes not Ready after {timeout:?} ({last}):\n{}",
+            logs.join("\n")
+        )
+    }
+
+    /// Fails with the end of its log if a process of the cluster has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        for guard in [&mut self.scheduler, &mut self.controller_manager] {
+            if !guard.is_running() {
+                bail!(
+                    "{} exited; its log ends with:\n{}",
+                    guard.name().to_owned(),
+                    guard.log_tail(30)
+                );
+            }
+        }
+        for node in &mut self.nodes {
+            node.check_running()?;
+        }
+        Ok(())
+    }
+
+    /// PIDs of every process of the cluster: control plane, controllers and nodes (for
+    /// resource measurements).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = [&self.scheduler, &self.controller_manager]
+            .into_iter()
+            .filter_map(ChildGuard::pid)
+            .collect();
+        pids.extend(self.cp.pids());
+        for node in &self.nodes {
+            pids.extend(node.pids());
+        }
+        pids
+    }
+
+    /// The cluster's scratch directory (logs, node directories); removed on drop.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+/// `WGMESH_REAL_CLUSTER_LOGS=DIR` keeps the cluster's logs and configuration files in DIR
+/// when it is dropped: the control plane's, the controllers', and each node's.
+impl Drop for RealCluster {
+    fn drop(&mut self) {
+        let Some(keep) = std::env::var_os("WGMESH_REAL_CLUSTER_LOGS") else {
+            return;
+        };
+        let keep = std::path::PathBuf::from(keep);
+        copy_logs(self.dir.path(), &keep.join("cluster"));
+        copy_logs(self.cp.dir(), &keep.join("control-plane"));
+        eprintln!("[wgmesh] real cluster: logs kept in {}", keep.display());
+    }
+}
+
+/// Copies the logs and configuration files under `from` to `to`, leaving out the runtimes'
+/// state (images, snapshots, pods' volumes).
+fn copy_logs(from: &std::path::Path, to: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(kind) = e.file_type() else { continue };
+        if kind.is_dir() && !matches!(name.as_str(), "containerd" | "root" | "images") {
+            copy_logs(&e.path(), &to.join(&name));
+        } else if kind.is_file()
+            && [".log", ".yaml", ".toml", ".conflist"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+        {
+            let _ = std::fs::create_dir_all(to);
+            let _ = std::fs::copy(e.path(), to.join(&name));
+        }
+    }
+}
+
+fn is_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A kubeconfig for a node: the API server through the underlay's forwarder, whose address is
+/// not in the serving certificate, hence `tls-server-name`.
+fn kubeconfig_yaml(url: &str, ca: &str, cert: &str, key: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: wgmesh-local
+  cluster:
+    server: {url}
+    tls-server-name: localhost
+    certificate-authority-data: {ca}
+users:
+- name: node
+  user:
+    client-certificate-data: {cert}
+    client-key-data: {key}
+contexts:
+- name: wgmesh-local
+  context:
+    cluster: wgmesh-local
+    user: node
+current-context: wgmesh-local
+",
+        ca = b64(ca),
+        cert = b64(cert),
+        key = b64(key),
+    )
+}

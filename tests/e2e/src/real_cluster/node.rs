@@ -1,0 +1,601 @@
+//! One node of a real cluster: a network namespace on the underlay (default route through the
+//! underlay's router), a private mount namespace, and in them the node's own containerd (own
+//! root, state and socket), kubelet (own root directory, cgroup root, CNI directory),
+//! registering as a real Node, and kube-proxy.
+//!
+//! Dropping a node stops its kube-proxy and kubelet, kills what runs in its pods (every process in its
+//! cgroups) and containerd's shims for it (found by this node's socket path in their
+//! command line), stops containerd, removes its cgroups, and ends its mount and network
+//! namespaces: only processes and objects this node started.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::netns::{Netns, RootLink};
+use crate::process::ChildGuard;
+
+use super::image::PAUSE_IMAGE;
+use super::sweep::Ledger;
+
+/// Paths kubelet, containerd and the CNI library use whatever they are configured with:
+/// the kubelet's device-plugin socket (/var/lib/kubelet/device-plugins) and its log symlinks
+/// (/var/log/containers), libcni's result cache (/var/lib/cni/results), and containerd 1.6's
+/// shim sockets (/run/containerd/s). Each node has its own, bound over them in its mount
+/// namespace.
+const NODE_LOCAL_PATHS: &[&str] = &[
+    "/var/lib/kubelet",
+    "/var/lib/cni",
+    "/var/log",
+    "/run/containerd",
+];
+
+/// What a node needs from its cluster to start.
+pub struct NodeParams<'a> {
+    pub name: String,
+    pub index: usize,
+    pub netns: String,
+    /// The node's address on the underlay, without prefix length.
+    pub node_ip: String,
+    /// The underlay router's address: the node's default gateway.
+    pub gateway: String,
+    pub bridge: String,
+    pub root_link: String,
+    /// The node's directory (its "disk").
+    pub root: PathBuf,
+    /// The node's kubeconfig contents (its client certificate, the API server's address).
+    pub kubeconfig: String,
+    pub ca_file: &'a Path,
+    pub kubelet: &'a Path,
+    pub kube_proxy: &'a Path,
+    /// kube-proxy's kubeconfig (as `system:kube-proxy`).
+    pub proxy_kubeconfig: String,
+    pub images: &'a [PathBuf],
+    /// The cgroup (in every v1 hierarchy) under which the kubelet puts its pods.
+    pub cgroup_root: String,
+    /// Where the node notes what it creates, for the cleanup after a killed run.
+    pub ledger: &'a Ledger,
+}
+
+pub struct RealNode {
+    pub name: String,
+    pub index: usize,
+    pub node_ip: String,
+    /// The node's directory: containerd's and the kubelet's state, logs, CNI configuration.
+    pub root: PathBuf,
+    cgroup_root: String,
+    // Drop order (after `Drop::drop`): kube-proxy, kubelet, containerd, the mount namespace's
+    // holder, the network namespace, then its underlay link.
+    kube_proxy: Option<ChildGuard>,
+    kubelet: Option<ChildGuard>,
+    containerd: Option<ChildGuard>,
+    holder: Option<ChildGuard>,
+    pub ns: Netns,
+    _veth: RootLink,
+}
+
+impl RealNode {
+    /// Creates the namespaces and the cgroups, starts containerd, imports the images and
+    /// starts the kubelet (which registers the Node; it becomes Ready once
+    /// [`RealNode::write_cni_config`] has run).
+    pub fn start(p: NodeParams<'_>) -> Result<Self> {
+        p.ledger.netns(&p.netns);
+        p.ledger.link(&p.root_link);
+        p.ledger.cgroup(&p.cgroup_root);
+        let ns = Netns::create(&p.netns)?;
+        let veth = crate::netns::veth_to_bridge(
+            &p.bridge,
+            &p.root_link,
+            &ns,
+            "eth0",
+            &format!("{}/24", p.node_ip),
+        )?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.ip(&["route", "add", "default", "via", &p.gateway])?;
+        for d in [
+            "etc/cni/net.d",
+            "var/lib/cni/networks",
+            "var/log/pods",
+            "containerd",
+            "kubelet",
+            "kube-proxy",
+        ] {
+            std::fs::create_dir_all(p.root.join(d))?;
+        }
+        let mut node = RealNode {
+            name: p.name.clone(),
+            index: p.index,
+            node_ip: p.node_ip.clone(),
+            root: p.root.clone(),
+            cgroup_root: p.cgroup_root.clone(),
+            kube_proxy: None,
+            kubelet: None,
+            containerd: None,
+            holder: None,
+            ns,
+            _veth: veth,
+        };
+        create_cgroups(&p.cgroup_root)?;
+
+        // The mount namespace: kubelet and containerd share it (volumes the kubelet mounts
+        // must be visible to runc), and whatever they mount goes with it. The few paths they
+        // use whatever their configuration says are the node's own there (bind mounts of the
+        // node's directories; the mount points are created, empty, when the machine lacks them).
+        let netns_path = node.ns.path();
+        let mut binds: Vec<String> = Vec::new();
+        for host_path in NODE_LOCAL_PATHS {
+            let own = p.root.join("host").join(host_path.trim_start_matches('/'));
+            std::fs::create_dir_all(&own)?;
+            std::fs::create_dir_all(host_path)
+                .with_context(|| format!("creating the mount point {host_path}"))?;
+            binds.push(own.display().to_string());
+            binds.push((*host_path).to_owned());
+        }
+        let mut holder = Command::new("nsenter");
+        holder
+            .arg(format!("--net={netns_path}"))
+            .args(["unshare", "--mount", "--propagation", "private"])
+            .args([
+                "sh",
+                "-c",
+                r#"set -e; while [ $# -gt 0 ]; do mount --bind "$1" "$2"; shift 2; done; exec sleep infinity"#,
+                "mount-ns",
+            ])
+            .args(&binds);
+        let mut holder = ChildGuard::spawn("mount-ns", holder, &p.root.join("mount-ns.log"))?;
+        let holder_pid = holder.pid().context("the holder has no PID")?;
+        p.ledger.process(Some(holder_pid));
+        let ready = wait_for_holder(&mut holder, holder_pid);
+        node.holder = Some(holder);
+        ready?;
+        let enter = |program: &Path| {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net={netns_path}"))
+                .arg(format!("--mount=/proc/{holder_pid}/ns/mnt"))
+                .arg(program);
+            cmd
+        };
+
+        let sock = p.root.join("containerd/containerd.sock");
+        let config = p.root.join("containerd/config.toml");
+        std::fs::write(&config, containerd_config(&p.root, &sock))?;
+        let mut containerd = enter(Path::new("/usr/bin/containerd"));
+        containerd.arg(format!("--config={}", config.display()));
+        let containerd =
+            ChildGuard::spawn("containerd", containerd, &p.root.join("containerd.log"))?;
+        p.ledger.process(containerd.pid());
+        node.containerd = Some(containerd);
+        node.wait_containerd(&sock)?;
+        for archive in p.images {
+            let out = enter(Path::new("/usr/bin/ctr"))
+                .arg(format!("--address={}", sock.display()))
+                .args(["-n", "k8s.io", "images", "import"])
+                .arg(archive)
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "{}: ctr images import {}: {}",
+                    p.name,
+                    archive.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+
+        let kubelet_dir = p.root.join("kubelet");
+        std::fs::write(kubelet_dir.join("kubeconfig"), &p.kubeconfig)?;
+        std::fs::write(p.root.join("etc/resolv.conf"), "nameserver 127.0.0.1\n")?;
+        let kubelet_config = kubelet_dir.join("config.yaml");
+        std::fs::write(&kubelet_config, kubelet_config_yaml(&p, &sock))?;
+        let mut kubelet = enter(p.kubelet);
+        kubelet
+            .arg(format!("--config={}", kubelet_config.display()))
+            .arg(format!(
+                "--kubeconfig={}",
+                kubelet_dir.join("kubeconfig").display()
+            ))
+            .arg(format!("--hostname-override={}", p.name))
+            .arg(format!("--node-ip={}", p.node_ip))
+            .arg(format!("--root-dir={}", kubelet_dir.join("root").display()))
+            .arg(format!("--cert-dir={}", kubelet_dir.join("pki").display()))
+            .arg("--v=1");
+        let kubelet = ChildGuard::spawn("kubelet", kubelet, &p.root.join("kubelet.log"))?;
+        p.ledger.process(kubelet.pid());
+        node.kubelet = Some(kubelet);
+
+        // kube-proxy in iptables mode, in the node's network namespace (its rules are the
+        // node's), as a DaemonSet with hostNetwork would run it.
+        let proxy_dir = p.root.join("kube-proxy");
+        std::fs::write(proxy_dir.join("kubeconfig"), &p.proxy_kubeconfig)?;
+        let proxy_config = proxy_dir.join("config.yaml");
+        std::fs::write(
+            &proxy_config,
+            kube_proxy_config_yaml(&p.name, &proxy_dir.join("kubeconfig")),
+        )?;
+        let mut kube_proxy = enter(p.kube_proxy);
+        kube_proxy
+            .arg(format!("--config={}", proxy_config.display()))
+            .arg("--v=1");
+        let kube_proxy =
+            ChildGuard::spawn("kube-proxy", kube_proxy, &p.root.join("kube-proxy.log"))?;
+        p.ledger.process(kube_proxy.pid());
+        node.kube_proxy = Some(kube_proxy);
+        Ok(node)
+    }
+
+    fn wait_containerd(&mut self, sock: &Path) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let c = self.containerd.as_mut().context("no containerd")?;
+            if !c.is_running() {
+                bail!(
+                    "{}: containerd exited; its log ends with:\n{}",
+                    self.name,
+                    c.log_tail(30)
+                );
+            }
+            if sock.exists() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{}: containerd did not open {}", self.name, sock.display())
+    }
+
+    /// Writes the node's CNI configuration (the Debian bridge and host-local plugins, with
+    /// the node's pod CIDR): containerd then reports the network ready, and the kubelet the
+    /// Node.
+    pub fn write_cni_config(&self, pod_cidr: &str) -> Result<()> {
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "wgmesh-test-bridge",
+            "plugins": [{
+                "type": "bridge",
+                "bridge": "cni0",
+                "isGateway": true,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": pod_cidr}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": self.root.join("var/lib/cni/networks"),
+                },
+            }],
+        });
+        let dir = self.root.join("etc/cni/net.d");
+        let tmp = dir.join(".10-bridge.conflist.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&conf)?)?;
+        std::fs::rename(&tmp, dir.join("10-bridge.conflist"))?;
+        Ok(())
+    }
+
+    /// Whether the kubelet and containerd still run; the end of the log of one that stopped.
+    pub fn check_running(&mut self) -> Result<()> {
+        for guard in [
+            self.kube_proxy.as_mut(),
+            self.kubelet.as_mut(),
+            self.containerd.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !guard.is_running() {
+                bail!(
+                    "{}: {} exited; its log ends with:\n{}",
+                    self.name,
+                    guard.name().to_owned(),
+                    guard.log_tail(40)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn kubelet_log_tail(&self, lines: usize) -> String {
+        self.kubelet
+            .as_ref()
+            .map(|k| k.log_tail(lines))
+            .unwrap_or_default()
+    }
+
+    pub fn kube_proxy_log_tail(&self, lines: usize) -> String {
+        self.kube_proxy
+            .as_ref()
+            .map(|k| k.log_tail(lines))
+            .unwrap_or_default()
+    }
+
+    pub fn containerd_log_tail(&self, lines: usize) -> String {
+        self.containerd
+            .as_ref()
+            .map(|k| k.log_tail(lines))
+            .unwrap_or_default()
+    }
+
+    /// PIDs of the node's processes: kubelet, containerd, shims, and everything in its pods.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = [&self.kube_proxy, &self.kubelet, &self.containerd]
+            .into_iter()
+            .flatten()
+            .filter_map(ChildGuard::pid)
+            .collect();
+        pids.extend(self.shim_pids());
+        pids.extend(cgroup_pids(&self.cgroup_root));
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// containerd's shims for this node: their command line names this node's socket.
+    fn shim_pids(&self) -> Vec<u32> {
+        let sock = self.root.join("containerd/containerd.sock");
+        let needle = sock.to_string_lossy().into_owned();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.starts_with("/usr/bin/containerd-shim") && c.contains(&needle)
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for RealNode {
+    fn drop(&mut self) {
+        if let Some(mut kube_proxy) = self.kube_proxy.take() {
+            kube_proxy.stop(Duration::from_secs(5));
+        }
+        if let Some(mut kubelet) = self.kubelet.take() {
+            kubelet.stop(Duration::from_secs(5));
+        }
+        // The pods' processes, then the shims, which would otherwise outlive containerd.
+        for _ in 0..3 {
+            let pids = cgroup_pids(&self.cgroup_root);
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for pid in self.shim_pids() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if let Some(mut containerd) = self.containerd.take() {
+            containerd.stop(Duration::from_secs(5));
+        }
+        remove_cgroups(&self.cgroup_root);
+        if let Some(mut holder) = self.holder.take() {
+            holder.kill();
+        }
+    }
+}
+
+/// Waits until the holder has made its bind mounts in a mount namespace of its own (it then
+/// becomes `sleep`).
+fn wait_for_holder(holder: &mut ChildGuard, pid: u32) -> Result<()> {
+    let ours = std::fs::read_link("/proc/self/ns/mnt")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if !holder.is_running() {
+            bail!(
+                "the mount namespace's holder exited: {}",
+                holder.log_tail(10)
+            );
+        }
+        let own_ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).is_ok_and(|t| t != ours);
+        let sleeping =
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep");
+        if own_ns && sleeping {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("process {pid} did not set up its mount namespace")
+}
+
+/// The cgroup v1 hierarchies mounted under /sys/fs/cgroup (cgroup v2 has one, the root).
+fn hierarchies() -> Vec<PathBuf> {
+    let base = Path::new("/sys/fs/cgroup");
+    if base.join("cgroup.controllers").exists() {
+        return vec![base.to_owned()];
+    }
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("cgroup.procs").exists() && !p.is_symlink())
+        .collect()
+}
+
+/// Creates the kubelet's cgroup root in every hierarchy (the kubelet refuses to start without
+/// it); cpuset's must be given CPUs and memory nodes before anything can join it.
+fn create_cgroups(root: &str) -> Result<()> {
+    for h in hierarchies() {
+        let dir = h.join(root.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if h.ends_with("cpuset") {
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                let value = std::fs::read_to_string(h.join(file))?;
+                std::fs::write(dir.join(file), value.trim())
+                    .with_context(|| format!("writing {}", dir.join(file).display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every process in the cgroup root's subtree (any hierarchy: they hold the same processes).
+pub(super) fn cgroup_pids(root: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for h in hierarchies() {
+        let dir = h.join(root.trim_start_matches('/'));
+        collect_procs(&dir, &mut pids);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+fn collect_procs(dir: &Path, pids: &mut Vec<u32>) {
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_procs(&e.path(), pids);
+            }
+        }
+    }
+}
+
+/// Removes the cgroup root's subtree, deepest first (cgroups are removed with rmdir).
+pub(super) fn remove_cgroups(root: &str) {
+    fn remove(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    for h in hierarchies() {
+        remove(&h.join(root.trim_start_matches('/')));
+    }
+}
+
+/// containerd 1.6's configuration: everything under the node's directory (runc's state too,
+/// which otherwise goes to /run/containerd/runc), the CRI plugin with our pause image, runc
+/// with cgroupfs, and the node's CNI directory.
+fn containerd_config(root: &Path, sock: &Path) -> String {
+    let c = root.join("containerd");
+    format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+
+[grpc]
+  address = "{sock}"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  netns_mounts_under_state_dir = true
+  # The build machines withhold CAP_SYS_RESOURCE even from root, so no process may lower its
+  # oom_score_adj, which runc does for every sandbox (-998) and fails with "Permission
+  # denied". This clamps the values to containerd's own, as for rootless containerd.
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "{runc}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+"#,
+        root = c.join("root").display(),
+        state = c.join("state").display(),
+        sock = sock.display(),
+        opt = c.join("opt").display(),
+        runc = c.join("runc").display(),
+        cni = root.join("etc/cni/net.d").display(),
+    )
+}
+
+fn kubelet_config_yaml(p: &NodeParams<'_>, sock: &Path) -> String {
+    format!(
+        r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+# This machine's cgroups are v1; kubelet 1.35 refuses them unless told.
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupRoot: {cgroup_root}
+containerRuntimeEndpoint: unix://{sock}
+address: {node_ip}
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+authentication:
+  anonymous:
+    enabled: false
+  webhook:
+    enabled: false
+  x509:
+    clientCAFile: {ca}
+authorization:
+  mode: AlwaysAllow
+clusterDomain: cluster.local
+clusterDNS: [10.96.0.10]
+resolvConf: {resolv}
+podLogsDir: {logs}
+failSwapOn: false
+# Several kubelets share one disk: no evictions or image collection because of it.
+evictionHard:
+  memory.available: "50Mi"
+  nodefs.available: "1%"
+  nodefs.inodesFree: "1%"
+  imagefs.available: "1%"
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+serializeImagePulls: false
+nodeStatusReportFrequency: 10s
+"#,
+        cgroup_root = p.cgroup_root,
+        sock = sock.display(),
+        node_ip = p.node_ip,
+        ca = p.ca_file.display(),
+        resolv = p.root.join("etc/resolv.conf").display(),
+        logs = p.root.join("var/log/pods").display(),
+    )
+}
+
+/// kube-proxy's configuration: iptables mode, and no conntrack settings, some of which are
+/// the machine's (`nf_conntrack_max`) rather than the namespace's.
+fn kube_proxy_config_yaml(name: &str, kubeconfig: &Path) -> String {
+    format!(
+        r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: {kubeconfig}
+hostnameOverride: {name}
+mode: iptables
+clusterCIDR: {cluster_cidr}
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+conntrack:
+  maxPerCore: 0
+  min: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+  udpTimeout: 0s
+  udpStreamTimeout: 0s
+"#,
+        kubeconfig = kubeconfig.display(),
+        cluster_cidr = super::CLUSTER_CIDR,
+    )
+}

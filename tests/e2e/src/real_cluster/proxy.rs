@@ -1,0 +1,88 @@
+//! A TCP forwarder from the underlay to the API server on loopback: the control plane listens
+//! on 127.0.0.1 of the root namespace, which the nodes' namespaces cannot reach. Plain threads,
+//! so it keeps forwarding whatever the test's async runtime is doing.
+
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::Result;
+
+/// Forwards connections to `listen` (port 0: any) to `target` until dropped.
+pub struct TcpForwarder {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl TcpForwarder {
+    pub fn start(listen: SocketAddr, target: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(listen)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (stop2, open2) = (Arc::clone(&stop), Arc::clone(&open));
+        let accept = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (Ok(c2), Ok(s2), Ok(c3), Ok(s3)) = (
+                    client.try_clone(),
+                    server.try_clone(),
+                    client.try_clone(),
+                    server.try_clone(),
+                ) else {
+                    continue;
+                };
+                if let Ok(mut list) = open2.lock() {
+                    list.retain(|s| s.peer_addr().is_ok());
+                    list.push(c3);
+                    list.push(s3);
+                }
+                std::thread::spawn(move || pipe(client, s2));
+                std::thread::spawn(move || pipe(server, c2));
+            }
+        });
+        Ok(TcpForwarder {
+            addr,
+            stop,
+            open,
+            accept: Some(accept),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(Shutdown::Write);
+    let _ = from.shutdown(Shutdown::Read);
+}
+
+impl Drop for TcpForwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop, which then sees the flag.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        if let Ok(list) = self.open.lock() {
+            for s in list.iter() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! A real cluster on this machine (`wgmesh_e2e::real_cluster`): real kubelets and containerd
+//! on namespace nodes, the scheduler and the controller manager, a pod that runs, and a
+//! ClusterIP Service (kube-proxy) that reaches it from every node.
+//!
+//! Opt-in while it is groundwork: set `WGMESH_REAL_CLUSTER=1` (as root); otherwise the test
+//! says so and passes. Its first run builds kubelet and the other Kubernetes programs (with
+//! kube-apiserver, 20-30 minutes on 2 cores) and installs containerd, runc and busybox-static
+//! with apt-get when missing. `WGMESH_REAL_CLUSTER_NODES` sets the number of nodes (default 3).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use wgmesh_e2e::netns::Netns;
+use wgmesh_e2e::real_cluster::RealCluster;
+use wgmesh_e2e::real_cluster::image::BUSYBOX_IMAGE;
+
+const ENV: &str = "WGMESH_REAL_CLUSTER";
+
+fn enabled() -> bool {
+    if std::env::var_os(ENV).is_some_and(|v| v == "1") {
+        return true;
+    }
+    eprintln!("skipped: set {ENV}=1 to bring up a real cluster (kubelets, containerd)");
+    false
+}
+
+/// One process's name, CPU time (user + system, in clock ticks) and resident memory (kB),
+/// from /proc.
+fn usage(pid: u32) -> Option<(String, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    // The fields after the name; utime and stime are the 14th and 15th of the line.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    Some((name, ticks, rss))
+}
+
+/// `GET /` from inside `ns`; the response's body.
+fn http_get(ns: &Netns, addr: SocketAddr) -> Result<String> {
+    ns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default())
+    })
+}
+
+fn node_count() -> usize {
+    std::env::var("WGMESH_REAL_CLUSTER_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_cluster_nodes_become_ready() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let n = node_count();
+    let started = Instant::now();
+    let mut cluster = RealCluster::start(n).await?;
+    let registered = started.elapsed();
+    cluster.wait_nodes_ready(Duration::from_secs(180)).await?;
+    let ready = started.elapsed();
+    eprintln!("[real-cluster] {n} nodes: started in {registered:.1?}, all Ready after {ready:.1?}");
+    eprintln!(
+        "{}",
+        cluster.cp.kubectl_ok(&["get", "nodes", "-o", "wide"])?
+    );
+
+    // A pod the scheduler places, on the busybox image built here: a web server, behind a
+    // ClusterIP Service.
+    let objects = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [{
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "sleeper", "namespace": "default", "labels": {"app": "web"}},
+            "spec": {
+                "containers": [{
+                    "name": "main",
+                    "image": BUSYBOX_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": ["/bin/sh", "-c",
+                        "mkdir -p /www && echo hello-from-$(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"],
+                }],
+                "terminationGracePeriodSeconds": 1,
+            },
+        }, {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+        }],
+    });
+    let manifest = cluster.dir().join("sleeper.json");
+    std::fs::write(&manifest, objects.to_string())?;
+    let manifest = manifest.display().to_string();
+    cluster.cp.kubectl_ok(&["apply", "-f", &manifest])?;
+    let pod_started = Instant::now();
+    let deadline = pod_started + Duration::from_secs(120);
+    loop {
+        cluster.check_running()?;
+        let phase = cluster.cp.kubectl_ok(&[
+            "get",
+            "pod",
+            "sleeper",
+            "-o",
+            "jsonpath={.status.phase} {.spec.nodeName} {.status.podIP}",
+        ])?;
+        if phase.starts_with("Running") {
+            eprintln!(
+                "[real-cluster] pod Running after {:.1?}: {phase}",
+                pod_started.elapsed()
+            );
+            let ip = phase.split_whitespace().nth(2).context("no pod IP")?;
+            if !ip.starts_with("10.244.") {
+                bail!("the pod's address {ip} is not in the cluster CIDR");
+            }
+            break;
+        }
+        if Instant::now() > deadline {
+            let describe = cluster.cp.kubectl(&["describe", "pod", "sleeper"])?;
+            let tails: Vec<String> = cluster
+                .nodes
+                .iter()
+                .map(|n| {
+                    format!(
+                        "--- {} kubelet:\n{}\n--- containerd:\n{}",
+                        n.name,
+                        n.kubelet_log_tail(20),
+                        n.containerd_log_tail(10)
+                    )
+                })
+                .collect();
+            bail!(
+                "the pod is not Running ({phase}):\n{}\n{}",
+                String::from_utf8_lossy(&describe.stdout),
+                tails.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // The Service from every node's network namespace (hostNetwork's view): kube-proxy's
+    // rules there send it to the pod, on its node or across the underlay.
+    let cluster_ip =
+        cluster
+            .cp
+            .kubectl_ok(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"])?;
+    let addr: SocketAddr = format!("{cluster_ip}:80").parse()?;
+    let service_started = Instant::now();
+    for node in &cluster.nodes {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match http_get(&node.ns, addr) {
+                Ok(body) if body.contains("hello-from-sleeper") => break,
+                Ok(body) if Instant::now() > deadline => {
+                    bail!("{}: {addr} answered {body:?}", node.name)
+                }
+                Err(e) if Instant::now() > deadline => {
+                    bail!(
+                        "{}: {addr}: {e:#}\n{}",
+                        node.name,
+                        node.kube_proxy_log_tail(20)
+                    )
+                }
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+    eprintln!(
+        "[real-cluster] Service {addr} answers from every node after {:.1?}",
+        service_started.elapsed()
+    );
+
+    // The idle cluster's cost: CPU over 30 s and resident memory of every process it runs
+    // (per program name), read from /proc (clock ticks of 10 ms).
+    let window = Duration::from_secs(30);
+    let pids = cluster.pids();
+    let before: Vec<_> = pids.iter().map(|p| usage(*p)).collect();
+    tokio::time::sleep(window).await;
+    let mut by_name: std::collections::BTreeMap<String, (u64, u64, usize)> = Default::default();
+    for (pid, before) in pids.iter().zip(before) {
+        let (Some((name, t0, _)), Some((_, t1, rss))) = (before, usage(*pid)) else {
+            continue;
+        };
+        let e = by_name.entry(name).or_default();
+        e.0 += t1.saturating_sub(t0);
+        e.1 += rss;
+        e.2 += 1;
+    }
+    let percent = |ticks: u64| ticks as f64 / window.as_secs_f64();
+    let (ticks, rss): (u64, u64) = by_name.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
+    eprintln!(
+        "[real-cluster] idle over {window:?}: {:.1}% of one core, {} MB resident, {} processes",
+        percent(ticks),
+        rss / 1024,
+        pids.len()
+    );
+    for (name, (t, r, count)) in &by_name {
+        eprintln!(
+            "[real-cluster]   {name:<24} x{count}: {:>5.1}% {:>5} MB",
+            percent(*t),
+            r / 1024
+        );
+    }
+    Ok(())
+}
