@@ -90,24 +90,25 @@ pub const KUBECTL: GoTool = GoTool {
     ..KUBE_APISERVER
 };
 /// What a real cluster adds to the control plane: the node agent, the Service proxy, the
-/// scheduler and the controller manager (`crate::real_cluster`). Built together with
-/// kube-apiserver and kubectl, from the same `k8s.io/kubernetes` version, into the same cache
-/// entry; an entry made before they were added is completed by one more build.
+/// scheduler and the controller manager (`crate::real_cluster`). Built from the same
+/// `k8s.io/kubernetes` version as kube-apiserver into the same cache entry, but only when a
+/// real cluster asks for them (`k8s-cluster`): the other tests do not pay for them.
 pub const KUBELET: GoTool = GoTool {
+    what: "k8s-cluster",
     binary: "kubelet",
     ..KUBE_APISERVER
 };
 pub const KUBE_PROXY: GoTool = GoTool {
     binary: "kube-proxy",
-    ..KUBE_APISERVER
+    ..KUBELET
 };
 pub const KUBE_SCHEDULER: GoTool = GoTool {
     binary: "kube-scheduler",
-    ..KUBE_APISERVER
+    ..KUBELET
 };
 pub const KUBE_CONTROLLER_MANAGER: GoTool = GoTool {
     binary: "kube-controller-manager",
-    ..KUBE_APISERVER
+    ..KUBELET
 };
 
 /// Paths of the Kubernetes programs a real cluster runs besides its control plane.
