@@ -758,10 +758,20 @@ fn an_answered_request_is_acknowledged_without_a_new_handshake() {
     assert_eq!(answers, 3, "the echo answered");
     assert_eq!(server.join().expect("echo server"), 3);
     let handshake = the_peer(&s.device).last_handshake.expect("handshake");
+    // A peer joins meanwhile: the session with wireguard-go is not touched.
+    s.device
+        .apply(&[DeviceChange::UpsertPeer(PeerConfig {
+            public_key: PrivateKey::generate().public_key(),
+            endpoint: Some(SocketAddr::new(lab.underlay(3), 51820)),
+            allowed_ips: vec!["10.201.99.0/24".parse().unwrap()],
+            persistent_keepalive: 0,
+            preshared_key: None,
+        })])
+        .unwrap();
     // Past KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (15 s) and some jitter.
     std::thread::sleep(Duration::from_secs(18));
     assert_eq!(
-        the_peer(&s.device).last_handshake,
+        peer_by_key(&s.device, &s.their_key.public_key()).last_handshake,
         Some(handshake),
         "no new handshake after a quiet answered request\n{:?}",
         dump(lab, &lab.if_a)
