@@ -42,8 +42,9 @@ fn le_u32(b: &[u8], at: usize) -> Option<u32> {
 /// Sends to the peer and counts it; failures are the network's business (WireGuard is
 /// unreliable by design), so they are only traced.
 fn send(inner: &Inner, peer: &Peer, buf: &[u8], to: SocketAddr) {
+    let started = inner.now_ms();
     match inner.sockets.load().send_to(buf, to) {
-        Ok(n) => peer.count_tx(n, inner.now_ms()),
+        Ok(n) => peer.count_tx(n, started, inner.now_ms()),
         Err(e) => tracing::trace!(error = %e, %to, "send failed"),
     }
 }
