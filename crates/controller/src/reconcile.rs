@@ -142,6 +142,23 @@ pub struct Computed {
     pub deleting: BTreeMap<String, (Arc<WireGuardMesh>, BTreeSet<String>)>,
 }
 
+/// How the watches retry after an API server error. kube's default (client-go's: up to 30 s,
+/// doubled by jitter, kept for 120 s) left the controller blind to Node and peer changes for
+/// over a minute after a 15 s API server outage. One controller with five watches is no load
+/// for an API server coming back, so it retries within 5 s; a success resets the delay.
+fn watch_backoff() -> watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(WATCH_RETRY_MAX)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
+/// The longest a watch waits before retrying (jitter adds up to as much again).
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Starts the watches and returns the caches, a future that drives them, and a receiver of
 /// change signals.
 pub fn watch_cluster(
@@ -159,24 +176,24 @@ pub fn watch_cluster(
     let (api_endpoints, api_endpoints_w) = reflector::store::<EndpointSlice>();
     let cfg = watcher::Config::default;
     let node_events = watcher(Api::<Node>::all(client.clone()), cfg())
-        .default_backoff()
+        .backoff(watch_backoff())
         .reflect(nodes_w)
         .map(|_| ())
         .boxed();
     let mesh_events = watcher(Api::<WireGuardMesh>::all(client.clone()), cfg())
-        .default_backoff()
+        .backoff(watch_backoff())
         .reflect(meshes_w)
         .map(|_| ())
         .boxed();
     let peer_events = watcher(Api::<WireGuardPeer>::all(client.clone()), cfg())
-        .default_backoff()
+        .backoff(watch_backoff())
         .reflect(peers_w)
         .map(|_| ())
         .boxed();
     // Reserved ranges: clusters before 1.33 have no ServiceCIDR objects (that watch then
     // retries with backoff, and --reserved-cidrs must name the Service CIDR).
     let service_cidr_events = watcher(Api::<ServiceCIDR>::all(client.clone()), cfg())
-        .default_backoff()
+        .backoff(watch_backoff())
         .reflect(service_cidrs_w)
         .map(|_| ())
         .boxed();
@@ -184,7 +201,7 @@ pub fn watch_cluster(
         Api::<EndpointSlice>::namespaced(client.clone(), "default"),
         cfg().labels("kubernetes.io/service-name=kubernetes"),
     )
-    .default_backoff()
+    .backoff(watch_backoff())
     .reflect(api_endpoints_w)
     .map(|_| ())
     .boxed();
@@ -438,6 +455,16 @@ async fn read_secrets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watch_retries_within_ten_seconds_however_long_the_outage() {
+        let delays: Vec<Duration> = watch_backoff().take(50).collect();
+        assert!(delays[0] <= Duration::from_millis(500), "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d <= 2 * WATCH_RETRY_MAX),
+            "{delays:?}"
+        );
+    }
 
     #[test]
     fn a_read_error_keeps_the_last_value_and_only_not_found_means_missing() {
