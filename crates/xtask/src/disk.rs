@@ -71,7 +71,7 @@ pub fn test_needs(target: &Path) -> Vec<Need> {
     }
     if !tools::TEST_TOOLS.iter().all(GoTool::is_cached) {
         needs.push(Need {
-            what: "building etcd, kube-apiserver, kubectl and helm with Go",
+            what: "building etcd, the six Kubernetes programs and helm with Go",
             path: std::env::temp_dir(),
             bytes: GO_BUILD,
         });

@@ -63,12 +63,14 @@ pub fn run(opts: &Opts) -> Result<()> {
     // Built here, with progress on the terminal, rather than inside a test whose output is
     // captured: a cold build takes minutes.
     step(
-        "control-plane binaries (etcd, kube-apiserver, kubectl): cached or built from the Go module proxy",
+        "Kubernetes binaries (etcd, kube-apiserver, kubectl, and the real cluster's kubelet, kube-proxy, kube-scheduler, kube-controller-manager): cached or built from the Go module proxy",
     );
     let bins = wgmesh_e2e::tools::control_plane_binaries()?;
     eprintln!("    etcd:           {}", bins.etcd.display());
     eprintln!("    kube-apiserver: {}", bins.kube_apiserver.display());
     eprintln!("    kubectl:        {}", bins.kubectl.display());
+    let cluster = wgmesh_e2e::tools::cluster_binaries()?;
+    eprintln!("    kubelet:        {}", cluster.kubelet.display());
     step("helm: cached or built from the Go module proxy");
     let helm = wgmesh_e2e::helm::Helm::new()?;
     eprintln!("    helm:           {}", helm.binary.display());

@@ -19,6 +19,20 @@ use crate::tools::{ControlPlaneBinaries, control_plane_binaries};
 /// How long the API server may take to answer `/readyz` (a cold start on 2 busy cores).
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What a cluster with kubelets needs of its control plane beyond what the tests on plain
+/// namespaces do.
+#[derive(Clone, Debug, Default)]
+pub struct ControlPlaneOptions {
+    /// More names and addresses for the API server's serving certificate: the `kubernetes`
+    /// Service's ClusterIP (pods' in-cluster clients connect to it) and the address the nodes
+    /// reach it at.
+    pub serving_names: Vec<String>,
+    /// ServiceAccount admission: pods get their account's token mounted, as in every cluster.
+    /// Off by default: without a controller manager no namespace has its `default` account,
+    /// and this admission would refuse every pod object the stand-in tests create.
+    pub service_account_admission: bool,
+}
+
 /// A running etcd + kube-apiserver pair.
 pub struct ControlPlane {
     // Field order is drop order: the API server stops before its store.
@@ -39,16 +53,28 @@ impl ControlPlane {
     /// Finds or builds the binaries, starts etcd and the API server on free loopback ports, and
     /// waits until the API server is ready.
     pub async fn start() -> Result<Self> {
+        Self::start_with(ControlPlaneOptions::default()).await
+    }
+
+    /// [`ControlPlane::start`] with options.
+    pub async fn start_with(options: ControlPlaneOptions) -> Result<Self> {
         let binaries = tokio::task::spawn_blocking(control_plane_binaries).await??;
         let dir = ScratchDir::new("wgmesh-control-plane-")?;
         let d = dir.path();
 
         let ca = TestCa::new("wgmesh-test-ca")?;
-        let serving = ca.server_cert("kube-apiserver", &["127.0.0.1", "localhost"])?;
+        let mut serving_names = vec!["127.0.0.1", "localhost"];
+        serving_names.extend(options.serving_names.iter().map(String::as_str));
+        let serving = ca.server_cert("kube-apiserver", &serving_names)?;
         let admin = ca.client_cert("wgmesh-admin", Some("system:masters"))?;
         write(d, "ca.crt", ca.cert_pem())?;
         write(d, "apiserver.crt", &serving.cert_pem)?;
         write(d, "apiserver.key", &serving.key_pem)?;
+        // The API server's identity to kubelets (exec, logs, port-forward).
+        let kubelet_client =
+            ca.client_cert("kube-apiserver-kubelet-client", Some("system:masters"))?;
+        write(d, "kubelet-client.crt", &kubelet_client.cert_pem)?;
+        write(d, "kubelet-client.key", &kubelet_client.key_pem)?;
         write(d, "admin.crt", &admin.cert_pem)?;
         write(d, "admin.key", &admin.key_pem)?;
         let (sa_key, sa_pub) = signing_key_pair_pem()?;
@@ -76,6 +102,11 @@ impl ControlPlane {
         let etcd = ChildGuard::spawn("etcd", etcd_cmd, &d.join("etcd.log"))?;
 
         let p = |name: &str| d.join(name).display().to_string();
+        let admission = if options.service_account_admission {
+            "--enable-admission-plugins=ServiceAccount"
+        } else {
+            "--disable-admission-plugins=ServiceAccount"
+        };
         let apiserver_args: Vec<String> = vec![
             format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1".into(),
@@ -86,12 +117,14 @@ impl ControlPlane {
             format!("--tls-private-key-file={}", p("apiserver.key")),
             format!("--client-ca-file={}", p("ca.crt")),
             "--authorization-mode=RBAC".into(),
+            format!("--kubelet-client-certificate={}", p("kubelet-client.crt")),
+            format!("--kubelet-client-key={}", p("kubelet-client.key")),
             format!("--service-account-issuer={url}"),
             format!("--service-account-key-file={}", p("sa.pub")),
             format!("--service-account-signing-key-file={}", p("sa.key")),
             "--api-audiences=https://kubernetes.default.svc,wgmesh".into(),
             "--service-cluster-ip-range=10.96.0.0/16".into(),
-            "--disable-admission-plugins=ServiceAccount".into(),
+            admission.into(),
             "--allow-privileged=true".into(),
             "--endpoint-reconciler-type=none".into(),
             "--enable-priority-and-fairness=false".into(),
@@ -105,7 +138,7 @@ impl ControlPlane {
         write(
             d,
             "kubeconfig",
-            &kubeconfig_yaml(&url, ca.cert_pem(), &admin.cert_pem, &admin.key_pem),
+            &kubeconfig_yaml(&url, None, ca.cert_pem(), &admin.cert_pem, &admin.key_pem),
         )?;
 
         let mut cp = ControlPlane {
@@ -259,16 +292,27 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn kubeconfig_yaml(url: &str, ca: &str, cert: &str, key: &str) -> String {
+/// A kubeconfig for `url` with a client certificate; `server_name` is the name to verify the
+/// API server's certificate for when `url`'s host is not in it.
+pub fn kubeconfig_yaml(
+    url: &str,
+    server_name: Option<&str>,
+    ca: &str,
+    cert: &str,
+    key: &str,
+) -> String {
     use base64::Engine as _;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let server_name = server_name
+        .map(|n| format!("\n    tls-server-name: {n}"))
+        .unwrap_or_default();
     format!(
         "apiVersion: v1
 kind: Config
 clusters:
 - name: wgmesh-local
   cluster:
-    server: {url}
+    server: {url}{server_name}
     certificate-authority-data: {ca}
 users:
 - name: wgmesh-admin

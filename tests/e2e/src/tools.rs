@@ -90,11 +90,9 @@ pub const KUBECTL: GoTool = GoTool {
     ..KUBE_APISERVER
 };
 /// What a real cluster adds to the control plane: the node agent, the Service proxy, the
-/// scheduler and the controller manager (`crate::real_cluster`). Built from the same
-/// `k8s.io/kubernetes` version as kube-apiserver into the same cache entry, but only when a
-/// real cluster asks for them (`k8s-cluster`): the other tests do not pay for them.
+/// scheduler and the controller manager (`crate::real_cluster`). Built with kube-apiserver,
+/// in one build into the same cache entry.
 pub const KUBELET: GoTool = GoTool {
-    what: "k8s-cluster",
     binary: "kubelet",
     ..KUBE_APISERVER
 };
@@ -146,7 +144,16 @@ pub const WIREGUARD_GO: GoTool = GoTool {
 };
 
 /// Every program `cargo xtask test` needs from Go.
-pub const TEST_TOOLS: [GoTool; 4] = [ETCD, KUBE_APISERVER, KUBECTL, HELM];
+pub const TEST_TOOLS: [GoTool; 8] = [
+    ETCD,
+    KUBE_APISERVER,
+    KUBECTL,
+    KUBELET,
+    KUBE_PROXY,
+    KUBE_SCHEDULER,
+    KUBE_CONTROLLER_MANAGER,
+    HELM,
+];
 
 impl GoTool {
     /// The cache directory of this tool's version.

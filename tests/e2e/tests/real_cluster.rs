@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use wgmesh_e2e::netns::Netns;
-use wgmesh_e2e::real_cluster::RealCluster;
 use wgmesh_e2e::real_cluster::image::BUSYBOX_IMAGE;
+use wgmesh_e2e::real_cluster::{PodNetwork, RealCluster};
 
 const ENV: &str = "WGMESH_REAL_CLUSTER";
 
@@ -73,7 +73,7 @@ async fn real_cluster_nodes_become_ready() -> Result<()> {
     }
     let n = node_count();
     let started = Instant::now();
-    let mut cluster = RealCluster::start(n).await?;
+    let mut cluster = RealCluster::start(n, PodNetwork::Bridge).await?;
     let registered = started.elapsed();
     cluster.wait_nodes_ready(Duration::from_secs(180)).await?;
     let ready = started.elapsed();

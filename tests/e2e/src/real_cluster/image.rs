@@ -201,6 +201,7 @@ fn busybox_image(dir: &Path) -> Result<PathBuf> {
     std::fs::copy(busybox, bin.join("busybox"))?;
     for applet in [
         "sh", "sleep", "ip", "wget", "nc", "cat", "ls", "hostname", "mkdir", "echo", "httpd",
+        "ping",
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet))?;
     }

@@ -27,6 +27,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
 
 use crate::ControlPlane;
+use crate::control_plane::{ControlPlaneOptions, kubeconfig_yaml};
 use crate::controller::free_port;
 use crate::netns::{Netns, RootLink, bridge, veth_to_bridge};
 use crate::process::ChildGuard;
@@ -42,8 +43,20 @@ use self::sweep::Ledger;
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The Services' range, as the API server has it.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The `kubernetes` Service's ClusterIP: the first address of [`SERVICE_CIDR`].
+pub const API_SERVICE_IP: &str = "10.96.0.1";
 /// The underlay router's last octet (every node's default gateway).
 const ROUTER_OCTET: u8 = 253;
+
+/// The pod network a cluster starts with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// None: the nodes stay NotReady until a CNI is installed (wgmesh in CNI mode).
+    None,
+    /// A plain one, as another CNI would set up: Debian's bridge and host-local plugins on
+    /// each node over its pod CIDR, and routes to every pod CIDR on the underlay router.
+    Bridge,
+}
 
 pub struct RealCluster {
     // Field order is drop order: the nodes first, then the cluster's controllers, the path to
@@ -60,6 +73,7 @@ pub struct RealCluster {
     /// The underlay's /24 prefix, such as `192.168.101`.
     pub underlay: String,
     pub id: String,
+    pod_network: PodNetwork,
     binaries: ClusterBinaries,
     images: ClusterImages,
     dir: ScratchDir,
@@ -69,7 +83,7 @@ pub struct RealCluster {
 impl RealCluster {
     /// The control plane, the scheduler and controller manager, and `n` nodes whose kubelets
     /// have registered (not yet Ready: see [`RealCluster::wait_nodes_ready`]).
-    pub async fn start(n: usize) -> Result<Self> {
+    pub async fn start(n: usize, pod_network: PodNetwork) -> Result<Self> {
         host::ensure_packages()?;
         let binaries = tokio::task::spawn_blocking(cluster_binaries).await??;
         let (octet, underlay_lock) = crate::mesh::reserve_underlay()?;
@@ -79,7 +93,14 @@ impl RealCluster {
         let dir = ScratchDir::new(sweep::DIR_PREFIX)?;
         let d = dir.path().to_owned();
         let ledger = Ledger::new(&d);
-        let cp = ControlPlane::start().await?;
+        // Pods reach the API server as in every cluster: through the `kubernetes` Service's
+        // ClusterIP (kube-proxy) to the address the nodes reach it at, with their account's
+        // token mounted by ServiceAccount admission.
+        let cp = ControlPlane::start_with(ControlPlaneOptions {
+            serving_names: vec![API_SERVICE_IP.into(), format!("{underlay}.254")],
+            service_account_admission: true,
+        })
+        .await?;
         for pid in cp.pids() {
             ledger.process(Some(pid));
         }
@@ -112,6 +133,8 @@ impl RealCluster {
             format!("{underlay}.254:0").parse()?,
             SocketAddr::from(([127, 0, 0, 1], api_port)),
         )?;
+
+        publish_api_endpoints(&cp, api_forwarder.addr())?;
 
         let cp_dir = cp.dir().to_owned();
         let kubeconfig = cp.kubeconfig().display().to_string();
@@ -174,6 +197,7 @@ impl RealCluster {
             cp,
             underlay,
             id,
+            pod_network,
             binaries,
             images,
             dir,
@@ -194,6 +218,7 @@ impl RealCluster {
             .client_cert(&format!("system:node:{name}"), Some("system:nodes"))?;
         let kubeconfig = kubeconfig_yaml(
             &format!("https://{}", self.api_forwarder.addr()),
+            None,
             self.cp.ca().cert_pem(),
             &cert.cert_pem,
             &cert.key_pem,
@@ -201,6 +226,7 @@ impl RealCluster {
         let proxy_cert = self.cp.ca().client_cert("system:kube-proxy", None)?;
         let proxy_kubeconfig = kubeconfig_yaml(
             &format!("https://{}", self.api_forwarder.addr()),
+            None,
             self.cp.ca().cert_pem(),
             &proxy_cert.cert_pem,
             &proxy_cert.key_pem,
@@ -231,8 +257,9 @@ impl RealCluster {
         Ok(())
     }
 
-    /// Waits until every node is Ready: as the controller manager gives a Node its pod CIDR,
-    /// writes that node's CNI configuration and routes the CIDR on the underlay router.
+    /// Waits until every node is Ready. With [`PodNetwork::Bridge`], as the controller
+    /// manager gives a Node its pod CIDR, installs that node's bridge network and routes the
+    /// CIDR on the underlay router.
     pub async fn wait_nodes_ready(&mut self, timeout: Duration) -> Result<()> {
         let client = self.cp.client().await?;
         let api: Api<Node> = Api::all(client);
@@ -250,10 +277,11 @@ impl RealCluster {
                 else {
                     continue;
                 };
-                if !configured[k]
+                if self.pod_network == PodNetwork::Bridge
+                    && !configured[k]
                     && let Some(cidr) = obj.spec.as_ref().and_then(|s| s.pod_cidr.clone())
                 {
-                    node.write_cni_config(&cidr)?;
+                    node.install_bridge_cni(&cidr)?;
                     self.router
                         .ip(&["route", "replace", &cidr, "via", &node.node_ip])?;
                     configured[k] = true;
@@ -361,34 +389,42 @@ fn is_ready(node: &Node) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// A kubeconfig for a node: the API server through the underlay's forwarder, whose address is
-/// not in the serving certificate, hence `tls-server-name`.
-fn kubeconfig_yaml(url: &str, ca: &str, cert: &str, key: &str) -> String {
-    use base64::Engine as _;
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: wgmesh-local
-  cluster:
-    server: {url}
-    tls-server-name: localhost
-    certificate-authority-data: {ca}
-users:
-- name: node
-  user:
-    client-certificate-data: {cert}
-    client-key-data: {key}
-contexts:
-- name: wgmesh-local
-  context:
-    cluster: wgmesh-local
-    user: node
-current-context: wgmesh-local
-",
-        ca = b64(ca),
-        cert = b64(cert),
-        key = b64(key),
-    )
+/// The `kubernetes` Service's endpoints: the API server runs with no endpoint reconciler (it
+/// listens on loopback, which is no address for a Service), so its address on the underlay
+/// (the forwarder) is published here, as the API server would publish its advertised address.
+fn publish_api_endpoints(cp: &ControlPlane, addr: SocketAddr) -> Result<()> {
+    let (ip, port) = (addr.ip().to_string(), addr.port());
+    let objects = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [{
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "kubernetes",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "kubernetes"},
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+        }, {
+            "apiVersion": "v1",
+            "kind": "Endpoints",
+            "metadata": {
+                "name": "kubernetes",
+                "namespace": "default",
+                // The slice above is the one kube-proxy reads: no mirrored copy.
+                "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"},
+            },
+            "subsets": [{
+                "addresses": [{"ip": ip}],
+                "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+            }],
+        }],
+    });
+    let file = cp.dir().join("kubernetes-endpoints.json");
+    std::fs::write(&file, objects.to_string())?;
+    cp.kubectl_ok(&["apply", "-f", &file.display().to_string()])?;
+    Ok(())
 }

@@ -22,16 +22,21 @@ use crate::process::ChildGuard;
 use super::image::PAUSE_IMAGE;
 use super::sweep::Ledger;
 
-/// Paths kubelet, containerd and the CNI library use whatever they are configured with:
-/// the kubelet's device-plugin socket (/var/lib/kubelet/device-plugins) and its log symlinks
-/// (/var/log/containers), libcni's result cache (/var/lib/cni/results), and containerd 1.6's
-/// shim sockets (/run/containerd/s). Each node has its own, bound over them in its mount
-/// namespace.
-const NODE_LOCAL_PATHS: &[&str] = &[
+/// A node's own directories, bound over the machine's in its mount namespace: what kubelet,
+/// containerd and the CNI library use whatever they are configured with (the kubelet's
+/// device-plugin socket in /var/lib/kubelet/device-plugins and its log symlinks in
+/// /var/log/containers, libcni's result cache in /var/lib/cni/results, containerd 1.6's shim
+/// sockets in /run/containerd/s), the CNI configuration and plugins, and the host paths our
+/// agent's pod mounts (its state, the userspace device's UAPI socket).
+pub const NODE_LOCAL_PATHS: &[&str] = &[
     "/var/lib/kubelet",
     "/var/lib/cni",
     "/var/log",
     "/run/containerd",
+    "/etc/cni/net.d",
+    "/opt/cni/bin",
+    "/var/lib/wgmesh",
+    "/var/run/wireguard",
 ];
 
 /// What a node needs from its cluster to start.
@@ -81,7 +86,7 @@ pub struct RealNode {
 impl RealNode {
     /// Creates the namespaces and the cgroups, starts containerd, imports the images and
     /// starts the kubelet (which registers the Node; it becomes Ready once
-    /// [`RealNode::write_cni_config`] has run).
+    /// a CNI is installed: [`RealNode::install_bridge_cni`], or ours).
     pub fn start(p: NodeParams<'_>) -> Result<Self> {
         p.ledger.netns(&p.netns);
         p.ledger.link(&p.root_link);
@@ -96,14 +101,7 @@ impl RealNode {
         )?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.ip(&["route", "add", "default", "via", &p.gateway])?;
-        for d in [
-            "etc/cni/net.d",
-            "var/lib/cni/networks",
-            "var/log/pods",
-            "containerd",
-            "kubelet",
-            "kube-proxy",
-        ] {
+        for d in ["etc", "var/log/pods", "containerd", "kubelet", "kube-proxy"] {
             std::fs::create_dir_all(p.root.join(d))?;
         }
         let mut node = RealNode {
@@ -246,10 +244,22 @@ impl RealNode {
         bail!("{}: containerd did not open {}", self.name, sock.display())
     }
 
-    /// Writes the node's CNI configuration (the Debian bridge and host-local plugins, with
-    /// the node's pod CIDR): containerd then reports the network ready, and the kubelet the
-    /// Node.
-    pub fn write_cni_config(&self, pod_cidr: &str) -> Result<()> {
+    /// Where the node's `path` (as its processes see it) is on this machine.
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        self.root.join("host").join(path.trim_start_matches('/'))
+    }
+
+    /// Installs a plain pod network on the node, as another CNI would: Debian's bridge and
+    /// host-local plugins in /opt/cni/bin and a configuration over the node's pod CIDR.
+    /// containerd then reports the network ready, and the kubelet the Node.
+    pub fn install_bridge_cni(&self, pod_cidr: &str) -> Result<()> {
+        let bin = self.host_path("/opt/cni/bin");
+        for plugin in ["bridge", "host-local", "loopback", "portmap"] {
+            let link = bin.join(plugin);
+            if !link.exists() {
+                std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(plugin), link)?;
+            }
+        }
         let conf = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": "wgmesh-test-bridge",
@@ -263,11 +273,10 @@ impl RealNode {
                     "type": "host-local",
                     "ranges": [[{"subnet": pod_cidr}]],
                     "routes": [{"dst": "0.0.0.0/0"}],
-                    "dataDir": self.root.join("var/lib/cni/networks"),
                 },
             }],
         });
-        let dir = self.root.join("etc/cni/net.d");
+        let dir = self.host_path("/etc/cni/net.d");
         let tmp = dir.join(".10-bridge.conflist.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&conf)?)?;
         std::fs::rename(&tmp, dir.join("10-bridge.conflist"))?;
@@ -483,7 +492,7 @@ pub(super) fn remove_cgroups(root: &str) {
 
 /// containerd 1.6's configuration: everything under the node's directory (runc's state too,
 /// which otherwise goes to /run/containerd/runc), the CRI plugin with our pause image, runc
-/// with cgroupfs, and the node's CNI directory.
+/// with cgroupfs, and the CNI's standard directories.
 fn containerd_config(root: &Path, sock: &Path) -> String {
     let c = root.join("containerd");
     format!(
@@ -514,15 +523,15 @@ state = "{state}"
         SystemdCgroup = false
         Root = "{runc}"
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{cni}"
+    # The node's own (NODE_LOCAL_PATHS), where a CNI's installer puts them.
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
 "#,
         root = c.join("root").display(),
         state = c.join("state").display(),
         sock = sock.display(),
         opt = c.join("opt").display(),
         runc = c.join("runc").display(),
-        cni = root.join("etc/cni/net.d").display(),
     )
 }
 
