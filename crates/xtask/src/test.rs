@@ -71,6 +71,18 @@ pub fn run(opts: &Opts) -> Result<()> {
     eprintln!("    kubectl:        {}", bins.kubectl.display());
     let cluster = wgmesh_e2e::tools::cluster_binaries()?;
     eprintln!("    kubelet:        {}", cluster.kubelet.display());
+    // The real cluster's image holds our release binaries, as deploy/Dockerfile builds them;
+    // built here with cargo's progress rather than silently inside a test.
+    step("release binaries for the image the real cluster runs (cargo build --release)");
+    run_cmd(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "wgmesh-controller",
+        "-p",
+        "wgmesh-node-agent",
+    ]))?;
     step("helm: cached or built from the Go module proxy");
     let helm = wgmesh_e2e::helm::Helm::new()?;
     eprintln!("    helm:           {}", helm.binary.display());

@@ -119,6 +119,8 @@ impl ControlPlane {
             "--authorization-mode=RBAC".into(),
             format!("--kubelet-client-certificate={}", p("kubelet-client.crt")),
             format!("--kubelet-client-key={}", p("kubelet-client.key")),
+            // Nodes are reached at their address: their names resolve nowhere (kubeadm's order).
+            "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
             format!("--service-account-issuer={url}"),
             format!("--service-account-key-file={}", p("sa.pub")),
             format!("--service-account-signing-key-file={}", p("sa.key")),

@@ -11,6 +11,7 @@
 //! and namespaces and the underlay, and puts back the kernel settings the kubelets changed,
 //! also when a test fails.
 
+pub mod chart;
 pub mod host;
 pub mod image;
 pub mod node;
@@ -82,7 +83,7 @@ pub struct RealCluster {
 
 impl RealCluster {
     /// The control plane, the scheduler and controller manager, and `n` nodes whose kubelets
-    /// have registered (not yet Ready: see [`RealCluster::wait_nodes_ready`]).
+    /// have registered their Nodes (not yet Ready: see [`RealCluster::wait_nodes_ready`]).
     pub async fn start(n: usize, pod_network: PodNetwork) -> Result<Self> {
         host::ensure_packages()?;
         let binaries = tokio::task::spawn_blocking(cluster_binaries).await??;
@@ -206,7 +207,40 @@ impl RealCluster {
         for i in 1..=n {
             cluster.add_node(i)?;
         }
+        cluster
+            .wait_nodes_registered(Duration::from_secs(120))
+            .await?;
         Ok(cluster)
+    }
+
+    /// Waits until every node's kubelet has registered its Node, as `kind create cluster`
+    /// does before it returns: a DaemonSet installed then covers every node.
+    pub async fn wait_nodes_registered(&mut self, timeout: Duration) -> Result<()> {
+        let api: Api<Node> = Api::all(self.cp.client().await?);
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_running()?;
+            let names: Vec<String> = api
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter_map(|n| n.metadata.name)
+                .collect();
+            let missing: Vec<&str> = self
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .filter(|n| !names.iter().any(|m| m == n))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("nodes not registered after {timeout:?}: {missing:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// Starts node `i` (`node-i`, at `<underlay>.i`).
@@ -241,7 +275,7 @@ impl RealCluster {
             node_ip: format!("{}.{i}", self.underlay),
             gateway: format!("{}.{ROUTER_OCTET}", self.underlay),
             bridge: format!("wgm{}br", self.id),
-            root_link: format!("wgm{}v{i}", self.id),
+            root_link: self.underlay_link(i),
             root,
             kubeconfig,
             ca_file: &ca_file,
@@ -338,6 +372,11 @@ impl RealCluster {
             pids.extend(node.pids());
         }
         pids
+    }
+
+    /// The root-namespace end of node `index`'s underlay link (captures watch it).
+    pub fn underlay_link(&self, index: usize) -> String {
+        format!("wgm{}v{index}", self.id)
     }
 
     /// The cluster's scratch directory (logs, node directories); removed on drop.

@@ -79,6 +79,8 @@ pub struct RealNode {
     kubelet: Option<ChildGuard>,
     containerd: Option<ChildGuard>,
     holder: Option<ChildGuard>,
+    /// The process holding the node's mount namespace.
+    holder_pid: u32,
     pub ns: Netns,
     _veth: RootLink,
 }
@@ -114,6 +116,7 @@ impl RealNode {
             kubelet: None,
             containerd: None,
             holder: None,
+            holder_pid: 0,
             ns,
             _veth: veth,
         };
@@ -168,20 +171,9 @@ impl RealNode {
         p.ledger.process(containerd.pid());
         node.containerd = Some(containerd);
         node.wait_containerd(&sock)?;
+        node.holder_pid = holder_pid;
         for archive in p.images {
-            let out = enter(Path::new("/usr/bin/ctr"))
-                .arg(format!("--address={}", sock.display()))
-                .args(["-n", "k8s.io", "images", "import"])
-                .arg(archive)
-                .output()?;
-            if !out.status.success() {
-                bail!(
-                    "{}: ctr images import {}: {}",
-                    p.name,
-                    archive.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+            node.import_image(archive)?;
         }
 
         let kubelet_dir = p.root.join("kubelet");
@@ -223,6 +215,28 @@ impl RealNode {
         p.ledger.process(kube_proxy.pid());
         node.kube_proxy = Some(kube_proxy);
         Ok(node)
+    }
+
+    /// Imports an OCI archive into the node's containerd, as `kind load` would.
+    pub fn import_image(&self, archive: &Path) -> Result<()> {
+        let sock = self.root.join("containerd/containerd.sock");
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns.path()))
+            .arg(format!("--mount=/proc/{}/ns/mnt", self.holder_pid))
+            .arg("/usr/bin/ctr")
+            .arg(format!("--address={}", sock.display()))
+            .args(["-n", "k8s.io", "images", "import"])
+            .arg(archive)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{}: ctr images import {}: {}",
+                self.name,
+                archive.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     fn wait_containerd(&mut self, sock: &Path) -> Result<()> {

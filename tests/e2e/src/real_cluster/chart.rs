@@ -1,0 +1,245 @@
+//! wgmesh on a real cluster as a user installs it: docs/kind.md's CNI-mode commands (the
+//! image is already in every node's containerd), a web server the scheduler places on every
+//! node, and the checks and diagnostics the end-to-end test and `cargo xtask demo` share.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::helm::Helm;
+use crate::install::repo_root;
+
+use super::RealCluster;
+use super::image::BUSYBOX_IMAGE;
+
+/// The tunnel addresses of the chart's default mesh.
+pub const TUNNEL_CIDR: &str = "10.250.0.0/16";
+
+/// docs/kind.md's CNI-mode commands once the cluster exists, as they are run here (paths are
+/// the repository's). A test keeps the document saying the same.
+pub const KIND_CNI_STEPS: &[&[&str]] = &[
+    &[
+        "helm",
+        "install",
+        "wgmesh",
+        "deploy/helm/wgmesh",
+        "--namespace",
+        "wgmesh-system",
+        "--create-namespace",
+        "--values",
+        "deploy/kind/cni.values.yaml",
+    ],
+    &[
+        "kubectl",
+        "--namespace",
+        "wgmesh-system",
+        "rollout",
+        "status",
+        "deployment/wgmesh-controller",
+        "--timeout=180s",
+    ],
+    &[
+        "kubectl",
+        "--namespace",
+        "wgmesh-system",
+        "rollout",
+        "status",
+        "daemonset/wgmesh-agent",
+        "--timeout=180s",
+    ],
+    &[
+        "kubectl",
+        "wait",
+        "--for=condition=Ready",
+        "nodes",
+        "--all",
+        "--timeout=180s",
+    ],
+    &["kubectl", "get", "wireguardpeers"],
+    &["kubectl", "wgmesh", "status"],
+];
+
+/// Runs [`KIND_CNI_STEPS`] against `cluster`, telling `progress` each command's output.
+pub fn install_as_documented(
+    cluster: &mut RealCluster,
+    mut progress: impl FnMut(&str),
+) -> Result<()> {
+    let helm = Helm::new()?;
+    let root = repo_root();
+    let started = Instant::now();
+    for step in KIND_CNI_STEPS {
+        let (program, args) = step.split_first().context("an empty step")?;
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| match a.starts_with("deploy/") {
+                true => root.join(a).display().to_string(),
+                false => (*a).to_owned(),
+            })
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = match *program {
+            "helm" => helm.ok(&args, Some(cluster.cp.kubeconfig())),
+            _ if args.first() == Some(&"wgmesh") => kubectl_with_plugin(cluster, &args),
+            _ => cluster.cp.kubectl_ok(&args),
+        };
+        match out {
+            Ok(out) => progress(&format!(
+                "`{}` after {:.1?}:\n{}",
+                step.join(" "),
+                started.elapsed(),
+                out.trim_end()
+            )),
+            Err(e) => bail!("`{}`: {e:#}\n{}", step.join(" "), diagnose(cluster)),
+        }
+    }
+    Ok(())
+}
+
+/// Runs kubectl with our plugin (`kubectl-wgmesh`) on its PATH, as after `cargo install`.
+pub fn kubectl_with_plugin(cluster: &RealCluster, args: &[&str]) -> Result<String> {
+    let plugin = crate::binaries::workspace_binary("wgmesh-cli", "kubectl-wgmesh")?;
+    let plugin_dir = plugin.parent().context("the plugin's directory")?;
+    let path = std::env::var("PATH").unwrap_or_default();
+    let out = Command::new(&cluster.cp.binaries().kubectl)
+        .args(args)
+        .env("KUBECONFIG", cluster.cp.kubeconfig())
+        .env("PATH", format!("{}:{path}", plugin_dir.display()))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A pod of the `web` DaemonSet.
+#[derive(Clone, Debug)]
+pub struct WebPod {
+    pub name: String,
+    pub node: String,
+    pub ip: String,
+}
+
+/// A web server on every node, placed by the scheduler (a DaemonSet's pods are scheduled by
+/// the default scheduler), each answering `GET /` on port 8080 with its pod's name. Returns
+/// once every pod runs.
+pub fn deploy_web(cluster: &mut RealCluster) -> Result<Vec<WebPod>> {
+    let daemonset = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "containers": [{
+                        "name": "main",
+                        "image": BUSYBOX_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["/bin/sh", "-c",
+                            "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"],
+                    }],
+                    "terminationGracePeriodSeconds": 1,
+                },
+            },
+        },
+    });
+    let manifest = cluster.dir().join("web.json");
+    std::fs::write(&manifest, daemonset.to_string())?;
+    cluster
+        .cp
+        .kubectl_ok(&["apply", "-f", &manifest.display().to_string()])?;
+    if let Err(e) = cluster
+        .cp
+        .kubectl_ok(&["rollout", "status", "daemonset/web", "--timeout=120s"])
+    {
+        bail!("{e:#}\n{}", diagnose(cluster));
+    }
+    let listed = cluster.cp.kubectl_ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=web",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.podIP}{\"\\n\"}{end}",
+    ])?;
+    let mut pods: Vec<WebPod> = listed
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().map(str::to_owned);
+            Some(WebPod {
+                name: f.next()?,
+                node: f.next()?,
+                ip: f.next()?,
+            })
+        })
+        .collect();
+    pods.sort_by(|a, b| a.node.cmp(&b.node));
+    if pods.len() != cluster.nodes.len() {
+        bail!("one web pod per node expected: {pods:?}");
+    }
+    Ok(pods)
+}
+
+/// `GET /` of `ip:port` from inside pod `pod` (`kubectl exec`); the response's body. With
+/// busybox's nc: Debian's static busybox wget crashes (SIGSEGV) on any URL.
+pub fn http_get_from_pod(cluster: &RealCluster, pod: &str, ip: &str, port: u16) -> Result<String> {
+    let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} {port}");
+    let response = cluster
+        .cp
+        .kubectl_ok(&["exec", pod, "--", "sh", "-c", &script])?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}
+
+/// What to look at when a step fails: pods, nodes, wgmesh's logs and the kubelets'.
+pub fn diagnose(cluster: &mut RealCluster) -> String {
+    let mut out = String::new();
+    for args in [
+        &["get", "pods", "-A", "-o", "wide"][..],
+        &["get", "nodes", "-o", "wide"],
+        &["-n", "wgmesh-system", "describe", "pods"],
+        &[
+            "-n",
+            "wgmesh-system",
+            "logs",
+            "-l",
+            "app.kubernetes.io/component=controller",
+            "--tail=30",
+        ],
+        &[
+            "-n",
+            "wgmesh-system",
+            "logs",
+            "-l",
+            "app.kubernetes.io/component=agent",
+            "--tail=30",
+            "--all-containers",
+        ],
+    ] {
+        out.push_str(&format!("--- kubectl {}\n", args.join(" ")));
+        match cluster.cp.kubectl(args) {
+            Ok(o) => {
+                out.push_str(&String::from_utf8_lossy(&o.stdout));
+                out.push_str(&String::from_utf8_lossy(&o.stderr));
+            }
+            Err(e) => out.push_str(&format!("{e:#}\n")),
+        }
+    }
+    for n in &cluster.nodes {
+        out.push_str(&format!(
+            "--- {} kubelet:\n{}\n",
+            n.name,
+            n.kubelet_log_tail(15)
+        ));
+    }
+    out
+}
