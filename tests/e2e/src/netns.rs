@@ -62,6 +62,14 @@ impl Netns {
         Ok(ns)
     }
 
+    /// Names the network namespace process `pid` is in (`ip netns attach`), such as a pod's
+    /// that a CNI plugin created; dropping it removes the name, not the namespace.
+    pub fn attach(name: &str, pid: u32) -> Result<Self> {
+        let _ = sh("ip", &["netns", "del", name]);
+        sh("ip", &["netns", "attach", name, &pid.to_string()])?;
+        Ok(Netns { name: name.into() })
+    }
+
     /// `ip -n <ns> ...`
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         let mut full = vec!["-n", &self.name];

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::helm::Helm;
 use crate::install::repo_root;
+use crate::netns::Netns;
 
 use super::RealCluster;
 use super::image::BUSYBOX_IMAGE;
@@ -185,6 +186,24 @@ pub fn deploy_web(cluster: &mut RealCluster) -> Result<Vec<WebPod>> {
         bail!("one web pod per node expected: {pods:?}");
     }
     Ok(pods)
+}
+
+/// Names `pod`'s network namespace (the one the CNI plugins set up) `name`, for
+/// `ip netns exec`.
+pub fn pod_netns(cluster: &RealCluster, pod: &WebPod, name: &str) -> Result<Netns> {
+    let id = cluster.cp.kubectl_ok(&[
+        "get",
+        "pod",
+        &pod.name,
+        "-o",
+        "jsonpath={.status.containerStatuses[0].containerID}",
+    ])?;
+    let node = cluster
+        .nodes
+        .iter()
+        .find(|n| n.name == pod.node)
+        .with_context(|| format!("{} is on an unknown node {}", pod.name, pod.node))?;
+    Netns::attach(name, node.container_pid(id.trim())?)
 }
 
 /// `GET /` of `ip:port` from inside pod `pod` (`kubectl exec`); the response's body. With

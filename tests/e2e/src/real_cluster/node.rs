@@ -217,26 +217,57 @@ impl RealNode {
         Ok(node)
     }
 
-    /// Imports an OCI archive into the node's containerd, as `kind load` would.
-    pub fn import_image(&self, archive: &Path) -> Result<()> {
-        let sock = self.root.join("containerd/containerd.sock");
+    /// Runs `program` on the node: in its network and mount namespaces, where its processes
+    /// (and `docker exec` on a kind node) see its files, such as the userspace device's
+    /// socket for `wg`.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", self.ns.path()))
             .arg(format!("--mount=/proc/{}/ns/mnt", self.holder_pid))
-            .arg("/usr/bin/ctr")
-            .arg(format!("--address={}", sock.display()))
-            .args(["-n", "k8s.io", "images", "import"])
-            .arg(archive)
+            .arg(program)
+            .args(args)
             .output()?;
         if !out.status.success() {
             bail!(
-                "{}: ctr images import {}: {}",
+                "{}: {program} {}: {}",
                 self.name,
-                archive.display(),
+                args.join(" "),
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `ctr` against the node's containerd, in its `k8s.io` namespace (the CRI's).
+    fn ctr(&self, args: &[&str]) -> Result<String> {
+        let address = format!(
+            "--address={}",
+            self.root.join("containerd/containerd.sock").display()
+        );
+        let mut full = vec![address.as_str(), "-n", "k8s.io"];
+        full.extend_from_slice(args);
+        self.exec("/usr/bin/ctr", &full)
+    }
+
+    /// Imports an OCI archive into the node's containerd, as `kind load` would.
+    pub fn import_image(&self, archive: &Path) -> Result<()> {
+        let archive = archive.to_str().context("a non-UTF-8 path")?;
+        self.ctr(&["images", "import", archive])?;
         Ok(())
+    }
+
+    /// The PID of a running container's first process, from its ID as the Pod's status
+    /// gives it (`containerd://<id>` or the bare ID).
+    pub fn container_pid(&self, container_id: &str) -> Result<u32> {
+        let id = container_id.trim_start_matches("containerd://");
+        // `ctr task ls`: TASK PID STATUS, one line per task after a header.
+        self.ctr(&["task", "ls"])?
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next()? == id).then(|| f.next()?.parse().ok())?
+            })
+            .with_context(|| format!("{}: no running task {id}", self.name))
     }
 
     fn wait_containerd(&mut self, sock: &Path) -> Result<()> {
