@@ -61,6 +61,105 @@ pub const KIND_CNI_STEPS: &[&[&str]] = &[
     &["kubectl", "wgmesh", "status"],
 ];
 
+/// kind's node names in docs/kind.md's CNI-mode cluster and the real cluster's in their place.
+pub const KIND_NODE_NAMES: &[(&str, &str)] = &[
+    ("wgmesh-cni-control-plane", "node-1"),
+    ("wgmesh-cni-worker2", "node-3"),
+    ("wgmesh-cni-worker", "node-2"),
+];
+
+/// docs/kind.md's "see pod traffic go through the tunnel": two pods on different workers
+/// (kind's node names; [`KIND_NODE_NAMES`] maps them), and a ping between them, whose target
+/// the document computes with `$(kubectl get pod b -o jsonpath='{.status.podIP}')`.
+pub const KIND_POD_STEPS: &[&[&str]] = &[
+    &[
+        "kubectl",
+        "run",
+        "a",
+        "--image=busybox:1.36",
+        "--restart=Never",
+        r#"--overrides='{"spec":{"nodeName":"wgmesh-cni-worker"}}'"#,
+        "--",
+        "sleep",
+        "3600",
+    ],
+    &[
+        "kubectl",
+        "run",
+        "b",
+        "--image=busybox:1.36",
+        "--restart=Never",
+        r#"--overrides='{"spec":{"nodeName":"wgmesh-cni-worker2"}}'"#,
+        "--",
+        "sleep",
+        "3600",
+    ],
+    &[
+        "kubectl",
+        "wait",
+        "--for=condition=Ready",
+        "pod/a",
+        "pod/b",
+        "--timeout=120s",
+    ],
+    &["kubectl", "exec", "a", "--", "ping", "-c", "3"],
+];
+
+/// Runs [`KIND_POD_STEPS`] (kind's node names mapped to ours, the shell's quotes removed),
+/// then checks that pod a's node routes pod b's address into the tunnel (docs/kind.md's
+/// `docker exec wgmesh-cni-worker ip route get`). Returns the ping's output.
+pub fn ping_as_documented(
+    cluster: &mut RealCluster,
+    mut progress: impl FnMut(&str),
+) -> Result<String> {
+    let mut ping = String::new();
+    for step in KIND_POD_STEPS {
+        let mut args: Vec<String> = step[1..]
+            .iter()
+            .map(|a| {
+                let mut a = a.trim_matches('\'').replace("='", "=").to_owned();
+                if a.ends_with('\'') {
+                    a.pop();
+                }
+                for (kind, ours) in KIND_NODE_NAMES {
+                    a = a.replace(kind, ours);
+                }
+                a
+            })
+            .collect();
+        if args.get(..2) == Some(&["exec".to_owned(), "a".to_owned()]) {
+            let b_ip =
+                cluster
+                    .cp
+                    .kubectl_ok(&["get", "pod", "b", "-o", "jsonpath={.status.podIP}"])?;
+            let node = cluster
+                .nodes
+                .iter()
+                .find(|n| n.name == "node-2")
+                .context("no node-2")?;
+            let route = node.exec("ip", &["route", "get", &b_ip])?;
+            progress(&format!("on node-2: ip route get {b_ip}: {}", route.trim()));
+            if !route.contains("dev wgmesh0") {
+                bail!("node-2 does not route pod b's address {b_ip} into the tunnel: {route}");
+            }
+            args.push(b_ip);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match cluster.cp.kubectl_ok(&args) {
+            Ok(out) => {
+                progress(&format!(
+                    "`kubectl {}`:\n{}",
+                    args.join(" "),
+                    out.trim_end()
+                ));
+                ping = out;
+            }
+            Err(e) => bail!("`kubectl {}`: {e:#}\n{}", args.join(" "), diagnose(cluster)),
+        }
+    }
+    Ok(ping)
+}
+
 /// Runs [`KIND_CNI_STEPS`] against `cluster`, telling `progress` each command's output.
 pub fn install_as_documented(
     cluster: &mut RealCluster,

@@ -35,7 +35,7 @@ use crate::process::ChildGuard;
 use crate::scratch::ScratchDir;
 use crate::tools::{ClusterBinaries, cluster_binaries};
 
-use self::image::ClusterImages;
+use self::image::{BUSYBOX_IMAGE, ClusterImages};
 use self::node::{NodeParams, RealNode};
 use self::proxy::TcpForwarder;
 use self::sweep::Ledger;
@@ -44,6 +44,9 @@ use self::sweep::Ledger;
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The Services' range, as the API server has it.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The image docs/kind.md's test pods run (`kubectl run --image=busybox:1.36`), as
+/// containerd names it.
+pub const DOCS_BUSYBOX_IMAGE: &str = "docker.io/library/busybox:1.36";
 /// The `kubernetes` Service's ClusterIP: the first address of [`SERVICE_CIDR`].
 pub const API_SERVICE_IP: &str = "10.96.0.1";
 /// The underlay router's last octet (every node's default gateway).
@@ -287,6 +290,9 @@ impl RealCluster {
             ledger: &Ledger::new(self.dir.path()),
         })
         .with_context(|| format!("starting {name}"))?;
+        // docs/kind.md's pods run busybox:1.36 (pulled there): here it is the busybox built
+        // here, so the documented commands run as written.
+        node.tag_image(BUSYBOX_IMAGE, DOCS_BUSYBOX_IMAGE)?;
         self.nodes.push(node);
         Ok(())
     }

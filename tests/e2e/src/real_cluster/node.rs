@@ -256,6 +256,12 @@ impl RealNode {
         Ok(())
     }
 
+    /// Gives an imported image a second name, as `docker tag` would.
+    pub fn tag_image(&self, image: &str, name: &str) -> Result<()> {
+        self.ctr(&["images", "tag", "--force", image, name])?;
+        Ok(())
+    }
+
     /// The PID of a running container's first process, from its ID as the Pod's status
     /// gives it (`containerd://<id>` or the bare ID).
     pub fn container_pid(&self, container_id: &str) -> Result<u32> {
