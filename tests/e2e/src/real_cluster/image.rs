@@ -2,9 +2,9 @@
 //! directory becomes a one-layer OCI image, written as an OCI archive (an image layout in a
 //! tar file) that `ctr images import` loads into a node's containerd.
 //!
-//! Two images exist so far: the sandbox ("pause") image containerd starts for every pod,
-//! from `tools/pause.c` compiled statically here, and a test image holding Debian's static
-//! busybox.
+//! Three images exist so far: the sandbox ("pause") image containerd starts for every pod,
+//! from `tools/pause.c` compiled statically here, a test image holding Debian's static
+//! busybox, and the chart's image from our release binaries ([`wgmesh`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +13,9 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 
 use crate::netns::sh;
+
+mod wgmesh;
+pub use wgmesh::{WGMESH_IMAGE, wgmesh_image};
 
 /// The sandbox image's name: the one containerd 1.6's CRI plugin would pull by default, set
 /// explicitly in each node's configuration too.
@@ -142,13 +145,15 @@ pub struct ClusterImages {
 }
 
 impl ClusterImages {
-    /// Builds the pause and busybox images into `dir`.
+    /// Builds the pause, busybox and wgmesh images into `dir` (the last one needs the
+    /// release build of the controller and the agent).
     pub fn build(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let pause = pause_image(dir)?;
         let busybox = busybox_image(dir)?;
+        let wgmesh = wgmesh_image(dir)?;
         Ok(ClusterImages {
-            archives: vec![pause, busybox],
+            archives: vec![pause, busybox, wgmesh],
         })
     }
 }

@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -84,19 +83,9 @@ pub fn read_report(path: &Path) -> Vec<LaneEntry> {
 /// Builds a test target of a workspace package (`cargo test --no-run`) into the running test
 /// binary's target directory, and returns its executable.
 pub fn build_test_binary(package: &str, test: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(|p| {
-            if p.ends_with("deps") {
-                p.parent()
-            } else {
-                Some(p)
-            }
-        })
-        .context("locating the target directory")?;
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(crate::install::repo_root()).args([
+    let profile_dir = crate::binaries::profile_dir()?;
+    let mut cmd = crate::binaries::cargo_command();
+    cmd.args([
         "test",
         "--quiet",
         "-p",
