@@ -1,16 +1,17 @@
 //! `cargo xtask demo`: the whole of wgmesh on one machine, as a new user first sees it: a
-//! local control plane, the Helm chart installed into it, the chart's controller, three
-//! "nodes" (network namespaces) each running the chart's agent with a pod, then the peers
-//! as kubectl shows them and a pod-to-pod transfer through the tunnel. Left running until
-//! Ctrl-C (`--no-wait` stops at once). Needs root, like the end-to-end tests.
+//! real cluster (`wgmesh_e2e::real_cluster`: three nodes with containerd, kubelet and
+//! kube-proxy), wgmesh installed with `helm install` as docs/kind.md says, a web server on
+//! every node, then the peers as kubectl shows them and a pod-to-pod transfer through the
+//! tunnel. Left running until Ctrl-C (`--no-wait` stops at once). Needs root, like the
+//! end-to-end tests.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use wgmesh_e2e::helm::Helm;
-use wgmesh_e2e::mesh::TestMesh;
 use wgmesh_e2e::netns::{echo_roundtrip, echo_server};
+use wgmesh_e2e::real_cluster::chart::{deploy_web, install_as_documented, pod_netns};
+use wgmesh_e2e::real_cluster::{PodNetwork, RealCluster};
 
 use crate::setup::{DEBIAN_PACKAGES, ensure_debian_packages, step};
 
@@ -35,87 +36,101 @@ pub fn run(no_wait: bool) -> Result<()> {
 }
 
 async fn demo(no_wait: bool) -> Result<()> {
-    step("building wgmesh-controller and wgmesh-agent");
-    wgmesh_e2e::binaries::workspace_binary("wgmesh-controller", "wgmesh-controller")?;
-    wgmesh_e2e::binaries::workspace_binary("wgmesh-node-agent", "wgmesh-agent")?;
-
     step(&format!(
-        "local control plane (etcd + kube-apiserver), `helm install` of deploy/helm/wgmesh in CNI mode, \
-         the controller and {NODES} nodes running exactly what the chart renders"
+        "a real cluster on this machine: the control plane, kube-scheduler, kube-controller-manager, \
+         and {NODES} nodes (network namespaces) each with containerd, kubelet and kube-proxy; \
+         the wgmesh image built from the release binaries; no pod network yet"
     ));
     let started = Instant::now();
-    let mesh = TestMesh::start(NODES).await?;
-    mesh.wait_peer_counts(NODES - 1, Duration::from_secs(90))
-        .await?;
+    let mut cluster = RealCluster::start(NODES, PodNetwork::None).await?;
     eprintln!(
-        "    API server {}; mesh up in {:.1?}",
-        mesh.cp.url(),
+        "    API server {}; {NODES} nodes registered in {:.1?}",
+        cluster.cp.url(),
         started.elapsed()
     );
 
-    step("helm list --namespace wgmesh-system");
+    step("installing wgmesh in CNI mode with docs/kind.md's commands");
+    install_as_documented(&mut cluster, |out| println!("$ {out}\n"))?;
+    step("kubectl get nodes -o wide");
     println!(
         "{}",
-        Helm::new()?.ok(
-            &["list", "--namespace", wgmesh_e2e::helm::NAMESPACE],
-            Some(mesh.cp.kubeconfig())
-        )?
+        cluster.cp.kubectl_ok(&["get", "nodes", "-o", "wide"])?
     );
-    // Status (addresses, handshakes) is written by the controller from the agents' reports.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    step("kubectl get wgpeers -o wide");
-    println!("{}", mesh.cp.kubectl_ok(&["get", "wgpeers", "-o", "wide"])?);
 
-    for node in &mesh.nodes {
-        eprintln!(
-            "    {}: underlay {}, pod {} (CIDR {}), netns {}",
-            node.name, node.node_ip, node.pod_ip, node.pod_cidr, node.ns.name
+    step("a web server on every node (a DaemonSet, placed by the scheduler)");
+    let pods = deploy_web(&mut cluster)?;
+    step("kubectl get pods -A -o wide");
+    println!(
+        "{}",
+        cluster
+            .cp
+            .kubectl_ok(&["get", "pods", "-A", "-o", "wide"])?
+    );
+
+    // One line per node, in the shape scripts read.
+    let mut pod_namespaces = Vec::new();
+    for (node, pod) in cluster.nodes.iter().zip(&pods) {
+        let cidr = cluster.cp.kubectl_ok(&[
+            "get",
+            "node",
+            &node.name,
+            "-o",
+            "jsonpath={.spec.podCIDR}",
+        ])?;
+        let pod_ns = pod_netns(&cluster, pod, &format!("wgm{}p{}", cluster.id, node.index))?;
+        println!(
+            "{}: underlay {}, pod {} (CIDR {}), netns {}, pod netns {}",
+            node.name, node.node_ip, pod.ip, cidr, node.ns.name, pod_ns.name
         );
+        pod_namespaces.push(pod_ns);
     }
 
-    let (from, to) = (&mesh.nodes[0], &mesh.nodes[NODES - 1]);
+    let (from, to) = (&pods[0], &pods[NODES - 1]);
+    let (from_ns, to_ns) = (&pod_namespaces[0], &pod_namespaces[NODES - 1]);
     step(&format!(
-        "a pod-to-pod transfer: 8 MiB from the pod on {} to the pod on {}, through wgmesh0",
-        from.name, to.name
+        "a pod-to-pod transfer: 8 MiB from {} on {} to {} on {}, through wgmesh0",
+        from.name, from.node, to.name, to.node
     ));
-    let route = from.ns.ip(&["route", "get", &to.pod_ip])?;
+    let route = cluster.nodes[0].ns.ip(&["route", "get", &to.ip])?;
     let route = route.lines().next().unwrap_or_default().trim();
-    eprintln!(
-        "    on {}: ip route get {} -> {route}",
-        from.name, to.pod_ip
-    );
-    let target: SocketAddr = format!("{}:{ECHO_PORT}", to.pod_ip).parse()?;
-    echo_server(&to.pod, format!("0.0.0.0:{ECHO_PORT}").parse()?, 1)?;
+    eprintln!("    on {}: ip route get {} -> {route}", from.node, to.ip);
+    let target: SocketAddr = format!("{}:{ECHO_PORT}", to.ip).parse()?;
+    echo_server(to_ns, format!("0.0.0.0:{ECHO_PORT}").parse()?, 1)?;
     let payload = vec![0x5a_u8; 8 << 20];
     let t = Instant::now();
-    echo_roundtrip(&from.pod, target, payload, Duration::from_secs(60))?;
+    echo_roundtrip(from_ns, target, payload, Duration::from_secs(60))?;
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
         "    echoed 8 MiB there and back in {secs:.2} s ({:.0} Mbit/s each way)",
         8.0 * 8.0 * 1.048_576 / secs
     );
-    step(&format!("wg show wgmesh0 on {}", from.name));
-    println!("{}", mesh.wg_show(0)?);
+    step(&format!("wg show wgmesh0 on {}", from.node));
+    println!("{}", cluster.nodes[0].exec("wg", &["show", "wgmesh0"])?);
 
     if no_wait {
         step("done (--no-wait): stopping everything");
         return Ok(());
     }
     println!("\nwgmesh keeps running until you press Ctrl-C. In another terminal:\n");
-    println!("    export KUBECONFIG={}", mesh.cp.kubeconfig().display());
-    println!("    kubectl get wgmesh,wgpeers -o wide");
     println!(
-        "    ip netns exec {} ping {}      # node-1's pod to node-{NODES}'s pod",
-        from.pod.name, to.pod_ip
+        "    export KUBECONFIG={}",
+        cluster.cp.kubeconfig().display()
+    );
+    println!("    kubectl get wgmesh,wgpeers -o wide");
+    println!("    kubectl get pods -A -o wide");
+    println!(
+        "    ip netns exec {} ping {}      # {}'s web pod to {}'s",
+        from_ns.name, to.ip, from.node, to.node
     );
     println!(
-        "    ip netns exec {} ip route        # node-1's routes via wgmesh0",
-        from.ns.name
+        "    ip netns exec {} ip route        # {}'s routes via wgmesh0",
+        cluster.nodes[0].ns.name, from.node
     );
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
-    step("stopping the agents, the controller and the control plane");
-    drop(mesh);
+    step("stopping the cluster");
+    drop(pod_namespaces);
+    drop(cluster);
     Ok(())
 }
