@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 /// The repository root (xtask lives in crates/xtask).
 pub fn repo_root() -> PathBuf {
@@ -59,8 +59,8 @@ pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
             missing.join(" ")
         );
     }
-    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    run_cmd(
+    run_ok(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_ok(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
@@ -79,7 +79,7 @@ pub fn ensure_rust_components() -> Result<()> {
             .unwrap_or(false);
         if !present {
             step(&format!("installing the {component} component with rustup"));
-            run_cmd(Command::new("rustup").args(["component", "add", component]))?;
+            run_ok(Command::new("rustup").args(["component", "add", component]))?;
         }
     }
     Ok(())
@@ -93,13 +93,4 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Runs a command with inherited output; fails with its status.
-pub fn run_cmd(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !status.success() {
-        bail!("{cmd:?} failed ({status})");
-    }
-    Ok(())
-}
+pub use wgmesh_e2e::process::run_ok;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 use crate::setup::{
-    DEBIAN_PACKAGES, ensure_debian_packages, ensure_rust_components, repo_root, run_cmd, step,
+    DEBIAN_PACKAGES, ensure_debian_packages, ensure_rust_components, repo_root, run_ok, step,
 };
 
 #[derive(clap::Args)]
@@ -41,13 +41,13 @@ pub fn run(opts: &Opts) -> Result<()> {
 
     if !opts.no_lint {
         step("cargo fmt --check");
-        run_cmd(
+        run_ok(
             Command::new("cargo")
                 .current_dir(&root)
                 .args(["fmt", "--all", "--check"]),
         )?;
         step("cargo clippy --workspace --all-targets -- -D warnings");
-        run_cmd(Command::new("cargo").current_dir(&root).args([
+        run_ok(Command::new("cargo").current_dir(&root).args([
             "clippy",
             "--workspace",
             "--all-targets",
@@ -74,7 +74,7 @@ pub fn run(opts: &Opts) -> Result<()> {
     // The real cluster's image holds our release binaries, as deploy/Dockerfile builds them;
     // built here with cargo's progress rather than silently inside a test.
     step("release binaries for the image the real cluster runs (cargo build --release)");
-    run_cmd(Command::new("cargo").current_dir(&root).args([
+    run_ok(Command::new("cargo").current_dir(&root).args([
         "build",
         "--release",
         "--locked",
@@ -181,7 +181,7 @@ fn fuzz(root: &Path) -> Result<()> {
     }
     for (target, what) in FUZZ_TARGETS {
         eprintln!("    {target}: {what}");
-        run_cmd(Command::new("cargo").current_dir(root).args([
+        run_ok(Command::new("cargo").current_dir(root).args([
             "+nightly",
             "fuzz",
             "run",

@@ -30,7 +30,9 @@ use crate::ControlPlane;
 use crate::cluster;
 use crate::controller::{Controller, free_port};
 use crate::helm::{Helm, NAMESPACE};
-use crate::netns::{Netns, RootLink, bridge, cni_add_conflist, cni_add_pod, veth_to_bridge};
+use crate::netns::{
+    Netns, RootLink, UnderlayLinks, cni_add_conflist, cni_add_pod, underlay_router, veth_to_bridge,
+};
 use crate::pods::{self, Installed, Launch, VolumeSources};
 use crate::process::ChildGuard;
 use crate::scratch::ScratchDir;
@@ -71,8 +73,7 @@ pub struct TestMesh {
     pub installed: Installed,
     /// The underlay router, at `<underlay>.253`: every node's default gateway.
     pub router: Netns,
-    _router_link: RootLink,
-    _bridge: RootLink,
+    _underlay_links: UnderlayLinks,
     pub cp: ControlPlane,
     dir: ScratchDir,
     /// Holds the underlay's /24 for this mesh (see [`reserve_underlay`]); released last.
@@ -121,20 +122,7 @@ impl TestMesh {
         let cp = ControlPlane::start().await?;
         let client = cp.client().await?;
         let dir = ScratchDir::new("wgmesh-mesh-")?;
-        let bridge = bridge(&format!("wgm{id}br"), &format!("{underlay}.254/24"))?;
-        let router = Netns::create(&format!("wgm{id}r"))?;
-        let router_link = veth_to_bridge(
-            &format!("wgm{id}br"),
-            &format!("wgm{id}vr"),
-            &router,
-            "eth0",
-            &format!("{underlay}.{ROUTER_OCTET}/24"),
-        )?;
-        router.sysctl("net.ipv4.ip_forward", "1")?;
-        // It forwards back out of the interface a packet came in on: no redirects, so the
-        // nodes keep sending through it as they would through a real gateway.
-        router.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
-        router.sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
+        let (router, underlay_links) = underlay_router(&id, &underlay, ROUTER_OCTET)?;
 
         // The chart, with the values a test needs.
         let (grpc_port, metrics_port) = (free_port()?, free_port()?);
@@ -215,8 +203,7 @@ impl TestMesh {
             id,
             installed,
             router,
-            _router_link: router_link,
-            _bridge: bridge,
+            _underlay_links: underlay_links,
             cp,
             dir,
             _underlay_lock: underlay_lock,

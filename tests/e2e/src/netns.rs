@@ -137,6 +137,38 @@ pub fn bridge(name: &str, address: &str) -> Result<RootLink> {
     Ok(link)
 }
 
+/// The root-namespace links of an underlay made by [`underlay_router`]: the router's link, then
+/// the bridge, deleted on drop in that order (after the router's namespace).
+pub struct UnderlayLinks {
+    _router_link: RootLink,
+    _bridge: RootLink,
+}
+
+/// A test underlay `<prefix>.0/24` named after `id`: a bridge `wgm<id>br` at `<prefix>.254`
+/// (the host's address on it) and a router namespace `wgm<id>r` at `<prefix>.<router_octet>`
+/// that forwards, as every node's default gateway.
+pub fn underlay_router(id: &str, prefix: &str, router_octet: u8) -> Result<(Netns, UnderlayLinks)> {
+    let bridge = bridge(&format!("wgm{id}br"), &format!("{prefix}.254/24"))?;
+    let router = Netns::create(&format!("wgm{id}r"))?;
+    let router_link = veth_to_bridge(
+        &format!("wgm{id}br"),
+        &format!("wgm{id}vr"),
+        &router,
+        "eth0",
+        &format!("{prefix}.{router_octet}/24"),
+    )?;
+    router.sysctl("net.ipv4.ip_forward", "1")?;
+    // It forwards back out of the interface a packet came in on: no redirects, so the nodes
+    // keep sending through it as they would through a real gateway.
+    router.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
+    router.sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
+    let links = UnderlayLinks {
+        _router_link: router_link,
+        _bridge: bridge,
+    };
+    Ok((router, links))
+}
+
 /// A veth pair: `root_end` attached to `bridge`, the other end inside `ns` as `inner_name`
 /// with `address`.
 pub fn veth_to_bridge(

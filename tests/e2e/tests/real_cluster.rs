@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use wgmesh_e2e::netns::Netns;
-use wgmesh_e2e::real_cluster::image::BUSYBOX_IMAGE;
+use wgmesh_e2e::real_cluster::chart::web_server_container;
 use wgmesh_e2e::real_cluster::{PodNetwork, RealCluster};
 
 /// One process's name, CPU time (user + system, in clock ticks) and resident memory (kB),
@@ -80,13 +80,7 @@ async fn real_cluster_nodes_become_ready() -> Result<()> {
             "kind": "Pod",
             "metadata": {"name": "sleeper", "namespace": "default", "labels": {"app": "web"}},
             "spec": {
-                "containers": [{
-                    "name": "main",
-                    "image": BUSYBOX_IMAGE,
-                    "imagePullPolicy": "Never",
-                    "command": ["/bin/sh", "-c",
-                        "mkdir -p /www && echo hello-from-$(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"],
-                }],
+                "containers": [web_server_container()],
                 "terminationGracePeriodSeconds": 1,
             },
         }, {
@@ -157,7 +151,7 @@ async fn real_cluster_nodes_become_ready() -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match http_get(&node.ns, addr) {
-                Ok(body) if body.contains("hello-from-sleeper") => break,
+                Ok(body) if body.trim() == "sleeper" => break,
                 Ok(body) if Instant::now() > deadline => {
                     bail!("{}: {addr} answered {body:?}", node.name)
                 }

@@ -22,7 +22,7 @@ use wgmesh_e2e::install::install_default_mesh;
 use wgmesh_proto as pb;
 use wgmesh_proto::mesh_service_client::MeshServiceClient;
 
-use crate::setup::{repo_root, run_cmd, step};
+use crate::setup::{repo_root, run_ok, step};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -68,7 +68,7 @@ fn key_of(i: usize) -> [u8; 32] {
 
 pub async fn run(args: Args) -> Result<()> {
     step("building the controller (release)");
-    run_cmd(Command::new(env!("CARGO")).current_dir(repo_root()).args([
+    run_ok(Command::new(env!("CARGO")).current_dir(repo_root()).args([
         "build",
         "--release",
         "--quiet",

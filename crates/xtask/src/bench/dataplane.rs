@@ -27,7 +27,7 @@ use wgmesh_e2e::netns::{Netns, echo_server, sh, sh_with_input, veth_between};
 use wgmesh_e2e::process::ChildGuard;
 use wgmesh_e2e::{tools, versions};
 
-use crate::setup::{ensure_debian_packages, repo_root, run_cmd, step};
+use crate::setup::{ensure_debian_packages, repo_root, run_ok, step};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -124,7 +124,7 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     step("building the node agent (release)");
-    run_cmd(Command::new(env!("CARGO")).current_dir(repo_root()).args([
+    run_ok(Command::new(env!("CARGO")).current_dir(repo_root()).args([
         "build",
         "--release",
         "--quiet",

@@ -225,6 +225,18 @@ pub struct WebPod {
     pub ip: String,
 }
 
+/// A container of the busybox image built here serving `GET /` on port 8080 with its pod's
+/// name (its hostname).
+pub fn web_server_container() -> serde_json::Value {
+    serde_json::json!({
+        "name": "main",
+        "image": BUSYBOX_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["/bin/sh", "-c",
+            "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"],
+    })
+}
+
 /// A web server on every node, placed by the scheduler (a DaemonSet's pods are scheduled by
 /// the default scheduler), each answering `GET /` on port 8080 with its pod's name. Returns
 /// once every pod runs.
@@ -238,13 +250,7 @@ pub fn deploy_web(cluster: &mut RealCluster) -> Result<Vec<WebPod>> {
             "template": {
                 "metadata": {"labels": {"app": "web"}},
                 "spec": {
-                    "containers": [{
-                        "name": "main",
-                        "image": BUSYBOX_IMAGE,
-                        "imagePullPolicy": "Never",
-                        "command": ["/bin/sh", "-c",
-                            "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"],
-                    }],
+                    "containers": [web_server_container()],
                     "terminationGracePeriodSeconds": 1,
                 },
             },

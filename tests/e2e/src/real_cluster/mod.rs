@@ -30,7 +30,7 @@ use kube::api::{Api, ListParams};
 use crate::ControlPlane;
 use crate::control_plane::{ControlPlaneOptions, kubeconfig_yaml};
 use crate::controller::free_port;
-use crate::netns::{Netns, RootLink, bridge, veth_to_bridge};
+use crate::netns::{Netns, UnderlayLinks, underlay_router};
 use crate::process::ChildGuard;
 use crate::scratch::ScratchDir;
 use crate::tools::{ClusterBinaries, cluster_binaries};
@@ -70,8 +70,7 @@ pub struct RealCluster {
     controller_manager: ChildGuard,
     api_forwarder: TcpForwarder,
     pub router: Netns,
-    _router_link: RootLink,
-    _bridge: RootLink,
+    _underlay_links: UnderlayLinks,
     _kernel: host::KernelSettings,
     pub cp: ControlPlane,
     /// The underlay's /24 prefix, such as `192.168.101`.
@@ -113,18 +112,7 @@ impl RealCluster {
         ledger.link(&format!("wgm{id}br"));
         ledger.link(&format!("wgm{id}vr"));
         ledger.netns(&format!("wgm{id}r"));
-        let bridge = bridge(&format!("wgm{id}br"), &format!("{underlay}.254/24"))?;
-        let router = Netns::create(&format!("wgm{id}r"))?;
-        let router_link = veth_to_bridge(
-            &format!("wgm{id}br"),
-            &format!("wgm{id}vr"),
-            &router,
-            "eth0",
-            &format!("{underlay}.{ROUTER_OCTET}/24"),
-        )?;
-        router.sysctl("net.ipv4.ip_forward", "1")?;
-        router.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
-        router.sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
+        let (router, underlay_links) = underlay_router(&id, &underlay, ROUTER_OCTET)?;
 
         // The API server listens on loopback; the nodes reach it on the underlay's bridge.
         let api_port: u16 = cp
@@ -195,8 +183,7 @@ impl RealCluster {
             controller_manager,
             api_forwarder,
             router,
-            _router_link: router_link,
-            _bridge: bridge,
+            _underlay_links: underlay_links,
             _kernel: host::KernelSettings::save(&d),
             cp,
             underlay,

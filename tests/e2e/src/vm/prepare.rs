@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+use crate::process::run_ok;
 use crate::tools::cache_dir;
 use crate::versions::{DEBIAN_KERNEL, DEBIAN_KERNEL_PACKAGE};
 
@@ -231,16 +232,6 @@ fn parse_metapackage_depends(show: &str) -> Option<(String, String)> {
         let version = rest.trim().strip_prefix("(= ")?.strip_suffix(')')?;
         Some((name.to_owned(), version.to_owned()))
     })
-}
-
-fn run_ok(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !status.success() {
-        bail!("{cmd:?} failed ({status})");
-    }
-    Ok(())
 }
 
 fn build(work: &Path) -> Result<()> {
