@@ -3,7 +3,7 @@
 //! CNI configuration giving pods their addresses, and pods the scheduler places on every
 //! node reaching each other through the tunnel, with nothing in plaintext on the underlay.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use wgmesh_e2e::chaos::watcher::Watcher;
@@ -12,7 +12,7 @@ use wgmesh_e2e::real_cluster::chart::{
     KIND_CNI_STEPS, KIND_POD_STEPS, TUNNEL_CIDR, deploy_web, http_get_from_pod,
     install_as_documented, ping_as_documented,
 };
-use wgmesh_e2e::real_cluster::{CLUSTER_CIDR, PodNetwork, RealCluster};
+use wgmesh_e2e::real_cluster::{CLUSTER_CIDR, PodNetwork, RealCluster, idle};
 
 #[test]
 fn docs_say_what_the_test_runs() {
@@ -115,6 +115,11 @@ async fn helm_install_in_cni_mode_encrypts_pod_traffic_on_real_kubelets() -> Res
     }
     if counts.iter().any(|c| c.packets == 0) {
         bail!("a capture saw nothing: {counts:?}");
+    }
+    // What the cluster with wgmesh costs when nothing happens: agents and controllers
+    // among the kubelets, containerd and the control plane.
+    for line in idle::measure(&cluster.pids(), Duration::from_secs(10)).await {
+        eprintln!("[helm-on-kubelets] {line}");
     }
     eprintln!("[helm-on-kubelets] done in {:.1?}", started.elapsed());
     Ok(())

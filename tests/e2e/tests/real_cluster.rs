@@ -14,25 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use wgmesh_e2e::netns::Netns;
 use wgmesh_e2e::real_cluster::chart::web_server_container;
-use wgmesh_e2e::real_cluster::{PodNetwork, RealCluster};
-
-/// One process's name, CPU time (user + system, in clock ticks) and resident memory (kB),
-/// from /proc.
-fn usage(pid: u32) -> Option<(String, u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (head, rest) = stat.rsplit_once(')')?;
-    let name = head.split_once('(')?.1.to_owned();
-    // The fields after the name; utime and stime are the 14th and 15th of the line.
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    Some((name, ticks, rss))
-}
+use wgmesh_e2e::real_cluster::{PodNetwork, RealCluster, idle};
 
 /// `GET /` from inside `ns`; the response's body.
 fn http_get(ns: &Netns, addr: SocketAddr) -> Result<String> {
@@ -171,36 +153,9 @@ async fn real_cluster_nodes_become_ready() -> Result<()> {
         service_started.elapsed()
     );
 
-    // The idle cluster's cost: CPU over 30 s and resident memory of every process it runs
-    // (per program name), read from /proc (clock ticks of 10 ms) over 10 s.
-    let window = Duration::from_secs(10);
-    let pids = cluster.pids();
-    let before: Vec<_> = pids.iter().map(|p| usage(*p)).collect();
-    tokio::time::sleep(window).await;
-    let mut by_name: std::collections::BTreeMap<String, (u64, u64, usize)> = Default::default();
-    for (pid, before) in pids.iter().zip(before) {
-        let (Some((name, t0, _)), Some((_, t1, rss))) = (before, usage(*pid)) else {
-            continue;
-        };
-        let e = by_name.entry(name).or_default();
-        e.0 += t1.saturating_sub(t0);
-        e.1 += rss;
-        e.2 += 1;
-    }
-    let percent = |ticks: u64| ticks as f64 / window.as_secs_f64();
-    let (ticks, rss): (u64, u64) = by_name.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
-    eprintln!(
-        "[real-cluster] idle over {window:?}: {:.1}% of one core, {} MB resident, {} processes",
-        percent(ticks),
-        rss / 1024,
-        pids.len()
-    );
-    for (name, (t, r, count)) in &by_name {
-        eprintln!(
-            "[real-cluster]   {name:<24} x{count}: {:>5.1}% {:>5} MB",
-            percent(*t),
-            r / 1024
-        );
+    // The idle cluster's cost, per program.
+    for line in idle::measure(&cluster.pids(), Duration::from_secs(10)).await {
+        eprintln!("[real-cluster] {line}");
     }
     Ok(())
 }

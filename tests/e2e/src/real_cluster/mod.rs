@@ -13,6 +13,7 @@
 
 pub mod chart;
 pub mod host;
+pub mod idle;
 pub mod image;
 pub mod node;
 pub mod proxy;
