@@ -3,7 +3,6 @@
 //! TokenReview work as they do in a cluster). Dropping it stops exactly the processes it
 //! started and removes its directory, also when a test panics.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -11,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+use crate::controller::free_port;
 use crate::pki::{TestCa, signing_key_pair_pem};
 use crate::process::ChildGuard;
 use crate::scratch::ScratchDir;
@@ -56,8 +56,22 @@ impl ControlPlane {
         Self::start_with(ControlPlaneOptions::default()).await
     }
 
-    /// [`ControlPlane::start`] with options.
+    /// [`ControlPlane::start`] with options. A port taken between its choice and the bind
+    /// (another program's listener) means another try with new ports.
     pub async fn start_with(options: ControlPlaneOptions) -> Result<Self> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::start_once(&options).await {
+                Err(e) if tries < 3 && format!("{e:#}").contains("address already in use") => {
+                    eprintln!("[wgmesh] control plane: a port was taken, trying others: {e:#}");
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(options: &ControlPlaneOptions) -> Result<Self> {
         let binaries = tokio::task::spawn_blocking(control_plane_binaries).await??;
         let dir = ScratchDir::new("wgmesh-control-plane-")?;
         let d = dir.path();
@@ -286,12 +300,6 @@ impl ControlPlane {
 fn write(dir: &Path, name: &str, contents: &str) -> Result<()> {
     let path = dir.join(name);
     std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))
-}
-
-/// A port that was free a moment ago. The kernel hands out ephemeral ports in sequence, so a
-/// collision with another process between this call and the bind is unlikely.
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A kubeconfig for `url` with a client certificate; `server_name` is the name to verify the
