@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use crate::controller::free_port;
 use crate::pki::{TestCa, signing_key_pair_pem};
-use crate::process::ChildGuard;
+use crate::process::{ChildGuard, free_port};
 use crate::scratch::ScratchDir;
 use crate::tools::{ControlPlaneBinaries, control_plane_binaries};
 
@@ -154,7 +153,7 @@ impl ControlPlane {
         write(
             d,
             "kubeconfig",
-            &kubeconfig_yaml(&url, None, ca.cert_pem(), &admin.cert_pem, &admin.key_pem),
+            &kubeconfig_yaml(&url, ca.cert_pem(), &admin.cert_pem, &admin.key_pem),
         )?;
 
         let mut cp = ControlPlane {
@@ -302,27 +301,18 @@ fn write(dir: &Path, name: &str, contents: &str) -> Result<()> {
     std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))
 }
 
-/// A kubeconfig for `url` with a client certificate; `server_name` is the name to verify the
-/// API server's certificate for when `url`'s host is not in it.
-pub fn kubeconfig_yaml(
-    url: &str,
-    server_name: Option<&str>,
-    ca: &str,
-    cert: &str,
-    key: &str,
-) -> String {
+/// A kubeconfig for `url` with a client certificate (`url`'s host must be in the API server's
+/// certificate: see [`ControlPlaneOptions::serving_names`]).
+pub fn kubeconfig_yaml(url: &str, ca: &str, cert: &str, key: &str) -> String {
     use base64::Engine as _;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let server_name = server_name
-        .map(|n| format!("\n    tls-server-name: {n}"))
-        .unwrap_or_default();
     format!(
         "apiVersion: v1
 kind: Config
 clusters:
 - name: wgmesh-local
   cluster:
-    server: {url}{server_name}
+    server: {url}
     certificate-authority-data: {ca}
 users:
 - name: wgmesh-admin

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use crate::ControlPlane;
 use crate::binaries::workspace_binary;
 use crate::cluster::{AGENT_NAMESPACE, ensure_agent_identity};
-use crate::process::ChildGuard;
+use crate::process::{ChildGuard, free_port};
 
 /// TLS files for the controller's gRPC server, issued by the control plane's CA.
 #[derive(Clone)]
@@ -210,36 +210,6 @@ fn grpc_bind(env: &[(&str, &str)], port: u16) -> String {
     } else {
         format!("127.0.0.1:{port}")
     }
-}
-
-/// A port that was free a moment ago, for a child process to listen on. Chosen below the
-/// kernel's ephemeral range (32768 and up), where the kernel's own choices for outgoing
-/// connections land: an ephemeral port handed out here could be taken by any connection before
-/// the child binds it (it happened in CI). Never the same port twice in one process, since
-/// tests run in parallel.
-pub fn free_port() -> Result<u16> {
-    use std::collections::HashSet;
-    use std::hash::{BuildHasher, RandomState};
-    use std::sync::Mutex;
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    const RANGE: std::ops::Range<u16> = 20_000..32_000;
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    let given = given.get_or_insert_with(HashSet::new);
-    let random = RandomState::new();
-    for attempt in 0u32..1000 {
-        let span = u64::from(RANGE.end - RANGE.start);
-        let port = RANGE.start + (random.hash_one(attempt) % span) as u16;
-        if given.contains(&port) {
-            continue;
-        }
-        let free = std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
-            && std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok();
-        if free {
-            given.insert(port);
-            return Ok(port);
-        }
-    }
-    anyhow::bail!("no free port in {RANGE:?}")
 }
 
 /// A minimal HTTP/1.0 GET on loopback (no client library needed for three endpoints).

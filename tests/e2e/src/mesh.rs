@@ -28,13 +28,13 @@ use anyhow::{Context, Result, bail};
 
 use crate::ControlPlane;
 use crate::cluster;
-use crate::controller::{Controller, free_port};
+use crate::controller::Controller;
 use crate::helm::{Helm, NAMESPACE};
 use crate::netns::{
     Netns, RootLink, UnderlayLinks, cni_add_conflist, cni_add_pod, underlay_router, veth_to_bridge,
 };
 use crate::pods::{self, Installed, Launch, VolumeSources};
-use crate::process::ChildGuard;
+use crate::process::{ChildGuard, free_port};
 use crate::scratch::ScratchDir;
 
 /// The conflist the agent writes in CNI mode, relative to a node's root.

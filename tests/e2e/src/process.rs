@@ -121,3 +121,30 @@ pub fn run_ok(cmd: &mut Command) -> Result<()> {
     }
     Ok(())
 }
+
+/// A port that was free a moment ago, for a child process to listen on. Chosen below the
+/// kernel's ephemeral range (32768 and up), where the kernel's own choices for outgoing
+/// connections land: an ephemeral port handed out here could be taken by any connection before
+/// the child binds it (it happened in CI). Never the same port twice in one process, since
+/// tests run in parallel.
+pub fn free_port() -> Result<u16> {
+    use std::collections::BTreeSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::Mutex;
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    const RANGE: std::ops::Range<u16> = 20_000..32_000;
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let random = RandomState::new();
+    let span = u64::from(RANGE.end - RANGE.start);
+    for attempt in 0u32..1000 {
+        let port = RANGE.start + (random.hash_one(attempt) % span) as u16;
+        let free = !given.contains(&port)
+            && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+            && std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok();
+        if free {
+            given.insert(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free port in {RANGE:?}")
+}

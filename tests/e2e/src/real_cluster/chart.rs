@@ -117,10 +117,8 @@ pub fn ping_as_documented(
         let mut args: Vec<String> = step[1..]
             .iter()
             .map(|a| {
-                let mut a = a.trim_matches('\'').replace("='", "=").to_owned();
-                if a.ends_with('\'') {
-                    a.pop();
-                }
+                // The shell's quotes go; the JSON inside has only double quotes.
+                let mut a = a.replace('\'', "");
                 for (kind, ours) in KIND_NODE_NAMES {
                     a = a.replace(kind, ours);
                 }

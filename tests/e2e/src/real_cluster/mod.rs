@@ -30,9 +30,8 @@ use kube::api::{Api, ListParams};
 
 use crate::ControlPlane;
 use crate::control_plane::{ControlPlaneOptions, kubeconfig_yaml};
-use crate::controller::free_port;
 use crate::netns::{Netns, UnderlayLinks, underlay_router};
-use crate::process::ChildGuard;
+use crate::process::{ChildGuard, free_port};
 use crate::scratch::ScratchDir;
 use crate::tools::{ClusterBinaries, cluster_binaries};
 
@@ -243,7 +242,6 @@ impl RealCluster {
             .client_cert(&format!("system:node:{name}"), Some("system:nodes"))?;
         let kubeconfig = kubeconfig_yaml(
             &format!("https://{}", self.api_forwarder.addr()),
-            None,
             self.cp.ca().cert_pem(),
             &cert.cert_pem,
             &cert.key_pem,
@@ -251,7 +249,6 @@ impl RealCluster {
         let proxy_cert = self.cp.ca().client_cert("system:kube-proxy", None)?;
         let proxy_kubeconfig = kubeconfig_yaml(
             &format!("https://{}", self.api_forwarder.addr()),
-            None,
             self.cp.ca().cert_pem(),
             &proxy_cert.cert_pem,
             &proxy_cert.key_pem,

@@ -28,7 +28,7 @@ use super::sweep::Ledger;
 /// /var/log/containers, libcni's result cache in /var/lib/cni/results, containerd 1.6's shim
 /// sockets in /run/containerd/s), the CNI configuration and plugins, and the host paths our
 /// agent's pod mounts (its state, the userspace device's UAPI socket).
-pub const NODE_LOCAL_PATHS: &[&str] = &[
+const NODE_LOCAL_PATHS: &[&str] = &[
     "/var/lib/kubelet",
     "/var/lib/cni",
     "/var/log",
@@ -78,9 +78,8 @@ pub struct RealNode {
     kube_proxy: Option<ChildGuard>,
     kubelet: Option<ChildGuard>,
     containerd: Option<ChildGuard>,
-    holder: Option<ChildGuard>,
     /// The process holding the node's mount namespace.
-    holder_pid: u32,
+    holder: Option<ChildGuard>,
     pub ns: Netns,
     _veth: RootLink,
 }
@@ -116,7 +115,6 @@ impl RealNode {
             kubelet: None,
             containerd: None,
             holder: None,
-            holder_pid: 0,
             ns,
             _veth: veth,
         };
@@ -153,25 +151,17 @@ impl RealNode {
         let ready = wait_for_holder(&mut holder, holder_pid);
         node.holder = Some(holder);
         ready?;
-        let enter = |program: &Path| {
-            let mut cmd = Command::new("nsenter");
-            cmd.arg(format!("--net={netns_path}"))
-                .arg(format!("--mount=/proc/{holder_pid}/ns/mnt"))
-                .arg(program);
-            cmd
-        };
 
         let sock = p.root.join("containerd/containerd.sock");
         let config = p.root.join("containerd/config.toml");
         std::fs::write(&config, containerd_config(&p.root, &sock))?;
-        let mut containerd = enter(Path::new("/usr/bin/containerd"));
+        let mut containerd = node.enter(Path::new("/usr/bin/containerd"))?;
         containerd.arg(format!("--config={}", config.display()));
         let containerd =
             ChildGuard::spawn("containerd", containerd, &p.root.join("containerd.log"))?;
         p.ledger.process(containerd.pid());
         node.containerd = Some(containerd);
         node.wait_containerd(&sock)?;
-        node.holder_pid = holder_pid;
         for archive in p.images {
             node.import_image(archive)?;
         }
@@ -181,7 +171,7 @@ impl RealNode {
         std::fs::write(p.root.join("etc/resolv.conf"), "nameserver 127.0.0.1\n")?;
         let kubelet_config = kubelet_dir.join("config.yaml");
         std::fs::write(&kubelet_config, kubelet_config_yaml(&p, &sock))?;
-        let mut kubelet = enter(p.kubelet);
+        let mut kubelet = node.enter(p.kubelet)?;
         kubelet
             .arg(format!("--config={}", kubelet_config.display()))
             .arg(format!(
@@ -206,7 +196,7 @@ impl RealNode {
             &proxy_config,
             kube_proxy_config_yaml(&p.name, &proxy_dir.join("kubeconfig")),
         )?;
-        let mut kube_proxy = enter(p.kube_proxy);
+        let mut kube_proxy = node.enter(p.kube_proxy)?;
         kube_proxy
             .arg(format!("--config={}", proxy_config.display()))
             .arg("--v=1");
@@ -217,16 +207,25 @@ impl RealNode {
         Ok(node)
     }
 
+    /// A command running `program` in the node's network and mount namespaces (nsenter).
+    fn enter(&self, program: &Path) -> Result<Command> {
+        let holder = self
+            .holder
+            .as_ref()
+            .and_then(ChildGuard::pid)
+            .context("the node's mount namespace is gone")?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns.path()))
+            .arg(format!("--mount=/proc/{holder}/ns/mnt"))
+            .arg(program);
+        Ok(cmd)
+    }
+
     /// Runs `program` on the node: in its network and mount namespaces, where its processes
     /// (and `docker exec` on a kind node) see its files, such as the userspace device's
     /// socket for `wg`.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.ns.path()))
-            .arg(format!("--mount=/proc/{}/ns/mnt", self.holder_pid))
-            .arg(program)
-            .args(args)
-            .output()?;
+        let out = self.enter(Path::new(program))?.args(args).output()?;
         if !out.status.success() {
             bail!(
                 "{}: {program} {}: {}",
