@@ -9,15 +9,16 @@
 //! started there. Like Cilium's `node.cilium.io/agent-not-ready`.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node, Taint};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
-use wgmesh_api::WireGuardMesh;
+use wgmesh_api::{WireGuardMesh, WireGuardPeer};
 
 use crate::metrics::Metrics;
 use crate::reconcile::Computed;
@@ -117,6 +118,11 @@ impl AgentFollowUps {
                 } else {
                     tracing::warn!(mesh = %name, ?waiting, timeout = ?self.leave_timeout, "these nodes did not say they left the deleted mesh in time; letting it go (clean them with wgmesh-agent cleanup)");
                 }
+                // The mesh's node members go with it: a reinstall starts from a clean slate
+                // (new keys register anew), and nothing of the mesh outlives it in the API.
+                if !delete_node_peers(client, name, &snapshot.peers).await {
+                    continue;
+                }
                 let kept = mesh
                     .finalizers()
                     .iter()
@@ -188,6 +194,30 @@ impl AgentFollowUps {
         }
         self.announced.retain(|k, _| seen.contains(k));
     }
+}
+
+/// Deletes the node members (WireGuardPeers the controller made for Nodes) of mesh `mesh`.
+/// Returns whether none is left; a failure is logged and the next sync tries again.
+async fn delete_node_peers(client: &Client, mesh: &str, peers: &[Arc<WireGuardPeer>]) -> bool {
+    let api: Api<WireGuardPeer> = Api::all(client.clone());
+    let mut all_gone = true;
+    for peer in peers
+        .iter()
+        .filter(|p| p.spec.node.is_some() && p.spec.mesh.0 == mesh)
+    {
+        let name = peer.name_any();
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {
+                tracing::info!(mesh, peer = %name, "deleted the node member of the deleted mesh")
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                tracing::warn!(mesh, peer = %name, error = %e, "deleting a node member of the deleted mesh failed; trying again");
+                all_gone = false;
+            }
+        }
+    }
+    all_gone
 }
 
 /// Sets a mesh's finalizers, only if it is still the object we read (its `resourceVersion`):

@@ -287,10 +287,14 @@ impl Agent {
         self.ensure_device(next.settings.as_ref()).await?;
         self.reconcile(&next).await?;
         self.refused.clear();
+        let dir = self.args.mesh_state_dir();
         if next.is_member() {
+            if self.departed == Departure::MeshDeleted {
+                // The mesh came back while this agent ran: its key is the node's again.
+                crate::keys::store(&dir, &self.key)?;
+            }
             self.departed = Departure::Unspecified;
         }
-        let dir = self.args.mesh_state_dir();
         saved::save(&dir, &next).map_err(|source| Error::Write {
             path: saved::path(&dir).display().to_string(),
             source,
@@ -300,8 +304,9 @@ impl Agent {
     }
 
     /// The mesh ended this node's membership: removes the device, our routes, guards and
-    /// rules, the CNI configuration and the saved configuration. The key stays, for a later
-    /// return.
+    /// rules, the CNI configuration (and the pods' bridge once no pod uses it) and the saved
+    /// configuration. The key stays for a later return, unless the mesh itself was deleted
+    /// (`helm uninstall`): then the mesh's state directory goes too.
     async fn leave(&mut self, reason: Departure) -> Result<()> {
         if self.departed == reason && self.device.is_none() {
             return Ok(());
@@ -341,12 +346,20 @@ impl Agent {
                 path: crate::cni::conflist_path(dir).display().to_string(),
                 source,
             })?;
+            let bridge = &self.args.network.cni_bridge;
+            if self.routing.remove_bridge_if_unused(bridge).await? {
+                tracing::info!(bridge = %bridge, "removed the pods' bridge (no pod uses it)");
+            }
         }
         let dir = self.args.mesh_state_dir();
         saved::remove(&dir).map_err(|source| Error::Write {
             path: saved::path(&dir).display().to_string(),
             source,
         })?;
+        if reason == Departure::MeshDeleted {
+            crate::keys::forget(&dir)?;
+            tracing::info!(dir = %dir.display(), "the mesh is deleted: removed its key and state");
+        }
         self.programmed = Desired {
             departure: reason,
             ..Desired::default()

@@ -50,8 +50,20 @@ pub fn load_or_create(state_dir: &Path, rotate: bool) -> Result<(PrivateKey, boo
         return Ok((key, false));
     }
     let key = PrivateKey::generate();
-    // Written beside the final name with mode 0600 from the first byte, then renamed, so a
-    // crash never leaves a partial or world-readable key.
+    store(state_dir, &key)?;
+    Ok((key, true))
+}
+
+/// Writes `key` as the mesh's key file. Written beside the final name with mode 0600 from
+/// the first byte, then renamed, so a crash never leaves a partial or world-readable key.
+pub fn store(state_dir: &Path, key: &PrivateKey) -> Result<(), KeyError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| KeyError::Io { path, source }
+    };
+    fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+    fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700)).map_err(io(state_dir))?;
+    let path = key_path(state_dir);
     let tmp = state_dir.join(".private.key.tmp");
     let _ = fs::remove_file(&tmp);
     let mut file = OpenOptions::new()
@@ -63,8 +75,19 @@ pub fn load_or_create(state_dir: &Path, rotate: bool) -> Result<(PrivateKey, boo
     file.write_all(format!("{}\n", key.expose_base64()).as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(io(&tmp))?;
-    fs::rename(&tmp, &path).map_err(io(&path))?;
-    Ok((key, true))
+    fs::rename(&tmp, &path).map_err(io(&path))
+}
+
+/// Removes the mesh's state directory (its key, the rotation record, anything else in it):
+/// the mesh is gone, so nothing there will be used again. Missing is fine.
+pub fn forget(state_dir: &Path) -> Result<(), KeyError> {
+    match fs::remove_dir_all(state_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(KeyError::Io {
+            path: state_dir.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The last key rotation request (the Node annotation's value) this node acted on.
@@ -104,6 +127,23 @@ mod tests {
         assert_ne!(rotated.public_key(), first.public_key());
         let (after, _) = load_or_create(&state, false).unwrap();
         assert_eq!(after.public_key(), rotated.public_key());
+    }
+
+    #[test]
+    fn a_forgotten_key_can_be_stored_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("default");
+        let (key, _) = load_or_create(&state, false).unwrap();
+        record_rotation(&state, "1").unwrap();
+        forget(&state).unwrap();
+        assert!(!state.exists(), "the mesh's state directory is gone");
+        forget(&state).unwrap();
+        store(&state, &key).unwrap();
+        let mode = fs::metadata(key_path(&state)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (again, new) = load_or_create(&state, false).unwrap();
+        assert!(!new);
+        assert_eq!(again.public_key(), key.public_key());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use wgmesh_e2e::chaos::watcher::Watcher;
 use wgmesh_e2e::install::repo_root;
 use wgmesh_e2e::real_cluster::chart::{
-    KIND_CNI_STEPS, KIND_POD_STEPS, TUNNEL_CIDR, deploy_web, http_get_from_pod,
+    KIND_ADDON_STEPS, KIND_CNI_STEPS, KIND_POD_STEPS, TUNNEL_CIDR, deploy_web, http_get_from_pod,
     install_as_documented, ping_as_documented,
 };
 use wgmesh_e2e::real_cluster::{CLUSTER_CIDR, PodNetwork, RealCluster, idle};
@@ -20,7 +20,11 @@ fn docs_say_what_the_test_runs() {
     // The document's commands, with line continuations joined and spaces collapsed.
     let doc = doc.replace("\\\n", " ");
     let doc: String = doc.split_whitespace().collect::<Vec<_>>().join(" ");
-    for step in KIND_CNI_STEPS.iter().chain(KIND_POD_STEPS) {
+    for step in KIND_CNI_STEPS
+        .iter()
+        .chain(KIND_ADDON_STEPS)
+        .chain(KIND_POD_STEPS)
+    {
         let command = step.join(" ");
         assert!(
             doc.contains(&command),

@@ -430,6 +430,39 @@ impl Routing {
         Ok(())
     }
 
+    /// Deletes the bridge `name` (CNI mode's, made by the bridge plugin our configuration
+    /// named) if no interface is attached to it any more. Returns whether it was deleted;
+    /// a bridge pods still use is kept.
+    pub async fn remove_bridge_if_unused(&self, name: &str) -> Result<bool, RoutingError> {
+        let Some(bridge) = self.link_by_name(name).await? else {
+            return Ok(false);
+        };
+        let index = bridge.header.index;
+        let mut links = self.handle.link().get().execute();
+        while let Some(link) = links.next().await {
+            let link = link.map_err(netlink("listing links".to_owned()))?;
+            if link
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::Controller(c) if *c == index))
+            {
+                return Ok(false);
+            }
+        }
+        match self
+            .handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(netlink(format!("deleting the bridge {name}")))
+        {
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(false),
+            Err(e) => Err(e),
+            Ok(()) => Ok(true),
+        }
+    }
+
     async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>, RoutingError> {
         let mut links = self
             .handle

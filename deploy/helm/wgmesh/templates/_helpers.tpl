@@ -17,7 +17,7 @@ networking only exists once agents have reached the controller. */}}
 {{- if kindIs "bool" .Values.controller.hostNetwork -}}
 {{ .Values.controller.hostNetwork }}
 {{- else -}}
-{{ .Values.cni.enabled }}
+true
 {{- end -}}
 {{- end }}
 

@@ -17,6 +17,37 @@ use super::image::BUSYBOX_IMAGE;
 /// The tunnel addresses of the chart's default mesh.
 pub const TUNNEL_CIDR: &str = "10.250.0.0/16";
 
+const WAIT_FOR_CONTROLLER: &[&str] = &[
+    "kubectl",
+    "--namespace",
+    "wgmesh-system",
+    "rollout",
+    "status",
+    "deployment/wgmesh-controller",
+    "--timeout=180s",
+];
+const WAIT_FOR_AGENTS: &[&str] = &[
+    "kubectl",
+    "--namespace",
+    "wgmesh-system",
+    "rollout",
+    "status",
+    "daemonset/wgmesh-agent",
+    "--timeout=180s",
+];
+const WAIT_FOR_NODES: &[&str] = &[
+    "kubectl",
+    "wait",
+    "--for=condition=Ready",
+    "nodes",
+    "--all",
+    "--timeout=180s",
+];
+const LOOK_AT_THE_MESH: &[&[&str]] = &[
+    &["kubectl", "get", "wireguardpeers"],
+    &["kubectl", "wgmesh", "status"],
+];
+
 /// docs/kind.md's CNI-mode commands once the cluster exists, as they are run here (paths are
 /// the repository's). A test keeps the document saying the same.
 pub const KIND_CNI_STEPS: &[&[&str]] = &[
@@ -31,34 +62,31 @@ pub const KIND_CNI_STEPS: &[&[&str]] = &[
         "--values",
         "deploy/kind/cni.values.yaml",
     ],
+    WAIT_FOR_CONTROLLER,
+    WAIT_FOR_AGENTS,
+    WAIT_FOR_NODES,
+    LOOK_AT_THE_MESH[0],
+    LOOK_AT_THE_MESH[1],
+];
+
+/// docs/kind.md's add-on-mode commands, on a cluster whose pod network already works.
+pub const KIND_ADDON_STEPS: &[&[&str]] = &[
     &[
-        "kubectl",
+        "helm",
+        "install",
+        "wgmesh",
+        "deploy/helm/wgmesh",
         "--namespace",
         "wgmesh-system",
-        "rollout",
-        "status",
-        "deployment/wgmesh-controller",
-        "--timeout=180s",
+        "--create-namespace",
+        "--values",
+        "deploy/kind/addon.values.yaml",
     ],
-    &[
-        "kubectl",
-        "--namespace",
-        "wgmesh-system",
-        "rollout",
-        "status",
-        "daemonset/wgmesh-agent",
-        "--timeout=180s",
-    ],
-    &[
-        "kubectl",
-        "wait",
-        "--for=condition=Ready",
-        "nodes",
-        "--all",
-        "--timeout=180s",
-    ],
-    &["kubectl", "get", "wireguardpeers"],
-    &["kubectl", "wgmesh", "status"],
+    WAIT_FOR_CONTROLLER,
+    WAIT_FOR_AGENTS,
+    WAIT_FOR_NODES,
+    LOOK_AT_THE_MESH[0],
+    LOOK_AT_THE_MESH[1],
 ];
 
 /// kind's node names in docs/kind.md's CNI-mode cluster and the real cluster's in their place.
@@ -159,14 +187,21 @@ pub fn ping_as_documented(
 }
 
 /// Runs [`KIND_CNI_STEPS`] against `cluster`, telling `progress` each command's output.
-pub fn install_as_documented(
+pub fn install_as_documented(cluster: &mut RealCluster, progress: impl FnMut(&str)) -> Result<()> {
+    run_documented(cluster, KIND_CNI_STEPS, progress)
+}
+
+/// Runs documented commands (helm, kubectl, kubectl with our plugin) against `cluster`,
+/// telling `progress` each command's output.
+pub fn run_documented(
     cluster: &mut RealCluster,
+    steps: &[&[&str]],
     mut progress: impl FnMut(&str),
 ) -> Result<()> {
     let helm = Helm::new()?;
     let root = repo_root();
     let started = Instant::now();
-    for step in KIND_CNI_STEPS {
+    for step in steps {
         let (program, args) = step.split_first().context("an empty step")?;
         let args: Vec<String> = args
             .iter()
@@ -265,6 +300,15 @@ pub fn deploy_web(cluster: &mut RealCluster) -> Result<Vec<WebPod>> {
     {
         bail!("{e:#}\n{}", diagnose(cluster));
     }
+    let pods = web_pods(cluster)?;
+    if pods.len() != cluster.nodes.len() {
+        bail!("one web pod per node expected: {pods:?}");
+    }
+    Ok(pods)
+}
+
+/// The `web` DaemonSet's pods that have an address, by node name.
+pub fn web_pods(cluster: &RealCluster) -> Result<Vec<WebPod>> {
     let listed = cluster.cp.kubectl_ok(&[
         "get",
         "pods",
@@ -285,9 +329,6 @@ pub fn deploy_web(cluster: &mut RealCluster) -> Result<Vec<WebPod>> {
         })
         .collect();
     pods.sort_by(|a, b| a.node.cmp(&b.node));
-    if pods.len() != cluster.nodes.len() {
-        bail!("one web pod per node expected: {pods:?}");
-    }
     Ok(pods)
 }
 

@@ -15,6 +15,7 @@ pub mod chart;
 pub mod host;
 pub mod idle;
 pub mod image;
+pub mod lifecycle;
 pub mod node;
 pub mod proxy;
 pub mod sweep;
@@ -30,7 +31,7 @@ use kube::api::{Api, ListParams};
 
 use crate::ControlPlane;
 use crate::control_plane::{ControlPlaneOptions, kubeconfig_yaml};
-use crate::netns::{Netns, UnderlayLinks, underlay_router};
+use crate::netns::{Netns, RootLink, UnderlayLinks, underlay_router, veth_to_bridge};
 use crate::process::{ChildGuard, free_port};
 use crate::scratch::ScratchDir;
 use crate::tools::{ClusterBinaries, cluster_binaries};
@@ -57,8 +58,9 @@ const ROUTER_OCTET: u8 = 253;
 pub enum PodNetwork {
     /// None: the nodes stay NotReady until a CNI is installed (wgmesh in CNI mode).
     None,
-    /// A plain one, as another CNI would set up: Debian's bridge and host-local plugins on
-    /// each node over its pod CIDR, and routes to every pod CIDR on the underlay router.
+    /// A plain one, as another CNI would set up (kindnet's design): Debian's bridge and
+    /// host-local plugins on each node over its pod CIDR, and on every node and the underlay
+    /// router a route to each node's pod CIDR via that node's address.
     Bridge,
 }
 
@@ -100,7 +102,7 @@ impl RealCluster {
         // ClusterIP (kube-proxy) to the address the nodes reach it at, with their account's
         // token mounted by ServiceAccount admission.
         let cp = ControlPlane::start_with(ControlPlaneOptions {
-            serving_names: vec![API_SERVICE_IP.into(), format!("{underlay}.254")],
+            serving_names: vec![API_SERVICE_IP.into(), format!("{underlay}.{ROUTER_OCTET}")],
             service_account_admission: true,
         })
         .await?;
@@ -122,7 +124,8 @@ impl RealCluster {
             .context("the API server URL has no port")?
             .parse()?;
         let api_forwarder = TcpForwarder::start(
-            format!("{underlay}.254:0").parse()?,
+            &router,
+            format!("{underlay}.{ROUTER_OCTET}:0").parse()?,
             SocketAddr::from(([127, 0, 0, 1], api_port)),
         )?;
 
@@ -282,6 +285,51 @@ impl RealCluster {
         Ok(())
     }
 
+    /// Shuts node `name` down, as when its machine is turned off: its kubelet, kube-proxy,
+    /// containerd and pods stop, and its namespaces and underlay link go. The Node object
+    /// stays until it is deleted.
+    pub fn remove_node(&mut self, name: &str) -> Result<()> {
+        let k = self
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))?;
+        drop(self.nodes.remove(k));
+        Ok(())
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Result<&RealNode> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+
+    /// A host on the underlay that is no node (a laptop, a router to a remote site): a
+    /// namespace at `<underlay>.<octet>` with the underlay router as its default gateway.
+    pub fn outside_host(&self, tag: &str, octet: u8) -> Result<(Netns, RootLink)> {
+        let ledger = Ledger::new(self.dir.path());
+        ledger.netns(&format!("wgm{}{tag}", self.id));
+        ledger.link(&format!("wgm{}v{tag}", self.id));
+        let ns = Netns::create(&format!("wgm{}{tag}", self.id))?;
+        let link = veth_to_bridge(
+            &format!("wgm{}br", self.id),
+            &format!("wgm{}v{tag}", self.id),
+            &ns,
+            "eth0",
+            &format!("{}.{octet}/24", self.underlay),
+        )?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{}.{ROUTER_OCTET}", self.underlay),
+        ])?;
+        Ok((ns, link))
+    }
+
     /// Waits until every node is Ready. With [`PodNetwork::Bridge`], as the controller
     /// manager gives a Node its pod CIDR, installs that node's bridge network and routes the
     /// CIDR on the underlay router.
@@ -289,11 +337,12 @@ impl RealCluster {
         let client = self.cp.client().await?;
         let api: Api<Node> = Api::all(client);
         let deadline = Instant::now() + timeout;
-        let mut configured = vec![false; self.nodes.len()];
+        let mut configured: Vec<Option<String>> = vec![None; self.nodes.len()];
         let last = loop {
             self.check_running()?;
             let list = api.list(&ListParams::default()).await?;
             let mut ready = 0;
+            let mut new_cidr = false;
             for (k, node) in self.nodes.iter().enumerate() {
                 let Some(obj) = list
                     .items
@@ -303,16 +352,26 @@ impl RealCluster {
                     continue;
                 };
                 if self.pod_network == PodNetwork::Bridge
-                    && !configured[k]
+                    && configured[k].is_none()
                     && let Some(cidr) = obj.spec.as_ref().and_then(|s| s.pod_cidr.clone())
                 {
                     node.install_bridge_cni(&cidr)?;
                     self.router
                         .ip(&["route", "replace", &cidr, "via", &node.node_ip])?;
-                    configured[k] = true;
+                    configured[k] = Some(cidr);
+                    new_cidr = true;
                 }
                 if is_ready(obj) {
                     ready += 1;
+                }
+            }
+            // As kindnet does: every node routes each other node's pod CIDR via its address.
+            if new_cidr {
+                for (a, cidr) in self.nodes.iter().zip(&configured) {
+                    let Some(cidr) = cidr else { continue };
+                    for b in self.nodes.iter().filter(|b| b.name != a.name) {
+                        b.ns.ip(&["route", "replace", cidr, "via", &a.node_ip])?;
+                    }
                 }
             }
             if ready == self.nodes.len() {

@@ -1,5 +1,7 @@
 //! A TCP forwarder from the underlay to the API server on loopback: the control plane listens
-//! on 127.0.0.1 of the root namespace, which the nodes' namespaces cannot reach. Plain threads,
+//! on 127.0.0.1 of the root namespace, which the nodes' namespaces cannot reach. It listens in
+//! the underlay router's namespace, as an API server on the underlay would: whoever calls,
+//! a node or a pod, is routed back. Plain threads,
 //! so it keeps forwarding whatever the test's async runtime is doing.
 
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -8,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::Result;
+
+use crate::netns::Netns;
 
 /// Forwards connections to `listen` (port 0: any) to `target` until dropped.
 pub struct TcpForwarder {
@@ -18,8 +22,11 @@ pub struct TcpForwarder {
 }
 
 impl TcpForwarder {
-    pub fn start(listen: SocketAddr, target: SocketAddr) -> Result<Self> {
-        let listener = TcpListener::bind(listen)?;
+    /// Listens on `listen` inside `ns` (the underlay router's namespace: it routes back to
+    /// every address that calls, pods included) and connects to `target` from this
+    /// process's namespace (where the API server's loopback is).
+    pub fn start(ns: &Netns, listen: SocketAddr, target: SocketAddr) -> Result<Self> {
+        let listener = ns.run(move || Ok(TcpListener::bind(listen)?))?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();

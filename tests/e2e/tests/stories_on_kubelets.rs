@@ -1,0 +1,647 @@
+//! The stories users live through, on real kubelets (`wgmesh_e2e::real_cluster`), with the
+//! chart installed as docs/kind.md says and a capture on every node's underlay link:
+//! - add-on mode over a pod network that already works (the Debian bridge and host-local
+//!   plugins, routed between nodes): pods keep their addresses and their traffic becomes
+//!   encrypted; `helm uninstall` leaves the nodes clean and the other network working; a
+//!   reinstall encrypts again;
+//! - CNI mode through a node joining under traffic, the controllers' lease moving, a node
+//!   drained and deleted, a laptop on Debian's wireguard-go through a gateway node, a
+//!   `helm upgrade` to a new image tag rolling the agents under a TCP stream (the stall per
+//!   node reported), then `helm uninstall` leaving every node clean and a reinstall.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use wgmesh_e2e::chaos::meter::Meter;
+use wgmesh_e2e::chaos::watcher::Watcher;
+use wgmesh_e2e::foreign::{quick_parts, wireguard_go_from_config};
+use wgmesh_e2e::helm::NAMESPACE;
+use wgmesh_e2e::install::repo_root;
+use wgmesh_e2e::netns::Netns;
+use wgmesh_e2e::real_cluster::chart::{
+    KIND_ADDON_STEPS, TUNNEL_CIDR, WebPod, deploy_web, diagnose, http_get_from_pod,
+    install_as_documented, kubectl_with_plugin, pod_netns, run_documented, web_pods,
+};
+use wgmesh_e2e::real_cluster::image::WGMESH_IMAGE;
+use wgmesh_e2e::real_cluster::lifecycle::{
+    AGENT_PODS, CONTROLLER_PODS, Rollout, helm, lease_holder, leftovers, pods as chart_pods,
+};
+use wgmesh_e2e::real_cluster::{CLUSTER_CIDR, PodNetwork, RealCluster};
+
+const INTERFACE: &str = "wgmesh0";
+const CNI_BRIDGE: &str = "wgmesh-br0";
+
+fn log(what: impl AsRef<str>) {
+    eprintln!("[stories] {}", what.as_ref());
+}
+
+/// Retries `f` every half second until it succeeds or `timeout` passes.
+fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => bail!("{what} (after {timeout:?}): {e:#}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// Every web pod asks every web pod on another node for its name (HTTP over TCP).
+fn web_matrix(cluster: &RealCluster, pods: &[WebPod]) -> Result<()> {
+    for from in pods {
+        for to in pods.iter().filter(|p| p.node != from.node) {
+            let body = http_get_from_pod(cluster, &from.name, &to.ip, 8080)
+                .with_context(|| format!("{} -> {}", from.name, to.name))?;
+            ensure!(
+                body.trim() == to.name,
+                "{} asked {}:8080 ({}) and got {body:?}",
+                from.name,
+                to.ip,
+                to.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether every node routes every other node's web pod into the tunnel.
+fn routed_into_tunnel(cluster: &RealCluster, pods: &[WebPod]) -> Result<()> {
+    for from in pods {
+        let node = cluster.node(&from.node)?;
+        for to in pods.iter().filter(|p| p.node != from.node) {
+            let route = node.exec("ip", &["route", "get", &to.ip])?;
+            ensure!(
+                route.contains(&format!("dev {INTERFACE}")),
+                "{} routes {} ({}) outside the tunnel: {}",
+                from.node,
+                to.ip,
+                to.node,
+                route.trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The number of peers on `node`'s WireGuard device (our userspace one here: this kernel has
+/// no WireGuard module).
+fn device_peers(cluster: &RealCluster, node: &str) -> Result<usize> {
+    let out = cluster
+        .node(node)?
+        .exec("wg", &["show", INTERFACE, "peers"])?;
+    Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+/// Waits until no node has anything of wgmesh's left.
+fn wait_clean(cluster: &RealCluster, timeout: Duration) -> Result<()> {
+    eventually("every node clean", timeout, || {
+        let mut left = Vec::new();
+        for node in &cluster.nodes {
+            for l in leftovers(node, INTERFACE, CNI_BRIDGE)? {
+                left.push(format!("{}: {l}", node.name));
+            }
+        }
+        ensure!(left.is_empty(), "left behind:\n{}", left.join("\n"));
+        Ok(())
+    })
+}
+
+/// `GET /` of `addr` from inside `ns`; the response's body.
+fn http_get(ns: &Netns, addr: SocketAddr) -> Result<String> {
+    ns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default())
+    })
+}
+
+fn watch_every_node(cluster: &RealCluster) -> Result<Watcher> {
+    let mut watcher = Watcher::new(cluster.dir(), &[CLUSTER_CIDR, TUNNEL_CIDR])?;
+    for node in &cluster.nodes {
+        watcher.watch(&node.name, &cluster.underlay_link(node.index))?;
+    }
+    Ok(watcher)
+}
+
+fn assert_no_plaintext_since(watcher: &mut Watcher, before: u64, what: &str) -> Result<()> {
+    let counts = watcher.poll()?;
+    let now: u64 = counts.iter().map(|c| c.plaintext).sum();
+    ensure!(
+        now == before,
+        "{} pod packets crossed the underlay in plaintext {what}: {counts:?}",
+        now - before
+    );
+    ensure!(
+        counts.iter().all(|c| c.packets > 0),
+        "a capture saw nothing: {counts:?}"
+    );
+    Ok(())
+}
+
+/// docs/kind.md's add-on-mode install, then waits until pod traffic between nodes is routed
+/// into the tunnel.
+fn install_addon(cluster: &mut RealCluster, pods: &[WebPod]) -> Result<()> {
+    let t = Instant::now();
+    run_documented(cluster, KIND_ADDON_STEPS, |out| log(out))?;
+    eventually(
+        "every node routes the others' pods into the tunnel",
+        Duration::from_secs(60),
+        || routed_into_tunnel(cluster, pods),
+    )?;
+    log(format!(
+        "add-on: installed, pod traffic routed into the tunnel, in {:.1?}",
+        t.elapsed()
+    ));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addon_mode_over_a_working_pod_network_then_uninstall_and_reinstall() -> Result<()> {
+    let started = Instant::now();
+    let mut cluster = RealCluster::start(3, PodNetwork::Bridge).await?;
+    cluster.wait_nodes_ready(Duration::from_secs(180)).await?;
+    log(format!(
+        "add-on: 3 nodes Ready on the bridge network after {:.1?}",
+        started.elapsed()
+    ));
+    let mut watcher = watch_every_node(&cluster)?;
+
+    // The other network carries pod traffic, in plaintext: the capture sees it.
+    let before = deploy_web(&mut cluster)?;
+    web_matrix(&cluster, &before)?;
+    let plaintext = watcher.plaintext()?;
+    ensure!(
+        plaintext > 0,
+        "the capture saw no plaintext pod packet before wgmesh: it would miss a leak"
+    );
+    log(format!(
+        "add-on: before wgmesh, {plaintext} pod packets crossed the underlay in plaintext"
+    ));
+    let conflist = |c: &RealCluster| -> Result<Vec<String>> {
+        c.nodes
+            .iter()
+            .map(|n| {
+                Ok(std::fs::read_to_string(
+                    n.host_path("/etc/cni/net.d/10-bridge.conflist"),
+                )?)
+            })
+            .collect()
+    };
+    let other_cni = conflist(&cluster)?;
+    let main_routes = |c: &RealCluster| -> Result<Vec<String>> {
+        c.nodes
+            .iter()
+            .map(|n| {
+                // Without the routes of our interface (its address's subnet).
+                let routes = n.exec("ip", &["route", "show", "table", "main"])?;
+                Ok(routes
+                    .lines()
+                    .filter(|l| !l.contains(&format!("dev {INTERFACE}")))
+                    .collect::<Vec<_>>()
+                    .join("\n"))
+            })
+            .collect()
+    };
+    let other_routes = main_routes(&cluster)?;
+    ensure!(
+        other_routes.iter().all(|r| r.contains("10.244.")),
+        "the nodes have no plaintext routes to other nodes' pods: {other_routes:?}"
+    );
+    let router_routes = cluster.router.ip(&["route"])?;
+
+    install_addon(&mut cluster, &before)?;
+
+    // Pods keep their addresses; the other network's configuration and routes stay.
+    let after = web_pods(&cluster)?;
+    ensure!(
+        after
+            .iter()
+            .map(|p| (&p.name, &p.ip))
+            .eq(before.iter().map(|p| (&p.name, &p.ip))),
+        "the pods changed: {before:?} -> {after:?}"
+    );
+    ensure!(
+        conflist(&cluster)? == other_cni,
+        "the other CNI's configuration changed"
+    );
+    // Its plaintext routes stay in the main table; wgmesh's rule is looked up first.
+    let now = main_routes(&cluster)?;
+    ensure!(
+        now == other_routes,
+        "the nodes' main tables changed: {other_routes:#?} -> {now:#?}"
+    );
+    ensure!(
+        cluster.router.ip(&["route"])? == router_routes,
+        "the underlay's routes changed"
+    );
+    let base = watcher.plaintext()?;
+    web_matrix(&cluster, &after)?;
+    assert_no_plaintext_since(&mut watcher, base, "with wgmesh in add-on mode")?;
+    log("add-on: every pod reached the others across nodes, nothing in plaintext");
+
+    // helm uninstall: the pre-delete hook deletes the mesh and waits for the agents to leave.
+    let t = Instant::now();
+    let out = helm(&cluster, &["uninstall", "wgmesh", "--namespace", NAMESPACE])
+        .with_context(|| diagnose(&mut cluster))?;
+    log(format!(
+        "add-on: `helm uninstall` in {:.1?}: {}",
+        t.elapsed(),
+        out.trim()
+    ));
+    wait_clean(&cluster, Duration::from_secs(30))?;
+    // The other network still carries the pods (in plaintext again: wgmesh is gone).
+    web_matrix(&cluster, &after)?;
+    log(format!(
+        "add-on: every node clean {:.1?} after the uninstall began; pods still reach each other",
+        t.elapsed()
+    ));
+
+    // And a reinstall encrypts again.
+    install_addon(&mut cluster, &after)?;
+    let base = watcher.plaintext()?;
+    web_matrix(&cluster, &after)?;
+    assert_no_plaintext_since(&mut watcher, base, "after the reinstall")?;
+    log(format!("add-on: done in {:.1?}", started.elapsed()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<()> {
+    let started = Instant::now();
+    let mut cluster = RealCluster::start(3, PodNetwork::None).await?;
+    let mut watcher = watch_every_node(&cluster)?;
+    install_as_documented(&mut cluster, |_| {})?;
+    let pods = deploy_web(&mut cluster)?;
+    log(format!(
+        "cni: installed, web pods on 3 nodes, after {:.1?}",
+        started.elapsed()
+    ));
+    let pod_on = |pods: &[WebPod], node: &str| -> Result<WebPod> {
+        pods.iter()
+            .find(|p| p.node == node)
+            .cloned()
+            .with_context(|| format!("no web pod on {node}: {pods:?}"))
+    };
+    // A TCP stream (and UDP pings) from node-1's web pod to node-2's for the whole story.
+    let (p1, p2) = (pod_on(&pods, "node-1")?, pod_on(&pods, "node-2")?);
+    let (ns1, ns2) = (
+        pod_netns(&cluster, &p1, &format!("{}p1", cluster.id))?,
+        pod_netns(&cluster, &p2, &format!("{}p2", cluster.id))?,
+    );
+    let stream12 = Meter::start(&ns1, (&ns2, &p2.ip), (&ns2, &p2.ip))?;
+    stream12
+        .wait_flowing(0, 50, Duration::from_secs(30))
+        .await
+        .context("node-1 -> node-2 stream")?;
+
+    // 1. A fourth node joins under traffic: the agent DaemonSet covers it, it gets the mesh.
+    let t = Instant::now();
+    cluster.add_node(4)?;
+    watcher.watch("node-4", &cluster.underlay_link(4))?;
+    cluster
+        .wait_nodes_registered(Duration::from_secs(60))
+        .await?;
+    cluster.wait_nodes_ready(Duration::from_secs(120)).await?;
+    cluster.cp.kubectl_ok(&[
+        "-n",
+        NAMESPACE,
+        "rollout",
+        "status",
+        "daemonset/wgmesh-agent",
+        "--timeout=120s",
+    ])?;
+    cluster
+        .cp
+        .kubectl_ok(&["rollout", "status", "daemonset/web", "--timeout=120s"])?;
+    let pods = eventually("a web pod on node-4", Duration::from_secs(30), || {
+        let pods = web_pods(&cluster)?;
+        pod_on(&pods, "node-4")?;
+        Ok(pods)
+    })?;
+    eventually("node-4 in the mesh", Duration::from_secs(60), || {
+        routed_into_tunnel(&cluster, &pods)?;
+        web_matrix(&cluster, &pods)
+    })?;
+    for node in ["node-1", "node-2", "node-3", "node-4"] {
+        ensure!(device_peers(&cluster, node)? == 3, "{node} lacks a peer");
+    }
+    log(format!(
+        "cni: node-4 joined and reached every pod (and they it) {:.1?} after its kubelet started",
+        t.elapsed()
+    ));
+    let p4 = pod_on(&pods, "node-4")?;
+    let ns4 = pod_netns(&cluster, &p4, &format!("{}p4", cluster.id))?;
+    let stream41 = Meter::start(&ns4, (&ns1, &p1.ip), (&ns1, &p1.ip))?;
+    stream41
+        .wait_flowing(0, 50, Duration::from_secs(30))
+        .await
+        .context("node-4 -> node-1 stream")?;
+
+    // 2. The controllers' lease moves when the leader's pod is deleted.
+    let leader = lease_holder(&cluster)?;
+    let controllers = pods_named(&cluster, CONTROLLER_PODS)?;
+    ensure!(
+        controllers.len() == 2 && controllers.contains(&leader),
+        "two controller pods, one the leader {leader:?}: {controllers:?}"
+    );
+    let t = Instant::now();
+    cluster
+        .cp
+        .kubectl_ok(&["-n", NAMESPACE, "delete", "pod", &leader, "--wait=false"])?;
+    let new_leader = eventually("the lease moves", Duration::from_secs(60), || {
+        let holder = lease_holder(&cluster)?;
+        ensure!(!holder.is_empty() && holder != leader, "held by {holder:?}");
+        Ok(holder)
+    })?;
+    log(format!(
+        "cni: the lease moved from {leader} to {new_leader} {:.1?} after the leader's pod was deleted",
+        t.elapsed()
+    ));
+
+    // 3. node-3 is drained, shut down and deleted: it leaves every other node's device, and
+    // the agent DaemonSet follows. The change came through the new leader, so the agents
+    // reconnected to it through the Service.
+    let t = Instant::now();
+    cluster.cp.kubectl_ok(&[
+        "drain",
+        "node-3",
+        "--ignore-daemonsets",
+        "--delete-emptydir-data",
+        "--force",
+        "--timeout=60s",
+    ])?;
+    watcher.poll()?;
+    watcher.unwatch("node-3")?;
+    cluster.remove_node("node-3")?;
+    cluster.cp.kubectl_ok(&["delete", "node", "node-3"])?;
+    eventually("node-3 gone from the mesh", Duration::from_secs(60), || {
+        for node in ["node-1", "node-2", "node-4"] {
+            let n = device_peers(&cluster, node)?;
+            ensure!(n == 2, "{node} has {n} peers");
+        }
+        let desired = cluster.cp.kubectl_ok(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "daemonset",
+            "wgmesh-agent",
+            "-o",
+            "jsonpath={.status.desiredNumberScheduled}",
+        ])?;
+        ensure!(
+            desired.trim() == "3",
+            "the DaemonSet wants {desired} agents"
+        );
+        Ok(())
+    })?;
+    let peers = cluster
+        .cp
+        .kubectl_ok(&["get", "wireguardpeers", "-o", "name"])?;
+    ensure!(!peers.contains("node-3"), "node-3's peer is left: {peers}");
+    log(format!(
+        "cni: node-3 drained, deleted and out of the mesh in {:.1?}",
+        t.elapsed()
+    ));
+
+    // 4. A laptop on Debian's wireguard-go, configured from `kubectl wgmesh peer add`,
+    // reaches the pods through node-1, the only gateway.
+    let t = Instant::now();
+    cluster
+        .cp
+        .kubectl_ok(&["label", "node", "node-1", "wgmesh.io/gateway=true"])?;
+    helm(
+        &cluster,
+        &[
+            "upgrade",
+            "wgmesh",
+            &repo_root().join("deploy/helm/wgmesh").display().to_string(),
+            "--namespace",
+            NAMESPACE,
+            "--reuse-values",
+            "--set",
+            r"mesh.spec.gatewaySelector.matchLabels.wgmesh\.io/gateway=true",
+        ],
+    )?;
+    eventually(
+        "node-1 is the only gateway",
+        Duration::from_secs(30),
+        || {
+            let g = cluster.cp.kubectl_ok(&[
+                "get",
+                "wireguardmesh",
+                "default",
+                "-o",
+                "jsonpath={.status.gateways}",
+            ])?;
+            ensure!(g.trim() == r#"["node-1"]"#, "gateways {g}");
+            Ok(())
+        },
+    )?;
+    let (laptop, _laptop_link) = cluster.outside_host("l", 50)?;
+    let config = kubectl_with_plugin(
+        &cluster,
+        &["wgmesh", "peer", "add", "laptop", "--keepalive", "5"],
+    )?;
+    ensure!(
+        config.matches("[Peer]").count() == 1,
+        "one gateway, one peer:\n{config}"
+    );
+    let iface = format!("wgl{}", cluster.id);
+    let _wireguard_go = wireguard_go_from_config(&laptop, &iface, &config, cluster.dir())?;
+    let laptop_ip = quick_parts(&config).addresses[0]
+        .split('/')
+        .next()
+        .context("the laptop's address")?
+        .to_owned();
+    eventually(
+        "the laptop reaches every pod",
+        Duration::from_secs(30),
+        || {
+            for p in &web_pods(&cluster)? {
+                let body = http_get(&laptop, format!("{}:8080", p.ip).parse()?)?;
+                ensure!(body.trim() == p.name, "{} answered {body:?}", p.name);
+            }
+            Ok(())
+        },
+    )?;
+    let status = eventually(
+        "`kubectl wgmesh status` shows the laptop's handshake",
+        Duration::from_secs(60),
+        || {
+            let out = kubectl_with_plugin(&cluster, &["wgmesh", "status", "-o", "json"])?;
+            let v: serde_json::Value = serde_json::from_str(&out)?;
+            let row = v["peers"]
+                .as_array()
+                .and_then(|p| p.iter().find(|r| r["name"] == "laptop"))
+                .with_context(|| format!("no laptop row: {out}"))?;
+            ensure!(row["ready"] == true, "not ready: {row}");
+            ensure!(
+                row["handshakes"].get("node-1").is_some(),
+                "no handshake from node-1: {row}"
+            );
+            kubectl_with_plugin(&cluster, &["wgmesh", "status"])
+        },
+    )?;
+    log(format!(
+        "cni: the laptop ({laptop_ip}) reached every pod through node-1 in {:.1?}; status:\n{}",
+        t.elapsed(),
+        status.trim_end()
+    ));
+
+    // 5. helm upgrade to a new image tag rolls the controllers and the agents, node by
+    // node, under the streams.
+    let next = WGMESH_IMAGE.replace(":dev", ":next");
+    for node in &cluster.nodes {
+        node.tag_image(WGMESH_IMAGE, &next)?;
+    }
+    let nodes: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut rollout = Rollout::new(&next, nodes);
+    let upgrade_began = stream12.now_ms();
+    let t = Instant::now();
+    helm(
+        &cluster,
+        &[
+            "upgrade",
+            "wgmesh",
+            &repo_root().join("deploy/helm/wgmesh").display().to_string(),
+            "--namespace",
+            NAMESPACE,
+            "--reuse-values",
+            "--set",
+            "image.tag=next",
+        ],
+    )?;
+    loop {
+        let agents = chart_pods(&cluster, AGENT_PODS)?;
+        let controllers = chart_pods(&cluster, CONTROLLER_PODS)?;
+        rollout.observe(stream12.now_ms(), &agents, &controllers);
+        if rollout.done(&agents, &controllers) {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(240) {
+            bail!(
+                "the upgrade did not finish: {rollout:?}\n{}",
+                diagnose(&mut cluster)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let upgraded = stream12.now_ms();
+    // Settle: a node's last packets after its new agent is Ready count too.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    log(format!(
+        "cni: helm upgrade to {next} rolled everything in {:.1?}",
+        t.elapsed()
+    ));
+    for (node, roll) in &rollout.nodes {
+        let (down, up) = (roll.down_ms.unwrap_or(0), roll.up_ms.unwrap_or(upgraded));
+        let w12 = stream12.window(down.saturating_sub(500), up + 3000);
+        let w41 = stream41.window(down.saturating_sub(500), up + 3000);
+        log(format!(
+            "cni: {node}'s agent replaced in {} ms; stream node-1 -> node-2 stalled at most {} ms ({} of {} pings lost), node-4 -> node-1 {} ms ({} of {} lost)",
+            up.saturating_sub(down),
+            w12.longest_stall_ms,
+            w12.pings_lost,
+            w12.pings_sent,
+            w41.longest_stall_ms,
+            w41.pings_lost,
+            w41.pings_sent
+        ));
+    }
+    let whole12 = stream12.window(upgrade_began, stream12.now_ms());
+    let whole41 = stream41.window(upgrade_began, stream41.now_ms());
+    ensure!(
+        whole12.breaks.is_empty() && whole41.breaks.is_empty(),
+        "a stream broke during the upgrade: {whole12:?} {whole41:?}"
+    );
+    ensure!(
+        whole12.longest_stall_ms < 5000 && whole41.longest_stall_ms < 5000,
+        "a stream stalled for seconds during the upgrade: {whole12:?} {whole41:?}"
+    );
+    match (rollout.skew_ms.first(), rollout.skew_ms.last()) {
+        (Some(&from), Some(&to)) => {
+            let w = stream12.window(from, to);
+            log(format!(
+                "cni: controllers on the new image while agents still ran the old one for {} ms: {} stream messages arrived meanwhile",
+                to - from,
+                w.messages
+            ));
+        }
+        _ => {
+            log("cni: the agents finished before the controllers: no controller-newer window seen")
+        }
+    }
+    eventually(
+        "the laptop still reaches the pods",
+        Duration::from_secs(30),
+        || {
+            for p in &web_pods(&cluster)? {
+                http_get(&laptop, format!("{}:8080", p.ip).parse()?)?;
+            }
+            Ok(())
+        },
+    )?;
+    web_matrix(&cluster, &web_pods(&cluster)?)?;
+    assert_no_plaintext_since(&mut watcher, 0, "during the whole story")?;
+    log("cni: nothing crossed any underlay in plaintext from install to upgrade");
+
+    // 6. helm uninstall leaves every node clean, and a reinstall works.
+    drop((stream12, stream41));
+    drop((ns1, ns2, ns4));
+    cluster
+        .cp
+        .kubectl_ok(&["delete", "daemonset", "web", "--wait=true", "--timeout=60s"])?;
+    eventually("the web pods gone", Duration::from_secs(60), || {
+        let left = web_pods(&cluster)?;
+        ensure!(left.is_empty(), "{left:?}");
+        Ok(())
+    })?;
+    let t = Instant::now();
+    let out = helm(&cluster, &["uninstall", "wgmesh", "--namespace", NAMESPACE])
+        .with_context(|| diagnose(&mut cluster))?;
+    log(format!(
+        "cni: `helm uninstall` in {:.1?}: {}",
+        t.elapsed(),
+        out.trim()
+    ));
+    wait_clean(&cluster, Duration::from_secs(30))?;
+    log(format!(
+        "cni: every node clean {:.1?} after the uninstall began",
+        t.elapsed()
+    ));
+    cluster
+        .cp
+        .kubectl_ok(&["delete", "wireguardpeer", "laptop"])?;
+    let t = Instant::now();
+    install_as_documented(&mut cluster, |_| {})?;
+    let pods = deploy_web(&mut cluster)?;
+    eventually(
+        "pods reach each other again",
+        Duration::from_secs(60),
+        || web_matrix(&cluster, &pods),
+    )?;
+    log(format!(
+        "cni: reinstalled, pods reach each other, in {:.1?}; done in {:.1?}",
+        t.elapsed(),
+        started.elapsed()
+    ));
+    Ok(())
+}
+
+/// The names of the chart's pods with `selector` that are not terminating.
+fn pods_named(cluster: &RealCluster, selector: &str) -> Result<Vec<String>> {
+    Ok(chart_pods(cluster, selector)?
+        .into_iter()
+        .filter(|p| !p.terminating)
+        .map(|p| p.name)
+        .collect())
+}
