@@ -126,6 +126,16 @@ impl Device {
         }
     }
 
+    /// After taking over from a previous run of the agent: the userspace device starts a
+    /// handshake with every peer (their sessions were with the previous process); a kernel
+    /// device kept its sessions.
+    pub fn renew_sessions(&self) {
+        match self {
+            Device::Kernel(_) => {}
+            Device::Userspace(d) => d.initiate_handshakes(),
+        }
+    }
+
     /// Whether the interface outlives the process. A kernel link always does. With `keep`,
     /// the userspace device's TUN becomes persistent, so its addresses and routes stay (and
     /// drop traffic) while no process serves it, and the next one attaches to it; without,

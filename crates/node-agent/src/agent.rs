@@ -274,6 +274,8 @@ impl Agent {
         self.desired = saved.clone();
         if let Err(e) = self.program(saved).await {
             tracing::warn!(error = %e, "could not program the saved configuration; waiting for the controller");
+        } else if let Some(device) = &self.device {
+            device.renew_sessions();
         }
     }
 

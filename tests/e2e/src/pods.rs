@@ -8,6 +8,24 @@
 //! service environment variables (with the address the test's nodes reach the controller at,
 //! standing in for kube-proxy), `$(VAR)` expansion, Secret and projected token volumes,
 //! hostPath volumes (a directory per node), and the in-cluster API credentials.
+//!
+//! A stand-in, kept only where a test needs what a kubelet would get in the way of. The
+//! stories users live through (install in both modes, joins, drains, failover, upgrades, a
+//! laptop, uninstall) run on real kubelets (`real_cluster`, `tests/helm_on_kubelets.rs`,
+//! `tests/stories_on_kubelets.rs`). These stay here, with many processes and little
+//! Kubernetes:
+//! - `tests/chaos.rs`: faults against one process at a time (an agent SIGKILLed, SIGSTOPped
+//!   or terminated, the controller killed, the API server and etcd stopped for 15 s) with
+//!   stalls timed to 10 ms. Under kubelets the restart backoff and the kubelets' own reaction
+//!   to an API outage would be measured instead of ours, and a run would take minutes per
+//!   fault.
+//! - `tests/adversarial.rs`: a rogue node replaying another node's token and hostile peer
+//!   authors talking gRPC directly: tokens and clients the test makes, no pods at all.
+//! - `tests/mesh.rs`: an agent stopped and restarted by the test (its key and the other
+//!   sessions kept), the controller killed under a transfer, key rotation, wireguard-go
+//!   configured with `wg` alone.
+//! - `tests/external_peers.rs`: a remote office behind a router and peers cut off by
+//!   deletion, where only the tunnels matter.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

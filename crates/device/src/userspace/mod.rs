@@ -228,6 +228,15 @@ impl UserspaceDevice {
             .apply_ops(|_| changes.iter().map(|c| (c.clone(), false)).collect())
     }
 
+    /// Starts a handshake with every peer that has an endpoint, so that peers holding a
+    /// session with a previous run of this device (before an agent restart) get a new one
+    /// within a round trip.
+    pub fn initiate_handshakes(&self) {
+        // A handshake initiation is 148 bytes.
+        let mut out = [0u8; 256];
+        datapath::initiate_handshakes(&self.inner, &mut out);
+    }
+
     /// Stops every thread and removes the UAPI socket; the TUN interface disappears when its
     /// descriptor closes, as the last reference to it goes.
     pub fn shutdown(mut self) {

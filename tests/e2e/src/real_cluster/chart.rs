@@ -307,7 +307,8 @@ pub fn deploy_web(cluster: &mut RealCluster) -> Result<Vec<WebPod>> {
     Ok(pods)
 }
 
-/// The `web` DaemonSet's pods that have an address, by node name.
+/// The `web` DaemonSet's pods that have an address, on the cluster's running nodes (a shut
+/// down node's pods stay listed until the pod garbage collector removes them), by node name.
 pub fn web_pods(cluster: &RealCluster) -> Result<Vec<WebPod>> {
     let listed = cluster.cp.kubectl_ok(&[
         "get",
@@ -327,6 +328,7 @@ pub fn web_pods(cluster: &RealCluster) -> Result<Vec<WebPod>> {
                 ip: f.next()?,
             })
         })
+        .filter(|p| cluster.nodes.iter().any(|n| n.name == p.node))
         .collect();
     pods.sort_by(|a, b| a.node.cmp(&b.node));
     Ok(pods)

@@ -50,20 +50,22 @@ fn parse_pod_row(line: &str) -> Option<PodRow> {
     })
 }
 
-/// Who holds the controllers' leader lease.
+/// The pod that holds the controllers' leader lease (its identity is `<pod>@<address>`).
 pub fn lease_holder(cluster: &RealCluster) -> Result<String> {
-    Ok(cluster
-        .cp
-        .kubectl_ok(&[
-            "-n",
-            NAMESPACE,
-            "get",
-            "lease",
-            "wgmesh-controller",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ])?
+    let identity = cluster.cp.kubectl_ok(&[
+        "-n",
+        NAMESPACE,
+        "get",
+        "lease",
+        "wgmesh-controller",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])?;
+    Ok(identity
         .trim()
+        .split('@')
+        .next()
+        .unwrap_or_default()
         .to_owned())
 }
 
@@ -85,9 +87,6 @@ pub struct NodeRoll {
 pub struct Rollout {
     pub new_image: String,
     pub nodes: BTreeMap<String, NodeRoll>,
-    /// Times at which every controller ran the new image (Ready) while an agent still ran
-    /// the old one: the controller newer than agents, as the rolling order makes it.
-    pub skew_ms: Vec<u64>,
 }
 
 impl Rollout {
@@ -98,12 +97,11 @@ impl Rollout {
                 .into_iter()
                 .map(|n| (n, NodeRoll::default()))
                 .collect(),
-            skew_ms: Vec::new(),
         }
     }
 
-    /// Takes in one listing of the agents and controllers made at `now_ms`.
-    pub fn observe(&mut self, now_ms: u64, agents: &[PodRow], controllers: &[PodRow]) {
+    /// Takes in one listing of the agents made at `now_ms`.
+    pub fn observe(&mut self, now_ms: u64, agents: &[PodRow]) {
         for (node, roll) in &mut self.nodes {
             let on_node: Vec<&PodRow> = agents.iter().filter(|p| &p.node == node).collect();
             let old_serving = on_node
@@ -119,17 +117,7 @@ impl Rollout {
                 roll.up_ms = Some(now_ms);
             }
         }
-        let serving: Vec<&PodRow> = controllers.iter().filter(|p| !p.terminating).collect();
-        let controllers_new =
-            !serving.is_empty() && serving.iter().all(|p| p.image == self.new_image && p.ready);
-        let agents_old = agents
-            .iter()
-            .any(|p| p.image != self.new_image && !p.terminating);
-        if controllers_new && agents_old {
-            self.skew_ms.push(now_ms);
-        }
     }
-
     /// Whether every node's agent and every controller runs the new image.
     pub fn done(&self, agents: &[PodRow], controllers: &[PodRow]) -> bool {
         let all_new = |pods: &[PodRow]| {
@@ -240,28 +228,23 @@ mod tests {
         r.observe(
             0,
             &[row("n1", "old", true, false), row("n2", "old", true, false)],
-            &controllers_old,
         );
         assert!(r.nodes.values().all(|n| n.down_ms.is_none()));
-        assert!(r.skew_ms.is_empty());
         r.observe(
             100,
             &[row("n1", "old", true, true), row("n2", "old", true, false)],
-            &controllers_new,
         );
         assert_eq!(r.nodes["n1"].down_ms, Some(100));
-        assert_eq!(r.skew_ms, vec![100]);
         r.observe(
             200,
             &[
                 row("n1", "new", false, false),
                 row("n2", "old", true, false),
             ],
-            &controllers_new,
         );
         assert_eq!(r.nodes["n1"].up_ms, None);
         let done = [row("n1", "new", true, false), row("n2", "new", true, false)];
-        r.observe(300, &done, &controllers_new);
+        r.observe(300, &done);
         assert_eq!(r.nodes["n1"].up_ms, Some(300));
         // n2's old pod went straight to a Ready new one between two listings.
         assert_eq!(r.nodes["n2"].down_ms, Some(300));
