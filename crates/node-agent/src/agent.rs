@@ -348,9 +348,16 @@ impl Agent {
                 path: crate::cni::conflist_path(dir).display().to_string(),
                 source,
             })?;
+            // Best effort: a bridge left behind must not keep the node from saying it left.
             let bridge = &self.args.network.cni_bridge;
-            if self.routing.remove_bridge_if_unused(bridge).await? {
-                tracing::info!(bridge = %bridge, "removed the pods' bridge (no pod uses it)");
+            match self.routing.remove_bridge_if_unused(bridge).await {
+                Ok(true) => {
+                    tracing::info!(bridge = %bridge, "removed the pods' bridge (no pod uses it)")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(bridge = %bridge, error = %e, "could not remove the pods' bridge")
+                }
             }
         }
         let dir = self.args.mesh_state_dir();

@@ -136,7 +136,7 @@ pub struct CleanupArgs {
     #[arg(long, env = "WGMESH_ROUTE_TABLE", default_value_t = 51820)]
     pub route_table: u32,
 
-    /// The mesh whose saved configuration goes (the key stays).
+    /// The mesh whose saved configuration goes (its key too with --remove-key).
     #[arg(long, env = "WGMESH_MESH", default_value = "default")]
     pub mesh: String,
 
@@ -147,6 +147,14 @@ pub struct CleanupArgs {
     /// Directory of the CNI conflist written in CNI mode, removed if it is there.
     #[arg(long, env = "WGMESH_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
+
+    /// The pods' bridge of CNI mode, removed if no interface is attached to it.
+    #[arg(long, env = "WGMESH_CNI_BRIDGE", default_value = "wgmesh-br0")]
+    pub cni_bridge: String,
+
+    /// Also remove the mesh's key (what the agent does when the mesh is deleted).
+    #[arg(long)]
+    pub remove_key: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -65,11 +65,19 @@ async fn cleanup(args: &wgmesh_agent::config::CleanupArgs) -> anyhow::Result<()>
     if wgmesh_agent::cni::remove_conflist(&args.cni_conf_dir)? {
         tracing::info!(path = %wgmesh_agent::cni::conflist_path(&args.cni_conf_dir).display(), "removed the CNI configuration");
     }
+    if routing.remove_bridge_if_unused(&args.cni_bridge).await? {
+        tracing::info!(bridge = %args.cni_bridge, "removed the pods' bridge (no pod uses it)");
+    }
     let dir = args.state_dir.join(&args.mesh);
+    if args.remove_key {
+        wgmesh_agent::keys::forget(&dir)?;
+        tracing::info!(dir = %dir.display(), "removed the mesh's key and state");
+        return Ok(());
+    }
     let saved = wgmesh_agent::saved::path(&dir);
     if saved.exists() {
         wgmesh_agent::saved::remove(&dir)?;
-        tracing::info!(path = %saved.display(), "removed the saved configuration (the key stays)");
+        tracing::info!(path = %saved.display(), "removed the saved configuration (the key stays; --remove-key removes it)");
     }
     Ok(())
 }

@@ -30,6 +30,9 @@ use wgmesh_e2e::real_cluster::lifecycle::{
 };
 use wgmesh_e2e::real_cluster::{CLUSTER_CIDR, PodNetwork, RealCluster};
 
+/// One real cluster at a time: two would share these 2 cores, and their timeouts with them.
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const INTERFACE: &str = "wgmesh0";
 const CNI_BRIDGE: &str = "wgmesh-br0";
 
@@ -166,6 +169,7 @@ fn install_addon(cluster: &mut RealCluster, pods: &[WebPod]) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn addon_mode_over_a_working_pod_network_then_uninstall_and_reinstall() -> Result<()> {
+    let _one = ONE_CLUSTER.lock().await;
     let started = Instant::now();
     let mut cluster = RealCluster::start(3, PodNetwork::Bridge).await?;
     cluster.wait_nodes_ready(Duration::from_secs(180)).await?;
@@ -276,6 +280,7 @@ async fn addon_mode_over_a_working_pod_network_then_uninstall_and_reinstall() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<()> {
+    let _one = ONE_CLUSTER.lock().await;
     let started = Instant::now();
     let mut cluster = RealCluster::start(3, PodNetwork::None).await?;
     let mut watcher = watch_every_node(&cluster)?;
