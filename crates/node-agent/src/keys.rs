@@ -29,12 +29,7 @@ pub fn key_path(state_dir: &Path) -> PathBuf {
 /// Loads the key, or creates one when there is none (or when `rotate` asks for a new one).
 /// Returns the key and whether it is new.
 pub fn load_or_create(state_dir: &Path, rotate: bool) -> Result<(PrivateKey, bool), KeyError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| KeyError::Io { path, source }
-    };
-    fs::create_dir_all(state_dir).map_err(io(state_dir))?;
-    fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700)).map_err(io(state_dir))?;
+    create_state_dir(state_dir)?;
     let path = key_path(state_dir);
     if !rotate && path.exists() {
         let meta = fs::metadata(&path).map_err(io(&path))?;
@@ -57,12 +52,7 @@ pub fn load_or_create(state_dir: &Path, rotate: bool) -> Result<(PrivateKey, boo
 /// Writes `key` as the mesh's key file. Written beside the final name with mode 0600 from
 /// the first byte, then renamed, so a crash never leaves a partial or world-readable key.
 pub fn store(state_dir: &Path, key: &PrivateKey) -> Result<(), KeyError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| KeyError::Io { path, source }
-    };
-    fs::create_dir_all(state_dir).map_err(io(state_dir))?;
-    fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700)).map_err(io(state_dir))?;
+    create_state_dir(state_dir)?;
     let path = key_path(state_dir);
     let tmp = state_dir.join(".private.key.tmp");
     let _ = fs::remove_file(&tmp);
@@ -76,6 +66,18 @@ pub fn store(state_dir: &Path, key: &PrivateKey) -> Result<(), KeyError> {
         .and_then(|()| file.sync_all())
         .map_err(io(&tmp))?;
     fs::rename(&tmp, &path).map_err(io(&path))
+}
+
+/// The mesh's state directory, created if missing, readable by root only.
+fn create_state_dir(state_dir: &Path) -> Result<(), KeyError> {
+    fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+    fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700)).map_err(io(state_dir))
+}
+
+/// Turns an I/O error into one that names `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError {
+    let path = path.to_owned();
+    move |source| KeyError::Io { path, source }
 }
 
 /// Removes the mesh's state directory (its key, the rotation record, anything else in it):

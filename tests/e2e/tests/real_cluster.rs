@@ -7,29 +7,12 @@
 //! containerd, runc and busybox-static with apt-get when missing.
 //! `WGMESH_REAL_CLUSTER_NODES` sets the number of nodes (default 3).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use wgmesh_e2e::netns::Netns;
-use wgmesh_e2e::real_cluster::chart::web_server_container;
+use wgmesh_e2e::real_cluster::chart::{http_get, web_server_container};
 use wgmesh_e2e::real_cluster::{PodNetwork, RealCluster, idle};
-
-/// `GET /` from inside `ns`; the response's body.
-fn http_get(ns: &Netns, addr: SocketAddr) -> Result<String> {
-    ns.run(move || {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default())
-    })
-}
 
 fn node_count() -> usize {
     std::env::var("WGMESH_REAL_CLUSTER_NODES")

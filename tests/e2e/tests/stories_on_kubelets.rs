@@ -9,8 +9,6 @@
 //!   `helm upgrade` to a new image tag rolling the agents under a TCP stream (the stall per
 //!   node reported), then `helm uninstall` leaving every node clean and a reinstall.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -19,9 +17,8 @@ use wgmesh_e2e::chaos::watcher::Watcher;
 use wgmesh_e2e::foreign::{quick_parts, wireguard_go_from_config};
 use wgmesh_e2e::helm::NAMESPACE;
 use wgmesh_e2e::install::repo_root;
-use wgmesh_e2e::netns::Netns;
 use wgmesh_e2e::real_cluster::chart::{
-    KIND_ADDON_STEPS, TUNNEL_CIDR, WebPod, deploy_web, diagnose, http_get_from_pod,
+    KIND_ADDON_STEPS, TUNNEL_CIDR, WebPod, deploy_web, diagnose, http_get, http_get_from_pod,
     install_as_documented, kubectl_with_plugin, pod_netns, run_documented, web_pods,
 };
 use wgmesh_e2e::real_cluster::image::WGMESH_IMAGE;
@@ -109,21 +106,6 @@ fn wait_clean(cluster: &RealCluster, timeout: Duration) -> Result<()> {
         }
         ensure!(left.is_empty(), "left behind:\n{}", left.join("\n"));
         Ok(())
-    })
-}
-
-/// `GET /` of `addr` from inside `ns`; the response's body.
-fn http_get(ns: &Netns, addr: SocketAddr) -> Result<String> {
-    ns.run(move || {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default())
     })
 }
 

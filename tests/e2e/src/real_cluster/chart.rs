@@ -334,6 +334,25 @@ pub fn web_pods(cluster: &RealCluster) -> Result<Vec<WebPod>> {
     Ok(pods)
 }
 
+/// `GET /` of `addr` from inside `ns` (a node's, a pod's, a host's outside the cluster);
+/// the response's body.
+pub fn http_get(ns: &Netns, addr: std::net::SocketAddr) -> Result<String> {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+    ns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default())
+    })
+}
+
 /// Names `pod`'s network namespace (the one the CNI plugins set up) `name`, for
 /// `ip netns exec`.
 pub fn pod_netns(cluster: &RealCluster, pod: &WebPod, name: &str) -> Result<Netns> {
