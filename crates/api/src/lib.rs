@@ -11,10 +11,13 @@
 
 pub mod condition;
 pub mod fields;
+pub mod foreign;
 pub mod mesh;
 pub mod peer;
 
-pub use mesh::{Backend, FwmarkSpec, WireGuardMesh, WireGuardMeshSpec, WireGuardMeshStatus};
+pub use mesh::{
+    Backend, FwmarkSpec, PodCidrSource, WireGuardMesh, WireGuardMeshSpec, WireGuardMeshStatus,
+};
 pub use peer::{ClientSpec, WireGuardPeer, WireGuardPeerSpec, WireGuardPeerStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -134,6 +134,15 @@ pub struct WireGuardMeshSpec {
     #[schemars(length(max = 8))]
     pub cluster_cidrs: Vec<CidrString>,
 
+    /// Where each node's pod CIDRs come from: the IPAM that hands out pod addresses.
+    /// `node` (the default): the Node's `spec.podCIDRs`, as kube-controller-manager allocates
+    /// them. `annotation`: the Node's `wgmesh.io/pod-cidrs` annotation, CIDRs separated by
+    /// commas. `calico`: Calico's `IPAMBlock` objects affine to the node (`host:<node>`).
+    /// `cilium`: the node's `CiliumNode` (`spec.ipam.podCIDRs`). The controller then needs
+    /// read access to that CRD (the chart grants it for the source it is given).
+    #[serde(rename = "podCIDRSource", default)]
+    pub pod_cidr_source: PodCidrSource,
+
     /// Free text for humans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
@@ -191,6 +200,23 @@ pub enum Backend {
     Kernel,
     /// wgmesh's own userspace device on a TUN interface.
     Userspace,
+}
+
+/// The IPAM a mesh reads nodes' pod CIDRs from.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PodCidrSource {
+    /// The Node's `spec.podCIDRs` (kube-controller-manager's `--allocate-node-cidrs`).
+    #[default]
+    Node,
+    /// The Node's `wgmesh.io/pod-cidrs` annotation.
+    Annotation,
+    /// Calico's `IPAMBlock` objects (`crd.projectcalico.org/v1`) with affinity `host:<node>`.
+    Calico,
+    /// Cilium's `CiliumNode` objects (`cilium.io/v2`), `spec.ipam.podCIDRs`.
+    Cilium,
 }
 
 /// What the controller observed of the mesh.
@@ -253,6 +279,7 @@ impl Default for WireGuardMeshSpec {
             disabled: false,
             strict: true,
             cluster_cidrs: Vec::new(),
+            pod_cidr_source: PodCidrSource::Node,
             comment: None,
         }
     }

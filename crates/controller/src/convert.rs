@@ -7,7 +7,8 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
-use wgmesh_api::{WireGuardMesh, WireGuardPeer, mesh::SecretKeyRef};
+use wgmesh_api::foreign::{CalicoIpamBlock, CiliumNode};
+use wgmesh_api::{PodCidrSource, WireGuardMesh, WireGuardPeer, mesh::SecretKeyRef};
 use wgmesh_core::Cidr;
 use wgmesh_core::desired::{MeshInput, NodeInput, PeerInput, ReservedRange, SecretInput};
 
@@ -36,14 +37,15 @@ pub fn mesh_input(
     }
 }
 
-/// The node-level input of a Node for a mesh.
-pub fn node_input(node: &Node, mesh: &WireGuardMesh) -> NodeInput {
+/// The node-level input of a Node for a mesh; `foreign` holds the pod CIDRs other IPAMs
+/// assigned, for meshes that read them.
+pub fn node_input(node: &Node, mesh: &WireGuardMesh, foreign: &ForeignPodCidrs) -> NodeInput {
     NodeInput {
         name: node.name_any(),
         uid: node.metadata.uid.clone().unwrap_or_default(),
         addresses: node_addresses(node),
         selected: selector_matches(mesh.spec.node_selector.as_ref(), node.labels()),
-        pod_cidrs: pod_cidrs(node),
+        pod_cidrs: pod_cidrs(node, mesh.spec.pod_cidr_source, foreign),
         rotate_key_request: node.annotations().get(ROTATE_KEY_ANNOTATION).cloned(),
         gateway: selector_matches(mesh.spec.gateway_selector.as_ref(), node.labels()),
     }
@@ -52,8 +54,40 @@ pub fn node_input(node: &Node, mesh: &WireGuardMesh) -> NodeInput {
 /// A Node annotation asking the node's agent for a new key; change its value to rotate again.
 pub const ROTATE_KEY_ANNOTATION: &str = "wgmesh.io/rotate-key";
 
+/// A Node annotation naming the node's pod CIDRs, separated by commas, for meshes with
+/// `podCIDRSource: annotation` (an IPAM that records them nowhere else).
+pub const POD_CIDRS_ANNOTATION: &str = "wgmesh.io/pod-cidrs";
+
+/// The pod CIDRs Calico and Cilium assigned, by node name, read from their objects once per
+/// computation.
+#[derive(Debug, Default)]
+pub struct ForeignPodCidrs {
+    pub calico: BTreeMap<String, Vec<Cidr>>,
+    pub cilium: BTreeMap<String, Vec<Cidr>>,
+}
+
+/// A node's pod CIDRs from the mesh's source, in a stable order. Entries that do not parse
+/// are left out with a warning: no schema guards an annotation or another project's object,
+/// and the desired mesh still judges what is left (overlaps, reserved ranges).
+pub fn pod_cidrs(node: &Node, source: PodCidrSource, foreign: &ForeignPodCidrs) -> Vec<Cidr> {
+    let name = node.name_any();
+    let mut cidrs = match source {
+        PodCidrSource::Node => node_spec_pod_cidrs(node),
+        PodCidrSource::Annotation => node
+            .annotations()
+            .get(POD_CIDRS_ANNOTATION)
+            .map(|list| parse_cidr_list(&name, POD_CIDRS_ANNOTATION, list.split(',')))
+            .unwrap_or_default(),
+        PodCidrSource::Calico => foreign.calico.get(&name).cloned().unwrap_or_default(),
+        PodCidrSource::Cilium => foreign.cilium.get(&name).cloned().unwrap_or_default(),
+    };
+    cidrs.sort();
+    cidrs.dedup();
+    cidrs
+}
+
 /// `spec.podCIDRs`, falling back to the older single `spec.podCIDR`.
-pub fn pod_cidrs(node: &Node) -> Vec<Cidr> {
+fn node_spec_pod_cidrs(node: &Node) -> Vec<Cidr> {
     let Some(spec) = &node.spec else {
         return Vec::new();
     };
@@ -62,8 +96,79 @@ pub fn pod_cidrs(node: &Node) -> Vec<Cidr> {
         (_, Some(one)) => vec![one],
         _ => Vec::new(),
     };
+    parse_cidr_list(
+        &node.name_any(),
+        "spec.podCIDRs",
+        list.into_iter().map(String::as_str),
+    )
+}
+
+fn parse_cidr_list<'a>(
+    node: &str,
+    field: &str,
+    list: impl IntoIterator<Item = &'a str>,
+) -> Vec<Cidr> {
     list.into_iter()
-        .filter_map(|c| Cidr::parse_masked(c).ok())
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .filter_map(|c| match Cidr::parse_masked(c) {
+            Ok(cidr) => Some(cidr),
+            Err(e) => {
+                tracing::warn!(node, field, cidr = c, error = %e, "ignoring a pod CIDR that does not parse");
+                None
+            }
+        })
+        .collect()
+}
+
+/// The networks of Calico's IPAM blocks by the node they are affine to. Blocks being
+/// released (`deleted`) and blocks without a host affinity (`virtual:`, none) belong to no
+/// node.
+pub fn calico_pod_cidrs<'a>(
+    blocks: impl IntoIterator<Item = &'a CalicoIpamBlock>,
+) -> BTreeMap<String, Vec<Cidr>> {
+    let mut by_node: BTreeMap<String, Vec<Cidr>> = BTreeMap::new();
+    for block in blocks {
+        let spec = &block.spec;
+        let Some(node) = spec
+            .affinity
+            .as_deref()
+            .and_then(|a| a.strip_prefix("host:"))
+        else {
+            continue;
+        };
+        if spec.deleted || node.is_empty() {
+            continue;
+        }
+        by_node
+            .entry(node.to_owned())
+            .or_default()
+            .extend(parse_cidr_list(
+                node,
+                "IPAMBlock spec.cidr",
+                [spec.cidr.as_str()],
+            ));
+    }
+    by_node
+}
+
+/// The pod CIDRs of Cilium's per-node objects, by node name (a `CiliumNode` is named as its
+/// Node).
+pub fn cilium_pod_cidrs<'a>(
+    nodes: impl IntoIterator<Item = &'a CiliumNode>,
+) -> BTreeMap<String, Vec<Cidr>> {
+    nodes
+        .into_iter()
+        .map(|n| {
+            let name = n.name_any();
+            let cidrs = parse_cidr_list(
+                &name,
+                "CiliumNode spec.ipam.podCIDRs",
+                n.spec.ipam.pod_cidrs.iter().map(String::as_str),
+            );
+            (name, cidrs)
+        })
+        .filter(|(_, cidrs)| !cidrs.is_empty())
         .collect()
 }
 
@@ -301,6 +406,125 @@ mod tests {
         ];
         for (name, selector, labels, want) in cases {
             assert_eq!(selector_matches(selector.as_ref(), labels), want, "{name}");
+        }
+    }
+
+    fn node(name: &str, spec_cidrs: &[&str], annotation: Option<&str>) -> Node {
+        let mut node = Node::default();
+        node.metadata.name = Some(name.into());
+        if let Some(a) = annotation {
+            node.metadata.annotations = Some(labels(&[(POD_CIDRS_ANNOTATION, a)]));
+        }
+        node.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidrs: Some(spec_cidrs.iter().map(|c| c.to_string()).collect()),
+            ..Default::default()
+        });
+        node
+    }
+
+    fn block(cidr: &str, affinity: Option<&str>, deleted: bool) -> CalicoIpamBlock {
+        CalicoIpamBlock {
+            spec: wgmesh_api::foreign::CalicoIpamBlockSpec {
+                cidr: cidr.into(),
+                affinity: affinity.map(Into::into),
+                deleted,
+            },
+            ..Default::default()
+        }
+    }
+
+    fn cilium(name: &str, cidrs: &[&str]) -> CiliumNode {
+        let mut n = CiliumNode::default();
+        n.metadata.name = Some(name.into());
+        n.spec.ipam.pod_cidrs = cidrs.iter().map(|c| c.to_string()).collect();
+        n
+    }
+
+    #[test]
+    fn pod_cidr_sources_table() {
+        let blocks = [
+            block("192.168.12.64/26", Some("host:n1"), false),
+            block("192.168.12.0/26", Some("host:n1"), false),
+            block("192.168.13.0/26", Some("host:n2"), false),
+            block("192.168.14.0/26", Some("host:n1"), true),
+            block("192.168.15.0/26", Some("virtual:vm-1"), false),
+            block("192.168.16.0/26", None, false),
+            block("not a cidr", Some("host:n1"), false),
+        ];
+        let foreign = ForeignPodCidrs {
+            calico: calico_pod_cidrs(&blocks),
+            cilium: cilium_pod_cidrs(&[
+                cilium("n1", &["10.0.1.0/24", "fd00:10::/64"]),
+                cilium("n3", &[]),
+            ]),
+        };
+        type Case<'a> = (&'a str, Node, PodCidrSource, &'a [&'a str]);
+        let cases: Vec<Case> = vec![
+            (
+                "node spec",
+                node("n1", &["10.244.1.0/24"], None),
+                PodCidrSource::Node,
+                &["10.244.1.0/24"],
+            ),
+            (
+                "node spec ignores the annotation",
+                node("n1", &["10.244.1.0/24"], Some("10.9.0.0/24")),
+                PodCidrSource::Node,
+                &["10.244.1.0/24"],
+            ),
+            (
+                "annotation, spaces and a bad entry",
+                node(
+                    "n1",
+                    &["10.244.1.0/24"],
+                    Some(" 10.9.1.0/24, fd00:9::/64,,nope, 10.9.0.0/24"),
+                ),
+                PodCidrSource::Annotation,
+                &["10.9.0.0/24", "10.9.1.0/24", "fd00:9::/64"],
+            ),
+            (
+                "no annotation",
+                node("n1", &["10.244.1.0/24"], None),
+                PodCidrSource::Annotation,
+                &[],
+            ),
+            (
+                "calico: live host blocks only, sorted",
+                node("n1", &[], None),
+                PodCidrSource::Calico,
+                &["192.168.12.0/26", "192.168.12.64/26"],
+            ),
+            (
+                "calico: another node",
+                node("n2", &[], None),
+                PodCidrSource::Calico,
+                &["192.168.13.0/26"],
+            ),
+            (
+                "calico: no block",
+                node("n9", &["10.244.9.0/24"], None),
+                PodCidrSource::Calico,
+                &[],
+            ),
+            (
+                "cilium",
+                node("n1", &[], None),
+                PodCidrSource::Cilium,
+                &["10.0.1.0/24", "fd00:10::/64"],
+            ),
+            (
+                "cilium: empty",
+                node("n3", &[], None),
+                PodCidrSource::Cilium,
+                &[],
+            ),
+        ];
+        for (name, node, source, want) in cases {
+            let got: Vec<String> = pod_cidrs(&node, source, &foreign)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(got, want, "{name}");
         }
     }
 }

@@ -3,6 +3,7 @@
 //! agents' streams) and to the status writer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,14 +14,15 @@ use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use tokio::sync::{mpsc, watch};
+use wgmesh_api::foreign::{CalicoIpamBlock, CiliumNode};
 use wgmesh_api::mesh::SecretKeyRef;
-use wgmesh_api::{Backend, WireGuardMesh, WireGuardPeer};
+use wgmesh_api::{Backend, PodCidrSource, WireGuardMesh, WireGuardPeer};
 use wgmesh_core::desired::{self, DesiredMesh, PeerInput, ReservedRange, SecretInput};
 use wgmesh_proto as pb;
 
-use crate::convert::{self, Secrets};
+use crate::convert::{self, ForeignPodCidrs, Secrets};
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::secret_scope::SecretNamespaces;
@@ -43,9 +45,49 @@ pub struct Caches {
     /// address it reaches the API server at.
     pub configured_reserved: Arc<Vec<ReservedRange>>,
     pub seniority: Arc<Mutex<Seniority>>,
+    /// Calico's IPAM blocks, watched once a mesh reads its pod CIDRs from them.
+    pub calico_blocks: ForeignCache<CalicoIpamBlock>,
+    /// Cilium's per-node objects, watched once a mesh reads its pod CIDRs from them.
+    pub cilium_nodes: ForeignCache<CiliumNode>,
+}
+
+/// The cache of another project's objects, and whether it has been listed once.
+#[derive(Clone)]
+pub struct ForeignCache<K: Resource<DynamicType = ()> + 'static> {
+    pub store: Store<K>,
+    synced: Arc<AtomicBool>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone + 'static> ForeignCache<K> {
+    /// Whether the objects have been listed: until then every node's pod CIDRs from this
+    /// source are unknown, not empty.
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
 }
 
 impl Caches {
+    /// The pod CIDRs in Calico's and Cilium's objects, by node.
+    pub fn foreign_pod_cidrs(&self) -> ForeignPodCidrs {
+        ForeignPodCidrs {
+            calico: convert::calico_pod_cidrs(
+                self.calico_blocks.store.state().iter().map(|b| &**b),
+            ),
+            cilium: convert::cilium_pod_cidrs(self.cilium_nodes.store.state().iter().map(|n| &**n)),
+        }
+    }
+
+    /// The objects a pod CIDR source reads, when they have not been listed yet.
+    fn unsynced_source(&self, source: PodCidrSource) -> Option<&'static str> {
+        match source {
+            PodCidrSource::Node | PodCidrSource::Annotation => None,
+            PodCidrSource::Calico => {
+                (!self.calico_blocks.synced()).then_some("Calico's IPAMBlocks")
+            }
+            PodCidrSource::Cilium => (!self.cilium_nodes.synced()).then_some("CiliumNodes"),
+        }
+    }
+
     /// Every cluster-wide range no peer may claim, beyond the fixed ones and node addresses.
     pub fn reserved(&self) -> Vec<ReservedRange> {
         let service_cidrs = self.service_cidrs.state().into_iter().flat_map(|s| {
@@ -133,10 +175,13 @@ pub struct Computed {
     pub invalid: BTreeMap<String, String>,
     pub peers: Vec<Arc<WireGuardPeer>>,
     pub nodes: Vec<Arc<Node>>,
-    /// Meshes held at their last published state: a Secret they reference has never been
-    /// read successfully (a fresh controller, an API error), so what they should be is
-    /// unknown. Their agents and statuses are left as they are.
-    pub held: BTreeMap<String, Vec<SecretKeyRef>>,
+    /// Meshes held at their last published state, with why: a Secret they reference has
+    /// never been read successfully (a fresh controller, an API error), or their pod CIDR
+    /// source (Calico's or Cilium's objects) has not been listed yet, so what they should be
+    /// is unknown. Their agents and statuses are left as they are.
+    pub held: BTreeMap<String, String>,
+    /// The pod CIDRs other IPAMs assigned, by node (`spec.podCIDRSource`).
+    pub foreign_pod_cidrs: Arc<ForeignPodCidrs>,
     /// Meshes being deleted (their finalizer waits for their nodes to leave), with the nodes
     /// that have a node peer in them.
     pub deleting: BTreeMap<String, (Arc<WireGuardMesh>, BTreeSet<String>)>,
@@ -205,6 +250,10 @@ pub fn watch_cluster(
     .reflect(api_endpoints_w)
     .map(|_| ())
     .boxed();
+    let (calico_blocks, calico_events) =
+        foreign_watch::<CalicoIpamBlock>(client, meshes.clone(), PodCidrSource::Calico);
+    let (cilium_nodes, cilium_events) =
+        foreign_watch::<CiliumNode>(client, meshes.clone(), PodCidrSource::Cilium);
     let (tx, rx) = mpsc::channel(1024);
     let driver = async move {
         let mut all = stream::select_all([
@@ -213,6 +262,8 @@ pub fn watch_cluster(
             peer_events,
             service_cidr_events,
             api_endpoint_events,
+            calico_events,
+            cilium_events,
         ]);
         while all.next().await.is_some() {
             // A full channel already holds a pending signal: dropping this one loses nothing.
@@ -228,10 +279,58 @@ pub fn watch_cluster(
             api_endpoints,
             configured_reserved: Arc::new(configured_reserved),
             seniority: Arc::default(),
+            calico_blocks,
+            cilium_nodes,
         },
         driver,
         rx,
     )
+}
+
+/// A watch of another project's cluster-scoped objects that starts only once a mesh reads
+/// its pod CIDRs from them: clusters without Calico or Cilium never see the request, and the
+/// chart grants the controller read access only to the source it is given. Until the first
+/// list succeeds (the CRD missing, access denied) the cache stays unsynced, so the meshes
+/// reading it are held as they are rather than stripped of their pod CIDRs.
+fn foreign_watch<K>(
+    client: &Client,
+    meshes: Store<WireGuardMesh>,
+    source: PodCidrSource,
+) -> (ForeignCache<K>, futures::stream::BoxStream<'static, ()>)
+where
+    K: Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let synced = Arc::new(AtomicBool::new(false));
+    let flag = synced.clone();
+    let wanted = async move {
+        while !meshes
+            .state()
+            .iter()
+            .any(|m| m.spec.pod_cidr_source == source)
+        {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        tracing::info!(kind = %K::kind(&()), "a mesh reads its pod CIDRs from these objects: watching them");
+    };
+    let events = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .backoff(watch_backoff())
+        .reflect(writer)
+        .map(move |event| match event {
+            Ok(watcher::Event::InitDone) => flag.store(true, Ordering::Release),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(kind = %K::kind(&()), error = %e, "cannot watch a mesh's pod CIDR source");
+            }
+        });
+    let stream = stream::once(wanted).chain(events).boxed();
+    (ForeignCache { store, synced }, stream)
 }
 
 /// Recomputes on every change signal (coalescing bursts) and on Secret changes.
@@ -304,6 +403,7 @@ pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Compute
     }
 
     let reserved = caches.reserved();
+    out.foreign_pod_cidrs = Arc::new(caches.foreign_pod_cidrs());
     let mut live = BTreeSet::new();
     for mesh in &meshes {
         let name = mesh.name_any();
@@ -321,11 +421,20 @@ pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Compute
         let unknown = unknown_secrets(mesh, &peers, secrets);
         if !unknown.is_empty() {
             tracing::warn!(mesh = %name, secrets = ?unknown, "holding the mesh as it is: a Secret it references could not be read yet");
-            out.held.insert(name, unknown);
+            out.held
+                .insert(name, format!("Secrets not read yet: {unknown:?}"));
+            continue;
+        }
+        if let Some(source) = caches.unsynced_source(mesh.spec.pod_cidr_source) {
+            tracing::warn!(mesh = %name, "holding the mesh as it is: its pod CIDR source ({source}) has not been listed yet (is the CRD installed, and may the controller list it?)");
+            out.held.insert(name, format!("{source} not listed yet"));
             continue;
         }
         let mesh_input = convert::mesh_input(mesh, secrets, &reserved);
-        let node_inputs: Vec<_> = nodes.iter().map(|n| convert::node_input(n, mesh)).collect();
+        let node_inputs: Vec<_> = nodes
+            .iter()
+            .map(|n| convert::node_input(n, mesh, &out.foreign_pod_cidrs))
+            .collect();
         let peer_inputs = inputs.remove(&name).unwrap_or_default();
         let desired = desired::compute(&mesh_input, &node_inputs, &peer_inputs);
         index.publish(&name, settings_of(mesh), desired.clone());

@@ -216,8 +216,14 @@ impl Writer {
                 if !convert::is_owned_node_peer(peer, node.map(|n| &**n)) {
                     continue;
                 }
-                self.sync_node_peer(peer, mesh.map(|(m, _)| &**m), node, &addresses)
-                    .await;
+                self.sync_node_peer(
+                    peer,
+                    mesh.map(|(m, _)| &**m),
+                    node,
+                    &addresses,
+                    &snapshot.foreign_pod_cidrs,
+                )
+                .await;
             }
         }
     }
@@ -307,6 +313,7 @@ impl Writer {
         mesh: Option<&WireGuardMesh>,
         node: Option<&Arc<Node>>,
         addresses: &[IpAddr],
+        foreign: &convert::ForeignPodCidrs,
     ) {
         let api: Api<WireGuardPeer> = Api::all(self.client.clone());
         let name = peer.name_any();
@@ -327,12 +334,15 @@ impl Writer {
             }
             return;
         }
-        let Some(node) = node else { return };
-        let want: Vec<String> =
-            wgmesh_core::desired::node_allowed_ips(addresses, &convert::pod_cidrs(node))
-                .iter()
-                .map(ToString::to_string)
-                .collect();
+        // A gone mesh has no pod CIDR source to follow: nothing to update.
+        let (Some(node), Some(mesh)) = (node, mesh) else {
+            return;
+        };
+        let pod_cidrs = convert::pod_cidrs(node, mesh.spec.pod_cidr_source, foreign);
+        let want: Vec<String> = wgmesh_core::desired::node_allowed_ips(addresses, &pod_cidrs)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         let have: Vec<String> = peer.spec.allowed_ips.iter().map(|c| c.0.clone()).collect();
         if want == have {
             return;

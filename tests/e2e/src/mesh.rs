@@ -106,6 +106,23 @@ pub(crate) fn reserve_underlay() -> Result<(u8, File)> {
     bail!("no free underlay /24 in 192.168.100-199.0/24")
 }
 
+/// `over` merged into `base`: objects key by key, anything else replaced.
+fn merge_values(base: serde_json::Value, over: serde_json::Value) -> serde_json::Value {
+    match (base, over) {
+        (serde_json::Value::Object(mut base), serde_json::Value::Object(over)) => {
+            for (key, value) in over {
+                let merged = match base.remove(&key) {
+                    Some(old) => merge_values(old, value),
+                    None => value,
+                };
+                base.insert(key, merged);
+            }
+            serde_json::Value::Object(base)
+        }
+        (_, over) => over,
+    }
+}
+
 impl TestMesh {
     /// A mesh in CNI mode: the control plane, the chart, the controller, and `n` nodes with
     /// agents and pods.
@@ -114,6 +131,16 @@ impl TestMesh {
     }
 
     pub async fn start_in(n: usize, mode: NetworkMode) -> Result<Self> {
+        Self::start_with_values(n, mode, serde_json::json!({})).await
+    }
+
+    /// A mesh whose chart values are the test's plus `extra` (merged over them, objects key
+    /// by key), as a user's `--values` file would add them.
+    pub async fn start_with_values(
+        n: usize,
+        mode: NetworkMode,
+        extra: serde_json::Value,
+    ) -> Result<Self> {
         let (octet, underlay_lock) = reserve_underlay()?;
         // Unique while the lock is held; the letter keeps it apart from the numeric ids of
         // older harnesses (process id and sequence).
@@ -138,6 +165,7 @@ impl TestMesh {
             },
             "agent": {"reportInterval": 2, "logLevel": "info,wgmesh_agent=debug"},
         });
+        let values_json = merge_values(values_json, extra);
         std::fs::write(&values, values_json.to_string())?;
         Helm::new()?.install(&cp, &["--values", &values.display().to_string()])?;
         let installed = Installed::read(&client).await?;
