@@ -16,7 +16,8 @@ pub mod mesh;
 pub mod peer;
 
 pub use mesh::{
-    Backend, FwmarkSpec, PodCidrSource, WireGuardMesh, WireGuardMeshSpec, WireGuardMeshStatus,
+    Backend, FwmarkSpec, NodeAddressType, PodCidrSource, WireGuardMesh, WireGuardMeshSpec,
+    WireGuardMeshStatus,
 };
 pub use peer::{ClientSpec, WireGuardPeer, WireGuardPeerSpec, WireGuardPeerStatus};
 

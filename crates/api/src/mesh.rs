@@ -143,6 +143,15 @@ pub struct WireGuardMeshSpec {
     #[serde(rename = "podCIDRSource", default)]
     pub pod_cidr_source: PodCidrSource,
 
+    /// Which of a Node's addresses the other members send to, in order of preference, such
+    /// as `[ExternalIP, InternalIP]` for nodes in different networks. Absent: the address
+    /// the node's agent registers (its InternalIP). A Node's `wgmesh.io/endpoint` annotation
+    /// (an address or DNS name, optionally with `:port`) overrides both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 2))]
+    #[x_kube(validation = kube::core::Rule::new("self.size() < 2 || self[0] != self[1]").message("endpointAddressTypes names each type once"))]
+    pub endpoint_address_types: Vec<NodeAddressType>,
+
     /// Free text for humans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
@@ -200,6 +209,22 @@ pub enum Backend {
     Kernel,
     /// wgmesh's own userspace device on a TUN interface.
     Userspace,
+}
+
+/// A type of Node address (`status.addresses[].type`).
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodeAddressType {
+    InternalIP,
+    ExternalIP,
+}
+
+impl NodeAddressType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeAddressType::InternalIP => "InternalIP",
+            NodeAddressType::ExternalIP => "ExternalIP",
+        }
+    }
 }
 
 /// The IPAM a mesh reads nodes' pod CIDRs from.
@@ -280,6 +305,7 @@ impl Default for WireGuardMeshSpec {
             strict: true,
             cluster_cidrs: Vec::new(),
             pod_cidr_source: PodCidrSource::Node,
+            endpoint_address_types: Vec::new(),
             comment: None,
         }
     }

@@ -10,7 +10,9 @@ use kube::ResourceExt;
 use wgmesh_api::foreign::{CalicoIpamBlock, CiliumNode};
 use wgmesh_api::{PodCidrSource, WireGuardMesh, WireGuardPeer, mesh::SecretKeyRef};
 use wgmesh_core::Cidr;
-use wgmesh_core::desired::{MeshInput, NodeInput, PeerInput, ReservedRange, SecretInput};
+use wgmesh_core::desired::{
+    MeshInput, NodeEndpoint, NodeInput, PeerInput, ReservedRange, SecretInput,
+};
 
 /// Secret values the controller has looked up, by reference.
 pub type Secrets = BTreeMap<SecretKeyRef, SecretInput>;
@@ -48,7 +50,47 @@ pub fn node_input(node: &Node, mesh: &WireGuardMesh, foreign: &ForeignPodCidrs) 
         pod_cidrs: pod_cidrs(node, mesh.spec.pod_cidr_source, foreign),
         rotate_key_request: node.annotations().get(ROTATE_KEY_ANNOTATION).cloned(),
         gateway: selector_matches(mesh.spec.gateway_selector.as_ref(), node.labels()),
+        endpoint: node_endpoint_choice(node, mesh),
     }
+}
+
+/// A Node annotation overriding where the other members reach the node: an address or a
+/// DNS name, optionally with `:port` (`[v6]:port` for an IPv6 address with a port).
+pub const ENDPOINT_ANNOTATION: &str = "wgmesh.io/endpoint";
+
+/// The endpoint a node's agent registered, kept on its node peer: `spec.endpoint` shows the
+/// endpoint the mesh chose, which may differ (an override, an address type preference).
+pub const REGISTERED_ENDPOINT_ANNOTATION: &str = "wgmesh.io/registered-endpoint";
+
+/// Where the other members reach a node: the Node's endpoint annotation, else its first
+/// address of the mesh's preferred types, else what its agent registered. An annotation that
+/// does not parse is ignored with a warning.
+pub fn node_endpoint_choice(node: &Node, mesh: &WireGuardMesh) -> NodeEndpoint {
+    if let Some(value) = node.annotations().get(ENDPOINT_ANNOTATION) {
+        match wgmesh_core::validate::parse_endpoint_host(value) {
+            Ok((host, port)) => return NodeEndpoint::Named { host, port },
+            Err(e) => {
+                tracing::warn!(node = %node.name_any(), annotation = ENDPOINT_ANNOTATION, error = %e, "ignoring the endpoint annotation");
+            }
+        }
+    }
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    mesh.spec
+        .endpoint_address_types
+        .iter()
+        .find_map(|wanted| {
+            addresses
+                .iter()
+                .filter(|a| a.type_ == wanted.as_str())
+                .find_map(|a| a.address.parse().ok())
+        })
+        .map(NodeEndpoint::Address)
+        .unwrap_or_default()
 }
 
 /// A Node annotation asking the node's agent for a new key; change its value to rotate again.
@@ -222,7 +264,15 @@ pub fn peer_input(
         seniority,
         public_key,
         allowed_ips,
-        endpoint: spec.endpoint.as_ref().map(|e| e.0.clone()),
+        // A node peer: what its agent registered; the desired mesh decides what to publish.
+        endpoint: match &spec.node {
+            Some(_) => peer
+                .annotations()
+                .get(REGISTERED_ENDPOINT_ANNOTATION)
+                .cloned()
+                .or_else(|| spec.endpoint.as_ref().map(|e| e.0.clone())),
+            None => spec.endpoint.as_ref().map(|e| e.0.clone()),
+        },
         last_seen_endpoint: status.and_then(|s| s.endpoint.clone()),
         persistent_keepalive: spec.persistent_keepalive.map(|k| clamp_u16(Some(k))),
         preshared_key: spec
@@ -525,6 +575,101 @@ mod tests {
                 .map(ToString::to_string)
                 .collect();
             assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn node_endpoint_choice_table() {
+        use k8s_openapi::api::core::v1::{NodeAddress, NodeStatus};
+        use wgmesh_api::NodeAddressType::{ExternalIP, InternalIP};
+        let with = |annotation: Option<&str>, addrs: &[(&str, &str)]| {
+            let mut n = node("n1", &[], None);
+            if let Some(a) = annotation {
+                n.metadata.annotations = Some(labels(&[(ENDPOINT_ANNOTATION, a)]));
+            }
+            n.status = Some(NodeStatus {
+                addresses: Some(
+                    addrs
+                        .iter()
+                        .map(|(t, a)| NodeAddress {
+                            type_: t.to_string(),
+                            address: a.to_string(),
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            });
+            n
+        };
+        let mesh_with = |types: Vec<wgmesh_api::NodeAddressType>| {
+            let mut m = WireGuardMesh::new("default", Default::default());
+            m.spec.endpoint_address_types = types;
+            m
+        };
+        let both = [
+            ("InternalIP", "192.168.1.2"),
+            ("Hostname", "n1"),
+            ("ExternalIP", "203.0.113.2"),
+        ];
+        let ip = |s: &str| NodeEndpoint::Address(s.parse().unwrap());
+        let cases = vec![
+            (
+                "no preference",
+                with(None, &both),
+                mesh_with(vec![]),
+                NodeEndpoint::Registered,
+            ),
+            (
+                "ExternalIP first",
+                with(None, &both),
+                mesh_with(vec![ExternalIP, InternalIP]),
+                ip("203.0.113.2"),
+            ),
+            (
+                "InternalIP first",
+                with(None, &both),
+                mesh_with(vec![InternalIP, ExternalIP]),
+                ip("192.168.1.2"),
+            ),
+            (
+                "no ExternalIP: the next type",
+                with(None, &[("InternalIP", "192.168.1.2")]),
+                mesh_with(vec![ExternalIP, InternalIP]),
+                ip("192.168.1.2"),
+            ),
+            (
+                "none of the types: registered",
+                with(None, &[("InternalIP", "192.168.1.2")]),
+                mesh_with(vec![ExternalIP]),
+                NodeEndpoint::Registered,
+            ),
+            (
+                "the annotation wins",
+                with(Some("n1.example.com:4500"), &both),
+                mesh_with(vec![ExternalIP]),
+                NodeEndpoint::Named {
+                    host: "n1.example.com".into(),
+                    port: Some(4500),
+                },
+            ),
+            (
+                "an address without port",
+                with(Some("198.51.100.9"), &both),
+                mesh_with(vec![]),
+                NodeEndpoint::Named {
+                    host: "198.51.100.9".into(),
+                    port: None,
+                },
+            ),
+            (
+                "a bad annotation is ignored",
+                with(Some("not an endpoint!"), &both),
+                mesh_with(vec![ExternalIP]),
+                ip("203.0.113.2"),
+            ),
+        ];
+        for (name, node, mesh, want) in cases {
+            assert_eq!(node_endpoint_choice(&node, &mesh), want, "{name}");
         }
     }
 }

@@ -159,19 +159,27 @@ impl MeshService for MeshServer {
             )));
         }
         self.check_key_is_free(&key, &name, &req.node).await?;
+        let registered = endpoint_string(address, port);
+        // What the other members are told: the Node's or the mesh's choice, else this.
+        let endpoint = wgmesh_core::desired::node_endpoint(
+            &convert::node_endpoint_choice(&node, &mesh),
+            Some(&registered),
+        )
+        .unwrap_or_else(|| registered.clone());
         let apply = json!({
             "apiVersion": "wgmesh.io/v1alpha1",
             "kind": "WireGuardPeer",
             "metadata": {
                 "name": name,
                 "labels": { "wgmesh.io/node": req.node, "wgmesh.io/mesh": req.mesh },
+                "annotations": { convert::REGISTERED_ENDPOINT_ANNOTATION: registered },
                 "ownerReferences": [node_owner(&node)],
             },
             "spec": {
                 "mesh": req.mesh,
                 "node": req.node,
                 "publicKey": key.to_base64(),
-                "endpoint": endpoint_string(address, port),
+                "endpoint": endpoint,
             }
         });
         let patched = api

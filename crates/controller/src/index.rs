@@ -328,6 +328,7 @@ mod tests {
             pod_cidrs: vec![format!("10.244.{n}.0/24").parse().unwrap()],
             rotate_key_request: None,
             gateway: n == 1,
+            endpoint: Default::default(),
         };
         let peer = |n: u8, node: Option<String>, allowed: &str| PeerInput {
             name: node.clone().unwrap_or_else(|| "site".into()),

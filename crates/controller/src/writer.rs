@@ -216,11 +216,18 @@ impl Writer {
                 if !convert::is_owned_node_peer(peer, node.map(|n| &**n)) {
                     continue;
                 }
+                // The endpoint the desired mesh publishes for it (its Node's or the mesh's
+                // choice), shown in spec.endpoint for humans and `kubectl wgmesh`.
+                let endpoint = mesh.and_then(|(_, desired)| {
+                    let key = peer.spec.public_key.parse().ok()?;
+                    desired.peers.get(&key)?.endpoint.clone()
+                });
                 self.sync_node_peer(
                     peer,
                     mesh.map(|(m, _)| &**m),
                     node,
                     &addresses,
+                    endpoint.as_deref(),
                     &snapshot.foreign_pod_cidrs,
                 )
                 .await;
@@ -305,7 +312,8 @@ impl Writer {
         }
     }
 
-    /// Keeps a node peer's `spec.allowedIPs` equal to its tunnel addresses and pod CIDRs, and
+    /// Keeps a node peer's `spec.allowedIPs` equal to its tunnel addresses and pod CIDRs and
+    /// its `spec.endpoint` to the one the desired mesh publishes, and
     /// deletes the node peer when its Node is gone or left the mesh's selector.
     async fn sync_node_peer(
         &mut self,
@@ -313,6 +321,7 @@ impl Writer {
         mesh: Option<&WireGuardMesh>,
         node: Option<&Arc<Node>>,
         addresses: &[IpAddr],
+        endpoint: Option<&str>,
         foreign: &convert::ForeignPodCidrs,
     ) {
         let api: Api<WireGuardPeer> = Api::all(self.client.clone());
@@ -344,10 +353,23 @@ impl Writer {
             .map(ToString::to_string)
             .collect();
         let have: Vec<String> = peer.spec.allowed_ips.iter().map(|c| c.0.clone()).collect();
-        if want == have {
+        let have_endpoint = peer.spec.endpoint.as_ref().map(|e| e.0.as_str());
+        let endpoint = endpoint.or(have_endpoint);
+        if want == have && endpoint == have_endpoint {
             return;
         }
-        let patch = json!({ "spec": { "allowedIPs": want } });
+        let mut patch = json!({ "spec": { "allowedIPs": want, "endpoint": endpoint } });
+        // Node peers from before the annotation: keep what the agent registered before
+        // spec.endpoint shows another choice.
+        if !peer
+            .annotations()
+            .contains_key(convert::REGISTERED_ENDPOINT_ANNOTATION)
+            && let Some(registered) = have_endpoint
+        {
+            patch["metadata"] = json!({ "annotations": {
+                convert::REGISTERED_ENDPOINT_ANNOTATION: registered
+            }});
+        }
         if let Err(e) = api
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await

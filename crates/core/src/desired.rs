@@ -125,6 +125,41 @@ pub struct NodeInput {
     /// Whether the node matches the mesh's gateway selector (true when there is none):
     /// external peers attach to gateway nodes only.
     pub gateway: bool,
+    /// Where the other members reach the node.
+    pub endpoint: NodeEndpoint,
+}
+
+/// Where the other members reach a node, as its Node and the mesh choose.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NodeEndpoint {
+    /// The address its agent registered (the Node's InternalIP unless the agent says
+    /// otherwise).
+    #[default]
+    Registered,
+    /// One of the Node's addresses, picked by the mesh's `endpointAddressTypes`.
+    Address(IpAddr),
+    /// The Node's `wgmesh.io/endpoint` annotation: an address or a DNS name (agents resolve
+    /// it again periodically), and its port if it names one.
+    Named { host: String, port: Option<u16> },
+}
+
+/// A node's endpoint: the choice of its Node and mesh, with the port the node registered
+/// where the choice names none. `None` until the node has registered (no port is known).
+pub fn node_endpoint(choice: &NodeEndpoint, registered: Option<&str>) -> Option<String> {
+    let registered_port = || {
+        registered?
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+    };
+    let host_port = |host: &str, port: u16| match host.parse::<IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{host}:{port}"),
+    };
+    match choice {
+        NodeEndpoint::Registered => registered.map(str::to_owned),
+        NodeEndpoint::Address(ip) => Some(host_port(&ip.to_string(), registered_port()?)),
+        NodeEndpoint::Named { host, port } => Some(host_port(host, port.or_else(registered_port)?)),
+    }
 }
 
 /// A `WireGuardPeer` as far as the mesh is concerned, already parsed.
@@ -621,7 +656,10 @@ fn judge(
 
 fn desired_peer(mesh: &MeshInput, peer: &PeerInput, node: Option<&NodeInput>) -> DesiredPeer {
     let endpoint = if peer.node.is_some() {
-        peer.endpoint.clone()
+        match node {
+            Some(node) => node_endpoint(&node.endpoint, peer.endpoint.as_deref()),
+            None => peer.endpoint.clone(),
+        }
     } else if peer.responder {
         None
     } else {

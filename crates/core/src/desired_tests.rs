@@ -30,6 +30,7 @@ pub(crate) fn node(name: &str, pod_cidr: &str) -> NodeInput {
         pod_cidrs: cidrs(&[pod_cidr]),
         rotate_key_request: None,
         gateway: true,
+        endpoint: NodeEndpoint::Registered,
     }
 }
 
@@ -738,4 +739,90 @@ fn node_claim_ownership_table() {
             assert!(!d.peers.contains_key(&key(3)), "{what}: never programmed");
         }
     }
+}
+
+#[test]
+fn node_endpoint_table() {
+    let named = |host: &str, port: Option<u16>| NodeEndpoint::Named {
+        host: host.into(),
+        port,
+    };
+    let v4: IpAddr = "203.0.113.7".parse().unwrap();
+    let v6: IpAddr = "2001:db8::7".parse().unwrap();
+    let cases: Vec<(&str, NodeEndpoint, Option<&str>, Option<&str>)> = vec![
+        (
+            "registered",
+            NodeEndpoint::Registered,
+            Some("192.168.1.2:51820"),
+            Some("192.168.1.2:51820"),
+        ),
+        ("not registered yet", NodeEndpoint::Registered, None, None),
+        (
+            "an ExternalIP, the registered port",
+            NodeEndpoint::Address(v4),
+            Some("192.168.1.2:51821"),
+            Some("203.0.113.7:51821"),
+        ),
+        (
+            "an IPv6 address gets brackets",
+            NodeEndpoint::Address(v6),
+            Some("[fd00::2]:51820"),
+            Some("[2001:db8::7]:51820"),
+        ),
+        (
+            "an address before registration",
+            NodeEndpoint::Address(v4),
+            None,
+            None,
+        ),
+        (
+            "a name with its own port",
+            named("n1.example.com", Some(4500)),
+            None,
+            Some("n1.example.com:4500"),
+        ),
+        (
+            "a name, the registered port",
+            named("n1.example.com", None),
+            Some("192.168.1.2:51820"),
+            Some("n1.example.com:51820"),
+        ),
+        (
+            "a name, nothing registered",
+            named("n1.example.com", None),
+            None,
+            None,
+        ),
+        (
+            "an IPv6 literal by annotation",
+            named("2001:db8::9", Some(1)),
+            None,
+            Some("[2001:db8::9]:1"),
+        ),
+    ];
+    for (name, choice, registered, want) in cases {
+        assert_eq!(
+            node_endpoint(&choice, registered).as_deref(),
+            want,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_node_peer_is_published_at_the_endpoint_its_node_chooses() {
+    let mut nodes = vec![node("n1", "10.244.1.0/24"), node("n2", "10.244.2.0/24")];
+    nodes[1].endpoint = NodeEndpoint::Named {
+        host: "n2.example.com".into(),
+        port: None,
+    };
+    let mut peers = vec![node_peer("n1", 1), node_peer("n2", 2)];
+    peers[1].endpoint = Some("192.168.1.2:51820".into());
+    let desired = compute(&mesh(), &nodes, &peers);
+    let n2 = desired
+        .peers
+        .values()
+        .find(|p| p.node.as_deref() == Some("n2"))
+        .unwrap();
+    assert_eq!(n2.endpoint.as_deref(), Some("n2.example.com:51820"));
 }

@@ -99,6 +99,40 @@ pub fn check_endpoint(s: &str) -> Result<(), String> {
     }
 }
 
+/// An endpoint whose port may be left out (the peer's listen port is then used): anything
+/// [`check_endpoint`] takes, or a bare IPv4 or IPv6 address or host name. Returns the host
+/// (an IPv6 address without brackets) and the port if given.
+pub fn parse_endpoint_host(s: &str) -> Result<(String, Option<u16>), String> {
+    let s = s.trim();
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok((ip.to_string(), None));
+    }
+    if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']'))
+        && let Ok(ip) = inner.parse::<Ipv6Addr>()
+    {
+        return Ok((ip.to_string(), None));
+    }
+    if s.is_empty() {
+        return Err(
+            "empty endpoint: expected an address or host name, and an optional port".into(),
+        );
+    }
+    if !s.contains(':') {
+        if !looks_numeric(s) && is_host_name(s) {
+            return Ok((s.to_owned(), None));
+        }
+        return Err(format!(
+            "invalid endpoint {}: not an IP address or host name",
+            show(s)
+        ));
+    }
+    check_endpoint(s)?;
+    let (host, port) = s.rsplit_once(':').expect("a checked endpoint has a port");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = parse_digits::<u16>(port).expect("a checked endpoint's port is a number");
+    Ok((host.to_owned(), Some(port)))
+}
+
 /// A byte of a name the kernel knows a thing by: an interface (an IPv6 zone) or a routing table.
 pub(crate) fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.'
@@ -131,6 +165,39 @@ pub(crate) fn show(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_hosts_with_and_without_port() {
+        type Want<'a> = Result<(&'a str, Option<u16>), &'a str>;
+        let cases: &[(&str, Want)] = &[
+            ("192.0.2.7", Ok(("192.0.2.7", None))),
+            ("192.0.2.7:51821", Ok(("192.0.2.7", Some(51821)))),
+            ("fd00::7", Ok(("fd00::7", None))),
+            ("[fd00::7]", Ok(("fd00::7", None))),
+            ("[fd00::7]:51821", Ok(("fd00::7", Some(51821)))),
+            ("node-1.example.com", Ok(("node-1.example.com", None))),
+            (
+                " node-1.example.com:4500 ",
+                Ok(("node-1.example.com", Some(4500))),
+            ),
+            ("", Err("empty")),
+            ("192.0.2", Err("not an IP address or host name")),
+            ("node:0", Err("not 1-65535")),
+            ("fd00::7:51820:x", Err("an IPv6 endpoint is written")),
+            ("bad name!", Err("not an IP address or host name")),
+            ("[fd00::7", Err("unclosed")),
+        ];
+        for (input, want) in cases {
+            let got = parse_endpoint_host(input);
+            match (want, &got) {
+                (Ok((host, port)), Ok((h, p))) => {
+                    assert_eq!((h.as_str(), *p), (*host, *port), "{input:?}")
+                }
+                (Err(part), Err(e)) => assert!(e.contains(part), "{input:?}: {e}"),
+                _ => panic!("{input:?}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
 
     #[derive(Clone, Copy)]
     enum Kind {

@@ -159,8 +159,11 @@ impl Agent {
         self.metrics.set_connected(true);
         let mut tick = tokio::time::interval(Duration::from_secs(self.args.report_interval.max(1)));
         let mut membership = tokio::time::interval(REREGISTER);
+        let refresh_every = self.args.endpoint_refresh_seconds;
+        let mut refresh = tokio::time::interval(Duration::from_secs(refresh_every.max(1)));
         loop {
             tokio::select! {
+                _ = refresh.tick(), if refresh_every > 0 => self.refresh_endpoints().await,
                 _ = membership.tick() => {
                     // Registration pending (or refused): say we are here again. A node the
                     // mesh said left (deleted, deselected, mesh gone) waits for the stream to
@@ -213,6 +216,24 @@ impl Agent {
                 }
                 _ = tick.tick() => self.report(&mut client).await?,
             }
+        }
+    }
+
+    /// Resolves the programmed peers' DNS endpoints again and moves a peer whose name now
+    /// resolves elsewhere (a node or site that changed address). Nothing else changes: the
+    /// device diff sees only the endpoints that moved.
+    async fn refresh_endpoints(&mut self) {
+        let named = self
+            .programmed
+            .peers
+            .values()
+            .any(|p| p.endpoint.as_deref().is_some_and(is_dns_endpoint));
+        if !named || self.device.is_none() {
+            return;
+        }
+        let programmed = self.programmed.clone();
+        if let Err(e) = self.reconcile(&programmed).await {
+            tracing::warn!(error = %e, "re-resolving peer endpoints failed");
         }
     }
 
@@ -587,6 +608,11 @@ async fn controller_addresses(url: &str) -> Vec<std::net::IpAddr> {
 /// The interface name when nothing better is known.
 fn wgmesh_api_default_interface() -> String {
     "wgmesh0".to_owned()
+}
+
+/// An endpoint naming a host (resolved through DNS) rather than an address.
+fn is_dns_endpoint(endpoint: &str) -> bool {
+    endpoint.parse::<SocketAddr>().is_err()
 }
 
 /// `ip:port` or `[v6]:port` directly; `host:port` through the resolver. Unresolvable: none

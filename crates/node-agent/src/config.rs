@@ -76,6 +76,12 @@ pub struct RunArgs {
     #[arg(long, env = "NODE_IP")]
     pub endpoint_address: Option<IpAddr>,
 
+    /// Seconds between resolutions of peers' DNS endpoints (nodes with a DNS name in their
+    /// `wgmesh.io/endpoint` annotation, external peers), so a name whose address changes is
+    /// followed; 0: resolve only when the mesh changes.
+    #[arg(long, env = "WGMESH_ENDPOINT_REFRESH_SECONDS", default_value_t = 30)]
+    pub endpoint_refresh_seconds: u64,
+
     /// WireGuard implementation; overrides the mesh's `backend`.
     #[arg(long, env = "WGMESH_BACKEND", value_enum)]
     pub backend: Option<Requested>,

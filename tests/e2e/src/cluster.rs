@@ -22,6 +22,18 @@ pub async fn create_node(
     internal_ip: &str,
     labels: &[(&str, &str)],
 ) -> Result<Node> {
+    create_node_with_addresses(client, name, pod_cidrs, &[internal_ip], labels).await
+}
+
+/// Creates a Node with pod CIDRs, InternalIPs (a dual-stack node has one of each family, the
+/// first is its `hostIP`) and labels.
+pub async fn create_node_with_addresses(
+    client: &kube::Client,
+    name: &str,
+    pod_cidrs: &[&str],
+    internal_ips: &[&str],
+    labels: &[(&str, &str)],
+) -> Result<Node> {
     let node = Node {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -45,10 +57,15 @@ pub async fn create_node(
     // Addresses live in status, which create ignores.
     let mut with_status = created.clone();
     with_status.status = Some(NodeStatus {
-        addresses: Some(vec![NodeAddress {
-            type_: "InternalIP".into(),
-            address: internal_ip.into(),
-        }]),
+        addresses: Some(
+            internal_ips
+                .iter()
+                .map(|ip| NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: ip.to_string(),
+                })
+                .collect(),
+        ),
         ..Default::default()
     });
     Ok(api
