@@ -30,6 +30,7 @@ use crate::ControlPlane;
 use crate::cluster;
 use crate::controller::Controller;
 use crate::helm::{Helm, NAMESPACE};
+use crate::netns::sh;
 use crate::netns::{
     Netns, RootLink, UnderlayLinks, cni_add_conflist, cni_add_pod, underlay_router, veth_to_bridge,
 };
@@ -66,6 +67,9 @@ pub struct TestMesh {
     pub nodes: Vec<TestNode>,
     pub controller: Option<Controller>,
     pub mode: NetworkMode,
+    /// Dual-stack meshes: the underlay's IPv6 /64 prefix (`fd00:<octet>:`), whose `::<i>` is
+    /// node `i`, `::fd` the router and `::fe` the host.
+    pub underlay6: Option<String>,
     pub client: kube::Client,
     /// The underlay's /24 prefix, such as `192.168.101`.
     pub underlay: String,
@@ -78,6 +82,34 @@ pub struct TestMesh {
     dir: ScratchDir,
     /// Holds the underlay's /24 for this mesh (see [`reserve_underlay`]); released last.
     _underlay_lock: File,
+}
+
+/// How a test mesh is made; `Default` is [`TestMesh::start`]'s.
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    pub mode: NetworkMode,
+    /// Chart values merged over the test's (objects key by key), as a user's `--values`
+    /// file would add them.
+    pub values: serde_json::Value,
+    /// Nodes, pods and the underlay get IPv6 addresses too: each Node has an IPv6 InternalIP
+    /// and pod CIDR `fd00:10:244:<i>::/64` after the IPv4 ones, and the underlay router
+    /// routes those back as it does the IPv4 ones.
+    pub dual_stack: bool,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        MeshOptions {
+            mode: NetworkMode::Cni,
+            values: serde_json::json!({}),
+            dual_stack: false,
+        }
+    }
+}
+
+/// The IPv6 underlay prefix of the mesh whose IPv4 underlay is `192.168.<octet>`.
+fn underlay6(octet: u8) -> String {
+    format!("fd00:{octet}:")
 }
 
 /// The underlay router's last octet.
@@ -131,16 +163,22 @@ impl TestMesh {
     }
 
     pub async fn start_in(n: usize, mode: NetworkMode) -> Result<Self> {
-        Self::start_with_values(n, mode, serde_json::json!({})).await
+        Self::start_with(
+            n,
+            MeshOptions {
+                mode,
+                ..Default::default()
+            },
+        )
+        .await
     }
 
-    /// A mesh whose chart values are the test's plus `extra` (merged over them, objects key
-    /// by key), as a user's `--values` file would add them.
-    pub async fn start_with_values(
-        n: usize,
-        mode: NetworkMode,
-        extra: serde_json::Value,
-    ) -> Result<Self> {
+    pub async fn start_with(n: usize, options: MeshOptions) -> Result<Self> {
+        let MeshOptions {
+            mode,
+            values: extra,
+            dual_stack,
+        } = options;
         let (octet, underlay_lock) = reserve_underlay()?;
         // Unique while the lock is held; the letter keeps it apart from the numeric ids of
         // older harnesses (process id and sequence).
@@ -166,6 +204,32 @@ impl TestMesh {
             "agent": {"reportInterval": 2, "logLevel": "info,wgmesh_agent=debug"},
         });
         let values_json = merge_values(values_json, extra);
+        if dual_stack {
+            // The underlay carries IPv6 too: the host, the router and (in add_node) every node.
+            let v6 = |host: u8| format!("{}:{host:x}", underlay6(octet));
+            sh(
+                "ip",
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{}/64", v6(254)),
+                    "dev",
+                    &format!("wgm{id}br"),
+                    "nodad",
+                ],
+            )?;
+            router.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", v6(ROUTER_OCTET)),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
         std::fs::write(&values, values_json.to_string())?;
         Helm::new()?.install(&cp, &["--values", &values.display().to_string()])?;
         let installed = Installed::read(&client).await?;
@@ -226,6 +290,7 @@ impl TestMesh {
             nodes: Vec::new(),
             controller: Some(controller),
             mode,
+            underlay6: dual_stack.then(|| underlay6(octet)),
             client,
             underlay,
             id,
@@ -274,6 +339,34 @@ impl TestMesh {
         let pod_cidr = format!("10.244.{i}.0/24");
         self.router
             .ip(&["route", "replace", &pod_cidr, "via", &node_ip])?;
+        let mut pod_cidrs = vec![pod_cidr.clone()];
+        let mut addresses = vec![node_ip.clone()];
+        if let Some(prefix) = &self.underlay6 {
+            let node_ip6 = format!("{prefix}:{i:x}");
+            let pod_cidr6 = format!("fd00:10:244:{i:x}::/64");
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{node_ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{prefix}:{ROUTER_OCTET:x}"),
+            ])?;
+            self.router
+                .ip(&["-6", "route", "replace", &pod_cidr6, "via", &node_ip6])?;
+            pod_cidrs.push(pod_cidr6);
+            addresses.push(node_ip6);
+        }
         let pod_ip = match self.mode {
             // The other CNI's bridge, there before wgmesh.
             NetworkMode::Addon => {
@@ -283,7 +376,10 @@ impl TestMesh {
             // Attached once the agent has written the conflist.
             NetworkMode::Cni => String::new(),
         };
-        cluster::create_node(&self.client, &name, &[&pod_cidr], &node_ip, &[]).await?;
+        let pod_cidrs: Vec<&str> = pod_cidrs.iter().map(String::as_str).collect();
+        let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+        cluster::create_node_with_addresses(&self.client, &name, &pod_cidrs, &addresses, &[])
+            .await?;
         self.nodes.push(TestNode {
             name,
             index: i,
@@ -384,6 +480,53 @@ impl TestMesh {
         let ip = cni_add_conflist(&node.ns, &node.pod, &path, &plugin_dir, &data_dir)?;
         self.nodes[i].pod_ip = ip;
         Ok(())
+    }
+
+    /// Every pod reaches every other pod's TCP echo server on `port` within `timeout`; on
+    /// failure, the N x N matrix is printed.
+    pub fn pod_matrix(&self, port: u16, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut failures = Vec::new();
+            let mut table = String::from("from\\to");
+            for n in &self.nodes {
+                table += &format!("\t{}", n.name);
+            }
+            for (i, from) in self.nodes.iter().enumerate() {
+                table += &format!("\n{}", from.name);
+                for (j, to) in self.nodes.iter().enumerate() {
+                    if i == j {
+                        table += "\t-";
+                        continue;
+                    }
+                    let to_addr = std::net::SocketAddr::new(
+                        to.pod_ip.parse().context("a pod address")?,
+                        port,
+                    );
+                    let r = crate::netns::echo_roundtrip(
+                        &from.pod,
+                        to_addr,
+                        b"ping".to_vec(),
+                        Duration::from_secs(2),
+                    );
+                    table += if r.is_ok() { "\tok" } else { "\tFAIL" };
+                    if let Err(e) = r {
+                        failures.push(format!("{} -> {}: {e}", from.name, to.name));
+                    }
+                }
+            }
+            if failures.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "pod-to-pod matrix:\n{table}\n{}\n{}",
+                    failures.join("\n"),
+                    self.agent_logs(15)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// Starts node `i`'s agent inside its namespace.

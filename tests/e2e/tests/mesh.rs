@@ -23,48 +23,6 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
     format!("{ip}:{port}").parse().expect("a socket address")
 }
 
-/// Every pod reaches every other pod over TCP; on failure, the N x N matrix is printed.
-fn pod_matrix(mesh: &TestMesh, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut failures = Vec::new();
-        let mut table = String::from("from\\to");
-        for n in &mesh.nodes {
-            table += &format!("\t{}", n.name);
-        }
-        for (i, from) in mesh.nodes.iter().enumerate() {
-            table += &format!("\n{}", from.name);
-            for (j, to) in mesh.nodes.iter().enumerate() {
-                if i == j {
-                    table += "\t-";
-                    continue;
-                }
-                let r = echo_roundtrip(
-                    &from.pod,
-                    addr(&to.pod_ip, ECHO_PORT),
-                    b"ping".to_vec(),
-                    Duration::from_secs(2),
-                );
-                table += if r.is_ok() { "\tok" } else { "\tFAIL" };
-                if let Err(e) = r {
-                    failures.push(format!("{} -> {}: {e}", from.name, to.name));
-                }
-            }
-        }
-        if failures.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "pod-to-pod matrix:\n{table}\n{}\n{}",
-                failures.join("\n"),
-                mesh.agent_logs(15)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 /// Captures node `from`'s underlay link while pod `from` sends a marker to pod `to`: the
 /// marker never appears, the transfer is WireGuard UDP, and nothing else crosses between
 /// nodes (the controller's gRPC aside).
@@ -136,7 +94,7 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
     }
 
     // 1. Every pod reaches every other pod.
-    pod_matrix(&mesh, Duration::from_secs(30))?;
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(30))?;
 
     // 2. On the underlay, a transfer of a marker shows only WireGuard UDP, never the marker.
     assert_transfer_encrypted(&mesh, 0, 1)?;
@@ -181,7 +139,7 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
         key0,
         "the restarted agent kept its key"
     );
-    pod_matrix(&mesh, Duration::from_secs(30))?;
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(30))?;
     let after = mesh
         .wg_peers(1)?
         .into_iter()
@@ -241,7 +199,7 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
         Ok(mesh.wg_peers(0)?.len() == 2 && mesh.routes(0)?.contains("10.244.3.0/24"))
     })
     .await?;
-    pod_matrix(&mesh, Duration::from_secs(30))?;
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(30))?;
 
     // 7. Key rotation by Node annotation: the agent makes a new key and the mesh learns it.
     let old_key = mesh.public_key(1)?;
@@ -260,7 +218,7 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
         },
     )
     .await?;
-    pod_matrix(&mesh, Duration::from_secs(30))?;
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(30))?;
 
     // 8. A foreign peer: Debian's wireguard-go, configured only with `wg`, peers with node-1.
     interop_with_wireguard_go(&mesh).await?;

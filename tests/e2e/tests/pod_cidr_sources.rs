@@ -25,8 +25,8 @@ use kube::api::{
 use serde_json::json;
 use wgmesh_api::WireGuardPeer;
 use wgmesh_e2e::chaos::watcher::Watcher;
-use wgmesh_e2e::mesh::{NetworkMode, TestMesh};
-use wgmesh_e2e::netns::{echo_roundtrip, echo_server};
+use wgmesh_e2e::mesh::{MeshOptions, NetworkMode, TestMesh};
+use wgmesh_e2e::netns::echo_server;
 
 const ECHO_PORT: u16 = 7000;
 const TUNNEL_CIDR: &str = "10.250.0.0/16";
@@ -42,10 +42,13 @@ async fn pod_cidrs_from_calico_cilium_the_annotation_and_the_node() -> Result<()
         eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
         return Ok(());
     }
-    let mesh = TestMesh::start_with_values(
+    let mesh = TestMesh::start_with(
         3,
-        NetworkMode::Addon,
-        json!({"rbac": {"podCIDRSources": ["calico", "cilium"]}}),
+        MeshOptions {
+            mode: NetworkMode::Addon,
+            values: json!({"rbac": {"podCIDRSources": ["calico", "cilium"]}}),
+            ..Default::default()
+        },
     )
     .await?;
     mesh.wait_peer_counts(2, Duration::from_secs(60)).await?;
@@ -64,13 +67,13 @@ async fn pod_cidrs_from_calico_cilium_the_annotation_and_the_node() -> Result<()
     // The default source: Node.spec.podCIDRs.
     let node_spec = each(&|i| vec![format!("10.244.{i}.0/24")]);
     wait_pod_cidrs(&mesh, &node_spec, "Node.spec.podCIDRs").await?;
-    pod_matrix(&mesh)?;
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
 
     // Calico before Calico: nothing to list, so the mesh is held as it is.
     set_source(&mesh, "calico").await?;
     tokio::time::sleep(Duration::from_secs(6)).await;
     wait_pod_cidrs(&mesh, &node_spec, "held while Calico's CRD is missing").await?;
-    pod_matrix(&mesh)?;
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
     let controller = mesh.controller.as_ref().context("the controller runs")?;
     let log = std::fs::read_to_string(controller.log_path())?;
     assert!(
@@ -108,14 +111,14 @@ async fn pod_cidrs_from_calico_cilium_the_annotation_and_the_node() -> Result<()
     let mut calico = each(&|i| vec![format!("10.244.{i}.0/26")]);
     calico[0].push("10.244.101.0/26".into());
     wait_pod_cidrs(&mesh, &calico, "Calico's host-affine blocks").await?;
-    pod_matrix(&mesh)?;
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
     // Calico releases node-1's second block.
     blocks
         .delete("10-244-101-0-26", &DeleteParams::default())
         .await?;
     calico[0].pop();
     wait_pod_cidrs(&mesh, &calico, "a released block gone").await?;
-    pod_matrix(&mesh)?;
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
 
     // Cilium's IPAM: the CiliumNode of each node.
     create_crd(
@@ -141,7 +144,7 @@ async fn pod_cidrs_from_calico_cilium_the_annotation_and_the_node() -> Result<()
     set_source(&mesh, "cilium").await?;
     let cilium = each(&|i| vec![format!("10.244.{i}.0/25")]);
     wait_pod_cidrs(&mesh, &cilium, "CiliumNodes' spec.ipam.podCIDRs").await?;
-    pod_matrix(&mesh)?;
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
 
     // An IPAM that writes nowhere Kubernetes can read: the Node annotation.
     let nodes: Api<Node> = Api::all(mesh.client.clone());
@@ -163,11 +166,11 @@ async fn pod_cidrs_from_calico_cilium_the_annotation_and_the_node() -> Result<()
         ]
     });
     wait_pod_cidrs(&mesh, &annotated, "the wgmesh.io/pod-cidrs annotation").await?;
-    pod_matrix(&mesh)?;
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
 
     set_source(&mesh, "node").await?;
     wait_pod_cidrs(&mesh, &node_spec, "back to Node.spec.podCIDRs").await?;
-    pod_matrix(&mesh)?;
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
 
     let counts = watcher.poll()?;
     let plaintext: u64 = counts.iter().map(|c| c.plaintext).sum();
@@ -255,35 +258,6 @@ fn device_allowed_ips(mesh: &TestMesh, on: usize, key: &str) -> Result<Vec<Strin
         .with_context(|| format!("no peer {key} on node {on}:\n{dump}"))?;
     let allowed = line.split('\t').nth(3).unwrap_or_default();
     Ok(pod_part(allowed.split(',').map(str::to_owned)))
-}
-
-/// Every pod reaches every other pod's echo server.
-fn pod_matrix(mesh: &TestMesh) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for from in &mesh.nodes {
-        for to in mesh.nodes.iter().filter(|t| t.name != from.name) {
-            loop {
-                match echo_roundtrip(
-                    &from.pod,
-                    addr(&to.pod_ip, ECHO_PORT),
-                    b"ping".to_vec(),
-                    Duration::from_secs(2),
-                ) {
-                    Ok(()) => break,
-                    Err(e) if Instant::now() > deadline => {
-                        bail!(
-                            "{} -> {}: {e:#}\n{}",
-                            from.name,
-                            to.name,
-                            mesh.agent_logs(10)
-                        )
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(300)),
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Creates a CRD from its YAML and waits until the API server serves it.

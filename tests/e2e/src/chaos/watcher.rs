@@ -1,5 +1,5 @@
 //! The plaintext watcher: a capture on every node's underlay link (tcpdump writing pcap, read
-//! back here as it grows), counting IPv4 packets whose source and destination are both in
+//! back here as it grows), counting IPv4 and IPv6 packets whose source and destination are both in
 //! the protected ranges (pod CIDRs, tunnel addresses). Encrypted mesh traffic is UDP between
 //! node addresses, which are never in those ranges, so every such packet is pod traffic in
 //! the clear.
@@ -7,7 +7,7 @@
 //! Only what a node sends is counted (direction "in" on the root end of its link): a leaked
 //! packet forwarded by the underlay router to another node is counted once, on its sender.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
@@ -17,21 +17,28 @@ use anyhow::{Context, Result, bail};
 
 use crate::process::ChildGuard;
 
-/// An IPv4 network, such as `10.244.0.0/16`.
+/// An IPv4 or IPv6 network, such as `10.244.0.0/16` or `fd00:10:244::/48`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
-    net: u32,
+    net: IpAddr,
     len: u8,
 }
 
 impl Cidr {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.len)
-        };
-        u32::from(ip) & mask == self.net & mask
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn masked(bits: u128, width: u8, len: u8) -> u128 {
+            if len == 0 { 0 } else { bits >> (width - len) }
+        }
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                masked(u32::from(n).into(), 32, self.len)
+                    == masked(u32::from(a).into(), 32, self.len)
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                masked(n.into(), 128, self.len) == masked(a.into(), 128, self.len)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -39,51 +46,57 @@ impl FromStr for Cidr {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         let (ip, len) = s.split_once('/').context("a CIDR needs a prefix length")?;
-        let ip: Ipv4Addr = ip.parse()?;
+        let ip: IpAddr = ip.parse()?;
         let len: u8 = len.parse()?;
-        if len > 32 {
-            bail!("prefix length {len} > 32");
+        let width = if ip.is_ipv4() { 32 } else { 128 };
+        if len > width {
+            bail!("prefix length {len} > {width}");
         }
-        Ok(Cidr {
-            net: ip.into(),
-            len,
-        })
+        Ok(Cidr { net: ip, len })
     }
 }
 
-/// An IPv4 packet's source, destination and protocol number.
+/// An IP packet's source, destination and protocol (IPv6: the first next header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ipv4Header {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+pub struct IpHeader {
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub protocol: u8,
 }
 
-/// The IPv4 header of an Ethernet frame (802.1Q tags skipped); `None` for anything else.
-pub fn ipv4_of_frame(frame: &[u8]) -> Option<Ipv4Header> {
+/// The IPv4 or IPv6 header of an Ethernet frame (802.1Q tags skipped); `None` for anything
+/// else.
+pub fn ip_of_frame(frame: &[u8]) -> Option<IpHeader> {
     let mut at = 12;
     let mut ethertype = u16::from_be_bytes(frame.get(at..at + 2)?.try_into().ok()?);
     while ethertype == 0x8100 || ethertype == 0x88a8 {
         at += 4;
         ethertype = u16::from_be_bytes(frame.get(at..at + 2)?.try_into().ok()?);
     }
-    if ethertype != 0x0800 {
-        return None;
-    }
     let ip = frame.get(at + 2..)?;
-    if ip.len() < 20 || ip[0] >> 4 != 4 {
-        return None;
+    match ethertype {
+        0x0800 if ip.len() >= 20 && ip[0] >> 4 == 4 => {
+            let addr = |o: usize| Some(IpAddr::from(<[u8; 4]>::try_from(&ip[o..o + 4]).ok()?));
+            Some(IpHeader {
+                src: addr(12)?,
+                dst: addr(16)?,
+                protocol: ip[9],
+            })
+        }
+        0x86dd if ip.len() >= 40 && ip[0] >> 4 == 6 => {
+            let addr = |o: usize| Some(IpAddr::from(<[u8; 16]>::try_from(&ip[o..o + 16]).ok()?));
+            Some(IpHeader {
+                src: addr(8)?,
+                dst: addr(24)?,
+                protocol: ip[6],
+            })
+        }
+        _ => None,
     }
-    let addr = |o: usize| Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]);
-    Some(Ipv4Header {
-        src: addr(12),
-        dst: addr(16),
-        protocol: ip[9],
-    })
 }
 
 /// Whether a packet is pod traffic in the clear: both ends in the protected ranges.
-pub fn is_plaintext(header: &Ipv4Header, protected: &[Cidr]) -> bool {
+pub fn is_plaintext(header: &IpHeader, protected: &[Cidr]) -> bool {
     let inside = |ip| protected.iter().any(|c| c.contains(ip));
     inside(header.src) && inside(header.dst)
 }
@@ -247,7 +260,7 @@ impl Watcher {
             tap.offset += used;
             for frame in records {
                 tap.count.packets += 1;
-                if let Some(h) = ipv4_of_frame(frame)
+                if let Some(h) = ip_of_frame(frame)
                     && is_plaintext(&h, &self.protected)
                 {
                     tap.count.plaintext += 1;
@@ -324,6 +337,11 @@ mod tests {
         assert!(host.contains("10.250.0.1".parse().unwrap()));
         assert!(!host.contains("10.250.0.2".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        let v6: Cidr = "fd00:10:244::/48".parse().unwrap();
+        assert!(v6.contains("fd00:10:244:7::2".parse().unwrap()));
+        assert!(!v6.contains("fd00:10:245::2".parse().unwrap()));
+        assert!(!v6.contains("10.244.0.1".parse().unwrap()));
+        assert!("::/129".parse::<Cidr>().is_err());
         assert!("10.0.0.0".parse::<Cidr>().is_err());
     }
 
@@ -331,8 +349,7 @@ mod tests {
     fn classifies_pod_packets_in_the_clear_and_nothing_else() {
         let protected = cidrs(&["10.244.0.0/16", "10.250.0.0/16"]);
         let plain = |src, dst, proto, vlan| {
-            ipv4_of_frame(&frame(src, dst, proto, vlan))
-                .is_some_and(|h| is_plaintext(&h, &protected))
+            ip_of_frame(&frame(src, dst, proto, vlan)).is_some_and(|h| is_plaintext(&h, &protected))
         };
         // Pod to pod, tunnel address to pod, over TCP, UDP or ICMP, tagged or not.
         assert!(plain([10, 244, 1, 2], [10, 244, 2, 2], 6, false));
@@ -346,8 +363,35 @@ mod tests {
         // Not IPv4 at all: ARP, and a truncated frame.
         let mut arp = frame([10, 244, 1, 2], [10, 244, 2, 2], 0, false);
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
-        assert_eq!(ipv4_of_frame(&arp), None);
-        assert_eq!(ipv4_of_frame(&[0u8; 20]), None);
+        assert_eq!(ip_of_frame(&arp), None);
+        assert_eq!(ip_of_frame(&[0u8; 20]), None);
+    }
+
+    /// An Ethernet frame carrying an IPv6 header from `src` to `dst`.
+    fn frame6(src: &str, dst: &str, next_header: u8) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x86, 0xdd]);
+        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, next_header, 64]);
+        f.extend_from_slice(&src.parse::<std::net::Ipv6Addr>().unwrap().octets());
+        f.extend_from_slice(&dst.parse::<std::net::Ipv6Addr>().unwrap().octets());
+        f
+    }
+
+    #[test]
+    fn classifies_ipv6_pod_packets_too() {
+        let protected = cidrs(&["10.244.0.0/16", "fd00:10:244::/48", "fd00:250::/64"]);
+        let plain = |src, dst| {
+            ip_of_frame(&frame6(src, dst, 6)).is_some_and(|h| is_plaintext(&h, &protected))
+        };
+        assert!(plain("fd00:10:244:1::2", "fd00:10:244:2::2"));
+        assert!(plain("fd00:250::1", "fd00:10:244:2::2"));
+        // WireGuard between node addresses, a pod to the world, a v4 range never matches v6.
+        assert!(!plain("fd00:116::1", "fd00:116::2"));
+        assert!(!plain("fd00:10:244:1::2", "2001:db8::1"));
+        assert!(!plain("::ffff:10.244.1.2", "::ffff:10.244.2.2"));
+        let h = ip_of_frame(&frame6("fd00::1", "fd00::2", 58)).unwrap();
+        assert_eq!(h.protocol, 58);
+        assert_eq!(ip_of_frame(&frame6("fd00::1", "fd00::2", 6)[..40]), None);
     }
 
     fn pcap(records: &[Vec<u8>], big_endian: bool) -> Vec<u8> {
