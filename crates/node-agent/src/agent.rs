@@ -15,6 +15,7 @@ use crate::client::ControllerClient;
 use crate::config::{NetworkArgs, NetworkMode, RunArgs};
 use crate::error::{Error, Result};
 use crate::keys;
+use crate::masquerade::Egress;
 use crate::metrics::Metrics;
 use crate::routing::{Routing, RoutingConfig, RuleConfig, sparing};
 use crate::saved;
@@ -47,6 +48,8 @@ pub struct Agent {
     last_wanted: Vec<PeerConfig>,
     /// Why the last update was not programmed; empty once one is.
     refused: String,
+    /// The pod egress rules as last applied by this process (CNI mode).
+    egress: Option<Egress>,
     /// Set once the node left the mesh as it said, until it is a member again.
     departed: Departure,
     /// Addresses of the controller and the API server, kept reachable over the underlay
@@ -73,6 +76,7 @@ impl Agent {
             desired: Desired::default(),
             programmed: Desired::default(),
             last_wanted: Vec::new(),
+            egress: None,
             refused: String::new(),
             departed: Departure::Unspecified,
             controller_addresses: Vec::new(),
@@ -369,6 +373,8 @@ impl Agent {
                 path: crate::cni::conflist_path(dir).display().to_string(),
                 source,
             })?;
+            crate::masquerade::apply(None).await?;
+            self.egress = None;
             // Best effort: a bridge left behind must not keep the node from saying it left.
             let bridge = &self.args.network.cni_bridge;
             match self.routing.remove_bridge_if_unused(bridge).await {
@@ -472,6 +478,20 @@ impl Agent {
         }
         if self.args.network.network_mode == NetworkMode::Cni {
             self.write_cni_config(&settings, desired).await?;
+        }
+        if self.args.network.masquerades() && !desired.pod_cidrs.is_empty() {
+            let egress = Egress {
+                pod_cidrs: desired.pod_cidrs.clone(),
+                keep_source_via: vec![
+                    device.name().to_owned(),
+                    self.args.network.cni_bridge.clone(),
+                ],
+            };
+            if self.egress.as_ref() != Some(&egress) {
+                crate::masquerade::apply(Some(&egress)).await?;
+                tracing::info!(pod_cidrs = ?egress.pod_cidrs, "pods' traffic leaving the mesh is masqueraded to the node's address");
+                self.egress = Some(egress);
+            }
         }
         self.metrics.set_peers(peers);
         self.healthy.send_replace(true);

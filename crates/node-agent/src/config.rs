@@ -124,6 +124,20 @@ pub struct NetworkArgs {
     /// Name of the pods' bridge in CNI mode.
     #[arg(long, env = "WGMESH_CNI_BRIDGE", default_value = "wgmesh-br0")]
     pub cni_bridge: String,
+
+    /// CNI mode: masquerade pods' traffic to addresses outside the mesh (the internet, the
+    /// nodes' network) to the node's address, so that answers find their way back. Traffic
+    /// into the tunnel and between the node's pods keeps its pod address.
+    #[arg(long, env = "WGMESH_POD_EGRESS_MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pod_egress_masquerade: bool,
+}
+
+impl NetworkArgs {
+    /// Whether this agent masquerades pod egress: CNI mode only (in add-on mode the other
+    /// CNI owns pods' egress).
+    pub fn masquerades(&self) -> bool {
+        self.network_mode == NetworkMode::Cni && self.pod_egress_masquerade
+    }
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod keys;
+pub mod masquerade;
 pub mod metrics;
 pub mod routing;
 pub mod saved;

@@ -384,3 +384,34 @@ pub fn http_get_in(ns: &Netns, port: u16, path: &str) -> Result<String> {
         Ok(body.to_owned())
     })
 }
+
+/// Runs `action` while tcpdump listens on `interface` (inside `ns`, or in the root namespace)
+/// for packets matching `filter` (a pcap filter; `direction` is tcpdump's `-Q`: `in`, `out`
+/// or `inout`), and returns the first one as tcpdump prints it, or an empty string if none
+/// came within 10 s. The action's own result is returned first.
+pub fn first_packet(
+    ns: Option<&Netns>,
+    interface: &str,
+    direction: &str,
+    filter: &str,
+    action: impl FnOnce() -> Result<()>,
+) -> Result<String> {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("10");
+    if let Some(ns) = ns {
+        cmd.args(["ip", "netns", "exec", &ns.name]);
+    }
+    cmd.args([
+        "tcpdump", "-i", interface, "-Q", direction, "-n", "-l", "-c", "1",
+    ])
+    .args(filter.split_whitespace())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null());
+    let tcpdump = cmd.spawn().context("starting tcpdump")?;
+    // tcpdump needs a moment to attach before the first packet.
+    std::thread::sleep(Duration::from_millis(700));
+    let acted = action();
+    let out = tcpdump.wait_with_output()?;
+    acted?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -18,7 +18,7 @@ use wgmesh_e2e::binaries::workspace_binary;
 use wgmesh_e2e::chaos::watcher::Watcher;
 use wgmesh_e2e::foreign::{quick_parts, wireguard_go_from_config};
 use wgmesh_e2e::mesh::{MeshOptions, TestMesh};
-use wgmesh_e2e::netns::{Netns, echo_roundtrip, echo_server};
+use wgmesh_e2e::netns::{Netns, echo_roundtrip, echo_server, first_packet};
 
 const ECHO_PORT: u16 = 7000;
 const PROTECTED: [&str; 4] = [
@@ -103,25 +103,33 @@ async fn dual_stack_pods_and_a_laptop_over_an_ipv6_underlay() -> Result<()> {
     }
 
     // Pods, both families, every pair; the encrypted packets cross the IPv6 underlay.
-    let capture = UdpCapture::start(&mesh.underlay_link(0), "ip6 and udp port 51820")?;
     mesh.pod_matrix(ECHO_PORT, Duration::from_secs(30))?;
-    eventually("every pod reaches every pod over IPv6", || {
-        for (from, node) in mesh.nodes.iter().enumerate() {
-            for (to, ip) in pods6.iter().enumerate().filter(|(to, _)| *to != from) {
-                echo_roundtrip(
-                    &node.pod,
-                    SocketAddr::new(*ip, ECHO_PORT),
-                    b"six".to_vec(),
-                    Duration::from_secs(2),
-                )
-                .with_context(|| format!("{} -> {} over IPv6", node.name, mesh.nodes[to].name))?;
-            }
-        }
-        Ok(())
-    })?;
-    let over_ipv6 = capture.stop()?;
+    let over_ipv6 = first_packet(
+        None,
+        &mesh.underlay_link(0),
+        "in",
+        "ip6 and udp port 51820",
+        || {
+            eventually("every pod reaches every pod over IPv6", || {
+                for (from, node) in mesh.nodes.iter().enumerate() {
+                    for (to, ip) in pods6.iter().enumerate().filter(|(to, _)| *to != from) {
+                        echo_roundtrip(
+                            &node.pod,
+                            SocketAddr::new(*ip, ECHO_PORT),
+                            b"six".to_vec(),
+                            Duration::from_secs(2),
+                        )
+                        .with_context(|| {
+                            format!("{} -> {} over IPv6", node.name, mesh.nodes[to].name)
+                        })?;
+                    }
+                }
+                Ok(())
+            })
+        },
+    )?;
     assert!(
-        over_ipv6 > 0,
+        !over_ipv6.is_empty(),
         "node-1 sent its encrypted packets over the IPv6 underlay"
     );
 
@@ -253,33 +261,5 @@ fn eventually(what: &str, mut f: impl FnMut() -> Result<()>) -> Result<()> {
             Err(e) if Instant::now() > deadline => bail!("{what}: {e:#}"),
             Err(_) => std::thread::sleep(Duration::from_millis(300)),
         }
-    }
-}
-
-/// Counts the packets matching a tcpdump filter that a node sends on its underlay link.
-struct UdpCapture {
-    child: std::process::Child,
-}
-
-impl UdpCapture {
-    fn start(link: &str, filter: &str) -> Result<Self> {
-        let child = Command::new("tcpdump")
-            .args(["-i", link, "-Q", "in", "-n", "-l"])
-            .args(filter.split_whitespace())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        std::thread::sleep(Duration::from_millis(700));
-        Ok(UdpCapture { child })
-    }
-
-    fn stop(self) -> Result<usize> {
-        std::thread::sleep(Duration::from_millis(300));
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        )?;
-        let out = self.child.wait_with_output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).lines().count())
     }
 }

@@ -13,7 +13,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -23,7 +22,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use wgmesh_api::WireGuardPeer;
 use wgmesh_e2e::mesh::{MeshOptions, NetworkMode, TestMesh};
-use wgmesh_e2e::netns::{echo_roundtrip, echo_server, sh};
+use wgmesh_e2e::netns::{echo_roundtrip, echo_server, first_packet, sh};
 
 const ECHO_PORT: u16 = 7000;
 const PORT: u16 = 51820;
@@ -275,32 +274,21 @@ fn rewrite_in_place(file: &Path, content: &str) -> Result<()> {
 /// Pod `from` talks to pod `to` while node `from`'s underlay is captured: its encrypted
 /// packets go to `ip`.
 fn sent_to(mesh: &TestMesh, from: usize, to: usize, ip: &str) -> Result<()> {
-    let link = mesh.underlay_link(from);
     let filter = format!("udp and dst host {ip} and dst port {PORT}");
-    let tcpdump = Command::new("timeout")
-        .args([
-            "10", "tcpdump", "-i", &link, "-Q", "in", "-n", "-c", "1", &filter,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(700));
     let target = addr(&mesh.nodes[to].pod_ip, ECHO_PORT);
-    for _ in 0..5 {
-        let _ = echo_roundtrip(
-            &mesh.nodes[from].pod,
-            target,
-            b"hello".to_vec(),
-            Duration::from_secs(2),
-        );
-    }
-    // tcpdump stops at the first packet, or after 10 s.
-    let out = String::from_utf8_lossy(&tcpdump.wait_with_output()?.stdout).into_owned();
-    if !out.contains(ip) {
-        bail!(
-            "no encrypted packet from {} to {ip}: {out}",
-            mesh.nodes[from].name
-        );
+    let seen = first_packet(None, &mesh.underlay_link(from), "in", &filter, || {
+        for _ in 0..5 {
+            let _ = echo_roundtrip(
+                &mesh.nodes[from].pod,
+                target,
+                b"hello".to_vec(),
+                Duration::from_secs(2),
+            );
+        }
+        Ok(())
+    })?;
+    if !seen.contains(ip) {
+        bail!("no encrypted packet from {} to {ip}", mesh.nodes[from].name);
     }
     Ok(())
 }
