@@ -15,8 +15,8 @@ use crate::client::ControllerClient;
 use crate::config::{NetworkArgs, NetworkMode, RunArgs};
 use crate::error::{Error, Result};
 use crate::keys;
-use crate::masquerade::Egress;
 use crate::metrics::Metrics;
+use crate::netfilter::{Egress, MssClamp, NodeRules};
 use crate::routing::{Routing, RoutingConfig, RuleConfig, sparing};
 use crate::saved;
 use crate::state::{
@@ -48,8 +48,8 @@ pub struct Agent {
     last_wanted: Vec<PeerConfig>,
     /// Why the last update was not programmed; empty once one is.
     refused: String,
-    /// The pod egress rules as last applied by this process (CNI mode).
-    egress: Option<Egress>,
+    /// The netfilter rules as last applied by this process (pod egress, MSS clamping).
+    node_rules: Option<NodeRules>,
     /// Set once the node left the mesh as it said, until it is a member again.
     departed: Departure,
     /// Addresses of the controller and the API server, kept reachable over the underlay
@@ -76,7 +76,7 @@ impl Agent {
             desired: Desired::default(),
             programmed: Desired::default(),
             last_wanted: Vec::new(),
-            egress: None,
+            node_rules: None,
             refused: String::new(),
             departed: Departure::Unspecified,
             controller_addresses: Vec::new(),
@@ -373,8 +373,6 @@ impl Agent {
                 path: crate::cni::conflist_path(dir).display().to_string(),
                 source,
             })?;
-            crate::masquerade::apply(None).await?;
-            self.egress = None;
             // Best effort: a bridge left behind must not keep the node from saying it left.
             let bridge = &self.args.network.cni_bridge;
             match self.routing.remove_bridge_if_unused(bridge).await {
@@ -387,6 +385,8 @@ impl Agent {
                 }
             }
         }
+        crate::netfilter::apply(None).await?;
+        self.node_rules = None;
         let dir = self.args.mesh_state_dir();
         saved::remove(&dir).map_err(|source| Error::Write {
             path: saved::path(&dir).display().to_string(),
@@ -479,23 +479,38 @@ impl Agent {
         if self.args.network.network_mode == NetworkMode::Cni {
             self.write_cni_config(&settings, desired).await?;
         }
-        if self.args.network.masquerades() && !desired.pod_cidrs.is_empty() {
-            let egress = Egress {
+        let mtu = self.tunnel_mtu(&settings).await?;
+        let net = &self.args.network;
+        let rules = NodeRules {
+            egress: (net.masquerades() && !desired.pod_cidrs.is_empty()).then(|| Egress {
                 pod_cidrs: desired.pod_cidrs.clone(),
-                keep_source_via: vec![
-                    device.name().to_owned(),
-                    self.args.network.cni_bridge.clone(),
-                ],
-            };
-            if self.egress.as_ref() != Some(&egress) {
-                crate::masquerade::apply(Some(&egress)).await?;
-                tracing::info!(pod_cidrs = ?egress.pod_cidrs, "pods' traffic leaving the mesh is masqueraded to the node's address");
-                self.egress = Some(egress);
-            }
+                keep_source_via: vec![device.name().to_owned(), net.cni_bridge.clone()],
+            }),
+            mss_clamp: net.clamp_mss.then(|| MssClamp {
+                interface: device.name().to_owned(),
+                mtu,
+            }),
+        };
+        if self.node_rules.as_ref() != Some(&rules) {
+            crate::netfilter::apply(Some(&rules)).await?;
+            tracing::info!(
+                masquerade = ?rules.egress.as_ref().map(|e| &e.pod_cidrs),
+                mss_clamp_mtu = rules.mss_clamp.as_ref().map(|c| c.mtu),
+                "node rules applied (nftables table inet wgmesh)"
+            );
+            self.node_rules = Some(rules);
         }
         self.metrics.set_peers(peers);
         self.healthy.send_replace(true);
         Ok(())
+    }
+
+    /// The tunnel's MTU: the mesh's, or the underlay's less WireGuard's overhead.
+    async fn tunnel_mtu(&self, settings: &pb::MeshSettings) -> Result<u32> {
+        Ok(match settings.mtu {
+            0 => crate::routing::auto_mtu(self.routing.underlay_mtu().await?),
+            m => m,
+        })
     }
 
     /// CNI mode: the node's conflist, once the controller has told us the pod CIDRs.
@@ -504,10 +519,7 @@ impl Agent {
             tracing::warn!(node = %self.args.node, "CNI mode, but the Node has no pod CIDRs yet: no CNI configuration written");
             return Ok(());
         }
-        let mtu = match settings.mtu {
-            0 => crate::routing::auto_mtu(self.routing.underlay_mtu().await?),
-            m => m,
-        };
+        let mtu = self.tunnel_mtu(settings).await?;
         let net = &self.args.network;
         let conflist = crate::cni::conflist(&desired.pod_cidrs, mtu, &net.cni_bridge);
         let path = crate::cni::conflist_path(&net.cni_conf_dir);

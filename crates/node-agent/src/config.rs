@@ -130,6 +130,11 @@ pub struct NetworkArgs {
     /// into the tunnel and between the node's pods keeps its pod address.
     #[arg(long, env = "WGMESH_POD_EGRESS_MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
     pub pod_egress_masquerade: bool,
+
+    /// Lower the MSS of TCP handshakes crossing the tunnel to what fits its MTU, so pods with
+    /// a larger interface MTU (add-on mode) never depend on path MTU discovery.
+    #[arg(long, env = "WGMESH_CLAMP_MSS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub clamp_mss: bool,
 }
 
 impl NetworkArgs {

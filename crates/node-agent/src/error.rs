@@ -29,8 +29,8 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
-    #[error("pod egress: {0}")]
-    Masquerade(#[from] crate::masquerade::MasqueradeError),
+    #[error("netfilter: {0}")]
+    Netfilter(#[from] crate::netfilter::NetfilterError),
     #[error("the controller closed the peer stream")]
     StreamClosed,
 }

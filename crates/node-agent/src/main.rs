@@ -65,10 +65,10 @@ async fn cleanup(args: &wgmesh_agent::config::CleanupArgs) -> anyhow::Result<()>
     if wgmesh_agent::cni::remove_conflist(&args.cni_conf_dir)? {
         tracing::info!(path = %wgmesh_agent::cni::conflist_path(&args.cni_conf_dir).display(), "removed the CNI configuration");
     }
-    wgmesh_agent::masquerade::apply(None).await?;
+    wgmesh_agent::netfilter::apply(None).await?;
     tracing::info!(
-        table = wgmesh_agent::masquerade::TABLE,
-        "removed the pods' egress masquerade (nftables table inet wgmesh), if there was one"
+        table = wgmesh_agent::netfilter::TABLE,
+        "removed the nftables table inet wgmesh (pod egress masquerade, MSS clamping), if there was one"
     );
     if routing.remove_bridge_if_unused(&args.cni_bridge).await? {
         tracing::info!(bridge = %args.cni_bridge, "removed the pods' bridge (no pod uses it)");

@@ -354,6 +354,10 @@ pub fn echo_roundtrip(
         let writing = std::thread::spawn(move || writer.write_all(&sent));
         let mut back = vec![0u8; payload.len()];
         let read = stream.read_exact(&mut back);
+        if read.is_err() {
+            // A stalled path: the writer may block for good; closing the socket ends it.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
         writing
             .join()
             .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
