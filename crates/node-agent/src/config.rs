@@ -80,7 +80,9 @@ pub struct RunArgs {
     #[arg(long, env = "WGMESH_BACKEND", value_enum)]
     pub backend: Option<Requested>,
 
-    /// Local address of /metrics and /healthz.
+    /// Address of /metrics, /livez and /healthz: loopback by default; the chart binds the
+    /// node's address (`$(HOST_IP):9091`) so Prometheus can scrape it. Nothing served holds a
+    /// secret.
     #[arg(long, env = "WGMESH_METRICS_ADDR", default_value = "127.0.0.1:9091")]
     pub metrics_addr: SocketAddr,
 
