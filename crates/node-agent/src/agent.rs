@@ -15,7 +15,7 @@ use crate::client::ControllerClient;
 use crate::config::{NetworkArgs, NetworkMode, RunArgs};
 use crate::error::{Error, Result};
 use crate::keys;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PeerSample};
 use crate::netfilter::{Egress, MssClamp, NodeRules};
 use crate::routing::{Routing, RoutingConfig, RuleConfig, sparing};
 use crate::saved;
@@ -554,29 +554,35 @@ impl Agent {
             .iter()
             .map(|(k, p)| (*k, p.name.as_str()))
             .collect();
+        let samples: Vec<PeerSample> = state
+            .iter()
+            .flat_map(|s| s.peers.iter())
+            .map(|p| PeerSample {
+                name: names
+                    .get(&p.config.public_key)
+                    .copied()
+                    .unwrap_or("unknown")
+                    .to_owned(),
+                public_key: p.config.public_key.to_string(),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                last_handshake: p.last_handshake,
+                endpoint: p.current_endpoint,
+            })
+            .collect();
+        self.metrics.observe_peers(&samples, SystemTime::now());
         let peers: Vec<pb::PeerStatus> = state
             .iter()
             .flat_map(|s| s.peers.iter())
-            .map(|p| {
-                self.metrics.observe_peer(
-                    names
-                        .get(&p.config.public_key)
-                        .copied()
-                        .unwrap_or("unknown"),
-                    p.rx_bytes,
-                    p.tx_bytes,
-                    p.last_handshake,
-                );
-                pb::PeerStatus {
-                    public_key: p.config.public_key.as_bytes().to_vec(),
-                    last_handshake: p.last_handshake.map(prost_types::Timestamp::from),
-                    rx_bytes: p.rx_bytes,
-                    tx_bytes: p.tx_bytes,
-                    endpoint: p
-                        .current_endpoint
-                        .map(|e| e.to_string())
-                        .unwrap_or_default(),
-                }
+            .map(|p| pb::PeerStatus {
+                public_key: p.config.public_key.as_bytes().to_vec(),
+                last_handshake: p.last_handshake.map(prost_types::Timestamp::from),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                endpoint: p
+                    .current_endpoint
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
             })
             .collect();
         let report = pb::ReportStatusRequest {

@@ -86,8 +86,10 @@ pub struct RunArgs {
     #[arg(long, env = "WGMESH_BACKEND", value_enum)]
     pub backend: Option<Requested>,
 
-    /// Local address of /metrics and /healthz.
-    #[arg(long, env = "WGMESH_METRICS_ADDR", default_value = "127.0.0.1:9091")]
+    /// Address of /metrics, /livez and /healthz: loopback by default; the chart binds the
+    /// node's address (`$(HOST_IP):9091`) so Prometheus can scrape it. Nothing served holds a
+    /// secret.
+    #[arg(long, env = "WGMESH_METRICS_ADDR", default_value = "127.0.0.1:9091", value_parser = parse_listen_addr)]
     pub metrics_addr: SocketAddr,
 
     /// Seconds between observations of the device for status reports.
@@ -210,6 +212,20 @@ impl RunArgs {
     }
 }
 
+/// A listen address `IP:PORT` or `[IP]:PORT`; the brackets are allowed around an IPv4
+/// address too, so that one template (`[$(NODE_IP)]:9091`) serves IPv4 and IPv6 nodes.
+pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    let bad = || format!("not IP:PORT or [IP]:PORT: {s:?}");
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let rest = s.strip_prefix('[').ok_or_else(bad)?;
+    let (ip, port) = rest.split_once("]:").ok_or_else(bad)?;
+    let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    Ok(SocketAddr::new(ip, port))
+}
+
 /// Accepts only an `https://` controller URL with a host. Over plain `http://` tonic would
 /// quietly skip TLS: the node's token would go out, and its peer set come in, unencrypted
 /// and unauthenticated (issue #12, item 9). Checked once at start-up, before the agent
@@ -235,7 +251,27 @@ pub fn check_controller_url(url: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_controller_url;
+    use super::{check_controller_url, parse_listen_addr};
+
+    #[test]
+    fn listen_addresses() {
+        for (text, want) in [
+            ("127.0.0.1:9091", Some("127.0.0.1:9091")),
+            ("[10.0.0.5]:9091", Some("10.0.0.5:9091")),
+            ("[fd00::5]:9091", Some("[fd00::5]:9091")),
+            ("0.0.0.0:0", Some("0.0.0.0:0")),
+            ("fd00::5:9091", None),
+            ("[]:9091", None),
+            ("[10.0.0.5]", None),
+            ("[10.0.0.5]:70000", None),
+            ("10.0.0.5", None),
+            ("[$(NODE_IP)]:9091", None),
+            ("", None),
+        ] {
+            let got = parse_listen_addr(text).ok();
+            assert_eq!(got, want.map(|w| w.parse().unwrap()), "{text:?}");
+        }
+    }
 
     #[test]
     fn only_https_controller_urls_pass() {

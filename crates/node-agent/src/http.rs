@@ -1,5 +1,6 @@
-//! The agent's HTTP endpoints, on the node's loopback: `/metrics`, `/livez` (the process
-//! serves) and `/healthz` (the device is configured).
+//! The agent's HTTP endpoints, on `--metrics-addr` (loopback by default; the chart binds the
+//! node's address so Prometheus can scrape it): `/metrics`, `/livez` (the process serves) and
+//! `/healthz` (the device is configured). Nothing here holds a secret (see `metrics.rs`).
 
 use std::net::SocketAddr;
 

@@ -371,12 +371,15 @@ pub fn echo_roundtrip(
 
 /// A plain HTTP/1.0 GET from inside `ns` (the agents' metrics port is node-local).
 pub fn http_get_in(ns: &Netns, port: u16, path: &str) -> Result<String> {
+    http_get_at(ns, SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
+
+/// `GET path` from namespace `ns` to `addr` (as a scraper elsewhere on the network would),
+/// returning the body of a 200.
+pub fn http_get_at(ns: &Netns, addr: SocketAddr, path: &str) -> Result<String> {
     let path = path.to_owned();
     ns.run(move || {
-        let mut stream = TcpStream::connect_timeout(
-            &SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(2),
-        )?;
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
         let mut response = String::new();

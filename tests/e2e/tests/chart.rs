@@ -20,7 +20,12 @@ fn testdata(file: &str) -> PathBuf {
 fn chart_lints_and_renders_like_its_snapshots() -> Result<()> {
     let helm = Helm::new()?;
     let chart = helm::chart_dir().display().to_string();
-    for values in [None, Some("cni.values.yaml"), Some("custom.values.yaml")] {
+    for values in [
+        None,
+        Some("cni.values.yaml"),
+        Some("custom.values.yaml"),
+        Some("service-monitor.values.yaml"),
+    ] {
         let mut args = vec!["lint".to_owned(), chart.clone(), "--strict".to_owned()];
         if let Some(v) = values {
             args.extend(["--values".to_owned(), testdata(v).display().to_string()]);
@@ -34,6 +39,7 @@ fn chart_lints_and_renders_like_its_snapshots() -> Result<()> {
         ("default", None),
         ("cni", Some("cni.values.yaml")),
         ("custom", Some("custom.values.yaml")),
+        ("service-monitor", Some("service-monitor.values.yaml")),
     ] {
         let path = values.map(|v| testdata(v).display().to_string());
         let mut extra = Vec::new();
