@@ -385,7 +385,11 @@ impl Agent {
                 }
             }
         }
-        crate::netfilter::apply(None).await?;
+        // Best effort, as for the bridge: a kernel without nf_tables must not keep the node
+        // from saying it left.
+        if let Err(e) = crate::netfilter::apply(None).await {
+            tracing::warn!(error = %e, "could not remove the nftables table inet wgmesh");
+        }
         self.node_rules = None;
         let dir = self.args.mesh_state_dir();
         saved::remove(&dir).map_err(|source| Error::Write {
@@ -492,13 +496,21 @@ impl Agent {
             }),
         };
         if self.node_rules.as_ref() != Some(&rules) {
-            crate::netfilter::apply(Some(&rules)).await?;
-            tracing::info!(
-                masquerade = ?rules.egress.as_ref().map(|e| &e.pod_cidrs),
-                mss_clamp_mtu = rules.mss_clamp.as_ref().map(|c| c.mtu),
-                "node rules applied (nftables table inet wgmesh)"
-            );
-            self.node_rules = Some(rules);
+            // Egress and MSS clamping improve the mesh; encryption does not depend on them, so
+            // a kernel without nf_tables gets the tunnels anyway (and a retry next time).
+            match crate::netfilter::apply(Some(&rules)).await {
+                Ok(()) => {
+                    tracing::info!(
+                        masquerade = ?rules.egress.as_ref().map(|e| &e.pod_cidrs),
+                        mss_clamp_mtu = rules.mss_clamp.as_ref().map(|c| c.mtu),
+                        "node rules applied (nftables table inet wgmesh)"
+                    );
+                    self.node_rules = Some(rules);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not apply the node's nftables rules (pod egress, MSS clamping); the tunnels do not depend on them")
+                }
+            }
         }
         self.metrics.set_peers(peers);
         self.healthy.send_replace(true);
