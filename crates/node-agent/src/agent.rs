@@ -480,10 +480,10 @@ impl Agent {
         if !changed.is_empty() {
             tracing::info!(?changed, "routes updated");
         }
-        if self.args.network.network_mode == NetworkMode::Cni {
-            self.write_cni_config(&settings, desired).await?;
-        }
         let mtu = self.tunnel_mtu(&settings).await?;
+        if self.args.network.network_mode == NetworkMode::Cni {
+            self.write_cni_config(mtu, desired).await?;
+        }
         let net = &self.args.network;
         let rules = NodeRules {
             egress: (net.masquerades() && !desired.pod_cidrs.is_empty()).then(|| Egress {
@@ -525,13 +525,13 @@ impl Agent {
         })
     }
 
-    /// CNI mode: the node's conflist, once the controller has told us the pod CIDRs.
-    async fn write_cni_config(&self, settings: &pb::MeshSettings, desired: &Desired) -> Result<()> {
+    /// CNI mode: the node's conflist (pods get the tunnel's `mtu`), once the controller has
+    /// told us the pod CIDRs.
+    async fn write_cni_config(&self, mtu: u32, desired: &Desired) -> Result<()> {
         if desired.pod_cidrs.is_empty() {
             tracing::warn!(node = %self.args.node, "CNI mode, but the Node has no pod CIDRs yet: no CNI configuration written");
             return Ok(());
         }
-        let mtu = self.tunnel_mtu(settings).await?;
         let net = &self.args.network;
         let conflist = crate::cni::conflist(&desired.pod_cidrs, mtu, &net.cni_bridge);
         let path = crate::cni::conflist_path(&net.cni_conf_dir);

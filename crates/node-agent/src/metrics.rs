@@ -81,7 +81,7 @@ struct Inner {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let inner = Inner {
+        let mut inner = Inner {
             registry: Registry::with_prefix("wgmesh_agent"),
             connected: Gauge::default(),
             peers: Gauge::default(),
@@ -94,7 +94,6 @@ impl Default for Metrics {
             endpoint: Family::default(),
             previous: Mutex::default(),
         };
-        let mut inner = inner;
         let r = &mut inner.registry;
         r.register(
             "controller_connected",

@@ -482,6 +482,21 @@ impl TestMesh {
         Ok(())
     }
 
+    /// Merges `spec` into the chart's mesh (`default`), as `kubectl patch --type merge` would.
+    pub async fn patch_mesh_spec(&self, spec: serde_json::Value) -> Result<()> {
+        use kube::api::{Api, Patch, PatchParams};
+        let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(self.client.clone());
+        meshes
+            .patch(
+                "default",
+                &PatchParams::default(),
+                &Patch::Merge(&serde_json::json!({ "spec": spec })),
+            )
+            .await
+            .with_context(|| format!("patching the mesh's spec with {spec}"))?;
+        Ok(())
+    }
+
     /// Every pod reaches every other pod's TCP echo server on `port` within `timeout`; on
     /// failure, the N x N matrix is printed.
     pub fn pod_matrix(&self, port: u16, timeout: Duration) -> Result<()> {

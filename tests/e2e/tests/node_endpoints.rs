@@ -83,11 +83,8 @@ async fn external_ip_preference_and_a_dns_endpoint_that_moves() -> Result<()> {
     mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
 
     // The mesh prefers ExternalIPs.
-    set_mesh(
-        &mesh,
-        json!({"endpointAddressTypes": ["ExternalIP", "InternalIP"]}),
-    )
-    .await?;
+    mesh.patch_mesh_spec(json!({"endpointAddressTypes": ["ExternalIP", "InternalIP"]}))
+        .await?;
     for pos in 0..mesh.nodes.len() {
         let want = format!("{}:{PORT}", external(pos));
         wait_published(&mesh, pos, &want, &format!("{}:{PORT}", internal(pos))).await?;
@@ -124,7 +121,8 @@ async fn external_ip_preference_and_a_dns_endpoint_that_moves() -> Result<()> {
 
     // Neither annotation nor preference: the registered InternalIPs again.
     annotate(&nodes, "node-2", None).await?;
-    set_mesh(&mesh, json!({"endpointAddressTypes": null})).await?;
+    mesh.patch_mesh_spec(json!({"endpointAddressTypes": null}))
+        .await?;
     for pos in 0..mesh.nodes.len() {
         let want = format!("{}:{PORT}", internal(pos));
         wait_published(&mesh, pos, &want, &want).await?;
@@ -136,18 +134,6 @@ async fn external_ip_preference_and_a_dns_endpoint_that_moves() -> Result<()> {
 
 fn addr(ip: &str, port: u16) -> SocketAddr {
     format!("{ip}:{port}").parse().expect("a socket address")
-}
-
-async fn set_mesh(mesh: &TestMesh, spec: serde_json::Value) -> Result<()> {
-    let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(mesh.client.clone());
-    meshes
-        .patch(
-            "default",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": spec})),
-        )
-        .await?;
-    Ok(())
 }
 
 async fn annotate(nodes: &Api<Node>, node: &str, endpoint: Option<&str>) -> Result<()> {

@@ -70,7 +70,8 @@ async fn pod_cidrs_from_calico_cilium_the_annotation_and_the_node() -> Result<()
     mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
 
     // Calico before Calico: nothing to list, so the mesh is held as it is.
-    set_source(&mesh, "calico").await?;
+    mesh.patch_mesh_spec(json!({"podCIDRSource": "calico"}))
+        .await?;
     tokio::time::sleep(Duration::from_secs(6)).await;
     wait_pod_cidrs(&mesh, &node_spec, "held while Calico's CRD is missing").await?;
     mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
@@ -141,7 +142,8 @@ async fn pod_cidrs_from_calico_cilium_the_annotation_and_the_node() -> Result<()
         }))?;
         cilium_nodes.create(&PostParams::default(), &object).await?;
     }
-    set_source(&mesh, "cilium").await?;
+    mesh.patch_mesh_spec(json!({"podCIDRSource": "cilium"}))
+        .await?;
     let cilium = each(&|i| vec![format!("10.244.{i}.0/25")]);
     wait_pod_cidrs(&mesh, &cilium, "CiliumNodes' spec.ipam.podCIDRs").await?;
     mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
@@ -158,7 +160,8 @@ async fn pod_cidrs_from_calico_cilium_the_annotation_and_the_node() -> Result<()
             )
             .await?;
     }
-    set_source(&mesh, "annotation").await?;
+    mesh.patch_mesh_spec(json!({"podCIDRSource": "annotation"}))
+        .await?;
     let annotated = each(&|i| {
         vec![
             format!("10.244.{i}.0/27"),
@@ -168,7 +171,8 @@ async fn pod_cidrs_from_calico_cilium_the_annotation_and_the_node() -> Result<()
     wait_pod_cidrs(&mesh, &annotated, "the wgmesh.io/pod-cidrs annotation").await?;
     mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
 
-    set_source(&mesh, "node").await?;
+    mesh.patch_mesh_spec(json!({"podCIDRSource": "node"}))
+        .await?;
     wait_pod_cidrs(&mesh, &node_spec, "back to Node.spec.podCIDRs").await?;
     mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
 
@@ -184,16 +188,6 @@ async fn pod_cidrs_from_calico_cilium_the_annotation_and_the_node() -> Result<()
 
 fn addr(ip: &str, port: u16) -> SocketAddr {
     format!("{ip}:{port}").parse().expect("a socket address")
-}
-
-async fn set_source(mesh: &TestMesh, source: &str) -> Result<()> {
-    let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(mesh.client.clone());
-    let patch = json!({"spec": {"podCIDRSource": source}});
-    meshes
-        .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .with_context(|| format!("setting podCIDRSource: {source}"))?;
-    Ok(())
 }
 
 /// Waits until node `i`'s pod CIDRs are `want[i - 1]` in its WireGuardPeer and on every other

@@ -230,7 +230,6 @@ impl Chaos {
             bail!("a chaos mesh needs at least 2 nodes");
         }
         let mesh = TestMesh::start_in(options.nodes, options.mode).await?;
-        let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(mesh.client.clone());
         let mut spec = json!({"strict": options.strict});
         if options.cluster_cidrs {
             spec["clusterCIDRs"] = json!([PROTECTED[0]]);
@@ -244,13 +243,7 @@ impl Chaos {
             secrets.create(&PostParams::default(), &secret).await?;
             spec["presharedKey"] = json!({"namespace": SECRETS_NAMESPACE, "name": PSK_SECRET});
         }
-        meshes
-            .patch(
-                "default",
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"spec": spec})),
-            )
-            .await?;
+        mesh.patch_mesh_spec(spec).await?;
         let mut external_peers = 0;
         if options.external_peer {
             let peers: Api<wgmesh_api::WireGuardPeer> = Api::all(mesh.client.clone());
