@@ -33,7 +33,7 @@ fn is_root() -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn dual_stack_pods_and_a_laptop_over_an_ipv6_underlay() -> Result<()> {
+async fn e2e_dual_stack_pods_and_a_laptop_over_an_ipv6_underlay() -> Result<()> {
     if !is_root() {
         eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
         return Ok(());

@@ -8,6 +8,9 @@
 //! - with `agent.clampMSS: false` the same exchange stalls: the black hole the clamping
 //!   prevents.
 //!
+//! In CNI mode our plugin makes the pods' interfaces with the tunnel's MTU, so the same
+//! exchange completes without clamping.
+//!
 //! Needs root.
 
 use std::net::SocketAddr;
@@ -71,7 +74,7 @@ fn pod_addr(ip: &str) -> SocketAddr {
 }
 
 #[tokio::test]
-async fn clamped_handshakes_keep_large_transfers_flowing_without_pmtud() -> Result<()> {
+async fn e2e_pod_mtu_clamped_handshakes_keep_large_transfers_flowing_without_pmtud() -> Result<()> {
     if !is_root() {
         eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
         return Ok(());
@@ -105,7 +108,7 @@ async fn clamped_handshakes_keep_large_transfers_flowing_without_pmtud() -> Resu
 }
 
 #[tokio::test]
-async fn without_clamping_the_same_transfer_black_holes() -> Result<()> {
+async fn e2e_pod_mtu_without_clamping_the_same_transfer_black_holes() -> Result<()> {
     if !is_root() {
         eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
         return Ok(());
@@ -129,5 +132,63 @@ async fn without_clamping_the_same_transfer_black_holes() -> Result<()> {
         large.is_err(),
         "without clamping and without ICMP, full-size segments never fit the tunnel"
     );
+    Ok(())
+}
+
+/// In CNI mode our plugin makes the pods' interfaces: they get the tunnel's MTU, so no segment
+/// is ever too large for the tunnel and no ICMP is needed, clamping or not.
+#[tokio::test]
+async fn e2e_pod_mtu_cni_pods_get_the_tunnel_mtu() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
+        return Ok(());
+    }
+    let mesh = TestMesh::start_with(
+        2,
+        MeshOptions {
+            mode: NetworkMode::Cni,
+            values: json!({"agent": {"clampMSS": false}}),
+            ..Default::default()
+        },
+    )
+    .await?;
+    mesh.wait_peer_counts(1, Duration::from_secs(60)).await?;
+    let tunnel = mesh.nodes[0].ns.ip(&["link", "show", "wgmesh0"])?;
+    assert!(tunnel.contains("mtu 1420"), "the tunnel: {tunnel}");
+    for node in &mesh.nodes {
+        node.ns.exec(
+            "iptables-nft",
+            &[
+                "-A",
+                "OUTPUT",
+                "-p",
+                "icmp",
+                "--icmp-type",
+                "fragmentation-needed",
+                "-j",
+                "DROP",
+            ],
+        )?;
+        let pod_link = node.pod.ip(&["link", "show", "eth0"])?;
+        assert!(
+            pod_link.contains("mtu 1420"),
+            "{}: the pod's interface has the tunnel's MTU: {pod_link}",
+            node.name
+        );
+        echo_server(&node.pod, pod_addr(&node.pod_ip), usize::MAX)?;
+    }
+    let (a, b) = (&mesh.nodes[0], &mesh.nodes[1]);
+    echo_roundtrip(
+        &a.pod,
+        pod_addr(&b.pod_ip),
+        vec![9; TRANSFER],
+        Duration::from_secs(20),
+    )?;
+    echo_roundtrip(
+        &b.pod,
+        pod_addr(&a.pod_ip),
+        vec![10; TRANSFER],
+        Duration::from_secs(20),
+    )?;
     Ok(())
 }

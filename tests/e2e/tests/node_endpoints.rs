@@ -34,7 +34,7 @@ fn is_root() -> bool {
 }
 
 #[tokio::test]
-async fn external_ip_preference_and_a_dns_endpoint_that_moves() -> Result<()> {
+async fn e2e_node_endpoint_external_ip_preference_and_a_dns_endpoint_that_moves() -> Result<()> {
     if !is_root() {
         eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
         return Ok(());

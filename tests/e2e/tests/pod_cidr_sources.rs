@@ -37,7 +37,7 @@ fn is_root() -> bool {
 }
 
 #[tokio::test]
-async fn pod_cidrs_from_calico_cilium_the_annotation_and_the_node() -> Result<()> {
+async fn e2e_other_ipam_pod_cidrs_from_calico_cilium_the_annotation_and_the_node() -> Result<()> {
     if !is_root() {
         eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
         return Ok(());

@@ -29,7 +29,7 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
 }
 
 #[tokio::test]
-async fn cni_mode_masquerades_pod_egress_and_nothing_else() -> Result<()> {
+async fn e2e_pod_egress_cni_mode_masquerades_pod_egress_and_nothing_else() -> Result<()> {
     if !is_root() {
         eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
         return Ok(());
@@ -87,7 +87,7 @@ async fn cni_mode_masquerades_pod_egress_and_nothing_else() -> Result<()> {
 }
 
 #[tokio::test]
-async fn addon_mode_leaves_pod_egress_to_the_other_cni() -> Result<()> {
+async fn e2e_pod_egress_addon_mode_leaves_it_to_the_other_cni() -> Result<()> {
     if !is_root() {
         eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
         return Ok(());
