@@ -261,9 +261,14 @@ pub struct WireGuardMeshStatus {
     #[serde(default)]
     pub ready_peers: i32,
     /// Gateway nodes, in order: external peers' configs list them all and send what no
-    /// gateway owns through the first one.
+    /// gateway owns through the active one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateways: Vec<String>,
+    /// The gateway that carries the traffic between external peers and the other nodes: the
+    /// first gateway until its agent goes silent, then the next live one (it stays there
+    /// when the first comes back). External peers' configs follow it when exported again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_gateway: Option<String>,
     /// Latest observations of the mesh's state (`Ready`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -60,18 +60,23 @@ pub fn node_peers(peers: &[WireGuardPeer]) -> BTreeMap<String, NodePeer> {
         .collect()
 }
 
-/// The gateways (in the mesh's order) and the interior nodes.
+/// The gateways (the active one first, then the mesh's order) and the interior nodes.
 pub fn gateways_and_interior(
     mesh: &WireGuardMesh,
     peers: &[WireGuardPeer],
 ) -> (Vec<NodePeer>, Vec<NodePeer>) {
     let mut nodes = node_peers(peers);
-    let order = mesh
-        .status
-        .as_ref()
-        .map(|s| s.gateways.clone())
-        .unwrap_or_default();
-    let gateways = order.iter().filter_map(|g| nodes.remove(g)).collect();
+    let status = mesh.status.clone().unwrap_or_default();
+    let active = status
+        .active_gateway
+        .filter(|a| status.gateways.contains(a));
+    let order = active.iter().chain(
+        status
+            .gateways
+            .iter()
+            .filter(|g| Some(*g) != active.as_ref()),
+    );
+    let gateways = order.filter_map(|g| nodes.remove(g)).collect();
     (gateways, nodes.into_values().collect())
 }
 
@@ -204,6 +209,16 @@ mod tests {
         ];
         let (g, i) = gateways_and_interior(&mesh, &peers);
         assert_eq!(g.iter().map(|n| n.node.as_str()).collect::<Vec<_>>(), ["b"]);
+        let mut failed_over = mesh.clone();
+        failed_over.status = Some(WireGuardMeshStatus {
+            gateways: vec!["a".into(), "b".into()],
+            active_gateway: Some("b".into()),
+            ..Default::default()
+        });
+        let (g2, i2) = gateways_and_interior(&failed_over, &peers);
+        let names = |v: &[NodePeer]| v.iter().map(|n| n.node.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&g2), ["b", "a"], "the active gateway first");
+        assert!(i2.is_empty());
         assert_eq!(i.iter().map(|n| n.node.as_str()).collect::<Vec<_>>(), ["a"]);
         assert_eq!(g[0].endpoint.as_deref(), Some("192.168.0.2:51820"));
 

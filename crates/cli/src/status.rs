@@ -26,6 +26,9 @@ pub const RECENT_SECS: i64 = 180 + 30;
 pub struct MeshStatus {
     pub mesh: String,
     pub gateways: Vec<String>,
+    /// The gateway carrying the traffic between external peers and the other nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_gateway: Option<String>,
     pub ready: bool,
     pub peers: Vec<PeerRow>,
 }
@@ -98,6 +101,7 @@ pub fn mesh_status(mesh: &WireGuardMesh, peers: &[WireGuardPeer]) -> MeshStatus 
             .as_ref()
             .map(|s| s.gateways.clone())
             .unwrap_or_default(),
+        active_gateway: mesh.status.as_ref().and_then(|s| s.active_gateway.clone()),
         ready: rows.iter().all(|r| r.ready),
         mesh: name,
         peers: rows,
@@ -138,7 +142,11 @@ pub fn table(s: &MeshStatus, now: Timestamp) -> String {
     } else {
         s.gateways.join(", ")
     };
-    let _ = writeln!(out, "MESH {}   gateways: {gateways}", s.mesh);
+    let active = match &s.active_gateway {
+        Some(a) if s.gateways.len() > 1 => format!(" (active: {a})"),
+        _ => String::new(),
+    };
+    let _ = writeln!(out, "MESH {}   gateways: {gateways}{active}", s.mesh);
     let header = [
         "#",
         "NAME",
@@ -298,6 +306,7 @@ mod tests {
         let s = MeshStatus {
             mesh: "default".into(),
             gateways: vec!["a".into()],
+            active_gateway: Some("a".into()),
             ready: false,
             peers: vec![
                 row("node-a", Some("a"), &[("b", 9_990)], true),

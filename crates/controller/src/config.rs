@@ -116,6 +116,17 @@ pub struct Config {
     #[arg(long, env = "WGMESH_LEAVE_TIMEOUT", default_value_t = 120)]
     pub leave_timeout: u64,
 
+    /// Seconds a gateway's agent may be disconnected (its stream closed, no report since)
+    /// before the traffic between external peers and the other nodes moves to the next live
+    /// gateway. An agent restart reconnects well within it.
+    #[arg(long, env = "WGMESH_GATEWAY_FAILOVER_SECONDS", default_value_t = 5)]
+    pub gateway_failover_seconds: u64,
+
+    /// Seconds without any report from a gateway's agent (partitioned, its connection not yet
+    /// known to be dead) before the same move. Agents report every 10 s by default.
+    #[arg(long, env = "WGMESH_GATEWAY_SILENCE_SECONDS", default_value_t = 30)]
+    pub gateway_silence_seconds: u64,
+
     /// Minimum seconds between two writes of agent-reported status to one object.
     #[arg(long, env = "WGMESH_STATUS_INTERVAL", default_value_t = 30)]
     pub status_interval: u64,
@@ -198,6 +209,13 @@ impl Config {
 
     pub fn status_interval(&self) -> Duration {
         Duration::from_secs(self.status_interval)
+    }
+
+    pub fn liveness_limits(&self) -> crate::liveness::Limits {
+        crate::liveness::Limits {
+            closed: Duration::from_secs(self.gateway_failover_seconds),
+            silent: Duration::from_secs(self.gateway_silence_seconds.max(1)),
+        }
     }
 }
 

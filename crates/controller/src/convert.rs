@@ -36,6 +36,7 @@ pub fn mesh_input(
         persistent_keepalive: clamp_u16(spec.persistent_keepalive),
         preshared_key: spec.preshared_key.as_ref().map(|r| secret(r, secrets)),
         reserved: reserved.to_vec(),
+        active_gateway: mesh.status.as_ref().and_then(|s| s.active_gateway.clone()),
     }
 }
 

@@ -267,6 +267,7 @@ impl MeshService for MeshServer {
             tx,
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
+            reports: self.reports.clone(),
         };
         tracing::info!(node = %req.node, mesh = %req.mesh, resumed = base.is_some(), "agent watching peers");
         tokio::spawn(stream.run(base));
@@ -323,6 +324,9 @@ impl MeshService for MeshServer {
                 refused_update: req.refused_update.clone(),
             },
         );
+        self.reports
+            .liveness
+            .heard(&req.mesh, &req.node, std::time::Instant::now());
         self.forward_to_leader(forwarded, request).await;
         Ok(Response::new(pb::ReportStatusResponse {}))
     }
@@ -401,6 +405,8 @@ struct PeerStream {
     tx: mpsc::Sender<Result<pb::PeerUpdate, Status>>,
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
+    /// Where the stream's opening and closing count toward the agent's liveness.
+    reports: Arc<Reports>,
 }
 
 impl PeerStream {
@@ -412,6 +418,9 @@ impl PeerStream {
 
     async fn run(mut self, base: Option<NodeView>) {
         self.metrics.agent_connected();
+        self.reports
+            .liveness
+            .stream_opened(&self.mesh, &self.node, std::time::Instant::now());
         // What was last sent, to compute the next delta from.
         let mut sent: Option<NodeConfig<pb::MeshSettings>> = base.map(|b| {
             let mut config = self.config_of(&b);
@@ -458,6 +467,11 @@ impl PeerStream {
             }
         }
         self.metrics.agent_disconnected();
+        self.reports
+            .liveness
+            .stream_closed(&self.mesh, &self.node, std::time::Instant::now());
+        // The status writer looks again: a gateway may be down.
+        self.reports.changed.notify_one();
         tracing::info!(node = %self.node, "peer stream ended");
     }
 }

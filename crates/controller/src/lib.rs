@@ -12,6 +12,7 @@ pub mod forward;
 pub mod grpc;
 pub mod http;
 pub mod index;
+pub mod liveness;
 pub mod metrics;
 pub mod reconcile;
 pub mod reports;
@@ -161,6 +162,7 @@ pub async fn run(config: Config) -> Result<()> {
         metrics.clone(),
         config.status_interval(),
         std::time::Duration::from_secs(config.leave_timeout),
+        config.liveness_limits(),
     );
     let leader_rx = leader.clone();
     tokio::spawn(writer.run(computed_rx, leader));

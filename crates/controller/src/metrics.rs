@@ -29,6 +29,7 @@ struct Inner {
     status_writes: Counter,
     is_leader: Gauge,
     refused_updates: Family<Labels, Counter>,
+    gateway_failovers: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -50,6 +51,12 @@ impl Metrics {
         let status_writes = Counter::default();
         let is_leader = Gauge::default();
         let refused_updates = Family::<Labels, Counter>::default();
+        let gateway_failovers = Family::<Labels, Counter>::default();
+        registry.register(
+            "gateway_failovers",
+            "Moves of the active gateway off a gateway whose agent was down, by mesh",
+            gateway_failovers.clone(),
+        );
         registry.register(
             "agent_refused_updates",
             "Updates agents refused to program (they would have wiped the node without the mesh saying so), by mesh",
@@ -109,6 +116,7 @@ impl Metrics {
                 status_writes,
                 is_leader,
                 refused_updates,
+                gateway_failovers,
             }),
         }
     }
@@ -116,6 +124,13 @@ impl Metrics {
     pub fn reconciled(&self, seconds_since_change: f64) {
         self.inner.reconciles.inc();
         self.inner.convergence.observe(seconds_since_change);
+    }
+
+    pub fn gateway_failover(&self, mesh: &str) {
+        self.inner
+            .gateway_failovers
+            .get_or_create(&vec![("mesh", mesh.to_owned())])
+            .inc();
     }
 
     pub fn agent_refused_update(&self, mesh: &str) {

@@ -43,6 +43,8 @@ pub struct Reports {
     left: Mutex<HashMap<String, BTreeSet<String>>>,
     /// Woken when a report changes something.
     pub changed: Notify,
+    /// Whose agents are live, for gateway failover.
+    pub liveness: crate::liveness::Liveness,
 }
 
 impl Reports {
@@ -123,6 +125,8 @@ impl Reports {
             }
             None => false,
         });
+        self.liveness
+            .retain(|mesh, node| members.get(mesh).is_some_and(|m| m.contains(node)));
     }
 
     /// How many nodes' reports are kept, over all meshes.

@@ -46,6 +46,12 @@ pub struct Writer {
     last_reason: HashMap<String, Reason>,
     /// Refusal events and the startup taint, from what agents say of themselves.
     followups: crate::agent_followups::AgentFollowUps,
+    /// When gateways' agents count as down.
+    liveness_limits: crate::liveness::Limits,
+    /// When this replica became the lease holder (from then on every report reaches it).
+    leader_since: Instant,
+    /// When a gateway's agent next goes down unless heard from: the writer looks again then.
+    next_liveness_check: Option<Instant>,
 }
 
 /// The verdict of one peer object, whichever way it was reached.
@@ -64,6 +70,7 @@ impl Writer {
         metrics: Metrics,
         report_interval: Duration,
         leave_timeout: Duration,
+        liveness_limits: crate::liveness::Limits,
     ) -> Self {
         Writer {
             client,
@@ -76,6 +83,9 @@ impl Writer {
             mesh_written: HashMap::new(),
             last_reason: HashMap::new(),
             followups: crate::agent_followups::AgentFollowUps::new(leave_timeout),
+            liveness_limits,
+            leader_since: Instant::now(),
+            next_liveness_check: None,
         }
     }
 
@@ -95,14 +105,17 @@ impl Writer {
                 if leader.changed().await.is_err() {
                     return;
                 }
+                self.leader_since = Instant::now();
                 continue;
             }
             let snapshot = computed.borrow_and_update().clone();
             self.sync(&snapshot).await;
+            let liveness_check = self.next_liveness_check.map(tokio::time::Instant::from_std);
             tokio::select! {
                 r = computed.changed() => if r.is_err() { return },
                 _ = self.reports.changed.notified() => {},
                 _ = tick.tick() => {},
+                _ = async { tokio::time::sleep_until(liveness_check.expect("some")).await }, if liveness_check.is_some() => {},
                 r = leader.changed() => if r.is_err() { return },
             }
         }
@@ -127,6 +140,7 @@ impl Writer {
             self.sync_mesh_peers(mesh_name, mesh, &peers, snapshot, &nodes)
                 .await;
         }
+        self.next_liveness_check = None;
         for (name, (mesh, desired)) in &snapshot.meshes {
             let peers: Vec<&Arc<WireGuardPeer>> = snapshot
                 .peers
@@ -408,12 +422,15 @@ impl Writer {
             ),
         };
         let current = mesh.status.clone().unwrap_or_default();
+        let active_gateway =
+            self.active_gateway(&name, desired_mesh, current.active_gateway.as_deref());
         let desired = WireGuardMeshStatus {
             nodes,
             ready_nodes,
             peers: peers_count,
             ready_peers,
             gateways: desired_mesh.gateways.clone(),
+            active_gateway,
             conditions: vec![ready_condition(
                 current.conditions.iter().find(|c| c.type_ == READY),
                 &verdict,
@@ -433,6 +450,35 @@ impl Writer {
                 tracing::warn!(mesh = %name, error = %e, "writing mesh status failed");
             }
         }
+    }
+
+    /// The gateway that should carry external traffic now: `current` unless its agent is down
+    /// ([`crate::liveness`]). Notes when to look again.
+    fn active_gateway(
+        &mut self,
+        mesh: &str,
+        desired: &wgmesh_core::desired::DesiredMesh,
+        current: Option<&str>,
+    ) -> Option<String> {
+        let now = Instant::now();
+        let liveness = &self.reports.liveness;
+        let gateways = &desired.gateways;
+        let down = liveness.down(mesh, gateways, self.leader_since, now, self.liveness_limits);
+        let next =
+            liveness.next_change(mesh, gateways, self.leader_since, now, self.liveness_limits);
+        self.next_liveness_check = match (self.next_liveness_check, next) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let active = wgmesh_core::gateway::choose_active(gateways, current, &down);
+        if active.as_deref() != current
+            && let (Some(from), Some(to)) = (current, active.as_deref())
+        {
+            tracing::warn!(mesh, from, to, down = ?down, "gateway failover: external peers' traffic moves");
+            self.metrics.gateway_failover(mesh);
+        }
+        // With no gateway at all, the last one named stays (it is ignored until it is one).
+        active.or(current.map(str::to_owned))
     }
 
     /// One status write (a merge patch of `.status`), counted.

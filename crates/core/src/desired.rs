@@ -7,10 +7,11 @@
 //!
 //! External peers attach to gateway nodes only (every member node unless the mesh narrows it
 //! with a gateway selector). Gateways program every peer; the other members ("interior"
-//! nodes) program only node peers, and reach external peers through the first gateway (by
-//! name), whose allowed IPs on interior nodes also carry every external peer's networks. The
-//! exported client config mirrors this ([`crate::export`]): each gateway's pods straight to
-//! that gateway, everything else through the first gateway.
+//! nodes) program only node peers, and reach external peers through the active gateway (the
+//! first by name until its agent goes silent: [`crate::gateway`]), whose allowed IPs on
+//! interior nodes also carry every external peer's networks. The exported client config
+//! mirrors this ([`crate::export`]): each gateway's pods straight to that gateway, everything
+//! else through the active gateway.
 //! Conflicts are resolved deterministically: node peers first (their pod CIDRs are facts of the
 //! cluster, not claims), then external peers, each group oldest first (creation time, then
 //! name); a peer that conflicts with one already accepted is refused and never programmed, and
@@ -40,6 +41,10 @@ pub struct MeshInput {
     /// (which [`compute`] adds from [`NodeInput::addresses`]): the Service CIDRs, the API
     /// server's addresses, what the operator configured.
     pub reserved: Vec<ReservedRange>,
+    /// The gateway carrying the traffic between external peers and interior nodes, as the
+    /// status writer last chose it ([`crate::gateway::choose_active`]); `None`, or a node that
+    /// is no gateway now, means the first gateway.
+    pub active_gateway: Option<String>,
 }
 
 /// A range no peer may claim as allowed IPs: routed into the tunnel on every node, it would
@@ -258,12 +263,14 @@ pub struct DesiredMesh {
     /// map without its own key.
     pub peers: BTreeMap<PublicKey, Arc<DesiredPeer>>,
     /// What non-gateway members program (without their own key): the node peers only, the
-    /// first gateway's allowed IPs extended by every external peer's ([`gateway_allowed_ips`]).
+    /// active gateway's allowed IPs extended by every external peer's ([`gateway_allowed_ips`]).
     /// Shared by all interior nodes, like `peers` by all gateways.
     pub interior_peers: BTreeMap<PublicKey, Arc<DesiredPeer>>,
-    /// Gateway members by Node name, sorted; the first one carries the traffic between
-    /// external peers and interior nodes.
+    /// Gateway members by Node name, sorted.
     pub gateways: Vec<String>,
+    /// The gateway that carries the traffic between external peers and interior nodes:
+    /// [`MeshInput::active_gateway`] while it is a gateway, else the first one.
+    pub active_gateway: Option<String>,
     /// Every peer object's verdict, by object name.
     pub verdicts: BTreeMap<String, Verdict>,
     /// Every peer object's name by precedence: node peers first, then external peers; each
@@ -308,7 +315,7 @@ fn with_tunnel_addresses(tunnel_addresses: &[IpAddr], networks: Vec<Cidr>) -> Ve
         .collect()
 }
 
-/// The allowed IPs interior (non-gateway) nodes give the first gateway: its own, plus every
+/// The allowed IPs interior (non-gateway) nodes give the active gateway: its own, plus every
 /// programmed external peer's, so traffic to external peers goes through that gateway.
 pub fn gateway_allowed_ips<'a>(
     gateway: &DesiredPeer,
@@ -471,15 +478,21 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         .filter(|(_, m)| m.gateway)
         .map(|(n, _)| n.clone())
         .collect();
+    out.active_gateway = mesh
+        .active_gateway
+        .as_ref()
+        .filter(|g| out.gateways.contains(g))
+        .or(out.gateways.first())
+        .cloned();
     out.interior_peers = interior_peers(&out);
     out
 }
 
-/// The interior view: node peers, with the first gateway routing every external network.
+/// The interior view: node peers, with the active gateway routing every external network.
 fn interior_peers(d: &DesiredMesh) -> BTreeMap<PublicKey, Arc<DesiredPeer>> {
-    let first = d
-        .gateways
-        .first()
+    let active = d
+        .active_gateway
+        .as_ref()
         .and_then(|g| d.members.get(g))
         .map(|m| m.public_key);
     let external: Vec<&DesiredPeer> = d
@@ -492,7 +505,7 @@ fn interior_peers(d: &DesiredMesh) -> BTreeMap<PublicKey, Arc<DesiredPeer>> {
         .iter()
         .filter(|(_, p)| p.node.is_some())
         .map(|(k, p)| {
-            if Some(*k) == first && !external.is_empty() {
+            if Some(*k) == active && !external.is_empty() {
                 let mut routed = (**p).clone();
                 routed.allowed_ips = gateway_allowed_ips(p, external.iter().copied());
                 (*k, Arc::new(routed))

@@ -18,6 +18,7 @@ pub(crate) fn mesh() -> MeshInput {
         persistent_keepalive: 0,
         preshared_key: None,
         reserved: vec![],
+        active_gateway: None,
     }
 }
 
@@ -530,6 +531,48 @@ fn gateway_table() {
             }
         }
         assert_eq!(refused(&d, "site").map(|r| r.0), verdict, "{name}: verdict");
+    }
+}
+
+#[test]
+fn the_active_gateway_carries_the_external_networks() {
+    // a and c are gateways, b is interior: b gives the site's networks to the active one.
+    let routing = |node: &str, tunnel: &str| -> Vec<String> {
+        let mut v = vec![
+            format!("10.244.{node}.0/24"),
+            format!("10.250.0.{tunnel}/32"),
+            "10.250.1.9/32".to_owned(),
+            "192.168.50.0/24".to_owned(),
+        ];
+        v.sort();
+        v
+    };
+    // (the mesh's hint, the active gateway, who routes the site on b)
+    let cases = [
+        (None, "a", "a"),
+        (Some("c"), "c", "c"),
+        (Some("b"), "a", "a"),
+        (Some("gone"), "a", "a"),
+    ];
+    for (hint, active, router) in cases {
+        let (mut nodes, mut peers) = three_nodes();
+        nodes[1].gateway = false;
+        let mut site = external("site", 9, &["192.168.50.0/24"]);
+        site.tunnel_addresses = vec!["10.250.1.9".parse().unwrap()];
+        peers.push(site);
+        let mut m = mesh();
+        m.active_gateway = hint.map(str::to_owned);
+        let d = compute(&m, &nodes, &peers);
+        assert_eq!(d.active_gateway.as_deref(), Some(active), "{hint:?}");
+        for gw in ["a", "c"] {
+            let allowed = allowed_of(&d, "b", gw).unwrap();
+            let carries = allowed.contains(&"192.168.50.0/24".to_owned());
+            assert_eq!(carries, gw == router, "{hint:?}: {gw} on b: {allowed:?}");
+            if gw == router {
+                let (pods, tunnel) = if gw == "a" { ("1", "1") } else { ("3", "3") };
+                assert_eq!(allowed, routing(pods, tunnel), "{hint:?}");
+            }
+        }
     }
 }
 

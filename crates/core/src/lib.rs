@@ -9,6 +9,7 @@ pub mod desired;
 pub mod device;
 pub mod diff;
 pub mod export;
+pub mod gateway;
 pub mod ipam;
 pub mod key;
 pub mod node_config;
