@@ -24,7 +24,7 @@ use crate::state::{
 };
 use wgmesh_core::agent_config::{AgentUpdate, Departure, Verdict, verdict};
 use wgmesh_device::Device;
-use wgmesh_device::{DeviceChange, InterfaceConfig, PeerConfig, device_changes};
+use wgmesh_device::{DeviceChange, DeviceState, InterfaceConfig, PeerConfig, device_changes};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -112,7 +112,7 @@ impl Agent {
             if started.elapsed() > BACKOFF_MAX {
                 backoff = BACKOFF_MIN;
             }
-            tokio::time::sleep(jitter(backoff)).await;
+            self.wait_observing(jitter(backoff)).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
@@ -548,14 +548,26 @@ impl Agent {
         Ok(())
     }
 
-    /// Reports per-peer observations when they changed meaningfully (handshake, endpoint or
-    /// traffic); a quiet mesh sends nothing.
-    async fn report(&mut self, client: &mut ControllerClient) -> Result<()> {
-        // The controller takes reports from members only, and from a node that left a
-        // deleted mesh (the mesh's deletion waits for that).
-        if !self.desired.is_member() && self.departed != Departure::MeshDeleted {
-            return Ok(());
+    /// Waits `wait` between two attempts to reach the controller, keeping the per-peer
+    /// metrics current meanwhile: the tunnels carry traffic without the controller, and a
+    /// scrape should show it.
+    async fn wait_observing(&mut self, wait: Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        let mut tick = tokio::time::interval(Duration::from_secs(self.args.report_interval.max(1)));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.observe().await {
+                        tracing::debug!(error = %e, "reading the device for metrics failed");
+                    }
+                }
+            }
         }
+    }
+
+    /// Reads the device's per-peer state and updates the metrics with it.
+    async fn observe(&self) -> Result<Option<DeviceState>> {
         let state = match &self.device {
             Some(device) => Some(device.observe().await?),
             None => None,
@@ -583,6 +595,18 @@ impl Agent {
             })
             .collect();
         self.metrics.observe_peers(&samples, SystemTime::now());
+        Ok(state)
+    }
+
+    /// Reports per-peer observations when they changed meaningfully (handshake, endpoint or
+    /// traffic); a quiet mesh sends nothing.
+    async fn report(&mut self, client: &mut ControllerClient) -> Result<()> {
+        // The controller takes reports from members only, and from a node that left a
+        // deleted mesh (the mesh's deletion waits for that).
+        if !self.desired.is_member() && self.departed != Departure::MeshDeleted {
+            return Ok(());
+        }
+        let state = self.observe().await?;
         let peers: Vec<pb::PeerStatus> = state
             .iter()
             .flat_map(|s| s.peers.iter())

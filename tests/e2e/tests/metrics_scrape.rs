@@ -1,6 +1,7 @@
 //! The agent's metrics as a cluster scrapes them: at the node's address (where the chart binds
 //! them, as node exporters do), from elsewhere on the underlay; per-peer byte counters that
-//! grow with traffic, the handshake age and the endpoint per peer, and no secret in them.
+//! grow with traffic (also while the controller is gone), the handshake age and the endpoint
+//! per peer, and no secret in them.
 //! Needs root.
 
 use std::net::SocketAddr;
@@ -59,7 +60,7 @@ async fn e2e_metrics_scrape_from_the_node_address() -> Result<()> {
         eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
         return Ok(());
     }
-    let mesh = TestMesh::start(3).await?;
+    let mut mesh = TestMesh::start(3).await?;
     mesh.wait_peer_counts(2, Duration::from_secs(90)).await?;
     for node in &mesh.nodes {
         echo_server(&node.pod, addr("0.0.0.0", ECHO_PORT), usize::MAX)?;
@@ -135,5 +136,30 @@ async fn e2e_metrics_scrape_from_the_node_address() -> Result<()> {
         );
     }
 
+    // Without the controller the tunnels carry on, and the counters keep counting.
+    mesh.controller.as_mut().context("the controller")?.kill();
+    wait_for(
+        "the agent to notice the controller is gone",
+        Duration::from_secs(30),
+        || Ok(scrape()?.contains("wgmesh_agent_controller_connected 0")),
+    )
+    .await?;
+    let before = metric(&scrape()?, "wgmesh_agent_peer_receive_bytes_total", &peer1)
+        .context("rx counter")?;
+    traffic(&mesh)?;
+    wait_for(
+        "rx bytes growing while the controller is gone",
+        Duration::from_secs(15),
+        || {
+            let now = metric(&scrape()?, "wgmesh_agent_peer_receive_bytes_total", &peer1);
+            Ok(now.is_some_and(|n| n > before))
+        },
+    )
+    .await?;
+    mesh.controller
+        .as_mut()
+        .context("the controller")?
+        .restart()
+        .await?;
     Ok(())
 }
