@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod reports;
 pub mod secret_scope;
+pub mod trim;
 pub mod writer;
 
 use std::sync::Arc;

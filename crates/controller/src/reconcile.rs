@@ -222,6 +222,7 @@ pub fn watch_cluster(
     let cfg = watcher::Config::default;
     let node_events = watcher(Api::<Node>::all(client.clone()), cfg())
         .backoff(watch_backoff())
+        .modify(crate::trim::node)
         .reflect(nodes_w)
         .map(|_| ())
         .boxed();
@@ -232,6 +233,7 @@ pub fn watch_cluster(
         .boxed();
     let peer_events = watcher(Api::<WireGuardPeer>::all(client.clone()), cfg())
         .backoff(watch_backoff())
+        .modify(crate::trim::peer)
         .reflect(peers_w)
         .map(|_| ())
         .boxed();

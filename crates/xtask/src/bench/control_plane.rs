@@ -35,6 +35,10 @@ pub struct Args {
     /// Seconds of a quiet mesh during which status writes are counted.
     #[arg(long, default_value_t = 60)]
     quiet_seconds: u64,
+    /// Approximate weight of each Node object in KB, as real ones weigh (labels, annotations,
+    /// conditions, the kubelet's list of images, managed fields): 10-50 KB. 0: bare Nodes.
+    #[arg(long, default_value_t = 20)]
+    node_kb: usize,
 }
 
 /// Agents per gRPC connection (HTTP/2 limits concurrent streams per connection).
@@ -85,6 +89,7 @@ pub async fn run(args: Args) -> Result<()> {
     let controller =
         Controller::start_binary(&cp, &tls, "bench", &[("WGMESH_LOG", "warn")], &binary).await?;
     let total = args.nodes + args.joins;
+    let node_kb = args.node_kb;
 
     step(&format!("creating {total} Nodes, agent pods and tokens"));
     cluster::ensure_agent_identity(&client).await?;
@@ -96,12 +101,23 @@ pub async fn run(args: Args) -> Result<()> {
                 let cidr = format!("10.{}.{}.0/24", 100 + i / 256, i % 256);
                 let ip = node_ip(i);
                 cluster::create_node(&client, &name, &[&cidr], &ip, &[]).await?;
+                if node_kb > 0 {
+                    weigh_down(&client, &name, &ip, node_kb).await?;
+                }
                 cluster::agent_token(&client, &name).await
             }
         })
         .buffered(CONCURRENCY)
         .try_collect()
         .await?;
+    let node_bytes = {
+        let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+        serde_json::to_vec(&api.get(&node_name(0)).await?)?.len()
+    };
+    eprintln!(
+        "    each Node weighs {:.1} KB as the API server returns it",
+        node_bytes as f64 / 1024.0
+    );
 
     let mut channels = Vec::new();
     for _ in 0..total.div_ceil(AGENTS_PER_CHANNEL) {
@@ -202,8 +218,10 @@ pub async fn run(args: Args) -> Result<()> {
     let bytes = median(&bytes_per_agent);
     println!();
     println!(
-        "control-plane benchmark ({} nodes, {} joins)",
-        args.nodes, args.joins
+        "control-plane benchmark ({} nodes of {:.1} KB, {} joins)",
+        args.nodes,
+        node_bytes as f64 / 1024.0,
+        args.joins
     );
     println!("| metric | value | target |");
     println!("|---|---|---|");
@@ -218,6 +236,7 @@ pub async fn run(args: Args) -> Result<()> {
 
     let report = serde_json::json!({
         "nodes": args.nodes,
+        "node_bytes": node_bytes,
         "joins": args.joins,
         "join_p50_ms": p50,
         "join_p99_ms": p99,
@@ -234,6 +253,93 @@ pub async fn run(args: Args) -> Result<()> {
     println!("\nwrote {}", path.display());
     drop(controller);
     drop(cp);
+    Ok(())
+}
+
+/// Gives a bench Node what a kubelet and a cloud's node controllers give a real one: labels,
+/// annotations, conditions, capacity, node info and about `kb` KB of images (the kubelet
+/// reports up to 50, each with its digest and tag), so the controller's memory per node is
+/// measured against real objects.
+async fn weigh_down(client: &kube::Client, name: &str, ip: &str, kb: usize) -> Result<()> {
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let zone = format!("zone-{}", name.len() % 3);
+    let metadata = serde_json::json!({"metadata": {
+        "labels": {
+            "beta.kubernetes.io/arch": "amd64",
+            "beta.kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            "kubernetes.io/hostname": name,
+            "kubernetes.io/os": "linux",
+            "node.kubernetes.io/instance-type": "m6i.2xlarge",
+            "topology.kubernetes.io/region": "eu-west-1",
+            "topology.kubernetes.io/zone": zone,
+            "failure-domain.beta.kubernetes.io/region": "eu-west-1",
+            "failure-domain.beta.kubernetes.io/zone": zone,
+            "node-role.kubernetes.io/worker": "",
+            "eks.amazonaws.com/nodegroup": "general-purpose",
+            "eks.amazonaws.com/capacityType": "ON_DEMAND",
+        },
+        "annotations": {
+            "node.alpha.kubernetes.io/ttl": "0",
+            "volumes.kubernetes.io/controller-managed-attach-detach": "true",
+            "csi.volume.kubernetes.io/nodeid": format!("{{\"ebs.csi.aws.com\":\"i-0{name}\"}}"),
+            "alpha.kubernetes.io/provided-node-ip": ip,
+        },
+    }});
+    api.patch(
+        name,
+        &PatchParams::apply("bench-kubelet").force(),
+        &Patch::Apply(&{
+            let mut m = metadata;
+            m["apiVersion"] = "v1".into();
+            m["kind"] = "Node".into();
+            m["metadata"]["name"] = name.into();
+            m
+        }),
+    )
+    .await?;
+    // An image entry is about 250 bytes; the kubelet lists at most 50, and the rest of the
+    // weight comes from the managed fields the API server keeps for each writer.
+    let images: Vec<serde_json::Value> = (0..(kb * 1024 / 500).clamp(1, 50))
+        .map(|n| {
+            serde_json::json!({
+                "names": [
+                    format!("registry.example.com/team-{n}/service-{n}@sha256:{:064x}", n * 7919 + name.len()),
+                    format!("registry.example.com/team-{n}/service-{n}:v1.{n}.0"),
+                ],
+                "sizeBytes": 50_000_000 + n * 1_000_003,
+            })
+        })
+        .collect();
+    let condition = |type_: &str, status: &str, reason: &str, message: &str| {
+        serde_json::json!({
+            "type": type_, "status": status, "reason": reason, "message": message,
+            "lastHeartbeatTime": "2026-12-01T00:00:00Z",
+            "lastTransitionTime": "2026-12-01T00:00:00Z",
+        })
+    };
+    let status = serde_json::json!({"status": {
+        "images": images,
+        "conditions": [
+            condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+            condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+            condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+            condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+        ],
+        "capacity": {"cpu": "8", "memory": "32386524Ki", "pods": "110", "ephemeral-storage": "104845292Ki"},
+        "allocatable": {"cpu": "7910m", "memory": "31369692Ki", "pods": "110", "ephemeral-storage": "95551679124"},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+        "nodeInfo": {
+            "architecture": "amd64", "bootID": format!("{:032x}", name.len() * 31337),
+            "containerRuntimeVersion": "containerd://1.7.27", "kernelVersion": "6.12.0-amd64",
+            "kubeProxyVersion": "", "kubeletVersion": "v1.34.4", "machineID": format!("{:032x}", name.len()),
+            "operatingSystem": "linux", "osImage": "Debian GNU/Linux 13 (trixie)",
+            "systemUUID": format!("ec2{:029x}", name.len()),
+        },
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
     Ok(())
 }
 
