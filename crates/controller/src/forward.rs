@@ -14,8 +14,52 @@ use wgmesh_proto::mesh_service_client::MeshServiceClient;
 
 /// Metadata key marking a report forwarded by another replica.
 pub const FORWARDED: &str = "x-wgmesh-forwarded";
+/// Metadata key of a forwarded report that only says an agent's peer stream to the sending
+/// replica `opened` or `closed` (gateway failover: [`crate::liveness`]).
+pub const STREAM_EVENT: &str = "x-wgmesh-stream";
 /// How long the lease holder's address is trusted before reading the Lease again.
 const HOLDER_TTL: Duration = Duration::from_secs(5);
+
+/// While this replica does not hold the lease, tells each new holder which agents have
+/// their peer stream here: the holder judges gateways down from streams closing, and one
+/// it never heard of opening would count as down once [`crate::liveness::UNSEEN`] passed.
+pub async fn announce_streams_to_new_holders(
+    forwarder: std::sync::Arc<Forwarder>,
+    reports: std::sync::Arc<crate::reports::Reports>,
+    leader: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut announced_to: Option<String> = None;
+    let mut tick = tokio::time::interval(HOLDER_TTL);
+    loop {
+        tick.tick().await;
+        if *leader.borrow() {
+            announced_to = None;
+            continue;
+        }
+        let Ok(holder) = forwarder.holder().await else {
+            continue;
+        };
+        if announced_to.as_deref() == Some(holder.as_str()) {
+            continue;
+        }
+        let mut all_sent = true;
+        for (mesh, node) in reports.liveness.open_here() {
+            let report = pb::ReportStatusRequest {
+                node,
+                mesh,
+                ..Default::default()
+            };
+            if let Err(e) = forwarder.forward(report, Some("opened")).await {
+                tracing::warn!(error = %e, "announcing open streams to the lease holder failed");
+                all_sent = false;
+                break;
+            }
+        }
+        if all_sent {
+            announced_to = Some(holder);
+        }
+    }
+}
 
 /// The lease identity of a replica: `name@host:port`, so others know where to forward.
 pub fn lease_identity(name: &str, advertise: Option<&str>) -> String {
@@ -89,8 +133,13 @@ impl Forwarder {
             .domain_name(server_name)
     }
 
-    /// Sends the report to the lease holder, unless this replica holds the lease.
-    pub async fn forward(&self, report: pb::ReportStatusRequest) -> Result<(), Status> {
+    /// Sends the report (or, with `stream_event`, only that an agent's stream opened or
+    /// closed) to the lease holder, unless this replica holds the lease.
+    pub async fn forward(
+        &self,
+        report: pb::ReportStatusRequest,
+        stream_event: Option<&'static str>,
+    ) -> Result<(), Status> {
         let holder = self.holder().await?;
         if holder == self.own_identity {
             return Ok(());
@@ -120,12 +169,17 @@ impl Forwarder {
         let mut req = Request::new(report);
         req.metadata_mut()
             .insert(FORWARDED, "1".parse().expect("static metadata"));
+        if let Some(event) = stream_event {
+            req.metadata_mut()
+                .insert(STREAM_EVENT, event.parse().expect("static metadata"));
+        }
         req.set_timeout(Duration::from_secs(5));
         let mut client = client;
         client.report_status(req).await.map(|_| ())
     }
 
-    async fn holder(&self) -> Result<String, Status> {
+    /// The lease holder's identity (`name@host:port`), as last read (at most 5 s old).
+    pub async fn holder(&self) -> Result<String, Status> {
         if let Some((at, h)) = self.holder.lock().expect("holder lock").clone()
             && at.elapsed() < HOLDER_TTL
         {

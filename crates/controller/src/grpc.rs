@@ -24,8 +24,9 @@ use wgmesh_proto::{checked, encode};
 
 use crate::auth::Authenticator;
 use crate::convert;
-use crate::forward::{FORWARDED, Forwarder, is_replica_certificate};
+use crate::forward::{FORWARDED, Forwarder, STREAM_EVENT, is_replica_certificate};
 use crate::index::{Index, NodeView};
+use crate::liveness::Origin;
 use crate::metrics::Metrics;
 use crate::reconcile::Caches;
 use crate::reports::Reports;
@@ -268,6 +269,8 @@ impl MeshService for MeshServer {
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
             reports: self.reports.clone(),
+            leader: self.leader.clone(),
+            forwarder: self.forwarder.clone(),
         };
         tracing::info!(node = %req.node, mesh = %req.mesh, resumed = base.is_some(), "agent watching peers");
         tokio::spawn(stream.run(base));
@@ -290,6 +293,25 @@ impl MeshService for MeshServer {
         let req = checked::report(&request)?;
         if !forwarded {
             self.auth.authorize_node(&metadata, &req.node).await?;
+        }
+        // Another replica says an agent's stream to it opened or closed.
+        if forwarded && let Some(event) = metadata.get(STREAM_EVENT) {
+            let now = std::time::Instant::now();
+            match event.to_str() {
+                Ok("opened") => {
+                    self.reports
+                        .liveness
+                        .stream_opened(&req.mesh, &req.node, Origin::Remote, now)
+                }
+                Ok("closed") => {
+                    self.reports
+                        .liveness
+                        .stream_closed(&req.mesh, &req.node, Origin::Remote, now)
+                }
+                _ => return Err(Status::invalid_argument("unknown stream event")),
+            }
+            self.reports.changed.notify_one();
+            return Ok(Response::new(pb::ReportStatusResponse {}));
         }
         // A node whose agent left a deleted mesh says so (it is no member any more): what
         // the mesh's finalizer waits for.
@@ -339,7 +361,7 @@ impl MeshServer {
         if !forwarded
             && !*self.leader.borrow()
             && let Some(forwarder) = &self.forwarder
-            && let Err(e) = forwarder.forward(request).await
+            && let Err(e) = forwarder.forward(request, None).await
         {
             // The agent reports again on its next change; nothing is lost for good.
             self.metrics.error("forward_report");
@@ -405,11 +427,48 @@ struct PeerStream {
     tx: mpsc::Sender<Result<pb::PeerUpdate, Status>>,
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
-    /// Where the stream's opening and closing count toward the agent's liveness.
+    /// Where the stream's opening and closing count toward the agent's liveness (here, and
+    /// at the lease holder through `forwarder` when this replica is not it).
     reports: Arc<Reports>,
+    leader: watch::Receiver<bool>,
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 impl PeerStream {
+    /// Counts the stream's opening or closing toward the agent's liveness, here and at the
+    /// lease holder, and wakes the status writer (a gateway may be down).
+    fn announce(&self, event: &'static str) {
+        let now = std::time::Instant::now();
+        match event {
+            "opened" => {
+                self.reports
+                    .liveness
+                    .stream_opened(&self.mesh, &self.node, Origin::Local, now)
+            }
+            _ => self
+                .reports
+                .liveness
+                .stream_closed(&self.mesh, &self.node, Origin::Local, now),
+        }
+        self.reports.changed.notify_one();
+        if !*self.leader.borrow()
+            && let Some(forwarder) = self.forwarder.clone()
+        {
+            let report = pb::ReportStatusRequest {
+                node: self.node.clone(),
+                mesh: self.mesh.clone(),
+                ..Default::default()
+            };
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                if let Err(e) = forwarder.forward(report, Some(event)).await {
+                    metrics.error("forward_stream_event");
+                    tracing::warn!(error = %e, event, "telling the lease holder of a stream failed");
+                }
+            });
+        }
+    }
+
     /// The node's view of a mesh view: the shared desired state and its own membership, not
     /// a per-stream copy of the peer set (a thousand streams cost a thousand pointers).
     fn config_of(&self, view: &NodeView) -> NodeConfig<pb::MeshSettings> {
@@ -418,9 +477,7 @@ impl PeerStream {
 
     async fn run(mut self, base: Option<NodeView>) {
         self.metrics.agent_connected();
-        self.reports
-            .liveness
-            .stream_opened(&self.mesh, &self.node, std::time::Instant::now());
+        self.announce("opened");
         // What was last sent, to compute the next delta from.
         let mut sent: Option<NodeConfig<pb::MeshSettings>> = base.map(|b| {
             let mut config = self.config_of(&b);
@@ -467,11 +524,7 @@ impl PeerStream {
             }
         }
         self.metrics.agent_disconnected();
-        self.reports
-            .liveness
-            .stream_closed(&self.mesh, &self.node, std::time::Instant::now());
-        // The status writer looks again: a gateway may be down.
-        self.reports.changed.notify_one();
+        self.announce("closed");
         tracing::info!(node = %self.node, "peer stream ended");
     }
 }

@@ -163,9 +163,16 @@ pub async fn run(config: Config) -> Result<()> {
         metrics.clone(),
         config.status_interval(),
         std::time::Duration::from_secs(config.leave_timeout),
-        config.liveness_limits(),
+        config.gateway_failover(),
     );
     let leader_rx = leader.clone();
+    if let Some(forwarder) = forwarder.clone() {
+        tokio::spawn(forward::announce_streams_to_new_holders(
+            forwarder,
+            reports.clone(),
+            leader.clone(),
+        ));
+    }
     tokio::spawn(writer.run(computed_rx, leader));
 
     let auth = Arc::new(auth::Authenticator::new(

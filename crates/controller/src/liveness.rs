@@ -1,29 +1,56 @@
-//! Which agents are live, from what they do rather than from heartbeat writes: an open peer
-//! stream and status reports (every agent reports every few seconds, to whichever replica it
-//! is connected to, which forwards to the lease holder). The status writer uses it to move
-//! the active gateway ([`wgmesh_core::gateway`]) off a gateway whose agent went away.
+//! Which agents are down, from what they do rather than from heartbeat writes: an agent's
+//! peer stream is open while it runs (HTTP/2 keepalive closes it within a minute of a silent
+//! death), and it reports when its peers change. Replicas that do not hold the lease forward
+//! their streams' openings and closings to the holder, as they forward reports. An agent is
+//! down once its last stream closed more than the limit ago with no stream or report since;
+//! an agent never seen is not judged (a quiet agent sends nothing but its open stream). The
+//! status writer uses it to move the active gateway ([`wgmesh_core::gateway`]) off a gateway
+//! whose agent went away.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// When an agent counts as down.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// After its stream to this replica closed, without a report since: the agent or its
-    /// node stopped (a restart reconnects well within it).
-    pub closed: Duration,
-    /// Without any report or stream: the agent is partitioned or served by another replica
-    /// that lost it.
-    pub silent: Duration,
+/// How long after its last stream closed (with no stream or report since) an agent is
+/// down: long enough for a restart to reconnect.
+pub type Limit = Duration;
+
+/// How long a new lease holder waits for an agent it has never seen (its stream on another
+/// replica is announced within seconds of the change) before counting it down.
+pub const UNSEEN: Duration = Duration::from_secs(60);
+
+/// Where a stream is: on this replica, or on another that forwarded its opening or closing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Local,
+    Remote,
 }
 
 #[derive(Clone, Copy, Debug)]
 struct Seen {
     last_heard: Instant,
-    open_streams: u32,
-    /// When its last stream to this replica closed, if none is open.
+    local_streams: u32,
+    remote_streams: u32,
+    /// When its last stream closed, if none is open.
     closed_at: Option<Instant>,
+}
+
+impl Seen {
+    fn new(now: Instant) -> Self {
+        Seen {
+            last_heard: now,
+            local_streams: 0,
+            remote_streams: 0,
+            closed_at: None,
+        }
+    }
+
+    fn streams(&mut self, origin: Origin) -> &mut u32 {
+        match origin {
+            Origin::Local => &mut self.local_streams,
+            Origin::Remote => &mut self.remote_streams,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -38,55 +65,67 @@ impl Liveness {
         let mut seen = self.seen.lock().expect("liveness lock");
         let s = seen
             .entry((mesh.to_owned(), node.to_owned()))
-            .or_insert(Seen {
-                last_heard: now,
-                open_streams: 0,
-                closed_at: None,
-            });
+            .or_insert(Seen::new(now));
         s.last_heard = now;
     }
 
-    pub fn stream_opened(&self, mesh: &str, node: &str, now: Instant) {
+    pub fn stream_opened(&self, mesh: &str, node: &str, origin: Origin, now: Instant) {
         let mut seen = self.seen.lock().expect("liveness lock");
         let s = seen
             .entry((mesh.to_owned(), node.to_owned()))
-            .or_insert(Seen {
-                last_heard: now,
-                open_streams: 0,
-                closed_at: None,
-            });
+            .or_insert(Seen::new(now));
         s.last_heard = now;
-        s.open_streams += 1;
+        *s.streams(origin) += 1;
         s.closed_at = None;
     }
 
-    pub fn stream_closed(&self, mesh: &str, node: &str, now: Instant) {
+    /// A close whose opening this replica never saw (it became the lease holder since)
+    /// counts too.
+    pub fn stream_closed(&self, mesh: &str, node: &str, origin: Origin, now: Instant) {
         let mut seen = self.seen.lock().expect("liveness lock");
-        if let Some(s) = seen.get_mut(&(mesh.to_owned(), node.to_owned())) {
-            s.open_streams = s.open_streams.saturating_sub(1);
-            if s.open_streams == 0 {
-                s.closed_at = Some(now);
-            }
+        let s = seen
+            .entry((mesh.to_owned(), node.to_owned()))
+            .or_insert(Seen::new(now));
+        let n = s.streams(origin);
+        *n = n.saturating_sub(1);
+        if s.local_streams + s.remote_streams == 0 {
+            s.closed_at = Some(now);
         }
     }
 
-    /// Of `nodes`, those whose agents are down at `now`. `since` is when this replica began
-    /// to hear every agent (it became the lease holder, to which reports are forwarded):
-    /// nobody is silent for longer than that.
+    /// The agents with a stream open on this replica, to announce to a new lease holder.
+    pub fn open_here(&self) -> Vec<(String, String)> {
+        let seen = self.seen.lock().expect("liveness lock");
+        seen.iter()
+            .filter(|(_, s)| s.local_streams > 0)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Forgets what other replicas said: another holder hears it now.
+    pub fn forget_remote(&self) {
+        let mut seen = self.seen.lock().expect("liveness lock");
+        for s in seen.values_mut() {
+            s.remote_streams = 0;
+        }
+    }
+
+    /// Of `nodes`, those whose agents are down at `now`. Agents never seen count as down
+    /// from `unseen_after` on.
     pub fn down<'a>(
         &self,
         mesh: &str,
         nodes: impl IntoIterator<Item = &'a String>,
-        since: Instant,
         now: Instant,
-        limits: Limits,
+        limit: Limit,
+        unseen_after: Instant,
     ) -> BTreeSet<String> {
         let seen = self.seen.lock().expect("liveness lock");
         nodes
             .into_iter()
             .filter(|n| {
                 let s = seen.get(&(mesh.to_owned(), (*n).clone())).copied();
-                down_at(s, since, limits).is_some_and(|at| at <= now)
+                down_at(s, limit, unseen_after).is_some_and(|at| at <= now)
             })
             .cloned()
             .collect()
@@ -98,19 +137,16 @@ impl Liveness {
         &self,
         mesh: &str,
         nodes: impl IntoIterator<Item = &'a String>,
-        since: Instant,
         now: Instant,
-        limits: Limits,
+        limit: Limit,
+        unseen_after: Instant,
     ) -> Option<Instant> {
         let seen = self.seen.lock().expect("liveness lock");
         nodes
             .into_iter()
             .filter_map(|n| {
-                down_at(
-                    seen.get(&(mesh.to_owned(), n.clone())).copied(),
-                    since,
-                    limits,
-                )
+                let s = seen.get(&(mesh.to_owned(), n.clone())).copied();
+                down_at(s, limit, unseen_after)
             })
             .filter(|at| *at > now)
             .min()
@@ -123,17 +159,18 @@ impl Liveness {
     }
 }
 
-/// When an agent seen as `s` is down, unless heard from before; `None`: not while a stream is
-/// open and reports keep coming.
-fn down_at(s: Option<Seen>, since: Instant, limits: Limits) -> Option<Instant> {
+/// When an agent seen as `s` is down unless heard from before: once its last stream closed,
+/// or, never seen, at `unseen_after`; `None` while a stream is open.
+fn down_at(s: Option<Seen>, limit: Limit, unseen_after: Instant) -> Option<Instant> {
     let Some(s) = s else {
-        return Some(since + limits.silent);
+        return Some(unseen_after);
     };
-    let heard = s.last_heard.max(since);
     match s.closed_at {
-        // Closed here and not heard of since (not even through another replica).
-        Some(closed) if s.last_heard <= closed => Some(closed + limits.closed),
-        _ => Some(heard + limits.silent),
+        // Closed and not heard of since (no report through any replica).
+        Some(closed) if s.local_streams + s.remote_streams == 0 && s.last_heard <= closed => {
+            Some(closed + limit)
+        }
+        _ => None,
     }
 }
 
@@ -141,46 +178,36 @@ fn down_at(s: Option<Seen>, since: Instant, limits: Limits) -> Option<Instant> {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
-        closed: Duration::from_secs(5),
-        silent: Duration::from_secs(30),
-    };
+    const LIMIT: Limit = Duration::from_secs(5);
 
     #[test]
     fn down_table() {
         let t0 = Instant::now();
         let s = |secs: u64| t0 + Duration::from_secs(secs);
         let n = "n".to_owned();
-        // (what happened, at what second (stream opened, closed, heard), asked at, down?)
         enum Event {
             Open,
             Close,
+            Remote,
+            RemoteClose,
             Heard,
         }
         use Event::*;
+        // (what happened, at what second; asked at; down?)
         type Case<'a> = (&'a str, Vec<(Event, u64)>, u64, bool);
         let cases: Vec<Case> = vec![
+            ("never seen, before the unseen limit", vec![], 59, false),
+            ("never seen, after it", vec![], 61, true),
+            ("a stream open, however quiet", vec![(Open, 0)], 1000, false),
+            ("a stream open elsewhere", vec![(Remote, 0)], 1000, false),
             (
-                "never seen, within the silence limit of becoming holder",
-                vec![],
-                29,
-                false,
-            ),
-            ("never seen, past it", vec![], 31, true),
-            (
-                "a stream open and reports coming",
-                vec![(Open, 0), (Heard, 20), (Heard, 40)],
-                60,
-                false,
-            ),
-            (
-                "a stream open, but silent too long",
-                vec![(Open, 0), (Heard, 10)],
-                41,
+                "a stream elsewhere, closed",
+                vec![(Remote, 0), (RemoteClose, 3)],
+                9,
                 true,
             ),
             (
-                "stream closed, within the closed limit",
+                "stream closed, within the limit",
                 vec![(Open, 0), (Close, 10)],
                 14,
                 false,
@@ -198,7 +225,7 @@ mod tests {
                 false,
             ),
             (
-                "closed here, reporting through another replica",
+                "closed, then a report (reconnected elsewhere)",
                 vec![(Open, 0), (Close, 10), (Heard, 12)],
                 20,
                 false,
@@ -209,40 +236,55 @@ mod tests {
                 20,
                 false,
             ),
+            (
+                "two streams, both closed",
+                vec![(Open, 0), (Open, 1), (Close, 10), (Close, 11)],
+                17,
+                true,
+            ),
+            (
+                "a close for a stream never seen open",
+                vec![(Close, 10)],
+                20,
+                true,
+            ),
         ];
         for (name, events, at, want) in cases {
             let l = Liveness::default();
             for (e, sec) in events {
                 match e {
-                    Open => l.stream_opened("m", &n, s(sec)),
-                    Close => l.stream_closed("m", &n, s(sec)),
+                    Open => l.stream_opened("m", &n, Origin::Local, s(sec)),
+                    Close => l.stream_closed("m", &n, Origin::Local, s(sec)),
+                    Remote => l.stream_opened("m", &n, Origin::Remote, s(sec)),
+                    RemoteClose => l.stream_closed("m", &n, Origin::Remote, s(sec)),
                     Heard => l.heard("m", &n, s(sec)),
                 }
             }
-            let down = l.down("m", [&n], t0, s(at), LIMITS);
+            let down = l.down("m", [&n], s(at), LIMIT, s(60));
             assert_eq!(down.contains(&n), want, "{name}");
-            if !want {
-                let next = l.next_change("m", [&n], t0, s(at), LIMITS);
-                assert!(next.is_some_and(|t| t > s(at)), "{name}: {next:?}");
-            }
         }
     }
 
     #[test]
-    fn leadership_starts_the_silence_clock() {
+    fn next_change_is_when_a_closed_stream_runs_out() {
         let t0 = Instant::now();
-        let n = "n".to_owned();
+        let (a, b) = ("a".to_owned(), "b".to_owned());
         let l = Liveness::default();
-        l.heard("m", &n, t0);
-        // Heard long before this replica became the holder: counted from then.
-        let since = t0 + Duration::from_secs(100);
-        assert!(
-            l.down("m", [&n], since, since + Duration::from_secs(29), LIMITS)
-                .is_empty()
+        let unseen = t0 + Duration::from_secs(60);
+        l.stream_opened("m", &a, Origin::Local, t0);
+        l.stream_opened("m", &b, Origin::Remote, t0);
+        assert_eq!(l.next_change("m", [&a, &b], t0, LIMIT, unseen), None);
+        l.stream_closed("m", &b, Origin::Remote, t0 + Duration::from_secs(1));
+        assert_eq!(
+            l.next_change("m", [&a, &b], t0 + Duration::from_secs(2), LIMIT, unseen),
+            Some(t0 + Duration::from_secs(6))
         );
-        assert!(
-            !l.down("m", [&n], since, since + Duration::from_secs(31), LIMITS)
-                .is_empty()
+        assert_eq!(l.open_here(), [("m".to_owned(), "a".to_owned())]);
+        let c = "c".to_owned();
+        assert_eq!(
+            l.next_change("m", [&c], t0, LIMIT, unseen),
+            Some(unseen),
+            "never seen: down at the unseen limit"
         );
     }
 }

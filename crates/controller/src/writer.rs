@@ -47,8 +47,10 @@ pub struct Writer {
     /// Refusal events and the startup taint, from what agents say of themselves.
     followups: crate::agent_followups::AgentFollowUps,
     /// When gateways' agents count as down.
-    liveness_limits: crate::liveness::Limits,
-    /// When this replica became the lease holder (from then on every report reaches it).
+    /// How long after its stream closed a gateway's agent counts as down.
+    gateway_failover: crate::liveness::Limit,
+    /// When this replica became the lease holder: agents it has not seen by
+    /// [`crate::liveness::UNSEEN`] after that are down.
     leader_since: Instant,
     /// When a gateway's agent next goes down unless heard from: the writer looks again then.
     next_liveness_check: Option<Instant>,
@@ -70,7 +72,7 @@ impl Writer {
         metrics: Metrics,
         report_interval: Duration,
         leave_timeout: Duration,
-        liveness_limits: crate::liveness::Limits,
+        gateway_failover: crate::liveness::Limit,
     ) -> Self {
         Writer {
             client,
@@ -83,7 +85,7 @@ impl Writer {
             mesh_written: HashMap::new(),
             last_reason: HashMap::new(),
             followups: crate::agent_followups::AgentFollowUps::new(leave_timeout),
-            liveness_limits,
+            gateway_failover,
             leader_since: Instant::now(),
             next_liveness_check: None,
         }
@@ -106,6 +108,8 @@ impl Writer {
                     return;
                 }
                 self.leader_since = Instant::now();
+                // The other replicas announce their open streams to the new holder.
+                self.reports.liveness.forget_remote();
                 continue;
             }
             let snapshot = computed.borrow_and_update().clone();
@@ -463,9 +467,10 @@ impl Writer {
         let now = Instant::now();
         let liveness = &self.reports.liveness;
         let gateways = &desired.gateways;
-        let down = liveness.down(mesh, gateways, self.leader_since, now, self.liveness_limits);
-        let next =
-            liveness.next_change(mesh, gateways, self.leader_since, now, self.liveness_limits);
+        let unseen_after = self.leader_since + crate::liveness::UNSEEN;
+        let limit = self.gateway_failover;
+        let down = liveness.down(mesh, gateways, now, limit, unseen_after);
+        let next = liveness.next_change(mesh, gateways, now, limit, unseen_after);
         self.next_liveness_check = match (self.next_liveness_check, next) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
