@@ -201,18 +201,21 @@ fn clean(s: &str) -> String {
         .collect()
 }
 
-/// `s` as a DOT quoted string. Inside quotes only `"` and `\` are special (a backslash starts
-/// an escape like `\n` or `\N` in labels); `s` must be [`clean`].
+/// `s` as a DOT quoted string; `s` must be [`clean`].
 fn quoted(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
+    format!("\"{}\"", escaped(s))
+}
+
+/// `s` escaped for a DOT quoted string. Inside quotes only `"` and `\` are special (a
+/// backslash starts an escape like `\n` or `\N` in labels).
+fn escaped(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if matches!(c, '"' | '\\') {
             out.push('\\');
         }
         out.push(c);
     }
-    out.push('"');
     out
 }
 
@@ -235,8 +238,7 @@ pub fn dot(graphs: &[MeshGraph]) -> String {
             let label = v
                 .lines()
                 .iter()
-                .map(|l| quoted(l))
-                .map(|q| q[1..q.len() - 1].to_owned())
+                .map(|l| escaped(l))
                 .collect::<Vec<_>>()
                 .join("\\n");
             let style = match v.kind {
