@@ -6,6 +6,7 @@ mod output;
 mod cluster;
 mod config;
 mod exit;
+mod graph;
 mod import;
 mod keys;
 mod peer;
@@ -70,6 +71,20 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// The mesh as a picture: member nodes (gateways marked), external peers pointing at the
+    /// nodes they handshake with (at every gateway when none does), and each link labeled
+    /// with the age of its latest handshake; a link with none within 210 s is dashed. Graphviz
+    /// DOT (`| dot -Tpng > mesh.png`), or an SVG image laid out here, no Graphviz needed
+    /// (over 10 nodes it leaves out the node pairs with a recent handshake, and says so).
+    #[command(after_help = EXIT_CODES)]
+    Graph {
+        /// Only this mesh (default: every mesh, each its own cluster).
+        #[arg(long)]
+        mesh: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = graph::Format::Dot)]
+        output: graph::Format,
+    },
     /// External peers: add one, or print its config again.
     #[command(subcommand)]
     Peer(PeerCmd),
@@ -126,6 +141,7 @@ fn main() -> ExitCode {
         Cmd::Genpsk => keys::genpsk(),
         Cmd::Import(opts) => run(import::run(&cli.kube, opts)),
         Cmd::Status { mesh, output } => run(status::run(&cli.kube, mesh, output)),
+        Cmd::Graph { mesh, output } => run(graph::run(&cli.kube, mesh, output)),
         Cmd::Peer(PeerCmd::Add(args)) => run(peer::add(&cli.kube, args)),
         Cmd::Peer(PeerCmd::Config(args)) => run(peer::config(&cli.kube, args)),
         Cmd::Export(ExportCmd::Node {

@@ -55,21 +55,7 @@ pub struct PeerRow {
 }
 
 pub async fn run(kube: &KubeArgs, mesh: Option<String>, format: Format) -> Result<()> {
-    let client = cluster::client(kube).await?;
-    let meshes: Vec<WireGuardMesh> = match &mesh {
-        Some(name) => vec![cluster::mesh_objects(&client, name).await?.mesh],
-        None => {
-            Api::<WireGuardMesh>::all(client.clone())
-                .list(&ListParams::default())
-                .await?
-                .items
-        }
-    };
-    if meshes.is_empty() {
-        return Err(err(exit::NOT_FOUND, "there is no WireGuardMesh"));
-    }
-    let peers = cluster::all_peers(&client).await?;
-    let statuses: Vec<MeshStatus> = meshes.iter().map(|m| mesh_status(m, &peers)).collect();
+    let statuses = gather(kube, mesh.as_deref()).await?;
     if format == Format::Table {
         let now = Timestamp::now();
         for (i, s) in statuses.iter().enumerate() {
@@ -86,6 +72,25 @@ pub async fn run(kube: &KubeArgs, mesh: Option<String>, format: Format) -> Resul
     } else {
         Err(err(exit::NOT_READY, "not every node and peer is Ready"))
     }
+}
+
+/// The status of mesh `mesh`, or of every mesh (an error if there is none).
+pub async fn gather(kube: &KubeArgs, mesh: Option<&str>) -> Result<Vec<MeshStatus>> {
+    let client = cluster::client(kube).await?;
+    let meshes: Vec<WireGuardMesh> = match mesh {
+        Some(name) => vec![cluster::mesh_objects(&client, name).await?.mesh],
+        None => {
+            Api::<WireGuardMesh>::all(client.clone())
+                .list(&ListParams::default())
+                .await?
+                .items
+        }
+    };
+    if meshes.is_empty() {
+        return Err(err(exit::NOT_FOUND, "there is no WireGuardMesh"));
+    }
+    let peers = cluster::all_peers(&client).await?;
+    Ok(meshes.iter().map(|m| mesh_status(m, &peers)).collect())
 }
 
 pub fn mesh_status(mesh: &WireGuardMesh, peers: &[WireGuardPeer]) -> MeshStatus {
