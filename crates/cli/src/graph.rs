@@ -58,6 +58,8 @@ pub struct Vertex {
     pub ready: bool,
     /// Why it is not Ready (the condition's reason), when it is not.
     pub reason: String,
+    /// The gateway carrying external traffic to the other nodes, when there are several.
+    pub active: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +107,11 @@ pub fn mesh_graph(s: &MeshStatus, now: Timestamp) -> MeshGraph {
         };
         by_node.entry(node.as_str()).or_insert(vertices.len());
         node_rows.push((vertices.len(), node.as_str(), r));
-        vertices.push(vertex(node, kind, r));
+        let mut v = vertex(node, kind, r);
+        v.active = kind == Kind::Gateway
+            && s.gateways.len() > 1
+            && s.active_gateway.as_deref() == Some(node.as_str());
+        vertices.push(v);
     }
     let edge = |from: usize, to: usize, directed: bool, last: Option<Timestamp>| {
         let (label, freshness) = match last {
@@ -170,6 +176,7 @@ fn vertex(name: &str, kind: Kind, r: &status::PeerRow) -> Vertex {
         } else {
             r.reason.clone()
         },
+        active: false,
     }
 }
 
@@ -178,6 +185,7 @@ impl Vertex {
     fn lines(&self) -> Vec<String> {
         let mut lines = vec![clean(&self.name)];
         match self.kind {
+            Kind::Gateway if self.active => lines.push("gateway (active)".into()),
             Kind::Gateway => lines.push("gateway".into()),
             Kind::External => lines.push("external".into()),
             Kind::Node => {}

@@ -35,6 +35,7 @@ fn mesh(gateways: &[&str], peers: Vec<PeerRow>) -> MeshStatus {
     MeshStatus {
         mesh: "default".into(),
         gateways: gateways.iter().map(|g| g.to_string()).collect(),
+        active_gateway: gateways.first().map(|g| g.to_string()),
         ready: peers.iter().all(|p| p.ready),
         peers,
     }
@@ -152,6 +153,26 @@ fn the_model() {
         assert_eq!(edges(&g), want_edges, "{what}");
         assert_eq!(g.mesh, "default", "{what}");
     }
+}
+
+#[test]
+fn the_active_gateway_is_named_when_there_are_several() {
+    let mut status = mesh(
+        &["a", "b"],
+        vec![node("a", &[]), node("b", &[]), node("c", &[])],
+    );
+    status.active_gateway = Some("b".into());
+    let g = mesh_graph(&status, Timestamp::from_second(NOW).unwrap());
+    let lines: Vec<Vec<String>> = g.vertices.iter().map(Vertex::lines).collect();
+    assert_eq!(lines[0], ["a", "gateway"]);
+    assert_eq!(lines[1], ["b", "gateway (active)"]);
+    assert_eq!(lines[2], ["c"]);
+    // One gateway: it is the active one, nothing to say.
+    let one = mesh_graph(
+        &mesh(&["a"], vec![node("a", &[]), node("b", &[])]),
+        Timestamp::from_second(NOW).unwrap(),
+    );
+    assert_eq!(one.vertices[0].lines(), ["a", "gateway"]);
 }
 
 #[test]
