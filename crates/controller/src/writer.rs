@@ -46,7 +46,6 @@ pub struct Writer {
     last_reason: HashMap<String, Reason>,
     /// Refusal events and the startup taint, from what agents say of themselves.
     followups: crate::agent_followups::AgentFollowUps,
-    /// When gateways' agents count as down.
     /// How long after its stream closed a gateway's agent counts as down.
     gateway_failover: crate::liveness::Limit,
     /// When this replica became the lease holder: agents it has not seen by
@@ -114,12 +113,15 @@ impl Writer {
             }
             let snapshot = computed.borrow_and_update().clone();
             self.sync(&snapshot).await;
-            let liveness_check = self.next_liveness_check.map(tokio::time::Instant::from_std);
+            // No gateway about to go down: the tick wakes us anyway.
+            let liveness_check = self
+                .next_liveness_check
+                .map_or_else(|| tokio::time::Instant::now() + FLUSH_TICK, Into::into);
             tokio::select! {
                 r = computed.changed() => if r.is_err() { return },
                 _ = self.reports.changed.notified() => {},
                 _ = tick.tick() => {},
-                _ = async { tokio::time::sleep_until(liveness_check.expect("some")).await }, if liveness_check.is_some() => {},
+                _ = tokio::time::sleep_until(liveness_check) => {},
                 r = leader.changed() => if r.is_err() { return },
             }
         }
@@ -479,7 +481,13 @@ impl Writer {
         if active.as_deref() != current
             && let (Some(from), Some(to)) = (current, active.as_deref())
         {
-            tracing::warn!(mesh, from, to, down = ?down, "gateway failover: external peers' traffic moves");
+            tracing::warn!(
+                mesh,
+                from,
+                to,
+                down = down.len(),
+                "gateway failover: external peers' traffic moves"
+            );
             self.metrics.gateway_failover(mesh);
         }
         // With no gateway at all, the last one named stays (it is ignored until it is one).

@@ -53,6 +53,8 @@ struct Received {
     upserted: Vec<Vec<u8>>,
     /// The agent's peer count after applying it.
     total: usize,
+    /// Whether it was a snapshot (the first message of a stream).
+    snapshot: bool,
 }
 
 fn node_name(i: usize) -> String {
@@ -138,7 +140,7 @@ pub async fn run(args: Args) -> Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Received>();
     for (i, token) in tokens.iter().enumerate().take(args.nodes) {
         let stream = watch(channel_of(i), i, token.clone()).await?;
-        tokio::spawn(follow(i, stream, tx.clone()));
+        tokio::spawn(follow(i, stream, channel_of(i), token.clone(), tx.clone()));
     }
     let started = Instant::now();
     let mut complete: HashSet<usize> = HashSet::new();
@@ -213,6 +215,38 @@ pub async fn run(args: Args) -> Result<()> {
     let quiet_per_minute = (after - before) * 60.0 / args.quiet_seconds as f64;
     let peak_rss = peak_rss_bytes(controller.pid().context("controller pid")?)?;
 
+    step(&format!(
+        "the controller restarts: until all {} agents have their first snapshot again",
+        args.nodes
+    ));
+    while rx.try_recv().is_ok() {}
+    let mut controller = controller;
+    let want = total - 1;
+    let t0 = Instant::now();
+    controller.restart().await?;
+    let mut again: HashSet<usize> = HashSet::new();
+    while again.len() < args.nodes {
+        let r = tokio::time::timeout(Duration::from_secs(300), rx.recv())
+            .await
+            .with_context(|| {
+                format!(
+                    "after the restart only {} of {} agents had a full snapshot in 300 s",
+                    again.len(),
+                    args.nodes
+                )
+            })?
+            .context("streams ended")?;
+        if r.snapshot && r.total >= want {
+            again.insert(r.agent);
+        }
+    }
+    let restart_secs = t0.elapsed().as_secs_f64();
+    let restart_rss = peak_rss_bytes(controller.pid().context("controller pid")?)?;
+    eprintln!(
+        "    every agent had its snapshot {restart_secs:.1} s after the restart began; peak RSS {:.1} MiB",
+        restart_rss as f64 / 1048576.0
+    );
+
     let p50 = percentile(&latencies, 50.0);
     let p99 = percentile(&latencies, 99.0);
     let bytes = median(&bytes_per_agent);
@@ -229,10 +263,15 @@ pub async fn run(args: Args) -> Result<()> {
     println!("| join p99 | {p99:.0} ms | <= 1000 ms |");
     println!("| bytes per agent per change (median) | {bytes:.0} B | <= 1024 B |");
     println!(
-        "| controller peak RSS | {:.1} MiB | <= 256 MiB |",
+        "| controller peak RSS | {:.1} MiB | <= 512 MiB at 5,000 nodes |",
         peak_rss as f64 / 1048576.0
     );
     println!("| status writes per minute, quiet | {quiet_per_minute:.1} | 0 |");
+    println!("| controller restart to every agent's snapshot | {restart_secs:.1} s | <= 60 s |");
+    println!(
+        "| controller peak RSS after the restart | {:.1} MiB | <= 512 MiB at 5,000 nodes |",
+        restart_rss as f64 / 1048576.0
+    );
 
     let report = serde_json::json!({
         "nodes": args.nodes,
@@ -245,6 +284,8 @@ pub async fn run(args: Args) -> Result<()> {
         "controller_peak_rss_bytes": peak_rss,
         "quiet_writes_per_minute": quiet_per_minute,
         "quiet_seconds": args.quiet_seconds,
+        "restart_to_snapshots_seconds": restart_secs,
+        "controller_peak_rss_after_restart_bytes": restart_rss,
     });
     let dir = repo_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
@@ -387,16 +428,31 @@ async fn watch(
     Ok(client.watch_peers(request(req, &token)).await?.into_inner())
 }
 
-/// Follows one stream, reporting each message's size, what it upserted and the resulting
-/// peer count.
+/// Follows one agent's stream, reporting each message's size, what it upserted and the
+/// resulting peer count; when the stream ends (a controller restart) it watches again, as an
+/// agent does.
 async fn follow(
     agent: usize,
     mut stream: tonic::Streaming<pb::PeerUpdate>,
+    channel: Channel,
+    token: String,
     tx: mpsc::UnboundedSender<Received>,
 ) {
     let mut peers: HashSet<Vec<u8>> = HashSet::new();
-    while let Ok(Some(update)) = stream.message().await {
+    loop {
+        let Ok(Some(update)) = stream.message().await else {
+            // Spread the reconnections a little, as agents' jittered backoff does.
+            tokio::time::sleep(Duration::from_millis(250 + (agent % 250) as u64)).await;
+            if tx.is_closed() {
+                return;
+            }
+            if let Ok(s) = watch(channel.clone(), agent, token.clone()).await {
+                stream = s;
+            }
+            continue;
+        };
         let bytes = update.encoded_len();
+        let snapshot = matches!(update.update, Some(pb::peer_update::Update::Snapshot(_)));
         let upserted: Vec<Vec<u8>> = match update.update {
             Some(pb::peer_update::Update::Snapshot(s)) => {
                 peers = s.peers.iter().map(|p| p.public_key.clone()).collect();
@@ -419,6 +475,7 @@ async fn follow(
                 bytes,
                 upserted,
                 total,
+                snapshot,
             })
             .is_err()
         {
