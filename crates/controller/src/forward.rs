@@ -12,6 +12,8 @@ use tonic::{Request, Status};
 use wgmesh_proto as pb;
 use wgmesh_proto::mesh_service_client::MeshServiceClient;
 
+use crate::liveness::StreamEvent;
+
 /// Metadata key marking a report forwarded by another replica.
 pub const FORWARDED: &str = "x-wgmesh-forwarded";
 /// Metadata key of a forwarded report that only says an agent's peer stream to the sending
@@ -49,7 +51,7 @@ pub async fn announce_streams_to_new_holders(
                 mesh,
                 ..Default::default()
             };
-            if let Err(e) = forwarder.forward(report, Some("opened")).await {
+            if let Err(e) = forwarder.forward(report, Some(StreamEvent::Opened)).await {
                 tracing::warn!(error = %e, "announcing open streams to the lease holder failed");
                 all_sent = false;
                 break;
@@ -138,7 +140,7 @@ impl Forwarder {
     pub async fn forward(
         &self,
         report: pb::ReportStatusRequest,
-        stream_event: Option<&'static str>,
+        stream_event: Option<StreamEvent>,
     ) -> Result<(), Status> {
         let holder = self.holder().await?;
         if holder == self.own_identity {
@@ -170,8 +172,10 @@ impl Forwarder {
         req.metadata_mut()
             .insert(FORWARDED, "1".parse().expect("static metadata"));
         if let Some(event) = stream_event {
-            req.metadata_mut()
-                .insert(STREAM_EVENT, event.parse().expect("static metadata"));
+            req.metadata_mut().insert(
+                STREAM_EVENT,
+                event.as_str().parse().expect("static metadata"),
+            );
         }
         req.set_timeout(Duration::from_secs(5));
         let mut client = client;

@@ -26,7 +26,7 @@ use crate::auth::Authenticator;
 use crate::convert;
 use crate::forward::{FORWARDED, Forwarder, STREAM_EVENT, is_replica_certificate};
 use crate::index::{Index, NodeView};
-use crate::liveness::Origin;
+use crate::liveness::{Origin, StreamEvent};
 use crate::metrics::Metrics;
 use crate::reconcile::Caches;
 use crate::reports::Reports;
@@ -296,20 +296,15 @@ impl MeshService for MeshServer {
         }
         // Another replica says an agent's stream to it opened or closed.
         if forwarded && let Some(event) = metadata.get(STREAM_EVENT) {
+            let event = event
+                .to_str()
+                .ok()
+                .and_then(StreamEvent::parse)
+                .ok_or_else(|| Status::invalid_argument("unknown stream event"))?;
             let now = std::time::Instant::now();
-            match event.to_str() {
-                Ok("opened") => {
-                    self.reports
-                        .liveness
-                        .stream_opened(&req.mesh, &req.node, Origin::Remote, now)
-                }
-                Ok("closed") => {
-                    self.reports
-                        .liveness
-                        .stream_closed(&req.mesh, &req.node, Origin::Remote, now)
-                }
-                _ => return Err(Status::invalid_argument("unknown stream event")),
-            }
+            self.reports
+                .liveness
+                .stream(&req.mesh, &req.node, event, Origin::Remote, now);
             self.reports.changed.notify_one();
             return Ok(Response::new(pb::ReportStatusResponse {}));
         }
@@ -437,19 +432,11 @@ struct PeerStream {
 impl PeerStream {
     /// Counts the stream's opening or closing toward the agent's liveness, here and at the
     /// lease holder, and wakes the status writer (a gateway may be down).
-    fn announce(&self, event: &'static str) {
+    fn announce(&self, event: StreamEvent) {
         let now = std::time::Instant::now();
-        match event {
-            "opened" => {
-                self.reports
-                    .liveness
-                    .stream_opened(&self.mesh, &self.node, Origin::Local, now)
-            }
-            _ => self
-                .reports
-                .liveness
-                .stream_closed(&self.mesh, &self.node, Origin::Local, now),
-        }
+        self.reports
+            .liveness
+            .stream(&self.mesh, &self.node, event, Origin::Local, now);
         self.reports.changed.notify_one();
         if !*self.leader.borrow()
             && let Some(forwarder) = self.forwarder.clone()
@@ -463,7 +450,7 @@ impl PeerStream {
             tokio::spawn(async move {
                 if let Err(e) = forwarder.forward(report, Some(event)).await {
                     metrics.error("forward_stream_event");
-                    tracing::warn!(error = %e, event, "telling the lease holder of a stream failed");
+                    tracing::warn!(error = %e, event = event.as_str(), "telling the lease holder of a stream failed");
                 }
             });
         }
@@ -477,7 +464,7 @@ impl PeerStream {
 
     async fn run(mut self, base: Option<NodeView>) {
         self.metrics.agent_connected();
-        self.announce("opened");
+        self.announce(StreamEvent::Opened);
         // What was last sent, to compute the next delta from.
         let mut sent: Option<NodeConfig<pb::MeshSettings>> = base.map(|b| {
             let mut config = self.config_of(&b);
@@ -524,7 +511,7 @@ impl PeerStream {
             }
         }
         self.metrics.agent_disconnected();
-        self.announce("closed");
+        self.announce(StreamEvent::Closed);
         tracing::info!(node = %self.node, "peer stream ended");
     }
 }

@@ -20,6 +20,30 @@ pub type Limit = Duration;
 /// controller restart every agent reconnects well within it (backoff at most 30 s).
 pub const UNSEEN: Duration = Duration::from_secs(120);
 
+/// What happened to an agent's peer stream; forwarded between replicas by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamEvent {
+    Opened,
+    Closed,
+}
+
+impl StreamEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamEvent::Opened => "opened",
+            StreamEvent::Closed => "closed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "opened" => Some(StreamEvent::Opened),
+            "closed" => Some(StreamEvent::Closed),
+            _ => None,
+        }
+    }
+}
+
 /// Where a stream is: on this replica, or on another that forwarded its opening or closing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
@@ -78,6 +102,13 @@ impl Liveness {
         s.last_heard = now;
         *s.streams(origin) += 1;
         s.closed_at = None;
+    }
+
+    pub fn stream(&self, mesh: &str, node: &str, event: StreamEvent, origin: Origin, now: Instant) {
+        match event {
+            StreamEvent::Opened => self.stream_opened(mesh, node, origin, now),
+            StreamEvent::Closed => self.stream_closed(mesh, node, origin, now),
+        }
     }
 
     /// A close whose opening this replica never saw (it became the lease holder since)
@@ -264,6 +295,14 @@ mod tests {
             let down = l.down("m", [&n], s(at), LIMIT, s(120));
             assert_eq!(down.contains(&n), want, "{name}");
         }
+    }
+
+    #[test]
+    fn stream_events_by_name() {
+        for e in [StreamEvent::Opened, StreamEvent::Closed] {
+            assert_eq!(StreamEvent::parse(e.as_str()), Some(e));
+        }
+        assert_eq!(StreamEvent::parse("reopened"), None);
     }
 
     #[test]
