@@ -5,7 +5,11 @@
 //! built from the Go module proxy:
 //! - iperf3 TCP throughput, one stream;
 //! - TCP request/response latency (1-byte ping-pong, p50 and p99);
-//! - CPU seconds of both device processes per GB of payload during the iperf3 run.
+//! - CPU seconds of both device processes per GB of payload during the iperf3 run;
+//!
+//! and, once per round, the crypto floor: CPU seconds per GB of payload for one seal and one
+//! open of every 1420-byte packet with the AEAD our device uses, on one core (a release build
+//! of `wgmesh-crypto-floor`), to which each device's CPU s/GB is compared.
 //!
 //! Every WireGuard flavour is started fresh for each measurement with its own interface names
 //! (the UAPI socket directory is shared by all namespaces) and configured the same way, with
@@ -23,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
+use wgmesh_crypto_floor::{self as crypto_floor, Floor};
 use wgmesh_e2e::netns::{Netns, echo_server, sh, sh_with_input, veth_between};
 use wgmesh_e2e::process::ChildGuard;
 use wgmesh_e2e::{tools, versions};
@@ -58,6 +63,8 @@ const MTU: &str = "1420";
 const IPERF_PORT: u16 = 5201;
 const PING_PORT: u16 = 5301;
 const WARMUP_ROUND_TRIPS: usize = 200;
+/// Seal + open pairs of the crypto floor per round (well under a second of one core).
+const FLOOR_PACKETS: usize = 300_000;
 /// Fraction of all cores' time that must be idle over one second before we measure.
 const IDLE_TARGET: f64 = 0.90;
 const UAPI_DIR: &str = "/var/run/wireguard";
@@ -106,6 +113,14 @@ struct Sample {
     cpu_s_per_gb: Option<f64>,
 }
 
+/// One measurement of the crypto floor.
+struct FloorSample {
+    round: usize,
+    idle_fraction: f64,
+    idle_wait_s: f64,
+    floor: Floor,
+}
+
 pub fn run(args: Args) -> Result<()> {
     if args.rounds == 0 || args.seconds == 0 || args.round_trips == 0 {
         bail!("--rounds, --seconds and --round-trips must be at least 1");
@@ -123,19 +138,22 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
 
-    step("building the node agent (release)");
+    step("building the node agent and the crypto floor (release)");
     run_ok(Command::new(env!("CARGO")).current_dir(repo_root()).args([
         "build",
         "--release",
         "--quiet",
         "-p",
         "wgmesh-node-agent",
+        "-p",
+        "wgmesh-crypto-floor",
     ]))?;
     // Where that build went: CARGO_TARGET_DIR when set (a shared build cache), else target/.
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"));
     let agent = target_dir.join("release/wgmesh-agent");
+    let floor_bin = target_dir.join("release/wgmesh-crypto-floor");
 
     let upstream = if args.no_upstream {
         eprintln!("    --no-upstream: leaving out upstream wireguard-go");
@@ -239,6 +257,7 @@ pub fn run(args: Args) -> Result<()> {
     let tck = clock_ticks();
 
     let mut samples: Vec<Vec<Sample>> = flavours.iter().map(|_| Vec::new()).collect();
+    let mut floors: Vec<FloorSample> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     let n = flavours.len();
     for round in 0..args.rounds {
@@ -270,12 +289,36 @@ pub fn run(args: Args) -> Result<()> {
                 }
             }
         }
+        match measure_floor(&args, &floor_bin, round) {
+            Ok(s) => {
+                eprintln!(
+                    "    {:<40} {:>6.0} ns per 1420-byte seal + open  {:.2} CPU s/GB  (idle {:.0}%)",
+                    "crypto floor (1 core)",
+                    s.floor.ns_per_packet(),
+                    s.floor.cpu_s_per_gb(),
+                    s.idle_fraction * 100.0
+                );
+                floors.push(s);
+            }
+            Err(e) => {
+                let msg = format!("round {}, crypto floor: {e:#}", round + 1);
+                eprintln!("    FAILED {msg}");
+                failures.push(msg);
+            }
+        }
     }
     drop(ns_b);
     drop(ns_a);
 
-    let report = report(&args, &flavours, &samples, &program_versions, &failures);
-    print_table(&args, &flavours, &samples, &report);
+    let report = report(
+        &args,
+        &flavours,
+        &samples,
+        &floors,
+        &program_versions,
+        &failures,
+    );
+    print_table(&args, &flavours, &samples, &floors, &report);
     let dir = repo_root().join("target/bench");
     fs::create_dir_all(&dir)?;
     let path = dir.join("dataplane.json");
@@ -346,6 +389,38 @@ fn measure(
         cpu_s,
         cpu_s_per_gb: cpu_s.filter(|_| gb > 0.0).map(|c| c / gb),
     })
+}
+
+/// The crypto floor (the release binary, one thread), once the machine is idle like before
+/// every other measurement.
+fn measure_floor(args: &Args, floor_bin: &Path, round: usize) -> Result<FloorSample> {
+    let (idle_fraction, idle_wait_s) = wait_idle(Duration::from_secs(args.max_idle_wait))?;
+    let mut cmd = Command::new(floor_bin);
+    cmd.arg(FLOOR_PACKETS.to_string());
+    let (ok, stdout, stderr) = output_with_timeout(cmd, Duration::from_secs(60))?;
+    if !ok {
+        bail!("{} failed: {}", floor_bin.display(), stderr.trim());
+    }
+    Ok(FloorSample {
+        round: round + 1,
+        idle_fraction,
+        idle_wait_s,
+        floor: parse_floor(&stdout)?,
+    })
+}
+
+/// `{"packets": N, "cpu_s": S}` as `wgmesh-crypto-floor` prints it.
+fn parse_floor(stdout: &str) -> Result<Floor> {
+    let v: Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("the crypto floor printed no JSON: {stdout}"))?;
+    let floor = Floor {
+        packets: v["packets"].as_u64().context("no packets")? as usize,
+        cpu_s: v["cpu_s"].as_f64().context("no cpu_s")?,
+    };
+    if floor.packets == 0 || floor.cpu_s <= 0.0 {
+        bail!("the crypto floor measured nothing: {stdout}");
+    }
+    Ok(floor)
 }
 
 /// The two device processes of a WireGuard flavour; dropping it stops them (by PID).
@@ -774,6 +849,7 @@ fn report(
     args: &Args,
     flavours: &[Flavour],
     samples: &[Vec<Sample>],
+    floors: &[FloorSample],
     program_versions: &BTreeMap<&str, String>,
     failures: &[String],
 ) -> Value {
@@ -793,6 +869,25 @@ fn report(
             "golang.zx2c4.com/wireguard@v{}",
             versions::WIREGUARD_GO
         )),
+    );
+    let floor = floor_median(floors);
+    r.insert("crypto_floor_aead".into(), json!(crypto_floor::AEAD));
+    r.insert(
+        "crypto_floor_packet_bytes".into(),
+        json!(crypto_floor::PACKET),
+    );
+    r.insert(
+        "crypto_floor_payload_bytes_per_packet".into(),
+        json!(crypto_floor::TCP_PAYLOAD),
+    );
+    r.insert("crypto_floor_packets".into(), json!(FLOOR_PACKETS));
+    r.insert(
+        "crypto_floor_cpu_s_per_gb".into(),
+        json!(floor.map(|f| f.cpu_s_per_gb)),
+    );
+    r.insert(
+        "crypto_floor_ns_per_packet".into(),
+        json!(floor.map(|f| f.ns_per_packet)),
     );
     let medians = medians(samples);
     for key in [
@@ -820,9 +915,11 @@ fn report(
             json!(m.map(|m| m.retransmits)),
         );
         if key != "veth" {
+            let cpu = m.and_then(|m| m.cpu_s_per_gb);
+            r.insert(format!("{key}_cpu_s_per_gb"), json!(cpu));
             r.insert(
-                format!("{key}_cpu_s_per_gb"),
-                json!(m.and_then(|m| m.cpu_s_per_gb)),
+                format!("{key}_cpu_vs_floor"),
+                json!(vs_floor(cpu, floor.map(|f| f.cpu_s_per_gb))),
             );
         }
     }
@@ -867,9 +964,53 @@ fn report(
             .collect();
         raw.insert(f.key.into(), json!({"label": f.label, "rounds": rows}));
     }
+    let floor_rows: Vec<Value> = floors
+        .iter()
+        .map(|s| {
+            json!({
+                "round": s.round,
+                "packets": s.floor.packets,
+                "cpu_s": s.floor.cpu_s,
+                "ns_per_packet": s.floor.ns_per_packet(),
+                "cpu_s_per_gb": s.floor.cpu_s_per_gb(),
+                "idle_fraction_before": s.idle_fraction,
+                "idle_wait_s": s.idle_wait_s,
+            })
+        })
+        .collect();
+    raw.insert(
+        "crypto_floor".into(),
+        json!({"label": crypto_floor::AEAD, "rounds": floor_rows}),
+    );
     r.insert("raw".into(), Value::Object(raw));
     r.insert("failures".into(), json!(failures));
     Value::Object(r)
+}
+
+/// Medians over rounds of the crypto floor.
+#[derive(Clone, Copy)]
+struct FloorMedian {
+    cpu_s_per_gb: f64,
+    ns_per_packet: f64,
+}
+
+fn floor_median(floors: &[FloorSample]) -> Option<FloorMedian> {
+    if floors.is_empty() {
+        return None;
+    }
+    let of = |f: fn(&Floor) -> f64| median(&floors.iter().map(|s| f(&s.floor)).collect::<Vec<_>>());
+    Some(FloorMedian {
+        cpu_s_per_gb: of(Floor::cpu_s_per_gb),
+        ns_per_packet: of(Floor::ns_per_packet),
+    })
+}
+
+/// A device's CPU s/GB as a multiple of the crypto floor's.
+fn vs_floor(cpu_s_per_gb: Option<f64>, floor: Option<f64>) -> Option<f64> {
+    match (cpu_s_per_gb, floor) {
+        (Some(c), Some(f)) if f > 0.0 => Some(c / f),
+        _ => None,
+    }
 }
 
 /// Per-flavour medians over rounds (of throughput, per-round latency percentiles, CPU).
@@ -894,25 +1035,32 @@ fn medians(samples: &[Vec<Sample>]) -> Vec<Option<Sample>> {
         .collect()
 }
 
-fn print_table(args: &Args, flavours: &[Flavour], samples: &[Vec<Sample>], report: &Value) {
+fn print_table(
+    args: &Args,
+    flavours: &[Flavour],
+    samples: &[Vec<Sample>],
+    floors: &[FloorSample],
+    report: &Value,
+) {
     let medians = medians(samples);
+    let floor = floor_median(floors);
     println!();
     println!(
         "data plane benchmark ({} rounds, iperf3 -t {}, {} round trips; medians over rounds)",
         args.rounds, args.seconds, args.round_trips
     );
     println!(
-        "| path | Gbit/s | per round | retransmits | latency p50 | latency p99 | CPU s/GB (both ends) |"
+        "| path | Gbit/s | per round | retransmits | latency p50 | latency p99 | CPU s/GB (both ends) | CPU vs floor |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for ((f, s), m) in flavours.iter().zip(samples).zip(&medians) {
         let Some(m) = m else {
-            println!("| {} | failed | | | | | |", f.label);
+            println!("| {} | failed | | | | | | |", f.label);
             continue;
         };
         let per_round: Vec<String> = s.iter().map(|s| format!("{:.2}", s.gbps)).collect();
         println!(
-            "| {} | {:.2} | {} | {} | {:.0} us | {:.0} us | {} |",
+            "| {} | {:.2} | {} | {} | {:.0} us | {:.0} us | {} | {} |",
             f.label,
             m.gbps,
             per_round.join(" / "),
@@ -922,6 +1070,31 @@ fn print_table(args: &Args, flavours: &[Flavour], samples: &[Vec<Sample>], repor
             m.cpu_s_per_gb
                 .map(|c| format!("{c:.2}"))
                 .unwrap_or_else(|| "-".into()),
+            vs_floor(m.cpu_s_per_gb, floor.map(|f| f.cpu_s_per_gb))
+                .map(|r| format!("{r:.2}x"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    match floor {
+        Some(fl) => println!(
+            "| crypto floor: ChaCha20-Poly1305 seal + open, 1 core | | | | | | {:.2} | 1.00x |",
+            fl.cpu_s_per_gb
+        ),
+        None => println!("| crypto floor | failed | | | | | | |"),
+    }
+    if let Some(fl) = floor {
+        let per_round: Vec<String> = floors
+            .iter()
+            .map(|s| format!("{:.2}", s.floor.cpu_s_per_gb()))
+            .collect();
+        println!(
+            "\ncrypto floor ({}): {:.0} ns per seal + open of a {}-byte packet ({} payload bytes), \
+             {} CPU s/GB per round",
+            crypto_floor::AEAD,
+            fl.ns_per_packet,
+            crypto_floor::PACKET,
+            crypto_floor::TCP_PAYLOAD,
+            per_round.join(" / ")
         );
     }
     let show = |k: &str| {
@@ -937,7 +1110,7 @@ fn print_table(args: &Args, flavours: &[Flavour], samples: &[Vec<Sample>], repor
         show("ratio_vs_wireguard_go_upstream"),
         show("ratio_vs_veth")
     );
-    let busy: Vec<String> = flavours
+    let mut busy: Vec<String> = flavours
         .iter()
         .zip(samples)
         .flat_map(|(f, s)| {
@@ -953,7 +1126,99 @@ fn print_table(args: &Args, flavours: &[Flavour], samples: &[Vec<Sample>], repor
                 })
         })
         .collect();
+    busy.extend(
+        floors
+            .iter()
+            .filter(|s| s.idle_fraction < IDLE_TARGET)
+            .map(|s| {
+                format!(
+                    "round {} crypto floor ({:.0}% idle)",
+                    s.round,
+                    s.idle_fraction * 100.0
+                )
+            }),
+    );
     if !busy.is_empty() {
         println!("measured on a busy machine: {}", busy.join(", "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(round: usize, cpu_s_per_gb: Option<f64>) -> Sample {
+        Sample {
+            round,
+            idle_fraction: 1.0,
+            gbps: 1.0,
+            cpu_s_per_gb,
+            ..Sample::default()
+        }
+    }
+
+    fn floor(round: usize, cpu_s: f64) -> FloorSample {
+        FloorSample {
+            round,
+            idle_fraction: 1.0,
+            idle_wait_s: 0.0,
+            floor: Floor {
+                packets: 1_000_000_000 / crypto_floor::TCP_PAYLOAD,
+                cpu_s,
+            },
+        }
+    }
+
+    #[test]
+    fn parses_the_floor_binary_output() {
+        let f = parse_floor("{\"packets\": 300000, \"cpu_s\": 0.4902}\n").unwrap();
+        assert_eq!(f.packets, 300_000);
+        assert!((f.cpu_s - 0.4902).abs() < 1e-9);
+        assert!(parse_floor("{\"packets\": 0, \"cpu_s\": 1.0}").is_err());
+        assert!(parse_floor("{\"packets\": 5, \"cpu_s\": 0}").is_err());
+        assert!(parse_floor("boom").is_err());
+    }
+
+    #[test]
+    fn the_report_compares_every_device_with_the_median_floor() {
+        let args = Args {
+            rounds: 3,
+            seconds: 1,
+            round_trips: 1,
+            max_idle_wait: 0,
+            no_upstream: true,
+        };
+        let flavours = ["veth", "wgmesh"].map(|key| Flavour {
+            key,
+            label: key.into(),
+            device: None,
+        });
+        let samples = vec![
+            (1..=3).map(|r| sample(r, None)).collect(),
+            vec![
+                sample(1, Some(4.0)),
+                sample(2, Some(3.0)),
+                sample(3, Some(5.0)),
+            ],
+        ];
+        let floors = [floor(1, 2.0), floor(2, 1.0), floor(3, 9.0)];
+        let r = report(&args, &flavours, &samples, &floors, &BTreeMap::new(), &[]);
+        let near = |k: &str, v: f64| {
+            let got = r[k].as_f64().unwrap_or_else(|| panic!("{k}: {}", r[k]));
+            assert!((got - v).abs() < 1e-3, "{k}: {got} != {v}");
+        };
+        near("crypto_floor_cpu_s_per_gb", 2.0);
+        near("wgmesh_cpu_s_per_gb", 4.0);
+        near("wgmesh_cpu_vs_floor", 2.0);
+        assert!(r.get("veth_cpu_vs_floor").is_none());
+        assert!(r["wireguard_go_cpu_vs_floor"].is_null());
+        assert_eq!(
+            r["raw"]["crypto_floor"]["rounds"].as_array().unwrap().len(),
+            3
+        );
+        // No floor measured: no ratios, not a division by zero.
+        let r = report(&args, &flavours, &samples, &[], &BTreeMap::new(), &[]);
+        assert!(r["crypto_floor_cpu_s_per_gb"].is_null());
+        assert!(r["wgmesh_cpu_vs_floor"].is_null());
     }
 }
