@@ -2,9 +2,10 @@
 //! peer stream is open while it runs (HTTP/2 keepalive closes it within a minute of a silent
 //! death), and it reports when its peers change. Replicas that do not hold the lease forward
 //! their streams' openings and closings to the holder, as they forward reports. An agent is
-//! down once its last stream closed more than the limit ago with no stream or report since;
-//! an agent never seen is not judged (a quiet agent sends nothing but its open stream). The
-//! status writer uses it to move the active gateway ([`wgmesh_core::gateway`]) off a gateway
+//! down once its last stream closed more than the limit ago with no stream or report since,
+//! or when the lease holder has not seen it at all [`UNSEEN`] after taking the lease. Report
+//! silence alone proves nothing: a quiet agent sends nothing but its open stream. The status
+//! writer uses it to move the active gateway ([`wgmesh_core::gateway`]) off a gateway
 //! whose agent went away.
 
 use std::collections::{BTreeSet, HashMap};
