@@ -5,6 +5,7 @@
 pub mod agent_sim;
 pub mod binaries;
 pub mod chaos;
+pub mod cli;
 pub mod cluster;
 pub mod control_plane;
 pub mod controller;

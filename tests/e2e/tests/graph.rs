@@ -6,11 +6,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use wgmesh_e2e::binaries::workspace_binary;
+use wgmesh_e2e::cli::Cli;
 use wgmesh_e2e::foreign::wireguard_go_from_config;
 use wgmesh_e2e::mesh::TestMesh;
 use wgmesh_e2e::netns::{echo_roundtrip, echo_server};
@@ -23,36 +22,6 @@ fn is_root() -> bool {
 
 fn addr(ip: &str, port: u16) -> SocketAddr {
     format!("{ip}:{port}").parse().expect("a socket address")
-}
-
-/// The CLI binary, run against the test control plane's kubeconfig.
-struct Cli {
-    binary: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-impl Cli {
-    fn run(&self, args: &[&str]) -> Result<Output> {
-        Command::new(&self.binary)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .output()
-            .with_context(|| format!("running kubectl-wgmesh {}", args.join(" ")))
-    }
-
-    fn ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.run(args)?;
-        if !out.status.success() {
-            bail!(
-                "kubectl-wgmesh {} exited with {:?}: {}",
-                args.join(" "),
-                out.status.code(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
 }
 
 /// Retries `f` until it succeeds or `timeout` passes.
@@ -89,12 +58,10 @@ async fn e2e_graph_of_three_nodes_and_a_laptop() -> Result<()> {
         eprintln!("skipped: the end-to-end mesh needs root (network namespaces, TUN)");
         return Ok(());
     }
-    let binary = workspace_binary("wgmesh-cli", "kubectl-wgmesh")?;
+    // The binary first (a build, maybe), then the cluster it talks to.
+    let mut cli = Cli::new(PathBuf::new())?;
     let mesh = TestMesh::start(3).await?;
-    let cli = Cli {
-        binary,
-        kubeconfig: mesh.cp.kubeconfig().to_owned(),
-    };
+    cli.kubeconfig = mesh.cp.kubeconfig().to_owned();
     let dir = mesh.cp.dir().to_owned();
     mesh.wait_peer_counts(2, Duration::from_secs(90)).await?;
     for node in &mesh.nodes {

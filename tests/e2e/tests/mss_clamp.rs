@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::json;
 use wgmesh_e2e::mesh::{MeshOptions, NetworkMode, TestMesh};
-use wgmesh_e2e::netns::{echo_roundtrip, echo_server, first_packet};
+use wgmesh_e2e::netns::{Netns, echo_roundtrip, echo_server, first_packet};
 
 const ECHO_PORT: u16 = 7000;
 const TRANSFER: usize = 2 * 1024 * 1024;
@@ -42,19 +42,7 @@ async fn mesh(clamp: bool) -> Result<TestMesh> {
     .await?;
     mesh.wait_peer_counts(1, Duration::from_secs(60)).await?;
     for node in &mesh.nodes {
-        node.ns.exec(
-            "iptables-nft",
-            &[
-                "-A",
-                "OUTPUT",
-                "-p",
-                "icmp",
-                "--icmp-type",
-                "fragmentation-needed",
-                "-j",
-                "DROP",
-            ],
-        )?;
+        drop_frag_needed(&node.ns)?;
         let pod_mtu = node.pod.ip(&["link", "show", "eth0"])?;
         assert!(
             pod_mtu.contains("mtu 1500"),
@@ -65,6 +53,25 @@ async fn mesh(clamp: bool) -> Result<TestMesh> {
     let tunnel = mesh.nodes[0].ns.ip(&["link", "show", "wgmesh0"])?;
     assert!(tunnel.contains("mtu 1420"), "the tunnel: {tunnel}");
     Ok(mesh)
+}
+
+/// Makes the node drop the ICMP "fragmentation needed" it would send: path MTU discovery
+/// fails, as on networks that filter ICMP.
+fn drop_frag_needed(ns: &Netns) -> Result<()> {
+    ns.exec(
+        "iptables-nft",
+        &[
+            "-A",
+            "OUTPUT",
+            "-p",
+            "icmp",
+            "--icmp-type",
+            "fragmentation-needed",
+            "-j",
+            "DROP",
+        ],
+    )?;
+    Ok(())
 }
 
 fn pod_addr(ip: &str) -> SocketAddr {
@@ -156,19 +163,7 @@ async fn e2e_pod_mtu_cni_pods_get_the_tunnel_mtu() -> Result<()> {
     let tunnel = mesh.nodes[0].ns.ip(&["link", "show", "wgmesh0"])?;
     assert!(tunnel.contains("mtu 1420"), "the tunnel: {tunnel}");
     for node in &mesh.nodes {
-        node.ns.exec(
-            "iptables-nft",
-            &[
-                "-A",
-                "OUTPUT",
-                "-p",
-                "icmp",
-                "--icmp-type",
-                "fragmentation-needed",
-                "-j",
-                "DROP",
-            ],
-        )?;
+        drop_frag_needed(&node.ns)?;
         let pod_link = node.pod.ip(&["link", "show", "eth0"])?;
         assert!(
             pod_link.contains("mtu 1420"),
