@@ -784,6 +784,14 @@ fn roaming_follows_authenticated_packets() {
     if !is_root("userspace device") {
         return;
     }
+    // WGMESH_TEST_LOG=boringtun=debug,wgmesh_device=trace logs the device's threads (a
+    // global subscriber: they are not the test's thread) to chase a rare stall after rotation.
+    if let Ok(filter) = std::env::var("WGMESH_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_ansi(false)
+            .try_init();
+    }
     let s = setup(
         14,
         Options {
@@ -844,7 +852,14 @@ fn roaming_follows_authenticated_packets() {
         "persistent-keepalive",
         "1",
     ]);
-    tcp_both_ways(lab, 7020);
+    let rotated =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tcp_both_ways(lab, 7020)));
+    if let Err(panic) = rotated {
+        // What each side held when the tunnel did not come back.
+        eprintln!("our device: {:#?}", s.device.observe());
+        eprintln!("wireguard-go: {}", lab.wg_b(&["show", &lab.if_b, "dump"]));
+        std::panic::resume_unwind(panic);
+    }
 }
 
 /// Raw UAPI requests on one connection.
