@@ -51,6 +51,7 @@ pub const DEFAULT_TUNNEL_CIDR: &str = "10.250.0.0/16";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!has(self.hostEncryption) || !self.hostEncryption || has(self.fwmark)").message("hostEncryption needs spec.fwmark: the mark keeps the tunnel's own packets, sent to node addresses, out of the tunnel"))]
 pub struct WireGuardMeshSpec {
     /// Name of the WireGuard interface on every node: 1-15 characters of letters, digits, `_`,
     /// `.` and `-`, starting with a letter or digit.
@@ -151,6 +152,15 @@ pub struct WireGuardMeshSpec {
     #[schemars(length(max = 2))]
     #[x_kube(validation = kube::core::Rule::new("self.size() < 2 || self[0] != self[1]").message("endpointAddressTypes names each type once"))]
     pub endpoint_address_types: Vec<NodeAddressType>,
+
+    /// Encrypt traffic between the member nodes' own addresses too (their InternalIPs), so
+    /// host-network pods and node traffic (kubelets, node exporters) cross the tunnel. Needs
+    /// `fwmark`: the tunnel's own UDP packets go to the same addresses and are kept out of
+    /// the tunnel by their mark. Addresses the nodes must reach directly stay on the underlay
+    /// (the API server's, the controller's, a node's gateways), as do addresses two Nodes
+    /// both list. Off by default.
+    #[serde(default)]
+    pub host_encryption: bool,
 
     /// Free text for humans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -311,6 +321,7 @@ impl Default for WireGuardMeshSpec {
             cluster_cidrs: Vec::new(),
             pod_cidr_source: PodCidrSource::Node,
             endpoint_address_types: Vec::new(),
+            host_encryption: false,
             comment: None,
         }
     }

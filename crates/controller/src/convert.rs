@@ -37,6 +37,8 @@ pub fn mesh_input(
         preshared_key: spec.preshared_key.as_ref().map(|r| secret(r, secrets)),
         reserved: reserved.to_vec(),
         active_gateway: mesh.status.as_ref().and_then(|s| s.active_gateway.clone()),
+        // The schema requires a fwmark with it; without one the tunnel's packets would loop.
+        host_encryption: spec.host_encryption && spec.fwmark.is_some(),
     }
 }
 
@@ -47,6 +49,7 @@ pub fn node_input(node: &Node, mesh: &WireGuardMesh, foreign: &ForeignPodCidrs) 
         name: node.name_any(),
         uid: node.metadata.uid.clone().unwrap_or_default(),
         addresses: node_addresses(node),
+        host_addresses: node_addresses_of_type(node, "InternalIP"),
         selected: selector_matches(mesh.spec.node_selector.as_ref(), node.labels()),
         pod_cidrs: pod_cidrs(node, mesh.spec.pod_cidr_source, foreign),
         rotate_key_request: node.annotations().get(ROTATE_KEY_ANNOTATION).cloned(),
@@ -212,6 +215,18 @@ pub fn cilium_pod_cidrs<'a>(
             (name, cidrs)
         })
         .filter(|(_, cidrs)| !cidrs.is_empty())
+        .collect()
+}
+
+/// The node's addresses of one type (`InternalIP`, `ExternalIP`), in the Node's order.
+pub fn node_addresses_of_type(node: &Node, type_: &str) -> Vec<IpAddr> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == type_)
+        .filter_map(|a| a.address.parse().ok())
         .collect()
 }
 

@@ -324,6 +324,7 @@ mod tests {
             name: format!("n{n}"),
             uid: format!("uid-n{n}"),
             addresses: vec![],
+            host_addresses: vec![],
             selected: true,
             pod_cidrs: vec![format!("10.244.{n}.0/24").parse().unwrap()],
             rotate_key_request: None,

@@ -45,6 +45,9 @@ pub struct MeshInput {
     /// status writer last chose it ([`crate::gateway::choose_active`]); `None`, or a node that
     /// is no gateway now, means the first gateway.
     pub active_gateway: Option<String>,
+    /// Whether node peers' allowed IPs carry their nodes' own addresses
+    /// ([`NodeInput::host_addresses`]), so traffic between the hosts is encrypted too.
+    pub host_encryption: bool,
 }
 
 /// A range no peer may claim as allowed IPs: routed into the tunnel on every node, it would
@@ -121,6 +124,9 @@ pub struct NodeInput {
     pub uid: String,
     /// The Node's addresses (InternalIP, ExternalIP): reserved, no peer may claim them.
     pub addresses: Vec<IpAddr>,
+    /// The addresses the host itself holds (its InternalIPs; an ExternalIP may be a NAT's):
+    /// what host encryption routes into the tunnel.
+    pub host_addresses: Vec<IpAddr>,
     /// Whether the node matches the mesh's node selector.
     pub selected: bool,
     /// `spec.podCIDRs` (falling back to `spec.podCIDR`).
@@ -411,6 +417,11 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         reserved: &reserved,
         pool_fill: &pool_fill,
     };
+    let host_routes = if mesh.host_encryption {
+        encrypted_host_addresses(mesh, nodes)
+    } else {
+        BTreeMap::new()
+    };
 
     for peer in order {
         let node = peer
@@ -442,7 +453,14 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
                     .into_iter()
                     .map(|c| (c, owner.clone())),
             );
-            let desired = desired_peer(mesh, peer, node);
+            let mut desired = desired_peer(mesh, peer, node);
+            if let Some(hosts) = node.and_then(|n| host_routes.get(n.name.as_str())) {
+                desired.allowed_ips =
+                    CidrSet::new(desired.allowed_ips.into_iter().chain(hosts.iter().copied()))
+                        .iter()
+                        .copied()
+                        .collect();
+            }
             if let Some(node_name) = &peer.node {
                 out.members.insert(
                     node_name.clone(),
@@ -486,6 +504,46 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         .cloned();
     out.interior_peers = interior_peers(&out);
     out
+}
+
+/// With host encryption, each node's host addresses that go into its peer's allowed IPs: its
+/// InternalIPs that no other Node lists (a Node's addresses are its kubelet's word, and two
+/// peers cannot share an allowed IP), outside every reserved range but the nodes' own (the
+/// API server, the Service CIDRs, loopback and link-local stay direct) and the tunnel pools.
+fn encrypted_host_addresses<'a>(
+    mesh: &MeshInput,
+    nodes: &'a [NodeInput],
+) -> BTreeMap<&'a str, Vec<Cidr>> {
+    let mut listed: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for n in nodes {
+        for a in n
+            .addresses
+            .iter()
+            .chain(&n.host_addresses)
+            .collect::<BTreeSet<_>>()
+        {
+            *listed.entry(*a).or_default() += 1;
+        }
+    }
+    let direct: Vec<Cidr> = fixed_reserved()
+        .into_iter()
+        .chain(mesh.reserved.iter().cloned())
+        .map(|r| r.cidr)
+        .chain(mesh.tunnel_pools.iter().copied())
+        .collect();
+    nodes
+        .iter()
+        .map(|n| {
+            let hosts = n
+                .host_addresses
+                .iter()
+                .filter(|a| listed.get(*a) == Some(&1))
+                .map(|a| Cidr::host(*a))
+                .filter(|c| !direct.iter().any(|d| d.overlaps(c)))
+                .collect();
+            (n.name.as_str(), hosts)
+        })
+        .collect()
 }
 
 /// The interior view: node peers, with the active gateway routing every external network.

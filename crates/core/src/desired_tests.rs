@@ -19,6 +19,7 @@ pub(crate) fn mesh() -> MeshInput {
         preshared_key: None,
         reserved: vec![],
         active_gateway: None,
+        host_encryption: false,
     }
 }
 
@@ -27,6 +28,7 @@ pub(crate) fn node(name: &str, pod_cidr: &str) -> NodeInput {
         name: name.into(),
         uid: format!("uid-{name}"),
         addresses: vec![],
+        host_addresses: vec![],
         selected: true,
         pod_cidrs: cidrs(&[pod_cidr]),
         rotate_key_request: None,
@@ -868,4 +870,88 @@ fn a_node_peer_is_published_at_the_endpoint_its_node_chooses() {
         .find(|p| p.node.as_deref() == Some("n2"))
         .unwrap();
     assert_eq!(n2.endpoint.as_deref(), Some("n2.example.com:51820"));
+}
+
+#[test]
+fn host_encryption_table() {
+    struct Case {
+        name: &'static str,
+        host_encryption: bool,
+        edit: fn(&mut MeshInput, &mut Vec<NodeInput>),
+        /// Node b's allowed IPs as the others program them.
+        b_allowed: &'static [&'static str],
+    }
+    let cases = [
+        Case {
+            name: "off: pod CIDR and tunnel address only",
+            host_encryption: false,
+            edit: |_, _| {},
+            b_allowed: &["10.244.2.0/24", "10.250.0.2/32"],
+        },
+        Case {
+            name: "on: b's InternalIPs, both families, not its ExternalIP",
+            host_encryption: true,
+            edit: |_, _| {},
+            b_allowed: &[
+                "10.244.2.0/24",
+                "10.250.0.2/32",
+                "192.168.0.2/32",
+                "fd00::2/128",
+            ],
+        },
+        Case {
+            name: "an address another Node also lists goes to neither",
+            host_encryption: true,
+            edit: |_, nodes| nodes[2].addresses.push("192.168.0.2".parse().unwrap()),
+            b_allowed: &["10.244.2.0/24", "10.250.0.2/32", "fd00::2/128"],
+        },
+        Case {
+            name: "the API server's address (a reserved range) stays direct",
+            host_encryption: true,
+            edit: |mesh, _| {
+                mesh.reserved.push(ReservedRange::new(
+                    "192.168.0.2/32".parse().unwrap(),
+                    "the API server",
+                ))
+            },
+            b_allowed: &["10.244.2.0/24", "10.250.0.2/32", "fd00::2/128"],
+        },
+        Case {
+            name: "loopback and link-local are never routed",
+            host_encryption: true,
+            edit: |_, nodes| {
+                nodes[1].host_addresses =
+                    vec!["127.0.0.2".parse().unwrap(), "fe80::2".parse().unwrap()]
+            },
+            b_allowed: &["10.244.2.0/24", "10.250.0.2/32"],
+        },
+    ];
+    for case in cases {
+        let (mut nodes, peers) = three_nodes();
+        for (i, n) in nodes.iter_mut().enumerate() {
+            let internal: Vec<IpAddr> = vec![
+                format!("192.168.0.{}", i + 1).parse().unwrap(),
+                format!("fd00::{}", i + 1).parse().unwrap(),
+            ];
+            n.addresses = internal.clone();
+            n.addresses
+                .push(format!("203.0.113.{}", i + 1).parse().unwrap());
+            n.host_addresses = internal;
+        }
+        let mut m = mesh();
+        m.host_encryption = case.host_encryption;
+        (case.edit)(&mut m, &mut nodes);
+        let d = compute(&m, &nodes, &peers);
+        let got: Vec<String> = d.peers[&key(2)]
+            .allowed_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got, case.b_allowed, "{}", case.name);
+        assert!(
+            d.verdicts.values().all(|v| *v == Verdict::Programmed),
+            "{}: host addresses are no claim to judge",
+            case.name
+        );
+    }
 }

@@ -716,7 +716,8 @@ fn jitter(d: Duration) -> Duration {
 }
 
 /// Where the routes to peers go, and the rules that select them. CNI mode: the main table
-/// (nothing else routes pods). Add-on mode: a table of our own, looked up ahead of the main
+/// (nothing else routes pods), unless the mesh encrypts host traffic. Add-on mode, and host
+/// encryption: a table of our own, looked up ahead of the main
 /// table, where the other CNI's plaintext routes to the same pod CIDRs are; when the mesh
 /// marks its encrypted packets, they are exempt (`not fwmark`), which keeps a peer whose
 /// allowed IPs cover its own endpoint from looping.
@@ -734,7 +735,17 @@ pub fn routing_config(
     keep_reachable: &[std::net::IpAddr],
 ) -> RoutingConfig {
     let mut rules = Vec::new();
-    if settings.fwmark != 0 && settings.fwmark_table != 0 {
+    let encrypts_hosts = settings.host_encryption && settings.fwmark != 0;
+    let dedicated = net.network_mode == NetworkMode::Addon || encrypts_hosts;
+    // Marked packets looked up in our own table would be routed back into the tunnel.
+    let marked_into_ours = dedicated && settings.fwmark_table == net.route_table;
+    if marked_into_ours {
+        tracing::warn!(
+            table = net.route_table,
+            "the mesh's fwmark table is the agent's route table: marked packets use the main table instead"
+        );
+    }
+    if settings.fwmark != 0 && settings.fwmark_table != 0 && !marked_into_ours {
         rules.push(RuleConfig {
             priority: FWMARK_RULE_PRIORITY,
             fwmark: settings.fwmark,
@@ -742,17 +753,19 @@ pub fn routing_config(
             invert: false,
         });
     }
-    let table = match net.network_mode {
-        NetworkMode::Cni => 0,
-        NetworkMode::Addon => {
-            rules.push(RuleConfig {
-                priority: net.route_rule_priority,
-                fwmark: settings.fwmark,
-                table: net.route_table,
-                invert: settings.fwmark != 0,
-            });
-            net.route_table
-        }
+    // Host encryption routes the other nodes' own addresses into the interface: the main
+    // table cannot hold those routes (the tunnel's packets to the same addresses would loop),
+    // so they go in our table, which the tunnel's marked packets skip.
+    let table = if dedicated {
+        rules.push(RuleConfig {
+            priority: net.route_rule_priority,
+            fwmark: settings.fwmark,
+            table: net.route_table,
+            invert: settings.fwmark != 0,
+        });
+        net.route_table
+    } else {
+        0
     };
     let (routes, refused) = sparing(&desired.routes(), keep_reachable);
     if !refused.is_empty() {
@@ -810,6 +823,7 @@ mod tests {
         struct Case {
             mode: &'static str,
             fwmark: (u32, u32),
+            host_encryption: bool,
             table: u32,
             rules: Vec<(u32, u32, u32, bool)>,
         }
@@ -817,24 +831,57 @@ mod tests {
             Case {
                 mode: "cni",
                 fwmark: (0, 0),
+                host_encryption: false,
                 table: 0,
                 rules: vec![],
             },
             Case {
                 mode: "cni",
                 fwmark: (0x57, 100),
+                host_encryption: false,
                 table: 0,
                 rules: vec![(5200, 0x57, 100, false)],
             },
             Case {
+                mode: "cni",
+                fwmark: (0x57, 0),
+                host_encryption: true,
+                table: 51820,
+                rules: vec![(5210, 0x57, 51820, true)],
+            },
+            Case {
+                // Without a mark the tunnel's packets would loop: host encryption is off.
+                mode: "cni",
+                fwmark: (0, 0),
+                host_encryption: true,
+                table: 0,
+                rules: vec![],
+            },
+            Case {
                 mode: "addon",
                 fwmark: (0, 0),
+                host_encryption: false,
                 table: 51820,
                 rules: vec![(5210, 0, 51820, false)],
             },
             Case {
                 mode: "addon",
                 fwmark: (0x57, 100),
+                host_encryption: false,
+                table: 51820,
+                rules: vec![(5200, 0x57, 100, false), (5210, 0x57, 51820, true)],
+            },
+            Case {
+                mode: "addon",
+                fwmark: (0x57, 51820),
+                host_encryption: false,
+                table: 51820,
+                rules: vec![(5210, 0x57, 51820, true)],
+            },
+            Case {
+                mode: "addon",
+                fwmark: (0x57, 100),
+                host_encryption: true,
                 table: 51820,
                 rules: vec![(5200, 0x57, 100, false), (5210, 0x57, 51820, true)],
             },
@@ -843,6 +890,7 @@ mod tests {
             let settings = pb::MeshSettings {
                 fwmark: case.fwmark.0,
                 fwmark_table: case.fwmark.1,
+                host_encryption: case.host_encryption,
                 ..Default::default()
             };
             let cfg = routing_config(

@@ -110,12 +110,14 @@ pub struct NetworkArgs {
     #[arg(long, env = "WGMESH_NETWORK_MODE", value_enum, default_value_t = NetworkMode::Addon)]
     pub network_mode: NetworkMode,
 
-    /// Routing table of the routes to peers in add-on mode.
+    /// Routing table of the routes to peers in add-on mode, and in CNI mode when the mesh
+    /// encrypts host traffic.
     #[arg(long, env = "WGMESH_ROUTE_TABLE", default_value_t = 51820)]
     pub route_table: u32,
 
-    /// Priority of the rule `lookup <route-table>` in add-on mode: below the main table's
-    /// 32766, so that the tunnel wins over the other CNI's plaintext routes to the same pods.
+    /// Priority of the rule `lookup <route-table>`: below the main table's 32766, so that the
+    /// tunnel wins over the other CNI's plaintext routes to the same pods (and, with host
+    /// encryption, over the underlay's routes to the other nodes).
     #[arg(long, env = "WGMESH_ROUTE_RULE_PRIORITY", default_value_t = 5210)]
     pub route_rule_priority: u32,
 
