@@ -189,12 +189,17 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// A TCP connection from namespace `from` to `to` at `addr`, echoing a message both ways.
 fn tcp_echo(from: &str, to: &str, addr: SocketAddr) {
+    tcp_echo_within(from, to, addr, WAIT)
+}
+
+/// [`tcp_echo`], each step given up to `wait`.
+fn tcp_echo_within(from: &str, to: &str, addr: SocketAddr, wait: Duration) {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = spawn_in_netns(to, move || {
         let listener = TcpListener::bind(addr).expect("bind the echo listener");
         listener.set_nonblocking(true).unwrap();
         ready_tx.send(()).unwrap();
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + wait;
         let (mut conn, _) = loop {
             match listener.accept() {
                 Ok(c) => break c,
@@ -205,14 +210,14 @@ fn tcp_echo(from: &str, to: &str, addr: SocketAddr) {
             }
         };
         conn.set_nonblocking(false).unwrap();
-        conn.set_read_timeout(Some(WAIT)).unwrap();
+        conn.set_read_timeout(Some(wait)).unwrap();
         let mut buf = [0u8; 16];
         conn.read_exact(&mut buf).expect("read on the server side");
         conn.write_all(&buf).expect("echo");
     });
     ready_rx.recv().expect("the listener started");
     in_netns(from, move || {
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + wait;
         let mut conn = loop {
             match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
                 Ok(c) => break c,
@@ -223,7 +228,7 @@ fn tcp_echo(from: &str, to: &str, addr: SocketAddr) {
                 Err(e) => panic!("connecting to {addr} through the tunnel: {e}"),
             }
         };
-        conn.set_read_timeout(Some(WAIT)).unwrap();
+        conn.set_read_timeout(Some(wait)).unwrap();
         let msg = *b"wgmesh-tcp-check";
         conn.write_all(&msg).unwrap();
         let mut back = [0u8; 16];
@@ -283,11 +288,21 @@ fn tcp_bulk(from: &str, to: &str, addr: SocketAddr, bytes: usize) {
 
 /// Both directions through the tunnel.
 fn tcp_both_ways(lab: &Lab, port: u16) {
-    tcp_echo(&lab.ns_a, &lab.ns_b, SocketAddr::new(lab.tunnel(2), port));
-    tcp_echo(
+    tcp_both_ways_within(lab, port, WAIT)
+}
+
+fn tcp_both_ways_within(lab: &Lab, port: u16, wait: Duration) {
+    tcp_echo_within(
+        &lab.ns_a,
+        &lab.ns_b,
+        SocketAddr::new(lab.tunnel(2), port),
+        wait,
+    );
+    tcp_echo_within(
         &lab.ns_b,
         &lab.ns_a,
         SocketAddr::new(lab.tunnel(1), port + 1),
+        wait,
     );
 }
 
@@ -852,8 +867,13 @@ fn roaming_follows_authenticated_packets() {
         "persistent-keepalive",
         "1",
     ]);
-    let rotated =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tcp_both_ways(lab, 7020)));
+    // Known issue (docs/reliability.md): now and then (about 1 run in 100 under load) the
+    // handshakes both sides start at once after the rotation leave the data path silent
+    // until wireguard-go gives up on the session 15 s later and shakes hands again; TCP's
+    // backoff then takes up to 16 s more. The tunnel must come back, within that bound.
+    let rotated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tcp_both_ways_within(lab, 7020, Duration::from_secs(50))
+    }));
     if let Err(panic) = rotated {
         // What each side held when the tunnel did not come back.
         eprintln!("our device: {:#?}", s.device.observe());
