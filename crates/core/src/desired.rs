@@ -3,7 +3,9 @@
 //!
 //! This is the one place where a peer's allowed IPs, endpoint, keepalive and preshared key are
 //! decided ([`allowed_ips_of`], [`gateway_allowed_ips`] and [`compute`]), and where conflicts
-//! between peers are judged.
+//! between peers are judged. With host encryption, [`compute`] adds each node's own addresses
+//! to its node peer's allowed IPs (`encrypted_host_addresses`: not a claim, so not judged, but
+//! never an address another Node lists or a reserved one).
 //!
 //! External peers attach to gateway nodes only (every member node unless the mesh narrows it
 //! with a gateway selector). Gateways program every peer; the other members ("interior"
