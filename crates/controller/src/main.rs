@@ -5,8 +5,20 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use wgmesh_controller::config::{Command, Config, LogFormat};
 
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // Writes the profile when dropped, at the end of main (a SIGTERM, not a SIGKILL).
+    #[cfg(feature = "dhat-heap")]
+    let _profiler = {
+        let dir = std::env::var_os("WGMESH_DHAT_DIR").unwrap_or_else(|| ".".into());
+        let file =
+            std::path::Path::new(&dir).join(format!("dhat-heap-{}.json", std::process::id()));
+        dhat::Profiler::builder().file_name(file).build()
+    };
     let config = Config::parse();
     let filter = EnvFilter::try_from_env("WGMESH_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,kube_lease_manager=warn"));

@@ -3,6 +3,7 @@
 mod control_plane;
 mod dataplane;
 mod disruption;
+mod heap;
 mod stats;
 
 use anyhow::Result;
