@@ -123,6 +123,13 @@ pub struct Config {
     #[arg(long, env = "WGMESH_GATEWAY_FAILOVER_SECONDS", default_value_t = 5)]
     pub gateway_failover_seconds: u64,
 
+    /// Most peers in one stream message to agents that join updates sent in parts (every
+    /// current agent): a stream's buffer grows to its largest message, so this bounds the
+    /// memory each connected agent costs the controller. Tests set it low so that every
+    /// update of more than a few peers travels in parts.
+    #[arg(long, env = "WGMESH_PEERS_PER_PART", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub peers_per_part: u32,
+
     /// Minimum seconds between two writes of agent-reported status to one object.
     #[arg(long, env = "WGMESH_STATUS_INTERVAL", default_value_t = 30)]
     pub status_interval: u64,

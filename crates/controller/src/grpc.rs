@@ -54,6 +54,10 @@ pub struct MeshServer {
     pub forwarder: Option<Arc<Forwarder>>,
     /// The name replicas' client certificates carry (`--peer-server-name`).
     pub replica_name: String,
+    /// Most peers per message to agents that join parts (`--peers-per-part`; 50 peers are
+    /// about 7 KB, under tonic's 8 KiB encode buffer). A stream's buffer grows to its largest
+    /// message and stays so: whole snapshots cost O(nodes) per stream, O(nodes^2) in all.
+    pub peers_per_part: usize,
 }
 
 /// The name of a node's `WireGuardPeer` in a mesh.
@@ -262,6 +266,11 @@ impl MeshService for MeshServer {
         let stream = PeerStream {
             node: req.node.clone(),
             mesh: req.mesh.clone(),
+            per_part: if req.accepts_parts {
+                self.peers_per_part
+            } else {
+                usize::MAX
+            },
             meshes: self.caches.meshes.clone(),
             epoch: self.index.epoch().to_owned(),
             views,
@@ -415,6 +424,8 @@ fn node_owner(node: &k8s_openapi::api::core::v1::Node) -> OwnerReference {
 struct PeerStream {
     node: String,
     mesh: String,
+    /// Most peers per message: `usize::MAX` for an agent that does not join parts.
+    per_part: usize,
     /// The synced mesh cache: a mesh absent from it is deleted, and its nodes are told so.
     meshes: kube::runtime::reflector::Store<wgmesh_api::WireGuardMesh>,
     epoch: String,
@@ -493,11 +504,25 @@ impl PeerStream {
                         NodeUpdate::Snapshot => "snapshot",
                         NodeUpdate::Delta(_) => "delta",
                     };
-                    let message = encode::peer_update(&self.epoch, view.revision, &now, &update);
-                    let bytes = message.encoded_len();
-                    // Waits while the agent is slow; the watch channel meanwhile keeps only the
-                    // latest view, so the next message covers everything missed.
-                    if self.tx.send(Ok(message)).await.is_err() {
+                    let mut bytes = 0;
+                    let mut closed = false;
+                    // Parts are made one at a time, as the channel takes them. Sending waits
+                    // while the agent is slow; the watch channel meanwhile keeps only the
+                    // latest view, so the next update covers everything missed.
+                    for message in encode::peer_update_parts(
+                        &self.epoch,
+                        view.revision,
+                        &now,
+                        &update,
+                        self.per_part,
+                    ) {
+                        bytes += message.encoded_len();
+                        if self.tx.send(Ok(message)).await.is_err() {
+                            closed = true;
+                            break;
+                        }
+                    }
+                    if closed {
                         break;
                     }
                     self.metrics.stream_sent(kind, bytes);

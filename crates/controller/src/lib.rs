@@ -194,6 +194,7 @@ pub async fn run(config: Config) -> Result<()> {
         leader: leader_rx,
         forwarder,
         replica_name: config.peer_server_name.clone(),
+        peers_per_part: config.peers_per_part as usize,
     };
     ready.store(true, Ordering::Relaxed);
     tracing::info!(addr = %config.grpc_addr, identity = %identity, "serving agents");

@@ -158,8 +158,11 @@ impl Agent {
             mesh: self.args.mesh.clone(),
             resume_epoch: self.desired.epoch.clone(),
             resume_revision: self.desired.revision,
+            accepts_parts: true,
         });
         let mut stream = client.grpc().watch_peers(req).await?.into_inner();
+        // Large updates come in parts; nothing is applied before the last one.
+        let mut parts = wgmesh_proto::decode::PartsJoiner::default();
         self.metrics.set_connected(true);
         let mut tick = tokio::time::interval(Duration::from_secs(self.args.report_interval.max(1)));
         let mut membership = tokio::time::interval(REREGISTER);
@@ -181,7 +184,10 @@ impl Agent {
                     }
                 }
                 message = stream.message() => {
-                    let message = message?.ok_or(Error::StreamClosed)?;
+                    let part = message?.ok_or(Error::StreamClosed)?;
+                    let Some(message) = parts.push(part)? else {
+                        continue;
+                    };
                     // Checked whole before anything changes: a malformed message is refused.
                     let update = AgentUpdate::try_from(&message)?;
                     let rotation = update.rotate_key_request.clone();

@@ -86,6 +86,7 @@ mod tests {
                 epoch: "e1".into(),
                 revision: 7,
                 rotate_key_request: String::new(),
+                more_parts: false,
                 update: Some(pb::peer_update::Update::Snapshot(pb::PeerSnapshot {
                     peers: vec![pb::Peer {
                         public_key: vec![3; 32],

@@ -45,6 +45,8 @@ pub struct Watch {
     pub mesh: String,
     pub resume_epoch: String,
     pub resume_revision: u64,
+    /// The agent joins updates sent in parts.
+    pub accepts_parts: bool,
 }
 
 /// A checked `ReportStatusRequest`: well-formed, not yet scoped to the node's peers.
@@ -169,6 +171,7 @@ pub fn watch(req: &WatchPeersRequest) -> Result<Watch, Status> {
             String::new()
         },
         resume_revision: req.resume_revision,
+        accepts_parts: req.accepts_parts,
     })
 }
 
@@ -347,6 +350,7 @@ mod tests {
             mesh: "m".into(),
             resume_epoch: "e".repeat(10_000),
             resume_revision: 5,
+            accepts_parts: true,
         };
         assert_eq!(watch(&req).unwrap().resume_epoch, "");
     }

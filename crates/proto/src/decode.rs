@@ -202,12 +202,81 @@ fn wire_peer(p: &AgentPeer) -> Peer {
     }
 }
 
+/// Most peers an update joined from parts may carry: far above any mesh we run (5,000 nodes),
+/// and a bound on what a stream of endless parts could make an agent hold.
+pub const MAX_JOINED_PEERS: usize = 100_000;
+
+/// Joins an update the controller sent in parts (`PeerUpdate.more_parts`) back into one
+/// message, which then decodes like any other. Parts of another revision, epoch or kind than
+/// the first are a broken stream: refused, and the agent reconnects.
+#[derive(Debug, Default)]
+pub struct PartsJoiner {
+    pending: Option<PeerUpdate>,
+}
+
+impl PartsJoiner {
+    /// Takes the next stream message: the whole update once its last part arrived.
+    pub fn push(&mut self, part: PeerUpdate) -> Result<Option<PeerUpdate>, DecodeError> {
+        let more = part.more_parts;
+        let joined = match self.pending.take() {
+            None => part,
+            Some(mut first) => {
+                if first.epoch != part.epoch || first.revision != part.revision {
+                    return Err(err(
+                        "more_parts",
+                        format!(
+                            "a part of revision {} {} arrived within revision {} {}",
+                            part.epoch, part.revision, first.epoch, first.revision
+                        ),
+                    ));
+                }
+                match (&mut first.update, part.update) {
+                    (
+                        Some(peer_update::Update::Snapshot(whole)),
+                        Some(peer_update::Update::Snapshot(more)),
+                    ) => whole.peers.extend(more.peers),
+                    (
+                        Some(peer_update::Update::Delta(whole)),
+                        Some(peer_update::Update::Delta(more)),
+                    ) => {
+                        whole.upserted.extend(more.upserted);
+                        whole.removed.extend(more.removed);
+                    }
+                    _ => return Err(err("more_parts", "a part of another kind of update")),
+                }
+                first
+            }
+        };
+        let peers = match &joined.update {
+            Some(peer_update::Update::Snapshot(s)) => s.peers.len(),
+            Some(peer_update::Update::Delta(d)) => d.upserted.len() + d.removed.len(),
+            None => 0,
+        };
+        if peers > MAX_JOINED_PEERS {
+            return Err(err(
+                "more_parts",
+                format!("an update of more than {MAX_JOINED_PEERS} peers"),
+            ));
+        }
+        if more {
+            self.pending = Some(joined);
+            Ok(None)
+        } else {
+            Ok(Some(PeerUpdate {
+                more_parts: false,
+                ..joined
+            }))
+        }
+    }
+}
+
 /// The whole configuration as one snapshot message: decoding it gives it back.
 pub fn snapshot(config: &AgentConfig<MeshSettings>) -> PeerUpdate {
     PeerUpdate {
         epoch: config.epoch.clone(),
         revision: config.revision,
         rotate_key_request: String::new(),
+        more_parts: false,
         update: Some(peer_update::Update::Snapshot(PeerSnapshot {
             peers: config.peers.values().map(wire_peer).collect(),
             mesh: config.settings.clone(),

@@ -33,6 +33,7 @@ fn snapshot_update(peers: Vec<Peer>) -> PeerUpdate {
             departure: crate::Departure::Unspecified as i32,
             members: 3,
         })),
+        more_parts: false,
     }
 }
 
@@ -42,6 +43,7 @@ fn delta_update(delta: PeerDelta) -> PeerUpdate {
         revision: 4,
         rotate_key_request: String::new(),
         update: Some(peer_update::Update::Delta(delta)),
+        more_parts: false,
     }
 }
 

@@ -4,7 +4,7 @@
 //! encoding, from entries every node's view shares.
 
 use wgmesh_core::desired::{DesiredPeer, Member};
-use wgmesh_core::node_config::{NodeConfig, NodeUpdate};
+use wgmesh_core::node_config::{NodeConfig, NodeDelta, NodeUpdate};
 
 use crate::{MeshSettings, Peer, PeerDelta, PeerSnapshot, PeerUpdate, peer_update};
 
@@ -47,6 +47,14 @@ pub fn pod_cidrs(member: Option<&Member>) -> Vec<String> {
 pub fn snapshot(view: &NodeConfig<MeshSettings>) -> PeerSnapshot {
     PeerSnapshot {
         peers: view.peers().map(|p| peer(p, view)).collect(),
+        ..snapshot_fields(view)
+    }
+}
+
+/// A snapshot's fields but its peers.
+fn snapshot_fields(view: &NodeConfig<MeshSettings>) -> PeerSnapshot {
+    PeerSnapshot {
+        peers: Vec::new(),
         mesh: view.settings.as_deref().cloned(),
         tunnel_addresses: tunnel_addresses(view.member.as_ref()),
         pod_cidrs: pod_cidrs(view.member.as_ref()),
@@ -94,5 +102,95 @@ pub fn peer_update(
             .and_then(|m| m.rotate_key_request.clone())
             .unwrap_or_default(),
         update: Some(update),
+        more_parts: false,
     }
+}
+
+/// [`peer_update`] in parts of at most `max_peers` peers each (upserted and removed counted
+/// apart), made one at a time as the iterator is driven, for agents that accept parts
+/// (`WatchPeersRequest.accepts_parts`): a stream's buffers grow to its largest message, and a
+/// whole snapshot per stream would make the controller's memory grow with the square of the
+/// nodes. The first part carries every field, the others only peers; every part but the last
+/// has `more_parts` set. An update that fits is one message, equal to [`peer_update`]'s.
+pub fn peer_update_parts<'a>(
+    epoch: &'a str,
+    revision: u64,
+    view: &'a NodeConfig<MeshSettings>,
+    update: &'a NodeUpdate<MeshSettings>,
+    max_peers: usize,
+) -> impl Iterator<Item = PeerUpdate> + 'a {
+    let max = max_peers.max(1);
+    let (peers, removed): (Vec<&DesiredPeer>, &[wgmesh_core::PublicKey]) = match update {
+        NodeUpdate::Snapshot => (view.peers().map(|p| &**p).collect(), &[]),
+        NodeUpdate::Delta(d) => (d.upserted.iter().map(|p| &**p).collect(), &d.removed),
+    };
+    let parts = peers
+        .len()
+        .div_ceil(max)
+        .max(removed.len().div_ceil(max))
+        .max(1);
+    (0..parts).map(move |i| {
+        let chunk = |len: usize| (i * max).min(len)..((i + 1) * max).min(len);
+        let part_peers: Vec<Peer> = peers[chunk(peers.len())]
+            .iter()
+            .map(|p| peer(p, view))
+            .collect();
+        let part_removed: Vec<Vec<u8>> = removed[chunk(removed.len())]
+            .iter()
+            .map(|k| k.as_bytes().to_vec())
+            .collect();
+        let mut message = if i == 0 {
+            // Every field but the peers, which would be the whole set.
+            let header = match update {
+                NodeUpdate::Snapshot => NodeUpdate::Delta(NodeDelta {
+                    upserted: Vec::new(),
+                    removed: Vec::new(),
+                    settings: None,
+                    addresses_changed: true,
+                    pod_cidrs_changed: true,
+                }),
+                NodeUpdate::Delta(d) => NodeUpdate::Delta(NodeDelta {
+                    upserted: Vec::new(),
+                    removed: Vec::new(),
+                    ..d.clone()
+                }),
+            };
+            let mut first = peer_update(epoch, revision, view, &header);
+            first.update = match (update, first.update) {
+                (NodeUpdate::Snapshot, _) => Some(peer_update::Update::Snapshot(PeerSnapshot {
+                    peers: part_peers,
+                    ..snapshot_fields(view)
+                })),
+                (NodeUpdate::Delta(_), Some(peer_update::Update::Delta(delta))) => {
+                    Some(peer_update::Update::Delta(PeerDelta {
+                        upserted: part_peers,
+                        removed: part_removed,
+                        ..delta
+                    }))
+                }
+                (NodeUpdate::Delta(_), other) => other,
+            };
+            first
+        } else {
+            let update = match update {
+                NodeUpdate::Snapshot => peer_update::Update::Snapshot(PeerSnapshot {
+                    peers: part_peers,
+                    ..PeerSnapshot::default()
+                }),
+                NodeUpdate::Delta(_) => peer_update::Update::Delta(PeerDelta {
+                    upserted: part_peers,
+                    removed: part_removed,
+                    ..PeerDelta::default()
+                }),
+            };
+            PeerUpdate {
+                epoch: epoch.to_owned(),
+                revision,
+                update: Some(update),
+                ..PeerUpdate::default()
+            }
+        };
+        message.more_parts = i + 1 < parts;
+        message
+    })
 }

@@ -107,3 +107,7 @@ mod tests {
         assert!(format!("{none:?}").contains("preshared_key: <none>"));
     }
 }
+
+#[cfg(test)]
+#[path = "parts_tests.rs"]
+mod parts_tests;

@@ -109,6 +109,8 @@ impl SimAgent {
             mesh: self.mesh.clone(),
             resume_epoch: self.epoch.clone(),
             resume_revision: self.revision,
+            // As agents before parts: every update whole (the real agent takes parts).
+            accepts_parts: false,
         });
         self.stream = Some(self.client.watch_peers(req).await?.into_inner());
         Ok(())

@@ -261,7 +261,10 @@ impl TestMesh {
             ("KUBERNETES_SERVICE_PORT".to_owned(), api_port),
         ];
         services.extend(installed.service_env(&controller_ip));
-        let env = pods::container_env(&container, &fields, &services)?;
+        let mut env = pods::container_env(&container, &fields, &services)?;
+        // One peer per message: every update of more than one peer reaches the agents in
+        // parts, so the whole suite exercises joining them (a real mesh splits at 50).
+        env.push(("WGMESH_PEERS_PER_PART".to_owned(), "1".to_owned()));
         let controller_dir = dir.path().join("controller");
         let launch = pods::prepare(
             &spec,

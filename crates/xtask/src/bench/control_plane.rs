@@ -39,6 +39,15 @@ pub struct Args {
     /// conditions, the kubelet's list of images, managed fields): 10-50 KB. 0: bare Nodes.
     #[arg(long, default_value_t = 20)]
     node_kb: usize,
+    /// Build the controller with dhat (feature `dhat-heap`) and print where its heap was at
+    /// its peak, for the first process and the restarted one. Allocation gets slower, so
+    /// latencies are not comparable with a run without it.
+    #[arg(long)]
+    heap_profile: bool,
+    /// Agents ask for whole messages, as agents before parts did (every snapshot one
+    /// message), to compare the controller's memory with and without parts.
+    #[arg(long)]
+    whole_messages: bool,
 }
 
 /// Agents per gRPC connection (HTTP/2 limits concurrent streams per connection).
@@ -74,22 +83,36 @@ fn key_of(i: usize) -> [u8; 32] {
 
 pub async fn run(args: Args) -> Result<()> {
     step("building the controller (release)");
-    run_ok(Command::new(env!("CARGO")).current_dir(repo_root()).args([
+    let mut build = Command::new(env!("CARGO"));
+    build.current_dir(repo_root()).args([
         "build",
         "--release",
         "--quiet",
         "-p",
         "wgmesh-controller",
-    ]))?;
+    ]);
+    if args.heap_profile {
+        build.args(["--features", "dhat-heap"]);
+    }
+    run_ok(&mut build)?;
     let binary: PathBuf = repo_root().join("target/release/wgmesh-controller");
+    let heap_dir = repo_root().join("target/bench/heap");
+    if args.heap_profile {
+        let _ = std::fs::remove_dir_all(&heap_dir);
+        std::fs::create_dir_all(&heap_dir)?;
+    }
+    let heap_env = heap_dir.display().to_string();
+    let mut controller_env = vec![("WGMESH_LOG", "warn")];
+    if args.heap_profile {
+        controller_env.push(("WGMESH_DHAT_DIR", heap_env.as_str()));
+    }
 
     step("starting the local control plane");
     let cp = ControlPlane::start().await?;
     install_default_mesh(&cp)?;
     let client = cp.client().await?;
     let tls = ControllerTls::issue(&cp)?;
-    let controller =
-        Controller::start_binary(&cp, &tls, "bench", &[("WGMESH_LOG", "warn")], &binary).await?;
+    let controller = Controller::start_binary(&cp, &tls, "bench", &controller_env, &binary).await?;
     let total = args.nodes + args.joins;
     let node_kb = args.node_kb;
 
@@ -139,8 +162,16 @@ pub async fn run(args: Args) -> Result<()> {
     step("opening every agent's peer stream and waiting for full snapshots");
     let (tx, mut rx) = mpsc::unbounded_channel::<Received>();
     for (i, token) in tokens.iter().enumerate().take(args.nodes) {
-        let stream = watch(channel_of(i), i, token.clone()).await?;
-        tokio::spawn(follow(i, stream, channel_of(i), token.clone(), tx.clone()));
+        let parts = !args.whole_messages;
+        let stream = watch(channel_of(i), i, token.clone(), parts).await?;
+        tokio::spawn(follow(
+            i,
+            stream,
+            channel_of(i),
+            token.clone(),
+            parts,
+            tx.clone(),
+        ));
     }
     let started = Instant::now();
     let mut complete: HashSet<usize> = HashSet::new();
@@ -223,6 +254,10 @@ pub async fn run(args: Args) -> Result<()> {
     let mut controller = controller;
     let want = total - 1;
     let t0 = Instant::now();
+    if args.heap_profile {
+        // A clean exit writes the first process's profile (restart would SIGKILL it).
+        controller.stop();
+    }
     controller.restart().await?;
     let mut again: HashSet<usize> = HashSet::new();
     while again.len() < args.nodes {
@@ -292,9 +327,27 @@ pub async fn run(args: Args) -> Result<()> {
     let path = dir.join("control-plane.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!("\nwrote {}", path.display());
+    if args.heap_profile {
+        controller.stop();
+        for profile in heap_profiles(&heap_dir)? {
+            println!("\n{}", super::heap::summary(&profile, 12)?);
+        }
+    }
     drop(controller);
     drop(cp);
     Ok(())
+}
+
+/// The dhat profiles the controller processes wrote, oldest first.
+fn heap_profiles(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    files.sort();
+    Ok(files.into_iter().map(|(_, p)| p).collect())
 }
 
 /// Gives a bench Node what a kubelet and a cloud's node controllers give a real one: labels,
@@ -418,11 +471,13 @@ async fn watch(
     channel: Channel,
     i: usize,
     token: String,
+    accepts_parts: bool,
 ) -> Result<tonic::Streaming<pb::PeerUpdate>> {
     let mut client = MeshServiceClient::new(channel);
     let req = pb::WatchPeersRequest {
         node: node_name(i),
         mesh: "default".into(),
+        accepts_parts,
         ..Default::default()
     };
     Ok(client.watch_peers(request(req, &token)).await?.into_inner())
@@ -436,22 +491,33 @@ async fn follow(
     mut stream: tonic::Streaming<pb::PeerUpdate>,
     channel: Channel,
     token: String,
+    accepts_parts: bool,
     tx: mpsc::UnboundedSender<Received>,
 ) {
     let mut peers: HashSet<Vec<u8>> = HashSet::new();
+    let mut joiner = pb::decode::PartsJoiner::default();
+    let mut bytes = 0;
     loop {
-        let Ok(Some(update)) = stream.message().await else {
+        let Ok(Some(part)) = stream.message().await else {
             // Spread the reconnections a little, as agents' jittered backoff does.
             tokio::time::sleep(Duration::from_millis(250 + (agent % 250) as u64)).await;
             if tx.is_closed() {
                 return;
             }
-            if let Ok(s) = watch(channel.clone(), agent, token.clone()).await {
+            if let Ok(s) = watch(channel.clone(), agent, token.clone(), accepts_parts).await {
                 stream = s;
+                joiner = pb::decode::PartsJoiner::default();
+                bytes = 0;
             }
             continue;
         };
-        let bytes = update.encoded_len();
+        // Every part counts toward the update's bytes; the update counts once joined.
+        bytes += part.encoded_len();
+        let update = match joiner.push(part) {
+            Ok(Some(update)) => update,
+            Ok(None) => continue,
+            Err(e) => panic!("agent {agent}: a broken update in parts: {e}"),
+        };
         let snapshot = matches!(update.update, Some(pb::peer_update::Update::Snapshot(_)));
         let upserted: Vec<Vec<u8>> = match update.update {
             Some(pb::peer_update::Update::Snapshot(s)) => {
@@ -472,7 +538,7 @@ async fn follow(
         if tx
             .send(Received {
                 agent,
-                bytes,
+                bytes: std::mem::take(&mut bytes),
                 upserted,
                 total,
                 snapshot,
