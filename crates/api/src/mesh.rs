@@ -303,6 +303,14 @@ pub(crate) fn default_secret_key() -> String {
     "presharedKey".to_owned()
 }
 
+impl WireGuardMeshSpec {
+    /// Whether host traffic is encrypted: `hostEncryption` with the `fwmark` it needs (the
+    /// schema requires one; without it the tunnel's own packets would loop).
+    pub fn encrypts_hosts(&self) -> bool {
+        self.host_encryption && self.fwmark.is_some()
+    }
+}
+
 impl Default for WireGuardMeshSpec {
     fn default() -> Self {
         WireGuardMeshSpec {

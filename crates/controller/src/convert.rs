@@ -37,8 +37,7 @@ pub fn mesh_input(
         preshared_key: spec.preshared_key.as_ref().map(|r| secret(r, secrets)),
         reserved: reserved.to_vec(),
         active_gateway: mesh.status.as_ref().and_then(|s| s.active_gateway.clone()),
-        // The schema requires a fwmark with it; without one the tunnel's packets would loop.
-        host_encryption: spec.host_encryption && spec.fwmark.is_some(),
+        host_encryption: spec.encrypts_hosts(),
     }
 }
 

@@ -506,7 +506,7 @@ pub fn settings_of(mesh: &WireGuardMesh) -> pb::MeshSettings {
         disabled: spec.disabled,
         plaintext_fallback: !spec.strict,
         cluster_cidrs: spec.cluster_cidrs.iter().map(|c| c.0.clone()).collect(),
-        host_encryption: spec.host_encryption && spec.fwmark.is_some(),
+        host_encryption: spec.encrypts_hosts(),
     }
 }
 

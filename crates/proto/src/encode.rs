@@ -4,7 +4,7 @@
 //! encoding, from entries every node's view shares.
 
 use wgmesh_core::desired::{DesiredPeer, Member};
-use wgmesh_core::node_config::{NodeConfig, NodeDelta, NodeUpdate};
+use wgmesh_core::node_config::{NodeConfig, NodeUpdate};
 
 use crate::{MeshSettings, Peer, PeerDelta, PeerSnapshot, PeerUpdate, peer_update};
 
@@ -43,14 +43,6 @@ pub fn pod_cidrs(member: Option<&Member>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The whole view as a snapshot.
-pub fn snapshot(view: &NodeConfig<MeshSettings>) -> PeerSnapshot {
-    PeerSnapshot {
-        peers: view.peers().map(|p| peer(p, view)).collect(),
-        ..snapshot_fields(view)
-    }
-}
-
 /// A snapshot's fields but its peers.
 fn snapshot_fields(view: &NodeConfig<MeshSettings>) -> PeerSnapshot {
     PeerSnapshot {
@@ -75,12 +67,35 @@ pub fn peer_update(
     view: &NodeConfig<MeshSettings>,
     update: &NodeUpdate<MeshSettings>,
 ) -> PeerUpdate {
+    let (peers, removed) = match update {
+        NodeUpdate::Snapshot => (view.peers().map(|p| peer(p, view)).collect(), Vec::new()),
+        NodeUpdate::Delta(d) => (
+            d.upserted.iter().map(|p| peer(p, view)).collect(),
+            d.removed.iter().map(|k| k.as_bytes().to_vec()).collect(),
+        ),
+    };
+    first_part(epoch, revision, view, update, peers, removed)
+}
+
+/// The message of `update` with every field, carrying `peers` (upserted, for a delta) and
+/// `removed`: the whole update, or the first of its parts.
+fn first_part(
+    epoch: &str,
+    revision: u64,
+    view: &NodeConfig<MeshSettings>,
+    update: &NodeUpdate<MeshSettings>,
+    peers: Vec<Peer>,
+    removed: Vec<Vec<u8>>,
+) -> PeerUpdate {
     let member = view.member.as_ref();
     let update = match update {
-        NodeUpdate::Snapshot => peer_update::Update::Snapshot(snapshot(view)),
+        NodeUpdate::Snapshot => peer_update::Update::Snapshot(PeerSnapshot {
+            peers,
+            ..snapshot_fields(view)
+        }),
         NodeUpdate::Delta(d) => peer_update::Update::Delta(PeerDelta {
-            upserted: d.upserted.iter().map(|p| peer(p, view)).collect(),
-            removed: d.removed.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            upserted: peers,
+            removed,
             mesh: d.settings.as_deref().cloned(),
             tunnel_addresses: if d.addresses_changed {
                 tunnel_addresses(member)
@@ -140,37 +155,7 @@ pub fn peer_update_parts<'a>(
             .map(|k| k.as_bytes().to_vec())
             .collect();
         let mut message = if i == 0 {
-            // Every field but the peers, which would be the whole set.
-            let header = match update {
-                NodeUpdate::Snapshot => NodeUpdate::Delta(NodeDelta {
-                    upserted: Vec::new(),
-                    removed: Vec::new(),
-                    settings: None,
-                    addresses_changed: true,
-                    pod_cidrs_changed: true,
-                }),
-                NodeUpdate::Delta(d) => NodeUpdate::Delta(NodeDelta {
-                    upserted: Vec::new(),
-                    removed: Vec::new(),
-                    ..d.clone()
-                }),
-            };
-            let mut first = peer_update(epoch, revision, view, &header);
-            first.update = match (update, first.update) {
-                (NodeUpdate::Snapshot, _) => Some(peer_update::Update::Snapshot(PeerSnapshot {
-                    peers: part_peers,
-                    ..snapshot_fields(view)
-                })),
-                (NodeUpdate::Delta(_), Some(peer_update::Update::Delta(delta))) => {
-                    Some(peer_update::Update::Delta(PeerDelta {
-                        upserted: part_peers,
-                        removed: part_removed,
-                        ..delta
-                    }))
-                }
-                (NodeUpdate::Delta(_), other) => other,
-            };
-            first
+            first_part(epoch, revision, view, update, part_peers, part_removed)
         } else {
             let update = match update {
                 NodeUpdate::Snapshot => peer_update::Update::Snapshot(PeerSnapshot {
