@@ -37,7 +37,14 @@ struct MeshEntry {
     revision: u64,
     settings: Option<Arc<MeshSettings>>,
     desired: Arc<DesiredMesh>,
-    history: VecDeque<(u64, Arc<DesiredMesh>)>,
+    /// Recent revisions: each one's desired state and the keys it changed from the one before.
+    history: VecDeque<Revision>,
+}
+
+struct Revision {
+    revision: u64,
+    desired: Arc<DesiredMesh>,
+    changed: BTreeSet<PublicKey>,
 }
 
 #[derive(Default)]
@@ -80,14 +87,19 @@ impl Index {
         entry.revision += 1;
         entry.settings = Some(Arc::new(settings));
         entry.desired = desired.clone();
-        entry.history.push_back((entry.revision, desired));
-        if entry.history.len() > HISTORY {
-            entry.history.pop_front();
-        }
         let view = view_of(entry);
         let revision = entry.revision;
         if let Some(subscribers) = state.nodes.get(mesh) {
             notify(subscribers, &view, &changed, settings_changed);
+        }
+        let entry = state.meshes.get_mut(mesh).expect("entry was just written");
+        entry.history.push_back(Revision {
+            revision,
+            desired,
+            changed,
+        });
+        if entry.history.len() > HISTORY {
+            entry.history.pop_front();
         }
         Some(revision)
     }
@@ -128,8 +140,41 @@ impl Index {
         entry
             .history
             .iter()
-            .find(|(r, _)| *r == revision)
-            .map(|(_, d)| d.clone())
+            .find(|r| r.revision == revision)
+            .map(|r| r.desired.clone())
+    }
+
+    /// Every key whose peer changed, in either shared view, since `sent` (the desired state
+    /// of revision `from`) up to revision `to` of `mesh`; `None` unless all those revisions
+    /// are still remembered and `sent` is this mesh's own revision `from` (a mesh deleted and
+    /// created again counts its revisions anew). Lets each stream compare only what changed
+    /// instead of every peer: O(changes), not O(nodes), per node and change.
+    pub fn changed_since(
+        &self,
+        mesh: &str,
+        sent: &Arc<DesiredMesh>,
+        from: u64,
+        to: u64,
+    ) -> Option<BTreeSet<PublicKey>> {
+        let state = self.state.lock().expect("index lock");
+        let history = &state.meshes.get(mesh)?.history;
+        let start = history.iter().position(|r| r.revision == from)?;
+        if !Arc::ptr_eq(&history[start].desired, sent) {
+            return None;
+        }
+        let mut changed = BTreeSet::new();
+        let mut expected = from;
+        for r in history.iter().skip(start + 1) {
+            if r.revision > to {
+                break;
+            }
+            expected += 1;
+            if r.revision != expected {
+                return None;
+            }
+            changed.extend(r.changed.iter().copied());
+        }
+        (expected == to).then_some(changed)
     }
 
     /// Subscribes to what `node` sees of `mesh`. Every subscriber of the same node shares one
@@ -315,6 +360,52 @@ mod tests {
         );
         assert!(index.at_revision("m", 1).is_some());
         assert!(index.at_revision("m", 99).is_none());
+    }
+
+    #[test]
+    fn changes_since_a_remembered_revision() {
+        let index = Index::new("e".into());
+        let settings = MeshSettings::default();
+        let key = |n: u8| PublicKey::from_bytes([n; 32]);
+        index.publish("m", settings.clone(), mesh(&[(1, "a:1"), (2, "b:1")]));
+        let first = index.at_revision("m", 1).unwrap();
+        index.publish("m", settings.clone(), mesh(&[(1, "a:2"), (2, "b:1")]));
+        index.publish(
+            "m",
+            settings.clone(),
+            mesh(&[(1, "a:2"), (2, "b:1"), (3, "c:1")]),
+        );
+        let third = index.at_revision("m", 3).unwrap();
+        let changed = |sent: &Arc<DesiredMesh>, from, to| index.changed_since("m", sent, from, to);
+        assert_eq!(
+            changed(&first, 1, 3),
+            Some(BTreeSet::from([key(1), key(3)]))
+        );
+        assert_eq!(changed(&first, 1, 2), Some(BTreeSet::from([key(1)])));
+        assert_eq!(
+            changed(&third, 3, 3),
+            Some(BTreeSet::new()),
+            "nothing since"
+        );
+        assert_eq!(changed(&third, 1, 3), None, "not revision 1's state");
+        assert_eq!(changed(&first, 1, 9), None, "a revision not published yet");
+        assert_eq!(index.changed_since("other", &first, 1, 3), None);
+
+        // Deleted and created again: the old state is no revision of the new mesh.
+        index.remove("m");
+        index.publish("m", settings.clone(), mesh(&[(1, "a:1")]));
+        index.publish("m", settings.clone(), mesh(&[(1, "a:1"), (4, "d:1")]));
+        assert_eq!(changed(&first, 1, 2), None);
+
+        // Older than the history kept: unknown.
+        for n in 0..HISTORY as u16 + 2 {
+            let endpoint = format!("a:{}", n + 10);
+            index.publish("m", settings.clone(), mesh(&[(1, endpoint.as_str())]));
+        }
+        let latest = index.view("m").unwrap().revision;
+        let at = index.at_revision("m", 2);
+        assert!(at.is_none(), "revision 2 is forgotten");
+        assert_eq!(changed(&first, 2, latest), None);
     }
 
     /// Three nodes, n1 the only gateway, and optionally an external site.

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use blake2::{Blake2s256, Digest};
 
 use crate::agent_config::Departure;
+use crate::cidr::OverlapIndex;
 use crate::reason::Reason;
 use crate::{Cidr, CidrSet, Key, PublicKey};
 
@@ -408,7 +409,11 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
     };
     let key_owners = key_owners(peers);
     let reserved = reserved_ranges(mesh, nodes);
-    let mut claims: Vec<(Cidr, String)> = Vec::new();
+    let mut reserved_index = OverlapIndex::default();
+    for r in &reserved {
+        reserved_index.insert(r.cidr, r.what.as_str());
+    }
+    let mut claims: OverlapIndex<String> = OverlapIndex::default();
     let pool_fill = pool_fill(&mesh.tunnel_pools, peers);
     let mesh_secret = match &mesh.preshared_key {
         Some(SecretInput::Present(bytes)) => Some(mesh_secret_key(bytes)),
@@ -416,7 +421,7 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
     };
     let judged = Judged {
         key_owners: &key_owners,
-        reserved: &reserved,
+        reserved: &reserved_index,
         pool_fill: &pool_fill,
     };
     let host_routes = if mesh.host_encryption {
@@ -450,11 +455,9 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
                 Some(n) => format!("the pod CIDR of node {n}"),
                 None => format!("WireGuardPeer {}", peer.name),
             };
-            claims.extend(
-                claimed_networks(peer, node)
-                    .into_iter()
-                    .map(|c| (c, owner.clone())),
-            );
+            for c in claimed_networks(peer, node) {
+                claims.insert(c, owner.clone());
+            }
             let mut desired = desired_peer(mesh, peer, node);
             if let Some(hosts) = node.and_then(|n| host_routes.get(n.name.as_str())) {
                 desired.allowed_ips =
@@ -610,7 +613,8 @@ pub fn reserved_ranges(mesh: &MeshInput, nodes: &[NodeInput]) -> Vec<ReservedRan
 /// What every peer of a mesh is judged against, computed once per mesh.
 struct Judged<'a> {
     key_owners: &'a BTreeMap<PublicKey, &'a str>,
-    reserved: &'a [ReservedRange],
+    /// Reserved ranges and what each is.
+    reserved: &'a OverlapIndex<&'a str>,
     pool_fill: &'a [(Cidr, bool)],
 }
 
@@ -619,7 +623,7 @@ fn judge(
     peer: &PeerInput,
     node: Option<&NodeInput>,
     judged: &Judged<'_>,
-    claims: &[(Cidr, String)],
+    claims: &OverlapIndex<String>,
 ) -> Verdict {
     let refuse = |reason, message: String| Verdict::Refused { reason, message };
     if peer.disabled {
@@ -699,12 +703,11 @@ fn judge(
         }
     }
     for cidr in claimed_networks(peer, node) {
-        if let Some(r) = judged.reserved.iter().find(|r| r.cidr.overlaps(&cidr)) {
+        if let Some((range, what)) = judged.reserved.first_overlap(&cidr) {
             return refuse(
                 Reason::ReservedRange,
                 format!(
-                    "{cidr} overlaps {}, {}: routing it into the mesh would cut nodes off",
-                    r.cidr, r.what
+                    "{cidr} overlaps {range}, {what}: routing it into the mesh would cut nodes off"
                 ),
             );
         }
@@ -717,7 +720,7 @@ fn judge(
                 ),
             );
         }
-        if let Some((theirs, owner)) = claims.iter().find(|(c, _)| c.overlaps(&cidr)) {
+        if let Some((theirs, owner)) = claims.first_overlap(&cidr) {
             return refuse(
                 Reason::AllowedIpsOverlap,
                 format!("{cidr} overlaps {theirs}, {owner}"),

@@ -8,12 +8,12 @@
 //!
 //! The settings type is the caller's (the wire's interface settings): core only compares them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::agent_config::Departure;
 use crate::desired::{DesiredMesh, DesiredPeer, Member, PresharedKey, pair_preshared_key};
-use crate::diff::diff_peer_sets;
+use crate::diff::{diff_peer_sets, diff_peer_sets_over};
 use crate::{Key, PublicKey};
 
 /// What one node should have of one mesh.
@@ -131,6 +131,17 @@ pub fn next_update<S: PartialEq>(
     sent: Option<&NodeConfig<S>>,
     now: &NodeConfig<S>,
 ) -> Option<NodeUpdate<S>> {
+    next_update_within(sent, now, None)
+}
+
+/// [`next_update`], told which peers may have changed since `sent` (`changed`: every key
+/// whose peer differs between the two desired states, in either shared view), so that only
+/// those are compared. `None`: not known, every peer is compared.
+pub fn next_update_within<S: PartialEq>(
+    sent: Option<&NodeConfig<S>>,
+    now: &NodeConfig<S>,
+    changed: Option<&BTreeSet<PublicKey>>,
+) -> Option<NodeUpdate<S>> {
     let Some(sent) = sent else {
         return Some(NodeUpdate::Snapshot);
     };
@@ -147,7 +158,15 @@ pub fn next_update<S: PartialEq>(
         return Some(NodeUpdate::Snapshot);
     }
     let own = now.own_key();
-    let peers = diff_peer_sets(sent.shared_peers(), now.shared_peers(), own.as_ref());
+    // The hint covers each shared view's own changes; a node that moved between the
+    // gateways' view and the interior one compares everything.
+    let same_view = before.map(|m| m.gateway) == after.map(|m| m.gateway);
+    let peers = match changed {
+        Some(keys) if same_view => {
+            diff_peer_sets_over(sent.shared_peers(), now.shared_peers(), own.as_ref(), keys)
+        }
+        _ => diff_peer_sets(sent.shared_peers(), now.shared_peers(), own.as_ref()),
+    };
     let settings_changed = sent.settings.as_deref() != now.settings.as_deref();
     let addresses_changed =
         before.map(|m| &m.interface_addresses) != after.map(|m| &m.interface_addresses);
