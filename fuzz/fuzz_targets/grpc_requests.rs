@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
                 report.peers.iter().step_by(2).map(|p| p.public_key).collect();
             let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
             let total = report.peers.len();
-            let (kept, dropped) = checked::scope(report.peers, &peer_set, now);
+            let (kept, dropped) = checked::scope(report.peers, |k| peer_set.contains(k), now);
             assert_eq!(kept.len() + dropped, total);
             assert!(kept.len() <= peer_set.len());
             let mut seen = BTreeSet::new();

@@ -169,13 +169,20 @@ pub struct WireGuardPeerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handshake_time: Option<Time>,
     /// The latest handshake each node reported with this peer, by node name (nodes that
-    /// never completed one are left out).
+    /// never completed one are left out). For a node peer, only in a mesh of at most 65
+    /// nodes: above, per-node detail would grow as nodes squared, and `liveSessions` says
+    /// how the node is doing instead (the agents' metrics keep each pair's handshake age).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub handshakes: Vec<NodeHandshake>,
-    /// Bytes received from the peer, summed over the nodes.
+    /// For a node peer: how many of the other member nodes it holds a live WireGuard session
+    /// with (a handshake in the last 180 s), as its agent last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_sessions: Option<i32>,
+    /// Bytes received from the peer, summed over the nodes (for a node peer, only in a mesh
+    /// of at most 65 nodes, like `handshakes`).
     #[serde(default)]
     pub rx_bytes: i64,
-    /// Bytes sent to the peer, summed over the nodes.
+    /// Bytes sent to the peer, summed over the nodes (as `rxBytes`).
     #[serde(default)]
     pub tx_bytes: i64,
     /// The `metadata.generation` this status describes.

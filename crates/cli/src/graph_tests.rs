@@ -24,6 +24,7 @@ fn row(name: &str, node: Option<&str>, hs: &[(&str, i64)]) -> PeerRow {
             .iter()
             .map(|(n, ago)| (n.to_string(), at(*ago)))
             .collect(),
+        live_sessions: None,
     }
 }
 

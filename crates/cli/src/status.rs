@@ -50,8 +50,12 @@ pub struct PeerRow {
     pub ready: bool,
     pub reason: String,
     pub message: String,
-    /// Each node's latest handshake with this peer.
+    /// Each node's latest handshake with this peer (for node peers, in meshes small enough
+    /// to keep them: `wgmesh_core::report`).
     pub handshakes: BTreeMap<String, Timestamp>,
+    /// For a node: how many other nodes it holds a live session with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_sessions: Option<i32>,
 }
 
 pub async fn run(kube: &KubeArgs, mesh: Option<String>, format: Format) -> Result<()> {
@@ -135,6 +139,7 @@ fn row(p: &WireGuardPeer) -> PeerRow {
             .iter()
             .map(|h| (h.node.clone(), h.last_handshake_time.0))
             .collect(),
+        live_sessions: status.live_sessions,
     }
 }
 
@@ -152,6 +157,17 @@ pub fn table(s: &MeshStatus, now: Timestamp) -> String {
         _ => String::new(),
     };
     let _ = writeln!(out, "MESH {}   gateways: {gateways}{active}", s.mesh);
+    let node_peers = s
+        .peers
+        .iter()
+        .filter(|r| r.node.is_some())
+        .count()
+        .saturating_sub(1);
+    // Above the limit, nobody observes node pairs one by one: no matrix, no node traffic.
+    let per_node = wgmesh_core::report::node_peers_in_detail(
+        node_peers,
+        wgmesh_core::report::NODE_PEER_DETAIL_LIMIT,
+    );
     let header = [
         "#",
         "NAME",
@@ -159,6 +175,7 @@ pub fn table(s: &MeshStatus, now: Timestamp) -> String {
         "ENDPOINT",
         "ADDRESS",
         "HANDSHAKE",
+        "SESSIONS",
         "RX",
         "TX",
         "READY",
@@ -179,8 +196,20 @@ pub fn table(s: &MeshStatus, now: Timestamp) -> String {
             r.last_handshake_time
                 .map(|t| format!("{} ago", age(now, t)))
                 .unwrap_or_else(|| "never".into()),
-            bytes(r.rx_bytes),
-            bytes(r.tx_bytes),
+            match (&r.node, r.live_sessions) {
+                (Some(_), Some(live)) => format!("{live}/{node_peers}"),
+                _ => "-".into(),
+            },
+            if r.node.is_some() && !per_node {
+                "-".into()
+            } else {
+                bytes(r.rx_bytes)
+            },
+            if r.node.is_some() && !per_node {
+                "-".into()
+            } else {
+                bytes(r.tx_bytes)
+            },
             if r.ready {
                 "True".into()
             } else {
@@ -195,6 +224,16 @@ pub fn table(s: &MeshStatus, now: Timestamp) -> String {
 
     let observers: Vec<&PeerRow> = s.peers.iter().filter(|r| r.node.is_some()).collect();
     if observers.is_empty() {
+        return out;
+    }
+    if !per_node {
+        let _ = writeln!(
+            out,
+            "\nHANDSHAKES: not kept node by node in a mesh of more than {} nodes (SESSIONS \
+             counts each node's live sessions; the agents' metrics have every pair's \
+             handshake age)",
+            wgmesh_core::report::NODE_PEER_DETAIL_LIMIT + 1
+        );
         return out;
     }
     let _ = writeln!(
@@ -302,6 +341,7 @@ mod tests {
                 .iter()
                 .map(|(n, t)| (n.to_string(), Timestamp::from_second(*t).unwrap()))
                 .collect(),
+            live_sessions: node.map(|_| 1),
         }
     }
 
@@ -337,6 +377,53 @@ mod tests {
             b.split_whitespace().collect::<Vec<_>>(),
             ["b", "10s", "\\", "-", "-"]
         );
+    }
+
+    #[test]
+    fn a_large_mesh_has_sessions_and_no_matrix() {
+        let now = Timestamp::from_second(10_000).unwrap();
+        let nodes = wgmesh_core::report::NODE_PEER_DETAIL_LIMIT + 2;
+        let mut peers: Vec<PeerRow> = (0..nodes)
+            .map(|i| {
+                let mut r = row(&format!("node-{i}"), Some(&format!("n{i}")), &[], true);
+                r.live_sessions = Some(i as i32);
+                r
+            })
+            .collect();
+        peers.push(row("laptop", None, &[("n0", 9_990)], true));
+        let s = MeshStatus {
+            mesh: "big".into(),
+            gateways: vec![],
+            active_gateway: None,
+            ready: true,
+            peers,
+        };
+        let text = table(&s, now);
+        assert!(text.contains("HANDSHAKES: not kept node by node"), "{text}");
+        let last = text
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some("node-65"))
+            .unwrap();
+        let cells: Vec<&str> = last.split_whitespace().collect();
+        assert!(cells.contains(&"65/65"), "{last}");
+        assert_eq!(
+            &cells[cells.len() - 3..cells.len() - 1],
+            ["-", "-"],
+            "no node traffic: {last}"
+        );
+        let laptop = text.lines().find(|l| l.contains("laptop")).unwrap();
+        assert!(
+            laptop.contains("2.0 KiB"),
+            "external peers keep their traffic: {laptop}"
+        );
+
+        let small = MeshStatus {
+            peers: s.peers[..3].to_vec(),
+            ..s.clone()
+        };
+        let text = table(&small, now);
+        assert!(text.contains("HANDSHAKES (row"), "{text}");
+        assert!(text.contains("1/2"), "{text}");
     }
 
     #[test]

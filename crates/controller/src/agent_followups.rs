@@ -336,6 +336,7 @@ mod tests {
         let state = |r: &str| AgentState {
             programmed: true,
             refused_update: r.into(),
+            live_node_sessions: None,
         };
         let first = "revision 9: would remove all 2 peers while 3 members exist".to_owned();
         assert_eq!(refusal_to_announce(None, &state("")), None);

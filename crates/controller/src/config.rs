@@ -130,6 +130,13 @@ pub struct Config {
     #[arg(long, env = "WGMESH_PEERS_PER_PART", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub peers_per_part: u32,
 
+    /// Up to this many node peers per node (a mesh of one more node), agents' observations
+    /// of node peers are kept and written one by one (each node peer's status lists every
+    /// node's handshake with it); above, only each node's count of live sessions is, since
+    /// per-node detail grows as nodes^2. Benchmarks raise it to measure that growth.
+    #[arg(long, env = "WGMESH_NODE_PEER_DETAIL_LIMIT", default_value_t = wgmesh_core::report::NODE_PEER_DETAIL_LIMIT)]
+    pub node_peer_detail_limit: usize,
+
     /// Minimum seconds between two writes of agent-reported status to one object.
     #[arg(long, env = "WGMESH_STATUS_INTERVAL", default_value_t = 30)]
     pub status_interval: u64,

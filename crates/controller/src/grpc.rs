@@ -1,7 +1,6 @@
 //! The `wgmesh.v1.MeshService` gRPC service: registration, peer streams and status reports.
 //! Every replica serves it from its own caches.
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use wgmesh_api::WireGuardPeer;
 use wgmesh_core::PublicKey;
-use wgmesh_core::node_config::{NodeConfig, NodeUpdate, next_update};
+use wgmesh_core::node_config::{NodeConfig, NodeUpdate, next_update_within};
 use wgmesh_proto as pb;
 use wgmesh_proto::mesh_service_server::MeshService;
 use wgmesh_proto::{checked, encode};
@@ -29,13 +28,20 @@ use crate::index::{Index, NodeView};
 use crate::liveness::{Origin, StreamEvent};
 use crate::metrics::Metrics;
 use crate::reconcile::Caches;
-use crate::reports::Reports;
+use crate::reports::{self, Reports};
 
 /// How long Register waits for the new node's tunnel address before answering without it
 /// (the address then arrives on the peer stream).
 const REGISTER_WAIT: Duration = Duration::from_secs(10);
 /// Messages buffered per stream; a slower agent gets coalesced updates instead.
 const STREAM_BUFFER: usize = 2;
+/// Snapshots being sent at once. After a controller restart every agent asks for one; sent
+/// all at once, each stream holds a snapshot's parts in its buffers and HTTP/2 window at the
+/// same time (O(nodes) each, O(nodes^2) in all). A few dozen keep both cores busy.
+pub const SNAPSHOTS_IN_FLIGHT: usize = 32;
+/// How long a stream holds its turn for its agent to take the snapshot's last parts: a slow
+/// agent delays no other for longer.
+const SNAPSHOT_TURN: Duration = Duration::from_secs(5);
 /// Field manager of the node peer fields a registration owns.
 const REGISTER_MANAGER: &str = "wgmesh-controller-register";
 
@@ -58,6 +64,8 @@ pub struct MeshServer {
     /// about 7 KB, under tonic's 8 KiB encode buffer). A stream's buffer grows to its largest
     /// message and stays so: whole snapshots cost O(nodes) per stream, O(nodes^2) in all.
     pub peers_per_part: usize,
+    /// Turns to send a snapshot ([`SNAPSHOTS_IN_FLIGHT`]).
+    pub snapshot_turns: Arc<tokio::sync::Semaphore>,
 }
 
 /// The name of a node's `WireGuardPeer` in a mesh.
@@ -273,6 +281,8 @@ impl MeshService for MeshServer {
             },
             meshes: self.caches.meshes.clone(),
             epoch: self.index.epoch().to_owned(),
+            index: self.index.clone(),
+            snapshot_turns: self.snapshot_turns.clone(),
             views,
             tx,
             metrics: self.metrics.clone(),
@@ -335,12 +345,20 @@ impl MeshService for MeshServer {
                 req.node, req.mesh
             )));
         }
-        let peer_set: BTreeSet<PublicKey> = config.peers().map(|p| p.public_key).collect();
-        let (observations, dropped) = checked::scope(req.peers, &peer_set, SystemTime::now());
+        // Looked up, not collected: every agent reports, and a set of its peers per report
+        // would cost O(nodes) each.
+        let (shared, own) = (config.shared_peers(), config.own_key());
+        let in_peer_set = |k: &PublicKey| Some(*k) != own && shared.contains_key(k);
+        let is_node_peer = |k: &PublicKey| in_peer_set(k) && shared[k].node.is_some();
+        // Every other member is a node peer.
+        let node_peers = view.desired.members.len().saturating_sub(1);
+        let (observations, dropped) = checked::scope(req.peers, in_peer_set, SystemTime::now());
         if dropped > 0 {
             self.metrics.error("report_out_of_scope");
             tracing::warn!(node = %req.node, mesh = %req.mesh, dropped, "dropped report entries for peers outside the node's peer set");
         }
+        let in_detail = self.reports.node_peers_in_detail(node_peers);
+        let observations = reports::kept_observations(observations, is_node_peer, in_detail);
         self.reports.record(&req.mesh, &req.node, observations);
         self.reports.record_agent(
             &req.mesh,
@@ -348,6 +366,10 @@ impl MeshService for MeshServer {
             crate::reports::AgentState {
                 programmed: req.programmed,
                 refused_update: req.refused_update.clone(),
+                // A node cannot have more live sessions than node peers.
+                live_node_sessions: req
+                    .live_node_sessions
+                    .map(|n| n.min(u32::try_from(node_peers).unwrap_or(u32::MAX))),
             },
         );
         self.reports
@@ -429,6 +451,9 @@ struct PeerStream {
     /// The synced mesh cache: a mesh absent from it is deleted, and its nodes are told so.
     meshes: kube::runtime::reflector::Store<wgmesh_api::WireGuardMesh>,
     epoch: String,
+    /// Which peers changed between revisions, so a delta compares only those.
+    index: Arc<Index>,
+    snapshot_turns: Arc<tokio::sync::Semaphore>,
     views: watch::Receiver<NodeView>,
     tx: mpsc::Sender<Result<pb::PeerUpdate, Status>>,
     metrics: Metrics,
@@ -476,7 +501,9 @@ impl PeerStream {
     async fn run(mut self, base: Option<NodeView>) {
         self.metrics.agent_connected();
         self.announce(StreamEvent::Opened);
-        // What was last sent, to compute the next delta from.
+        // What was last sent, to compute the next delta from, and its revision (`None`: not
+        // a revision of the mesh, as when it was deleted).
+        let mut sent_revision: Option<u64> = base.as_ref().map(|b| b.revision);
         let mut sent: Option<NodeConfig<pb::MeshSettings>> = base.map(|b| {
             let mut config = self.config_of(&b);
             // A resumed agent's settings are not known: send them again.
@@ -499,10 +526,27 @@ impl PeerStream {
                 } else {
                     self.config_of(&view)
                 };
-                if let Some(update) = next_update(sent.as_ref(), &now) {
+                // Only the peers changed since what was sent are compared, when the index
+                // still knows which they are.
+                let changed = match (&sent, sent_revision) {
+                    (Some(sent), Some(from)) if !mesh_gone => {
+                        self.index
+                            .changed_since(&self.mesh, &sent.desired, from, view.revision)
+                    }
+                    _ => None,
+                };
+                if let Some(update) = next_update_within(sent.as_ref(), &now, changed.as_ref()) {
                     let kind = match update {
                         NodeUpdate::Snapshot => "snapshot",
                         NodeUpdate::Delta(_) => "delta",
+                    };
+                    // A snapshot waits for its turn and keeps it until the agent has taken
+                    // the last part from our buffer (or for SNAPSHOT_TURN at most).
+                    let turn = match update {
+                        NodeUpdate::Snapshot => {
+                            self.snapshot_turns.clone().acquire_owned().await.ok()
+                        }
+                        NodeUpdate::Delta(_) => None,
                     };
                     let mut bytes = 0;
                     let mut closed = false;
@@ -525,9 +569,15 @@ impl PeerStream {
                     if closed {
                         break;
                     }
+                    if turn.is_some() {
+                        let drained = self.tx.reserve_many(STREAM_BUFFER);
+                        let _ = tokio::time::timeout(SNAPSHOT_TURN, drained).await;
+                    }
+                    drop(turn);
                     self.metrics.stream_sent(kind, bytes);
                 }
                 sent = Some(now);
+                sent_revision = (!mesh_gone).then_some(view.revision);
             }
             tokio::select! {
                 r = self.views.changed() => if r.is_err() { break },

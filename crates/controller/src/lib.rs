@@ -97,7 +97,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     let index = Arc::new(index::Index::new(format!("{identity}-{}", random_suffix())));
-    let reports = Arc::new(reports::Reports::default());
+    let reports = Arc::new(reports::Reports::new(config.node_peer_detail_limit));
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -195,6 +195,7 @@ pub async fn run(config: Config) -> Result<()> {
         forwarder,
         replica_name: config.peer_server_name.clone(),
         peers_per_part: config.peers_per_part as usize,
+        snapshot_turns: Arc::new(tokio::sync::Semaphore::new(grpc::SNAPSHOTS_IN_FLIGHT)),
     };
     ready.store(true, Ordering::Relaxed);
     tracing::info!(addr = %config.grpc_addr, identity = %identity, "serving agents");

@@ -30,10 +30,14 @@ pub struct Aggregate {
 pub struct AgentState {
     pub programmed: bool,
     pub refused_update: String,
+    /// How many node peers it holds a live session with (unset by agents from before it).
+    pub live_node_sessions: Option<u32>,
 }
 
-#[derive(Default)]
 pub struct Reports {
+    /// Up to this many node peers, a node's observations of them are kept one by one; above,
+    /// only its count of live sessions (`wgmesh_core::report`), whatever the agent sends.
+    pub node_peer_detail_limit: usize,
     /// mesh -> reporting node -> observations
     by_mesh: Mutex<HashMap<String, HashMap<String, Vec<Observation>>>>,
     /// mesh -> node -> what its agent says of itself
@@ -47,7 +51,29 @@ pub struct Reports {
     pub liveness: crate::liveness::Liveness,
 }
 
+impl Default for Reports {
+    fn default() -> Self {
+        Reports::new(wgmesh_core::report::NODE_PEER_DETAIL_LIMIT)
+    }
+}
+
 impl Reports {
+    pub fn new(node_peer_detail_limit: usize) -> Self {
+        Reports {
+            node_peer_detail_limit,
+            by_mesh: Mutex::default(),
+            agents: Mutex::default(),
+            left: Mutex::default(),
+            changed: Notify::new(),
+            liveness: crate::liveness::Liveness::default(),
+        }
+    }
+
+    /// Whether node peers are reported one by one in a mesh where each node has `node_peers`.
+    pub fn node_peers_in_detail(&self, node_peers: usize) -> bool {
+        wgmesh_core::report::node_peers_in_detail(node_peers, self.node_peer_detail_limit)
+    }
+
     /// Replaces a node's report. Wakes the status writer only when it differs.
     pub fn record(&self, mesh: &str, node: &str, observations: Vec<Observation>) {
         let mut by_mesh = self.by_mesh.lock().expect("reports lock");
@@ -150,6 +176,23 @@ impl Reports {
     }
 }
 
+/// What is kept of a node's observations: every external peer's, and its node peers' only
+/// while they are few enough to keep one by one (`in_detail`); above, the count of live
+/// sessions stands for them, so the reports held stay O(nodes) and not O(nodes^2).
+pub fn kept_observations(
+    observations: Vec<Observation>,
+    is_node_peer: impl Fn(&PublicKey) -> bool,
+    in_detail: bool,
+) -> Vec<Observation> {
+    if in_detail {
+        return observations;
+    }
+    observations
+        .into_iter()
+        .filter(|o| !is_node_peer(&o.public_key))
+        .collect()
+}
+
 /// Aggregates observations of many nodes: latest handshake, summed traffic, and the endpoint
 /// seen by whoever shook hands last.
 pub fn aggregate<'a>(
@@ -190,6 +233,30 @@ mod tests {
         reports.prune(&live);
         assert_eq!(reports.reporting_nodes(), 1);
         assert!(reports.by_mesh.lock().unwrap()["default"].contains_key("a"));
+    }
+
+    #[test]
+    fn node_peers_are_kept_one_by_one_only_in_detail() {
+        let key = |n| PublicKey::from_bytes([n; 32]);
+        let obs = |n| Observation {
+            public_key: key(n),
+            last_handshake: None,
+            rx_bytes: 1,
+            tx_bytes: 1,
+            endpoint: None,
+        };
+        let nodes = BTreeSet::from([key(1), key(2)]);
+        let cases = [(true, vec![1, 2, 9]), (false, vec![9])];
+        for (in_detail, want) in cases {
+            let kept = kept_observations(
+                vec![obs(1), obs(2), obs(9)],
+                |k| nodes.contains(k),
+                in_detail,
+            );
+            let kept: Vec<PublicKey> = kept.iter().map(|o| o.public_key).collect();
+            let want: Vec<PublicKey> = want.into_iter().map(key).collect();
+            assert_eq!(kept, want, "in detail: {in_detail}");
+        }
     }
 
     #[test]

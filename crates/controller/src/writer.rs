@@ -218,6 +218,11 @@ impl Writer {
             ipam::Allocation::default()
         };
         let observed = self.reports.aggregate(mesh_name);
+        let agents = self.reports.agents(mesh_name);
+        let node_peers_in_detail = mesh.is_none_or(|(_, desired)| {
+            self.reports
+                .node_peers_in_detail(desired.members.len().saturating_sub(1))
+        });
 
         for peer in order {
             let name = peer.name_any();
@@ -228,14 +233,20 @@ impl Writer {
                 .get(&name)
                 .cloned()
                 .unwrap_or_else(|| current.get(&name).cloned().unwrap_or_default());
-            self.write_peer_status(peer, &verdict, &addresses, &observed)
+            // Someone else's object claiming a node: judged (refused), never adopted, and
+            // shown nothing the node's agent reported.
+            let owned_node =
+                peer.spec.node.as_ref().map(|n| n.0.clone()).filter(|n| {
+                    convert::is_owned_node_peer(peer, nodes.get(n).copied().map(|n| &**n))
+                });
+            let node_report = owned_node.as_ref().map(|node| NodeReport {
+                live_sessions: agents.get(node).and_then(|a| a.live_node_sessions),
+                in_detail: node_peers_in_detail,
+            });
+            self.write_peer_status(peer, &verdict, &addresses, &observed, node_report)
                 .await;
-            if let Some(node_name) = peer.spec.node.as_ref().map(|n| n.0.clone()) {
+            if let Some(node_name) = owned_node {
                 let node = nodes.get(&node_name).copied();
-                // Someone else's object claiming a node: judged (refused), never adopted.
-                if !convert::is_owned_node_peer(peer, node.map(|n| &**n)) {
-                    continue;
-                }
                 // The endpoint the desired mesh publishes for it (its Node's or the mesh's
                 // choice), shown in spec.endpoint for humans and `kubectl wgmesh`.
                 let endpoint = mesh.and_then(|(_, desired)| {
@@ -279,6 +290,7 @@ impl Writer {
         verdict: &PeerVerdict,
         addresses: &[IpAddr],
         observed: &HashMap<PublicKey, Aggregate>,
+        node_report: Option<NodeReport>,
     ) {
         let name = peer.name_any();
         let current = peer.status.clone().unwrap_or_default();
@@ -296,13 +308,16 @@ impl Writer {
         let report_due = last_report_write.is_none_or(|at| at.elapsed() >= self.report_interval);
         let key = peer.spec.public_key.parse::<PublicKey>().ok();
         let mut wrote_reports = false;
+        let mut with_reports = desired.clone();
         if let Some(agg) = key.and_then(|k| observed.get(&k)) {
-            let mut with_reports = desired.clone();
             apply_observation(&mut with_reports, agg);
-            if with_reports != desired && report_due {
-                desired = with_reports;
-                wrote_reports = true;
-            }
+        }
+        if let Some(report) = node_report {
+            apply_node_report(&mut with_reports, report);
+        }
+        if with_reports != desired && report_due {
+            desired = with_reports;
+            wrote_reports = true;
         }
 
         if desired == current {
@@ -615,6 +630,29 @@ fn apply_observation(status: &mut WireGuardPeerStatus, agg: &Aggregate) {
         .collect();
 }
 
+/// What a node's own agent reported of itself, for its node peer's status.
+#[derive(Clone, Copy, Debug)]
+struct NodeReport {
+    live_sessions: Option<u32>,
+    /// Whether the mesh is small enough for node peers to be observed one by one.
+    in_detail: bool,
+}
+
+/// A node peer's live sessions; in a mesh too large for per-node detail, no per-node
+/// observations either (nobody reports them any more: what was there would only go stale).
+fn apply_node_report(status: &mut WireGuardPeerStatus, report: NodeReport) {
+    status.live_sessions = report
+        .live_sessions
+        .map(|n| i32::try_from(n).unwrap_or(i32::MAX));
+    if !report.in_detail {
+        status.handshakes.clear();
+        status.last_handshake_time = None;
+        status.endpoint = None;
+        status.rx_bytes = 0;
+        status.tx_bytes = 0;
+    }
+}
+
 fn to_time(t: SystemTime) -> Option<Time> {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .ok()
@@ -782,6 +820,60 @@ mod tests {
             assert_eq!(got.message, verdict.message, "{case}");
             assert_eq!(got.observed_generation, Some(7), "{case}");
             assert_eq!(got.last_transition_time == then, kept, "{case}");
+        }
+    }
+
+    #[test]
+    fn node_report_table() {
+        let observed = || WireGuardPeerStatus {
+            handshakes: vec![NodeHandshake {
+                node: "b".into(),
+                last_handshake_time: Time(jiff::Timestamp::UNIX_EPOCH),
+            }],
+            last_handshake_time: Some(Time(jiff::Timestamp::UNIX_EPOCH)),
+            endpoint: Some("192.0.2.2:51820".into()),
+            rx_bytes: 10,
+            tx_bytes: 20,
+            ..Default::default()
+        };
+        // (case, live sessions reported, in detail, live sessions shown, observations kept)
+        let cases = [
+            ("small mesh", Some(3), true, Some(3), true),
+            (
+                "small mesh, agent from before the count",
+                None,
+                true,
+                None,
+                true,
+            ),
+            ("large mesh", Some(4998), false, Some(4998), false),
+            (
+                "large mesh, agent from before the count",
+                None,
+                false,
+                None,
+                false,
+            ),
+        ];
+        for (case, live, in_detail, shown, kept) in cases {
+            let mut status = observed();
+            apply_node_report(
+                &mut status,
+                NodeReport {
+                    live_sessions: live,
+                    in_detail,
+                },
+            );
+            assert_eq!(status.live_sessions, shown, "{case}");
+            let untouched = WireGuardPeerStatus {
+                live_sessions: shown,
+                ..observed()
+            };
+            assert_eq!(status == untouched, kept, "{case}");
+            if !kept {
+                assert!(status.handshakes.is_empty(), "{case}");
+                assert_eq!((status.rx_bytes, status.tx_bytes), (0, 0), "{case}");
+            }
         }
     }
 }

@@ -614,6 +614,64 @@ async fn status_reports_reach_the_writer_through_any_replica_and_a_quiet_mesh_wr
     Ok(())
 }
 
+/// Above the node-peer detail limit (1 here, so three nodes are a large mesh), node peers are
+/// counted, not kept one by one: a node peer's status shows its agent's live sessions and no
+/// per-node handshakes or traffic, whatever the agent sends, and no agent claims more
+/// sessions than it has node peers.
+#[tokio::test]
+async fn a_large_mesh_counts_live_sessions_instead_of_keeping_every_pair() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let env = [
+        ("WGMESH_NODE_PEER_DETAIL_LIMIT", "1"),
+        ("WGMESH_STATUS_INTERVAL", "1"),
+    ];
+    let controller = Controller::start(&fx.cp, &fx.tls, "c1", &env).await?;
+    let mut a = fx.agent(&controller, "a", 1).await?;
+    let mut b = fx.agent(&controller, "b", 2).await?;
+    let mut c = fx.agent(&controller, "c", 3).await?;
+    for agent in [&mut a, &mut b, &mut c] {
+        agent
+            .wait_until(WAIT, "two node peers", |s| s.peers.len() == 2)
+            .await?;
+    }
+    let observed = |n: u8| pb::PeerStatus {
+        public_key: vec![n; 32],
+        last_handshake: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+        rx_bytes: 1000,
+        tx_bytes: 2000,
+        endpoint: format!("192.168.0.{n}:51820"),
+    };
+    // Agent a sends both node peers one by one (as agents before the count did) and claims
+    // more sessions than it has peers; b says 1.
+    a.report_sessions(vec![observed(2), observed(3)], 7).await?;
+    b.report_sessions(vec![], 1).await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (na, nb) = (fx.peer("node-a").await?, fx.peer("node-b").await?);
+        let (sa, sb) = (na.status.unwrap_or_default(), nb.status.unwrap_or_default());
+        if sa.live_sessions.is_some() && sb.live_sessions.is_some() {
+            assert_eq!(sa.live_sessions, Some(2), "capped at a's node peers");
+            assert_eq!(sb.live_sessions, Some(1));
+            for s in [&sa, &sb] {
+                assert!(s.handshakes.is_empty(), "no per-node handshakes: {s:?}");
+                assert_eq!(
+                    (s.rx_bytes, s.tx_bytes),
+                    (0, 0),
+                    "no per-pair traffic: {s:?}"
+                );
+                assert_eq!(s.endpoint, None, "{s:?}");
+            }
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "live sessions never reached the status: {sa:?} {sb:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
 /// `spec.node` is the controller's to set (the chart's admission policy stops others at the
 /// API server; this is the controller's own check behind it): a WireGuardPeer claiming a
 /// node that the Node does not own is refused, never programmed, and never adopted, synced

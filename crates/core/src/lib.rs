@@ -16,6 +16,7 @@ pub mod node_config;
 pub mod reason;
 #[cfg(test)]
 mod redaction_tests;
+pub mod report;
 pub mod validate;
 pub mod wgquick;
 

@@ -613,9 +613,22 @@ impl Agent {
             return Ok(());
         }
         let state = self.observe().await?;
-        let peers: Vec<pb::PeerStatus> = state
-            .iter()
-            .flat_map(|s| s.peers.iter())
+        let observed: &[wgmesh_core::device::PeerState] =
+            state.as_ref().map_or(&[], |s| s.peers.as_slice());
+        // Node peers one by one only in a small mesh; above, their count of live sessions.
+        let (reported, live_node_sessions) = wgmesh_core::report::select(
+            observed,
+            |key| {
+                self.desired
+                    .peers
+                    .get(key)
+                    .is_some_and(|p| p.node.is_some())
+            },
+            wgmesh_core::report::NODE_PEER_DETAIL_LIMIT,
+            SystemTime::now(),
+        );
+        let peers: Vec<pb::PeerStatus> = reported
+            .into_iter()
             .map(|p| pb::PeerStatus {
                 public_key: p.config.public_key.as_bytes().to_vec(),
                 last_handshake: p.last_handshake.map(prost_types::Timestamp::from),
@@ -635,6 +648,7 @@ impl Agent {
             programmed_revision: self.programmed.revision,
             departed: wgmesh_proto::decode::wire_departure(self.departed) as i32,
             refused_update: self.refused.clone(),
+            live_node_sessions: Some(live_node_sessions),
         };
         if !worth_reporting(self.last_report.as_ref(), &report) {
             return Ok(());
@@ -654,6 +668,7 @@ fn worth_reporting(last: Option<&pb::ReportStatusRequest>, now: &pb::ReportStatu
         return true;
     };
     last.peers != now.peers
+        || last.live_node_sessions != now.live_node_sessions
         || last.departed != now.departed
         || last.refused_update != now.refused_update
         || last.programmed_epoch != now.programmed_epoch

@@ -62,6 +62,9 @@ pub struct Report {
     pub refused_update: String,
     /// The agent removed its data path because the mesh was deleted.
     pub left_deleted_mesh: bool,
+    /// How many node peers the agent holds a live session with (not checked against the
+    /// node's peer count here: the caller knows it).
+    pub live_node_sessions: Option<u32>,
 }
 
 /// One observation as an agent sent it, before [`scope`] judged it.
@@ -213,6 +216,7 @@ pub fn report(req: &ReportStatusRequest) -> Result<Report, Status> {
         programmed: req.programmed_revision > 0,
         refused_update: req.refused_update.clone(),
         left_deleted_mesh: req.departed == crate::Departure::MeshDeleted as i32,
+        live_node_sessions: req.live_node_sessions,
     })
 }
 
@@ -222,14 +226,14 @@ pub fn report(req: &ReportStatusRequest) -> Result<Report, Status> {
 /// the kept observations and how many were dropped.
 pub fn scope(
     reported: Vec<Reported>,
-    peer_set: &BTreeSet<PublicKey>,
+    in_peer_set: impl Fn(&PublicKey) -> bool,
     now: SystemTime,
 ) -> (Vec<Observation>, usize) {
     let total = reported.len();
     let mut seen = BTreeSet::new();
     let kept: Vec<Observation> = reported
         .into_iter()
-        .filter(|r| peer_set.contains(&r.public_key) && seen.insert(r.public_key))
+        .filter(|r| in_peer_set(&r.public_key) && seen.insert(r.public_key))
         .map(|r| Observation {
             public_key: r.public_key,
             last_handshake: r.last_handshake.and_then(|(secs, nanos)| {
@@ -428,7 +432,7 @@ mod tests {
             ),
         ];
         for (name, input, want, dropped) in cases {
-            let (kept, n) = scope(input, &peer_set, now);
+            let (kept, n) = scope(input, |k| peer_set.contains(k), now);
             let got: Vec<_> = kept
                 .iter()
                 .map(|o| (o.public_key, o.last_handshake, o.endpoint.as_deref()))

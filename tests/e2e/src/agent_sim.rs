@@ -127,6 +127,24 @@ impl SimAgent {
         Ok(())
     }
 
+    /// Reports `peers` one by one and `live` node peers with a live session, as agents
+    /// report in a mesh too large for per-node detail.
+    pub async fn report_sessions(
+        &mut self,
+        peers: Vec<pb::PeerStatus>,
+        live: u32,
+    ) -> Result<(), tonic::Status> {
+        let req = self.request(pb::ReportStatusRequest {
+            node: self.node.clone(),
+            mesh: self.mesh.clone(),
+            peers,
+            live_node_sessions: Some(live),
+            ..Default::default()
+        });
+        self.client.report_status(req).await?;
+        Ok(())
+    }
+
     /// Says what the agent has done: programmed `revision` (0: nothing yet), refused an
     /// update (non-empty), as a real agent's report carries it.
     pub async fn report_state(

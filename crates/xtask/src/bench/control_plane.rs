@@ -48,6 +48,11 @@ pub struct Args {
     /// message), to compare the controller's memory with and without parts.
     #[arg(long)]
     whole_messages: bool,
+    /// Agents report every node peer one by one, as agents did before they counted live
+    /// sessions instead (above 64 node peers), and the controller keeps them all
+    /// (`--node-peer-detail-limit`), to compare the memory with and without.
+    #[arg(long)]
+    detailed_reports: bool,
 }
 
 /// Agents per gRPC connection (HTTP/2 limits concurrent streams per connection).
@@ -103,6 +108,9 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let heap_env = heap_dir.display().to_string();
     let mut controller_env = vec![("WGMESH_LOG", "warn")];
+    if args.detailed_reports {
+        controller_env.push(("WGMESH_NODE_PEER_DETAIL_LIMIT", "1000000"));
+    }
     if args.heap_profile {
         controller_env.push(("WGMESH_DHAT_DIR", heap_env.as_str()));
     }
@@ -165,11 +173,14 @@ pub async fn run(args: Args) -> Result<()> {
         let parts = !args.whole_messages;
         let stream = watch(channel_of(i), i, token.clone(), parts).await?;
         tokio::spawn(follow(
-            i,
+            Agent {
+                index: i,
+                channel: channel_of(i),
+                token: token.clone(),
+                accepts_parts: parts,
+                detailed_reports: args.detailed_reports,
+            },
             stream,
-            channel_of(i),
-            token.clone(),
-            parts,
             tx.clone(),
         ));
     }
@@ -483,28 +494,82 @@ async fn watch(
     Ok(client.watch_peers(request(req, &token)).await?.into_inner())
 }
 
-/// Follows one agent's stream, reporting each message's size, what it upserted and the
-/// resulting peer count; when the stream ends (a controller restart) it watches again, as an
-/// agent does.
-async fn follow(
-    agent: usize,
-    mut stream: tonic::Streaming<pb::PeerUpdate>,
+/// One simulated agent.
+#[derive(Clone)]
+struct Agent {
+    index: usize,
     channel: Channel,
     token: String,
     accepts_parts: bool,
+    detailed_reports: bool,
+}
+
+/// What a real agent reports once it has programmed its first configuration from a
+/// controller (and then only when its observations change): a busy mesh, where it holds a
+/// live session with every peer. Node peers go one by one only in a small mesh (or with
+/// `--detailed-reports`); otherwise as the count of live sessions.
+async fn report(agent: Agent, peers: Vec<Vec<u8>>, epoch: String, revision: u64) -> Result<()> {
+    let detail = agent.detailed_reports
+        || wgmesh_core::report::node_peers_in_detail(
+            peers.len(),
+            wgmesh_core::report::NODE_PEER_DETAIL_LIMIT,
+        );
+    let handshake = std::time::SystemTime::now() - Duration::from_secs((agent.index % 100) as u64);
+    let observed = |key: Vec<u8>| pb::PeerStatus {
+        public_key: key,
+        last_handshake: Some(handshake.into()),
+        rx_bytes: 1_000_000,
+        tx_bytes: 2_000_000,
+        endpoint: String::new(),
+    };
+    let live = u32::try_from(peers.len()).unwrap_or(u32::MAX);
+    let req = pb::ReportStatusRequest {
+        node: node_name(agent.index),
+        mesh: "default".into(),
+        peers: if detail {
+            peers.into_iter().map(observed).collect()
+        } else {
+            Vec::new()
+        },
+        programmed_epoch: epoch,
+        programmed_revision: revision,
+        live_node_sessions: Some(live),
+        ..Default::default()
+    };
+    MeshServiceClient::new(agent.channel)
+        .max_encoding_message_size(64 << 20)
+        .report_status(request(req, &agent.token))
+        .await?;
+    Ok(())
+}
+
+/// Follows one agent's stream, reporting each message's size, what it upserted and the
+/// resulting peer count; when the stream ends (a controller restart) it watches again, as an
+/// agent does. Its first full configuration from each controller process is reported back.
+async fn follow(
+    agent: Agent,
+    mut stream: tonic::Streaming<pb::PeerUpdate>,
     tx: mpsc::UnboundedSender<Received>,
 ) {
     let mut peers: HashSet<Vec<u8>> = HashSet::new();
     let mut joiner = pb::decode::PartsJoiner::default();
     let mut bytes = 0;
+    let mut reported_epoch = String::new();
     loop {
         let Ok(Some(part)) = stream.message().await else {
             // Spread the reconnections a little, as agents' jittered backoff does.
-            tokio::time::sleep(Duration::from_millis(250 + (agent % 250) as u64)).await;
+            tokio::time::sleep(Duration::from_millis(250 + (agent.index % 250) as u64)).await;
             if tx.is_closed() {
                 return;
             }
-            if let Ok(s) = watch(channel.clone(), agent, token.clone(), accepts_parts).await {
+            if let Ok(s) = watch(
+                agent.channel.clone(),
+                agent.index,
+                agent.token.clone(),
+                agent.accepts_parts,
+            )
+            .await
+            {
                 stream = s;
                 joiner = pb::decode::PartsJoiner::default();
                 bytes = 0;
@@ -516,8 +581,9 @@ async fn follow(
         let update = match joiner.push(part) {
             Ok(Some(update)) => update,
             Ok(None) => continue,
-            Err(e) => panic!("agent {agent}: a broken update in parts: {e}"),
+            Err(e) => panic!("agent {}: a broken update in parts: {e}", agent.index),
         };
+        let (epoch, revision) = (update.epoch.clone(), update.revision);
         let snapshot = matches!(update.update, Some(pb::peer_update::Update::Snapshot(_)));
         let upserted: Vec<Vec<u8>> = match update.update {
             Some(pb::peer_update::Update::Snapshot(s)) => {
@@ -535,9 +601,19 @@ async fn follow(
             None => Vec::new(),
         };
         let total = peers.len();
+        if epoch != reported_epoch && !peers.is_empty() {
+            reported_epoch = epoch.clone();
+            let (agent, peers) = (agent.clone(), peers.iter().cloned().collect());
+            tokio::spawn(async move {
+                let index = agent.index;
+                if let Err(e) = report(agent, peers, epoch, revision).await {
+                    eprintln!("    agent {index}: report failed: {e:#}");
+                }
+            });
+        }
         if tx
             .send(Received {
-                agent,
+                agent: agent.index,
                 bytes: std::mem::take(&mut bytes),
                 upserted,
                 total,
