@@ -336,6 +336,9 @@ where
 }
 
 /// Recomputes on every change signal (coalescing bursts) and on Secret changes.
+/// The longest rest between two recomputations (see `run`).
+const MAX_REST: Duration = Duration::from_millis(500);
+
 pub async fn run(
     client: Client,
     caches: Caches,
@@ -368,9 +371,15 @@ pub async fn run(
         let read = read_secrets(&client, &to_read, &secret_namespaces, &secrets, &metrics).await;
         secrets.extend(read);
 
+        let started = Instant::now();
         let result = compute_all(&caches, &secrets, &index);
         metrics.reconciled(first_change.elapsed().as_secs_f64());
         computed.send_replace(Arc::new(result));
+        // Recomputing is O(objects); under a flood of events (thousands of status writes
+        // after a restart) back-to-back recomputations would take a whole core from the
+        // streams and the writer. Resting as long as it took keeps it to half a core at most,
+        // and what arrives meanwhile is coalesced into the next one.
+        tokio::time::sleep(started.elapsed().min(MAX_REST)).await;
     }
 }
 

@@ -63,6 +63,9 @@ struct PeerVerdict {
     message: String,
 }
 
+/// The longest rest between two syncs (see `run`).
+const MAX_REST: Duration = Duration::from_millis(500);
+
 impl Writer {
     pub fn new(
         client: Client,
@@ -112,7 +115,12 @@ impl Writer {
                 continue;
             }
             let snapshot = computed.borrow_and_update().clone();
+            let started = Instant::now();
             self.sync(&snapshot).await;
+            // A sync walks every peer; thousands of agents reporting at once (after a
+            // restart) would otherwise have it walk them back to back. What arrives while
+            // it rests is taken by the next one.
+            tokio::time::sleep(started.elapsed().min(MAX_REST)).await;
             // No gateway about to go down: the tick wakes us anyway.
             let liveness_check = self
                 .next_liveness_check
