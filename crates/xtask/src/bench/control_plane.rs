@@ -6,6 +6,8 @@ use super::stats::{median, percentile};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -58,13 +60,15 @@ pub struct Args {
 /// Agents per gRPC connection (HTTP/2 limits concurrent streams per connection).
 const AGENTS_PER_CHANNEL: usize = 100;
 const CONCURRENCY: usize = 32;
+/// No status write for this long: the last change is written.
+const SETTLED_AFTER: Duration = Duration::from_secs(5);
 
 /// One message an agent received.
 struct Received {
     agent: usize,
     bytes: usize,
-    /// Keys added or changed by the message (every key, for a snapshot).
-    upserted: Vec<Vec<u8>>,
+    /// Whether the agent has the peer of the node that is joining now ([`Joining`]).
+    has_joining: bool,
     /// The agent's peer count after applying it.
     total: usize,
     /// Whether it was a snapshot (the first message of a stream).
@@ -80,10 +84,37 @@ fn node_ip(i: usize) -> String {
     format!("172.16.{}.{}", i / 250, i % 250 + 1)
 }
 
-fn key_of(i: usize) -> [u8; 32] {
+/// The index of the node joining now (`usize::MAX`: none), whose peer agents look for.
+type Joining = Arc<AtomicUsize>;
+
+/// A peer's public key as the simulated agents keep it (no allocation per peer).
+type Key = [u8; 32];
+
+fn wire_key(bytes: &[u8]) -> Key {
+    bytes.try_into().unwrap_or([0; 32])
+}
+
+fn key_of(i: usize) -> Key {
     let mut k = [0u8; 32];
     k[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
     k
+}
+
+/// Runs this benchmark again from a release build of xtask, with the same arguments: the
+/// simulated agents share the machine's cores with the controller and the API server, and in
+/// a debug build decoding 25 million peer entries (5,000 snapshots of 5,000 peers after a
+/// restart) would cost the machine more than the controller sending them. Real agents decode
+/// on their own nodes; here their CPU is reported apart.
+pub fn run_in_release() -> Result<()> {
+    step("building the benchmark (release) and running it");
+    let status = Command::new(env!("CARGO"))
+        .current_dir(repo_root())
+        .args(["run", "--release", "--quiet", "-p", "xtask", "--"])
+        .args(std::env::args_os().skip(1))
+        .status()
+        .context("running the release build of xtask")?;
+    anyhow::ensure!(status.success(), "the benchmark failed ({status})");
+    Ok(())
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -170,6 +201,7 @@ pub async fn run(args: Args) -> Result<()> {
     step("opening every agent's peer stream and waiting for full snapshots");
     let opening = Instant::now();
     let (tx, mut rx) = mpsc::unbounded_channel::<Received>();
+    let joining: Joining = Arc::new(AtomicUsize::new(usize::MAX));
     for (i, token) in tokens.iter().enumerate().take(args.nodes) {
         let parts = !args.whole_messages;
         let stream = watch(channel_of(i), i, token.clone(), parts).await?;
@@ -183,6 +215,7 @@ pub async fn run(args: Args) -> Result<()> {
             },
             stream,
             tx.clone(),
+            joining.clone(),
         ));
     }
     let started = Instant::now();
@@ -205,8 +238,9 @@ pub async fn run(args: Args) -> Result<()> {
         started.elapsed(),
         opening.elapsed()
     );
-    // Let the tail of the initial convergence pass.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Joins are measured in a settled mesh: once the agents' first reports are written.
+    let settled = writes_settle(&controller).await?;
+    eprintln!("    status writes settled {settled:.1} s later");
     while rx.try_recv().is_ok() {}
 
     step(&format!("{} nodes join one at a time", args.joins));
@@ -214,7 +248,7 @@ pub async fn run(args: Args) -> Result<()> {
     let mut bytes_per_agent = Vec::new();
     for j in 0..args.joins {
         let i = args.nodes + j;
-        let new_key = key_of(i).to_vec();
+        joining.store(i, Ordering::Relaxed);
         let t0 = Instant::now();
         register(channel_of(i), i, tokens[i].clone()).await?;
         let mut seen: HashSet<usize> = HashSet::new();
@@ -231,7 +265,7 @@ pub async fn run(args: Args) -> Result<()> {
                 })?
                 .context("streams ended")?;
             bytes += r.bytes;
-            if r.upserted.contains(&new_key) {
+            if r.has_joining {
                 seen.insert(r.agent);
             }
         }
@@ -253,6 +287,8 @@ pub async fn run(args: Args) -> Result<()> {
         "a quiet mesh for {} s: counting status writes",
         args.quiet_seconds
     ));
+    let settled_secs = writes_settle(&controller).await?;
+    eprintln!("    status writes settled {settled_secs:.1} s after the last join");
     let before = status_writes(&controller).await?;
     tokio::time::sleep(Duration::from_secs(args.quiet_seconds)).await;
     let after = status_writes(&controller).await?;
@@ -267,6 +303,9 @@ pub async fn run(args: Args) -> Result<()> {
     let mut controller = controller;
     let want = total - 1;
     let t0 = Instant::now();
+    let bench_cpu_before = cpu_seconds("self")?;
+    let machine_cpu_before = machine_cpu_seconds()?;
+    let store_cpu_before = cpu_seconds_of_named(API_SERVER_AND_STORE)?;
     if args.heap_profile {
         // A clean exit writes the first process's profile (restart would SIGKILL it).
         controller.stop();
@@ -289,10 +328,29 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     let restart_secs = t0.elapsed().as_secs_f64();
-    let restart_rss = peak_rss_bytes(controller.pid().context("controller pid")?)?;
+    let restart_writes = status_writes(&controller).await?;
+    let restarted = controller.pid().context("controller pid")?;
+    let restart_rss = peak_rss_bytes(restarted)?;
+    // Where the restart's CPU went: the new controller process (all of its life so far), the
+    // simulated agents (this process) and everything else (the API server and etcd serving
+    // the lists, the kernel).
+    let restart_cpu = RestartCpu {
+        controller: cpu_seconds(&restarted.to_string())?,
+        agents: cpu_seconds("self")? - bench_cpu_before,
+        api_server: cpu_seconds_of_named(API_SERVER_AND_STORE)? - store_cpu_before,
+        machine: machine_cpu_seconds()? - machine_cpu_before,
+    };
     eprintln!(
         "    every agent had its snapshot {restart_secs:.1} s after the restart began; peak RSS {:.1} MiB",
         restart_rss as f64 / 1048576.0
+    );
+    eprintln!("    the restarted controller wrote {restart_writes} statuses meanwhile");
+    eprintln!(
+        "    CPU during the restart: controller {:.1} s, simulated agents {:.1} s, API server and etcd {:.1} s, the rest {:.1} s",
+        restart_cpu.controller,
+        restart_cpu.agents,
+        restart_cpu.api_server,
+        restart_cpu.rest()
     );
 
     let p50 = percentile(&latencies, 50.0);
@@ -314,11 +372,19 @@ pub async fn run(args: Args) -> Result<()> {
         "| controller peak RSS | {:.1} MiB | <= 512 MiB at 5,000 nodes |",
         peak_rss as f64 / 1048576.0
     );
+    println!("| status writes settled after the last join | {settled_secs:.1} s | |");
     println!("| status writes per minute, quiet | {quiet_per_minute:.1} | 0 |");
     println!("| controller restart to every agent's snapshot | {restart_secs:.1} s | <= 60 s |");
     println!(
         "| controller peak RSS after the restart | {:.1} MiB | <= 512 MiB at 5,000 nodes |",
         restart_rss as f64 / 1048576.0
+    );
+    println!(
+        "| CPU during the restart: controller / simulated agents / API server and etcd / rest | {:.1} / {:.1} / {:.1} / {:.1} s | |",
+        restart_cpu.controller,
+        restart_cpu.agents,
+        restart_cpu.api_server,
+        restart_cpu.rest()
     );
 
     let report = serde_json::json!({
@@ -332,8 +398,16 @@ pub async fn run(args: Args) -> Result<()> {
         "controller_peak_rss_bytes": peak_rss,
         "quiet_writes_per_minute": quiet_per_minute,
         "quiet_seconds": args.quiet_seconds,
+        "writes_settled_after_last_join_seconds": settled_secs,
         "restart_to_snapshots_seconds": restart_secs,
         "controller_peak_rss_after_restart_bytes": restart_rss,
+        "status_writes_during_restart": restart_writes,
+        "restart_cpu_seconds": {
+            "controller": restart_cpu.controller,
+            "simulated_agents": restart_cpu.agents,
+            "api_server_and_etcd": restart_cpu.api_server,
+            "machine": restart_cpu.machine,
+        },
     });
     let dir = repo_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
@@ -510,15 +584,15 @@ struct Agent {
 /// controller (and then only when its observations change): a busy mesh, where it holds a
 /// live session with every peer. Node peers go one by one only in a small mesh (or with
 /// `--detailed-reports`); otherwise as the count of live sessions.
-async fn report(agent: Agent, peers: Vec<Vec<u8>>, epoch: String, revision: u64) -> Result<()> {
+async fn report(agent: Agent, peers: Vec<Key>, epoch: String, revision: u64) -> Result<()> {
     let detail = agent.detailed_reports
         || wgmesh_core::report::node_peers_in_detail(
             peers.len(),
             wgmesh_core::report::NODE_PEER_DETAIL_LIMIT,
         );
     let handshake = std::time::SystemTime::now() - Duration::from_secs((agent.index % 100) as u64);
-    let observed = |key: Vec<u8>| pb::PeerStatus {
-        public_key: key,
+    let observed = |key: Key| pb::PeerStatus {
+        public_key: key.to_vec(),
         last_handshake: Some(handshake.into()),
         rx_bytes: 1_000_000,
         tx_bytes: 2_000_000,
@@ -552,8 +626,9 @@ async fn follow(
     agent: Agent,
     mut stream: tonic::Streaming<pb::PeerUpdate>,
     tx: mpsc::UnboundedSender<Received>,
+    joining: Joining,
 ) {
-    let mut peers: HashSet<Vec<u8>> = HashSet::new();
+    let mut peers: HashSet<Key> = HashSet::new();
     let mut joiner = pb::decode::PartsJoiner::default();
     let mut bytes = 0;
     let mut reported_epoch = String::new();
@@ -587,25 +662,26 @@ async fn follow(
         };
         let (epoch, revision) = (update.epoch.clone(), update.revision);
         let snapshot = matches!(update.update, Some(pb::peer_update::Update::Snapshot(_)));
-        let upserted: Vec<Vec<u8>> = match update.update {
+        match update.update {
             Some(pb::peer_update::Update::Snapshot(s)) => {
-                peers = s.peers.iter().map(|p| p.public_key.clone()).collect();
-                peers.iter().cloned().collect()
+                peers = s.peers.iter().map(|p| wire_key(&p.public_key)).collect();
             }
             Some(pb::peer_update::Update::Delta(d)) => {
                 for k in &d.removed {
-                    peers.remove(k);
+                    peers.remove(&wire_key(k));
                 }
-                let upserted: Vec<Vec<u8>> = d.upserted.into_iter().map(|p| p.public_key).collect();
-                peers.extend(upserted.iter().cloned());
-                upserted
+                peers.extend(d.upserted.iter().map(|p| wire_key(&p.public_key)));
             }
-            None => Vec::new(),
+            None => {}
+        }
+        let has_joining = match joining.load(Ordering::Relaxed) {
+            usize::MAX => false,
+            i => peers.contains(&key_of(i)),
         };
         let total = peers.len();
         if epoch != reported_epoch && !peers.is_empty() {
             reported_epoch = epoch.clone();
-            let (agent, peers) = (agent.clone(), peers.iter().cloned().collect());
+            let (agent, peers) = (agent.clone(), peers.iter().copied().collect());
             tokio::spawn(async move {
                 let index = agent.index;
                 if let Err(e) = report(agent, peers, epoch, revision).await {
@@ -617,7 +693,7 @@ async fn follow(
             .send(Received {
                 agent: agent.index,
                 bytes: std::mem::take(&mut bytes),
-                upserted,
+                has_joining,
                 total,
                 snapshot,
             })
@@ -628,6 +704,24 @@ async fn follow(
     }
 }
 
+/// Waits until the controller has written no status for [`SETTLED_AFTER`] (at most two
+/// minutes): what the last change caused is written (a new node's status, the mesh's counts,
+/// the agents' reports). The writer rests between passes, and a pass takes longer in a large
+/// mesh. Returns how long the writes went on.
+async fn writes_settle(controller: &Controller) -> Result<f64> {
+    let settling = Instant::now();
+    let mut before = status_writes(controller).await?;
+    loop {
+        tokio::time::sleep(SETTLED_AFTER).await;
+        let now = status_writes(controller).await?;
+        if now == before || settling.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        before = now;
+    }
+    Ok((settling.elapsed() - SETTLED_AFTER).as_secs_f64())
+}
+
 async fn status_writes(controller: &Controller) -> Result<f64> {
     let text = http_get(controller.metrics_port, "/metrics").await?;
     text.lines()
@@ -636,6 +730,90 @@ async fn status_writes(controller: &Controller) -> Result<f64> {
         .trim()
         .parse()
         .context("parsing status_writes")
+}
+
+/// CPU seconds spent while every agent got its snapshot again after a controller restart.
+struct RestartCpu {
+    /// The new controller process, all its life.
+    controller: f64,
+    /// The simulated agents (this process).
+    agents: f64,
+    /// The API server and etcd (listing everything again, TokenReviews, status writes).
+    api_server: f64,
+    /// The whole machine.
+    machine: f64,
+}
+
+impl RestartCpu {
+    /// The kernel's own work and anything else running.
+    fn rest(&self) -> f64 {
+        self.machine - self.controller - self.agents - self.api_server
+    }
+}
+
+const API_SERVER_AND_STORE: &[&str] = &["kube-apiserver", "etcd"];
+
+/// The CPU seconds of every process whose command name is one of `names`.
+fn cpu_seconds_of_named(names: &[&str]) -> Result<f64> {
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
+            continue;
+        };
+        if names.contains(&comm.trim()) {
+            // A process may exit between the two reads.
+            total += cpu_seconds(&pid).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
+}
+
+/// User plus system CPU seconds of a process (`self` or a pid), from `/proc/PID/stat`.
+fn cpu_seconds(pid: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, the 12th and 13th after the name.
+    let ticks: f64 = fields
+        .get(11..13)
+        .context("short stat")?
+        .iter()
+        .map(|f| f.parse::<f64>())
+        .sum::<Result<f64, _>>()?;
+    Ok(ticks / clock_ticks_per_second())
+}
+
+/// CPU seconds every core of the machine spent busy (not idle or waiting), from `/proc/stat`.
+fn machine_cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("empty /proc/stat")?;
+    let ticks: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse::<f64>())
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal guest guest_nice: busy is user, nice,
+    // system, irq and softirq (guest time is already in user; steal is another tenant's).
+    let busy: f64 = ticks
+        .iter()
+        .take(7)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    Ok(busy / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64)
 }
 
 fn peak_rss_bytes(pid: u32) -> Result<u64> {

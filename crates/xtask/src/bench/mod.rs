@@ -26,6 +26,9 @@ pub enum Bench {
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::ControlPlane(args) => {
+            if cfg!(debug_assertions) {
+                return control_plane::run_in_release();
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
