@@ -185,10 +185,8 @@ impl AgentFollowUps {
                     self.announced.remove(&key);
                 }
                 seen.push(key);
-                if state.programmed
-                    && let Some(kept) = without_startup_taint(node)
-                {
-                    remove_startup_taint(client, node, kept).await;
+                if state.programmed && without_startup_taint(node).is_some() {
+                    remove_startup_taint(client, &node_name).await;
                 }
             }
         }
@@ -235,18 +233,30 @@ async fn set_finalizers(api: &Api<WireGuardMesh>, mesh: &WireGuardMesh, finalize
     }
 }
 
-/// Replaces the Node's taints with `kept`, only if the Node is still the one we read (its
-/// `resourceVersion` in the patch): a concurrent change (the node lifecycle controller's own
-/// taints) wins with a conflict, and the next sync tries again.
-async fn remove_startup_taint(client: &Client, node: &Node, kept: Vec<Taint>) {
-    let name = node.name_any();
+/// Replaces the Node's taints with all but ours, only if the Node is still the one we read
+/// (its `resourceVersion` in the patch): a concurrent change (the node lifecycle controller's
+/// own taints) wins with a conflict, and the next sync tries again. The Node is read afresh
+/// first: the caches skip changes to what they trim (a kubelet's status heartbeat), so the
+/// cached resourceVersion may be older than the Node.
+async fn remove_startup_taint(client: &Client, name: &str) {
+    let api: Api<Node> = Api::all(client.clone());
+    let node = match api.get_opt(name).await {
+        Ok(Some(node)) => node,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(node = %name, error = %e, "reading the node to remove its startup taint failed; trying again");
+            return;
+        }
+    };
+    let Some(kept) = without_startup_taint(&node) else {
+        return;
+    };
     let patch = json!({
         "metadata": {"resourceVersion": node.resource_version()},
         "spec": {"taints": kept},
     });
-    let api: Api<Node> = Api::all(client.clone());
     match api
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
     {
         Ok(_) => {

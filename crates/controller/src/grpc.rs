@@ -18,8 +18,8 @@ use wgmesh_api::WireGuardPeer;
 use wgmesh_core::PublicKey;
 use wgmesh_core::node_config::{NodeConfig, NodeUpdate, next_update_within};
 use wgmesh_proto as pb;
-use wgmesh_proto::mesh_service_server::MeshService;
-use wgmesh_proto::{checked, encode};
+use wgmesh_proto::served::mesh_service_server::MeshService;
+use wgmesh_proto::{checked, encode, served};
 
 use crate::auth::Authenticator;
 use crate::convert;
@@ -252,7 +252,7 @@ impl MeshService for MeshServer {
         }))
     }
 
-    type WatchPeersStream = ReceiverStream<Result<pb::PeerUpdate, Status>>;
+    type WatchPeersStream = ReceiverStream<Result<served::PeerUpdate, Status>>;
 
     async fn watch_peers(
         &self,
@@ -455,7 +455,7 @@ struct PeerStream {
     index: Arc<Index>,
     snapshot_turns: Arc<tokio::sync::Semaphore>,
     views: watch::Receiver<NodeView>,
-    tx: mpsc::Sender<Result<pb::PeerUpdate, Status>>,
+    tx: mpsc::Sender<Result<served::PeerUpdate, Status>>,
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
     /// Where the stream's opening and closing count toward the agent's liveness (here, and

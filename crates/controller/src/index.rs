@@ -296,6 +296,7 @@ mod tests {
                 persistent_keepalive: 0,
                 preshared_key: PresharedKey::None,
                 node: Some(format!("n{n}")),
+                encoding: Default::default(),
             }),
         )
     }

@@ -15,6 +15,7 @@ pub mod index;
 pub mod liveness;
 pub mod metrics;
 pub mod reconcile;
+pub mod relevant;
 pub mod reports;
 pub mod secret_scope;
 pub mod trim;
@@ -220,7 +221,7 @@ pub async fn run(config: Config) -> Result<()> {
         .concurrency_limit_per_connection(64)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(
-            wgmesh_proto::mesh_service_server::MeshServiceServer::new(service)
+            wgmesh_proto::served::mesh_service_server::MeshServiceServer::new(service)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .serve_with_shutdown(config.grpc_addr, signal)

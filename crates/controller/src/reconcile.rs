@@ -25,6 +25,7 @@ use wgmesh_proto as pb;
 use crate::convert::{self, ForeignPodCidrs, Secrets};
 use crate::index::Index;
 use crate::metrics::Metrics;
+use crate::relevant::Fingerprints;
 use crate::secret_scope::SecretNamespaces;
 
 /// How often referenced Secrets are read again (agents have no API access; the controller
@@ -224,25 +225,25 @@ pub fn watch_cluster(
         .backoff(watch_backoff())
         .modify(crate::trim::node)
         .reflect(nodes_w)
-        .map(|_| ())
+        .filter_map(news())
         .boxed();
     let mesh_events = watcher(Api::<WireGuardMesh>::all(client.clone()), cfg())
         .backoff(watch_backoff())
         .reflect(meshes_w)
-        .map(|_| ())
+        .filter_map(news())
         .boxed();
     let peer_events = watcher(Api::<WireGuardPeer>::all(client.clone()), cfg())
         .backoff(watch_backoff())
         .modify(crate::trim::peer)
         .reflect(peers_w)
-        .map(|_| ())
+        .filter_map(news())
         .boxed();
     // Reserved ranges: clusters before 1.33 have no ServiceCIDR objects (that watch then
     // retries with backoff, and --reserved-cidrs must name the Service CIDR).
     let service_cidr_events = watcher(Api::<ServiceCIDR>::all(client.clone()), cfg())
         .backoff(watch_backoff())
         .reflect(service_cidrs_w)
-        .map(|_| ())
+        .filter_map(news())
         .boxed();
     let api_endpoint_events = watcher(
         Api::<EndpointSlice>::namespaced(client.clone(), "default"),
@@ -250,7 +251,7 @@ pub fn watch_cluster(
     )
     .backoff(watch_backoff())
     .reflect(api_endpoints_w)
-    .map(|_| ())
+    .filter_map(news())
     .boxed();
     let (calico_blocks, calico_events) =
         foreign_watch::<CalicoIpamBlock>(client, meshes.clone(), PodCidrSource::Calico);
@@ -287,6 +288,22 @@ pub fn watch_cluster(
         driver,
         rx,
     )
+}
+
+/// A filter of a reflected watch that passes only events that changed the cache
+/// ([`Fingerprints`]); watch errors change nothing.
+fn news<K>()
+-> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> std::future::Ready<Option<()>>
+where
+    K: kube::Resource + serde::Serialize + Clone,
+{
+    let mut fingerprints = Fingerprints::default();
+    move |event| {
+        std::future::ready(match event {
+            Ok(event) => fingerprints.is_news(&event).then_some(()),
+            Err(_) => None,
+        })
+    }
 }
 
 /// A watch of another project's cluster-scoped objects that starts only once a mesh reads

@@ -249,6 +249,7 @@ impl Writer {
                 });
             let node_report = owned_node.as_ref().map(|node| NodeReport {
                 live_sessions: agents.get(node).and_then(|a| a.live_node_sessions),
+                reported: agents.contains_key(node),
                 in_detail: node_peers_in_detail,
             });
             self.write_peer_status(peer, &verdict, &addresses, &observed, node_report)
@@ -641,7 +642,14 @@ fn apply_observation(status: &mut WireGuardPeerStatus, agg: &Aggregate) {
 /// What a node's own agent reported of itself, for its node peer's status.
 #[derive(Clone, Copy, Debug)]
 struct NodeReport {
+    /// The agent's count of live sessions; `None` when it reported none (an agent from
+    /// before the count).
     live_sessions: Option<u32>,
+    /// Whether the agent has reported to this process at all. Until it has (a controller
+    /// just started, or became the lease holder), what the status shows stays: clearing it
+    /// would write every node peer twice after each restart, the second time back to what it
+    /// was.
+    reported: bool,
     /// Whether the mesh is small enough for node peers to be observed one by one.
     in_detail: bool,
 }
@@ -649,9 +657,11 @@ struct NodeReport {
 /// A node peer's live sessions; in a mesh too large for per-node detail, no per-node
 /// observations either (nobody reports them any more: what was there would only go stale).
 fn apply_node_report(status: &mut WireGuardPeerStatus, report: NodeReport) {
-    status.live_sessions = report
-        .live_sessions
-        .map(|n| i32::try_from(n).unwrap_or(i32::MAX));
+    if report.reported {
+        status.live_sessions = report
+            .live_sessions
+            .map(|n| i32::try_from(n).unwrap_or(i32::MAX));
+    }
     if !report.in_detail {
         status.handshakes.clear();
         status.last_handshake_time = None;
@@ -844,31 +854,50 @@ mod tests {
             tx_bytes: 20,
             ..Default::default()
         };
-        // (case, live sessions reported, in detail, live sessions shown, observations kept)
+        // (case, live sessions reported (None: no report to this process yet), in detail,
+        // live sessions shown, observations kept), from a status showing 7 live sessions
         let cases = [
-            ("small mesh", Some(3), true, Some(3), true),
+            ("small mesh", Some(Some(3)), true, Some(3), true),
             (
                 "small mesh, agent from before the count",
-                None,
+                Some(None),
                 true,
                 None,
                 true,
             ),
-            ("large mesh", Some(4998), false, Some(4998), false),
+            ("large mesh", Some(Some(4998)), false, Some(4998), false),
             (
                 "large mesh, agent from before the count",
-                None,
+                Some(None),
                 false,
                 None,
+                false,
+            ),
+            (
+                "small mesh, not reported to this process yet",
+                None,
+                true,
+                Some(7),
+                true,
+            ),
+            (
+                "large mesh, not reported to this process yet",
+                None,
+                false,
+                Some(7),
                 false,
             ),
         ];
         for (case, live, in_detail, shown, kept) in cases {
-            let mut status = observed();
+            let mut status = WireGuardPeerStatus {
+                live_sessions: Some(7),
+                ..observed()
+            };
             apply_node_report(
                 &mut status,
                 NodeReport {
-                    live_sessions: live,
+                    live_sessions: live.flatten(),
+                    reported: live.is_some(),
                     in_detail,
                 },
             );

@@ -233,6 +233,54 @@ pub struct DesiredPeer {
     pub preshared_key: PresharedKey,
     /// The Node this peer is, for node peers.
     pub node: Option<String>,
+    /// The peer's fields as the wire carries them, made once and shared by every stream.
+    pub encoding: EncodingMemo,
+}
+
+/// A peer's wire encoding, made by the first stream that sends the peer and then shared by
+/// every stream that sends it: after a controller restart every node gets every peer, 25
+/// million entries at 5,000 nodes, and encoding each once instead of once per node is most
+/// of the controller's work saved. Core keeps the bytes; `wgmesh-proto` makes them from the
+/// fields above. Build a new peer rather than change one that may have been sent: a clone
+/// starts empty (so a clone whose fields then change never carries stale bytes), and the
+/// memo takes no part in comparing or hashing peers.
+#[derive(Default)]
+pub struct EncodingMemo(std::sync::OnceLock<Arc<[u8]>>);
+
+impl EncodingMemo {
+    /// The memoized bytes, made by `encode` the first time.
+    pub fn get_or_init(&self, encode: impl FnOnce() -> Vec<u8>) -> Arc<[u8]> {
+        self.0.get_or_init(|| encode().into()).clone()
+    }
+}
+
+impl Clone for EncodingMemo {
+    fn clone(&self) -> Self {
+        EncodingMemo::default()
+    }
+}
+
+impl PartialEq for EncodingMemo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for EncodingMemo {}
+
+impl std::hash::Hash for EncodingMemo {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
+}
+
+impl std::fmt::Debug for EncodingMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The bytes may hold nothing secret, but they say nothing the fields do not.
+        f.write_str(if self.0.get().is_some() {
+            "encoded"
+        } else {
+            "not encoded"
+        })
+    }
 }
 
 /// Why a peer is or is not programmed.
@@ -760,6 +808,7 @@ fn desired_peer(mesh: &MeshInput, peer: &PeerInput, node: Option<&NodeInput>) ->
             .unwrap_or(mesh.persistent_keepalive),
         preshared_key,
         node: peer.node.clone(),
+        encoding: EncodingMemo::default(),
     }
 }
 

@@ -82,6 +82,7 @@ mod tests {
             persistent_keepalive: 0,
             preshared_key: PresharedKey::None,
             node: None,
+            encoding: Default::default(),
         })
     }
 

@@ -53,6 +53,7 @@ fn debug_never_shows_a_secret() {
         persistent_keepalive: 0,
         preshared_key: PresharedKey::Static(key),
         node: None,
+        encoding: Default::default(),
     };
     let mut wg_peer = Peer::new(public);
     wg_peer.preshared_key = Some(key);

@@ -1,27 +1,55 @@
 //! A node's view ([`wgmesh_core::node_config`]) to wire messages. Only conversion lives here:
 //! what to send is decided in core ([`next_update`](wgmesh_core::node_config::next_update)).
 //! Per-node values (leaving the node out, its per-pair preshared keys) are derived here, while
-//! encoding, from entries every node's view shares.
+//! encoding, from entries every node's view shares; each peer's own fields are encoded once
+//! ([`EncodedPeer`]).
 
+use prost::Message;
 use wgmesh_core::desired::{DesiredPeer, Member};
 use wgmesh_core::node_config::{NodeConfig, NodeUpdate};
 
-use crate::{MeshSettings, Peer, PeerDelta, PeerSnapshot, PeerUpdate, peer_update};
+use crate::encoded::EncodedPeer;
+use crate::served::{PeerDelta, PeerSnapshot, PeerUpdate, peer_update};
+use crate::{MeshSettings, Peer};
 
 /// A peer as the node of `view` programs it.
 pub fn peer(peer: &DesiredPeer, view: &NodeConfig<MeshSettings>) -> Peer {
+    Peer {
+        preshared_key: view
+            .preshared_key(peer)
+            .map(|k| k.as_bytes().to_vec())
+            .unwrap_or_default(),
+        ..shared_fields(peer)
+    }
+}
+
+/// Every field of the peer but the preshared key, which depends on the pair.
+fn shared_fields(peer: &DesiredPeer) -> Peer {
     Peer {
         public_key: peer.public_key.as_bytes().to_vec(),
         name: peer.name.clone(),
         endpoint: peer.endpoint.clone().unwrap_or_default(),
         allowed_ips: peer.allowed_ips.iter().map(ToString::to_string).collect(),
         persistent_keepalive: u32::from(peer.persistent_keepalive),
-        preshared_key: view
-            .preshared_key(peer)
-            .map(|k| k.as_bytes().to_vec())
-            .unwrap_or_default(),
+        preshared_key: Vec::new(),
         node: peer.node.clone().unwrap_or_default(),
     }
+}
+
+/// [`peer`] as sent: the shared fields encoded the first time the peer is sent, by any
+/// stream, then reused; the pair's preshared key added.
+pub fn encoded_peer(peer: &DesiredPeer, view: &NodeConfig<MeshSettings>) -> EncodedPeer {
+    let shared = peer
+        .encoding
+        .get_or_init(|| shared_fields(peer).encode_to_vec());
+    // Peers are built anew when they change, never changed in place once sent.
+    debug_assert_eq!(
+        &*shared,
+        &shared_fields(peer).encode_to_vec()[..],
+        "the encoding of peer {} is stale",
+        peer.name
+    );
+    EncodedPeer::new(shared, view.preshared_key(peer).map(|k| *k.as_bytes()))
 }
 
 /// The member's interface addresses (`10.250.0.3/16`), none for a non-member.
@@ -68,9 +96,12 @@ pub fn peer_update(
     update: &NodeUpdate<MeshSettings>,
 ) -> PeerUpdate {
     let (peers, removed) = match update {
-        NodeUpdate::Snapshot => (view.peers().map(|p| peer(p, view)).collect(), Vec::new()),
+        NodeUpdate::Snapshot => (
+            view.peers().map(|p| encoded_peer(p, view)).collect(),
+            Vec::new(),
+        ),
         NodeUpdate::Delta(d) => (
-            d.upserted.iter().map(|p| peer(p, view)).collect(),
+            d.upserted.iter().map(|p| encoded_peer(p, view)).collect(),
             d.removed.iter().map(|k| k.as_bytes().to_vec()).collect(),
         ),
     };
@@ -84,7 +115,7 @@ fn first_part(
     revision: u64,
     view: &NodeConfig<MeshSettings>,
     update: &NodeUpdate<MeshSettings>,
-    peers: Vec<Peer>,
+    peers: Vec<EncodedPeer>,
     removed: Vec<Vec<u8>>,
 ) -> PeerUpdate {
     let member = view.member.as_ref();
@@ -146,9 +177,9 @@ pub fn peer_update_parts<'a>(
         .max(1);
     (0..parts).map(move |i| {
         let chunk = |len: usize| (i * max).min(len)..((i + 1) * max).min(len);
-        let part_peers: Vec<Peer> = peers[chunk(peers.len())]
+        let part_peers: Vec<EncodedPeer> = peers[chunk(peers.len())]
             .iter()
-            .map(|p| peer(p, view))
+            .map(|p| encoded_peer(p, view))
             .collect();
         let part_removed: Vec<Vec<u8>> = removed[chunk(removed.len())]
             .iter()

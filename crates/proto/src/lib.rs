@@ -9,9 +9,17 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// The service as the controller serves it: the same messages on the wire, but the stream's
+/// peers are [`encoded::EncodedPeer`]s, each encoded once and shared by every stream.
+pub mod served {
+    #![allow(clippy::all, clippy::pedantic)]
+    include!(concat!(env!("OUT_DIR"), "/served/wgmesh.v1.rs"));
+}
+
 pub mod checked;
 pub mod decode;
 pub mod encode;
+pub mod encoded;
 
 /// By hand (the build skips the generated one): the preshared key is the one secret on this
 /// API, so it shows only as present or not.
@@ -111,3 +119,7 @@ mod tests {
 #[cfg(test)]
 #[path = "parts_tests.rs"]
 mod parts_tests;
+
+#[cfg(test)]
+#[path = "encoded_tests.rs"]
+mod encoded_tests;

@@ -7,11 +7,37 @@ use wgmesh_core::desired::{DesiredMesh, MeshInput, NodeInput, PeerInput, compute
 use wgmesh_core::node_config::{NodeConfig, NodeDelta, NodeUpdate};
 use wgmesh_core::{Cidr, PublicKey};
 
+use prost::Message;
+
 use crate::decode::PartsJoiner;
-use crate::encode::{peer_update, peer_update_parts};
+use crate::encode;
 use crate::{MeshSettings, PeerUpdate, peer_update as wire};
 
-fn key(n: u16) -> PublicKey {
+/// What the agent receives: the served message, decoded as `v1`.
+fn received(served: &crate::served::PeerUpdate) -> PeerUpdate {
+    PeerUpdate::decode(&served.encode_to_vec()[..]).expect("a served update decodes")
+}
+
+fn peer_update(
+    epoch: &str,
+    revision: u64,
+    view: &NodeConfig<MeshSettings>,
+    update: &NodeUpdate<MeshSettings>,
+) -> PeerUpdate {
+    received(&encode::peer_update(epoch, revision, view, update))
+}
+
+fn peer_update_parts<'a>(
+    epoch: &'a str,
+    revision: u64,
+    view: &'a NodeConfig<MeshSettings>,
+    update: &'a NodeUpdate<MeshSettings>,
+    max: usize,
+) -> impl Iterator<Item = PeerUpdate> + 'a {
+    encode::peer_update_parts(epoch, revision, view, update, max).map(|p| received(&p))
+}
+
+pub(crate) fn key(n: u16) -> PublicKey {
     let mut k = [0u8; 32];
     k[..2].copy_from_slice(&n.to_le_bytes());
     k[31] = 1;
@@ -20,6 +46,12 @@ fn key(n: u16) -> PublicKey {
 
 /// A mesh of `n` nodes `n0`.., each with a pod CIDR and a tunnel address.
 fn mesh(n: u16) -> Arc<DesiredMesh> {
+    mesh_with(n, MeshInput::default(), Vec::new())
+}
+
+/// [`mesh`] with the mesh's settings from `input` (its name and pools are set here) and
+/// `external` peers besides the nodes.
+pub(crate) fn mesh_with(n: u16, input: MeshInput, external: Vec<PeerInput>) -> Arc<DesiredMesh> {
     let nodes: Vec<NodeInput> = (0..n)
         .map(|i| NodeInput {
             name: format!("n{i}"),
@@ -52,11 +84,12 @@ fn mesh(n: u16) -> Arc<DesiredMesh> {
             node_owner_uid: Some(format!("uid-{i}")),
             tunnel_addresses: vec![format!("10.250.{}.{}", i / 256, i % 256).parse().unwrap()],
         })
+        .chain(external)
         .collect();
     let input = MeshInput {
         name: "m".into(),
         tunnel_pools: vec!["10.250.0.0/16".parse::<Cidr>().unwrap()],
-        ..MeshInput::default()
+        ..input
     };
     Arc::new(compute(&input, &nodes, &peers))
 }
