@@ -2,13 +2,12 @@
 //! equal to what the controller wants. When the controller is unreachable the data plane stays
 //! exactly as it is while the agent retries with jittered exponential backoff.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
-use wgmesh_core::{PrivateKey, PublicKey};
+use wgmesh_core::PrivateKey;
 use wgmesh_proto as pb;
 
 use crate::client::ControllerClient;
@@ -578,21 +577,21 @@ impl Agent {
             Some(device) => Some(device.observe().await?),
             None => None,
         };
-        let names: BTreeMap<PublicKey, &str> = self
-            .desired
-            .peers
-            .iter()
-            .map(|(k, p)| (*k, p.name.as_str()))
-            .collect();
         let samples: Vec<PeerSample> = state
             .iter()
             .flat_map(|s| s.peers.iter())
             .map(|p| PeerSample {
-                name: names
+                name: self
+                    .desired
+                    .peers
                     .get(&p.config.public_key)
-                    .copied()
-                    .unwrap_or("unknown")
+                    .map_or("unknown", |d| d.name.as_str())
                     .to_owned(),
+                node: self
+                    .desired
+                    .peers
+                    .get(&p.config.public_key)
+                    .is_some_and(|d| d.node.is_some()),
                 public_key: p.config.public_key.to_string(),
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
@@ -831,6 +830,7 @@ pub fn routing_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wgmesh_core::PublicKey;
     use clap::Parser;
 
     fn net(mode: &str) -> NetworkArgs {

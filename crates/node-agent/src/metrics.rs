@@ -1,5 +1,11 @@
 //! Prometheus metrics of the agent (served by `http.rs`). They hold no secret: peers are
 //! named by their name and public key, never by a private or preshared key.
+//!
+//! Per-peer series are kept for external peers, and for node peers only while the node has
+//! at most [`NODE_PEER_DETAIL_LIMIT`] of them (as in its reports to the controller): at 5,000
+//! nodes, per-peer series for every node peer would be 25,000 series per agent and 125
+//! million for the cluster, more than a Prometheus holds. Node peers are always also counted
+//! together (`node_peers_*`), whatever the mesh's size.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,6 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use wgmesh_core::report::{NODE_PEER_DETAIL_LIMIT, live_sessions, node_peers_in_detail};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -26,6 +33,10 @@ pub const METRIC_NAMES: &[&str] = &[
     "wgmesh_agent_peer_last_handshake_timestamp_seconds",
     "wgmesh_agent_peer_handshake_age_seconds",
     "wgmesh_agent_peer_endpoint_info",
+    "wgmesh_agent_node_peers",
+    "wgmesh_agent_node_peers_live_sessions",
+    "wgmesh_agent_node_peers_receive_bytes_total",
+    "wgmesh_agent_node_peers_transmit_bytes_total",
 ];
 
 /// One peer as read from the device.
@@ -38,6 +49,8 @@ pub struct PeerSample {
     pub tx_bytes: u64,
     pub last_handshake: Option<SystemTime>,
     pub endpoint: Option<SocketAddr>,
+    /// Whether the peer is another node of the mesh (not an external peer).
+    pub node: bool,
 }
 
 /// The last device reading of a peer, to turn device totals into counter increments.
@@ -76,6 +89,10 @@ struct Inner {
     handshake: Family<Labels, Gauge>,
     handshake_age: Family<Labels, Gauge>,
     endpoint: Family<Labels, Gauge>,
+    node_peers: Gauge,
+    node_sessions: Gauge,
+    node_rx: Counter,
+    node_tx: Counter,
     previous: Mutex<BTreeMap<Labels, Previous>>,
 }
 
@@ -92,6 +109,10 @@ impl Default for Metrics {
             handshake: Family::default(),
             handshake_age: Family::default(),
             endpoint: Family::default(),
+            node_peers: Gauge::default(),
+            node_sessions: Gauge::default(),
+            node_rx: Counter::default(),
+            node_tx: Counter::default(),
             previous: Mutex::default(),
         };
         let r = &mut inner.registry;
@@ -140,6 +161,26 @@ impl Default for Metrics {
             "1 for a peer's current endpoint (one series per peer: an old endpoint's goes)",
             inner.endpoint.clone(),
         );
+        r.register(
+            "node_peers",
+            "Node peers on the device (the other nodes of the mesh)",
+            inner.node_peers.clone(),
+        );
+        r.register(
+            "node_peers_live_sessions",
+            "Node peers with a handshake in the last 180 s",
+            inner.node_sessions.clone(),
+        );
+        r.register(
+            "node_peers_receive_bytes",
+            "Bytes received from all node peers together",
+            inner.node_rx.clone(),
+        );
+        r.register(
+            "node_peers_transmit_bytes",
+            "Bytes sent to all node peers together",
+            inner.node_tx.clone(),
+        );
         Metrics {
             inner: Arc::new(inner),
         }
@@ -161,9 +202,17 @@ impl Metrics {
     }
 
     /// Takes one reading of every peer on the device: the series of peers no longer there
-    /// go, so label sets do not pile up.
+    /// go, so label sets do not pile up, and so do node peers' own series once the node has
+    /// more node peers than [`NODE_PEER_DETAIL_LIMIT`].
     pub fn observe_peers(&self, peers: &[PeerSample], now: SystemTime) {
         let inner = &self.inner;
+        let node_peers = peers.iter().filter(|p| p.node).count();
+        let in_detail = node_peers_in_detail(node_peers, NODE_PEER_DETAIL_LIMIT);
+        inner.node_peers.set(node_peers as i64);
+        inner.node_sessions.set(i64::from(live_sessions(
+            peers.iter().filter(|p| p.node).map(|p| p.last_handshake),
+            now,
+        )));
         let mut previous = inner.previous.lock().expect("metrics lock poisoned");
         let mut seen = BTreeMap::new();
         for peer in peers {
@@ -172,14 +221,27 @@ impl Metrics {
                 ("public_key", peer.public_key.clone()),
             ];
             let last = previous.remove(&labels).unwrap_or_default();
-            inner
-                .rx
-                .get_or_create(&labels)
-                .inc_by(counter_increment(last.rx, peer.rx_bytes));
-            inner
-                .tx
-                .get_or_create(&labels)
-                .inc_by(counter_increment(last.tx, peer.tx_bytes));
+            let rx = counter_increment(last.rx, peer.rx_bytes);
+            let tx = counter_increment(last.tx, peer.tx_bytes);
+            if peer.node {
+                inner.node_rx.inc_by(rx);
+                inner.node_tx.inc_by(tx);
+                if !in_detail {
+                    // Counted together only; series from when the mesh was smaller go.
+                    self.remove_series(&labels, last.endpoint.as_deref());
+                    seen.insert(
+                        labels,
+                        Previous {
+                            rx: peer.rx_bytes,
+                            tx: peer.tx_bytes,
+                            endpoint: None,
+                        },
+                    );
+                    continue;
+                }
+            }
+            inner.rx.get_or_create(&labels).inc_by(rx);
+            inner.tx.get_or_create(&labels).inc_by(tx);
             let stamp = peer
                 .last_handshake
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -216,15 +278,21 @@ impl Metrics {
         }
         // Whatever is left was not on the device this time.
         for (labels, gone) in previous.iter() {
-            inner.rx.remove(labels);
-            inner.tx.remove(labels);
-            inner.handshake.remove(labels);
-            inner.handshake_age.remove(labels);
-            if let Some(e) = &gone.endpoint {
-                inner.endpoint.remove(&endpoint_labels(labels, e));
-            }
+            self.remove_series(labels, gone.endpoint.as_deref());
         }
         *previous = seen;
+    }
+
+    /// Removes a peer's own series (those it has: removing an absent one is nothing).
+    fn remove_series(&self, labels: &Labels, endpoint: Option<&str>) {
+        let inner = &self.inner;
+        inner.rx.remove(labels);
+        inner.tx.remove(labels);
+        inner.handshake.remove(labels);
+        inner.handshake_age.remove(labels);
+        if let Some(e) = endpoint {
+            inner.endpoint.remove(&endpoint_labels(labels, e));
+        }
     }
 
     pub fn render(&self) -> String {
@@ -323,6 +391,7 @@ mod tests {
             tx_bytes: rx * 2,
             last_handshake: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(handshake)),
             endpoint: Some(endpoint.parse().unwrap()),
+            node: true,
         }
     }
 
@@ -412,5 +481,77 @@ mod tests {
             .filter(|(_, l, _)| l.contains_key("peer"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn above_the_limit_node_peers_are_counted_together() {
+        let m = Metrics::default();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(2000);
+        let laptop = PeerSample {
+            node: false,
+            ..sample("laptop", "KL", 5, "198.51.100.1:1", 1990)
+        };
+        let nodes = |n: usize, rx: u64| -> Vec<PeerSample> {
+            (0..n)
+                .map(|i| {
+                    // Every other node's last handshake is older than a session lasts.
+                    let handshake = if i % 2 == 0 { 1990 } else { 1000 };
+                    sample(
+                        &format!("n{i}"),
+                        &format!("K{i}"),
+                        rx,
+                        "192.0.2.2:1",
+                        handshake,
+                    )
+                })
+                .chain([laptop.clone()])
+                .collect()
+        };
+        let series_of = |text: &str, peer: &str| {
+            samples(text)
+                .into_iter()
+                .filter(|(_, l, _)| l.get("peer").map(String::as_str) == Some(peer))
+                .count()
+        };
+        let total = |text: &str, name: &str| {
+            samples(text)
+                .into_iter()
+                .find(|(n, _, _)| n == name)
+                .map(|(_, _, v)| v)
+        };
+
+        // At the limit: every node peer has its own series, and the totals too.
+        m.observe_peers(&nodes(NODE_PEER_DETAIL_LIMIT, 100), now);
+        let text = m.render();
+        assert_eq!(series_of(&text, "n0"), 5, "{text}");
+        assert_eq!(
+            total(&text, "wgmesh_agent_node_peers_receive_bytes_total"),
+            Some(100.0 * NODE_PEER_DETAIL_LIMIT as f64)
+        );
+
+        // One more node: node peers' own series go; the totals keep counting, monotone.
+        let over = NODE_PEER_DETAIL_LIMIT + 1;
+        m.observe_peers(&nodes(over, 150), now);
+        let text = m.render();
+        assert_eq!(series_of(&text, "n0"), 0, "{text}");
+        assert_eq!(series_of(&text, "laptop"), 5, "external peers keep theirs");
+        assert_eq!(
+            total(&text, "wgmesh_agent_node_peers_receive_bytes_total"),
+            Some(
+                100.0 * NODE_PEER_DETAIL_LIMIT as f64
+                    + 50.0 * NODE_PEER_DETAIL_LIMIT as f64
+                    + 150.0
+            )
+        );
+        assert_eq!(total(&text, "wgmesh_agent_node_peers"), Some(over as f64));
+        assert_eq!(
+            total(&text, "wgmesh_agent_node_peers_live_sessions"),
+            Some(over.div_ceil(2) as f64)
+        );
+        let per_peer = samples(&text)
+            .into_iter()
+            .filter(|(_, l, _)| l.contains_key("peer"))
+            .count();
+        assert_eq!(per_peer, 5, "only the laptop's series:\n{text}");
     }
 }

@@ -120,7 +120,7 @@ pub const ROUTER_OCTET: u8 = 253;
 /// them) and whose lock file no live mesh holds (this process's and others'). The lock is
 /// held as long as the returned file is open. Starting from a pid-derived X keeps concurrent
 /// processes from contending for the same one first.
-pub(crate) fn reserve_underlay() -> Result<(u8, File)> {
+pub fn reserve_underlay() -> Result<(u8, File)> {
     let dir = std::env::temp_dir().join("wgmesh-underlays");
     std::fs::create_dir_all(&dir)?;
     let start = std::process::id() % 100;

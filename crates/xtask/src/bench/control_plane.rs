@@ -56,6 +56,11 @@ pub struct Args {
     /// reads. 0: Nodes never change.
     #[arg(long, default_value_t = 300)]
     kubelet_status_seconds: u64,
+    /// No real agent: only simulated ones. By default (as root) one real agent (the release
+    /// `wgmesh-agent`, userspace device, in a network namespace) is one more node, to measure
+    /// programming every other node into a device and the agent's memory at that size.
+    #[arg(long)]
+    no_real_agent: bool,
     /// Agents report every node peer one by one, as agents did before they counted live
     /// sessions instead (above 64 node peers), and the controller keeps them all
     /// (`--node-peer-detail-limit`), to compare the memory with and without.
@@ -132,6 +137,8 @@ pub async fn run(args: Args) -> Result<()> {
         "--quiet",
         "-p",
         "wgmesh-controller",
+        "-p",
+        "wgmesh-node-agent",
     ]);
     if args.heap_profile {
         build.args(["--features", "dhat-heap"]);
@@ -152,6 +159,18 @@ pub async fn run(args: Args) -> Result<()> {
         controller_env.push(("WGMESH_DHAT_DIR", heap_env.as_str()));
     }
 
+    let real_agent = !args.no_real_agent && nix::unistd::geteuid().is_root();
+    if !args.no_real_agent && !real_agent {
+        eprintln!("    not root: no real agent (only simulated ones)");
+    }
+    let agent_network = if real_agent {
+        // The controller listens on every address so the agent's namespace reaches it.
+        controller_env.push(("WGMESH_BIND_ALL", "1"));
+        Some(super::real_agent::AgentNetwork::create()?)
+    } else {
+        None
+    };
+
     step("starting the local control plane");
     let cp = ControlPlane::start().await?;
     install_default_mesh(&cp)?;
@@ -160,6 +179,15 @@ pub async fn run(args: Args) -> Result<()> {
     let controller = Controller::start_binary(&cp, &tls, "bench", &controller_env, &binary).await?;
     let total = args.nodes + args.joins;
     let node_kb = args.node_kb;
+    // The real agent's Node comes after the joining ones.
+    let real_node = node_name(total);
+    if let Some(net) = &agent_network {
+        let cidr = format!("10.{}.{}.0/24", 100 + total / 256, total % 256);
+        cluster::create_node(&client, &real_node, &[&cidr], &net.node_ip, &[]).await?;
+        if node_kb > 0 {
+            weigh_down(&client, &real_node, &net.node_ip, node_kb).await?;
+        }
+    }
 
     step(&format!("creating {total} Nodes, agent pods and tokens"));
     cluster::ensure_agent_identity(&client).await?;
@@ -247,6 +275,52 @@ pub async fn run(args: Args) -> Result<()> {
     // Joins are measured in a settled mesh: once the agents' first reports are written.
     let settled = writes_settle(&controller).await?;
     eprintln!("    status writes settled {settled:.1} s later");
+
+    let mut agent = None;
+    let mut agent_report = serde_json::Value::Null;
+    if let Some(net) = agent_network {
+        step(&format!(
+            "a real agent joins as node {}: programming {} peers",
+            args.nodes + 1,
+            args.nodes
+        ));
+        let token = cluster::agent_token(&client, &real_node).await?;
+        let url = format!("https://{}:{}", net.host_ip, controller.grpc_port);
+        let binary = repo_root().join("target/release/wgmesh-agent");
+        let mut started = super::real_agent::RealAgent::start(
+            &binary,
+            net,
+            &real_node,
+            &url,
+            &tls.ca_pem,
+            &token,
+        )?;
+        let took = started
+            .wait_for_peers(args.nodes as u64, Duration::from_secs(300))
+            .await?;
+        let figures = started.figures()?;
+        eprintln!(
+            "    it had all {} peers {:.1} s after it started; RSS {:.1} MiB (peak {:.1} MiB), {:.1} CPU s, /metrics {:.0} KB",
+            figures.peers,
+            took.as_secs_f64(),
+            figures.rss_bytes as f64 / 1048576.0,
+            figures.peak_rss_bytes as f64 / 1048576.0,
+            figures.cpu_seconds,
+            figures.metrics_bytes as f64 / 1024.0
+        );
+        agent_report = serde_json::json!({
+            "peers": figures.peers,
+            "programmed_seconds": took.as_secs_f64(),
+            "rss_bytes": figures.rss_bytes,
+            "peak_rss_bytes": figures.peak_rss_bytes,
+            "cpu_seconds": figures.cpu_seconds,
+            "metrics_bytes": figures.metrics_bytes,
+        });
+        agent = Some(started);
+        // The simulated agents took the new node: what it caused is written before the joins.
+        let settled = writes_settle(&controller).await?;
+        eprintln!("    status writes settled {settled:.1} s later");
+    }
     while rx.try_recv().is_ok() {}
 
     let kubelets = (args.kubelet_status_seconds > 0).then(|| {
@@ -403,6 +477,18 @@ pub async fn run(args: Args) -> Result<()> {
         "| controller peak RSS after the restart | {:.1} MiB | <= 512 MiB at 5,000 nodes |",
         restart_rss as f64 / 1048576.0
     );
+    if let Some(a) = agent_report.as_object() {
+        println!(
+            "| real agent: all {} peers programmed after its start | {:.1} s | |",
+            a["peers"],
+            a["programmed_seconds"].as_f64().unwrap_or_default()
+        );
+        println!(
+            "| real agent: RSS / peak RSS | {:.1} / {:.1} MiB | |",
+            a["rss_bytes"].as_f64().unwrap_or_default() / 1048576.0,
+            a["peak_rss_bytes"].as_f64().unwrap_or_default() / 1048576.0
+        );
+    }
     println!(
         "| CPU during the restart: controller / simulated agents / API server and etcd / rest | {:.1} / {:.1} / {:.1} / {:.1} s | |",
         restart_cpu.controller,
@@ -428,6 +514,7 @@ pub async fn run(args: Args) -> Result<()> {
         "restart_to_snapshots_seconds": restart_secs,
         "controller_peak_rss_after_restart_bytes": restart_rss,
         "status_writes_during_restart": restart_writes,
+        "real_agent": agent_report,
         "restart_cpu_seconds": {
             "controller": restart_cpu.controller,
             "simulated_agents": restart_cpu.agents,
@@ -446,6 +533,7 @@ pub async fn run(args: Args) -> Result<()> {
             println!("\n{}", super::heap::summary(&profile, 12)?);
         }
     }
+    drop(agent);
     drop(controller);
     drop(cp);
     Ok(())
@@ -850,7 +938,7 @@ fn cpu_seconds_of_named(names: &[&str]) -> Result<f64> {
 }
 
 /// User plus system CPU seconds of a process (`self` or a pid), from `/proc/PID/stat`.
-fn cpu_seconds(pid: &str) -> Result<f64> {
+pub(super) fn cpu_seconds(pid: &str) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) may hold spaces; the fields after its ')' are fixed.
     let rest = stat.rsplit_once(')').context("malformed stat")?.1;
@@ -894,14 +982,18 @@ fn clock_ticks_per_second() -> f64 {
 }
 
 fn peak_rss_bytes(pid: u32) -> Result<u64> {
+    Ok(proc_status_kb(pid, "VmHWM:")? * 1024)
+}
+
+/// A `kB` line of `/proc/PID/status` (`VmHWM:`, `VmRSS:`).
+pub(super) fn proc_status_kb(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
+    Ok(status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .context("no VmHWM")?
+        .find_map(|l| l.strip_prefix(field))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?
         .trim()
         .trim_end_matches("kB")
         .trim()
-        .parse()?;
-    Ok(kb * 1024)
+        .parse()?)
 }
