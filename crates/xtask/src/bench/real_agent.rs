@@ -91,7 +91,7 @@ impl RealAgent {
         let mut cmd = std::process::Command::new("ip");
         cmd.args(["netns", "exec", &network.ns.name])
             .arg(binary)
-            .args(["run", "--node", node, "--controller", controller_url])
+            .args(["--node", node, "--controller", controller_url])
             .arg("--ca-file")
             .arg(&ca)
             .args(["--tls-server-name", "localhost"])
