@@ -15,7 +15,7 @@ use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use wgmesh_api::foreign::{CalicoIpamBlock, CiliumNode};
 use wgmesh_api::mesh::SecretKeyRef;
 use wgmesh_api::{Backend, PodCidrSource, WireGuardMesh, WireGuardPeer};
@@ -25,7 +25,7 @@ use wgmesh_proto as pb;
 use crate::convert::{self, ForeignPodCidrs, Secrets};
 use crate::index::Index;
 use crate::metrics::Metrics;
-use crate::relevant::Fingerprints;
+use crate::relevant::{Change, Fingerprints, Outputs, Pending};
 use crate::secret_scope::SecretNamespaces;
 
 /// How often referenced Secrets are read again (agents have no API access; the controller
@@ -213,7 +213,7 @@ pub fn watch_cluster(
 ) -> (
     Caches,
     impl std::future::Future<Output = ()> + Send + 'static,
-    mpsc::Receiver<Instant>,
+    Arc<Pending>,
 ) {
     let (nodes, nodes_w) = reflector::store::<Node>();
     let (meshes, meshes_w) = reflector::store::<WireGuardMesh>();
@@ -225,25 +225,25 @@ pub fn watch_cluster(
         .backoff(watch_backoff())
         .modify(crate::trim::node)
         .reflect(nodes_w)
-        .filter_map(news())
+        .filter_map(changes())
         .boxed();
     let mesh_events = watcher(Api::<WireGuardMesh>::all(client.clone()), cfg())
         .backoff(watch_backoff())
         .reflect(meshes_w)
-        .filter_map(news())
+        .filter_map(changes())
         .boxed();
     let peer_events = watcher(Api::<WireGuardPeer>::all(client.clone()), cfg())
         .backoff(watch_backoff())
         .modify(crate::trim::peer)
         .reflect(peers_w)
-        .filter_map(news())
+        .filter_map(changes())
         .boxed();
     // Reserved ranges: clusters before 1.33 have no ServiceCIDR objects (that watch then
     // retries with backoff, and --reserved-cidrs must name the Service CIDR).
     let service_cidr_events = watcher(Api::<ServiceCIDR>::all(client.clone()), cfg())
         .backoff(watch_backoff())
         .reflect(service_cidrs_w)
-        .filter_map(news())
+        .filter_map(changes())
         .boxed();
     let api_endpoint_events = watcher(
         Api::<EndpointSlice>::namespaced(client.clone(), "default"),
@@ -251,13 +251,14 @@ pub fn watch_cluster(
     )
     .backoff(watch_backoff())
     .reflect(api_endpoints_w)
-    .filter_map(news())
+    .filter_map(changes())
     .boxed();
     let (calico_blocks, calico_events) =
         foreign_watch::<CalicoIpamBlock>(client, meshes.clone(), PodCidrSource::Calico);
     let (cilium_nodes, cilium_events) =
         foreign_watch::<CiliumNode>(client, meshes.clone(), PodCidrSource::Cilium);
-    let (tx, rx) = mpsc::channel(1024);
+    let pending = Arc::new(Pending::default());
+    let changes = pending.clone();
     let driver = async move {
         let mut all = stream::select_all([
             node_events,
@@ -268,9 +269,8 @@ pub fn watch_cluster(
             calico_events,
             cilium_events,
         ]);
-        while all.next().await.is_some() {
-            // A full channel already holds a pending signal: dropping this one loses nothing.
-            let _ = tx.try_send(Instant::now());
+        while let Some(change) = all.next().await {
+            changes.add(change);
         }
     };
     (
@@ -286,21 +286,21 @@ pub fn watch_cluster(
             cilium_nodes,
         },
         driver,
-        rx,
+        pending,
     )
 }
 
-/// A filter of a reflected watch that passes only events that changed the cache
-/// ([`Fingerprints`]); watch errors change nothing.
-fn news<K>()
--> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> std::future::Ready<Option<()>>
+/// A filter of a reflected watch that passes what each event changed in the cache, when it
+/// changed something ([`Fingerprints`]); watch errors change nothing.
+fn changes<K>()
+-> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> std::future::Ready<Option<Change>>
 where
-    K: kube::Resource + serde::Serialize + Clone,
+    K: kube::Resource + serde::Serialize + Clone + Outputs,
 {
     let mut fingerprints = Fingerprints::default();
     move |event| {
         std::future::ready(match event {
-            Ok(event) => fingerprints.is_news(&event).then_some(()),
+            Ok(event) => Some(fingerprints.change(&event)).filter(|c| *c != Change::Nothing),
             Err(_) => None,
         })
     }
@@ -315,7 +315,7 @@ fn foreign_watch<K>(
     client: &Client,
     meshes: Store<WireGuardMesh>,
     source: PodCidrSource,
-) -> (ForeignCache<K>, futures::stream::BoxStream<'static, ()>)
+) -> (ForeignCache<K>, futures::stream::BoxStream<'static, Change>)
 where
     K: Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
         + Clone
@@ -342,13 +342,20 @@ where
         .backoff(watch_backoff())
         .reflect(writer)
         .map(move |event| match event {
-            Ok(watcher::Event::InitDone) => flag.store(true, Ordering::Release),
-            Ok(_) => {}
+            Ok(watcher::Event::InitDone) => {
+                flag.store(true, Ordering::Release);
+                Change::Inputs
+            }
+            Ok(_) => Change::Inputs,
             Err(e) => {
                 tracing::warn!(kind = %K::kind(&()), error = %e, "cannot watch a mesh's pod CIDR source");
+                Change::Nothing
             }
         });
-    let stream = stream::once(wanted).chain(events).boxed();
+    let stream = stream::once(wanted)
+        .map(|()| Change::Nothing)
+        .chain(events)
+        .boxed();
     (ForeignCache { store, synced }, stream)
 }
 
@@ -359,7 +366,7 @@ const MAX_REST: Duration = Duration::from_millis(500);
 pub async fn run(
     client: Client,
     caches: Caches,
-    mut changes: mpsc::Receiver<Instant>,
+    changes: Arc<Pending>,
     index: Arc<Index>,
     computed: watch::Sender<Arc<Computed>>,
     metrics: Metrics,
@@ -368,15 +375,18 @@ pub async fn run(
     let mut secrets = Secrets::new();
     let mut refresh = tokio::time::interval(SECRET_REFRESH);
     loop {
-        let (first_change, refresh_secrets) = tokio::select! {
-            change = changes.recv() => match change {
-                Some(at) => (at, false),
-                None => return,
-            },
-            _ = refresh.tick() => (Instant::now(), true),
+        // Whatever changed meanwhile is taken at once: one recomputation for all of it.
+        let (first_change, change, refresh_secrets) = tokio::select! {
+            (at, change) = changes.next() => (at, change, false),
+            _ = refresh.tick() => (Instant::now(), Change::Inputs, true),
         };
-        // Coalesce whatever else is already queued into this one recomputation.
-        while changes.try_recv().is_ok() {}
+        if change == Change::Outputs {
+            // Only what the writer wrote changed: its snapshot is brought up to date, and
+            // the desired meshes, computed from inputs that did not change, stay.
+            let previous = computed.borrow().clone();
+            computed.send_replace(Arc::new(refreshed(&previous, &caches)));
+            continue;
+        }
 
         // Secrets are read when first referenced and then on every refresh tick.
         let refs = referenced_secrets(&caches);
@@ -397,6 +407,39 @@ pub async fn run(
         // streams and the writer. Resting as long as it took keeps it to half a core at most,
         // and what arrives meanwhile is coalesced into the next one.
         tokio::time::sleep(started.elapsed().min(MAX_REST)).await;
+    }
+}
+
+/// `previous` with the objects as the caches hold them now, for changes only the status
+/// writer reads ([`Change::Outputs`]): the desired meshes and judgements stay.
+fn refreshed(previous: &Computed, caches: &Caches) -> Computed {
+    // Destructured, so that a new field is decided here.
+    let Computed {
+        meshes,
+        invalid,
+        peers: _,
+        nodes: _,
+        held,
+        foreign_pod_cidrs,
+        deleting,
+    } = previous;
+    Computed {
+        meshes: meshes
+            .iter()
+            .map(|(name, (mesh, desired))| {
+                let mesh = caches
+                    .meshes
+                    .get(&reflector::ObjectRef::new(name))
+                    .unwrap_or_else(|| mesh.clone());
+                (name.clone(), (mesh, desired.clone()))
+            })
+            .collect(),
+        invalid: invalid.clone(),
+        peers: caches.peers.state(),
+        nodes: caches.nodes.state(),
+        held: held.clone(),
+        foreign_pod_cidrs: foreign_pod_cidrs.clone(),
+        deleting: deleting.clone(),
     }
 }
 

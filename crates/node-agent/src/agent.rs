@@ -830,8 +830,8 @@ pub fn routing_config(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wgmesh_core::PublicKey;
     use clap::Parser;
+    use wgmesh_core::PublicKey;
 
     fn net(mode: &str) -> NetworkArgs {
         crate::config::Cli::parse_from(["wgmesh-agent", "--network-mode", mode])
