@@ -10,9 +10,10 @@ use wgmesh_api::WireGuardPeer;
 /// Our annotations (endpoints, pod CIDRs, key rotation): the only ones the controller reads.
 const OUR_ANNOTATIONS: &str = "wgmesh.io/";
 
-/// Keeps what the controller reads of a Node: name, uid, resourceVersion (taint removal is
-/// conditional on it), labels (selectors), our annotations, the spec (pod CIDRs, taints) and
-/// the addresses.
+/// Keeps what the controller reads of a Node: name, uid, labels (selectors), our
+/// annotations, the spec (pod CIDRs, taints) and the addresses. A change to anything else
+/// leaves the cached Node as it was but for its resourceVersion, and wakes nothing
+/// ([`crate::relevant`]).
 pub fn node(node: &mut Node) {
     metadata(node);
     if let Some(status) = node.status.take() {
