@@ -274,7 +274,8 @@ impl std::hash::Hash for EncodingMemo {
 
 impl std::fmt::Debug for EncodingMemo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The bytes may hold nothing secret, but they say nothing the fields do not.
+        // The bytes hold no secret (a pair's preshared key is added per stream, never
+        // memoized), but they say nothing the fields do not.
         f.write_str(if self.0.get().is_some() {
             "encoded"
         } else {
