@@ -2,6 +2,7 @@
 //! in this process) against a release build of the controller and the real local control
 //! plane; then nodes join one at a time and we measure until every agent has the new peer.
 
+use super::procfs;
 use super::stats::{median, percentile};
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -159,7 +160,7 @@ pub async fn run(args: Args) -> Result<()> {
         controller_env.push(("WGMESH_DHAT_DIR", heap_env.as_str()));
     }
 
-    let real_agent = !args.no_real_agent && nix::unistd::geteuid().is_root();
+    let real_agent = !args.no_real_agent && procfs::is_root();
     if !args.no_real_agent && !real_agent {
         eprintln!("    not root: no real agent (only simulated ones)");
     }
@@ -398,7 +399,7 @@ pub async fn run(args: Args) -> Result<()> {
     let mut controller = controller;
     let want = total - 1;
     let t0 = Instant::now();
-    let bench_cpu_before = cpu_seconds("self")?;
+    let bench_cpu_before = own_cpu_seconds()?;
     let machine_cpu_before = machine_cpu_seconds()?;
     let store_cpu_before = cpu_seconds_of_named(API_SERVER_AND_STORE)?;
     if args.heap_profile {
@@ -430,8 +431,8 @@ pub async fn run(args: Args) -> Result<()> {
     // simulated agents (this process) and everything else (the API server and etcd serving
     // the lists, the kernel).
     let restart_cpu = RestartCpu {
-        controller: cpu_seconds(&restarted.to_string())?,
-        agents: cpu_seconds("self")? - bench_cpu_before,
+        controller: procfs::cpu_seconds(&[restarted], procfs::clock_ticks())?,
+        agents: own_cpu_seconds()? - bench_cpu_before,
         api_server: cpu_seconds_of_named(API_SERVER_AND_STORE)? - store_cpu_before,
         machine: machine_cpu_seconds()? - machine_cpu_before,
     };
@@ -910,7 +911,8 @@ struct RestartCpu {
 }
 
 impl RestartCpu {
-    /// The kernel's own work and anything else running.
+    /// The kernel's own work, anything else running, and time another guest took from the
+    /// machine's cores.
     fn rest(&self) -> f64 {
         self.machine - self.controller - self.agents - self.api_server
     }
@@ -920,6 +922,7 @@ const API_SERVER_AND_STORE: &[&str] = &["kube-apiserver", "etcd"];
 
 /// The CPU seconds of every process whose command name is one of `names`.
 fn cpu_seconds_of_named(names: &[&str]) -> Result<f64> {
+    let tck = procfs::clock_ticks();
     let mut total = 0.0;
     for entry in std::fs::read_dir("/proc")?.flatten() {
         let pid = entry.file_name().to_string_lossy().into_owned();
@@ -929,71 +932,27 @@ fn cpu_seconds_of_named(names: &[&str]) -> Result<f64> {
         let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
             continue;
         };
-        if names.contains(&comm.trim()) {
+        if names.contains(&comm.trim())
+            && let Ok(pid) = pid.parse::<u32>()
+        {
             // A process may exit between the two reads.
-            total += cpu_seconds(&pid).unwrap_or(0.0);
+            total += procfs::cpu_seconds(&[pid], tck).unwrap_or(0.0);
         }
     }
     Ok(total)
 }
 
-/// User plus system CPU seconds of a process (`self` or a pid), from `/proc/PID/stat`.
-pub(super) fn cpu_seconds(pid: &str) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may hold spaces; the fields after its ')' are fixed.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15, the 12th and 13th after the name.
-    let ticks: f64 = fields
-        .get(11..13)
-        .context("short stat")?
-        .iter()
-        .map(|f| f.parse::<f64>())
-        .sum::<Result<f64, _>>()?;
-    Ok(ticks / clock_ticks_per_second())
-}
-
-/// CPU seconds every core of the machine spent busy (not idle or waiting), from `/proc/stat`.
-fn machine_cpu_seconds() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let cpu = stat.lines().next().context("empty /proc/stat")?;
-    let ticks: Vec<f64> = cpu
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse::<f64>())
-        .collect::<Result<_, _>>()?;
-    // user nice system idle iowait irq softirq steal guest guest_nice: busy is user, nice,
-    // system, irq and softirq (guest time is already in user; steal is another tenant's).
-    let busy: f64 = ticks
-        .iter()
-        .take(7)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, t)| t)
-        .sum();
-    Ok(busy / clock_ticks_per_second())
-}
-
-fn clock_ticks_per_second() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .map_or(100.0, |t| t as f64)
-}
-
 fn peak_rss_bytes(pid: u32) -> Result<u64> {
-    Ok(proc_status_kb(pid, "VmHWM:")? * 1024)
+    Ok(procfs::status_kb(pid, "VmHWM:")? * 1024)
 }
 
-/// A `kB` line of `/proc/PID/status` (`VmHWM:`, `VmRSS:`).
-pub(super) fn proc_status_kb(pid: u32, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    Ok(status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()?)
+/// CPU seconds of this process (the simulated agents).
+fn own_cpu_seconds() -> Result<f64> {
+    procfs::cpu_seconds(&[std::process::id()], procfs::clock_ticks())
+}
+
+/// CPU seconds every core of the machine spent busy (all but idle and iowait).
+fn machine_cpu_seconds() -> Result<f64> {
+    let (idle, total) = procfs::cpu_jiffies()?;
+    Ok((total - idle) as f64 / procfs::clock_ticks())
 }

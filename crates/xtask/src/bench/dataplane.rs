@@ -16,6 +16,7 @@
 //! `wg set` through its UAPI socket. Before each measurement we wait, up to a cap, for the
 //! machine to be idle. Everything stays inside the two namespaces the benchmark creates.
 
+use super::procfs::{clock_ticks, cpu_jiffies, cpu_seconds, is_root};
 use super::stats::{median, percentile};
 use std::collections::BTreeMap;
 use std::fs;
@@ -738,21 +739,6 @@ fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Result<(bool, Str
     Ok((status.success(), stdout, stderr))
 }
 
-/// (idle, total) jiffies of all cores from /proc/stat (iowait counts as idle).
-fn cpu_jiffies() -> Result<(u64, u64)> {
-    let stat = fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    // guest and guest_nice are already part of user and nice.
-    let total = v.iter().take(8).sum();
-    Ok((idle, total))
-}
-
 /// Waits until the machine was at least `IDLE_TARGET` idle over one second, at most `max`:
 /// (the last idle fraction, seconds waited).
 fn wait_idle(max: Duration) -> Result<(f64, f64)> {
@@ -784,48 +770,6 @@ fn wait_idle(max: Duration) -> Result<(f64, f64)> {
             said = true;
         }
     }
-}
-
-fn clock_ticks() -> f64 {
-    sh("getconf", &["CLK_TCK"])
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// Sum of utime + stime, in seconds, of the processes `pids` (all their threads).
-fn cpu_seconds(pids: &[u32], tck: f64) -> Result<f64> {
-    let mut ticks = 0u64;
-    for pid in pids {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("reading /proc/{pid}/stat"))?;
-        // Fields after the command name, which is in parentheses and may hold spaces:
-        // state is field 3, utime 14 and stime 15.
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .context("malformed stat")?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        for i in [11, 12] {
-            ticks += fields
-                .get(i)
-                .context("short stat")?
-                .parse::<u64>()
-                .context("parsing stat")?;
-        }
-    }
-    Ok(ticks as f64 / tck)
-}
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 fn program_version(program: &Path) -> String {

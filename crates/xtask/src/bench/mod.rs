@@ -4,6 +4,7 @@ mod control_plane;
 mod dataplane;
 mod disruption;
 mod heap;
+mod procfs;
 mod real_agent;
 mod stats;
 

@@ -9,6 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use super::procfs;
 use wgmesh_e2e::mesh::reserve_underlay;
 use wgmesh_e2e::netns::{Netns, RootLink, bridge, http_get_in, veth_to_bridge};
 use wgmesh_e2e::process::ChildGuard;
@@ -148,9 +150,9 @@ impl RealAgent {
         let pid = self.process.pid().context("the agent's pid")?;
         Ok(AgentFigures {
             peers,
-            rss_bytes: super::control_plane::proc_status_kb(pid, "VmRSS:")? * 1024,
-            peak_rss_bytes: super::control_plane::proc_status_kb(pid, "VmHWM:")? * 1024,
-            cpu_seconds: super::control_plane::cpu_seconds(&pid.to_string())?,
+            rss_bytes: procfs::status_kb(pid, "VmRSS:")? * 1024,
+            peak_rss_bytes: procfs::status_kb(pid, "VmHWM:")? * 1024,
+            cpu_seconds: procfs::cpu_seconds(&[pid], procfs::clock_ticks())?,
             metrics_bytes: metrics.len(),
         })
     }
