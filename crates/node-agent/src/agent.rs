@@ -580,23 +580,17 @@ impl Agent {
         let samples: Vec<PeerSample> = state
             .iter()
             .flat_map(|s| s.peers.iter())
-            .map(|p| PeerSample {
-                name: self
-                    .desired
-                    .peers
-                    .get(&p.config.public_key)
-                    .map_or("unknown", |d| d.name.as_str())
-                    .to_owned(),
-                node: self
-                    .desired
-                    .peers
-                    .get(&p.config.public_key)
-                    .is_some_and(|d| d.node.is_some()),
-                public_key: p.config.public_key.to_string(),
-                rx_bytes: p.rx_bytes,
-                tx_bytes: p.tx_bytes,
-                last_handshake: p.last_handshake,
-                endpoint: p.current_endpoint,
+            .map(|p| {
+                let desired = self.desired.peers.get(&p.config.public_key);
+                PeerSample {
+                    name: desired.map_or("unknown", |d| d.name.as_str()).to_owned(),
+                    node: desired.is_some_and(|d| d.node.is_some()),
+                    public_key: p.config.public_key.to_string(),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                    last_handshake: p.last_handshake,
+                    endpoint: p.current_endpoint,
+                }
             })
             .collect();
         self.metrics.observe_peers(&samples, SystemTime::now());
