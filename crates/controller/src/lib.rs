@@ -14,6 +14,7 @@ pub mod http;
 pub mod index;
 pub mod liveness;
 pub mod metrics;
+pub mod pacing;
 pub mod reconcile;
 pub mod relevant;
 pub mod reports;

@@ -359,9 +359,10 @@ where
     (ForeignCache { store, synced }, stream)
 }
 
-/// Recomputes on every change signal (coalescing bursts) and on Secret changes.
-/// The longest rest between two recomputations (see `run`).
+/// The longest rest between two recomputations (see [`crate::pacing`]).
 const MAX_REST: Duration = Duration::from_millis(500);
+
+/// Recomputes on every change signal (coalescing bursts) and on Secret changes.
 
 pub async fn run(
     client: Client,
@@ -374,6 +375,8 @@ pub async fn run(
 ) {
     let mut secrets = Secrets::new();
     let mut refresh = tokio::time::interval(SECRET_REFRESH);
+    let mut pacer = crate::pacing::Pacer::new(MAX_REST, Instant::now());
+    let mut computed_once = false;
     loop {
         // Whatever changed meanwhile is taken at once: one recomputation for all of it.
         let (first_change, change, refresh_secrets) = tokio::select! {
@@ -396,17 +399,23 @@ pub async fn run(
             .filter(|r| refresh_secrets || !secrets.contains_key(r))
             .collect();
         let read = read_secrets(&client, &to_read, &secret_namespaces, &secrets, &metrics).await;
+        let secrets_changed = read.iter().any(|(r, value)| secrets.get(r) != Some(value));
         secrets.extend(read);
+        if refresh_secrets && !secrets_changed && computed_once {
+            // The tick only re-reads Secrets: the same values change nothing, and a
+            // recomputation of thousands of objects every tick would be for nothing.
+            continue;
+        }
 
         let started = Instant::now();
         let result = compute_all(&caches, &secrets, &index);
+        computed_once = true;
         metrics.reconciled(first_change.elapsed().as_secs_f64());
         computed.send_replace(Arc::new(result));
-        // Recomputing is O(objects); under a flood of events (thousands of status writes
-        // after a restart) back-to-back recomputations would take a whole core from the
-        // streams and the writer. Resting as long as it took keeps it to half a core at most,
-        // and what arrives meanwhile is coalesced into the next one.
-        tokio::time::sleep(started.elapsed().min(MAX_REST)).await;
+        // Recomputing is O(objects): under a flood of events it rests (what arrives
+        // meanwhile is coalesced into the next one), an isolated change does not.
+        let rest = pacer.ran(started.elapsed(), Instant::now());
+        tokio::time::sleep(rest).await;
     }
 }
 

@@ -63,7 +63,7 @@ struct PeerVerdict {
     message: String,
 }
 
-/// The longest rest between two syncs (see `run`).
+/// The longest rest between two syncs (see [`crate::pacing`]).
 const MAX_REST: Duration = Duration::from_millis(500);
 
 impl Writer {
@@ -100,6 +100,7 @@ impl Writer {
         mut leader: watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(FLUSH_TICK);
+        let mut pacer = crate::pacing::Pacer::new(MAX_REST, Instant::now());
         loop {
             if !*leader.borrow_and_update() {
                 // Another replica may write meanwhile: forget what we think we wrote.
@@ -117,10 +118,10 @@ impl Writer {
             let snapshot = computed.borrow_and_update().clone();
             let started = Instant::now();
             self.sync(&snapshot).await;
-            // A sync walks every peer; thousands of agents reporting at once (after a
-            // restart) would otherwise have it walk them back to back. What arrives while
-            // it rests is taken by the next one.
-            tokio::time::sleep(started.elapsed().min(MAX_REST)).await;
+            // A sync walks every peer: under a flood (thousands of agents reporting after a
+            // restart) it rests, and what arrives meanwhile is taken by the next one.
+            let rest = pacer.ran(started.elapsed(), Instant::now());
+            tokio::time::sleep(rest).await;
             // No gateway about to go down: the tick wakes us anyway.
             let liveness_check = self
                 .next_liveness_check
@@ -232,6 +233,13 @@ impl Writer {
                 .node_peers_in_detail(desired.members.len().saturating_sub(1))
         });
 
+        // A peer given a new address (a node joining) waits for it to be written before it
+        // is programmed anywhere: those go first, not after a walk over every other peer.
+        order.sort_by_cached_key(|p| {
+            let name = p.name_any();
+            allocation.addresses.get(&name) == current.get(&name)
+                || !allocation.addresses.contains_key(&name)
+        });
         for peer in order {
             let name = peer.name_any();
             let verdict = verdict_of(peer, mesh, snapshot);
