@@ -135,14 +135,15 @@ pub struct Seniority {
 }
 
 impl Seniority {
-    /// Ranks every peer, giving new ones the next numbers in resourceVersion order (the order
-    /// the API server stored them in), and forgets deleted ones.
-    pub fn rank(&mut self, peers: &[Arc<WireGuardPeer>]) -> HashMap<String, u64> {
+    /// Ranks every peer (the result is in `peers`' order), giving new ones the next numbers
+    /// in resourceVersion order (the order the API server stored them in), and forgets
+    /// deleted ones.
+    pub fn rank(&mut self, peers: &[Arc<WireGuardPeer>]) -> Vec<u64> {
         let mut unseen: Vec<&Arc<WireGuardPeer>> = peers
             .iter()
-            .filter(|p| !self.by_uid.contains_key(&uid(p)))
+            .filter(|p| !self.by_uid.contains_key(uid(p)))
             .collect();
-        unseen.sort_by_key(|p| {
+        unseen.sort_by_cached_key(|p| {
             let rv = p
                 .metadata
                 .resource_version
@@ -152,19 +153,23 @@ impl Seniority {
         });
         for p in unseen {
             self.next += 1;
-            self.by_uid.insert(uid(p), self.next);
+            self.by_uid.insert(uid(p).to_owned(), self.next);
         }
-        let live: HashSet<String> = peers.iter().map(|p| uid(p)).collect();
-        self.by_uid.retain(|u, _| live.contains(u));
-        peers
-            .iter()
-            .map(|p| (p.name_any(), self.by_uid[&uid(p)]))
-            .collect()
+        if self.by_uid.len() > peers.len() {
+            let live: HashSet<&str> = peers.iter().map(|p| uid(p)).collect();
+            self.by_uid.retain(|u, _| live.contains(u.as_str()));
+        }
+        peers.iter().map(|p| self.by_uid[uid(p)]).collect()
     }
 }
 
-fn uid(peer: &WireGuardPeer) -> String {
-    peer.metadata.uid.clone().unwrap_or_else(|| peer.name_any())
+/// What identifies a peer for its seniority: its uid, else (objects built by hand) its name.
+fn uid(peer: &WireGuardPeer) -> &str {
+    peer.metadata
+        .uid
+        .as_deref()
+        .or(peer.metadata.name.as_deref())
+        .unwrap_or_default()
 }
 
 /// What one recomputation produced, handed to the status writer.
@@ -469,8 +474,7 @@ pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Compute
         .expect("seniority lock")
         .rank(&peers);
     let mut inputs: BTreeMap<String, Vec<PeerInput>> = BTreeMap::new();
-    for peer in &peers {
-        let rank = seniority.get(&peer.name_any()).copied().unwrap_or(u64::MAX);
+    for (peer, rank) in peers.iter().zip(seniority) {
         match convert::peer_input(peer, secrets, rank) {
             Ok(input) => inputs
                 .entry(peer.spec.mesh.0.clone())
@@ -791,7 +795,10 @@ mod tests {
                 let peers: Vec<_> = listed.iter().copied().map(peer).collect();
                 let want: HashMap<String, u64> =
                     want.iter().map(|(n, r)| (n.to_string(), *r)).collect();
-                assert_eq!(seniority.rank(&peers), want, "{}: round {i}", case.name);
+                let ranks = seniority.rank(&peers);
+                let got: HashMap<String, u64> =
+                    peers.iter().map(|p| p.name_any()).zip(ranks).collect();
+                assert_eq!(got, want, "{}: round {i}", case.name);
             }
         }
     }
