@@ -81,9 +81,24 @@ impl Outputs for EndpointSlice {}
 
 /// The computation reads a peer's tunnel addresses, last seen endpoint and whether it is
 /// `Ready` (`convert::peer_input`); traffic, handshakes, live sessions, the condition's
-/// message and times are the writer's.
+/// message and times are the writer's. Of a node peer's spec, the writer keeps
+/// `allowedIPs` (its Node's pod CIDRs decide its claims, `desired::claimed_networks`) and,
+/// once the registered endpoint is annotated, `endpoint` in step with the desired mesh, for
+/// people to read: the computation reads neither. The generation only counts spec changes.
 impl Outputs for WireGuardPeer {
     fn without_outputs(&mut self) {
+        self.metadata.generation = None;
+        if self.spec.node.is_some() {
+            self.spec.allowed_ips.clear();
+            if self
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(crate::convert::REGISTERED_ENDPOINT_ANNOTATION))
+            {
+                self.spec.endpoint = None;
+            }
+        }
         if let Some(status) = self.status.take() {
             self.status = Some(WireGuardPeerStatus {
                 addresses: status.addresses,
@@ -352,6 +367,74 @@ mod tests {
                 want,
                 "{what}"
             );
+        }
+    }
+
+    /// The writer keeps a node peer's allowed IPs and endpoint in step with the desired mesh:
+    /// outputs. An external peer's are what its author claims: inputs.
+    #[test]
+    fn peer_spec_inputs_and_outputs() {
+        let with = |node: Option<&str>, annotated: bool, allowed: &str, endpoint: &str| {
+            let mut spec = serde_json::json!({
+                "mesh": "m",
+                "publicKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                "allowedIPs": [allowed],
+                "endpoint": endpoint,
+            });
+            if let Some(node) = node {
+                spec["node"] = node.into();
+            }
+            let mut p = WireGuardPeer::new("p", serde_json::from_value(spec).unwrap());
+            // A spec change bumps the generation.
+            p.metadata.generation = Some((allowed.len() + endpoint.len()) as i64);
+            if annotated {
+                p.metadata.annotations = Some(
+                    [(
+                        crate::convert::REGISTERED_ENDPOINT_ANNOTATION.to_owned(),
+                        "192.0.2.1:51820".to_owned(),
+                    )]
+                    .into(),
+                );
+            }
+            p
+        };
+        use Change::*;
+        let cases = [
+            (
+                "a node peer's allowed IPs",
+                with(Some("n"), true, "10.244.1.0/24", "192.0.2.1:51820"),
+                with(Some("n"), true, "10.244.12.0/24", "192.0.2.1:51820"),
+                Outputs,
+            ),
+            (
+                "a node peer's endpoint, with the registered one annotated",
+                with(Some("n"), true, "10.244.1.0/24", "192.0.2.1:51820"),
+                with(Some("n"), true, "10.244.1.0/24", "203.0.113.1:51820"),
+                Outputs,
+            ),
+            (
+                "a node peer's endpoint, from before the annotation",
+                with(Some("n"), false, "10.244.1.0/24", "192.0.2.1:51820"),
+                with(Some("n"), false, "10.244.1.0/24", "203.0.113.1:51820"),
+                Inputs,
+            ),
+            (
+                "an external peer's allowed IPs",
+                with(None, false, "10.9.0.0/24", "192.0.2.1:51820"),
+                with(None, false, "10.99.0.0/24", "192.0.2.1:51820"),
+                Inputs,
+            ),
+            (
+                "an external peer's endpoint",
+                with(None, true, "10.9.0.0/24", "192.0.2.1:51820"),
+                with(None, true, "10.9.0.0/24", "203.0.113.1:51820"),
+                Inputs,
+            ),
+        ];
+        for (what, before, after, want) in cases {
+            let mut fingerprints = Fingerprints::default();
+            fingerprints.change(&Event::Apply(before));
+            assert_eq!(fingerprints.change(&Event::Apply(after)), want, "{what}");
         }
     }
 
