@@ -21,8 +21,9 @@ pub struct Config {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// Address the gRPC server (agents) listens on.
-    #[arg(long, env = "WGMESH_GRPC_ADDR", default_value = "0.0.0.0:9443")]
+    /// Address the gRPC server (agents) listens on. `[::]` takes IPv4 and IPv6 (IPv4 alone
+    /// where the kernel has no IPv6).
+    #[arg(long, env = "WGMESH_GRPC_ADDR", default_value = "[::]:9443")]
     pub grpc_addr: SocketAddr,
 
     /// PEM certificate chain of the gRPC server.
@@ -60,8 +61,9 @@ pub struct Config {
     )]
     pub peer_server_name: String,
 
-    /// Address of the HTTP server for /metrics, /healthz and /readyz.
-    #[arg(long, env = "WGMESH_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    /// Address of the HTTP server for /metrics, /healthz and /readyz (`[::]` as for
+    /// --grpc-addr).
+    #[arg(long, env = "WGMESH_METRICS_ADDR", default_value = "[::]:9090")]
     pub metrics_addr: SocketAddr,
 
     /// Namespace the controller runs in (its Lease lives there).
@@ -226,9 +228,43 @@ impl Config {
     }
 }
 
+/// The address to listen on for `addr`: IPv6's unspecified address takes both families on
+/// Linux (an IPv6-only cluster's pods have no IPv4 address, a dual-stack one's have both),
+/// but where the kernel has no IPv6 at all (booted with `ipv6.disable=1`) it cannot be bound,
+/// and IPv4's takes its place. Any other address is the user's choice and kept.
+pub fn listen_addr(addr: SocketAddr, ipv6_available: bool) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() && !ipv6_available => {
+            SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// Whether this network namespace can have IPv6 sockets at all.
+pub fn ipv6_available() -> bool {
+    std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addr_table() {
+        for (addr, ipv6, want) in [
+            ("[::]:9443", true, "[::]:9443"),
+            ("[::]:9443", false, "0.0.0.0:9443"),
+            ("0.0.0.0:9443", true, "0.0.0.0:9443"),
+            ("0.0.0.0:9443", false, "0.0.0.0:9443"),
+            ("[fd00::5]:9443", false, "[fd00::5]:9443"),
+            ("10.0.0.5:9090", false, "10.0.0.5:9090"),
+            ("[::1]:9090", false, "[::1]:9090"),
+        ] {
+            let got = listen_addr(addr.parse().unwrap(), ipv6);
+            assert_eq!(got, want.parse().unwrap(), "{addr} ipv6={ipv6}");
+        }
+    }
 
     #[test]
     fn reserved_ranges_table() {

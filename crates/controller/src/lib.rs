@@ -111,8 +111,9 @@ pub async fn run(config: Config) -> Result<()> {
     let (caches, watch_driver, changes) = reconcile::watch_cluster(&client, reserved);
     tokio::spawn(watch_driver);
     let ready = Arc::new(AtomicBool::new(false));
+    let ipv6 = config::ipv6_available();
     tokio::spawn(http::serve(
-        config.metrics_addr,
+        config::listen_addr(config.metrics_addr, ipv6),
         metrics.clone(),
         ready.clone(),
         shutdown.clone(),
@@ -200,7 +201,8 @@ pub async fn run(config: Config) -> Result<()> {
         snapshot_turns: Arc::new(tokio::sync::Semaphore::new(grpc::SNAPSHOTS_IN_FLIGHT)),
     };
     ready.store(true, Ordering::Relaxed);
-    tracing::info!(addr = %config.grpc_addr, identity = %identity, "serving agents");
+    let grpc_addr = config::listen_addr(config.grpc_addr, ipv6);
+    tracing::info!(addr = %grpc_addr, identity = %identity, "serving agents");
 
     let prune_index = index.clone();
     tokio::spawn(async move {
@@ -225,7 +227,7 @@ pub async fn run(config: Config) -> Result<()> {
             wgmesh_proto::served::mesh_service_server::MeshServiceServer::new(service)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
-        .serve_with_shutdown(config.grpc_addr, signal)
+        .serve_with_shutdown(grpc_addr, signal)
         .await?;
     Ok(())
 }

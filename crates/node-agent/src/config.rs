@@ -40,11 +40,13 @@ pub struct RunArgs {
     #[arg(long, env = "WGMESH_MESH", default_value = "default")]
     pub mesh: String,
 
-    /// URL of the controller's gRPC service.
+    /// URL of the controller's gRPC service. An IPv4 address may be written in brackets
+    /// (`https://[10.96.0.10]:9443`), so that one template serves IPv4 and IPv6 Services.
     #[arg(
         long,
         env = "WGMESH_CONTROLLER",
-        default_value = "https://wgmesh-controller.wgmesh-system.svc:9443"
+        default_value = "https://wgmesh-controller.wgmesh-system.svc:9443",
+        value_parser = unbracket_ipv4_host
     )]
     pub controller: String,
 
@@ -228,6 +230,26 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::new(ip, port))
 }
 
+/// The URL with brackets around an IPv4 host removed: Kubernetes gives a Service's address
+/// unbracketed (`WGMESH_CONTROLLER_SERVICE_HOST`), so the chart brackets it to make an IPv6
+/// address a valid URL host (`https://[fd00::a]:9443`), and an IPv4 one must lose them again
+/// (RFC 3986 allows only IPv6 in brackets). Anything else is left for
+/// [`check_controller_url`] to judge.
+pub fn unbracket_ipv4_host(url: &str) -> Result<String, String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Ok(url.to_owned());
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let Some((host, port)) = authority.strip_prefix('[').and_then(|a| a.split_once(']')) else {
+        return Ok(url.to_owned());
+    };
+    if host.parse::<std::net::Ipv4Addr>().is_err() {
+        return Ok(url.to_owned());
+    }
+    Ok(format!("{scheme}://{host}{port}{path}"))
+}
+
 /// Accepts only an `https://` controller URL with a host. Over plain `http://` tonic would
 /// quietly skip TLS: the node's token would go out, and its peer set come in, unencrypted
 /// and unauthenticated (issue #12, item 9). Checked once at start-up, before the agent
@@ -253,7 +275,51 @@ pub fn check_controller_url(url: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_controller_url, parse_listen_addr};
+    use super::{check_controller_url, parse_listen_addr, unbracket_ipv4_host};
+
+    #[test]
+    fn ipv4_hosts_lose_their_brackets() {
+        for (url, want) in [
+            ("https://[10.96.0.10]:9443", "https://10.96.0.10:9443"),
+            ("https://[10.96.0.10]", "https://10.96.0.10"),
+            (
+                "https://[10.96.0.10]:9443/x?y",
+                "https://10.96.0.10:9443/x?y",
+            ),
+            ("https://[fd00:96::a]:9443", "https://[fd00:96::a]:9443"),
+            (
+                "https://[::ffff:10.0.0.1]:9443",
+                "https://[::ffff:10.0.0.1]:9443",
+            ),
+            ("https://10.96.0.10:9443", "https://10.96.0.10:9443"),
+            ("https://controller.svc:9443", "https://controller.svc:9443"),
+            ("https://[controller]:9443", "https://[controller]:9443"),
+            ("https://[10.96.0.10:9443", "https://[10.96.0.10:9443"),
+            ("https://[]:9443", "https://[]:9443"),
+            ("http://[10.0.0.1]:80", "http://10.0.0.1:80"),
+            ("[10.0.0.1]:9443", "[10.0.0.1]:9443"),
+            ("", ""),
+        ] {
+            assert_eq!(unbracket_ipv4_host(url).as_deref(), Ok(want), "{url:?}");
+        }
+    }
+
+    /// The chart's template for either family of Service address, as the agent reads it.
+    #[test]
+    fn the_charts_bracketed_service_url_passes_for_both_families() {
+        for host in ["10.96.0.10", "fd00:10:96::a"] {
+            let url = unbracket_ipv4_host(&format!("https://[{host}]:9443")).unwrap();
+            assert_eq!(check_controller_url(&url), Ok(()), "{url}");
+            let uri: axum::http::Uri = url.parse().unwrap();
+            let got = uri
+                .host()
+                .unwrap()
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            assert_eq!(got, host);
+            assert_eq!(uri.port_u16(), Some(9443));
+        }
+    }
 
     #[test]
     fn listen_addresses() {
