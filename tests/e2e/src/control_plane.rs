@@ -30,6 +30,10 @@ pub struct ControlPlaneOptions {
     /// Off by default: without a controller manager no namespace has its `default` account,
     /// and this admission would refuse every pod object the stand-in tests create.
     pub service_account_admission: bool,
+    /// An IPv6-only cluster's API server: it serves on `[::1]` (the URL, the advertised
+    /// address, the certificate) and gives Services IPv6 cluster IPs. Its etcd, which only
+    /// the API server talks to, stays on `127.0.0.1`.
+    pub ipv6: bool,
 }
 
 /// A running etcd + kube-apiserver pair.
@@ -76,7 +80,8 @@ impl ControlPlane {
         let d = dir.path();
 
         let ca = TestCa::new("wgmesh-test-ca")?;
-        let mut serving_names = vec!["127.0.0.1", "localhost"];
+        let loopback = if options.ipv6 { "::1" } else { "127.0.0.1" };
+        let mut serving_names = vec![loopback, "localhost"];
         serving_names.extend(options.serving_names.iter().map(String::as_str));
         let serving = ca.server_cert("kube-apiserver", &serving_names)?;
         let admin = ca.client_cert("wgmesh-admin", Some("system:masters"))?;
@@ -98,7 +103,17 @@ impl ControlPlane {
         let etcd_peer_port = free_port()?;
         let api_port = free_port()?;
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
-        let url = format!("https://127.0.0.1:{api_port}");
+        let url = format!(
+            "https://{}",
+            std::net::SocketAddr::new(loopback.parse()?, api_port)
+        );
+        // IPv6 Services in an IPv6-only cluster (the API server wants its advertised
+        // address's family first); /112 is as large as it allows.
+        let service_range = if options.ipv6 {
+            "fd00:10:96::/112"
+        } else {
+            "10.96.0.0/16"
+        };
 
         let etcd_args: Vec<String> = vec![
             format!("--data-dir={}", d.join("etcd").display()),
@@ -122,8 +137,8 @@ impl ControlPlane {
         };
         let apiserver_args: Vec<String> = vec![
             format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={loopback}"),
+            format!("--advertise-address={loopback}"),
             format!("--secure-port={api_port}"),
             format!("--cert-dir={}", p("apiserver-certs")),
             format!("--tls-cert-file={}", p("apiserver.crt")),
@@ -138,7 +153,7 @@ impl ControlPlane {
             format!("--service-account-key-file={}", p("sa.pub")),
             format!("--service-account-signing-key-file={}", p("sa.key")),
             "--api-audiences=https://kubernetes.default.svc,wgmesh".into(),
-            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            format!("--service-cluster-ip-range={service_range}"),
             admission.into(),
             "--allow-privileged=true".into(),
             "--endpoint-reconciler-type=none".into(),
@@ -246,7 +261,7 @@ impl ControlPlane {
         &self.kubeconfig
     }
 
-    /// The API server's URL (`https://127.0.0.1:PORT`).
+    /// The API server's URL (`https://127.0.0.1:PORT`, or `https://[::1]:PORT`).
     pub fn url(&self) -> &str {
         &self.url
     }

@@ -70,6 +70,8 @@ pub struct TestMesh {
     /// Dual-stack meshes: the underlay's IPv6 /64 prefix (`fd00:<octet>:`), whose `::<i>` is
     /// node `i`, `::fd` the router and `::fe` the host.
     pub underlay6: Option<String>,
+    /// An IPv6-only cluster ([`MeshOptions::ipv6_only`]).
+    pub ipv6_only: bool,
     pub client: kube::Client,
     /// The underlay's /24 prefix, such as `192.168.101`.
     pub underlay: String,
@@ -95,6 +97,13 @@ pub struct MeshOptions {
     /// and pod CIDR `fd00:10:244:<i>::/64` after the IPv4 ones, and the underlay router
     /// routes those back as it does the IPv4 ones.
     pub dual_stack: bool,
+    /// An IPv6-only cluster: the nodes' underlay links have IPv6 addresses only (`::<i>` of
+    /// the underlay's /64, default route through the router's `::fd`), Nodes list only IPv6
+    /// InternalIPs and pod CIDRs (`fd00:10:244:<i>::/64`), the API server serves on `[::1]`
+    /// with IPv6 Services, and the controller's pod IP (the host's `::fe`, which the agents'
+    /// Service environment names) is IPv6: every control connection runs over IPv6. The
+    /// mesh's pools are the test's to make IPv6 (`values`).
+    pub ipv6_only: bool,
 }
 
 impl Default for MeshOptions {
@@ -103,6 +112,7 @@ impl Default for MeshOptions {
             mode: NetworkMode::Cni,
             values: serde_json::json!({}),
             dual_stack: false,
+            ipv6_only: false,
         }
     }
 }
@@ -110,6 +120,15 @@ impl Default for MeshOptions {
 /// The IPv6 underlay prefix of the mesh whose IPv4 underlay is `192.168.<octet>`.
 fn underlay6(octet: u8) -> String {
     format!("fd00:{octet}:")
+}
+
+/// The controller's pod IP: the host's address on the underlay, `<underlay>.254`, or in an
+/// IPv6-only cluster `<underlay6>:fe`.
+fn controller_ip(underlay: &str, ipv6_only: Option<String>) -> String {
+    match ipv6_only {
+        Some(prefix) => format!("{prefix}:fe"),
+        None => format!("{underlay}.254"),
+    }
 }
 
 /// The underlay router's last octet.
@@ -178,13 +197,18 @@ impl TestMesh {
             mode,
             values: extra,
             dual_stack,
+            ipv6_only,
         } = options;
         let (octet, underlay_lock) = reserve_underlay()?;
         // Unique while the lock is held; the letter keeps it apart from the numeric ids of
         // older harnesses (process id and sequence).
         let id = format!("u{octet}");
         let underlay = format!("192.168.{octet}");
-        let cp = ControlPlane::start().await?;
+        let cp = ControlPlane::start_with(crate::control_plane::ControlPlaneOptions {
+            ipv6: ipv6_only,
+            ..Default::default()
+        })
+        .await?;
         let client = cp.client().await?;
         let dir = ScratchDir::new("wgmesh-mesh-")?;
         let (router, underlay_links) = underlay_router(&id, &underlay, ROUTER_OCTET)?;
@@ -204,7 +228,7 @@ impl TestMesh {
             "agent": {"reportInterval": 2, "logLevel": "info,wgmesh_agent=debug"},
         });
         let values_json = merge_values(values_json, extra);
-        if dual_stack {
+        if dual_stack || ipv6_only {
             // The underlay carries IPv6 too: the host, the router and (in add_node) every node.
             let v6 = |host: u8| format!("{}:{host:x}", underlay6(octet));
             sh(
@@ -235,7 +259,7 @@ impl TestMesh {
         let installed = Installed::read(&client).await?;
 
         // The controller, as its Deployment says, on the host (root) network namespace.
-        let controller_ip = format!("{underlay}.254");
+        let controller_ip = controller_ip(&underlay, ipv6_only.then(|| underlay6(octet)));
         let pod = cluster::agent_pod(
             &client,
             "wgmesh-controller-0",
@@ -250,15 +274,19 @@ impl TestMesh {
             ("metadata.namespace", NAMESPACE.to_owned()),
             ("status.podIP", controller_ip.clone()),
         ]);
-        let api_port = cp
-            .url()
-            .rsplit(':')
-            .next()
-            .context("the API server URL has no port")?
-            .to_owned();
+        let api: http::Uri = cp.url().parse()?;
+        let api_host = api.host().context("the API server URL has no host")?;
+        let api_port = api.port_u16().context("the API server URL has no port")?;
+        // As Kubernetes sets it: the address without brackets.
         let mut services = vec![
-            ("KUBERNETES_SERVICE_HOST".to_owned(), "127.0.0.1".to_owned()),
-            ("KUBERNETES_SERVICE_PORT".to_owned(), api_port),
+            (
+                "KUBERNETES_SERVICE_HOST".to_owned(),
+                api_host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned(),
+            ),
+            ("KUBERNETES_SERVICE_PORT".to_owned(), api_port.to_string()),
         ];
         services.extend(installed.service_env(&controller_ip));
         let mut env = pods::container_env(&container, &fields, &services)?;
@@ -293,7 +321,8 @@ impl TestMesh {
             nodes: Vec::new(),
             controller: Some(controller),
             mode,
-            underlay6: dual_stack.then(|| underlay6(octet)),
+            underlay6: (dual_stack || ipv6_only).then(|| underlay6(octet)),
+            ipv6_only,
             client,
             underlay,
             id,
@@ -326,6 +355,9 @@ impl TestMesh {
         let name = format!("node-{i}");
         let ns = Netns::create(&format!("wgm{}n{i}", self.id))?;
         let pod = Netns::create(&format!("wgm{}p{i}", self.id))?;
+        if self.ipv6_only {
+            return self.add_ipv6_only_node(i, ns, pod).await;
+        }
         let node_ip = format!("{}.{i}", self.underlay);
         let veth = veth_to_bridge(
             &format!("wgm{}br", self.id),
@@ -399,6 +431,60 @@ impl TestMesh {
         Ok(())
     }
 
+    /// [`TestMesh::add_node`] in an IPv6-only cluster: the node's underlay link has only its
+    /// IPv6 address, its default route is IPv6 through the router (which routes the node's
+    /// IPv6 pod CIDR back to it), and its Node lists only IPv6.
+    async fn add_ipv6_only_node(&mut self, i: usize, ns: Netns, pod: Netns) -> Result<()> {
+        let name = format!("node-{i}");
+        let prefix = self
+            .underlay6
+            .clone()
+            .context("an IPv6-only mesh has an IPv6 underlay")?;
+        let node_ip = format!("{prefix}:{i:x}");
+        let veth = veth_to_bridge(
+            &format!("wgm{}br", self.id),
+            &format!("wgm{}v{i}", self.id),
+            &ns,
+            "eth0",
+            &format!("{node_ip}/64"),
+        )?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{prefix}:{ROUTER_OCTET:x}"),
+        ])?;
+        let pod_cidr = format!("fd00:10:244:{i:x}::/64");
+        self.router
+            .ip(&["-6", "route", "replace", &pod_cidr, "via", &node_ip])?;
+        let pod_ip = match self.mode {
+            NetworkMode::Addon => {
+                let ipam_dir = self.dir.path().join(format!("ipam-{i}"));
+                cni_add_pod(&ns, &pod, &pod_cidr, &ipam_dir)?
+            }
+            NetworkMode::Cni => String::new(),
+        };
+        cluster::create_node_with_addresses(&self.client, &name, &[&pod_cidr], &[&node_ip], &[])
+            .await?;
+        self.nodes.push(TestNode {
+            name,
+            index: i,
+            node_ip,
+            pod_cidr,
+            pod_ip,
+            agent: None,
+            pod,
+            ns,
+            _veth: veth,
+            host_root: self.dir.path().join(format!("node-{i}")).join("host"),
+            launch: None,
+        });
+        Ok(())
+    }
+
     /// Add-on mode's pre-existing CNI routes: each node routes the other nodes' pod CIDRs in
     /// plaintext via their node addresses, as kindnet does.
     fn install_plain_routes(&self) -> Result<()> {
@@ -414,7 +500,7 @@ impl TestMesh {
     /// Node `i`'s agent pod as its DaemonSet says: the pod object (its token is bound to it),
     /// the volumes and the environment.
     async fn prepare_agent(&mut self, i: usize) -> Result<()> {
-        let controller_ip = format!("{}.254", self.underlay);
+        let controller_ip = self.controller_ip();
         let node = &self.nodes[i];
         let pod = cluster::agent_pod(
             &self.client,
@@ -626,6 +712,25 @@ impl TestMesh {
     /// the underlay crosses it (captures see the node's side as direction "in").
     pub fn underlay_link(&self, pos: usize) -> String {
         format!("wgm{}v{}", self.id, self.nodes[pos].index)
+    }
+
+    /// The controller's pod IP, which the agents' Service environment names: the host's
+    /// address on the underlay (IPv6 in an IPv6-only cluster).
+    pub fn controller_ip(&self) -> String {
+        controller_ip(
+            &self.underlay,
+            self.ipv6_only.then(|| self.underlay6.clone()).flatten(),
+        )
+    }
+
+    /// The value of `name` in node `i`'s agent environment, as the kubelet would compute it
+    /// (once the agent was prepared).
+    pub fn agent_env(&self, i: usize, name: &str) -> Option<String> {
+        self.nodes[i]
+            .launch
+            .as_ref()?
+            .env_value(name)
+            .map(str::to_owned)
     }
 
     /// The mesh's scratch directory (logs, captures); removed on drop.

@@ -190,7 +190,12 @@ pub fn veth_to_bridge(
     };
     sh("ip", &["link", "set", root_end, "master", bridge, "up"])?;
     ns.ip(&["link", "set", "wgmtmp0", "name", inner_name])?;
-    ns.ip(&["addr", "add", address, "dev", inner_name])?;
+    // An IPv6 address is usable at once, without duplicate address detection's wait.
+    let mut add = vec!["addr", "add", address, "dev", inner_name];
+    if address.contains(':') {
+        add.push("nodad");
+    }
+    ns.ip(&add)?;
     ns.ip(&["link", "set", inner_name, "up"])?;
     Ok(link)
 }

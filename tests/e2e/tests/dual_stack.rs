@@ -263,3 +263,175 @@ fn eventually(what: &str, mut f: impl FnMut() -> Result<()>) -> Result<()> {
         }
     }
 }
+
+/// An IPv6-only cluster: nodes with only IPv6 on their underlay (no IPv4 address, an IPv6
+/// default route), Nodes with only IPv6 InternalIPs and pod CIDRs, an API server on `[::1]`
+/// with IPv6 Services, and the controller at an IPv6 pod IP. The agents reach it through the
+/// chart's Service URL (`https://[v6]:port`, TLS to the Service's name), register the Node's
+/// IPv6 address as their endpoint, and pods reach each other through the tunnel while every
+/// node's underlay is captured: no plaintext pod packet, and no IPv4 packet at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn e2e_dual_stack_ipv6_only_control_plane() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
+        return Ok(());
+    }
+    let mesh = TestMesh::start_with(
+        3,
+        MeshOptions {
+            ipv6_only: true,
+            values: json!({"mesh": {"spec": {
+                "tunnelCIDRs": ["fd00:250::/64"],
+                "clusterCIDRs": ["fd00:10:244::/48"],
+            }}}),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let prefix6 = mesh.underlay6.clone().context("an IPv6 underlay")?;
+    let controller_ip = mesh.controller_ip();
+    assert!(
+        controller_ip.parse::<std::net::Ipv6Addr>().is_ok(),
+        "the controller's pod IP is IPv6: {controller_ip}"
+    );
+    assert!(
+        mesh.cp.url().starts_with("https://[::1]:"),
+        "the API server serves on [::1]: {}",
+        mesh.cp.url()
+    );
+    let cluster_ip = mesh
+        .installed
+        .service
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.clone())
+        .unwrap_or_default();
+    assert!(
+        cluster_ip.parse::<std::net::Ipv6Addr>().is_ok(),
+        "the controller's Service has an IPv6 cluster IP: {cluster_ip:?}"
+    );
+
+    // The world is IPv6-only: no IPv4 address or route on any node's underlay, and Nodes that
+    // say so.
+    let nodes: Api<Node> = Api::all(mesh.client.clone());
+    for node in &mesh.nodes {
+        let v4 = node.ns.ip(&["-4", "-o", "addr", "show", "dev", "eth0"])?;
+        assert!(v4.trim().is_empty(), "{}: IPv4 on eth0: {v4}", node.name);
+        let default4 = node.ns.ip(&["-4", "route", "show", "default"])?;
+        assert!(default4.trim().is_empty(), "{}: {default4}", node.name);
+        let default6 = node.ns.ip(&["-6", "route", "show", "default"])?;
+        assert!(
+            default6.contains(&format!("via {prefix6}:fd dev eth0")),
+            "{}: the default route is IPv6 through the router: {default6}",
+            node.name
+        );
+        let object = nodes.get(&node.name).await?;
+        let addresses: Vec<String> = object
+            .status
+            .and_then(|s| s.addresses)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| a.address)
+            .collect();
+        assert!(
+            !addresses.is_empty()
+                && addresses
+                    .iter()
+                    .all(|a| a.parse::<std::net::Ipv6Addr>().is_ok()),
+            "{}: only IPv6 InternalIPs: {addresses:?}",
+            node.name
+        );
+    }
+
+    mesh.wait_peer_counts(2, Duration::from_secs(60)).await?;
+
+    // Each agent's control connection: the chart's URL with the Service's IPv6 address, and
+    // an established TCP connection from the node's IPv6 address to it.
+    for (pos, node) in mesh.nodes.iter().enumerate() {
+        let url = mesh
+            .agent_env(pos, "WGMESH_CONTROLLER")
+            .context("the agent's WGMESH_CONTROLLER")?;
+        let authority = url
+            .strip_prefix("https://")
+            .filter(|a| a.starts_with(&format!("[{controller_ip}]:")))
+            .with_context(|| format!("{}: the controller URL {url}", node.name))?;
+        let connections = node.ns.exec("ss", &["-tnH", "state", "established"])?;
+        let own = format!("[{}]:", node.node_ip);
+        assert!(
+            connections.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.iter().any(|a| a.starts_with(&own)) && f.contains(&authority)
+            }),
+            "{}: an established IPv6 connection {own}* -> {authority}:\n{connections}",
+            node.name
+        );
+    }
+
+    // Endpoints are the registered IPv6 node addresses (no annotation), and allowed IPs the
+    // IPv6 pod CIDR and tunnel address only.
+    for pos in 0..mesh.nodes.len() {
+        let key = mesh.public_key(pos)?;
+        let i = mesh.nodes[pos].index;
+        let endpoint = format!("[{prefix6}:{i:x}]:51820");
+        for other in (0..mesh.nodes.len()).filter(|o| *o != pos) {
+            wait_peer(&mesh, other, &key, "its IPv6 endpoint", |line| {
+                field(line, 2) == endpoint
+            })
+            .await?;
+            wait_peer(&mesh, other, &key, "IPv6 allowed IPs only", |line| {
+                let allowed = field(line, 3);
+                allowed.contains(&format!("fd00:10:244:{i:x}::/64"))
+                    && allowed.contains("fd00:250::")
+                    && !allowed.contains('.')
+            })
+            .await?;
+        }
+    }
+
+    let mut watcher = Watcher::new(mesh.dir(), &["fd00:10:244::/48", "fd00:250::/64"])?;
+    for pos in 0..mesh.nodes.len() {
+        watcher.watch(&mesh.nodes[pos].name, &mesh.underlay_link(pos))?;
+    }
+    for node in &mesh.nodes {
+        let i = node.index;
+        assert!(
+            node.pod_ip.starts_with(&format!("fd00:10:244:{i:x}::")),
+            "{}'s pod has an address of its IPv6 pod CIDR: {}",
+            node.name,
+            node.pod_ip
+        );
+        echo_server(&node.pod, "[::]:7000".parse()?, usize::MAX)?;
+    }
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(30))?;
+    // The tunnel runs over the IPv6 underlay, and nothing of IPv4 leaves a node.
+    let over_ipv6 = first_packet(
+        None,
+        &mesh.underlay_link(0),
+        "in",
+        "ip6 and udp port 51820",
+        || mesh.pod_matrix(ECHO_PORT, Duration::from_secs(10)),
+    )?;
+    assert!(
+        !over_ipv6.is_empty(),
+        "node-1 sent its encrypted packets over the IPv6 underlay"
+    );
+    for pos in 0..mesh.nodes.len() {
+        let ipv4 = first_packet(None, &mesh.underlay_link(pos), "in", "ip", || {
+            mesh.pod_matrix(ECHO_PORT, Duration::from_secs(10))
+        })?;
+        // tcpdump ends its output with a newline even when nothing came.
+        assert!(
+            ipv4.trim().is_empty(),
+            "{} sent IPv4 on its underlay: {ipv4:?}",
+            mesh.nodes[pos].name
+        );
+    }
+
+    let counts = watcher.poll()?;
+    let plaintext: u64 = counts.iter().map(|c| c.plaintext).sum();
+    let captured: u64 = counts.iter().map(|c| c.packets).sum();
+    eprintln!("capture: {counts:?}");
+    assert!(captured > 0, "the capture saw the traffic: {counts:?}");
+    assert_eq!(plaintext, 0, "pod packets in plaintext: {counts:?}");
+    Ok(())
+}

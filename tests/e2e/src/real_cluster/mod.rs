@@ -104,6 +104,7 @@ impl RealCluster {
         let cp = ControlPlane::start_with(ControlPlaneOptions {
             serving_names: vec![API_SERVICE_IP.into(), format!("{underlay}.{ROUTER_OCTET}")],
             service_account_admission: true,
+            ..Default::default()
         })
         .await?;
         for pid in cp.pids() {
