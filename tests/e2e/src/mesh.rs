@@ -67,7 +67,7 @@ pub struct TestMesh {
     pub nodes: Vec<TestNode>,
     pub controller: Option<Controller>,
     pub mode: NetworkMode,
-    /// Dual-stack meshes: the underlay's IPv6 /64 prefix (`fd00:<octet>:`), whose `::<i>` is
+    /// Dual-stack and IPv6-only meshes: the underlay's IPv6 /64 prefix (`fd00:<octet>:`), whose `::<i>` is
     /// node `i`, `::fd` the router and `::fe` the host.
     pub underlay6: Option<String>,
     /// An IPv6-only cluster ([`MeshOptions::ipv6_only`]).
@@ -229,7 +229,9 @@ impl TestMesh {
         });
         let values_json = merge_values(values_json, extra);
         if dual_stack || ipv6_only {
-            // The underlay carries IPv6 too: the host, the router and (in add_node) every node.
+            // The underlay carries IPv6 too: the host, the router and (in add_node) every node
+            // (which in an IPv6-only cluster has no IPv4 address; the host and the router keep
+            // theirs, unused by the nodes).
             let v6 = |host: u8| format!("{}:{host:x}", underlay6(octet));
             sh(
                 "ip",
@@ -739,15 +741,20 @@ impl TestMesh {
     }
 
     /// A host outside the cluster on the nodes' underlay (a laptop, a site's router): the
-    /// namespace `wgm<id><tag>` with `eth0` at `<underlay>.<octet>/24`, and its bridge port.
+    /// namespace `wgm<id><tag>` with `eth0` at `<underlay>.<octet>/24` (in an IPv6-only
+    /// cluster `<underlay6>:<octet in hex>/64` only), and its bridge port.
     pub fn outside_host(&self, tag: &str, octet: u8) -> Result<(Netns, RootLink)> {
+        let address = match (&self.underlay6, self.ipv6_only) {
+            (Some(prefix), true) => format!("{prefix}:{octet:x}/64"),
+            _ => format!("{}.{octet}/24", self.underlay),
+        };
         let ns = Netns::create(&format!("wgm{}{tag}", self.id))?;
         let link = veth_to_bridge(
             &format!("wgm{}br", self.id),
             &format!("wgm{}v{tag}", self.id),
             &ns,
             "eth0",
-            &format!("{}.{octet}/24", self.underlay),
+            &address,
         )?;
         Ok((ns, link))
     }

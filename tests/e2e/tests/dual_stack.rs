@@ -144,20 +144,7 @@ async fn e2e_dual_stack_pods_and_a_laptop_over_an_ipv6_underlay() -> Result<()> 
         "eth0",
         "nodad",
     ])?;
-    let cli = workspace_binary("wgmesh-cli", "kubectl-wgmesh")?;
-    let out = Command::new(&cli)
-        .arg("--kubeconfig")
-        .arg(mesh.cp.kubeconfig())
-        .args(["peer", "add", "laptop", "--keepalive", "5"])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "kubectl wgmesh peer add: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let config = String::from_utf8(out.stdout)?;
-    eprintln!("--- the laptop's config ---\n{config}");
+    let config = peer_add_laptop(&mesh)?;
     let parts = quick_parts(&config);
     let laptop6: IpAddr = parts
         .addresses
@@ -203,6 +190,26 @@ async fn e2e_dual_stack_pods_and_a_laptop_over_an_ipv6_underlay() -> Result<()> 
     eprintln!("capture: {counts:?}");
     assert_eq!(plaintext, 0, "pod packets in plaintext: {counts:?}");
     Ok(())
+}
+
+/// `kubectl wgmesh peer add laptop --keepalive 5` against the mesh's API server: the
+/// laptop's wg-quick config.
+fn peer_add_laptop(mesh: &TestMesh) -> Result<String> {
+    let cli = workspace_binary("wgmesh-cli", "kubectl-wgmesh")?;
+    let out = Command::new(&cli)
+        .arg("--kubeconfig")
+        .arg(mesh.cp.kubeconfig())
+        .args(["peer", "add", "laptop", "--keepalive", "5"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl wgmesh peer add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let config = String::from_utf8(out.stdout)?;
+    eprintln!("--- the laptop's config ---\n{config}");
+    Ok(config)
 }
 
 /// The tab-separated field `n` of a `wg show dump` peer line.
@@ -268,8 +275,9 @@ fn eventually(what: &str, mut f: impl FnMut() -> Result<()>) -> Result<()> {
 /// default route), Nodes with only IPv6 InternalIPs and pod CIDRs, an API server on `[::1]`
 /// with IPv6 Services, and the controller at an IPv6 pod IP. The agents reach it through the
 /// chart's Service URL (`https://[v6]:port`, TLS to the Service's name), register the Node's
-/// IPv6 address as their endpoint, and pods reach each other through the tunnel while every
-/// node's underlay is captured: no plaintext pod packet, and no IPv4 packet at all.
+/// IPv6 address as their endpoint, and pods (and a laptop with only IPv6, from `kubectl
+/// wgmesh peer add`) reach each other through the tunnel while every node's underlay is
+/// captured: no plaintext pod packet, and no IPv4 packet at all.
 #[tokio::test(flavor = "multi_thread")]
 async fn e2e_dual_stack_ipv6_only_control_plane() -> Result<()> {
     if !is_root() {
@@ -426,6 +434,58 @@ async fn e2e_dual_stack_ipv6_only_control_plane() -> Result<()> {
             mesh.nodes[pos].name
         );
     }
+
+    // A laptop with only IPv6, from `kubectl wgmesh peer add` against the API server on
+    // [::1]: an IPv6 tunnel address from the IPv6 pool, the nodes' [v6]:51820 endpoints.
+    let (laptop, _link) = mesh.outside_host("l", 0x32)?;
+    let config = peer_add_laptop(&mesh)?;
+    let parts = quick_parts(&config);
+    let laptop_ips: Vec<IpAddr> = parts
+        .addresses
+        .iter()
+        .filter_map(|a| a.split('/').next()?.parse().ok())
+        .collect();
+    assert!(
+        !laptop_ips.is_empty() && laptop_ips.iter().all(IpAddr::is_ipv6),
+        "the laptop has IPv6 tunnel addresses only:\n{config}"
+    );
+    let endpoints: Vec<&str> = config
+        .lines()
+        .filter(|l| l.starts_with("Endpoint"))
+        .collect();
+    assert!(
+        endpoints.len() == mesh.nodes.len()
+            && endpoints
+                .iter()
+                .all(|l| l.starts_with(&format!("Endpoint = [{prefix6}:"))),
+        "the laptop reaches every node at its IPv6 endpoint:\n{config}"
+    );
+    let _wggo = wireguard_go_from_config(&laptop, &format!("wgl{}", mesh.id), &config, mesh.dir())?;
+    echo_server(&laptop, "[::]:7001".parse()?, usize::MAX)?;
+    eventually("the laptop reaches every pod", || {
+        for node in &mesh.nodes {
+            echo_roundtrip(
+                &laptop,
+                SocketAddr::new(node.pod_ip.parse()?, ECHO_PORT),
+                b"laptop".to_vec(),
+                Duration::from_secs(2),
+            )
+            .with_context(|| format!("laptop -> {}", node.pod_ip))?;
+        }
+        Ok(())
+    })?;
+    eventually("every pod reaches the laptop", || {
+        for node in &mesh.nodes {
+            echo_roundtrip(
+                &node.pod,
+                SocketAddr::new(laptop_ips[0], 7001),
+                b"pod".to_vec(),
+                Duration::from_secs(2),
+            )
+            .with_context(|| format!("{} -> laptop {}", node.name, laptop_ips[0]))?;
+        }
+        Ok(())
+    })?;
 
     let counts = watcher.poll()?;
     let plaintext: u64 = counts.iter().map(|c| c.plaintext).sum();
