@@ -368,7 +368,6 @@ where
 const MAX_REST: Duration = Duration::from_millis(500);
 
 /// Recomputes on every change signal (coalescing bursts) and on Secret changes.
-
 pub async fn run(
     client: Client,
     caches: Caches,
