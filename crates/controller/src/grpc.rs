@@ -350,8 +350,7 @@ impl MeshService for MeshServer {
         let (shared, own) = (config.shared_peers(), config.own_key());
         let in_peer_set = |k: &PublicKey| Some(*k) != own && shared.contains_key(k);
         let is_node_peer = |k: &PublicKey| in_peer_set(k) && shared[k].node.is_some();
-        // Every other member is a node peer.
-        let node_peers = view.desired.members.len().saturating_sub(1);
+        let node_peers = view.desired.node_peers_per_member();
         let (observations, dropped) = checked::scope(req.peers, in_peer_set, SystemTime::now());
         if dropped > 0 {
             self.metrics.error("report_out_of_scope");

@@ -415,6 +415,11 @@ pub async fn run(
         let result = compute_all(&caches, &secrets, &index);
         computed_once = true;
         metrics.reconciled(first_change.elapsed().as_secs_f64());
+        tracing::debug!(
+            computed_ms = started.elapsed().as_millis() as u64,
+            since_change_ms = first_change.elapsed().as_millis() as u64,
+            "recomputed the desired meshes"
+        );
         computed.send_replace(Arc::new(result));
         // Recomputing is O(objects): under a flood of events it rests (what arrives
         // meanwhile is coalesced into the next one), an isolated change does not.

@@ -118,6 +118,10 @@ impl Writer {
             let snapshot = computed.borrow_and_update().clone();
             let started = Instant::now();
             self.sync(&snapshot).await;
+            tracing::debug!(
+                synced_ms = started.elapsed().as_millis() as u64,
+                "walked every peer and mesh"
+            );
             // A sync walks every peer: under a flood (thousands of agents reporting after a
             // restart) it rests, and what arrives meanwhile is taken by the next one.
             let rest = pacer.ran(started.elapsed(), Instant::now());
@@ -230,7 +234,7 @@ impl Writer {
         let agents = self.reports.agents(mesh_name);
         let node_peers_in_detail = mesh.is_none_or(|(_, desired)| {
             self.reports
-                .node_peers_in_detail(desired.members.len().saturating_sub(1))
+                .node_peers_in_detail(desired.node_peers_per_member())
         });
 
         // A peer given a new address (a node joining) waits for it to be written before it

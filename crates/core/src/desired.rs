@@ -341,6 +341,11 @@ pub struct DesiredMesh {
 }
 
 impl DesiredMesh {
+    /// How many node peers each member has: every other member.
+    pub fn node_peers_per_member(&self) -> usize {
+        self.members.len().saturating_sub(1)
+    }
+
     /// The shared peer set a member filters its own key out of: every peer for gateways, the
     /// interior view for the others.
     pub fn visible_to(&self, member: &Member) -> &BTreeMap<PublicKey, Arc<DesiredPeer>> {

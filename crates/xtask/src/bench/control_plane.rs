@@ -152,7 +152,9 @@ pub async fn run(args: Args) -> Result<()> {
         std::fs::create_dir_all(&heap_dir)?;
     }
     let heap_env = heap_dir.display().to_string();
-    let mut controller_env = vec![("WGMESH_LOG", "warn")];
+    // WGMESH_BENCH_CONTROLLER_LOG (e.g. `warn,wgmesh_controller=debug`) for a timeline.
+    let log_filter = std::env::var("WGMESH_BENCH_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into());
+    let mut controller_env = vec![("WGMESH_LOG", log_filter.as_str())];
     if args.detailed_reports {
         controller_env.push(("WGMESH_NODE_PEER_DETAIL_LIMIT", "1000000"));
     }
