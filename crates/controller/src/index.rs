@@ -98,9 +98,13 @@ impl Index {
             desired,
             changed,
         });
-        if entry.history.len() > HISTORY {
-            entry.history.pop_front();
-        }
+        let forgotten = (entry.history.len() > HISTORY)
+            .then(|| entry.history.pop_front())
+            .flatten();
+        // The streams just woken wait for this lock: the oldest revision (possibly the last
+        // holder of thousands of peers) is freed after it is released.
+        drop(state);
+        drop(forgotten);
         Some(revision)
     }
 
