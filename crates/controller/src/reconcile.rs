@@ -191,6 +191,9 @@ pub struct Computed {
     /// Meshes being deleted (their finalizer waits for their nodes to leave), with the nodes
     /// that have a node peer in them.
     pub deleting: BTreeMap<String, (Arc<WireGuardMesh>, BTreeSet<String>)>,
+    /// Whether a peer waits for a tunnel address (a node joining): the writer then cuts
+    /// short a walk of an older snapshot.
+    pub awaiting_address: bool,
 }
 
 /// How the watches retry after an API server error. kube's default (client-go's: up to 30 s,
@@ -412,7 +415,16 @@ pub async fn run(
         }
 
         let started = Instant::now();
-        let result = compute_all(&caches, &secrets, &index);
+        // O(objects) without an await: on a blocking thread, so the runtime's workers keep
+        // serving the agents' streams meanwhile.
+        let result = {
+            let (caches, secrets, index) = (caches.clone(), secrets.clone(), index.clone());
+            match tokio::task::spawn_blocking(move || compute_all(&caches, &secrets, &index)).await
+            {
+                Ok(result) => result,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        };
         computed_once = true;
         metrics.reconciled(first_change.elapsed().as_secs_f64());
         tracing::debug!(
@@ -440,6 +452,7 @@ fn refreshed(previous: &Computed, caches: &Caches) -> Computed {
         held,
         foreign_pod_cidrs,
         deleting,
+        awaiting_address,
     } = previous;
     Computed {
         meshes: meshes
@@ -458,6 +471,7 @@ fn refreshed(previous: &Computed, caches: &Caches) -> Computed {
         held: held.clone(),
         foreign_pod_cidrs: foreign_pod_cidrs.clone(),
         deleting: deleting.clone(),
+        awaiting_address: *awaiting_address,
     }
 }
 
@@ -525,6 +539,15 @@ pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Compute
             .collect();
         let peer_inputs = inputs.remove(&name).unwrap_or_default();
         let desired = desired::compute(&mesh_input, &node_inputs, &peer_inputs);
+        out.awaiting_address |= desired.verdicts.values().any(|v| {
+            matches!(
+                v,
+                desired::Verdict::Refused {
+                    reason: wgmesh_core::Reason::TunnelAddressPending,
+                    ..
+                }
+            )
+        });
         index.publish(&name, settings_of(mesh), desired.clone());
         out.meshes.insert(name, (mesh.clone(), Arc::new(desired)));
     }

@@ -63,6 +63,9 @@ struct PeerVerdict {
     message: String,
 }
 
+/// How many peers the writer walks between two yields to the runtime.
+const YIELD_EVERY: usize = 256;
+
 /// The longest rest between two syncs (see [`crate::pacing`]).
 const MAX_REST: Duration = Duration::from_millis(500);
 
@@ -101,6 +104,7 @@ impl Writer {
     ) {
         let mut tick = tokio::time::interval(FLUSH_TICK);
         let mut pacer = crate::pacing::Pacer::new(MAX_REST, Instant::now());
+        let mut interrupted = false;
         loop {
             if !*leader.borrow_and_update() {
                 // Another replica may write meanwhile: forget what we think we wrote.
@@ -117,11 +121,24 @@ impl Writer {
             }
             let snapshot = computed.borrow_and_update().clone();
             let started = Instant::now();
-            self.sync(&snapshot).await;
+            // A node joining waits for its tunnel address: a newer snapshot with a peer
+            // awaiting one cuts the walk short, and the next walk writes it first. Never two
+            // walks in a row, so every status is still written under a flood of joins.
+            let interruptible = !interrupted;
+            let interrupt = || {
+                interruptible
+                    && computed.has_changed().unwrap_or(false)
+                    && computed.borrow().awaiting_address
+            };
+            interrupted = !self.sync(&snapshot, &interrupt).await;
             tracing::debug!(
                 synced_ms = started.elapsed().as_millis() as u64,
+                interrupted,
                 "walked every peer and mesh"
             );
+            if interrupted {
+                continue;
+            }
             // A sync walks every peer: under a flood (thousands of agents reporting after a
             // restart) it rests, and what arrives meanwhile is taken by the next one.
             let rest = pacer.ran(started.elapsed(), Instant::now());
@@ -140,7 +157,8 @@ impl Writer {
         }
     }
 
-    async fn sync(&mut self, snapshot: &Computed) {
+    /// Writes what `snapshot` calls for; `false` when `interrupt` cut the walk short.
+    async fn sync(&mut self, snapshot: &Computed, interrupt: &(dyn Fn() -> bool + Sync)) -> bool {
         let nodes: HashMap<String, &Arc<Node>> =
             snapshot.nodes.iter().map(|n| (n.name_any(), n)).collect();
         let mut by_mesh: BTreeMap<&str, Vec<&Arc<WireGuardPeer>>> = BTreeMap::new();
@@ -156,8 +174,12 @@ impl Writer {
                 continue;
             }
             let mesh = snapshot.meshes.get(mesh_name);
-            self.sync_mesh_peers(mesh_name, mesh, &peers, snapshot, &nodes)
-                .await;
+            if !self
+                .sync_mesh_peers(mesh_name, mesh, &peers, snapshot, &nodes, interrupt)
+                .await
+            {
+                return false;
+            }
         }
         self.next_liveness_check = None;
         for (name, (mesh, desired)) in &snapshot.meshes {
@@ -185,8 +207,10 @@ impl Writer {
         self.written.retain(|k, _| live.contains(k));
         self.pending_addresses.retain(|k, _| live.contains(k));
         self.last_reason.retain(|k, _| live.contains(k));
+        true
     }
 
+    /// Writes the statuses of one mesh's peers; `false` when `interrupt` cut it short.
     async fn sync_mesh_peers(
         &mut self,
         mesh_name: &str,
@@ -194,7 +218,8 @@ impl Writer {
         peers: &[&Arc<WireGuardPeer>],
         snapshot: &Computed,
         nodes: &HashMap<String, &Arc<Node>>,
-    ) {
+        interrupt: &(dyn Fn() -> bool + Sync),
+    ) -> bool {
         // Tunnel addresses go in the desired mesh's precedence (core decides it, with the
         // claims); peers it has not seen yet come last, by name.
         let rank: HashMap<&str, usize> = mesh
@@ -244,7 +269,15 @@ impl Writer {
             allocation.addresses.get(&name) == current.get(&name)
                 || !allocation.addresses.contains_key(&name)
         });
-        for peer in order {
+        for (i, peer) in order.into_iter().enumerate() {
+            // A walk over thousands of peers that need no write never awaits: it yields
+            // now and then, so the agents' streams are served meanwhile.
+            if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                tokio::task::yield_now().await;
+                if interrupt() {
+                    return false;
+                }
+            }
             let name = peer.name_any();
             let verdict = verdict_of(peer, mesh, snapshot);
             self.raise_event_on_change(peer, &verdict).await;
@@ -285,6 +318,7 @@ impl Writer {
                 .await;
             }
         }
+        true
     }
 
     /// What the peer holds now: what we last wrote (until the cache catches up), else its status.
