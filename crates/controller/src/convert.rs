@@ -54,7 +54,20 @@ pub fn node_input(node: &Node, mesh: &WireGuardMesh, foreign: &ForeignPodCidrs) 
         rotate_key_request: node.annotations().get(ROTATE_KEY_ANNOTATION).cloned(),
         gateway: selector_matches(mesh.spec.gateway_selector.as_ref(), node.labels()),
         endpoint: node_endpoint_choice(node, mesh),
+        behind_nat: behind_nat(node),
     }
+}
+
+/// A Node annotation saying the node is behind NAT (`"true"`): the mesh publishes it at the
+/// endpoint the relay observed and relays between it and the other nodes behind NAT. Its
+/// own kubelet may set it; it changes only how that node is reached.
+pub const BEHIND_NAT_ANNOTATION: &str = "wgmesh.io/behind-nat";
+
+/// Whether the Node says it is behind NAT; any value but `true` means no.
+pub fn behind_nat(node: &Node) -> bool {
+    node.annotations()
+        .get(BEHIND_NAT_ANNOTATION)
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
 /// A Node annotation overriding where the other members reach the node: an address or a

@@ -217,13 +217,13 @@ fn view_of(entry: &MeshEntry) -> NodeView {
     }
 }
 
-/// Public keys of the peers that were added, changed or removed.
-/// Public keys of the peers that were added, changed or removed, in either shared view
-/// (gateways' or interior nodes').
+/// Public keys of the peers that were added, changed or removed, in any shared view
+/// (gateways', interior nodes', or nodes behind NAT).
 fn changed_keys(old: &DesiredMesh, new: &DesiredMesh) -> BTreeSet<PublicKey> {
     let views = [
         (&old.peers, &new.peers),
         (&old.interior_peers, &new.interior_peers),
+        (&old.nat_peers, &new.nat_peers),
     ];
     views
         .into_iter()
@@ -268,6 +268,7 @@ fn share_unchanged(old: &DesiredMesh, mut new: DesiredMesh) -> DesiredMesh {
     let views = [
         (&old.peers, &mut new.peers),
         (&old.interior_peers, &mut new.interior_peers),
+        (&old.nat_peers, &mut new.nat_peers),
     ];
     for (old, new) in views {
         for (key, peer) in new.iter_mut() {
@@ -318,6 +319,7 @@ mod tests {
                     rotate_key_request: None,
                     pod_cidrs: vec![],
                     gateway: true,
+                    behind_nat: false,
                 },
             );
             d.peers.insert(k, p);
@@ -426,6 +428,7 @@ mod tests {
             rotate_key_request: None,
             gateway: n == 1,
             endpoint: Default::default(),
+            behind_nat: false,
         };
         let peer = |n: u8, node: Option<String>, allowed: &str| PeerInput {
             name: node.clone().unwrap_or_else(|| "site".into()),

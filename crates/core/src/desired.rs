@@ -141,6 +141,10 @@ pub struct NodeInput {
     pub gateway: bool,
     /// Where the other members reach the node.
     pub endpoint: NodeEndpoint,
+    /// The Node says it is behind NAT (`wgmesh.io/behind-nat`): it is published at the
+    /// endpoint the relay observed, keeps every session alive, and reaches the other nodes
+    /// behind NAT through the relay ([`DesiredMesh::nat_peers`]).
+    pub behind_nat: bool,
 }
 
 /// Where the other members reach a node, as its Node and the mesh choose.
@@ -194,7 +198,8 @@ pub struct PeerInput {
     pub allowed_ips: Vec<Cidr>,
     /// `spec.endpoint`.
     pub endpoint: Option<String>,
-    /// `status.endpoint`: where the peer's packets last came from.
+    /// `status.endpoint`: where the peer's packets last came from. For the node peer of a
+    /// node behind NAT, only what the relay observed (the status writer sees to it).
     pub last_seen_endpoint: Option<String>,
     pub persistent_keepalive: Option<u16>,
     /// The peer's own preshared key Secret, when it references one.
@@ -308,8 +313,11 @@ pub struct Member {
     /// The Node's pod CIDRs, which an agent in CNI mode hands to its pods.
     pub pod_cidrs: Vec<Cidr>,
     /// Whether external peers attach to this node. Gateways see [`DesiredMesh::peers`], the
-    /// others [`DesiredMesh::interior_peers`].
+    /// others [`DesiredMesh::interior_peers`] (or [`DesiredMesh::nat_peers`] behind NAT).
     pub gateway: bool,
+    /// Whether the node is behind NAT (never a gateway then: external peers could not reach
+    /// it either).
+    pub behind_nat: bool,
 }
 
 /// The result: what every node should have, and every peer's verdict.
@@ -329,6 +337,14 @@ pub struct DesiredMesh {
     /// The gateway that carries the traffic between external peers and interior nodes:
     /// [`MeshInput::active_gateway`] while it is a gateway, else the first one.
     pub active_gateway: Option<String>,
+    /// What members behind NAT program (without their own key): the interior view without
+    /// the other nodes behind NAT, whose networks the relay carries instead, and every peer
+    /// with a persistent keepalive so the NAT's mappings stay open. Shared by every node
+    /// behind NAT; empty when there is none.
+    pub nat_peers: BTreeMap<PublicKey, Arc<DesiredPeer>>,
+    /// The reachable member that relays between nodes behind NAT ([`relay_of`]): the active
+    /// gateway (which fails over with it), else the oldest member not behind NAT.
+    pub relay: Option<String>,
     /// Every peer object's verdict, by object name.
     pub verdicts: BTreeMap<String, Verdict>,
     /// Every peer object's name by precedence: node peers first, then external peers; each
@@ -349,13 +365,37 @@ impl DesiredMesh {
     /// The shared peer set a member filters its own key out of: every peer for gateways, the
     /// interior view for the others.
     pub fn visible_to(&self, member: &Member) -> &BTreeMap<PublicKey, Arc<DesiredPeer>> {
-        if member.gateway {
-            &self.peers
-        } else {
-            &self.interior_peers
+        match View::of(member) {
+            View::Gateway => &self.peers,
+            View::Interior => &self.interior_peers,
+            View::Nat => &self.nat_peers,
         }
     }
 }
+
+/// Which shared peer set a member sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Gateway,
+    Interior,
+    Nat,
+}
+
+impl View {
+    pub fn of(member: &Member) -> View {
+        if member.behind_nat {
+            View::Nat
+        } else if member.gateway {
+            View::Gateway
+        } else {
+            View::Interior
+        }
+    }
+}
+
+/// The keepalive members behind NAT use when the mesh sets none: what WireGuard suggests,
+/// well under the 30 s after which common NATs drop an idle UDP mapping.
+pub const NAT_KEEPALIVE_SECONDS: u16 = 25;
 
 /// The allowed IPs of a peer: its tunnel addresses as host routes, plus its node's pod CIDRs
 /// (node peers) or its own `allowedIPs` (external peers).
@@ -478,13 +518,22 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         reserved: &reserved_index,
         pool_fill: &pool_fill,
     };
+    let nat_reserved: Vec<ReservedRange> = fixed_reserved()
+        .into_iter()
+        .chain(mesh.reserved.iter().cloned())
+        .collect();
+    let nat_judged = NatJudged {
+        mesh,
+        nodes,
+        reserved: &nat_reserved,
+    };
     let host_routes = if mesh.host_encryption {
         encrypted_host_addresses(mesh, nodes)
     } else {
         BTreeMap::new()
     };
 
-    for peer in order {
+    for &peer in &order {
         let node = peer
             .node
             .as_deref()
@@ -513,6 +562,12 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
                 claims.insert(c, owner.clone());
             }
             let mut desired = desired_peer(mesh, peer, node);
+            if let Some(n) = node.filter(|n| n.behind_nat) {
+                desired.endpoint = peer
+                    .last_seen_endpoint
+                    .as_deref()
+                    .and_then(|e| nat_endpoint(e, n, &nat_judged).ok());
+            }
             if let Some(hosts) = node.and_then(|n| host_routes.get(n.name.as_str())) {
                 desired.allowed_ips =
                     CidrSet::new(desired.allowed_ips.into_iter().chain(hosts.iter().copied()))
@@ -529,7 +584,8 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
                         mesh_secret,
                         rotate_key_request: node.and_then(|n| n.rotate_key_request.clone()),
                         pod_cidrs: node.map(|n| n.pod_cidrs.clone()).unwrap_or_default(),
-                        gateway: node.is_some_and(|n| n.gateway),
+                        gateway: node.is_some_and(|n| n.gateway && !n.behind_nat),
+                        behind_nat: node.is_some_and(|n| n.behind_nat),
                     },
                 );
             }
@@ -562,7 +618,146 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         .or(out.gateways.first())
         .cloned();
     out.interior_peers = interior_peers(&out);
+    out.relay = relay_of(&out, &order);
+    out.nat_peers = nat_peers(mesh, &out);
     out
+}
+
+/// The relay between members behind NAT: the active gateway (never behind NAT, and moved to
+/// the next live gateway when its agent goes silent), else the oldest member not behind NAT;
+/// none when every member is behind NAT. `order` is the precedence, oldest first.
+pub fn relay_of(d: &DesiredMesh, order: &[&PeerInput]) -> Option<String> {
+    let reachable = |n: &String| d.members.get(n).is_some_and(|m| !m.behind_nat);
+    d.active_gateway.clone().filter(reachable).or_else(|| {
+        order
+            .iter()
+            .filter_map(|p| p.node.as_ref())
+            .find(|n| reachable(n))
+            .cloned()
+    })
+}
+
+/// The view of members behind NAT: the interior view without the other members behind NAT
+/// (MASQUERADE lets no one reach them first, and two of them cannot reach each other at
+/// all), whose networks the relay carries instead; every peer kept alive from this side.
+/// The relay's allowed IPs hold every node behind NAT's, the viewer's own included: the
+/// stream leaves the viewer's own out when it sends them ([`crate::node_config`]).
+fn nat_peers(mesh: &MeshInput, d: &DesiredMesh) -> BTreeMap<PublicKey, Arc<DesiredPeer>> {
+    let natted: BTreeSet<PublicKey> = d
+        .members
+        .values()
+        .filter(|m| m.behind_nat)
+        .map(|m| m.public_key)
+        .collect();
+    if natted.is_empty() {
+        return BTreeMap::new();
+    }
+    let relay = d
+        .relay
+        .as_ref()
+        .and_then(|r| d.members.get(r))
+        .map(|m| m.public_key);
+    let keepalive = match mesh.persistent_keepalive {
+        0 => NAT_KEEPALIVE_SECONDS,
+        k => k,
+    };
+    d.interior_peers
+        .iter()
+        // Without a relay, direct sessions are all there is.
+        .filter(|(k, _)| relay.is_none() || !natted.contains(*k))
+        .map(|(k, p)| {
+            let mut kept = (**p).clone();
+            if kept.persistent_keepalive == 0 {
+                kept.persistent_keepalive = keepalive;
+            }
+            if Some(*k) == relay {
+                // A plain union, no aggregation: each node behind NAT's own entries must be
+                // found again to leave them out of its own copy.
+                let relayed: BTreeSet<Cidr> = kept
+                    .allowed_ips
+                    .iter()
+                    .copied()
+                    .chain(
+                        natted
+                            .iter()
+                            .filter_map(|n| d.peers.get(n))
+                            .flat_map(|n| n.allowed_ips.iter().copied()),
+                    )
+                    .collect();
+                kept.allowed_ips = relayed.into_iter().collect();
+            }
+            (*k, Arc::new(kept))
+        })
+        .collect()
+}
+
+/// The relay's allowed IPs as member `me` (behind NAT) programs them: without any that
+/// overlap its own networks (its node peer's allowed IPs, pod CIDRs, tunnel addresses), which
+/// would route its own pods into the tunnel.
+pub fn without_own_networks(
+    relay: &DesiredPeer,
+    me: &Member,
+    mine: Option<&DesiredPeer>,
+) -> Vec<Cidr> {
+    let own: Vec<Cidr> = mine
+        .map(|p| p.allowed_ips.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(me.pod_cidrs.iter().copied())
+        .chain(me.interface_addresses.iter().map(|a| Cidr::host(a.addr())))
+        .collect();
+    relay
+        .allowed_ips
+        .iter()
+        .filter(|c| !own.iter().any(|o| o.overlaps(c)))
+        .copied()
+        .collect()
+}
+
+/// What an endpoint observed for a node behind NAT is judged against.
+struct NatJudged<'a> {
+    mesh: &'a MeshInput,
+    nodes: &'a [NodeInput],
+    /// The fixed and the mesh's reserved ranges (the Nodes' addresses are judged apart).
+    reserved: &'a [ReservedRange],
+}
+
+/// The endpoint published for `node` (behind NAT) from what the relay observed, judged like
+/// any claim: an `address:port` (no name to resolve), outside every reserved range and the
+/// tunnel pools, and no address another Node lists (its own may: a NAT's address is often
+/// its ExternalIP). The error says why it is not published.
+fn nat_endpoint(
+    observed: &str,
+    node: &NodeInput,
+    judged: &NatJudged<'_>,
+) -> Result<String, String> {
+    let addr: std::net::SocketAddr = observed
+        .parse()
+        .map_err(|_| format!("{observed} is no address:port"))?;
+    let ip = addr.ip();
+    if addr.port() == 0 {
+        return Err(format!("{observed} has port 0"));
+    }
+    let host = Cidr::host(ip);
+    if let Some(r) = judged.reserved.iter().find(|r| r.cidr.overlaps(&host)) {
+        return Err(format!("{ip} is in {}, {}", r.cidr, r.what));
+    }
+    if let Some(pool) = judged
+        .mesh
+        .tunnel_pools
+        .iter()
+        .find(|p| p.contains_addr(ip))
+    {
+        return Err(format!("{ip} is in the tunnel pool {pool}"));
+    }
+    if let Some(other) = judged
+        .nodes
+        .iter()
+        .find(|n| n.name != node.name && n.addresses.contains(&ip))
+    {
+        return Err(format!("{ip} is an address of node {}", other.name));
+    }
+    Ok(addr.to_string())
 }
 
 /// With host encryption, each node's host addresses that go into its peer's allowed IPs: its

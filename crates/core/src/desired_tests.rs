@@ -34,6 +34,7 @@ pub(crate) fn node(name: &str, pod_cidr: &str) -> NodeInput {
         rotate_key_request: None,
         gateway: true,
         endpoint: NodeEndpoint::Registered,
+        behind_nat: false,
     }
 }
 
@@ -952,6 +953,266 @@ fn host_encryption_table() {
             d.verdicts.values().all(|v| *v == Verdict::Programmed),
             "{}: host addresses are no claim to judge",
             case.name
+        );
+    }
+}
+
+/// The peers `node` is sent, as it is sent them (the relay without its own networks), as
+/// (name, allowed IPs, keepalive).
+fn sent_to(d: &DesiredMesh, node: &str) -> Vec<(String, Vec<String>, u16)> {
+    let view = crate::node_config::NodeConfig::<()>::of(node, None, Arc::new(d.clone()));
+    view.peers()
+        .map(|p| {
+            let p = view.as_sent(p);
+            let allowed = p.allowed_ips.iter().map(ToString::to_string).collect();
+            (p.name.clone(), allowed, p.persistent_keepalive)
+        })
+        .collect()
+}
+
+/// A peer as a node is sent it: (name, allowed IPs, keepalive).
+type Sent = (&'static str, Vec<String>, u16);
+
+#[test]
+fn nat_relay_table() {
+    struct Case {
+        name: &'static str,
+        behind_nat: [bool; 4],
+        /// The gateway chosen as active (`None`: the first).
+        active: Option<&'static str>,
+        keepalive: u16,
+        relay: Option<&'static str>,
+        gateways: Vec<&'static str>,
+        /// node -> (peer, allowed IPs, keepalive) it is sent
+        want: Vec<(&'static str, Vec<Sent>)>,
+    }
+    let ips = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let own = |n: u8| vec![format!("10.244.{n}.0/24"), format!("10.250.0.{n}/32")];
+    let plain = |name: &'static str, n: u8, keepalive: u16| (name, own(n), keepalive);
+    let cases = vec![
+        Case {
+            name: "b and c behind NAT: each reaches the other through a, the first gateway",
+            behind_nat: [false, true, true, false],
+            active: None,
+            keepalive: 0,
+            relay: Some("a"),
+            gateways: vec!["a", "d"],
+            want: vec![
+                (
+                    "a",
+                    vec![plain("b", 2, 0), plain("c", 3, 0), plain("d", 4, 0)],
+                ),
+                (
+                    "b",
+                    vec![
+                        (
+                            "a",
+                            ips(&[
+                                "10.244.1.0/24",
+                                "10.244.3.0/24",
+                                "10.250.0.1/32",
+                                "10.250.0.3/32",
+                            ]),
+                            25,
+                        ),
+                        plain("d", 4, 25),
+                    ],
+                ),
+                (
+                    "c",
+                    vec![
+                        (
+                            "a",
+                            ips(&[
+                                "10.244.1.0/24",
+                                "10.244.2.0/24",
+                                "10.250.0.1/32",
+                                "10.250.0.2/32",
+                            ]),
+                            25,
+                        ),
+                        plain("d", 4, 25),
+                    ],
+                ),
+                (
+                    "d",
+                    vec![plain("a", 1, 0), plain("b", 2, 0), plain("c", 3, 0)],
+                ),
+            ],
+        },
+        Case {
+            name: "the relay follows the active gateway; the mesh's keepalive is kept",
+            behind_nat: [false, true, true, false],
+            active: Some("d"),
+            keepalive: 10,
+            relay: Some("d"),
+            gateways: vec!["a", "d"],
+            want: vec![(
+                "b",
+                vec![
+                    plain("a", 1, 10),
+                    (
+                        "d",
+                        ips(&[
+                            "10.244.3.0/24",
+                            "10.244.4.0/24",
+                            "10.250.0.3/32",
+                            "10.250.0.4/32",
+                        ]),
+                        10,
+                    ),
+                ],
+            )],
+        },
+        Case {
+            name: "one node behind NAT: the relay carries nothing more for it",
+            behind_nat: [true, false, false, false],
+            active: None,
+            keepalive: 0,
+            relay: Some("b"),
+            gateways: vec!["b", "c", "d"],
+            want: vec![
+                (
+                    "a",
+                    vec![plain("b", 2, 25), plain("c", 3, 25), plain("d", 4, 25)],
+                ),
+                (
+                    "b",
+                    vec![plain("a", 1, 0), plain("c", 3, 0), plain("d", 4, 0)],
+                ),
+            ],
+        },
+        Case {
+            name: "every node behind NAT: no relay, direct sessions kept alive",
+            behind_nat: [true, true, true, true],
+            active: None,
+            keepalive: 0,
+            relay: None,
+            gateways: vec![],
+            want: vec![(
+                "a",
+                vec![plain("b", 2, 25), plain("c", 3, 25), plain("d", 4, 25)],
+            )],
+        },
+        Case {
+            name: "nobody behind NAT: no relay view",
+            behind_nat: [false; 4],
+            active: None,
+            keepalive: 0,
+            relay: Some("a"),
+            gateways: vec!["a", "b", "c", "d"],
+            want: vec![(
+                "b",
+                vec![plain("a", 1, 0), plain("c", 3, 0), plain("d", 4, 0)],
+            )],
+        },
+    ];
+    for c in cases {
+        let mut m = mesh();
+        m.persistent_keepalive = c.keepalive;
+        m.active_gateway = c.active.map(str::to_owned);
+        let names = ["a", "b", "c", "d"];
+        let nodes: Vec<NodeInput> = names
+            .iter()
+            .zip(c.behind_nat)
+            .enumerate()
+            .map(|(i, (n, nat))| NodeInput {
+                behind_nat: nat,
+                ..node(n, &format!("10.244.{}.0/24", i + 1))
+            })
+            .collect();
+        let peers: Vec<PeerInput> = (1..=4).map(|i| node_peer(names[i - 1], i as u8)).collect();
+        let d = compute(&m, &nodes, &peers);
+        assert_eq!(d.relay.as_deref(), c.relay, "{}: relay", c.name);
+        assert_eq!(d.gateways, c.gateways, "{}: gateways", c.name);
+        assert_eq!(
+            d.nat_peers.is_empty(),
+            !c.behind_nat.contains(&true),
+            "{}: the view behind NAT exists only when needed",
+            c.name
+        );
+        for (node, want) in c.want {
+            let want: Vec<(String, Vec<String>, u16)> = want
+                .into_iter()
+                .map(|(p, allowed, k)| (p.to_owned(), allowed, k))
+                .collect();
+            assert_eq!(sent_to(&d, node), want, "{}: sent to {node}", c.name);
+        }
+    }
+}
+
+#[test]
+fn nat_views_are_shared() {
+    // Every node behind NAT sees the same peer objects: one view, not one per node.
+    let nodes: Vec<NodeInput> = (1..=6)
+        .map(|i| NodeInput {
+            behind_nat: i > 1,
+            ..node(&format!("n{i}"), &format!("10.244.{i}.0/24"))
+        })
+        .collect();
+    let peers: Vec<PeerInput> = (1..=6).map(|i| node_peer(&format!("n{i}"), i)).collect();
+    let d = Arc::new(compute(&mesh(), &nodes, &peers));
+    let view = |n: &str| crate::node_config::NodeConfig::<()>::of(n, None, d.clone());
+    let (v2, v3) = (view("n2"), view("n3"));
+    assert!(std::ptr::eq(v2.shared_peers(), v3.shared_peers()));
+    assert!(std::ptr::eq(v2.shared_peers(), &d.nat_peers));
+}
+
+#[test]
+fn nat_endpoint_table() {
+    // name, observed (the relay's report, in status.endpoint), published
+    let cases: Vec<(&str, Option<&str>, Option<&str>)> = vec![
+        (
+            "nothing observed yet: none, never the private address",
+            None,
+            None,
+        ),
+        (
+            "the NAT's address",
+            Some("198.51.100.7:40001"),
+            Some("198.51.100.7:40001"),
+        ),
+        (
+            "an IPv6 one",
+            Some("[2001:db8::5]:40001"),
+            Some("[2001:db8::5]:40001"),
+        ),
+        (
+            "its own Node's address (an ExternalIP on the NAT)",
+            Some("203.0.113.2:51820"),
+            Some("203.0.113.2:51820"),
+        ),
+        ("another node's address", Some("192.0.2.1:51820"), None),
+        ("loopback", Some("127.0.0.1:51820"), None),
+        ("cloud metadata", Some("169.254.169.254:80"), None),
+        ("the Service CIDR", Some("10.96.0.1:443"), None),
+        ("the tunnel pool", Some("10.250.0.1:51820"), None),
+        ("a name", Some("nat.example.com:51820"), None),
+        ("port 0", Some("198.51.100.7:0"), None),
+    ];
+    for (name, observed, want) in cases {
+        let mut m = mesh();
+        m.reserved = vec![ReservedRange::new(
+            "10.96.0.0/12".parse().unwrap(),
+            "the Service CIDR",
+        )];
+        let mut a = node("a", "10.244.1.0/24");
+        a.addresses = vec!["192.0.2.1".parse().unwrap()];
+        let mut b = node("b", "10.244.2.0/24");
+        b.behind_nat = true;
+        b.addresses = vec![
+            "192.168.7.2".parse().unwrap(),
+            "203.0.113.2".parse().unwrap(),
+        ];
+        let mut peers = vec![node_peer("a", 1), node_peer("b", 2)];
+        peers[1].last_seen_endpoint = observed.map(str::to_owned);
+        let d = compute(&m, &[a, b], &peers);
+        assert_eq!(d.peers[&key(2)].endpoint.as_deref(), want, "{name}");
+        // A reachable node keeps its own endpoint whatever was observed.
+        assert_eq!(
+            d.peers[&key(1)].endpoint.as_deref(),
+            Some("192.168.0.1:51820"),
+            "{name}"
         );
     }
 }

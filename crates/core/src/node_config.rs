@@ -8,11 +8,14 @@
 //!
 //! The settings type is the caller's (the wire's interface settings): core only compares them.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::agent_config::Departure;
-use crate::desired::{DesiredMesh, DesiredPeer, Member, PresharedKey, pair_preshared_key};
+use crate::desired::{
+    DesiredMesh, DesiredPeer, Member, PresharedKey, View, pair_preshared_key, without_own_networks,
+};
 use crate::diff::{diff_peer_sets, diff_peer_sets_over};
 use crate::{Key, PublicKey};
 
@@ -88,6 +91,32 @@ impl<S> NodeConfig<S> {
         shared.len() - usize::from(self.own_key().is_some_and(|k| shared.contains_key(&k)))
     }
 
+    /// `peer` as this node gets it: as shared, except the relay for a node behind NAT, whose
+    /// allowed IPs carry every node behind NAT's networks but never this node's own.
+    pub fn as_sent<'a>(&self, peer: &'a DesiredPeer) -> Cow<'a, DesiredPeer> {
+        let Some(me) = self.member.as_ref().filter(|m| m.behind_nat) else {
+            return Cow::Borrowed(peer);
+        };
+        let relay = self
+            .desired
+            .relay
+            .as_ref()
+            .and_then(|r| self.desired.members.get(r));
+        if relay.map(|r| r.public_key) != Some(peer.public_key) {
+            return Cow::Borrowed(peer);
+        }
+        let mine = self.desired.peers.get(&me.public_key).map(|p| &**p);
+        let allowed_ips = without_own_networks(peer, me, mine);
+        if allowed_ips == peer.allowed_ips {
+            return Cow::Borrowed(peer);
+        }
+        // A new peer (its encoding memo starts empty): the shared one's bytes are not ours.
+        Cow::Owned(DesiredPeer {
+            allowed_ips,
+            ..peer.clone()
+        })
+    }
+
     /// The preshared key this node uses with `peer`: the peer's own, or the pair's key derived
     /// from the mesh secret (node peers, when the mesh has one), or none.
     pub fn preshared_key(&self, peer: &DesiredPeer) -> Option<Key> {
@@ -158,9 +187,9 @@ pub fn next_update_within<S: PartialEq>(
         return Some(NodeUpdate::Snapshot);
     }
     let own = now.own_key();
-    // The hint covers each shared view's own changes; a node that moved between the
-    // gateways' view and the interior one compares everything.
-    let same_view = before.map(|m| m.gateway) == after.map(|m| m.gateway);
+    // The hint covers each shared view's own changes; a node that moved between views (the
+    // gateways', the interior nodes', the one behind NAT) compares everything.
+    let same_view = before.map(View::of) == after.map(View::of);
     let peers = match changed {
         Some(keys) if same_view => {
             diff_peer_sets_over(sent.shared_peers(), now.shared_peers(), own.as_ref(), keys)

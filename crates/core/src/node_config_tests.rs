@@ -278,3 +278,49 @@ fn departures_per_node_and_their_snapshots() {
     assert_eq!(summary(next_update(Some(&after), &deleted)), "snapshot");
     assert_eq!(summary(next_update(Some(&deleted), &deleted)), "none");
 }
+
+#[test]
+fn a_node_behind_nat_gets_the_relay_again_when_another_one_joins() {
+    // n1 is the relay; n2 and n3 are behind NAT, then n4 joins behind NAT too.
+    let natted = |upto: u8| {
+        mesh_of(upto, |_, nodes, _| {
+            for n in nodes.iter_mut().filter(|n| n.name != "n1") {
+                n.behind_nat = true;
+            }
+        })
+    };
+    let (before, after) = (natted(3), natted(4));
+    let of = |d: &Arc<DesiredMesh>| NodeConfig::of("n2", Some(Arc::new("s")), d.clone());
+    let (sent, now) = (of(&before), of(&after));
+    let (all, hinted) = (next_update(Some(&sent), &now), {
+        let changed = crate::diff::diff_peer_sets(&before.nat_peers, &after.nat_peers, None);
+        let keys = changed
+            .upserted
+            .iter()
+            .map(|p| p.public_key)
+            .chain(changed.removed)
+            .collect();
+        next_update_within(Some(&sent), &now, Some(&keys))
+    });
+    // Only the relay, whose allowed IPs now carry n4's networks; n4 is no direct peer.
+    assert_eq!(summary(all), "delta +1");
+    assert_eq!(summary(hinted), "delta +1");
+    let relay = now.peers().find(|p| p.public_key == key(1)).unwrap();
+    let sent_relay: Vec<String> = now
+        .as_sent(relay)
+        .allowed_ips
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        sent_relay,
+        [
+            "10.244.1.0/24",
+            "10.244.3.0/24",
+            "10.244.4.0/24",
+            "10.250.0.1/32",
+            "10.250.0.3/32",
+            "10.250.0.4/32"
+        ]
+    );
+}

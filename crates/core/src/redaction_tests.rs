@@ -44,6 +44,7 @@ fn debug_never_shows_a_secret() {
         rotate_key_request: None,
         pod_cidrs: Vec::new(),
         gateway: false,
+        behind_nat: false,
     };
     let desired_peer = DesiredPeer {
         name: "p".into(),

@@ -39,6 +39,12 @@ fn shared_fields(peer: &DesiredPeer) -> Peer {
 /// [`peer`] as sent: the shared fields encoded the first time the peer is sent, by any
 /// stream, then reused; the pair's preshared key added.
 pub fn encoded_peer(peer: &DesiredPeer, view: &NodeConfig<MeshSettings>) -> EncodedPeer {
+    // The relay as a node behind NAT gets it (without that node's own networks): one peer
+    // per such node, encoded for it alone.
+    if let std::borrow::Cow::Owned(own) = view.as_sent(peer) {
+        let bytes: std::sync::Arc<[u8]> = shared_fields(&own).encode_to_vec().into();
+        return EncodedPeer::new(bytes, view.preshared_key(&own).map(|k| *k.as_bytes()));
+    }
     let shared = peer
         .encoding
         .get_or_init(|| shared_fields(peer).encode_to_vec());
