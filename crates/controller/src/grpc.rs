@@ -357,7 +357,18 @@ impl MeshService for MeshServer {
             tracing::warn!(node = %req.node, mesh = %req.mesh, dropped, "dropped report entries for peers outside the node's peer set");
         }
         let in_detail = self.reports.node_peers_in_detail(node_peers);
-        let observations = reports::kept_observations(observations, is_node_peer, in_detail);
+        // The relay's sessions with the nodes behind NAT publish their endpoints: kept at
+        // any size (only the relay's: another node's word never moves a node's endpoint).
+        let relaying = view.desired.relay.as_deref() == Some(req.node.as_str());
+        let behind_nat = |k: &PublicKey| {
+            relaying
+                && shared
+                    .get(k)
+                    .and_then(|p| p.node.as_ref())
+                    .is_some_and(|n| view.desired.members.get(n).is_some_and(|m| m.behind_nat))
+        };
+        let observations =
+            reports::kept_observations(observations, is_node_peer, in_detail, behind_nat);
         self.reports.record(&req.mesh, &req.node, observations);
         self.reports.record_agent(
             &req.mesh,

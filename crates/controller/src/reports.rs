@@ -155,6 +155,26 @@ impl Reports {
             .retain(|mesh, node| members.get(mesh).is_some_and(|m| m.contains(node)));
     }
 
+    /// What `node` last reported of the peers `keys` (endpoints, handshakes); `None` when it
+    /// has not reported to this process. The status writer takes a node behind NAT's
+    /// endpoint from its relay's report only.
+    pub fn observed_by(
+        &self,
+        mesh: &str,
+        node: &str,
+        keys: &BTreeSet<PublicKey>,
+    ) -> Option<HashMap<PublicKey, Observation>> {
+        let by_mesh = self.by_mesh.lock().expect("reports lock");
+        let observations = by_mesh.get(mesh)?.get(node)?;
+        Some(
+            observations
+                .iter()
+                .filter(|o| keys.contains(&o.public_key))
+                .map(|o| (o.public_key, o.clone()))
+                .collect(),
+        )
+    }
+
     /// How many nodes' reports are kept, over all meshes.
     #[cfg(test)]
     fn reporting_nodes(&self) -> usize {
@@ -179,17 +199,21 @@ impl Reports {
 /// What is kept of a node's observations: every external peer's, and its node peers' only
 /// while they are few enough to keep one by one (`in_detail`); above, the count of live
 /// sessions stands for them, so the reports held stay O(nodes) and not O(nodes^2).
+///
+/// `relayed` holds the node peers always kept whatever the size: the nodes behind NAT, in
+/// the relay's report (what publishes their endpoints), O(nodes behind NAT) for one node.
 pub fn kept_observations(
     observations: Vec<Observation>,
     is_node_peer: impl Fn(&PublicKey) -> bool,
     in_detail: bool,
+    relayed: impl Fn(&PublicKey) -> bool,
 ) -> Vec<Observation> {
     if in_detail {
         return observations;
     }
     observations
         .into_iter()
-        .filter(|o| !is_node_peer(&o.public_key))
+        .filter(|o| !is_node_peer(&o.public_key) || relayed(&o.public_key))
         .collect()
 }
 
@@ -252,11 +276,40 @@ mod tests {
                 vec![obs(1), obs(2), obs(9)],
                 |k| nodes.contains(k),
                 in_detail,
+                |_| false,
             );
             let kept: Vec<PublicKey> = kept.iter().map(|o| o.public_key).collect();
             let want: Vec<PublicKey> = want.into_iter().map(key).collect();
             assert_eq!(kept, want, "in detail: {in_detail}");
         }
+    }
+
+    #[test]
+    fn the_relays_observations_of_nodes_behind_nat_are_always_kept() {
+        let key = |n| PublicKey::from_bytes([n; 32]);
+        let obs = |n| Observation {
+            public_key: key(n),
+            last_handshake: None,
+            rx_bytes: 1,
+            tx_bytes: 1,
+            endpoint: Some(format!("198.51.100.{n}:4000")),
+        };
+        let kept = kept_observations(
+            vec![obs(1), obs(2), obs(9)],
+            |k| *k != key(9),
+            false,
+            |k| *k == key(2),
+        );
+        let kept: Vec<PublicKey> = kept.iter().map(|o| o.public_key).collect();
+        assert_eq!(kept, [key(2), key(9)]);
+
+        let reports = Reports::default();
+        reports.record("default", "relay", vec![obs(1), obs(2)]);
+        let wanted = BTreeSet::from([key(2), key(3)]);
+        let seen = reports.observed_by("default", "relay", &wanted).unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[&key(2)].endpoint.as_deref(), Some("198.51.100.2:4000"));
+        assert!(reports.observed_by("default", "other", &wanted).is_none());
     }
 
     #[test]

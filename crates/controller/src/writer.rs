@@ -256,6 +256,25 @@ impl Writer {
             ipam::Allocation::default()
         };
         let observed = self.reports.aggregate(mesh_name);
+        // Nodes behind NAT are published where their relay saw them, and nowhere else: an
+        // agent speaks for its own node, and the relay is the one every node behind NAT
+        // keeps a session with.
+        let natted: BTreeMap<String, PublicKey> = mesh
+            .map(|(_, d)| {
+                d.members
+                    .iter()
+                    .filter(|(_, m)| m.behind_nat)
+                    .map(|(n, m)| (n.clone(), m.public_key))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let relay_seen = mesh
+            .and_then(|(_, d)| d.relay.as_deref())
+            .filter(|_| !natted.is_empty())
+            .and_then(|relay| {
+                let keys = natted.values().copied().collect();
+                self.reports.observed_by(mesh_name, relay, &keys)
+            });
         let agents = self.reports.agents(mesh_name);
         let node_peers_in_detail = mesh.is_none_or(|(_, desired)| {
             self.reports
@@ -296,6 +315,11 @@ impl Writer {
                 live_sessions: agents.get(node).and_then(|a| a.live_node_sessions),
                 reported: agents.contains_key(node),
                 in_detail: node_peers_in_detail,
+                relay_seen: natted.get(node).map(|key| {
+                    relay_seen
+                        .as_ref()
+                        .map(|seen| seen.get(key).and_then(|o| o.endpoint.clone()))
+                }),
             });
             self.write_peer_status(peer, &verdict, &addresses, &observed, node_report)
                 .await;
@@ -368,7 +392,7 @@ impl Writer {
             apply_observation(&mut with_reports, agg);
         }
         if let Some(report) = node_report {
-            apply_node_report(&mut with_reports, report);
+            apply_node_report(&mut with_reports, &desired, report);
         }
         if with_reports != desired && report_due {
             desired = with_reports;
@@ -444,7 +468,13 @@ impl Writer {
             .collect();
         let have: Vec<String> = peer.spec.allowed_ips.iter().map(|c| c.0.clone()).collect();
         let have_endpoint = peer.spec.endpoint.as_ref().map(|e| e.0.as_str());
-        let endpoint = endpoint.or(have_endpoint);
+        // Behind NAT, none until the relay has seen it: never the private address it
+        // registered.
+        let endpoint = if convert::behind_nat(node) {
+            endpoint
+        } else {
+            endpoint.or(have_endpoint)
+        };
         if want == have && endpoint == have_endpoint {
             return;
         }
@@ -686,7 +716,7 @@ fn apply_observation(status: &mut WireGuardPeerStatus, agg: &Aggregate) {
 }
 
 /// What a node's own agent reported of itself, for its node peer's status.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct NodeReport {
     /// The agent's count of live sessions; `None` when it reported none (an agent from
     /// before the count).
@@ -698,11 +728,32 @@ struct NodeReport {
     reported: bool,
     /// Whether the mesh is small enough for node peers to be observed one by one.
     in_detail: bool,
+    /// For a node behind NAT: where its relay saw it (`Some(None)`: the relay has reported,
+    /// without an endpoint for it; `None`: the relay has not reported to this process).
+    relay_seen: Option<Option<Option<String>>>,
 }
 
 /// A node peer's live sessions; in a mesh too large for per-node detail, no per-node
 /// observations either (nobody reports them any more: what was there would only go stale).
-fn apply_node_report(status: &mut WireGuardPeerStatus, report: NodeReport) {
+fn apply_node_report(
+    status: &mut WireGuardPeerStatus,
+    before: &WireGuardPeerStatus,
+    report: NodeReport,
+) {
+    // Behind NAT: the relay's word, or what was there while the relay has not seen it (an
+    // agent or controller restart would otherwise unpublish it for a while). What any other
+    // agent saw (the aggregate) never counts.
+    let endpoint = report
+        .relay_seen
+        .as_ref()
+        .map(|seen| seen.clone().flatten().or_else(|| before.endpoint.clone()));
+    apply_session_report(status, &report);
+    if let Some(endpoint) = endpoint {
+        status.endpoint = endpoint;
+    }
+}
+
+fn apply_session_report(status: &mut WireGuardPeerStatus, report: &NodeReport) {
     if report.reported {
         status.live_sessions = report
             .live_sessions
@@ -939,12 +990,15 @@ mod tests {
                 live_sessions: Some(7),
                 ..observed()
             };
+            let before = status.clone();
             apply_node_report(
                 &mut status,
+                &before,
                 NodeReport {
                     live_sessions: live.flatten(),
                     reported: live.is_some(),
                     in_detail,
+                    relay_seen: None,
                 },
             );
             assert_eq!(status.live_sessions, shown, "{case}");
@@ -957,6 +1011,72 @@ mod tests {
                 assert!(status.handshakes.is_empty(), "{case}");
                 assert_eq!((status.rx_bytes, status.tx_bytes), (0, 0), "{case}");
             }
+        }
+    }
+
+    #[test]
+    fn a_node_behind_nat_is_shown_where_its_relay_saw_it() {
+        // (case, endpoint before (the aggregate's: any agent's), relay's report, in detail,
+        // endpoint shown)
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
+            Option<Option<&'a str>>,
+            bool,
+            Option<&'a str>,
+        );
+        let cases: [Case; 5] = [
+            (
+                "the relay's observation, not the aggregate's",
+                Some("192.0.2.66:51820"),
+                Some(Some("198.51.100.7:40001")),
+                true,
+                Some("198.51.100.7:40001"),
+            ),
+            (
+                "kept in a mesh too large for detail",
+                None,
+                Some(Some("198.51.100.7:40001")),
+                false,
+                Some("198.51.100.7:40001"),
+            ),
+            (
+                "the relay has no endpoint for it yet: what was shown stays",
+                Some("198.51.100.7:40001"),
+                Some(None),
+                true,
+                Some("198.51.100.7:40001"),
+            ),
+            (
+                "the relay has not reported: what was shown stays",
+                Some("198.51.100.7:40001"),
+                None,
+                false,
+                Some("198.51.100.7:40001"),
+            ),
+            ("nothing seen, nothing shown", None, Some(None), true, None),
+        ];
+        for (case, before, relay, in_detail, want) in cases {
+            let before = WireGuardPeerStatus {
+                endpoint: before.map(str::to_owned),
+                ..Default::default()
+            };
+            // What the aggregate (any agent's report) would have put there.
+            let mut status = WireGuardPeerStatus {
+                endpoint: Some("192.0.2.99:51820".into()),
+                ..before.clone()
+            };
+            apply_node_report(
+                &mut status,
+                &before,
+                NodeReport {
+                    live_sessions: Some(1),
+                    reported: true,
+                    in_detail,
+                    relay_seen: Some(relay.map(|r| r.map(str::to_owned))),
+                },
+            );
+            assert_eq!(status.endpoint.as_deref(), want, "{case}");
         }
     }
 }
