@@ -57,6 +57,8 @@ pub struct TestNode {
     pub agent: Option<ChildGuard>,
     pub pod: Netns,
     pub ns: Netns,
+    /// The node's NAT router ([`MeshOptions::behind_nat`]), between it and the underlay.
+    pub nat: Option<Netns>,
     _veth: RootLink,
     /// The node's "host" filesystem (hostPath volumes).
     pub host_root: PathBuf,
@@ -104,7 +106,18 @@ pub struct MeshOptions {
     /// Service environment names) is IPv6: every control connection runs over IPv6. The
     /// mesh's pools are the test's to make IPv6 (`values`).
     pub ipv6_only: bool,
+    /// Nodes (by index, from 1) each behind its own NAT router, as a home or office network
+    /// puts a machine: the node has a private address (`172.16.<i>.2/24`, its InternalIP)
+    /// on a link to its router (`172.16.<i>.1`, its default gateway), and the router's
+    /// outside is on the underlay at `<underlay>.<150 + i>`, masquerading what the node sends
+    /// (iptables MASQUERADE) and routing out through the underlay router. Nothing routes
+    /// back to the node or its pods but the NAT's own connection tracking, and its Node is
+    /// annotated `wgmesh.io/behind-nat: "true"`. IPv4 only.
+    pub behind_nat: Vec<usize>,
 }
+
+/// The underlay address of node `i`'s NAT router: `<underlay>.<NAT_ROUTER_OCTET + i>`.
+pub const NAT_ROUTER_OCTET: usize = 150;
 
 impl Default for MeshOptions {
     fn default() -> Self {
@@ -113,6 +126,7 @@ impl Default for MeshOptions {
             values: serde_json::json!({}),
             dual_stack: false,
             ipv6_only: false,
+            behind_nat: Vec::new(),
         }
     }
 }
@@ -198,7 +212,11 @@ impl TestMesh {
             values: extra,
             dual_stack,
             ipv6_only,
+            behind_nat,
         } = options;
+        if !behind_nat.is_empty() && (dual_stack || ipv6_only) {
+            bail!("nodes behind NAT are IPv4 only here");
+        }
         let (octet, underlay_lock) = reserve_underlay()?;
         // Unique while the lock is held; the letter keeps it apart from the numeric ids of
         // older harnesses (process id and sequence).
@@ -336,7 +354,11 @@ impl TestMesh {
             _underlay_lock: underlay_lock,
         };
         for i in 1..=n {
-            mesh.add_node(i).await?;
+            if behind_nat.contains(&i) {
+                mesh.add_node_behind_nat(i).await?;
+            } else {
+                mesh.add_node(i).await?;
+            }
         }
         if mode == NetworkMode::Addon {
             mesh.install_plain_routes()?;
@@ -426,6 +448,95 @@ impl TestMesh {
             agent: None,
             pod,
             ns,
+            nat: None,
+            _veth: veth,
+            host_root: self.dir.path().join(format!("node-{i}")).join("host"),
+            launch: None,
+        });
+        Ok(())
+    }
+
+    /// [`TestMesh::add_node`] for a node behind its own NAT router
+    /// ([`MeshOptions::behind_nat`]).
+    async fn add_node_behind_nat(&mut self, i: usize) -> Result<()> {
+        let name = format!("node-{i}");
+        let ns = Netns::create(&format!("wgm{}n{i}", self.id))?;
+        let pod = Netns::create(&format!("wgm{}p{i}", self.id))?;
+        let nat = Netns::create(&format!("wgm{}t{i}", self.id))?;
+        // The router's outside on the underlay: the link captures watch.
+        let outside = format!("{}.{}", self.underlay, NAT_ROUTER_OCTET + i);
+        let veth = veth_to_bridge(
+            &format!("wgm{}br", self.id),
+            &format!("wgm{}v{i}", self.id),
+            &nat,
+            "eth0",
+            &format!("{outside}/24"),
+        )?;
+        let (inside, node_ip) = (format!("172.16.{i}.1"), format!("172.16.{i}.2"));
+        crate::netns::veth_between(
+            &nat,
+            "lan0",
+            &format!("{inside}/24"),
+            &ns,
+            "eth0",
+            &format!("{node_ip}/24"),
+        )?;
+        nat.sysctl("net.ipv4.ip_forward", "1")?;
+        nat.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{}.{ROUTER_OCTET}", self.underlay),
+        ])?;
+        // The rule lives in the router's namespace and goes with it.
+        nat.exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "eth0",
+                "-j",
+                "MASQUERADE",
+            ],
+        )?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.ip(&["route", "add", "default", "via", &inside])?;
+        // No route back to the pod CIDR anywhere: behind a NAT, nothing outside can reach it.
+        let pod_cidr = format!("10.244.{i}.0/24");
+        let pod_ip = match self.mode {
+            NetworkMode::Addon => {
+                let ipam_dir = self.dir.path().join(format!("ipam-{i}"));
+                cni_add_pod(&ns, &pod, &pod_cidr, &ipam_dir)?
+            }
+            NetworkMode::Cni => String::new(),
+        };
+        cluster::create_node_with_addresses(&self.client, &name, &[&pod_cidr], &[&node_ip], &[])
+            .await?;
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
+            kube::Api::all(self.client.clone());
+        let annotate =
+            serde_json::json!({"metadata": {"annotations": {"wgmesh.io/behind-nat": "true"}}});
+        nodes
+            .patch(
+                &name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&annotate),
+            )
+            .await?;
+        self.nodes.push(TestNode {
+            name,
+            index: i,
+            node_ip,
+            pod_cidr,
+            pod_ip,
+            agent: None,
+            pod,
+            ns,
+            nat: Some(nat),
             _veth: veth,
             host_root: self.dir.path().join(format!("node-{i}")).join("host"),
             launch: None,
@@ -480,6 +591,7 @@ impl TestMesh {
             agent: None,
             pod,
             ns,
+            nat: None,
             _veth: veth,
             host_root: self.dir.path().join(format!("node-{i}")).join("host"),
             launch: None,

@@ -9,6 +9,9 @@
 //!   to the new address, with no change from the controller;
 //! - without the annotation and the preference, the registered InternalIP again.
 //!
+//! And nodes behind NAT (`e2e_node_endpoint_nat_relay`): two of three nodes each behind its
+//! own NAT router (iptables MASQUERADE), reached through the reachable one.
+//!
 //! Needs root.
 
 use std::net::SocketAddr;
@@ -21,7 +24,8 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use wgmesh_api::WireGuardPeer;
-use wgmesh_e2e::mesh::{MeshOptions, NetworkMode, TestMesh};
+use wgmesh_e2e::chaos::watcher::Watcher;
+use wgmesh_e2e::mesh::{MeshOptions, NAT_ROUTER_OCTET, NetworkMode, TestMesh};
 use wgmesh_e2e::netns::{echo_roundtrip, echo_server, first_packet, sh};
 
 const ECHO_PORT: u16 = 7000;
@@ -130,6 +134,158 @@ async fn e2e_node_endpoint_external_ip_preference_and_a_dns_endpoint_that_moves(
     }
     mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
     Ok(())
+}
+
+/// Two nodes each behind its own NAT router (a private address, its default route through a
+/// router that masquerades to the underlay), one reachable node. The NAT'd nodes are
+/// published at the masqueraded address the reachable node (their relay) observed, reach
+/// each other through it and it directly, both ways, and the underlay carries no plaintext
+/// pod packet.
+#[tokio::test]
+async fn e2e_node_endpoint_nat_relay() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
+        return Ok(());
+    }
+    let mesh = TestMesh::start_with(
+        3,
+        MeshOptions {
+            mode: NetworkMode::Cni,
+            behind_nat: vec![2, 3],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let started = Instant::now();
+    // Either end: behind a NAT a leaked pod packet's source is the NAT's address.
+    let mut watcher = Watcher::either_end(mesh.dir(), &["10.244.0.0/16", "10.250.0.0/16"])?;
+    for pos in 0..mesh.nodes.len() {
+        watcher.watch(&mesh.nodes[pos].name, &mesh.underlay_link(pos))?;
+    }
+    let _servers: Vec<_> = mesh
+        .nodes
+        .iter()
+        .map(|n| echo_server(&n.pod, addr(&n.pod_ip, ECHO_PORT), usize::MAX))
+        .collect::<Result<_>>()?;
+    let nat_address = |pos: usize| {
+        format!(
+            "{}.{}",
+            mesh.underlay,
+            NAT_ROUTER_OCTET + mesh.nodes[pos].index
+        )
+    };
+
+    // The NAT'd nodes keep their sessions alive (25 s by default): the relay learns where
+    // they are from their packets, reports it, and the mesh publishes it.
+    for pos in [1, 2] {
+        let want = format!("{}:{PORT}", nat_address(pos));
+        wait_endpoint(&mesh, pos, Some(&want), Duration::from_secs(90)).await?;
+        wait_on_device(&mesh, 0, pos, &want).await?;
+    }
+    eprintln!("NAT'd nodes published after {:?}", started.elapsed());
+
+    // Each NAT'd node has the relay only, carrying the other's networks and not its own.
+    for (pos, other) in [(1, 2), (2, 1)] {
+        let dump = mesh.wg_dump(pos)?;
+        let peers: Vec<&str> = dump.lines().skip(1).collect();
+        let relay = mesh.public_key(0)?;
+        if peers.len() != 1 || !peers[0].starts_with(&relay) {
+            bail!(
+                "{}'s peers are not the relay alone:\n{dump}",
+                mesh.nodes[pos].name
+            );
+        }
+        let allowed: Vec<&str> = peers[0]
+            .split('\t')
+            .nth(3)
+            .unwrap_or_default()
+            .split(',')
+            .collect();
+        let (own, theirs) = (&mesh.nodes[pos].pod_cidr, &mesh.nodes[other].pod_cidr);
+        if !allowed.contains(&theirs.as_str()) || allowed.contains(&own.as_str()) {
+            bail!(
+                "{}: the relay's allowed IPs {allowed:?} should carry {theirs} and never {own}",
+                mesh.nodes[pos].name
+            );
+        }
+    }
+    if mesh.wg_peers(0)?.len() != 2 {
+        bail!(
+            "the relay should have both NAT'd nodes:\n{}",
+            mesh.wg_dump(0)?
+        );
+    }
+
+    // Every pod reaches every other, both ways: NAT'd to NAT'd through the relay.
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(60))?;
+    let counts = watcher.poll()?;
+    let plaintext: u64 = counts.iter().map(|c| c.plaintext).sum();
+    if plaintext > 0 {
+        bail!("plaintext pod packets on the underlay: {counts:?}");
+    }
+    eprintln!(
+        "pods reach each other, no plaintext on the underlay ({} packets captured) after {:?}",
+        counts.iter().map(|c| c.packets).sum::<u64>(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Waits until node `pos`'s published endpoint (its WireGuardPeer's `spec.endpoint`) is `want`.
+async fn wait_endpoint(
+    mesh: &TestMesh,
+    pos: usize,
+    want: Option<&str>,
+    timeout: Duration,
+) -> Result<()> {
+    let peers: Api<WireGuardPeer> = Api::all(mesh.client.clone());
+    let node = &mesh.nodes[pos].name;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let list = peers.list(&Default::default()).await?;
+        let have = list
+            .items
+            .iter()
+            .find(|p| p.spec.node.as_ref().is_some_and(|n| &n.0 == node))
+            .and_then(|p| p.spec.endpoint.as_ref().map(|e| e.0.clone()));
+        if have.as_deref() == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{node}'s WireGuardPeer: endpoint {have:?}, want {want:?}\n{}",
+                mesh.agent_logs(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Waits until node `at`'s device has node `pos` at `endpoint`.
+async fn wait_on_device(mesh: &TestMesh, at: usize, pos: usize, endpoint: &str) -> Result<()> {
+    let key = mesh.public_key(pos)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let dump = mesh.wg_dump(at)?;
+        let have = dump
+            .lines()
+            .skip(1)
+            .find(|l| l.split('\t').next() == Some(key.as_str()))
+            .and_then(|l| l.split('\t').nth(2))
+            .unwrap_or_default()
+            .to_owned();
+        if have == endpoint {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{}'s device has {} at {have:?}, want {endpoint}",
+                mesh.nodes[at].name,
+                mesh.nodes[pos].name,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn addr(ip: &str, port: u16) -> SocketAddr {

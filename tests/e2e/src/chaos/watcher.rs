@@ -101,6 +101,12 @@ pub fn is_plaintext(header: &IpHeader, protected: &[Cidr]) -> bool {
     inside(header.src) && inside(header.dst)
 }
 
+/// Whether either end of a packet is in `protected`.
+pub fn touches(header: &IpHeader, protected: &[Cidr]) -> bool {
+    let inside = |ip| protected.iter().any(|c| c.contains(ip));
+    inside(header.src) || inside(header.dst)
+}
+
 /// Byte order and link type of a pcap file, from its 24-byte global header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PcapHeader {
@@ -185,6 +191,8 @@ struct Tap {
 pub struct Watcher {
     dir: PathBuf,
     protected: Vec<Cidr>,
+    /// Counts a packet with either end protected, not only both ([`Watcher::either_end`]).
+    either_end: bool,
     taps: Vec<Tap>,
 }
 
@@ -194,7 +202,17 @@ impl Watcher {
         Ok(Watcher {
             dir: dir.to_owned(),
             protected: protected.iter().map(|c| c.parse()).collect::<Result<_>>()?,
+            either_end: false,
             taps: Vec::new(),
+        })
+    }
+
+    /// A watcher counting packets with either end in `protected`: behind a NAT a leaked pod
+    /// packet leaves with the NAT's address as its source, so only its destination tells.
+    pub fn either_end(dir: &Path, protected: &[&str]) -> Result<Self> {
+        Ok(Watcher {
+            either_end: true,
+            ..Watcher::new(dir, protected)?
         })
     }
 
@@ -261,7 +279,8 @@ impl Watcher {
             for frame in records {
                 tap.count.packets += 1;
                 if let Some(h) = ip_of_frame(frame)
-                    && is_plaintext(&h, &self.protected)
+                    && (is_plaintext(&h, &self.protected)
+                        || self.either_end && touches(&h, &self.protected))
                 {
                     tap.count.plaintext += 1;
                     if tap.count.examples.len() < EXAMPLES {
