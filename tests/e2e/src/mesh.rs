@@ -426,15 +426,7 @@ impl TestMesh {
             pod_cidrs.push(pod_cidr6);
             addresses.push(node_ip6);
         }
-        let pod_ip = match self.mode {
-            // The other CNI's bridge, there before wgmesh.
-            NetworkMode::Addon => {
-                let ipam_dir = self.dir.path().join(format!("ipam-{i}"));
-                cni_add_pod(&ns, &pod, &pod_cidr, &ipam_dir)?
-            }
-            // Attached once the agent has written the conflist.
-            NetworkMode::Cni => String::new(),
-        };
+        let pod_ip = self.pod_ip_before_agent(i, &ns, &pod, &pod_cidr)?;
         let pod_cidrs: Vec<&str> = pod_cidrs.iter().map(String::as_str).collect();
         let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
         cluster::create_node_with_addresses(&self.client, &name, &pod_cidrs, &addresses, &[])
@@ -454,6 +446,24 @@ impl TestMesh {
             launch: None,
         });
         Ok(())
+    }
+
+    /// The pod's address before any agent runs: in add-on mode the other CNI's bridge
+    /// attaches it now; in CNI mode it is attached once the agent has written the conflist.
+    fn pod_ip_before_agent(
+        &self,
+        i: usize,
+        ns: &Netns,
+        pod: &Netns,
+        pod_cidr: &str,
+    ) -> Result<String> {
+        match self.mode {
+            NetworkMode::Addon => {
+                let ipam_dir = self.dir.path().join(format!("ipam-{i}"));
+                cni_add_pod(ns, pod, pod_cidr, &ipam_dir)
+            }
+            NetworkMode::Cni => Ok(String::new()),
+        }
     }
 
     /// [`TestMesh::add_node`] for a node behind its own NAT router
@@ -507,13 +517,7 @@ impl TestMesh {
         ns.ip(&["route", "add", "default", "via", &inside])?;
         // No route back to the pod CIDR anywhere: behind a NAT, nothing outside can reach it.
         let pod_cidr = format!("10.244.{i}.0/24");
-        let pod_ip = match self.mode {
-            NetworkMode::Addon => {
-                let ipam_dir = self.dir.path().join(format!("ipam-{i}"));
-                cni_add_pod(&ns, &pod, &pod_cidr, &ipam_dir)?
-            }
-            NetworkMode::Cni => String::new(),
-        };
+        let pod_ip = self.pod_ip_before_agent(i, &ns, &pod, &pod_cidr)?;
         cluster::create_node_with_addresses(&self.client, &name, &[&pod_cidr], &[&node_ip], &[])
             .await?;
         let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
@@ -573,13 +577,7 @@ impl TestMesh {
         let pod_cidr = format!("fd00:10:244:{i:x}::/64");
         self.router
             .ip(&["-6", "route", "replace", &pod_cidr, "via", &node_ip])?;
-        let pod_ip = match self.mode {
-            NetworkMode::Addon => {
-                let ipam_dir = self.dir.path().join(format!("ipam-{i}"));
-                cni_add_pod(&ns, &pod, &pod_cidr, &ipam_dir)?
-            }
-            NetworkMode::Cni => String::new(),
-        };
+        let pod_ip = self.pod_ip_before_agent(i, &ns, &pod, &pod_cidr)?;
         cluster::create_node_with_addresses(&self.client, &name, &[&pod_cidr], &[&node_ip], &[])
             .await?;
         self.nodes.push(TestNode {
