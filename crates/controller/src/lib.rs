@@ -130,6 +130,7 @@ pub async fn run(config: Config) -> Result<()> {
         &caches,
         &Default::default(),
         &index,
+        &reconcile::Computed::default(),
     )));
     tokio::spawn(reconcile::run(
         client.clone(),

@@ -3,6 +3,7 @@
 //! agents' streams) and to the status writer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -418,7 +419,8 @@ pub async fn run(
         // On a runtime worker, not a blocking thread: a join waits for two recomputations in
         // a row, and on a blocking thread they competed for the cores with the streams and
         // the writer (a 5,000-node bench run was twice as slow).
-        let result = compute_all(&caches, &secrets, &index);
+        let previous = computed.borrow().clone();
+        let result = compute_all(&caches, &secrets, &index, &previous);
         computed_once = true;
         metrics.reconciled(first_change.elapsed().as_secs_f64());
         tracing::debug!(
@@ -470,7 +472,14 @@ fn refreshed(previous: &Computed, caches: &Caches) -> Computed {
 }
 
 /// Recomputes every mesh from the caches and publishes the results to the index.
-pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Computed {
+/// `previous` is the last computation: the tunnel addresses it allocated and published are
+/// held until the status writer has written them.
+pub fn compute_all(
+    caches: &Caches,
+    secrets: &Secrets,
+    index: &Index,
+    previous: &Computed,
+) -> Computed {
     let nodes = caches.nodes.state();
     let peers = caches.peers.state();
     let meshes = caches.meshes.state();
@@ -531,17 +540,18 @@ pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Compute
             .iter()
             .map(|n| convert::node_input(n, mesh, &out.foreign_pod_cidrs))
             .collect();
-        let peer_inputs = inputs.remove(&name).unwrap_or_default();
+        let mut peer_inputs = inputs.remove(&name).unwrap_or_default();
+        let mut unwritten = false;
+        if let Some((_, before)) = previous.meshes.get(&name) {
+            for input in &mut peer_inputs {
+                unwritten |= hold_allocated(input, &before.tunnel_addresses);
+            }
+        }
         let desired = desired::compute(&mesh_input, &node_inputs, &peer_inputs);
-        out.awaiting_address |= desired.verdicts.values().any(|v| {
-            matches!(
-                v,
-                desired::Verdict::Refused {
-                    reason: wgmesh_core::Reason::TunnelAddressPending,
-                    ..
-                }
-            )
-        });
+        out.awaiting_address |= unwritten
+            || peer_inputs
+                .iter()
+                .any(|p| desired.tunnel_addresses.get(&p.name) != Some(&p.tunnel_addresses));
         index.publish(&name, settings_of(mesh), desired.clone());
         out.meshes.insert(name, (mesh.clone(), Arc::new(desired)));
     }
@@ -549,6 +559,23 @@ pub fn compute_all(caches: &Caches, secrets: &Secrets, index: &Index) -> Compute
         index.remove(&gone);
     }
     out
+}
+
+/// Adds to what a peer's status holds the tunnel addresses `allocated` to it by an earlier
+/// computation and not written yet: they are published already, so they stay its (a senior
+/// peer seen meanwhile does not take them). `true` if it added any.
+fn hold_allocated(input: &mut PeerInput, allocated: &BTreeMap<String, Vec<IpAddr>>) -> bool {
+    let Some(addresses) = allocated.get(&input.name) else {
+        return false;
+    };
+    let mut added = false;
+    for a in addresses {
+        if !input.tunnel_addresses.contains(a) {
+            input.tunnel_addresses.push(*a);
+            added = true;
+        }
+    }
+    added
 }
 
 /// The Secrets whose value is unknown (never read, or only ever failing to read; a Secret that

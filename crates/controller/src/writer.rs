@@ -20,8 +20,8 @@ use tokio::sync::watch;
 use wgmesh_api::condition::{READY, Reason};
 use wgmesh_api::peer::NodeHandshake;
 use wgmesh_api::{WireGuardMesh, WireGuardMeshStatus, WireGuardPeer, WireGuardPeerStatus};
+use wgmesh_core::PublicKey;
 use wgmesh_core::desired::Verdict;
-use wgmesh_core::{Cidr, PublicKey, ipam};
 
 use crate::convert;
 use crate::metrics::Metrics;
@@ -236,25 +236,14 @@ impl Writer {
             let name = p.name_any();
             (rank.get(name.as_str()).copied().unwrap_or(usize::MAX), name)
         });
-        let pools: Vec<Cidr> = mesh
-            .map(|(m, _)| {
-                m.spec
-                    .tunnel_cidrs
-                    .iter()
-                    .filter_map(|c| Cidr::parse_masked(c.as_str()).ok())
-                    .collect()
-            })
-            .unwrap_or_default();
         let current: BTreeMap<String, Vec<IpAddr>> = order
             .iter()
             .map(|p| (p.name_any(), self.current_addresses(p)))
             .collect();
-        let names: Vec<String> = order.iter().map(|p| p.name_any()).collect();
-        let allocation = if mesh.is_some() {
-            ipam::allocate(&pools, &current, names.iter().map(String::as_str))
-        } else {
-            ipam::Allocation::default()
-        };
+        // The desired mesh allocated them (and programs its members with them); the writer
+        // persists them. A peer it has not seen keeps what it holds.
+        let allocated = mesh.map(|(_, d)| &d.tunnel_addresses);
+        let allocated_to = |name: &str| allocated.and_then(|a| a.get(name));
         let observed = self.reports.aggregate(mesh_name);
         // Nodes behind NAT are published where their relay saw them, and nowhere else: an
         // agent speaks for its own node, and the relay is the one every node behind NAT
@@ -281,12 +270,12 @@ impl Writer {
                 .node_peers_in_detail(desired.node_peers_per_member())
         });
 
-        // A peer given a new address (a node joining) waits for it to be written before it
-        // is programmed anywhere: those go first, not after a walk over every other peer.
+        // A peer given a new address (a node joining) is programmed with it already; it is
+        // written first all the same (recomputations carry it over only until then, and
+        // people and `kubectl wgmesh` read it there), not after a walk over every other peer.
         order.sort_by_cached_key(|p| {
             let name = p.name_any();
-            allocation.addresses.get(&name) == current.get(&name)
-                || !allocation.addresses.contains_key(&name)
+            allocated_to(&name).is_none_or(|a| Some(a) == current.get(&name))
         });
         for (i, peer) in order.into_iter().enumerate() {
             // A walk over thousands of peers that need no write never awaits: it yields
@@ -300,11 +289,10 @@ impl Writer {
             let name = peer.name_any();
             let verdict = verdict_of(peer, mesh, snapshot);
             self.raise_event_on_change(peer, &verdict).await;
-            let addresses = allocation
-                .addresses
-                .get(&name)
+            let addresses = allocated_to(&name)
+                .or_else(|| current.get(&name))
                 .cloned()
-                .unwrap_or_else(|| current.get(&name).cloned().unwrap_or_default());
+                .unwrap_or_default();
             // Someone else's object claiming a node: judged (refused), never adopted, and
             // shown nothing the node's agent reported.
             let owned_node =

@@ -506,19 +506,44 @@ async fn restarts_and_failover_lose_nothing() -> Result<()> {
     }
     assert_eq!(a.peers, before, "nothing lost when the leader dies");
 
-    // The survivor takes the lease and allocates an address for a new peer.
+    // A new peer is programmed at once (every replica computes the mesh); the survivor
+    // takes the lease and writes the address it was programmed with.
     fx.apply_peer(
         "laptop",
         json!({"publicKey": key(30), "allowedIPs": ["192.168.70.0/24"]}),
     )
     .await?;
-    a.wait_until(Duration::from_secs(40), "laptop via the new leader", |s| {
+    a.wait_until(Duration::from_secs(40), "laptop via the survivor", |s| {
         s.peer("laptop").is_some()
     })
     .await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let written = loop {
+        let addresses = fx
+            .peer("laptop")
+            .await?
+            .status
+            .map(|s| s.addresses)
+            .unwrap_or_default();
+        if !addresses.is_empty() {
+            break addresses;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the survivor never wrote the laptop's address"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(owns(&survivor, &lease_holder(&fx.client).await?));
-    let laptop = fx.peer("laptop").await?;
-    assert_eq!(laptop.status.unwrap().addresses.len(), 1);
+    assert_eq!(written.len(), 1);
+    let programmed = a.peer("laptop").context("laptop programmed")?;
+    assert!(
+        programmed
+            .allowed_ips
+            .iter()
+            .any(|c| c.starts_with(&format!("{}/", written[0]))),
+        "programmed with the address written: {programmed:?} vs {written:?}"
+    );
     Ok(())
 }
 

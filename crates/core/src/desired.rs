@@ -1,9 +1,10 @@
 //! The desired mesh: from a mesh, its nodes and its peers, every node's peer set and every
 //! peer's verdict (programmed, or why not).
 //!
-//! This is the one place where a peer's allowed IPs, endpoint, keepalive and preshared key are
-//! decided ([`allowed_ips_of`], [`gateway_allowed_ips`] and [`compute`]), and where conflicts
-//! between peers are judged. With host encryption, [`compute`] adds each node's own addresses
+//! This is the one place where a peer's tunnel addresses, allowed IPs, endpoint, keepalive and
+//! preshared key are decided ([`allowed_ips_of`], [`gateway_allowed_ips`] and [`compute`],
+//! which allocates tunnel addresses with [`crate::ipam`]), and where conflicts between peers
+//! are judged. With host encryption, [`compute`] adds each node's own addresses
 //! to its node peer's allowed IPs (`encrypted_host_addresses`: not a claim, so not judged, but
 //! never an address another Node lists or a reserved one).
 //!
@@ -19,6 +20,7 @@
 //! name); a peer that conflicts with one already accepted is refused and never programmed, and
 //! the rest of the mesh is unaffected.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -211,7 +213,8 @@ pub struct PeerInput {
     /// The UID in the object's ownerReference to the Node named by `node`, if it has one.
     /// The controller creates node peers with it; a `spec.node` without it is not trusted.
     pub node_owner_uid: Option<String>,
-    /// Tunnel addresses allocated to the peer (`status.addresses`), one per pool.
+    /// Tunnel addresses the peer holds, one per pool: its `status.addresses`, and what an
+    /// earlier computation allocated it and is not written there yet.
     pub tunnel_addresses: Vec<IpAddr>,
 }
 
@@ -349,8 +352,13 @@ pub struct DesiredMesh {
     pub verdicts: BTreeMap<String, Verdict>,
     /// Every peer object's name by precedence: node peers first, then external peers; each
     /// oldest first (created, already programmed, seniority, name). Claims are judged in this
-    /// order, and the writer allocates tunnel addresses in it.
+    /// order, and tunnel addresses are allocated in it.
     pub precedence: Vec<String>,
+    /// Every peer object's tunnel addresses, one per pool, by object name: what it holds
+    /// ([`PeerInput::tunnel_addresses`]) where still valid, else the lowest free address
+    /// ([`crate::ipam::allocate`], in precedence order). Members and peers are programmed
+    /// with these; the status writer persists them.
+    pub tunnel_addresses: BTreeMap<String, Vec<IpAddr>>,
     /// Why each known Node that is not a member is not one: not selected, or not registered
     /// (yet). A Node missing here and from `members` does not exist.
     pub non_members: BTreeMap<String, Departure>,
@@ -497,8 +505,30 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
     });
 
+    // Tunnel addresses, in precedence order: what a peer holds it keeps, a peer without one
+    // gets the lowest free one now, and is judged and programmed with it in this same
+    // computation (a joining node is published without waiting for the status write).
+    let allocation = crate::ipam::allocate(
+        &mesh.tunnel_pools,
+        order
+            .iter()
+            .map(|p| (p.name.as_str(), p.tunnel_addresses.as_slice())),
+    );
+    let allocated: Vec<Cow<'_, PeerInput>> = order
+        .iter()
+        .map(|&p| match allocation.addresses.get(&p.name) {
+            Some(addresses) if *addresses != p.tunnel_addresses => Cow::Owned(PeerInput {
+                tunnel_addresses: addresses.clone(),
+                ..p.clone()
+            }),
+            _ => Cow::Borrowed(p),
+        })
+        .collect();
+    let order: Vec<&PeerInput> = allocated.iter().map(|p| p.as_ref()).collect();
+
     let mut out = DesiredMesh {
         precedence: order.iter().map(|p| p.name.clone()).collect(),
+        tunnel_addresses: allocation.addresses,
         ..DesiredMesh::default()
     };
     let key_owners = key_owners(peers);
@@ -508,7 +538,6 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         reserved_index.insert(r.cidr, r.what.as_str());
     }
     let mut claims: OverlapIndex<String> = OverlapIndex::default();
-    let pool_fill = pool_fill(&mesh.tunnel_pools, peers);
     let mesh_secret = match &mesh.preshared_key {
         Some(SecretInput::Present(bytes)) => Some(mesh_secret_key(bytes)),
         _ => None,
@@ -516,7 +545,6 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
     let judged = Judged {
         key_owners: &key_owners,
         reserved: &reserved_index,
-        pool_fill: &pool_fill,
     };
     let nat_reserved: Vec<ReservedRange> = fixed_reserved()
         .into_iter()
@@ -864,7 +892,6 @@ struct Judged<'a> {
     key_owners: &'a BTreeMap<PublicKey, &'a str>,
     /// Reserved ranges and what each is.
     reserved: &'a OverlapIndex<&'a str>,
-    pool_fill: &'a [(Cidr, bool)],
 }
 
 fn judge(
@@ -932,23 +959,17 @@ fn judge(
             format!("mesh {}: {why}", mesh.name),
         );
     }
-    for (pool, full) in judged.pool_fill {
-        let has = peer.tunnel_addresses.iter().any(|a| pool.contains_addr(*a));
-        if !has {
-            return if *full {
-                refuse(
-                    Reason::TunnelPoolExhausted,
-                    format!(
-                        "tunnel pool {pool} of mesh {} has no free address",
-                        mesh.name
-                    ),
-                )
-            } else {
-                refuse(
-                    Reason::TunnelAddressPending,
-                    format!("waiting for a tunnel address from {pool}"),
-                )
-            };
+    // Every address that could be allocated was (in `compute`): a pool the peer has none
+    // from is full.
+    for pool in &mesh.tunnel_pools {
+        if !peer.tunnel_addresses.iter().any(|a| pool.contains_addr(*a)) {
+            return refuse(
+                Reason::TunnelPoolExhausted,
+                format!(
+                    "tunnel pool {pool} of mesh {} has no free address",
+                    mesh.name
+                ),
+            );
         }
     }
     for cidr in claimed_networks(peer, node) {
@@ -1020,21 +1041,6 @@ fn interface_addresses(mesh: &MeshInput, peer: &PeerInput) -> Vec<ipnet::IpNet> 
         .filter_map(|a| {
             let pool = mesh.tunnel_pools.iter().find(|p| p.contains_addr(*a))?;
             ipnet::IpNet::new(*a, pool.prefix_len()).ok()
-        })
-        .collect()
-}
-
-/// For each pool, whether every assignable address is taken.
-fn pool_fill(pools: &[Cidr], peers: &[PeerInput]) -> Vec<(Cidr, bool)> {
-    pools
-        .iter()
-        .map(|pool| {
-            let used: BTreeSet<IpAddr> = peers
-                .iter()
-                .flat_map(|p| p.tunnel_addresses.iter().copied())
-                .filter(|a| pool.contains_addr(*a))
-                .collect();
-            (*pool, used.len() as u128 >= crate::ipam::capacity(pool))
         })
         .collect()
 }

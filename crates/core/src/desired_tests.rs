@@ -170,10 +170,10 @@ fn membership_table() {
             refused: &[("b", Reason::Disabled)],
         },
         Case {
-            name: "a node without a tunnel address waits",
+            name: "a node without a tunnel address gets one and joins at once",
             edit: |_, peers| peers[0].tunnel_addresses.clear(),
-            members: &["b", "c"],
-            refused: &[("a", Reason::TunnelAddressPending)],
+            members: &["a", "b", "c"],
+            refused: &[],
         },
         Case {
             name: "the newer of two nodes with one key is refused",
@@ -360,7 +360,7 @@ fn same_second_ties_keep_the_programmed_peer_then_the_first_seen() {
     assert!(refused(&d, "aaa").is_some());
 }
 
-/// The precedence claims are judged in is the one the writer allocates addresses in: node
+/// The precedence claims are judged in is the one addresses are allocated in: node
 /// peers first, then external ones, each oldest first, ties by programmed, then first seen.
 #[test]
 fn precedence_is_the_allocation_order() {
@@ -390,6 +390,42 @@ fn precedence_is_the_allocation_order() {
         ["aaa", "office"],
         "programmed before seen first"
     );
+}
+
+/// A peer without a tunnel address is given the lowest free one in the computation that
+/// first sees it, and programmed with it there: no member waits for the status write.
+#[test]
+fn a_joining_node_is_programmed_with_the_lowest_free_address() {
+    let addr = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let (nodes, all) = three_nodes();
+    // Node b is not seen yet; c joins without an address (a holds 10.250.0.1).
+    let mut peers: Vec<PeerInput> = all.iter().filter(|p| p.name != "b").cloned().collect();
+    peers[1].tunnel_addresses.clear();
+    let d = compute(&mesh(), &nodes, &peers);
+    assert_eq!(d.tunnel_addresses["c"], [addr("10.250.0.2")]);
+    assert_eq!(d.tunnel_addresses["a"], [addr("10.250.0.1")], "kept");
+    assert_eq!(d.verdicts["c"], Verdict::Programmed);
+    assert_eq!(
+        d.members["c"].interface_addresses,
+        ["10.250.0.2/16".parse::<ipnet::IpNet>().unwrap()]
+    );
+    assert!(
+        d.peers[&peers[1].public_key]
+            .allowed_ips
+            .contains(&Cidr::host(addr("10.250.0.2"))),
+        "the other members route its tunnel address to it"
+    );
+
+    // Then b, senior to c, is seen without an address, while c's is published but not
+    // written yet (the controller carries it over as held): c keeps it, b takes the next.
+    let mut peers = all.clone();
+    peers[1].tunnel_addresses.clear();
+    peers[2].tunnel_addresses = vec![addr("10.250.0.2")];
+    let d = compute(&mesh(), &nodes, &peers);
+    assert_eq!(d.precedence, ["a", "b", "c"]);
+    assert_eq!(d.tunnel_addresses["c"], [addr("10.250.0.2")], "it stays");
+    assert_eq!(d.tunnel_addresses["b"], [addr("10.250.0.3")]);
+    assert_eq!(d.verdicts["b"], Verdict::Programmed);
 }
 
 #[test]

@@ -21,23 +21,23 @@ pub struct Allocation {
     pub exhausted: BTreeMap<String, String>,
 }
 
-/// Allocates addresses for `requesters` (in priority order: earlier ones keep contested
-/// addresses) from `pools`, keeping what `current` already holds where it is still valid.
+/// Allocates addresses for `requesters`, each with the addresses it holds now, in priority
+/// order (earlier ones keep contested addresses), from `pools`, keeping what a requester
+/// holds where it is still valid.
 pub fn allocate<'a>(
     pools: &[Cidr],
-    current: &BTreeMap<String, Vec<IpAddr>>,
-    requesters: impl IntoIterator<Item = &'a str>,
+    requesters: impl IntoIterator<Item = (&'a str, &'a [IpAddr])>,
 ) -> Allocation {
-    let requesters: Vec<&str> = requesters.into_iter().collect();
+    let requesters: Vec<(&str, &[IpAddr])> = requesters.into_iter().collect();
     let mut used: Vec<BTreeSet<IpAddr>> = vec![BTreeSet::new(); pools.len()];
     let mut result = Allocation::default();
 
     // First pass: keep valid existing addresses, in priority order so a duplicate goes to the
     // first holder.
-    let mut kept: BTreeMap<&str, Vec<Option<IpAddr>>> = BTreeMap::new();
-    for name in &requesters {
+    let mut kept: Vec<Vec<Option<IpAddr>>> = Vec::with_capacity(requesters.len());
+    for (_, held) in &requesters {
         let mut slots = vec![None; pools.len()];
-        for addr in current.get(*name).into_iter().flatten() {
+        for addr in held.iter() {
             if let Some(i) = pools.iter().position(|p| usable(p, *addr))
                 && slots[i].is_none()
                 && used[i].insert(*addr)
@@ -45,16 +45,18 @@ pub fn allocate<'a>(
                 slots[i] = Some(*addr);
             }
         }
-        kept.insert(name, slots);
+        kept.push(slots);
     }
 
-    // Second pass: fill the gaps with the lowest free address of each pool.
-    for name in &requesters {
-        let slots = kept.get_mut(name).expect("every requester has slots");
+    // Second pass: fill the gaps with the lowest free address of each pool. Addresses are
+    // only taken in this pass, so the lowest free one never moves down: each pool's search
+    // resumes where the last one ended (many joining at once cost O(n), not O(n^2)).
+    let mut searched_to: Vec<u128> = vec![1; pools.len()];
+    for ((name, _), slots) in requesters.iter().zip(&mut kept) {
         let mut missing = Vec::new();
         for (i, pool) in pools.iter().enumerate() {
             if slots[i].is_none() {
-                match lowest_free(pool, &used[i]) {
+                match lowest_free(pool, &used[i], &mut searched_to[i]) {
                     Some(addr) => {
                         used[i].insert(addr);
                         slots[i] = Some(addr);
@@ -106,13 +108,18 @@ fn usable(pool: &Cidr, addr: IpAddr) -> bool {
     }
 }
 
-fn lowest_free(pool: &Cidr, used: &BTreeSet<IpAddr>) -> Option<IpAddr> {
+/// The lowest free address of `pool` at an offset of at least `from`, which moves to it.
+fn lowest_free(pool: &Cidr, used: &BTreeSet<IpAddr>, from: &mut u128) -> Option<IpAddr> {
     let cap = capacity(pool);
-    // `used` holds only addresses of this pool, so at most used.len() + 1 candidates are tried.
+    // `used` holds only addresses of this pool, so the first used.len() + 1 offsets hold a
+    // free one if the pool has one.
     let limit = (used.len() as u128 + 1).min(cap);
-    (1..=limit)
-        .map(|offset| nth(pool, offset))
-        .find(|a| !used.contains(a) && usable(pool, *a))
+    let offset = (*from..=limit).find(|o| {
+        let a = nth(pool, *o);
+        !used.contains(&a) && usable(pool, a)
+    })?;
+    *from = offset;
+    Some(nth(pool, offset))
 }
 
 fn nth(pool: &Cidr, offset: u128) -> IpAddr {
@@ -236,10 +243,12 @@ mod tests {
             },
         ];
         for case in cases {
+            let current = current(case.current);
             let alloc = allocate(
                 &pools(case.pools),
-                &current(case.current),
-                case.requesters.iter().copied(),
+                case.requesters
+                    .iter()
+                    .map(|n| (*n, current.get(*n).map_or(&[][..], Vec::as_slice))),
             );
             for (name, want) in case.want {
                 assert_eq!(addrs(&alloc, name), *want, "{}: {name}", case.name);
@@ -254,8 +263,7 @@ mod tests {
         // A /31 has one assignable address (the network address is never handed out).
         let alloc = allocate(
             &pools(&["10.250.0.0/31"]),
-            &BTreeMap::new(),
-            ["a", "b", "c"],
+            ["a", "b", "c"].map(|n| (n, &[][..])),
         );
         assert_eq!(alloc.exhausted.len(), 2);
         let msg = &alloc.exhausted["c"];
