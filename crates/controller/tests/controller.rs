@@ -1,5 +1,6 @@
 //! The controller against a real API server, with real gRPC clients standing in for agents.
 
+use std::ops::ControlFlow::{self, Break, Continue};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -15,6 +16,26 @@ use wgmesh_e2e::install::install_default_mesh;
 use wgmesh_proto as pb;
 
 const WAIT: Duration = Duration::from_secs(20);
+
+/// Polls `probe` every 200 ms until it breaks with a value, for at most `within`; the error
+/// names `what` was awaited and the last state the probe continued with.
+async fn eventually<T, S, F, Fut>(within: Duration, what: &str, mut probe: F) -> Result<T>
+where
+    S: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<ControlFlow<T, S>>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match probe().await? {
+            Break(done) => return Ok(done),
+            Continue(seen) if std::time::Instant::now() > deadline => {
+                anyhow::bail!("{what} did not happen within {within:?}; last seen: {seen:?}")
+            }
+            Continue(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
 
 struct Fixture {
     cp: ControlPlane,
@@ -89,22 +110,20 @@ impl Fixture {
 
     /// Waits until the peer's Ready condition has `reason`.
     async fn wait_reason(&self, name: &str, reason: &str) -> Result<WireGuardPeer> {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
+        let what = format!("{name}'s Ready reason {reason}");
+        eventually(WAIT, &what, || async move {
             let peer = self.peer(name).await?;
             let ready = peer
                 .status
                 .as_ref()
                 .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
                 .cloned();
-            if ready.as_ref().is_some_and(|c| c.reason == reason) {
-                return Ok(peer);
-            }
-            if std::time::Instant::now() > deadline {
-                anyhow::bail!("{name} never got reason {reason}; Ready is {ready:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            Ok(match ready {
+                Some(c) if c.reason == reason => Break(peer),
+                other => Continue(other),
+            })
+        })
+        .await
     }
 }
 
@@ -266,37 +285,35 @@ async fn nodes_and_external_peers_reach_every_agent_as_exact_deltas() -> Result<
             .wait_until(WAIT, "node-b removed", |s| s.peer("node-b").is_none())
             .await?;
     }
-    let deadline = std::time::Instant::now() + WAIT;
-    while api.get_opt("node-b").await?.is_some() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node-b's WireGuardPeer was not deleted"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let api = &api;
+    eventually(WAIT, "node-b's WireGuardPeer deleted", || async move {
+        Ok(match api.get_opt("node-b").await? {
+            None => Break(()),
+            Some(p) => Continue(p.metadata.deletion_timestamp),
+        })
+    })
+    .await?;
 
     // Status: addresses, readiness and counts.
     let node_a = fx.wait_reason("node-a", "Programmed").await?;
     assert_eq!(node_a.status.unwrap().addresses.len(), 1);
     let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(fx.client.clone());
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    let meshes = &meshes;
+    eventually(WAIT, "the mesh status settled", || async move {
         let status = meshes.get("default").await?.status.unwrap_or_default();
-        if (
+        let counts = (
             status.nodes,
             status.ready_nodes,
             status.peers,
             status.ready_peers,
-        ) == (2, 2, 2, 2)
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "mesh status never settled: {status:?}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Ok(if counts == (2, 2, 2, 2) {
+            Break(())
+        } else {
+            Continue(status)
+        })
+    })
+    .await?;
     let metrics = controller.metrics().await?;
     assert!(
         metrics.contains("wgmesh_controller_connected_agents 3"),
@@ -483,18 +500,16 @@ async fn restarts_and_failover_lose_nothing() -> Result<()> {
     // Two replicas: kill the lease holder; the other takes the lease and keeps writing.
     let c3 = fx.controller("c3").await?;
     let mut replicas = vec![c2, c3];
-    let deadline = std::time::Instant::now() + WAIT;
-    let holder = loop {
-        let h = lease_holder(&fx.client).await?;
-        if replicas.iter().any(|r| owns(r, &h)) {
-            break h;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no replica holds the lease ({h})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (client, candidates) = (&fx.client, &replicas);
+    let holder = eventually(WAIT, "a replica holding the lease", || async move {
+        let h = lease_holder(client).await?;
+        Ok(if candidates.iter().any(|r| owns(r, &h)) {
+            Break(h)
+        } else {
+            Continue(h)
+        })
+    })
+    .await?;
     let leader_index = replicas.iter().position(|r| owns(r, &holder)).unwrap();
     let mut leader = replicas.remove(leader_index);
     let survivor = replicas.pop().unwrap();
@@ -517,23 +532,20 @@ async fn restarts_and_failover_lose_nothing() -> Result<()> {
         s.peer("laptop").is_some()
     })
     .await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    let written = loop {
-        let addresses = fx
-            .peer("laptop")
-            .await?
-            .status
-            .map(|s| s.addresses)
-            .unwrap_or_default();
-        if !addresses.is_empty() {
-            break addresses;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the survivor never wrote the laptop's address"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let fx = &fx;
+    let written = eventually(
+        Duration::from_secs(40),
+        "the laptop's address written by the survivor",
+        || async move {
+            let status = fx.peer("laptop").await?.status.unwrap_or_default();
+            Ok(if status.addresses.is_empty() {
+                Continue(status)
+            } else {
+                Break(status.addresses)
+            })
+        },
+    )
+    .await?;
     assert!(owns(&survivor, &lease_holder(&fx.client).await?));
     assert_eq!(written.len(), 1);
     let programmed = a.peer("laptop").context("laptop programmed")?;
@@ -583,41 +595,32 @@ async fn status_reports_reach_the_writer_through_any_replica_and_a_quiet_mesh_wr
         }]
     };
     a.report(report(1000)).await?;
-    let deadline = std::time::Instant::now() + WAIT;
-    let first_write = loop {
+    let fx = &fx;
+    let rx_bytes_written = |rx: i64| async move {
         let status = fx.peer("node-b").await?.status.unwrap_or_default();
-        if status.rx_bytes == 1000 {
-            assert_eq!(status.tx_bytes, 2000);
-            assert_eq!(status.endpoint.as_deref(), Some("192.168.0.2:51820"));
-            assert!(status.last_handshake_time.is_some());
-            break std::time::Instant::now();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the report never reached the status: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(if status.rx_bytes == rx {
+            Break(status)
+        } else {
+            Continue(status)
+        })
     };
+    let status = eventually(WAIT, "the report in the status", || rx_bytes_written(1000)).await?;
+    let first_write = std::time::Instant::now();
+    assert_eq!(status.tx_bytes, 2000);
+    assert_eq!(status.endpoint.as_deref(), Some("192.168.0.2:51820"));
+    assert!(status.last_handshake_time.is_some());
 
     // A second report right away is held back by the per-object interval (5 s here).
     a.report(report(5000)).await?;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let status = fx.peer("node-b").await?.status.unwrap_or_default();
-        if status.rx_bytes == 5000 {
-            assert!(
-                first_write.elapsed() >= Duration::from_secs(4),
-                "written again after {:?}",
-                first_write.elapsed()
-            );
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the second report was never written"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(WAIT, "the second report in the status", || {
+        rx_bytes_written(5000)
+    })
+    .await?;
+    assert!(
+        first_write.elapsed() >= Duration::from_secs(4),
+        "written again after {:?}",
+        first_write.elapsed()
+    );
 
     // A quiet mesh: no writes at all.
     let writes = |text: String| -> f64 {
@@ -670,29 +673,29 @@ async fn a_large_mesh_counts_live_sessions_instead_of_keeping_every_pair() -> Re
     // more sessions than it has peers; b says 1.
     a.report_sessions(vec![observed(2), observed(3)], 7).await?;
     b.report_sessions(vec![], 1).await?;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    let fx = &fx;
+    let (sa, sb) = eventually(WAIT, "live sessions in the status", || async move {
         let (na, nb) = (fx.peer("node-a").await?, fx.peer("node-b").await?);
         let (sa, sb) = (na.status.unwrap_or_default(), nb.status.unwrap_or_default());
-        if sa.live_sessions.is_some() && sb.live_sessions.is_some() {
-            assert_eq!(sa.live_sessions, Some(2), "capped at a's node peers");
-            assert_eq!(sb.live_sessions, Some(1));
-            for s in [&sa, &sb] {
-                assert!(s.handshakes.is_empty(), "no per-node handshakes: {s:?}");
-                assert_eq!(
-                    (s.rx_bytes, s.tx_bytes),
-                    (0, 0),
-                    "no per-pair traffic: {s:?}"
-                );
-                assert_eq!(s.endpoint, None, "{s:?}");
-            }
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "live sessions never reached the status: {sa:?} {sb:?}"
+        Ok(
+            if sa.live_sessions.is_some() && sb.live_sessions.is_some() {
+                Break((sa, sb))
+            } else {
+                Continue((sa, sb))
+            },
+        )
+    })
+    .await?;
+    assert_eq!(sa.live_sessions, Some(2), "capped at a's node peers");
+    assert_eq!(sb.live_sessions, Some(1));
+    for s in [&sa, &sb] {
+        assert!(s.handshakes.is_empty(), "no per-node handshakes: {s:?}");
+        assert_eq!(
+            (s.rx_bytes, s.tx_bytes),
+            (0, 0),
+            "no per-pair traffic: {s:?}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(s.endpoint, None, "{s:?}");
     }
     Ok(())
 }
@@ -831,19 +834,17 @@ async fn a_forwarded_report_needs_the_replica_certificate_not_just_the_ca() -> R
     let ch = channel_with_client_cert(&controller, &fx.tls.ca_pem, &replica).await?;
     let mut client = pb::mesh_service_client::MeshServiceClient::new(ch);
     client.report_status(forwarded(1000)).await?;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    let fx = &fx;
+    eventually(WAIT, "the replica's report in the status", || async move {
         let status = fx.peer("node-b").await?.status.unwrap_or_default();
-        assert_ne!(status.rx_bytes, 666, "the refused report was recorded");
-        if status.rx_bytes == 1000 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replica's report never reached the status: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        anyhow::ensure!(status.rx_bytes != 666, "the refused report was recorded");
+        Ok(if status.rx_bytes == 1000 {
+            Break(())
+        } else {
+            Continue(status)
+        })
+    })
+    .await?;
     Ok(())
 }
 
@@ -968,24 +969,22 @@ async fn the_startup_taint_goes_once_programmed_and_refusals_become_events() -> 
     assert!(keys(&nodes.get("a").await?).contains(&"wgmesh.io/agent-not-ready".to_owned()));
 
     a.report_state(3, "").await?;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    let nodes = &nodes;
+    eventually(WAIT, "the startup taint gone", || async move {
         let now = keys(&nodes.get("a").await?);
-        if now == ["example.com/other"] {
-            break;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the startup taint stayed: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Ok(if now == ["example.com/other"] {
+            Break(())
+        } else {
+            Continue(now)
+        })
+    })
+    .await?;
 
     let refusal = "revision 9: would remove all 1 peers while 2 members exist";
     a.report_state(3, refusal).await?;
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(fx.client.clone());
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    let events = &events;
+    let found = eventually(WAIT, "an UpdateRefused event", || async move {
         let found: Vec<_> = events
             .list(&Default::default())
             .await?
@@ -993,21 +992,20 @@ async fn the_startup_taint_goes_once_programmed_and_refusals_become_events() -> 
             .into_iter()
             .filter(|e| e.reason.as_deref() == Some("UpdateRefused"))
             .collect();
-        if let Some(e) = found.first() {
-            assert_eq!(found.len(), 1, "one event: {found:?}");
-            assert!(e.note.as_deref().unwrap_or("").contains(refusal), "{e:?}");
-            assert_eq!(
-                e.regarding.as_ref().and_then(|r| r.name.as_deref()),
-                Some("a")
-            );
-            break;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "no UpdateRefused event"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Ok(if found.is_empty() {
+            Continue(())
+        } else {
+            Break(found)
+        })
+    })
+    .await?;
+    assert_eq!(found.len(), 1, "one event: {found:?}");
+    let e = &found[0];
+    assert!(e.note.as_deref().unwrap_or("").contains(refusal), "{e:?}");
+    assert_eq!(
+        e.regarding.as_ref().and_then(|r| r.name.as_deref()),
+        Some("a")
+    );
     Ok(())
 }
 
@@ -1031,21 +1029,23 @@ async fn a_deleted_mesh_waits_for_its_nodes_to_leave() -> Result<()> {
     let mut b = fx.agent(&c, "b", 2).await?;
     a.wait_until(WAIT, "node-b", |s| s.peers.len() == 1).await?;
     let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(fx.client.clone());
-    let deadline = std::time::Instant::now() + WAIT;
-    while !meshes
-        .get("default")
-        .await?
-        .metadata
-        .finalizers
-        .unwrap_or_default()
-        .contains(&"wgmesh.io/agents-clean".to_owned())
-    {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "no finalizer on the mesh"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let meshes = &meshes;
+    eventually(WAIT, "the finalizer on the mesh", || async move {
+        let finalizers = meshes
+            .get("default")
+            .await?
+            .metadata
+            .finalizers
+            .unwrap_or_default();
+        Ok(
+            if finalizers.contains(&"wgmesh.io/agents-clean".to_owned()) {
+                Break(())
+            } else {
+                Continue(finalizers)
+            },
+        )
+    })
+    .await?;
 
     meshes.delete("default", &DeleteParams::default()).await?;
     for agent in [&mut a, &mut b] {
@@ -1062,13 +1062,12 @@ async fn a_deleted_mesh_waits_for_its_nodes_to_leave() -> Result<()> {
         "b has not left yet"
     );
     b.report_left_deleted_mesh().await?;
-    let deadline = std::time::Instant::now() + WAIT;
-    while meshes.get_opt("default").await?.is_some() {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the mesh stayed after every node left"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(WAIT, "the mesh gone after every node left", || async move {
+        Ok(match meshes.get_opt("default").await? {
+            None => Break(()),
+            Some(m) => Continue(m.metadata.finalizers),
+        })
+    })
+    .await?;
     Ok(())
 }
