@@ -303,11 +303,15 @@ impl Writer {
                 live_sessions: agents.get(node).and_then(|a| a.live_node_sessions),
                 reported: agents.contains_key(node),
                 in_detail: node_peers_in_detail,
-                relay_seen: natted.get(node).map(|key| {
-                    relay_seen
-                        .as_ref()
-                        .map(|seen| seen.get(key).and_then(|o| o.endpoint.clone()))
-                }),
+                endpoint_witness: match natted.get(node) {
+                    None => EndpointWitness::AnyAgent,
+                    Some(key) => EndpointWitness::Relay(
+                        relay_seen
+                            .as_ref()
+                            .and_then(|seen| seen.get(key))
+                            .and_then(|o| o.endpoint.clone()),
+                    ),
+                },
             });
             self.write_peer_status(peer, &verdict, &addresses, &observed, node_report)
                 .await;
@@ -716,9 +720,18 @@ struct NodeReport {
     reported: bool,
     /// Whether the mesh is small enough for node peers to be observed one by one.
     in_detail: bool,
-    /// For a node behind NAT: where its relay saw it (`Some(None)`: the relay has reported,
-    /// without an endpoint for it; `None`: the relay has not reported to this process).
-    relay_seen: Option<Option<Option<String>>>,
+    /// Whose observation of the node's endpoint its status shows.
+    endpoint_witness: EndpointWitness,
+}
+
+/// Whose observation of a node's endpoint its node peer's `status.endpoint` shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum EndpointWitness {
+    /// Any agent's (the aggregate of reports): a node not behind NAT.
+    AnyAgent,
+    /// Only its relay's, for a node behind NAT: where the relay saw it; `None` while it has
+    /// not (it has not reported to this process, or has no endpoint for the node).
+    Relay(Option<String>),
 }
 
 /// A node peer's live sessions; in a mesh too large for per-node detail, no per-node
@@ -731,10 +744,10 @@ fn apply_node_report(
     // Behind NAT: the relay's word, or what was there while the relay has not seen it (an
     // agent or controller restart would otherwise unpublish it for a while). What any other
     // agent saw (the aggregate) never counts.
-    let endpoint = report
-        .relay_seen
-        .as_ref()
-        .map(|seen| seen.clone().flatten().or_else(|| before.endpoint.clone()));
+    let endpoint = match &report.endpoint_witness {
+        EndpointWitness::AnyAgent => None,
+        EndpointWitness::Relay(seen) => Some(seen.clone().or_else(|| before.endpoint.clone())),
+    };
     apply_session_report(status, &report);
     if let Some(endpoint) = endpoint {
         status.endpoint = endpoint;
@@ -986,7 +999,7 @@ mod tests {
                     live_sessions: live.flatten(),
                     reported: live.is_some(),
                     in_detail,
-                    relay_seen: None,
+                    endpoint_witness: EndpointWitness::AnyAgent,
                 },
             );
             assert_eq!(status.live_sessions, shown, "{case}");
@@ -1004,12 +1017,12 @@ mod tests {
 
     #[test]
     fn a_node_behind_nat_is_shown_where_its_relay_saw_it() {
-        // (case, endpoint before (the aggregate's: any agent's), relay's report, in detail,
-        // endpoint shown)
+        // (case, endpoint before (the aggregate's: any agent's), where the relay saw it, in
+        // detail, endpoint shown)
         type Case<'a> = (
             &'a str,
             Option<&'a str>,
-            Option<Option<&'a str>>,
+            Option<&'a str>,
             bool,
             Option<&'a str>,
         );
@@ -1017,32 +1030,32 @@ mod tests {
             (
                 "the relay's observation, not the aggregate's",
                 Some("192.0.2.66:51820"),
-                Some(Some("198.51.100.7:40001")),
+                Some("198.51.100.7:40001"),
                 true,
                 Some("198.51.100.7:40001"),
             ),
             (
                 "kept in a mesh too large for detail",
                 None,
-                Some(Some("198.51.100.7:40001")),
+                Some("198.51.100.7:40001"),
                 false,
                 Some("198.51.100.7:40001"),
             ),
             (
-                "the relay has no endpoint for it yet: what was shown stays",
+                "the relay has not seen it (yet): what was shown stays",
                 Some("198.51.100.7:40001"),
-                Some(None),
+                None,
                 true,
                 Some("198.51.100.7:40001"),
             ),
             (
-                "the relay has not reported: what was shown stays",
+                "the relay has not seen it, in a mesh too large for detail",
                 Some("198.51.100.7:40001"),
                 None,
                 false,
                 Some("198.51.100.7:40001"),
             ),
-            ("nothing seen, nothing shown", None, Some(None), true, None),
+            ("nothing seen, nothing shown", None, None, true, None),
         ];
         for (case, before, relay, in_detail, want) in cases {
             let before = WireGuardPeerStatus {
@@ -1061,7 +1074,7 @@ mod tests {
                     live_sessions: Some(1),
                     reported: true,
                     in_detail,
-                    relay_seen: Some(relay.map(|r| r.map(str::to_owned))),
+                    endpoint_witness: EndpointWitness::Relay(relay.map(str::to_owned)),
                 },
             );
             assert_eq!(status.endpoint.as_deref(), want, "{case}");
