@@ -259,16 +259,23 @@ mod tests {
         assert!(reports.by_mesh.lock().unwrap()["default"].contains_key("a"));
     }
 
-    #[test]
-    fn node_peers_are_kept_one_by_one_only_in_detail() {
-        let key = |n| PublicKey::from_bytes([n; 32]);
-        let obs = |n| Observation {
+    fn key(n: u8) -> PublicKey {
+        PublicKey::from_bytes([n; 32])
+    }
+
+    /// Peer n observed with a byte each way, at 198.51.100.n:4000.
+    fn obs(n: u8) -> Observation {
+        Observation {
             public_key: key(n),
             last_handshake: None,
             rx_bytes: 1,
             tx_bytes: 1,
-            endpoint: None,
-        };
+            endpoint: Some(format!("198.51.100.{n}:4000")),
+        }
+    }
+
+    #[test]
+    fn node_peers_are_kept_one_by_one_only_in_detail() {
         let nodes = BTreeSet::from([key(1), key(2)]);
         let cases = [(true, vec![1, 2, 9]), (false, vec![9])];
         for (in_detail, want) in cases {
@@ -286,14 +293,6 @@ mod tests {
 
     #[test]
     fn the_relays_observations_of_nodes_behind_nat_are_always_kept() {
-        let key = |n| PublicKey::from_bytes([n; 32]);
-        let obs = |n| Observation {
-            public_key: key(n),
-            last_handshake: None,
-            rx_bytes: 1,
-            tx_bytes: 1,
-            endpoint: Some(format!("198.51.100.{n}:4000")),
-        };
         let kept = kept_observations(
             vec![obs(1), obs(2), obs(9)],
             |k| *k != key(9),
