@@ -28,7 +28,8 @@ pub enum Reason {
     PresharedKeySecretMissing,
     /// No free address left in the mesh's tunnel pool.
     TunnelPoolExhausted,
-    /// The tunnel address has not been allocated yet.
+    /// The peer has not been judged yet (a controller that has not computed its mesh since it
+    /// started); the computation allocates its tunnel address.
     TunnelAddressPending,
     /// Allowed IPs overlap another peer's, a pod CIDR or the tunnel pool.
     AllowedIpsOverlap,
@@ -87,7 +88,7 @@ impl Reason {
     /// Whether the reason goes away by itself, without anyone changing an object: waiting
     /// (e.g. `kubectl wgmesh peer add --wait`) makes sense only for these.
     ///
-    /// - `TunnelAddressPending`: the status writer allocates the address shortly.
+    /// - `TunnelAddressPending`: the next computation of the mesh allocates the address.
     /// - `PresharedKeySecretMissing`: the Secret is commonly created right after the peer
     ///   (by the same `kubectl apply`, or by a secret operator).
     ///

@@ -65,6 +65,19 @@ pub struct TestNode {
     launch: Option<Launch>,
 }
 
+/// A node's namespaces and links, wired to the underlay, before its pod is attached and its
+/// Node created ([`TestMesh::register_node`]).
+struct WiredNode {
+    ns: Netns,
+    pod: Netns,
+    nat: Option<Netns>,
+    veth: RootLink,
+    /// The first is the one the pod is attached from.
+    pod_cidrs: Vec<String>,
+    /// The Node's InternalIPs; the first is the node IP.
+    addresses: Vec<String>,
+}
+
 pub struct TestMesh {
     pub nodes: Vec<TestNode>,
     pub controller: Option<Controller>,
@@ -376,7 +389,6 @@ impl TestMesh {
     }
 
     async fn add_node(&mut self, i: usize) -> Result<()> {
-        let name = format!("node-{i}");
         let ns = Netns::create(&format!("wgm{}n{i}", self.id))?;
         let pod = Netns::create(&format!("wgm{}p{i}", self.id))?;
         if self.ipv6_only {
@@ -426,6 +438,34 @@ impl TestMesh {
             pod_cidrs.push(pod_cidr6);
             addresses.push(node_ip6);
         }
+        self.register_node(
+            i,
+            WiredNode {
+                ns,
+                pod,
+                nat: None,
+                veth,
+                pod_cidrs,
+                addresses,
+            },
+        )
+        .await
+    }
+
+    /// Attaches the pod of a node `add_node*` wired, creates its Node (named `node-<i>`,
+    /// InternalIPs `addresses`, the first one its node IP) and keeps it in `self.nodes`.
+    async fn register_node(&mut self, i: usize, wired: WiredNode) -> Result<()> {
+        let WiredNode {
+            ns,
+            pod,
+            nat,
+            veth,
+            pod_cidrs,
+            addresses,
+        } = wired;
+        let name = format!("node-{i}");
+        let pod_cidr = pod_cidrs.first().context("a node has a pod CIDR")?.clone();
+        let node_ip = addresses.first().context("a node has an address")?.clone();
         let pod_ip = self.pod_ip_before_agent(i, &ns, &pod, &pod_cidr)?;
         let pod_cidrs: Vec<&str> = pod_cidrs.iter().map(String::as_str).collect();
         let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
@@ -440,7 +480,7 @@ impl TestMesh {
             agent: None,
             pod,
             ns,
-            nat: None,
+            nat,
             _veth: veth,
             host_root: self.dir.path().join(format!("node-{i}")).join("host"),
             launch: None,
@@ -516,10 +556,18 @@ impl TestMesh {
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.ip(&["route", "add", "default", "via", &inside])?;
         // No route back to the pod CIDR anywhere: behind a NAT, nothing outside can reach it.
-        let pod_cidr = format!("10.244.{i}.0/24");
-        let pod_ip = self.pod_ip_before_agent(i, &ns, &pod, &pod_cidr)?;
-        cluster::create_node_with_addresses(&self.client, &name, &[&pod_cidr], &[&node_ip], &[])
-            .await?;
+        self.register_node(
+            i,
+            WiredNode {
+                ns,
+                pod,
+                nat: Some(nat),
+                veth,
+                pod_cidrs: vec![format!("10.244.{i}.0/24")],
+                addresses: vec![node_ip],
+            },
+        )
+        .await?;
         let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
             kube::Api::all(self.client.clone());
         let annotate =
@@ -531,20 +579,6 @@ impl TestMesh {
                 &kube::api::Patch::Merge(&annotate),
             )
             .await?;
-        self.nodes.push(TestNode {
-            name,
-            index: i,
-            node_ip,
-            pod_cidr,
-            pod_ip,
-            agent: None,
-            pod,
-            ns,
-            nat: Some(nat),
-            _veth: veth,
-            host_root: self.dir.path().join(format!("node-{i}")).join("host"),
-            launch: None,
-        });
         Ok(())
     }
 
@@ -552,7 +586,6 @@ impl TestMesh {
     /// IPv6 address, its default route is IPv6 through the router (which routes the node's
     /// IPv6 pod CIDR back to it), and its Node lists only IPv6.
     async fn add_ipv6_only_node(&mut self, i: usize, ns: Netns, pod: Netns) -> Result<()> {
-        let name = format!("node-{i}");
         let prefix = self
             .underlay6
             .clone()
@@ -577,24 +610,18 @@ impl TestMesh {
         let pod_cidr = format!("fd00:10:244:{i:x}::/64");
         self.router
             .ip(&["-6", "route", "replace", &pod_cidr, "via", &node_ip])?;
-        let pod_ip = self.pod_ip_before_agent(i, &ns, &pod, &pod_cidr)?;
-        cluster::create_node_with_addresses(&self.client, &name, &[&pod_cidr], &[&node_ip], &[])
-            .await?;
-        self.nodes.push(TestNode {
-            name,
-            index: i,
-            node_ip,
-            pod_cidr,
-            pod_ip,
-            agent: None,
-            pod,
-            ns,
-            nat: None,
-            _veth: veth,
-            host_root: self.dir.path().join(format!("node-{i}")).join("host"),
-            launch: None,
-        });
-        Ok(())
+        self.register_node(
+            i,
+            WiredNode {
+                ns,
+                pod,
+                nat: None,
+                veth,
+                pod_cidrs: vec![pod_cidr],
+                addresses: vec![node_ip],
+            },
+        )
+        .await
     }
 
     /// Add-on mode's pre-existing CNI routes: each node routes the other nodes' pod CIDRs in
