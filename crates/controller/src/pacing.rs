@@ -4,8 +4,8 @@
 //! A run is O(objects). Under a flood of events (thousands of agents reporting after a
 //! restart) back-to-back runs would take a whole core from the streams and the other loop, so
 //! each loop spends a budget of busy time that refills at half the wall time. An isolated
-//! change (a node joining: two recomputations a few milliseconds apart) finds the budget full
-//! and waits for nothing; only a flood drains it, and then the loop rests.
+//! change (a node joining: a recomputation, and another once its status is written) finds
+//! the budget full and waits for nothing; only a flood drains it, and then the loop rests.
 
 use std::time::{Duration, Instant};
 

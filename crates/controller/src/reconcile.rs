@@ -192,8 +192,8 @@ pub struct Computed {
     /// Meshes being deleted (their finalizer waits for their nodes to leave), with the nodes
     /// that have a node peer in them.
     pub deleting: BTreeMap<String, (Arc<WireGuardMesh>, BTreeSet<String>)>,
-    /// Whether a peer waits for a tunnel address (a node joining): the writer then cuts
-    /// short a walk of an older snapshot.
+    /// Whether a peer's tunnel address is allocated (and published) but not in its status
+    /// yet (a node joining): the writer then cuts short a walk of an older snapshot.
     pub awaiting_address: bool,
 }
 
@@ -416,9 +416,9 @@ pub async fn run(
         }
 
         let started = Instant::now();
-        // On a runtime worker, not a blocking thread: a join waits for two recomputations in
-        // a row, and on a blocking thread they competed for the cores with the streams and
-        // the writer (a 5,000-node bench run was twice as slow).
+        // On a runtime worker, not a blocking thread: a join waits for this recomputation,
+        // and on a blocking thread it competed for the cores with the streams and the writer
+        // (a 5,000-node bench run was twice as slow).
         let previous = computed.borrow().clone();
         let result = compute_all(&caches, &secrets, &index, &previous);
         computed_once = true;

@@ -121,9 +121,9 @@ impl Writer {
             }
             let snapshot = computed.borrow_and_update().clone();
             let started = Instant::now();
-            // A node joining waits for its tunnel address: a newer snapshot with a peer
-            // awaiting one cuts the walk short, and the next walk writes it first. Never two
-            // walks in a row, so every status is still written under a flood of joins.
+            // A node joining has its tunnel address written promptly: a newer snapshot with an
+            // address not written yet cuts the walk short, and the next walk writes it first.
+            // Never two walks in a row, so every status is still written under a flood of joins.
             let interruptible = !interrupted;
             let interrupt = || {
                 interruptible
