@@ -1,5 +1,6 @@
 //! The readers: TUN to workers (to encrypt), UDP to workers (to decrypt), handshakes, and
-//! the timer tick.
+//! the timer tick. The TUN and the IPv4 socket are read by one I/O thread in turns
+//! (`run_io`), the IPv6 socket by its own.
 //!
 //! Each reader owns its buffers and reuses them. A reader fetches packets and decides whose
 //! they are; the encryption or decryption, and the syscalls that finish the job, happen in
@@ -13,7 +14,7 @@
 //! decrypted TCP segments are coalesced again into super-packets, one TUN write each.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -63,44 +64,72 @@ struct TunReader {
     scratch: Scratch,
 }
 
-/// The TUN reader: packets the kernel routes to the interface, encrypted to their peer (on
-/// its worker, or here; see `workers`).
-pub(crate) fn run_tun_reader(inner: &Inner) {
-    let mut r = TunReader {
-        reads: (0..TUN_READS).map(|_| vec![0u8; BUF_LEN]).collect(),
-        lens: Vec::with_capacity(TUN_READS),
-        segment: vec![0u8; BUF_LEN],
-        scratch: Scratch::new(),
-    };
-    while !inner.stopping() {
-        r.lens.clear();
-        match inner.tun.read(&mut r.reads[0]) {
+impl TunReader {
+    fn new() -> TunReader {
+        TunReader {
+            reads: (0..TUN_READS).map(|_| vec![0u8; BUF_LEN]).collect(),
+            lens: Vec::with_capacity(TUN_READS),
+            segment: vec![0u8; BUF_LEN],
+            scratch: Scratch::new(),
+        }
+    }
+
+    /// One wake-up's TUN reads (a super-packet, or up to `TUN_READS` small packets), each
+    /// encrypted to its peer (on its worker, or here; see `workers`). False when nothing was
+    /// waiting.
+    fn step(&mut self, inner: &Inner) -> bool {
+        self.lens.clear();
+        match inner.tun.read(&mut self.reads[0]) {
             Ok(n) => {
-                r.lens.push(n);
+                self.lens.push(n);
                 // A super-packet is a batch already.
-                let small = VnetHdr::parse(&r.reads[0][..n]).is_some_and(|h| h.gso_type == 0);
-                while small && r.lens.len() < TUN_READS {
-                    let k = r.lens.len();
-                    match inner.tun.read(&mut r.reads[k]) {
-                        Ok(n) => r.lens.push(n),
+                let small = VnetHdr::parse(&self.reads[0][..n]).is_some_and(|h| h.gso_type == 0);
+                while small && self.lens.len() < TUN_READS {
+                    let k = self.lens.len();
+                    match inner.tun.read(&mut self.reads[k]) {
+                        Ok(n) => self.lens.push(n),
                         // Nothing more waiting (or an error the next wake-up will see).
                         Err(_) => break,
                     }
                 }
-                handle_tun_reads(inner, &mut r);
+                handle_tun_reads(inner, self);
+                true
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Err(e) = inner.tun.wait_readable(TICK) {
-                    tracing::warn!(error = %e, "waiting on the TUN device");
-                    std::thread::sleep(TICK);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
             Err(e) => {
                 // The interface may have been deleted under us; do not spin.
                 tracing::warn!(error = %e, "reading the TUN device");
                 std::thread::sleep(TICK);
+                false
             }
+        }
+    }
+}
+
+/// The device's I/O thread: packets the kernel routes to the interface, encrypted to their
+/// peer, and datagrams on the IPv4 socket, decrypted to the kernel, in one loop that takes
+/// turns and sleeps only when neither has anything waiting.
+///
+/// One thread for both directions, not one per file descriptor: in bulk TCP each direction
+/// carries the other's ACKs, and a thread per descriptor was woken for nearly every one of
+/// them (a wake-up, two context switches, and contention for the peer's session with the
+/// thread busy in the other direction), which cost more than the ACKs themselves. The
+/// turn-taking loop finds them without sleeping. Parallelism where cores are free comes from
+/// the crypto workers; the IPv6 socket keeps its own reader.
+pub(crate) fn run_io(inner: &Inner) {
+    let mut tun = TunReader::new();
+    let mut udp = UdpReader::new(inner);
+    while !inner.stopping() {
+        let sockets = inner.sockets.load_full();
+        let sent = tun.step(inner);
+        let received = udp.step(inner, &sockets.v4, false);
+        if !sent
+            && !received
+            && let Err(e) = inner.tun.wait_readable_or(&sockets.v4, TICK)
+        {
+            tracing::warn!(error = %e, "waiting on the TUN device and the socket");
+            std::thread::sleep(TICK);
         }
     }
 }
@@ -247,35 +276,44 @@ fn send_reads(inner: &Inner, r: &mut TunReader, group: &[Option<Outgoing>], firs
     }
 }
 
-/// A UDP reader for one socket of `sockets`: several reads per `recvmmsg`, transport data
-/// handed to the peer's worker, handshakes answered here. It ends when the device stops or
-/// the sockets are replaced (listen port change).
-pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
-    let socket = if v6 {
-        match &sockets.v6 {
-            Some(s) => s,
-            None => return,
+/// What a UDP reader reuses for every receive.
+struct UdpReader {
+    bufs: [Vec<u8>; RECV_BATCH],
+    receiver: BatchReceiver,
+    got: Vec<Received>,
+    out: Vec<u8>,
+    scratch: Scratch,
+}
+
+impl UdpReader {
+    fn new(inner: &Inner) -> UdpReader {
+        UdpReader {
+            bufs: std::array::from_fn(|_| inner.workers.batch().buf),
+            receiver: BatchReceiver::new(),
+            got: Vec::with_capacity(RECV_BATCH),
+            out: vec![0u8; BUF_LEN],
+            scratch: Scratch::new(),
         }
-    } else {
-        &sockets.v4
-    };
-    let workers = &inner.workers;
-    let mut bufs: [Vec<u8>; RECV_BATCH] = std::array::from_fn(|_| workers.batch().buf);
-    let mut receiver = BatchReceiver::new();
-    let mut got = Vec::with_capacity(RECV_BATCH);
-    let mut out = vec![0u8; BUF_LEN];
-    let mut scratch = Scratch::new();
-    while !inner.stopping() && Arc::ptr_eq(&inner.sockets.load(), &sockets) {
-        match receiver.recv(socket, &mut bufs, &mut got) {
+    }
+
+    /// One `recvmmsg` on `socket` (waiting for the first read with `wait`) and what it
+    /// brought: transport data handed to the peer's worker or decrypted here, handshakes
+    /// answered here. False when nothing came.
+    fn step(&mut self, inner: &Inner, socket: &UdpSocket, wait: bool) -> bool {
+        match self
+            .receiver
+            .recv(socket, &mut self.bufs, &mut self.got, wait)
+        {
             Ok(()) => {
                 // One table snapshot for everything this call received.
                 let table = inner.table.load();
-                for r in &got {
-                    let Some(buf) = bufs.get_mut(r.slot) else {
+                for r in &self.got {
+                    let Some(buf) = self.bufs.get_mut(r.slot) else {
                         continue;
                     };
-                    handle_read(inner, &table, buf, r, &mut out, &mut scratch);
+                    handle_read(inner, &table, buf, r, &mut self.out, &mut self.scratch);
                 }
+                true
             }
             Err(e)
                 if matches!(
@@ -283,7 +321,10 @@ pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
                     io::ErrorKind::WouldBlock
                         | io::ErrorKind::TimedOut
                         | io::ErrorKind::Interrupted
-                ) => {}
+                ) =>
+            {
+                false
+            }
             Err(e) => {
                 tracing::trace!(error = %e, "UDP receive");
                 // ICMP errors surface here as ECONNREFUSED and the like: keep going, slowly
@@ -294,8 +335,23 @@ pub(crate) fn run_udp_reader(inner: &Inner, sockets: Arc<Sockets>, v6: bool) {
                 ) {
                     std::thread::sleep(Duration::from_millis(10));
                 }
+                true
             }
         }
+    }
+}
+
+/// A reader for the IPv6 socket of `sockets` (the IPv4 one is the I/O thread's, see
+/// [`run_io`]): several reads per `recvmmsg`, transport data handed to the peer's worker,
+/// handshakes answered here. It ends when the device stops or the sockets are replaced
+/// (listen port change).
+pub(crate) fn run_udp6_reader(inner: &Inner, sockets: Arc<Sockets>) {
+    let Some(socket) = &sockets.v6 else {
+        return;
+    };
+    let mut udp = UdpReader::new(inner);
+    while !inner.stopping() && Arc::ptr_eq(&inner.sockets.load(), &sockets) {
+        udp.step(inner, socket, true);
     }
 }
 

@@ -2,8 +2,10 @@
 //! peer, driven by a few OS threads, configurable in place without dropping sessions.
 //!
 //! Threads, all started from the creating thread (so all in its network namespace):
-//! - `tun`: reads the TUN, routes by allowed IPs, splits TCP super-packets, hands them over;
-//! - `udp4`/`udp6`: receive, find the peer, hand transport data over, answer handshakes;
+//! - `io`: takes turns between the TUN (read, route by allowed IPs, split TCP super-packets,
+//!   hand them over) and the IPv4 socket (receive, find the peer, hand transport data over,
+//!   answer handshakes), sleeping only when neither has anything (`datapath::run_io`);
+//! - `udp6`: the same for the IPv6 socket;
 //! - `wk<N>`, one per core: encrypt and send, or decrypt, check sources and write the TUN,
 //!   for the peers assigned to them (`workers`);
 //! - `ctl`: boringtun's timers every 250 ms, persistent keepalives, and socket rebinding;
@@ -66,7 +68,7 @@ pub(crate) struct Inner {
     epoch: Instant,
     /// Serialises configuration changes (the data path never takes it).
     writer: Mutex<Writer>,
-    /// UDP readers: replaced when the listen port changes, joined at shutdown.
+    /// IPv6 socket readers: replaced when the listen port changes, joined at shutdown.
     udp_threads: Mutex<Vec<JoinHandle<()>>>,
     workers: Workers,
 }
@@ -194,7 +196,7 @@ impl UserspaceDevice {
         let i = Arc::clone(&inner);
         device
             .threads
-            .push(spawn(&inner, "tun", move || datapath::run_tun_reader(&i))?);
+            .push(spawn(&inner, "io", move || datapath::run_io(&i))?);
         let i = Arc::clone(&inner);
         device
             .threads
@@ -319,16 +321,12 @@ impl Inner {
     fn spawn_udp_readers(self: &Arc<Self>, sockets: &Arc<Sockets>) -> Result<(), Error> {
         let mut threads = lock(&self.udp_threads);
         threads.retain(|t| !t.is_finished());
-        let families: &[(bool, &str)] = if sockets.v6.is_some() {
-            &[(false, "udp4"), (true, "udp6")]
-        } else {
-            &[(false, "udp4")]
-        };
-        for &(v6, role) in families {
+        // The IPv4 socket is the I/O thread's (it follows `sockets`).
+        if sockets.v6.is_some() {
             let i = Arc::clone(self);
             let s = Arc::clone(sockets);
-            threads.push(spawn(self, role, move || {
-                datapath::run_udp_reader(&i, Arc::clone(&s), v6)
+            threads.push(spawn(self, "udp6", move || {
+                datapath::run_udp6_reader(&i, Arc::clone(&s))
             })?);
         }
         Ok(())

@@ -208,14 +208,16 @@ impl BatchReceiver {
         MultiHeaders::preallocate(RECV_BATCH, Some(gro_cmsg_space()))
     }
 
-    /// Receives into `bufs`, waiting up to `RECV_TIMEOUT` for the first read; `got` gets one
-    /// entry per read, in order, saying which buffer holds it. A read whose datagrams or
-    /// control message did not fit is dropped, never misread.
+    /// Receives into `bufs`, waiting up to `RECV_TIMEOUT` for the first read (with `wait`;
+    /// else `WouldBlock` when nothing is waiting); `got` gets one entry per read, in order,
+    /// saying which buffer holds it. A read whose datagrams or control message did not fit is
+    /// dropped, never misread.
     pub(crate) fn recv(
         &mut self,
         socket: &UdpSocket,
         bufs: &mut [Vec<u8>; RECV_BATCH],
         got: &mut Vec<Received>,
+        wait: bool,
     ) -> io::Result<()> {
         got.clear();
         if !self.whole {
@@ -227,7 +229,11 @@ impl BatchReceiver {
             socket.as_raw_fd(),
             &mut self.headers,
             iovs.iter_mut(),
-            MsgFlags::MSG_WAITFORONE,
+            if wait {
+                MsgFlags::MSG_WAITFORONE
+            } else {
+                MsgFlags::MSG_DONTWAIT
+            },
             None,
         )?;
         let mut whole = true;
@@ -297,7 +303,7 @@ mod tests {
         let mut got = Vec::new();
         while reads.iter().map(|&(len, _)| len).sum::<usize>() < bytes {
             receiver
-                .recv(socket, bufs, &mut got)
+                .recv(socket, bufs, &mut got, true)
                 .expect("a read within the receive timeout");
             for (k, r) in got.iter().enumerate() {
                 assert!(r.slot >= k && r.slot < RECV_BATCH, "{r:?}");
@@ -341,7 +347,9 @@ mod tests {
         let mut receiver = BatchReceiver::new();
         let mut bufs: [Vec<u8>; RECV_BATCH] = std::array::from_fn(|_| vec![0u8; 100]);
         let mut got = Vec::new();
-        receiver.recv(&rx.v4, &mut bufs, &mut got).expect("receive");
+        receiver
+            .recv(&rx.v4, &mut bufs, &mut got, true)
+            .expect("receive");
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!((got[0].slot, got[0].len), (1, 50));
         assert_eq!(bufs[1][..50], [2u8; 50]);

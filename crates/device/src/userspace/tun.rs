@@ -31,7 +31,7 @@ pub(crate) struct Tun {
 
 impl Tun {
     /// Creates (or attaches to) the TUN interface `name` in the calling thread's network
-    /// namespace. The descriptor is non-blocking: readers wait with [`Tun::wait_readable`].
+    /// namespace. The descriptor is non-blocking: the I/O thread waits with [`Tun::wait_readable_or`].
     pub(crate) fn create(name: &str) -> io::Result<Tun> {
         let bytes = name.as_bytes();
         if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
@@ -114,9 +114,17 @@ impl Tun {
         (&self.file).write(buf)
     }
 
-    /// Waits until a packet can be read or `timeout` passes. Returns whether it is readable.
-    pub(crate) fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        wait_readable(&self.file, timeout)
+    /// Waits until a packet can be read here or from `other`, or `timeout` passes.
+    pub(crate) fn wait_readable_or(&self, other: &impl AsFd, timeout: Duration) -> io::Result<()> {
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [
+            PollFd::new(self.file.as_fd(), PollFlags::POLLIN),
+            PollFd::new(other.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(io::Error::from(e)),
+        }
     }
 }
 
