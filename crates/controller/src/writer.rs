@@ -365,7 +365,13 @@ impl Writer {
     ) {
         let name = peer.name_any();
         let current = peer.status.clone().unwrap_or_default();
-        let mut desired = current.clone();
+        // Built on this writer's own last write where there is one: the cache may not have
+        // caught up with it yet, and a status built on the cache's would put back the
+        // reports written since (for a whole report interval, as reports are not due).
+        let mut desired = self
+            .written
+            .get(&name)
+            .map_or_else(|| current.clone(), |(last, _)| last.clone());
         desired.addresses = addresses.iter().map(ToString::to_string).collect();
         desired.observed_generation = peer.metadata.generation;
         desired.conditions = vec![ready_condition(
