@@ -43,6 +43,16 @@ const WAIT_FOR_NODES: &[&str] = &[
     "--all",
     "--timeout=180s",
 ];
+/// The agents program the mesh before the leading controller writes the peers' status (and
+/// after a reinstall the previous install's lease must expire first): a user waits for it.
+const WAIT_FOR_PEERS: &[&str] = &[
+    "kubectl",
+    "wait",
+    "--for=condition=Ready",
+    "wireguardpeers",
+    "--all",
+    "--timeout=180s",
+];
 const LOOK_AT_THE_MESH: &[&[&str]] = &[
     &["kubectl", "get", "wireguardpeers"],
     &["kubectl", "wgmesh", "status"],
@@ -65,6 +75,7 @@ pub const KIND_CNI_STEPS: &[&[&str]] = &[
     WAIT_FOR_CONTROLLER,
     WAIT_FOR_AGENTS,
     WAIT_FOR_NODES,
+    WAIT_FOR_PEERS,
     LOOK_AT_THE_MESH[0],
     LOOK_AT_THE_MESH[1],
 ];
@@ -85,6 +96,7 @@ pub const KIND_ADDON_STEPS: &[&[&str]] = &[
     WAIT_FOR_CONTROLLER,
     WAIT_FOR_AGENTS,
     WAIT_FOR_NODES,
+    WAIT_FOR_PEERS,
     LOOK_AT_THE_MESH[0],
     LOOK_AT_THE_MESH[1],
 ];
