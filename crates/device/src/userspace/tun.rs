@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
@@ -31,7 +31,8 @@ pub(crate) struct Tun {
 
 impl Tun {
     /// Creates (or attaches to) the TUN interface `name` in the calling thread's network
-    /// namespace. The descriptor is non-blocking: the I/O thread waits with [`Tun::wait_readable_or`].
+    /// namespace. The descriptor is non-blocking: the I/O thread waits with
+    /// [`Tun::wait_readable_or`].
     pub(crate) fn create(name: &str) -> io::Result<Tun> {
         let bytes = name.as_bytes();
         if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
@@ -116,22 +117,17 @@ impl Tun {
 
     /// Waits until a packet can be read here or from `other`, or `timeout` passes.
     pub(crate) fn wait_readable_or(&self, other: &impl AsFd, timeout: Duration) -> io::Result<()> {
-        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-        let mut fds = [
-            PollFd::new(self.file.as_fd(), PollFlags::POLLIN),
-            PollFd::new(other.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::from(ms)) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
-            Err(e) => Err(io::Error::from(e)),
-        }
+        wait_readable([self.file.as_fd(), other.as_fd()], timeout).map(|_| ())
     }
 }
 
-/// Waits until `fd` is readable or `timeout` passes.
-pub(crate) fn wait_readable(fd: &impl AsFd, timeout: Duration) -> io::Result<bool> {
+/// Waits until one of `fds` is readable or `timeout` passes. Returns whether one is.
+pub(crate) fn wait_readable<const N: usize>(
+    fds: [BorrowedFd<'_>; N],
+    timeout: Duration,
+) -> io::Result<bool> {
     let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    let mut fds = fds.map(|fd| PollFd::new(fd, PollFlags::POLLIN));
     match poll(&mut fds, PollTimeout::from(ms)) {
         Ok(n) => Ok(n > 0),
         Err(nix::errno::Errno::EINTR) => Ok(false),

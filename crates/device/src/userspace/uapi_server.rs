@@ -3,6 +3,7 @@
 
 use std::fs::{self, DirBuilder, Permissions};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -96,7 +97,7 @@ pub(crate) fn serve(inner: &Inner, listener: &UnixListener) {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if wait_readable(&listener, TICK).is_err() {
+                if wait_readable([listener.as_fd()], TICK).is_err() {
                     std::thread::sleep(TICK);
                 }
             }
