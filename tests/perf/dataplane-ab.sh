@@ -3,7 +3,6 @@
 #   tests/perf/dataplane-ab.sh ROUNDS SECONDS BIN1 BIN2 ...   (copy each binary aside first)
 # Env: WORKERS (default auto), PERF=1 (perf record both devices), LAT=1 (TCP 1-byte ping-pong).
 # Prints per run: Gbit/s, retransmits, CPU s/GB of both devices (user, sys) and per thread.
-# Waits while /tmp/cp-bench.lock exists (another latency-sensitive benchmark on the machine).
 set -u
 ROUNDS=$1; SECS=$2; shift 2
 W=${AB_DIR:-$PWD/target/ab}; mkdir -p $W
@@ -21,7 +20,6 @@ threadcpu() { # pid -> lines "comm utime stime"
 }
 for r in $(seq 1 $ROUNDS); do
  for bin in "$@"; do
-  while [ -e /tmp/cp-bench.lock ]; do sleep 20; done
   cleanup
   ip netns add dpab-a; ip netns add dpab-b
   ip link add dpva type veth peer name dpvb
