@@ -179,8 +179,12 @@ fn uapi_path(ifname: &str) -> PathBuf {
     Path::new("/var/run/wireguard").join(format!("{ifname}.sock"))
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    wait_for_within(what, WAIT, cond)
+}
+
+fn wait_for_within(what: &str, wait: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + wait;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
@@ -880,6 +884,108 @@ fn roaming_follows_authenticated_packets() {
         eprintln!("wireguard-go: {}", lab.wg_b(&["show", &lab.if_b, "dump"]));
         std::panic::resume_unwind(panic);
     }
+}
+
+/// A key rotation with preshared keys, as the mesh does it: each end applies its half when
+/// the controller's update reaches it, one before the other. The handshake the first end
+/// starts fails (the other end lacks the new key or preshared key), so the end that changes
+/// a session in use last must start the new session itself: otherwise it starts only when a
+/// packet is sent, and then one sent before waits out `REKEY_TIMEOUT` (5 s), which stalled a
+/// TCP stream 5 s on every rotation. So the new session must be up before a retry would
+/// have been sent.
+#[test]
+fn the_end_that_changes_a_session_last_starts_the_new_one() {
+    /// Less than WireGuard's `REKEY_TIMEOUT` (5 s), after which a failed handshake is retried.
+    const BEFORE_A_RETRY: Duration = Duration::from_secs(4);
+    if !is_root("userspace device") {
+        return;
+    }
+    let s = setup(
+        18,
+        Options {
+            psk: Some(Key::generate()),
+            we_know_endpoint: true,
+            their_keepalive: None,
+            workers: WorkerPolicy::Auto,
+        },
+    );
+    let lab = &s.lab;
+    let their_old = s.their_key.public_key();
+    tcp_both_ways(lab, 7000);
+    let handshake = the_peer(&s.device).last_handshake.expect("handshake");
+
+    // 1. wireguard-go's node rotates its key and takes the pair's new preshared key first;
+    //    we learn both after: our new peer (the new key) takes over the old one's traffic.
+    let their_new = PrivateKey::generate();
+    let psk = Key::generate();
+    lab.wg_b(&[
+        "set",
+        &lab.if_b,
+        "private-key",
+        &lab.write_key("b2.key", &their_new.expose_base64()),
+        "peer",
+        &s.our_key.public_key().to_base64(),
+        "preshared-key",
+        &lab.write_key("psk2", &psk.to_base64()),
+    ]);
+    let rotated = PeerConfig {
+        public_key: their_new.public_key(),
+        preshared_key: Some(psk),
+        ..s.peer.clone()
+    };
+    s.device
+        .apply(&[
+            DeviceChange::RemovePeer(their_old),
+            DeviceChange::UpsertPeer(rotated.clone()),
+        ])
+        .unwrap();
+    wait_for_within(
+        "a handshake with wireguard-go's new key",
+        BEFORE_A_RETRY,
+        || {
+            the_peer(&s.device)
+                .last_handshake
+                .is_some_and(|at| at > handshake)
+        },
+    );
+    tcp_both_ways(lab, 7010);
+    let handshake = the_peer(&s.device).last_handshake.expect("handshake");
+
+    // 2. Our node rotates: wireguard-go learns our new key and the new preshared key first,
+    //    we take the preshared key after, and restart the session ourselves.
+    let our_new = PrivateKey::generate();
+    s.device
+        .apply(&[DeviceChange::SetPrivateKey(our_new.clone())])
+        .unwrap();
+    let psk = Key::generate();
+    let endpoint = SocketAddr::new(lab.underlay(1), s.device.observe().listen_port).to_string();
+    lab.wg_b(&[
+        "set",
+        &lab.if_b,
+        "peer",
+        &s.our_key.public_key().to_base64(),
+        "remove",
+        "peer",
+        &our_new.public_key().to_base64(),
+        "preshared-key",
+        &lab.write_key("psk3", &psk.to_base64()),
+        "allowed-ips",
+        &format!("{}/32", lab.tunnel(1)),
+        "endpoint",
+        &endpoint,
+    ]);
+    s.device
+        .apply(&[DeviceChange::UpsertPeer(PeerConfig {
+            preshared_key: Some(psk),
+            ..rotated
+        })])
+        .unwrap();
+    wait_for_within("a handshake with our new keys", BEFORE_A_RETRY, || {
+        the_peer(&s.device)
+            .last_handshake
+            .is_some_and(|at| at > handshake)
+    });
+    tcp_both_ways(lab, 7020);
 }
 
 /// Raw UAPI requests on one connection.

@@ -590,14 +590,14 @@ fn handle_control(
     }
 }
 
-/// A handshake initiation to every peer with an endpoint (boringtun retransmits it until
-/// answered). For a device that takes over from a previous run of itself: its peers still
-/// hold sessions with that run, whose packets this one cannot decrypt, and would only start
-/// a new handshake after their rekey timeout (up to 15 s of one-way silence).
-pub(crate) fn initiate_handshakes(inner: &Inner, out: &mut [u8]) {
-    let table = inner.table.load();
-    for entry in &table.entries {
-        let peer = &entry.peer;
+/// A handshake initiation to each of `peers` that has an endpoint, unless one is under way
+/// already (boringtun retransmits it until answered).
+pub(crate) fn initiate_handshakes<'p>(
+    inner: &Inner,
+    peers: impl IntoIterator<Item = &'p Arc<Peer>>,
+    out: &mut [u8],
+) {
+    for peer in peers {
         let Some(endpoint) = peer.endpoint() else {
             continue;
         };

@@ -8,7 +8,8 @@
 //! - `udp6`: the same for the IPv6 socket;
 //! - `wk<N>`, one per core: encrypt and send, or decrypt, check sources and write the TUN,
 //!   for the peers assigned to them (`workers`);
-//! - `ctl`: boringtun's timers every 250 ms, persistent keepalives, and socket rebinding;
+//! - `ctl`: boringtun's timers every 250 ms, persistent keepalives, socket rebinding, and
+//!   the handshakes a configuration change starts (`apply_ops`);
 //! - `uapi`: the `wg`-compatible control socket.
 //!
 //! Each runs under `supervise`: a panic, which would be a bug, is logged and the thread's loop
@@ -31,14 +32,16 @@ mod uapi;
 mod uapi_server;
 mod workers;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use wgmesh_core::Cidr;
 
 use self::limits::{BUF_LEN, TICK};
 use self::peers::{Identity, Peer, PeerEntry, PeerTable};
@@ -79,13 +82,17 @@ struct Writer {
 }
 
 /// Work that must run on a device thread: new sockets must be bound, and their readers
-/// started, in the device's network namespace, whichever thread calls `apply`.
+/// started, in the device's network namespace, whichever thread calls `apply`; handshakes
+/// are sent from there too, so that `apply` never waits on a peer's session lock.
 enum Control {
     Rebind {
         port: u16,
         fwmark: u32,
         reply: mpsc::Sender<Result<u16, Error>>,
     },
+    /// Start a handshake with each of these peers, [`HANDSHAKE_AFTER_CHANGE`] from now
+    /// (see [`Handover`]).
+    StartHandshakes(Vec<Arc<Peer>>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -236,7 +243,8 @@ impl UserspaceDevice {
     pub fn initiate_handshakes(&self) {
         // A handshake initiation is 148 bytes.
         let mut out = [0u8; 256];
-        datapath::initiate_handshakes(&self.inner, &mut out);
+        let table = self.inner.table.load();
+        datapath::initiate_handshakes(&self.inner, table.entries.iter().map(|e| &e.peer), &mut out);
     }
 
     /// Stops every thread and removes the UAPI socket; the TUN interface disappears when its
@@ -336,8 +344,12 @@ impl Inner {
     fn run_control(self: &Arc<Self>, requests: &mpsc::Receiver<Control>) {
         let mut out = vec![0u8; BUF_LEN];
         let mut next_tick = Instant::now();
+        // Handshakes a change started, sent once `due`.
+        let mut handshakes: Vec<Arc<Peer>> = Vec::new();
+        let mut due = None;
         while !self.stopping() {
-            match requests.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+            let wake = due.map_or(next_tick, |d: Instant| d.min(next_tick));
+            match requests.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(Control::Rebind {
                     port,
                     fwmark,
@@ -345,10 +357,19 @@ impl Inner {
                 }) => {
                     let _ = reply.send(self.rebind(port, fwmark));
                 }
+                Ok(Control::StartHandshakes(peers)) => {
+                    handshakes.extend(peers);
+                    due = due.or(Some(Instant::now() + HANDSHAKE_AFTER_CHANGE));
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             let now = Instant::now();
+            if due.is_some_and(|d| now >= d) {
+                datapath::initiate_handshakes(self, &handshakes, &mut out);
+                handshakes.clear();
+                due = None;
+            }
             if now >= next_tick {
                 datapath::timer_tick(self, &mut out);
                 self.workers.tick();
@@ -381,13 +402,27 @@ impl Inner {
         let mut listen_port = current.listen_port;
         let mut fwmark = current.fwmark;
         let mut entries = current.entries.clone();
+        let mut handover = Handover::default();
         let mut result = Ok(());
         for (change, explicit_endpoint) in ops {
             match change {
                 DeviceChange::UpsertPeer(cfg) => {
-                    upsert(&mut writer, &identity, &mut entries, cfg, explicit_endpoint);
+                    upsert(
+                        &mut writer,
+                        &identity,
+                        &mut entries,
+                        &mut handover,
+                        cfg,
+                        explicit_endpoint,
+                    );
                 }
-                DeviceChange::RemovePeer(key) => entries.retain(|e| e.config.public_key != key),
+                DeviceChange::RemovePeer(key) => entries.retain(|e| {
+                    let removed = e.config.public_key == key;
+                    if removed && e.peer.had_session_lately() {
+                        handover.released.extend(&e.config.allowed_ips);
+                    }
+                    !removed
+                }),
                 // Port 0 means "any": an already bound device keeps its port, so that an agent
                 // reapplying "0" does not rebind on every reconcile.
                 DeviceChange::SetListenPort(port) if port == 0 || port == listen_port => {}
@@ -429,6 +464,12 @@ impl Inner {
             fwmark,
             entries,
         )));
+        if !handover.restart.is_empty() {
+            // Only after the table is published: the answer must find the peer.
+            let _ = writer
+                .control
+                .send(Control::StartHandshakes(handover.restart));
+        }
         result
     }
 
@@ -469,11 +510,38 @@ impl Inner {
     }
 }
 
+/// How long after a change its handshakes are sent. An initiation sent before the change
+/// (with the old key or preshared key, by the data path) may reach the other end just before
+/// ours, and WireGuard ignores a peer's initiations that come less than 20 ms apart
+/// (`INITIATIONS_PER_SECOND`, a flood guard): ours would be dropped and retried only after
+/// `REKEY_TIMEOUT`.
+const HANDSHAKE_AFTER_CHANGE: Duration = Duration::from_millis(50);
+
+/// Sessions a configuration change ended or moved, within one `apply_ops` transaction.
+///
+/// Both ends of a pair change in turn, each when the controller's update reaches it: a key
+/// rotation gives the rotated node a new key (and, with a mesh secret, every pair of it a new
+/// preshared key), which the other end learns a moment before or after. A handshake started
+/// by the end that changed first fails (the other end does not know the new key, or still
+/// has the old preshared key), and WireGuard tries again only after `REKEY_TIMEOUT` (5 s),
+/// or when the other end has a packet to send: a TCP stream stalled that long. So the end
+/// that changes a session that was in use starts the new one at once; whichever end changes
+/// last does so with both ends agreed, and its handshake completes.
+#[derive(Default)]
+struct Handover {
+    /// Allowed IPs that peers with a session in use gave up (removed, or taken by another
+    /// peer): a new peer taking them (a node's new key) takes over that traffic.
+    released: HashSet<Cidr>,
+    /// Peers to start a handshake with once the change is published.
+    restart: Vec<Arc<Peer>>,
+}
+
 /// Adds a peer or changes it in place: only a new preshared key restarts its session.
 fn upsert(
     writer: &mut Writer,
     identity: &Identity,
     entries: &mut Vec<PeerEntry>,
+    handover: &mut Handover,
     mut cfg: PeerConfig,
     explicit_endpoint: bool,
 ) {
@@ -492,9 +560,14 @@ fn upsert(
         .iter_mut()
         .filter(|e| e.config.public_key != cfg.public_key)
     {
-        e.config
-            .allowed_ips
-            .retain(|c| !cfg.allowed_ips.contains(c));
+        let in_use = e.peer.had_session_lately();
+        e.config.allowed_ips.retain(|c| {
+            let taken = cfg.allowed_ips.contains(c);
+            if taken && in_use {
+                handover.released.insert(*c);
+            }
+            !taken
+        });
     }
     match entries
         .iter_mut()
@@ -502,7 +575,11 @@ fn upsert(
     {
         Some(e) => {
             if e.config.preshared_key != cfg.preshared_key {
+                let in_use = e.peer.had_session_lately();
                 e.peer.reset_session(identity, cfg.preshared_key);
+                if in_use {
+                    handover.restart.push(Arc::clone(&e.peer));
+                }
             }
             if e.config.persistent_keepalive != cfg.persistent_keepalive {
                 e.peer.set_keepalive(cfg.persistent_keepalive);
@@ -525,6 +602,13 @@ fn upsert(
                 }
             };
             let peer = Arc::new(Peer::new(identity, &cfg, index));
+            if cfg
+                .allowed_ips
+                .iter()
+                .any(|c| handover.released.contains(c))
+            {
+                handover.restart.push(Arc::clone(&peer));
+            }
             entries.push(PeerEntry { config: cfg, peer });
         }
     }

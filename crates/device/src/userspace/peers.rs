@@ -16,6 +16,9 @@ use wgmesh_core::{Key, PrivateKey, PublicKey};
 use super::allowed_ips::AllowedIps;
 use crate::PeerConfig;
 
+/// How long a WireGuard session may be used after its handshake (`REJECT_AFTER_TIME`).
+const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+
 /// Handshake initiations per second the device answers before it asks for cookies.
 const DEVICE_HANDSHAKE_RATE_LIMIT: u64 = 100;
 
@@ -195,6 +198,14 @@ impl Peer {
             .unwrap_or(1);
         self.last_handshake_nanos
             .store(nanos.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether the peer may have had a session until now: a handshake completed within the
+    /// time a session lives (WireGuard's `REJECT_AFTER_TIME`), so traffic went lately.
+    pub(crate) fn had_session_lately(&self) -> bool {
+        self.last_handshake()
+            .and_then(|at| at.elapsed().ok())
+            .is_some_and(|age| age < SESSION_LIFETIME)
     }
 
     pub(crate) fn last_handshake(&self) -> Option<SystemTime> {
