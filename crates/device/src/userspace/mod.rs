@@ -525,8 +525,9 @@ const HANDSHAKE_AFTER_CHANGE: Duration = Duration::from_millis(50);
 /// by the end that changed first fails (the other end does not know the new key, or still
 /// has the old preshared key), and WireGuard tries again only after `REKEY_TIMEOUT` (5 s),
 /// or when the other end has a packet to send: a TCP stream stalled that long. So the end
-/// that changes a session that was in use starts the new one at once; whichever end changes
-/// last does so with both ends agreed, and its handshake completes.
+/// that changes a session that was in use starts the new one itself, without waiting for a
+/// packet; whichever end changes last does so with both ends agreed, and its handshake
+/// completes.
 #[derive(Default)]
 struct Handover {
     /// Allowed IPs that peers with a session in use gave up (removed, or taken by another
