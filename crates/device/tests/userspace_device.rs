@@ -892,7 +892,9 @@ fn roaming_follows_authenticated_packets() {
 /// a session in use last must start the new session itself: otherwise it starts only when a
 /// packet is sent, and then one sent before waits out `REKEY_TIMEOUT` (5 s), which stalled a
 /// TCP stream 5 s on every rotation. So the new session must be up before a retry would
-/// have been sent.
+/// have been sent. Where the other end cannot start it (a new preshared key alone, which
+/// wireguard-go and the kernel take without ending their session), ours is sent again until
+/// that end has changed too.
 #[test]
 fn the_end_that_changes_a_session_last_starts_the_new_one() {
     /// Less than WireGuard's `REKEY_TIMEOUT` (5 s), after which a failed handshake is retried.
@@ -977,7 +979,7 @@ fn the_end_that_changes_a_session_last_starts_the_new_one() {
     s.device
         .apply(&[DeviceChange::UpsertPeer(PeerConfig {
             preshared_key: Some(psk),
-            ..rotated
+            ..rotated.clone()
         })])
         .unwrap();
     wait_for_within("a handshake with our new keys", BEFORE_A_RETRY, || {
@@ -986,6 +988,91 @@ fn the_end_that_changes_a_session_last_starts_the_new_one() {
             .is_some_and(|at| at > handshake)
     });
     tcp_both_ways(lab, 7020);
+    let handshake = the_peer(&s.device).last_handshake.expect("handshake");
+
+    // 3. A new preshared key alone (the mesh secret changed): we take it first, wireguard-go
+    //    a moment later. wireguard-go keeps its session through a new preshared key and never
+    //    starts a handshake for it (the kernel does the same), so ours, which failed against
+    //    its old key, must be sent again once it has the new one.
+    let psk = Key::generate();
+    let changed = Instant::now();
+    s.device
+        .apply(&[DeviceChange::UpsertPeer(PeerConfig {
+            preshared_key: Some(psk),
+            ..rotated
+        })])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    lab.wg_b(&[
+        "set",
+        &lab.if_b,
+        "peer",
+        &our_new.public_key().to_base64(),
+        "preshared-key",
+        &lab.write_key("psk4", &psk.to_base64()),
+    ]);
+    wait_for_within(
+        "a handshake after wireguard-go took the new preshared key",
+        BEFORE_A_RETRY.saturating_sub(changed.elapsed()),
+        || {
+            the_peer(&s.device)
+                .last_handshake
+                .is_some_and(|at| at > handshake)
+        },
+    );
+    tcp_both_ways(lab, 7030);
+}
+
+/// Our node's new key without preshared keys: the other end (wireguard-go, like the
+/// kernel) learned it first and starts a handshake only when it has a packet to send. A quiet
+/// pair would stay without a session until then; our device, whose new key ended a session
+/// in use, starts the new one itself.
+#[test]
+fn our_new_key_restarts_a_session_in_use_without_waiting_for_a_packet() {
+    if !is_root("userspace device") {
+        return;
+    }
+    let s = setup(
+        19,
+        Options {
+            psk: None,
+            we_know_endpoint: true,
+            their_keepalive: None,
+            workers: WorkerPolicy::Auto,
+        },
+    );
+    let lab = &s.lab;
+    tcp_both_ways(lab, 7100);
+    let handshake = the_peer(&s.device).last_handshake.expect("handshake");
+
+    let our_new = PrivateKey::generate();
+    let endpoint = SocketAddr::new(lab.underlay(1), s.device.observe().listen_port).to_string();
+    lab.wg_b(&[
+        "set",
+        &lab.if_b,
+        "peer",
+        &s.our_key.public_key().to_base64(),
+        "remove",
+        "peer",
+        &our_new.public_key().to_base64(),
+        "allowed-ips",
+        &format!("{}/32", lab.tunnel(1)),
+        "endpoint",
+        &endpoint,
+    ]);
+    s.device
+        .apply(&[DeviceChange::SetPrivateKey(our_new)])
+        .unwrap();
+    wait_for_within(
+        "a handshake with our new key",
+        Duration::from_secs(2),
+        || {
+            the_peer(&s.device)
+                .last_handshake
+                .is_some_and(|at| at > handshake)
+        },
+    );
+    tcp_both_ways(lab, 7110);
 }
 
 /// Raw UAPI requests on one connection.

@@ -598,13 +598,19 @@ pub(crate) fn initiate_handshakes<'p>(
     out: &mut [u8],
 ) {
     for peer in peers {
-        let Some(endpoint) = peer.endpoint() else {
-            continue;
-        };
-        let initiation = peer.tunn().format_handshake_initiation(out, false);
-        if let TunnResult::WriteToNetwork(buf) = initiation {
-            send(inner, peer, buf, endpoint);
-        }
+        initiate_handshake(inner, peer, false, out);
+    }
+}
+
+/// A handshake initiation to `peer`, if it has an endpoint. `force`: even if one is under
+/// way (which it replaces; its answer will be refused).
+pub(crate) fn initiate_handshake(inner: &Inner, peer: &Peer, force: bool, out: &mut [u8]) {
+    let Some(endpoint) = peer.endpoint() else {
+        return;
+    };
+    let initiation = peer.tunn().format_handshake_initiation(out, force);
+    if let TunnResult::WriteToNetwork(buf) = initiation {
+        send(inner, peer, buf, endpoint);
     }
 }
 

@@ -9,7 +9,7 @@
 //! - `wk<N>`, one per core: encrypt and send, or decrypt, check sources and write the TUN,
 //!   for the peers assigned to them (`workers`);
 //! - `ctl`: boringtun's timers every 250 ms, persistent keepalives, socket rebinding, and
-//!   the handshakes a configuration change starts (`apply_ops`);
+//!   the handshakes a configuration change starts (`apply_ops`, `handover`);
 //! - `uapi`: the `wg`-compatible control socket.
 //!
 //! Each runs under `supervise`: a panic, which would be a bug, is logged and the thread's loop
@@ -23,6 +23,7 @@
 
 mod allowed_ips;
 mod datapath;
+mod handover;
 mod limits;
 mod offload;
 mod peers;
@@ -32,17 +33,14 @@ mod uapi;
 mod uapi_server;
 mod workers;
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
-use wgmesh_core::Cidr;
-
+use self::handover::{Handover, Handshakes};
 use self::limits::{BUF_LEN, TICK};
 use self::peers::{Identity, Peer, PeerEntry, PeerTable};
 use self::sockets::Sockets;
@@ -53,6 +51,7 @@ use self::workers::Workers;
 use super::{
     DeviceChange, DeviceState, Error, InterfaceConfig, PeerConfig, PeerState, validate_name,
 };
+use arc_swap::ArcSwap;
 
 /// A running userspace WireGuard device. Dropping it stops it.
 pub struct UserspaceDevice {
@@ -90,9 +89,9 @@ enum Control {
         fwmark: u32,
         reply: mpsc::Sender<Result<u16, Error>>,
     },
-    /// Start a handshake with each of these peers, [`HANDSHAKE_AFTER_CHANGE`] from now
-    /// (see [`Handover`]).
-    StartHandshakes(Vec<Arc<Peer>>),
+    /// Start a handshake with each of these peers, whose session restarted at the time
+    /// given, and send it again until one completes (see `handover`).
+    StartHandshakes(Vec<(Arc<Peer>, SystemTime)>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -344,11 +343,11 @@ impl Inner {
     fn run_control(self: &Arc<Self>, requests: &mpsc::Receiver<Control>) {
         let mut out = vec![0u8; BUF_LEN];
         let mut next_tick = Instant::now();
-        // Handshakes a change started, sent once `due`.
-        let mut handshakes: Vec<Arc<Peer>> = Vec::new();
-        let mut due = None;
+        let mut handshakes: Handshakes<Arc<Peer>> = Handshakes::new();
         while !self.stopping() {
-            let wake = due.map_or(next_tick, |d: Instant| d.min(next_tick));
+            let wake = handshakes
+                .next_due()
+                .map_or(next_tick, |d| d.min(next_tick));
             match requests.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(Control::Rebind {
                     port,
@@ -358,17 +357,24 @@ impl Inner {
                     let _ = reply.send(self.rebind(port, fwmark));
                 }
                 Ok(Control::StartHandshakes(peers)) => {
-                    handshakes.extend(peers);
-                    due = due.or(Some(Instant::now() + HANDSHAKE_AFTER_CHANGE));
+                    let now = Instant::now();
+                    for (peer, restarted) in peers {
+                        handshakes.changed(peer, now, restarted);
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             let now = Instant::now();
-            if due.is_some_and(|d| now >= d) {
-                datapath::initiate_handshakes(self, &handshakes, &mut out);
-                handshakes.clear();
-                due = None;
+            let table = self.table.load();
+            let settled = |peer: &Arc<Peer>, restarted: SystemTime| {
+                let gone = table
+                    .by_key(&peer.public_key)
+                    .is_none_or(|e| !Arc::ptr_eq(&e.peer, peer));
+                gone || peer.last_handshake().is_some_and(|at| at > restarted)
+            };
+            for send in handshakes.due(now, settled) {
+                datapath::initiate_handshake(self, &send.peer, send.force, &mut out);
             }
             if now >= next_tick {
                 datapath::timer_tick(self, &mut out);
@@ -450,8 +456,13 @@ impl Inner {
                         identity = Arc::new(new);
                         // A peer with our own key cannot exist (the kernel drops it too).
                         entries.retain(|e| e.config.public_key != identity.public_key);
+                        let restarted = SystemTime::now();
                         for e in &entries {
+                            let in_use = e.peer.had_session_lately();
                             e.peer.set_identity(&identity);
+                            if in_use {
+                                handover.restart.push((Arc::clone(&e.peer), restarted));
+                            }
                         }
                     }
                 }
@@ -510,33 +521,6 @@ impl Inner {
     }
 }
 
-/// How long after a change its handshakes are sent. An initiation sent before the change
-/// (with the old key or preshared key, by the data path) may reach the other end just before
-/// ours, and WireGuard ignores a peer's initiations that come less than 20 ms apart
-/// (`INITIATIONS_PER_SECOND`, a flood guard): ours would be dropped and retried only after
-/// `REKEY_TIMEOUT`.
-const HANDSHAKE_AFTER_CHANGE: Duration = Duration::from_millis(50);
-
-/// Sessions a configuration change ended or moved, within one `apply_ops` transaction.
-///
-/// Both ends of a pair change in turn, each when the controller's update reaches it: a key
-/// rotation gives the rotated node a new key (and, with a mesh secret, every pair of it a new
-/// preshared key), which the other end learns a moment before or after. A handshake started
-/// by the end that changed first fails (the other end does not know the new key, or still
-/// has the old preshared key), and WireGuard tries again only after `REKEY_TIMEOUT` (5 s),
-/// or when the other end has a packet to send: a TCP stream stalled that long. So the end
-/// that changes a session that was in use starts the new one itself, without waiting for a
-/// packet; whichever end changes last does so with both ends agreed, and its handshake
-/// completes.
-#[derive(Default)]
-struct Handover {
-    /// Allowed IPs that peers with a session in use gave up (removed, or taken by another
-    /// peer): a new peer taking them (a node's new key) takes over that traffic.
-    released: HashSet<Cidr>,
-    /// Peers to start a handshake with once the change is published.
-    restart: Vec<Arc<Peer>>,
-}
-
 /// Adds a peer or changes it in place: only a new preshared key restarts its session.
 fn upsert(
     writer: &mut Writer,
@@ -577,9 +561,10 @@ fn upsert(
         Some(e) => {
             if e.config.preshared_key != cfg.preshared_key {
                 let in_use = e.peer.had_session_lately();
+                let restarted = SystemTime::now();
                 e.peer.reset_session(identity, cfg.preshared_key);
                 if in_use {
-                    handover.restart.push(Arc::clone(&e.peer));
+                    handover.restart.push((Arc::clone(&e.peer), restarted));
                 }
             }
             if e.config.persistent_keepalive != cfg.persistent_keepalive {
@@ -602,13 +587,14 @@ fn upsert(
                     break i;
                 }
             };
+            let restarted = SystemTime::now();
             let peer = Arc::new(Peer::new(identity, &cfg, index));
             if cfg
                 .allowed_ips
                 .iter()
                 .any(|c| handover.released.contains(c))
             {
-                handover.restart.push(Arc::clone(&peer));
+                handover.restart.push((Arc::clone(&peer), restarted));
             }
             entries.push(PeerEntry { config: cfg, peer });
         }
