@@ -17,7 +17,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use wgmesh_core::Cidr;
 
@@ -45,9 +45,8 @@ pub(crate) struct Handover {
     /// Allowed IPs that peers with a session in use gave up (removed, or taken by another
     /// peer): a new peer taking them (a node's new key) takes over that traffic.
     pub released: HashSet<Cidr>,
-    /// Peers to start a handshake with once the change is published, and when their session
-    /// restarted: a handshake completed after that is the new session's.
-    pub restart: Vec<(Arc<Peer>, SystemTime)>,
+    /// Peers to start a handshake with once the change is published.
+    pub restart: Vec<Arc<Peer>>,
 }
 
 /// Whether two handles name the same peer (the same runtime state, not an equal one).
@@ -73,9 +72,6 @@ pub(crate) struct Send<T> {
 struct Pending<T> {
     peer: T,
     changed: Instant,
-    /// When the session restarted (wall clock): a handshake completed after it is the new
-    /// session's, and ends the sends.
-    restarted: SystemTime,
     next: Instant,
     /// The wait after `next` for the send after it.
     interval: Duration,
@@ -95,14 +91,13 @@ impl<T: Clone + SamePeer> Handshakes<T> {
         }
     }
 
-    /// A change ended `peer`'s session at `restarted` (wall clock), and reached the control
-    /// thread at `now`; a later change to the same peer starts its schedule again.
-    pub(crate) fn changed(&mut self, peer: T, now: Instant, restarted: SystemTime) {
+    /// A change ended `peer`'s session, and reached the control thread at `now`; a later
+    /// change to the same peer starts its schedule again.
+    pub(crate) fn changed(&mut self, peer: T, now: Instant) {
         self.pending.retain(|p| !p.peer.same_peer(&peer));
         self.pending.push(Pending {
             peer,
             changed: now,
-            restarted,
             next: now + HANDSHAKE_AFTER_CHANGE,
             interval: FIRST_RESEND,
             sent: false,
@@ -114,16 +109,12 @@ impl<T: Clone + SamePeer> Handshakes<T> {
         self.pending.iter().map(|p| p.next).min()
     }
 
-    /// The sends due at `now`. `settled(peer, restarted)`: a handshake with the peer
-    /// completed after `restarted`, or the peer is gone; either ends its sends.
-    pub(crate) fn due(
-        &mut self,
-        now: Instant,
-        settled: impl Fn(&T, SystemTime) -> bool,
-    ) -> Vec<Send<T>> {
+    /// The sends due at `now`. `settled(peer)`: the peer has a session to send on again (the
+    /// new one: the change ended the old), or is gone; either ends its sends.
+    pub(crate) fn due(&mut self, now: Instant, settled: impl Fn(&T) -> bool) -> Vec<Send<T>> {
         let mut sends = Vec::new();
         self.pending.retain_mut(|p| {
-            if settled(&p.peer, p.restarted) {
+            if settled(&p.peer) {
                 return false;
             }
             if now < p.next {
@@ -156,17 +147,13 @@ mod tests {
     /// `settled_ms` on.
     fn run(steps: &[u64], settled_ms: Option<u64>) -> Vec<(u64, bool)> {
         let start = Instant::now();
-        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
         let mut h = Handshakes::new();
-        h.changed(7u8, start, wall);
+        h.changed(7u8, start);
         let mut sent = Vec::new();
         for &ms in steps {
             let now = start + Duration::from_millis(ms);
             let settled = settled_ms.is_some_and(|s| ms >= s);
-            for s in h.due(now, |_, at| {
-                assert_eq!(at, wall);
-                settled
-            }) {
+            for s in h.due(now, |_| settled) {
                 assert_eq!(s.peer, 7);
                 sent.push((ms, s.force));
             }
@@ -219,15 +206,14 @@ mod tests {
     #[test]
     fn a_new_change_restarts_the_schedule_and_nothing_is_due_when_nothing_is_pending() {
         let start = Instant::now();
-        let wall = SystemTime::UNIX_EPOCH;
         let mut h = Handshakes::new();
         assert_eq!(h.next_due(), None);
-        h.changed(1u8, start, wall);
+        h.changed(1u8, start);
         let at = |ms| start + Duration::from_millis(ms);
-        assert_eq!(h.due(at(50), |_, _| false).len(), 1);
-        h.changed(1u8, at(100), wall);
+        assert_eq!(h.due(at(50), |_| false).len(), 1);
+        h.changed(1u8, at(100));
         assert_eq!(h.next_due(), Some(at(150)));
-        let again = h.due(at(150), |_, _| false);
+        let again = h.due(at(150), |_| false);
         assert_eq!(
             again,
             vec![Send {
@@ -235,7 +221,7 @@ mod tests {
                 force: false
             }]
         );
-        h.changed(2u8, at(160), wall);
+        h.changed(2u8, at(160));
         assert_eq!(h.next_due(), Some(at(210)));
     }
 }

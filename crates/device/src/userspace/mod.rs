@@ -89,9 +89,9 @@ enum Control {
         fwmark: u32,
         reply: mpsc::Sender<Result<u16, Error>>,
     },
-    /// Start a handshake with each of these peers, whose session restarted at the time
-    /// given, and send it again until one completes (see `handover`).
-    StartHandshakes(Vec<(Arc<Peer>, SystemTime)>),
+    /// Start a handshake with each of these peers, whose session a change ended, and send it
+    /// again until they have a new one (see `handover`).
+    StartHandshakes(Vec<Arc<Peer>>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -358,8 +358,8 @@ impl Inner {
                 }
                 Ok(Control::StartHandshakes(peers)) => {
                     let now = Instant::now();
-                    for (peer, restarted) in peers {
-                        handshakes.changed(peer, now, restarted);
+                    for peer in peers {
+                        handshakes.changed(peer, now);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -367,11 +367,11 @@ impl Inner {
             }
             let now = Instant::now();
             let table = self.table.load();
-            let settled = |peer: &Arc<Peer>, restarted: SystemTime| {
+            let settled = |peer: &Arc<Peer>| {
                 let gone = table
                     .by_key(&peer.public_key)
                     .is_none_or(|e| !Arc::ptr_eq(&e.peer, peer));
-                gone || peer.last_handshake().is_some_and(|at| at > restarted)
+                gone || peer.has_session()
             };
             for send in handshakes.due(now, settled) {
                 datapath::initiate_handshake(self, &send.peer, send.force, &mut out);
@@ -456,12 +456,11 @@ impl Inner {
                         identity = Arc::new(new);
                         // A peer with our own key cannot exist (the kernel drops it too).
                         entries.retain(|e| e.config.public_key != identity.public_key);
-                        let restarted = SystemTime::now();
                         for e in &entries {
                             let in_use = e.peer.had_session_lately();
                             e.peer.set_identity(&identity);
                             if in_use {
-                                handover.restart.push((Arc::clone(&e.peer), restarted));
+                                handover.restart.push(Arc::clone(&e.peer));
                             }
                         }
                     }
@@ -561,10 +560,9 @@ fn upsert(
         Some(e) => {
             if e.config.preshared_key != cfg.preshared_key {
                 let in_use = e.peer.had_session_lately();
-                let restarted = SystemTime::now();
                 e.peer.reset_session(identity, cfg.preshared_key);
                 if in_use {
-                    handover.restart.push((Arc::clone(&e.peer), restarted));
+                    handover.restart.push(Arc::clone(&e.peer));
                 }
             }
             if e.config.persistent_keepalive != cfg.persistent_keepalive {
@@ -587,14 +585,13 @@ fn upsert(
                     break i;
                 }
             };
-            let restarted = SystemTime::now();
             let peer = Arc::new(Peer::new(identity, &cfg, index));
             if cfg
                 .allowed_ips
                 .iter()
                 .any(|c| handover.released.contains(c))
             {
-                handover.restart.push((Arc::clone(&peer), restarted));
+                handover.restart.push(Arc::clone(&peer));
             }
             entries.push(PeerEntry { config: cfg, peer });
         }

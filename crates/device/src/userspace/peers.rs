@@ -133,6 +133,14 @@ impl Peer {
         lock(&self.tunn).update_timers(dst)
     }
 
+    /// Whether there is a session to send on: one we initiated and got the answer for, or
+    /// one we answered and then got a packet on. Answering alone is not enough: the
+    /// initiator may never use that session (another handshake crossed it, or our answer was
+    /// lost).
+    pub(crate) fn has_session(&self) -> bool {
+        lock(&self.tunn).time_since_last_handshake().is_some()
+    }
+
     /// Restarts the session with a new preshared key.
     pub(crate) fn reset_session(&self, identity: &Identity, psk: Option<Key>) {
         *lock(&self.tunn) = new_tunn(identity, &self.public_key, psk, self.index);
