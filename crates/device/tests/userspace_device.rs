@@ -726,7 +726,6 @@ fn in_place_updates_keep_the_session() {
 /// the kernel nodes with the userspace one. boringtun's own check misses the case when the
 /// answer arrives within the timer tick our request left in.
 #[test]
-#[ignore = "known issue: the fix (a passive keepalive of our own) made roaming_follows_authenticated_packets flaky after a key rotation; reverted until that is understood"]
 fn an_answered_request_is_acknowledged_without_a_new_handshake() {
     if !is_root("userspace device") {
         return;

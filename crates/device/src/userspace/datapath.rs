@@ -43,8 +43,9 @@ fn le_u32(b: &[u8], at: usize) -> Option<u32> {
 /// Sends to the peer and counts it; failures are the network's business (WireGuard is
 /// unreliable by design), so they are only traced.
 fn send(inner: &Inner, peer: &Peer, buf: &[u8], to: SocketAddr) {
+    let started = inner.now_ms();
     match inner.sockets.load().send_to(buf, to) {
-        Ok(n) => peer.count_tx(n, inner.now_ms()),
+        Ok(n) => peer.count_tx(n, started, inner.now_ms()),
         Err(e) => tracing::trace!(error = %e, %to, "send failed"),
     }
 }
@@ -632,12 +633,13 @@ pub(crate) fn timer_tick(inner: &Inner, out: &mut [u8]) {
             TunnResult::Err(e) => tracing::trace!(error = ?e, "timers"),
             _ => {}
         }
-        // Persistent keepalive as the kernel does it: when nothing authenticated went either
-        // way for the interval. Without a session this starts a handshake.
+        // Passive keepalive as the kernel does it: data came in and nothing went back for
+        // KEEPALIVE_TIMEOUT. Persistent keepalive as well: when nothing authenticated went
+        // either way for the interval. Without a session either starts a handshake.
         let interval = u64::from(peer.keepalive()) * 1000;
+        let passive = peer.take_due_keepalive(now);
         if let Some(ep) = endpoint
-            && interval > 0
-            && now.saturating_sub(peer.last_activity_ms()) >= interval
+            && (passive || interval > 0 && now.saturating_sub(peer.last_activity_ms()) >= interval)
         {
             peer.touch(now);
             if let TunnResult::WriteToNetwork(buf) = peer.encapsulate(&[], out) {

@@ -71,6 +71,29 @@ pub(crate) struct Peer {
     /// Milliseconds since the device epoch of the last authenticated packet either way; the
     /// persistent keepalive fires when it is older than the interval.
     last_activity_ms: AtomicU64,
+    /// When data came in with nothing sent back since (ms since the device epoch; 0: nothing
+    /// owed): the passive keepalive is due [`KEEPALIVE_TIMEOUT_MS`] later, as in the kernel.
+    /// boringtun's own check compares 250 ms timer ticks and misses a reply that arrives in
+    /// the tick its request left in; the peer then renews the session 15 s later.
+    keepalive_owed_since_ms: AtomicU64,
+    /// When the latest data came in (ms since the device epoch; 0: never).
+    last_data_rx_ms: AtomicU64,
+}
+
+/// WireGuard's KEEPALIVE_TIMEOUT: how long a peer that received data waits for something of
+/// its own to send back before it sends an empty packet.
+pub(crate) const KEEPALIVE_TIMEOUT_MS: u64 = 10_000;
+
+/// Whether a send that started at `started_ms` answers data owed since `owed_ms` (0: none).
+/// Within the same millisecond the order is unknown: the keepalive stays owed (an extra
+/// keepalive costs 32 bytes; a missing one costs the peer a new handshake).
+fn answers(owed_ms: u64, started_ms: u64) -> bool {
+    owed_ms != 0 && owed_ms < started_ms
+}
+
+/// Whether the passive keepalive owed since `owed_ms` (0: none) is due at `now_ms`.
+fn keepalive_due(owed_ms: u64, now_ms: u64) -> bool {
+    owed_ms != 0 && now_ms.saturating_sub(owed_ms) >= KEEPALIVE_TIMEOUT_MS
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -106,6 +129,8 @@ impl Peer {
             tx_bytes: AtomicU64::new(0),
             last_handshake_nanos: AtomicU64::new(0),
             last_activity_ms: AtomicU64::new(0),
+            keepalive_owed_since_ms: AtomicU64::new(0),
+            last_data_rx_ms: AtomicU64::new(0),
         }
     }
 
@@ -173,9 +198,58 @@ impl Peer {
         self.keepalive.store(seconds, Ordering::Relaxed);
     }
 
-    pub(crate) fn count_tx(&self, bytes: usize, now_ms: u64) {
+    /// Counts a packet sent to the peer, whose send started at `started_ms`. Any
+    /// authenticated packet answers the data received before it was sent, so no passive
+    /// keepalive is owed for that; data that came in while it was being sent (the peer's
+    /// answer to it, on a busy machine) still is.
+    pub(crate) fn count_tx(&self, bytes: usize, started_ms: u64, now_ms: u64) {
         self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         self.last_activity_ms.store(now_ms, Ordering::Relaxed);
+        // SeqCst from here: the two fields are read and written in opposite orders by the
+        // sending and the receiving threads.
+        let owed = self.keepalive_owed_since_ms.load(Ordering::SeqCst);
+        if answers(owed, started_ms) {
+            let _ = self.keepalive_owed_since_ms.compare_exchange(
+                owed,
+                0,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+            // Data that came in since the send started is still owed an answer: from no later
+            // than the send's start (read after clearing, so a concurrent arrival either sees
+            // the cleared value and sets its own time, or is seen here).
+            if self.last_data_rx_ms.load(Ordering::SeqCst) >= started_ms {
+                let _ = self.keepalive_owed_since_ms.compare_exchange(
+                    0,
+                    started_ms.max(1),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+            }
+        }
+    }
+
+    /// Data (not a keepalive) came from the peer: a passive keepalive is owed unless something
+    /// is sent back first. The first such packet starts the clock.
+    pub(crate) fn data_received(&self, now_ms: u64) {
+        self.last_data_rx_ms.fetch_max(now_ms, Ordering::SeqCst);
+        let _ = self.keepalive_owed_since_ms.compare_exchange(
+            0,
+            now_ms.max(1),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Whether the passive keepalive is due now; when it is, it is no longer owed (sent or
+    /// not, it is asked for once per received burst, as the kernel's timer fires once).
+    pub(crate) fn take_due_keepalive(&self, now_ms: u64) -> bool {
+        let since = self.keepalive_owed_since_ms.load(Ordering::Relaxed);
+        keepalive_due(since, now_ms)
+            && self
+                .keepalive_owed_since_ms
+                .compare_exchange(since, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     pub(crate) fn count_rx(&self, bytes: usize, now_ms: u64) {
@@ -297,5 +371,42 @@ impl PeerTable {
 
     pub(crate) fn by_key(&self, key: &PublicKey) -> Option<&PeerEntry> {
         self.by_key.get(key).map(|&i| &self.entries[i])
+    }
+}
+
+#[cfg(test)]
+mod keepalive_tests {
+    use super::{answers, keepalive_due};
+
+    #[test]
+    fn what_a_send_answers() {
+        // (owed since, send started, answered)
+        let cases = [
+            (0, 500, false),   // nothing owed
+            (100, 101, true),  // data, then our send
+            (100, 100, false), // same millisecond: order unknown, stays owed
+            (105, 100, false), // the answer to our send came in while we were sending
+        ];
+        for (owed, started, want) in cases {
+            assert_eq!(
+                answers(owed, started),
+                want,
+                "owed {owed}, started {started}"
+            );
+        }
+    }
+
+    #[test]
+    fn when_the_passive_keepalive_is_due() {
+        // (owed since, now, due)
+        let cases = [
+            (0, 1_000_000, false),
+            (1_000, 10_999, false),
+            (1_000, 11_000, true),
+            (1_000, 500, false), // a clock read before the data: not due
+        ];
+        for (owed, now, want) in cases {
+            assert_eq!(keepalive_due(owed, now), want, "owed {owed}, now {now}");
+        }
     }
 }

@@ -439,6 +439,7 @@ impl Sealer<'_> {
 /// Sends datagrams that lie back to back in `buf` with lengths `lens`: each run of equal
 /// lengths (the run's last may be shorter) in one GSO send.
 fn send_batch(inner: &Inner, peer: &Peer, buf: &[u8], lens: &[usize], to: SocketAddr) {
+    let started = inner.now_ms();
     let sockets = inner.sockets.load();
     let mut start = 0;
     let mut i = 0;
@@ -461,7 +462,7 @@ fn send_batch(inner: &Inner, peer: &Peer, buf: &[u8], lens: &[usize], to: Socket
             return;
         };
         match sockets.send_segments(run, segment, to) {
-            Ok(n) => peer.count_tx(n, inner.now_ms()),
+            Ok(n) => peer.count_tx(n, started, inner.now_ms()),
             Err(e) => tracing::trace!(error = %e, %to, "send failed"),
         }
         start += bytes;
@@ -513,6 +514,9 @@ pub(crate) fn open<'d>(
     if authenticated > 0 {
         peer.set_endpoint(src);
         peer.count_rx(authenticated, now);
+    }
+    if !s.decrypted.is_empty() {
+        peer.data_received(now);
     }
     let write = &mut |b: &[u8]| write_tun(inner, b);
     for &(at, len, inner_src) in &s.decrypted {
