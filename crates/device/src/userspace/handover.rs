@@ -15,7 +15,7 @@
 //! is sent again at short, doubling intervals until one completes, so the pair waits for the
 //! other end's change plus one interval, not for `REKEY_TIMEOUT`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,14 +49,15 @@ pub(crate) struct Handover {
     pub restart: Vec<Arc<Peer>>,
 }
 
-/// Whether two handles name the same peer (the same runtime state, not an equal one).
-pub(crate) trait SamePeer {
-    fn same_peer(&self, other: &Self) -> bool;
+/// What names a peer's runtime state (not its configuration: a peer removed and added
+/// again is another one).
+pub(crate) trait PeerId {
+    fn peer_id(&self) -> usize;
 }
 
-impl SamePeer for Arc<Peer> {
-    fn same_peer(&self, other: &Self) -> bool {
-        Arc::ptr_eq(self, other)
+impl PeerId for Arc<Peer> {
+    fn peer_id(&self) -> usize {
+        Arc::as_ptr(self) as usize
     }
 }
 
@@ -79,41 +80,42 @@ struct Pending<T> {
 }
 
 /// The handshakes changes asked for, on the control thread: when each is sent, again and
-/// again, until a handshake completes after its change or `RESEND_UNTIL` has passed.
+/// again, until the peer has a session to send on or `RESEND_UNTIL` has passed.
 pub(crate) struct Handshakes<T> {
-    pending: Vec<Pending<T>>,
+    /// By [`PeerId`]: a node's new key restarts every session at once.
+    pending: HashMap<usize, Pending<T>>,
 }
 
-impl<T: Clone + SamePeer> Handshakes<T> {
+impl<T: Clone + PeerId> Handshakes<T> {
     pub(crate) fn new() -> Handshakes<T> {
         Handshakes {
-            pending: Vec::new(),
+            pending: HashMap::new(),
         }
     }
 
     /// A change ended `peer`'s session, and reached the control thread at `now`; a later
     /// change to the same peer starts its schedule again.
     pub(crate) fn changed(&mut self, peer: T, now: Instant) {
-        self.pending.retain(|p| !p.peer.same_peer(&peer));
-        self.pending.push(Pending {
+        let pending = Pending {
             peer,
             changed: now,
             next: now + HANDSHAKE_AFTER_CHANGE,
             interval: FIRST_RESEND,
             sent: false,
-        });
+        };
+        self.pending.insert(pending.peer.peer_id(), pending);
     }
 
     /// When the next send is due, if any is pending.
     pub(crate) fn next_due(&self) -> Option<Instant> {
-        self.pending.iter().map(|p| p.next).min()
+        self.pending.values().map(|p| p.next).min()
     }
 
     /// The sends due at `now`. `settled(peer)`: the peer has a session to send on again (the
     /// new one: the change ended the old), or is gone; either ends its sends.
     pub(crate) fn due(&mut self, now: Instant, settled: impl Fn(&T) -> bool) -> Vec<Send<T>> {
         let mut sends = Vec::new();
-        self.pending.retain_mut(|p| {
+        self.pending.retain(|_, p| {
             if settled(&p.peer) {
                 return false;
             }
@@ -137,9 +139,9 @@ impl<T: Clone + SamePeer> Handshakes<T> {
 mod tests {
     use super::*;
 
-    impl SamePeer for u8 {
-        fn same_peer(&self, other: &Self) -> bool {
-            self == other
+    impl PeerId for u8 {
+        fn peer_id(&self) -> usize {
+            usize::from(*self)
         }
     }
 

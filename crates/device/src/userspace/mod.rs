@@ -40,6 +40,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
+
 use self::handover::{Handover, Handshakes};
 use self::limits::{BUF_LEN, TICK};
 use self::peers::{Identity, Peer, PeerEntry, PeerTable};
@@ -51,7 +53,6 @@ use self::workers::Workers;
 use super::{
     DeviceChange, DeviceState, Error, InterfaceConfig, PeerConfig, PeerState, validate_name,
 };
-use arc_swap::ArcSwap;
 
 /// A running userspace WireGuard device. Dropping it stops it.
 pub struct UserspaceDevice {
