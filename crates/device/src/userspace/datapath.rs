@@ -604,7 +604,7 @@ pub(crate) fn initiate_handshakes<'p>(
 }
 
 /// A handshake initiation to `peer`, if it has an endpoint. `force`: even if one is under
-/// way (which it replaces; its answer will be refused).
+/// way (boringtun still accepts the answer to the one it replaces, not to older ones).
 pub(crate) fn initiate_handshake(inner: &Inner, peer: &Peer, force: bool, out: &mut [u8]) {
     let Some(endpoint) = peer.endpoint() else {
         return;

@@ -9,11 +9,12 @@
 //!
 //! So the end that changes a session that was in use (our new key, a peer's new preshared
 //! key, or a new peer taking over a live one's allowed IPs: the other node's new key) starts
-//! the new one itself, without waiting for a packet; whichever end changes last does so with both ends agreed, and its
-//! handshake completes. Where the other end cannot start one (the kernel and wireguard-go
-//! keep their session through a new preshared key and never start a handshake for it), ours
-//! is sent again at short, doubling intervals until one completes, so the pair waits for the
-//! other end's change plus one interval, not for `REKEY_TIMEOUT`.
+//! the new one itself, without waiting for a packet; whichever end changes last does so with
+//! both ends agreed, and its handshake completes. Where the other end cannot start one (the
+//! kernel and wireguard-go keep their session through a new preshared key and never start a
+//! handshake for it), ours is sent again at short, doubling intervals until there is a
+//! session to send on, so the pair waits for the other end's change plus one interval, not
+//! for `REKEY_TIMEOUT`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -28,11 +29,11 @@ use super::peers::Peer;
 /// ours, and WireGuard ignores a peer's initiations that come less than 20 ms apart
 /// (`INITIATIONS_PER_SECOND`, a flood guard): ours would be dropped and retried only after
 /// `REKEY_TIMEOUT`.
-pub(crate) const HANDSHAKE_AFTER_CHANGE: Duration = Duration::from_millis(50);
+const HANDSHAKE_AFTER_CHANGE: Duration = Duration::from_millis(50);
 
-/// The wait before the first resend; each later one waits twice the one before. Long enough
-/// for the answer from a distant peer (a phone on a mobile network) to come back first: a
-/// resend replaces the handshake under way, whose answer is then refused.
+/// The wait before the first resend; each later one waits twice the one before, so that a
+/// distant peer's answer (a phone on a mobile network) still finds the initiation it answers
+/// (boringtun accepts answers to its latest two).
 const FIRST_RESEND: Duration = Duration::from_millis(250);
 
 /// Resends stop this long after the change: WireGuard's own retries (`REKEY_TIMEOUT`) take
@@ -173,7 +174,7 @@ mod tests {
         }
         let cases = [
             Case {
-                name: "never answered: 50 ms, then 250, 500, 1000, 2000 ms later, then WireGuard's own",
+                name: "never answered: at 50 ms, then 250, 500, 1000 and 2000 ms later",
                 settled_ms: None,
                 sends: &[
                     (50, false),
