@@ -413,6 +413,38 @@ fn setup(tag: u8, opts: Options) -> Setup {
     }
 }
 
+/// Waits until the device's one peer has a handshake newer than `since`.
+fn wait_for_new_handshake(what: &str, device: &UserspaceDevice, since: SystemTime, wait: Duration) {
+    wait_for_within(what, wait, || {
+        the_peer(device).last_handshake.is_some_and(|at| at > since)
+    });
+}
+
+/// Tells wireguard-go our node's new key, as the mesh would: the peer with our original key
+/// goes, one with `our_new` (at our underlay address and port, with `more` options) comes.
+fn announce_our_new_key(s: &Setup, our_new: &PublicKey, more: &[&str]) {
+    let lab = &s.lab;
+    let endpoint = SocketAddr::new(lab.underlay(1), s.device.observe().listen_port).to_string();
+    let old = s.our_key.public_key().to_base64();
+    let new = our_new.to_base64();
+    let allowed = format!("{}/32", lab.tunnel(1));
+    let mut args = vec![
+        "set",
+        &lab.if_b,
+        "peer",
+        &old,
+        "remove",
+        "peer",
+        &new,
+        "allowed-ips",
+        &allowed,
+        "endpoint",
+        &endpoint,
+    ];
+    args.extend_from_slice(more);
+    lab.wg_b(&args);
+}
+
 fn the_peer(device: &UserspaceDevice) -> PeerState {
     let state = device.observe();
     assert_eq!(state.peers.len(), 1, "{state:?}");
@@ -854,22 +886,7 @@ fn roaming_follows_authenticated_packets() {
         .apply(&[DeviceChange::SetPrivateKey(new_key.clone())])
         .unwrap();
     assert_eq!(s.device.observe().public_key, new_key.public_key());
-    let endpoint = SocketAddr::new(lab.underlay(1), s.device.observe().listen_port).to_string();
-    lab.wg_b(&[
-        "set",
-        &lab.if_b,
-        "peer",
-        &s.our_key.public_key().to_base64(),
-        "remove",
-        "peer",
-        &new_key.public_key().to_base64(),
-        "allowed-ips",
-        &format!("{}/32", lab.tunnel(1)),
-        "endpoint",
-        &endpoint,
-        "persistent-keepalive",
-        "1",
-    ]);
+    announce_our_new_key(&s, &new_key.public_key(), &["persistent-keepalive", "1"]);
     // Known issue (docs/reliability.md): now and then (about 1 run in 100 under load) the
     // handshakes both sides start at once after the rotation leave the data path silent
     // until wireguard-go gives up on the session 15 s later and shakes hands again; TCP's
@@ -940,14 +957,11 @@ fn the_end_that_changes_a_session_last_starts_the_new_one() {
             DeviceChange::UpsertPeer(rotated.clone()),
         ])
         .unwrap();
-    wait_for_within(
+    wait_for_new_handshake(
         "a handshake with wireguard-go's new key",
+        &s.device,
+        handshake,
         BEFORE_A_RETRY,
-        || {
-            the_peer(&s.device)
-                .last_handshake
-                .is_some_and(|at| at > handshake)
-        },
     );
     tcp_both_ways(lab, 7010);
     let handshake = the_peer(&s.device).last_handshake.expect("handshake");
@@ -959,33 +973,23 @@ fn the_end_that_changes_a_session_last_starts_the_new_one() {
         .apply(&[DeviceChange::SetPrivateKey(our_new.clone())])
         .unwrap();
     let psk = Key::generate();
-    let endpoint = SocketAddr::new(lab.underlay(1), s.device.observe().listen_port).to_string();
-    lab.wg_b(&[
-        "set",
-        &lab.if_b,
-        "peer",
-        &s.our_key.public_key().to_base64(),
-        "remove",
-        "peer",
-        &our_new.public_key().to_base64(),
-        "preshared-key",
-        &lab.write_key("psk3", &psk.to_base64()),
-        "allowed-ips",
-        &format!("{}/32", lab.tunnel(1)),
-        "endpoint",
-        &endpoint,
-    ]);
+    announce_our_new_key(
+        &s,
+        &our_new.public_key(),
+        &["preshared-key", &lab.write_key("psk3", &psk.to_base64())],
+    );
     s.device
         .apply(&[DeviceChange::UpsertPeer(PeerConfig {
             preshared_key: Some(psk),
             ..rotated.clone()
         })])
         .unwrap();
-    wait_for_within("a handshake with our new keys", BEFORE_A_RETRY, || {
-        the_peer(&s.device)
-            .last_handshake
-            .is_some_and(|at| at > handshake)
-    });
+    wait_for_new_handshake(
+        "a handshake with our new keys",
+        &s.device,
+        handshake,
+        BEFORE_A_RETRY,
+    );
     tcp_both_ways(lab, 7020);
     let handshake = the_peer(&s.device).last_handshake.expect("handshake");
 
@@ -1010,14 +1014,11 @@ fn the_end_that_changes_a_session_last_starts_the_new_one() {
         "preshared-key",
         &lab.write_key("psk4", &psk.to_base64()),
     ]);
-    wait_for_within(
+    wait_for_new_handshake(
         "a handshake after wireguard-go took the new preshared key",
+        &s.device,
+        handshake,
         BEFORE_A_RETRY.saturating_sub(changed.elapsed()),
-        || {
-            the_peer(&s.device)
-                .last_handshake
-                .is_some_and(|at| at > handshake)
-        },
     );
     tcp_both_ways(lab, 7030);
 }
@@ -1045,31 +1046,15 @@ fn our_new_key_restarts_a_session_in_use_without_waiting_for_a_packet() {
     let handshake = the_peer(&s.device).last_handshake.expect("handshake");
 
     let our_new = PrivateKey::generate();
-    let endpoint = SocketAddr::new(lab.underlay(1), s.device.observe().listen_port).to_string();
-    lab.wg_b(&[
-        "set",
-        &lab.if_b,
-        "peer",
-        &s.our_key.public_key().to_base64(),
-        "remove",
-        "peer",
-        &our_new.public_key().to_base64(),
-        "allowed-ips",
-        &format!("{}/32", lab.tunnel(1)),
-        "endpoint",
-        &endpoint,
-    ]);
+    announce_our_new_key(&s, &our_new.public_key(), &[]);
     s.device
         .apply(&[DeviceChange::SetPrivateKey(our_new)])
         .unwrap();
-    wait_for_within(
+    wait_for_new_handshake(
         "a handshake with our new key",
+        &s.device,
+        handshake,
         Duration::from_secs(2),
-        || {
-            the_peer(&s.device)
-                .last_handshake
-                .is_some_and(|at| at > handshake)
-        },
     );
     tcp_both_ways(lab, 7110);
 }
