@@ -102,9 +102,12 @@ validated_string!(
         "type": "string",
         "maxLength": MAX_ENDPOINT_LEN,
         "x-kubernetes-validations": [{
-            // Shape first; then the port range; then a bracketed host must be an IPv6 address
-            // and a host made only of digits and dots must be a real IPv4 address.
-            "rule": "self.matches('^(\\\\[[0-9A-Fa-f:.]+\\\\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):[0-9]{1,5}$') && int(self.substring(self.lastIndexOf(':') + 1)) >= 1 && int(self.substring(self.lastIndexOf(':') + 1)) <= 65535 && (!self.startsWith('[') || isIP(self.substring(1, self.lastIndexOf(']')))) && (!self.substring(0, self.lastIndexOf(':')).matches('^[0-9.]+$') || isIP(self.substring(0, self.lastIndexOf(':'))))",
+            // Shape first (a bracketed host holds a ':', so IPv6 and never IPv4; a name is
+            // RFC 1123 labels of 1-63 bytes: `wgmesh_core::validate::check_mesh_endpoint`,
+            // which the controller applies too); then the port range; then a bracketed host
+            // must be an IPv6 address and a host made only of digits and dots a real IPv4
+            // address.
+            "rule": "self.matches('^(\\\\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\\\\]|([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\\\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?):[0-9]{1,5}$') && self.lastIndexOf(':') <= 253 && int(self.substring(self.lastIndexOf(':') + 1)) >= 1 && int(self.substring(self.lastIndexOf(':') + 1)) <= 65535 && (!self.startsWith('[') || isIP(self.substring(1, self.lastIndexOf(']')))) && (!self.substring(0, self.lastIndexOf(':')).matches('^[0-9.]+$') || isIP(self.substring(0, self.lastIndexOf(':'))))",
             "message": "must be host:port, [ipv6]:port or dnsname:port with a port from 1 to 65535"
         }]
     })

@@ -8,9 +8,14 @@ use serde::{Deserialize, Serialize};
 use crate::condition::Condition;
 use crate::fields::{CidrString, DnsEntry, Endpoint, InterfaceAddress, ObjectName};
 use crate::mesh::SecretKeyRef;
+use wgmesh_core::validate::check_mesh_endpoint;
 
 /// Most allowed IPs one peer may route; a remote site with more networks should summarise.
 pub const MAX_ALLOWED_IPS: u32 = 256;
+/// The longest `spec.comment`, in characters.
+pub const MAX_COMMENT_LEN: usize = 1024;
+/// The most `spec.client.addresses` and `spec.client.dns` entries.
+pub const MAX_CLIENT_LIST: usize = 16;
 
 /// A member of a mesh: a node (created by the controller when the node's agent registers) or
 /// an external peer (created by a user).
@@ -106,7 +111,7 @@ pub struct WireGuardPeerSpec {
 
     /// Free text for humans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024))]
+    #[schemars(length(max = MAX_COMMENT_LEN))]
     pub comment: Option<String>,
 
     /// The Node this peer is. Set by the controller on node peers only.
@@ -118,18 +123,71 @@ pub struct WireGuardPeerSpec {
     pub client: Option<ClientSpec>,
 }
 
+impl WireGuardPeerSpec {
+    /// What the schema refuses in a spec built from outside input (a wg-quick file, the CLI's
+    /// flags), found before anything is sent, so that a command creating several objects
+    /// creates none when one would be refused: list and text limits, and endpoints as
+    /// `check_mesh_endpoint` takes them (the rule the CRD and the controller apply). The
+    /// API server still has the last word on everything else.
+    pub fn check(&self) -> Result<(), String> {
+        let too_many = |field: &str, n: usize, max: usize| {
+            Err(format!(
+                "{field} has {n} entries; at most {max} are allowed"
+            ))
+        };
+        let max_allowed = MAX_ALLOWED_IPS as usize;
+        if self.allowed_ips.len() > max_allowed {
+            return too_many("spec.allowedIPs", self.allowed_ips.len(), max_allowed);
+        }
+        if let Some(e) = &self.endpoint {
+            check_mesh_endpoint(&e.0).map_err(|why| format!("spec.endpoint: {why}"))?;
+        }
+        if let Some(c) = &self.comment
+            && c.chars().count() > MAX_COMMENT_LEN
+        {
+            return Err(format!(
+                "spec.comment has {} characters; at most {MAX_COMMENT_LEN} are allowed",
+                c.chars().count()
+            ));
+        }
+        if let Some(client) = &self.client {
+            if client.allowed_ips.len() > max_allowed {
+                return too_many(
+                    "spec.client.allowedIPs",
+                    client.allowed_ips.len(),
+                    max_allowed,
+                );
+            }
+            if client.addresses.len() > MAX_CLIENT_LIST {
+                return too_many(
+                    "spec.client.addresses",
+                    client.addresses.len(),
+                    MAX_CLIENT_LIST,
+                );
+            }
+            if client.dns.len() > MAX_CLIENT_LIST {
+                return too_many("spec.client.dns", client.dns.len(), MAX_CLIENT_LIST);
+            }
+            if let Some(e) = &client.endpoint {
+                check_mesh_endpoint(&e.0).map_err(|why| format!("spec.client.endpoint: {why}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The `[Interface]` side of an external peer's own config, and what it routes into the mesh.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientSpec {
     /// Addresses of the peer's interface. Absent: the tunnel addresses the controller assigns.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = MAX_CLIENT_LIST))]
     pub addresses: Vec<InterfaceAddress>,
 
     /// DNS servers and search domains for the peer's device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = MAX_CLIENT_LIST))]
     pub dns: Vec<DnsEntry>,
 
     /// Networks the peer's device sends into the mesh.

@@ -106,21 +106,35 @@ pub async fn run(kube: &KubeArgs, opts: Opts) -> Result<()> {
     Ok(())
 }
 
-fn read(path: &PathBuf) -> Result<String> {
-    let mut text = String::new();
-    if path.as_os_str() == "-" {
+/// A wg-quick file or stdin, read up to one byte past what the parser takes (so it says the
+/// input is too long) and never more: `import /dev/zero` ends with that error, not with the
+/// machine's memory.
+pub(crate) fn read(path: &std::path::Path) -> Result<String> {
+    let limit = wgquick::MAX_INPUT_LEN as u64 + 1;
+    let mut bytes = Vec::new();
+    let what = if path.as_os_str() == "-" {
         std::io::stdin()
-            .read_to_string(&mut text)
+            .take(limit)
+            .read_to_end(&mut bytes)
             .context("reading stdin")?;
+        "stdin".to_owned()
     } else {
-        text = std::fs::read_to_string(path).map_err(|e| {
-            err(
-                exit::INVALID_INPUT,
-                format!("reading {}: {e}", path.display()),
-            )
-        })?;
-    }
-    Ok(text)
+        std::fs::File::open(path)
+            .and_then(|f| f.take(limit).read_to_end(&mut bytes))
+            .map_err(|e| {
+                err(
+                    exit::INVALID_INPUT,
+                    format!("reading {}: {e}", path.display()),
+                )
+            })?;
+        path.display().to_string()
+    };
+    String::from_utf8(bytes).map_err(|_| {
+        err(
+            exit::INVALID_INPUT,
+            format!("reading {what}: not UTF-8 text"),
+        )
+    })
 }
 
 /// The objects equivalent to the config's peers: pure, so it is tested without a cluster.
@@ -166,6 +180,13 @@ pub fn objects(cfg: &WgQuickConfig, opts: &Opts, stem: &str) -> Result<Vec<Objec
         spec.endpoint = p.endpoint.clone().map(Into::into);
         spec.persistent_keepalive = p.persistent_keepalive.map(i32::from);
         spec.comment = p.comment.clone();
+        // What the API server would refuse, refused here: nothing is created unless all is.
+        spec.check().map_err(|why| {
+            err(
+                exit::INVALID_INPUT,
+                format!("peer {n} ({name}): {why}; nothing was created"),
+            )
+        })?;
         if let Some(psk) = &p.preshared_key {
             let secret = format!("wgpeer-{name}-psk");
             spec.preshared_key_secret_ref = Some(SecretKeyRef {
@@ -302,6 +323,47 @@ PersistentKeepalive = 25
             .collect();
         assert_eq!(names, ["old-1", "old-2"]);
         assert!(objects(&cfg, &opts(Some("Bad_Name")), "wg0").is_err());
+    }
+
+    #[test]
+    fn what_the_api_server_would_refuse_is_refused_before_anything_is_created() {
+        let many_ips: String = (0..300)
+            .map(|i| format!("AllowedIPs = 10.9.{}.{}/32\n", i / 250, i % 250))
+            .collect();
+        let endpoint = "Endpoint = 203.0.113.10:51820\n";
+        let cases = [
+            (
+                endpoint,
+                "Endpoint = [fe80::1%eth0]:51820\n".to_owned(),
+                "zone",
+            ),
+            (
+                endpoint,
+                "Endpoint = _wg.example.com:51820\n".to_owned(),
+                "spec.endpoint",
+            ),
+            (endpoint, many_ips, "spec.allowedIPs has 302 entries"),
+        ];
+        for (line, replacement, want) in cases {
+            // The second peer is the bad one: the first must not be created either.
+            let text = SERVER.replace(line, &replacement);
+            let cfg = wgquick::parse(&text).unwrap();
+            let e = objects(&cfg, &opts(None), "wg0").unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+            assert!(e.contains("peer 2 (berlin-office)"), "{e}");
+            assert!(e.contains("nothing was created"), "{e}");
+        }
+        let long_comment = SERVER.replace("# Alice's Laptop", &format!("# {}", "x".repeat(2000)));
+        let cfg = wgquick::parse(&long_comment).unwrap();
+        let e = objects(&cfg, &opts(None), "wg0").unwrap_err().to_string();
+        assert!(e.contains("spec.comment has 2000 characters"), "{e}");
+    }
+
+    #[test]
+    fn reading_stops_past_the_largest_config() {
+        // One byte past the limit, so the parser says the input is too long.
+        let text = read(std::path::Path::new("/dev/zero")).map(|t| t.len());
+        assert_eq!(text.ok(), Some(wgquick::MAX_INPUT_LEN + 1));
     }
 
     #[test]

@@ -30,6 +30,7 @@ use blake2::{Blake2s256, Digest};
 use crate::agent_config::Departure;
 use crate::cidr::OverlapIndex;
 use crate::reason::Reason;
+use crate::validate::check_mesh_endpoint;
 use crate::{Cidr, CidrSet, Key, PublicKey};
 
 /// The mesh-level inputs.
@@ -173,6 +174,9 @@ pub fn node_endpoint(choice: &NodeEndpoint, registered: Option<&str>) -> Option<
     };
     let host_port = |host: &str, port: u16| match host.parse::<IpAddr>() {
         Ok(ip) => std::net::SocketAddr::new(ip, port).to_string(),
+        // Not an address an agent could use either way ([`compute`] drops what agents would
+        // refuse), but never an IPv6-looking host without its brackets.
+        Err(_) if host.contains(':') => format!("[{host}]:{port}"),
         Err(_) => format!("{host}:{port}"),
     };
     match choice {
@@ -542,9 +546,16 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         Some(SecretInput::Present(bytes)) => Some(mesh_secret_key(bytes)),
         _ => None,
     };
+    let mut node_pod_cidrs = OverlapIndex::default();
+    for n in nodes {
+        for c in &n.pod_cidrs {
+            node_pod_cidrs.insert(*c, format!("the pod CIDR of node {}", n.name));
+        }
+    }
     let judged = Judged {
         key_owners: &key_owners,
         reserved: &reserved_index,
+        node_pod_cidrs: &node_pod_cidrs,
     };
     let nat_reserved: Vec<ReservedRange> = fixed_reserved()
         .into_iter()
@@ -594,7 +605,23 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
                 desired.endpoint = peer
                     .last_seen_endpoint
                     .as_deref()
-                    .and_then(|e| nat_endpoint(e, n, &nat_judged).ok());
+                    .and_then(|e| observed_endpoint(e, Some(n), &nat_judged).ok());
+            } else if peer.node.is_none()
+                && !peer.responder
+                && peer.endpoint.is_none()
+                && let Some(seen) = &peer.last_seen_endpoint
+            {
+                // A roaming external peer: where one gateway's agent saw it last, which no
+                // agent may point at a node, a reserved range or the tunnel pools.
+                desired.endpoint = observed_endpoint(seen, None, &nat_judged).ok();
+            }
+            // Agents refuse a whole message with an endpoint they cannot parse: never send one.
+            if desired
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| check_mesh_endpoint(e).is_err())
+            {
+                desired.endpoint = None;
             }
             if let Some(hosts) = node.and_then(|n| host_routes.get(n.name.as_str())) {
                 desired.allowed_ips =
@@ -742,7 +769,8 @@ pub fn without_own_networks(
         .collect()
 }
 
-/// What an endpoint observed for a node behind NAT is judged against.
+/// What an endpoint an agent observed (for a node behind NAT, a roaming external peer) is
+/// judged against.
 struct NatJudged<'a> {
     mesh: &'a MeshInput,
     nodes: &'a [NodeInput],
@@ -750,13 +778,14 @@ struct NatJudged<'a> {
     reserved: &'a [ReservedRange],
 }
 
-/// The endpoint published for `node` (behind NAT) from what the relay observed, judged like
-/// any claim: an `address:port` (no name to resolve), outside every reserved range and the
-/// tunnel pools, and no address another Node lists (its own may: a NAT's address is often
-/// its ExternalIP). The error says why it is not published.
-fn nat_endpoint(
+/// The endpoint published from what an agent observed (the relay, for `node` behind NAT; a
+/// gateway, for a roaming external peer: `node` is `None`), judged like any claim: an
+/// `address:port` (no name to resolve), outside every reserved range and the tunnel pools,
+/// and no address another Node lists (a node's own may: a NAT's address is often its
+/// ExternalIP). The error says why it is not published.
+fn observed_endpoint(
     observed: &str,
-    node: &NodeInput,
+    node: Option<&NodeInput>,
     judged: &NatJudged<'_>,
 ) -> Result<String, String> {
     let addr: std::net::SocketAddr = observed
@@ -781,7 +810,7 @@ fn nat_endpoint(
     if let Some(other) = judged
         .nodes
         .iter()
-        .find(|n| n.name != node.name && n.addresses.contains(&ip))
+        .find(|n| node.is_none_or(|node| n.name != node.name) && n.addresses.contains(&ip))
     {
         return Err(format!("{ip} is an address of node {}", other.name));
     }
@@ -892,6 +921,9 @@ struct Judged<'a> {
     key_owners: &'a BTreeMap<PublicKey, &'a str>,
     /// Reserved ranges and what each is.
     reserved: &'a OverlapIndex<&'a str>,
+    /// Every Node's pod CIDRs, members or not: no external peer may claim them (a Node that
+    /// is not a member yet, or not selected, still owns its pods' addresses).
+    node_pod_cidrs: &'a OverlapIndex<String>,
 }
 
 fn judge(
@@ -996,6 +1028,20 @@ fn judge(
                 format!("{cidr} overlaps {theirs}, {owner}"),
             );
         }
+        if peer.node.is_none()
+            && let Some((theirs, owner)) = judged.node_pod_cidrs.first_overlap(&cidr)
+        {
+            return refuse(
+                Reason::AllowedIpsOverlap,
+                format!("{cidr} overlaps {theirs}, {owner}"),
+            );
+        }
+    }
+    if peer.node.is_none()
+        && let Some(endpoint) = &peer.endpoint
+        && let Err(why) = check_mesh_endpoint(endpoint)
+    {
+        return refuse(Reason::InvalidSpec, format!("spec.endpoint: {why}"));
     }
     Verdict::Programmed
 }

@@ -270,6 +270,75 @@ fn external_peer_table() {
             refused: Some((Reason::DuplicatePublicKey, "WireGuardPeer a")),
         },
         Case {
+            name: "an endpoint agents would refuse is refused here, not sent to every gateway",
+            peer: with(|p| p.endpoint = Some("a..b:51820".into())),
+            want_endpoint: None,
+            refused: Some((Reason::InvalidSpec, "spec.endpoint")),
+        },
+        Case {
+            name: "an IPv4 address in brackets",
+            peer: with(|p| p.endpoint = Some("[192.0.2.9]:51820".into())),
+            want_endpoint: None,
+            refused: Some((Reason::InvalidSpec, "spec.endpoint")),
+        },
+        Case {
+            name: "a host label longer than 63 bytes",
+            peer: with(|p| p.endpoint = Some(format!("{}.example:51820", "a".repeat(64)))),
+            want_endpoint: None,
+            refused: Some((Reason::InvalidSpec, "spec.endpoint")),
+        },
+        Case {
+            name: "an IPv6 zone",
+            peer: with(|p| p.endpoint = Some("[fe80::1%eth0]:51820".into())),
+            want_endpoint: None,
+            refused: Some((Reason::InvalidSpec, "zone")),
+        },
+        Case {
+            name: "last seen at a node's address: not published",
+            peer: with(|p| p.last_seen_endpoint = Some("192.0.2.1:51820".into())),
+            want_endpoint: None,
+            refused: None,
+        },
+        Case {
+            name: "last seen at cloud metadata: not published",
+            peer: with(|p| p.last_seen_endpoint = Some("169.254.169.254:80".into())),
+            want_endpoint: None,
+            refused: None,
+        },
+        Case {
+            name: "last seen in the tunnel pool: not published",
+            peer: with(|p| p.last_seen_endpoint = Some("10.250.0.2:51820".into())),
+            want_endpoint: None,
+            refused: None,
+        },
+        Case {
+            name: "last seen as a name: not published (agents report addresses)",
+            peer: with(|p| p.last_seen_endpoint = Some("evil.example:51820".into())),
+            want_endpoint: None,
+            refused: None,
+        },
+        Case {
+            name: "the spec's endpoint wins over the last seen one",
+            peer: with(|p| {
+                p.endpoint = Some("203.0.113.1:51820".into());
+                p.last_seen_endpoint = Some("198.51.100.7:40000".into());
+            }),
+            want_endpoint: Some("203.0.113.1:51820"),
+            refused: None,
+        },
+        Case {
+            name: "overlapping the pod CIDR of a Node that is not selected",
+            peer: external("laptop", 10, &["10.244.9.0/24"]),
+            want_endpoint: None,
+            refused: Some((Reason::AllowedIpsOverlap, "pod CIDR of node z")),
+        },
+        Case {
+            name: "overlapping the pod CIDR of a Node whose agent has not registered",
+            peer: external("laptop", 10, &["10.244.8.0/25"]),
+            want_endpoint: None,
+            refused: Some((Reason::AllowedIpsOverlap, "pod CIDR of node y")),
+        },
+        Case {
             name: "a missing preshared key Secret",
             peer: with(|p| {
                 p.preshared_key = Some(SecretInput::Missing("Secret ns/psk not found".into()))
@@ -279,7 +348,13 @@ fn external_peer_table() {
         },
     ];
     for case in cases {
-        let (nodes, mut peers) = three_nodes();
+        let (mut nodes, mut peers) = three_nodes();
+        nodes[0].addresses = vec!["192.0.2.1".parse().unwrap()];
+        // Not selected, and selected but without a node peer (its agent not registered).
+        let mut z = node("z", "10.244.9.0/24");
+        z.selected = false;
+        nodes.push(z);
+        nodes.push(node("y", "10.244.8.0/24"));
         peers.push(case.peer);
         let d = compute(&mesh(), &nodes, &peers);
         match case.refused {
@@ -881,6 +956,12 @@ fn node_endpoint_table() {
             None,
             Some("[2001:db8::9]:1"),
         ),
+        (
+            "a host that is no address but looks like IPv6 keeps brackets",
+            named("fe80::1%eth0", Some(1)),
+            None,
+            Some("[fe80::1%eth0]:1"),
+        ),
     ];
     for (name, choice, registered, want) in cases {
         assert_eq!(
@@ -1192,6 +1273,23 @@ fn nat_views_are_shared() {
     let (v2, v3) = (view("n2"), view("n3"));
     assert!(std::ptr::eq(v2.shared_peers(), v3.shared_peers()));
     assert!(std::ptr::eq(v2.shared_peers(), &d.nat_peers));
+}
+
+#[test]
+fn a_node_endpoint_agents_would_refuse_is_not_published() {
+    let mut nodes = vec![node("n1", "10.244.1.0/24"), node("n2", "10.244.2.0/24")];
+    // What a zone in the endpoint annotation used to make (the annotation is refused now).
+    nodes[1].endpoint = NodeEndpoint::Named {
+        host: "fe80::1%eth0".into(),
+        port: Some(51820),
+    };
+    let d = compute(&mesh(), &nodes, &[node_peer("n1", 1), node_peer("n2", 2)]);
+    assert_eq!(d.verdicts["n2"], Verdict::Programmed);
+    assert_eq!(d.peers[&key(2)].endpoint, None);
+    assert_eq!(
+        d.peers[&key(1)].endpoint.as_deref(),
+        Some("192.168.0.1:51820")
+    );
 }
 
 #[test]

@@ -99,6 +99,65 @@ pub fn check_endpoint(s: &str) -> Result<(), String> {
     }
 }
 
+/// The longest endpoint a `WireGuardPeer` may name: a 253-byte host name and `:65535`, or a
+/// bracketed IPv6 address and its port (the CRD's `maxLength`).
+pub const MAX_MESH_ENDPOINT_LEN: usize = 261;
+
+/// An endpoint the mesh publishes to its agents (a `WireGuardPeer`'s `spec.endpoint`, a node's
+/// endpoint): what [`check_endpoint`] takes, narrowed to what the CRD accepts and what means
+/// the same on every node. An IPv4 address, `[IPv6]` without a zone (a zone names an
+/// interface of one host), or a DNS name of RFC 1123 labels (letters, digits and inner
+/// hyphens, 1-63 bytes each, no trailing dot), then `:port`.
+///
+/// Agents refuse a whole stream message with an endpoint [`check_endpoint`] refuses, so the
+/// controller publishes nothing this refuses: one peer's typo must not stop every gateway.
+pub fn check_mesh_endpoint(s: &str) -> Result<(), String> {
+    check_endpoint(s)?;
+    if s.len() > MAX_MESH_ENDPOINT_LEN {
+        return Err(format!(
+            "invalid Endpoint {}: longer than {MAX_MESH_ENDPOINT_LEN} bytes",
+            show(s)
+        ));
+    }
+    // `check_endpoint` took it, so there is a ':' before the port.
+    let host = s.rsplit_once(':').map_or(s, |(host, _)| host);
+    if let Some(addr) = host.strip_prefix('[') {
+        if addr.contains('%') {
+            return Err(format!(
+                "invalid Endpoint {}: an IPv6 zone names an interface of one host, not an \
+                 address other nodes can reach",
+                show(s)
+            ));
+        }
+        return Ok(());
+    }
+    if looks_numeric(host) || is_dns_name(host) {
+        return Ok(());
+    }
+    Err(format!(
+        "invalid Endpoint {}: {} is not an IP address or DNS name (labels of letters, digits \
+         and inner hyphens)",
+        show(s),
+        show(host)
+    ))
+}
+
+/// An RFC 1123 DNS name: labels of 1-63 letters, digits and hyphens, neither first nor last
+/// a hyphen, at most 253 bytes, no trailing dot.
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// An endpoint whose port may be left out (the peer's listen port is then used): anything
 /// [`check_endpoint`] takes, or a bare IPv4 or IPv6 address or host name. Returns the host
 /// (an IPv6 address without brackets) and the port if given.
@@ -118,7 +177,7 @@ pub fn parse_endpoint_host(s: &str) -> Result<(String, Option<u16>), String> {
         );
     }
     if !s.contains(':') {
-        if !looks_numeric(s) && is_host_name(s) {
+        if !looks_numeric(s) && is_dns_name(s) {
             return Ok((s.to_owned(), None));
         }
         return Err(format!(
@@ -126,7 +185,7 @@ pub fn parse_endpoint_host(s: &str) -> Result<(String, Option<u16>), String> {
             show(s)
         ));
     }
-    check_endpoint(s)?;
+    check_mesh_endpoint(s)?;
     let (host, port) = s.rsplit_once(':').expect("a checked endpoint has a port");
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = parse_digits::<u16>(port).expect("a checked endpoint's port is a number");
@@ -186,6 +245,15 @@ mod tests {
             ("fd00::7:51820:x", Err("an IPv6 endpoint is written")),
             ("bad name!", Err("not an IP address or host name")),
             ("[fd00::7", Err("unclosed")),
+            ("[fe80::1%eth0]:51820", Err("zone")),
+            ("[fe80::1%eth0]", Err("no port")),
+            ("fe80::1%eth0", Err("an IPv6 endpoint is written")),
+            ("_srv.example.com", Err("not an IP address or host name")),
+            ("a..b:51820", Err("not an IP address or host name")),
+            (
+                "_srv.example.com:51820",
+                Err("not an IP address or DNS name"),
+            ),
         ];
         for (input, want) in cases {
             let got = parse_endpoint_host(input);
@@ -204,6 +272,7 @@ mod tests {
         ObjectName,
         HostName,
         Endpoint,
+        MeshEndpoint,
     }
     use Kind::*;
 
@@ -212,6 +281,7 @@ mod tests {
             ObjectName => is_object_name(s),
             HostName => is_host_name(s),
             Endpoint => check_endpoint(s).is_ok(),
+            MeshEndpoint => check_mesh_endpoint(s).is_ok(),
         }
     }
 
@@ -244,6 +314,32 @@ mod tests {
             (HostName, ".", false),
             (HostName, "a..b", false),
             (HostName, "a b", false),
+            (MeshEndpoint, "203.0.113.10:51820", true),
+            (MeshEndpoint, "vpn.example.com:51820", true),
+            (MeshEndpoint, "[fd00::1]:51820", true),
+            (MeshEndpoint, "[::ffff:192.0.2.1]:51820", true),
+            (MeshEndpoint, "a-1.b:1", true),
+            (
+                MeshEndpoint,
+                &format!("{long_label}.example.com:51820"),
+                false,
+            ),
+            (MeshEndpoint, &format!("{}:51820", "a".repeat(63)), true),
+            (MeshEndpoint, "a..b:51820", false),
+            (MeshEndpoint, "[fe80::1%eth0]:51820", false),
+            (MeshEndpoint, "[192.0.2.1]:51820", false),
+            (MeshEndpoint, "_srv.example.com:51820", false),
+            (MeshEndpoint, "vpn.example.com.:51820", false),
+            (MeshEndpoint, "-vpn.example.com:51820", false),
+            (MeshEndpoint, "vpn-.example.com:51820", false),
+            (MeshEndpoint, "300.1.1.1:51820", false),
+            (MeshEndpoint, "host:0", false),
+            (MeshEndpoint, "", false),
+            (
+                MeshEndpoint,
+                &format!("{}:51820", "a.".repeat(127) + "a"),
+                false,
+            ),
             (Endpoint, "203.0.113.10:51820", true),
             (Endpoint, "vpn.example.com:51820", true),
             (Endpoint, "[fd00::1]:51820", true),

@@ -347,6 +347,27 @@ async fn a_rogue_node_a_hostile_peer_author_and_a_local_user_change_nothing() ->
         ])
         .await
         .context("node-1 may report on its own peers")?;
+    // The laptop has no endpoint of its own: where a gateway saw it last is published to
+    // the others. A rogue gateway saying it was at node-2's address (or at the cloud's
+    // metadata service) moves nothing.
+    for seen in [
+        format!("{}:51820", mesh.nodes[1].node_ip),
+        "169.254.169.254:80".to_owned(),
+    ] {
+        sim("node-1", "default", [42; 32])
+            .report(vec![pb::PeerStatus {
+                public_key: bytes(&laptop_key)?.to_vec(),
+                last_handshake: Some(prost_types::Timestamp {
+                    seconds: secs,
+                    nanos: 0,
+                }),
+                rx_bytes: 2,
+                tx_bytes: 2,
+                endpoint: seen,
+            }])
+            .await
+            .context("node-1 may report on its own peers")?;
+    }
 
     // --- A peer author ---
     let reserved: &[(&str, &str, &str)] = &[
@@ -395,6 +416,40 @@ async fn a_rogue_node_a_hostile_peer_author_and_a_local_user_change_nothing() ->
     )
     .await?;
     refused_with(&client, "copies-node-2", "DuplicatePublicKey").await?;
+
+    // The pods of a Node that is not a member (no agent yet): still that Node's.
+    cluster::create_node(
+        &client,
+        "outsider",
+        &["10.244.200.0/24"],
+        "192.0.2.200",
+        &[],
+    )
+    .await?;
+    apply_peer(
+        &client,
+        "claims-outsider-pods",
+        json!({"mesh": "default", "publicKey": key(213), "allowedIPs": ["10.244.200.128/25"]}),
+    )
+    .await?;
+    let message = refused_with(&client, "claims-outsider-pods", "AllowedIPsOverlap").await?;
+    assert!(message.contains("pod CIDR of node outsider"), "{message}");
+    // Endpoints an agent could not use (which every gateway would refuse to take): the API
+    // server refuses them.
+    for (i, endpoint) in ["a..b:51820", "[192.0.2.9]:51820", "[fe80::1%eth0]:51820"]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("bad-endpoint-{i}");
+        let spec =
+            json!({"mesh": "default", "publicKey": key(214 + i as u8), "endpoint": endpoint});
+        match apply_peer(&client, &name, spec).await {
+            Err(e) if format!("{e:#}").contains("spec.endpoint") => {
+                eprintln!("refused as it should be: endpoint {endpoint}: {e:#}");
+            }
+            other => bail!("endpoint {endpoint}: {other:?}"),
+        }
+    }
 
     // The controller's own TLS key as a preshared key: outside the Secret namespaces, never
     // read.

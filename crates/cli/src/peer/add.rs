@@ -323,11 +323,12 @@ fn spec_from_args(args: &AddArgs) -> Result<WireGuardPeerSpec> {
     spec.endpoint = args.endpoint.clone().map(Into::into);
     spec.comment = args.comment.clone();
     spec.client = Some(client);
+    spec.check().map_err(|why| err(exit::INVALID_INPUT, why))?;
     Ok(spec)
 }
 
 fn check_endpoint(e: &str) -> Result<()> {
-    validate::check_endpoint(e)
+    validate::check_mesh_endpoint(e)
         .map_err(|why| err(exit::INVALID_INPUT, format!("--endpoint: {why}")))
 }
 

@@ -48,12 +48,7 @@ async fn read_secret(
 }
 
 fn read_private_key(path: &Path) -> Result<PrivateKey> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        err(
-            exit::INVALID_INPUT,
-            format!("reading {}: {e}", path.display()),
-        )
-    })?;
+    let text = crate::import::read(path)?;
     if let Ok(key) = text.trim().parse() {
         return Ok(key);
     }
