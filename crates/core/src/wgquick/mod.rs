@@ -143,11 +143,39 @@ fn is_forbidden_control(c: char) -> bool {
     c.is_control() && c != '\t'
 }
 
+/// A parse error. Messages quote the input to say what is wrong, and the input may be a
+/// private key anywhere (on a line without `=`, as a key name, `PrivateKey: ...`): every run
+/// of 20 or more base64 characters in the message is replaced by `<redacted>`, so no error
+/// prints a key, whole or most of it.
 fn error(line: usize, message: impl Into<String>) -> ParseError {
     ParseError {
         line,
-        message: message.into(),
+        message: redact_key_like(&message.into()),
     }
+}
+
+/// `s` with every run of at least 20 base64 characters (`A-Za-z0-9+/=`) replaced by
+/// `<redacted>`: nothing left is a usable part of a 44-character key.
+fn redact_key_like(s: &str) -> String {
+    const RUN: usize = 20;
+    let is_b64 = |c: char| c.is_ascii_alphanumeric() || c == '+' || c == '/' || c == '=';
+    let mut out = String::with_capacity(s.len());
+    let mut run = String::new();
+    for c in s.chars().chain(std::iter::once('\n')) {
+        if is_b64(c) {
+            run.push(c);
+            continue;
+        }
+        if run.len() >= RUN {
+            out.push_str("<redacted>");
+        } else {
+            out.push_str(&run);
+        }
+        run.clear();
+        out.push(c);
+    }
+    out.pop();
+    out
 }
 
 /// The value of a `Name = x` or `Name: x` comment (already stripped of its `#`).

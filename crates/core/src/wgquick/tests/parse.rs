@@ -379,6 +379,33 @@ fn errors_never_echo_secrets() {
         let e = parse(&text).unwrap_err();
         assert!(!e.to_string().contains(&bad_private[..20]), "{e}");
     }
+    // A damaged line that holds a key: no '=', a ':' for '=', a stray character, a bare key
+    // (as a private-key file), each alone or in a section.
+    let truncated = &PRIV[..40];
+    for line in [
+        format!("PrivateKey: {PRIV}"),
+        format!("PrivateKey {PRIV}"),
+        format!("PrivateKey = {PRIV}!"),
+        PRIV.to_string(),
+        truncated.to_owned(),
+        format!("{}=", &PRIV[..43]),
+        format!("[{PRIV}]"),
+    ] {
+        for text in [
+            line.clone(),
+            format!("[Interface]\n{line}"),
+            format!("[Peer]\n{line}"),
+        ] {
+            let Err(e) = parse(&text) else {
+                continue;
+            };
+            let shown = e.to_string();
+            for piece in PRIV.as_bytes().windows(12) {
+                let piece = std::str::from_utf8(piece).unwrap();
+                assert!(!shown.contains(piece), "{line:?} -> {shown}");
+            }
+        }
+    }
     let cfg = parse(&road_warrior_text()).unwrap();
     assert!(!format!("{cfg:?}").contains(PRIV));
 }
