@@ -161,7 +161,8 @@ fn dedicated_table_rule_and_cleanup() {
         return;
     }
     let ns = netns("rule");
-    veth(&ns, "wgt1", 1500, true);
+    // A TUN, as the userspace device's: a link the agent may delete at cleanup.
+    ns.ip(&["tuntap", "add", "dev", "wgt1", "mode", "tun"]);
     veth(&ns, "other0", 1500, true);
     ns.ip(&["link", "set", "other0", "up"]);
     ns.ip(&[
@@ -418,5 +419,8 @@ fn guards_outlive_the_interface_and_follow_the_mesh() {
         routing.cleanup("wgt0", 51820, &[]).await.unwrap();
         let left = ns.ip(&["-4", "route", "show", "table", "all", "proto", "87"]);
         assert!(left.is_empty(), "{left}");
+        // A link the device could not have made (a veth, as `eth0` is on kind) is never
+        // deleted, whatever the mesh's interface is called.
+        assert!(ns.ip_ok(&["link", "show", "wgt0"]), "a veth was deleted");
     });
 }

@@ -414,7 +414,19 @@ impl Routing {
                 self.delete_rule(&msg).await?;
             }
         }
-        if let Some(index) = ifindex {
+        // Only a link the device makes (WireGuard, or the userspace device's TUN) is ours to
+        // delete: a mesh whose interface is named after a host link (`eth0`, `cni0`) must
+        // never take that link down when it leaves.
+        let ours = link
+            .as_ref()
+            .is_some_and(|l| matches!(link_kind(l), Some(InfoKind::Wireguard | InfoKind::Tun)));
+        if !ours && ifindex.is_some() {
+            tracing::warn!(
+                interface,
+                "not deleting the link: it is not a WireGuard or TUN device"
+            );
+        }
+        if let Some(index) = ifindex.filter(|_| ours) {
             match self
                 .handle
                 .link()
