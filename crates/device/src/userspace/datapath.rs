@@ -215,23 +215,21 @@ fn send_reads(inner: &Inner, r: &mut TunReader, group: &[Option<Outgoing>], firs
         segment,
         scratch,
     } = r;
-    let packets = group
-        .iter()
-        .flatten()
-        .zip(first..)
-        .map(|(o, k)| (o.kind, o.count, &reads[k][VNET_HDR_LEN..lens[k]]));
     let workers = &inner.workers;
     let Some(worker) = workers.take(peer, Direction::Encrypt, count) else {
+        // Here, super-packets are split where they lie: the sealer copies each segment out
+        // before the next one's headers go over the end of its payload.
         seal(inner, scratch, peer, endpoint, |sealer| {
-            for (kind, count, packet) in packets {
-                match kind {
+            for (o, k) in group.iter().flatten().zip(first..) {
+                let packet = &mut reads[k][VNET_HDR_LEN..lens[k]];
+                match o.kind {
                     TunPacket::Single => sealer.push(packet),
                     TunPacket::Tcp(split) => {
-                        for i in 0..count {
-                            let Some(len) = split.segment(packet, i, segment) else {
-                                break;
-                            };
-                            sealer.push(&segment[..len]);
+                        if split
+                            .split_in_place(packet, segment, |s| sealer.push(s))
+                            .is_none()
+                        {
+                            tracing::trace!("dropping a super-packet that does not split");
                         }
                     }
                 }
@@ -239,6 +237,11 @@ fn send_reads(inner: &Inner, r: &mut TunReader, group: &[Option<Outgoing>], firs
         });
         return;
     };
+    let packets = group
+        .iter()
+        .flatten()
+        .zip(first..)
+        .map(|(o, k)| (o.kind, o.count, &reads[k][VNET_HDR_LEN..lens[k]]));
     // For the worker: the packets, and the super-packets' segments, into batches.
     let mut batch = workers.batch();
     let mut used = 0;

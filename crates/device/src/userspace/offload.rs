@@ -10,6 +10,9 @@
 //! a malformed packet is an error, never a panic.
 
 /// `struct virtio_net_hdr` (without `num_buffers`): what TUN puts before each packet.
+use std::io::IoSlice;
+
+/// PLACEHOLDER
 pub(crate) const VNET_HDR_LEN: usize = 10;
 
 const F_NEEDS_CSUM: u8 = 1;
@@ -179,7 +182,45 @@ impl TcpSplit {
         let seg = out.get_mut(..len)?;
         seg[..self.hdr_len].copy_from_slice(&packet[..self.hdr_len]);
         seg[self.hdr_len..].copy_from_slice(chunk);
-        let last = off + chunk.len() == payload.len();
+        self.fix_up(seg, i, off, off + chunk.len() == payload.len())?;
+        Some(len)
+    }
+
+    /// Splits `packet` where it lies, handing each segment, headers fixed up, to `each` in
+    /// order: segment `i`'s headers are written just before its payload, over the end of
+    /// what earlier segments carried, which `each` is done with by then. So no payload is
+    /// copied (the copy [`TcpSplit::segment`] makes is a pass over every byte sent), and
+    /// `packet` is garbage afterwards. `saved` keeps the original headers; `None` when they
+    /// do not fit it.
+    pub(crate) fn split_in_place(
+        &self,
+        packet: &mut [u8],
+        saved: &mut [u8],
+        mut each: impl FnMut(&[u8]),
+    ) -> Option<()> {
+        let h = self.hdr_len;
+        let saved = saved.get_mut(..h)?;
+        saved.copy_from_slice(packet.get(..h)?);
+        let payload_len = packet.len() - h;
+        for i in 0..self.count(packet.len()) {
+            let off = i * self.mss;
+            let chunk = self.mss.min(payload_len - off);
+            // The headers go to `off..off + h`, all before this segment's payload (at
+            // `h + off`): bytes of earlier segments only.
+            let seg = &mut packet[off..h + off + chunk];
+            if i > 0 {
+                seg[..h].copy_from_slice(saved);
+            }
+            self.fix_up(seg, i, off, off + chunk == payload_len)?;
+            each(seg);
+        }
+        Some(())
+    }
+
+    /// Fixes up the headers of segment `i` (`seg`: the super-packet's headers, then the
+    /// payload from `off`): lengths, IPv4 id and checksum, TCP sequence, flags and checksum.
+    fn fix_up(&self, seg: &mut [u8], i: usize, off: usize, last: bool) -> Option<()> {
+        let len = seg.len();
         let l4 = self.l4;
         if self.v6 {
             let plen = u16::try_from(len - 40).ok()?;
@@ -205,7 +246,7 @@ impl TcpSplit {
         seg[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
         let c = !fold(sum(&seg[l4..], pseudo_sum(seg, len - l4)?));
         seg[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
-        Some(len)
+        Some(())
     }
 }
 
@@ -313,27 +354,38 @@ fn same_flow(a: &[u8], b: &[u8], m: &TcpMeta) -> bool {
         && a[l4 + 18..m.hdr_len] == b[l4 + 18..m.hdr_len]
 }
 
-/// The super-packet being built.
+/// The super-packet being built, in the batch's buffer: the first packet where it was
+/// decrypted, and the payloads of the others where they were.
 #[derive(Clone, Copy, Debug)]
 struct Held {
     meta: TcpMeta,
+    /// Where the first packet (headers and payload) lies in the buffer, and its length.
+    at: usize,
+    len: usize,
+    /// The IP length of the super-packet so far.
+    total: usize,
     /// Payload bytes of every segment but the last (which may be shorter).
     mss: usize,
     next_seq: u32,
-    segments: usize,
     /// A short segment or PSH ends a super-packet, as in the kernel's GRO.
     closed: bool,
 }
 
+/// The most segments one super-packet takes (the kernel's GRO stops at 64 too); one `iovec`
+/// each.
+const MAX_SEGMENTS: usize = 64;
+
 /// GRO for TUN writes: consecutive in-order segments of one TCP flow become one super-packet
 /// with a virtio-net header asking the kernel for nothing but the final checksum (which the
 /// kernel then does not verify: the AEAD already authenticated every byte).
+///
+/// Nothing is copied: the packets stay where they were decrypted, the first one's headers
+/// are fixed up in place, and the super-packet goes to the kernel as one `writev` of the
+/// header, the first packet and the later payloads.
 pub(crate) struct Coalescer {
-    /// Virtio-net header, then the packet.
-    buf: Vec<u8>,
-    /// Bytes of `buf` in use; 0 when nothing is held.
-    len: usize,
     held: Option<Held>,
+    /// The later segments' payloads: where each lies in the buffer, and its length.
+    tails: Vec<(usize, usize)>,
 }
 
 /// The largest IP packet a super-packet may become (16-bit length fields).
@@ -342,99 +394,118 @@ const MAX_SUPER: usize = 65_535;
 impl Coalescer {
     pub(crate) fn new() -> Coalescer {
         Coalescer {
-            buf: vec![0u8; VNET_HDR_LEN + MAX_SUPER],
-            len: 0,
             held: None,
+            tails: Vec::with_capacity(MAX_SEGMENTS),
         }
     }
 
-    /// Takes one decrypted packet. Whatever cannot join the held super-packet first flushes
-    /// it through `write`, so packets reach the kernel in the order they came.
-    pub(crate) fn push(&mut self, packet: &[u8], write: &mut impl FnMut(&[u8])) {
+    /// Takes one decrypted packet, `buf[at..at + len]`; `buf` is the same for every packet
+    /// until the next [`Coalescer::flush`], and what was pushed stays there unchanged.
+    /// Whatever cannot join the held super-packet first flushes it through `write`, so
+    /// packets reach the kernel in the order they came.
+    pub(crate) fn push(
+        &mut self,
+        buf: &mut [u8],
+        at: usize,
+        len: usize,
+        write: &mut impl FnMut(&[IoSlice<'_>]),
+    ) {
+        let Some(packet) = at.checked_add(len).and_then(|end| buf.get(at..end)) else {
+            return;
+        };
         let meta = coalescable(packet);
         if let (Some(h), Some(m)) = (self.held.as_mut(), meta) {
             let payload = packet.len() - m.hdr_len;
-            let held = &self.buf[VNET_HDR_LEN..self.len];
+            let held = &buf[h.at..h.at + h.len];
             if !h.closed
                 && m.v6 == h.meta.v6
                 && m.hdr_len == h.meta.hdr_len
                 && m.seq == h.next_seq
                 && payload <= h.mss
-                && self.len - VNET_HDR_LEN + payload <= MAX_SUPER
+                && h.total + payload <= MAX_SUPER
+                && self.tails.len() + 1 < MAX_SEGMENTS
                 && same_flow(held, packet, &h.meta)
             {
-                self.buf[self.len..self.len + payload].copy_from_slice(&packet[m.hdr_len..]);
-                self.len += payload;
+                self.tails.push((at + m.hdr_len, payload));
+                h.total += payload;
                 h.next_seq = h.next_seq.wrapping_add(payload as u32);
-                h.segments += 1;
                 h.closed = payload < h.mss || m.flags & TCP_PSH != 0;
                 if m.flags & TCP_PSH != 0 {
-                    let l4 = VNET_HDR_LEN + h.meta.l4;
-                    self.buf[l4 + 13] |= TCP_PSH;
+                    buf[h.at + h.meta.l4 + 13] |= TCP_PSH;
                 }
                 return;
             }
         }
-        self.flush(write);
-        if packet.len() > MAX_SUPER {
-            return;
-        }
-        self.buf[VNET_HDR_LEN..VNET_HDR_LEN + packet.len()].copy_from_slice(packet);
-        self.len = VNET_HDR_LEN + packet.len();
+        self.flush(buf, write);
         match meta {
             Some(m) => {
-                let payload = packet.len() - m.hdr_len;
+                let payload = len - m.hdr_len;
                 self.held = Some(Held {
                     meta: m,
+                    at,
+                    len,
+                    total: len,
                     mss: payload,
                     next_seq: m.seq.wrapping_add(payload as u32),
-                    segments: 1,
                     closed: m.flags & TCP_PSH != 0,
                 });
             }
-            None => self.flush(write),
+            None => write(&[IoSlice::new(&NO_OFFLOAD), IoSlice::new(&buf[at..at + len])]),
         }
     }
 
     /// Writes what is held, if anything.
-    pub(crate) fn flush(&mut self, write: &mut impl FnMut(&[u8])) {
-        if self.len == 0 {
+    pub(crate) fn flush(&mut self, buf: &mut [u8], write: &mut impl FnMut(&[IoSlice<'_>])) {
+        let Some(h) = self.held.take() else {
+            return;
+        };
+        let Some(first) = buf.get_mut(h.at..h.at + h.len) else {
+            self.tails.clear();
+            return;
+        };
+        if self.tails.is_empty() {
+            write(&[IoSlice::new(&NO_OFFLOAD), IoSlice::new(first)]);
             return;
         }
-        let mut hdr = VnetHdr::default();
-        if let Some(h) = self.held.take()
-            && h.segments > 1
-        {
-            let m = h.meta;
-            let p = &mut self.buf[VNET_HDR_LEN..self.len];
-            let len = p.len();
-            if m.v6 {
-                p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
-            } else {
-                p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-                p[10..12].copy_from_slice(&[0, 0]);
-                let c = !fold(sum(&p[..m.l4], 0));
-                p[10..12].copy_from_slice(&c.to_be_bytes());
-            }
-            // CHECKSUM_PARTIAL: the field holds the pseudo-header sum, not complemented.
-            let partial = pseudo_sum(p, len - m.l4).map_or(0, fold);
-            p[m.l4 + 16..m.l4 + 18].copy_from_slice(&partial.to_be_bytes());
-            hdr = VnetHdr {
-                flags: F_NEEDS_CSUM,
-                gso_type: if m.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
-                hdr_len: m.hdr_len as u16,
-                gso_size: h.mss as u16,
-                csum_start: m.l4 as u16,
-                csum_offset: 16,
-            };
+        let m = h.meta;
+        if m.v6 {
+            first[4..6].copy_from_slice(&((h.total - 40) as u16).to_be_bytes());
+        } else {
+            first[2..4].copy_from_slice(&(h.total as u16).to_be_bytes());
+            first[10..12].copy_from_slice(&[0, 0]);
+            let c = !fold(sum(&first[..m.l4], 0));
+            first[10..12].copy_from_slice(&c.to_be_bytes());
         }
-        let mut b = [0u8; VNET_HDR_LEN];
-        hdr.write(&mut b);
-        self.buf[..VNET_HDR_LEN].copy_from_slice(&b);
-        write(&self.buf[..self.len]);
-        self.len = 0;
+        // CHECKSUM_PARTIAL: the field holds the pseudo-header sum, not complemented.
+        let partial = pseudo_sum(first, h.total - m.l4).map_or(0, fold);
+        first[m.l4 + 16..m.l4 + 18].copy_from_slice(&partial.to_be_bytes());
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: if m.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+            hdr_len: m.hdr_len as u16,
+            gso_size: h.mss as u16,
+            csum_start: m.l4 as u16,
+            csum_offset: 16,
+        }
+        .write(&mut hdr);
+        let mut iov = [IoSlice::new(&[]); MAX_SEGMENTS + 1];
+        iov[0] = IoSlice::new(&hdr);
+        iov[1] = IoSlice::new(&buf[h.at..h.at + h.len]);
+        let mut n = 2;
+        for &(at, len) in &self.tails {
+            if let Some(payload) = buf.get(at..at + len) {
+                iov[n] = IoSlice::new(payload);
+                n += 1;
+            }
+        }
+        write(&iov[..n]);
+        self.tails.clear();
     }
 }
+
+/// The virtio-net header of a packet that needs nothing from the kernel.
+const NO_OFFLOAD: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
 #[cfg(test)]
 mod tests {
@@ -573,7 +644,45 @@ mod tests {
             })
             .collect();
         assert!(split.segment(packet, segs.len(), &mut out).is_none());
+        // Split where it lies, the segments are the same.
+        let mut garbled = packet.to_vec();
+        let mut saved = [0u8; 120];
+        let mut in_place = Vec::new();
+        split
+            .split_in_place(&mut garbled, &mut saved, |s| in_place.push(s.to_vec()))
+            .unwrap();
+        assert_eq!(in_place, segs);
         segs
+    }
+
+    #[test]
+    fn splits_in_place_whatever_the_segment_size() {
+        let payload: Vec<u8> = (0..3001u32).map(|i| (i * 13) as u8).collect();
+        // Segments smaller than the headers too: their headers go over older segments' bytes.
+        for mss in [1, 7, 39, 40, 41, 536, 1000, 1448, 3000, 3001, 9000] {
+            let mut sp = tcp4(&payload, 77, TCP_PSH | TCP_ACK);
+            let segs = split_all(&gso(GSO_TCPV4, mss, 20), &mut sp);
+            assert_eq!(segs.len(), 3001usize.div_ceil(usize::from(mss)), "{mss}");
+            let carried: Vec<u8> = segs.iter().flat_map(|s| s[40..].to_vec()).collect();
+            assert_eq!(carried, payload, "{mss}");
+            assert!(segs.iter().all(|s| checksum_ok(s)), "{mss}");
+            let mut sp6 = tcp6(&payload, 77, TCP_ACK);
+            let segs = split_all(&gso(GSO_TCPV6, mss, 40), &mut sp6);
+            let carried: Vec<u8> = segs.iter().flat_map(|s| s[60..].to_vec()).collect();
+            assert_eq!(carried, payload, "{mss}");
+        }
+        // Headers that do not fit what keeps them: nothing is handed over.
+        let mut sp = tcp4(&payload, 0, TCP_ACK);
+        let TunPacket::Tcp(split) = classify(&gso(GSO_TCPV4, 1000, 20), &mut sp).unwrap() else {
+            panic!("not split");
+        };
+        let mut n = 0;
+        assert!(
+            split
+                .split_in_place(&mut sp, &mut [0u8; 39], |_| n += 1)
+                .is_none()
+        );
+        assert_eq!(n, 0);
     }
 
     #[test]
@@ -652,6 +761,7 @@ mod tests {
                 for i in 0..s.count(n) + 1 {
                     let _ = s.segment(&short, i, &mut out);
                 }
+                let _ = s.split_in_place(&mut short, &mut out, |_| {});
             }
         }
         let mut v6 = tcp6(&[1; 50], 0, 0x10);
@@ -659,13 +769,22 @@ mod tests {
         assert!(classify(&gso(GSO_TCPV6, 10, 4), &mut v6).is_err());
     }
 
+    /// What a write hands the kernel, as one buffer.
+    fn joined(iov: &[IoSlice<'_>]) -> Vec<u8> {
+        iov.iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    /// The packets back to back in one buffer (as decrypted), pushed, flushed: the writes.
     fn coalesce(packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let mut buf: Vec<u8> = packets.concat();
         let mut c = Coalescer::new();
         let mut written = Vec::new();
+        let mut at = 0;
         for p in packets {
-            c.push(p, &mut |b| written.push(b.to_vec()));
+            c.push(&mut buf, at, p.len(), &mut |b| written.push(joined(b)));
+            at += p.len();
         }
-        c.flush(&mut |b| written.push(b.to_vec()));
+        c.flush(&mut buf, &mut |b| written.push(joined(b)));
         written
     }
 
@@ -768,11 +887,31 @@ mod tests {
                 if let Some(b) = p.get_mut(flip) {
                     *b ^= 0xff;
                 }
-                c.push(&p, &mut |_| n += 1);
+                c.push(&mut p, 0, len, &mut |_| n += 1);
+                c.flush(&mut p, &mut |_| n += 1);
             }
         }
-        c.push(&vec![0x45; 70_000], &mut |_| n += 1);
-        c.flush(&mut |_| n += 1);
+        let mut big = vec![0x45; 70_000];
+        c.push(&mut big, 0, 70_000, &mut |_| n += 1);
+        c.push(&mut big, 69_000, 2_000, &mut |_| n += 1);
+        c.push(&mut big, usize::MAX, 2, &mut |_| n += 1);
+        c.flush(&mut big, &mut |_| n += 1);
         assert!(n > 0);
+    }
+
+    #[test]
+    fn a_super_packet_stops_at_64_segments() {
+        let segs: Vec<Vec<u8>> = (0..100u32)
+            .map(|i| tcp4(&[i as u8; 100], 1 + 100 * i, TCP_ACK))
+            .collect();
+        let written = coalesce(&segs);
+        assert_eq!(written.len(), 2);
+        let back: Vec<Vec<u8>> = written.iter().flat_map(|w| resegment(w)).collect();
+        assert_eq!(resegment(&written[0]).len(), MAX_SEGMENTS);
+        assert_eq!(back.len(), segs.len());
+        // The same segments (IPv4 ids aside, which resegmenting numbers anew).
+        for (b, s) in back.iter().zip(&segs) {
+            assert!(b[..4] == s[..4] && b[12..] == s[12..] && checksum_ok(b));
+        }
     }
 }

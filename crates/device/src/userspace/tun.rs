@@ -110,9 +110,10 @@ impl Tun {
         (&self.file).read(buf)
     }
 
-    /// Writes one virtio-net header and its packet to the kernel.
-    pub(crate) fn write(&self, buf: &[u8]) -> io::Result<usize> {
-        (&self.file).write(buf)
+    /// Writes one virtio-net header and its packet, given in pieces (one `writev`: a TUN
+    /// write is one packet whatever the pieces).
+    pub(crate) fn write_vectored(&self, iov: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        (&self.file).write_vectored(iov)
     }
 
     /// Waits until a packet can be read here or from `other`, or `timeout` passes.

@@ -18,6 +18,7 @@
 //! itself only when its worker has nothing of the same direction pending, so nothing is ever
 //! overtaken.
 
+use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -518,20 +519,20 @@ pub(crate) fn open<'d>(
     if !s.decrypted.is_empty() {
         peer.data_received(now);
     }
-    let write = &mut |b: &[u8]| write_tun(inner, b);
+    let write = &mut |iov: &[IoSlice<'_>]| write_tun(inner, iov);
     for &(at, len, inner_src) in &s.decrypted {
         if !table.routes_to(inner_src, peer) {
             tracing::trace!(%inner_src, peer = %peer.public_key, "source not in allowed IPs");
             continue;
         }
-        s.coalescer.push(&s.out[at..at + len], write);
+        s.coalescer.push(&mut s.out, at, len, write);
     }
-    s.coalescer.flush(write);
+    s.coalescer.flush(&mut s.out, write);
 }
 
-/// One virtio-net header and its packet to the kernel.
-fn write_tun(inner: &Inner, buf: &[u8]) {
-    if let Err(e) = inner.tun.write(buf) {
+/// One virtio-net header and its packet, in pieces, to the kernel.
+fn write_tun(inner: &Inner, iov: &[IoSlice<'_>]) {
+    if let Err(e) = inner.tun.write_vectored(iov) {
         tracing::trace!(error = %e, "TUN write");
     }
 }
