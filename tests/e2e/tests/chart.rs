@@ -87,6 +87,27 @@ fn a_wrong_value_type_is_refused_by_the_schema() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn the_release_namespace_is_never_a_secret_namespace() -> Result<()> {
+    // It holds the controller's TLS key: a Secret namespace there would let any peer author
+    // name that key as a preshared key.
+    let helm = Helm::new()?;
+    for set in [
+        format!("peerSecrets.namespace={NAMESPACE}"),
+        format!("rbac.secretNamespaces={{other,{NAMESPACE}}}"),
+    ] {
+        let err = helm
+            .template(&["--set", &set])
+            .expect_err(&format!("{set} was rendered"));
+        assert!(
+            format!("{err:#}").contains("must not name the release namespace"),
+            "{set}: {err:#}"
+        );
+    }
+    helm.template(&["--set", "rbac.secretNamespaces={other}"])?;
+    Ok(())
+}
+
 /// resourceVersion of every object the release manages, by kind/namespace/name.
 fn release_versions(cp: &ControlPlane, helm: &Helm) -> Result<BTreeMap<String, String>> {
     let manifest = helm.ok(

@@ -33,5 +33,9 @@ wgmesh-controller.{{ .Release.Namespace }}.svc
 {{/* The namespaces the controller reads Secrets in, comma-separated: peerSecrets.namespace
 and rbac.secretNamespaces. */}}
 {{- define "wgmesh.secretNamespaces" -}}
-{{ prepend .Values.rbac.secretNamespaces .Values.peerSecrets.namespace | uniq | join "," }}
+{{- $namespaces := prepend .Values.rbac.secretNamespaces .Values.peerSecrets.namespace | uniq }}
+{{- if has .Release.Namespace $namespaces }}
+{{- fail (printf "peerSecrets.namespace and rbac.secretNamespaces must not name the release namespace %s: it holds the controller's TLS key, which a peer's presharedKeySecretRef could then name" .Release.Namespace) }}
+{{- end }}
+{{- $namespaces | join "," }}
 {{- end }}
