@@ -21,6 +21,8 @@ use wgmesh_api::foreign::{CalicoIpamBlock, CiliumNode};
 use wgmesh_api::mesh::SecretKeyRef;
 use wgmesh_api::{Backend, PodCidrSource, WireGuardMesh, WireGuardPeer};
 use wgmesh_core::desired::{self, DesiredMesh, PeerInput, ReservedRange, SecretInput};
+use wgmesh_core::mesh_conflicts::{self, MeshClaim};
+use wgmesh_core::reason::Reason;
 use wgmesh_proto as pb;
 
 use crate::convert::{self, ForeignPodCidrs, Secrets};
@@ -185,8 +187,10 @@ pub struct Computed {
     /// Meshes held at their last published state, with why: a Secret they reference has
     /// never been read successfully (a fresh controller, an API error), or their pod CIDR
     /// source (Calico's or Cilium's objects) has not been listed yet, so what they should be
-    /// is unknown. Their agents and statuses are left as they are.
-    pub held: BTreeMap<String, String>,
+    /// is unknown; or their tunnel pool cannot be programmed on their nodes
+    /// ([`desired::check_tunnel_pools`]). Their agents and peers' statuses are left as they
+    /// are; the mesh's own status says why.
+    pub held: BTreeMap<String, HeldMesh>,
     /// The pod CIDRs other IPAMs assigned, by node (`spec.podCIDRSource`).
     pub foreign_pod_cidrs: Arc<ForeignPodCidrs>,
     /// Meshes being deleted (their finalizer waits for their nodes to leave), with the nodes
@@ -510,6 +514,7 @@ pub fn compute_all(
     let reserved = caches.reserved();
     out.foreign_pod_cidrs = Arc::new(caches.foreign_pod_cidrs());
     let mut live = BTreeSet::new();
+    let mut prepared = Vec::new();
     for mesh in &meshes {
         let name = mesh.name_any();
         if mesh.metadata.deletion_timestamp.is_some() {
@@ -526,13 +531,21 @@ pub fn compute_all(
         let unknown = unknown_secrets(mesh, &peers, secrets);
         if !unknown.is_empty() {
             tracing::warn!(mesh = %name, secrets = ?unknown, "holding the mesh as it is: a Secret it references could not be read yet");
-            out.held
-                .insert(name, format!("Secrets not read yet: {unknown:?}"));
+            let names: Vec<String> = unknown
+                .iter()
+                .map(|r| format!("{}/{}", r.namespace, r.name.as_str()))
+                .collect();
+            let message = format!("held as it is: Secrets not read yet: {}", names.join(", "));
+            out.held.insert(name, held(mesh, Reason::MeshHeld, message));
             continue;
         }
         if let Some(source) = caches.unsynced_source(mesh.spec.pod_cidr_source) {
             tracing::warn!(mesh = %name, "holding the mesh as it is: its pod CIDR source ({source}) has not been listed yet (is the CRD installed, and may the controller list it?)");
-            out.held.insert(name, format!("{source} not listed yet"));
+            let message = format!(
+                "held as it is: the pod CIDR source {source} has not been listed yet (is its \
+                 CRD installed, and may the controller list it? see rbac.podCIDRSources)"
+            );
+            out.held.insert(name, held(mesh, Reason::MeshHeld, message));
             continue;
         }
         let mesh_input = convert::mesh_input(mesh, secrets, &reserved);
@@ -540,6 +553,44 @@ pub fn compute_all(
             .iter()
             .map(|n| convert::node_input(n, mesh, &out.foreign_pod_cidrs))
             .collect();
+        if let Err(why) = desired::check_tunnel_pools(&mesh_input, &node_inputs) {
+            tracing::warn!(mesh = %name, reason = %why, "holding the mesh as it is: its tunnel pool cannot be programmed");
+            let message = format!("held as it is: {why}");
+            out.held
+                .insert(name, held(mesh, Reason::InvalidTunnelPool, message));
+            continue;
+        }
+        prepared.push((mesh, name, mesh_input, node_inputs));
+    }
+    // Meshes that would fight over a node (one interface, port and pool route each there):
+    // the older keeps the node, the newer is held.
+    let claims: Vec<MeshClaim> = prepared
+        .iter()
+        .map(|(mesh, name, mesh_input, node_inputs)| MeshClaim {
+            name: name.clone(),
+            created: mesh
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(i64::MAX, |t| t.0.as_second()),
+            interface: mesh.spec.interface_name.clone(),
+            listen_port: u16::try_from(mesh.spec.listen_port).unwrap_or(0),
+            tunnel_pools: mesh_input.tunnel_pools.clone(),
+            nodes: node_inputs
+                .iter()
+                .filter(|n| n.selected)
+                .map(|n| n.name.clone())
+                .collect(),
+        })
+        .collect();
+    let conflicting = mesh_conflicts::conflicts(&claims);
+    for (mesh, name, mesh_input, node_inputs) in prepared {
+        if let Some(message) = conflicting.get(&name) {
+            tracing::warn!(mesh = %name, reason = %message, "holding the mesh as it is: it conflicts with another mesh on a node");
+            out.held
+                .insert(name, held(mesh, Reason::MeshConflict, message.clone()));
+            continue;
+        }
         let mut peer_inputs = inputs.remove(&name).unwrap_or_default();
         let mut unwritten = false;
         if let Some((_, before)) = previous.meshes.get(&name) {
@@ -559,6 +610,22 @@ pub fn compute_all(
         index.remove(&gone);
     }
     out
+}
+
+fn held(mesh: &Arc<WireGuardMesh>, reason: Reason, message: String) -> HeldMesh {
+    HeldMesh {
+        mesh: mesh.clone(),
+        reason,
+        message,
+    }
+}
+
+/// A mesh held as it is, and why (its `Ready` condition).
+#[derive(Debug, Clone)]
+pub struct HeldMesh {
+    pub mesh: Arc<WireGuardMesh>,
+    pub reason: Reason,
+    pub message: String,
 }
 
 /// Adds to what a peer's status holds the tunnel addresses `allocated` to it by an earlier

@@ -190,6 +190,9 @@ impl Writer {
                 .collect();
             self.write_mesh_status(mesh, &peers, desired).await;
         }
+        for held in snapshot.held.values() {
+            self.write_held_mesh_status(held).await;
+        }
         let live: std::collections::HashSet<String> =
             snapshot.peers.iter().map(|p| p.name_any()).collect();
         self.followups
@@ -514,16 +517,29 @@ impl Writer {
         let peers_count = external.len() as i32;
         let ready_peers = external.iter().filter(|p| programmed(p)).count() as i32;
         let all_ready = ready_nodes == nodes && ready_peers == peers_count;
-        let verdict = PeerVerdict {
-            ready: all_ready,
-            reason: if all_ready {
-                Reason::AllPeersProgrammed
-            } else {
-                Reason::PeersNotReady
-            },
-            message: format!(
-                "{ready_nodes}/{nodes} nodes and {ready_peers}/{peers_count} external peers are programmed"
-            ),
+        let counts = format!(
+            "{ready_nodes}/{nodes} nodes and {ready_peers}/{peers_count} external peers are programmed"
+        );
+        let verdict = if nodes == 0 {
+            // Nothing is encrypted yet: not Ready, however many of nothing are programmed.
+            PeerVerdict {
+                ready: false,
+                reason: Reason::NoMembers,
+                message: format!(
+                    "no node is a member yet: no Node matches the nodeSelector, or no agent \
+                     has registered; {counts}"
+                ),
+            }
+        } else {
+            PeerVerdict {
+                ready: all_ready,
+                reason: if all_ready {
+                    Reason::AllPeersProgrammed
+                } else {
+                    Reason::PeersNotReady
+                },
+                message: counts,
+            }
         };
         let current = mesh.status.clone().unwrap_or_default();
         let active_gateway =
@@ -542,7 +558,38 @@ impl Writer {
             )],
             observed_generation: mesh.metadata.generation,
         };
-        if desired == current || self.mesh_written.get(&name) == Some(&desired) {
+        self.patch_mesh_status(name, &current, desired).await;
+    }
+
+    /// A held mesh's status: its counts as they were, `Ready=False` with why it is held.
+    async fn write_held_mesh_status(&mut self, held: &crate::reconcile::HeldMesh) {
+        let mesh = &held.mesh;
+        let current = mesh.status.clone().unwrap_or_default();
+        let verdict = PeerVerdict {
+            ready: false,
+            reason: held.reason,
+            message: held.message.clone(),
+        };
+        let desired = WireGuardMeshStatus {
+            conditions: vec![ready_condition(
+                current.conditions.iter().find(|c| c.type_ == READY),
+                &verdict,
+                mesh.metadata.generation,
+            )],
+            observed_generation: mesh.metadata.generation,
+            ..current.clone()
+        };
+        self.patch_mesh_status(mesh.name_any(), &current, desired)
+            .await;
+    }
+
+    async fn patch_mesh_status(
+        &mut self,
+        name: String,
+        current: &WireGuardMeshStatus,
+        desired: WireGuardMeshStatus,
+    ) {
+        if desired == *current || self.mesh_written.get(&name) == Some(&desired) {
             return;
         }
         match self.patch_status::<WireGuardMesh, _>(&name, &desired).await {

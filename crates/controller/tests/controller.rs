@@ -1071,3 +1071,74 @@ async fn a_deleted_mesh_waits_for_its_nodes_to_leave() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// Waits until the mesh's Ready condition has `reason`; returns its message.
+async fn wait_mesh_reason(client: &kube::Client, reason: &str) -> Result<String> {
+    let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(client.clone());
+    let meshes = &meshes;
+    let what = format!("the mesh's Ready reason {reason}");
+    eventually(WAIT, &what, || async move {
+        let status = meshes.get("default").await?.status.unwrap_or_default();
+        let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready");
+        Ok(match ready {
+            Some(c) if c.reason == reason => {
+                assert_eq!(c.status, "False", "{c:?}");
+                Break(c.message)
+            }
+            other => Continue(other),
+        })
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_mesh_without_members_or_with_a_pool_over_a_node_says_so_and_changes_nothing()
+-> Result<()> {
+    let fx = Fixture::new().await?;
+    let c = fx.controller("c1").await?;
+    // Nothing is encrypted yet: not Ready.
+    let message = wait_mesh_reason(&fx.client, "NoMembers").await?;
+    assert!(message.contains("no node is a member"), "{message}");
+
+    let mut a = fx.agent(&c, "a", 1).await?;
+    let _b = fx.agent(&c, "b", 2).await?;
+    a.wait_until(WAIT, "node-b", |s| s.peers.len() == 1).await?;
+    let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(fx.client.clone());
+    let m = &meshes;
+    eventually(WAIT, "the mesh Ready with its members", || async move {
+        let status = m.get("default").await?.status.unwrap_or_default();
+        let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready");
+        Ok(match ready {
+            Some(c) if c.reason == "AllPeersProgrammed" && c.status == "True" => Break(()),
+            other => Continue(other),
+        })
+    })
+    .await?;
+
+    // A pool over the nodes' own addresses would route the underlay into the tunnel: the
+    // mesh is held as it is and says why; the agents are told nothing new.
+    let updates = a.updates.len();
+    meshes
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"tunnelCIDRs": ["192.168.0.0/16"]}})),
+        )
+        .await?;
+    let message = wait_mesh_reason(&fx.client, "InvalidTunnelPool").await?;
+    assert!(
+        message.contains("192.168.0.0/16") && message.contains("an address of node"),
+        "{message}"
+    );
+    let told = a
+        .wait_until(Duration::from_secs(3), "any update", |s| {
+            s.updates.len() > updates
+        })
+        .await;
+    assert!(
+        told.is_err(),
+        "an agent was told to change: {:?}",
+        a.updates.last()
+    );
+    Ok(())
+}

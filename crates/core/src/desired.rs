@@ -916,6 +916,49 @@ pub fn reserved_ranges(mesh: &MeshInput, nodes: &[NodeInput]) -> Vec<ReservedRan
         .collect()
 }
 
+/// Whether the mesh's tunnel pools can be programmed on its nodes: each at least a /30
+/// (IPv4) or /126 (IPv6), so that two nodes fit, and clear of every reserved range (loopback,
+/// link-local, multicast, the Service CIDRs, the API server ...) and of every Node's
+/// addresses. Every node adds its address with the pool's prefix, and so a route for the
+/// whole pool into the tunnel: a pool over `127.0.0.0/8`, `::/0` or the underlay's addresses
+/// would cut the node off. The error says which pool and what it overlaps.
+pub fn check_tunnel_pools(mesh: &MeshInput, nodes: &[NodeInput]) -> Result<(), String> {
+    let reserved: Vec<ReservedRange> = fixed_reserved()
+        .into_iter()
+        .chain(mesh.reserved.iter().cloned())
+        .collect();
+    for pool in &mesh.tunnel_pools {
+        let smallest = if pool.is_ipv4() { 30 } else { 126 };
+        if pool.prefix_len() > smallest {
+            return Err(format!(
+                "tunnel pool {pool} is too small: a pool needs room for two nodes at least \
+                 (/{smallest} or larger)"
+            ));
+        }
+        if let Some(r) = reserved.iter().find(|r| r.cidr.overlaps(pool)) {
+            return Err(format!(
+                "tunnel pool {pool} overlaps {}, {}: every node routes its pool into the tunnel",
+                r.cidr, r.what
+            ));
+        }
+        let address = nodes.iter().find_map(|n| {
+            n.addresses
+                .iter()
+                .chain(&n.host_addresses)
+                .find(|a| pool.contains_addr(**a))
+                .map(|a| (n, a))
+        });
+        if let Some((node, a)) = address {
+            return Err(format!(
+                "tunnel pool {pool} holds {a}, an address of node {}: every node routes its pool \
+                 into the tunnel, and would reach that node through it",
+                node.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What every peer of a mesh is judged against, computed once per mesh.
 struct Judged<'a> {
     key_owners: &'a BTreeMap<PublicKey, &'a str>,

@@ -1350,3 +1350,57 @@ fn nat_endpoint_table() {
         );
     }
 }
+
+#[test]
+fn tunnel_pool_table() {
+    let mut a = node("a", "10.244.1.0/24");
+    a.addresses = vec!["192.168.0.2".parse().unwrap()];
+    a.host_addresses = vec!["172.16.0.2".parse().unwrap()];
+    let nodes = vec![a, node("b", "10.244.2.0/24")];
+    let cases: &[(&str, &[&str], Option<&str>)] = &[
+        ("the usual", &["10.250.0.0/16", "fd00:250::/64"], None),
+        (
+            "the smallest that fits two",
+            &["10.250.0.0/30", "fd00::/126"],
+            None,
+        ),
+        ("a /31", &["10.250.0.0/31"], Some("too small")),
+        ("a /32", &["10.250.0.1/32"], Some("too small")),
+        ("a /128", &["fd00::1/128"], Some("too small")),
+        ("loopback", &["127.0.0.0/8"], Some("IPv4 loopback")),
+        (
+            "the IPv6 default route",
+            &["10.250.0.0/16", "::/0"],
+            Some("::/0 overlaps"),
+        ),
+        ("link-local", &["169.254.0.0/24"], Some("link-local")),
+        (
+            "the Service CIDR",
+            &["10.96.0.0/16"],
+            Some("the Service CIDR"),
+        ),
+        (
+            "a node's InternalIP",
+            &["192.168.0.0/16"],
+            Some("an address of node a"),
+        ),
+        (
+            "a node's host address",
+            &["172.16.0.0/24"],
+            Some("172.16.0.2"),
+        ),
+    ];
+    for (name, pools, want) in cases {
+        let mut m = mesh();
+        m.tunnel_pools = cidrs(pools);
+        m.reserved = vec![ReservedRange::new(
+            "10.96.0.0/12".parse().unwrap(),
+            "the Service CIDR",
+        )];
+        match (check_tunnel_pools(&m, &nodes), want) {
+            (Ok(()), None) => {}
+            (Err(e), Some(part)) => assert!(e.contains(part), "{name}: {e}"),
+            (got, _) => panic!("{name}: want {want:?}, got {got:?}"),
+        }
+    }
+}

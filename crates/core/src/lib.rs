@@ -12,6 +12,7 @@ pub mod export;
 pub mod gateway;
 pub mod ipam;
 pub mod key;
+pub mod mesh_conflicts;
 pub mod node_config;
 pub mod reason;
 #[cfg(test)]

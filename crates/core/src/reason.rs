@@ -42,11 +42,22 @@ pub enum Reason {
     AllPeersProgrammed,
     /// Some peer of the mesh is not programmed.
     PeersNotReady,
+    /// No node is a member of the mesh (none selected, or no agent registered yet).
+    NoMembers,
+    /// A tunnel pool overlaps what the nodes need (a reserved range, a Node's address or pod
+    /// CIDR) or is too small for two nodes: the mesh is held as it is until it is fixed.
+    InvalidTunnelPool,
+    /// An older mesh selects one of its nodes with the same interface, port or an
+    /// overlapping pool: the mesh is held as it is until the conflict is gone.
+    MeshConflict,
+    /// Something the mesh depends on has not been read yet (a Secret, the pod CIDR source):
+    /// the mesh is held as it is meanwhile.
+    MeshHeld,
 }
 
 impl Reason {
     /// Every reason, for tables and parsing.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 19] = [
         Reason::Programmed,
         Reason::InvalidSpec,
         Reason::MeshNotFound,
@@ -62,6 +73,10 @@ impl Reason {
         Reason::NoGateway,
         Reason::AllPeersProgrammed,
         Reason::PeersNotReady,
+        Reason::NoMembers,
+        Reason::InvalidTunnelPool,
+        Reason::MeshConflict,
+        Reason::MeshHeld,
     ];
 
     /// The string written to the API.
@@ -82,6 +97,10 @@ impl Reason {
             Reason::NoGateway => "NoGateway",
             Reason::AllPeersProgrammed => "AllPeersProgrammed",
             Reason::PeersNotReady => "PeersNotReady",
+            Reason::NoMembers => "NoMembers",
+            Reason::InvalidTunnelPool => "InvalidTunnelPool",
+            Reason::MeshConflict => "MeshConflict",
+            Reason::MeshHeld => "MeshHeld",
         }
     }
 
@@ -91,13 +110,14 @@ impl Reason {
     /// - `TunnelAddressPending`: the next computation of the mesh allocates the address.
     /// - `PresharedKeySecretMissing`: the Secret is commonly created right after the peer
     ///   (by the same `kubectl apply`, or by a secret operator).
+    /// - `MeshHeld`: the controller reads what it waits for.
     ///
     /// Every other reason needs a person to change a spec, a Node or the mesh (pools do not
     /// grow, overlaps and duplicates do not resolve themselves), and the Ready ones are final.
     pub const fn is_transient(self) -> bool {
         matches!(
             self,
-            Reason::TunnelAddressPending | Reason::PresharedKeySecretMissing
+            Reason::TunnelAddressPending | Reason::PresharedKeySecretMissing | Reason::MeshHeld
         )
     }
 }
@@ -150,6 +170,10 @@ mod tests {
         (Reason::NoGateway, "NoGateway", false),
         (Reason::AllPeersProgrammed, "AllPeersProgrammed", false),
         (Reason::PeersNotReady, "PeersNotReady", false),
+        (Reason::NoMembers, "NoMembers", false),
+        (Reason::InvalidTunnelPool, "InvalidTunnelPool", false),
+        (Reason::MeshConflict, "MeshConflict", false),
+        (Reason::MeshHeld, "MeshHeld", true),
     ];
 
     #[test]
