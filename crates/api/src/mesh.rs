@@ -52,6 +52,7 @@ pub const DEFAULT_TUNNEL_CIDR: &str = "10.250.0.0/16";
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("!has(self.hostEncryption) || !self.hostEncryption || has(self.fwmark)").message("hostEncryption needs spec.fwmark: the mark keeps the tunnel's own packets, sent to node addresses, out of the tunnel"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.mtu) || self.mtu >= 1280 || !has(self.tunnelCIDRs) || !self.tunnelCIDRs.exists(c, isCIDR(c) && cidr(c).ip().family() == 6)").message("an IPv6 tunnel pool needs spec.mtu of at least 1280 (Linux turns IPv6 off on a link with less)"))]
 pub struct WireGuardMeshSpec {
     /// Name of the WireGuard interface on every node: 1-15 characters of letters, digits, `_`,
     /// `.` and `-`, starting with a letter or digit.
@@ -83,6 +84,7 @@ pub struct WireGuardMeshSpec {
     #[serde(rename = "tunnelCIDRs", default = "default_tunnel_cidrs")]
     #[schemars(length(min = 1, max = 2))]
     #[x_kube(validation = kube::core::Rule::new("self.filter(c, isCIDR(c) && cidr(c).ip().family() == 4).size() <= 1 && self.filter(c, isCIDR(c) && cidr(c).ip().family() == 6).size() <= 1").message("tunnelCIDRs holds at most one IPv4 and one IPv6 network"))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(c, !isCIDR(c) || cidr(c).prefixLength() <= (cidr(c).ip().family() == 4 ? 30 : 126))").message("a tunnel pool needs room for two nodes at least: /30 (IPv4) or /126 (IPv6), or larger"))]
     pub tunnel_cidrs: Vec<CidrString>,
 
     /// Seconds between keepalive packets sent to every peer (0 or absent: off). Useful when
