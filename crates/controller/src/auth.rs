@@ -3,6 +3,7 @@
 //! node the request names.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,30 +24,45 @@ const POSITIVE_TTL: Duration = Duration::from_secs(30);
 /// How long a failed review is remembered, so a misbehaving client cannot hammer the API.
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 const CACHE_LIMIT: usize = 10_000;
-/// Failed reviews allowed in a burst, and refilled per second: past that, tokens not already
-/// reviewed are refused without asking the API server, so a caller spraying bogus tokens
-/// costs the API server at most this many TokenReviews.
+/// Failed reviews allowed in a burst, and refilled per second, for each source address: past
+/// that, tokens not already reviewed from that address are refused without asking the API
+/// server. Per source, so that one caller spraying bogus tokens locks out only itself, not
+/// the agents that start meanwhile.
 const FAILED_REVIEW_BURST: f64 = 20.0;
 const FAILED_REVIEWS_PER_SECOND: f64 = 2.0;
+/// The same for all sources together: what bogus tokens can cost the API server at most.
+const ALL_FAILED_REVIEW_BURST: f64 = 200.0;
+const ALL_FAILED_REVIEWS_PER_SECOND: f64 = 20.0;
+/// Sources whose budget is remembered; past that, the full ones are kept (the others would
+/// start full anyway).
+const SOURCES_LIMIT: usize = 4096;
 
 /// A token bucket of failed reviews.
 #[derive(Debug)]
 struct FailureBudget {
     tokens: f64,
     at: Instant,
+    burst: f64,
+    per_second: f64,
 }
 
 impl FailureBudget {
     fn new(now: Instant) -> Self {
+        Self::with(now, FAILED_REVIEW_BURST, FAILED_REVIEWS_PER_SECOND)
+    }
+
+    fn with(now: Instant, burst: f64, per_second: f64) -> Self {
         FailureBudget {
-            tokens: FAILED_REVIEW_BURST,
+            tokens: burst,
             at: now,
+            burst,
+            per_second,
         }
     }
 
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * FAILED_REVIEWS_PER_SECOND).min(FAILED_REVIEW_BURST);
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
         self.at = now;
     }
 
@@ -60,6 +76,52 @@ impl FailureBudget {
     fn charge(&mut self, now: Instant) {
         self.refill(now);
         self.tokens = (self.tokens - 1.0).max(0.0);
+    }
+
+    /// Refilled completely: remembering it changes nothing.
+    fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
+    }
+}
+
+/// Failure budgets by source address, and for all sources together.
+#[derive(Debug)]
+struct FailureBudgets {
+    all: FailureBudget,
+    by_source: HashMap<IpAddr, FailureBudget>,
+}
+
+impl FailureBudgets {
+    fn new(now: Instant) -> Self {
+        FailureBudgets {
+            all: FailureBudget::with(now, ALL_FAILED_REVIEW_BURST, ALL_FAILED_REVIEWS_PER_SECOND),
+            by_source: HashMap::new(),
+        }
+    }
+
+    /// Whether a review for a token from `source` may be sent now.
+    fn allows(&mut self, source: IpAddr, now: Instant) -> bool {
+        self.all.allows(now)
+            && self
+                .by_source
+                .get_mut(&source)
+                .is_none_or(|b| b.allows(now))
+    }
+
+    /// Counts a failed review of a token from `source`.
+    fn charge(&mut self, source: IpAddr, now: Instant) {
+        self.all.charge(now);
+        if self.by_source.len() >= SOURCES_LIMIT && !self.by_source.contains_key(&source) {
+            self.by_source.retain(|_, b| !b.is_full(now));
+            if self.by_source.len() >= SOURCES_LIMIT {
+                return;
+            }
+        }
+        self.by_source
+            .entry(source)
+            .or_insert_with(|| FailureBudget::new(now))
+            .charge(now);
     }
 }
 
@@ -80,7 +142,7 @@ pub struct Authenticator {
     /// `system:serviceaccount:<namespace>:<name>` of the agents.
     agent_username: String,
     cache: Mutex<HashMap<[u8; 32], (Instant, CachedReview)>>,
-    failures: Mutex<FailureBudget>,
+    failures: Mutex<FailureBudgets>,
     metrics: Metrics,
 }
 
@@ -99,14 +161,21 @@ impl Authenticator {
                 "system:serviceaccount:{agent_namespace}:{agent_service_account}"
             ),
             cache: Mutex::new(HashMap::new()),
-            failures: Mutex::new(FailureBudget::new(Instant::now())),
+            failures: Mutex::new(FailureBudgets::new(Instant::now())),
             metrics,
         }
     }
 
     /// Checks that the request carries a valid agent token bound to `node`.
-    pub async fn authorize_node(&self, metadata: &MetadataMap, node: &str) -> Result<(), Status> {
-        let result = self.check(metadata, node).await;
+    /// `source` is the caller's address (unknown: the unspecified address).
+    pub async fn authorize_node(
+        &self,
+        metadata: &MetadataMap,
+        source: Option<IpAddr>,
+        node: &str,
+    ) -> Result<(), Status> {
+        let source = source.unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+        let result = self.check(metadata, source, node).await;
         if let Err(status) = &result {
             tracing::warn!(node, code = ?status.code(), reason = status.message(), "refused an agent");
             self.metrics.auth_failure(status.code());
@@ -114,9 +183,14 @@ impl Authenticator {
         result
     }
 
-    async fn check(&self, metadata: &MetadataMap, node: &str) -> Result<(), Status> {
+    async fn check(
+        &self,
+        metadata: &MetadataMap,
+        source: IpAddr,
+        node: &str,
+    ) -> Result<(), Status> {
         let token = bearer_token(metadata)?;
-        let identity = self.review(token).await?;
+        let identity = self.review(token, source).await?;
         if identity.username != self.agent_username {
             return Err(Status::permission_denied(format!(
                 "{} is not the agent service account {}",
@@ -134,7 +208,7 @@ impl Authenticator {
         }
     }
 
-    async fn review(&self, token: &str) -> Result<Identity, Status> {
+    async fn review(&self, token: &str, source: IpAddr) -> Result<Identity, Status> {
         let hash: [u8; 32] = Blake2s256::digest(token.as_bytes()).into();
         if let Some(hit) = self.cached(&hash) {
             return hit.map_err(|(code, msg)| Status::new(code, msg));
@@ -143,7 +217,7 @@ impl Authenticator {
             .failures
             .lock()
             .expect("failure budget lock")
-            .allows(Instant::now())
+            .allows(source, Instant::now())
         {
             return Err(Status::resource_exhausted(
                 "too many failed token reviews; retry later",
@@ -154,7 +228,7 @@ impl Authenticator {
             self.failures
                 .lock()
                 .expect("failure budget lock")
-                .charge(Instant::now());
+                .charge(source, Instant::now());
         }
         let ttl = if result.is_ok() {
             POSITIVE_TTL
@@ -267,6 +341,39 @@ fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_source_spraying_bad_tokens_locks_out_only_itself() {
+        let start = Instant::now();
+        let mut budgets = FailureBudgets::new(start);
+        let sprayer: IpAddr = "10.244.3.7".parse().unwrap();
+        let agent: IpAddr = "192.168.0.2".parse().unwrap();
+        for _ in 0..1000 {
+            if budgets.allows(sprayer, start) {
+                budgets.charge(sprayer, start);
+            }
+        }
+        assert!(!budgets.allows(sprayer, start), "the sprayer is limited");
+        assert!(budgets.allows(agent, start), "an agent elsewhere is not");
+        // Many sprayers together are held to the global budget.
+        let mut budgets = FailureBudgets::new(start);
+        let mut sent = 0;
+        for i in 0..2000u32 {
+            let source = IpAddr::from(std::net::Ipv4Addr::from(0x0af4_0000 + i));
+            if budgets.allows(source, start) {
+                budgets.charge(source, start);
+                sent += 1;
+            }
+        }
+        assert_eq!(sent, ALL_FAILED_REVIEW_BURST as usize);
+        // Memory stays bounded whatever the number of sources.
+        let mut budgets = FailureBudgets::new(start);
+        for i in 0..(SOURCES_LIMIT as u32 * 3) {
+            let at = start + Duration::from_secs(u64::from(i));
+            budgets.charge(IpAddr::from(std::net::Ipv4Addr::from(i)), at);
+        }
+        assert!(budgets.by_source.len() <= SOURCES_LIMIT);
+    }
 
     #[test]
     fn failed_reviews_are_rate_limited() {

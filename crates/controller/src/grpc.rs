@@ -124,9 +124,12 @@ impl MeshService for MeshServer {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let source = request.remote_addr().map(|a| a.ip());
         let (metadata, _, req) = request.into_parts();
         let req = checked::register(&req)?;
-        self.auth.authorize_node(&metadata, &req.node).await?;
+        self.auth
+            .authorize_node(&metadata, source, &req.node)
+            .await?;
         let (key, port) = (req.public_key, req.listen_port);
 
         let mesh = self
@@ -258,9 +261,12 @@ impl MeshService for MeshServer {
         &self,
         request: Request<pb::WatchPeersRequest>,
     ) -> Result<Response<Self::WatchPeersStream>, Status> {
+        let source = request.remote_addr().map(|a| a.ip());
         let (metadata, _, req) = request.into_parts();
         let req = checked::watch(&req)?;
-        self.auth.authorize_node(&metadata, &req.node).await?;
+        self.auth
+            .authorize_node(&metadata, source, &req.node)
+            .await?;
         let views = self.index.subscribe(&req.mesh, &req.node);
         let base = (req.resume_epoch == self.index.epoch() && req.resume_revision > 0)
             .then(|| self.index.at_revision(&req.mesh, req.resume_revision))
@@ -308,10 +314,13 @@ impl MeshService for MeshServer {
                 c.first()
                     .is_some_and(|leaf| is_replica_certificate(leaf, &self.replica_name))
             });
+        let source = request.remote_addr().map(|a| a.ip());
         let (metadata, _, request) = request.into_parts();
         let req = checked::report(&request)?;
         if !forwarded {
-            self.auth.authorize_node(&metadata, &req.node).await?;
+            self.auth
+                .authorize_node(&metadata, source, &req.node)
+                .await?;
         }
         // Another replica says an agent's stream to it opened or closed.
         if forwarded && let Some(event) = metadata.get(STREAM_EVENT) {

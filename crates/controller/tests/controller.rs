@@ -1142,3 +1142,40 @@ async fn a_mesh_without_members_or_with_a_pool_over_a_node_says_so_and_changes_n
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_caller_spraying_bad_tokens_does_not_lock_out_agents() -> Result<()> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    let fx = Fixture::new().await?;
+    let c = fx.controller("c1").await?;
+    // Bogus tokens from another address (127.0.0.2), until the controller stops asking the
+    // API server about them.
+    let url = c.grpc_url().replace("localhost", "127.0.0.1");
+    let sprayer = Channel::from_shared(url)?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&fx.tls.ca_pem))
+                .domain_name("localhost"),
+        )?
+        .local_address(Some("127.0.0.2".parse()?))
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    let mut limited = false;
+    for i in 0..200u32 {
+        let token = format!("bogus-{i}");
+        let mut sim = SimAgent::new(sprayer.clone(), "a", "default", &token, [9; 32]);
+        match sim.register("192.168.0.1").await {
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                limited = true;
+                break;
+            }
+            Err(_) => {}
+            Ok(r) => anyhow::bail!("a bogus token registered: {r:?}"),
+        }
+    }
+    assert!(limited, "200 bad tokens were all reviewed");
+    // An agent starting meanwhile, from its own address, is reviewed and registers.
+    fx.agent(&c, "a", 1).await?;
+    Ok(())
+}
