@@ -1072,13 +1072,18 @@ async fn a_deleted_mesh_waits_for_its_nodes_to_leave() -> Result<()> {
     Ok(())
 }
 
-/// Waits until the mesh's Ready condition has `reason`; returns its message.
+/// Waits until the default mesh's Ready condition has `reason`; returns its message.
 async fn wait_mesh_reason(client: &kube::Client, reason: &str) -> Result<String> {
+    wait_reason_of_mesh(client, "default", reason).await
+}
+
+/// Waits until mesh `mesh`'s Ready condition has `reason`; returns its message.
+async fn wait_reason_of_mesh(client: &kube::Client, mesh: &str, reason: &str) -> Result<String> {
     let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(client.clone());
     let meshes = &meshes;
-    let what = format!("the mesh's Ready reason {reason}");
+    let what = format!("mesh {mesh}'s Ready reason {reason}");
     eventually(WAIT, &what, || async move {
-        let status = meshes.get("default").await?.status.unwrap_or_default();
+        let status = meshes.get(mesh).await?.status.unwrap_or_default();
         let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready");
         Ok(match ready {
             Some(c) if c.reason == reason => {
@@ -1114,6 +1119,20 @@ async fn a_mesh_without_members_or_with_a_pool_over_a_node_says_so_and_changes_n
         })
     })
     .await?;
+
+    // A second mesh on the same nodes with the same interface: the newer one is held.
+    let edge: wgmesh_api::WireGuardMesh = serde_json::from_value(json!({
+        "apiVersion": "wgmesh.io/v1alpha1",
+        "kind": "WireGuardMesh",
+        "metadata": {"name": "edge"},
+        "spec": {"listenPort": 51821, "tunnelCIDRs": ["10.251.0.0/16"]},
+    }))?;
+    meshes.create(&Default::default(), &edge).await?;
+    let message = wait_reason_of_mesh(&fx.client, "edge", "MeshConflict").await?;
+    assert!(
+        message.contains("mesh default (older)") && message.contains("interface wgmesh0"),
+        "{message}"
+    );
 
     // A pool over the nodes' own addresses would route the underlay into the tunnel: the
     // mesh is held as it is and says why; the agents are told nothing new.
