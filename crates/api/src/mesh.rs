@@ -95,11 +95,13 @@ pub struct WireGuardMeshSpec {
 
     /// Nodes that join the mesh. Absent: every node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("!has(self.matchExpressions) || self.matchExpressions.all(e, e.operator in ['In', 'NotIn', 'Exists', 'DoesNotExist'] && ((e.operator in ['In', 'NotIn']) == (has(e.values) && e.values.size() > 0)))").message("matchExpressions operators are In and NotIn (with values) or Exists and DoesNotExist (without)"))]
     pub node_selector: Option<LabelSelector>,
 
     /// Member nodes that external peers attach to (gateways). Absent: every member node.
     /// Other nodes reach external peers through the first gateway (by name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("!has(self.matchExpressions) || self.matchExpressions.all(e, e.operator in ['In', 'NotIn', 'Exists', 'DoesNotExist'] && ((e.operator in ['In', 'NotIn']) == (has(e.values) && e.values.size() > 0)))").message("matchExpressions operators are In and NotIn (with values) or Exists and DoesNotExist (without)"))]
     pub gateway_selector: Option<LabelSelector>,
 
     /// A Secret holding a mesh-wide secret from which a preshared key is derived for every
