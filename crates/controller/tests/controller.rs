@@ -8,6 +8,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use wgmesh_api::WireGuardPeer;
+use wgmesh_api::condition::Condition;
 use wgmesh_e2e::ControlPlane;
 use wgmesh_e2e::agent_sim::{SimAgent, channel};
 use wgmesh_e2e::cluster::{self, AGENT_NAMESPACE};
@@ -1072,13 +1073,8 @@ async fn a_deleted_mesh_waits_for_its_nodes_to_leave() -> Result<()> {
     Ok(())
 }
 
-/// Waits until the default mesh's Ready condition has `reason`; returns its message.
-async fn wait_mesh_reason(client: &kube::Client, reason: &str) -> Result<String> {
-    wait_reason_of_mesh(client, "default", reason).await
-}
-
-/// Waits until mesh `mesh`'s Ready condition has `reason`; returns its message.
-async fn wait_reason_of_mesh(client: &kube::Client, mesh: &str, reason: &str) -> Result<String> {
+/// Waits until mesh `mesh`'s Ready condition has `reason`; returns the condition.
+async fn mesh_ready_with(client: &kube::Client, mesh: &str, reason: &str) -> Result<Condition> {
     let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(client.clone());
     let meshes = &meshes;
     let what = format!("mesh {mesh}'s Ready reason {reason}");
@@ -1086,14 +1082,18 @@ async fn wait_reason_of_mesh(client: &kube::Client, mesh: &str, reason: &str) ->
         let status = meshes.get(mesh).await?.status.unwrap_or_default();
         let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready");
         Ok(match ready {
-            Some(c) if c.reason == reason => {
-                assert_eq!(c.status, "False", "{c:?}");
-                Break(c.message)
-            }
+            Some(c) if c.reason == reason => Break(c),
             other => Continue(other),
         })
     })
     .await
+}
+
+/// Waits until mesh `mesh` is not Ready with `reason`; returns the condition's message.
+async fn mesh_refused_with(client: &kube::Client, mesh: &str, reason: &str) -> Result<String> {
+    let c = mesh_ready_with(client, mesh, reason).await?;
+    assert_eq!(c.status, "False", "{c:?}");
+    Ok(c.message)
 }
 
 #[tokio::test]
@@ -1102,23 +1102,15 @@ async fn a_mesh_without_members_or_with_a_pool_over_a_node_says_so_and_changes_n
     let fx = Fixture::new().await?;
     let c = fx.controller("c1").await?;
     // Nothing is encrypted yet: not Ready.
-    let message = wait_mesh_reason(&fx.client, "NoMembers").await?;
+    let message = mesh_refused_with(&fx.client, "default", "NoMembers").await?;
     assert!(message.contains("no node is a member"), "{message}");
 
     let mut a = fx.agent(&c, "a", 1).await?;
     let _b = fx.agent(&c, "b", 2).await?;
     a.wait_until(WAIT, "node-b", |s| s.peers.len() == 1).await?;
+    let ready = mesh_ready_with(&fx.client, "default", "AllPeersProgrammed").await?;
+    assert_eq!(ready.status, "True", "{ready:?}");
     let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(fx.client.clone());
-    let m = &meshes;
-    eventually(WAIT, "the mesh Ready with its members", || async move {
-        let status = m.get("default").await?.status.unwrap_or_default();
-        let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready");
-        Ok(match ready {
-            Some(c) if c.reason == "AllPeersProgrammed" && c.status == "True" => Break(()),
-            other => Continue(other),
-        })
-    })
-    .await?;
 
     // A second mesh on the same nodes with the same interface: the newer one is held.
     let edge: wgmesh_api::WireGuardMesh = serde_json::from_value(json!({
@@ -1128,7 +1120,7 @@ async fn a_mesh_without_members_or_with_a_pool_over_a_node_says_so_and_changes_n
         "spec": {"listenPort": 51821, "tunnelCIDRs": ["10.251.0.0/16"]},
     }))?;
     meshes.create(&Default::default(), &edge).await?;
-    let message = wait_reason_of_mesh(&fx.client, "edge", "MeshConflict").await?;
+    let message = mesh_refused_with(&fx.client, "edge", "MeshConflict").await?;
     assert!(
         message.contains("mesh default (older)") && message.contains("interface wgmesh0"),
         "{message}"
@@ -1144,7 +1136,7 @@ async fn a_mesh_without_members_or_with_a_pool_over_a_node_says_so_and_changes_n
             &Patch::Merge(json!({"spec": {"tunnelCIDRs": ["192.168.0.0/16"]}})),
         )
         .await?;
-    let message = wait_mesh_reason(&fx.client, "InvalidTunnelPool").await?;
+    let message = mesh_refused_with(&fx.client, "default", "InvalidTunnelPool").await?;
     assert!(
         message.contains("192.168.0.0/16") && message.contains("an address of node"),
         "{message}"

@@ -549,7 +549,7 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
     let mut node_pod_cidrs = OverlapIndex::default();
     for n in nodes {
         for c in &n.pod_cidrs {
-            node_pod_cidrs.insert(*c, format!("the pod CIDR of node {}", n.name));
+            node_pod_cidrs.insert(*c, n.name.as_str());
         }
     }
     let judged = Judged {
@@ -557,10 +557,7 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         reserved: &reserved_index,
         node_pod_cidrs: &node_pod_cidrs,
     };
-    let nat_reserved: Vec<ReservedRange> = fixed_reserved()
-        .into_iter()
-        .chain(mesh.reserved.iter().cloned())
-        .collect();
+    let nat_reserved = mesh_reserved(mesh);
     let nat_judged = NatJudged {
         mesh,
         nodes,
@@ -836,9 +833,8 @@ fn encrypted_host_addresses<'a>(
             *listed.entry(*a).or_default() += 1;
         }
     }
-    let direct: Vec<Cidr> = fixed_reserved()
+    let direct: Vec<Cidr> = mesh_reserved(mesh)
         .into_iter()
-        .chain(mesh.reserved.iter().cloned())
         .map(|r| r.cidr)
         .chain(mesh.tunnel_pools.iter().copied())
         .collect();
@@ -909,10 +905,18 @@ pub fn reserved_ranges(mesh: &MeshInput, nodes: &[NodeInput]) -> Vec<ReservedRan
             ReservedRange::new(Cidr::host(*a), format!("an address of node {}", n.name))
         })
     });
+    mesh_reserved(mesh)
+        .into_iter()
+        .chain(node_addresses)
+        .collect()
+}
+
+/// The fixed reserved ranges and the mesh's own (Service CIDRs, the API server): what no
+/// claim, observed endpoint or tunnel pool may overlap, whatever the nodes.
+fn mesh_reserved(mesh: &MeshInput) -> Vec<ReservedRange> {
     fixed_reserved()
         .into_iter()
         .chain(mesh.reserved.iter().cloned())
-        .chain(node_addresses)
         .collect()
 }
 
@@ -923,10 +927,7 @@ pub fn reserved_ranges(mesh: &MeshInput, nodes: &[NodeInput]) -> Vec<ReservedRan
 /// whole pool into the tunnel: a pool over `127.0.0.0/8`, `::/0` or the underlay's addresses
 /// would cut the node off. The error says which pool and what it overlaps.
 pub fn check_tunnel_pools(mesh: &MeshInput, nodes: &[NodeInput]) -> Result<(), String> {
-    let reserved: Vec<ReservedRange> = fixed_reserved()
-        .into_iter()
-        .chain(mesh.reserved.iter().cloned())
-        .collect();
+    let reserved = mesh_reserved(mesh);
     for pool in &mesh.tunnel_pools {
         let smallest = if pool.is_ipv4() { 30 } else { 126 };
         if pool.prefix_len() > smallest {
@@ -964,9 +965,9 @@ struct Judged<'a> {
     key_owners: &'a BTreeMap<PublicKey, &'a str>,
     /// Reserved ranges and what each is.
     reserved: &'a OverlapIndex<&'a str>,
-    /// Every Node's pod CIDRs, members or not: no external peer may claim them (a Node that
-    /// is not a member yet, or not selected, still owns its pods' addresses).
-    node_pod_cidrs: &'a OverlapIndex<String>,
+    /// Every Node's pod CIDRs, members or not, by node name: no external peer may claim them
+    /// (a Node that is not a member yet, or not selected, still owns its pods' addresses).
+    node_pod_cidrs: &'a OverlapIndex<&'a str>,
 }
 
 fn judge(
@@ -1072,11 +1073,11 @@ fn judge(
             );
         }
         if peer.node.is_none()
-            && let Some((theirs, owner)) = judged.node_pod_cidrs.first_overlap(&cidr)
+            && let Some((theirs, node)) = judged.node_pod_cidrs.first_overlap(&cidr)
         {
             return refuse(
                 Reason::AllowedIpsOverlap,
-                format!("{cidr} overlaps {theirs}, {owner}"),
+                format!("{cidr} overlaps {theirs}, the pod CIDR of node {node}"),
             );
         }
     }

@@ -324,18 +324,20 @@ async fn a_rogue_node_a_hostile_peer_author_and_a_local_user_change_nothing() ->
     // stranger's key: accepted only as far as they are node-1's to report, and clamped.
     let year_ahead = SystemTime::now() + Duration::from_secs(365 * 86400);
     let secs = year_ahead.duration_since(SystemTime::UNIX_EPOCH)?.as_secs() as i64;
+    let laptop_bytes = bytes(&laptop_key)?.to_vec();
+    let laptop_seen_at = |endpoint: String| pb::PeerStatus {
+        public_key: laptop_bytes.clone(),
+        last_handshake: Some(prost_types::Timestamp {
+            seconds: secs,
+            nanos: 0,
+        }),
+        rx_bytes: 1,
+        tx_bytes: 1,
+        endpoint,
+    };
     sim("node-1", "default", [42; 32])
         .report(vec![
-            pb::PeerStatus {
-                public_key: bytes(&laptop_key)?.to_vec(),
-                last_handshake: Some(prost_types::Timestamp {
-                    seconds: secs,
-                    nanos: 0,
-                }),
-                rx_bytes: 1,
-                tx_bytes: 1,
-                endpoint: "evil.example:51820".into(),
-            },
+            laptop_seen_at("evil.example:51820".into()),
             pb::PeerStatus {
                 public_key: vec![99; 32],
                 last_handshake: Some(prost_types::Timestamp {
@@ -355,16 +357,7 @@ async fn a_rogue_node_a_hostile_peer_author_and_a_local_user_change_nothing() ->
         "169.254.169.254:80".to_owned(),
     ] {
         sim("node-1", "default", [42; 32])
-            .report(vec![pb::PeerStatus {
-                public_key: bytes(&laptop_key)?.to_vec(),
-                last_handshake: Some(prost_types::Timestamp {
-                    seconds: secs,
-                    nanos: 0,
-                }),
-                rx_bytes: 2,
-                tx_bytes: 2,
-                endpoint: seen,
-            }])
+            .report(vec![laptop_seen_at(seen)])
             .await
             .context("node-1 may report on its own peers")?;
     }
