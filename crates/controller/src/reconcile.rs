@@ -563,27 +563,14 @@ pub fn compute_all(
         prepared.push((mesh, name, mesh_input, node_inputs));
     }
     // Meshes that would fight over a node (one interface, port and pool route each there):
-    // the older keeps the node, the newer is held.
-    let claims: Vec<MeshClaim> = prepared
+    // the older keeps the node, the newer is held. A mesh held for another reason keeps its
+    // data plane as it is, so it still claims what it selects.
+    let claims: Vec<MeshClaim> = meshes
         .iter()
         // One mesh fights no other: nothing to build at 5,000 nodes.
-        .filter(|_| prepared.len() > 1)
-        .map(|(mesh, name, mesh_input, node_inputs)| MeshClaim {
-            name: name.clone(),
-            created: mesh
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map_or(i64::MAX, |t| t.0.as_second()),
-            interface: mesh.spec.interface_name.clone(),
-            listen_port: u16::try_from(mesh.spec.listen_port).unwrap_or(0),
-            tunnel_pools: mesh_input.tunnel_pools.clone(),
-            nodes: node_inputs
-                .iter()
-                .filter(|n| n.selected)
-                .map(|n| n.name.clone())
-                .collect(),
-        })
+        .filter(|_| live.len() > 1)
+        .filter(|mesh| live.contains(&mesh.name_any()))
+        .map(|mesh| mesh_claim(mesh, &nodes))
         .collect();
     let conflicting = mesh_conflicts::conflicts(&claims);
     for (mesh, name, mesh_input, node_inputs) in prepared {
@@ -612,6 +599,32 @@ pub fn compute_all(
         index.remove(&gone);
     }
     out
+}
+
+/// What `mesh` takes on the nodes it selects, from its spec alone (a held mesh has no
+/// computed input).
+fn mesh_claim(mesh: &WireGuardMesh, nodes: &[Arc<Node>]) -> MeshClaim {
+    let spec = &mesh.spec;
+    MeshClaim {
+        name: mesh.name_any(),
+        created: mesh
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(i64::MAX, |t| t.0.as_second()),
+        interface: spec.interface_name.clone(),
+        listen_port: u16::try_from(spec.listen_port).unwrap_or(0),
+        tunnel_pools: spec
+            .tunnel_cidrs
+            .iter()
+            .filter_map(|c| wgmesh_core::Cidr::parse_masked(c.as_str()).ok())
+            .collect(),
+        nodes: nodes
+            .iter()
+            .filter(|n| convert::selector_matches(spec.node_selector.as_ref(), n.labels()))
+            .map(|n| n.name_any())
+            .collect(),
+    }
 }
 
 fn held(mesh: &Arc<WireGuardMesh>, reason: Reason, message: String) -> HeldMesh {

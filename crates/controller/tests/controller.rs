@@ -1151,6 +1151,16 @@ async fn a_mesh_without_members_or_with_a_pool_over_a_node_says_so_and_changes_n
         "an agent was told to change: {:?}",
         a.updates.last()
     );
+    // Held, the older mesh keeps wgmesh0 on the nodes as it is: the newer one stays held.
+    let edge_reason = || async {
+        let status = meshes.get("edge").await?.status.unwrap_or_default();
+        let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready");
+        Ok::<_, anyhow::Error>(ready.map(|c| c.reason))
+    };
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(edge_reason().await?.as_deref(), Some("MeshConflict"));
+    }
     Ok(())
 }
 
