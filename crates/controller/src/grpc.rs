@@ -5,9 +5,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use prost::Message;
 use serde_json::json;
@@ -85,6 +87,16 @@ pub fn node_peer_name(mesh: &str, node: &str) -> String {
     format!("{}-{suffix}", name[..240].trim_end_matches(['-', '.']))
 }
 
+/// The name a node's peer takes when `usual` is held by another object: `usual` with a
+/// suffix from the Node's UID, still a valid object name.
+fn other_node_peer_name(usual: &str, node_uid: &str) -> String {
+    use blake2::{Blake2s256, Digest};
+    let hash = Blake2s256::digest(format!("{usual}/{node_uid}").as_bytes());
+    let suffix: String = hash[..6].iter().map(|b| format!("{b:02x}")).collect();
+    let base = &usual[..usual.len().min(240)];
+    format!("{}-{suffix}", base.trim_end_matches(['-', '.']))
+}
+
 /// The endpoint address a node registers: the first it names, which must be one of its Node's
 /// addresses (an agent speaks for its own node only, never for another's address), else the
 /// Node's first address.
@@ -158,22 +170,8 @@ impl MeshService for MeshServer {
             &convert::node_addresses(&node),
         )?;
 
-        let name = node_peer_name(&req.mesh, &req.node);
+        let (name, existing) = self.node_peer_slot(&req.mesh, &node)?;
         let api: Api<WireGuardPeer> = Api::all(self.client.clone());
-        let existing = self
-            .caches
-            .peers
-            .get(&kube::runtime::reflector::ObjectRef::new(&name));
-        if let Some(existing) = &existing
-            && (existing.spec.node.as_ref().map(|n| n.as_str()) != Some(req.node.as_str())
-                || convert::node_owner_uid(existing).is_none())
-        {
-            return Err(Status::failed_precondition(format!(
-                "WireGuardPeer {name} exists and is not the controller's peer of node {} \
-                 (no ownerReference to the Node); delete it to let the node register",
-                req.node
-            )));
-        }
         self.check_key_is_free(&key, &name, &req.node).await?;
         let registered = endpoint_string(address, port);
         // What the other members are told: the Node's or the mesh's choice, else this.
@@ -416,6 +414,50 @@ impl MeshServer {
 
     /// Refuses a key that any other WireGuardPeer holds (in any mesh): registering it would
     /// take the holder's place and its per-pair preshared keys.
+    /// The name of `node`'s peer in `mesh`, and the peer if it exists. Its usual name
+    /// ([`node_peer_name`]) may be held by an object that is not the controller's peer of this
+    /// node (a user's peer named `node-x`, or another mesh's node whose names join the same
+    /// way): then the node's peer takes another name, made from the Node's UID, so nobody
+    /// can keep a node out of a mesh by taking a name first.
+    fn node_peer_slot(
+        &self,
+        mesh: &str,
+        node: &Node,
+    ) -> Result<(String, Option<Arc<WireGuardPeer>>), Status> {
+        let node_name = node.name_any();
+        let ours = |p: &WireGuardPeer| {
+            p.spec.node.as_ref().map(|n| n.as_str()) == Some(node_name.as_str())
+                && p.spec.mesh.0 == mesh
+                && convert::node_owner_uid(p).is_some()
+        };
+        let usual = node_peer_name(mesh, &node_name);
+        let held = self.caches.peers.get(&ObjectRef::new(&usual));
+        match held {
+            Some(p) if ours(&p) => return Ok((usual, Some(p))),
+            // Only the spec.node the controller wrote (and the admission policy guards) tells
+            // that a peer under another name is this node's: one pass over the peers, as the
+            // key check makes, and only at a node's first registration or when the usual
+            // name is taken.
+            _ => {
+                if let Some(p) = self.caches.peers.find(|p| ours(p)) {
+                    return Ok((p.name_any(), Some(p)));
+                }
+            }
+        }
+        if held.is_none() {
+            return Ok((usual, None));
+        }
+        let other = other_node_peer_name(&usual, node.metadata.uid.as_deref().unwrap_or(""));
+        if self.caches.peers.get(&ObjectRef::new(&other)).is_none() {
+            tracing::info!(node = %node_name, %mesh, taken = %usual, peer = %other, "the usual name of the node's peer is taken; using another");
+            return Ok((other, None));
+        }
+        Err(Status::failed_precondition(format!(
+            "WireGuardPeers {usual} and {other} exist and neither is the controller's peer of \
+             node {node_name} (no ownerReference to the Node); delete one to let the node register"
+        )))
+    }
+
     async fn check_key_is_free(
         &self,
         key: &PublicKey,
@@ -650,5 +692,12 @@ mod tests {
         let name = node_peer_name("default", &long);
         assert!(name.len() <= 253, "{}", name.len());
         assert_ne!(name, node_peer_name("default", &"m".repeat(253)));
+        // The other name, when the usual one is taken: valid, and one per Node.
+        for usual in [node_peer_name("default", "worker-1"), name] {
+            let other = other_node_peer_name(&usual, "uid-1");
+            assert!(other.len() <= 253 && other != usual, "{other}");
+            assert!(!other.ends_with(['-', '.']), "{other}");
+            assert_ne!(other, other_node_peer_name(&usual, "uid-2"));
+        }
     }
 }

@@ -735,32 +735,49 @@ async fn a_user_made_node_peer_is_refused_and_left_alone() -> Result<()> {
         let message = &peer.status.unwrap().conditions[0].message;
         assert!(message.contains(says), "{name}: {message}");
     }
-    // A node must not register over such an object either.
+    // Nor does such an object (or a peer author's `node-d`) keep a node out: the node's
+    // peer takes another name, and the objects stay as their authors left them.
     cluster::create_node(&fx.client, "c", &["10.244.3.0/24"], "192.168.0.3", &[]).await?;
+    cluster::create_node(&fx.client, "d", &["10.244.4.0/24"], "192.168.0.4", &[]).await?;
     fx.apply_peer(
         "node-c",
         json!({"publicKey": key(32), "node": "c", "allowedIPs": ["10.98.0.0/24"]}),
     )
     .await?;
-    let token = cluster::agent_token(&fx.client, "c").await?;
-    let ch = channel(&controller.grpc_url(), &fx.tls.ca_pem).await?;
-    let refused = SimAgent::new(ch, "c", "default", &token, [3; 32])
-        .register("192.168.0.3")
-        .await
-        .expect_err("registering over a user's node-c object");
-    assert_eq!(
-        refused.code(),
-        tonic::Code::FailedPrecondition,
-        "{refused:?}"
-    );
-
-    // Nothing reached the agents, and the objects are as their author left them.
-    assert_eq!(
-        a.next_update(Duration::from_secs(3)).await?.map(|_| ()),
-        None
-    );
-    assert_eq!(a.peer_names(), ["node-b"]);
-    for name in ["fake-b", "fake-ghost", "node-c"] {
+    fx.apply_peer(
+        "node-d",
+        json!({"publicKey": key(33), "allowedIPs": ["10.97.0.0/24"]}),
+    )
+    .await?;
+    fx.wait_reason("node-c", "NodePeerNotOwned").await?;
+    let mut joined = Vec::new();
+    for (node, n) in [("c", 3u8), ("d", 4)] {
+        let token = cluster::agent_token(&fx.client, node).await?;
+        let ch = channel(&controller.grpc_url(), &fx.tls.ca_pem).await?;
+        let mut agent = SimAgent::new(ch, node, "default", &token, [n; 32]);
+        let registered = agent.register(&format!("192.168.0.{n}")).await?;
+        assert_eq!(registered.tunnel_addresses.len(), 1, "{node}");
+        // Registering again finds the same peer.
+        agent.register(&format!("192.168.0.{n}")).await?;
+        joined.push(agent);
+    }
+    let all: Api<WireGuardPeer> = Api::all(fx.client.clone());
+    for node in ["c", "d"] {
+        let owned: Vec<String> = all
+            .list(&Default::default())
+            .await?
+            .into_iter()
+            .filter(|p| p.spec.node.as_ref().is_some_and(|n| n.as_str() == node))
+            .filter(|p| p.metadata.owner_references.is_some())
+            .map(|p| kube::ResourceExt::name_any(&p))
+            .collect();
+        assert_eq!(owned.len(), 1, "{node}: {owned:?}");
+        assert!(owned[0].starts_with(&format!("node-{node}-")), "{owned:?}");
+        let name = owned[0].clone();
+        a.wait_until(WAIT, &name, |s| s.peer(&name).is_some())
+            .await?;
+    }
+    for name in ["fake-b", "fake-ghost", "node-c", "node-d"] {
         let peer = fx.peer(name).await?;
         assert_eq!(peer.spec.allowed_ips.len(), 1, "{name} was not synced");
     }
