@@ -44,6 +44,9 @@ pub const SNAPSHOTS_IN_FLIGHT: usize = 32;
 /// How long a stream holds its turn for its agent to take the snapshot's last parts: a slow
 /// agent delays no other for longer.
 const SNAPSHOT_TURN: Duration = Duration::from_secs(5);
+/// How long a snapshot may wait for room in its stream before it gives its turn up (and
+/// goes on without one): an agent that stops reading keeps no other from its snapshot.
+const SNAPSHOT_TURN_HELD: Duration = Duration::from_secs(10);
 /// Field manager of the node peer fields a registration owns.
 const REGISTER_MANAGER: &str = "wgmesh-controller-register";
 
@@ -68,6 +71,47 @@ pub struct MeshServer {
     pub peers_per_part: usize,
     /// Turns to send a snapshot ([`SNAPSHOTS_IN_FLIGHT`]).
     pub snapshot_turns: Arc<tokio::sync::Semaphore>,
+    /// The open peer stream of each node in each mesh.
+    pub open_streams: Arc<OpenStreams>,
+}
+
+/// A mesh's name and a node's.
+type MeshNode = (String, String);
+
+/// The open peer stream of each (mesh, node): a new one ends the one before (its agent
+/// restarted or reconnected, and the old connection may take a minute to time out), so an
+/// agent that opens streams without end holds one.
+#[derive(Default)]
+pub struct OpenStreams {
+    next: std::sync::atomic::AtomicU64,
+    open: std::sync::Mutex<std::collections::HashMap<MeshNode, (u64, watch::Sender<bool>)>>,
+}
+
+impl OpenStreams {
+    /// Opens a stream of `node` in `mesh`, ending the one before: its id, and a channel that
+    /// turns `true` when a newer stream ends it.
+    fn open(&self, mesh: &str, node: &str) -> (u64, watch::Receiver<bool>) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (ended, superseded) = watch::channel(false);
+        let key = (mesh.to_owned(), node.to_owned());
+        let older = self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (id, ended));
+        if let Some((_, older)) = older {
+            let _ = older.send(true);
+        }
+        (id, superseded)
+    }
+
+    fn close(&self, mesh: &str, node: &str, id: u64) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (mesh.to_owned(), node.to_owned());
+        if open.get(&key).is_some_and(|(open_id, _)| *open_id == id) {
+            open.remove(&key);
+        }
+    }
 }
 
 /// The name of a node's `WireGuardPeer` in a mesh.
@@ -275,7 +319,11 @@ impl MeshService for MeshServer {
                 desired,
             });
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (id, superseded) = self.open_streams.open(&req.mesh, &req.node);
         let stream = PeerStream {
+            id,
+            superseded,
+            open_streams: self.open_streams.clone(),
             node: req.node.clone(),
             mesh: req.mesh.clone(),
             per_part: if req.accepts_parts {
@@ -524,9 +572,51 @@ struct PeerStream {
     reports: Arc<Reports>,
     leader: watch::Receiver<bool>,
     forwarder: Option<Arc<Forwarder>>,
+    /// This stream among the node's ([`OpenStreams`]), and `true` once a newer one ends it.
+    id: u64,
+    superseded: watch::Receiver<bool>,
+    open_streams: Arc<OpenStreams>,
 }
 
 impl PeerStream {
+    /// Sends `message` when the stream has room, giving the snapshot `turn` up if that
+    /// takes longer than [`SNAPSHOT_TURN_HELD`]: an agent that stops reading holds its own
+    /// stream, never the other agents' turns. `false` when the stream ended instead (the
+    /// agent closed it, a newer stream of the node took over, or we shut down).
+    async fn send(
+        &self,
+        message: served::PeerUpdate,
+        turn: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+        turn_until: tokio::time::Instant,
+    ) -> bool {
+        let (mut superseded, mut shutdown) = (self.superseded.clone(), self.shutdown.clone());
+        let reserve = self.tx.reserve();
+        tokio::pin!(reserve);
+        loop {
+            let give_up_turn = async {
+                if turn.is_some() {
+                    tokio::time::sleep_until(turn_until).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                permit = &mut reserve => {
+                    let Ok(permit) = permit else { return false };
+                    permit.send(Ok(message));
+                    return true;
+                }
+                () = give_up_turn => {
+                    tracing::warn!(node = %self.node, mesh = %self.mesh, "the agent takes no snapshot part: its turn goes to the next");
+                    self.metrics.error("snapshot_turn_given_up");
+                    *turn = None;
+                }
+                _ = superseded.wait_for(|s| *s) => return false,
+                _ = shutdown.wait_for(|s| *s) => return false,
+            }
+        }
+    }
+
     /// Counts the stream's opening or closing toward the agent's liveness, here and at the
     /// lease holder, and wakes the status writer (a gateway may be down).
     fn announce(&self, event: StreamEvent) {
@@ -603,12 +693,13 @@ impl PeerStream {
                     };
                     // A snapshot waits for its turn and keeps it until the agent has taken
                     // the last part from our buffer (or for SNAPSHOT_TURN at most).
-                    let turn = match update {
+                    let mut turn = match update {
                         NodeUpdate::Snapshot => {
                             self.snapshot_turns.clone().acquire_owned().await.ok()
                         }
                         NodeUpdate::Delta(_) => None,
                     };
+                    let turn_until = tokio::time::Instant::now() + SNAPSHOT_TURN_HELD;
                     let mut bytes = 0;
                     let mut closed = false;
                     // Parts are made one at a time, as the channel takes them. Sending waits
@@ -622,7 +713,7 @@ impl PeerStream {
                         self.per_part,
                     ) {
                         bytes += message.encoded_len();
-                        if self.tx.send(Ok(message)).await.is_err() {
+                        if !self.send(message, &mut turn, turn_until).await {
                             closed = true;
                             break;
                         }
@@ -644,8 +735,10 @@ impl PeerStream {
                 r = self.views.changed() => if r.is_err() { break },
                 _ = self.shutdown.changed() => break,
                 _ = self.tx.closed() => break,
+                _ = self.superseded.wait_for(|s| *s) => break,
             }
         }
+        self.open_streams.close(&self.mesh, &self.node, self.id);
         self.metrics.agent_disconnected();
         self.announce(StreamEvent::Closed);
         tracing::info!(node = %self.node, "peer stream ended");

@@ -200,6 +200,7 @@ pub async fn run(config: Config) -> Result<()> {
         replica_name: config.peer_server_name.clone(),
         peers_per_part: config.peers_per_part as usize,
         snapshot_turns: Arc::new(tokio::sync::Semaphore::new(grpc::SNAPSHOTS_IN_FLIGHT)),
+        open_streams: Arc::default(),
     };
     ready.store(true, Ordering::Relaxed);
     let grpc_addr = config::listen_addr(config.grpc_addr, ipv6);
@@ -219,11 +220,18 @@ pub async fn run(config: Config) -> Result<()> {
         tracing::info!("shutting down: closing agent streams");
         let _ = shutdown_tx.send(true);
     };
+    // A client that never finishes its TLS handshake holds a connection for this long.
+    let tls = tls.timeout(std::time::Duration::from_secs(10));
     Server::builder()
         .tls_config(tls)?
-        // Bounds what one unauthenticated request can make us allocate.
+        // Bounds what one unauthenticated request can make us allocate: requests handled at
+        // once (until their response starts), and streams open at once, per connection (an
+        // agent needs one per mesh, and a short one per registration and report).
         .concurrency_limit_per_connection(64)
+        .max_concurrent_streams(64)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        // Connections whose other end is gone without a word (a node powered off).
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
         .add_service(
             wgmesh_proto::served::mesh_service_server::MeshServiceServer::new(service)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),

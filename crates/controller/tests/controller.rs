@@ -1217,3 +1217,89 @@ async fn a_caller_spraying_bad_tokens_does_not_lock_out_agents() -> Result<()> {
     fx.agent(&c, "a", 1).await?;
     Ok(())
 }
+
+/// A peer stream that takes nothing (an HTTP/2 window of 0: its agent hung, or means harm)
+/// holds its own stream only: not the snapshot turns every other agent waits for, and not a
+/// second stream of its node, which ends the first.
+#[tokio::test]
+async fn agents_that_take_no_snapshot_keep_no_other_agent_waiting() -> Result<()> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    use wgmesh_proto::mesh_service_client::MeshServiceClient;
+    let fx = Fixture::new().await?;
+    // One peer per part, so that a snapshot is more parts than a stream buffers.
+    let c = Controller::start(&fx.cp, &fx.tls, "c1", &[("WGMESH_PEERS_PER_PART", "1")]).await?;
+    let stalled_channel = || async {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&fx.tls.ca_pem))
+            .domain_name("localhost");
+        anyhow::Ok(
+            Channel::from_shared(c.grpc_url())?
+                .tls_config(tls)?
+                .initial_stream_window_size(Some(0))
+                .connect()
+                .await?,
+        )
+    };
+    // More stalled agents than snapshots are sent at once (32), each with a snapshot of
+    // more parts than its stream buffers.
+    let mut tokens = Vec::new();
+    for i in 0..34u8 {
+        let node = format!("stalled-{i}");
+        let address = format!("192.168.1.{}", i + 1);
+        cluster::create_node(
+            &fx.client,
+            &node,
+            &[&format!("10.245.{i}.0/24")],
+            &address,
+            &[],
+        )
+        .await?;
+        let token = cluster::agent_token(&fx.client, &node).await?;
+        let ch = channel(&c.grpc_url(), &fx.tls.ca_pem).await?;
+        SimAgent::new(ch, &node, "default", &token, [100 + i; 32])
+            .register(&address)
+            .await?;
+        tokens.push((node, token));
+    }
+    let mut stalled = Vec::new();
+    for (node, token) in tokens {
+        let mut req = tonic::Request::new(pb::WatchPeersRequest {
+            node,
+            mesh: "default".into(),
+            accepts_parts: true,
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+        let stream = MeshServiceClient::new(stalled_channel().await?)
+            .watch_peers(req)
+            .await?
+            .into_inner();
+        stalled.push(stream);
+    }
+    // An agent that reads gets its snapshot, with every stalled node in it.
+    let mut a = fx.agent(&c, "a", 1).await?;
+    a.wait_until(WAIT, "the stalled nodes", |s| s.peers.len() == 34)
+        .await?;
+
+    // A second stream of a node ends the first.
+    let mut first = fx.agent(&c, "b", 2).await?;
+    first
+        .wait_until(WAIT, "node a", |s| s.peers.len() == 35)
+        .await?;
+    let ch = channel(&c.grpc_url(), &fx.tls.ca_pem).await?;
+    let mut again = SimAgent::new(ch, "b", "default", &first.token, [2; 32]);
+    again.watch().await?;
+    again
+        .wait_until(WAIT, "its snapshot", |s| s.peers.len() == 35)
+        .await?;
+    let ended = first.next_update(WAIT).await;
+    assert!(
+        ended
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("closed the stream")),
+        "{ended:?}"
+    );
+    let _ = &stalled;
+    Ok(())
+}
