@@ -36,6 +36,10 @@ const ALL_FAILED_REVIEWS_PER_SECOND: f64 = 20.0;
 /// Sources whose budget is remembered; past that, the full ones are kept (the others would
 /// start full anyway).
 const SOURCES_LIMIT: usize = 4096;
+/// Token reviews asked of the API server at once. The failure budgets are charged when a
+/// review comes back, so without this a burst of bogus tokens sent at once would all pass
+/// the budget check before the first failure is counted.
+const REVIEWS_IN_FLIGHT: usize = 16;
 
 /// A token bucket of failed reviews.
 #[derive(Debug)]
@@ -143,6 +147,8 @@ pub struct Authenticator {
     agent_username: String,
     cache: Mutex<HashMap<[u8; 32], (Instant, CachedReview)>>,
     failures: Mutex<FailureBudgets>,
+    /// Turns to ask the API server ([`REVIEWS_IN_FLIGHT`]).
+    review_turns: tokio::sync::Semaphore,
     metrics: Metrics,
 }
 
@@ -162,6 +168,7 @@ impl Authenticator {
             ),
             cache: Mutex::new(HashMap::new()),
             failures: Mutex::new(FailureBudgets::new(Instant::now())),
+            review_turns: tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT),
             metrics,
         }
     }
@@ -210,6 +217,15 @@ impl Authenticator {
 
     async fn review(&self, token: &str, source: IpAddr) -> Result<Identity, Status> {
         let hash: [u8; 32] = Blake2s256::digest(token.as_bytes()).into();
+        if let Some(hit) = self.cached(&hash) {
+            return hit.map_err(|(code, msg)| Status::new(code, msg));
+        }
+        let _turn = self
+            .review_turns
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        // Another request with this token may have been answered while we waited.
         if let Some(hit) = self.cached(&hash) {
             return hit.map_err(|(code, msg)| Status::new(code, msg));
         }
