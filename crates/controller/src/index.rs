@@ -52,6 +52,10 @@ struct State {
     meshes: HashMap<String, MeshEntry>,
     /// Subscribers by mesh, then node.
     nodes: HashMap<String, HashMap<String, watch::Sender<NodeView>>>,
+    /// The last revision of each deleted mesh: one created again under its name counts on
+    /// from there, so an agent resuming from the deleted mesh's revision is never taken for
+    /// one of the new mesh's.
+    removed: HashMap<String, u64>,
 }
 
 /// Shared by the reconciler (writes) and the gRPC streams (read).
@@ -76,8 +80,15 @@ impl Index {
     /// Publishes a mesh's new settings and desired state. Returns the new revision, or `None`
     /// when nothing changed.
     pub fn publish(&self, mesh: &str, settings: MeshSettings, desired: DesiredMesh) -> Option<u64> {
-        let mut state = self.state.lock().expect("index lock");
-        let entry = state.meshes.entry(mesh.to_owned()).or_default();
+        let mut guard = self.state.lock().expect("index lock");
+        let state = &mut *guard;
+        let entry = state
+            .meshes
+            .entry(mesh.to_owned())
+            .or_insert_with(|| MeshEntry {
+                revision: state.removed.remove(mesh).unwrap_or(0),
+                ..MeshEntry::default()
+            });
         let settings_changed = entry.settings.as_deref() != Some(&settings);
         if !settings_changed && *entry.desired == desired {
             return None;
@@ -103,7 +114,7 @@ impl Index {
             .flatten();
         // The streams just woken wait for this lock: the oldest revision (possibly the last
         // holder of thousands of peers) is freed after it is released.
-        drop(state);
+        drop(guard);
         drop(forgotten);
         Some(revision)
     }
@@ -115,6 +126,7 @@ impl Index {
             return;
         };
         entry.revision += 1;
+        state.removed.insert(mesh.to_owned(), entry.revision);
         let view = NodeView {
             revision: entry.revision,
             settings: None,
@@ -399,10 +411,15 @@ mod tests {
         assert_eq!(index.changed_since("other", &first, 1, 3), None);
 
         // Deleted and created again: the old state is no revision of the new mesh.
+        let before = index.view("m").unwrap().revision;
         index.remove("m");
         index.publish("m", settings.clone(), mesh(&[(1, "a:1")]));
         index.publish("m", settings.clone(), mesh(&[(1, "a:1"), (4, "d:1")]));
         assert_eq!(changed(&first, 1, 2), None);
+        // Its revisions count on from the deleted mesh's: none is taken for an old one.
+        let again = index.view("m").unwrap().revision;
+        assert_eq!(again, before + 3, "removal, then two publications");
+        assert!(index.at_revision("m", before).is_none());
 
         // Older than the history kept: unknown.
         for n in 0..HISTORY as u16 + 2 {
