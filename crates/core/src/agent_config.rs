@@ -132,6 +132,21 @@ pub enum AgentChange<S> {
 }
 
 impl<S> AgentConfig<S> {
+    /// Whether `update` applies to this state: a snapshot always; a delta only to the state
+    /// it was computed from, of its epoch and at its revision or before (a resumed stream's
+    /// first delta may carry only the settings, at the revision the agent has). A delta to
+    /// anything else would leave a mix of two states.
+    pub fn follows(&self, update: &AgentUpdate<S>) -> bool {
+        match update.change {
+            AgentChange::Snapshot { .. } => true,
+            AgentChange::Delta { .. } => {
+                !self.epoch.is_empty()
+                    && update.epoch == self.epoch
+                    && update.revision >= self.revision
+            }
+        }
+    }
+
     /// Applies one (already checked) message.
     pub fn apply(&mut self, update: AgentUpdate<S>) {
         match update.change {

@@ -202,3 +202,50 @@ fn verdict_table() {
         assert_eq!(verdict(programmed, &next), want, "{name}");
     }
 }
+
+#[test]
+fn a_delta_follows_only_the_state_it_was_made_from() {
+    let delta = |epoch: &str, revision| AgentUpdate {
+        epoch: epoch.into(),
+        revision,
+        rotate_key_request: None,
+        change: AgentChange::<&'static str>::Delta {
+            upserted: vec![],
+            removed: vec![],
+            settings: None,
+            addresses: None,
+            pod_cidrs: None,
+            members: None,
+        },
+    };
+    let snapshot = |epoch: &str, revision| AgentUpdate {
+        epoch: epoch.into(),
+        revision,
+        rotate_key_request: None,
+        change: AgentChange::<&'static str>::Snapshot {
+            peers: vec![],
+            settings: None,
+            addresses: vec![],
+            pod_cidrs: vec![],
+            departure: Departure::Unspecified,
+            members: 0,
+        },
+    };
+    let fresh = Config::default();
+    let mut at_5 = Config::default();
+    at_5.apply(snapshot("e", 5));
+    // (state, update, follows)
+    let cases = [
+        (&fresh, delta("e", 1), false),
+        (&fresh, delta("", 0), false),
+        (&fresh, snapshot("e", 1), true),
+        (&at_5, delta("e", 6), true),
+        (&at_5, delta("e", 5), true),
+        (&at_5, delta("e", 4), false),
+        (&at_5, delta("other", 6), false),
+        (&at_5, snapshot("other", 1), true),
+    ];
+    for (i, (state, update, want)) in cases.into_iter().enumerate() {
+        assert_eq!(state.follows(&update), want, "case {i}");
+    }
+}

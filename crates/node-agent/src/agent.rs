@@ -189,6 +189,14 @@ impl Agent {
                     };
                     // Checked whole before anything changes: a malformed message is refused.
                     let update = AgentUpdate::try_from(&message)?;
+                    if !self.desired.follows(&update) {
+                        // Not a change of what we have: start over from a snapshot.
+                        self.desired.epoch.clear();
+                        return Err(Error::OutOfOrder {
+                            epoch: update.epoch,
+                            revision: update.revision,
+                        });
+                    }
                     let rotation = update.rotate_key_request.clone();
                     let was_due = self.registration_due();
                     self.desired.apply(update);

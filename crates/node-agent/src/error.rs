@@ -33,6 +33,10 @@ pub enum Error {
     Netfilter(#[from] crate::netfilter::NetfilterError),
     #[error("the controller closed the peer stream")]
     StreamClosed,
+    #[error(
+        "the controller sent a delta (epoch {epoch:?}, revision {revision}) that does not follow the state we have; asking for a snapshot"
+    )]
+    OutOfOrder { epoch: String, revision: u64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
