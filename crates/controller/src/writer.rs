@@ -267,6 +267,20 @@ impl Writer {
                 let keys = natted.values().copied().collect();
                 self.reports.observed_by(mesh_name, relay, &keys)
             });
+        // Roaming external peers are published where the active gateway saw them, and
+        // nowhere else: another gateway's agent speaks for its own node, not for where a
+        // laptop is (and the active gateway is the one every external peer's config sends
+        // its traffic for the rest of the cluster to).
+        let gateway_seen = mesh.and_then(|(_, d)| {
+            let gateway = d.active_gateway.as_deref()?;
+            let external: std::collections::BTreeSet<PublicKey> = d
+                .peers
+                .iter()
+                .filter(|(_, p)| p.node.is_none())
+                .map(|(k, _)| *k)
+                .collect();
+            self.reports.observed_by(mesh_name, gateway, &external)
+        });
         let agents = self.reports.agents(mesh_name);
         let node_peers_in_detail = mesh.is_none_or(|(_, desired)| {
             self.reports
@@ -316,8 +330,22 @@ impl Writer {
                     ),
                 },
             });
-            self.write_peer_status(peer, &verdict, &addresses, &observed, node_report)
-                .await;
+            let external_witness = EndpointWitness::ActiveGateway(
+                gateway_seen
+                    .as_ref()
+                    .zip(peer.spec.public_key.parse::<PublicKey>().ok())
+                    .and_then(|(seen, key)| seen.get(&key))
+                    .and_then(|o| o.endpoint.clone()),
+            );
+            self.write_peer_status(
+                peer,
+                &verdict,
+                &addresses,
+                &observed,
+                node_report,
+                external_witness,
+            )
+            .await;
             if let Some(node_name) = owned_node {
                 let node = nodes.get(&node_name).copied();
                 // The endpoint the desired mesh publishes for it (its Node's or the mesh's
@@ -365,6 +393,7 @@ impl Writer {
         addresses: &[IpAddr],
         observed: &HashMap<PublicKey, Aggregate>,
         node_report: Option<NodeReport>,
+        external_witness: EndpointWitness,
     ) {
         let name = peer.name_any();
         let current = peer.status.clone().unwrap_or_default();
@@ -392,8 +421,13 @@ impl Writer {
         if let Some(agg) = key.and_then(|k| observed.get(&k)) {
             apply_observation(&mut with_reports, agg);
         }
-        if let Some(report) = node_report {
-            apply_node_report(&mut with_reports, &desired, report);
+        match node_report {
+            Some(report) => apply_node_report(&mut with_reports, &desired, report),
+            None => {
+                if let Some(endpoint) = external_witness.endpoint(&desired) {
+                    with_reports.endpoint = endpoint;
+                }
+            }
         }
         if with_reports != desired && report_due {
             desired = with_reports;
@@ -777,7 +811,8 @@ struct NodeReport {
     endpoint_witness: EndpointWitness,
 }
 
-/// Whose observation of a node's endpoint its node peer's `status.endpoint` shows.
+/// Whose observation of a peer's endpoint its `status.endpoint` shows (and the mesh
+/// publishes, for a node behind NAT or a roaming external peer).
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum EndpointWitness {
     /// Any agent's (the aggregate of reports): a node not behind NAT.
@@ -785,6 +820,22 @@ enum EndpointWitness {
     /// Only its relay's, for a node behind NAT: where the relay saw it; `None` while it has
     /// not (it has not reported to this process, or has no endpoint for the node).
     Relay(Option<String>),
+    /// Only the active gateway's, for an external peer; `None` while it has not seen it.
+    ActiveGateway(Option<String>),
+}
+
+impl EndpointWitness {
+    /// The endpoint the witness says, or what `before` shows while it has seen none (an
+    /// agent or controller restart, or a failover, would otherwise unpublish it for a
+    /// while); `None` when any agent's word counts.
+    fn endpoint(&self, before: &WireGuardPeerStatus) -> Option<Option<String>> {
+        match self {
+            EndpointWitness::AnyAgent => None,
+            EndpointWitness::Relay(seen) | EndpointWitness::ActiveGateway(seen) => {
+                Some(seen.clone().or_else(|| before.endpoint.clone()))
+            }
+        }
+    }
 }
 
 /// A node peer's live sessions; in a mesh too large for per-node detail, no per-node
@@ -794,13 +845,8 @@ fn apply_node_report(
     before: &WireGuardPeerStatus,
     report: NodeReport,
 ) {
-    // Behind NAT: the relay's word, or what was there while the relay has not seen it (an
-    // agent or controller restart would otherwise unpublish it for a while). What any other
-    // agent saw (the aggregate) never counts.
-    let endpoint = match &report.endpoint_witness {
-        EndpointWitness::AnyAgent => None,
-        EndpointWitness::Relay(seen) => Some(seen.clone().or_else(|| before.endpoint.clone())),
-    };
+    // Behind NAT: the relay's word (what any other agent saw, the aggregate, never counts).
+    let endpoint = report.endpoint_witness.endpoint(before);
     apply_session_report(status, &report);
     if let Some(endpoint) = endpoint {
         status.endpoint = endpoint;

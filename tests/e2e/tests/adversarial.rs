@@ -162,7 +162,15 @@ async fn a_rogue_node_a_hostile_peer_author_and_a_local_user_change_nothing() ->
         return Ok(());
     }
     let cli_binary = workspace_binary("wgmesh-cli", "kubectl-wgmesh")?;
-    let mesh = TestMesh::start(3).await?;
+    // Reports reach the status every second, so a forged one would show within the test.
+    let mesh = TestMesh::start_with(
+        3,
+        wgmesh_e2e::mesh::MeshOptions {
+            values: json!({"controller": {"statusInterval": 1}}),
+            ..Default::default()
+        },
+    )
+    .await?;
     mesh.wait_peer_counts(2, Duration::from_secs(90)).await?;
     let client = mesh.client.clone();
 
@@ -362,6 +370,48 @@ async fn a_rogue_node_a_hostile_peer_author_and_a_local_user_change_nothing() ->
             .context("node-1 may report on its own peers")?;
     }
 
+    // A gateway that is not the active one (node-1 is, the first by name) saying where it saw
+    // the laptop, even at an address nobody else has: only the active gateway's word moves a
+    // roaming external peer.
+    let node2_pod = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(
+        client.clone(),
+        cluster::AGENT_NAMESPACE,
+    )
+    .get("wgmesh-agent-node-2")
+    .await?;
+    let node2_token = cluster::bound_token(
+        &client,
+        cluster::AGENT_SERVICE_ACCOUNT,
+        &node2_pod,
+        cluster::TOKEN_AUDIENCE,
+    )
+    .await?;
+    let forged = laptop_seen_at("203.0.113.9:51820".into());
+    let seen_now = move || {
+        let mut seen = forged.clone();
+        seen.last_handshake = Some(prost_types::Timestamp {
+            seconds: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            nanos: 0,
+        });
+        seen
+    };
+    let mut rogue_gateway =
+        SimAgent::new(channel.clone(), "node-2", "default", &node2_token, [43; 32]);
+    rogue_gateway
+        .report(vec![seen_now()])
+        .await
+        .context("node-2 may report on its own peers")?;
+    // Said again and again until the end, each time the latest handshake (node-2's real
+    // agent reports too, and a node's latest report replaces its earlier one).
+    let rogue_reports = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = rogue_gateway.report(vec![seen_now()]).await;
+        }
+    });
+
     // --- A peer author ---
     let reserved: &[(&str, &str, &str)] = &[
         (
@@ -481,6 +531,7 @@ async fn a_rogue_node_a_hostile_peer_author_and_a_local_user_change_nothing() ->
     // Give the controller a moment to (wrongly) act, then compare every node's data plane.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = data_plane(&mesh)?;
+    rogue_reports.abort();
     assert_eq!(
         before,
         after,
@@ -499,8 +550,9 @@ async fn a_rogue_node_a_hostile_peer_author_and_a_local_user_change_nothing() ->
             "a forged future handshake won: {t:?}"
         );
     }
+    let shown = serde_json::to_string(&status)?;
     assert!(
-        !serde_json::to_string(&status)?.contains("evil.example"),
+        !shown.contains("evil.example") && !shown.contains("203.0.113.9"),
         "a hostile endpoint reached the status: {status:?}"
     );
     Ok(())
