@@ -57,6 +57,9 @@ pub struct Agent {
     metrics: Metrics,
     /// The last report sent, to report only meaningful changes.
     last_report: Option<pb::ReportStatusRequest>,
+    /// The UDP port the controller last accepted a registration with (0: none yet): the
+    /// endpoint the other members are told.
+    registered_port: u32,
     healthy: Arc<watch::Sender<bool>>,
 }
 
@@ -81,6 +84,7 @@ impl Agent {
             controller_addresses: Vec::new(),
             metrics,
             last_report: None,
+            registered_port: 0,
             healthy,
         })
     }
@@ -119,6 +123,9 @@ impl Agent {
     /// One connection: register, then apply the stream and report until it breaks.
     async fn session(&mut self) -> Result<()> {
         let mut client = ControllerClient::connect(&self.args).await?;
+        // A new session may reach another replica (or a restarted controller) that has heard
+        // nothing: the first report is sent whole, whatever was sent before.
+        self.last_report = None;
         let port = listen_port(&self.desired);
         match self.register(&mut client, port).await {
             Ok(response) => {
@@ -175,7 +182,10 @@ impl Agent {
                     // mesh said left (deleted, deselected, mesh gone) waits for the stream to
                     // say it may register again (its departure turns NotRegistered), rather
                     // than asking every few seconds.
-                    if self.registration_due() {
+                    let port_moved = self.registered_port != 0
+                        && self.registered_port != listen_port(&self.desired)
+                        && self.desired.is_member();
+                    if self.registration_due() || port_moved {
                         let port = listen_port(&self.desired);
                         if let Err(e) = self.register(&mut client, port).await {
                             tracing::debug!(error = %e, "not a member of the mesh yet");
@@ -216,6 +226,18 @@ impl Agent {
                                 self.metrics.update_refused();
                             }
                             self.refused = why;
+                        }
+                    }
+                    let port = listen_port(&self.desired);
+                    if self.registered_port != 0
+                        && self.registered_port != port
+                        && self.desired.is_member()
+                    {
+                        // The mesh moved to another port (the device listens there now):
+                        // the other members must be told the endpoint with it.
+                        tracing::info!(from = self.registered_port, to = port, "the mesh's listen port changed; registering the new endpoint");
+                        if let Err(e) = self.register(&mut client, port).await {
+                            tracing::warn!(error = %e, "registering the new listen port failed; retrying at the next membership check");
                         }
                     }
                     if self.registration_due() && !was_due {
@@ -276,20 +298,43 @@ impl Agent {
     }
 
     async fn register(
+        &mut self,
+        client: &mut ControllerClient,
+        port: u32,
+    ) -> Result<pb::RegisterResponse> {
+        let named: Vec<String> = self
+            .args
+            .endpoint_address
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let response = match self.register_at(client, port, named.clone()).await {
+            // The address we were started with is no longer the Node's (its InternalIP
+            // changed since, and the environment still has the old one): let the controller
+            // take the Node's own address rather than stay out of the mesh.
+            Err(Error::Rpc(status))
+                if status.code() == tonic::Code::PermissionDenied && !named.is_empty() =>
+            {
+                tracing::warn!(addresses = ?named, reason = status.message(), "the endpoint address we were given is not the Node's; registering with the Node's own address");
+                self.register_at(client, port, Vec::new()).await?
+            }
+            other => other?,
+        };
+        self.registered_port = port;
+        Ok(response)
+    }
+
+    async fn register_at(
         &self,
         client: &mut ControllerClient,
         port: u32,
+        endpoint_addresses: Vec<String>,
     ) -> Result<pb::RegisterResponse> {
         let req = client.request(pb::RegisterRequest {
             node: self.args.node.clone(),
             mesh: self.args.mesh.clone(),
             public_key: self.key.public_key().as_bytes().to_vec(),
-            endpoint_addresses: self
-                .args
-                .endpoint_address
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            endpoint_addresses,
             listen_port: port,
             backend: wire_backend(self.device.as_ref().map(Device::backend)) as i32,
             agent_version: env!("CARGO_PKG_VERSION").into(),

@@ -7,7 +7,10 @@
 //!   control inside the agents' mount namespaces: when the name moves to another address the
 //!   agents follow within their re-resolution period (1 s here) and the encrypted packets go
 //!   to the new address, with no change from the controller;
-//! - without the annotation and the preference, the registered InternalIP again.
+//! - without the annotation and the preference, the registered InternalIP again;
+//! - the mesh moved to another `listenPort`: every node published at its new port;
+//! - a node renumbered (its InternalIP changed) and its agent restarted with the old address
+//!   in its environment: published at the new one.
 //!
 //! And nodes behind NAT (`e2e_node_endpoint_nat_relay`): two of three nodes each behind its
 //! own NAT router (iptables MASQUERADE), reached through the reachable one.
@@ -43,7 +46,7 @@ async fn e2e_node_endpoint_external_ip_preference_and_a_dns_endpoint_that_moves(
         eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
         return Ok(());
     }
-    let mesh = TestMesh::start_with(
+    let mut mesh = TestMesh::start_with(
         3,
         MeshOptions {
             mode: NetworkMode::Cni,
@@ -133,6 +136,44 @@ async fn e2e_node_endpoint_external_ip_preference_and_a_dns_endpoint_that_moves(
         wait_on_devices(&mesh, pos, &want).await?;
     }
     mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
+
+    // The mesh moves to another port: every agent listens there and registers it, and the
+    // members are told (an idle pair has no packet to roam by).
+    let moved_port = PORT + 1;
+    mesh.patch_mesh_spec(json!({"listenPort": moved_port}))
+        .await?;
+    for pos in 0..mesh.nodes.len() {
+        let want = format!("{}:{moved_port}", internal(pos));
+        wait_published(&mesh, pos, &want, &want).await?;
+        wait_on_devices(&mesh, pos, &want).await?;
+    }
+    mesh.pod_matrix(ECHO_PORT, Duration::from_secs(20))?;
+
+    // node-3's InternalIP changes, and its agent restarts with the address its pod was
+    // started with (the downward API's, now not the Node's): it registers with the Node's
+    // own address instead of staying out of the mesh.
+    let renumbered = format!("{}.{}", mesh.underlay, 150 + mesh.nodes[2].index);
+    mesh.nodes[2]
+        .ns
+        .ip(&["addr", "add", &format!("{renumbered}/24"), "dev", "eth0"])?;
+    let mut object = nodes.get_status("node-3").await?;
+    for address in object
+        .status
+        .as_mut()
+        .and_then(|s| s.addresses.as_mut())
+        .context("a Node has addresses")?
+    {
+        if address.type_ == "InternalIP" {
+            address.address = renumbered.clone();
+        }
+    }
+    nodes
+        .replace_status("node-3", &Default::default(), &object)
+        .await?;
+    mesh.stop_agent(2);
+    mesh.start_agent(2)?;
+    let want = format!("{renumbered}:{moved_port}");
+    wait_published(&mesh, 2, &want, &want).await?;
     Ok(())
 }
 
