@@ -148,13 +148,18 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(async move {
         while computed_for_reports.changed().await.is_ok() {
             let computed = computed_for_reports.borrow_and_update().clone();
-            let members = computed
-                .meshes
+            let computed_members = computed.meshes.iter().map(|(name, (_, desired))| {
+                (
+                    name.clone(),
+                    Some(desired.members.keys().cloned().collect()),
+                )
+            });
+            let deleting = computed
+                .deleting
                 .iter()
-                .map(|(name, (_, desired))| {
-                    (name.clone(), desired.members.keys().cloned().collect())
-                })
-                .collect();
+                .map(|(name, (_, nodes))| (name.clone(), Some(nodes.clone())));
+            let held = computed.held.keys().map(|name| (name.clone(), None));
+            let members = computed_members.chain(deleting).chain(held).collect();
             prune_reports.prune(&members);
         }
     });

@@ -133,26 +133,25 @@ impl Reports {
     }
 
     /// Forgets the reports of meshes and nodes that are gone: `members` holds every mesh that
-    /// exists with its member nodes.
-    pub fn prune(&self, members: &BTreeMap<String, BTreeSet<String>>) {
-        let mut by_mesh = self.by_mesh.lock().expect("reports lock");
-        by_mesh.retain(|mesh, nodes| match members.get(mesh) {
-            Some(live) => {
-                nodes.retain(|node, _| live.contains(node));
-                !nodes.is_empty()
-            }
+    /// exists with its member nodes (`None`: a mesh held as it is, whose reports all stay,
+    /// so its gateways are not taken for down when it is computed again).
+    pub fn prune(&self, members: &BTreeMap<String, Option<BTreeSet<String>>>) {
+        let keeps = |mesh: &str, node: &str| match members.get(mesh) {
+            Some(Some(live)) => live.contains(node),
+            Some(None) => true,
             None => false,
+        };
+        let mut by_mesh = self.by_mesh.lock().expect("reports lock");
+        by_mesh.retain(|mesh, nodes| {
+            nodes.retain(|node, _| keeps(mesh, node));
+            !nodes.is_empty()
         });
         let mut agents = self.agents.lock().expect("reports lock");
-        agents.retain(|mesh, nodes| match members.get(mesh) {
-            Some(live) => {
-                nodes.retain(|node, _| live.contains(node));
-                !nodes.is_empty()
-            }
-            None => false,
+        agents.retain(|mesh, nodes| {
+            nodes.retain(|node, _| keeps(mesh, node));
+            !nodes.is_empty()
         });
-        self.liveness
-            .retain(|mesh, node| members.get(mesh).is_some_and(|m| m.contains(node)));
+        self.liveness.retain(keeps);
     }
 
     /// What `node` last reported of the peers `keys` (endpoints, handshakes); `None` when it
@@ -253,10 +252,15 @@ mod tests {
         reports.record("default", "a", vec![]);
         reports.record("default", "b", vec![]);
         reports.record("gone", "a", vec![]);
-        let live = BTreeMap::from([("default".to_owned(), BTreeSet::from(["a".to_owned()]))]);
+        reports.record("held", "a", vec![]);
+        let live = BTreeMap::from([
+            ("default".to_owned(), Some(BTreeSet::from(["a".to_owned()]))),
+            ("held".to_owned(), None),
+        ]);
         reports.prune(&live);
-        assert_eq!(reports.reporting_nodes(), 1);
+        assert_eq!(reports.reporting_nodes(), 2);
         assert!(reports.by_mesh.lock().unwrap()["default"].contains_key("a"));
+        assert!(reports.by_mesh.lock().unwrap()["held"].contains_key("a"));
     }
 
     fn key(n: u8) -> PublicKey {
