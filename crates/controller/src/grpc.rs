@@ -195,6 +195,13 @@ impl MeshService for MeshServer {
             .ok_or_else(|| {
                 Status::not_found(format!("WireGuardMesh {} does not exist", req.mesh))
             })?;
+        if mesh.metadata.deletion_timestamp.is_some() {
+            // Its nodes are leaving; a node peer made now would outlive it.
+            return Err(Status::failed_precondition(format!(
+                "WireGuardMesh {} is being deleted",
+                req.mesh
+            )));
+        }
         let node = self
             .caches
             .nodes

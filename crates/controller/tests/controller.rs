@@ -1073,6 +1073,16 @@ async fn a_deleted_mesh_waits_for_its_nodes_to_leave() -> Result<()> {
             })
             .await?;
     }
+    // While it is being deleted, no node registers (a node peer made now would outlive it).
+    let refused = a
+        .register("192.168.0.1")
+        .await
+        .expect_err("registering with a mesh being deleted");
+    assert!(
+        refused.code() == tonic::Code::FailedPrecondition
+            && refused.message().contains("being deleted"),
+        "{refused:?}"
+    );
     a.report_left_deleted_mesh().await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
