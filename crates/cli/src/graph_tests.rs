@@ -38,6 +38,8 @@ fn mesh(gateways: &[&str], peers: Vec<PeerRow>) -> MeshStatus {
         gateways: gateways.iter().map(|g| g.to_string()).collect(),
         active_gateway: gateways.first().map(|g| g.to_string()),
         ready: peers.iter().all(|p| p.ready),
+        reason: String::new(),
+        message: String::new(),
         peers,
     }
 }

@@ -29,7 +29,14 @@ pub struct MeshStatus {
     /// The gateway carrying the traffic between external peers and the other nodes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub active_gateway: Option<String>,
+    /// The mesh's own Ready condition is True and so is every peer's.
     pub ready: bool,
+    /// The mesh's own Ready condition, when it is not True (held, no members, being
+    /// deleted, disabled, or not judged yet): its reason and message.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub message: String,
     pub peers: Vec<PeerRow>,
 }
 
@@ -74,7 +81,10 @@ pub async fn run(kube: &KubeArgs, mesh: Option<String>, format: Format) -> Resul
     if statuses.iter().all(|s| s.ready) {
         Ok(())
     } else {
-        Err(err(exit::NOT_READY, "not every node and peer is Ready"))
+        Err(err(
+            exit::NOT_READY,
+            "not every mesh, node and peer is Ready",
+        ))
     }
 }
 
@@ -104,6 +114,26 @@ pub fn mesh_status(mesh: &WireGuardMesh, peers: &[WireGuardPeer]) -> MeshStatus 
         .filter(|p| p.spec.mesh.as_str() == name)
         .map(row)
         .collect();
+    let condition = mesh
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let (reason, message) = match condition {
+        Some(c) if c.status == "True" => (String::new(), String::new()),
+        Some(c) => (c.reason.clone(), c.message.clone()),
+        None => (
+            "NotJudged".to_owned(),
+            "the controller has not judged the mesh yet (is it running?)".to_owned(),
+        ),
+    };
+    let (reason, message) = if mesh.metadata.deletion_timestamp.is_some() {
+        (
+            "Deleting".to_owned(),
+            "the mesh is being deleted; its nodes are leaving".to_owned(),
+        )
+    } else {
+        (reason, message)
+    };
     MeshStatus {
         gateways: mesh
             .status
@@ -111,7 +141,9 @@ pub fn mesh_status(mesh: &WireGuardMesh, peers: &[WireGuardPeer]) -> MeshStatus 
             .map(|s| s.gateways.clone())
             .unwrap_or_default(),
         active_gateway: mesh.status.as_ref().and_then(|s| s.active_gateway.clone()),
-        ready: rows.iter().all(|r| r.ready),
+        ready: reason.is_empty() && rows.iter().all(|r| r.ready),
+        reason,
+        message,
         mesh: name,
         peers: rows,
     }
@@ -157,6 +189,9 @@ pub fn table(s: &MeshStatus, now: Timestamp) -> String {
         _ => String::new(),
     };
     let _ = writeln!(out, "MESH {}   gateways: {gateways}{active}", s.mesh);
+    if !s.reason.is_empty() {
+        let _ = writeln!(out, "  not Ready ({}): {}", s.reason, s.message);
+    }
     let node_peers = s
         .peers
         .iter()
@@ -353,6 +388,8 @@ mod tests {
             gateways: vec!["a".into()],
             active_gateway: Some("a".into()),
             ready: false,
+            reason: String::new(),
+            message: String::new(),
             peers: vec![
                 row("node-a", Some("a"), &[("b", 9_990)], true),
                 row("node-b", Some("b"), &[("a", 9_995)], true),
@@ -396,6 +433,8 @@ mod tests {
             gateways: vec![],
             active_gateway: None,
             ready: true,
+            reason: String::new(),
+            message: String::new(),
             peers,
         };
         let text = table(&s, now);
@@ -424,6 +463,56 @@ mod tests {
         let text = table(&small, now);
         assert!(text.contains("HANDSHAKES (row"), "{text}");
         assert!(text.contains("1/2"), "{text}");
+    }
+
+    #[test]
+    fn the_mesh_is_ready_only_when_its_own_condition_is() {
+        let mesh_with = |condition: Option<(&str, &str)>, deleting: bool| {
+            let mut value = serde_json::json!({
+                "apiVersion": "wgmesh.io/v1alpha1",
+                "kind": "WireGuardMesh",
+                "metadata": {"name": "default"},
+                "spec": {},
+            });
+            if let Some((status, reason)) = condition {
+                value["status"] = serde_json::json!({"conditions": [{
+                    "type": "Ready", "status": status, "reason": reason,
+                    "message": "why", "lastTransitionTime": "2026-12-06T00:00:00Z",
+                }]});
+            }
+            if deleting {
+                value["metadata"]["deletionTimestamp"] = "2026-12-06T00:00:00Z".into();
+            }
+            serde_json::from_value::<WireGuardMesh>(value).unwrap()
+        };
+        // (mesh condition, being deleted, ready, reason shown)
+        let cases = [
+            (Some(("True", "AllPeersProgrammed")), false, true, ""),
+            (
+                Some(("False", "MeshConflict")),
+                false,
+                false,
+                "MeshConflict",
+            ),
+            (Some(("False", "NoMembers")), false, false, "NoMembers"),
+            (None, false, false, "NotJudged"),
+            (
+                Some(("True", "AllPeersProgrammed")),
+                true,
+                false,
+                "Deleting",
+            ),
+        ];
+        for (condition, deleting, ready, reason) in cases {
+            let s = mesh_status(&mesh_with(condition, deleting), &[]);
+            assert_eq!(
+                (s.ready, s.reason.as_str()),
+                (ready, reason),
+                "{condition:?}"
+            );
+            let text = table(&s, Timestamp::now());
+            assert_eq!(text.contains("not Ready ("), !ready, "{text}");
+        }
     }
 
     #[test]

@@ -70,6 +70,10 @@ fn status_shows(cli: &Cli, name: &str, nodes: &[&str], timeout: Duration) -> Res
             if row["rxBytes"].as_i64().unwrap_or(0) == 0 {
                 bail!("no traffic: {row}");
             }
+            // The mesh's own Ready condition too (`status` exits 0 only then).
+            if v["ready"] != true {
+                bail!("the mesh is not ready: {} {}", v["reason"], v["message"]);
+            }
             Ok(())
         },
     )
