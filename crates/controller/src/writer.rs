@@ -554,7 +554,17 @@ impl Writer {
         let counts = format!(
             "{ready_nodes}/{nodes} nodes and {ready_peers}/{peers_count} external peers are programmed"
         );
-        let verdict = if nodes == 0 {
+        let verdict = if mesh.spec.disabled {
+            // The agents keep what they have and apply nothing new.
+            PeerVerdict {
+                ready: false,
+                reason: Reason::Disabled,
+                message: format!(
+                    "spec.disabled is true: the nodes keep what they have programmed and apply \
+                     no change (no peer added, changed or removed) until it is enabled; {counts}"
+                ),
+            }
+        } else if nodes == 0 {
             // Nothing is encrypted yet: not Ready, however many of nothing are programmed.
             PeerVerdict {
                 ready: false,
@@ -726,7 +736,7 @@ fn verdict_of(
             message: why.clone(),
         };
     }
-    let Some((_, desired)) = mesh else {
+    let Some((mesh, desired)) = mesh else {
         return PeerVerdict {
             ready: false,
             reason: Reason::MeshNotFound,
@@ -734,6 +744,16 @@ fn verdict_of(
         };
     };
     match desired.verdicts.get(&name) {
+        // The agents apply nothing while the mesh is disabled: accepted, not programmed.
+        Some(Verdict::Programmed) if mesh.spec.disabled => PeerVerdict {
+            ready: false,
+            reason: Reason::Disabled,
+            message: format!(
+                "accepted, but WireGuardMesh {} is disabled: its nodes apply no change until \
+                 it is enabled",
+                peer.spec.mesh
+            ),
+        },
         Some(Verdict::Programmed) => PeerVerdict {
             ready: true,
             reason: Reason::Programmed,
@@ -968,6 +988,19 @@ mod tests {
             let got = verdict_of(&peer(name), has_mesh.then_some(&mesh), &snapshot);
             assert_eq!(got, want, "{case}");
         }
+        // A disabled mesh: accepted peers are not programmed; refused ones stay refused.
+        let mut disabled = (*mesh.0).clone();
+        disabled.spec.disabled = true;
+        let disabled = (Arc::new(disabled), mesh.1.clone());
+        let got = verdict_of(&peer("ok"), Some(&disabled), &snapshot);
+        assert_eq!(
+            (got.ready, got.reason),
+            (false, Reason::Disabled),
+            "{got:?}"
+        );
+        assert!(got.message.contains("is disabled"), "{got:?}");
+        let got = verdict_of(&peer("off"), Some(&disabled), &snapshot);
+        assert_eq!(got.message, "spec.disabled is true");
     }
 
     #[test]
