@@ -41,22 +41,23 @@ const SOURCES_LIMIT: usize = 4096;
 /// the budget check before the first failure is counted.
 const REVIEWS_IN_FLIGHT: usize = 16;
 
-/// A token bucket of failed reviews.
+/// A token bucket: `burst` events at once, refilled at `per_second` (failed token reviews
+/// here; a node's key changes in Register).
 #[derive(Debug)]
-struct FailureBudget {
+pub(crate) struct TokenBucket {
     tokens: f64,
     at: Instant,
     burst: f64,
     per_second: f64,
 }
 
-impl FailureBudget {
-    fn new(now: Instant) -> Self {
+impl TokenBucket {
+    fn failed_reviews(now: Instant) -> Self {
         Self::with(now, FAILED_REVIEW_BURST, FAILED_REVIEWS_PER_SECOND)
     }
 
-    fn with(now: Instant, burst: f64, per_second: f64) -> Self {
-        FailureBudget {
+    pub(crate) fn with(now: Instant, burst: f64, per_second: f64) -> Self {
+        TokenBucket {
             tokens: burst,
             at: now,
             burst,
@@ -70,20 +71,20 @@ impl FailureBudget {
         self.at = now;
     }
 
-    /// Whether a new review may be sent now.
-    fn allows(&mut self, now: Instant) -> bool {
+    /// Whether an event may happen now.
+    pub(crate) fn allows(&mut self, now: Instant) -> bool {
         self.refill(now);
         self.tokens >= 1.0
     }
 
-    /// Counts a failed review.
-    fn charge(&mut self, now: Instant) {
+    /// Counts an event.
+    pub(crate) fn charge(&mut self, now: Instant) {
         self.refill(now);
         self.tokens = (self.tokens - 1.0).max(0.0);
     }
 
     /// Refilled completely: remembering it changes nothing.
-    fn is_full(&mut self, now: Instant) -> bool {
+    pub(crate) fn is_full(&mut self, now: Instant) -> bool {
         self.refill(now);
         self.tokens >= self.burst
     }
@@ -92,14 +93,14 @@ impl FailureBudget {
 /// Failure budgets by source address, and for all sources together.
 #[derive(Debug)]
 struct FailureBudgets {
-    all: FailureBudget,
-    by_source: HashMap<IpAddr, FailureBudget>,
+    all: TokenBucket,
+    by_source: HashMap<IpAddr, TokenBucket>,
 }
 
 impl FailureBudgets {
     fn new(now: Instant) -> Self {
         FailureBudgets {
-            all: FailureBudget::with(now, ALL_FAILED_REVIEW_BURST, ALL_FAILED_REVIEWS_PER_SECOND),
+            all: TokenBucket::with(now, ALL_FAILED_REVIEW_BURST, ALL_FAILED_REVIEWS_PER_SECOND),
             by_source: HashMap::new(),
         }
     }
@@ -124,7 +125,7 @@ impl FailureBudgets {
         }
         self.by_source
             .entry(source)
-            .or_insert_with(|| FailureBudget::new(now))
+            .or_insert_with(|| TokenBucket::failed_reviews(now))
             .charge(now);
     }
 }
@@ -394,7 +395,7 @@ mod tests {
     #[test]
     fn failed_reviews_are_rate_limited() {
         let start = Instant::now();
-        let mut budget = FailureBudget::new(start);
+        let mut budget = TokenBucket::failed_reviews(start);
         let burst = FAILED_REVIEW_BURST as usize;
         for i in 0..burst {
             assert!(budget.allows(start), "review {i} of the burst");

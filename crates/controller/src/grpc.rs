@@ -23,7 +23,7 @@ use wgmesh_proto as pb;
 use wgmesh_proto::served::mesh_service_server::MeshService;
 use wgmesh_proto::{checked, encode, served};
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, TokenBucket};
 use crate::convert;
 use crate::forward::{FORWARDED, Forwarder, STREAM_EVENT, is_replica_certificate};
 use crate::index::{Index, NodeView};
@@ -73,7 +73,15 @@ pub struct MeshServer {
     pub snapshot_turns: Arc<tokio::sync::Semaphore>,
     /// The open peer stream of each node in each mesh.
     pub open_streams: Arc<OpenStreams>,
+    /// Each node's budget of key changes ([`KEY_CHANGE_BURST`]).
+    pub(crate) key_changes: std::sync::Mutex<std::collections::HashMap<String, TokenBucket>>,
 }
+
+/// Key changes a node may register at once, and how fast that refills: each one is a write,
+/// an Event, new preshared keys for every pair and an update to every member, so an agent
+/// changing its key in a loop would keep the whole mesh busy.
+const KEY_CHANGE_BURST: f64 = 4.0;
+const KEY_CHANGES_PER_SECOND: f64 = 1.0 / 30.0;
 
 /// A mesh's name and a node's.
 type MeshNode = (String, String);
@@ -224,6 +232,12 @@ impl MeshService for MeshServer {
         let (name, existing) = self.node_peer_slot(&req.mesh, &node)?;
         let api: Api<WireGuardPeer> = Api::all(self.client.clone());
         self.check_key_is_free(&key, &name, &req.node).await?;
+        if existing
+            .as_ref()
+            .is_some_and(|e| e.spec.public_key != key.to_base64())
+        {
+            self.charge_key_change(&req.node)?;
+        }
         let registered = endpoint_string(address, port);
         // What the other members are told: the Node's or the mesh's choice, else this.
         let endpoint = wgmesh_core::desired::node_endpoint(
@@ -469,6 +483,29 @@ impl MeshServer {
 
     /// Refuses a key that any other WireGuardPeer holds (in any mesh): registering it would
     /// take the holder's place and its per-pair preshared keys.
+    /// Counts a key change of `node`, or refuses it when the node changed keys too often.
+    fn charge_key_change(&self, node: &str) -> Result<(), Status> {
+        let now = std::time::Instant::now();
+        let mut budgets = self.key_changes.lock().unwrap_or_else(|e| e.into_inner());
+        let budget = budgets
+            .entry(node.to_owned())
+            .or_insert_with(|| TokenBucket::with(now, KEY_CHANGE_BURST, KEY_CHANGES_PER_SECOND));
+        if !budget.allows(now) {
+            self.metrics.error("register_key_change_limited");
+            return Err(Status::resource_exhausted(format!(
+                "node {node} changed its key {KEY_CHANGE_BURST} times in a short while; \
+                 the next change is taken in {:.0} s",
+                1.0 / KEY_CHANGES_PER_SECOND
+            )));
+        }
+        budget.charge(now);
+        // Nodes that have not changed keys for a while cost nothing to forget.
+        if budgets.len() > 1024 {
+            budgets.retain(|_, b| !b.is_full(now));
+        }
+        Ok(())
+    }
+
     /// The name of `node`'s peer in `mesh`, and the peer if it exists. Its usual name
     /// ([`node_peer_name`]) may be held by an object that is not the controller's peer of this
     /// node (a user's peer named `node-x`, or another mesh's node whose names join the same

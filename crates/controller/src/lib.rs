@@ -206,6 +206,7 @@ pub async fn run(config: Config) -> Result<()> {
         peers_per_part: config.peers_per_part as usize,
         snapshot_turns: Arc::new(tokio::sync::Semaphore::new(grpc::SNAPSHOTS_IN_FLIGHT)),
         open_streams: Arc::default(),
+        key_changes: Default::default(),
     };
     ready.store(true, Ordering::Relaxed);
     let grpc_addr = config::listen_addr(config.grpc_addr, ipv6);

@@ -1313,3 +1313,35 @@ async fn agents_that_take_no_snapshot_keep_no_other_agent_waiting() -> Result<()
     let _ = &stalled;
     Ok(())
 }
+
+/// Each key change costs the whole mesh (new preshared keys, an update to every member): a
+/// node may make a few at once, then one per 30 s.
+#[tokio::test]
+async fn a_node_changing_its_key_in_a_loop_is_slowed_down() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let c = fx.controller("c1").await?;
+    let a = fx.agent(&c, "a", 1).await?;
+    let ch = channel(&c.grpc_url(), &fx.tls.ca_pem).await?;
+    let mut outcomes = Vec::new();
+    for n in 0..6u8 {
+        let mut again = SimAgent::new(ch.clone(), "a", "default", &a.token, [200 + n; 32]);
+        outcomes.push(again.register("192.168.0.1").await.map_err(|s| s.code()));
+    }
+    let codes: Vec<_> = outcomes.iter().map(|o| o.as_ref().err().copied()).collect();
+    assert_eq!(
+        codes,
+        [
+            None,
+            None,
+            None,
+            None,
+            Some(tonic::Code::ResourceExhausted),
+            Some(tonic::Code::ResourceExhausted)
+        ],
+        "{outcomes:?}"
+    );
+    // The same key again is no change, and always taken.
+    let mut same = SimAgent::new(ch, "a", "default", &a.token, [203; 32]);
+    same.register("192.168.0.1").await?;
+    Ok(())
+}
