@@ -157,7 +157,7 @@ pub struct Config {
 
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum Command {
-    /// Delete a WireGuardMesh and wait until it is gone, that is until its nodes' agents have
+    /// Delete a WireGuardMesh (or all) and wait until it is gone, that is until its nodes' agents have
     /// left it (the controller's finalizer) or the controller gave up on them: what the Helm
     /// chart's pre-delete hook runs, so that `helm uninstall` leaves nodes clean.
     DeleteMesh(DeleteMeshArgs),
@@ -166,8 +166,12 @@ pub enum Command {
 #[derive(clap::Args, Debug, Clone)]
 pub struct DeleteMeshArgs {
     /// The mesh to delete.
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", conflicts_with = "all")]
     pub name: String,
+    /// Delete every mesh (what `helm uninstall` runs: without the controller and the agents
+    /// no mesh is kept, and a node left in one keeps its guard routes).
+    #[arg(long)]
+    pub all: bool,
     /// Seconds to wait for it to go.
     #[arg(long, default_value_t = 180)]
     pub timeout: u64,

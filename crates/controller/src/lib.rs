@@ -37,27 +37,45 @@ pub use error::{Error, Result};
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// Runs the controller until SIGTERM or Ctrl-C.
-/// `wgmesh-controller delete-mesh`: deletes the mesh and waits until the API server has let
-/// it go (after the controller removed its finalizer), or the timeout.
+/// `wgmesh-controller delete-mesh`: deletes the mesh (or every mesh) and waits until the API
+/// server has let them go (after the controller removed their finalizer), or the timeout.
 pub async fn delete_mesh(args: &config::DeleteMeshArgs) -> Result<()> {
+    use kube::ResourceExt;
     use kube::api::{Api, DeleteParams};
     let client = kube::Client::try_default().await?;
     let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(client);
-    if meshes.get_opt(&args.name).await?.is_none() {
-        tracing::info!(mesh = %args.name, "no such mesh: nothing to delete");
+    let names: Vec<String> = if args.all {
+        meshes
+            .list(&Default::default())
+            .await?
+            .items
+            .iter()
+            .map(|m| m.name_any())
+            .collect()
+    } else if meshes.get_opt(&args.name).await?.is_some() {
+        vec![args.name.clone()]
+    } else {
+        Vec::new()
+    };
+    if names.is_empty() {
+        tracing::info!("no mesh to delete");
         return Ok(());
     }
-    meshes.delete(&args.name, &DeleteParams::default()).await?;
-    tracing::info!(mesh = %args.name, "deleted; waiting for its nodes to leave");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout);
-    while meshes.get_opt(&args.name).await?.is_some() {
-        if std::time::Instant::now() > deadline {
-            tracing::warn!(mesh = %args.name, "still there after {} s: some nodes may keep their interface (wgmesh-agent cleanup removes it)", args.timeout);
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    for name in &names {
+        meshes.delete(name, &DeleteParams::default()).await?;
+        tracing::info!(mesh = %name, "deleted; waiting for its nodes to leave");
     }
-    tracing::info!(mesh = %args.name, "gone: its nodes left");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout);
+    for name in &names {
+        while meshes.get_opt(name).await?.is_some() {
+            if std::time::Instant::now() > deadline {
+                tracing::warn!(mesh = %name, "still there after {} s: some nodes may keep their interface (wgmesh-agent cleanup removes it)", args.timeout);
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        tracing::info!(mesh = %name, "gone: its nodes left");
+    }
     Ok(())
 }
 

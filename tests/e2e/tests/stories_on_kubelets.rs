@@ -234,7 +234,29 @@ async fn addon_mode_over_a_working_pod_network_then_uninstall_and_reinstall() ->
     assert_no_plaintext_since(&mut watcher, base, "with wgmesh in add-on mode")?;
     log("add-on: every pod reached the others across nodes, nothing in plaintext");
 
-    // helm uninstall: the pre-delete hook deletes the mesh and waits for the agents to leave.
+    // A mesh made by hand, besides the chart's (it selects no node here).
+    let by_hand = cluster.cp.dir().join("by-hand.yaml");
+    std::fs::write(
+        &by_hand,
+        r#"apiVersion: wgmesh.io/v1alpha1
+kind: WireGuardMesh
+metadata:
+  name: by-hand
+spec:
+  interfaceName: wgmesh1
+  listenPort: 51821
+  tunnelCIDRs: [10.251.0.0/16]
+  nodeSelector:
+    matchLabels:
+      wgmesh.test/by-hand: "yes"
+"#,
+    )?;
+    cluster
+        .cp
+        .kubectl_ok(&["apply", "-f", &by_hand.display().to_string()])?;
+
+    // helm uninstall: the pre-delete hook deletes every mesh and waits for the agents to
+    // leave.
     let t = Instant::now();
     let out = helm(&cluster, &["uninstall", "wgmesh", "--namespace", NAMESPACE])
         .with_context(|| diagnose(&mut cluster))?;
@@ -243,6 +265,13 @@ async fn addon_mode_over_a_working_pod_network_then_uninstall_and_reinstall() ->
         t.elapsed(),
         out.trim()
     ));
+    let left = cluster
+        .cp
+        .kubectl_ok(&["get", "wireguardmeshes", "-o", "name"])?;
+    ensure!(
+        left.trim().is_empty(),
+        "meshes left after the uninstall: {left}"
+    );
     wait_clean(&cluster, Duration::from_secs(30))?;
     // The other network still carries the pods (in plaintext again: wgmesh is gone).
     web_matrix(&cluster, &after)?;
