@@ -9,6 +9,9 @@ use wgmesh_proto::mesh_service_client::MeshServiceClient;
 use crate::config::RunArgs;
 use crate::error::{Error, Result};
 
+/// The largest message the agent takes from the controller.
+const MAX_UPDATE_BYTES: usize = 64 * 1024 * 1024;
+
 pub struct ControllerClient {
     inner: MeshServiceClient<Channel>,
     token: String,
@@ -43,7 +46,10 @@ impl ControllerClient {
             .connect()
             .await?;
         Ok(ControllerClient {
-            inner: MeshServiceClient::new(channel),
+            // Updates come in parts of a few dozen peers, but one peer can be large: the
+            // active gateway, as the other nodes see it, carries every external peer's
+            // allowed IPs. Above tonic's 4 MiB default the stream would fail forever.
+            inner: MeshServiceClient::new(channel).max_decoding_message_size(MAX_UPDATE_BYTES),
             token,
         })
     }
