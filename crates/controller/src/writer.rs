@@ -757,7 +757,7 @@ fn verdict_of(
         Some(Verdict::Programmed) => PeerVerdict {
             ready: true,
             reason: Reason::Programmed,
-            message: "programmed on every member node".into(),
+            message: "accepted: in the peer set sent to every member node".into(),
         },
         Some(Verdict::Refused { reason, message }) => PeerVerdict {
             ready: false,
@@ -969,7 +969,11 @@ mod tests {
                 "programmed",
                 "ok",
                 true,
-                verdict(true, Reason::Programmed, "programmed on every member node"),
+                verdict(
+                    true,
+                    Reason::Programmed,
+                    "accepted: in the peer set sent to every member node",
+                ),
             ),
             (
                 "refused: core's reason and message",
@@ -1015,7 +1019,11 @@ mod tests {
             last_transition_time: then.clone(),
         };
         let refused = verdict(false, Reason::AllowedIpsOverlap, "overlaps node a");
-        let programmed = verdict(true, Reason::Programmed, "programmed on every member node");
+        let programmed = verdict(
+            true,
+            Reason::Programmed,
+            "accepted: in the peer set sent to every member node",
+        );
         // (case, previous condition, verdict, whether the transition time is kept)
         let cases = [
             ("first condition", None, &refused, false),
@@ -1050,7 +1058,7 @@ mod tests {
                 Some(previous(
                     "True",
                     Reason::Programmed,
-                    "programmed on every member node",
+                    "accepted: in the peer set sent to every member node",
                 )),
                 &refused,
                 false,

@@ -10,7 +10,8 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
     // Peer reasons.
-    /// Ready: the peer is programmed on every member node.
+    /// Ready: the peer is accepted and in the peer set sent to every member node (an agent
+    /// that refuses an update says so in an Event and its metrics).
     Programmed,
     /// The spec failed a check the API server cannot make (e.g. an unparsable field).
     InvalidSpec,
