@@ -19,6 +19,11 @@ pub const FORWARDED: &str = "x-wgmesh-forwarded";
 /// Metadata key of a forwarded report that only says an agent's peer stream to the sending
 /// replica `opened` or `closed` (gateway failover: [`crate::liveness`]).
 pub const STREAM_EVENT: &str = "x-wgmesh-stream";
+/// Metadata of a forwarded stream event: how many streams the agent has open on the sending
+/// replica now, and the sending replica's lease identity. The holder keeps the latest count
+/// of each replica, so events told twice or lost on the way are made good by the next.
+pub const STREAM_COUNT: &str = "x-wgmesh-stream-count";
+pub const STREAM_ORIGIN: &str = "x-wgmesh-stream-origin";
 /// How long the lease holder's address is trusted before reading the Lease again.
 const HOLDER_TTL: Duration = Duration::from_secs(5);
 
@@ -46,12 +51,11 @@ pub async fn announce_streams_to_new_holders(
         }
         let mut all_sent = true;
         for (mesh, node) in reports.liveness.open_here() {
-            let report = pb::ReportStatusRequest {
-                node,
-                mesh,
-                ..Default::default()
-            };
-            if let Err(e) = forwarder.forward(report, Some(StreamEvent::Opened)).await {
+            let open = reports.liveness.local_streams(&mesh, &node);
+            if let Err(e) = forwarder
+                .forward_stream_count(&mesh, &node, StreamEvent::Opened, open)
+                .await
+            {
                 tracing::warn!(error = %e, "announcing open streams to the lease holder failed");
                 all_sent = false;
                 break;
@@ -59,6 +63,41 @@ pub async fn announce_streams_to_new_holders(
         }
         if all_sent {
             announced_to = Some(holder);
+        }
+    }
+}
+
+/// Tells the lease holder the stream events [`Forwarder::queue_stream_event`] queued, one at
+/// a time and in order, each tried a few times. Runs once per process.
+pub async fn forward_stream_events(
+    forwarder: std::sync::Arc<Forwarder>,
+    reports: std::sync::Arc<crate::reports::Reports>,
+    metrics: crate::metrics::Metrics,
+) {
+    let Some(mut queued) = forwarder
+        .queued_stream_events
+        .lock()
+        .expect("queue lock")
+        .take()
+    else {
+        return;
+    };
+    while let Some((mesh, node, event)) = queued.recv().await {
+        for attempt in 1..=STREAM_EVENT_TRIES {
+            // The count as it is when told, not as it was when queued: the last event told
+            // for a node carries its latest count.
+            let open = reports.liveness.local_streams(&mesh, &node);
+            match forwarder
+                .forward_stream_count(&mesh, &node, event, open)
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if attempt == STREAM_EVENT_TRIES => {
+                    metrics.error("forward_stream_event");
+                    tracing::warn!(error = %e, %mesh, %node, event = event.as_str(), "telling the lease holder of a stream failed");
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
         }
     }
 }
@@ -93,6 +132,14 @@ pub fn is_replica_certificate(der: &[u8], replica_name: &str) -> bool {
     )
 }
 
+/// Stream events waiting to be told to the lease holder.
+const STREAM_EVENTS_QUEUED: usize = 65_536;
+/// Tries to tell the lease holder of one stream event.
+const STREAM_EVENT_TRIES: u32 = 3;
+
+/// An agent's peer stream to this replica opened or closed.
+type QueuedStreamEvent = (String, String, StreamEvent);
+
 pub struct Forwarder {
     leases: Api<Lease>,
     lease_name: String,
@@ -100,6 +147,11 @@ pub struct Forwarder {
     tls: ClientTlsConfig,
     cached: tokio::sync::Mutex<Option<(String, MeshServiceClient<Channel>)>>,
     holder: Mutex<Option<(Instant, String)>>,
+    /// Stream events, told in the order they happened ([`forward_stream_events`]): the
+    /// holder counts each agent's open streams, and a close told before its open would
+    /// leave one counted open for good.
+    stream_events: tokio::sync::mpsc::Sender<QueuedStreamEvent>,
+    queued_stream_events: Mutex<Option<tokio::sync::mpsc::Receiver<QueuedStreamEvent>>>,
 }
 
 impl Forwarder {
@@ -111,6 +163,7 @@ impl Forwarder {
         own_identity: &str,
         tls: ClientTlsConfig,
     ) -> Self {
+        let (stream_events, queued) = tokio::sync::mpsc::channel(STREAM_EVENTS_QUEUED);
         Forwarder {
             leases,
             lease_name: lease_name.to_owned(),
@@ -118,7 +171,17 @@ impl Forwarder {
             tls,
             cached: tokio::sync::Mutex::new(None),
             holder: Mutex::new(None),
+            stream_events,
+            queued_stream_events: Mutex::new(Some(queued)),
         }
+    }
+
+    /// Queues telling the lease holder that `node`'s stream in `mesh` opened or closed;
+    /// `false` if the queue is full (the event is lost, as a failed forward was before).
+    pub fn queue_stream_event(&self, mesh: &str, node: &str, event: StreamEvent) -> bool {
+        self.stream_events
+            .try_send((mesh.to_owned(), node.to_owned(), event))
+            .is_ok()
     }
 
     /// The client TLS settings of a replica: the shared CA, and its serving certificate as the
@@ -137,10 +200,14 @@ impl Forwarder {
 
     /// Sends the report (or, with `stream_event`, only that an agent's stream opened or
     /// closed) to the lease holder, unless this replica holds the lease.
-    pub async fn forward(
+    pub async fn forward(&self, report: pb::ReportStatusRequest) -> Result<(), Status> {
+        self.send(report, None).await
+    }
+
+    async fn send(
         &self,
         report: pb::ReportStatusRequest,
-        stream_event: Option<StreamEvent>,
+        stream_event: Option<(StreamEvent, u32)>,
     ) -> Result<(), Status> {
         let holder = self.holder().await?;
         if holder == self.own_identity {
@@ -171,15 +238,39 @@ impl Forwarder {
         let mut req = Request::new(report);
         req.metadata_mut()
             .insert(FORWARDED, "1".parse().expect("static metadata"));
-        if let Some(event) = stream_event {
-            req.metadata_mut().insert(
+        if let Some((event, open)) = stream_event {
+            let metadata = req.metadata_mut();
+            metadata.insert(
                 STREAM_EVENT,
                 event.as_str().parse().expect("static metadata"),
             );
+            metadata.insert(STREAM_COUNT, open.into());
+            // An identity that is no metadata value is left out; the holder then counts
+            // the event as before.
+            if let Ok(origin) = self.own_identity.parse() {
+                metadata.insert(STREAM_ORIGIN, origin);
+            }
         }
         req.set_timeout(Duration::from_secs(5));
         let mut client = client;
         client.report_status(req).await.map(|_| ())
+    }
+
+    /// Tells the lease holder that `node`'s agent has `open` streams in `mesh` here now
+    /// (after `event`).
+    async fn forward_stream_count(
+        &self,
+        mesh: &str,
+        node: &str,
+        event: StreamEvent,
+        open: u32,
+    ) -> Result<(), Status> {
+        let report = pb::ReportStatusRequest {
+            node: node.to_owned(),
+            mesh: mesh.to_owned(),
+            ..Default::default()
+        };
+        self.send(report, Some((event, open))).await
     }
 
     /// The lease holder's identity (`name@host:port`), as last read (at most 5 s old).

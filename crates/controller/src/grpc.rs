@@ -25,7 +25,9 @@ use wgmesh_proto::{checked, encode, served};
 
 use crate::auth::{Authenticator, TokenBucket};
 use crate::convert;
-use crate::forward::{FORWARDED, Forwarder, STREAM_EVENT, is_replica_certificate};
+use crate::forward::{
+    FORWARDED, Forwarder, STREAM_COUNT, STREAM_EVENT, STREAM_ORIGIN, is_replica_certificate,
+};
 use crate::index::{Index, NodeView};
 use crate::liveness::{Origin, StreamEvent};
 use crate::metrics::Metrics;
@@ -397,9 +399,21 @@ impl MeshService for MeshServer {
                 .and_then(StreamEvent::parse)
                 .ok_or_else(|| Status::invalid_argument("unknown stream event"))?;
             let now = std::time::Instant::now();
-            self.reports
-                .liveness
-                .stream(&req.mesh, &req.node, event, Origin::Remote, now);
+            let count = metadata
+                .get(STREAM_COUNT)
+                .and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
+            let origin = metadata.get(STREAM_ORIGIN).and_then(|v| v.to_str().ok());
+            match (count, origin) {
+                (Some(open), Some(origin)) => self
+                    .reports
+                    .liveness
+                    .remote_streams(&req.mesh, &req.node, origin, open, now),
+                // A replica from before counts.
+                _ => self
+                    .reports
+                    .liveness
+                    .stream(&req.mesh, &req.node, event, Origin::Remote, now),
+            }
             self.reports.changed.notify_one();
             return Ok(Response::new(pb::ReportStatusResponse {}));
         }
@@ -473,7 +487,7 @@ impl MeshServer {
         if !forwarded
             && !*self.leader.borrow()
             && let Some(forwarder) = &self.forwarder
-            && let Err(e) = forwarder.forward(request, None).await
+            && let Err(e) = forwarder.forward(request).await
         {
             // The agent reports again on its next change; nothing is lost for good.
             self.metrics.error("forward_report");
@@ -670,20 +684,14 @@ impl PeerStream {
             .stream(&self.mesh, &self.node, event, Origin::Local, now);
         self.reports.changed.notify_one();
         if !*self.leader.borrow()
-            && let Some(forwarder) = self.forwarder.clone()
+            && let Some(forwarder) = &self.forwarder
+            && !forwarder.queue_stream_event(&self.mesh, &self.node, event)
         {
-            let report = pb::ReportStatusRequest {
-                node: self.node.clone(),
-                mesh: self.mesh.clone(),
-                ..Default::default()
-            };
-            let metrics = self.metrics.clone();
-            tokio::spawn(async move {
-                if let Err(e) = forwarder.forward(report, Some(event)).await {
-                    metrics.error("forward_stream_event");
-                    tracing::warn!(error = %e, event = event.as_str(), "telling the lease holder of a stream failed");
-                }
-            });
+            self.metrics.error("forward_stream_event");
+            tracing::warn!(
+                event = event.as_str(),
+                "too many stream events queued for the lease holder; dropped one"
+            );
         }
     }
 

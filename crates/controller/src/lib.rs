@@ -194,6 +194,11 @@ pub async fn run(config: Config) -> Result<()> {
     );
     let leader_rx = leader.clone();
     if let Some(forwarder) = forwarder.clone() {
+        tokio::spawn(forward::forward_stream_events(
+            forwarder.clone(),
+            reports.clone(),
+            metrics.clone(),
+        ));
         tokio::spawn(forward::announce_streams_to_new_holders(
             forwarder,
             reports.clone(),

@@ -83,6 +83,9 @@ impl Seen {
 pub struct Liveness {
     /// (mesh, node) -> what this replica saw of the node's agent.
     seen: Mutex<HashMap<(String, String), Seen>>,
+    /// (mesh, node) -> the streams each other replica says the agent has open there, by the
+    /// replica's identity ([`Liveness::remote_streams`]); `Seen::remote_streams` is their sum.
+    remote: Mutex<HashMap<(String, String), HashMap<String, u32>>>,
 }
 
 impl Liveness {
@@ -126,6 +129,43 @@ impl Liveness {
         }
     }
 
+    /// Another replica (`origin`) says how many streams the agent has open there now. Told
+    /// in order and as a whole count, so a lost or repeated message is made good by the next.
+    pub fn remote_streams(&self, mesh: &str, node: &str, origin: &str, open: u32, now: Instant) {
+        let key = (mesh.to_owned(), node.to_owned());
+        let total = {
+            let mut remote = self.remote.lock().expect("liveness lock");
+            let by_origin = remote.entry(key.clone()).or_default();
+            if open == 0 {
+                by_origin.remove(origin);
+            } else {
+                by_origin.insert(origin.to_owned(), open);
+            }
+            let total = by_origin.values().fold(0u32, |a, n| a.saturating_add(*n));
+            if by_origin.is_empty() {
+                remote.remove(&key);
+            }
+            total
+        };
+        let mut seen = self.seen.lock().expect("liveness lock");
+        let s = seen.entry(key).or_insert(Seen::new(now));
+        s.remote_streams = total;
+        if s.local_streams + s.remote_streams > 0 {
+            s.last_heard = now;
+            s.closed_at = None;
+        } else {
+            // Closed now, or earlier (told again): the earlier time stands.
+            s.closed_at = s.closed_at.or(Some(now));
+        }
+    }
+
+    /// How many streams the agent has open on this replica.
+    pub fn local_streams(&self, mesh: &str, node: &str) -> u32 {
+        let seen = self.seen.lock().expect("liveness lock");
+        seen.get(&(mesh.to_owned(), node.to_owned()))
+            .map_or(0, |s| s.local_streams)
+    }
+
     /// The agents with a stream open on this replica, to announce to a new lease holder.
     pub fn open_here(&self) -> Vec<(String, String)> {
         let seen = self.seen.lock().expect("liveness lock");
@@ -137,6 +177,7 @@ impl Liveness {
 
     /// Forgets what other replicas said: another holder hears it now.
     pub fn forget_remote(&self) {
+        self.remote.lock().expect("liveness lock").clear();
         let mut seen = self.seen.lock().expect("liveness lock");
         for s in seen.values_mut() {
             s.remote_streams = 0;
@@ -189,6 +230,8 @@ impl Liveness {
     pub fn retain(&self, mut keep: impl FnMut(&str, &str) -> bool) {
         let mut seen = self.seen.lock().expect("liveness lock");
         seen.retain(|(mesh, node), _| keep(mesh, node));
+        let mut remote = self.remote.lock().expect("liveness lock");
+        remote.retain(|(mesh, node), _| seen.contains_key(&(mesh.clone(), node.clone())));
     }
 }
 
@@ -224,6 +267,8 @@ mod tests {
             Remote,
             RemoteClose,
             Heard,
+            /// Replica `r1` or `r2` says the agent has this many streams open there.
+            Count(&'static str, u32),
         }
         use Event::*;
         // (what happened, at what second; asked at; down?)
@@ -281,6 +326,44 @@ mod tests {
                 20,
                 true,
             ),
+            (
+                "counted open elsewhere",
+                vec![(Count("r1", 1), 0)],
+                1000,
+                false,
+            ),
+            (
+                "counted open, then none",
+                vec![(Count("r1", 1), 0), (Count("r1", 0), 3)],
+                9,
+                true,
+            ),
+            (
+                "a close told before its open (a short stream): none open",
+                vec![(Count("r1", 0), 0), (Count("r1", 0), 1)],
+                130,
+                true,
+            ),
+            (
+                "told twice: counted once",
+                vec![
+                    (Count("r1", 1), 0),
+                    (Count("r1", 1), 1),
+                    (Count("r1", 0), 3),
+                ],
+                9,
+                true,
+            ),
+            (
+                "open on two replicas, closed on one",
+                vec![
+                    (Count("r1", 1), 0),
+                    (Count("r2", 1), 1),
+                    (Count("r1", 0), 3),
+                ],
+                1000,
+                false,
+            ),
         ];
         for (name, events, at, want) in cases {
             let l = Liveness::default();
@@ -291,6 +374,7 @@ mod tests {
                     Remote => l.stream_opened("m", &n, Origin::Remote, s(sec)),
                     RemoteClose => l.stream_closed("m", &n, Origin::Remote, s(sec)),
                     Heard => l.heard("m", &n, s(sec)),
+                    Count(origin, open) => l.remote_streams("m", &n, origin, open, s(sec)),
                 }
             }
             let down = l.down("m", [&n], s(at), LIMIT, s(120));

@@ -1345,3 +1345,54 @@ async fn a_node_changing_its_key_in_a_loop_is_slowed_down() -> Result<()> {
     same.register("192.168.0.1").await?;
     Ok(())
 }
+
+/// The lease holder judges gateways by their agents' streams, also those open on another
+/// replica (which tells it each stream's count there, in order): the active gateway stays
+/// while its stream to the other replica is open, and moves once it closes.
+#[tokio::test]
+async fn a_gateway_streaming_to_another_replica_fails_over_when_its_stream_closes() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let replicas = [fx.controller("c1").await?, fx.controller("c2").await?];
+    let (client, candidates) = (&fx.client, &replicas);
+    let holder = eventually(WAIT, "a replica holding the lease", || async move {
+        let h = lease_holder(client).await?;
+        Ok(if candidates.iter().any(|r| owns(r, &h)) {
+            Break(h)
+        } else {
+            Continue(h)
+        })
+    })
+    .await?;
+    let (leader, other) = if owns(&replicas[0], &holder) {
+        (&replicas[0], &replicas[1])
+    } else {
+        (&replicas[1], &replicas[0])
+    };
+    // a (the first gateway by name) streams to the replica without the lease, b to the
+    // holder.
+    let mut a = fx.agent(other, "a", 1).await?;
+    let mut b = fx.agent(leader, "b", 2).await?;
+    a.wait_until(WAIT, "node b", |s| s.peers.len() == 1).await?;
+    b.wait_until(WAIT, "node a", |s| s.peers.len() == 1).await?;
+    let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(fx.client.clone());
+    let active = || async {
+        let status = meshes.get("default").await?.status.unwrap_or_default();
+        anyhow::Ok(status.active_gateway)
+    };
+    // Longer than the failover limit (5 s): a's stream elsewhere keeps it active.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(active().await?.as_deref(), Some("a"));
+    }
+    drop(a);
+    let meshes = &meshes;
+    eventually(WAIT, "b active once a's stream closed", || async move {
+        let status = meshes.get("default").await?.status.unwrap_or_default();
+        Ok(match status.active_gateway.as_deref() {
+            Some("b") => Break(()),
+            other => Continue(other.map(str::to_owned)),
+        })
+    })
+    .await?;
+    Ok(())
+}
