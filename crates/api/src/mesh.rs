@@ -55,8 +55,10 @@ pub const DEFAULT_TUNNEL_CIDR: &str = "10.250.0.0/16";
 #[x_kube(validation = kube::core::Rule::new("!has(self.mtu) || self.mtu >= 1280 || !has(self.tunnelCIDRs) || !self.tunnelCIDRs.exists(c, isCIDR(c) && cidr(c).ip().family() == 6)").message("an IPv6 tunnel pool needs spec.mtu of at least 1280 (Linux turns IPv6 off on a link with less)"))]
 pub struct WireGuardMeshSpec {
     /// Name of the WireGuard interface on every node: 1-15 characters of letters, digits, `_`,
-    /// `.` and `-`, starting with a letter or digit.
+    /// `.` and `-`, starting with a letter or digit. It cannot change (the nodes would keep
+    /// the interface of the old name): create another mesh instead.
     #[serde(default = "default_interface_name")]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("interfaceName cannot change (the nodes would keep the old interface); create another mesh"))]
     #[schemars(
         length(min = 1, max = 15),
         regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -63,6 +63,30 @@ async fn crds_examples_and_invalid_objects_against_a_real_api_server() -> Result
         failures.join("\n")
     );
 
+    // A mesh's interface name cannot change.
+    let renamed = cp.kubectl(&[
+        "patch",
+        "wireguardmesh",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"interfaceName":"wgmesh9"}}"#,
+    ])?;
+    let stderr = String::from_utf8_lossy(&renamed.stderr);
+    assert!(
+        !renamed.status.success() && stderr.contains("interfaceName cannot change"),
+        "renaming the interface: {stderr}"
+    );
+    // Other fields still can.
+    cp.kubectl_ok(&[
+        "patch",
+        "wireguardmesh",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"listenPort":51821}}"#,
+    ])?;
+
     // `kubectl get` shows the printer columns.
     let peers = cp.kubectl_ok(&["get", "wgpeers"])?;
     let header = peers.lines().next().unwrap_or_default();
