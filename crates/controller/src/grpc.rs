@@ -495,8 +495,6 @@ impl MeshServer {
         }
     }
 
-    /// Refuses a key that any other WireGuardPeer holds (in any mesh): registering it would
-    /// take the holder's place and its per-pair preshared keys.
     /// Counts a key change of `node`, or refuses it when the node changed keys too often.
     fn charge_key_change(&self, node: &str) -> Result<(), Status> {
         let now = std::time::Instant::now();
@@ -564,6 +562,8 @@ impl MeshServer {
         )))
     }
 
+    /// Refuses a key that any other WireGuardPeer holds (in any mesh): registering it would
+    /// take the holder's place and its per-pair preshared keys.
     async fn check_key_is_free(
         &self,
         key: &PublicKey,
