@@ -438,37 +438,67 @@ impl Sealer<'_> {
 }
 
 /// Sends datagrams that lie back to back in `buf` with lengths `lens`: each run of equal
-/// lengths (the run's last may be shorter) in one GSO send.
+/// lengths (the run's last may be shorter) in one GSO send ([`gso_runs`]).
 fn send_batch(inner: &Inner, peer: &Peer, buf: &[u8], lens: &[usize], to: SocketAddr) {
     let started = inner.now_ms();
     let sockets = inner.sockets.load();
-    let mut start = 0;
-    let mut i = 0;
-    while i < lens.len() {
-        let segment = lens[i];
-        let mut bytes = 0;
-        let mut j = i;
-        while j < lens.len()
-            && j - i < MAX_GSO_SEGMENTS
-            && bytes + lens[j] <= MAX_GSO_BYTES
-            && (lens[j] == segment || (lens[j] < segment && j > i))
-        {
-            bytes += lens[j];
-            j += 1;
-            if lens[j - 1] < segment {
-                break;
-            }
-        }
-        let Some(run) = buf.get(start..start + bytes) else {
+    for run in gso_runs(lens) {
+        let Some(datagrams) = buf.get(run.start..run.start + run.bytes) else {
             return;
         };
-        match sockets.send_segments(run, segment, to) {
+        match sockets.send_segments(datagrams, run.segment, to) {
             Ok(n) => peer.count_tx(n, started, inner.now_ms()),
             Err(e) => tracing::trace!(error = %e, %to, "send failed"),
         }
-        start += bytes;
-        i = j;
     }
+}
+
+/// Datagrams sent in one GSO send: `bytes` from `start`, in segments of `segment` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GsoRun {
+    start: usize,
+    bytes: usize,
+    segment: usize,
+}
+
+/// How datagrams with lengths `lens`, back to back, go out: runs of equal lengths (the last
+/// may be shorter), at most [`MAX_GSO_SEGMENTS`] and [`MAX_GSO_BYTES`] each. A datagram larger
+/// than UDP carries (an MTU above what the underlay can send) is left out, never sent.
+fn gso_runs(lens: &[usize]) -> impl Iterator<Item = GsoRun> + '_ {
+    let (mut start, mut i) = (0, 0);
+    std::iter::from_fn(move || {
+        while i < lens.len() {
+            let segment = lens[i];
+            let mut bytes = 0;
+            let mut j = i;
+            while j < lens.len()
+                && j - i < MAX_GSO_SEGMENTS
+                && bytes + lens[j] <= MAX_GSO_BYTES
+                && (lens[j] == segment || (lens[j] < segment && j > i))
+            {
+                bytes += lens[j];
+                j += 1;
+                if lens[j - 1] < segment {
+                    break;
+                }
+            }
+            let run = GsoRun {
+                start,
+                bytes,
+                segment,
+            };
+            if j == i {
+                // Too large for one datagram: skipped (it stalled the batch for good).
+                start += segment;
+                i += 1;
+                continue;
+            }
+            start += bytes;
+            i = j;
+            return Some(run);
+        }
+        None
+    })
 }
 
 /// Decrypts transport-data datagrams from `src` for `peer` under one lock of its session,
@@ -594,6 +624,46 @@ mod tests {
                 want,
                 "{text:?}"
             );
+        }
+    }
+
+    #[test]
+    fn gso_runs_table() {
+        let run = |start, bytes, segment| GsoRun {
+            start,
+            bytes,
+            segment,
+        };
+        let too_big = MAX_GSO_BYTES + 1;
+        let cases: Vec<(&str, Vec<usize>, Vec<GsoRun>)> = vec![
+            ("nothing", vec![], vec![]),
+            (
+                "equal, then a shorter last",
+                vec![100, 100, 60],
+                vec![run(0, 260, 100)],
+            ),
+            (
+                "a longer one starts a run",
+                vec![60, 100, 100],
+                vec![run(0, 60, 60), run(60, 200, 100)],
+            ),
+            ("too large for UDP: left out", vec![too_big], vec![]),
+            (
+                "too large between others",
+                vec![100, too_big, 100],
+                vec![run(0, 100, 100), run(100 + too_big, 100, 100)],
+            ),
+            (
+                "at most MAX_GSO_SEGMENTS per run",
+                vec![10; MAX_GSO_SEGMENTS + 1],
+                vec![
+                    run(0, 10 * MAX_GSO_SEGMENTS, 10),
+                    run(10 * MAX_GSO_SEGMENTS, 10, 10),
+                ],
+            ),
+        ];
+        for (case, lens, want) in cases {
+            assert_eq!(gso_runs(&lens).collect::<Vec<_>>(), want, "{case}");
         }
     }
 
