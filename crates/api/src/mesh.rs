@@ -71,9 +71,10 @@ pub struct WireGuardMeshSpec {
     pub listen_port: i32,
 
     /// MTU of the interface. Absent means automatic: the underlay MTU minus 80 bytes of
-    /// WireGuard, UDP and IPv6 overhead.
+    /// WireGuard, UDP and IPv6 overhead. At most 65,475: a packet of that size encrypted (32
+    /// bytes more) is the largest a UDP datagram carries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 576, max = 65535))]
+    #[schemars(range(min = 576, max = 65475))]
     pub mtu: Option<i32>,
 
     /// Which WireGuard implementation the agents use. `auto` prefers the kernel module and
