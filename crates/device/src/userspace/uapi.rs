@@ -157,7 +157,13 @@ fn parse_set<'a>(lines: impl Iterator<Item = &'a str>) -> Result<SetRequest, Err
         match req.peers.last_mut() {
             None => match key {
                 "private_key" => {
-                    req.private_key = Some(PrivateKey::from_bytes(parse_hex_key(value)?));
+                    let k = parse_hex_key(value)?;
+                    // wg(8) sends zeros to remove the key; the device always has one (the
+                    // agent's), and zeros would be a key everyone knows.
+                    if k == [0; 32] {
+                        return Err(invalid("the device's private key cannot be removed"));
+                    }
+                    req.private_key = Some(PrivateKey::from_bytes(k));
                 }
                 "listen_port" => req.listen_port = Some(parse_num(key, value)?),
                 "fwmark" if value.is_empty() => req.fwmark = Some(0),
@@ -419,6 +425,7 @@ mod tests {
             format!("set=1\nprivate_key={}", "g".repeat(64)),
             format!("set=1\nprivate_key={}", "é".repeat(32)),
             "set=1\nreplace_peers=yes".into(),
+            format!("set=1\nprivate_key={}", "0".repeat(64)),
             "set=1\nremove=true".into(),
             format!("set=1\npublic_key={k}\nendpoint=host:1"),
             format!("set=1\npublic_key={k}\nendpoint=1.2.3.4"),
