@@ -87,6 +87,9 @@ fn private_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The longest one client is served (wg(8) needs milliseconds).
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Accepts clients one at a time until the device stops.
 pub(crate) fn serve(inner: &Inner, listener: &UnixListener) {
     while !inner.stopping() {
@@ -119,10 +122,16 @@ fn handle_connection(inner: &Inner, stream: UnixStream) -> io::Result<()> {
     let mut writer = &stream;
     let mut request = String::new();
     let mut line = String::new();
+    // Clients are served one at a time: one that trickles lines holds the socket (and the
+    // device's stop) for this long at most.
+    let deadline = std::time::Instant::now() + CONNECTION_DEADLINE;
     loop {
         request.clear();
         // A request is lines up to a blank line.
         loop {
+            if std::time::Instant::now() > deadline || inner.stopping() {
+                return Ok(());
+            }
             line.clear();
             let n = (&mut reader).take(MAX_LINE).read_line(&mut line)?;
             if n == 0 {
