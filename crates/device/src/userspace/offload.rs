@@ -399,6 +399,13 @@ impl Coalescer {
         }
     }
 
+    /// Forgets anything held: what a batch that ended early (a panic caught in a worker)
+    /// left lies in a buffer the next batch writes over.
+    pub(crate) fn reset(&mut self) {
+        self.held = None;
+        self.tails.clear();
+    }
+
     /// Takes one decrypted packet, `buf[at..at + len]`; `buf` is the same for every packet
     /// until the next [`Coalescer::flush`], and what was pushed stays there unchanged.
     /// Whatever cannot join the held super-packet first flushes it through `write`, so

@@ -515,6 +515,7 @@ pub(crate) fn open<'d>(
     let table = inner.table.load();
     let now = inner.now_ms();
     s.decrypted.clear();
+    s.coalescer.reset();
     let mut authenticated = 0;
     let mut used = 0;
     {
