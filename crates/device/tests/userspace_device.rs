@@ -1326,7 +1326,7 @@ fn stamp_initiation(msg: &mut [u8; 148], responder: &PublicKey, sender: u32) {
 }
 
 /// Issue #12, item 6: a flood of forged handshake initiations (valid MAC1, claiming the real
-/// peer's key, from many source addresses, far above the device's 100/s limit) must not
+/// peer's key, from many source addresses, far above the device's 500/s limit) must not
 /// keep the real peer out. Under load the device answers with cookies; the real peer's
 /// retry carrying a cookie MAC2 must then pass every limiter on its way, which needs one
 /// limiter (one cookie secret) for the device and its peers' sessions.

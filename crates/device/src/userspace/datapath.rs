@@ -523,6 +523,12 @@ fn find_peer<'t>(
             // unauthenticated floods cost little and get cookies under load.
             let id = &table.identity;
             match id.rate_limiter.verify_packet(Some(src.ip()), datagram, out) {
+                Ok(Packet::HandshakeInit(_))
+                    if !inner.handshake_sources.allow(src.ip(), inner.now_ms()) =>
+                {
+                    tracing::trace!(%src, "handshake initiations from this address too fast");
+                    None
+                }
                 Ok(Packet::HandshakeInit(init)) => {
                     match parse_handshake_anon(&id.secret, &id.public, &init) {
                         Ok(half) => table

@@ -74,6 +74,8 @@ pub(crate) struct Inner {
     /// IPv6 socket readers: replaced when the listen port changes, joined at shutdown.
     udp_threads: Mutex<Vec<JoinHandle<()>>>,
     workers: Workers,
+    /// Handshake initiations answered per source address.
+    handshake_sources: limits::HandshakeSources,
 }
 
 struct Writer {
@@ -189,6 +191,7 @@ impl UserspaceDevice {
             }),
             udp_threads: Mutex::new(Vec::new()),
             workers,
+            handshake_sources: limits::HandshakeSources::default(),
         });
         // From here on, an early return drops `device`, which stops what was started.
         let mut device = UserspaceDevice {
