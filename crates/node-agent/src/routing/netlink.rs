@@ -303,13 +303,16 @@ impl Routing {
         let rules = self.rules().await?;
         let plain: Vec<ObservedRule> = rules.iter().map(|(r, _)| r.clone()).collect();
         let plan = plan_rules(&plain, &cfg.rules, &rule_families(cfg));
-        for i in plan.delete {
-            self.delete_rule(&rules[i].1).await?;
-            changes.rules_removed += 1;
-        }
+        // The new rules first: between deleting a rule and adding its replacement (a new
+        // fwmark or table) nothing would send mesh traffic to the table, and its guards
+        // with it.
         for (w, family) in plan.add {
             self.add_rule(&cfg.rules[w], family).await?;
             changes.rules_added += 1;
+        }
+        for i in plan.delete {
+            self.delete_rule(&rules[i].1).await?;
+            changes.rules_removed += 1;
         }
 
         for i in special_plan.delete {

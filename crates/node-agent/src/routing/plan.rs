@@ -362,13 +362,15 @@ pub fn plan_rules(
     plan
 }
 
-/// The address families the rule is needed in: those of the routes and addresses, IPv4 when
-/// there are none.
+/// The address families the rule is needed in: those of the routes, addresses and guards
+/// (a guard no rule leads to guards nothing), IPv4 when there are none.
 pub fn rule_families(cfg: &RoutingConfig) -> Vec<Family> {
     let mut fams: Vec<Family> = cfg
         .routes
         .iter()
         .chain(&cfg.addresses)
+        .chain(&cfg.guards)
+        .chain(&cfg.local)
         .map(Family::of)
         .collect();
     fams.sort();
@@ -687,6 +689,10 @@ mod tests {
         cfg.routes = vec![net("fd00::/64")];
         assert_eq!(rule_families(&cfg), vec![Family::V6]);
         cfg.addresses = vec![net("10.0.0.1/16")];
+        assert_eq!(rule_families(&cfg), vec![Family::V4, Family::V6]);
+        // An IPv4 mesh guarding an IPv6 cluster range before any IPv6 route exists.
+        cfg.routes = vec![];
+        cfg.guards = vec![net("fd10::/48")];
         assert_eq!(rule_families(&cfg), vec![Family::V4, Family::V6]);
         assert_eq!(auto_mtu(1500), 1420);
         assert_eq!(auto_mtu(9000), 8920);
