@@ -29,6 +29,12 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How often an agent that is not (or no longer) a member registers again.
 const REREGISTER: Duration = Duration::from_secs(5);
+/// How often what is programmed on the node (routes, guards, rules, the nftables table) is
+/// checked and put back where something else removed it: systemd-networkd removes routing
+/// rules and routes it did not make when it restarts, and `nft flush ruleset` takes our
+/// table. A removed guard or rule would let pod traffic out in plaintext until the next
+/// change of the mesh.
+const REPAIR_EVERY: Duration = Duration::from_secs(10);
 /// Priority of the rule that sends marked (encrypted) packets to the fwmark table; ahead of
 /// the add-on mode's rule, so encrypted packets never loop into the tunnel.
 const FWMARK_RULE_PRIORITY: u32 = 5200;
@@ -174,9 +180,12 @@ impl Agent {
         let mut membership = tokio::time::interval(REREGISTER);
         let refresh_every = self.args.endpoint_refresh_seconds;
         let mut refresh = tokio::time::interval(Duration::from_secs(refresh_every.max(1)));
+        let mut repair = tokio::time::interval(REPAIR_EVERY);
+        repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = refresh.tick(), if refresh_every > 0 => self.refresh_endpoints().await,
+                _ = repair.tick() => self.repair().await,
                 _ = membership.tick() => {
                     // Registration pending (or refused): say we are here again. A node the
                     // mesh said left (deleted, deselected, mesh gone) waits for the stream to
@@ -524,16 +533,7 @@ impl Agent {
         }
         let peers = wanted.len();
         self.last_wanted = wanted;
-        let mut keep_reachable = self.routing.underlay_addresses().await?;
-        keep_reachable.extend(self.args.endpoint_address.iter().copied());
-        keep_reachable.extend(self.controller_addresses.iter().copied());
-        let routing = routing_config(
-            &self.args.network,
-            &settings,
-            device.name(),
-            desired,
-            &keep_reachable,
-        );
+        let routing = self.routing_of(desired, device.name()).await?;
         let changed = self.routing.sync(&routing).await?;
         if !changed.is_empty() {
             tracing::info!(?changed, "routes updated");
@@ -575,6 +575,64 @@ impl Agent {
         Ok(())
     }
 
+    /// The routes, guards and rules `desired` asks for on interface `interface`.
+    async fn routing_of(&self, desired: &Desired, interface: &str) -> Result<RoutingConfig> {
+        let settings = desired.settings.clone().unwrap_or_default();
+        let mut keep_reachable = self.routing.underlay_addresses().await?;
+        keep_reachable.extend(self.args.endpoint_address.iter().copied());
+        keep_reachable.extend(self.controller_addresses.iter().copied());
+        Ok(routing_config(
+            &self.args.network,
+            &settings,
+            interface,
+            desired,
+            &keep_reachable,
+        ))
+    }
+
+    /// Puts back what is programmed where something else removed it ([`REPAIR_EVERY`]):
+    /// routes, guards and rules are diffed against the kernel's (nothing changes when all
+    /// is there), and the nftables table is written again (one atomic batch).
+    async fn repair(&mut self) {
+        let Some(device) = &self.device else {
+            return;
+        };
+        if !self.programmed.is_member()
+            || self
+                .programmed
+                .settings
+                .as_ref()
+                .is_some_and(|s| s.disabled)
+        {
+            return;
+        }
+        let programmed = self.programmed.clone();
+        let name = device.name().to_owned();
+        let routing = match self.routing_of(&programmed, &name).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "checking the node's routes failed");
+                return;
+            }
+        };
+        match self.routing.sync(&routing).await {
+            Ok(changed) if !changed.is_empty() => {
+                self.metrics.repaired();
+                tracing::warn!(
+                    ?changed,
+                    "routes, guards or rules of the mesh were removed by something else; put back"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "putting the node's routes back failed"),
+        }
+        if let Some(rules) = &self.node_rules
+            && let Err(e) = crate::netfilter::apply(Some(rules)).await
+        {
+            tracing::warn!(error = %e, "writing the node's nftables rules again failed");
+        }
+    }
+
     /// The tunnel's MTU: the mesh's, or the underlay's less WireGuard's overhead.
     async fn tunnel_mtu(&self, settings: &pb::MeshSettings) -> Result<u32> {
         Ok(match settings.mtu {
@@ -612,9 +670,12 @@ impl Agent {
     async fn wait_observing(&mut self, wait: Duration) {
         let until = tokio::time::Instant::now() + wait;
         let mut tick = tokio::time::interval(Duration::from_secs(self.args.report_interval.max(1)));
+        let mut repair =
+            tokio::time::interval_at(tokio::time::Instant::now() + REPAIR_EVERY, REPAIR_EVERY);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return,
+                _ = repair.tick() => self.repair().await,
                 _ = tick.tick() => {
                     if let Err(e) = self.observe().await {
                         tracing::debug!(error = %e, "reading the device for metrics failed");

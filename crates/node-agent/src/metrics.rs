@@ -28,6 +28,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "wgmesh_agent_peers",
     "wgmesh_agent_updates_total",
     "wgmesh_agent_refused_updates_total",
+    "wgmesh_agent_repairs_total",
     "wgmesh_agent_peer_receive_bytes_total",
     "wgmesh_agent_peer_transmit_bytes_total",
     "wgmesh_agent_peer_last_handshake_timestamp_seconds",
@@ -84,6 +85,7 @@ struct Inner {
     peers: Gauge,
     updates: Counter,
     refused: Counter,
+    repairs: Counter,
     rx: Family<Labels, Counter>,
     tx: Family<Labels, Counter>,
     handshake: Family<Labels, Gauge>,
@@ -104,6 +106,7 @@ impl Default for Metrics {
             peers: Gauge::default(),
             updates: Counter::default(),
             refused: Counter::default(),
+            repairs: Counter::default(),
             rx: Family::default(),
             tx: Family::default(),
             handshake: Family::default(),
@@ -135,6 +138,11 @@ impl Default for Metrics {
             "refused_updates",
             "Updates not programmed because they would have wiped the data plane without the mesh saying so",
             inner.refused.clone(),
+        );
+        r.register(
+            "repairs",
+            "Times routes, guards or rules of the mesh were found removed by something else and put back",
+            inner.repairs.clone(),
         );
         r.register(
             "peer_receive_bytes",
@@ -199,6 +207,9 @@ impl Metrics {
     }
     pub fn update_refused(&self) {
         self.inner.refused.inc();
+    }
+    pub fn repaired(&self) {
+        self.inner.repairs.inc();
     }
 
     /// Takes one reading of every peer on the device: the series of peers no longer there

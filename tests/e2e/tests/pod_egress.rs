@@ -115,6 +115,53 @@ async fn e2e_pod_egress_addon_mode_leaves_it_to_the_other_cni() -> Result<()> {
         seen.contains(&node.pod_ip),
         "the outside host sees the pod's own address: {seen}"
     );
+
+    // Something else removes the mesh's rule, a guard and the nftables table (as
+    // systemd-networkd does with rules and routes it did not make, or `nft flush ruleset`):
+    // the agent puts them back on its own, with no change of the mesh.
+    let rule = node
+        .ns
+        .ip(&["rule", "show"])?
+        .lines()
+        .find(|l| l.contains("lookup 51820"))
+        .map(str::to_owned)
+        .context("the mesh's rule")?;
+    let priority = rule.split(':').next().unwrap_or_default().trim().to_owned();
+    let guard = node
+        .ns
+        .ip(&["route", "show", "table", "51820"])?
+        .lines()
+        .find(|l| l.starts_with("blackhole"))
+        .map(str::to_owned)
+        .context("a guard route")?;
+    node.ns
+        .ip(&["rule", "del", "priority", &priority, "table", "51820"])?;
+    let guard_args: Vec<&str> = guard.split_whitespace().collect();
+    let mut del = vec!["route", "del", "table", "51820"];
+    del.extend(&guard_args);
+    node.ns.ip(&del)?;
+    let had_table = node
+        .ns
+        .exec("nft", &["list", "table", "inet", "wgmesh"])
+        .is_ok();
+    if had_table {
+        node.ns
+            .exec("nft", &["delete", "table", "inet", "wgmesh"])?;
+    }
+    eventually("the rule, the guard and the table back", || {
+        let rules = node.ns.ip(&["rule", "show"])?;
+        let routes = node.ns.ip(&["route", "show", "table", "51820"])?;
+        if !rules.contains("lookup 51820") {
+            bail!("no rule yet:\n{rules}");
+        }
+        if !routes.lines().any(|l| l.trim() == guard.trim()) {
+            bail!("no guard {guard} yet:\n{routes}");
+        }
+        if had_table {
+            node.ns.exec("nft", &["list", "table", "inet", "wgmesh"])?;
+        }
+        Ok(())
+    })?;
     Ok(())
 }
 
