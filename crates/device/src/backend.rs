@@ -4,7 +4,10 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::kernel::{KernelDevice, KernelSupport, kernel_wireguard_available};
+use super::kernel::{
+    ExistingLink, KernelDevice, KernelSupport, delete_link, existing_link,
+    kernel_wireguard_available,
+};
 use super::userspace::UserspaceDevice;
 use super::{DeviceChange, DeviceState, Error, InterfaceConfig};
 
@@ -72,13 +75,41 @@ impl Device {
     /// namespace. `Auto` probes the kernel and falls back to the userspace device, saying why
     /// in one log line; `Kernel` fails with [`Error::KernelUnavailable`] when the kernel
     /// has no WireGuard.
+    ///
+    /// An interface of the name that is the other backend's device (the mesh's `backend`
+    /// changed, or `auto` found the kernel module loaded since) is replaced when a backend
+    /// is asked for by name, the guard routes dropping the mesh's traffic meanwhile; `auto`
+    /// keeps whichever device is there, so a restart changes nothing.
     pub async fn open(requested: Requested, config: InterfaceConfig) -> Result<Device, Error> {
+        let existing = existing_link(&config.name).await.unwrap_or(None);
+        let name = config.name.clone();
+        let replace = |kind: ExistingLink| {
+            let name = name.clone();
+            async move {
+                tracing::warn!(interface = %name, "replacing the other backend's device ({kind:?}) of this name; the guard routes drop the mesh's traffic meanwhile");
+                delete_link(&name).await
+            }
+        };
         match requested {
-            Requested::Userspace => Ok(Device::Userspace(UserspaceDevice::create(config)?)),
+            Requested::Userspace => {
+                if existing == Some(ExistingLink::Wireguard) {
+                    replace(ExistingLink::Wireguard).await?;
+                }
+                Ok(Device::Userspace(UserspaceDevice::create(config)?))
+            }
             Requested::Kernel => match kernel_wireguard_available().await? {
-                KernelSupport::Available => Ok(Device::Kernel(KernelDevice::create(config).await?)),
+                KernelSupport::Available => {
+                    if existing == Some(ExistingLink::Tun) {
+                        replace(ExistingLink::Tun).await?;
+                    }
+                    Ok(Device::Kernel(KernelDevice::create(config).await?))
+                }
                 KernelSupport::Unavailable(reason) => Err(Error::KernelUnavailable(reason)),
             },
+            Requested::Auto if existing == Some(ExistingLink::Tun) => {
+                tracing::info!(interface = %config.name, "the userspace device of a previous run is there; keeping it");
+                Ok(Device::Userspace(UserspaceDevice::create(config)?))
+            }
             Requested::Auto => {
                 let reason = match kernel_wireguard_available().await {
                     Ok(KernelSupport::Available) => {

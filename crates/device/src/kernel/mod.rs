@@ -33,6 +33,39 @@ pub fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
     })
 }
 
+/// The WireGuard device already behind an interface name: a kernel link or the userspace
+/// device's persistent TUN (a previous run's), or something else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExistingLink {
+    Wireguard,
+    Tun,
+    Other,
+}
+
+/// What `name` is now, if it exists.
+pub async fn existing_link(name: &str) -> Result<Option<ExistingLink>, Error> {
+    let (rtnl, task) = rtnl_connection()?;
+    let _abort = AbortOnDrop(task);
+    let link = link_by_name(&rtnl, name)
+        .await
+        .map_err(|e| netlink_err(format!("looking up the link {name}"), e))?;
+    Ok(link.map(|l| match link_kind(&l) {
+        Some(InfoKind::Wireguard) => ExistingLink::Wireguard,
+        Some(InfoKind::Tun) => ExistingLink::Tun,
+        _ => ExistingLink::Other,
+    }))
+}
+
+/// Deletes the link `name` (only ever one [`existing_link`] found to be a WireGuard device
+/// of the other kind).
+pub async fn delete_link(name: &str) -> Result<(), Error> {
+    let (rtnl, task) = rtnl_connection()?;
+    let _abort = AbortOnDrop(task);
+    delete_link_by_name(&rtnl, name)
+        .await
+        .map_err(|e| netlink_err(format!("deleting the link {name}"), e))
+}
+
 /// Whether this kernel can host WireGuard links.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelSupport {
