@@ -515,10 +515,22 @@ impl Agent {
         // leaves them dropping traffic, not sending it in plaintext). Plaintext fallback: a
         // userspace interface goes with the process, and the node's other routes take over.
         device.keep_after_exit(!settings.plaintext_fallback)?;
-        let mut wanted: Vec<PeerConfig> = Vec::with_capacity(desired.peers.len());
-        for peer in desired.peers.values() {
-            wanted.push(peer_config(peer, resolve(peer.endpoint.as_deref()).await));
-        }
+        // Names are resolved all at once: one after another, a few unreachable names (the
+        // cluster's DNS may be behind tunnels not programmed yet) held every change for
+        // their timeouts added up.
+        let endpoints = futures::future::join_all(
+            desired
+                .peers
+                .values()
+                .map(|peer| resolve(peer.endpoint.as_deref())),
+        )
+        .await;
+        let wanted: Vec<PeerConfig> = desired
+            .peers
+            .values()
+            .zip(endpoints)
+            .map(|(peer, endpoint)| peer_config(peer, endpoint))
+            .collect();
         let observed = device.observe().await?;
         let port = u16::try_from(settings.listen_port).unwrap_or(0);
         let changes = device_changes(&observed, &wanted, &self.last_wanted, port, settings.fwmark);
@@ -817,6 +829,10 @@ fn is_dns_endpoint(endpoint: &str) -> bool {
     endpoint.parse::<SocketAddr>().is_err()
 }
 
+/// How long a peer's DNS endpoint may take to resolve before the peer is programmed without
+/// it (its packets then teach the device where it is).
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// `ip:port` or `[v6]:port` directly; `host:port` through the resolver. Unresolvable: none
 /// (the peer is then answered wherever it comes from).
 async fn resolve(endpoint: Option<&str>) -> Option<SocketAddr> {
@@ -824,10 +840,14 @@ async fn resolve(endpoint: Option<&str>) -> Option<SocketAddr> {
     if let Ok(addr) = endpoint.parse() {
         return Some(addr);
     }
-    match tokio::net::lookup_host(endpoint).await {
-        Ok(mut addrs) => addrs.next(),
-        Err(e) => {
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(endpoint)).await {
+        Ok(Ok(mut addrs)) => addrs.next(),
+        Ok(Err(e)) => {
             tracing::warn!(endpoint, error = %e, "cannot resolve a peer endpoint");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(endpoint, "resolving a peer endpoint timed out");
             None
         }
     }
