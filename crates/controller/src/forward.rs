@@ -28,14 +28,17 @@ pub const STREAM_ORIGIN: &str = "x-wgmesh-stream-origin";
 const HOLDER_TTL: Duration = Duration::from_secs(5);
 
 /// While this replica does not hold the lease, tells each new holder which agents have
-/// their peer stream here: the holder judges gateways down from streams closing, and one
-/// it never heard of opening would count as down once [`crate::liveness::UNSEEN`] passed.
+/// their peer stream here, and tells it again every
+/// [`crate::liveness::REMOTE_COUNT_REFRESH`]: the holder judges gateways down from streams
+/// closing (one it never heard of opening would count as down once
+/// [`crate::liveness::UNSEEN`] passed), and stops believing counts not told again (a
+/// replica that died cannot say its streams closed).
 pub async fn announce_streams_to_new_holders(
     forwarder: std::sync::Arc<Forwarder>,
     reports: std::sync::Arc<crate::reports::Reports>,
     leader: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut announced_to: Option<String> = None;
+    let mut announced_to: Option<(String, Instant)> = None;
     let mut tick = tokio::time::interval(HOLDER_TTL);
     loop {
         tick.tick().await;
@@ -46,9 +49,12 @@ pub async fn announce_streams_to_new_holders(
         let Ok(holder) = forwarder.holder().await else {
             continue;
         };
-        if announced_to.as_deref() == Some(holder.as_str()) {
+        if announced_to.as_ref().is_some_and(|(to, at)| {
+            *to == holder && at.elapsed() < crate::liveness::REMOTE_COUNT_REFRESH
+        }) {
             continue;
         }
+        let started = Instant::now();
         let mut all_sent = true;
         for (mesh, node) in reports.liveness.open_here() {
             let open = reports.liveness.local_streams(&mesh, &node);
@@ -62,7 +68,7 @@ pub async fn announce_streams_to_new_holders(
             }
         }
         if all_sent {
-            announced_to = Some(holder);
+            announced_to = Some((holder, started));
         }
     }
 }
@@ -198,12 +204,14 @@ impl Forwarder {
             .domain_name(server_name)
     }
 
-    /// Sends the report (or, with `stream_event`, only that an agent's stream opened or
-    /// closed) to the lease holder, unless this replica holds the lease.
+    /// Sends the report to the lease holder, unless this replica holds the lease.
     pub async fn forward(&self, report: pb::ReportStatusRequest) -> Result<(), Status> {
         self.send(report, None).await
     }
 
+    /// Sends the report (or, with `stream_event`, only that an agent's stream opened or
+    /// closed and how many it has open here now) to the lease holder, unless this replica
+    /// holds the lease.
     async fn send(
         &self,
         report: pb::ReportStatusRequest,

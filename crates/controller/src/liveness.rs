@@ -21,6 +21,12 @@ pub type Limit = Duration;
 /// controller restart every agent reconnects well within it (backoff at most 30 s).
 pub const UNSEEN: Duration = Duration::from_secs(120);
 
+/// How often a replica tells the lease holder again every count of open streams it has, and
+/// how long the holder believes a count it was not told again: a replica that died (or
+/// restarted under a new identity) cannot say its streams closed.
+pub const REMOTE_COUNT_REFRESH: Duration = Duration::from_secs(60);
+const REMOTE_COUNT_TRUSTED: Duration = Duration::from_secs(180);
+
 /// What happened to an agent's peer stream; forwarded between replicas by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamEvent {
@@ -57,6 +63,9 @@ struct Seen {
     last_heard: Instant,
     local_streams: u32,
     remote_streams: u32,
+    /// Until when the other replicas' counts (`remote_streams`) are believed without being
+    /// told again; `None` for counts from replicas that tell events, not counts.
+    remote_trusted_until: Option<Instant>,
     /// When its last stream closed, if none is open.
     closed_at: Option<Instant>,
 }
@@ -67,6 +76,7 @@ impl Seen {
             last_heard: now,
             local_streams: 0,
             remote_streams: 0,
+            remote_trusted_until: None,
             closed_at: None,
         }
     }
@@ -79,13 +89,17 @@ impl Seen {
     }
 }
 
+/// By replica identity: the streams an agent has open there, and when the replica said so.
+type RemoteCounts = HashMap<String, (u32, Instant)>;
+
 #[derive(Default)]
 pub struct Liveness {
     /// (mesh, node) -> what this replica saw of the node's agent.
     seen: Mutex<HashMap<(String, String), Seen>>,
-    /// (mesh, node) -> the streams each other replica says the agent has open there, by the
-    /// replica's identity ([`Liveness::remote_streams`]); `Seen::remote_streams` is their sum.
-    remote: Mutex<HashMap<(String, String), HashMap<String, u32>>>,
+    /// (mesh, node) -> the streams each other replica says the agent has open there, and
+    /// when it said so, by the replica's identity ([`Liveness::remote_streams`]);
+    /// `Seen::remote_streams` is their sum.
+    remote: Mutex<HashMap<(String, String), RemoteCounts>>,
 }
 
 impl Liveness {
@@ -139,17 +153,34 @@ impl Liveness {
             if open == 0 {
                 by_origin.remove(origin);
             } else {
-                by_origin.insert(origin.to_owned(), open);
+                by_origin.insert(origin.to_owned(), (open, now));
             }
-            let total = by_origin.values().fold(0u32, |a, n| a.saturating_add(*n));
+            // A replica that stopped telling (it died) is not believed any more.
+            by_origin
+                .retain(|_, (_, told)| now.saturating_duration_since(*told) < REMOTE_COUNT_TRUSTED);
+            let total = remote_total(by_origin);
+            let trusted_until = by_origin
+                .values()
+                .map(|(_, told)| *told + REMOTE_COUNT_TRUSTED)
+                .max();
             if by_origin.is_empty() {
                 remote.remove(&key);
             }
-            total
+            (total, trusted_until)
         };
+        self.set_remote_total(key, total, now);
+    }
+
+    fn set_remote_total(
+        &self,
+        key: (String, String),
+        (total, trusted_until): (u32, Option<Instant>),
+        now: Instant,
+    ) {
         let mut seen = self.seen.lock().expect("liveness lock");
         let s = seen.entry(key).or_insert(Seen::new(now));
         s.remote_streams = total;
+        s.remote_trusted_until = trusted_until;
         if s.local_streams + s.remote_streams > 0 {
             s.last_heard = now;
             s.closed_at = None;
@@ -181,6 +212,7 @@ impl Liveness {
         let mut seen = self.seen.lock().expect("liveness lock");
         for s in seen.values_mut() {
             s.remote_streams = 0;
+            s.remote_trusted_until = None;
         }
     }
 
@@ -235,6 +267,12 @@ impl Liveness {
     }
 }
 
+fn remote_total(by_origin: &RemoteCounts) -> u32 {
+    by_origin
+        .values()
+        .fold(0u32, |a, (n, _)| a.saturating_add(*n))
+}
+
 /// When an agent seen as `s` is down unless heard from before: once its last stream closed,
 /// or, never seen, at `unseen_after`; `None` while a stream is open.
 fn down_at(s: Option<Seen>, limit: Limit, unseen_after: Instant) -> Option<Instant> {
@@ -246,6 +284,12 @@ fn down_at(s: Option<Seen>, limit: Limit, unseen_after: Instant) -> Option<Insta
         Some(closed) if s.local_streams + s.remote_streams == 0 && s.last_heard <= closed => {
             Some(closed + limit)
         }
+        // Open only elsewhere, as a replica last said: closed once that is no longer
+        // believed, unless heard of since.
+        _ if s.local_streams == 0 && s.remote_streams > 0 => s
+            .remote_trusted_until
+            .filter(|until| s.last_heard <= *until)
+            .map(|until| until + limit),
         _ => None,
     }
 }
@@ -327,9 +371,13 @@ mod tests {
                 true,
             ),
             (
-                "counted open elsewhere",
-                vec![(Count("r1", 1), 0)],
-                1000,
+                "counted open elsewhere, told again in time",
+                vec![
+                    (Count("r1", 1), 0),
+                    (Count("r1", 1), 60),
+                    (Count("r1", 1), 120),
+                ],
+                290,
                 false,
             ),
             (
@@ -355,13 +403,19 @@ mod tests {
                 true,
             ),
             (
+                "counted open by a replica that said nothing since (it died)",
+                vec![(Count("r1", 1), 0)],
+                300,
+                true,
+            ),
+            (
                 "open on two replicas, closed on one",
                 vec![
                     (Count("r1", 1), 0),
                     (Count("r2", 1), 1),
                     (Count("r1", 0), 3),
                 ],
-                1000,
+                100,
                 false,
             ),
         ];
