@@ -305,14 +305,27 @@ impl Routing {
         let plan = plan_rules(&plain, &cfg.rules, &rule_families(cfg));
         // The new rules first: between deleting a rule and adding its replacement (a new
         // fwmark or table) nothing would send mesh traffic to the table, and its guards
-        // with it.
+        // with it. The kernel takes a rule that differs from an old one only in `not` for
+        // the same rule (EEXIST): that one is added once the old one is gone.
+        let mut after_delete = Vec::new();
         for (w, family) in plan.add {
-            self.add_rule(&cfg.rules[w], family).await?;
-            changes.rules_added += 1;
+            match self.add_rule(&cfg.rules[w], family).await {
+                Ok(()) => changes.rules_added += 1,
+                Err(RoutingError::Netlink { source, .. })
+                    if source.kind() == io::ErrorKind::AlreadyExists =>
+                {
+                    after_delete.push((w, family));
+                }
+                Err(e) => return Err(e),
+            }
         }
         for i in plan.delete {
             self.delete_rule(&rules[i].1).await?;
             changes.rules_removed += 1;
+        }
+        for (w, family) in after_delete {
+            self.add_rule(&cfg.rules[w], family).await?;
+            changes.rules_added += 1;
         }
 
         for i in special_plan.delete {
