@@ -234,10 +234,10 @@ impl MeshService for MeshServer {
         let (name, existing) = self.node_peer_slot(&req.mesh, &node)?;
         let api: Api<WireGuardPeer> = Api::all(self.client.clone());
         self.check_key_is_free(&key, &name, &req.node).await?;
-        if existing
+        let key_changed = existing
             .as_ref()
-            .is_some_and(|e| e.spec.public_key != key.to_base64())
-        {
+            .is_some_and(|e| e.spec.public_key != key.to_base64());
+        if key_changed {
             self.charge_key_change(&req.node)?;
         }
         let registered = endpoint_string(address, port);
@@ -274,9 +274,7 @@ impl MeshService for MeshServer {
                 self.metrics.error("register");
                 Status::unavailable(format!("writing WireGuardPeer {name}: {e}"))
             })?;
-        if let Some(old) = existing.as_ref().map(|e| e.spec.public_key.clone())
-            && old != key.to_base64()
-        {
+        if key_changed {
             tracing::info!(node = %req.node, peer = %name, "node registered a new public key");
             let event = Event {
                 type_: EventType::Normal,

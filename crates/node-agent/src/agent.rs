@@ -191,10 +191,7 @@ impl Agent {
                     // mesh said left (deleted, deselected, mesh gone) waits for the stream to
                     // say it may register again (its departure turns NotRegistered), rather
                     // than asking every few seconds.
-                    let port_moved = self.registered_port != 0
-                        && self.registered_port != listen_port(&self.desired)
-                        && self.desired.is_member();
-                    if self.registration_due() || port_moved {
+                    if self.registration_due() || self.port_moved() {
                         let port = listen_port(&self.desired);
                         if let Err(e) = self.register(&mut client, port).await {
                             tracing::debug!(error = %e, "not a member of the mesh yet");
@@ -237,11 +234,8 @@ impl Agent {
                             self.refused = why;
                         }
                     }
-                    let port = listen_port(&self.desired);
-                    if self.registered_port != 0
-                        && self.registered_port != port
-                        && self.desired.is_member()
-                    {
+                    if self.port_moved() {
+                        let port = listen_port(&self.desired);
                         // The mesh moved to another port (the device listens there now):
                         // the other members must be told the endpoint with it.
                         tracing::info!(from = self.registered_port, to = port, "the mesh's listen port changed; registering the new endpoint");
@@ -288,6 +282,14 @@ impl Agent {
     /// Whether to (re)register: not a member, and not told by the mesh that this node left it.
     fn registration_due(&self) -> bool {
         !self.desired.is_member() && !self.desired.departure.ends_membership()
+    }
+
+    /// Whether the mesh's listen port moved since this member registered (the device listens
+    /// on the new one; the other members must be told).
+    fn port_moved(&self) -> bool {
+        self.registered_port != 0
+            && self.registered_port != listen_port(&self.desired)
+            && self.desired.is_member()
     }
 
     /// A new private key, as the Node's rotation annotation asked: kept on disk first, then on
