@@ -450,6 +450,19 @@ fn owns(replica: &Controller, holder: &str) -> bool {
     holder.split('@').next() == Some(replica.identity.as_str())
 }
 
+/// Waits until one of `replicas` holds the lease; returns the holder's identity.
+async fn holder_among(client: &kube::Client, replicas: &[Controller]) -> Result<String> {
+    eventually(WAIT, "a replica holding the lease", || async move {
+        let h = lease_holder(client).await?;
+        Ok(if replicas.iter().any(|r| owns(r, &h)) {
+            Break(h)
+        } else {
+            Continue(h)
+        })
+    })
+    .await
+}
+
 async fn lease_holder(client: &kube::Client) -> Result<String> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     Ok(leases
@@ -501,16 +514,7 @@ async fn restarts_and_failover_lose_nothing() -> Result<()> {
     // Two replicas: kill the lease holder; the other takes the lease and keeps writing.
     let c3 = fx.controller("c3").await?;
     let mut replicas = vec![c2, c3];
-    let (client, candidates) = (&fx.client, &replicas);
-    let holder = eventually(WAIT, "a replica holding the lease", || async move {
-        let h = lease_holder(client).await?;
-        Ok(if candidates.iter().any(|r| owns(r, &h)) {
-            Break(h)
-        } else {
-            Continue(h)
-        })
-    })
-    .await?;
+    let holder = holder_among(&fx.client, &replicas).await?;
     let leader_index = replicas.iter().position(|r| owns(r, &holder)).unwrap();
     let mut leader = replicas.remove(leader_index);
     let survivor = replicas.pop().unwrap();
@@ -1353,16 +1357,7 @@ async fn a_node_changing_its_key_in_a_loop_is_slowed_down() -> Result<()> {
 async fn a_gateway_streaming_to_another_replica_fails_over_when_its_stream_closes() -> Result<()> {
     let fx = Fixture::new().await?;
     let replicas = [fx.controller("c1").await?, fx.controller("c2").await?];
-    let (client, candidates) = (&fx.client, &replicas);
-    let holder = eventually(WAIT, "a replica holding the lease", || async move {
-        let h = lease_holder(client).await?;
-        Ok(if candidates.iter().any(|r| owns(r, &h)) {
-            Break(h)
-        } else {
-            Continue(h)
-        })
-    })
-    .await?;
+    let holder = holder_among(&fx.client, &replicas).await?;
     let (leader, other) = if owns(&replicas[0], &holder) {
         (&replicas[0], &replicas[1])
     } else {

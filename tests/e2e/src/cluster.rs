@@ -167,6 +167,15 @@ pub async fn bound_token(
         .context("TokenRequest returned no token")
 }
 
+/// A token of the agent pod already running on `node` (`wgmesh-agent-<node>`), bound to it as
+/// its kubelet projects it.
+pub async fn running_agent_token(client: &kube::Client, node: &str) -> Result<String> {
+    let pod = Api::<Pod>::namespaced(client.clone(), AGENT_NAMESPACE)
+        .get(&format!("wgmesh-agent-{node}"))
+        .await?;
+    bound_token(client, AGENT_SERVICE_ACCOUNT, &pod, TOKEN_AUDIENCE).await
+}
+
 /// An agent identity on `node`: a pod of the agent service account there, and its token.
 pub async fn agent_token(client: &kube::Client, node: &str) -> Result<String> {
     ensure_agent_identity(client).await?;

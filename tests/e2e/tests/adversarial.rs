@@ -226,19 +226,7 @@ async fn a_rogue_node_a_hostile_peer_author_and_a_local_user_change_nothing() ->
 
     // --- A rogue agent with node-1's real (pod-bound, projected) token ---
     // A token of node-1's agent pod, as its kubelet projects it.
-    let agent_pod = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(
-        client.clone(),
-        cluster::AGENT_NAMESPACE,
-    )
-    .get("wgmesh-agent-node-1")
-    .await?;
-    let token = cluster::bound_token(
-        &client,
-        cluster::AGENT_SERVICE_ACCOUNT,
-        &agent_pod,
-        cluster::TOKEN_AUDIENCE,
-    )
-    .await?;
+    let token = cluster::running_agent_token(&client, "node-1").await?;
     let channel = controller_channel(&mesh).await?;
     let node1_ip = mesh.nodes[0].node_ip.clone();
     let sim = |node: &str, mesh_name: &str, key: [u8; 32]| {
@@ -373,19 +361,7 @@ async fn a_rogue_node_a_hostile_peer_author_and_a_local_user_change_nothing() ->
     // A gateway that is not the active one (node-1 is, the first by name) saying where it saw
     // the laptop, even at an address nobody else has: only the active gateway's word moves a
     // roaming external peer.
-    let node2_pod = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(
-        client.clone(),
-        cluster::AGENT_NAMESPACE,
-    )
-    .get("wgmesh-agent-node-2")
-    .await?;
-    let node2_token = cluster::bound_token(
-        &client,
-        cluster::AGENT_SERVICE_ACCOUNT,
-        &node2_pod,
-        cluster::TOKEN_AUDIENCE,
-    )
-    .await?;
+    let node2_token = cluster::running_agent_token(&client, "node-2").await?;
     let forged = laptop_seen_at("203.0.113.9:51820".into());
     let seen_now = move || {
         let mut seen = forged.clone();
