@@ -436,11 +436,24 @@ impl Agent {
         self.routing
             .cleanup(&interface, self.args.network.route_table, &routing.rules)
             .await?;
+        let net = &self.args.network;
+        crate::cni::gate::sync(&net.cni_conf_dir, &net.cni_run_dir, false).map_err(|source| {
+            Error::Write {
+                path: net
+                    .cni_conf_dir
+                    .join(crate::cni::gate::GATE_FILE)
+                    .display()
+                    .to_string(),
+                source,
+            }
+        })?;
         if self.args.network.network_mode == NetworkMode::Cni {
             let dir = &self.args.network.cni_conf_dir;
-            crate::cni::remove_conflist(dir).map_err(|source| Error::Write {
-                path: crate::cni::conflist_path(dir).display().to_string(),
-                source,
+            crate::cni::remove_conflist(dir, &self.args.network.cni_run_dir).map_err(|source| {
+                Error::Write {
+                    path: crate::cni::conflist_path(dir).display().to_string(),
+                    source,
+                }
             })?;
             // Best effort: a bridge left behind must not keep the node from saying it left.
             let bridge = &self.args.network.cni_bridge;
@@ -553,8 +566,9 @@ impl Agent {
             tracing::info!(?changed, "routes updated");
         }
         let mtu = self.tunnel_mtu(&settings).await?;
-        if self.args.network.network_mode == NetworkMode::Cni {
-            self.write_cni_config(mtu, desired).await?;
+        match self.args.network.network_mode {
+            NetworkMode::Cni => self.write_cni_config(mtu, desired).await?,
+            NetworkMode::Addon => self.sync_pod_gate(&settings),
         }
         let net = &self.args.network;
         let rules = NodeRules {
@@ -629,16 +643,39 @@ impl Agent {
                 return;
             }
         };
-        match self.routing.sync(&routing).await {
-            Ok(changed) if !changed.is_empty() => {
-                self.metrics.repaired();
-                tracing::warn!(
-                    ?changed,
-                    "routes, guards or rules of the mesh were removed by something else; put back"
-                );
+        let routed = match self.routing.sync(&routing).await {
+            Ok(changed) => {
+                if !changed.is_empty() {
+                    self.metrics.repaired();
+                    tracing::warn!(
+                        ?changed,
+                        "routes, guards or rules of the mesh were removed by something else; put back"
+                    );
+                }
+                true
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "putting the node's routes back failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "putting the node's routes back failed");
+                false
+            }
+        };
+        // The CNI configuration (its content in /run) is written again only over routes and
+        // guards in place.
+        if routed {
+            let settings = programmed.settings.clone().unwrap_or_default();
+            match self.args.network.network_mode {
+                NetworkMode::Cni if !programmed.pod_cidrs.is_empty() => {
+                    let written = match self.tunnel_mtu(&settings).await {
+                        Ok(mtu) => self.write_cni_config(mtu, &programmed).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = written {
+                        tracing::warn!(error = %e, "writing the CNI configuration again failed");
+                    }
+                }
+                NetworkMode::Cni => {}
+                NetworkMode::Addon => self.sync_pod_gate(&settings),
+            }
         }
         if let Some(rules) = &self.node_rules
             && let Err(e) = crate::netfilter::apply(Some(rules)).await
@@ -665,17 +702,50 @@ impl Agent {
         let net = &self.args.network;
         let conflist = crate::cni::conflist(&desired.pod_cidrs, mtu, &net.cni_bridge);
         let path = crate::cni::conflist_path(&net.cni_conf_dir);
-        let written =
-            crate::cni::write_conflist(&net.cni_conf_dir, &conflist).map_err(|source| {
-                Error::Write {
-                    path: path.display().to_string(),
-                    source,
-                }
+        let written = crate::cni::write_conflist(&net.cni_conf_dir, &net.cni_run_dir, &conflist)
+            .map_err(|source| Error::Write {
+                path: path.display().to_string(),
+                source,
             })?;
         if written {
-            tracing::info!(path = %path.display(), pod_cidrs = ?desired.pod_cidrs, mtu, "CNI configuration written");
+            tracing::info!(path = %path.display(), content = %net.cni_run_dir.display(), pod_cidrs = ?desired.pod_cidrs, mtu, "CNI configuration written");
         }
         Ok(())
+    }
+
+    /// Add-on mode: the copy of the other CNI's configuration that keeps pods from starting
+    /// after a reboot before the node is programmed (`cni::gate`), for a strict mesh. A
+    /// failure is logged: the tunnels do not depend on it.
+    fn sync_pod_gate(&self, settings: &pb::MeshSettings) {
+        use crate::cni::gate::{self, Outcome};
+        let net = &self.args.network;
+        let wanted = !settings.plaintext_fallback;
+        match gate::sync(&net.cni_conf_dir, &net.cni_run_dir, wanted) {
+            Ok(outcome) => {
+                if outcome.shadowed() {
+                    tracing::warn!(
+                        ?outcome,
+                        gate = gate::GATE_FILE,
+                        "another CNI configuration sorts before the pods' gate: after a reboot, pods may start before the node is programmed"
+                    );
+                }
+                match outcome {
+                    Outcome::Written { from } => {
+                        tracing::info!(%from, gate = gate::GATE_FILE, "pods' gate written: a copy of the pod network's configuration, gone on a reboot until the node is programmed")
+                    }
+                    Outcome::Absent { removed: true } => {
+                        tracing::info!(gate = gate::GATE_FILE, wanted, "pods' gate removed")
+                    }
+                    Outcome::Unreadable { error } => {
+                        tracing::warn!(%error, "the pod network's configuration cannot be read; the pods' gate stays as it was")
+                    }
+                    Outcome::Unchanged { .. } | Outcome::Absent { removed: false } => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %net.cni_conf_dir.display(), "could not write the pods' gate")
+            }
+        }
     }
 
     /// Waits `wait` between two attempts to reach the controller, keeping the per-peer

@@ -123,9 +123,16 @@ pub struct NetworkArgs {
     #[arg(long, env = "WGMESH_ROUTE_RULE_PRIORITY", default_value_t = 5210)]
     pub route_rule_priority: u32,
 
-    /// Directory the conflist is written to in CNI mode.
+    /// The container runtime's CNI configuration directory: the conflist's link in CNI mode,
+    /// the pods' gate (a copy of the other CNI's configuration) in add-on mode.
     #[arg(long, env = "WGMESH_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
+
+    /// Where the content of those links is written: a directory a reboot empties (tmpfs), at
+    /// the same absolute path for the agent and the container runtime. After a reboot the
+    /// runtime has no pod network until the agent has programmed the node.
+    #[arg(long, env = "WGMESH_CNI_RUN_DIR", default_value = "/run/wgmesh/cni")]
+    pub cni_run_dir: PathBuf,
 
     /// Name of the pods' bridge in CNI mode.
     #[arg(long, env = "WGMESH_CNI_BRIDGE", default_value = "wgmesh-br0")]
@@ -175,9 +182,14 @@ pub struct CleanupArgs {
     #[arg(long, env = "WGMESH_STATE_DIR", default_value = "/var/lib/wgmesh")]
     pub state_dir: PathBuf,
 
-    /// Directory of the CNI conflist written in CNI mode, removed if it is there.
+    /// The CNI configuration directory: the conflist (CNI mode) and the pods' gate (add-on
+    /// mode) are removed from it.
     #[arg(long, env = "WGMESH_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
+
+    /// Where their content is, removed too.
+    #[arg(long, env = "WGMESH_CNI_RUN_DIR", default_value = "/run/wgmesh/cni")]
+    pub cni_run_dir: PathBuf,
 
     /// The pods' bridge of CNI mode, removed if no interface is attached to it.
     #[arg(long, env = "WGMESH_CNI_BRIDGE", default_value = "wgmesh-br0")]

@@ -62,8 +62,12 @@ async fn cleanup(args: &wgmesh_agent::config::CleanupArgs) -> anyhow::Result<()>
         "removed the interface (with its addresses), wgmesh's routes via it, its guard and throw routes (main table and table {}) and its rules",
         args.route_table
     );
-    if wgmesh_agent::cni::remove_conflist(&args.cni_conf_dir)? {
+    if wgmesh_agent::cni::remove_conflist(&args.cni_conf_dir, &args.cni_run_dir)? {
         tracing::info!(path = %wgmesh_agent::cni::conflist_path(&args.cni_conf_dir).display(), "removed the CNI configuration");
+    }
+    let gate = wgmesh_agent::cni::gate::sync(&args.cni_conf_dir, &args.cni_run_dir, false)?;
+    if gate == (wgmesh_agent::cni::gate::Outcome::Absent { removed: true }) {
+        tracing::info!(path = %args.cni_conf_dir.join(wgmesh_agent::cni::gate::GATE_FILE).display(), "removed the pods' gate (add-on mode)");
     }
     wgmesh_agent::netfilter::apply(None).await?;
     tracing::info!(

@@ -689,18 +689,29 @@ impl TestMesh {
     /// CNI mode: waits for the conflist node `i`'s agent writes, then attaches the pod by
     /// running that conflist's plugins.
     async fn attach_pod_from_agent_conflist(&mut self, i: usize) -> Result<()> {
-        let path = self.nodes[i].host_root.join(CONFLIST);
+        let host_root = self.nodes[i].host_root.clone();
+        let link = host_root.join(CONFLIST);
+        // The agent links the conflist to its content in /run; the node's /run is under its
+        // root here.
+        let content = || {
+            std::fs::read_link(&link)
+                .ok()
+                .map(|to| host_root.join(to.strip_prefix("/").unwrap_or(&to)))
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !path.exists() {
+        let path = loop {
+            if let Some(p) = content().filter(|p| p.exists()) {
+                break p;
+            }
             if Instant::now() > deadline {
                 bail!(
-                    "node {i}'s agent wrote no {}\n{}",
-                    path.display(),
+                    "node {i}'s agent linked no {} to a conflist\n{}",
+                    link.display(),
                     self.agent_logs(30)
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        };
         let node = &self.nodes[i];
         let data_dir = node.host_root.join("var/lib/cni/networks");
         // The plugins the agent's init container installed on the node.

@@ -537,6 +537,8 @@ fn kernel_vm_in_vm_mesh() -> Result<()> {
             &state.display().to_string(),
             "--cni-conf-dir",
             &work.join("no-cni").display().to_string(),
+            "--cni-run-dir",
+            &work.join("no-cni-run").display().to_string(),
         ],
     )?;
     let gone = nodes[0].ns.ip(&["link", "show", "wgmesh0"]).is_err();

@@ -101,6 +101,11 @@ impl RealAgent {
             .arg(&token_file)
             .arg("--state-dir")
             .arg(&state)
+            // Its own CNI directories: the machine's are not the test's.
+            .arg("--cni-conf-dir")
+            .arg(dir.path().join("cni"))
+            .arg("--cni-run-dir")
+            .arg(dir.path().join("cni-run"))
             .args(["--backend", "userspace"])
             .args(["--endpoint-address", &network.node_ip])
             .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])

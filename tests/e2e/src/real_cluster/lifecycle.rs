@@ -156,9 +156,13 @@ pub fn leftovers(node: &RealNode, interface: &str, bridge: &str) -> Result<Vec<S
     );
     for path in [
         "/etc/cni/net.d/05-wgmesh.conflist",
+        "/run/wgmesh/cni/05-wgmesh.conflist",
+        "/etc/cni/net.d/00-wgmesh-gate.conflist",
+        "/run/wgmesh/cni/00-wgmesh-gate.conflist",
         &format!("/var/run/wireguard/{interface}.sock"),
     ] {
-        if node.host_path(path).exists() {
+        // A link is a leftover even when what it names is gone.
+        if std::fs::symlink_metadata(node.host_path(path)).is_ok() {
             found.push(format!("file {path}"));
         }
     }

@@ -382,6 +382,11 @@ impl VmNode {
             .arg(token)
             .arg("--state-dir")
             .arg(&state)
+            // Each node's own CNI directories (the guest's are shared by every node).
+            .arg("--cni-conf-dir")
+            .arg(state.join("cni"))
+            .arg("--cni-run-dir")
+            .arg(state.join("cni-run"))
             .args(["--report-interval", "2"])
             .env("WGMESH_LOG", "info,wgmesh_agent=debug")
             .env("NO_COLOR", "1");

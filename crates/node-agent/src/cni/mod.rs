@@ -4,6 +4,18 @@
 //! The conflist is a pure function of the node's pod CIDRs and the tunnel's MTU; writing it is
 //! atomic and only happens when its content changes, so the container runtime never reads a
 //! half-written file and an agent restart touches nothing.
+//!
+//! Its content lives in a directory that does not survive a reboot (`/run`), and the CNI
+//! configuration directory holds a symbolic link to it. After a reboot the link dangles, and
+//! the runtime (containerd) has no pod network until the agent has programmed the tunnel,
+//! routes and guards again and written the content: the kubelet starts no pod with a pod
+//! network before then, so no pod can reach another node's pods over the node's plain
+//! routes (a regular file in `/etc/cni/net.d` outlives the reboot and lets pods start at
+//! once). The same holds in add-on mode for a copy of the other CNI's configuration: see
+//! [`gate`].
+
+pub mod gate;
+pub mod linked;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -58,32 +70,18 @@ pub fn conflist(pod_cidrs: &[IpNet], mtu: u32, bridge: &str) -> Value {
     })
 }
 
-/// Writes `content` to `dir/CONFLIST_FILE` through a temporary file and a rename, unless the
-/// file already holds it. Returns whether it wrote.
-pub fn write_conflist(dir: &Path, content: &Value) -> io::Result<bool> {
-    let path = conflist_path(dir);
-    let text = serde_json::to_string_pretty(content).map_err(io::Error::other)? + "\n";
-    if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
-        return Ok(false);
-    }
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{CONFLIST_FILE}.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(true)
-}
-
-/// Removes our conflist (the node left the mesh); true if there was one.
-pub fn remove_conflist(dir: &Path) -> io::Result<bool> {
-    match std::fs::remove_file(conflist_path(dir)) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 pub fn conflist_path(dir: &Path) -> PathBuf {
     dir.join(CONFLIST_FILE)
+}
+
+/// CNI mode: writes the node's conflist ([`linked::write`]); true if it wrote.
+pub fn write_conflist(conf_dir: &Path, run_dir: &Path, content: &Value) -> io::Result<bool> {
+    linked::write(conf_dir, run_dir, CONFLIST_FILE, content)
+}
+
+/// CNI mode: removes the node's conflist ([`linked::remove`]); true if it was there.
+pub fn remove_conflist(conf_dir: &Path, run_dir: &Path) -> io::Result<bool> {
+    linked::remove(conf_dir, run_dir, CONFLIST_FILE)
 }
 
 /// The plugins the conflist uses.
@@ -179,19 +177,74 @@ mod tests {
         assert!(err.to_string().contains("bridge"), "{err}");
     }
 
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
     fn writes_only_on_change() {
-        let dir = tempfile::tempdir().unwrap();
+        let conf = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let (conf, run) = (conf.path(), run.path());
         let a = conflist(&nets(&["10.244.1.0/24"]), 1420, "br");
-        assert!(write_conflist(dir.path(), &a).unwrap());
-        assert!(!write_conflist(dir.path(), &a).unwrap());
+        assert!(write_conflist(conf, run, &a).unwrap());
+        assert!(!write_conflist(conf, run, &a).unwrap());
         let b = conflist(&nets(&["10.244.1.0/24"]), 1380, "br");
-        assert!(write_conflist(dir.path(), &b).unwrap());
+        assert!(write_conflist(conf, run, &b).unwrap());
         let read: Value =
-            serde_json::from_str(&std::fs::read_to_string(conflist_path(dir.path())).unwrap())
-                .unwrap();
-        assert_eq!(read, b);
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(names.len(), 1, "no temporary file left");
+            serde_json::from_str(&std::fs::read_to_string(conflist_path(conf)).unwrap()).unwrap();
+        assert_eq!(read, b, "read through the link");
+        assert_eq!(
+            std::fs::read_link(conflist_path(conf)).unwrap(),
+            run.join(CONFLIST_FILE)
+        );
+        assert_eq!(entries(conf), [CONFLIST_FILE], "no temporary file left");
+        assert_eq!(entries(run), [CONFLIST_FILE], "no temporary file left");
+    }
+
+    /// What the node looks like to the agent in each case, and whether it writes.
+    #[test]
+    fn links_again_after_a_reboot_and_over_an_old_file() {
+        let a = conflist(&nets(&["10.244.1.0/24"]), 1420, "br");
+        let conf = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let (conf, run) = (conf.path(), run.path());
+
+        // An agent from before the link wrote a regular file: replaced by the link.
+        std::fs::write(conflist_path(conf), "{}").unwrap();
+        assert!(write_conflist(conf, run, &a).unwrap());
+        assert!(
+            std::fs::symlink_metadata(conflist_path(conf))
+                .unwrap()
+                .is_symlink()
+        );
+
+        // A reboot empties `run`: the link dangles (the runtime has no network) until the
+        // agent writes the content again, and links again so the runtime hears of it.
+        std::fs::remove_file(run.join(CONFLIST_FILE)).unwrap();
+        assert!(std::fs::read_to_string(conflist_path(conf)).is_err());
+        assert!(write_conflist(conf, run, &a).unwrap());
+        let read: Value =
+            serde_json::from_str(&std::fs::read_to_string(conflist_path(conf)).unwrap()).unwrap();
+        assert_eq!(read, a);
+
+        // A link pointing elsewhere (another run directory) is made again.
+        let other = tempfile::tempdir().unwrap();
+        assert!(write_conflist(conf, other.path(), &a).unwrap());
+        assert_eq!(
+            std::fs::read_link(conflist_path(conf)).unwrap(),
+            other.path().join(CONFLIST_FILE)
+        );
+
+        // Leaving removes both; removing again finds nothing.
+        assert!(remove_conflist(conf, other.path()).unwrap());
+        assert!(entries(conf).is_empty());
+        assert!(entries(other.path()).is_empty());
+        assert!(!remove_conflist(conf, other.path()).unwrap());
     }
 }
