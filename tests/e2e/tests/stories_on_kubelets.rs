@@ -2,12 +2,14 @@
 //! chart installed as docs/kind.md says and a capture on every node's underlay link:
 //! - add-on mode over a pod network that already works (the Debian bridge and host-local
 //!   plugins, routed between nodes): pods keep their addresses and their traffic becomes
-//!   encrypted; `helm uninstall` leaves the nodes clean and the other network working; a
-//!   reinstall encrypts again;
+//!   encrypted; a node reboots with its agent late and starts no pod before the agent
+//!   programmed it (the pods' gate); `helm uninstall` leaves the nodes clean and the other
+//!   network working; a reinstall encrypts again;
 //! - CNI mode through a node joining under traffic, the controllers' lease moving, a node
 //!   drained and deleted, a laptop on Debian's wireguard-go through a gateway node, a
 //!   `helm upgrade` to a new image tag rolling the agents under a TCP stream (the stall per
-//!   node reported), then `helm uninstall` leaving every node clean and a reinstall.
+//!   node reported), a node rebooting with its agent late (no pod network, so no pod, until
+//!   the agent programmed it), then `helm uninstall` leaving every node clean and a reinstall.
 
 use std::time::{Duration, Instant};
 
@@ -21,7 +23,7 @@ use wgmesh_e2e::real_cluster::chart::{
     KIND_ADDON_STEPS, TUNNEL_CIDR, WebPod, deploy_web, diagnose, http_get, http_get_from_pod,
     install_as_documented, kubectl_with_plugin, pod_netns, run_documented, web_pods,
 };
-use wgmesh_e2e::real_cluster::image::WGMESH_IMAGE;
+use wgmesh_e2e::real_cluster::image::{BUSYBOX_IMAGE, WGMESH_IMAGE};
 use wgmesh_e2e::real_cluster::lifecycle::{
     AGENT_PODS, CONTROLLER_PODS, Rollout, helm, lease_holder, leftovers, pods as chart_pods,
 };
@@ -233,6 +235,19 @@ async fn addon_mode_over_a_working_pod_network_then_uninstall_and_reinstall() ->
     web_matrix(&cluster, &after)?;
     assert_no_plaintext_since(&mut watcher, base, "with wgmesh in add-on mode")?;
     log("add-on: every pod reached the others across nodes, nothing in plaintext");
+
+    // node-2 reboots, and its agent comes late: the pods' gate (a copy of the bridge
+    // network's configuration, linked to /run) keeps its pods from starting until then.
+    reboot_with_the_agent_late("add-on", &mut cluster, &mut watcher, WGMESH_IMAGE).await?;
+    let after = eventually(
+        "node-2's web pod back, every pod reaching the others",
+        Duration::from_secs(60),
+        || {
+            let pods = web_pods(&cluster)?;
+            web_matrix(&cluster, &pods)?;
+            Ok(pods)
+        },
+    )?;
 
     // A mesh made by hand, besides the chart's (it selects no node here).
     let by_hand = cluster.cp.dir().join("by-hand.yaml");
@@ -675,9 +690,17 @@ async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<(
     assert_no_plaintext_since(&mut watcher, 0, "during the whole story")?;
     log("cni: nothing crossed any underlay in plaintext from install to upgrade");
 
-    // 6. helm uninstall leaves every node clean, and a reinstall works.
     drop((stream12, stream41));
     drop((ns1, ns2, ns4));
+
+    // 6. node-2 reboots, and its agent cannot start for a while (its image is gone from the
+    // node and no registry answers). The CNI configuration in /etc/cni/net.d survives the
+    // reboot but what it links to in /run does not: containerd has no pod network and the
+    // kubelet starts no pod until the agent has programmed the node again, so no pod talks
+    // to other nodes over the node's default route meanwhile.
+    reboot_with_the_agent_late("cni", &mut cluster, &mut watcher, &next).await?;
+
+    // 7. helm uninstall leaves every node clean, and a reinstall works.
     cluster
         .cp
         .kubectl_ok(&["delete", "daemonset", "web", "--wait=true", "--timeout=60s"])?;
@@ -715,6 +738,109 @@ async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<(
         t.elapsed(),
         started.elapsed()
     ));
+    Ok(())
+}
+
+/// A pod on node-2 pings node-1's web pod all along; node-2
+/// reboots without its agent's image (`agent_image`), stays NotReady for the network, sends
+/// nothing in plaintext, and once the image is back the agent programs the node and the pod
+/// runs again, its pings crossing the tunnel.
+async fn reboot_with_the_agent_late(
+    mode: &str,
+    cluster: &mut RealCluster,
+    watcher: &mut Watcher,
+    agent_image: &str,
+) -> Result<()> {
+    let target = web_pods(cluster)?
+        .into_iter()
+        .find(|p| p.node == "node-1")
+        .context("no web pod on node-1")?;
+    let talker = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "talker", "namespace": "default"},
+        "spec": {
+            "nodeName": "node-2",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main",
+                "image": BUSYBOX_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["ping", "-i", "0.2", &target.ip],
+            }],
+        },
+    });
+    let manifest = cluster.dir().join("talker.json");
+    std::fs::write(&manifest, talker.to_string())?;
+    cluster
+        .cp
+        .kubectl_ok(&["apply", "-f", &manifest.display().to_string()])?;
+    let talks = |cluster: &RealCluster| -> Result<()> {
+        // Lines of the last 3 s only: the container from before the reboot logged too.
+        let log = cluster
+            .cp
+            .kubectl_ok(&["logs", "talker", "--since=3s", "--tail=5"])?;
+        ensure!(log.contains("bytes from"), "no answer: {log}");
+        Ok(())
+    };
+    eventually("talker pings node-1's pod", Duration::from_secs(60), || {
+        talks(cluster)
+    })?;
+    let before: u64 = watcher.poll()?.iter().map(|c| c.plaintext).sum();
+
+    // The image stays on the node under another name (its content with it), to come back.
+    const SPARE: &str = "wgmesh.test/agent-spare:1";
+    let node2 = cluster.node("node-2")?;
+    node2.tag_image(agent_image, SPARE)?;
+    node2.remove_image(agent_image)?;
+    watcher.unwatch("node-2")?;
+    let t = Instant::now();
+    cluster.reboot_node("node-2", &mut |link| watcher.watch("node-2", link))?;
+    log(format!(
+        "{mode}: node-2 rebooted (its kubelet started {:.1?} after it went down), without its agent's image",
+        t.elapsed()
+    ));
+    // The agent stays away 25 s: long enough for the kubelet to have started every pod it
+    // could, and to have reported why it could not.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_no_plaintext_since(
+        watcher,
+        before,
+        "while node-2's agent was away after its reboot",
+    )?;
+    let not_ready = cluster.cp.kubectl_ok(&[
+        "get",
+        "node",
+        "node-2",
+        "-o",
+        r#"jsonpath={.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].message}"#,
+    ])?;
+    ensure!(
+        not_ready.starts_with("False") && not_ready.contains("network"),
+        "node-2 should have no pod network without its agent: Ready {not_ready}"
+    );
+    log(format!(
+        "{mode}: node-2 without its agent {:.1?} after the reboot, nothing in plaintext; Ready: {}",
+        t.elapsed(),
+        not_ready.trim()
+    ));
+
+    cluster.node("node-2")?.tag_image(SPARE, agent_image)?;
+    let back = Instant::now();
+    eventually(
+        "talker on node-2 pings node-1's pod again",
+        Duration::from_secs(240),
+        || talks(cluster),
+    )
+    .with_context(|| diagnose(cluster))?;
+    assert_no_plaintext_since(watcher, before, "while node-2 came back from its reboot")?;
+    log(format!(
+        "{mode}: node-2's agent image back: the talker pod pings across the tunnel {:.1?} later, nothing in plaintext",
+        back.elapsed()
+    ));
+    cluster
+        .cp
+        .kubectl_ok(&["delete", "pod", "talker", "--wait=true", "--timeout=60s"])?;
     Ok(())
 }
 

@@ -219,8 +219,10 @@ impl Watcher {
     /// Starts capturing what node `node` sends on the root-namespace link `link`; returns once
     /// tcpdump is listening.
     pub fn watch(&mut self, node: &str, link: &str) -> Result<()> {
-        let file = self.dir.join(format!("underlay-{link}.pcap"));
-        let log = self.dir.join(format!("tcpdump-{link}.log"));
+        // Numbered: a link made again (a node rebooted) gets a capture of its own.
+        let n = self.taps.len();
+        let file = self.dir.join(format!("underlay-{link}-{n}.pcap"));
+        let log = self.dir.join(format!("tcpdump-{link}-{n}.log"));
         let mut cmd = Command::new("tcpdump");
         // -Z root: some builds drop to a tcpdump user that cannot write the test's directory.
         cmd.args(["-i", link, "-Q", "in", "-n", "-U", "--immediate-mode"])

@@ -239,6 +239,63 @@ impl RealCluster {
 
     /// Starts node `i` (`node-i`, at `<underlay>.i`).
     pub fn add_node(&mut self, i: usize) -> Result<()> {
+        let node = self.boot_node(i, &self.images.archives.clone(), None)?;
+        // docs/kind.md's pods run busybox:1.36 (pulled there): here it is the busybox built
+        // here, so the documented commands run as written.
+        node.tag_image(BUSYBOX_IMAGE, DOCS_BUSYBOX_IMAGE)?;
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    /// Reboots node `name` as a machine reboots: it shuts down as in
+    /// [`RealCluster::remove_node`] (its kernel state goes with its network namespace), what
+    /// a real machine keeps in memory is emptied (`/run`, containerd's state), and it starts
+    /// again from its disk: its images, the kubelet's and containerd's state, its CNI
+    /// configuration and wgmesh's state are as they were. The kubelet then starts the
+    /// node's pods again. `link_up` is called with the node's new underlay link before
+    /// containerd and the kubelet start.
+    pub fn reboot_node(&mut self, name: &str, link_up: node::LinkUp<'_>) -> Result<()> {
+        let k = self
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))?;
+        let node = self.nodes.remove(k);
+        let (i, root) = (node.index, node.root.clone());
+        drop(node);
+        RealNode::forget_memory(&root)?;
+        let node = self.boot_node(i, &[], Some(link_up))?;
+        if self.pod_network == PodNetwork::Bridge {
+            // The other network's routes to the other nodes' pods, put back as its daemon
+            // (kindnet) does when it starts again.
+            let cidrs = self.cp.kubectl_ok(&[
+                "get",
+                "nodes",
+                "-o",
+                r#"jsonpath={range .items[*]}{.metadata.name} {.spec.podCIDR}{"\n"}{end}"#,
+            ])?;
+            for line in cidrs.lines() {
+                let mut f = line.split_whitespace();
+                let (Some(other), Some(cidr)) = (f.next(), f.next()) else {
+                    continue;
+                };
+                if let Some(via) = self.nodes.iter().find(|n| n.name == other) {
+                    node.ns
+                        .ip(&["route", "replace", cidr, "via", &via.node_ip])?;
+                }
+            }
+        }
+        self.nodes.insert(k, node);
+        Ok(())
+    }
+
+    /// Starts node `i` from its directory (created when missing), importing `images`.
+    fn boot_node(
+        &self,
+        i: usize,
+        images: &[std::path::PathBuf],
+        link_up: Option<node::LinkUp<'_>>,
+    ) -> Result<RealNode> {
         let name = format!("node-{i}");
         let cert = self
             .cp
@@ -260,30 +317,28 @@ impl RealCluster {
         let root = self.dir.path().join(&name);
         std::fs::create_dir_all(&root)?;
         let ca_file = self.cp.dir().join("ca.crt");
-        let node = RealNode::start(NodeParams {
-            name: name.clone(),
-            index: i,
-            netns: format!("wgm{}n{i}", self.id),
-            node_ip: format!("{}.{i}", self.underlay),
-            gateway: format!("{}.{ROUTER_OCTET}", self.underlay),
-            bridge: format!("wgm{}br", self.id),
-            root_link: self.underlay_link(i),
-            root,
-            kubeconfig,
-            ca_file: &ca_file,
-            kubelet: &self.binaries.kubelet,
-            kube_proxy: &self.binaries.kube_proxy,
-            proxy_kubeconfig,
-            images: &self.images.archives,
-            cgroup_root: format!("/wgmesh-{}-{name}", self.id),
-            ledger: &Ledger::new(self.dir.path()),
-        })
-        .with_context(|| format!("starting {name}"))?;
-        // docs/kind.md's pods run busybox:1.36 (pulled there): here it is the busybox built
-        // here, so the documented commands run as written.
-        node.tag_image(BUSYBOX_IMAGE, DOCS_BUSYBOX_IMAGE)?;
-        self.nodes.push(node);
-        Ok(())
+        RealNode::start(
+            NodeParams {
+                name: name.clone(),
+                index: i,
+                netns: format!("wgm{}n{i}", self.id),
+                node_ip: format!("{}.{i}", self.underlay),
+                gateway: format!("{}.{ROUTER_OCTET}", self.underlay),
+                bridge: format!("wgm{}br", self.id),
+                root_link: self.underlay_link(i),
+                root,
+                kubeconfig,
+                ca_file: &ca_file,
+                kubelet: &self.binaries.kubelet,
+                kube_proxy: &self.binaries.kube_proxy,
+                proxy_kubeconfig,
+                images,
+                cgroup_root: format!("/wgmesh-{}-{name}", self.id),
+                ledger: &Ledger::new(self.dir.path()),
+            },
+            link_up,
+        )
+        .with_context(|| format!("starting {name}"))
     }
 
     /// Shuts node `name` down, as when its machine is turned off: its kubelet, kube-proxy,

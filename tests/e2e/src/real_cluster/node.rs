@@ -37,7 +37,15 @@ const NODE_LOCAL_PATHS: &[&str] = &[
     "/opt/cni/bin",
     "/var/lib/wgmesh",
     "/var/run/wireguard",
+    "/run/wgmesh",
 ];
+
+/// The node's paths that are in memory on a real machine (tmpfs), emptied by a reboot: /run
+/// (with /var/run, a link to it) and containerd's state directory (in /run on a real node).
+pub const NODE_TMPFS_PATHS: &[&str] = &["/run/containerd", "/var/run/wireguard", "/run/wgmesh"];
+
+/// Called with a node's underlay link once it exists, before containerd and the kubelet start.
+pub type LinkUp<'a> = &'a mut dyn FnMut(&str) -> Result<()>;
 
 /// What a node needs from its cluster to start.
 pub struct NodeParams<'a> {
@@ -88,7 +96,9 @@ impl RealNode {
     /// Creates the namespaces and the cgroups, starts containerd, imports the images and
     /// starts the kubelet (which registers the Node; it becomes Ready once
     /// a CNI is installed: [`RealNode::install_bridge_cni`], or ours).
-    pub fn start(p: NodeParams<'_>) -> Result<Self> {
+    /// `link_up` is called with the underlay link's name once it exists, before containerd
+    /// and the kubelet start (a capture that must see the node's first packets starts there).
+    pub fn start(p: NodeParams<'_>, link_up: Option<LinkUp<'_>>) -> Result<Self> {
         p.ledger.netns(&p.netns);
         p.ledger.link(&p.root_link);
         p.ledger.cgroup(&p.cgroup_root);
@@ -102,6 +112,9 @@ impl RealNode {
         )?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.ip(&["route", "add", "default", "via", &p.gateway])?;
+        if let Some(link_up) = link_up {
+            link_up(&p.root_link)?;
+        }
         for d in ["etc", "var/log/pods", "containerd", "kubelet", "kube-proxy"] {
             std::fs::create_dir_all(p.root.join(d))?;
         }
@@ -255,6 +268,13 @@ impl RealNode {
         Ok(())
     }
 
+    /// Removes an image's name from the node, as the kubelet's image garbage collection
+    /// would (the content stays while another name refers to it).
+    pub fn remove_image(&self, name: &str) -> Result<()> {
+        self.ctr(&["images", "rm", name])?;
+        Ok(())
+    }
+
     /// Gives an imported image a second name, as `docker tag` would.
     pub fn tag_image(&self, image: &str, name: &str) -> Result<()> {
         self.ctr(&["images", "tag", "--force", image, name])?;
@@ -292,6 +312,25 @@ impl RealNode {
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!("{}: containerd did not open {}", self.name, sock.display())
+    }
+
+    /// Empties what a reboot of a machine empties on this node's disk: [`NODE_TMPFS_PATHS`]
+    /// and containerd's state. Only for a node that is shut down (dropped).
+    pub fn forget_memory(root: &Path) -> Result<()> {
+        let own = |p: &str| root.join("host").join(p.trim_start_matches('/'));
+        let dirs = NODE_TMPFS_PATHS
+            .iter()
+            .map(|p| own(p))
+            .chain([root.join("containerd/state")]);
+        for dir in dirs {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("emptying {}", dir.display()));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Where the node's `path` (as its processes see it) is on this machine.
