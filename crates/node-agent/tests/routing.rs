@@ -424,3 +424,69 @@ fn guards_outlive_the_interface_and_follow_the_mesh() {
         assert!(ns.ip_ok(&["link", "show", "wgt0"]), "a veth was deleted");
     });
 }
+
+/// A node with IPv6 disabled in a dual-stack mesh: the kernel refuses the IPv6 address and
+/// route. The sync says so, but everything else is in place: the guards of both families,
+/// the rules that select their table, the IPv4 address and route. (Before, the first refusal
+/// ended the sync with no rule: in add-on mode pod traffic followed the other CNI's routes,
+/// in plaintext.)
+#[test]
+fn a_refused_change_leaves_the_others_applied() {
+    if !is_root("routing") {
+        return;
+    }
+    let ns = netns("refused");
+    let name = ns.name.clone();
+    for key in ["all", "default"] {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "sysctl", "-qw"])
+            .arg(format!("net.ipv6.conf.{key}.disable_ipv6=1"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    ns.ip(&["tuntap", "add", "dev", "wgt6", "mode", "tun"]);
+    let cmd = ns.cmd();
+    ns.run(move || async move {
+        let ns = cmd;
+        let routing = Routing::new().await.unwrap();
+        let cfg = RoutingConfig {
+            interface: "wgt6".into(),
+            addresses: nets(&["fd00:250::3/64", "10.250.0.3/16"]),
+            mtu: Some(1420),
+            routes: nets(&["fd00:251::/64", "10.251.1.0/24"]),
+            table: 51820,
+            rules: vec![RuleConfig {
+                priority: 100,
+                fwmark: 0,
+                table: 51820,
+                invert: false,
+            }],
+            guards: nets(&["fd00:251::/48", "10.251.0.0/16"]),
+            local: vec![],
+        };
+        let err = routing.sync(&cfg).await.unwrap_err();
+        assert!(err.to_string().contains("fd00:"), "{err}");
+
+        let table4 = ns.ip(&["-4", "route", "show", "table", "51820"]);
+        assert!(table4.contains("10.251.1.0/24 dev wgt6"), "{table4}");
+        assert!(table4.contains("blackhole 10.251.0.0/16"), "{table4}");
+        let table6 = ns.ip(&["-6", "route", "show", "table", "51820"]);
+        assert!(table6.contains("blackhole fd00:251::/48"), "{table6}");
+        for family in ["-4", "-6"] {
+            let rules = ns.ip(&[family, "rule", "show"]);
+            assert!(
+                rules.contains("100:\tfrom all lookup 51820"),
+                "{family}: {rules}"
+            );
+        }
+        let addrs = ns.ip(&["addr", "show", "dev", "wgt6"]);
+        assert!(addrs.contains("inet 10.250.0.3/16"), "{addrs}");
+
+        // The next sync finds the same refusals and changes nothing else.
+        routing.sync(&cfg).await.unwrap_err();
+        let rules = ns.ip(&["-4", "rule", "show"]);
+        assert_eq!(rules.matches("lookup 51820").count(), 1, "{rules}");
+        routing.cleanup("wgt6", 51820, &cfg.rules).await.unwrap();
+    });
+}

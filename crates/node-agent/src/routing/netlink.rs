@@ -50,6 +50,32 @@ fn rtnl_io(e: rtnetlink::Error) -> io::Error {
     }
 }
 
+/// The changes the kernel refused during a sync: the first is returned, the others logged.
+#[derive(Default)]
+struct Refused {
+    first: Option<RoutingError>,
+}
+
+impl Refused {
+    fn refuse(&mut self, e: RoutingError) {
+        if self.first.is_some() {
+            tracing::warn!(error = %e, "the kernel refused a routing change too");
+        } else {
+            self.first = Some(e);
+        }
+    }
+
+    /// The value of `r`, or None with its error noted.
+    fn keep<T>(&mut self, r: Result<T, RoutingError>) -> Option<T> {
+        r.map_err(|e| self.refuse(e)).ok()
+    }
+
+    /// Whether `r` succeeded; its error noted if not.
+    fn note<T>(&mut self, r: Result<T, RoutingError>) -> bool {
+        self.keep(r).is_some()
+    }
+}
+
 fn is_errno(e: &RoutingError, errno: i32) -> bool {
     matches!(e, RoutingError::Netlink { source, .. } if source.raw_os_error() == Some(errno))
 }
@@ -188,28 +214,70 @@ impl Routing {
         Ok(Routing { handle, task })
     }
 
-    /// Brings the interface up, sets its MTU if it differs, then adds missing addresses and
+    /// Adds the missing guards, makes the rule exist exactly once per address family in use,
+    /// brings the interface up, sets its MTU if it differs, then adds missing addresses and
     /// removes the others (IPv6 link-local excepted), adds missing routes via the interface in
     /// `cfg.table` (protocol [`ROUTE_PROTOCOL`]) and deletes our routes that are no longer
-    /// wanted, and makes the rule exist exactly once per address family in use.
+    /// wanted, and removes the guards no longer wanted.
     ///
     /// Guards come first and go last: a network is guarded before it is routed into the
     /// interface and unguarded only after that route went, so at no point in between does it
-    /// fall back to another route. They are put in place even when the interface is missing.
+    /// fall back to another route. They and the rule that selects their table are put in
+    /// place even when the interface is missing or a route cannot be added.
+    ///
+    /// A change the kernel refuses (an IPv6 route on a node with IPv6 disabled, say) does not
+    /// stop the others: the first refusal is returned once everything else was applied, so
+    /// the caller retries and says why.
     pub async fn sync(&self, cfg: &RoutingConfig) -> Result<RouteChanges, RoutingError> {
         let table = normalize_table(cfg.table);
         let mut changes = RouteChanges::default();
+        let mut refused = Refused::default();
         let specials = self.specials().await?;
         let plain: Vec<ObservedSpecial> = specials.iter().map(|(r, _)| r.clone()).collect();
         let special_plan = plan_specials(&plain, &wanted_specials(cfg), table);
         for (dst, kind) in &special_plan.add {
-            self.add_special(*dst, *kind, table).await?;
-            changes.guards_added += 1;
+            if refused.note(self.add_special(*dst, *kind, table).await) {
+                changes.guards_added += 1;
+            }
         }
-        let link = self
-            .link_by_name(&cfg.interface)
-            .await?
-            .ok_or_else(|| RoutingError::NoInterface(cfg.interface.clone()))?;
+
+        // The rules right after the guards: the table they select drops what it cannot
+        // route yet.
+        let rules = self.rules().await?;
+        let plain: Vec<ObservedRule> = rules.iter().map(|(r, _)| r.clone()).collect();
+        let plan = plan_rules(&plain, &cfg.rules, &rule_families(cfg));
+        // The new rules first: between deleting a rule and adding its replacement (a new
+        // fwmark or table) nothing would send mesh traffic to the table, and its guards
+        // with it. The kernel takes a rule that differs from an old one only in `not` for
+        // the same rule (EEXIST): that one is added once the old one is gone.
+        let mut after_delete = Vec::new();
+        for (w, family) in plan.add {
+            match self.add_rule(&cfg.rules[w], family).await {
+                Ok(()) => changes.rules_added += 1,
+                Err(RoutingError::Netlink { source, .. })
+                    if source.kind() == io::ErrorKind::AlreadyExists =>
+                {
+                    after_delete.push((w, family));
+                }
+                Err(e) => refused.refuse(e),
+            }
+        }
+        for i in plan.delete {
+            if refused.note(self.delete_rule(&rules[i].1).await) {
+                changes.rules_removed += 1;
+            }
+        }
+        for (w, family) in after_delete {
+            if refused.note(self.add_rule(&cfg.rules[w], family).await) {
+                changes.rules_added += 1;
+            }
+        }
+
+        let Some(link) = self.link_by_name(&cfg.interface).await? else {
+            return Err(refused
+                .first
+                .unwrap_or_else(|| RoutingError::NoInterface(cfg.interface.clone())));
+        };
         let ifindex = link.header.index;
 
         // Link state and MTU.
@@ -230,14 +298,17 @@ impl Routing {
             if let Some(mtu) = link_plan.mtu {
                 msg = msg.mtu(mtu);
             }
-            self.handle
+            let set = self
+                .handle
                 .link()
                 .set(msg.build())
                 .execute()
                 .await
-                .map_err(netlink(format!("setting up {}", cfg.interface)))?;
-            changes.link_set_up = link_plan.set_up;
-            changes.mtu = link_plan.mtu;
+                .map_err(netlink(format!("setting up {}", cfg.interface)));
+            if refused.note(set) {
+                changes.link_set_up = link_plan.set_up;
+                changes.mtu = link_plan.mtu;
+            }
         }
 
         // Addresses: new ones first, so that the interface keeps an IPv4 address throughout
@@ -248,7 +319,7 @@ impl Routing {
         let plan = plan_addresses(&nets, &cfg.addresses);
         let mut added = HashSet::new();
         for net in plan.add {
-            if self.add_address(ifindex, net, &cfg.interface).await? {
+            if let Some(true) = refused.keep(self.add_address(ifindex, net, &cfg.interface).await) {
                 added.insert(net);
             }
         }
@@ -265,7 +336,7 @@ impl Routing {
                 Ok(()) => changes.addresses_removed += 1,
                 // Already gone (a secondary removed with its primary).
                 Err(e) if is_errno(&e, libc::EADDRNOTAVAIL) || is_errno(&e, libc::ENOENT) => {}
-                Err(e) => return Err(e),
+                Err(e) => refused.refuse(e),
             }
         }
         if !plan.delete.is_empty() {
@@ -278,7 +349,9 @@ impl Routing {
                 .map(|(n, _)| n)
                 .collect();
             for net in plan_addresses(&now, &cfg.addresses).add {
-                if self.add_address(ifindex, net, &cfg.interface).await? {
+                if let Some(true) =
+                    refused.keep(self.add_address(ifindex, net, &cfg.interface).await)
+                {
                     added.insert(net);
                 }
             }
@@ -290,56 +363,33 @@ impl Routing {
         let plain: Vec<ObservedRoute> = observed.iter().map(|(r, _)| r.clone()).collect();
         let plan = plan_routes(&plain, &cfg.routes, table);
         for i in plan.delete {
-            self.delete_route(&observed[i].1, &observed[i].0).await?;
-            changes.routes_removed += 1;
+            if refused.note(self.delete_route(&observed[i].1, &observed[i].0).await) {
+                changes.routes_removed += 1;
+            }
         }
         for dst in plan.add {
-            if self.add_route(dst, ifindex, table, &cfg.interface).await? {
+            if let Some(true) =
+                refused.keep(self.add_route(dst, ifindex, table, &cfg.interface).await)
+            {
                 changes.routes_added += 1;
             }
-        }
-
-        // Rule.
-        let rules = self.rules().await?;
-        let plain: Vec<ObservedRule> = rules.iter().map(|(r, _)| r.clone()).collect();
-        let plan = plan_rules(&plain, &cfg.rules, &rule_families(cfg));
-        // The new rules first: between deleting a rule and adding its replacement (a new
-        // fwmark or table) nothing would send mesh traffic to the table, and its guards
-        // with it. The kernel takes a rule that differs from an old one only in `not` for
-        // the same rule (EEXIST): that one is added once the old one is gone.
-        let mut after_delete = Vec::new();
-        for (w, family) in plan.add {
-            match self.add_rule(&cfg.rules[w], family).await {
-                Ok(()) => changes.rules_added += 1,
-                Err(RoutingError::Netlink { source, .. })
-                    if source.kind() == io::ErrorKind::AlreadyExists =>
-                {
-                    after_delete.push((w, family));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        for i in plan.delete {
-            self.delete_rule(&rules[i].1).await?;
-            changes.rules_removed += 1;
-        }
-        for (w, family) in after_delete {
-            self.add_rule(&cfg.rules[w], family).await?;
-            changes.rules_added += 1;
         }
 
         for i in special_plan.delete {
             let (observed, msg) = &specials[i];
             match self.delete_special(msg, observed).await {
-                Err(e) if is_errno(&e, libc::ESRCH) => {}
-                other => other?,
+                Ok(()) => changes.guards_removed += 1,
+                Err(e) if is_errno(&e, libc::ESRCH) => changes.guards_removed += 1,
+                Err(e) => refused.refuse(e),
             }
-            changes.guards_removed += 1;
         }
         if !changes.is_empty() {
             tracing::debug!(interface = %cfg.interface, ?changes, "routing synced");
         }
-        Ok(changes)
+        match refused.first {
+            Some(e) => Err(e),
+            None => Ok(changes),
+        }
     }
 
     /// The MTU of the interface holding the default route (IPv4, else IPv6), else the
