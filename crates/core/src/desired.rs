@@ -1083,11 +1083,34 @@ fn judge(
     }
     if peer.node.is_none()
         && let Some(endpoint) = &peer.endpoint
-        && let Err(why) = check_mesh_endpoint(endpoint)
     {
-        return refuse(Reason::InvalidSpec, format!("spec.endpoint: {why}"));
+        if let Err(why) = check_mesh_endpoint(endpoint) {
+            return refuse(Reason::InvalidSpec, format!("spec.endpoint: {why}"));
+        }
+        // Without a fwmark the tunnel's own packets to the endpoint would be routed into the
+        // tunnel: the peer could never be reached.
+        if let Some(ip) = endpoint_address(endpoint)
+            && let Some(cidr) = claimed_networks(peer, node)
+                .into_iter()
+                .find(|c| c.contains_addr(ip))
+        {
+            return refuse(
+                Reason::AllowedIpsOverlap,
+                format!(
+                    "{cidr} covers the peer's own endpoint {ip}: the tunnel's packets to it \
+                     would be routed into the tunnel"
+                ),
+            );
+        }
     }
     Verdict::Programmed
+}
+
+/// The address of an endpoint given as one (a host name is resolved by the agents).
+fn endpoint_address(endpoint: &str) -> Option<std::net::IpAddr> {
+    crate::validate::parse_endpoint_host(endpoint)
+        .ok()
+        .and_then(|(host, _)| host.parse().ok())
 }
 
 fn desired_peer(mesh: &MeshInput, peer: &PeerInput, node: Option<&NodeInput>) -> DesiredPeer {

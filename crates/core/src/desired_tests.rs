@@ -264,6 +264,33 @@ fn external_peer_table() {
             refused: Some((Reason::AllowedIpsOverlap, "tunnel pool 10.250.0.0/16")),
         },
         Case {
+            name: "allowed IPs covering the peer's own endpoint",
+            peer: with(|p| {
+                p.allowed_ips = vec![Cidr::parse_strict("203.0.113.0/24").unwrap()];
+                p.endpoint = Some("203.0.113.1:51820".into());
+            }),
+            want_endpoint: None,
+            refused: Some((Reason::AllowedIpsOverlap, "own endpoint 203.0.113.1")),
+        },
+        Case {
+            name: "... an IPv6 one",
+            peer: with(|p| {
+                p.allowed_ips = vec![Cidr::parse_strict("2001:db8::/32").unwrap()];
+                p.endpoint = Some("[2001:db8::7]:51820".into());
+            }),
+            want_endpoint: None,
+            refused: Some((Reason::AllowedIpsOverlap, "own endpoint 2001:db8::7")),
+        },
+        Case {
+            name: "an endpoint beside its allowed IPs, or a name, is fine",
+            peer: with(|p| {
+                p.allowed_ips = vec![Cidr::parse_strict("203.0.113.0/24").unwrap()];
+                p.endpoint = Some("site.example:51820".into());
+            }),
+            want_endpoint: Some("site.example:51820"),
+            refused: None,
+        },
+        Case {
             name: "a node's key reused by an external peer",
             peer: with(|p| p.public_key = key(1)),
             want_endpoint: None,
