@@ -427,7 +427,8 @@ fn guards_outlive_the_interface_and_follow_the_mesh() {
 
 /// A node with IPv6 disabled in a dual-stack mesh: the kernel refuses the IPv6 address and
 /// route. The sync says so, but everything else is in place: the guards of both families,
-/// the rules that select their table, the IPv4 address and route. (Before, the first refusal
+/// the rules that select their table (beside another one's rule that looks like it), the
+/// IPv4 address and route. (Before, the first refusal
 /// ended the sync with no rule: in add-on mode pod traffic followed the other CNI's routes,
 /// in plaintext.)
 #[test]
@@ -446,6 +447,18 @@ fn a_refused_change_leaves_the_others_applied() {
         assert!(out.status.success(), "{out:?}");
     }
     ns.ip(&["tuntap", "add", "dev", "wgt6", "mode", "tun"]);
+    // Someone else's rule at the same priority into the same table, for some sources only:
+    // not ours, so ours is still made (and theirs stays).
+    ns.ip(&[
+        "rule",
+        "add",
+        "from",
+        "10.9.0.0/16",
+        "lookup",
+        "51820",
+        "pref",
+        "100",
+    ]);
     let cmd = ns.cmd();
     ns.run(move || async move {
         let ns = cmd;
@@ -486,7 +499,8 @@ fn a_refused_change_leaves_the_others_applied() {
         // The next sync finds the same refusals and changes nothing else.
         routing.sync(&cfg).await.unwrap_err();
         let rules = ns.ip(&["-4", "rule", "show"]);
-        assert_eq!(rules.matches("lookup 51820").count(), 1, "{rules}");
+        assert_eq!(rules.matches("from all lookup 51820").count(), 1, "{rules}");
+        assert!(rules.contains("from 10.9.0.0/16 lookup 51820"), "{rules}");
         routing.cleanup("wgt6", 51820, &cfg.rules).await.unwrap();
     });
 }

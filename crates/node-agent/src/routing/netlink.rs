@@ -170,6 +170,7 @@ fn observed_rule(m: &RuleMessage) -> Option<ObservedRule> {
         invert: m.header.flags.contains(RuleFlags::Invert),
         to_table: m.header.action == RuleAction::ToTable,
         protocol: 0,
+        other_selectors: m.header.src_len != 0 || m.header.dst_len != 0 || m.header.tos != 0,
     };
     for a in &m.attributes {
         match a {
@@ -177,6 +178,16 @@ fn observed_rule(m: &RuleMessage) -> Option<ObservedRule> {
             RuleAttribute::FwMark(f) => rule.fwmark = *f,
             RuleAttribute::Table(t) => rule.table = *t,
             RuleAttribute::Protocol(p) => rule.protocol = u8::from(*p),
+            RuleAttribute::Iifname(_)
+            | RuleAttribute::Oifname(_)
+            | RuleAttribute::IpProtocol(_)
+            | RuleAttribute::SourcePortRange(_)
+            | RuleAttribute::DestinationPortRange(_)
+            | RuleAttribute::UidRange(_)
+            | RuleAttribute::Source(_)
+            | RuleAttribute::Destination(_)
+            | RuleAttribute::TunId(_)
+            | RuleAttribute::L3MDev(_) => rule.other_selectors = true,
             _ => {}
         }
     }

@@ -298,6 +298,9 @@ pub struct ObservedRule {
     /// Whether the action is "lookup table".
     pub to_table: bool,
     pub protocol: u8,
+    /// Whether the rule selects by something besides the mark too (addresses, interfaces,
+    /// ports): then it is not ours, whatever its table.
+    pub other_selectors: bool,
 }
 
 impl ObservedRule {
@@ -309,6 +312,7 @@ impl ObservedRule {
             && self.fwmark == cfg.fwmark
             && self.table == normalize_table(cfg.table)
             && self.invert == cfg.invert
+            && !self.other_selectors
     }
 }
 
@@ -565,6 +569,7 @@ mod tests {
             invert: true,
             to_table: true,
             protocol,
+            other_selectors: false,
         }
     }
 
@@ -584,6 +589,7 @@ mod tests {
             invert: false,
             to_table: true,
             protocol: 0,
+            other_selectors: false,
         };
         struct Case {
             name: &'static str,
@@ -644,6 +650,28 @@ mod tests {
                 families: vec![Family::V4],
                 add: vec![(0, Family::V4)],
                 delete: vec![0],
+            },
+            Case {
+                name: "ours with another selector is another rule",
+                observed: vec![ObservedRule {
+                    other_selectors: true,
+                    ..rule(Family::V4, 100, OURS)
+                }],
+                wanted: vec![cfg.clone()],
+                families: vec![Family::V4],
+                add: vec![(0, Family::V4)],
+                delete: vec![0],
+            },
+            Case {
+                name: "someone else's rule with a selector is not ours, and stays",
+                observed: vec![ObservedRule {
+                    other_selectors: true,
+                    ..rule(Family::V4, 100, 0)
+                }],
+                wanted: vec![cfg.clone()],
+                families: vec![Family::V4],
+                add: vec![(0, Family::V4)],
+                delete: vec![],
             },
             Case {
                 name: "family no longer used",
