@@ -67,6 +67,8 @@ pub struct Agent {
     /// endpoint the other members are told.
     registered_port: u32,
     healthy: Arc<watch::Sender<bool>>,
+    /// Underlay links last found filtering reverse paths strictly (warned about once).
+    strict_rp_filter: Vec<String>,
 }
 
 impl Agent {
@@ -92,6 +94,7 @@ impl Agent {
             last_report: None,
             registered_port: 0,
             healthy,
+            strict_rp_filter: Vec::new(),
         })
     }
 
@@ -598,6 +601,9 @@ impl Agent {
                 }
             }
         }
+        if settings.host_encryption && settings.fwmark != 0 {
+            self.check_reverse_path_filter().await;
+        }
         self.metrics.set_peers(peers);
         self.healthy.send_replace(true);
         Ok(())
@@ -681,6 +687,35 @@ impl Agent {
             && let Err(e) = crate::netfilter::apply(Some(rules)).await
         {
             tracing::warn!(error = %e, "writing the node's nftables rules again failed");
+        }
+        if let Some(s) = &programmed.settings
+            && s.host_encryption
+            && s.fwmark != 0
+        {
+            self.check_reverse_path_filter().await;
+        }
+    }
+
+    /// With host encryption, says (once per change) which underlay links filter reverse
+    /// paths strictly, which cuts the nodes' underlay off (`crate::rp_filter`).
+    async fn check_reverse_path_filter(&mut self) {
+        let links = match self.routing.underlay_links().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(error = %e, "listing the underlay's links failed");
+                return;
+            }
+        };
+        let strict =
+            crate::rp_filter::strict_links(std::path::Path::new("/proc/sys/net/ipv4/conf"), &links);
+        if strict != self.strict_rp_filter {
+            if !strict.is_empty() {
+                tracing::warn!(
+                    links = ?strict,
+                    "hostEncryption with strict reverse-path filtering (rp_filter=1) on the underlay: the kernel drops what other nodes send from addresses routed into the tunnel (ARP included), so nodes lose each other; set net.ipv4.conf.all.rp_filter and net.ipv4.conf.<link>.rp_filter to 2 (loose) on every node"
+                );
+            }
+            self.strict_rp_filter = strict;
         }
     }
 

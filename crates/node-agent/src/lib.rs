@@ -14,5 +14,6 @@ pub mod keys;
 pub mod metrics;
 pub mod netfilter;
 pub mod routing;
+pub mod rp_filter;
 pub mod saved;
 pub mod state;

@@ -410,6 +410,39 @@ impl Routing {
         self.underlay_mtu_excluding(None).await
     }
 
+    /// The names of the links holding the node's IPv4 default routes (main table).
+    pub async fn underlay_links(&self) -> Result<Vec<String>, RoutingError> {
+        let mut indices = HashSet::new();
+        for msg in self.dump_routes(AddressFamily::Inet, "the node").await? {
+            if msg.header.destination_prefix_length == 0
+                && msg.header.kind == RouteType::Unicast
+                && route_table(&msg) == MAIN_TABLE
+            {
+                indices.extend(route_oif(&msg));
+            }
+        }
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("listing links"))?;
+        let mut names: Vec<String> = links
+            .iter()
+            .filter(|l| indices.contains(&l.header.index))
+            .filter_map(|l| {
+                l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n.clone()),
+                    _ => None,
+                })
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// Addresses the node must keep reaching over the underlay whatever the mesh says: the
     /// gateways of its default routes and the addresses of the interfaces holding them.
     pub async fn underlay_addresses(&self) -> Result<Vec<IpAddr>, RoutingError> {
