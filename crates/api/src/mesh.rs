@@ -96,7 +96,8 @@ pub struct WireGuardMeshSpec {
     #[schemars(range(min = 0, max = 65535))]
     pub persistent_keepalive: Option<i32>,
 
-    /// Nodes that join the mesh. Absent: every node.
+    /// Nodes that join the mesh. Absent: every node. A node is in one mesh at a time: a mesh
+    /// selecting a node of an older mesh is held (`MeshConflict`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = kube::core::Rule::new("!has(self.matchExpressions) || self.matchExpressions.all(e, e.operator in ['In', 'NotIn', 'Exists', 'DoesNotExist'] && ((e.operator in ['In', 'NotIn']) == (has(e.values) && e.values.size() > 0)))").message("matchExpressions operators are In and NotIn (with values) or Exists and DoesNotExist (without)"))]
     pub node_selector: Option<LabelSelector>,

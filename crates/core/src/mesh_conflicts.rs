@@ -1,6 +1,9 @@
-//! Meshes that would fight over a node: two meshes that select the same node each program
-//! an interface, a UDP port and their pools' routes there, and the kernel has one of each.
-//! The older mesh keeps the node; the newer one is held until the conflict is gone.
+//! Meshes that would fight over a node: a node is in one mesh at a time. Two meshes that
+//! select the same node would each program an interface, a UDP port and their pools' routes
+//! there, and the agent's policy rules, guards and nftables table are the node's, not the
+//! mesh's: two agents would remove each other's (the rule selecting a mesh's guards among
+//! them, leaving its traffic to the other routes). The older mesh keeps the node; the newer
+//! one is held until the conflict is gone.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -30,24 +33,26 @@ pub fn conflicts(claims: &[MeshClaim]) -> BTreeMap<String, String> {
     for mesh in order {
         let clash = kept.iter().find_map(|older| {
             let node = mesh.nodes.intersection(&older.nodes).next()?;
-            let what = if mesh.interface == older.interface {
-                format!("interface {}", mesh.interface)
+            let pools = mesh.tunnel_pools.iter().find_map(|a| {
+                older
+                    .tunnel_pools
+                    .iter()
+                    .find(|b| a.overlaps(b))
+                    .map(|b| (a, b))
+            });
+            let same = if mesh.interface == older.interface {
+                format!(" and uses the same interface {}", mesh.interface)
             } else if mesh.listen_port == older.listen_port {
-                format!("UDP port {}", mesh.listen_port)
+                format!(" and uses the same UDP port {}", mesh.listen_port)
+            } else if let Some((a, b)) = pools {
+                format!(" and uses the same tunnel pool {a} (theirs {b})")
             } else {
-                let (a, b) = mesh.tunnel_pools.iter().find_map(|a| {
-                    older
-                        .tunnel_pools
-                        .iter()
-                        .find(|b| a.overlaps(b))
-                        .map(|b| (a, b))
-                })?;
-                format!("tunnel pool {a} (theirs {b})")
+                String::new()
             };
             Some(format!(
-                "held as it is: mesh {} (older) also selects node {node} and uses the same {what}; \
-                 give this mesh its own interfaceName, listenPort and tunnelCIDRs, or select \
-                 other nodes",
+                "held as it is: mesh {} (older) also selects node {node}{same}; a node is in \
+                 one mesh at a time (its agent's policy rules, guards and nftables table are \
+                 the node's): select other nodes",
                 older.name
             ))
         });
@@ -99,12 +104,15 @@ mod tests {
                 &[],
             ),
             (
-                "a node shared with its own interface, port and pool",
+                "a node shared, even with its own interface, port and pool",
                 vec![
                     base(),
                     claim("edge", 2, "wg1", 51821, "10.251.0.0/16", &["b", "c"]),
                 ],
-                &[],
+                &[(
+                    "edge",
+                    "also selects node b; a node is in one mesh at a time",
+                )],
             ),
             (
                 "the same interface",
@@ -146,6 +154,15 @@ mod tests {
                     claim("lab", 3, "wg2", 51822, "10.251.0.0/16", &["c"]),
                 ],
                 &[("edge", "interface wgmesh0")],
+            ),
+            (
+                "three meshes on separate nodes",
+                vec![
+                    base(),
+                    claim("edge", 2, "wgmesh0", 51820, "10.250.0.0/16", &["c"]),
+                    claim("lab", 3, "wgmesh0", 51820, "10.250.0.0/16", &["d"]),
+                ],
+                &[],
             ),
         ];
         for (name, claims, want) in cases {
