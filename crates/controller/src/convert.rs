@@ -38,6 +38,7 @@ pub fn mesh_input(
         reserved: reserved.to_vec(),
         active_gateway: mesh.status.as_ref().and_then(|s| s.active_gateway.clone()),
         host_encryption: spec.encrypts_hosts(),
+        marks_tunnel_packets: spec.fwmark.is_some(),
     }
 }
 

@@ -54,6 +54,9 @@ pub struct MeshInput {
     /// Whether node peers' allowed IPs carry their nodes' own addresses
     /// ([`NodeInput::host_addresses`]), so traffic between the hosts is encrypted too.
     pub host_encryption: bool,
+    /// Whether the tunnel's packets are marked (`spec.fwmark`): the agents' rule then lets
+    /// them skip the routes into the tunnel, so a peer's allowed IPs may cover its endpoint.
+    pub marks_tunnel_packets: bool,
 }
 
 /// A range no peer may claim as allowed IPs: routed into the tunnel on every node, it would
@@ -1089,7 +1092,8 @@ fn judge(
         }
         // Without a fwmark the tunnel's own packets to the endpoint would be routed into the
         // tunnel: the peer could never be reached.
-        if let Some(ip) = endpoint_address(endpoint)
+        if !mesh.marks_tunnel_packets
+            && let Some(ip) = endpoint_address(endpoint)
             && let Some(cidr) = claimed_networks(peer, node)
                 .into_iter()
                 .find(|c| c.contains_addr(ip))
@@ -1097,8 +1101,8 @@ fn judge(
             return refuse(
                 Reason::AllowedIpsOverlap,
                 format!(
-                    "{cidr} covers the peer's own endpoint {ip}: the tunnel's packets to it \
-                     would be routed into the tunnel"
+                    "{cidr} covers the peer's own endpoint {ip}: without a mesh fwmark the \
+                     tunnel's packets to it would be routed into the tunnel"
                 ),
             );
         }

@@ -20,6 +20,7 @@ pub(crate) fn mesh() -> MeshInput {
         reserved: vec![],
         active_gateway: None,
         host_encryption: false,
+        marks_tunnel_packets: false,
     }
 }
 
@@ -1429,5 +1430,25 @@ fn tunnel_pool_table() {
             (Err(e), Some(part)) => assert!(e.contains(part), "{name}: {e}"),
             (got, _) => panic!("{name}: want {want:?}, got {got:?}"),
         }
+    }
+}
+
+#[test]
+fn allowed_ips_over_the_endpoint_need_a_mesh_fwmark() {
+    let mut site = external("site", 10, &["203.0.113.0/24"]);
+    site.endpoint = Some("203.0.113.1:51820".into());
+    for (marked, refused_with) in [(false, Some(Reason::AllowedIpsOverlap)), (true, None)] {
+        let (nodes, mut peers) = three_nodes();
+        peers.push(site.clone());
+        let mesh = MeshInput {
+            marks_tunnel_packets: marked,
+            ..mesh()
+        };
+        let d = compute(&mesh, &nodes, &peers);
+        assert_eq!(
+            refused(&d, "site").map(|(r, _)| r),
+            refused_with,
+            "fwmark {marked}"
+        );
     }
 }

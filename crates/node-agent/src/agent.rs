@@ -971,11 +971,11 @@ fn jitter(d: Duration) -> Duration {
 }
 
 /// Where the routes to peers go, and the rules that select them. CNI mode: the main table
-/// (nothing else routes pods), unless the mesh encrypts host traffic. Add-on mode, and host
-/// encryption: a table of our own, looked up ahead of the main
-/// table, where the other CNI's plaintext routes to the same pod CIDRs are; when the mesh
-/// marks its encrypted packets, they are exempt (`not fwmark`), which keeps a peer whose
-/// allowed IPs cover its own endpoint from looping.
+/// (nothing else routes pods), unless the mesh marks its packets (`fwmark`, which host
+/// encryption needs). Add-on mode, and a marking mesh: a table of our own, looked up ahead
+/// of the main table, where the other CNI's plaintext routes to the same pod CIDRs are; when
+/// the mesh marks its encrypted packets, they are exempt (`not fwmark`), which keeps a peer
+/// whose allowed IPs cover its own endpoint from looping.
 ///
 /// Strict meshes (the default) also get guards: a blackhole behind every network the mesh
 /// protects (peers' allowed IPs, the tunnel pools, the cluster's pod networks), so that
@@ -990,8 +990,10 @@ pub fn routing_config(
     keep_reachable: &[std::net::IpAddr],
 ) -> RoutingConfig {
     let mut rules = Vec::new();
-    let encrypts_hosts = settings.host_encryption && settings.fwmark != 0;
-    let dedicated = net.network_mode == NetworkMode::Addon || encrypts_hosts;
+    // A mesh that marks its packets has its routes in our table behind `not fwmark` in
+    // every mode: the marked packets skip them, so a peer whose allowed IPs cover its own
+    // endpoint (which the controller then accepts) does not loop.
+    let dedicated = net.network_mode == NetworkMode::Addon || settings.fwmark != 0;
     // Marked packets looked up in our own table would be routed back into the tunnel.
     let marked_into_ours = dedicated && settings.fwmark_table == net.route_table;
     if marked_into_ours {
@@ -1095,8 +1097,15 @@ mod tests {
                 mode: "cni",
                 fwmark: (0x57, 100),
                 host_encryption: false,
-                table: 0,
-                rules: vec![(5200, 0x57, 100, false)],
+                table: 51820,
+                rules: vec![(5200, 0x57, 100, false), (5210, 0x57, 51820, true)],
+            },
+            Case {
+                mode: "cni",
+                fwmark: (0x57, 0),
+                host_encryption: false,
+                table: 51820,
+                rules: vec![(5210, 0x57, 51820, true)],
             },
             Case {
                 mode: "cni",

@@ -176,6 +176,9 @@ async fn host_traffic_crosses_the_tunnel(mode: NetworkMode) -> Result<()> {
         }
         a_to_b(&mesh)
     })?;
+    // The mark stays: the routes to peers stay in the agent's table behind `not fwmark`, in
+    // CNI mode too, and pods still reach each other.
+    mesh.pod_matrix(POD_PORT, Duration::from_secs(20))?;
     Ok(())
 }
 
