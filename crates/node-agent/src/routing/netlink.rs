@@ -178,8 +178,15 @@ fn observed_rule(m: &RuleMessage) -> Option<ObservedRule> {
             RuleAttribute::FwMark(f) => rule.fwmark = *f,
             RuleAttribute::Table(t) => rule.table = *t,
             RuleAttribute::Protocol(p) => rule.protocol = u8::from(*p),
+            // The kernel reports the full mask with every mark, and -1 for what is unset.
+            RuleAttribute::FwMask(u32::MAX)
+            | RuleAttribute::SuppressPrefixLen(u32::MAX)
+            | RuleAttribute::SuppressIfGroup(u32::MAX) => {}
             RuleAttribute::Iifname(_)
             | RuleAttribute::Oifname(_)
+            | RuleAttribute::FwMask(_)
+            | RuleAttribute::SuppressPrefixLen(_)
+            | RuleAttribute::SuppressIfGroup(_)
             | RuleAttribute::IpProtocol(_)
             | RuleAttribute::SourcePortRange(_)
             | RuleAttribute::DestinationPortRange(_)
@@ -261,7 +268,10 @@ impl Routing {
         // fwmark or table) nothing would send mesh traffic to the table, and its guards
         // with it. The kernel takes a rule that differs from an old one only in `not` for
         // the same rule (EEXIST): that one is added once the old one is gone.
+        // An old rule stays while a new one of its family could not be added: it may be the
+        // only one leading to the guards.
         let mut after_delete = Vec::new();
+        let mut unreplaced = HashSet::new();
         for (w, family) in plan.add {
             match self.add_rule(&cfg.rules[w], family).await {
                 Ok(()) => changes.rules_added += 1,
@@ -270,10 +280,16 @@ impl Routing {
                 {
                     after_delete.push((w, family));
                 }
-                Err(e) => refused.refuse(e),
+                Err(e) => {
+                    unreplaced.insert(family);
+                    refused.refuse(e);
+                }
             }
         }
         for i in plan.delete {
+            if unreplaced.contains(&rules[i].0.family) {
+                continue;
+            }
             if refused.note(self.delete_rule(&rules[i].1).await) {
                 changes.rules_removed += 1;
             }
@@ -329,13 +345,25 @@ impl Routing {
         let nets: Vec<IpNet> = observed_addrs.iter().map(|(n, _)| *n).collect();
         let plan = plan_addresses(&nets, &cfg.addresses);
         let mut added = HashSet::new();
+        // An old address stays while a new one of its family could not be added: removing
+        // the last IPv4 address takes every IPv4 route via the interface with it.
+        let mut unreplaced = HashSet::new();
         for net in plan.add {
-            if let Some(true) = refused.keep(self.add_address(ifindex, net, &cfg.interface).await) {
-                added.insert(net);
+            match refused.keep(self.add_address(ifindex, net, &cfg.interface).await) {
+                Some(true) => {
+                    added.insert(net);
+                }
+                Some(false) => {}
+                None => {
+                    unreplaced.insert(net.addr().is_ipv4());
+                }
             }
         }
         for &i in &plan.delete {
             let (net, msg) = &observed_addrs[i];
+            if unreplaced.contains(&net.addr().is_ipv4()) {
+                continue;
+            }
             match self
                 .handle
                 .address()
