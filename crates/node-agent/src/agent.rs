@@ -69,6 +69,8 @@ pub struct Agent {
     healthy: Arc<watch::Sender<bool>>,
     /// Underlay links last found filtering reverse paths strictly (warned about once).
     strict_rp_filter: Vec<String>,
+    /// The CNI configuration last found sorting before the pods' gate (warned about once).
+    gate_shadowed_by: Option<String>,
 }
 
 impl Agent {
@@ -95,6 +97,7 @@ impl Agent {
             registered_port: 0,
             healthy,
             strict_rp_filter: Vec::new(),
+            gate_shadowed_by: None,
         })
     }
 
@@ -563,10 +566,16 @@ impl Agent {
         }
         let peers = wanted.len();
         self.last_wanted = wanted;
-        let routing = self.routing_of(desired, device.name()).await?;
+        let device_name = device.name().to_owned();
+        let routing = self.routing_of(desired, &device_name).await?;
+        // A refused guard or rule is an error here: nothing (no CNI configuration, no gate)
+        // may let pods start on a node whose protection is not in place.
         let changed = self.routing.sync(&routing).await?;
         if !changed.is_empty() {
             tracing::info!(?changed, "routes updated");
+        }
+        if !changed.refused.is_empty() {
+            tracing::warn!(refused = ?changed.refused, "the kernel refused routing changes; the guards drop what they would carry, the rest is in place");
         }
         let mtu = self.tunnel_mtu(&settings).await?;
         match self.args.network.network_mode {
@@ -577,10 +586,10 @@ impl Agent {
         let rules = NodeRules {
             egress: (net.masquerades() && !desired.pod_cidrs.is_empty()).then(|| Egress {
                 pod_cidrs: desired.pod_cidrs.clone(),
-                keep_source_via: vec![device.name().to_owned(), net.cni_bridge.clone()],
+                keep_source_via: vec![device_name.clone(), net.cni_bridge.clone()],
             }),
             mss_clamp: net.clamp_mss.then(|| MssClamp {
-                interface: device.name().to_owned(),
+                interface: device_name.clone(),
                 mtu,
             }),
         };
@@ -605,7 +614,8 @@ impl Agent {
             self.check_reverse_path_filter().await;
         }
         self.metrics.set_peers(peers);
-        self.healthy.send_replace(true);
+        // Ready only once everything asked for is in place.
+        self.healthy.send_replace(changed.refused.is_empty());
         Ok(())
     }
 
@@ -658,6 +668,10 @@ impl Agent {
                         "routes, guards or rules of the mesh were removed by something else; put back"
                     );
                 }
+                if !changed.refused.is_empty() {
+                    tracing::debug!(refused = ?changed.refused, "the kernel still refuses routing changes");
+                }
+                self.healthy.send_replace(changed.refused.is_empty());
                 true
             }
             Err(e) => {
@@ -751,18 +765,21 @@ impl Agent {
     /// Add-on mode: the copy of the other CNI's configuration that keeps pods from starting
     /// after a reboot before the node is programmed (`cni::gate`), for a strict mesh. A
     /// failure is logged: the tunnels do not depend on it.
-    fn sync_pod_gate(&self, settings: &pb::MeshSettings) {
+    fn sync_pod_gate(&mut self, settings: &pb::MeshSettings) {
         use crate::cni::gate::{self, Outcome};
         let net = &self.args.network;
         let wanted = !settings.plaintext_fallback;
         match gate::sync(&net.cni_conf_dir, &net.cni_run_dir, wanted) {
             Ok(outcome) => {
-                if outcome.shadowed() {
-                    tracing::warn!(
-                        ?outcome,
-                        gate = gate::GATE_FILE,
-                        "another CNI configuration sorts before the pods' gate: after a reboot, pods may start before the node is programmed"
-                    );
+                let shadowed_by = match &outcome {
+                    Outcome::Shadowed { from, .. } => Some(from.clone()),
+                    _ => None,
+                };
+                if shadowed_by != self.gate_shadowed_by {
+                    if let Some(from) = &shadowed_by {
+                        tracing::warn!(%from, gate = gate::GATE_FILE, "another CNI configuration sorts before the pods' gate, so none is kept: after a reboot, pods may start before the node is programmed");
+                    }
+                    self.gate_shadowed_by = shadowed_by;
                 }
                 match outcome {
                     Outcome::Written { from } => {
@@ -774,7 +791,9 @@ impl Agent {
                     Outcome::Unreadable { error } => {
                         tracing::warn!(%error, "the pod network's configuration cannot be read; the pods' gate stays as it was")
                     }
-                    Outcome::Unchanged { .. } | Outcome::Absent { removed: false } => {}
+                    Outcome::Unchanged { .. }
+                    | Outcome::Absent { removed: false }
+                    | Outcome::Shadowed { .. } => {}
                 }
             }
             Err(e) => {

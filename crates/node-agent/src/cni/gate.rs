@@ -83,14 +83,10 @@ pub enum Outcome {
     Absent { removed: bool },
     /// The other configuration cannot be read as one: the gate is left as it was.
     Unreadable { error: String },
-}
-
-impl Outcome {
-    /// Whether the runtime reads the other configuration `from` before the gate, which then
-    /// protects nothing.
-    pub fn shadowed(&self) -> bool {
-        matches!(self, Outcome::Unchanged { from } | Outcome::Written { from } if from.as_str() < GATE_FILE)
-    }
+    /// The runtime reads `from` before the gate would be: a gate there would protect
+    /// nothing, and a meta-plugin that delegates to the next file (Multus) would take it for
+    /// its master and fail to read through the link. None is kept; `removed` if one was.
+    Shadowed { from: String, removed: bool },
 }
 
 /// Makes the gate in `conf_dir` (content in `run_dir`) the copy of the configuration the
@@ -126,7 +122,14 @@ pub fn sync(conf_dir: &Path, run_dir: &Path, wanted: bool) -> io::Result<Outcome
             removed: linked::remove(conf_dir, run_dir, GATE_FILE)?,
         });
     };
-    let text = match std::fs::read_to_string(conf_dir.join(from)) {
+    if from < GATE_FILE {
+        return Ok(Outcome::Shadowed {
+            from: from.to_owned(),
+            removed: linked::remove(conf_dir, run_dir, GATE_FILE)?,
+        });
+    }
+    let source = conf_dir.join(from);
+    let text = match std::fs::read_to_string(&source) {
         Ok(t) => t,
         // A link of the other CNI's that dangles: it has no network either.
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -139,7 +142,11 @@ pub fn sync(conf_dir: &Path, run_dir: &Path, wanted: bool) -> io::Result<Outcome
     match gate_content(from, &text) {
         Ok(content) => {
             let from = from.to_owned();
-            Ok(if linked::write(conf_dir, run_dir, GATE_FILE, &content)? {
+            let written = linked::write(conf_dir, run_dir, GATE_FILE, &content)?;
+            // The copy is readable by whom the original is, no more.
+            let mode = std::fs::metadata(&source)?.permissions();
+            std::fs::set_permissions(run_dir.join(GATE_FILE), mode)?;
+            Ok(if written {
                 Outcome::Written { from }
             } else {
                 Outcome::Unchanged { from }
@@ -294,10 +301,48 @@ mod tests {
     }
 
     #[test]
-    fn a_config_before_the_gate_shadows_it() {
-        let from = |n: &str| Outcome::Written { from: n.into() };
-        assert!(from("00-multus.conf").shadowed());
-        assert!(!from("10-calico.conflist").shadowed());
-        assert!(!Outcome::Absent { removed: false }.shadowed());
+    fn no_gate_behind_a_config_that_sorts_before_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let conf = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let (conf, run) = (conf.path(), run.path());
+        let calico = conf.join("10-calico.conflist");
+        std::fs::write(
+            &calico,
+            r#"{"name":"k8s-pod-network","plugins":[{"type":"calico"}]}"#,
+        )
+        .unwrap();
+        std::fs::set_permissions(&calico, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            sync(conf, run, true).unwrap(),
+            Outcome::Written { .. }
+        ));
+        let mode = std::fs::metadata(run.join(GATE_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the copy keeps the original's mode");
+
+        // Multus arrives: its configuration is read first; the gate goes.
+        std::fs::write(
+            conf.join("00-multus.conf"),
+            r#"{"name":"multus","type":"multus"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            sync(conf, run, true).unwrap(),
+            Outcome::Shadowed {
+                from: "00-multus.conf".into(),
+                removed: true
+            }
+        );
+        assert!(std::fs::symlink_metadata(conf.join(GATE_FILE)).is_err());
+        assert_eq!(
+            sync(conf, run, true).unwrap(),
+            Outcome::Shadowed {
+                from: "00-multus.conf".into(),
+                removed: false
+            }
+        );
     }
 }

@@ -50,18 +50,24 @@ fn rtnl_io(e: rtnetlink::Error) -> io::Error {
     }
 }
 
-/// The changes the kernel refused during a sync: the first is returned, the others logged.
+/// The changes the kernel refused during a sync. A refused guard or rule is the sync's
+/// error (the first of them; the node is not fully protected); the others are reported
+/// with its changes.
 #[derive(Default)]
 struct Refused {
-    first: Option<RoutingError>,
+    /// The first refused guard or rule.
+    unguarded: Option<RoutingError>,
+    /// Every refusal, as text.
+    all: Vec<String>,
+    /// Whether the refusals noted now concern guards or rules.
+    guarding: bool,
 }
 
 impl Refused {
     fn refuse(&mut self, e: RoutingError) {
-        if self.first.is_some() {
-            tracing::warn!(error = %e, "the kernel refused a routing change too");
-        } else {
-            self.first = Some(e);
+        self.all.push(e.to_string());
+        if self.guarding && self.unguarded.is_none() {
+            self.unguarded = Some(e);
         }
     }
 
@@ -244,12 +250,16 @@ impl Routing {
     /// place even when the interface is missing or a route cannot be added.
     ///
     /// A change the kernel refuses (an IPv6 route on a node with IPv6 disabled, say) does not
-    /// stop the others: the first refusal is returned once everything else was applied, so
-    /// the caller retries and says why.
+    /// stop the others. A refused guard or rule is returned as the error once everything else
+    /// was applied (the node is not fully protected: nothing may start relying on it); other
+    /// refusals are in [`RouteChanges::refused`], their traffic dropped by the guards.
     pub async fn sync(&self, cfg: &RoutingConfig) -> Result<RouteChanges, RoutingError> {
         let table = normalize_table(cfg.table);
         let mut changes = RouteChanges::default();
-        let mut refused = Refused::default();
+        let mut refused = Refused {
+            guarding: true,
+            ..Refused::default()
+        };
         let specials = self.specials().await?;
         let plain: Vec<ObservedSpecial> = specials.iter().map(|(r, _)| r.clone()).collect();
         let special_plan = plan_specials(&plain, &wanted_specials(cfg), table);
@@ -300,9 +310,10 @@ impl Routing {
             }
         }
 
+        refused.guarding = false;
         let Some(link) = self.link_by_name(&cfg.interface).await? else {
             return Err(refused
-                .first
+                .unguarded
                 .unwrap_or_else(|| RoutingError::NoInterface(cfg.interface.clone())));
         };
         let ifindex = link.header.index;
@@ -422,10 +433,12 @@ impl Routing {
                 Err(e) => refused.refuse(e),
             }
         }
+        changes.refused = refused.all;
         if !changes.is_empty() {
             tracing::debug!(interface = %cfg.interface, ?changes, "routing synced");
         }
-        match refused.first {
+        match refused.unguarded {
+            // Everything else is applied, but the node is not fully protected.
             Some(e) => Err(e),
             None => Ok(changes),
         }

@@ -176,11 +176,18 @@ pub struct RouteChanges {
     pub rules_removed: usize,
     pub guards_added: usize,
     pub guards_removed: usize,
+    /// Changes the kernel refused besides the guards and rules (an address, a route, the
+    /// link's state): what they would have carried is dropped by the guards meanwhile.
+    pub refused: Vec<String>,
 }
 
 impl RouteChanges {
+    /// Whether nothing changed (refusals are no change).
     pub fn is_empty(&self) -> bool {
-        *self == RouteChanges::default()
+        RouteChanges {
+            refused: Vec::new(),
+            ..self.clone()
+        } == RouteChanges::default()
     }
 }
 
