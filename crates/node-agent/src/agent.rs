@@ -579,8 +579,15 @@ impl Agent {
         }
         let mtu = self.tunnel_mtu(&settings).await?;
         match self.args.network.network_mode {
-            NetworkMode::Cni => self.write_cni_config(mtu, desired).await?,
-            NetworkMode::Addon => self.sync_pod_gate(&settings),
+            NetworkMode::Cni => {
+                self.write_cni_config(mtu, desired).await?;
+                // A gate left from add-on mode would sort before our conflist.
+                self.sync_pod_gate(false);
+            }
+            NetworkMode::Addon => {
+                self.sync_pod_gate(!settings.plaintext_fallback);
+                self.remove_cni_mode_conflist();
+            }
         }
         let net = &self.args.network;
         let rules = NodeRules {
@@ -694,7 +701,7 @@ impl Agent {
                     }
                 }
                 NetworkMode::Cni => {}
-                NetworkMode::Addon => self.sync_pod_gate(&settings),
+                NetworkMode::Addon => self.sync_pod_gate(!settings.plaintext_fallback),
             }
         }
         if let Some(rules) = &self.node_rules
@@ -763,12 +770,11 @@ impl Agent {
     }
 
     /// Add-on mode: the copy of the other CNI's configuration that keeps pods from starting
-    /// after a reboot before the node is programmed (`cni::gate`), for a strict mesh. A
-    /// failure is logged: the tunnels do not depend on it.
-    fn sync_pod_gate(&mut self, settings: &pb::MeshSettings) {
+    /// after a reboot before the node is programmed (`cni::gate`), when `wanted` (a strict
+    /// mesh); removed when not. A failure is logged: the tunnels do not depend on it.
+    fn sync_pod_gate(&mut self, wanted: bool) {
         use crate::cni::gate::{self, Outcome};
         let net = &self.args.network;
-        let wanted = !settings.plaintext_fallback;
         match gate::sync(&net.cni_conf_dir, &net.cni_run_dir, wanted) {
             Ok(outcome) => {
                 let shadowed_by = match &outcome {
@@ -799,6 +805,20 @@ impl Agent {
             Err(e) => {
                 tracing::warn!(error = %e, dir = %net.cni_conf_dir.display(), "could not write the pods' gate")
             }
+        }
+    }
+
+    /// Add-on mode: CNI mode's conflist, left by an agent of that mode, goes (it would give
+    /// pods our bridge instead of the other CNI's network). A failure is logged.
+    fn remove_cni_mode_conflist(&self) {
+        let net = &self.args.network;
+        match crate::cni::remove_conflist(&net.cni_conf_dir, &net.cni_run_dir) {
+            Ok(true) => tracing::info!(
+                path = %crate::cni::conflist_path(&net.cni_conf_dir).display(),
+                "removed CNI mode's configuration (the agent is in add-on mode)"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not remove CNI mode's configuration"),
         }
     }
 
