@@ -99,6 +99,20 @@ fn route_table(m: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(m.header.table))
 }
 
+/// Whether `m` is a default route of the main table: the underlay's way out.
+fn is_main_default(m: &RouteMessage) -> bool {
+    m.header.destination_prefix_length == 0
+        && m.header.kind == RouteType::Unicast
+        && route_table(m) == MAIN_TABLE
+}
+
+fn link_name(l: &LinkMessage) -> Option<&str> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
 fn route_oif(m: &RouteMessage) -> Option<u32> {
     m.attributes.iter().find_map(|a| match a {
         RouteAttribute::Oif(i) => Some(*i),
@@ -455,30 +469,16 @@ impl Routing {
     pub async fn underlay_links(&self) -> Result<Vec<String>, RoutingError> {
         let mut indices = HashSet::new();
         for msg in self.dump_routes(AddressFamily::Inet, "the node").await? {
-            if msg.header.destination_prefix_length == 0
-                && msg.header.kind == RouteType::Unicast
-                && route_table(&msg) == MAIN_TABLE
-            {
+            if is_main_default(&msg) {
                 indices.extend(route_oif(&msg));
             }
         }
-        let links: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(netlink("listing links"))?;
-        let mut names: Vec<String> = links
+        let mut names: Vec<String> = self
+            .links()
+            .await?
             .iter()
             .filter(|l| indices.contains(&l.header.index))
-            .filter_map(|l| {
-                l.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::IfName(n) => Some(n.clone()),
-                    _ => None,
-                })
-            })
+            .filter_map(|l| link_name(l).map(str::to_owned))
             .collect();
         names.sort();
         Ok(names)
@@ -491,10 +491,7 @@ impl Routing {
         let mut links = HashSet::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             for msg in self.dump_routes(family, "the node").await? {
-                let default = msg.header.destination_prefix_length == 0
-                    && msg.header.kind == RouteType::Unicast
-                    && route_table(&msg) == MAIN_TABLE;
-                if !default {
+                if !is_main_default(&msg) {
                     continue;
                 }
                 gateways.extend(route_gateway(&msg));
@@ -688,15 +685,18 @@ impl Routing {
         }
     }
 
-    async fn underlay_mtu_excluding(&self, exclude: Option<u32>) -> Result<u32, RoutingError> {
-        let links: Vec<LinkMessage> = self
-            .handle
+    async fn links(&self) -> Result<Vec<LinkMessage>, RoutingError> {
+        self.handle
             .link()
             .get()
             .execute()
             .try_collect()
             .await
-            .map_err(netlink("listing links"))?;
+            .map_err(netlink("listing links"))
+    }
+
+    async fn underlay_mtu_excluding(&self, exclude: Option<u32>) -> Result<u32, RoutingError> {
+        let links = self.links().await?;
         let mtu_of = |index: u32| {
             links
                 .iter()
@@ -708,11 +708,7 @@ impl Routing {
                 .dump_routes(family, "the underlay")
                 .await?
                 .into_iter()
-                .filter(|m| {
-                    m.header.destination_prefix_length == 0
-                        && m.header.kind == RouteType::Unicast
-                        && route_table(m) == MAIN_TABLE
-                })
+                .filter(is_main_default)
                 .filter_map(|m| route_oif(&m).map(|oif| (route_priority(&m), oif)))
                 .filter(|(_, oif)| Some(*oif) != exclude)
                 .min();
