@@ -578,17 +578,7 @@ impl Agent {
             tracing::warn!(refused = ?changed.refused, "the kernel refused routing changes; the guards drop what they would carry, the rest is in place");
         }
         let mtu = self.tunnel_mtu(&settings).await?;
-        match self.args.network.network_mode {
-            NetworkMode::Cni => {
-                self.write_cni_config(mtu, desired).await?;
-                // A gate left from add-on mode would sort before our conflist.
-                self.sync_pod_gate(false);
-            }
-            NetworkMode::Addon => {
-                self.sync_pod_gate(!settings.plaintext_fallback);
-                self.remove_cni_mode_conflist();
-            }
-        }
+        self.write_pod_network(desired, Some(mtu)).await?;
         let net = &self.args.network;
         let rules = NodeRules {
             egress: (net.masquerades() && !desired.pod_cidrs.is_empty()).then(|| Egress {
@@ -617,9 +607,7 @@ impl Agent {
                 }
             }
         }
-        if settings.host_encryption && settings.fwmark != 0 {
-            self.check_reverse_path_filter().await;
-        }
+        self.check_reverse_path_filter(&settings).await;
         self.metrics.set_peers(peers);
         // Ready only once everything asked for is in place.
         self.healthy.send_replace(changed.refused.is_empty());
@@ -688,38 +676,30 @@ impl Agent {
         };
         // The CNI configuration (its content in /run) is written again only over routes and
         // guards in place.
-        if routed {
-            let settings = programmed.settings.clone().unwrap_or_default();
-            match self.args.network.network_mode {
-                NetworkMode::Cni if !programmed.pod_cidrs.is_empty() => {
-                    let written = match self.tunnel_mtu(&settings).await {
-                        Ok(mtu) => self.write_cni_config(mtu, &programmed).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = written {
-                        tracing::warn!(error = %e, "writing the CNI configuration again failed");
-                    }
-                }
-                NetworkMode::Cni => {}
-                NetworkMode::Addon => self.sync_pod_gate(!settings.plaintext_fallback),
-            }
+        // (CNI mode without pod CIDRs has nothing to write, and says so when programming.)
+        let settings = programmed.settings.clone().unwrap_or_default();
+        let cni_without_pods =
+            self.args.network.network_mode == NetworkMode::Cni && programmed.pod_cidrs.is_empty();
+        if routed
+            && !cni_without_pods
+            && let Err(e) = self.write_pod_network(&programmed, None).await
+        {
+            tracing::warn!(error = %e, "writing the pods' CNI configuration again failed");
         }
         if let Some(rules) = &self.node_rules
             && let Err(e) = crate::netfilter::apply(Some(rules)).await
         {
             tracing::warn!(error = %e, "writing the node's nftables rules again failed");
         }
-        if let Some(s) = &programmed.settings
-            && s.host_encryption
-            && s.fwmark != 0
-        {
-            self.check_reverse_path_filter().await;
-        }
+        self.check_reverse_path_filter(&settings).await;
     }
 
     /// With host encryption, says (once per change) which underlay links filter reverse
     /// paths strictly, which cuts the nodes' underlay off (`crate::rp_filter`).
-    async fn check_reverse_path_filter(&mut self) {
+    async fn check_reverse_path_filter(&mut self, settings: &pb::MeshSettings) {
+        if !settings.host_encryption || settings.fwmark == 0 {
+            return;
+        }
         let links = match self.routing.underlay_links().await {
             Ok(l) => l,
             Err(e) => {
@@ -765,6 +745,34 @@ impl Agent {
             })?;
         if written {
             tracing::info!(path = %path.display(), content = %net.cni_run_dir.display(), pod_cidrs = ?desired.pod_cidrs, mtu, "CNI configuration written");
+        }
+        Ok(())
+    }
+
+    /// What the container runtime reads for pods, written over routes and guards in place:
+    /// CNI mode's conflist (pods get the tunnel's MTU: `mtu`, or read when None) or add-on
+    /// mode's gate; each mode removes the other's, which would sort before its own.
+    async fn write_pod_network(&mut self, desired: &Desired, mtu: Option<u32>) -> Result<()> {
+        match self.args.network.network_mode {
+            NetworkMode::Cni => {
+                let mtu = match mtu {
+                    Some(m) => m,
+                    None => {
+                        let settings = desired.settings.clone().unwrap_or_default();
+                        self.tunnel_mtu(&settings).await?
+                    }
+                };
+                self.write_cni_config(mtu, desired).await?;
+                self.sync_pod_gate(false);
+            }
+            NetworkMode::Addon => {
+                let strict = !desired
+                    .settings
+                    .as_ref()
+                    .is_some_and(|s| s.plaintext_fallback);
+                self.sync_pod_gate(strict);
+                self.remove_cni_mode_conflist();
+            }
         }
         Ok(())
     }
