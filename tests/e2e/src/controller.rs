@@ -51,6 +51,9 @@ pub struct Controller {
     pub identity: String,
     pub grpc_port: u16,
     pub metrics_port: u16,
+    /// Where its metrics port is reached from this process: loopback, or the address of the
+    /// node whose network it runs in.
+    metrics_host: std::net::IpAddr,
 }
 
 impl Controller {
@@ -118,6 +121,20 @@ impl Controller {
         grpc_port: u16,
         metrics_port: u16,
     ) -> Result<Self> {
+        let loopback = std::net::Ipv4Addr::LOCALHOST.into();
+        Self::spawn_reached_at(identity, command, log, grpc_port, metrics_port, loopback).await
+    }
+
+    /// Like [`Controller::spawn`], for a controller in another network namespace whose
+    /// metrics port this process reaches at `metrics_host`.
+    pub async fn spawn_reached_at(
+        identity: &str,
+        command: impl Fn() -> Command + Send + Sync + 'static,
+        log: &Path,
+        grpc_port: u16,
+        metrics_port: u16,
+        metrics_host: std::net::IpAddr,
+    ) -> Result<Self> {
         let process = ChildGuard::spawn(&format!("controller {identity}"), command(), log)?;
         let mut controller = Controller {
             process,
@@ -126,6 +143,7 @@ impl Controller {
             identity: identity.to_owned(),
             grpc_port,
             metrics_port,
+            metrics_host,
         };
         controller.wait_ready().await?;
         Ok(controller)
@@ -140,7 +158,7 @@ impl Controller {
                     self.process.log_tail(40)
                 );
             }
-            if http_get(self.metrics_port, "/readyz")
+            if http_get_at(self.metrics_host, self.metrics_port, "/readyz")
                 .await
                 .is_ok_and(|b| b == "ok")
             {
@@ -160,7 +178,7 @@ impl Controller {
 
     /// `/metrics` text.
     pub async fn metrics(&self) -> Result<String> {
-        http_get(self.metrics_port, "/metrics").await
+        http_get_at(self.metrics_host, self.metrics_port, "/metrics").await
     }
 
     /// Starts the controller again, same ports and identity, after a kill or stop.
@@ -214,8 +232,13 @@ fn grpc_bind(env: &[(&str, &str)], port: u16) -> String {
 
 /// A minimal HTTP/1.0 GET on loopback (no client library needed for three endpoints).
 pub async fn http_get(port: u16, path: &str) -> Result<String> {
+    http_get_at(std::net::Ipv4Addr::LOCALHOST.into(), port, path).await
+}
+
+/// The same at `host`.
+pub async fn http_get_at(host: std::net::IpAddr, port: u16, path: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut stream = tokio::net::TcpStream::connect((host, port)).await?;
     stream
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .await?;

@@ -92,6 +92,10 @@ pub struct TestMesh {
     pub underlay: String,
     pub id: String,
     pub installed: Installed,
+    /// The controller's Service IP, when it runs on a node ([`MeshOptions::controller_on_node`]).
+    service_ip: Option<String>,
+    /// The API server's loopback, forwarded into the controller's node.
+    _api_forwarder: Option<crate::real_cluster::proxy::TcpForwarder>,
     /// The underlay router, at `<underlay>.253`: every node's default gateway.
     pub router: Netns,
     _underlay_links: UnderlayLinks,
@@ -127,7 +131,17 @@ pub struct MeshOptions {
     /// back to the node or its pods but the NAT's own connection tracking, and its Node is
     /// annotated `wgmesh.io/behind-nat: "true"`. IPv4 only.
     pub behind_nat: Vec<usize>,
+    /// The controller runs on node `k`'s host network (by index, from 1), as the chart's
+    /// `hostNetwork: true` places it on a real cluster, rather than on the host: the agents
+    /// reach it through a Service IP ([`SERVICE_IP`]) that every node translates to node
+    /// `k`'s address (an iptables DNAT rule in its output path, as kube-proxy writes), and it
+    /// reaches the API server through a forwarder on the node's loopback. IPv4 only.
+    pub controller_on_node: Option<usize>,
 }
+
+/// The controller Service's cluster IP when the controller runs on a node
+/// ([`MeshOptions::controller_on_node`]).
+pub const SERVICE_IP: &str = "10.96.200.10";
 
 /// The underlay address of node `i`'s NAT router: `<underlay>.<NAT_ROUTER_OCTET + i>`.
 pub const NAT_ROUTER_OCTET: usize = 150;
@@ -140,6 +154,7 @@ impl Default for MeshOptions {
             dual_stack: false,
             ipv6_only: false,
             behind_nat: Vec::new(),
+            controller_on_node: None,
         }
     }
 }
@@ -226,9 +241,15 @@ impl TestMesh {
             dual_stack,
             ipv6_only,
             behind_nat,
+            controller_on_node,
         } = options;
         if !behind_nat.is_empty() && (dual_stack || ipv6_only) {
             bail!("nodes behind NAT are IPv4 only here");
+        }
+        if let Some(k) = controller_on_node
+            && (dual_stack || ipv6_only || behind_nat.contains(&k) || k == 0)
+        {
+            bail!("the controller runs on an IPv4 node of the underlay, not behind NAT");
         }
         let (octet, underlay_lock) = reserve_underlay()?;
         // Unique while the lock is held; the letter keeps it apart from the numeric ids of
@@ -291,8 +312,12 @@ impl TestMesh {
         Helm::new()?.install(&cp, &["--values", &values.display().to_string()])?;
         let installed = Installed::read(&client).await?;
 
-        // The controller, as its Deployment says, on the host (root) network namespace.
-        let controller_ip = controller_ip(&underlay, ipv6_only.then(|| underlay6(octet)));
+        // The controller, as its Deployment says, on the host (root) network namespace, or on a
+        // node's.
+        let controller_ip = match controller_on_node {
+            Some(k) => format!("{underlay}.{k}"),
+            None => controller_ip(&underlay, ipv6_only.then(|| underlay6(octet))),
+        };
         let pod = cluster::agent_pod(
             &client,
             "wgmesh-controller-0",
@@ -341,18 +366,29 @@ impl TestMesh {
         )
         .await?;
         let log = dir.path().join("controller.log");
-        let controller = Controller::spawn(
-            "wgmesh-controller-0",
-            move || launch.command(None),
-            &log,
-            grpc_port,
-            metrics_port,
-        )
-        .await?;
+        let controller_ns = controller_on_node.map(|k| format!("wgm{id}n{k}"));
+        let launch = std::sync::Arc::new(launch);
+        let controller_command = move || launch.command(controller_ns.as_deref());
+        let controller = match controller_on_node {
+            None => Some(
+                Controller::spawn(
+                    "wgmesh-controller-0",
+                    controller_command.clone(),
+                    &log,
+                    grpc_port,
+                    metrics_port,
+                )
+                .await?,
+            ),
+            // Once its node exists.
+            Some(_) => None,
+        };
 
         let mut mesh = TestMesh {
             nodes: Vec::new(),
-            controller: Some(controller),
+            controller,
+            service_ip: controller_on_node.map(|_| SERVICE_IP.to_owned()),
+            _api_forwarder: None,
             mode,
             underlay6: (dual_stack || ipv6_only).then(|| underlay6(octet)),
             ipv6_only,
@@ -375,6 +411,47 @@ impl TestMesh {
         }
         if mode == NetworkMode::Addon {
             mesh.install_plain_routes()?;
+        }
+        if let Some(k) = controller_on_node {
+            let host = &mesh.nodes[k - 1];
+            let api: std::net::SocketAddr =
+                (api_host.parse::<std::net::IpAddr>()?, api_port).into();
+            mesh._api_forwarder = Some(crate::real_cluster::proxy::TcpForwarder::start(
+                &host.ns, api, api,
+            )?);
+            let to = format!("{}:{grpc_port}", host.node_ip);
+            for node in &mesh.nodes {
+                node.ns.exec(
+                    "iptables",
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        "OUTPUT",
+                        "-d",
+                        SERVICE_IP,
+                        "-p",
+                        "tcp",
+                        "--dport",
+                        &grpc_port.to_string(),
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &to,
+                    ],
+                )?;
+            }
+            mesh.controller = Some(
+                Controller::spawn_reached_at(
+                    "wgmesh-controller-0",
+                    controller_command,
+                    &log,
+                    grpc_port,
+                    metrics_port,
+                    host.node_ip.parse()?,
+                )
+                .await?,
+            );
         }
         for i in 0..n {
             mesh.prepare_agent(i).await?;
@@ -866,7 +943,11 @@ impl TestMesh {
 
     /// The controller's pod IP, which the agents' Service environment names: the host's
     /// address on the underlay (IPv6 in an IPv6-only cluster).
+    /// Where the agents reach the controller: its pod IP, or its Service IP.
     pub fn controller_ip(&self) -> String {
+        if let Some(ip) = &self.service_ip {
+            return ip.clone();
+        }
         controller_ip(
             &self.underlay,
             self.ipv6_only.then(|| self.underlay6.clone()).flatten(),

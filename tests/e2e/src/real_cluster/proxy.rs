@@ -16,6 +16,10 @@ use crate::netns::Netns;
 /// Forwards connections to `listen` (port 0: any) to `target` until dropped.
 pub struct TcpForwarder {
     addr: SocketAddr,
+    /// The listening socket (a clone of the accept loop's): shutting it down wakes the loop
+    /// wherever it listens, which a connection from here could not reach in another
+    /// namespace.
+    listener: TcpListener,
     stop: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
     accept: Option<JoinHandle<()>>,
@@ -28,6 +32,7 @@ impl TcpForwarder {
     pub fn start(ns: &Netns, listen: SocketAddr, target: SocketAddr) -> Result<Self> {
         let listener = ns.run(move || Ok(TcpListener::bind(listen)?))?;
         let addr = listener.local_addr()?;
+        let listener_handle = listener.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let (stop2, open2) = (Arc::clone(&stop), Arc::clone(&open));
@@ -61,6 +66,7 @@ impl TcpForwarder {
         });
         Ok(TcpForwarder {
             addr,
+            listener: listener_handle,
             stop,
             open,
             accept: Some(accept),
@@ -81,8 +87,11 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
 impl Drop for TcpForwarder {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wakes the accept loop, which then sees the flag.
-        let _ = TcpStream::connect(self.addr);
+        // Wakes the accept loop (its `accept` fails), which then sees the flag.
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.listener),
+            nix::sys::socket::Shutdown::Both,
+        );
         if let Some(accept) = self.accept.take() {
             let _ = accept.join();
         }
