@@ -15,7 +15,7 @@ use crate::config::{NetworkArgs, NetworkMode, RunArgs};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::metrics::{Metrics, PeerSample};
-use crate::netfilter::{Egress, MssClamp, NodeRules};
+use crate::netfilter::{ControllerReplies, Egress, MssClamp, NodeRules};
 use crate::routing::{Routing, RoutingConfig, RuleConfig, sparing};
 use crate::saved;
 use crate::state::{
@@ -134,7 +134,12 @@ impl Agent {
 
     /// One connection: register, then apply the stream and report until it breaks.
     async fn session(&mut self) -> Result<()> {
-        let mut client = ControllerClient::connect(&self.args).await?;
+        let mark = self
+            .desired
+            .settings
+            .as_ref()
+            .and_then(crate::client::controller_mark);
+        let mut client = ControllerClient::connect(&self.args, mark).await?;
         // A new session may reach another replica (or a restarted controller) that has heard
         // nothing: the first report is sent whole, whatever was sent before.
         self.last_report = None;
@@ -588,6 +593,13 @@ impl Agent {
             mss_clamp: net.clamp_mss.then(|| MssClamp {
                 interface: device_name.clone(),
                 mtu,
+            }),
+            controller_replies: crate::client::controller_mark(&settings).map(|mark| {
+                ControllerReplies {
+                    port: crate::client::controller_port(&self.args.controller),
+                    mark,
+                    tunnel: device_name.clone(),
+                }
             }),
         };
         if self.node_rules.as_ref() != Some(&rules) {

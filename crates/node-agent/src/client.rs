@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use tonic::Request;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Uri};
+use wgmesh_proto as pb;
 use wgmesh_proto::mesh_service_client::MeshServiceClient;
 
 use crate::config::RunArgs;
@@ -18,7 +19,8 @@ pub struct ControllerClient {
 }
 
 impl ControllerClient {
-    pub async fn connect(args: &RunArgs) -> Result<Self> {
+    /// `mark`: the firewall mark on the connection's packets ([`controller_mark`]).
+    pub async fn connect(args: &RunArgs, mark: Option<u32>) -> Result<Self> {
         // The agent checked this at start-up; never connect without TLS regardless.
         crate::config::check_controller_url(&args.controller).map_err(Error::Config)?;
         let ca = std::fs::read(&args.ca_file).map_err(|source| Error::Read {
@@ -37,14 +39,23 @@ impl ControllerClient {
         if let Some(name) = &args.tls_server_name {
             tls = tls.domain_name(name.clone());
         }
-        let channel = Channel::from_shared(args.controller.clone())
+        let endpoint = Channel::from_shared(args.controller.clone())
             .map_err(|e| Error::Config(format!("controller URL {}: {e}", args.controller)))?
             .tls_config(tls)?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect()
-            .await?;
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = match mark {
+            None => endpoint.connect().await?,
+            Some(mark) => {
+                let connector = tower::service_fn(move |uri: Uri| async move {
+                    connect_marked(&uri, mark)
+                        .await
+                        .map(hyper_util::rt::TokioIo::new)
+                });
+                endpoint.connect_with_connector(connector).await?
+            }
+        };
         Ok(ControllerClient {
             // Updates come in parts of a few dozen peers, but one peer can be large: the
             // active gateway, as the other nodes see it, carries every external peer's
@@ -64,5 +75,86 @@ impl ControllerClient {
 
     pub fn grpc(&mut self) -> &mut MeshServiceClient<Channel> {
         &mut self.inner
+    }
+}
+
+/// The mark an agent's connections to the controller carry: the mesh's fwmark when it encrypts
+/// host traffic. Every other node's address is then routed into the tunnel, and a node whose
+/// tunnels are stale (a preshared key or a peer key it missed while down) could not reach the
+/// controller, on the host network of another node, to learn the new ones. Marked, the
+/// connection crosses the underlay as the tunnel's own packets do; TLS protects it, as it
+/// does the API server's traffic, which the mesh keeps out of the tunnel too. The controller's
+/// node marks its replies to match (`netfilter::ControllerReplies`).
+pub fn controller_mark(settings: &pb::MeshSettings) -> Option<u32> {
+    (settings.host_encryption && settings.fwmark != 0).then_some(settings.fwmark)
+}
+
+/// The controller's port, from its URL: the Service's port, which the chart makes the
+/// controller's own.
+pub fn controller_port(url: &str) -> u16 {
+    url.parse::<Uri>()
+        .ok()
+        .and_then(|u| u.port_u16())
+        .unwrap_or(443)
+}
+
+/// A TCP connection to `uri`'s host and port whose packets carry `mark` (`SO_MARK`, which
+/// needs `CAP_NET_ADMIN`, as the agent has): the first address that answers.
+async fn connect_marked(uri: &Uri, mark: u32) -> std::io::Result<tokio::net::TcpStream> {
+    let host = uri
+        .host()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(443);
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{host} has no address"),
+    );
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_mark(mark)?;
+        socket.set_nonblocking(true)?;
+        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+        match socket.connect(addr).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mark_and_port_of_the_controller_connection() {
+        let settings = |host_encryption, fwmark| pb::MeshSettings {
+            host_encryption,
+            fwmark,
+            ..Default::default()
+        };
+        assert_eq!(controller_mark(&settings(true, 0x5157)), Some(0x5157));
+        assert_eq!(
+            controller_mark(&settings(false, 0x5157)),
+            None,
+            "hosts in plaintext"
+        );
+        assert_eq!(controller_mark(&settings(true, 0)), None, "no mark to give");
+        assert_eq!(controller_port("https://[10.96.0.10]:9443"), 9443);
+        assert_eq!(controller_port("https://[fd00::10]:8443"), 8443);
+        assert_eq!(
+            controller_port("https://wgmesh-controller.wgmesh-system.svc"),
+            443
+        );
+        assert_eq!(controller_port("not a url"), 443);
     }
 }

@@ -12,6 +12,13 @@
 //!   direction) gets its maximum segment size lowered to what fits the tunnel's MTU, so a
 //!   pod whose own interface is larger (add-on mode: the other CNI's 1500 bytes) never sends
 //!   segments that need path MTU discovery, which black-holes wherever ICMP is filtered.
+//! - **Controller replies outside the tunnel** (host encryption): agents reach the controller
+//!   over the underlay with the mesh's mark on their socket (TLS protects that channel, as it
+//!   does the API server's), so a node whose tunnels are stale (a preshared key or a peer key
+//!   it missed while down) can still learn the new ones. Its host routes every other node's
+//!   address into the tunnel, so the controller's replies need the same mark: connections
+//!   that reach the controller's port from outside the tunnel are marked in conntrack, and
+//!   their replies carry the mark, which routes them past the tunnel's table.
 
 use std::time::Duration;
 
@@ -32,6 +39,8 @@ use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProto
 pub const TABLE: &str = "wgmesh";
 const EGRESS_CHAIN: &str = "pod-egress";
 const MSS_CHAIN: &str = "mss-clamp";
+const CONTROLLER_IN_CHAIN: &str = "controller-in";
+const CONTROLLER_OUT_CHAIN: &str = "controller-out";
 /// nftables' `srcnat` priority, where masquerading belongs.
 const SRCNAT_PRIORITY: i32 = 100;
 /// nftables' `mangle` priority, where packets are rewritten.
@@ -55,6 +64,11 @@ const TCPOPT_MAXSEG: u8 = 2;
 const REG_1: u32 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
+/// The `ct` expression's attributes (`NFTA_CT_*`) and its key for the connection's mark.
+const CT_DREG: u16 = 1;
+const CT_KEY: u16 = 2;
+const CT_SREG: u16 = 4;
+const NFT_CT_MARK: u32 = 3;
 /// `NFT_PAYLOAD_NETWORK_HEADER`.
 const NETWORK_HEADER: u32 = 1;
 const IFNAMSIZ: usize = 16;
@@ -65,12 +79,22 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub struct NodeRules {
     pub egress: Option<Egress>,
     pub mss_clamp: Option<MssClamp>,
+    pub controller_replies: Option<ControllerReplies>,
 }
 
 impl NodeRules {
     fn is_empty(&self) -> bool {
-        self.egress.is_none() && self.mss_clamp.is_none()
+        self.egress.is_none() && self.mss_clamp.is_none() && self.controller_replies.is_none()
     }
+}
+
+/// Replies from the controller's `port` on this host to connections that did not come
+/// through the `tunnel` interface leave with `mark` (the mesh's fwmark), as the requests came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerReplies {
+    pub port: u16,
+    pub mark: u32,
+    pub tunnel: String,
 }
 
 /// TCP handshakes through `interface` get an MSS that fits its `mtu`.
@@ -105,6 +129,9 @@ pub fn batch(rules: Option<&NodeRules>) -> Vec<NetlinkMessage<NetfilterMessage>>
         }
         if let Some(clamp) = &rules.mss_clamp {
             messages.extend(mss_rules(clamp));
+        }
+        if let Some(replies) = &rules.controller_replies {
+            messages.extend(controller_reply_rules(replies));
         }
     }
     messages.push(control(ControlMessage::BatchEnd));
@@ -263,6 +290,83 @@ fn mss_rules(clamp: &MssClamp) -> Vec<NetlinkMessage<NetfilterMessage>> {
         }
     }
     messages
+}
+
+/// Two base chains: at the input hook, a TCP connection to the controller's port that did not
+/// arrive through the tunnel gets the mark in conntrack; at the output hook (a `route` chain,
+/// so the kernel routes a packet again when its mark changes), TCP from that port on such a
+/// connection gets the mark on the packet, which the `not fwmark` rule sends past our table.
+fn controller_reply_rules(replies: &ControllerReplies) -> Vec<NetlinkMessage<NetfilterMessage>> {
+    let mark = replies.mark.to_ne_bytes().to_vec();
+    let tcp_port = |offset: u32| {
+        [
+            load_meta(MetaKey::L4Proto),
+            equal(vec![IPPROTO_TCP]),
+            Expressions::Payload(vec![
+                Payload::DestinationRegister(Register::Reg1),
+                Payload::Base(TRANSPORT_HEADER),
+                Payload::Offset(offset),
+                Payload::Len(2),
+            ]),
+            equal(replies.port.to_be_bytes().to_vec()),
+        ]
+    };
+    let mut incoming = tcp_port(2).to_vec();
+    incoming.extend([
+        load_meta(MetaKey::Iifname),
+        Expressions::Cmp(vec![
+            Cmp::SourceRegister(Register::Reg1),
+            Cmp::Op(Operator::NotEqual),
+            Cmp::Data(DataAttribute::Value(interface_name(&replies.tunnel))),
+        ]),
+        load(mark.clone()),
+        ct_mark(CT_SREG),
+    ]);
+    let mut outgoing = tcp_port(0).to_vec();
+    outgoing.extend([
+        ct_mark(CT_DREG),
+        equal(mark.clone()),
+        load(mark),
+        Expressions::Meta(vec![
+            Meta::Key(MetaKey::Mark),
+            Meta::SourceRegister(Register::Reg1),
+        ]),
+    ]);
+    vec![
+        chain(
+            CONTROLLER_IN_CHAIN,
+            "filter",
+            InetHookNumber::LocalIn,
+            MANGLE_PRIORITY,
+        ),
+        rule(CONTROLLER_IN_CHAIN, incoming),
+        chain(
+            CONTROLLER_OUT_CHAIN,
+            "route",
+            InetHookNumber::LocalOut,
+            MANGLE_PRIORITY,
+        ),
+        rule(CONTROLLER_OUT_CHAIN, outgoing),
+    ]
+}
+
+/// The connection's mark, read into (`CT_DREG`) or written from (`CT_SREG`) register 1.
+fn ct_mark(register: u16) -> Expressions {
+    Expressions::Other {
+        expression_type: "ct".into(),
+        attributes: vec![
+            DefaultNla::new(CT_KEY, NFT_CT_MARK.to_be_bytes().to_vec()),
+            DefaultNla::new(register, REG_1.to_be_bytes().to_vec()),
+        ],
+    }
+}
+
+/// `data` into register 1.
+fn load(data: Vec<u8>) -> Expressions {
+    Expressions::Immediate(vec![
+        Immediate::DestinationRegister(Register::Reg1),
+        Immediate::Data(DataAttribute::Value(data)),
+    ])
 }
 
 fn load_meta(key: MetaKey) -> Expressions {
@@ -437,7 +541,7 @@ mod tests {
     fn only(egress: Egress) -> NodeRules {
         NodeRules {
             egress: Some(egress),
-            mss_clamp: None,
+            ..Default::default()
         }
     }
 
@@ -453,6 +557,7 @@ mod tests {
         let rules = NodeRules {
             egress: None,
             mss_clamp: Some(clamp(1420)),
+            ..Default::default()
         };
         let b = batch(Some(&rules));
         assert_eq!(
@@ -490,7 +595,8 @@ mod tests {
             "{:?}",
             batch(Some(&NodeRules {
                 egress: None,
-                mss_clamp: Some(clamp(500))
+                mss_clamp: Some(clamp(500)),
+                ..Default::default()
             }))[5]
         );
         assert!(tiny.contains("Value([2, 24])"), "536: {tiny}");
@@ -554,6 +660,7 @@ mod tests {
         let messages = batch(Some(&NodeRules {
             egress: Some(egress(&["10.244.1.0/24", "fd00:10:244:1::/64"])),
             mss_clamp: Some(clamp(1420)),
+            controller_replies: Some(replies()),
         }));
         let mut seen = Vec::new();
         for m in &messages {
@@ -593,6 +700,48 @@ mod tests {
             text.contains("Value([253, 0, 0, 16, 2, 68, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])"),
             "the network, host bits cleared: {text}"
         );
+    }
+
+    fn replies() -> ControllerReplies {
+        ControllerReplies {
+            port: 9443,
+            mark: 0x5157,
+            tunnel: "wgmesh0".into(),
+        }
+    }
+
+    #[test]
+    fn controller_replies_leave_marked_as_their_requests_came() {
+        let b = batch(Some(&NodeRules {
+            controller_replies: Some(replies()),
+            ..Default::default()
+        }));
+        assert_eq!(
+            kinds(&b),
+            [
+                "BatchBegin",
+                "NewTable",
+                "DeleteTable",
+                "NewTable",
+                "NewChain",
+                "NewRule",
+                "NewChain",
+                "NewRule",
+                "BatchEnd"
+            ]
+        );
+        let (input, marking) = (format!("{:?}", b[5]), format!("{:?}", b[7]));
+        // 9443 = 0x24e3, big-endian in the TCP header; the mark in host order.
+        let port = "Value([36, 227])";
+        let mark = format!("Value({:?})", 0x5157u32.to_ne_bytes());
+        for part in [port, "Offset(2)", "NotEqual", "\"ct\"", &mark] {
+            assert!(input.contains(part), "{part} in {input}");
+        }
+        for part in [port, "Offset(0)", "\"ct\"", &mark, "SourceRegister"] {
+            assert!(marking.contains(part), "{part} in {marking}");
+        }
+        let chain = format!("{:?}", b[6]);
+        assert!(chain.contains("\"route\""), "a route chain: {chain}");
     }
 
     #[test]

@@ -1,10 +1,10 @@
-//! The node's nftables rules (pod egress masquerade, MSS clamping) against the real kernel's
+//! The node's nftables rules (pod egress masquerade, MSS clamping, controller replies) against the real kernel's
 //! nf_tables, in a network namespace: the batch is accepted, applying it again replaces the
 //! table whole, and removing works whether or not the table exists. What the rules do to
 //! packets is checked end to end (`tests/e2e/tests/pod_egress.rs`, `mss_clamp.rs`). Needs
 //! root.
 
-use wgmesh_agent::netfilter::{Egress, MssClamp, NodeRules, apply};
+use wgmesh_agent::netfilter::{ControllerReplies, Egress, MssClamp, NodeRules, apply};
 
 #[path = "../../device/tests/common/mod.rs"]
 mod common;
@@ -31,9 +31,15 @@ fn the_kernel_takes_the_batch_and_it_replaces_and_removes_the_table() {
             interface: "wgmesh0".into(),
             mtu: 1420,
         };
+        let replies = ControllerReplies {
+            port: 9443,
+            mark: 0x5157,
+            tunnel: "wgmesh0".into(),
+        };
         let both = NodeRules {
             egress: Some(egress.clone()),
             mss_clamp: Some(clamp.clone()),
+            controller_replies: Some(replies.clone()),
         };
         apply(Some(&both)).await.unwrap();
         // Again, and with another pod CIDR and MTU: the table is replaced, not appended to.
@@ -44,6 +50,10 @@ fn the_kernel_takes_the_batch_and_it_replaces_and_removes_the_table() {
                 ..egress
             }),
             mss_clamp: Some(MssClamp { mtu: 1320, ..clamp }),
+            controller_replies: Some(ControllerReplies {
+                port: 443,
+                ..replies
+            }),
         };
         apply(Some(&other)).await.unwrap();
         apply(Some(&NodeRules {

@@ -7,13 +7,20 @@
 //! its peers back), and pod traffic is unaffected. In both network modes: CNI mode moves its
 //! routes from the main table to the agent's table for it.
 //!
+//! The controller runs on a node's host network, as on a real cluster, in the last test: a
+//! node that missed a new preshared key while its agent was down cannot handshake with any
+//! other node, yet it still reaches the controller (which keeps the agents' connections out
+//! of the tunnel, under TLS) and gets its tunnels back.
+//!
 //! Needs root.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use wgmesh_e2e::mesh::{NetworkMode, TestMesh};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use wgmesh_e2e::mesh::{MeshOptions, NetworkMode, TestMesh};
 use wgmesh_e2e::netns::{echo_roundtrip, echo_server, first_packet};
 
 const HOST_PORT: u16 = 7003;
@@ -179,6 +186,129 @@ async fn host_traffic_crosses_the_tunnel(mode: NetworkMode) -> Result<()> {
     // The mark stays: the routes to peers stay in the agent's table behind `not fwmark`, in
     // CNI mode too, and pods still reach each other.
     mesh.pod_matrix(POD_PORT, Duration::from_secs(20))?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn e2e_host_encryption_a_node_that_missed_a_preshared_key_still_reaches_the_controller()
+-> Result<()> {
+    if !is_root() {
+        eprintln!("skipped: the mesh needs root (network namespaces, TUN)");
+        return Ok(());
+    }
+    const SECRETS_NAMESPACE: &str = "wgmesh-secrets";
+    const SECRET: &str = "mesh-psk";
+    // The controller on node c's host network; the agents reach it through its Service IP.
+    let mut mesh = TestMesh::start_with(
+        3,
+        MeshOptions {
+            controller_on_node: Some(3),
+            ..Default::default()
+        },
+    )
+    .await?;
+    mesh.wait_peer_counts(2, Duration::from_secs(60)).await?;
+    let secrets: Api<Secret> = Api::namespaced(mesh.client.clone(), SECRETS_NAMESPACE);
+    let secret = |value: &str| -> Result<Secret> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "metadata": {"name": SECRET},
+            "stringData": {"presharedKey": value},
+        }))?)
+    };
+    secrets
+        .create(&PostParams::default(), &secret("the first mesh secret")?)
+        .await?;
+    mesh.patch_mesh_spec(serde_json::json!({
+        "fwmark": { "mark": 0x5157 },
+        "hostEncryption": true,
+        "presharedKey": {"namespace": SECRETS_NAMESPACE, "name": SECRET},
+    }))
+    .await?;
+    for node in &mesh.nodes {
+        echo_server(&node.ns, addr(&node.node_ip, HOST_PORT), usize::MAX)?;
+    }
+    let (a_ip, c_ip) = (mesh.nodes[0].node_ip.clone(), mesh.nodes[2].node_ip.clone());
+    // Node `i`'s preshared key for the peer whose allowed IPs hold `ip`.
+    let psk = |mesh: &TestMesh, i: usize, ip: &str| -> Result<String> {
+        let dump = mesh.wg_dump(i)?;
+        dump.lines()
+            .skip(1)
+            .find(|l| l.contains(&format!("{ip}/32")))
+            .and_then(|l| l.split('\t').nth(1))
+            .filter(|k| *k != "(none)")
+            .map(str::to_owned)
+            .with_context(|| format!("no preshared key for {ip} on node {i}:\n{dump}"))
+    };
+    eventually(
+        "a routes c's address into the tunnel, with a preshared key",
+        || {
+            psk(&mesh, 0, &c_ip)?;
+            let routes = mesh.nodes[0].ns.ip(&["route", "show", "table", "all"])?;
+            if !routes.contains(&format!("{c_ip} dev wgmesh0")) {
+                bail!("not yet:\n{routes}");
+            }
+            echo_roundtrip(
+                &mesh.nodes[0].ns,
+                addr(&c_ip, HOST_PORT),
+                b"before".to_vec(),
+                Duration::from_secs(2),
+            )
+        },
+    )?;
+
+    // a's agent is down while the mesh's secret changes: b and c move to new preshared keys
+    // for a, which comes back with the old ones (saved, programmed again at start) and can
+    // handshake with nobody. Its connection to the controller goes to c's address.
+    let old = psk(&mesh, 2, &a_ip)?;
+    mesh.kill_agent(0);
+    secrets
+        .patch(
+            SECRET,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"stringData": {"presharedKey": "the second one"}})),
+        )
+        .await?;
+    eventually("c has a new preshared key for a", || {
+        if psk(&mesh, 2, &a_ip)? == old {
+            bail!("not yet")
+        }
+        Ok(())
+    })?;
+    let registrations =
+        |mesh: &TestMesh| -> Result<usize> { Ok(mesh.agent_log(0)?.matches("registered").count()) };
+    let before = registrations(&mesh)?;
+    mesh.start_agent(0)?;
+    eventually(
+        "the agent that missed the new key registers with the controller",
+        || {
+            if registrations(&mesh)? > before {
+                Ok(())
+            } else {
+                bail!("not yet:\n{}", mesh.agent_log(0)?)
+            }
+        },
+    )?;
+    // It got the new key: the hosts talk through the tunnel again, never in plaintext.
+    let filter = format!("tcp and port {HOST_PORT} and host {c_ip}");
+    let seen = first_packet(None, &mesh.underlay_link(0), "inout", &filter, || {
+        eventually("a to c's host through the tunnel", || {
+            echo_roundtrip(
+                &mesh.nodes[0].ns,
+                addr(&c_ip, HOST_PORT),
+                b"after".to_vec(),
+                Duration::from_secs(2),
+            )
+        })
+    })?;
+    assert!(
+        seen.trim().is_empty(),
+        "host traffic to {c_ip} left in plaintext: {seen:?}"
+    );
+    assert_eq!(
+        psk(&mesh, 0, &c_ip)?,
+        psk(&mesh, 2, &a_ip)?,
+        "both ends agree"
+    );
     Ok(())
 }
 
