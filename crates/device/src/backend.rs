@@ -93,7 +93,10 @@ impl Device {
         match requested {
             Requested::Userspace => {
                 if existing == Some(ExistingLink::Wireguard) {
-                    replace(ExistingLink::Wireguard).await?;
+                    // Only ours, never another tool's tunnel: opened (which checks whose it
+                    // is), then deleted.
+                    tracing::warn!(interface = %name, "replacing the other backend's device (Wireguard) of this name; the guard routes drop the mesh's traffic meanwhile");
+                    KernelDevice::create(config.clone()).await?.delete().await?;
                 }
                 Ok(Device::Userspace(UserspaceDevice::create(config)?))
             }

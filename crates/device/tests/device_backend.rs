@@ -190,9 +190,85 @@ async fn exercise_kernel_device(device: Device, ns: &str) {
     assert_eq!(state.peers[0].config.allowed_ips, p1_new.allowed_ips);
 
     let name = device.name().to_owned();
+    let (_, shown) = ip(ns, &["link", "show", &name]);
+    assert!(shown.contains("alias wgmesh"), "marked as ours: {shown}");
     device.delete().await.unwrap();
     let (exists, _) = ip(ns, &["link", "show", &name]);
     assert!(!exists, "the kernel link is deleted");
+    another_tools_link_is_never_taken_over(ns).await;
+}
+
+/// `wg` inside the namespace: whether it succeeded, and its output.
+fn wg(ns: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "wg"])
+        .args(args)
+        .output()
+        .expect("running wg");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A WireGuard link of the mesh's name made by another tool (wg-quick's `wg0`) is neither
+/// adopted (its peers would be replaced) nor deleted to make room for the userspace device:
+/// both refuse, saying what to do, and the link keeps its key and peers. A bare link (no
+/// key yet) is adopted and marked.
+async fn another_tools_link_is_never_taken_over(ns: &str) {
+    let foreign = "wgforeign";
+    let (made, out) = ip(ns, &["link", "add", foreign, "type", "wireguard"]);
+    assert!(made, "{out}");
+    let key_file = std::env::temp_dir().join(format!("wgforeign-{}.key", std::process::id()));
+    std::fs::write(&key_file, PrivateKey::from_bytes([9; 32]).expose_base64()).unwrap();
+    let their_peer = PrivateKey::from_bytes([8; 32]).public_key().to_base64();
+    let (set, out) = wg(
+        ns,
+        &[
+            "set",
+            foreign,
+            "private-key",
+            key_file.to_str().unwrap(),
+            "peer",
+            &their_peer,
+            "allowed-ips",
+            "10.99.0.0/24",
+        ],
+    );
+    std::fs::remove_file(&key_file).unwrap();
+    assert!(set, "{out}");
+    let (_, before) = wg(ns, &["show", foreign, "dump"]);
+
+    let ours = PrivateKey::generate();
+    for requested in [Requested::Kernel, Requested::Userspace, Requested::Auto] {
+        match Device::open(requested, config(foreign, &ours)).await {
+            Err(Error::InvalidConfig(message)) => {
+                assert!(
+                    message.contains("not wgmesh's") && message.contains("interfaceName"),
+                    "{message}"
+                );
+            }
+            Err(e) => panic!("{requested:?}: another error than a refusal: {e}"),
+            Ok(_) => panic!("{requested:?}: another tool's link was taken"),
+        }
+    }
+    let (_, after) = wg(ns, &["show", foreign, "dump"]);
+    assert_eq!(after, before, "the other tool's link is untouched");
+    ip(ns, &["link", "del", foreign]);
+
+    let bare = "wgbare";
+    let (made, out) = ip(ns, &["link", "add", bare, "type", "wireguard"]);
+    assert!(made, "{out}");
+    let device = Device::open(Requested::Kernel, config(bare, &ours))
+        .await
+        .expect("a link without a key is adopted");
+    let (_, shown) = ip(ns, &["link", "show", bare]);
+    assert!(shown.contains("alias wgmesh"), "marked as ours: {shown}");
+    device.delete().await.unwrap();
 }
 
 /// A userspace device made persistent outlives the process's hold on it: its interface, its

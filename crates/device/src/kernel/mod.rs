@@ -22,6 +22,43 @@ use wgmesh_core::PublicKey;
 
 use super::{DeviceChange, DeviceState, Error, InterfaceConfig, validate_name};
 
+/// The alias (`ip link set DEV alias ..`) on the WireGuard links this backend made or adopted:
+/// what tells them from another tool's tunnel of the same name.
+pub const LINK_ALIAS: &str = "wgmesh";
+
+/// A link's alias, if it has one.
+pub fn link_alias(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfAlias(alias) => Some(alias.as_str()),
+        _ => None,
+    })
+}
+
+/// Whether an existing WireGuard link may be taken as the device: one marked ours
+/// ([`LINK_ALIAS`]), one without a private key (nothing to lose), or one with this node's key
+/// (an agent older than the alias made it). Anything else is another tool's tunnel, whose
+/// peers adopting it would replace: refused, with what to do instead.
+pub fn may_adopt(
+    name: &str,
+    alias: Option<&str>,
+    link_key: &PublicKey,
+    ours: &PublicKey,
+) -> Result<(), Error> {
+    let unkeyed = link_key.as_bytes() == &[0; 32];
+    if alias == Some(LINK_ALIAS) || unkeyed || link_key == ours {
+        return Ok(());
+    }
+    Err(Error::InvalidConfig(format!(
+        "the WireGuard link {name} exists and is not wgmesh's (another private key, {}): \
+         another tool's tunnel is never taken over; give the mesh another interfaceName, or \
+         delete the link if it is a leftover",
+        match alias {
+            Some(a) => format!("alias {a:?}"),
+            None => "no alias".to_owned(),
+        }
+    )))
+}
+
 /// The `kind` of a link (`wireguard`, `tun`, ...), as `ip -d link` shows it.
 pub fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
     link.attributes.iter().find_map(|a| match a {
@@ -270,8 +307,31 @@ impl KernelDevice {
         };
         device.ifindex = link.header.index;
 
-        // Learn which existing peers (of an adopted link) hold a preshared key.
-        device.observe().await?;
+        // Learn which existing peers (of an adopted link) hold a preshared key, and whose
+        // link it is.
+        let found = device.observe().await?;
+        let alias = link_alias(&link);
+        may_adopt(
+            &name,
+            alias,
+            &found.public_key,
+            &config.private_key.public_key(),
+        )?;
+        if alias != Some(LINK_ALIAS) {
+            device
+                .rtnl
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(device.ifindex)
+                        .alias(LINK_ALIAS)
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| {
+                    netlink_err(format!("marking the link {name} as wgmesh's"), rtnl_io(e))
+                })?;
+        }
         // An unchanged private key does not reset sessions. A listen port of 0 ("any") is
         // not sent: on an adopted link it would move the port the peers know.
         let mut settings = vec![
@@ -380,5 +440,40 @@ impl KernelDevice {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod ownership_tests {
+    use super::*;
+    use wgmesh_core::PrivateKey;
+
+    #[test]
+    fn only_a_link_that_is_not_another_tools_is_adopted() {
+        let ours = PrivateKey::from_bytes([1; 32]).public_key();
+        let theirs = PrivateKey::from_bytes([2; 32]).public_key();
+        let none = PublicKey::from_bytes([0; 32]);
+        // alias, the link's key, adopted
+        for (alias, key, adopted) in [
+            (Some(LINK_ALIAS), theirs, true), // ours, since rotated to a key not saved yet
+            (Some(LINK_ALIAS), ours, true),
+            (None, none, true),    // `ip link add` and nothing else
+            (None, ours, true),    // an older agent's
+            (None, theirs, false), // wg-quick's
+            (Some("vpn"), theirs, false),
+            (Some("vpn"), ours, true),
+            (Some("wgmesh2"), theirs, false),
+        ] {
+            let got = may_adopt("wg0", alias, &key, &ours);
+            assert_eq!(got.is_ok(), adopted, "{alias:?} {key}: {got:?}");
+            if let Err(e) = got {
+                let text = e.to_string();
+                assert!(
+                    text.contains("wg0") && text.contains("interfaceName"),
+                    "{text}"
+                );
+                assert!(!text.contains(&theirs.to_base64()), "no key quoted: {text}");
+            }
+        }
     }
 }

@@ -564,14 +564,19 @@ impl Routing {
         }
         // Only a link the device makes (WireGuard, or the userspace device's TUN) is ours to
         // delete: a mesh whose interface is named after a host link (`eth0`, `cni0`) must
-        // never take that link down when it leaves.
-        let ours = link
-            .as_ref()
-            .is_some_and(|l| matches!(link_kind(l), Some(InfoKind::Wireguard | InfoKind::Tun)));
+        // never take that link down when it leaves, nor another tool's WireGuard tunnel that
+        // the device refused to adopt (ours carry the alias).
+        let ours = link.as_ref().is_some_and(|l| match link_kind(l) {
+            Some(InfoKind::Tun) => true,
+            Some(InfoKind::Wireguard) => {
+                wgmesh_device::kernel::link_alias(l) == Some(wgmesh_device::kernel::LINK_ALIAS)
+            }
+            _ => false,
+        });
         if !ours && ifindex.is_some() {
             tracing::warn!(
                 interface,
-                "not deleting the link: it is not a WireGuard or TUN device"
+                "not deleting the link: it is not a TUN device or a WireGuard link marked as wgmesh's (alias \"wgmesh\")"
             );
         }
         if let Some(index) = ifindex.filter(|_| ours) {
