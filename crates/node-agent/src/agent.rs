@@ -15,7 +15,7 @@ use crate::config::{NetworkArgs, NetworkMode, RunArgs};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::metrics::{Metrics, PeerSample};
-use crate::netfilter::{ControllerReplies, Egress, MssClamp, NodeRules};
+use crate::netfilter::{ControllerConnections, Egress, MssClamp, NodeRules};
 use crate::routing::{Routing, RoutingConfig, RuleConfig, sparing};
 use crate::saved;
 use crate::state::{
@@ -121,7 +121,9 @@ impl Agent {
             let result = self.session().await;
             self.metrics.set_connected(false);
             if let Err(e) = &result {
-                tracing::warn!(error = %e, "lost the controller; the data plane stays as it is, retrying");
+                // The controller gone, or what it sent could not be programmed (such as another
+                // tool's WireGuard link of the mesh's interface name): the error says which.
+                tracing::warn!(error = %e, "the session with the controller ended; the data plane stays as it is, retrying");
             }
             // A session that lasted a while was healthy: start the backoff again.
             if started.elapsed() > BACKOFF_MAX {
@@ -138,7 +140,7 @@ impl Agent {
             .desired
             .settings
             .as_ref()
-            .and_then(crate::client::controller_mark);
+            .and_then(|s| crate::client::controller_mark(s, self.args.controller_host_network));
         let mut client = ControllerClient::connect(&self.args, mark).await?;
         // A new session may reach another replica (or a restarted controller) that has heard
         // nothing: the first report is sent whole, whatever was sent before.
@@ -594,12 +596,14 @@ impl Agent {
                 interface: device_name.clone(),
                 mtu,
             }),
-            controller_replies: crate::client::controller_mark(&settings).map(|mark| {
-                ControllerReplies {
-                    port: crate::client::controller_port(&self.args.controller),
-                    mark,
-                    tunnel: device_name.clone(),
-                }
+            controller_connections: crate::client::controller_mark(
+                &settings,
+                self.args.controller_host_network,
+            )
+            .map(|mark| ControllerConnections {
+                port: crate::client::controller_port(&self.args.controller),
+                mark,
+                tunnel: device_name.clone(),
             }),
         };
         if self.node_rules.as_ref() != Some(&rules) {
@@ -615,7 +619,7 @@ impl Agent {
                     self.node_rules = Some(rules);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not apply the node's nftables rules (pod egress, MSS clamping); the tunnels do not depend on them")
+                    tracing::warn!(error = %e, "could not apply the node's nftables rules (pod egress, MSS clamping, the control connection under host encryption); the tunnels do not depend on them")
                 }
             }
         }

@@ -84,9 +84,13 @@ impl ControllerClient {
 /// controller, on the host network of another node, to learn the new ones. Marked, the
 /// connection crosses the underlay as the tunnel's own packets do; TLS protects it, as it
 /// does the API server's traffic, which the mesh keeps out of the tunnel too. The controller's
-/// node marks its replies to match (`netfilter::ControllerReplies`).
-pub fn controller_mark(settings: &pb::MeshSettings) -> Option<u32> {
-    (settings.host_encryption && settings.fwmark != 0).then_some(settings.fwmark)
+/// node marks its replies to match, and every node restores the mark after kube-proxy's NAT
+/// (`netfilter::ControllerConnections`).
+///
+/// A controller on the pod network (`host_network` false) is reached at a pod address, which
+/// the tunnel carries like any pod traffic: no mark.
+pub fn controller_mark(settings: &pb::MeshSettings, host_network: bool) -> Option<u32> {
+    (host_network && settings.host_encryption && settings.fwmark != 0).then_some(settings.fwmark)
 }
 
 /// The controller's port, from its URL: the Service's port, which the chart makes the
@@ -142,13 +146,19 @@ mod tests {
             fwmark,
             ..Default::default()
         };
-        assert_eq!(controller_mark(&settings(true, 0x5157)), Some(0x5157));
-        assert_eq!(
-            controller_mark(&settings(false, 0x5157)),
-            None,
-            "hosts in plaintext"
-        );
-        assert_eq!(controller_mark(&settings(true, 0)), None, "no mark to give");
+        // host encryption, fwmark, the controller on the host network, the mark
+        for (encrypts_hosts, fwmark, host_network, want) in [
+            (true, 0x5157, true, Some(0x5157)),
+            (false, 0x5157, true, None), // hosts talk over the underlay anyway
+            (true, 0, true, None),       // no mark to give (the API server refuses it)
+            (true, 0x5157, false, None), // a pod address: through the tunnel
+        ] {
+            assert_eq!(
+                controller_mark(&settings(encrypts_hosts, fwmark), host_network),
+                want,
+                "{encrypts_hosts} {fwmark} {host_network}"
+            );
+        }
         assert_eq!(controller_port("https://[10.96.0.10]:9443"), 9443);
         assert_eq!(controller_port("https://[fd00::10]:8443"), 8443);
         assert_eq!(

@@ -50,6 +50,18 @@ pub struct RunArgs {
     )]
     pub controller: String,
 
+    /// Whether the controller runs on the host network (the chart's `controller.hostNetwork`).
+    /// With host encryption its node's address is routed into the tunnel, so the connections
+    /// to it cross the underlay instead, marked (docs/install.md); on the pod network they are
+    /// pod traffic, which stays in the tunnel.
+    #[arg(
+        long,
+        env = "WGMESH_CONTROLLER_HOST_NETWORK",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub controller_host_network: bool,
+
     /// CA certificate (PEM) that signed the controller's certificate.
     #[arg(long, env = "WGMESH_CA_FILE", default_value = "/etc/wgmesh/ca/ca.crt")]
     pub ca_file: PathBuf,

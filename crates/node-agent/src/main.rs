@@ -72,7 +72,7 @@ async fn cleanup(args: &wgmesh_agent::config::CleanupArgs) -> anyhow::Result<()>
     wgmesh_agent::netfilter::apply(None).await?;
     tracing::info!(
         table = wgmesh_agent::netfilter::TABLE,
-        "removed the nftables table inet wgmesh (pod egress masquerade, MSS clamping), if there was one"
+        "removed the nftables table inet wgmesh (pod egress masquerade, MSS clamping, the control connection marks), if there was one"
     );
     if routing.remove_bridge_if_unused(&args.cni_bridge).await? {
         tracing::info!(bridge = %args.cni_bridge, "removed the pods' bridge (no pod uses it)");

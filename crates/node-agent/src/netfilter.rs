@@ -12,13 +12,14 @@
 //!   direction) gets its maximum segment size lowered to what fits the tunnel's MTU, so a
 //!   pod whose own interface is larger (add-on mode: the other CNI's 1500 bytes) never sends
 //!   segments that need path MTU discovery, which black-holes wherever ICMP is filtered.
-//! - **Controller replies outside the tunnel** (host encryption): agents reach the controller
-//!   over the underlay with the mesh's mark on their socket (TLS protects that channel, as it
-//!   does the API server's), so a node whose tunnels are stale (a preshared key or a peer key
-//!   it missed while down) can still learn the new ones. Its host routes every other node's
-//!   address into the tunnel, so the controller's replies need the same mark: connections
-//!   that reach the controller's port from outside the tunnel are marked in conntrack, and
-//!   their replies carry the mark, which routes them past the tunnel's table.
+//! - **The control connection outside the tunnel** (host encryption): agents reach the
+//!   controller over the underlay with the mesh's mark on their socket (TLS protects that
+//!   channel, as it does the API server's), so a node whose tunnels are stale (a preshared key
+//!   or a peer key it missed while down) can still learn the new ones. Every other node's
+//!   address is routed into the tunnel, so the mark must survive kube-proxy, which ORs its
+//!   masquerade bit into it when it translates the Service IP, and the controller's replies
+//!   need it too: both connections are marked in conntrack, and after NAT their packets get
+//!   the mesh's mark back, which routes them past the tunnel's table.
 
 use std::time::Duration;
 
@@ -40,11 +41,14 @@ pub const TABLE: &str = "wgmesh";
 const EGRESS_CHAIN: &str = "pod-egress";
 const MSS_CHAIN: &str = "mss-clamp";
 const CONTROLLER_IN_CHAIN: &str = "controller-in";
+const CONTROLLER_OWN_CHAIN: &str = "controller-own";
 const CONTROLLER_OUT_CHAIN: &str = "controller-out";
 /// nftables' `srcnat` priority, where masquerading belongs.
 const SRCNAT_PRIORITY: i32 = 100;
 /// nftables' `mangle` priority, where packets are rewritten.
 const MANGLE_PRIORITY: i32 = -150;
+/// Just after `dstnat` (-100), where kube-proxy translates Service IPs and marks packets.
+const AFTER_DSTNAT_PRIORITY: i32 = -90;
 /// `NFT_PAYLOAD_TRANSPORT_HEADER`.
 const TRANSPORT_HEADER: u32 = 2;
 const IPPROTO_TCP: u8 = 6;
@@ -79,19 +83,20 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub struct NodeRules {
     pub egress: Option<Egress>,
     pub mss_clamp: Option<MssClamp>,
-    pub controller_replies: Option<ControllerReplies>,
+    pub controller_connections: Option<ControllerConnections>,
 }
 
 impl NodeRules {
     fn is_empty(&self) -> bool {
-        self.egress.is_none() && self.mss_clamp.is_none() && self.controller_replies.is_none()
+        self.egress.is_none() && self.mss_clamp.is_none() && self.controller_connections.is_none()
     }
 }
 
-/// Replies from the controller's `port` on this host to connections that did not come
-/// through the `tunnel` interface leave with `mark` (the mesh's fwmark), as the requests came.
+/// The connections between agents and the controller, outside the tunnel: this agent's own
+/// (its socket carries `mark`) and those that reach the controller's `port` on this host
+/// without coming through the `tunnel` interface. Their packets leave with exactly `mark`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ControllerReplies {
+pub struct ControllerConnections {
     pub port: u16,
     pub mark: u32,
     pub tunnel: String,
@@ -130,8 +135,8 @@ pub fn batch(rules: Option<&NodeRules>) -> Vec<NetlinkMessage<NetfilterMessage>>
         if let Some(clamp) = &rules.mss_clamp {
             messages.extend(mss_rules(clamp));
         }
-        if let Some(replies) = &rules.controller_replies {
-            messages.extend(controller_reply_rules(replies));
+        if let Some(replies) = &rules.controller_connections {
+            messages.extend(controller_connection_rules(replies));
         }
     }
     messages.push(control(ControlMessage::BatchEnd));
@@ -292,37 +297,43 @@ fn mss_rules(clamp: &MssClamp) -> Vec<NetlinkMessage<NetfilterMessage>> {
     messages
 }
 
-/// Two base chains: at the input hook, a TCP connection to the controller's port that did not
-/// arrive through the tunnel gets the mark in conntrack; at the output hook (a `route` chain,
-/// so the kernel routes a packet again when its mark changes), TCP from that port on such a
-/// connection gets the mark on the packet, which the `not fwmark` rule sends past our table.
-fn controller_reply_rules(replies: &ControllerReplies) -> Vec<NetlinkMessage<NetfilterMessage>> {
-    let mark = replies.mark.to_ne_bytes().to_vec();
-    let tcp_port = |offset: u32| {
-        [
-            load_meta(MetaKey::L4Proto),
-            equal(vec![IPPROTO_TCP]),
-            Expressions::Payload(vec![
-                Payload::DestinationRegister(Register::Reg1),
-                Payload::Base(TRANSPORT_HEADER),
-                Payload::Offset(offset),
-                Payload::Len(2),
-            ]),
-            equal(replies.port.to_be_bytes().to_vec()),
-        ]
-    };
-    let mut incoming = tcp_port(2).to_vec();
+/// Three base chains. At the input hook, a TCP connection to the controller's port that did
+/// not arrive through the tunnel gets the mark in conntrack; at the output hook before NAT,
+/// so does a TCP connection whose packets carry exactly the mark (the agent's own). After NAT
+/// (a `route` chain, so the kernel routes a packet again when its mark changes), TCP of a
+/// connection so marked gets exactly the mark again, which the `not fwmark` rule sends past
+/// our table: whatever kube-proxy ORed into it (`0x4000`, to masquerade) is gone, and the
+/// replies of the controller's port are marked as their requests came.
+fn controller_connection_rules(
+    connections: &ControllerConnections,
+) -> Vec<NetlinkMessage<NetfilterMessage>> {
+    let mark = connections.mark.to_ne_bytes().to_vec();
+    let tcp = || [load_meta(MetaKey::L4Proto), equal(vec![IPPROTO_TCP])];
+    let mut incoming = tcp().to_vec();
     incoming.extend([
+        Expressions::Payload(vec![
+            Payload::DestinationRegister(Register::Reg1),
+            Payload::Base(TRANSPORT_HEADER),
+            Payload::Offset(2),
+            Payload::Len(2),
+        ]),
+        equal(connections.port.to_be_bytes().to_vec()),
         load_meta(MetaKey::Iifname),
         Expressions::Cmp(vec![
             Cmp::SourceRegister(Register::Reg1),
             Cmp::Op(Operator::NotEqual),
-            Cmp::Data(DataAttribute::Value(interface_name(&replies.tunnel))),
+            Cmp::Data(DataAttribute::Value(interface_name(&connections.tunnel))),
         ]),
         load(mark.clone()),
         ct_mark(CT_SREG),
     ]);
-    let mut outgoing = tcp_port(0).to_vec();
+    let mut own = tcp().to_vec();
+    own.extend([
+        load_meta(MetaKey::Mark),
+        equal(mark.clone()),
+        ct_mark(CT_SREG),
+    ]);
+    let mut outgoing = tcp().to_vec();
     outgoing.extend([
         ct_mark(CT_DREG),
         equal(mark.clone()),
@@ -341,10 +352,17 @@ fn controller_reply_rules(replies: &ControllerReplies) -> Vec<NetlinkMessage<Net
         ),
         rule(CONTROLLER_IN_CHAIN, incoming),
         chain(
+            CONTROLLER_OWN_CHAIN,
+            "filter",
+            InetHookNumber::LocalOut,
+            MANGLE_PRIORITY,
+        ),
+        rule(CONTROLLER_OWN_CHAIN, own),
+        chain(
             CONTROLLER_OUT_CHAIN,
             "route",
             InetHookNumber::LocalOut,
-            MANGLE_PRIORITY,
+            AFTER_DSTNAT_PRIORITY,
         ),
         rule(CONTROLLER_OUT_CHAIN, outgoing),
     ]
@@ -660,7 +678,7 @@ mod tests {
         let messages = batch(Some(&NodeRules {
             egress: Some(egress(&["10.244.1.0/24", "fd00:10:244:1::/64"])),
             mss_clamp: Some(clamp(1420)),
-            controller_replies: Some(replies()),
+            controller_connections: Some(replies()),
         }));
         let mut seen = Vec::new();
         for m in &messages {
@@ -702,8 +720,8 @@ mod tests {
         );
     }
 
-    fn replies() -> ControllerReplies {
-        ControllerReplies {
+    fn replies() -> ControllerConnections {
+        ControllerConnections {
             port: 9443,
             mark: 0x5157,
             tunnel: "wgmesh0".into(),
@@ -711,9 +729,9 @@ mod tests {
     }
 
     #[test]
-    fn controller_replies_leave_marked_as_their_requests_came() {
+    fn controller_connections_leave_marked_as_their_requests_came() {
         let b = batch(Some(&NodeRules {
-            controller_replies: Some(replies()),
+            controller_connections: Some(replies()),
             ..Default::default()
         }));
         assert_eq!(
@@ -727,21 +745,30 @@ mod tests {
                 "NewRule",
                 "NewChain",
                 "NewRule",
+                "NewChain",
+                "NewRule",
                 "BatchEnd"
             ]
         );
-        let (input, marking) = (format!("{:?}", b[5]), format!("{:?}", b[7]));
+        let [input, own, marking] = [5, 7, 9].map(|i| format!("{:?}", b[i]));
         // 9443 = 0x24e3, big-endian in the TCP header; the mark in host order.
         let port = "Value([36, 227])";
         let mark = format!("Value({:?})", 0x5157u32.to_ne_bytes());
         for part in [port, "Offset(2)", "NotEqual", "\"ct\"", &mark] {
             assert!(input.contains(part), "{part} in {input}");
         }
-        for part in [port, "Offset(0)", "\"ct\"", &mark, "SourceRegister"] {
+        for part in ["Key(Mark)", "\"ct\"", &mark] {
+            assert!(own.contains(part), "{part} in {own}");
+        }
+        for part in ["\"ct\"", &mark, "SourceRegister"] {
             assert!(marking.contains(part), "{part} in {marking}");
         }
-        let chain = format!("{:?}", b[6]);
-        assert!(chain.contains("\"route\""), "a route chain: {chain}");
+        let after_nat = format!("{:?}", b[8]);
+        assert!(
+            after_nat.contains("\"route\"")
+                && after_nat.contains(&format!("Priority({})", -90i32 as u32)),
+            "a route chain after kube-proxy's NAT: {after_nat}"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! packets is checked end to end (`tests/e2e/tests/pod_egress.rs`, `mss_clamp.rs`). Needs
 //! root.
 
-use wgmesh_agent::netfilter::{ControllerReplies, Egress, MssClamp, NodeRules, apply};
+use wgmesh_agent::netfilter::{ControllerConnections, Egress, MssClamp, NodeRules, apply};
 
 #[path = "../../device/tests/common/mod.rs"]
 mod common;
@@ -31,7 +31,7 @@ fn the_kernel_takes_the_batch_and_it_replaces_and_removes_the_table() {
             interface: "wgmesh0".into(),
             mtu: 1420,
         };
-        let replies = ControllerReplies {
+        let replies = ControllerConnections {
             port: 9443,
             mark: 0x5157,
             tunnel: "wgmesh0".into(),
@@ -39,7 +39,7 @@ fn the_kernel_takes_the_batch_and_it_replaces_and_removes_the_table() {
         let both = NodeRules {
             egress: Some(egress.clone()),
             mss_clamp: Some(clamp.clone()),
-            controller_replies: Some(replies.clone()),
+            controller_connections: Some(replies.clone()),
         };
         apply(Some(&both)).await.unwrap();
         // Again, and with another pod CIDR and MTU: the table is replaced, not appended to.
@@ -50,7 +50,7 @@ fn the_kernel_takes_the_batch_and_it_replaces_and_removes_the_table() {
                 ..egress
             }),
             mss_clamp: Some(MssClamp { mtu: 1320, ..clamp }),
-            controller_replies: Some(ControllerReplies {
+            controller_connections: Some(ControllerConnections {
                 port: 443,
                 ..replies
             }),

@@ -92,8 +92,10 @@ pub struct TestMesh {
     pub underlay: String,
     pub id: String,
     pub installed: Installed,
-    /// The controller's Service IP, when it runs on a node ([`MeshOptions::controller_on_node`]).
+    /// The controller's Service IP, when it runs on a node ([`MeshOptions::controller_on_node`]),
+    /// and where it listens there (`address:port`).
     service_ip: Option<String>,
+    controller_host: Option<String>,
     /// The API server's loopback, forwarded into the controller's node.
     _api_forwarder: Option<crate::real_cluster::proxy::TcpForwarder>,
     /// The underlay router, at `<underlay>.253`: every node's default gateway.
@@ -134,8 +136,9 @@ pub struct MeshOptions {
     /// The controller runs on node `k`'s host network (by index, from 1), as the chart's
     /// `hostNetwork: true` places it on a real cluster, rather than on the host: the agents
     /// reach it through a Service IP ([`SERVICE_IP`]) that every node translates to node
-    /// `k`'s address (an iptables DNAT rule in its output path, as kube-proxy writes), and it
-    /// reaches the API server through a forwarder on the node's loopback. IPv4 only.
+    /// `k`'s address (kube-proxy's iptables rules: the masquerade mark, DNAT, masquerade), and it
+    /// reaches the API server through a forwarder on the node's loopback. Nodes that join
+    /// get the same translation; node `k` must not be removed. IPv4 only.
     pub controller_on_node: Option<usize>,
 }
 
@@ -318,10 +321,11 @@ impl TestMesh {
             Some(k) => format!("{underlay}.{k}"),
             None => controller_ip(&underlay, ipv6_only.then(|| underlay6(octet))),
         };
+        let controller_node = format!("node-{}", controller_on_node.unwrap_or(1));
         let pod = cluster::agent_pod(
             &client,
             "wgmesh-controller-0",
-            "node-1",
+            &controller_node,
             "wgmesh-controller",
         )
         .await?;
@@ -388,6 +392,7 @@ impl TestMesh {
             nodes: Vec::new(),
             controller,
             service_ip: controller_on_node.map(|_| SERVICE_IP.to_owned()),
+            controller_host: controller_on_node.map(|k| format!("{underlay}.{k}:{grpc_port}")),
             _api_forwarder: None,
             mode,
             underlay6: (dual_stack || ipv6_only).then(|| underlay6(octet)),
@@ -419,27 +424,8 @@ impl TestMesh {
             mesh._api_forwarder = Some(crate::real_cluster::proxy::TcpForwarder::start(
                 &host.ns, api, api,
             )?);
-            let to = format!("{}:{grpc_port}", host.node_ip);
             for node in &mesh.nodes {
-                node.ns.exec(
-                    "iptables",
-                    &[
-                        "-t",
-                        "nat",
-                        "-A",
-                        "OUTPUT",
-                        "-d",
-                        SERVICE_IP,
-                        "-p",
-                        "tcp",
-                        "--dport",
-                        &grpc_port.to_string(),
-                        "-j",
-                        "DNAT",
-                        "--to-destination",
-                        &to,
-                    ],
-                )?;
+                mesh.translate_service(&node.ns)?;
             }
             mesh.controller = Some(
                 Controller::spawn_reached_at(
@@ -888,6 +874,7 @@ impl TestMesh {
         let i = self.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
         self.add_node(i).await?;
         let pos = self.nodes.len() - 1;
+        self.translate_service(&self.nodes[pos].ns)?;
         if self.mode == NetworkMode::Addon {
             let new = &self.nodes[pos];
             for other in &self.nodes[..pos] {
@@ -943,6 +930,48 @@ impl TestMesh {
 
     /// The controller's pod IP, which the agents' Service environment names: the host's
     /// address on the underlay (IPv6 in an IPv6-only cluster).
+    /// What kube-proxy (iptables mode) writes on a node for the controller's Service IP, when
+    /// the controller runs on a node ([`MeshOptions::controller_on_node`]): host-sourced
+    /// traffic to it is marked for masquerading (the mark ORed with `0x4000`), translated to
+    /// the controller's node address, and masqueraded on its way out.
+    fn translate_service(&self, ns: &Netns) -> Result<()> {
+        let (Some(service_ip), Some(to)) = (&self.service_ip, &self.controller_host) else {
+            return Ok(());
+        };
+        let port = to.rsplit(':').next().unwrap_or_default();
+        let to_service = ["-d", service_ip, "-p", "tcp", "--dport", port];
+        let rules: [Vec<&str>; 3] = [
+            [
+                &["-t", "nat", "-A", "OUTPUT"][..],
+                &to_service[..],
+                &["-j", "MARK", "--or-mark", "0x4000"],
+            ]
+            .concat(),
+            [
+                &["-t", "nat", "-A", "OUTPUT"][..],
+                &to_service[..],
+                &["-j", "DNAT", "--to-destination", to],
+            ]
+            .concat(),
+            vec![
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-m",
+                "mark",
+                "--mark",
+                "0x4000/0x4000",
+                "-j",
+                "MASQUERADE",
+            ],
+        ];
+        for rule in rules {
+            ns.exec("iptables", &rule)?;
+        }
+        Ok(())
+    }
+
     /// Where the agents reach the controller: its pod IP, or its Service IP.
     pub fn controller_ip(&self) -> String {
         if let Some(ip) = &self.service_ip {

@@ -198,7 +198,8 @@ async fn e2e_host_encryption_a_node_that_missed_a_preshared_key_still_reaches_th
     }
     const SECRETS_NAMESPACE: &str = "wgmesh-secrets";
     const SECRET: &str = "mesh-psk";
-    // The controller on node c's host network; the agents reach it through its Service IP.
+    // The controller on node c's host network; the agents reach it through its Service IP,
+    // which every node translates as kube-proxy does.
     let mut mesh = TestMesh::start_with(
         3,
         MeshOptions {
@@ -218,8 +219,10 @@ async fn e2e_host_encryption_a_node_that_missed_a_preshared_key_still_reaches_th
     secrets
         .create(&PostParams::default(), &secret("the first mesh secret")?)
         .await?;
+    // A mark without kube-proxy's masquerade bit (0x4000), which its translation of the
+    // Service IP ORs into the agent's mark.
     mesh.patch_mesh_spec(serde_json::json!({
-        "fwmark": { "mark": 0x5157 },
+        "fwmark": { "mark": 0x1157 },
         "hostEncryption": true,
         "presharedKey": {"namespace": SECRETS_NAMESPACE, "name": SECRET},
     }))
