@@ -204,7 +204,9 @@ pub struct SecretKeyRef {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase")]
 pub struct FwmarkSpec {
-    /// Mark set on every encrypted packet (SO_MARK), 1 to 2^32-1.
+    /// Mark set on every encrypted packet (SO_MARK), 1 to 2^32-1. Packets carrying exactly
+    /// this mark skip the tunnel: choose one no other component on the nodes sets (not
+    /// kube-proxy's 0x4000 or 0x8000, nor the CNI's bits).
     #[schemars(range(min = 1, max = 4294967295u32))]
     pub mark: i64,
     /// Routing table the marked packets are routed by. Absent: the main table.
