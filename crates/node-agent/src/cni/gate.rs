@@ -92,18 +92,17 @@ pub enum Outcome {
 /// Makes the gate in `conf_dir` (content in `run_dir`) the copy of the configuration the
 /// runtime would read without it, or removes it when there is none or `wanted` is false.
 pub fn sync(conf_dir: &Path, run_dir: &Path, wanted: bool) -> io::Result<Outcome> {
-    if !wanted {
-        return Ok(Outcome::Absent {
+    let absent = || -> io::Result<Outcome> {
+        Ok(Outcome::Absent {
             removed: linked::remove(conf_dir, run_dir, GATE_FILE)?,
-        });
+        })
+    };
+    if !wanted {
+        return absent();
     }
     let entries = match std::fs::read_dir(conf_dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Ok(Outcome::Absent {
-                removed: linked::remove(conf_dir, run_dir, GATE_FILE)?,
-            });
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return absent(),
         Err(e) => return Err(e),
     };
     let mut names = Vec::new();
@@ -118,9 +117,7 @@ pub fn sync(conf_dir: &Path, run_dir: &Path, wanted: bool) -> io::Result<Outcome
     }
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let Some(from) = other_config(&refs) else {
-        return Ok(Outcome::Absent {
-            removed: linked::remove(conf_dir, run_dir, GATE_FILE)?,
-        });
+        return absent();
     };
     if from < GATE_FILE {
         return Ok(Outcome::Shadowed {
