@@ -95,8 +95,9 @@ impl Device {
                 if existing == Some(ExistingLink::Wireguard) {
                     // Only ours, never another tool's tunnel: opened (which checks whose it
                     // is), then deleted.
+                    let ours = KernelDevice::create(config.clone()).await?;
                     tracing::warn!(interface = %name, "replacing the other backend's device (Wireguard) of this name; the guard routes drop the mesh's traffic meanwhile");
-                    KernelDevice::create(config.clone()).await?.delete().await?;
+                    ours.delete().await?;
                 }
                 Ok(Device::Userspace(UserspaceDevice::create(config)?))
             }

@@ -260,6 +260,28 @@ async fn another_tools_link_is_never_taken_over(ns: &str) {
     assert_eq!(after, before, "the other tool's link is untouched");
     ip(ns, &["link", "del", foreign]);
 
+    // An older agent's link (no alias, the node's key) is adopted and marked; the userspace
+    // device, asked for, replaces it.
+    let old = "wgold";
+    let (made, out) = ip(ns, &["link", "add", old, "type", "wireguard"]);
+    assert!(made, "{out}");
+    let key_file = std::env::temp_dir().join(format!("wgold-{}.key", std::process::id()));
+    std::fs::write(&key_file, ours.expose_base64()).unwrap();
+    let (set, out) = wg(ns, &["set", old, "private-key", key_file.to_str().unwrap()]);
+    std::fs::remove_file(&key_file).unwrap();
+    assert!(set, "{out}");
+    let device = Device::open(Requested::Kernel, config(old, &ours))
+        .await
+        .expect("an older agent's link is adopted");
+    let (_, shown) = ip(ns, &["link", "show", old]);
+    assert!(shown.contains("alias wgmesh"), "marked as ours: {shown}");
+    drop(device);
+    let device = Device::open(Requested::Userspace, config(old, &ours))
+        .await
+        .expect("the userspace device replaces our kernel link");
+    assert_eq!(device.backend(), BackendKind::Userspace);
+    device.delete().await.unwrap();
+
     let bare = "wgbare";
     let (made, out) = ip(ns, &["link", "add", bare, "type", "wireguard"]);
     assert!(made, "{out}");

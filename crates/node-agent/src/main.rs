@@ -52,6 +52,22 @@ fn log_filter() -> EnvFilter {
 /// For a node whose agent is gone: removes what an agent leaves on purpose when it stops (it
 /// cannot tell a stop from an upgrade), saying what went.
 async fn cleanup(args: &wgmesh_agent::config::CleanupArgs) -> anyhow::Result<()> {
+    let dir = args.state_dir.join(&args.mesh);
+    // A WireGuard link is deleted only if it is marked as wgmesh's: one an agent older than
+    // the mark made is marked first when the saved state names it or it holds the node's key.
+    let named = wgmesh_agent::saved::load(&dir)
+        .and_then(|s| s.settings)
+        .is_some_and(|s| s.interface_name == args.interface);
+    let key = std::fs::read_to_string(wgmesh_agent::keys::key_path(&dir))
+        .ok()
+        .and_then(|k| k.trim().parse::<PrivateKey>().ok())
+        .map(|k| k.public_key());
+    if named || key.is_some() {
+        let holding = if named { None } else { key.as_ref() };
+        if let Err(e) = wgmesh_device::kernel::claim_link(&args.interface, holding).await {
+            tracing::warn!(error = %e, "could not check whose the WireGuard link is");
+        }
+    }
     let routing = Routing::new().await?;
     routing
         .cleanup(&args.interface, args.route_table, &[])
@@ -59,7 +75,7 @@ async fn cleanup(args: &wgmesh_agent::config::CleanupArgs) -> anyhow::Result<()>
     tracing::info!(
         interface = %args.interface,
         route_table = args.route_table,
-        "removed the interface (with its addresses), wgmesh's routes via it, its guard and throw routes (main table and table {}) and its rules",
+        "removed the interface (with its addresses; not another tool's WireGuard link), wgmesh's routes via it, its guard and throw routes (main table and table {}) and its rules",
         args.route_table
     );
     if wgmesh_agent::cni::remove_conflist(&args.cni_conf_dir, &args.cni_run_dir)? {
@@ -77,7 +93,6 @@ async fn cleanup(args: &wgmesh_agent::config::CleanupArgs) -> anyhow::Result<()>
     if routing.remove_bridge_if_unused(&args.cni_bridge).await? {
         tracing::info!(bridge = %args.cni_bridge, "removed the pods' bridge (no pod uses it)");
     }
-    let dir = args.state_dir.join(&args.mesh);
     if args.remove_key {
         wgmesh_agent::keys::forget(&dir)?;
         tracing::info!(dir = %dir.display(), "removed the mesh's key and state");

@@ -43,6 +43,7 @@ const MSS_CHAIN: &str = "mss-clamp";
 const CONTROLLER_IN_CHAIN: &str = "controller-in";
 const CONTROLLER_OWN_CHAIN: &str = "controller-own";
 const CONTROLLER_OUT_CHAIN: &str = "controller-out";
+const CONTROLLER_NAT_CHAIN: &str = "controller-nat";
 /// nftables' `srcnat` priority, where masquerading belongs.
 const SRCNAT_PRIORITY: i32 = 100;
 /// nftables' `mangle` priority, where packets are rewritten.
@@ -297,13 +298,14 @@ fn mss_rules(clamp: &MssClamp) -> Vec<NetlinkMessage<NetfilterMessage>> {
     messages
 }
 
-/// Three base chains. At the input hook, a TCP connection to the controller's port that did
+/// Four base chains. At the input hook, a TCP connection to the controller's port that did
 /// not arrive through the tunnel gets the mark in conntrack; at the output hook before NAT,
 /// so does a TCP connection whose packets carry exactly the mark (the agent's own). After NAT
 /// (a `route` chain, so the kernel routes a packet again when its mark changes), TCP of a
 /// connection so marked gets exactly the mark again, which the `not fwmark` rule sends past
 /// our table: whatever kube-proxy ORed into it (`0x4000`, to masquerade) is gone, and the
-/// replies of the controller's port are marked as their requests came.
+/// replies of the controller's port are marked as their requests came. At postrouting, the
+/// agent's own new connections are masqueraded, as kube-proxy would have.
 fn controller_connection_rules(
     connections: &ControllerConnections,
 ) -> Vec<NetlinkMessage<NetfilterMessage>> {
@@ -337,11 +339,31 @@ fn controller_connection_rules(
     outgoing.extend([
         ct_mark(CT_DREG),
         equal(mark.clone()),
-        load(mark),
+        load(mark.clone()),
         Expressions::Meta(vec![
             Meta::Key(MetaKey::Mark),
             Meta::SourceRegister(Register::Reg1),
         ]),
+    ]);
+    // kube-proxy masquerades what it marked; with its bit gone, this does it instead for the
+    // agent's own connections (new ones: the controller's replies are not), so a node whose
+    // default route and other nodes' addresses are on different links sends its own address.
+    let mut masquerade = tcp().to_vec();
+    masquerade.extend([
+        ct_mark(CT_DREG),
+        equal(mark.clone()),
+        load_meta(MetaKey::Mark),
+        equal(mark.clone()),
+        load_meta(MetaKey::Oifname),
+        Expressions::Cmp(vec![
+            Cmp::SourceRegister(Register::Reg1),
+            Cmp::Op(Operator::NotEqual),
+            Cmp::Data(DataAttribute::Value(interface_name("lo"))),
+        ]),
+        Expressions::Other {
+            expression_type: "masq".into(),
+            attributes: vec![],
+        },
     ]);
     vec![
         chain(
@@ -365,6 +387,13 @@ fn controller_connection_rules(
             AFTER_DSTNAT_PRIORITY,
         ),
         rule(CONTROLLER_OUT_CHAIN, outgoing),
+        chain(
+            CONTROLLER_NAT_CHAIN,
+            "nat",
+            InetHookNumber::PostRouting,
+            SRCNAT_PRIORITY,
+        ),
+        rule(CONTROLLER_NAT_CHAIN, masquerade),
     ]
 }
 
@@ -720,6 +749,10 @@ mod tests {
         );
     }
 
+    fn mark_value() -> String {
+        format!("Value({:?})", 0x5157u32.to_ne_bytes())
+    }
+
     fn replies() -> ControllerConnections {
         ControllerConnections {
             port: 9443,
@@ -747,10 +780,15 @@ mod tests {
                 "NewRule",
                 "NewChain",
                 "NewRule",
+                "NewChain",
+                "NewRule",
                 "BatchEnd"
             ]
         );
-        let [input, own, marking] = [5, 7, 9].map(|i| format!("{:?}", b[i]));
+        let [input, own, marking, nat] = [5, 7, 9, 11].map(|i| format!("{:?}", b[i]));
+        for part in ["\"ct\"", &mark_value(), "Oifname", "\"masq\""] {
+            assert!(nat.contains(part), "{part} in {nat}");
+        }
         // 9443 = 0x24e3, big-endian in the TCP header; the mark in host order.
         let port = "Value([36, 227])";
         let mark = format!("Value({:?})", 0x5157u32.to_ne_bytes());

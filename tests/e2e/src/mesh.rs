@@ -928,8 +928,6 @@ impl TestMesh {
         format!("wgm{}v{}", self.id, self.nodes[pos].index)
     }
 
-    /// The controller's pod IP, which the agents' Service environment names: the host's
-    /// address on the underlay (IPv6 in an IPv6-only cluster).
     /// What kube-proxy (iptables mode) writes on a node for the controller's Service IP, when
     /// the controller runs on a node ([`MeshOptions::controller_on_node`]): host-sourced
     /// traffic to it is marked for masquerading (the mark ORed with `0x4000`), translated to
@@ -972,7 +970,8 @@ impl TestMesh {
         Ok(())
     }
 
-    /// Where the agents reach the controller: its pod IP, or its Service IP.
+    /// Where the agents reach the controller: its pod IP, the host's address on the underlay
+    /// (IPv6 in an IPv6-only cluster), or its Service IP when it runs on a node.
     pub fn controller_ip(&self) -> String {
         if let Some(ip) = &self.service_ip {
             return ip.clone();

@@ -35,16 +35,18 @@ pub fn link_alias(link: &LinkMessage) -> Option<&str> {
 }
 
 /// Whether an existing WireGuard link may be taken as the device: one marked ours
-/// ([`LINK_ALIAS`]), one without a private key (nothing to lose), or one with this node's key
+/// ([`LINK_ALIAS`]), one without a private key or peers (nothing to lose), or one with this node's key
 /// (an agent older than the alias made it). Anything else is another tool's tunnel, whose
 /// peers adopting it would replace: refused, with what to do instead.
 pub fn may_adopt(
     name: &str,
     alias: Option<&str>,
     link_key: &PublicKey,
+    link_peers: usize,
     ours: &PublicKey,
 ) -> Result<(), Error> {
-    let unkeyed = link_key.as_bytes() == &[0; 32];
+    // Our links get their key before any peer.
+    let unkeyed = link_key.as_bytes() == &[0; 32] && link_peers == 0;
     if alias == Some(LINK_ALIAS) || unkeyed || link_key == ours {
         return Ok(());
     }
@@ -315,22 +317,11 @@ impl KernelDevice {
             &name,
             alias,
             &found.public_key,
+            found.peers.len(),
             &config.private_key.public_key(),
         )?;
         if alias != Some(LINK_ALIAS) {
-            device
-                .rtnl
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(device.ifindex)
-                        .alias(LINK_ALIAS)
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| {
-                    netlink_err(format!("marking the link {name} as wgmesh's"), rtnl_io(e))
-                })?;
+            set_alias(&device.rtnl, device.ifindex, &name).await?;
         }
         // An unchanged private key does not reset sessions. A listen port of 0 ("any") is
         // not sent: on an adopted link it would move the port the peers know.
@@ -426,21 +417,74 @@ impl KernelDevice {
         message: WireguardMessage,
         flags: u16,
     ) -> Result<Vec<WireguardMessage>, io::Error> {
-        let mut nl = NetlinkMessage::from(GenlMessage::from_payload(message));
-        nl.header.flags = NLM_F_REQUEST | flags;
-        let mut genl = self.genl.clone();
-        let mut answers = genl.request(nl).await.map_err(genl_io)?;
-        let mut out = Vec::new();
-        while let Some(answer) = answers.next().await {
-            let answer = answer.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            match answer.payload {
-                NetlinkPayload::InnerMessage(genl) => out.push(genl.payload),
-                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
-                _ => {}
-            }
-        }
-        Ok(out)
+        genl_request(&self.genl, message, flags).await
     }
+}
+
+/// One generic netlink request to the `wireguard` family; an error message fails it.
+async fn genl_request(
+    genl: &GenetlinkHandle,
+    message: WireguardMessage,
+    flags: u16,
+) -> Result<Vec<WireguardMessage>, io::Error> {
+    let mut nl = NetlinkMessage::from(GenlMessage::from_payload(message));
+    nl.header.flags = NLM_F_REQUEST | flags;
+    let mut genl = genl.clone();
+    let mut answers = genl.request(nl).await.map_err(genl_io)?;
+    let mut out = Vec::new();
+    while let Some(answer) = answers.next().await {
+        let answer = answer.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        match answer.payload {
+            NetlinkPayload::InnerMessage(genl) => out.push(genl.payload),
+            NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Marks the WireGuard link `name` as wgmesh's ([`LINK_ALIAS`]) when it has no alias yet and
+/// the agent knows it for its own although an agent older than the alias made it: its saved
+/// state names the interface (`holding: None`), or the link holds the key `holding`. Then it
+/// is adopted, and cleaned up, like the links made since. Returns whether it marked one.
+pub async fn claim_link(name: &str, holding: Option<&PublicKey>) -> Result<bool, Error> {
+    let (rtnl, task) = rtnl_connection()?;
+    let _abort = AbortOnDrop(task);
+    let Some(link) = link_by_name(&rtnl, name)
+        .await
+        .map_err(|e| netlink_err(format!("looking up the link {name}"), e))?
+    else {
+        return Ok(false);
+    };
+    if link_kind(&link) != Some(&InfoKind::Wireguard) || link_alias(&link).is_some() {
+        return Ok(false);
+    }
+    let ifindex = link.header.index;
+    if let Some(key) = holding {
+        let (conn, genl, _) = genetlink::new_connection()
+            .map_err(|e| netlink_err("opening a generic netlink socket", e))?;
+        let _genl_task = AbortOnDrop(tokio::spawn(conn));
+        let messages = genl_request(&genl, messages::get_device_message(ifindex), NLM_F_DUMP)
+            .await
+            .map_err(|e| netlink_err(format!("reading the WireGuard device {name}"), e))?;
+        if messages::parse_device(&messages)?.public_key != *key {
+            return Ok(false);
+        }
+    }
+    set_alias(&rtnl, ifindex, name).await?;
+    Ok(true)
+}
+
+async fn set_alias(rtnl: &rtnetlink::Handle, ifindex: u32, name: &str) -> Result<(), Error> {
+    rtnl.link()
+        .set(
+            LinkUnspec::new_with_index(ifindex)
+                .alias(LINK_ALIAS)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|e| netlink_err(format!("marking the link {name} as wgmesh's"), rtnl_io(e)))
 }
 
 #[cfg(test)]
@@ -453,19 +497,20 @@ mod ownership_tests {
         let ours = PrivateKey::from_bytes([1; 32]).public_key();
         let theirs = PrivateKey::from_bytes([2; 32]).public_key();
         let none = PublicKey::from_bytes([0; 32]);
-        // alias, the link's key, adopted
-        for (alias, key, adopted) in [
-            (Some(LINK_ALIAS), theirs, true), // ours, since rotated to a key not saved yet
-            (Some(LINK_ALIAS), ours, true),
-            (None, none, true),    // `ip link add` and nothing else
-            (None, ours, true),    // an older agent's
-            (None, theirs, false), // wg-quick's
-            (Some("vpn"), theirs, false),
-            (Some("vpn"), ours, true),
-            (Some("wgmesh2"), theirs, false),
+        // alias, the link's key and peers, adopted
+        for (alias, key, peers, adopted) in [
+            (Some(LINK_ALIAS), theirs, 3, true), // ours, since rotated to a key not saved yet
+            (Some(LINK_ALIAS), ours, 0, true),
+            (None, none, 0, true),    // `ip link add` and nothing else
+            (None, none, 2, false),   // peers, its key file missing (networkd's)
+            (None, ours, 5, true),    // an older agent's
+            (None, theirs, 0, false), // wg-quick's
+            (Some("vpn"), theirs, 1, false),
+            (Some("vpn"), ours, 1, true),
+            (Some("wgmesh2"), theirs, 0, false),
         ] {
-            let got = may_adopt("wg0", alias, &key, &ours);
-            assert_eq!(got.is_ok(), adopted, "{alias:?} {key}: {got:?}");
+            let got = may_adopt("wg0", alias, &key, peers, &ours);
+            assert_eq!(got.is_ok(), adopted, "{alias:?} {key} {peers}: {got:?}");
             if let Err(e) = got {
                 let text = e.to_string();
                 assert!(
