@@ -35,9 +35,9 @@ pub fn link_alias(link: &LinkMessage) -> Option<&str> {
 }
 
 /// Whether an existing WireGuard link may be taken as the device: one marked ours
-/// ([`LINK_ALIAS`]), one without a private key or peers (nothing to lose), or one with this node's key
-/// (an agent older than the alias made it). Anything else is another tool's tunnel, whose
-/// peers adopting it would replace: refused, with what to do instead.
+/// ([`LINK_ALIAS`]), one without a private key or peers (nothing to lose), or one with this
+/// node's key (an agent older than the alias made it). Anything else is another tool's
+/// tunnel, whose peers adopting it would replace: refused, with what to do instead.
 pub fn may_adopt(
     name: &str,
     alias: Option<&str>,
