@@ -258,7 +258,30 @@ async fn another_tools_link_is_never_taken_over(ns: &str) {
     }
     let (_, after) = wg(ns, &["show", foreign, "dump"]);
     assert_eq!(after, before, "the other tool's link is untouched");
-    ip(ns, &["link", "del", foreign]);
+    // Claimed only on its own evidence: neither our key nor a peer our saved state lists is
+    // there (a saved state naming the interface is not enough: wg-quick may have made the
+    // link since a reboot).
+    let unrelated = PrivateKey::from_bytes([7; 32]).public_key();
+    let claimed =
+        wgmesh_device::kernel::claim_link(foreign, Some(&ours.public_key()), &[unrelated])
+            .await
+            .unwrap();
+    assert!(!claimed, "another tool's link is not claimed");
+    let (_, shown) = ip(ns, &["link", "show", foreign]);
+    assert!(!shown.contains("alias"), "{shown}");
+    // An older agent's link under a key rotated since carries the saved peers: claimed, then
+    // adopted.
+    let their_peer_key = PrivateKey::from_bytes([8; 32]).public_key();
+    let claimed = wgmesh_device::kernel::claim_link(foreign, None, &[their_peer_key])
+        .await
+        .unwrap();
+    assert!(claimed, "a link carrying the saved peers is ours");
+    let (_, shown) = ip(ns, &["link", "show", foreign]);
+    assert!(shown.contains("alias wgmesh"), "marked as ours: {shown}");
+    let device = Device::open(Requested::Kernel, config(foreign, &ours))
+        .await
+        .expect("a claimed link is adopted");
+    device.delete().await.unwrap();
 
     // An older agent's link (no alias, the node's key) is adopted and marked; the userspace
     // device, asked for, replaces it.

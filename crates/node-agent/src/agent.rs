@@ -527,18 +527,20 @@ impl Agent {
             listen_port: u16::try_from(settings.listen_port).unwrap_or(DEFAULT_LISTEN_PORT as u16),
             fwmark: settings.fwmark,
         };
-        // A link an agent older than the ownership alias made, under a key since rotated: the
-        // saved state names it, so it is ours (another tool's is refused by the device).
-        if saved::load(&self.args.mesh_state_dir())
-            .and_then(|s| s.settings)
-            .is_some_and(|s| s.interface_name == config.name)
-        {
-            match wgmesh_device::kernel::claim_link(&config.name, None).await {
+        // A link an agent older than the ownership alias made, under a key since rotated: it
+        // still carries the peers the saved state lists (another tool's is refused below).
+        if let Some(saved) = saved::load(&self.args.mesh_state_dir()).filter(|s| {
+            s.settings
+                .as_ref()
+                .is_some_and(|s| s.interface_name == config.name)
+        }) {
+            let known: Vec<_> = saved.peers.keys().copied().collect();
+            match wgmesh_device::kernel::claim_link(&config.name, None, &known).await {
                 Ok(true) => {
-                    tracing::info!(interface = %config.name, "marked the WireGuard link this node's saved state names as wgmesh's")
+                    tracing::info!(interface = %config.name, "marked the WireGuard link carrying this node's saved peers as wgmesh's")
                 }
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "could not mark the interface as wgmesh's"),
+                Err(e) => tracing::warn!(error = %e, "could not check whose the interface is"),
             }
         }
         let device = Device::open(requested, config).await?;

@@ -54,19 +54,24 @@ fn log_filter() -> EnvFilter {
 async fn cleanup(args: &wgmesh_agent::config::CleanupArgs) -> anyhow::Result<()> {
     let dir = args.state_dir.join(&args.mesh);
     // A WireGuard link is deleted only if it is marked as wgmesh's: one an agent older than
-    // the mark made is marked first when the saved state names it or it holds the node's key.
-    let named = wgmesh_agent::saved::load(&dir)
-        .and_then(|s| s.settings)
-        .is_some_and(|s| s.interface_name == args.interface);
+    // the mark made is marked first when it holds the node's key or carries its saved peers.
+    let known: Vec<_> = wgmesh_agent::saved::load(&dir)
+        .filter(|s| {
+            s.settings
+                .as_ref()
+                .is_some_and(|s| s.interface_name == args.interface)
+        })
+        .map(|s| s.peers.keys().copied().collect())
+        .unwrap_or_default();
     let key = std::fs::read_to_string(wgmesh_agent::keys::key_path(&dir))
         .ok()
         .and_then(|k| k.trim().parse::<PrivateKey>().ok())
         .map(|k| k.public_key());
-    if named || key.is_some() {
-        let holding = if named { None } else { key.as_ref() };
-        if let Err(e) = wgmesh_device::kernel::claim_link(&args.interface, holding).await {
-            tracing::warn!(error = %e, "could not check whose the WireGuard link is");
-        }
+    if (key.is_some() || !known.is_empty())
+        && let Err(e) =
+            wgmesh_device::kernel::claim_link(&args.interface, key.as_ref(), &known).await
+    {
+        tracing::warn!(error = %e, "could not check whose the WireGuard link is");
     }
     let routing = Routing::new().await?;
     routing

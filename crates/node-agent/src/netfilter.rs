@@ -73,7 +73,10 @@ const NFPROTO_IPV6: u8 = 10;
 const CT_DREG: u16 = 1;
 const CT_KEY: u16 = 2;
 const CT_SREG: u16 = 4;
+const NFT_CT_STATUS: u32 = 2;
 const NFT_CT_MARK: u32 = 3;
+/// `IPS_DST_NAT`: the connection's destination was translated (a Service IP).
+const IPS_DST_NAT: u32 = 1 << 5;
 /// `NFT_PAYLOAD_NETWORK_HEADER`.
 const NETWORK_HEADER: u32 = 1;
 const IFNAMSIZ: usize = 16;
@@ -305,7 +308,8 @@ fn mss_rules(clamp: &MssClamp) -> Vec<NetlinkMessage<NetfilterMessage>> {
 /// connection so marked gets exactly the mark again, which the `not fwmark` rule sends past
 /// our table: whatever kube-proxy ORed into it (`0x4000`, to masquerade) is gone, and the
 /// replies of the controller's port are marked as their requests came. At postrouting, the
-/// agent's own new connections are masqueraded, as kube-proxy would have.
+/// agent's own new connections to a translated address are masqueraded, as kube-proxy would
+/// have.
 fn controller_connection_rules(
     connections: &ControllerConnections,
 ) -> Vec<NetlinkMessage<NetfilterMessage>> {
@@ -346,14 +350,28 @@ fn controller_connection_rules(
         ]),
     ]);
     // kube-proxy masquerades what it marked; with its bit gone, this does it instead for the
-    // agent's own connections (new ones: the controller's replies are not), so a node whose
-    // default route and other nodes' addresses are on different links sends its own address.
+    // agent's own connections it translated (new ones: the controller's replies are not), so
+    // a node whose default route and other nodes' addresses are on different links sends its
+    // own address. An untranslated connection keeps the source its route chose.
     let mut masquerade = tcp().to_vec();
     masquerade.extend([
         ct_mark(CT_DREG),
         equal(mark.clone()),
         load_meta(MetaKey::Mark),
         equal(mark.clone()),
+        ct(NFT_CT_STATUS, CT_DREG),
+        Expressions::Bitwise(vec![
+            Bitwise::SourceRegister(Register::Reg1),
+            Bitwise::DestinationRegister(Register::Reg1),
+            Bitwise::Length(4),
+            Bitwise::Mask(DataAttribute::Value(IPS_DST_NAT.to_ne_bytes().to_vec())),
+            Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
+        ]),
+        Expressions::Cmp(vec![
+            Cmp::SourceRegister(Register::Reg1),
+            Cmp::Op(Operator::NotEqual),
+            Cmp::Data(DataAttribute::Value(vec![0; 4])),
+        ]),
         load_meta(MetaKey::Oifname),
         Expressions::Cmp(vec![
             Cmp::SourceRegister(Register::Reg1),
@@ -399,10 +417,15 @@ fn controller_connection_rules(
 
 /// The connection's mark, read into (`CT_DREG`) or written from (`CT_SREG`) register 1.
 fn ct_mark(register: u16) -> Expressions {
+    ct(NFT_CT_MARK, register)
+}
+
+/// Conntrack's `key`, read into (`CT_DREG`) or written from (`CT_SREG`) register 1.
+fn ct(key: u32, register: u16) -> Expressions {
     Expressions::Other {
         expression_type: "ct".into(),
         attributes: vec![
-            DefaultNla::new(CT_KEY, NFT_CT_MARK.to_be_bytes().to_vec()),
+            DefaultNla::new(CT_KEY, key.to_be_bytes().to_vec()),
             DefaultNla::new(register, REG_1.to_be_bytes().to_vec()),
         ],
     }
@@ -786,7 +809,8 @@ mod tests {
             ]
         );
         let [input, own, marking, nat] = [5, 7, 9, 11].map(|i| format!("{:?}", b[i]));
-        for part in ["\"ct\"", &mark_value(), "Oifname", "\"masq\""] {
+        let dst_nat = format!("Value({:?})", 32u32.to_ne_bytes());
+        for part in ["\"ct\"", &mark_value(), &dst_nat, "Oifname", "\"masq\""] {
             assert!(nat.contains(part), "{part} in {nat}");
         }
         // 9443 = 0x24e3, big-endian in the TCP header; the mark in host order.

@@ -444,10 +444,16 @@ async fn genl_request(
 }
 
 /// Marks the WireGuard link `name` as wgmesh's ([`LINK_ALIAS`]) when it has no alias yet and
-/// the agent knows it for its own although an agent older than the alias made it: its saved
-/// state names the interface (`holding: None`), or the link holds the key `holding`. Then it
-/// is adopted, and cleaned up, like the links made since. Returns whether it marked one.
-pub async fn claim_link(name: &str, holding: Option<&PublicKey>) -> Result<bool, Error> {
+/// the link itself shows an agent older than the alias made it: it holds the node's key
+/// `ours`, or among its peers is one of `known_peers` (the mesh's peers the node's saved state
+/// lists: the link of a key rotated since still carries them). Then it is adopted, and cleaned
+/// up, like the links made since. Another tool's link of the same name (wg-quick's, made after
+/// a reboot) shows neither. Returns whether it marked one.
+pub async fn claim_link(
+    name: &str,
+    ours: Option<&PublicKey>,
+    known_peers: &[PublicKey],
+) -> Result<bool, Error> {
     let (rtnl, task) = rtnl_connection()?;
     let _abort = AbortOnDrop(task);
     let Some(link) = link_by_name(&rtnl, name)
@@ -460,16 +466,20 @@ pub async fn claim_link(name: &str, holding: Option<&PublicKey>) -> Result<bool,
         return Ok(false);
     }
     let ifindex = link.header.index;
-    if let Some(key) = holding {
-        let (conn, genl, _) = genetlink::new_connection()
-            .map_err(|e| netlink_err("opening a generic netlink socket", e))?;
-        let _genl_task = AbortOnDrop(tokio::spawn(conn));
-        let messages = genl_request(&genl, messages::get_device_message(ifindex), NLM_F_DUMP)
-            .await
-            .map_err(|e| netlink_err(format!("reading the WireGuard device {name}"), e))?;
-        if messages::parse_device(&messages)?.public_key != *key {
-            return Ok(false);
-        }
+    let (conn, genl, _) = genetlink::new_connection()
+        .map_err(|e| netlink_err("opening a generic netlink socket", e))?;
+    let _genl_task = AbortOnDrop(tokio::spawn(conn));
+    let messages = genl_request(&genl, messages::get_device_message(ifindex), NLM_F_DUMP)
+        .await
+        .map_err(|e| netlink_err(format!("reading the WireGuard device {name}"), e))?;
+    let state = messages::parse_device(&messages)?;
+    let holds_ours = ours.is_some_and(|k| *k == state.public_key);
+    let knows_ours = state
+        .peers
+        .iter()
+        .any(|p| known_peers.contains(&p.config.public_key));
+    if !holds_ours && !knows_ours {
+        return Ok(false);
     }
     set_alias(&rtnl, ifindex, name).await?;
     Ok(true)
