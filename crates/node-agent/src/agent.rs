@@ -529,12 +529,8 @@ impl Agent {
         };
         // A link an agent older than the ownership alias made, under a key since rotated: it
         // still carries the peers the saved state lists (another tool's is refused below).
-        if let Some(saved) = saved::load(&self.args.mesh_state_dir()).filter(|s| {
-            s.settings
-                .as_ref()
-                .is_some_and(|s| s.interface_name == config.name)
-        }) {
-            let known: Vec<_> = saved.peers.keys().copied().collect();
+        let known = saved::peers_on(&self.args.mesh_state_dir(), &config.name);
+        if !known.is_empty() {
             match wgmesh_device::kernel::claim_link(&config.name, None, &known).await {
                 Ok(true) => {
                     tracing::info!(interface = %config.name, "marked the WireGuard link carrying this node's saved peers as wgmesh's")

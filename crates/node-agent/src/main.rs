@@ -55,14 +55,7 @@ async fn cleanup(args: &wgmesh_agent::config::CleanupArgs) -> anyhow::Result<()>
     let dir = args.state_dir.join(&args.mesh);
     // A WireGuard link is deleted only if it is marked as wgmesh's: one an agent older than
     // the mark made is marked first when it holds the node's key or carries its saved peers.
-    let known: Vec<_> = wgmesh_agent::saved::load(&dir)
-        .filter(|s| {
-            s.settings
-                .as_ref()
-                .is_some_and(|s| s.interface_name == args.interface)
-        })
-        .map(|s| s.peers.keys().copied().collect())
-        .unwrap_or_default();
+    let known = wgmesh_agent::saved::peers_on(&dir, &args.interface);
     let key = std::fs::read_to_string(wgmesh_agent::keys::key_path(&dir))
         .ok()
         .and_then(|k| k.trim().parse::<PrivateKey>().ok())

@@ -63,6 +63,20 @@ pub fn load(state_dir: &Path) -> Option<Desired> {
     }
 }
 
+/// The public keys of the peers the saved configuration lists when it is of `interface`:
+/// a WireGuard link of that name carrying one of them is this node's (an older agent's, whose
+/// key may have been rotated since).
+pub fn peers_on(state_dir: &Path, interface: &str) -> Vec<wgmesh_core::PublicKey> {
+    load(state_dir)
+        .filter(|s| {
+            s.settings
+                .as_ref()
+                .is_some_and(|s| s.interface_name == interface)
+        })
+        .map(|s| s.peers.keys().copied().collect())
+        .unwrap_or_default()
+}
+
 /// Forgets the saved configuration (the node left the mesh).
 pub fn remove(state_dir: &Path) -> io::Result<()> {
     match fs::remove_file(path(state_dir)) {
@@ -113,12 +127,20 @@ mod tests {
         let mode = fs::metadata(path(dir.path())).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(load(dir.path()), Some(desired.clone()));
+        // The evidence that a link of the interface's name is this node's: its saved peers.
+        let node_3 = wgmesh_core::PublicKey::from_bytes([3; 32]);
+        assert_eq!(peers_on(dir.path(), "wgmesh0"), vec![node_3]);
+        assert!(peers_on(dir.path(), "wg0").is_empty(), "another interface");
 
         save(dir.path(), &Desired::default()).unwrap();
         assert_eq!(load(dir.path()), Some(Desired::default()), "overwritten");
 
         fs::write(path(dir.path()), b"\xff\xff not protobuf").unwrap();
         assert!(load(dir.path()).is_none(), "damaged");
+        assert!(
+            peers_on(dir.path(), "wgmesh0").is_empty(),
+            "nothing to go by"
+        );
         remove(dir.path()).unwrap();
         remove(dir.path()).unwrap();
         assert!(!path(dir.path()).exists());
