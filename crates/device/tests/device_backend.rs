@@ -215,32 +215,35 @@ fn wg(ns: &str, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// A WireGuard link `name` made as another tool (or an older agent) makes one: `ip link add`,
+/// then `wg set` with `key` and `more` (peers).
+fn wireguard_link(ns: &str, name: &str, key: &PrivateKey, more: &[&str]) {
+    let (made, out) = ip(ns, &["link", "add", name, "type", "wireguard"]);
+    assert!(made, "{out}");
+    let key_file = std::env::temp_dir().join(format!("{name}-{}.key", std::process::id()));
+    std::fs::write(&key_file, key.expose_base64()).unwrap();
+    let set: Vec<&str> = ["set", name, "private-key", key_file.to_str().unwrap()]
+        .into_iter()
+        .chain(more.iter().copied())
+        .collect();
+    let (done, out) = wg(ns, &set);
+    std::fs::remove_file(&key_file).unwrap();
+    assert!(done, "{out}");
+}
+
 /// A WireGuard link of the mesh's name made by another tool (wg-quick's `wg0`) is neither
 /// adopted (its peers would be replaced) nor deleted to make room for the userspace device:
 /// both refuse, saying what to do, and the link keeps its key and peers. A bare link (no
 /// key yet) is adopted and marked.
 async fn another_tools_link_is_never_taken_over(ns: &str) {
     let foreign = "wgforeign";
-    let (made, out) = ip(ns, &["link", "add", foreign, "type", "wireguard"]);
-    assert!(made, "{out}");
-    let key_file = std::env::temp_dir().join(format!("wgforeign-{}.key", std::process::id()));
-    std::fs::write(&key_file, PrivateKey::from_bytes([9; 32]).expose_base64()).unwrap();
     let their_peer = PrivateKey::from_bytes([8; 32]).public_key().to_base64();
-    let (set, out) = wg(
+    wireguard_link(
         ns,
-        &[
-            "set",
-            foreign,
-            "private-key",
-            key_file.to_str().unwrap(),
-            "peer",
-            &their_peer,
-            "allowed-ips",
-            "10.99.0.0/24",
-        ],
+        foreign,
+        &PrivateKey::from_bytes([9; 32]),
+        &["peer", &their_peer, "allowed-ips", "10.99.0.0/24"],
     );
-    std::fs::remove_file(&key_file).unwrap();
-    assert!(set, "{out}");
     let (_, before) = wg(ns, &["show", foreign, "dump"]);
 
     let ours = PrivateKey::generate();
@@ -286,13 +289,7 @@ async fn another_tools_link_is_never_taken_over(ns: &str) {
     // An older agent's link (no alias, the node's key) is adopted and marked; the userspace
     // device, asked for, replaces it.
     let old = "wgold";
-    let (made, out) = ip(ns, &["link", "add", old, "type", "wireguard"]);
-    assert!(made, "{out}");
-    let key_file = std::env::temp_dir().join(format!("wgold-{}.key", std::process::id()));
-    std::fs::write(&key_file, ours.expose_base64()).unwrap();
-    let (set, out) = wg(ns, &["set", old, "private-key", key_file.to_str().unwrap()]);
-    std::fs::remove_file(&key_file).unwrap();
-    assert!(set, "{out}");
+    wireguard_link(ns, old, &ours, &[]);
     let device = Device::open(Requested::Kernel, config(old, &ours))
         .await
         .expect("an older agent's link is adopted");

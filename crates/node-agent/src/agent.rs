@@ -982,14 +982,12 @@ async fn controller_addresses(url: &str) -> Vec<std::net::IpAddr> {
     let Ok(uri) = url.parse::<tonic::transport::Uri>() else {
         return Vec::new();
     };
-    let Some(host) = uri.host() else {
+    let Some((host, port)) = crate::client::host_and_port(&uri) else {
         return Vec::new();
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = host.parse() {
         return vec![ip];
     }
-    let port = uri.port_u16().unwrap_or(443);
     match tokio::time::timeout(
         Duration::from_secs(5),
         tokio::net::lookup_host((host, port)),

@@ -98,19 +98,20 @@ pub fn controller_mark(settings: &pb::MeshSettings, host_network: bool) -> Optio
 pub fn controller_port(url: &str) -> u16 {
     url.parse::<Uri>()
         .ok()
-        .and_then(|u| u.port_u16())
+        .and_then(|u| host_and_port(&u).map(|(_, port)| port))
         .unwrap_or(443)
+}
+
+/// A URI's host (an IPv6 address without its brackets) and port (443 unless it names one).
+pub fn host_and_port(uri: &Uri) -> Option<(&str, u16)> {
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    Some((host, uri.port_u16().unwrap_or(443)))
 }
 
 /// A TCP connection to `uri`'s host and port whose packets carry `mark` (`SO_MARK`, which
 /// needs `CAP_NET_ADMIN`, as the agent has): the first address that answers.
 async fn connect_marked(uri: &Uri, mark: u32) -> std::io::Result<tokio::net::TcpStream> {
-    let host = uri
-        .host()
-        .unwrap_or_default()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(443);
+    let (host, port) = host_and_port(uri).unwrap_or_default();
     let mut last = std::io::Error::new(
         std::io::ErrorKind::NotFound,
         format!("{host} has no address"),

@@ -233,10 +233,7 @@ fn egress_rules(egress: &Egress) -> Vec<NetlinkMessage<NetfilterMessage>> {
                     Bitwise::Xor(DataAttribute::Value(vec![0; len as usize])),
                 ]),
                 equal(net),
-                Expressions::Other {
-                    expression_type: "masq".into(),
-                    attributes: vec![],
-                },
+                masquerade(),
             ],
         ));
     }
@@ -325,11 +322,7 @@ fn controller_connection_rules(
         ]),
         equal(connections.port.to_be_bytes().to_vec()),
         load_meta(MetaKey::Iifname),
-        Expressions::Cmp(vec![
-            Cmp::SourceRegister(Register::Reg1),
-            Cmp::Op(Operator::NotEqual),
-            Cmp::Data(DataAttribute::Value(interface_name(&connections.tunnel))),
-        ]),
+        not_equal(interface_name(&connections.tunnel)),
         load(mark.clone()),
         ct_mark(CT_SREG),
     ]);
@@ -353,8 +346,8 @@ fn controller_connection_rules(
     // agent's own connections it translated (new ones: the controller's replies are not), so
     // a node whose default route and other nodes' addresses are on different links sends its
     // own address. An untranslated connection keeps the source its route chose.
-    let mut masquerade = tcp().to_vec();
-    masquerade.extend([
+    let mut translated = tcp().to_vec();
+    translated.extend([
         ct_mark(CT_DREG),
         equal(mark.clone()),
         load_meta(MetaKey::Mark),
@@ -367,21 +360,10 @@ fn controller_connection_rules(
             Bitwise::Mask(DataAttribute::Value(IPS_DST_NAT.to_ne_bytes().to_vec())),
             Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
         ]),
-        Expressions::Cmp(vec![
-            Cmp::SourceRegister(Register::Reg1),
-            Cmp::Op(Operator::NotEqual),
-            Cmp::Data(DataAttribute::Value(vec![0; 4])),
-        ]),
+        not_equal(vec![0; 4]),
         load_meta(MetaKey::Oifname),
-        Expressions::Cmp(vec![
-            Cmp::SourceRegister(Register::Reg1),
-            Cmp::Op(Operator::NotEqual),
-            Cmp::Data(DataAttribute::Value(interface_name("lo"))),
-        ]),
-        Expressions::Other {
-            expression_type: "masq".into(),
-            attributes: vec![],
-        },
+        not_equal(interface_name("lo")),
+        masquerade(),
     ]);
     vec![
         chain(
@@ -411,7 +393,7 @@ fn controller_connection_rules(
             InetHookNumber::PostRouting,
             SRCNAT_PRIORITY,
         ),
-        rule(CONTROLLER_NAT_CHAIN, masquerade),
+        rule(CONTROLLER_NAT_CHAIN, translated),
     ]
 }
 
@@ -482,11 +464,28 @@ fn rule(chain: &str, expressions: Vec<Expressions>) -> NetlinkMessage<NetfilterM
 }
 
 fn equal(data: Vec<u8>) -> Expressions {
+    compare(Operator::Equal, data)
+}
+
+fn not_equal(data: Vec<u8>) -> Expressions {
+    compare(Operator::NotEqual, data)
+}
+
+/// Register 1 compared with `data`.
+fn compare(op: Operator, data: Vec<u8>) -> Expressions {
     Expressions::Cmp(vec![
         Cmp::SourceRegister(Register::Reg1),
-        Cmp::Op(Operator::Equal),
+        Cmp::Op(op),
         Cmp::Data(DataAttribute::Value(data)),
     ])
+}
+
+/// Source NAT to the outgoing interface's address.
+fn masquerade() -> Expressions {
+    Expressions::Other {
+        expression_type: "masq".into(),
+        attributes: vec![],
+    }
 }
 
 fn verdict(code: Verdict) -> Expressions {

@@ -92,9 +92,8 @@ pub struct TestMesh {
     pub underlay: String,
     pub id: String,
     pub installed: Installed,
-    /// The controller's Service IP, when it runs on a node ([`MeshOptions::controller_on_node`]),
-    /// and where it listens there (`address:port`).
-    service_ip: Option<String>,
+    /// Where the controller listens (`address:port`) when it runs on a node
+    /// ([`MeshOptions::controller_on_node`]), behind [`SERVICE_IP`].
     controller_host: Option<String>,
     /// The API server's loopback, forwarded into the controller's node.
     _api_forwarder: Option<crate::real_cluster::proxy::TcpForwarder>,
@@ -391,8 +390,7 @@ impl TestMesh {
         let mut mesh = TestMesh {
             nodes: Vec::new(),
             controller,
-            service_ip: controller_on_node.map(|_| SERVICE_IP.to_owned()),
-            controller_host: controller_on_node.map(|k| format!("{underlay}.{k}:{grpc_port}")),
+            controller_host: controller_on_node.map(|_| format!("{controller_ip}:{grpc_port}")),
             _api_forwarder: None,
             mode,
             underlay6: (dual_stack || ipv6_only).then(|| underlay6(octet)),
@@ -933,11 +931,11 @@ impl TestMesh {
     /// traffic to it is marked for masquerading (the mark ORed with `0x4000`), translated to
     /// the controller's node address, and masqueraded on its way out.
     fn translate_service(&self, ns: &Netns) -> Result<()> {
-        let (Some(service_ip), Some(to)) = (&self.service_ip, &self.controller_host) else {
+        let Some(to) = &self.controller_host else {
             return Ok(());
         };
         let port = to.rsplit(':').next().unwrap_or_default();
-        let to_service = ["-d", service_ip, "-p", "tcp", "--dport", port];
+        let to_service = ["-d", SERVICE_IP, "-p", "tcp", "--dport", port];
         let rules: [Vec<&str>; 3] = [
             [
                 &["-t", "nat", "-A", "OUTPUT"][..],
@@ -973,8 +971,8 @@ impl TestMesh {
     /// Where the agents reach the controller: its pod IP, the host's address on the underlay
     /// (IPv6 in an IPv6-only cluster), or its Service IP when it runs on a node.
     pub fn controller_ip(&self) -> String {
-        if let Some(ip) = &self.service_ip {
-            return ip.clone();
+        if self.controller_host.is_some() {
+            return SERVICE_IP.to_owned();
         }
         controller_ip(
             &self.underlay,

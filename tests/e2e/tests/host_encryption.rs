@@ -123,9 +123,7 @@ async fn host_traffic_crosses_the_tunnel(mode: NetworkMode) -> Result<()> {
     // Pods are unaffected, and an agent restarted with the option on reaches the controller
     // and gets its tunnels back: its own packets to the other nodes' addresses never loop.
     mesh.pod_matrix(POD_PORT, Duration::from_secs(20))?;
-    let registrations =
-        |mesh: &TestMesh| -> Result<usize> { Ok(mesh.agent_log(2)?.matches("registered").count()) };
-    let before = registrations(&mesh)?;
+    let before = registrations(&mesh, 2)?;
     mesh.kill_agent(2);
     mesh.start_agent(2)?;
     mesh.wait_peer_counts(2, Duration::from_secs(60)).await?;
@@ -139,7 +137,7 @@ async fn host_traffic_crosses_the_tunnel(mode: NetworkMode) -> Result<()> {
         )
     })?;
     eventually("the restarted agent registers with the controller", || {
-        if registrations(&mesh)? > before {
+        if registrations(&mesh, 2)? > before {
             Ok(())
         } else {
             bail!("not yet:\n{}", mesh.agent_log(2)?)
@@ -277,14 +275,12 @@ async fn e2e_host_encryption_a_node_that_missed_a_preshared_key_still_reaches_th
         }
         Ok(())
     })?;
-    let registrations =
-        |mesh: &TestMesh| -> Result<usize> { Ok(mesh.agent_log(0)?.matches("registered").count()) };
-    let before = registrations(&mesh)?;
+    let before = registrations(&mesh, 0)?;
     mesh.start_agent(0)?;
     eventually(
         "the agent that missed the new key registers with the controller",
         || {
-            if registrations(&mesh)? > before {
+            if registrations(&mesh, 0)? > before {
                 Ok(())
             } else {
                 bail!("not yet:\n{}", mesh.agent_log(0)?)
@@ -313,6 +309,11 @@ async fn e2e_host_encryption_a_node_that_missed_a_preshared_key_still_reaches_th
         "both ends agree"
     );
     Ok(())
+}
+
+/// How often node `i`'s agent has registered with the controller, by its log.
+fn registrations(mesh: &TestMesh, i: usize) -> Result<usize> {
+    Ok(mesh.agent_log(i)?.matches("registered").count())
 }
 
 fn eventually(what: &str, mut f: impl FnMut() -> Result<()>) -> Result<()> {
