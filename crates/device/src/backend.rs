@@ -70,6 +70,17 @@ pub enum Device {
     Userspace(UserspaceDevice),
 }
 
+/// The userspace device, its TUN marked as wgmesh's so that while it runs it is told from
+/// another program's (`kernel::tun_may_be_taken`). Unmarked, it is still ours once our
+/// process lets go of it, so a refusal to mark is only logged.
+async fn userspace(config: InterfaceConfig) -> Result<Device, Error> {
+    let device = UserspaceDevice::create(config)?;
+    if let Err(e) = crate::kernel::mark_tun(device.name()).await {
+        tracing::warn!(interface = %device.name(), error = %e, "could not mark the TUN as wgmesh's");
+    }
+    Ok(Device::Userspace(device))
+}
+
 impl Device {
     /// Opens the device with the requested backend, in the calling thread's network
     /// namespace. `Auto` probes the kernel and falls back to the userspace device, saying why
@@ -90,6 +101,9 @@ impl Device {
                 delete_link(&name).await
             }
         };
+        if existing == Some(ExistingLink::ForeignTun) {
+            return Err(crate::kernel::foreign_tun(&name));
+        }
         match requested {
             Requested::Userspace => {
                 if existing == Some(ExistingLink::Wireguard) {
@@ -99,7 +113,7 @@ impl Device {
                     tracing::warn!(interface = %name, "replacing the other backend's device (Wireguard) of this name; the guard routes drop the mesh's traffic meanwhile");
                     ours.delete().await?;
                 }
-                Ok(Device::Userspace(UserspaceDevice::create(config)?))
+                userspace(config).await
             }
             Requested::Kernel => match kernel_wireguard_available().await? {
                 KernelSupport::Available => {
@@ -112,7 +126,7 @@ impl Device {
             },
             Requested::Auto if existing == Some(ExistingLink::Tun) => {
                 tracing::info!(interface = %config.name, "the userspace device of a previous run is there; keeping it");
-                Ok(Device::Userspace(UserspaceDevice::create(config)?))
+                userspace(config).await
             }
             Requested::Auto => {
                 let reason = match kernel_wireguard_available().await {
@@ -128,7 +142,7 @@ impl Device {
                 );
                 // Created right here (not on a blocking-pool thread) so that its TUN and
                 // sockets live in the calling thread's network namespace; it is quick.
-                Ok(Device::Userspace(UserspaceDevice::create(config)?))
+                userspace(config).await
             }
         }
     }

@@ -359,3 +359,104 @@ fn a_persistent_userspace_device_outlives_its_process() {
         assert!(!exists, "delete removes a persistent interface");
     });
 }
+
+/// A program we did not write holding a TUN open (Debian's wireguard-go, in the foreground),
+/// stopped on drop.
+struct HeldTun(std::process::Child);
+
+impl HeldTun {
+    fn start(ns: &str, name: &str) -> HeldTun {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "wireguard-go", "-f", name])
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("wireguard-go (apt-get install wireguard-go)");
+        let held = HeldTun(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !ip(ns, &["link", "show", name]).0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "wireguard-go made no {name}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        held
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for HeldTun {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A TUN of the mesh's name that another program holds open (wireguard-go's `wg0`) is neither
+/// attached to by the userspace device nor deleted to make room for a kernel link, whatever
+/// the backend asked for: each refuses, saying what to do, and the program keeps its
+/// interface. A persistent TUN nobody holds (an older agent's) is taken and marked; ours,
+/// marked, is told from another program's while we hold it.
+#[test]
+fn a_tun_another_program_holds_is_never_taken_over() {
+    if !is_root("device backend") {
+        return;
+    }
+    let ns = Netns::new(format!("wgdb-{}-tun", std::process::id()));
+    let ns_name = ns.name.clone();
+    let mut held = HeldTun::start(&ns.name, "wgheld");
+    let (_, before) = ip(&ns.name, &["-o", "link", "show", "wgheld"]);
+    let ns_inner = ns_name.clone();
+    ns.run(move || async move {
+        let ns = ns_inner;
+        let key = PrivateKey::generate();
+        for requested in [Requested::Kernel, Requested::Userspace, Requested::Auto] {
+            match Device::open(requested, config("wgheld", &key)).await {
+                Err(Error::InvalidConfig(message)) => assert!(
+                    message.contains("held open by another program")
+                        && message.contains("interfaceName"),
+                    "{message}"
+                ),
+                Err(e) => panic!("{requested:?}: another error than a refusal: {e}"),
+                Ok(_) => panic!("{requested:?}: another program's TUN was taken"),
+            }
+        }
+
+        // An older agent's persistent TUN, which nobody holds: taken and marked.
+        let (made, out) = ip(&ns, &["tuntap", "add", "mode", "tun", "name", "wgleft"]);
+        assert!(made, "{out}");
+        let device = Device::open(Requested::Userspace, config("wgleft", &key))
+            .await
+            .expect("a TUN nobody holds is taken");
+        let (_, shown) = ip(&ns, &["link", "show", "wgleft"]);
+        assert!(shown.contains("alias wgmesh"), "marked as ours: {shown}");
+        // Held by us and marked: ours, whichever backend is asked for next.
+        assert_eq!(
+            wgmesh_device::kernel::existing_link("wgleft")
+                .await
+                .unwrap(),
+            Some(wgmesh_device::kernel::ExistingLink::Tun)
+        );
+        device.delete().await.unwrap();
+        assert_eq!(
+            wgmesh_device::kernel::existing_link("wgheld")
+                .await
+                .unwrap(),
+            Some(wgmesh_device::kernel::ExistingLink::ForeignTun)
+        );
+    });
+    assert!(held.running(), "wireguard-go still runs");
+    let (_, after) = ip(&ns_name, &["-o", "link", "show", "wgheld"]);
+    assert_eq!(
+        after.split(':').next(),
+        before.split(':').next(),
+        "the same interface (ifindex)"
+    );
+    assert!(!after.contains("alias"), "left unmarked: {after}");
+}

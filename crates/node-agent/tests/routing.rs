@@ -425,6 +425,52 @@ fn guards_outlive_the_interface_and_follow_the_mesh() {
     });
 }
 
+/// A TUN of the mesh's name that another program holds open (Debian's wireguard-go: the
+/// device refused to take it) is not deleted when the mesh leaves the node; a persistent TUN
+/// nobody holds (a crashed userspace device's) is.
+#[test]
+fn cleanup_leaves_a_tun_another_program_holds() {
+    if !is_root("routing") {
+        return;
+    }
+    let ns = netns("heldtun");
+    let mut held = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "wireguard-go", "-f", "wgt9"])
+        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("wireguard-go (apt-get install wireguard-go)");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ns.cmd().ip_ok(&["link", "show", "wgt9"]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "wireguard-go made no wgt9"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    ns.ip(&["tuntap", "add", "dev", "wgt8", "mode", "tun"]);
+    let cmd = ns.cmd();
+    ns.run(move || async move {
+        let routing = Routing::new().await.unwrap();
+        routing.cleanup("wgt9", 51820, &[]).await.unwrap();
+        assert!(
+            cmd.ip_ok(&["link", "show", "wgt9"]),
+            "another program's TUN was deleted"
+        );
+        routing.cleanup("wgt8", 51820, &[]).await.unwrap();
+        assert!(
+            !cmd.ip_ok(&["link", "show", "wgt8"]),
+            "a leftover TUN stays"
+        );
+    });
+    let running = matches!(held.try_wait(), Ok(None));
+    let _ = held.kill();
+    let _ = held.wait();
+    assert!(running, "wireguard-go still runs");
+}
+
 /// A node with IPv6 disabled in a dual-stack mesh: the kernel refuses the IPv6 address and
 /// route. The sync reports them, but everything else is in place: the guards of both families,
 /// the rules that select their table (beside another one's rule that looks like it), the

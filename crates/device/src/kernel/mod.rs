@@ -12,10 +12,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use genetlink::GenetlinkHandle;
-use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload, Nla,
+};
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_wireguard::WireguardMessage;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 
 use rtnetlink::{LinkUnspec, LinkWireguard};
 use wgmesh_core::PublicKey;
@@ -61,6 +63,53 @@ pub fn may_adopt(
     )))
 }
 
+/// Whether an existing TUN of the mesh's name may be taken as the userspace device (or
+/// replaced by the kernel backend's link): one marked ours ([`LINK_ALIAS`]), or one nobody
+/// holds open (a persistent TUN without a process attached: an agent older than the alias
+/// left it; whatever is routed into it is dropped anyway). A TUN a running program holds
+/// (wireguard-go's `wg0`, a VPN client's) is another tool's tunnel.
+pub fn tun_may_be_taken(alias: Option<&str>, held_open: bool) -> bool {
+    alias == Some(LINK_ALIAS) || !held_open
+}
+
+/// The refusal for a TUN that [`tun_may_be_taken`] says is another tool's, with what to do.
+pub fn foreign_tun(name: &str) -> Error {
+    Error::InvalidConfig(format!(
+        "the TUN device {name} exists, is held open by another program and is not wgmesh's: \
+         another tool's tunnel (wireguard-go's, for one) is never taken over; give the mesh \
+         another interfaceName"
+    ))
+}
+
+/// Whether a program holds the TUN `link` open: the kernel removes a TUN that is not
+/// persistent when its last descriptor closes, and gives a persistent one carrier only while
+/// one is attached.
+pub fn tun_held_open(link: &LinkMessage) -> bool {
+    const IFLA_TUN_PERSIST: u16 = 6;
+    let persistent = link.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| match i {
+            LinkInfo::Data(InfoData::Tun(nlas)) => nlas.iter().any(|nla| {
+                let mut value = vec![0; nla.value_len()];
+                nla.emit_value(&mut value);
+                nla.kind() == IFLA_TUN_PERSIST && value.first().is_some_and(|v| *v != 0)
+            }),
+            _ => false,
+        }),
+        _ => false,
+    });
+    let carrier = link
+        .attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::Carrier(c) if *c != 0));
+    !persistent || carrier
+}
+
+/// Whether the link is a TUN that is wgmesh's to take or delete ([`tun_may_be_taken`]).
+pub fn tun_is_ours(link: &LinkMessage) -> bool {
+    link_kind(link) == Some(&InfoKind::Tun)
+        && tun_may_be_taken(link_alias(link), tun_held_open(link))
+}
+
 /// The `kind` of a link (`wireguard`, `tun`, ...), as `ip -d link` shows it.
 pub fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
     link.attributes.iter().find_map(|a| match a {
@@ -77,7 +126,10 @@ pub fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExistingLink {
     Wireguard,
+    /// A TUN that is ours to take ([`may_take_tun`]).
     Tun,
+    /// A TUN another program holds open.
+    ForeignTun,
     Other,
 }
 
@@ -90,9 +142,25 @@ pub async fn existing_link(name: &str) -> Result<Option<ExistingLink>, Error> {
         .map_err(|e| netlink_err(format!("looking up the link {name}"), e))?;
     Ok(link.map(|l| match link_kind(&l) {
         Some(InfoKind::Wireguard) => ExistingLink::Wireguard,
-        Some(InfoKind::Tun) => ExistingLink::Tun,
+        Some(InfoKind::Tun) if tun_is_ours(&l) => ExistingLink::Tun,
+        Some(InfoKind::Tun) => ExistingLink::ForeignTun,
         _ => ExistingLink::Other,
     }))
+}
+
+/// Marks the userspace device's TUN `name` as wgmesh's ([`LINK_ALIAS`]), unless it is already.
+pub async fn mark_tun(name: &str) -> Result<(), Error> {
+    let (rtnl, task) = rtnl_connection()?;
+    let _abort = AbortOnDrop(task);
+    match link_by_name(&rtnl, name)
+        .await
+        .map_err(|e| netlink_err(format!("looking up the link {name}"), e))?
+    {
+        Some(link) if link_alias(&link) != Some(LINK_ALIAS) => {
+            set_alias(&rtnl, link.header.index, name).await
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Deletes the link `name` (only ever one [`existing_link`] found to be a WireGuard device
@@ -530,5 +598,58 @@ mod ownership_tests {
                 assert!(!text.contains(&theirs.to_base64()), "no key quoted: {text}");
             }
         }
+    }
+
+    /// A TUN link as the kernel reports it: persistent or not, with carrier (a program
+    /// attached) or not, and its alias.
+    fn tun(persistent: bool, carrier: bool, alias: Option<&str>) -> LinkMessage {
+        use netlink_packet_core::DefaultNla;
+        use rtnetlink::packet_route::link::InfoTun;
+        let mut link = LinkMessage::default();
+        link.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Tun),
+            LinkInfo::Data(InfoData::Tun(vec![
+                InfoTun::Other(DefaultNla::new(3, vec![1])), // IFLA_TUN_TYPE
+                InfoTun::Other(DefaultNla::new(6, vec![u8::from(persistent)])),
+            ])),
+        ]));
+        link.attributes
+            .push(LinkAttribute::Carrier(u8::from(carrier)));
+        if let Some(alias) = alias {
+            link.attributes
+                .push(LinkAttribute::IfAlias(alias.to_owned()));
+        }
+        link
+    }
+
+    #[test]
+    fn only_a_tun_no_other_program_holds_is_ours() {
+        // persistent, carrier, alias: ours
+        for (persistent, carrier, alias, ours) in [
+            (true, false, None, true), // an older agent's, left by its process
+            (true, false, Some(LINK_ALIAS), true), // ours, left by a crashed agent
+            (true, true, Some(LINK_ALIAS), true), // ours, while we run
+            (false, true, Some(LINK_ALIAS), true), // ours, not made persistent
+            (false, true, None, false), // wireguard-go's: exists only while it runs
+            (true, true, None, false), // a VPN client attached to its persistent TUN
+            (true, true, Some("vpn"), false),
+            (true, false, Some("vpn"), true), // nobody holds it: a leftover
+        ] {
+            let link = tun(persistent, carrier, alias);
+            assert_eq!(
+                tun_is_ours(&link),
+                ours,
+                "persistent {persistent}, carrier {carrier}, alias {alias:?}"
+            );
+        }
+        let mut wireguard = tun(true, false, None);
+        wireguard.attributes[0] =
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Wireguard)]);
+        assert!(!tun_is_ours(&wireguard), "not a TUN");
+        let text = foreign_tun("wg0").to_string();
+        assert!(
+            text.contains("wg0") && text.contains("interfaceName"),
+            "{text}"
+        );
     }
 }

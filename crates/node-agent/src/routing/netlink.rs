@@ -564,10 +564,10 @@ impl Routing {
         }
         // Only a link the device makes (WireGuard, or the userspace device's TUN) is ours to
         // delete: a mesh whose interface is named after a host link (`eth0`, `cni0`) must
-        // never take that link down when it leaves, nor another tool's WireGuard tunnel that
-        // the device refused to adopt (ours carry the alias).
+        // never take that link down when it leaves, nor another tool's tunnel that the device
+        // refused to take (ours carry the alias; a TUN nobody holds open is a leftover).
         let ours = link.as_ref().is_some_and(|l| match link_kind(l) {
-            Some(InfoKind::Tun) => true,
+            Some(InfoKind::Tun) => wgmesh_device::kernel::tun_is_ours(l),
             Some(InfoKind::Wireguard) => {
                 wgmesh_device::kernel::link_alias(l) == Some(wgmesh_device::kernel::LINK_ALIAS)
             }
