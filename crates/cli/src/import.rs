@@ -198,7 +198,7 @@ pub fn objects(cfg: &WgQuickConfig, opts: &Opts, stem: &str) -> Result<Vec<Objec
                 metadata: ObjectMeta {
                     name: Some(secret),
                     namespace: Some(opts.secret_namespace.clone()),
-                    labels: Some(BTreeMap::from([("wgmesh.io/peer".into(), name.clone())])),
+                    labels: Some(wgmesh_api::name_label("wgmesh.io/peer", &name)),
                     ..ObjectMeta::default()
                 },
                 type_: Some("Opaque".into()),

@@ -307,18 +307,40 @@ impl Authenticator {
         let username = user.username.unwrap_or_default();
         let extra = user.extra.unwrap_or_default();
         let first = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
-        let node = match (first(EXTRA_NODE_NAME), first(EXTRA_POD_NAME)) {
-            (Some(node), _) => Some(node),
+        let node = match binding(first(EXTRA_NODE_NAME), first(EXTRA_POD_NAME)) {
+            Binding::PodOnNode(node) => Some(node),
             // Older API servers bind the pod but not the node: look the pod up, but only for
             // the agents' account (anyone else is refused anyway, without costing a read).
-            (None, Some(pod)) if username == self.agent_username => {
+            Binding::Pod(pod) if username == self.agent_username => {
                 self.node_of_pod(&username, &pod).await?
             }
-            (None, _) => None,
+            Binding::Pod(_) | Binding::NoPod => None,
         };
         Ok(Identity { username, node })
     }
+}
 
+/// What a reviewed token's extras bind it to.
+#[derive(Debug, PartialEq, Eq)]
+enum Binding {
+    /// A pod, on this node: an agent's projected token.
+    PodOnNode(String),
+    /// A pod, its node not named (older API servers).
+    Pod(String),
+    /// No pod: a token bound to the Node alone (`kubectl create token --bound-object-kind
+    /// Node`) or to nothing is no agent's, whatever node it names.
+    NoPod,
+}
+
+fn binding(node: Option<String>, pod: Option<String>) -> Binding {
+    match (node, pod) {
+        (Some(node), Some(_)) => Binding::PodOnNode(node),
+        (None, Some(pod)) => Binding::Pod(pod),
+        (_, None) => Binding::NoPod,
+    }
+}
+
+impl Authenticator {
     async fn node_of_pod(&self, username: &str, pod: &str) -> Result<Option<String>, Status> {
         let namespace = username
             .strip_prefix("system:serviceaccount:")
@@ -358,6 +380,19 @@ fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_token_bound_to_a_pod_speaks_for_a_node() {
+        let s = |v: &str| Some(v.to_owned());
+        for (node, pod, want) in [
+            (s("n1"), s("agent-x"), Binding::PodOnNode("n1".into())),
+            (None, s("agent-x"), Binding::Pod("agent-x".into())),
+            (s("n1"), None, Binding::NoPod), // bound to the Node alone
+            (None, None, Binding::NoPod),
+        ] {
+            assert_eq!(binding(node.clone(), pod.clone()), want, "{node:?} {pod:?}");
+        }
+    }
 
     #[test]
     fn one_source_spraying_bad_tokens_locks_out_only_itself() {

@@ -233,10 +233,15 @@ impl MeshService for MeshServer {
 
         let (name, existing) = self.node_peer_slot(&req.mesh, &node)?;
         let api: Api<WireGuardPeer> = Api::all(self.client.clone());
-        self.check_key_is_free(&key, &name, &req.node).await?;
         let key_changed = existing
             .as_ref()
             .is_some_and(|e| e.spec.public_key != key.to_base64());
+        // The key the node's peer already holds is the node's (node members win a key over
+        // any other peer): a copy someone made since, refused, must not lock the node out
+        // when its agent registers again.
+        if existing.is_none() || key_changed {
+            self.check_key_is_free(&key, &name, &req.node).await?;
+        }
         if key_changed {
             self.charge_key_change(&req.node)?;
         }
@@ -247,12 +252,14 @@ impl MeshService for MeshServer {
             Some(&registered),
         )
         .unwrap_or_else(|| registered.clone());
+        let mut labels = wgmesh_api::name_label("wgmesh.io/node", &req.node);
+        labels.extend(wgmesh_api::name_label("wgmesh.io/mesh", &req.mesh));
         let apply = json!({
             "apiVersion": "wgmesh.io/v1alpha1",
             "kind": "WireGuardPeer",
             "metadata": {
                 "name": name,
-                "labels": { "wgmesh.io/node": req.node, "wgmesh.io/mesh": req.mesh },
+                "labels": labels,
                 "annotations": { convert::REGISTERED_ENDPOINT_ANNOTATION: registered },
                 "ownerReferences": [node_owner(&node)],
             },
@@ -330,6 +337,25 @@ impl MeshService for MeshServer {
         self.auth
             .authorize_node(&metadata, source, &req.node)
             .await?;
+        if self.caches.meshes.get(&ObjectRef::new(&req.mesh)).is_none()
+            && self.index.view(&req.mesh).is_none()
+        {
+            // A mesh nobody made (or long gone): the agent is told it is gone, which is what it
+            // needs to leave it, and nothing is kept for the stream (no task, no subscription,
+            // no liveness entry, no snapshot turn), however many names a node makes up.
+            let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+            let gone = NodeConfig::mesh_deleted();
+            for message in encode::peer_update_parts(
+                self.index.epoch(),
+                0,
+                &gone,
+                &NodeUpdate::Snapshot,
+                usize::MAX,
+            ) {
+                let _ = tx.try_send(Ok(message));
+            }
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
         let views = self.index.subscribe(&req.mesh, &req.node);
         let base = (req.resume_epoch == self.index.epoch() && req.resume_revision > 0)
             .then(|| self.index.at_revision(&req.mesh, req.resume_revision))
@@ -418,6 +444,16 @@ impl MeshService for MeshServer {
         // A node whose agent left a deleted mesh says so (it is no member any more): what
         // the mesh's finalizer waits for.
         if req.left_deleted_mesh {
+            // Only a mesh being deleted waits for its nodes to leave; anything else would only
+            // grow the record.
+            let deleting = self
+                .caches
+                .meshes
+                .get(&ObjectRef::new(&req.mesh))
+                .is_some_and(|m| m.metadata.deletion_timestamp.is_some());
+            if !deleting {
+                return Ok(Response::new(pb::ReportStatusResponse {}));
+            }
             self.reports.record_left(&req.mesh, &req.node);
             self.forward_to_leader(forwarded, request).await;
             return Ok(Response::new(pb::ReportStatusResponse {}));

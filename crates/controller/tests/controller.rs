@@ -346,6 +346,51 @@ async fn agents_are_authenticated_and_bound_to_their_node() -> Result<()> {
     let mut ok = SimAgent::new(ch.clone(), "a", "default", &token_a, [1; 32]);
     assert_eq!(code(ok.register("192.168.0.1").await), Ok(()));
 
+    // Someone copies a's key into a peer of their own: refused (a's peer holds it), and a's
+    // agent still registers that key again, as it does on every restart.
+    fx.apply_peer(
+        "copies-a",
+        json!({"mesh": "default", "publicKey": key(1), "allowedIPs": ["10.77.0.0/24"]}),
+    )
+    .await?;
+    eventually(Duration::from_secs(30), "copies-a refused", || async {
+        let peer = Api::<WireGuardPeer>::all(fx.client.clone())
+            .get("copies-a")
+            .await?;
+        let reasons: Vec<String> = peer
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter().map(|c| c.reason.clone()))
+            .collect();
+        Ok(if reasons.iter().any(|r| r == "DuplicatePublicKey") {
+            Break(())
+        } else {
+            Continue(reasons)
+        })
+    })
+    .await?;
+    assert_eq!(code(ok.register("192.168.0.1").await), Ok(()));
+
+    // A mesh nobody made: the stream says it is gone and ends.
+    let mut made_up = SimAgent::new(ch.clone(), "a", "made-up", &token_a, [1; 32]);
+    made_up.watch().await?;
+    let update = made_up.next_update(Duration::from_secs(10)).await?;
+    assert!(
+        made_up.departure != 0,
+        "a made-up mesh is reported gone: {update:?}"
+    );
+    assert!(
+        made_up.next_update(Duration::from_secs(10)).await.is_err(),
+        "the stream of a made-up mesh ends"
+    );
+
+    // A Node whose name is too long for a label value registers (its peer has no label).
+    let long = format!("{}.{}", "n".repeat(40), "m".repeat(40));
+    cluster::create_node(&fx.client, &long, &["10.244.9.0/24"], "192.168.0.9", &[]).await?;
+    let token_long = cluster::agent_token(&fx.client, &long).await?;
+    let mut long_agent = SimAgent::new(ch.clone(), &long, "default", &token_long, [9; 32]);
+    assert_eq!(code(long_agent.register("192.168.0.9").await), Ok(()));
+
     // A token for node a cannot register node b, nor watch its peers.
     let mut b_with_a = SimAgent::new(ch.clone(), "b", "default", &token_a, [2; 32]);
     assert_eq!(

@@ -243,10 +243,7 @@ async fn create_secret(
             name: Some(name.into()),
             namespace: Some(namespace.into()),
             owner_references: Some(vec![owner_ref]),
-            labels: Some(BTreeMap::from([(
-                "wgmesh.io/peer".to_owned(),
-                owner.name_any(),
-            )])),
+            labels: Some(wgmesh_api::name_label("wgmesh.io/peer", &owner.name_any())),
             ..ObjectMeta::default()
         },
         data: Some(BTreeMap::from([(
