@@ -17,8 +17,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the agent (the default).
-    Run,
+    /// Run the agent (the default). Its flags go after `run`, or without it.
+    Run(Box<RunArgs>),
     /// Remove the interface, routes and rules the agent created, then exit.
     Cleanup(CleanupArgs),
     /// Copy the CNI plugins CNI mode uses into the node's plugin directory, where missing
@@ -28,6 +28,40 @@ pub enum Command {
     /// until SIGTERM or SIGINT: for benchmarks and debugging, not for production.
     #[command(hide = true)]
     UserspaceDevice(UserspaceDeviceArgs),
+}
+
+impl Cli {
+    /// Parses the command line. The agent's own flags may follow `run` or stand alone; given
+    /// before a subcommand they would be ignored, so that is an error saying where they go.
+    pub fn parse_from_args<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut command = Cli::command();
+        let matches = command.try_get_matches_from_mut(args)?;
+        if let Some((name, _)) = matches.subcommand() {
+            let before: Vec<String> = matches
+                .ids()
+                .filter(|id| {
+                    matches.value_source(id.as_str())
+                        == Some(clap::parser::ValueSource::CommandLine)
+                })
+                .map(|id| format!("--{}", id.as_str().replace('_', "-")))
+                .collect();
+            if !before.is_empty() {
+                return Err(command.error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "{} must follow the subcommand ({name}), not precede it",
+                        before.join(", ")
+                    ),
+                ));
+            }
+        }
+        Cli::from_arg_matches(&matches)
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -299,6 +333,28 @@ pub fn check_controller_url(url: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_agents_flags_follow_run_or_stand_alone() {
+        let parse = |args: &[&str]| {
+            super::Cli::parse_from_args(std::iter::once("wgmesh-agent").chain(args.iter().copied()))
+        };
+        let run = |cli: super::Cli| match cli.command {
+            None => cli.run,
+            Some(super::Command::Run(args)) => *args,
+            Some(other) => panic!("not run: {other:?}"),
+        };
+        assert!(run(parse(&["--rotate-key"]).unwrap()).rotate_key);
+        assert!(run(parse(&["run", "--rotate-key"]).unwrap()).rotate_key);
+        assert!(!run(parse(&["run"]).unwrap()).rotate_key);
+        let err = parse(&["--rotate-key", "run"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--rotate-key must follow the subcommand (run)"),
+            "{err}"
+        );
+        assert!(parse(&["--mesh", "x", "cleanup"]).is_err());
+        assert!(parse(&["cleanup", "--interface", "wg9"]).is_ok());
+    }
+
     use super::{check_controller_url, parse_listen_addr, unbracket_ipv4_host};
 
     #[test]

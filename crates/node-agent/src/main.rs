@@ -6,7 +6,6 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 use wgmesh_agent::agent::Agent;
@@ -20,17 +19,18 @@ use wgmesh_device::userspace::{UserspaceDevice, WorkerPolicy};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_env_filter(log_filter())
         .init();
     let result = match cli.command {
+        None => run(cli.run).await,
+        Some(Command::Run(args)) => run(*args).await,
         Some(Command::Cleanup(args)) => cleanup(&args).await,
         Some(Command::InstallCniPlugins(args)) => install_cni_plugins(&args.from, &args.to),
         Some(Command::UserspaceDevice(args)) => {
             userspace_device(&args.interface, args.workers).await
         }
-        Some(Command::Run) | None => run(cli.run).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
