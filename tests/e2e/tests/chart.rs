@@ -310,12 +310,16 @@ async fn only_the_controller_makes_node_members() -> Result<()> {
     )
     .await?;
 
-    // The controller creates node members and updates them.
-    create(
-        &controller,
-        peer_body("node-worker-1", 11, Some("worker-1")),
-    )
-    .await?;
+    // The controller creates node members (owned by their Node, with the endpoint their
+    // agent registered) and updates them.
+    let mut node_member = peer_body("node-worker-1", 11, Some("worker-1"));
+    node_member["metadata"]["annotations"] =
+        serde_json::json!({"wgmesh.io/registered-endpoint": "192.168.0.1:51820"});
+    node_member["metadata"]["ownerReferences"] = serde_json::json!([{
+        "apiVersion": "v1", "kind": "Node", "name": "worker-1",
+        "uid": "00000000-0000-0000-0000-000000000001",
+    }]);
+    create(&controller, node_member).await?;
     merge(
         &controller,
         "node-worker-1",
@@ -323,11 +327,14 @@ async fn only_the_controller_makes_node_members() -> Result<()> {
     )
     .await?;
 
-    // Alice can neither move a node member to another node nor change its spec, but may
-    // label it.
+    // Alice can neither move a node member to another node nor change its spec, nor take
+    // it from its Node or point the others at another endpoint, but may label it.
     for patch in [
         serde_json::json!({"spec": {"node": "worker-2"}}),
         serde_json::json!({"spec": {"publicKey": wgmesh_core::PublicKey::from_bytes([9; 32]).to_base64()}}),
+        serde_json::json!({"metadata": {"ownerReferences": null}}),
+        serde_json::json!({"metadata": {"annotations": {"wgmesh.io/registered-endpoint": "169.254.169.254:80"}}}),
+        serde_json::json!({"metadata": {"annotations": {"wgmesh.io/registered-endpoint": null}}}),
     ] {
         let refused = merge(&alice, "node-worker-1", patch.clone()).await;
         assert!(
