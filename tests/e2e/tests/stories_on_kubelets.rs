@@ -459,7 +459,7 @@ async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<(
             &repo_root().join("deploy/helm/wgmesh").display().to_string(),
             "--namespace",
             NAMESPACE,
-            "--reuse-values",
+            "--reset-then-reuse-values",
             "--set-string",
             r"mesh.spec.gatewaySelector.matchLabels.wgmesh\.io/gateway=true",
         ],
@@ -563,7 +563,7 @@ async fn cni_mode_join_failover_drain_laptop_upgrade_and_uninstall() -> Result<(
     let chart = repo_root().join("deploy/helm/wgmesh").display().to_string();
     let upgrade = |sets: &[&str]| -> Result<String> {
         let mut args = vec!["upgrade", "wgmesh", &chart, "--namespace", NAMESPACE];
-        args.push("--reuse-values");
+        args.push("--reset-then-reuse-values");
         for s in sets {
             args.extend(["--set", s]);
         }
