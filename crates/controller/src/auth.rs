@@ -36,6 +36,8 @@ const ALL_FAILED_REVIEWS_PER_SECOND: f64 = 20.0;
 /// Sources whose budget is remembered; past that, the full ones are kept (the others would
 /// start full anyway).
 const SOURCES_LIMIT: usize = 4096;
+/// How long a source a token passed review from is exempt from the budget of all sources.
+const VOUCHED_FOR: Duration = Duration::from_secs(600);
 /// Token reviews asked of the API server at once. The failure budgets are charged when a
 /// review comes back, so without this a burst of bogus tokens sent at once would all pass
 /// the budget check before the first failure is counted.
@@ -95,6 +97,10 @@ impl TokenBucket {
 struct FailureBudgets {
     all: TokenBucket,
     by_source: HashMap<IpAddr, TokenBucket>,
+    /// Sources a token passed review from lately (an agent's node, whose token the kubelet
+    /// renews): the budget of all sources together does not apply to them, so that many
+    /// callers spraying bogus tokens together cannot lock the agents out.
+    vouched: HashMap<IpAddr, Instant>,
 }
 
 impl FailureBudgets {
@@ -102,16 +108,33 @@ impl FailureBudgets {
         FailureBudgets {
             all: TokenBucket::with(now, ALL_FAILED_REVIEW_BURST, ALL_FAILED_REVIEWS_PER_SECOND),
             by_source: HashMap::new(),
+            vouched: HashMap::new(),
         }
     }
 
     /// Whether a review for a token from `source` may be sent now.
     fn allows(&mut self, source: IpAddr, now: Instant) -> bool {
-        self.all.allows(now)
+        let vouched = self
+            .vouched
+            .get(&source)
+            .is_some_and(|at| now.saturating_duration_since(*at) < VOUCHED_FOR);
+        (vouched || self.all.allows(now))
             && self
                 .by_source
                 .get_mut(&source)
                 .is_none_or(|b| b.allows(now))
+    }
+
+    /// Counts a token that passed review from `source`.
+    fn vouch(&mut self, source: IpAddr, now: Instant) {
+        if self.vouched.len() >= SOURCES_LIMIT && !self.vouched.contains_key(&source) {
+            self.vouched
+                .retain(|_, at| now.saturating_duration_since(*at) < VOUCHED_FOR);
+            if self.vouched.len() >= SOURCES_LIMIT {
+                return;
+            }
+        }
+        self.vouched.insert(source, now);
     }
 
     /// Counts a failed review of a token from `source`.
@@ -241,11 +264,18 @@ impl Authenticator {
             ));
         }
         let result = self.review_uncached(token).await;
-        if matches!(&result, Err(s) if s.code() != tonic::Code::Unavailable) {
-            self.failures
+        match &result {
+            Ok(_) => self
+                .failures
                 .lock()
                 .expect("failure budget lock")
-                .charge(source, Instant::now());
+                .vouch(source, Instant::now()),
+            Err(s) if s.code() != tonic::Code::Unavailable => self
+                .failures
+                .lock()
+                .expect("failure budget lock")
+                .charge(source, Instant::now()),
+            Err(_) => {}
         }
         let ttl = if result.is_ok() {
             POSITIVE_TTL
@@ -418,6 +448,14 @@ mod tests {
             }
         }
         assert_eq!(sent, ALL_FAILED_REVIEW_BURST as usize);
+        // ...which locks out no node an agent's token passed review from lately.
+        let outsider: IpAddr = "192.168.0.3".parse().unwrap();
+        assert!(!budgets.allows(outsider, start), "the global budget is spent");
+        budgets.vouch(agent, start - Duration::from_secs(60));
+        assert!(budgets.allows(agent, start), "a vouched node is not locked out");
+        let later = start + VOUCHED_FOR;
+        budgets.all = TokenBucket::with(later, 0.0, 0.0);
+        assert!(!budgets.allows(agent, later), "until its voucher is too old");
         // Memory stays bounded whatever the number of sources.
         let mut budgets = FailureBudgets::new(start);
         for i in 0..(SOURCES_LIMIT as u32 * 3) {
@@ -425,6 +463,10 @@ mod tests {
             budgets.charge(IpAddr::from(std::net::Ipv4Addr::from(i)), at);
         }
         assert!(budgets.by_source.len() <= SOURCES_LIMIT);
+        for i in 0..(SOURCES_LIMIT as u32 * 3) {
+            budgets.vouch(IpAddr::from(std::net::Ipv4Addr::from(i)), start);
+        }
+        assert!(budgets.vouched.len() <= SOURCES_LIMIT);
     }
 
     #[test]
