@@ -214,6 +214,34 @@ impl Authenticator {
         result
     }
 
+    /// Checks that the call carries a token of the agents' account, without knowing yet
+    /// which node it speaks for (its body is not read): see `early_auth`. The review is
+    /// cached, so the handler's [`Authenticator::authorize_node`] costs no second one.
+    pub async fn authenticate_agent(
+        &self,
+        headers: &http::HeaderMap,
+        source: Option<IpAddr>,
+    ) -> Result<(), Status> {
+        let source = source.unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+        let metadata = MetadataMap::from_headers(headers.clone());
+        let result = async {
+            let identity = self.review(bearer_token(&metadata)?, source).await?;
+            if identity.username != self.agent_username {
+                return Err(Status::permission_denied(format!(
+                    "{} is not the agent service account {}",
+                    identity.username, self.agent_username
+                )));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(status) = &result {
+            tracing::warn!(code = ?status.code(), reason = status.message(), "refused a call before reading it");
+            self.metrics.auth_failure(status.code());
+        }
+        result
+    }
+
     async fn check(
         &self,
         metadata: &MetadataMap,
@@ -450,12 +478,21 @@ mod tests {
         assert_eq!(sent, ALL_FAILED_REVIEW_BURST as usize);
         // ...which locks out no node an agent's token passed review from lately.
         let outsider: IpAddr = "192.168.0.3".parse().unwrap();
-        assert!(!budgets.allows(outsider, start), "the global budget is spent");
+        assert!(
+            !budgets.allows(outsider, start),
+            "the global budget is spent"
+        );
         budgets.vouch(agent, start - Duration::from_secs(60));
-        assert!(budgets.allows(agent, start), "a vouched node is not locked out");
+        assert!(
+            budgets.allows(agent, start),
+            "a vouched node is not locked out"
+        );
         let later = start + VOUCHED_FOR;
         budgets.all = TokenBucket::with(later, 0.0, 0.0);
-        assert!(!budgets.allows(agent, later), "until its voucher is too old");
+        assert!(
+            !budgets.allows(agent, later),
+            "until its voucher is too old"
+        );
         // Memory stays bounded whatever the number of sources.
         let mut budgets = FailureBudgets::new(start);
         for i in 0..(SOURCES_LIMIT as u32 * 3) {

@@ -7,6 +7,7 @@ pub mod agent_followups;
 pub mod auth;
 pub mod config;
 pub mod convert;
+pub mod early_auth;
 pub mod error;
 pub mod forward;
 pub mod grpc;
@@ -218,7 +219,7 @@ pub async fn run(config: Config) -> Result<()> {
         client: client.clone(),
         caches,
         index: index.clone(),
-        auth,
+        auth: auth.clone(),
         reports,
         metrics: metrics.clone(),
         recorder,
@@ -261,10 +262,12 @@ pub async fn run(config: Config) -> Result<()> {
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         // Connections whose other end is gone without a word (a node powered off).
         .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
-        .add_service(
-            wgmesh_proto::served::mesh_service_server::MeshServiceServer::new(service)
+        .add_service(early_auth::AuthenticatedFirst {
+            inner: wgmesh_proto::served::mesh_service_server::MeshServiceServer::new(service)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
+            auth,
+            replica_name: config.peer_server_name.clone(),
+        })
         .serve_with_shutdown(grpc_addr, signal)
         .await?;
     Ok(())

@@ -1436,3 +1436,55 @@ async fn a_gateway_streaming_to_another_replica_fails_over_when_its_stream_close
     .await?;
     Ok(())
 }
+
+/// A call without a valid agent token is answered from its headers: the controller does not
+/// wait for (nor buffer) a body it declared 3 MiB long and never finishes sending. Before,
+/// tonic read the whole message before the handler checked the token, so anyone who could
+/// reach the port held megabytes of our memory per stream.
+#[tokio::test]
+async fn a_call_without_a_token_is_refused_before_its_body_is_read() -> Result<()> {
+    use http_body::Frame;
+    use tower::ServiceExt;
+
+    let fx = Fixture::new().await?;
+    let controller = fx.controller("c1").await?;
+    let ch = channel(&controller.grpc_url(), &fx.tls.ca_pem).await?;
+    for token in [None, Some("not-a-token")] {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<bytes::Bytes>, tonic::Status>>(4);
+        // gRPC framing: uncompressed, 3 MiB long; then only the first KiB of it.
+        let mut head = vec![0u8];
+        head.extend_from_slice(&(3u32 << 20).to_be_bytes());
+        head.extend_from_slice(&[0; 1024]);
+        tx.send(Ok(Frame::data(bytes::Bytes::from(head)))).await?;
+        let body = tonic::body::Body::new(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ));
+        let mut request = http::Request::builder()
+            .method("POST")
+            .uri("/wgmesh.v1.MeshService/ReportStatus")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let response = tokio::time::timeout(
+            Duration::from_secs(10),
+            ch.clone().oneshot(request.body(body)?),
+        )
+        .await
+        .context("the controller waited for the body")??;
+        let status = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        assert_eq!(
+            status.as_deref(),
+            Some("16"), // UNAUTHENTICATED
+            "token {token:?}: {:?}",
+            response.headers()
+        );
+        drop(tx);
+    }
+    Ok(())
+}
