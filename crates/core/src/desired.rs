@@ -925,10 +925,13 @@ fn mesh_reserved(mesh: &MeshInput) -> Vec<ReservedRange> {
 
 /// Whether the mesh's tunnel pools can be programmed on its nodes: each at least a /30
 /// (IPv4) or /126 (IPv6), so that two nodes fit, and clear of every reserved range (loopback,
-/// link-local, multicast, the Service CIDRs, the API server ...) and of every Node's
-/// addresses. Every node adds its address with the pool's prefix, and so a route for the
-/// whole pool into the tunnel: a pool over `127.0.0.0/8`, `::/0` or the underlay's addresses
-/// would cut the node off. The error says which pool and what it overlaps.
+/// link-local, multicast, the Service CIDRs, the API server ...), of every Node's addresses
+/// and of every Node's pod CIDRs (members or not). Every node adds its address with the
+/// pool's prefix, and so a route for the whole pool into the tunnel: a pool over
+/// `127.0.0.0/8`, `::/0` or the underlay's addresses would cut the node off, and one over
+/// pod CIDRs would take those pods' traffic (and [`compute`] would refuse every node peer
+/// whose pods it covers, evicting those nodes). The error says which pool and what it
+/// overlaps; the controller then holds the mesh as it is (`InvalidTunnelPool`).
 pub fn check_tunnel_pools(mesh: &MeshInput, nodes: &[NodeInput]) -> Result<(), String> {
     let reserved = mesh_reserved(mesh);
     for pool in &mesh.tunnel_pools {
@@ -956,6 +959,19 @@ pub fn check_tunnel_pools(mesh: &MeshInput, nodes: &[NodeInput]) -> Result<(), S
             return Err(format!(
                 "tunnel pool {pool} holds {a}, an address of node {}: every node routes its pool \
                  into the tunnel, and would reach that node through it",
+                node.name
+            ));
+        }
+        let pods = nodes.iter().find_map(|n| {
+            n.pod_cidrs
+                .iter()
+                .find(|c| c.overlaps(pool))
+                .map(|c| (n, c))
+        });
+        if let Some((node, c)) = pods {
+            return Err(format!(
+                "tunnel pool {pool} overlaps {c}, the pod CIDR of node {}: every node routes its \
+                 pool into the tunnel, and would send those pods' traffic there",
                 node.name
             ));
         }

@@ -189,6 +189,8 @@ fn membership_table() {
             refused: &[("b", Reason::AllowedIpsOverlap)],
         },
         Case {
+            // The controller holds such a mesh before computing it (`check_tunnel_pools`);
+            // computed anyway, the node is refused, never programmed over the pool.
             name: "pod CIDR inside the tunnel pool",
             edit: |nodes, _| nodes[0].pod_cidrs = cidrs(&["10.250.128.0/24"]),
             members: &["b", "c"],
@@ -1384,7 +1386,10 @@ fn tunnel_pool_table() {
     let mut a = node("a", "10.244.1.0/24");
     a.addresses = vec!["192.168.0.2".parse().unwrap()];
     a.host_addresses = vec!["172.16.0.2".parse().unwrap()];
-    let nodes = vec![a, node("b", "10.244.2.0/24")];
+    // A Node the mesh does not select still owns its pods' addresses.
+    let mut c = node("c", "fd00:244:3::/64");
+    c.selected = false;
+    let nodes = vec![a, node("b", "10.244.2.0/24"), c];
     let cases: &[(&str, &[&str], Option<&str>)] = &[
         ("the usual", &["10.250.0.0/16", "fd00:250::/64"], None),
         (
@@ -1416,6 +1421,26 @@ fn tunnel_pool_table() {
             "a node's host address",
             &["172.16.0.0/24"],
             Some("172.16.0.2"),
+        ),
+        (
+            "over nodes' pod CIDRs",
+            &["10.244.0.0/16"],
+            Some("overlaps 10.244.1.0/24, the pod CIDR of node a"),
+        ),
+        (
+            "inside a node's pod CIDR",
+            &["10.244.2.128/25"],
+            Some("overlaps 10.244.2.0/24, the pod CIDR of node b"),
+        ),
+        (
+            "the pod CIDR of a Node the mesh does not select",
+            &["10.250.0.0/16", "fd00:244:3::/96"],
+            Some("the pod CIDR of node c"),
+        ),
+        (
+            "beside the pod CIDRs",
+            &["10.244.3.0/24", "fd00:244:4::/64"],
+            None,
         ),
     ];
     for (name, pools, want) in cases {
