@@ -205,7 +205,9 @@ pub struct PeerInput {
     pub public_key: PublicKey,
     /// `spec.allowedIPs`, host bits masked.
     pub allowed_ips: Vec<Cidr>,
-    /// `spec.endpoint`.
+    /// `spec.endpoint`. An external peer is refused when its endpoint is an address no
+    /// gateway may be sent to ([`FIXED_RESERVED`], the tunnel pools, a Node's addresses); a
+    /// DNS name is resolved by the agents and cannot be judged here.
     pub endpoint: Option<String>,
     /// `status.endpoint`: where the peer's packets last came from. For the node peer of a
     /// node behind NAT, only what the relay observed (the status writer sees to it).
@@ -555,16 +557,20 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
             node_pod_cidrs.insert(*c, n.name.as_str());
         }
     }
+    let node_addresses = node_addresses(nodes);
+    let fixed = fixed_reserved();
     let judged = Judged {
         key_owners: &key_owners,
         reserved: &reserved_index,
         node_pod_cidrs: &node_pod_cidrs,
+        fixed_reserved: &fixed,
+        node_addresses: &node_addresses,
     };
     let nat_reserved = mesh_reserved(mesh);
     let nat_judged = NatJudged {
         mesh,
-        nodes,
         reserved: &nat_reserved,
+        node_addresses: &node_addresses,
     };
     let host_routes = if mesh.host_encryption {
         encrypted_host_addresses(mesh, nodes)
@@ -773,9 +779,68 @@ pub fn without_own_networks(
 /// judged against.
 struct NatJudged<'a> {
     mesh: &'a MeshInput,
-    nodes: &'a [NodeInput],
     /// The fixed and the mesh's reserved ranges (the Nodes' addresses are judged apart).
     reserved: &'a [ReservedRange],
+    node_addresses: &'a NodeAddresses<'a>,
+}
+
+/// Every Node's addresses ([`NodeInput::addresses`] and [`NodeInput::host_addresses`]),
+/// members or not, each with the Nodes that list it.
+type NodeAddresses<'a> = BTreeMap<IpAddr, Vec<&'a str>>;
+
+fn node_addresses(nodes: &[NodeInput]) -> NodeAddresses<'_> {
+    let mut out: NodeAddresses<'_> = BTreeMap::new();
+    for n in nodes {
+        for a in n.addresses.iter().chain(&n.host_addresses) {
+            let listed = out.entry(*a).or_default();
+            if !listed.contains(&n.name.as_str()) {
+                listed.push(n.name.as_str());
+            }
+        }
+    }
+    out
+}
+
+/// What an endpoint address points at that no endpoint may.
+enum Forbidden<'a> {
+    Reserved(&'a ReservedRange),
+    TunnelPool(Cidr),
+    /// An address of this Node.
+    Node(&'a str),
+}
+
+impl Forbidden<'_> {
+    fn describe(&self, ip: IpAddr) -> String {
+        match self {
+            Forbidden::Reserved(r) => format!("{ip} is in {}, {}", r.cidr, r.what),
+            Forbidden::TunnelPool(pool) => format!("{ip} is in the tunnel pool {pool}"),
+            Forbidden::Node(node) => format!("{ip} is an address of node {node}"),
+        }
+    }
+}
+
+/// Where the mesh may not send a peer's handshakes, the one rule for observed endpoints
+/// ([`observed_endpoint`]) and external peers' literal ones ([`judge`]): an address in one of
+/// `reserved`, in a tunnel pool (every node routes the pools into the tunnel), or listed by a
+/// Node other than `own` (the node whose endpoint this is, if any).
+fn forbidden_endpoint<'a>(
+    ip: IpAddr,
+    reserved: &'a [ReservedRange],
+    pools: &[Cidr],
+    node_addresses: &NodeAddresses<'a>,
+    own: Option<&str>,
+) -> Option<Forbidden<'a>> {
+    let host = Cidr::host(ip);
+    if let Some(r) = reserved.iter().find(|r| r.cidr.overlaps(&host)) {
+        return Some(Forbidden::Reserved(r));
+    }
+    if let Some(pool) = pools.iter().find(|p| p.contains_addr(ip)) {
+        return Some(Forbidden::TunnelPool(*pool));
+    }
+    node_addresses
+        .get(&ip)
+        .and_then(|listed| listed.iter().find(|n| Some(**n) != own))
+        .map(|n| Forbidden::Node(n))
 }
 
 /// The endpoint published from what an agent observed (the relay, for `node` behind NAT; a
@@ -795,24 +860,14 @@ fn observed_endpoint(
     if addr.port() == 0 {
         return Err(format!("{observed} has port 0"));
     }
-    let host = Cidr::host(ip);
-    if let Some(r) = judged.reserved.iter().find(|r| r.cidr.overlaps(&host)) {
-        return Err(format!("{ip} is in {}, {}", r.cidr, r.what));
-    }
-    if let Some(pool) = judged
-        .mesh
-        .tunnel_pools
-        .iter()
-        .find(|p| p.contains_addr(ip))
-    {
-        return Err(format!("{ip} is in the tunnel pool {pool}"));
-    }
-    if let Some(other) = judged
-        .nodes
-        .iter()
-        .find(|n| node.is_none_or(|node| n.name != node.name) && n.addresses.contains(&ip))
-    {
-        return Err(format!("{ip} is an address of node {}", other.name));
+    if let Some(forbidden) = forbidden_endpoint(
+        ip,
+        judged.reserved,
+        &judged.mesh.tunnel_pools,
+        judged.node_addresses,
+        node.map(|n| n.name.as_str()),
+    ) {
+        return Err(forbidden.describe(ip));
     }
     Ok(addr.to_string())
 }
@@ -987,6 +1042,10 @@ struct Judged<'a> {
     /// Every Node's pod CIDRs, members or not, by node name: no external peer may claim them
     /// (a Node that is not a member yet, or not selected, still owns its pods' addresses).
     node_pod_cidrs: &'a OverlapIndex<&'a str>,
+    /// [`fixed_reserved`]: where no external peer's literal endpoint may point.
+    fixed_reserved: &'a [ReservedRange],
+    /// Every Node's addresses: no external peer's literal endpoint may be one.
+    node_addresses: &'a NodeAddresses<'a>,
 }
 
 fn judge(
@@ -1105,6 +1164,37 @@ fn judge(
     {
         if let Err(why) = check_mesh_endpoint(endpoint) {
             return refuse(Reason::InvalidSpec, format!("spec.endpoint: {why}"));
+        }
+        // Every gateway sends its handshakes to a literal address from the host: not to
+        // loopback, link-local (cloud metadata), multicast or the unspecified address (the
+        // fixed reserved ranges), the tunnel pools, or a Node's addresses, the targets
+        // `observed_endpoint` also refuses. Not the rest of the reserved ranges: the Service
+        // CIDRs and the API server are reserved for routing and reachable from any pod
+        // anyway, and an operator's `reservedCIDRs` (say, a corporate network) may well hold
+        // a remote site's endpoint. The reasons are the ones the same ranges get as allowed
+        // IPs: `ReservedRange` for the fixed ranges and Nodes' addresses (both in
+        // `reserved_ranges`), `AllowedIPsOverlap` for a tunnel pool. A DNS name is resolved
+        // by the agents, and cannot be judged here.
+        if let Some(ip) = endpoint_address(endpoint)
+            && let Some(forbidden) = forbidden_endpoint(
+                ip,
+                judged.fixed_reserved,
+                &mesh.tunnel_pools,
+                judged.node_addresses,
+                None,
+            )
+        {
+            let reason = match forbidden {
+                Forbidden::TunnelPool(_) => Reason::AllowedIpsOverlap,
+                Forbidden::Reserved(_) | Forbidden::Node(_) => Reason::ReservedRange,
+            };
+            return refuse(
+                reason,
+                format!(
+                    "spec.endpoint: {}: every gateway would send its handshakes there",
+                    forbidden.describe(ip)
+                ),
+            );
         }
         // Without a fwmark the tunnel's own packets to the endpoint would be routed into the
         // tunnel: the peer could never be reached.

@@ -369,6 +369,96 @@ fn external_peer_table() {
             refused: Some((Reason::AllowedIpsOverlap, "pod CIDR of node y")),
         },
         Case {
+            name: "an endpoint at cloud metadata",
+            peer: with(|p| p.endpoint = Some("169.254.169.254:80".into())),
+            want_endpoint: None,
+            refused: Some((Reason::ReservedRange, "169.254.0.0/16, IPv4 link-local")),
+        },
+        Case {
+            name: "an endpoint on the gateways' loopback",
+            peer: with(|p| p.endpoint = Some("127.0.0.1:22".into())),
+            want_endpoint: None,
+            refused: Some((Reason::ReservedRange, "127.0.0.0/8, IPv4 loopback")),
+        },
+        Case {
+            name: "... IPv6 loopback",
+            peer: with(|p| p.endpoint = Some("[::1]:51820".into())),
+            want_endpoint: None,
+            refused: Some((Reason::ReservedRange, "IPv6 loopback")),
+        },
+        Case {
+            name: "... loopback as an IPv4-mapped IPv6 address",
+            peer: with(|p| p.endpoint = Some("[::ffff:127.0.0.1]:51820".into())),
+            want_endpoint: None,
+            refused: Some((Reason::ReservedRange, "IPv4-mapped")),
+        },
+        Case {
+            name: "an endpoint in IPv6 link-local",
+            peer: with(|p| p.endpoint = Some("[fe80::1]:51820".into())),
+            want_endpoint: None,
+            refused: Some((Reason::ReservedRange, "IPv6 link-local")),
+        },
+        Case {
+            name: "a multicast endpoint",
+            peer: with(|p| p.endpoint = Some("224.0.0.251:5353".into())),
+            want_endpoint: None,
+            refused: Some((Reason::ReservedRange, "multicast")),
+        },
+        Case {
+            name: "the broadcast address",
+            peer: with(|p| p.endpoint = Some("255.255.255.255:51820".into())),
+            want_endpoint: None,
+            refused: Some((Reason::ReservedRange, "broadcast")),
+        },
+        Case {
+            name: "the unspecified address",
+            peer: with(|p| p.endpoint = Some("0.0.0.0:51820".into())),
+            want_endpoint: None,
+            refused: Some((Reason::ReservedRange, "this network")),
+        },
+        Case {
+            name: "an endpoint in the tunnel pool",
+            peer: with(|p| p.endpoint = Some("10.250.0.2:51820".into())),
+            want_endpoint: None,
+            refused: Some((Reason::AllowedIpsOverlap, "the tunnel pool 10.250.0.0/16")),
+        },
+        Case {
+            name: "an endpoint at a node's address",
+            peer: with(|p| p.endpoint = Some("192.0.2.1:51820".into())),
+            want_endpoint: None,
+            refused: Some((Reason::ReservedRange, "an address of node a")),
+        },
+        Case {
+            name: "... of a Node the mesh does not select",
+            peer: with(|p| p.endpoint = Some("[fd00:26::1]:51820".into())),
+            want_endpoint: None,
+            refused: Some((Reason::ReservedRange, "an address of node z")),
+        },
+        Case {
+            name: "a remote site's private address is fine",
+            peer: with(|p| p.endpoint = Some("10.1.2.3:51820".into())),
+            want_endpoint: Some("10.1.2.3:51820"),
+            refused: None,
+        },
+        Case {
+            name: "... beside a node's",
+            peer: with(|p| p.endpoint = Some("192.0.2.2:51820".into())),
+            want_endpoint: Some("192.0.2.2:51820"),
+            refused: None,
+        },
+        Case {
+            name: "an address in the Service CIDR is fine (reserved for routing only)",
+            peer: with(|p| p.endpoint = Some("10.96.0.20:51820".into())),
+            want_endpoint: Some("10.96.0.20:51820"),
+            refused: None,
+        },
+        Case {
+            name: "a name is not judged (the agents resolve it)",
+            peer: with(|p| p.endpoint = Some("localhost:51820".into())),
+            want_endpoint: Some("localhost:51820"),
+            refused: None,
+        },
+        Case {
             name: "a missing preshared key Secret",
             peer: with(|p| {
                 p.preshared_key = Some(SecretInput::Missing("Secret ns/psk not found".into()))
@@ -383,10 +473,16 @@ fn external_peer_table() {
         // Not selected, and selected but without a node peer (its agent not registered).
         let mut z = node("z", "10.244.9.0/24");
         z.selected = false;
+        z.addresses = vec!["fd00:26::1".parse().unwrap()];
         nodes.push(z);
         nodes.push(node("y", "10.244.8.0/24"));
         peers.push(case.peer);
-        let d = compute(&mesh(), &nodes, &peers);
+        let mut m = mesh();
+        m.reserved = vec![ReservedRange::new(
+            "10.96.0.0/12".parse().unwrap(),
+            "the Service CIDR",
+        )];
+        let d = compute(&m, &nodes, &peers);
         match case.refused {
             None => {
                 assert_eq!(refused(&d, "laptop"), None, "{}", case.name);

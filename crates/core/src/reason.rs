@@ -32,9 +32,12 @@ pub enum Reason {
     /// The peer has not been judged yet (a controller that has not computed its mesh since it
     /// started); the computation allocates its tunnel address.
     TunnelAddressPending,
-    /// Allowed IPs overlap another peer's, a pod CIDR or the tunnel pool.
+    /// Allowed IPs overlap another peer's, a pod CIDR or the tunnel pool (or the endpoint is
+    /// an address in the tunnel pool).
     AllowedIpsOverlap,
-    /// Allowed IPs claim a cluster range no peer may route (Service CIDR, API server ...).
+    /// Allowed IPs claim a cluster range no peer may route (Service CIDR, API server ...), or
+    /// the endpoint is an address no gateway may be sent to (loopback, link-local, multicast,
+    /// a Node's address).
     ReservedRange,
     /// A client peer has no gateway node to reach the mesh through.
     NoGateway,
