@@ -41,7 +41,10 @@ pub struct MeshInput {
     pub tunnel_pools: Vec<Cidr>,
     /// Keepalive for peers that set none; 0 is off.
     pub persistent_keepalive: u16,
-    /// The mesh-wide secret node-to-node preshared keys are derived from.
+    /// The mesh-wide secret node-to-node preshared keys are derived from: any value, as a
+    /// passphrase (a `wg genpsk` output, damaged or not, is one too). Only the agents use
+    /// what is derived from it, so no value can be wrong; refusing one would refuse every
+    /// node peer of the mesh.
     pub preshared_key: Option<SecretInput>,
     /// Ranges no peer may claim beyond [`FIXED_RESERVED`] and the nodes' own addresses
     /// (which [`compute`] adds from [`NodeInput::addresses`]): the Service CIDRs, the API
@@ -472,22 +475,49 @@ pub fn pair_preshared_key(mesh_secret: &Key, a: &PublicKey, b: &PublicKey) -> Ke
 }
 
 /// A peer's preshared key from its Secret: the `wg genpsk` text (base64, surrounding
-/// whitespace ignored), 32 raw bytes, or else any secret condensed to a key (which the other
-/// side can only know by computing the same).
-pub fn peer_preshared_key(bytes: &[u8]) -> Key {
-    if let Some(key) = std::str::from_utf8(bytes)
-        .ok()
-        .and_then(|t| t.trim().parse::<Key>().ok())
-    {
-        return key;
+/// whitespace ignored), 32 raw bytes, or else a passphrase condensed to a key (which the other
+/// side can only know by computing the same, as `kubectl wgmesh peer export` does).
+///
+/// Text that looks like a key (43 to 45 characters of the base64 alphabet, surrounding
+/// whitespace ignored) but does not decode to one, such as `wg genpsk` output that lost its
+/// `=` or has a typo, is an error, never condensed: the peer would be programmed with a key
+/// its other side does not have, and never complete a handshake. The error never quotes the
+/// value.
+pub fn peer_preshared_key(bytes: &[u8]) -> Result<Key, String> {
+    let text = std::str::from_utf8(bytes).ok().map(str::trim);
+    if let Some(key) = text.and_then(|t| t.parse::<Key>().ok()) {
+        return Ok(key);
     }
-    match <[u8; 32]>::try_from(bytes) {
-        Ok(b) => Key::from_bytes(b),
-        Err(_) => mesh_secret_key(bytes),
+    if let Ok(raw) = <[u8; crate::key::KEY_LEN]>::try_from(bytes) {
+        return Ok(Key::from_bytes(raw));
     }
+    if let Some(t) = text.filter(|t| looks_like_a_key(t)) {
+        let why = match t.len() {
+            crate::key::KEY_BASE64_LEN => "does not decode to 32 bytes".to_owned(),
+            n => format!("is {n} characters long"),
+        };
+        return Err(format!(
+            "the Secret's value looks like a WireGuard key but {why}: a key is {} characters \
+             of base64 ending in '=', as `wg genpsk` writes it",
+            crate::key::KEY_BASE64_LEN
+        ));
+    }
+    Ok(mesh_secret_key(bytes))
 }
 
-/// A mesh secret of any length, condensed to a key.
+/// 43 to 45 characters of the standard base64 alphabet: meant as a key (one `=` too few or
+/// too many, a typo), however it decodes.
+fn looks_like_a_key(text: &str) -> bool {
+    (crate::key::KEY_BASE64_LEN - 1..=crate::key::KEY_BASE64_LEN + 1).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+}
+
+/// A mesh secret of any length, condensed to a key. Any value is taken as it is, the text of a
+/// key included (never decoded): every node derives its pairs' keys from the same bytes and
+/// nothing outside the mesh needs to match them, so a value that looks like a damaged key
+/// is no mistake here, unlike a peer's ([`peer_preshared_key`]).
 fn mesh_secret_key(secret: &[u8]) -> Key {
     let mut h = Blake2s256::new();
     h.update(b"wgmesh mesh secret v1");
@@ -1105,6 +1135,14 @@ fn judge(
     if let Some(SecretInput::Missing(why)) = &peer.preshared_key {
         return refuse(Reason::PresharedKeySecretMissing, why.clone());
     }
+    if let Some(SecretInput::Present(bytes)) = &peer.preshared_key
+        && let Err(why) = peer_preshared_key(bytes)
+    {
+        return refuse(
+            Reason::InvalidSpec,
+            format!("spec.presharedKeySecretRef: {why}"),
+        );
+    }
     if peer.node.is_some()
         && let Some(SecretInput::Missing(why)) = &mesh.preshared_key
     {
@@ -1237,9 +1275,11 @@ fn desired_peer(mesh: &MeshInput, peer: &PeerInput, node: Option<&NodeInput>) ->
             .or_else(|| peer.last_seen_endpoint.clone())
     };
     let preshared_key = match (&peer.preshared_key, &peer.node, &mesh.preshared_key) {
-        (Some(SecretInput::Present(bytes)), _, _) => {
-            PresharedKey::Static(peer_preshared_key(bytes))
-        }
+        // A value that is no key was refused (`judge`).
+        (Some(SecretInput::Present(bytes)), _, _) => match peer_preshared_key(bytes) {
+            Ok(key) => PresharedKey::Static(key),
+            Err(_) => PresharedKey::None,
+        },
         (None, Some(_), Some(SecretInput::Present(_))) => PresharedKey::DerivedFromMesh,
         _ => PresharedKey::None,
     };

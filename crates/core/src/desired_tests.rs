@@ -836,19 +836,111 @@ fn removing_the_site_removes_its_routes_from_interior_nodes() {
 #[test]
 fn peer_preshared_key_formats() {
     let k = Key::from_bytes([5; 32]);
-    // name, Secret bytes, expected key
-    let cases: Vec<(&str, Vec<u8>, Key)> = vec![
-        ("wg genpsk text", format!("{k}\n").into_bytes(), k),
-        ("raw bytes", vec![5; 32], k),
+    let text = k.to_string();
+    let mut bad_last = text.clone();
+    // The last character before the '=' carries 2 bits and 4 zero bits: only A, Q, g and w
+    // are canonical.
+    bad_last.replace_range(42..43, "B");
+    let condensed = |b: &[u8]| Ok(mesh_secret_key(b));
+    // name, Secret bytes, the key or a part of the error
+    let cases: Vec<(&str, Vec<u8>, Result<Key, &str>)> = vec![
+        ("wg genpsk text", format!("{text}\n").into_bytes(), Ok(k)),
         (
-            "anything else is condensed",
+            "... with spaces around",
+            format!("  {text} \r\n").into_bytes(),
+            Ok(k),
+        ),
+        ("raw bytes", vec![5; 32], Ok(k)),
+        (
+            "a passphrase is condensed",
             b"hunter2".to_vec(),
-            mesh_secret_key(b"hunter2"),
+            condensed(b"hunter2"),
+        ),
+        (
+            "... a long one",
+            b"correct horse battery staple and then some more words".to_vec(),
+            condensed(b"correct horse battery staple and then some more words"),
+        ),
+        (
+            "... 44 characters that are no base64",
+            b"this passphrase has forty-four characters!!!".to_vec(),
+            condensed(b"this passphrase has forty-four characters!!!"),
+        ),
+        (
+            "... bytes that are no text",
+            vec![0xff; 44],
+            condensed(&[0xff; 44]),
+        ),
+        (
+            "a key that lost its '='",
+            format!("{}\n", &text[..43]).into_bytes(),
+            Err("is 43 characters long"),
+        ),
+        (
+            "a key with one '=' too many",
+            format!("{text}=").into_bytes(),
+            Err("is 45 characters long"),
+        ),
+        (
+            "a typo in the last character",
+            bad_last.into_bytes(),
+            Err("does not decode to 32 bytes"),
+        ),
+        (
+            "44 characters of base64 that decode to 33 bytes",
+            "A".repeat(44).into_bytes(),
+            Err("does not decode to 32 bytes"),
         ),
     ];
     for (name, bytes, want) in cases {
-        assert_eq!(peer_preshared_key(&bytes), want, "{name}");
+        match (peer_preshared_key(&bytes), want) {
+            (Ok(got), Ok(want)) => assert_eq!(got, want, "{name}"),
+            (Err(e), Err(part)) => {
+                assert!(e.contains(part), "{name}: {e}");
+                assert!(e.contains("WireGuard key"), "{name}: {e}");
+                let value = String::from_utf8_lossy(&bytes);
+                assert!(
+                    !e.contains(&value.trim()[..20]),
+                    "{name}: the value leaks: {e}"
+                );
+            }
+            (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+        }
     }
+}
+
+/// A peer's preshared key that looks like a key but is none refuses that peer only; the
+/// mesh's secret is a passphrase whatever it looks like.
+#[test]
+fn a_damaged_preshared_key_refuses_its_peer_only() {
+    // `wg genpsk` output without its '='.
+    let damaged = Key::from_bytes([5; 32]).to_string().as_bytes()[..43].to_vec();
+    let mut m = mesh();
+    m.preshared_key = Some(SecretInput::Present(damaged.clone()));
+    let (nodes, mut peers) = three_nodes();
+    let mut site = external("site", 9, &["192.168.50.0/24"]);
+    site.preshared_key = Some(SecretInput::Present(damaged.clone()));
+    let mut office = external("office", 10, &["192.168.60.0/24"]);
+    office.preshared_key = Some(SecretInput::Present(b"hunter2".to_vec()));
+    peers.extend([site, office]);
+    let d = compute(&m, &nodes, &peers);
+    let (reason, message) = refused(&d, "site").expect("site refused");
+    assert_eq!(reason, Reason::InvalidSpec, "{message}");
+    assert!(
+        message.contains("spec.presharedKeySecretRef") && message.contains("WireGuard key"),
+        "{message}"
+    );
+    assert!(!d.peers.contains_key(&key(9)), "never programmed");
+    assert_eq!(
+        d.peers[&key(10)].preshared_key,
+        PresharedKey::Static(mesh_secret_key(b"hunter2"))
+    );
+    assert_eq!(d.members.len(), 3, "the nodes are unaffected");
+    assert_eq!(
+        d.peers[&key(1)].preshared_key,
+        PresharedKey::DerivedFromMesh
+    );
+    assert_eq!(d.members["a"].mesh_secret, Some(mesh_secret_key(&damaged)));
 }
 
 /// Whoever holds a key first keeps it: a node registering an older peer's key is refused, not

@@ -13,7 +13,8 @@ pub enum Reason {
     /// Ready: the peer is accepted and in the peer set sent to every member node (an agent
     /// that refuses an update says so in an Event and its metrics).
     Programmed,
-    /// The spec failed a check the API server cannot make (e.g. an unparsable field).
+    /// The spec failed a check the API server cannot make (e.g. an unparsable field, or a
+    /// preshared-key Secret whose value looks like a key but is none).
     InvalidSpec,
     /// The peer's `spec.mesh` names no WireGuardMesh.
     MeshNotFound,

@@ -100,7 +100,13 @@ pub async fn config(kube: &KubeArgs, args: ConfigArgs) -> Result<()> {
                         format!("Secret {}/{} has no key {}", r.namespace, r.name, r.key),
                     )
                 })?;
-            Some(wgmesh_core::desired::peer_preshared_key(&value))
+            let key = wgmesh_core::desired::peer_preshared_key(&value).map_err(|e| {
+                err(
+                    exit::INVALID_INPUT,
+                    format!("Secret {}/{} key {}: {e}", r.namespace, r.name, r.key),
+                )
+            })?;
+            Some(key)
         }
         None => None,
     };
