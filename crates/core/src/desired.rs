@@ -160,7 +160,8 @@ pub struct NodeInput {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum NodeEndpoint {
     /// The address its agent registered (the Node's InternalIP unless the agent says
-    /// otherwise).
+    /// otherwise) while it is one of the Node's addresses, else the Node's first address;
+    /// with the registered port either way.
     #[default]
     Registered,
     /// One of the Node's addresses, picked by the mesh's `endpointAddressTypes`.
@@ -210,7 +211,9 @@ pub struct PeerInput {
     pub allowed_ips: Vec<Cidr>,
     /// `spec.endpoint`. An external peer is refused when its endpoint is an address no
     /// gateway may be sent to ([`FIXED_RESERVED`], the tunnel pools, a Node's addresses); a
-    /// DNS name is resolved by the agents and cannot be judged here.
+    /// DNS name is resolved by the agents and cannot be judged here. For a node peer, what
+    /// its agent registered (`wgmesh.io/registered-endpoint`), trusted only at one of its
+    /// Node's addresses ([`NodeEndpoint::Registered`]).
     pub endpoint: Option<String>,
     /// `status.endpoint`: where the peer's packets last came from. For the node peer of a
     /// node behind NAT, only what the relay observed (the status writer sees to it).
@@ -1263,10 +1266,11 @@ fn endpoint_address(endpoint: &str) -> Option<std::net::IpAddr> {
 
 fn desired_peer(mesh: &MeshInput, peer: &PeerInput, node: Option<&NodeInput>) -> DesiredPeer {
     let endpoint = if peer.node.is_some() {
-        match node {
-            Some(node) => node_endpoint(&node.endpoint, peer.endpoint.as_deref()),
-            None => peer.endpoint.clone(),
-        }
+        // A node peer without its Node is refused (`judge`): never published.
+        node.and_then(|node| {
+            let registered = registered_endpoint(node, peer.endpoint.as_deref());
+            node_endpoint(&node.endpoint, registered.as_deref())
+        })
     } else if peer.responder {
         None
     } else {
@@ -1295,6 +1299,27 @@ fn desired_peer(mesh: &MeshInput, peer: &PeerInput, node: Option<&NodeInput>) ->
         node: peer.node.clone(),
         encoding: EncodingMemo::default(),
     }
+}
+
+/// What a node's agent registered (its node peer's [`PeerInput::endpoint`], from an annotation
+/// that anyone who may patch WireGuardPeers can rewrite), as far as it is the node's: an
+/// `address:port` at one of the Node's addresses, all Register ever writes, is kept; at any
+/// other address (another node's, cloud metadata ...) the Node's first address takes its
+/// place, with the registered port: what Register would choose, so a node whose address
+/// changed since it registered is still reached. A DNS name, a port alone or port 0 is no
+/// registration, and neither is anything of a Node that lists no address: none.
+fn registered_endpoint(node: &NodeInput, registered: Option<&str>) -> Option<String> {
+    let addr: std::net::SocketAddr = registered?.trim().parse().ok()?;
+    if addr.port() == 0 {
+        return None;
+    }
+    let ip = addr.ip();
+    let ip = if node.addresses.contains(&ip) || node.host_addresses.contains(&ip) {
+        ip
+    } else {
+        *node.addresses.first().or(node.host_addresses.first())?
+    };
+    Some(std::net::SocketAddr::new(ip, addr.port()).to_string())
 }
 
 /// Each tunnel address with its pool's prefix, so the interface route covers the pool.

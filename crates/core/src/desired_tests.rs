@@ -39,7 +39,18 @@ pub(crate) fn node(name: &str, pod_cidr: &str) -> NodeInput {
     }
 }
 
-/// A node peer `<node>` with key n, created at time n, tunnel address 10.250.0.n.
+/// [`node`] with the InternalIP 192.168.0.n, where its peer [`node_peer`]`(name, n)` registered.
+pub(crate) fn node_at(name: &str, n: u8, pod_cidr: &str) -> NodeInput {
+    let ip: IpAddr = format!("192.168.0.{n}").parse().unwrap();
+    NodeInput {
+        addresses: vec![ip],
+        host_addresses: vec![ip],
+        ..node(name, pod_cidr)
+    }
+}
+
+/// A node peer `<node>` with key n, created at time n, tunnel address 10.250.0.n, registered
+/// at 192.168.0.n:51820 (the address of [`node_at`]).
 pub(crate) fn node_peer(node: &str, n: u8) -> PeerInput {
     PeerInput {
         name: node.into(),
@@ -84,9 +95,9 @@ fn external(name: &str, n: u8, allowed: &[&str]) -> PeerInput {
 fn three_nodes() -> (Vec<NodeInput>, Vec<PeerInput>) {
     (
         vec![
-            node("a", "10.244.1.0/24"),
-            node("b", "10.244.2.0/24"),
-            node("c", "10.244.3.0/24"),
+            node_at("a", 1, "10.244.1.0/24"),
+            node_at("b", 2, "10.244.2.0/24"),
+            node_at("c", 3, "10.244.3.0/24"),
         ],
         vec![node_peer("a", 1), node_peer("b", 2), node_peer("c", 3)],
     )
@@ -1192,13 +1203,15 @@ fn node_endpoint_table() {
 
 #[test]
 fn a_node_peer_is_published_at_the_endpoint_its_node_chooses() {
-    let mut nodes = vec![node("n1", "10.244.1.0/24"), node("n2", "10.244.2.0/24")];
+    let mut nodes = vec![
+        node_at("n1", 1, "10.244.1.0/24"),
+        node_at("n2", 2, "10.244.2.0/24"),
+    ];
     nodes[1].endpoint = NodeEndpoint::Named {
         host: "n2.example.com".into(),
         port: None,
     };
-    let mut peers = vec![node_peer("n1", 1), node_peer("n2", 2)];
-    peers[1].endpoint = Some("192.168.1.2:51820".into());
+    let peers = vec![node_peer("n1", 1), node_peer("n2", 2)];
     let desired = compute(&mesh(), &nodes, &peers);
     let n2 = desired
         .peers
@@ -1206,6 +1219,118 @@ fn a_node_peer_is_published_at_the_endpoint_its_node_chooses() {
         .find(|p| p.node.as_deref() == Some("n2"))
         .unwrap();
     assert_eq!(n2.endpoint.as_deref(), Some("n2.example.com:51820"));
+}
+
+/// A node peer's registered endpoint comes from an annotation anyone who may patch
+/// WireGuardPeers can rewrite: its address is published only when it is one of the Node's.
+#[test]
+fn registered_endpoint_table() {
+    let v4 = |s: &str| -> IpAddr { s.parse().unwrap() };
+    struct Case {
+        name: &'static str,
+        choice: NodeEndpoint,
+        registered: Option<&'static str>,
+        want: Option<&'static str>,
+    }
+    let registered = |name, registered, want| Case {
+        name,
+        choice: NodeEndpoint::Registered,
+        registered,
+        want,
+    };
+    let cases = [
+        registered(
+            "at its InternalIP",
+            Some("192.168.0.2:51820"),
+            Some("192.168.0.2:51820"),
+        ),
+        registered(
+            "at its ExternalIP",
+            Some("203.0.113.2:51821"),
+            Some("203.0.113.2:51821"),
+        ),
+        registered(
+            "at its IPv6 address",
+            Some("[fd00::2]:51820"),
+            Some("[fd00::2]:51820"),
+        ),
+        registered(
+            "at cloud metadata: its first address, the registered port",
+            Some("169.254.169.254:80"),
+            Some("192.168.0.2:80"),
+        ),
+        registered(
+            "at another node's address",
+            Some("192.168.0.1:51820"),
+            Some("192.168.0.2:51820"),
+        ),
+        registered(
+            "at an address the Node no longer lists",
+            Some("192.168.0.99:51820"),
+            Some("192.168.0.2:51820"),
+        ),
+        registered(
+            "at another node's IPv6 address",
+            Some("[fd00::1]:51820"),
+            Some("192.168.0.2:51820"),
+        ),
+        registered(
+            "a name (never registered)",
+            Some("evil.example:51820"),
+            None,
+        ),
+        registered("a port alone", Some("51820"), None),
+        registered("port 0", Some("192.168.0.2:0"), None),
+        registered("nothing registered", None, None),
+        Case {
+            name: "a chosen address takes the registered port only",
+            choice: NodeEndpoint::Address(v4("203.0.113.2")),
+            registered: Some("169.254.169.254:4500"),
+            want: Some("203.0.113.2:4500"),
+        },
+        Case {
+            name: "a chosen name takes no port from a registered name",
+            choice: NodeEndpoint::Named {
+                host: "b.example.com".into(),
+                port: None,
+            },
+            registered: Some("evil.example:4500"),
+            want: None,
+        },
+    ];
+    for case in cases {
+        let mut a = node_at("a", 1, "10.244.1.0/24");
+        a.addresses.push(v4("fd00::1"));
+        let mut b = node_at("b", 2, "10.244.2.0/24");
+        b.addresses = vec![v4("192.168.0.2"), v4("203.0.113.2"), v4("fd00::2")];
+        b.host_addresses = vec![v4("192.168.0.2"), v4("fd00::2")];
+        b.endpoint = case.choice;
+        let mut peers = vec![node_peer("a", 1), node_peer("b", 2)];
+        peers[1].endpoint = case.registered.map(str::to_owned);
+        let d = compute(&mesh(), &[a, b], &peers);
+        assert_eq!(d.verdicts["b"], Verdict::Programmed, "{}", case.name);
+        assert_eq!(
+            d.peers[&key(2)].endpoint.as_deref(),
+            case.want,
+            "{}",
+            case.name
+        );
+        assert_eq!(
+            d.peers[&key(1)].endpoint.as_deref(),
+            Some("192.168.0.1:51820"),
+            "{}: the others are unaffected",
+            case.name
+        );
+    }
+
+    // A Node that lists no address never registered (Register refuses it): nothing is
+    // published, whatever the annotation says.
+    let nodes = [node_at("a", 1, "10.244.1.0/24"), node("b", "10.244.2.0/24")];
+    let mut peers = vec![node_peer("a", 1), node_peer("b", 2)];
+    peers[1].endpoint = Some("169.254.169.254:80".into());
+    let d = compute(&mesh(), &nodes, &peers);
+    assert_eq!(d.verdicts["b"], Verdict::Programmed);
+    assert_eq!(d.peers[&key(2)].endpoint, None);
 }
 
 #[test]
@@ -1495,7 +1620,10 @@ fn nat_views_are_shared() {
 
 #[test]
 fn a_node_endpoint_agents_would_refuse_is_not_published() {
-    let mut nodes = vec![node("n1", "10.244.1.0/24"), node("n2", "10.244.2.0/24")];
+    let mut nodes = vec![
+        node_at("n1", 1, "10.244.1.0/24"),
+        node_at("n2", 2, "10.244.2.0/24"),
+    ];
     // What a zone in the endpoint annotation used to make (the annotation is refused now).
     nodes[1].endpoint = NodeEndpoint::Named {
         host: "fe80::1%eth0".into(),
@@ -1549,7 +1677,7 @@ fn nat_endpoint_table() {
             "the Service CIDR",
         )];
         let mut a = node("a", "10.244.1.0/24");
-        a.addresses = vec!["192.0.2.1".parse().unwrap()];
+        a.addresses = vec!["192.168.0.1".parse().unwrap(), "192.0.2.1".parse().unwrap()];
         let mut b = node("b", "10.244.2.0/24");
         b.behind_nat = true;
         b.addresses = vec![

@@ -6,9 +6,10 @@ use crate::desired::{MeshInput, NodeInput, PeerInput, SecretInput, compute};
 
 type Settings = &'static str;
 
-/// Node `n<n>` with pod CIDR 10.244.n.0/24, and its peer (key n, tunnel address 10.250.0.n).
+/// Node `n<n>` with pod CIDR 10.244.n.0/24 and InternalIP 192.168.0.n, and its peer (key n,
+/// tunnel address 10.250.0.n, registered at 192.168.0.n:51820).
 fn node(n: u8) -> NodeInput {
-    fixtures::node(&format!("n{n}"), &format!("10.244.{n}.0/24"))
+    fixtures::node_at(&format!("n{n}"), n, &format!("10.244.{n}.0/24"))
 }
 
 fn node_peer(n: u8) -> PeerInput {
@@ -155,7 +156,7 @@ fn next_update_table() {
             sent: Some((base.clone(), "s")),
             now: (
                 mesh_of(3, |_, _, p| {
-                    p[2].endpoint = Some("192.168.9.9:51820".into())
+                    p[2].endpoint = Some("192.168.0.3:51821".into())
                 }),
                 "s",
             ),
