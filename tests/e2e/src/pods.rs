@@ -6,8 +6,8 @@
 //!
 //! What a cluster provides around a pod is emulated here, and only that: downward-API fields,
 //! service environment variables (with the address the test's nodes reach the controller at,
-//! standing in for kube-proxy), `$(VAR)` expansion, Secret and projected token volumes,
-//! hostPath volumes (a directory per node), and the in-cluster API credentials.
+//! standing in for kube-proxy), `$(VAR)` expansion, Secret, ConfigMap and projected token
+//! volumes, hostPath volumes (a directory per node), and the in-cluster API credentials.
 //!
 //! A stand-in, kept only where a test needs what a kubelet would get in the way of. The
 //! stories users live through (install in both modes, joins, drains, failover, upgrades, a
@@ -33,7 +33,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Container, PodSpec, Secret, Service, Volume};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Secret, Service, Volume};
 use kube::Api;
 
 use crate::binaries::workspace_binary;
@@ -221,7 +221,7 @@ pub struct VolumeSources<'a> {
     pub pod: &'a k8s_openapi::api::core::v1::Pod,
     /// The node's "host" filesystem: hostPath P is `<host_root>/P`.
     pub host_root: &'a Path,
-    /// Where Secret and token volumes are written.
+    /// Where Secret, ConfigMap and token volumes are written.
     pub volume_dir: &'a Path,
     /// The API server's CA (PEM), for the in-cluster credentials.
     pub api_ca: &'a str,
@@ -315,6 +315,38 @@ async fn materialise(volume: &Volume, sources: &VolumeSources<'_>) -> Result<Opt
                 .get(&key)
                 .with_context(|| format!("Secret {name} has no {key}"))?;
             std::fs::write(dir.join(path), &value.0)?;
+        }
+        return Ok(Some(dir));
+    }
+    if let Some(config_map) = &volume.config_map {
+        let name = config_map.name.as_str();
+        let api: Api<ConfigMap> = Api::namespaced(sources.client.clone(), NAMESPACE);
+        let object = api.get(name).await?;
+        let mut data: BTreeMap<String, Vec<u8>> = object
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.into_bytes()))
+            .collect();
+        data.extend(
+            object
+                .binary_data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0)),
+        );
+        let items: Vec<(String, String)> = match &config_map.items {
+            Some(items) => items
+                .iter()
+                .map(|i| (i.key.clone(), i.path.clone()))
+                .collect(),
+            None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+        };
+        for (key, path) in items {
+            let value = data
+                .get(&key)
+                .with_context(|| format!("ConfigMap {name} has no {key}"))?;
+            std::fs::write(dir.join(path), value)?;
         }
         return Ok(Some(dir));
     }

@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -60,15 +60,16 @@ fn data_plane(mesh: &TestMesh) -> Result<Vec<Vec<String>>> {
         .collect()
 }
 
-/// A gRPC channel to the mesh's controller, trusting the chart's CA as agents do.
+/// A gRPC channel to the mesh's controller, trusting the chart's CA as agents do (from its
+/// ConfigMap, never the TLS Secret).
 async fn controller_channel(mesh: &TestMesh) -> Result<Channel> {
-    let secrets: Api<Secret> = Api::namespaced(mesh.client.clone(), NAMESPACE);
-    let tls = secrets.get("wgmesh-controller-tls").await?;
-    let ca = tls
+    let config_maps: Api<ConfigMap> = Api::namespaced(mesh.client.clone(), NAMESPACE);
+    let ca = config_maps
+        .get("wgmesh-controller-ca")
+        .await?
         .data
-        .as_ref()
-        .and_then(|d| d.get("ca.crt"))
-        .context("the TLS Secret has no ca.crt")?;
+        .and_then(|mut d| d.remove("ca.crt"))
+        .context("the CA ConfigMap has no ca.crt")?;
     let server_name = mesh
         .installed
         .agent_pod()?
@@ -80,7 +81,7 @@ async fn controller_channel(mesh: &TestMesh) -> Result<Channel> {
         .context("the agent has no WGMESH_TLS_SERVER_NAME")?;
     let controller = mesh.controller.as_ref().context("no controller")?;
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ca.0))
+        .ca_certificate(Certificate::from_pem(&ca))
         .domain_name(server_name);
     Ok(Channel::from_shared(controller.grpc_url())?
         .tls_config(tls)?

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use serde::Deserialize;
 use wgmesh_e2e::ControlPlane;
 use wgmesh_e2e::helm::{self, Helm, NAMESPACE, RELEASE, mask_generated};
 use wgmesh_e2e::install::repo_root;
@@ -108,6 +109,175 @@ fn the_release_namespace_is_never_a_secret_namespace() -> Result<()> {
     Ok(())
 }
 
+/// The objects of a rendered `helm template` (or the plain manifests).
+fn documents(rendered: &str) -> Result<Vec<serde_yaml::Value>> {
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(rendered) {
+        let value = serde_yaml::Value::deserialize(doc)?;
+        if !value.is_null() {
+            out.push(value);
+        }
+    }
+    Ok(out)
+}
+
+/// The object of `kind` named `name`.
+fn object<'a>(
+    objects: &'a [serde_yaml::Value],
+    kind: &str,
+    name: &str,
+) -> Option<&'a serde_yaml::Value> {
+    objects
+        .iter()
+        .find(|o| o["kind"].as_str() == Some(kind) && o["metadata"]["name"].as_str() == Some(name))
+}
+
+/// Every place under `value` (a pod spec) that names a Secret: keys such as `secret`
+/// (a volume or a projected source), `secretName`, `secretKeyRef` (env), `secretRef`
+/// (envFrom, and volume plugins' `nodePublishSecretRef`...), as `path: value`. Not
+/// `imagePullSecrets`: the user's registry credentials (`imagePullSecrets` in the values),
+/// which the kubelet reads to pull the image anyway.
+fn secret_references(value: &serde_yaml::Value, path: &str, out: &mut Vec<String>) {
+    match value {
+        serde_yaml::Value::Mapping(map) => {
+            for (key, child) in map {
+                let key = key.as_str().unwrap_or_default();
+                let here = format!("{path}.{key}");
+                if key == "imagePullSecrets" {
+                    continue;
+                }
+                if key.to_ascii_lowercase().contains("secret") {
+                    out.push(format!(
+                        "{here}: {}",
+                        serde_yaml::to_string(child).unwrap_or_default().trim()
+                    ));
+                }
+                secret_references(child, &here, out);
+            }
+        }
+        serde_yaml::Value::Sequence(items) => {
+            for (i, child) in items.iter().enumerate() {
+                secret_references(child, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn the_agents_pods_reference_no_secret() -> Result<()> {
+    // The Node authorizer lets a kubelet read, whole, every Secret a pod bound to its node
+    // references. An agent's pod runs on every node: were it to reference the TLS Secret
+    // (even for ca.crt alone), root on any node could read the controller's key with the
+    // kubelet's credentials, and act as a controller replica. The agents get the CA
+    // certificate from a ConfigMap instead.
+    let helm = Helm::new()?;
+    let mut renders = Vec::new();
+    for values in [
+        None,
+        Some("cni.values.yaml"),
+        Some("custom.values.yaml"),
+        Some("service-monitor.values.yaml"),
+    ] {
+        let path = values.map(|v| testdata(v).display().to_string());
+        let mut extra = Vec::new();
+        if let Some(p) = &path {
+            extra.extend(["--values", p.as_str()]);
+        }
+        renders.push((
+            values.unwrap_or("default values").to_owned(),
+            helm.template(&extra)?,
+        ));
+    }
+    renders.push((
+        "deploy/manifests/wgmesh.yaml".to_owned(),
+        std::fs::read_to_string(helm::manifests_path())?,
+    ));
+    for (what, rendered) in renders {
+        let objects = documents(&rendered)?;
+        let agent = object(&objects, "DaemonSet", "wgmesh-agent")
+            .with_context(|| format!("{what}: no agent DaemonSet"))?;
+        let pod = &agent["spec"]["template"]["spec"];
+        anyhow::ensure!(pod.is_mapping(), "{what}: the DaemonSet has no pod spec");
+        let mut found = Vec::new();
+        secret_references(pod, "spec.template.spec", &mut found);
+        assert!(
+            found.is_empty(),
+            "{what}: the agent's pod references Secrets, which every node's kubelet may then read:\n{}",
+            found.join("\n")
+        );
+        // It still gets the CA certificate, from a ConfigMap.
+        let ca = pod["volumes"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"].as_str() == Some("ca"))
+            .with_context(|| format!("{what}: no ca volume"))?;
+        assert!(
+            ca["configMap"]["name"].as_str().is_some(),
+            "{what}: the ca volume is not a ConfigMap: {ca:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_generated_ca_configmap_holds_the_secrets_ca() -> Result<()> {
+    use base64::Engine;
+    let helm = Helm::new()?;
+    let objects = documents(&helm.template(&[])?)?;
+    let secret = object(&objects, "Secret", "wgmesh-controller-tls").context("no TLS Secret")?;
+    let config_map =
+        object(&objects, "ConfigMap", "wgmesh-controller-ca").context("no CA ConfigMap")?;
+    let ca = base64::engine::general_purpose::STANDARD.decode(
+        secret["data"]["ca.crt"]
+            .as_str()
+            .context("the Secret has no ca.crt")?,
+    )?;
+    let pem = config_map["data"]["ca.crt"]
+        .as_str()
+        .context("the ConfigMap has no ca.crt")?;
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    assert_eq!(
+        pem.as_bytes(),
+        ca.as_slice(),
+        "the ConfigMap's CA is the Secret's"
+    );
+    // Only the certificate: nothing secret.
+    assert_eq!(config_map["data"].as_mapping().map(|m| m.len()), Some(1));
+    assert!(!pem.contains("PRIVATE KEY"));
+    Ok(())
+}
+
+#[test]
+fn an_existing_secret_needs_a_ca_configmap() -> Result<()> {
+    let helm = Helm::new()?;
+    let err = helm
+        .template(&["--set", "tls.existingSecret=my-tls"])
+        .expect_err("existingSecret without caConfigMap was rendered");
+    assert!(
+        format!("{err:#}").contains("tls.caConfigMap is required with tls.existingSecret"),
+        "{err:#}"
+    );
+    let err = helm
+        .template(&["--set", "tls.caConfigMap=my-ca"])
+        .expect_err("caConfigMap without existingSecret was rendered");
+    assert!(
+        format!("{err:#}").contains("tls.caConfigMap is only for tls.existingSecret"),
+        "{err:#}"
+    );
+    // With both, neither the Secret nor the ConfigMap is generated.
+    let objects =
+        documents(&helm.template(&["--set", "tls.existingSecret=my-tls,tls.caConfigMap=my-ca"])?)?;
+    assert!(
+        !objects
+            .iter()
+            .any(|o| matches!(o["kind"].as_str(), Some("Secret" | "ConfigMap"))),
+        "a Secret or ConfigMap was generated"
+    );
+    Ok(())
+}
+
 /// resourceVersion of every object the release manages, by kind/namespace/name.
 fn release_versions(cp: &ControlPlane, helm: &Helm) -> Result<BTreeMap<String, String>> {
     let manifest = helm.ok(
@@ -182,12 +352,45 @@ async fn helm_install_then_upgrade_changes_nothing() -> Result<()> {
         "jsonpath={.data.ca\\.crt}",
     ])?;
     assert!(!secret.is_empty(), "a CA was generated");
+    // The agents' ConfigMap holds the same CA, at install and after the upgrade below.
+    let same_ca = || -> Result<()> {
+        use base64::Engine;
+        let secret = cp.kubectl_ok(&[
+            "get",
+            "secret",
+            "wgmesh-controller-tls",
+            "--namespace",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.data.ca\\.crt}",
+        ])?;
+        let config_map = cp.kubectl_ok(&[
+            "get",
+            "configmap",
+            "wgmesh-controller-ca",
+            "--namespace",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.data.ca\\.crt}",
+        ])?;
+        let ca =
+            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(secret.trim())?)?;
+        assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{ca}");
+        assert_eq!(
+            config_map.trim(),
+            ca.trim(),
+            "the agents' CA is the Secret's"
+        );
+        Ok(())
+    };
+    same_ca()?;
 
     let before = release_versions(&cp, &helm)?;
     assert!(before.len() >= 10, "{before:?}");
     helm.install(&cp, &[])?;
     let after = release_versions(&cp, &helm)?;
     assert_eq!(before, after, "a second upgrade rewrote objects");
+    same_ca()?;
     Ok(())
 }
 

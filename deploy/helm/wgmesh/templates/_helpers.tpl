@@ -30,6 +30,19 @@ wgmesh-controller.{{ .Release.Namespace }}.svc
 {{ .Values.tls.existingSecret | default "wgmesh-controller-tls" }}
 {{- end }}
 
+{{/* The ConfigMap agents read the CA certificate from (key ca.crt): the chart's own, or
+tls.caConfigMap with tls.existingSecret. Never the TLS Secret: a kubelet may read every Secret
+its node's pods reference, whole, key included. */}}
+{{- define "wgmesh.caConfigMap" -}}
+{{- if .Values.tls.existingSecret -}}
+{{ required "tls.caConfigMap is required with tls.existingSecret: name a ConfigMap in the release namespace with the CA certificate as ca.crt (the agents must not mount the TLS Secret, or every node's kubelet could read its key)" .Values.tls.caConfigMap }}
+{{- else if .Values.tls.caConfigMap -}}
+{{- fail "tls.caConfigMap is only for tls.existingSecret: without it the chart generates the CA and its own ConfigMap wgmesh-controller-ca" }}
+{{- else -}}
+wgmesh-controller-ca
+{{- end -}}
+{{- end }}
+
 {{/* The namespaces the controller reads Secrets in, comma-separated: peerSecrets.namespace
 and rbac.secretNamespaces. */}}
 {{- define "wgmesh.secretNamespaces" -}}
