@@ -278,6 +278,37 @@ fn an_existing_secret_needs_a_ca_configmap() -> Result<()> {
     Ok(())
 }
 
+/// Settings that cannot work are refused at render, saying why; the controllers on the host
+/// network roll one at a time without a surge pod (two cannot share a node's ports).
+#[test]
+fn settings_that_cannot_work_are_refused_and_the_controller_rolls_without_a_surge() -> Result<()> {
+    let helm = Helm::new()?;
+    let err = helm
+        .template(&["--set", "cni.enabled=true,controller.hostNetwork=false"])
+        .expect_err("CNI mode with the controller on the pod network was rendered");
+    assert!(
+        format!("{err:#}").contains("cannot work in CNI mode"),
+        "{err:#}"
+    );
+    let strategy = |args: &[&str]| -> Result<serde_yaml::Value> {
+        let objects = documents(&helm.template(args)?)?;
+        let controller = objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "wgmesh-controller")
+            .context("no controller Deployment")?;
+        Ok(controller["spec"]["strategy"].clone())
+    };
+    let on_host = strategy(&[])?;
+    assert_eq!(on_host["rollingUpdate"]["maxSurge"], 0, "{on_host:?}");
+    assert_eq!(on_host["rollingUpdate"]["maxUnavailable"], 1, "{on_host:?}");
+    let on_pods = strategy(&["--set", "controller.hostNetwork=false"])?;
+    assert!(
+        on_pods.is_null(),
+        "the default surge on the pod network: {on_pods:?}"
+    );
+    Ok(())
+}
+
 /// resourceVersion of every object the release manages, by kind/namespace/name.
 fn release_versions(cp: &ControlPlane, helm: &Helm) -> Result<BTreeMap<String, String>> {
     let manifest = helm.ok(
