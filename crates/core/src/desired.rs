@@ -580,6 +580,9 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         reserved_index.insert(r.cidr, r.what.as_str());
     }
     let mut claims: OverlapIndex<String> = OverlapIndex::default();
+    // The literal endpoints of the external peers programmed so far: without a fwmark no
+    // later claim may cover one.
+    let mut endpoints: OverlapIndex<String> = OverlapIndex::default();
     let mesh_secret = match &mesh.preshared_key {
         Some(SecretInput::Present(bytes)) => Some(mesh_secret_key(bytes)),
         _ => None,
@@ -616,7 +619,7 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
             .node
             .as_deref()
             .and_then(|n| nodes_by_name.get(n).copied());
-        let mut verdict = judge(mesh, peer, node, &judged, &claims);
+        let mut verdict = judge(mesh, peer, node, &judged, &claims, &endpoints);
         // Node peers come first, so every gateway is known by the time external peers are
         // judged; an external peer with no gateway to attach to is programmed nowhere.
         if verdict == Verdict::Programmed
@@ -638,6 +641,14 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
             };
             for c in claimed_networks(peer, node) {
                 claims.insert(c, owner.clone());
+            }
+            if peer.node.is_none()
+                && let Some(ip) = peer.endpoint.as_deref().and_then(endpoint_address)
+            {
+                endpoints.insert(
+                    Cidr::host(ip),
+                    format!("the endpoint of WireGuardPeer {}", peer.name),
+                );
             }
             let mut desired = desired_peer(mesh, peer, node);
             if let Some(n) = node.filter(|n| n.behind_nat) {
@@ -1087,6 +1098,7 @@ fn judge(
     node: Option<&NodeInput>,
     judged: &Judged<'_>,
     claims: &OverlapIndex<String>,
+    endpoints: &OverlapIndex<String>,
 ) -> Verdict {
     let refuse = |reason, message: String| Verdict::Refused { reason, message };
     if peer.disabled {
@@ -1199,6 +1211,20 @@ fn judge(
                 format!("{cidr} overlaps {theirs}, the pod CIDR of node {node}"),
             );
         }
+        // Without a fwmark the tunnel's packets to another peer's endpoint inside this claim
+        // would be routed into the tunnel: that peer could never be reached.
+        if !mesh.marks_tunnel_packets
+            && let Some((ip, owner)) = endpoints.first_overlap(&cidr)
+        {
+            return refuse(
+                Reason::AllowedIpsOverlap,
+                format!(
+                    "{cidr} covers {}, {owner}: without a mesh fwmark the tunnel's packets to \
+                     it would be routed into the tunnel",
+                    ip.addr()
+                ),
+            );
+        }
     }
     if peer.node.is_none()
         && let Some(endpoint) = &peer.endpoint
@@ -1250,6 +1276,19 @@ fn judge(
                 format!(
                     "{cidr} covers the peer's own endpoint {ip}: without a mesh fwmark the \
                      tunnel's packets to it would be routed into the tunnel"
+                ),
+            );
+        }
+        // ...nor inside what another peer claims (its tunnel would carry them).
+        if !mesh.marks_tunnel_packets
+            && let Some(ip) = endpoint_address(endpoint)
+            && let Some((theirs, owner)) = claims.first_overlap(&Cidr::host(ip))
+        {
+            return refuse(
+                Reason::AllowedIpsOverlap,
+                format!(
+                    "spec.endpoint {ip} is inside {theirs}, {owner}: without a mesh fwmark the \
+                     tunnel's packets to it would be routed into that tunnel"
                 ),
             );
         }

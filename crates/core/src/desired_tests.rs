@@ -1793,3 +1793,59 @@ fn allowed_ips_over_the_endpoint_need_a_mesh_fwmark() {
         );
     }
 }
+
+/// Without a fwmark, a peer's allowed IPs may not cover another peer's endpoint, nor may an
+/// endpoint lie inside another peer's allowed IPs: the tunnel's packets to it would be routed
+/// into a tunnel and that peer could never be reached. The older one keeps its place; with
+/// a fwmark both are programmed.
+#[test]
+fn allowed_ips_over_another_peers_endpoint_need_a_mesh_fwmark() {
+    let mut site = external("site", 10, &["192.168.70.0/24"]);
+    site.endpoint = Some("203.0.113.1:51820".into());
+    // Newer, claiming the range site's endpoint is in.
+    let grabber = external("grabber", 11, &["203.0.113.0/24"]);
+    // Newer, its endpoint inside what site claims.
+    let mut behind = external("behind", 12, &["192.168.71.0/24"]);
+    behind.endpoint = Some("192.168.70.9:51820".into());
+    // Newer, its own endpoint elsewhere: unaffected.
+    let mut elsewhere = external("elsewhere", 13, &["192.168.72.0/24"]);
+    elsewhere.endpoint = Some("198.51.100.9:51820".into());
+    for marked in [false, true] {
+        let (nodes, mut peers) = three_nodes();
+        peers.extend([
+            site.clone(),
+            grabber.clone(),
+            behind.clone(),
+            elsewhere.clone(),
+        ]);
+        let mesh = MeshInput {
+            marks_tunnel_packets: marked,
+            ..mesh()
+        };
+        let d = compute(&mesh, &nodes, &peers);
+        assert_eq!(
+            refused(&d, "site"),
+            None,
+            "fwmark {marked}: the older keeps its place"
+        );
+        assert_eq!(refused(&d, "elsewhere"), None, "fwmark {marked}");
+        for (name, part) in [
+            (
+                "grabber",
+                "covers 203.0.113.1, the endpoint of WireGuardPeer site",
+            ),
+            (
+                "behind",
+                "192.168.70.9 is inside 192.168.70.0/24, WireGuardPeer site",
+            ),
+        ] {
+            match (marked, refused(&d, name)) {
+                (true, None) => {}
+                (false, Some((Reason::AllowedIpsOverlap, message))) => {
+                    assert!(message.contains(part), "{name}: {message}")
+                }
+                (_, got) => panic!("fwmark {marked}, {name}: {got:?}"),
+            }
+        }
+    }
+}
