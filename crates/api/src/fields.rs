@@ -65,6 +65,11 @@ validated_string!(
         "x-kubernetes-validations": [{
             "rule": "isCIDR(self)",
             "message": "must be a CIDR such as 10.0.0.0/24 or fd00::/64"
+        }, {
+            // A typo in the address part would otherwise be masked silently (10.0.0.1/24
+            // taken for 10.0.0.0/24), as the CLI refuses it too.
+            "rule": "!isCIDR(self) || cidr(self) == cidr(self).masked()",
+            "message": "must be a network address without host bits, such as 10.0.0.0/24 (not 10.0.0.1/24)"
         }]
     })
 );
