@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::watch;
+use futures::FutureExt;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 pub use config::Config;
@@ -36,6 +37,9 @@ pub use error::{Error, Result};
 /// The largest request an agent may send: a status report of a 5,000-peer mesh is about
 /// 500 KiB, so 4 MiB leaves room and still bounds what one request costs us.
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long the controller waits at start for the objects that reserve ranges to be listed.
+const RESERVED_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Runs the controller until SIGTERM or Ctrl-C.
 /// `wgmesh-controller delete-mesh`: deletes the mesh (or every mesh) and waits until the API
@@ -142,6 +146,21 @@ pub async fn run(config: Config) -> Result<()> {
     caches.nodes.wait_until_ready().await.ok();
     caches.meshes.wait_until_ready().await.ok();
     caches.peers.wait_until_ready().await.ok();
+    // The reserved ranges no peer may claim (Service CIDRs, the API server's addresses):
+    // judged before they are known, a peer claiming them would be programmed until they
+    // are. A cluster without ServiceCIDR objects (before 1.33) never lists them: after a
+    // while the mesh is computed with what --reserved-cidrs names.
+    for (what, ready) in [
+        ("ServiceCIDRs", caches.service_cidrs.wait_until_ready().boxed_local()),
+        (
+            "the API server's EndpointSlice",
+            caches.api_endpoints.wait_until_ready().boxed_local(),
+        ),
+    ] {
+        if tokio::time::timeout(RESERVED_SYNC_WAIT, ready).await.is_err() {
+            tracing::warn!("{what} not listed within {RESERVED_SYNC_WAIT:?}: going on with --reserved-cidrs for what they would reserve");
+        }
+    }
 
     let (computed_tx, computed_rx) = watch::channel(Arc::new(reconcile::Computed::default()));
     // A first computation before serving, so agents never see an empty mesh after a restart.
