@@ -26,9 +26,9 @@ pub mod writer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures::FutureExt;
 use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::watch;
-use futures::FutureExt;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 pub use config::Config;
@@ -151,14 +151,22 @@ pub async fn run(config: Config) -> Result<()> {
     // are. A cluster without ServiceCIDR objects (before 1.33) never lists them: after a
     // while the mesh is computed with what --reserved-cidrs names.
     for (what, ready) in [
-        ("ServiceCIDRs", caches.service_cidrs.wait_until_ready().boxed_local()),
+        (
+            "ServiceCIDRs",
+            caches.service_cidrs.wait_until_ready().boxed_local(),
+        ),
         (
             "the API server's EndpointSlice",
             caches.api_endpoints.wait_until_ready().boxed_local(),
         ),
     ] {
-        if tokio::time::timeout(RESERVED_SYNC_WAIT, ready).await.is_err() {
-            tracing::warn!("{what} not listed within {RESERVED_SYNC_WAIT:?}: going on with --reserved-cidrs for what they would reserve");
+        if tokio::time::timeout(RESERVED_SYNC_WAIT, ready)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "{what} not listed within {RESERVED_SYNC_WAIT:?}: going on with --reserved-cidrs for what they would reserve"
+            );
         }
     }
 

@@ -1021,7 +1021,25 @@ async fn resolve(endpoint: Option<&str>) -> Option<SocketAddr> {
         return Some(addr);
     }
     match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(endpoint)).await {
-        Ok(Ok(mut addrs)) => addrs.next(),
+        Ok(Ok(addrs)) => {
+            // The controller judges literal addresses; a name is judged here, once resolved:
+            // whoever controls its DNS (or writes `0x7f000001`, which the resolver reads as
+            // 127.0.0.1) must not point this host's handshakes at loopback, cloud metadata,
+            // multicast or the unspecified address.
+            let (usable, refused): (Vec<SocketAddr>, Vec<SocketAddr>) =
+                addrs.partition(|a| forbidden_resolved_endpoint(a.ip()).is_none());
+            if usable.is_empty()
+                && let Some(a) = refused.first()
+            {
+                tracing::warn!(
+                    endpoint,
+                    address = %a.ip(),
+                    range = forbidden_resolved_endpoint(a.ip()).unwrap_or_default(),
+                    "a peer endpoint resolves only to addresses no handshake may go to; not using it"
+                );
+            }
+            usable.into_iter().next()
+        }
         Ok(Err(e)) => {
             tracing::warn!(endpoint, error = %e, "cannot resolve a peer endpoint");
             None
@@ -1031,6 +1049,15 @@ async fn resolve(endpoint: Option<&str>) -> Option<SocketAddr> {
             None
         }
     }
+}
+
+/// What a resolved endpoint address may not be ([`wgmesh_core::desired::fixed_reserved`]:
+/// loopback, link-local and cloud metadata, multicast, unspecified...), described.
+fn forbidden_resolved_endpoint(ip: std::net::IpAddr) -> Option<String> {
+    wgmesh_core::desired::fixed_reserved()
+        .into_iter()
+        .find(|r| r.cidr.contains_addr(ip))
+        .map(|r| format!("{} ({})", r.cidr, r.what))
 }
 
 /// Up to ±25% around `d`, so agents restarted together do not retry in lockstep.
@@ -1147,6 +1174,25 @@ mod tests {
         crate::config::Cli::parse_from(["wgmesh-agent", "--network-mode", mode])
             .run
             .network
+    }
+
+    #[tokio::test]
+    async fn a_name_resolving_to_loopback_or_metadata_is_not_used() {
+        // The resolver reads these as addresses, without asking DNS.
+        assert_eq!(resolve(Some("0x7f000001:22")).await, None, "127.0.0.1");
+        assert_eq!(
+            resolve(Some("2852039166:80")).await,
+            None,
+            "169.254.169.254"
+        );
+        assert_eq!(resolve(Some("localhost:51820")).await, None);
+        // Literal addresses are the controller's to judge; a usable one resolves.
+        assert_eq!(
+            resolve(Some("192.0.2.7:51820")).await,
+            Some("192.0.2.7:51820".parse().unwrap())
+        );
+        assert!(forbidden_resolved_endpoint("203.0.113.9".parse().unwrap()).is_none());
+        assert!(forbidden_resolved_endpoint("fe80::1".parse().unwrap()).is_some());
     }
 
     #[test]
