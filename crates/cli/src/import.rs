@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use wgmesh_api::mesh::SecretKeyRef;
 use wgmesh_api::{WireGuardPeer, WireGuardPeerSpec};
@@ -82,28 +84,134 @@ pub async fn run(kube: &KubeArgs, opts: Opts) -> Result<()> {
             }
         }
     }
+    // Every object is tried first (a server-side dry run): a Secret of that name left from
+    // an earlier import, or anything else the API server refuses, fails the import before
+    // anything exists.
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
     for o in &objects {
-        match o {
+        let refused = match o {
+            Object::Secret(s) => secrets(&client, s)
+                .create(&dry_run, s)
+                .await
+                .err()
+                .map(|e| {
+                    (
+                        format!("Secret {}", s.metadata.name.clone().unwrap_or_default()),
+                        e,
+                    )
+                }),
+            Object::Peer(p) => peers.create(&dry_run, p).await.err().map(|e| {
+                (
+                    format!(
+                        "WireGuardPeer {}",
+                        p.metadata.name.clone().unwrap_or_default()
+                    ),
+                    e,
+                )
+            }),
+        };
+        if let Some((what, e)) = refused {
+            return Err(err(
+                exit::INVALID_INPUT,
+                format!("{what}: {e}; nothing was created"),
+            ));
+        }
+    }
+    // Each peer, then its preshared key's Secret, owned by the peer (deleting the peer
+    // deletes it). Whatever fails now undoes what this import created.
+    let mut created: Vec<Object> = Vec::new();
+    let mut secret: Option<&Secret> = None;
+    for o in &objects {
+        let step = match o {
             Object::Secret(s) => {
-                let ns = s.metadata.namespace.clone().unwrap_or_default();
-                let name = s.metadata.name.clone().unwrap_or_default();
-                Api::<Secret>::namespaced(client.clone(), &ns)
-                    .create(&PostParams::default(), s)
-                    .await
-                    .with_context(|| format!("creating Secret {ns}/{name}"))?;
-                outln!("secret/{name} created in {ns}");
+                secret = Some(s);
+                continue;
             }
-            Object::Peer(p) => {
-                let name = p.metadata.name.clone().unwrap_or_default();
-                peers
-                    .create(&PostParams::default(), p)
-                    .await
-                    .with_context(|| format!("creating WireGuardPeer {name}"))?;
-                outln!("wireguardpeer.wgmesh.io/{name} created");
-            }
+            Object::Peer(p) => create_peer(&client, p, secret.take(), &mut created).await,
+        };
+        if let Err(e) = step {
+            undo(&client, &created).await;
+            return Err(e.context("nothing this import created was kept"));
         }
     }
     Ok(())
+}
+
+fn secrets(client: &kube::Client, secret: &Secret) -> Api<Secret> {
+    Api::namespaced(
+        client.clone(),
+        secret.metadata.namespace.as_deref().unwrap_or_default(),
+    )
+}
+
+/// Creates `peer`, then `secret` (its preshared key) owned by it; records what it created.
+async fn create_peer(
+    client: &kube::Client,
+    peer: &WireGuardPeer,
+    secret: Option<&Secret>,
+    created: &mut Vec<Object>,
+) -> Result<()> {
+    let name = peer.metadata.name.clone().unwrap_or_default();
+    let made = Api::<WireGuardPeer>::all(client.clone())
+        .create(&PostParams::default(), peer)
+        .await
+        .with_context(|| format!("creating WireGuardPeer {name}"))?;
+    created.push(Object::Peer(Box::new(made.clone())));
+    outln!("wireguardpeer.wgmesh.io/{name} created");
+    if let Some(secret) = secret {
+        let mut secret = secret.clone();
+        secret.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: WireGuardPeer::api_version(&()).into_owned(),
+            kind: WireGuardPeer::kind(&()).into_owned(),
+            name: name.clone(),
+            uid: made.uid().unwrap_or_default(),
+            ..OwnerReference::default()
+        }]);
+        let ns = secret.metadata.namespace.clone().unwrap_or_default();
+        let secret_name = secret.metadata.name.clone().unwrap_or_default();
+        secrets(client, &secret)
+            .create(&PostParams::default(), &secret)
+            .await
+            .with_context(|| format!("creating Secret {ns}/{secret_name}"))?;
+        created.push(Object::Secret(Box::new(secret)));
+        outln!("secret/{secret_name} created in {ns}");
+    }
+    Ok(())
+}
+
+/// Deletes what an import created, newest first; a failure is only reported.
+async fn undo(client: &kube::Client, created: &[Object]) {
+    for o in created.iter().rev() {
+        let (what, result) = match o {
+            Object::Peer(p) => {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                (
+                    format!("WireGuardPeer {name}"),
+                    Api::<WireGuardPeer>::all(client.clone())
+                        .delete(&name, &DeleteParams::default())
+                        .await
+                        .map(|_| ()),
+                )
+            }
+            Object::Secret(s) => {
+                let name = s.metadata.name.clone().unwrap_or_default();
+                (
+                    format!("Secret {name}"),
+                    secrets(client, s)
+                        .delete(&name, &DeleteParams::default())
+                        .await
+                        .map(|_| ()),
+                )
+            }
+        };
+        match result {
+            Ok(()) => eprintln!("{what} deleted again"),
+            Err(e) => eprintln!("warning: deleting {what}: {e}"),
+        }
+    }
 }
 
 /// A wg-quick file or stdin, read up to one byte past what the parser takes (so it says the

@@ -89,7 +89,8 @@ pub fn check_endpoint(s: &str) -> Result<(), String> {
         }
         port
     };
-    match parse_digits::<u16>(port) {
+    // At most five digits, as the CRD's rule reads it: `065535` is refused there too.
+    match parse_digits::<u16>(port).filter(|_| port.len() <= 5) {
         Some(p) if p != 0 => Ok(()),
         _ => Err(format!(
             "invalid Endpoint {}: port {} is not 1-65535",
@@ -224,6 +225,14 @@ pub(crate) fn show(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_port_has_at_most_five_digits_as_the_crd_says() {
+        assert!(check_endpoint("node:51820").is_ok());
+        assert!(check_endpoint("node:05182").is_ok());
+        let e = check_endpoint("node:065535").unwrap_err();
+        assert!(e.contains("not 1-65535"), "{e}");
+    }
 
     #[test]
     fn endpoint_hosts_with_and_without_port() {
