@@ -36,8 +36,9 @@ const ALL_FAILED_REVIEWS_PER_SECOND: f64 = 20.0;
 /// Sources whose budget is remembered; past that, the full ones are kept (the others would
 /// start full anyway).
 const SOURCES_LIMIT: usize = 4096;
-/// How long a source a token passed review from is exempt from the budget of all sources.
-const VOUCHED_FOR: Duration = Duration::from_secs(600);
+/// How long a source an agent's call was authorized from is exempt from the budget of all
+/// sources: a token's lifetime (agents in a quiet mesh call seldom, on a long-lived stream).
+const VOUCHED_FOR: Duration = Duration::from_secs(3600);
 /// Token reviews asked of the API server at once. The failure budgets are charged when a
 /// review comes back, so without this a burst of bogus tokens sent at once would all pass
 /// the budget check before the first failure is counted.
@@ -97,9 +98,10 @@ impl TokenBucket {
 struct FailureBudgets {
     all: TokenBucket,
     by_source: HashMap<IpAddr, TokenBucket>,
-    /// Sources a token passed review from lately (an agent's node, whose token the kubelet
-    /// renews): the budget of all sources together does not apply to them, so that many
-    /// callers spraying bogus tokens together cannot lock the agents out.
+    /// Sources an agent's call was authorized from lately (its node): the budget of all
+    /// sources together does not apply to them, so that many callers spraying bogus tokens
+    /// together cannot lock the agents out. Only an agent's token for its own node vouches:
+    /// any pod can get a valid token of its own account.
     vouched: HashMap<IpAddr, Instant>,
 }
 
@@ -257,7 +259,15 @@ impl Authenticator {
             )));
         }
         match identity.node.as_deref() {
-            Some(n) if n == node => Ok(()),
+            Some(n) if n == node => {
+                // An agent's own token, for its own node: its source is exempt from the
+                // budget of all sources, renewed with every call it makes.
+                self.failures
+                    .lock()
+                    .expect("failure budget lock")
+                    .vouch(source, Instant::now());
+                Ok(())
+            }
             Some(n) => Err(Status::permission_denied(format!(
                 "the token belongs to a pod on node {n}, not {node}"
             ))),
@@ -292,18 +302,11 @@ impl Authenticator {
             ));
         }
         let result = self.review_uncached(token).await;
-        match &result {
-            Ok(_) => self
-                .failures
+        if matches!(&result, Err(s) if s.code() != tonic::Code::Unavailable) {
+            self.failures
                 .lock()
                 .expect("failure budget lock")
-                .vouch(source, Instant::now()),
-            Err(s) if s.code() != tonic::Code::Unavailable => self
-                .failures
-                .lock()
-                .expect("failure budget lock")
-                .charge(source, Instant::now()),
-            Err(_) => {}
+                .charge(source, Instant::now());
         }
         let ttl = if result.is_ok() {
             POSITIVE_TTL

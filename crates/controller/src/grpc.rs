@@ -341,8 +341,9 @@ impl MeshService for MeshServer {
             && self.index.view(&req.mesh).is_none()
         {
             // A mesh nobody made (or long gone): the agent is told it is gone, which is what it
-            // needs to leave it, and nothing is kept for the stream (no task, no subscription,
-            // no liveness entry, no snapshot turn), however many names a node makes up.
+            // needs to leave it, and little is kept for the stream (no subscription, liveness
+            // entry or snapshot turn), however many names a node makes up. The stream ends
+            // when the mesh appears, and the agent, connecting again, registers.
             let (tx, rx) = mpsc::channel(STREAM_BUFFER);
             let gone = NodeConfig::mesh_deleted();
             for message in encode::peer_update_parts(
@@ -354,6 +355,23 @@ impl MeshService for MeshServer {
             ) {
                 let _ = tx.try_send(Ok(message));
             }
+            let meshes = self.caches.meshes.clone();
+            let mut shutdown = self.shutdown.clone();
+            let mesh = req.mesh.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(2));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            if meshes.get(&ObjectRef::new(&mesh)).is_some() {
+                                break;
+                            }
+                        }
+                        _ = tx.closed() => break,
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            });
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
         let views = self.index.subscribe(&req.mesh, &req.node);
@@ -445,12 +463,14 @@ impl MeshService for MeshServer {
         // the mesh's finalizer waits for.
         if req.left_deleted_mesh {
             // Only a mesh being deleted waits for its nodes to leave; anything else would only
-            // grow the record.
-            let deleting = self
-                .caches
-                .meshes
-                .get(&ObjectRef::new(&req.mesh))
-                .is_some_and(|m| m.metadata.deletion_timestamp.is_some());
+            // grow the record. A report another replica forwarded was checked there (this
+            // replica's cache may not show the deletion yet).
+            let deleting = forwarded
+                || self
+                    .caches
+                    .meshes
+                    .get(&ObjectRef::new(&req.mesh))
+                    .is_some_and(|m| m.metadata.deletion_timestamp.is_some());
             if !deleting {
                 return Ok(Response::new(pb::ReportStatusResponse {}));
             }

@@ -371,7 +371,8 @@ async fn agents_are_authenticated_and_bound_to_their_node() -> Result<()> {
     .await?;
     assert_eq!(code(ok.register("192.168.0.1").await), Ok(()));
 
-    // A mesh nobody made: the stream says it is gone and ends.
+    // A mesh nobody made: the stream says it is gone, and ends once the mesh exists (the
+    // agent then connects again and registers).
     let mut made_up = SimAgent::new(ch.clone(), "a", "made-up", &token_a, [1; 32]);
     made_up.watch().await?;
     let update = made_up.next_update(Duration::from_secs(10)).await?;
@@ -380,9 +381,22 @@ async fn agents_are_authenticated_and_bound_to_their_node() -> Result<()> {
         "a made-up mesh is reported gone: {update:?}"
     );
     assert!(
-        made_up.next_update(Duration::from_secs(10)).await.is_err(),
-        "the stream of a made-up mesh ends"
+        made_up.next_update(Duration::from_secs(3)).await?.is_none(),
+        "the stream stays open while the mesh does not exist"
     );
+    let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(fx.client.clone());
+    let made: wgmesh_api::WireGuardMesh = serde_json::from_value(json!({
+        "apiVersion": "wgmesh.io/v1alpha1",
+        "kind": "WireGuardMesh",
+        "metadata": {"name": "made-up"},
+        "spec": {"listenPort": 51822, "tunnelCIDRs": ["10.252.0.0/16"], "interfaceName": "wgmadeup0"},
+    }))?;
+    meshes.create(&Default::default(), &made).await?;
+    assert!(
+        made_up.next_update(Duration::from_secs(10)).await.is_err(),
+        "the stream ends once the mesh exists"
+    );
+    meshes.delete("made-up", &Default::default()).await?;
 
     // A Node whose name is too long for a label value registers (its peer has no label).
     let long = format!("{}.{}", "n".repeat(40), "m".repeat(40));

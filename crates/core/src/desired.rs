@@ -481,7 +481,7 @@ pub fn pair_preshared_key(mesh_secret: &Key, a: &PublicKey, b: &PublicKey) -> Ke
 /// whitespace ignored), 32 raw bytes, or else a passphrase condensed to a key (which the other
 /// side can only know by computing the same, as `kubectl wgmesh peer export` does).
 ///
-/// Text that looks like a key (43 to 45 characters of the base64 alphabet, surrounding
+/// Text that looks like a key (43 or 45 characters of the base64 alphabet, or 44 ending in `=`, surrounding
 /// whitespace ignored) but does not decode to one, such as `wg genpsk` output that lost its
 /// `=` or has a typo, is an error, never condensed: the peer would be programmed with a key
 /// its other side does not have, and never complete a handshake. The error never quotes the
@@ -508,13 +508,19 @@ pub fn peer_preshared_key(bytes: &[u8]) -> Result<Key, String> {
     Ok(mesh_secret_key(bytes))
 }
 
-/// 43 to 45 characters of the standard base64 alphabet: meant as a key (one `=` too few or
+/// 43 or 45 characters of the standard base64 alphabet, or 44 ending in `=`: meant as a key (one `=` too few or
 /// too many, a typo), however it decodes.
 fn looks_like_a_key(text: &str) -> bool {
-    (crate::key::KEY_BASE64_LEN - 1..=crate::key::KEY_BASE64_LEN + 1).contains(&text.len())
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+    let len = text.len();
+    let base64 = text
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=');
+    // A key is 44 characters ending in '=' (`wg genpsk`): one lost or added, or a typo
+    // before the '='. 44 without it is a passphrase (`openssl rand -base64 33`), as before.
+    base64
+        && (len == crate::key::KEY_BASE64_LEN - 1
+            || len == crate::key::KEY_BASE64_LEN + 1
+            || (len == crate::key::KEY_BASE64_LEN && text.ends_with('=')))
 }
 
 /// A mesh secret of any length, condensed to a key. Any value is taken as it is, the text of a
@@ -600,7 +606,6 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
         reserved: &reserved_index,
         node_pod_cidrs: &node_pod_cidrs,
         fixed_reserved: &fixed,
-        node_addresses: &node_addresses,
     };
     let nat_reserved = mesh_reserved(mesh);
     let nat_judged = NatJudged {
@@ -1088,8 +1093,6 @@ struct Judged<'a> {
     node_pod_cidrs: &'a OverlapIndex<&'a str>,
     /// [`fixed_reserved`]: where no external peer's literal endpoint may point.
     fixed_reserved: &'a [ReservedRange],
-    /// Every Node's addresses: no external peer's literal endpoint may be one.
-    node_addresses: &'a NodeAddresses<'a>,
 }
 
 fn judge(
@@ -1234,20 +1237,23 @@ fn judge(
         }
         // Every gateway sends its handshakes to a literal address from the host: not to
         // loopback, link-local (cloud metadata), multicast or the unspecified address (the
-        // fixed reserved ranges), the tunnel pools, or a Node's addresses, the targets
-        // `observed_endpoint` also refuses. Not the rest of the reserved ranges: the Service
-        // CIDRs and the API server are reserved for routing and reachable from any pod
-        // anyway, and an operator's `reservedCIDRs` (say, a corporate network) may well hold
-        // a remote site's endpoint. The reasons are the ones the same ranges get as allowed
-        // IPs: `ReservedRange` for the fixed ranges and Nodes' addresses (both in
-        // `reserved_ranges`), `AllowedIPsOverlap` for a tunnel pool. A DNS name is resolved
-        // by the agents, and cannot be judged here.
+        // fixed reserved ranges) or the tunnel pools, targets `observed_endpoint` also
+        // refuses. Not the rest of the reserved ranges: the Service CIDRs and the API server
+        // are reserved for routing and reachable from any pod anyway, and an operator's
+        // `reservedCIDRs` (say, a corporate network) may well hold a remote site's endpoint.
+        // Nor a Node's address: a site behind the nodes' own NAT address, or a WireGuard
+        // server on a node's host, is reached there, and what the gateways send there is
+        // sealed for the peer's key, which only the peer can open (an observed endpoint may
+        // not be a Node's: there it would move a node's own tunnel). The reasons are the
+        // ones the same ranges get as allowed IPs: `ReservedRange` for the fixed ranges,
+        // `AllowedIPsOverlap` for a tunnel pool. A DNS name is resolved by the agents, which
+        // use none of its addresses in the fixed ranges.
         if let Some(ip) = endpoint_address(endpoint)
             && let Some(forbidden) = forbidden_endpoint(
                 ip,
                 judged.fixed_reserved,
                 &mesh.tunnel_pools,
-                judged.node_addresses,
+                &NodeAddresses::new(),
                 None,
             )
         {

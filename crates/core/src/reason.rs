@@ -34,11 +34,10 @@ pub enum Reason {
     /// started); the computation allocates its tunnel address.
     TunnelAddressPending,
     /// Allowed IPs overlap another peer's, a pod CIDR or the tunnel pool (or the endpoint is
-    /// an address in the tunnel pool).
+    /// an address in the tunnel pool, or, without a mesh fwmark, inside another peer's claim).
     AllowedIpsOverlap,
     /// Allowed IPs claim a cluster range no peer may route (Service CIDR, API server ...), or
-    /// the endpoint is an address no gateway may be sent to (loopback, link-local, multicast,
-    /// a Node's address).
+    /// the endpoint is an address no gateway may be sent to (loopback, link-local, multicast).
     ReservedRange,
     /// A client peer has no gateway node to reach the mesh through.
     NoGateway,

@@ -44,6 +44,8 @@ impl Cli {
         if let Some((name, _)) = matches.subcommand() {
             let before: Vec<String> = matches
                 .ids()
+                // Arguments only: clap also lists the groups of flattened structs.
+                .filter(|id| command.get_arguments().any(|a| a.get_id() == *id))
                 .filter(|id| {
                     matches.value_source(id.as_str())
                         == Some(clap::parser::ValueSource::CommandLine)
@@ -352,6 +354,13 @@ mod tests {
             "{err}"
         );
         assert!(parse(&["--mesh", "x", "cleanup"]).is_err());
+        let err = parse(&["--network-mode", "cni", "run"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--network-mode must follow the subcommand (run)"),
+            "no group in the message: {err}"
+        );
         assert!(parse(&["cleanup", "--interface", "wg9"]).is_ok());
     }
 

@@ -582,6 +582,16 @@ async fn only_the_controller_makes_node_members() -> Result<()> {
         serde_json::json!({"metadata": {"labels": {"team": "ops"}}}),
     )
     .await?;
+    // Nor delete it (its node would drop out, and a copy of its key could take its place),
+    // while her own peers are hers to delete.
+    let deleted = alice
+        .delete("node-worker-1", &DeleteParams::default())
+        .await;
+    assert!(
+        refused_by_node_policy(&deleted).is_some(),
+        "alice deleted a node member: {deleted:?}"
+    );
+    alice.delete("laptop", &DeleteParams::default()).await?;
     let node_peer = admin.get("node-worker-1").await?;
     assert_eq!(
         node_peer.spec.node.as_ref().map(|n| n.0.as_str()),
@@ -591,6 +601,10 @@ async fn only_the_controller_makes_node_members() -> Result<()> {
         node_peer.spec.public_key,
         wgmesh_core::PublicKey::from_bytes([11; 32]).to_base64()
     );
+    // A cluster administrator (system:masters) still may.
+    admin
+        .delete("node-worker-1", &DeleteParams::default())
+        .await?;
     Ok(())
 }
 

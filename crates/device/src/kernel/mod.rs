@@ -83,25 +83,26 @@ pub fn foreign_tun(name: &str) -> Error {
 
 /// Whether a program holds the TUN `link` open: the kernel removes a TUN that is not
 /// persistent when its last descriptor closes, and gives a persistent one carrier only while
-/// one is attached.
+/// one is attached. Kernels before 4.15 do not say whether a TUN is persistent: carrier
+/// alone decides there.
 pub fn tun_held_open(link: &LinkMessage) -> bool {
     const IFLA_TUN_PERSIST: u16 = 6;
-    let persistent = link.attributes.iter().any(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| match i {
-            LinkInfo::Data(InfoData::Tun(nlas)) => nlas.iter().any(|nla| {
+    let persistent = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Data(InfoData::Tun(nlas)) => nlas.iter().find_map(|nla| {
                 let mut value = vec![0; nla.value_len()];
                 nla.emit_value(&mut value);
-                nla.kind() == IFLA_TUN_PERSIST && value.first().is_some_and(|v| *v != 0)
+                (nla.kind() == IFLA_TUN_PERSIST).then(|| value.first().is_some_and(|v| *v != 0))
             }),
-            _ => false,
+            _ => None,
         }),
-        _ => false,
+        _ => None,
     });
     let carrier = link
         .attributes
         .iter()
         .any(|a| matches!(a, LinkAttribute::Carrier(c) if *c != 0));
-    !persistent || carrier
+    persistent == Some(false) || carrier
 }
 
 /// Whether the link is a TUN that is wgmesh's to take or delete ([`tun_may_be_taken`]).
@@ -640,6 +641,16 @@ mod ownership_tests {
                 tun_is_ours(&link),
                 ours,
                 "persistent {persistent}, carrier {carrier}, alias {alias:?}"
+            );
+        }
+        // A kernel before 4.15: no persistence attribute, carrier decides.
+        for (carrier, ours) in [(false, true), (true, false)] {
+            let mut old_kernel = tun(true, carrier, None);
+            old_kernel.attributes[0] = LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Tun)]);
+            assert_eq!(
+                tun_is_ours(&old_kernel),
+                ours,
+                "no persist attribute, carrier {carrier}"
             );
         }
         let mut wireguard = tun(true, false, None);
