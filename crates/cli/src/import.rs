@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use wgmesh_api::mesh::SecretKeyRef;
@@ -147,13 +147,25 @@ fn secrets(client: &kube::Client, secret: &Secret) -> Api<Secret> {
     )
 }
 
-/// Creates `peer`, then `secret` (its preshared key) owned by it; records what it created.
+/// Creates `secret` (the peer's preshared key) first, so that the controller finds it when it
+/// first judges the peer, then `peer`, then makes the Secret the peer's (deleting the peer
+/// deletes it); records what it created.
 async fn create_peer(
     client: &kube::Client,
     peer: &WireGuardPeer,
     secret: Option<&Secret>,
     created: &mut Vec<Object>,
 ) -> Result<()> {
+    if let Some(secret) = secret {
+        let ns = secret.metadata.namespace.clone().unwrap_or_default();
+        let secret_name = secret.metadata.name.clone().unwrap_or_default();
+        secrets(client, secret)
+            .create(&PostParams::default(), secret)
+            .await
+            .with_context(|| format!("creating Secret {ns}/{secret_name}"))?;
+        created.push(Object::Secret(Box::new(secret.clone())));
+        outln!("secret/{secret_name} created in {ns}");
+    }
     let name = peer.metadata.name.clone().unwrap_or_default();
     let made = Api::<WireGuardPeer>::all(client.clone())
         .create(&PostParams::default(), peer)
@@ -162,22 +174,21 @@ async fn create_peer(
     created.push(Object::Peer(Box::new(made.clone())));
     outln!("wireguardpeer.wgmesh.io/{name} created");
     if let Some(secret) = secret {
-        let mut secret = secret.clone();
-        secret.metadata.owner_references = Some(vec![OwnerReference {
+        let secret_name = secret.metadata.name.clone().unwrap_or_default();
+        let owner = OwnerReference {
             api_version: WireGuardPeer::api_version(&()).into_owned(),
             kind: WireGuardPeer::kind(&()).into_owned(),
             name: name.clone(),
             uid: made.uid().unwrap_or_default(),
             ..OwnerReference::default()
-        }]);
-        let ns = secret.metadata.namespace.clone().unwrap_or_default();
-        let secret_name = secret.metadata.name.clone().unwrap_or_default();
-        secrets(client, &secret)
-            .create(&PostParams::default(), &secret)
+        };
+        let patch = serde_json::json!({"metadata": {"ownerReferences": [owner]}});
+        secrets(client, secret)
+            .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .with_context(|| format!("creating Secret {ns}/{secret_name}"))?;
-        created.push(Object::Secret(Box::new(secret)));
-        outln!("secret/{secret_name} created in {ns}");
+            .with_context(|| {
+                format!("making Secret {secret_name} owned by WireGuardPeer {name}")
+            })?;
     }
     Ok(())
 }

@@ -51,6 +51,9 @@ const SNAPSHOT_TURN: Duration = Duration::from_secs(5);
 const SNAPSHOT_TURN_HELD: Duration = Duration::from_secs(10);
 /// Field manager of the node peer fields a registration owns.
 const REGISTER_MANAGER: &str = "wgmesh-controller-register";
+/// How long a stream for a mesh that does not exist stays open (its agent then connects
+/// again, as it does when the mesh appears).
+const MISSING_MESH_STREAM: Duration = Duration::from_secs(120);
 
 pub struct MeshServer {
     pub client: kube::Client,
@@ -343,7 +346,9 @@ impl MeshService for MeshServer {
             // A mesh nobody made (or long gone): the agent is told it is gone, which is what it
             // needs to leave it, and little is kept for the stream (no subscription, liveness
             // entry or snapshot turn), however many names a node makes up. The stream ends
-            // when the mesh appears, and the agent, connecting again, registers.
+            // when the mesh appears, and the agent, connecting again, registers; or after
+            // MISSING_MESH_STREAM, so that what a node can hold open this way is bounded by how
+            // fast it can ask.
             let (tx, rx) = mpsc::channel(STREAM_BUFFER);
             let gone = NodeConfig::mesh_deleted();
             for message in encode::peer_update_parts(
@@ -360,6 +365,7 @@ impl MeshService for MeshServer {
             let mesh = req.mesh.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(2));
+                let until = tokio::time::Instant::now() + MISSING_MESH_STREAM;
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
@@ -369,6 +375,7 @@ impl MeshService for MeshServer {
                         }
                         _ = tx.closed() => break,
                         _ = shutdown.changed() => break,
+                        () = tokio::time::sleep_until(until) => break,
                     }
                 }
             });

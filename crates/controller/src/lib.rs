@@ -26,7 +26,6 @@ pub mod writer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures::FutureExt;
 use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::watch;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -150,24 +149,17 @@ pub async fn run(config: Config) -> Result<()> {
     // judged before they are known, a peer claiming them would be programmed until they
     // are. A cluster without ServiceCIDR objects (before 1.33) never lists them: after a
     // while the mesh is computed with what --reserved-cidrs names.
-    for (what, ready) in [
-        (
-            "ServiceCIDRs",
-            caches.service_cidrs.wait_until_ready().boxed_local(),
-        ),
-        (
-            "the API server's EndpointSlice",
-            caches.api_endpoints.wait_until_ready().boxed_local(),
-        ),
-    ] {
-        if tokio::time::timeout(RESERVED_SYNC_WAIT, ready)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "{what} not listed within {RESERVED_SYNC_WAIT:?}: going on with --reserved-cidrs for what they would reserve"
-            );
-        }
+    let reserved_listed = futures::future::join(
+        caches.service_cidrs.wait_until_ready(),
+        caches.api_endpoints.wait_until_ready(),
+    );
+    if tokio::time::timeout(RESERVED_SYNC_WAIT, reserved_listed)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "ServiceCIDRs or the API server's EndpointSlice not listed within {RESERVED_SYNC_WAIT:?}: going on with --reserved-cidrs for what they would reserve"
+        );
     }
 
     let (computed_tx, computed_rx) = watch::channel(Arc::new(reconcile::Computed::default()));

@@ -647,7 +647,9 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
             for c in claimed_networks(peer, node) {
                 claims.insert(c, owner.clone());
             }
+            // A responder's endpoint is never sent to: nothing routes to it.
             if peer.node.is_none()
+                && !peer.responder
                 && let Some(ip) = peer.endpoint.as_deref().and_then(endpoint_address)
             {
                 endpoints.insert(
@@ -1285,8 +1287,10 @@ fn judge(
                 ),
             );
         }
-        // ...nor inside what another peer claims (its tunnel would carry them).
+        // ...nor inside what another peer claims (its tunnel would carry them). A responder's
+        // endpoint is never sent to.
         if !mesh.marks_tunnel_packets
+            && !peer.responder
             && let Some(ip) = endpoint_address(endpoint)
             && let Some((theirs, owner)) = claims.first_overlap(&Cidr::host(ip))
         {

@@ -1804,8 +1804,13 @@ fn allowed_ips_over_another_peers_endpoint_need_a_mesh_fwmark() {
     // Newer, its own endpoint elsewhere: unaffected.
     let mut elsewhere = external("elsewhere", 13, &["192.168.72.0/24"]);
     elsewhere.endpoint = Some("198.51.100.9:51820".into());
+    // A responder's endpoint is never sent to: inside site's claim is fine.
+    let mut responder = external("responder", 14, &["192.168.73.0/24"]);
+    responder.responder = true;
+    responder.endpoint = Some("192.168.70.10:51820".into());
     for marked in [false, true] {
         let (nodes, mut peers) = three_nodes();
+        peers.push(responder.clone());
         peers.extend([
             site.clone(),
             grabber.clone(),
@@ -1823,6 +1828,7 @@ fn allowed_ips_over_another_peers_endpoint_need_a_mesh_fwmark() {
             "fwmark {marked}: the older keeps its place"
         );
         assert_eq!(refused(&d, "elsewhere"), None, "fwmark {marked}");
+        assert_eq!(refused(&d, "responder"), None, "fwmark {marked}");
         for (name, part) in [
             (
                 "grabber",

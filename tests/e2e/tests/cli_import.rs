@@ -1,6 +1,8 @@
-//! `kubectl wgmesh import --apply` against a real API server: all or nothing. A file the API
-//! server would refuse in part, or whose Secret is left from an earlier import, creates
-//! nothing; a good one creates each peer and its preshared key's Secret, owned by the peer.
+//! `kubectl wgmesh import --apply` against a real API server: all or nothing. A file that
+//! cannot be created whole (a port the CRD refuses, caught before the cluster is asked; a
+//! Secret left from an earlier import, caught by the server-side dry run) creates nothing; a
+//! refusal only the real creation meets deletes what the import made; a good file creates
+//! each peer and its preshared key's Secret, owned by the peer.
 
 use anyhow::Result;
 use kube::api::{Api, DeleteParams};
@@ -39,8 +41,8 @@ async fn import_apply_creates_everything_or_nothing() -> Result<()> {
         list.into_iter().filter_map(|p| p.metadata.name).collect()
     };
 
-    // A port the API server refuses (six digits) in the second peer: nothing is created,
-    // the first peer included.
+    // A port the CRD refuses (six digits) in the second peer, caught before the cluster is
+    // asked: nothing is created, the first peer included.
     std::fs::write(&file, wg_quick("198.51.100.2:065535"))?;
     let out = cli.run(&["import", file.to_str().unwrap(), "--apply"])?;
     assert!(!out.status.success(), "{out:?}");
@@ -82,5 +84,85 @@ async fn import_apply_creates_everything_or_nothing() -> Result<()> {
         names(peers.list(&Default::default()).await?.items),
         Vec::<String>::new()
     );
+
+    // Refused only when it is really created (a policy that lets the dry run pass, as a
+    // webhook or a quota could): what the import created is deleted again.
+    for s in secrets.list(&Default::default()).await?.items {
+        secrets
+            .delete(
+                &s.metadata.name.unwrap_or_default(),
+                &DeleteParams::default(),
+            )
+            .await?;
+    }
+    let policy = dir.path().join("refuse-site-b.yaml");
+    std::fs::write(&policy, REFUSE_SITE_B)?;
+    cp.kubectl_ok(&["apply", "-f", policy.to_str().unwrap()])?;
+    let probe: WireGuardPeer = serde_json::from_value(serde_json::json!({
+        "apiVersion": "wgmesh.io/v1alpha1",
+        "kind": "WireGuardPeer",
+        "metadata": {"name": "site-b"},
+        "spec": {"mesh": "default", "publicKey": PrivateKey::from_bytes([9; 32]).public_key().to_base64()},
+    }))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match peers.create(&Default::default(), &probe).await {
+            Err(e) if e.to_string().contains("refused for the test") => break,
+            Ok(_) => {
+                peers.delete("site-b", &DeleteParams::default()).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the test's policy is not enforced after 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let out = cli.run(&["import", file.to_str().unwrap(), "--apply"])?;
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nothing this import created was kept"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("WireGuardPeer site-a deleted again"),
+        "{stderr}"
+    );
+    assert_eq!(
+        names(peers.list(&Default::default()).await?.items),
+        Vec::<String>::new()
+    );
+    assert!(
+        secrets.list(&Default::default()).await?.items.is_empty(),
+        "site-b's Secret is deleted again"
+    );
     Ok(())
 }
+
+/// Refuses creating the WireGuardPeer `site-b`, except in a dry run.
+const REFUSE_SITE_B: &str = r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata:
+  name: test-refuse-site-b
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - apiGroups: [wgmesh.io]
+        apiVersions: ["*"]
+        operations: [CREATE]
+        resources: [wireguardpeers]
+  validations:
+    - expression: "request.dryRun || object.metadata.name != 'site-b'"
+      message: refused for the test
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: test-refuse-site-b
+spec:
+  policyName: test-refuse-site-b
+  validationActions: [Deny]
+"#;
