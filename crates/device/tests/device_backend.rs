@@ -15,7 +15,7 @@ use wgmesh_device::{
 
 mod common;
 
-use common::{Netns, NsCmd, is_root};
+use common::{HeldTun, Netns, NsCmd, is_root};
 
 fn ip(ns: &str, args: &[&str]) -> (bool, String) {
     NsCmd(ns.to_owned()).try_ip(args)
@@ -358,44 +358,6 @@ fn a_persistent_userspace_device_outlives_its_process() {
         let (exists, _) = cmd.try_ip(&["link", "show", "wgp0"]);
         assert!(!exists, "delete removes a persistent interface");
     });
-}
-
-/// A program we did not write holding a TUN open (Debian's wireguard-go, in the foreground),
-/// stopped on drop.
-struct HeldTun(std::process::Child);
-
-impl HeldTun {
-    fn start(ns: &str, name: &str) -> HeldTun {
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", ns, "wireguard-go", "-f", name])
-            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("wireguard-go (apt-get install wireguard-go)");
-        let held = HeldTun(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !ip(ns, &["link", "show", name]).0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "wireguard-go made no {name}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        held
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for HeldTun {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A TUN of the mesh's name that another program holds open (wireguard-go's `wg0`) is neither

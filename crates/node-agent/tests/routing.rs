@@ -13,7 +13,7 @@ use wgmesh_agent::routing::{RouteChanges, Routing, RoutingConfig, RuleConfig};
 #[path = "../../device/tests/common/mod.rs"]
 mod common;
 
-use common::{Netns, NsCmd, is_root};
+use common::{HeldTun, Netns, NsCmd, is_root};
 
 /// A veth pair `<name>` / `<name>p` in `ns` with this MTU; the peer end up when `peer_up` (so
 /// that `<name>` gets a carrier once it is up).
@@ -434,22 +434,7 @@ fn cleanup_leaves_a_tun_another_program_holds() {
         return;
     }
     let ns = netns("heldtun");
-    let mut held = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.name, "wireguard-go", "-f", "wgt9"])
-        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("wireguard-go (apt-get install wireguard-go)");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !ns.cmd().ip_ok(&["link", "show", "wgt9"]) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "wireguard-go made no wgt9"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut held = HeldTun::start(&ns.name, "wgt9");
     ns.ip(&["tuntap", "add", "dev", "wgt8", "mode", "tun"]);
     let cmd = ns.cmd();
     ns.run(move || async move {
@@ -465,10 +450,7 @@ fn cleanup_leaves_a_tun_another_program_holds() {
             "a leftover TUN stays"
         );
     });
-    let running = matches!(held.try_wait(), Ok(None));
-    let _ = held.kill();
-    let _ = held.wait();
-    assert!(running, "wireguard-go still runs");
+    assert!(held.running(), "wireguard-go still runs");
 }
 
 /// A node with IPv6 disabled in a dual-stack mesh: the kernel refuses the IPv6 address and

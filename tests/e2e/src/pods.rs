@@ -287,6 +287,30 @@ pub async fn prepare(
     })
 }
 
+/// Writes a Secret's or ConfigMap's `data` into `dir` as a kubelet does: the keys `items`
+/// selects, under their paths, or every key under its own name.
+fn write_items(
+    dir: &std::path::Path,
+    what: &str,
+    data: &BTreeMap<String, Vec<u8>>,
+    items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
+) -> Result<()> {
+    let items: Vec<(&str, &str)> = match items {
+        Some(items) => items
+            .iter()
+            .map(|i| (i.key.as_str(), i.path.as_str()))
+            .collect(),
+        None => data.keys().map(|k| (k.as_str(), k.as_str())).collect(),
+    };
+    for (key, path) in items {
+        let value = data
+            .get(key)
+            .with_context(|| format!("{what} has no {key}"))?;
+        std::fs::write(dir.join(path), value)?;
+    }
+    Ok(())
+}
+
 async fn materialise(volume: &Volume, sources: &VolumeSources<'_>) -> Result<Option<PathBuf>> {
     let dir = sources.volume_dir.join(&volume.name);
     if let Some(host) = &volume.host_path {
@@ -302,20 +326,20 @@ async fn materialise(volume: &Volume, sources: &VolumeSources<'_>) -> Result<Opt
     if let Some(secret) = &volume.secret {
         let name = secret.secret_name.as_deref().context("secretName")?;
         let api: Api<Secret> = Api::namespaced(sources.client.clone(), NAMESPACE);
-        let data = api.get(name).await?.data.unwrap_or_default();
-        let items: Vec<(String, String)> = match &secret.items {
-            Some(items) => items
-                .iter()
-                .map(|i| (i.key.clone(), i.path.clone()))
-                .collect(),
-            None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
-        };
-        for (key, path) in items {
-            let value = data
-                .get(&key)
-                .with_context(|| format!("Secret {name} has no {key}"))?;
-            std::fs::write(dir.join(path), &value.0)?;
-        }
+        let data: BTreeMap<String, Vec<u8>> = api
+            .get(name)
+            .await?
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        write_items(
+            &dir,
+            &format!("Secret {name}"),
+            &data,
+            secret.items.as_deref(),
+        )?;
         return Ok(Some(dir));
     }
     if let Some(config_map) = &volume.config_map {
@@ -335,19 +359,12 @@ async fn materialise(volume: &Volume, sources: &VolumeSources<'_>) -> Result<Opt
                 .into_iter()
                 .map(|(k, v)| (k, v.0)),
         );
-        let items: Vec<(String, String)> = match &config_map.items {
-            Some(items) => items
-                .iter()
-                .map(|i| (i.key.clone(), i.path.clone()))
-                .collect(),
-            None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
-        };
-        for (key, path) in items {
-            let value = data
-                .get(&key)
-                .with_context(|| format!("ConfigMap {name} has no {key}"))?;
-            std::fs::write(dir.join(path), value)?;
-        }
+        write_items(
+            &dir,
+            &format!("ConfigMap {name}"),
+            &data,
+            config_map.items.as_deref(),
+        )?;
         return Ok(Some(dir));
     }
     if let Some(projected) = &volume.projected {

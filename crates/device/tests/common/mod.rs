@@ -141,3 +141,41 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }
+
+/// A program we did not write holding a TUN open (Debian's wireguard-go, in the foreground),
+/// stopped on drop.
+pub struct HeldTun(std::process::Child);
+
+impl HeldTun {
+    pub fn start(ns: &str, name: &str) -> HeldTun {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "wireguard-go", "-f", name])
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("wireguard-go (apt-get install wireguard-go)");
+        let held = HeldTun(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !NsCmd(ns.to_owned()).ip_ok(&["link", "show", name]) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "wireguard-go made no {name}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        held
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for HeldTun {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
