@@ -8,9 +8,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use wgmesh_api::mesh::SecretKeyRef;
 use wgmesh_api::{WireGuardPeer, WireGuardPeerSpec};
@@ -175,13 +174,9 @@ async fn create_peer(
     outln!("wireguardpeer.wgmesh.io/{name} created");
     if let Some(secret) = secret {
         let secret_name = secret.metadata.name.clone().unwrap_or_default();
-        let owner = OwnerReference {
-            api_version: WireGuardPeer::api_version(&()).into_owned(),
-            kind: WireGuardPeer::kind(&()).into_owned(),
-            name: name.clone(),
-            uid: made.uid().unwrap_or_default(),
-            ..OwnerReference::default()
-        };
+        let owner = made.owner_ref(&()).with_context(|| {
+            format!("the API server returned WireGuardPeer {name} without a uid")
+        })?;
         let patch = serde_json::json!({"metadata": {"ownerReferences": [owner]}});
         secrets(client, secret)
             .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))

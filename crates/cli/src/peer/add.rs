@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use wgmesh_api::condition::Reason;
@@ -231,13 +230,9 @@ async fn create_secret(
     key: &str,
     value: String,
 ) -> Result<()> {
-    let owner_ref = OwnerReference {
-        api_version: WireGuardPeer::api_version(&()).into_owned(),
-        kind: WireGuardPeer::kind(&()).into_owned(),
-        name: owner.name_any(),
-        uid: owner.uid().unwrap_or_default(),
-        ..OwnerReference::default()
-    };
+    let owner_ref = owner
+        .owner_ref(&())
+        .with_context(|| format!("WireGuardPeer {} has no uid", owner.name_any()))?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.into()),
