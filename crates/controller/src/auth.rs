@@ -226,22 +226,28 @@ impl Authenticator {
     ) -> Result<(), Status> {
         let source = source.unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
         let metadata = MetadataMap::from_headers(headers.clone());
-        let result = async {
-            let identity = self.review(bearer_token(&metadata)?, source).await?;
-            if identity.username != self.agent_username {
-                return Err(Status::permission_denied(format!(
-                    "{} is not the agent service account {}",
-                    identity.username, self.agent_username
-                )));
-            }
-            Ok(())
-        }
-        .await;
+        let result = self.agent_identity(&metadata, source).await.map(|_| ());
         if let Err(status) = &result {
             tracing::warn!(code = ?status.code(), reason = status.message(), "refused a call before reading it");
             self.metrics.auth_failure(status.code());
         }
         result
+    }
+
+    /// The reviewed identity of the call's token, which must be the agents' account.
+    async fn agent_identity(
+        &self,
+        metadata: &MetadataMap,
+        source: IpAddr,
+    ) -> Result<Identity, Status> {
+        let identity = self.review(bearer_token(metadata)?, source).await?;
+        if identity.username != self.agent_username {
+            return Err(Status::permission_denied(format!(
+                "{} is not the agent service account {}",
+                identity.username, self.agent_username
+            )));
+        }
+        Ok(identity)
     }
 
     async fn check(
@@ -250,14 +256,7 @@ impl Authenticator {
         source: IpAddr,
         node: &str,
     ) -> Result<(), Status> {
-        let token = bearer_token(metadata)?;
-        let identity = self.review(token, source).await?;
-        if identity.username != self.agent_username {
-            return Err(Status::permission_denied(format!(
-                "{} is not the agent service account {}",
-                identity.username, self.agent_username
-            )));
-        }
+        let identity = self.agent_identity(metadata, source).await?;
         match identity.node.as_deref() {
             Some(n) if n == node => {
                 // An agent's own token, for its own node: its source is exempt from the
