@@ -15,7 +15,7 @@ use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::auth::Authenticator;
-use crate::forward::{FORWARDED, is_replica_certificate};
+use crate::forward::forwarded_by_replica;
 
 /// The gRPC service `S`, behind authentication from the headers.
 #[derive(Clone)]
@@ -67,12 +67,12 @@ where
                         .and_then(|t| t.remote_addr())
                 })
                 .map(|a| a.ip());
-            let from_replica = request.headers().contains_key(FORWARDED)
-                && tls.and_then(|t| t.peer_certs()).is_some_and(|certs| {
-                    certs
-                        .first()
-                        .is_some_and(|leaf| is_replica_certificate(leaf, &replica_name))
-                });
+            let certs = tls.and_then(|t| t.peer_certs());
+            let from_replica = forwarded_by_replica(
+                request.headers(),
+                certs.as_deref().map(Vec::as_slice),
+                &replica_name,
+            );
             if !from_replica
                 && let Err(status) = auth.authenticate_agent(request.headers(), source).await
             {

@@ -122,6 +122,19 @@ pub fn lease_identity(name: &str, advertise: Option<&str>) -> String {
 /// check when they connect to each other). The CA may sign other certificates; only this
 /// name makes a client a replica whose forwarded reports skip agent authentication.
 /// Unparsable input is not a replica.
+/// Whether a call is a report another replica forwarded: it says so ([`FORWARDED`]) and its
+/// client certificate is a replica's ([`is_replica_certificate`]).
+pub fn forwarded_by_replica(
+    headers: &http::HeaderMap,
+    certs: Option<&[tonic::transport::CertificateDer<'static>]>,
+    replica_name: &str,
+) -> bool {
+    headers.contains_key(FORWARDED)
+        && certs
+            .and_then(|c| c.first())
+            .is_some_and(|leaf| is_replica_certificate(leaf, replica_name))
+}
+
 pub fn is_replica_certificate(der: &[u8], replica_name: &str) -> bool {
     use x509_parser::extensions::GeneralName;
     let Ok((rest, cert)) = x509_parser::parse_x509_certificate(der) else {

@@ -25,9 +25,7 @@ use wgmesh_proto::{checked, encode, served};
 
 use crate::auth::{Authenticator, TokenBucket};
 use crate::convert;
-use crate::forward::{
-    FORWARDED, Forwarder, STREAM_COUNT, STREAM_EVENT, STREAM_ORIGIN, is_replica_certificate,
-};
+use crate::forward::{Forwarder, STREAM_COUNT, STREAM_EVENT, STREAM_ORIGIN, forwarded_by_replica};
 use crate::index::{Index, NodeView};
 use crate::liveness::{Origin, StreamEvent};
 use crate::metrics::Metrics;
@@ -427,11 +425,11 @@ impl MeshService for MeshServer {
         // A report another replica forwarded: that replica authenticated the agent, and the
         // client certificate (verified against our CA, and naming the replicas) authenticates
         // the replica. Anything else goes through agent authentication.
-        let forwarded = request.metadata().contains_key(FORWARDED)
-            && request.peer_certs().is_some_and(|c| {
-                c.first()
-                    .is_some_and(|leaf| is_replica_certificate(leaf, &self.replica_name))
-            });
+        let forwarded = forwarded_by_replica(
+            request.metadata().as_ref(),
+            request.peer_certs().as_deref().map(Vec::as_slice),
+            &self.replica_name,
+        );
         let source = request.remote_addr().map(|a| a.ip());
         let (metadata, _, request) = request.into_parts();
         let req = checked::report(&request)?;
