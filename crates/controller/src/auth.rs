@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use blake2::{Blake2s256, Digest};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
@@ -163,6 +163,39 @@ struct Identity {
     node: Option<String>,
 }
 
+/// What authorized a peer stream: its token, checked again while the stream lasts, and when
+/// the token expires (its `exp` claim; the API server checked the signature).
+pub struct StreamGrant {
+    token: String,
+    source: IpAddr,
+    node: String,
+    expires: Option<SystemTime>,
+}
+
+impl StreamGrant {
+    /// When the stream's token expires, if it says.
+    pub fn expires(&self) -> Option<SystemTime> {
+        self.expires
+    }
+
+    fn expired(&self, now: SystemTime) -> bool {
+        self.expires.is_some_and(|at| at <= now)
+    }
+}
+
+/// The `exp` claim of a JWT (seconds since the epoch), read without checking the signature:
+/// only for a token the API server has reviewed. `None` when the token says nothing usable.
+fn jwt_expiry(token: &str) -> Option<SystemTime> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    let exp = claims.get("exp")?.as_u64()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(exp))
+}
+
 /// A review result as cached: the identity, or the refusal's code and message.
 type CachedReview = Result<Identity, (tonic::Code, String)>;
 
@@ -234,13 +267,68 @@ impl Authenticator {
         result
     }
 
+    /// Authorizes a peer stream of `node` as [`Authenticator::authorize_node`] does, and
+    /// returns what to check it by again while it lasts ([`Authenticator::still_authorized`]):
+    /// a stream must not outlive its token, nor the pod the token is bound to.
+    pub async fn authorize_stream(
+        &self,
+        metadata: &MetadataMap,
+        source: Option<IpAddr>,
+        node: &str,
+    ) -> Result<StreamGrant, Status> {
+        self.authorize_node(metadata, source, node).await?;
+        let token = bearer_token(metadata)?;
+        let expires = jwt_expiry(token);
+        if expires.is_some_and(|at| at <= SystemTime::now()) {
+            // Within the API server's leeway, but a stream would end at once.
+            return Err(Status::unauthenticated(
+                "the token has expired: connect again with a fresh one",
+            ));
+        }
+        Ok(StreamGrant {
+            token: token.to_owned(),
+            source: source.unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+            node: node.to_owned(),
+            expires,
+        })
+    }
+
+    /// Whether the token a stream was opened with still passes review for its node (its pod
+    /// may have been deleted since). A review answered within [`POSITIVE_TTL`] is reused.
+    pub async fn still_authorized(&self, grant: &StreamGrant) -> Result<(), Status> {
+        if grant.expired(SystemTime::now()) {
+            return Err(Status::unauthenticated(
+                "the stream's token has expired: connect again with a fresh one",
+            ));
+        }
+        let result = self
+            .check_identity(
+                self.reviewed_agent(&grant.token, grant.source).await,
+                grant.source,
+                &grant.node,
+            )
+            .map(|_| ());
+        if let Err(status) = &result
+            && status.code() != tonic::Code::Unavailable
+        {
+            tracing::warn!(node = grant.node, code = ?status.code(), reason = status.message(), "ended a peer stream whose token no longer passes review");
+            self.metrics.auth_failure(status.code());
+        }
+        result
+    }
+
     /// The reviewed identity of the call's token, which must be the agents' account.
     async fn agent_identity(
         &self,
         metadata: &MetadataMap,
         source: IpAddr,
     ) -> Result<Identity, Status> {
-        let identity = self.review(bearer_token(metadata)?, source).await?;
+        self.reviewed_agent(bearer_token(metadata)?, source).await
+    }
+
+    /// The reviewed identity of `token`, which must be the agents' account.
+    async fn reviewed_agent(&self, token: &str, source: IpAddr) -> Result<Identity, Status> {
+        let identity = self.review(token, source).await?;
         if identity.username != self.agent_username {
             return Err(Status::permission_denied(format!(
                 "{} is not the agent service account {}",
@@ -256,7 +344,17 @@ impl Authenticator {
         source: IpAddr,
         node: &str,
     ) -> Result<(), Status> {
-        let identity = self.agent_identity(metadata, source).await?;
+        self.check_identity(self.agent_identity(metadata, source).await, source, node)
+    }
+
+    /// Whether a reviewed agent `identity` may speak for `node`.
+    fn check_identity(
+        &self,
+        identity: Result<Identity, Status>,
+        source: IpAddr,
+        node: &str,
+    ) -> Result<(), Status> {
+        let identity = identity?;
         match identity.node.as_deref() {
             Some(n) if n == node => {
                 // An agent's own token, for its own node: its source is exempt from the
@@ -538,6 +636,30 @@ mod tests {
             !budget.allows(later),
             "the bucket never holds more than the burst"
         );
+    }
+
+    #[test]
+    fn jwt_expiry_table() {
+        use base64::Engine;
+        let enc = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let jwt = |claims: &str| format!("{}.{}.sig", enc(r#"{"alg":"ES256"}"#), enc(claims));
+        let at = |secs: u64| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+        let cases: Vec<(String, Option<SystemTime>)> = vec![
+            (jwt(r#"{"exp":1700000000,"sub":"x"}"#), at(1_700_000_000)),
+            (jwt(r#"{"sub":"x"}"#), None),
+            (jwt(r#"{"exp":"soon"}"#), None),
+            (jwt(r#"{"exp":-5}"#), None),
+            (jwt(r#"{"exp":1.5e300}"#), None),
+            (jwt(&format!(r#"{{"exp":{}}}"#, u64::MAX)), None),
+            (jwt("not json"), None),
+            (format!("{}.{}=.sig", enc("{}"), enc(r#"{"exp":7}"#)), at(7)),
+            ("no-dots".into(), None),
+            ("a.!!!.c".into(), None),
+            (String::new(), None),
+        ];
+        for (token, want) in cases {
+            assert_eq!(jwt_expiry(&token), want, "{token}");
+        }
     }
 
     #[test]

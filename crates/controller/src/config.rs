@@ -139,6 +139,12 @@ pub struct Config {
     #[arg(long, env = "WGMESH_NODE_PEER_DETAIL_LIMIT", default_value_t = wgmesh_core::report::NODE_PEER_DETAIL_LIMIT)]
     pub node_peer_detail_limit: usize,
 
+    /// Seconds between reviews of an open peer stream's token: a stream whose token no longer
+    /// passes (its pod was deleted) ends then, and every stream ends when its token expires.
+    /// Reviews answered in the last 30 s (the agent's own calls) are reused.
+    #[arg(long, env = "WGMESH_STREAM_REVIEW_SECONDS", default_value_t = 600)]
+    pub stream_review_seconds: u64,
+
     /// Minimum seconds between two writes of agent-reported status to one object.
     #[arg(long, env = "WGMESH_STATUS_INTERVAL", default_value_t = 30)]
     pub status_interval: u64,

@@ -49,6 +49,8 @@ const SNAPSHOT_TURN: Duration = Duration::from_secs(5);
 const SNAPSHOT_TURN_HELD: Duration = Duration::from_secs(10);
 /// Field manager of the node peer fields a registration owns.
 const REGISTER_MANAGER: &str = "wgmesh-controller-register";
+/// How soon a stream's token is reviewed again when the API server could not answer.
+const REVIEW_RETRY: Duration = Duration::from_secs(30);
 /// How long a stream for a mesh that does not exist stays open (its agent then connects
 /// again, as it does when the mesh appears).
 const MISSING_MESH_STREAM: Duration = Duration::from_secs(120);
@@ -72,6 +74,9 @@ pub struct MeshServer {
     /// about 7 KB, under tonic's 8 KiB encode buffer). A stream's buffer grows to its largest
     /// message and stays so: whole snapshots cost O(nodes) per stream, O(nodes^2) in all.
     pub peers_per_part: usize,
+    /// How often an open peer stream's token is reviewed again (`--stream-review-seconds`):
+    /// a stream ends when its token expires, or no longer passes review (its pod deleted).
+    pub stream_review: Duration,
     /// Turns to send a snapshot ([`SNAPSHOTS_IN_FLIGHT`]).
     pub snapshot_turns: Arc<tokio::sync::Semaphore>,
     /// The open peer stream of each node in each mesh.
@@ -335,8 +340,9 @@ impl MeshService for MeshServer {
         let source = request.remote_addr().map(|a| a.ip());
         let (metadata, _, req) = request.into_parts();
         let req = checked::watch(&req)?;
-        self.auth
-            .authorize_node(&metadata, source, &req.node)
+        let grant = self
+            .auth
+            .authorize_stream(&metadata, source, &req.node)
             .await?;
         if self.caches.meshes.get(&ObjectRef::new(&req.mesh)).is_none()
             && self.index.view(&req.mesh).is_none()
@@ -412,6 +418,9 @@ impl MeshService for MeshServer {
             reports: self.reports.clone(),
             leader: self.leader.clone(),
             forwarder: self.forwarder.clone(),
+            auth: self.auth.clone(),
+            grant,
+            review_every: self.stream_review,
         };
         tracing::info!(node = %req.node, mesh = %req.mesh, resumed = base.is_some(), "agent watching peers");
         tokio::spawn(stream.run(base));
@@ -693,9 +702,25 @@ struct PeerStream {
     id: u64,
     superseded: watch::Receiver<bool>,
     open_streams: Arc<OpenStreams>,
+    /// What authorized the stream, checked again every `review_every` and at the token's
+    /// expiry: a stream lasts no longer than the token it was opened with.
+    auth: Arc<Authenticator>,
+    grant: crate::auth::StreamGrant,
+    review_every: Duration,
 }
 
 impl PeerStream {
+    /// When to review the stream's token next: after `review_every`, or when it expires if
+    /// that is sooner.
+    fn next_review(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let until_expiry = self
+            .grant
+            .expires()
+            .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default());
+        now + until_expiry.map_or(self.review_every, |d| d.min(self.review_every))
+    }
+
     /// Sends `message` when the stream has room, giving the snapshot `turn` up if that
     /// takes longer than [`SNAPSHOT_TURN_HELD`]: an agent that stops reading holds its own
     /// stream, never the other agents' turns. `false` when the stream ended instead (the
@@ -772,6 +797,7 @@ impl PeerStream {
             config.settings = None;
             config
         });
+        let mut next_review = self.next_review();
         loop {
             let view = self.views.borrow_and_update().clone();
             // No settings: the mesh was never computed, is held (a Secret it needs is not
@@ -842,11 +868,28 @@ impl PeerStream {
                 sent = Some(now);
                 sent_revision = (!mesh_gone).then_some(view.revision);
             }
-            tokio::select! {
-                r = self.views.changed() => if r.is_err() { break },
+            let review_due = tokio::select! {
+                r = self.views.changed() => if r.is_err() { break } else { false },
                 _ = self.shutdown.changed() => break,
                 _ = self.tx.closed() => break,
                 _ = self.superseded.wait_for(|s| *s) => break,
+                () = tokio::time::sleep_until(next_review) => true,
+            };
+            if review_due {
+                match self.auth.still_authorized(&self.grant).await {
+                    Ok(()) => next_review = self.next_review(),
+                    // The API server cannot say: the stream stays (an outage changes
+                    // nothing), and the token is reviewed again shortly.
+                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                        next_review = tokio::time::Instant::now() + REVIEW_RETRY;
+                    }
+                    Err(status) => {
+                        // The agent connects again with its current token.
+                        let ended = self.tx.send(Err(status));
+                        let _ = tokio::time::timeout(SNAPSHOT_TURN, ended).await;
+                        break;
+                    }
+                }
             }
         }
         self.open_streams.close(&self.mesh, &self.node, self.id);

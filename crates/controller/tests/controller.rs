@@ -1502,3 +1502,101 @@ async fn a_call_without_a_token_is_refused_before_its_body_is_read() -> Result<(
     }
     Ok(())
 }
+
+/// Waits for `agent`'s stream to end and returns the status it ended with.
+async fn stream_end(agent: &mut SimAgent, within: Duration) -> Result<tonic::Status> {
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        anyhow::ensure!(
+            !left.is_zero(),
+            "the stream was still open after {within:?}"
+        );
+        match agent.next_update(left).await {
+            Ok(_) => continue,
+            Err(e) => {
+                return e
+                    .downcast::<tonic::Status>()
+                    .map_err(|e| anyhow::anyhow!("the stream ended without a status: {e}"));
+            }
+        }
+    }
+}
+
+/// A peer stream lasts no longer than the token it was opened with: it ends when the token
+/// expires, and when the pod the token is bound to is deleted (found at the next review,
+/// every 2 s here). Before, a stream opened with a stolen token kept that node's view for
+/// as long as its connection lived. The agent's own calls meanwhile carry its newest token.
+#[tokio::test]
+async fn a_peer_stream_ends_with_its_token() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let controller = Controller::start(
+        &fx.cp,
+        &fx.tls,
+        "c1",
+        &[("WGMESH_STREAM_REVIEW_SECONDS", "2")],
+    )
+    .await?;
+    cluster::create_node(&fx.client, "a", &["10.244.1.0/24"], "192.168.0.1", &[]).await?;
+    cluster::ensure_agent_identity(&fx.client).await?;
+    let ch = channel(&controller.grpc_url(), &fx.tls.ca_pem).await?;
+
+    // A token that expires in 8 s, signed by the cluster: the stream ends then, although the
+    // pod is there and nothing else changed.
+    let pod =
+        cluster::agent_pod(&fx.client, "agent-a", "a", cluster::AGENT_SERVICE_ACCOUNT).await?;
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(fx.client.clone(), AGENT_NAMESPACE);
+    let sa_uid = sas
+        .get(cluster::AGENT_SERVICE_ACCOUNT)
+        .await?
+        .metadata
+        .uid
+        .context("sa uid")?;
+    let who = (
+        AGENT_NAMESPACE,
+        cluster::AGENT_SERVICE_ACCOUNT,
+        sa_uid.as_str(),
+    );
+    let short = wgmesh_e2e::tokens::signed_token(&fx.cp, who, &pod, "wgmesh", 8)?;
+    let mut agent = SimAgent::new(ch.clone(), "a", "default", &short, [1; 32]);
+    agent.register("192.168.0.1").await?;
+    agent.watch().await?;
+    let opened = std::time::Instant::now();
+    agent
+        .next_update(Duration::from_secs(10))
+        .await?
+        .context("the snapshot")?;
+    let ended = stream_end(&mut agent, Duration::from_secs(20)).await?;
+    assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
+    assert!(
+        opened.elapsed() >= Duration::from_secs(5),
+        "the stream ended before its token expired: {:?}",
+        opened.elapsed()
+    );
+
+    // A token from the API server (valid for an hour): the stream ends once its pod is gone.
+    let pod_b =
+        cluster::agent_pod(&fx.client, "agent-a-2", "a", cluster::AGENT_SERVICE_ACCOUNT).await?;
+    let token =
+        cluster::bound_token(&fx.client, cluster::AGENT_SERVICE_ACCOUNT, &pod_b, "wgmesh").await?;
+    let mut agent = SimAgent::new(ch.clone(), "a", "default", &token, [1; 32]);
+    agent.watch().await?;
+    agent
+        .next_update(Duration::from_secs(10))
+        .await?
+        .context("the snapshot")?;
+    // Still open after several reviews.
+    assert!(
+        agent.next_update(Duration::from_secs(5)).await?.is_none(),
+        "nothing changed, and the stream stays open"
+    );
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(fx.client.clone(), AGENT_NAMESPACE);
+    pods.delete("agent-a-2", &DeleteParams::default().grace_period(0))
+        .await?;
+    // The review answered in the last 30 s is reused; the next one refuses.
+    let ended = stream_end(&mut agent, Duration::from_secs(45)).await?;
+    assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
+    Ok(())
+}

@@ -120,10 +120,24 @@ impl Agent {
             let started = std::time::Instant::now();
             let result = self.session().await;
             self.metrics.set_connected(false);
-            if let Err(e) = &result {
+            match &result {
+                // The controller ends a stream when the token it was opened with expires:
+                // routine, and the next session carries the kubelet's newer token.
+                Err(Error::Rpc(status))
+                    if status.code() == tonic::Code::Unauthenticated
+                        && started.elapsed() > BACKOFF_MAX =>
+                {
+                    tracing::info!(
+                        reason = status.message(),
+                        "the controller ended the session; connecting again with the current token"
+                    );
+                }
                 // The controller gone, or what it sent could not be programmed (such as another
                 // tool's WireGuard link of the mesh's interface name): the error says which.
-                tracing::warn!(error = %e, "the session with the controller ended; the data plane stays as it is, retrying");
+                Err(e) => {
+                    tracing::warn!(error = %e, "the session with the controller ended; the data plane stays as it is, retrying");
+                }
+                Ok(()) => {}
             }
             // A session that lasted a while was healthy: start the backoff again.
             if started.elapsed() > BACKOFF_MAX {

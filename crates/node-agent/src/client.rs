@@ -15,7 +15,10 @@ const MAX_UPDATE_BYTES: usize = 64 * 1024 * 1024;
 
 pub struct ControllerClient {
     inner: MeshServiceClient<Channel>,
-    token: String,
+    /// The projected token as last read: the kubelet replaces the file before the token
+    /// expires, so every call reads it again (a session outlives the token it began with).
+    token: std::sync::Mutex<String>,
+    token_file: std::path::PathBuf,
 }
 
 impl ControllerClient {
@@ -27,14 +30,8 @@ impl ControllerClient {
             path: args.ca_file.display().to_string(),
             source,
         })?;
-        // Projected tokens are rotated by the kubelet: read the file on every connection.
-        let token = std::fs::read_to_string(&args.token_file)
-            .map_err(|source| Error::Read {
-                path: args.token_file.display().to_string(),
-                source,
-            })?
-            .trim()
-            .to_owned();
+        // Read now so that a missing token fails the connection, not its first call.
+        let token = read_token(&args.token_file)?;
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
         if let Some(name) = &args.tls_server_name {
             tls = tls.domain_name(name.clone());
@@ -61,13 +58,17 @@ impl ControllerClient {
             // active gateway, as the other nodes see it, carries every external peer's
             // allowed IPs. Above tonic's 4 MiB default the stream would fail forever.
             inner: MeshServiceClient::new(channel).max_decoding_message_size(MAX_UPDATE_BYTES),
-            token,
+            token: std::sync::Mutex::new(token),
+            token_file: args.token_file.clone(),
         })
     }
 
+    /// A call carrying the current token (the last one read, if the file cannot be read now).
     pub fn request<T>(&self, body: T) -> Request<T> {
+        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        refresh_token(&mut token, &self.token_file);
         let mut req = Request::new(body);
-        if let Ok(value) = format!("Bearer {}", self.token).parse() {
+        if let Ok(value) = format!("Bearer {token}").parse() {
             req.metadata_mut().insert("authorization", value);
         }
         req
@@ -76,6 +77,25 @@ impl ControllerClient {
     pub fn grpc(&mut self) -> &mut MeshServiceClient<Channel> {
         &mut self.inner
     }
+}
+
+/// `token` as the file now holds it; the last one read if the file cannot be read or is
+/// empty (the kubelet replaces it whole, but a call is better made with the last token than
+/// with none).
+fn refresh_token(token: &mut String, path: &std::path::Path) {
+    match read_token(path) {
+        Ok(fresh) if !fresh.is_empty() => *token = fresh,
+        Ok(_) => tracing::debug!("the token file is empty; using the last token"),
+        Err(e) => tracing::debug!(error = %e, "reading the token again failed; using the last one"),
+    }
+}
+
+fn read_token(path: &std::path::Path) -> Result<String> {
+    let token = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(token.trim().to_owned())
 }
 
 /// The mark an agent's connections to the controller carry: the mesh's fwmark when it encrypts
@@ -139,6 +159,30 @@ async fn connect_marked(uri: &Uri, mark: u32) -> std::io::Result<tokio::net::Tcp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A session outlives the token it began with (an hour): every call reads the file the
+    /// kubelet keeps fresh, and keeps the last token while the file is missing or empty.
+    #[test]
+    fn calls_carry_the_token_the_file_holds_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let mut token = String::from("first");
+        let steps: &[(Option<&str>, &str)] = &[
+            (Some("second\n"), "second"),
+            (Some(""), "second"),
+            (Some("  third  "), "third"),
+            (None, "third"),
+            (Some("fourth"), "fourth"),
+        ];
+        for (file, want) in steps {
+            match file {
+                Some(text) => std::fs::write(&path, text).unwrap(),
+                None => std::fs::remove_file(&path).unwrap(),
+            }
+            refresh_token(&mut token, &path);
+            assert_eq!(token, *want, "file {file:?}");
+        }
+    }
 
     #[test]
     fn the_mark_and_port_of_the_controller_connection() {

@@ -19,6 +19,20 @@ pub fn expired_token(
     pod: &k8s_openapi::api::core::v1::Pod,
     audience: &str,
 ) -> Result<String> {
+    let who = (namespace, service_account, service_account_uid);
+    signed_token(cp, who, pod, audience, -3600)
+}
+
+/// A pod-bound token for `audience` of the service account `(namespace, name, uid)`, signed
+/// with the cluster's key, that expires `expires_in` seconds from now (the API server's
+/// TokenRequest gives ten minutes at least).
+pub fn signed_token(
+    cp: &ControlPlane,
+    (namespace, service_account, service_account_uid): (&str, &str, &str),
+    pod: &k8s_openapi::api::core::v1::Pod,
+    audience: &str,
+    expires_in: i64,
+) -> Result<String> {
     let pem = std::fs::read_to_string(cp.dir().join("sa.key"))?;
     let der = pem
         .lines()
@@ -36,9 +50,9 @@ pub fn expired_token(
         "iss": cp.url(),
         "aud": [audience],
         "sub": format!("system:serviceaccount:{namespace}:{service_account}"),
-        "iat": now - 7200,
-        "nbf": now - 7200,
-        "exp": now - 3600,
+        "iat": now - 3600 + expires_in.min(0),
+        "nbf": now - 3600 + expires_in.min(0),
+        "exp": now + expires_in,
         "kubernetes.io": {
             "namespace": namespace,
             "serviceaccount": {"name": service_account, "uid": service_account_uid},
