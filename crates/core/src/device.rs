@@ -62,7 +62,9 @@ pub struct DeviceState {
 /// that wins over the configured one. So a wanted endpoint is pushed only when it is new to
 /// the device's configuration *and* differs from what was asked last time (`previous`, what
 /// the agent last applied; empty after a restart, when the configured one is pushed once).
-/// An unset endpoint never overrides a roamed one.
+/// An unset endpoint never overrides a roamed one, and neither does the update of a peer for
+/// another reason (its allowed IPs, keepalive or preshared key): it carries the endpoint the
+/// device has.
 pub fn device_changes(
     observed: &DeviceState,
     wanted: &[PeerConfig],
@@ -86,19 +88,29 @@ pub fn device_changes(
         .map(|k| DeviceChange::RemovePeer(*k))
         .collect();
     for (key, w) in &want {
-        let differs = match have.get(key) {
-            None => true,
-            Some(h) => {
-                !same_set(&h.allowed_ips, &w.allowed_ips)
-                    || h.persistent_keepalive != w.persistent_keepalive
-                    || h.preshared_key != w.preshared_key
-                    || (w.endpoint.is_some()
-                        && h.endpoint != w.endpoint
-                        && asked.get(key).copied().flatten() != w.endpoint)
-            }
-        };
-        if differs {
+        let Some(h) = have.get(key) else {
             changes.push(DeviceChange::UpsertPeer((*w).clone()));
+            continue;
+        };
+        let push_endpoint = w.endpoint.is_some()
+            && h.endpoint != w.endpoint
+            && asked.get(key).copied().flatten() != w.endpoint;
+        if push_endpoint
+            || !same_set(&h.allowed_ips, &w.allowed_ips)
+            || h.persistent_keepalive != w.persistent_keepalive
+            || h.preshared_key != w.preshared_key
+        {
+            // A peer updated for something else keeps the endpoint the device has (a roamed
+            // one): the kernel sets whatever endpoint an update carries.
+            let endpoint = if push_endpoint {
+                w.endpoint
+            } else {
+                h.endpoint
+            };
+            changes.push(DeviceChange::UpsertPeer(PeerConfig {
+                endpoint,
+                ..(*w).clone()
+            }));
         }
     }
     if listen_port != 0 && observed.listen_port != listen_port {

@@ -183,6 +183,62 @@ fn roamed_endpoints_are_not_pushed_back() {
     }
 }
 
+/// A roamed peer updated for another reason (its allowed IPs, keepalive or preshared key)
+/// keeps its roamed endpoint: the kernel sets whatever endpoint an update carries, so
+/// carrying the configured one would send the peer's traffic back where it no longer is.
+#[test]
+fn an_update_for_another_reason_keeps_the_roamed_endpoint() {
+    let configured = config(2, Some("192.0.2.2:51820"), &["10.244.2.0/24"]);
+    let roamed = config(2, Some("198.51.100.7:40000"), &["10.244.2.0/24"]);
+    let device = observed(vec![roamed.clone()], 51820, 0);
+    let wider = config(
+        2,
+        Some("192.0.2.2:51820"),
+        &["10.244.2.0/24", "10.99.0.0/24"],
+    );
+    let keepalive = PeerConfig {
+        persistent_keepalive: 25,
+        ..configured.clone()
+    };
+    let psk = PeerConfig {
+        preshared_key: Some(Key::from_bytes([7; 32])),
+        ..configured.clone()
+    };
+    for want in [wider, keepalive, psk] {
+        let changes = device_changes(
+            &device,
+            std::slice::from_ref(&want),
+            std::slice::from_ref(&configured),
+            51820,
+            0,
+        );
+        let [DeviceChange::UpsertPeer(sent)] = changes.as_slice() else {
+            panic!("one update wanted for {want:?}: {changes:?}");
+        };
+        assert_eq!(sent.endpoint, roamed.endpoint, "{want:?}");
+        assert_eq!(
+            PeerConfig {
+                endpoint: want.endpoint,
+                ..sent.clone()
+            },
+            want
+        );
+    }
+    // A new endpoint from the controller is still pushed with the rest.
+    let moved_and_wider = config(2, Some("192.0.2.9:51820"), &["10.99.0.0/24"]);
+    let changes = device_changes(
+        &device,
+        std::slice::from_ref(&moved_and_wider),
+        std::slice::from_ref(&configured),
+        51820,
+        0,
+    );
+    let [DeviceChange::UpsertPeer(sent)] = changes.as_slice() else {
+        panic!("{changes:?}");
+    };
+    assert_eq!(sent, &moved_and_wider);
+}
+
 #[test]
 fn port_and_mark() {
     let device = observed(vec![], 51820, 0);
