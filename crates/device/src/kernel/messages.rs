@@ -3,7 +3,7 @@
 //! budget, as wireguard-tools does), and the `WG_CMD_GET_DEVICE` dump back into a
 //! [`DeviceState`]. No I/O here, so all of it is unit-tested.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -32,20 +32,23 @@ const NEST_HEADER_LEN: usize = 4;
 ///
 /// - Interface-level changes (private key, listen port, fwmark; the last of each wins) go
 ///   in the first message; `WGDEVICE_F_REPLACE_PEERS` is never set.
-/// - A peer upsert sets `WGPEER_F_REPLACE_ALLOWEDIPS` with its allowed IPs, its persistent
-///   keepalive (0 turns it off), its endpoint when it has one, and its preshared key; a
-///   preshared key of `None` is sent as 32 zero bytes (which clears it) only for a peer in
-///   `psk_peers`, the peers known to have one.
+/// - A peer upsert sets its persistent keepalive (0 turns it off), its endpoint when it has
+///   one, and its preshared key; a preshared key of `None` is sent as 32 zero bytes (which
+///   clears it) only for a peer `known` to have one. Its allowed IPs are sent, with
+///   `WGPEER_F_REPLACE_ALLOWEDIPS`, only when they differ from those `known` for it: the
+///   kernel replaces them by removing them all and then adding the new ones, and a packet
+///   to the peer in between finds no peer (it is dropped, and its sender told the host is
+///   unreachable), which a peer updated for its endpoint, keepalive or key must not suffer.
 /// - A peer that does not fit in what is left of a message starts a new one; a peer whose
 ///   allowed IPs do not fit in a whole message continues in the next message with its public
 ///   key and the remaining allowed IPs, without the replace flag.
 /// - A removal sets `WGPEER_F_REMOVE_ME`.
 ///
-/// `psk_peers` is updated to what the device holds once every message is applied.
+/// `known` is updated to what the device holds once every message is applied.
 pub fn set_device_messages(
     ifindex: u32,
     changes: &[DeviceChange],
-    psk_peers: &mut HashSet<PublicKey>,
+    known: &mut Known,
     budget: usize,
 ) -> Vec<WireguardMessage> {
     let mut private_key = None;
@@ -73,16 +76,20 @@ pub fn set_device_messages(
             DeviceChange::UpsertPeer(peer) => {
                 let psk = match peer.preshared_key {
                     Some(k) => {
-                        psk_peers.insert(peer.public_key);
+                        known.psk.insert(peer.public_key);
                         Some(*k.as_bytes())
                     }
-                    None if psk_peers.remove(&peer.public_key) => Some([0; 32]),
+                    None if known.psk.remove(&peer.public_key) => Some([0; 32]),
                     None => None,
                 };
-                batch.upsert(peer, psk);
+                let ips = network_set(&peer.allowed_ips);
+                let same_ips = known.allowed_ips.get(&peer.public_key) == Some(&ips);
+                batch.upsert(peer, psk, same_ips);
+                known.allowed_ips.insert(peer.public_key, ips);
             }
             DeviceChange::RemovePeer(key) => {
-                psk_peers.remove(key);
+                known.psk.remove(key);
+                known.allowed_ips.remove(key);
                 batch.push_whole(WireguardPeer(vec![
                     WireguardPeerAttribute::PublicKey(*key.as_bytes()),
                     WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
@@ -94,6 +101,42 @@ pub fn set_device_messages(
         }
     }
     batch.finish()
+}
+
+/// What the device is known to hold of its peers, from its last dump ([`Known::of`]) and the
+/// messages built since: which peers have a preshared key, and each peer's allowed IPs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Known {
+    pub psk: HashSet<PublicKey>,
+    /// Sorted and without repetitions ([`network_set`]).
+    pub allowed_ips: HashMap<PublicKey, Vec<Cidr>>,
+}
+
+impl Known {
+    /// What a dump of the device says.
+    pub fn of(state: &DeviceState) -> Known {
+        Known {
+            psk: state
+                .peers
+                .iter()
+                .filter(|p| p.config.preshared_key.is_some())
+                .map(|p| p.config.public_key)
+                .collect(),
+            allowed_ips: state
+                .peers
+                .iter()
+                .map(|p| (p.config.public_key, network_set(&p.config.allowed_ips)))
+                .collect(),
+        }
+    }
+}
+
+/// Networks as a set: sorted, without repetitions.
+pub fn network_set(networks: &[Cidr]) -> Vec<Cidr> {
+    let mut set = networks.to_vec();
+    set.sort();
+    set.dedup();
+    set
 }
 
 /// The `WG_CMD_GET_DEVICE` request (sent as a dump) for interface index `ifindex`.
@@ -176,17 +219,25 @@ impl Batch {
         self.push(peer);
     }
 
-    fn upsert(&mut self, peer: &PeerConfig, psk: Option<[u8; 32]>) {
+    /// A peer's attributes; its allowed IPs (replacing the device's) unless `same_ips`.
+    fn upsert(&mut self, peer: &PeerConfig, psk: Option<[u8; 32]>, same_ips: bool) {
         let public_key = *peer.public_key.as_bytes();
-        let mut head = vec![
-            WireguardPeerAttribute::PublicKey(public_key),
-            WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps),
-        ];
+        let mut head = vec![WireguardPeerAttribute::PublicKey(public_key)];
+        if !same_ips {
+            head.push(WireguardPeerAttribute::Flags(
+                WireguardPeerFlags::ReplaceAllowedIps,
+            ));
+        }
         head.extend(psk.map(WireguardPeerAttribute::PresharedKey));
         head.extend(peer.endpoint.map(WireguardPeerAttribute::Endpoint));
         head.push(WireguardPeerAttribute::PersistentKeepalive(
             peer.persistent_keepalive,
         ));
+        if same_ips {
+            // Without the flag and the list, the kernel leaves the allowed IPs as they are.
+            self.push_whole(WireguardPeer(head));
+            return;
+        }
         let ips: Vec<WireguardAllowedIp> = peer.allowed_ips.iter().map(allowed_ip).collect();
         let ips_len: usize = ips.as_slice().buffer_len();
 

@@ -179,12 +179,107 @@ fn set_device_messages_table() {
         },
     ];
     for case in cases {
-        let mut psk: HashSet<PublicKey> = case.psk_before.into_iter().collect();
-        let got = set_device_messages(IFINDEX, &case.changes, &mut psk, MESSAGE_BUDGET);
+        let mut known = Known {
+            psk: case.psk_before.into_iter().collect(),
+            ..Known::default()
+        };
+        let got = set_device_messages(IFINDEX, &case.changes, &mut known, MESSAGE_BUDGET);
         assert_eq!(got, case.want, "case {:?}", case.name);
         let want_psk: HashSet<PublicKey> = case.psk_after.into_iter().collect();
-        assert_eq!(psk, want_psk, "case {:?}: preshared key set", case.name);
+        assert_eq!(
+            known.psk, want_psk,
+            "case {:?}: preshared key set",
+            case.name
+        );
     }
+}
+
+/// A peer updated for its endpoint, keepalive or preshared key, with the allowed IPs the
+/// device holds (in another order), gets no `WGPEER_F_REPLACE_ALLOWEDIPS` and no allowed IPs:
+/// the kernel replaces them by removing them all first, and a packet to the peer in between
+/// would be dropped. Allowed IPs that differ, or a peer not known, get them.
+#[test]
+fn unchanged_allowed_ips_are_not_replaced() {
+    let endpoint: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let dumped = PeerConfig {
+        endpoint: Some(endpoint),
+        ..peer(1, &["10.250.0.2/32", "10.244.1.0/24"])
+    };
+    let state = DeviceState {
+        public_key: pk(0),
+        listen_port: 51820,
+        fwmark: 0,
+        peers: vec![PeerState {
+            config: dumped.clone(),
+            current_endpoint: Some(endpoint),
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }],
+    };
+    let moved: SocketAddr = "192.0.2.9:51820".parse().unwrap();
+    let updated = PeerConfig {
+        endpoint: Some(moved),
+        persistent_keepalive: 25,
+        ..peer(1, &["10.244.1.0/24", "10.250.0.2/32", "10.244.1.0/24"])
+    };
+    let mut known = Known::of(&state);
+    let got = set_device_messages(
+        IFINDEX,
+        &[DeviceChange::UpsertPeer(updated.clone())],
+        &mut known,
+        MESSAGE_BUDGET,
+    );
+    assert_eq!(
+        got,
+        vec![set(vec![
+            D::IfIndex(IFINDEX),
+            D::Peers(vec![WireguardPeer(vec![
+                P::PublicKey(*pk(1).as_bytes()),
+                P::Endpoint(moved),
+                P::PersistentKeepalive(25),
+            ])]),
+        ])]
+    );
+    // Allowed IPs that change are replaced, and are then what is known.
+    let wider = peer(1, &["10.244.1.0/24", "10.250.0.2/32", "10.99.0.0/16"]);
+    let got = set_device_messages(
+        IFINDEX,
+        &[DeviceChange::UpsertPeer(wider.clone())],
+        &mut known,
+        MESSAGE_BUDGET,
+    );
+    let sent = peers_of(&got);
+    assert_eq!(sent.len(), 1);
+    assert!(
+        sent[0]
+            .1
+            .contains(&P::Flags(WireguardPeerFlags::ReplaceAllowedIps)),
+        "{sent:?}"
+    );
+    assert_eq!(
+        known.allowed_ips.get(&pk(1)),
+        Some(&network_set(&wider.allowed_ips))
+    );
+    // A removed peer is forgotten: added again, it gets its allowed IPs.
+    let _ = set_device_messages(
+        IFINDEX,
+        &[DeviceChange::RemovePeer(pk(1))],
+        &mut known,
+        MESSAGE_BUDGET,
+    );
+    let got = set_device_messages(
+        IFINDEX,
+        &[DeviceChange::UpsertPeer(wider)],
+        &mut known,
+        MESSAGE_BUDGET,
+    );
+    assert!(
+        peers_of(&got)[0]
+            .1
+            .iter()
+            .any(|a| matches!(a, P::AllowedIps(_)))
+    );
 }
 
 /// Every peer's attributes, in message order, with the message number.
@@ -298,7 +393,7 @@ fn splitting_table() {
             .cloned()
             .map(DeviceChange::UpsertPeer)
             .collect();
-        let messages = set_device_messages(IFINDEX, &changes, &mut HashSet::new(), case.budget);
+        let messages = set_device_messages(IFINDEX, &changes, &mut Known::default(), case.budget);
         assert!(
             messages.len() >= case.min_messages,
             "case {:?}: {} messages",
@@ -352,7 +447,7 @@ fn peers_that_fit_whole_are_not_split() {
     let changes: Vec<DeviceChange> = (0..7)
         .map(|i| DeviceChange::UpsertPeer(peer(i, &refs)))
         .collect();
-    let messages = set_device_messages(IFINDEX, &changes, &mut HashSet::new(), MESSAGE_BUDGET);
+    let messages = set_device_messages(IFINDEX, &changes, &mut Known::default(), MESSAGE_BUDGET);
     let entries = peers_of(&messages);
     assert_eq!(entries.len(), 7, "no peer was split");
     assert!(messages.len() >= 3);
@@ -363,7 +458,7 @@ fn peers_that_fit_whole_are_not_split() {
 fn interface_settings_only_in_the_first_message() {
     let mut changes = vec![DeviceChange::SetListenPort(51820)];
     changes.extend((0..500).map(|i| DeviceChange::UpsertPeer(peer(i, &["10.0.0.0/8"]))));
-    let messages = set_device_messages(IFINDEX, &changes, &mut HashSet::new(), MESSAGE_BUDGET);
+    let messages = set_device_messages(IFINDEX, &changes, &mut Known::default(), MESSAGE_BUDGET);
     assert!(messages.len() > 1);
     assert_eq!(messages[0].attributes[1], D::ListenPort(51820));
     for m in &messages[1..] {
@@ -374,7 +469,7 @@ fn interface_settings_only_in_the_first_message() {
 #[test]
 fn removals_split_too() {
     let changes: Vec<DeviceChange> = (0..2000).map(|i| DeviceChange::RemovePeer(pk(i))).collect();
-    let messages = set_device_messages(IFINDEX, &changes, &mut HashSet::new(), MESSAGE_BUDGET);
+    let messages = set_device_messages(IFINDEX, &changes, &mut Known::default(), MESSAGE_BUDGET);
     assert!(messages.len() > 1);
     assert!(messages.iter().all(|m| message_len(m) <= MESSAGE_BUDGET));
     let entries = peers_of(&messages);

@@ -5,7 +5,6 @@
 
 pub mod messages;
 
-use std::collections::HashSet;
 use std::io;
 use std::sync::{Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -190,8 +189,10 @@ pub struct KernelDevice {
     ifindex: u32,
     genl: GenetlinkHandle,
     rtnl: rtnetlink::Handle,
-    /// Peers known to have a preshared key: only those get a zero key to clear it.
-    psk_peers: Mutex<HashSet<PublicKey>>,
+    /// What the device holds of its peers (as of the last dump, and the changes since): only
+    /// peers known to have a preshared key get a zero key to clear it, and allowed IPs are
+    /// sent only when they differ from the known ones.
+    known: Mutex<messages::Known>,
     /// Serialises `apply` so that the messages of two calls never interleave.
     apply_lock: tokio::sync::Mutex<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -332,7 +333,7 @@ impl KernelDevice {
             ifindex: 0,
             genl,
             rtnl,
-            psk_peers: Mutex::new(HashSet::new()),
+            known: Mutex::new(messages::Known::default()),
             apply_lock: tokio::sync::Mutex::new(()),
             tasks: vec![rtnl_task, genl_task],
         };
@@ -378,7 +379,7 @@ impl KernelDevice {
         };
         device.ifindex = link.header.index;
 
-        // Learn which existing peers (of an adopted link) hold a preshared key, and whose
+        // Learn what the existing peers (of an adopted link) hold, and whose
         // link it is.
         let found = device.observe().await?;
         let alias = link_alias(&link);
@@ -428,16 +429,7 @@ impl KernelDevice {
             .await
             .map_err(|e| netlink_err(format!("reading the WireGuard device {}", self.name), e))?;
         let state = messages::parse_device(&messages)?;
-        let with_psk = state
-            .peers
-            .iter()
-            .filter(|p| p.config.preshared_key.is_some())
-            .map(|p| p.config.public_key)
-            .collect();
-        *self
-            .psk_peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = with_psk;
+        *self.known.lock().unwrap_or_else(PoisonError::into_inner) = messages::Known::of(&state);
         Ok(state)
     }
 
@@ -446,16 +438,18 @@ impl KernelDevice {
     pub async fn apply(&self, changes: &[DeviceChange]) -> Result<(), Error> {
         let _serial = self.apply_lock.lock().await;
         let batch = {
-            let mut psk = self
-                .psk_peers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            messages::set_device_messages(self.ifindex, changes, &mut psk, messages::MESSAGE_BUDGET)
+            let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+            messages::set_device_messages(
+                self.ifindex,
+                changes,
+                &mut known,
+                messages::MESSAGE_BUDGET,
+            )
         };
         let total = batch.len();
         for (i, message) in batch.into_iter().enumerate() {
             if let Err(e) = self.request(message, NLM_F_ACK).await {
-                // Relearn which peers hold a preshared key, as only part was applied.
+                // Relearn the peers' preshared keys and allowed IPs, as only part was applied.
                 let _ = self.observe().await;
                 return Err(netlink_err(
                     format!(
