@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
-use wgmesh_core::PrivateKey;
+use wgmesh_core::{PrivateKey, PublicKey};
 use wgmesh_proto as pb;
 
 use crate::client::ControllerClient;
@@ -572,12 +572,19 @@ impl Agent {
         // Names are resolved all at once: one after another, a few unreachable names (the
         // cluster's DNS may be behind tunnels not programmed yet) held every change for
         // their timeouts added up.
-        let endpoints = futures::future::join_all(
-            desired
-                .peers
-                .values()
-                .map(|peer| resolve(peer.endpoint.as_deref())),
-        )
+        // What each name resolved to last time is kept while the name still resolves to it:
+        // a name with several addresses (round robin) must not move a peer every refresh.
+        let before: std::collections::HashMap<&PublicKey, SocketAddr> = self
+            .last_wanted
+            .iter()
+            .filter_map(|p| Some((&p.public_key, p.endpoint?)))
+            .collect();
+        let endpoints = futures::future::join_all(desired.peers.values().map(|peer| {
+            resolve(
+                peer.endpoint.as_deref(),
+                before.get(&peer.public_key).copied(),
+            )
+        }))
         .await;
         let wanted: Vec<PeerConfig> = desired
             .peers
@@ -1029,7 +1036,7 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// `ip:port` or `[v6]:port` directly; `host:port` through the resolver. Unresolvable: none
 /// (the peer is then answered wherever it comes from).
-async fn resolve(endpoint: Option<&str>) -> Option<SocketAddr> {
+async fn resolve(endpoint: Option<&str>, before: Option<SocketAddr>) -> Option<SocketAddr> {
     let endpoint = endpoint?;
     if let Ok(addr) = endpoint.parse() {
         return Some(addr);
@@ -1052,7 +1059,7 @@ async fn resolve(endpoint: Option<&str>) -> Option<SocketAddr> {
                     "a peer endpoint resolves only to addresses no handshake may go to; not using it"
                 );
             }
-            usable.into_iter().next()
+            keep_or_first(&usable, before)
         }
         Ok(Err(e)) => {
             tracing::warn!(endpoint, error = %e, "cannot resolve a peer endpoint");
@@ -1063,6 +1070,14 @@ async fn resolve(endpoint: Option<&str>) -> Option<SocketAddr> {
             None
         }
     }
+}
+
+/// The address a name resolved to `before`, while it is still among `resolved`; else the
+/// first (the resolver's order).
+fn keep_or_first(resolved: &[SocketAddr], before: Option<SocketAddr>) -> Option<SocketAddr> {
+    before
+        .filter(|b| resolved.contains(b))
+        .or_else(|| resolved.first().copied())
 }
 
 /// What a resolved endpoint address may not be ([`wgmesh_core::desired::fixed_reserved`]:
@@ -1182,7 +1197,6 @@ pub fn routing_config(
 mod tests {
     use super::*;
     use clap::Parser;
-    use wgmesh_core::PublicKey;
 
     fn net(mode: &str) -> NetworkArgs {
         crate::config::Cli::parse_from(["wgmesh-agent", "--network-mode", mode])
@@ -1193,20 +1207,50 @@ mod tests {
     #[tokio::test]
     async fn a_name_resolving_to_loopback_or_metadata_is_not_used() {
         // The resolver reads these as addresses, without asking DNS.
-        assert_eq!(resolve(Some("0x7f000001:22")).await, None, "127.0.0.1");
         assert_eq!(
-            resolve(Some("2852039166:80")).await,
+            resolve(Some("0x7f000001:22"), None).await,
+            None,
+            "127.0.0.1"
+        );
+        assert_eq!(
+            resolve(Some("2852039166:80"), None).await,
             None,
             "169.254.169.254"
         );
-        assert_eq!(resolve(Some("localhost:51820")).await, None);
+        assert_eq!(resolve(Some("localhost:51820"), None).await, None);
         // Literal addresses are the controller's to judge; a usable one resolves.
         assert_eq!(
-            resolve(Some("192.0.2.7:51820")).await,
+            resolve(Some("192.0.2.7:51820"), None).await,
             Some("192.0.2.7:51820".parse().unwrap())
         );
         assert!(forbidden_resolved_endpoint("203.0.113.9".parse().unwrap()).is_none());
         assert!(forbidden_resolved_endpoint("fe80::1".parse().unwrap()).is_some());
+    }
+
+    #[test]
+    fn a_name_keeps_its_address_while_it_still_resolves_to_it() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let (x, y, z) = (
+            a("192.0.2.1:51820"),
+            a("192.0.2.2:51820"),
+            a("[2001:db8::3]:51820"),
+        );
+        let cases: &[(&[SocketAddr], Option<SocketAddr>, Option<SocketAddr>)] = &[
+            (&[x, y], None, Some(x)),
+            // Round robin: the other order keeps what was chosen.
+            (&[y, x], Some(x), Some(x)),
+            (&[z, y, x], Some(y), Some(y)),
+            // Gone from the answer: the first.
+            (&[y, z], Some(x), Some(y)),
+            (&[], Some(x), None),
+        ];
+        for (resolved, before, want) in cases {
+            assert_eq!(
+                keep_or_first(resolved, *before),
+                *want,
+                "{resolved:?} {before:?}"
+            );
+        }
     }
 
     #[test]
