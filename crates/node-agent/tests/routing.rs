@@ -425,6 +425,93 @@ fn guards_outlive_the_interface_and_follow_the_mesh() {
     });
 }
 
+/// A route moving to another table (the mesh's fwmark set: add-on mode's dedicated table) is
+/// added there before it leaves the old one: the rules already lead to the new table, whose
+/// guard would drop the traffic in between. `ip monitor` sees the kernel's order.
+#[test]
+fn a_route_moving_to_another_table_is_added_there_first() {
+    if !is_root("routing") {
+        return;
+    }
+    let ns = netns("move");
+    veth(&ns, "wgt0", 1420, true);
+    let cmd = ns.cmd();
+    ns.run(move || async move {
+        let ns = cmd;
+        let routing = Routing::new().await.unwrap();
+        let mut cfg = RoutingConfig {
+            interface: "wgt0".into(),
+            addresses: nets(&["10.250.0.3/16"]),
+            mtu: Some(1420),
+            routes: nets(&["10.251.2.0/24"]),
+            table: 0,
+            rules: vec![],
+            guards: nets(&["10.251.0.0/16"]),
+            local: vec![],
+        };
+        routing.sync(&cfg).await.unwrap();
+        /// The monitor goes with the test, also when it fails.
+        struct Monitor(std::process::Child);
+        impl Drop for Monitor {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut monitor = std::process::Command::new("ip")
+            // Line-buffered: into a pipe, `ip monitor` would hold its lines back.
+            .args([
+                "netns", "exec", &ns.0, "stdbuf", "-oL", "ip", "-o", "-4", "monitor", "route",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map(Monitor)
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = monitor.0.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        // Listening once it reports a route of its own making (added and deleted each time:
+        // the kernel says nothing of a route replaced by the same).
+        let listening = std::time::Instant::now();
+        loop {
+            ns.ip(&["route", "add", "10.99.0.0/24", "dev", "wgt0"]);
+            ns.ip(&["route", "del", "10.99.0.0/24", "dev", "wgt0"]);
+            let line = rx.recv_timeout(std::time::Duration::from_millis(500));
+            if line.is_ok_and(|l| l.contains("10.99.0.0/24")) {
+                break;
+            }
+            assert!(listening.elapsed().as_secs() < 20, "ip monitor is silent");
+        }
+        cfg.table = 51820;
+        routing.sync(&cfg).await.unwrap();
+        let mut events = String::new();
+        while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(1)) {
+            events.push_str(&line);
+            events.push('\n');
+        }
+        drop(monitor);
+        let position = |what: &dyn Fn(&str) -> bool| {
+            events
+                .lines()
+                .position(|l| l.contains("10.251.2.0/24 dev wgt0") && what(l))
+        };
+        let added = position(&|l: &str| !l.starts_with("Deleted") && l.contains("table 51820"));
+        let deleted = position(&|l: &str| l.starts_with("Deleted") && !l.contains("table"));
+        assert!(
+            matches!((added, deleted), (Some(a), Some(d)) if a < d),
+            "added to the new table before leaving the main one:\n{events}"
+        );
+    });
+}
+
 /// A TUN of the mesh's name that another program holds open (Debian's wireguard-go: the
 /// device refused to take it) is not deleted when the mesh leaves the node; a persistent TUN
 /// nobody holds (a crashed userspace device's) is.

@@ -426,16 +426,20 @@ impl Routing {
         let observed = self.routes_via(ifindex).await?;
         let plain: Vec<ObservedRoute> = observed.iter().map(|(r, _)| r.clone()).collect();
         let plan = plan_routes(&plain, &cfg.routes, table);
-        for i in plan.delete {
-            if refused.note(self.delete_route(&observed[i].1, &observed[i].0).await) {
-                changes.routes_removed += 1;
-            }
-        }
+        // New routes first: when the table moves (a new fwmark), the rules already lead to
+        // the new one, whose guards would drop the traffic between deleting a route from the
+        // old table and adding it to the new. An added route never collides with a deleted
+        // one (it is for a destination without a route in its table).
         for dst in plan.add {
             if let Some(true) =
                 refused.keep(self.add_route(dst, ifindex, table, &cfg.interface).await)
             {
                 changes.routes_added += 1;
+            }
+        }
+        for i in plan.delete {
+            if refused.note(self.delete_route(&observed[i].1, &observed[i].0).await) {
+                changes.routes_removed += 1;
             }
         }
 
