@@ -61,7 +61,8 @@ pub struct DeviceState {
 /// Endpoints roam: a device reports where a peer's authenticated packets last came from, and
 /// that wins over the configured one. So a wanted endpoint is pushed only when it is new to
 /// the device's configuration *and* differs from what was asked last time (`previous`, what
-/// the agent last applied; empty after a restart, when the configured one is pushed once).
+/// the agent last applied; after a restart, what the saved configuration named), or the
+/// device has no endpoint for the peer at all.
 /// An unset endpoint never overrides a roamed one, and neither does the update of a peer for
 /// another reason (its allowed IPs, keepalive or preshared key): it carries the endpoint the
 /// device has.
@@ -92,9 +93,10 @@ pub fn device_changes(
             changes.push(DeviceChange::UpsertPeer((*w).clone()));
             continue;
         };
+        // A device without an endpoint for the peer did not roam: it gets the wanted one.
         let push_endpoint = w.endpoint.is_some()
             && h.endpoint != w.endpoint
-            && asked.get(key).copied().flatten() != w.endpoint;
+            && (h.endpoint.is_none() || asked.get(key).copied().flatten() != w.endpoint);
         if push_endpoint
             || !same_set(&h.allowed_ips, &w.allowed_ips)
             || h.persistent_keepalive != w.persistent_keepalive

@@ -161,14 +161,18 @@ fn roamed_endpoints_are_not_pushed_back() {
     let configured = config(2, Some("192.0.2.2:51820"), &["10.244.2.0/24"]);
     let roamed = config(2, Some("198.51.100.7:40000"), &["10.244.2.0/24"]);
     let moved = config(2, Some("192.0.2.9:51820"), &["10.244.2.0/24"]);
-    let device = observed(vec![roamed], 51820, 0);
-    // wanted, asked last time, expected
+    let unset = config(2, None, &["10.244.2.0/24"]);
+    // device, wanted, asked last time, expected
     let cases = [
-        (&configured, vec![configured.clone()], vec![]),
-        (&moved, vec![configured.clone()], vec!["+2"]),
-        (&configured, vec![], vec!["+2"]),
+        (&roamed, &configured, vec![configured.clone()], vec![]),
+        (&roamed, &moved, vec![configured.clone()], vec!["+2"]),
+        (&roamed, &configured, vec![], vec!["+2"]),
+        // Asked before, but the device has none (someone cleared it): never roamed.
+        (&unset, &configured, vec![configured.clone()], vec!["+2"]),
+        (&configured, &configured, vec![configured.clone()], vec![]),
     ];
-    for (want, previous, expected) in cases {
+    for (on_device, want, previous, expected) in cases {
+        let device = observed(vec![on_device.clone()], 51820, 0);
         assert_eq!(
             summary(&device_changes(
                 &device,

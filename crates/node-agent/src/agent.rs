@@ -393,6 +393,17 @@ impl Agent {
             "programming the configuration saved by the last run"
         );
         self.desired = saved.clone();
+        // What the last run asked the device for, as far as it is known without DNS: a
+        // persistent (kernel) device kept its peers, and a peer that roamed since (behind
+        // NAT) keeps its roamed endpoint instead of being sent back to the configured one.
+        self.last_wanted = saved
+            .peers
+            .values()
+            .map(|p| {
+                let literal = p.endpoint.as_deref().and_then(|e| e.parse().ok());
+                peer_config(p, literal)
+            })
+            .collect();
         if let Err(e) = self.program(saved).await {
             tracing::warn!(error = %e, "could not program the saved configuration; waiting for the controller");
         } else if let Some(device) = &self.device {
