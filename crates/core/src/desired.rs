@@ -1040,6 +1040,19 @@ fn mesh_reserved(mesh: &MeshInput) -> Vec<ReservedRange> {
 /// overlaps; the controller then holds the mesh as it is (`InvalidTunnelPool`).
 pub fn check_tunnel_pools(mesh: &MeshInput, nodes: &[NodeInput]) -> Result<(), String> {
     let reserved = mesh_reserved(mesh);
+    // One pool per family (as the CRD says): each node gets one address from each, and two
+    // pools over each other would hand one address to two nodes.
+    for (i, pool) in mesh.tunnel_pools.iter().enumerate() {
+        if let Some(other) = mesh.tunnel_pools[..i]
+            .iter()
+            .find(|o| o.is_ipv4() == pool.is_ipv4())
+        {
+            return Err(format!(
+                "tunnel pools {other} and {pool} are of one address family: a mesh has one \
+                 IPv4 pool and one IPv6 pool at most"
+            ));
+        }
+    }
     for pool in &mesh.tunnel_pools {
         let smallest = if pool.is_ipv4() { 30 } else { 126 };
         if pool.prefix_len() > smallest {

@@ -1752,6 +1752,16 @@ fn tunnel_pool_table() {
             &["10.244.3.0/24", "fd00:244:4::/64"],
             None,
         ),
+        (
+            "two IPv4 pools, one inside the other",
+            &["10.250.0.0/21", "10.250.0.0/30"],
+            Some("of one address family"),
+        ),
+        (
+            "two IPv6 pools",
+            &["fd00:250::/64", "10.250.0.0/16", "fd00:251::/64"],
+            Some("fd00:250::/64 and fd00:251::/64"),
+        ),
     ];
     for (name, pools, want) in cases {
         let mut m = mesh();
