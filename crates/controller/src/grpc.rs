@@ -238,7 +238,6 @@ impl MeshService for MeshServer {
         )?;
 
         let (name, existing) = self.node_peer_slot(&req.mesh, &node)?;
-        let api: Api<WireGuardPeer> = Api::all(self.client.clone());
         let key_changed = existing
             .as_ref()
             .is_some_and(|e| e.spec.public_key != key.to_base64());
@@ -247,9 +246,6 @@ impl MeshService for MeshServer {
         // when its agent registers again.
         if existing.is_none() || key_changed {
             self.check_key_is_free(&key, &name, &req.node).await?;
-        }
-        if key_changed {
-            self.charge_key_change(&req.node)?;
         }
         let registered = endpoint_string(address, port);
         // What the other members are told: the Node's or the mesh's choice, else this.
@@ -260,51 +256,37 @@ impl MeshService for MeshServer {
         .unwrap_or_else(|| registered.clone());
         let mut labels = wgmesh_api::name_label("wgmesh.io/node", &req.node);
         labels.extend(wgmesh_api::name_label("wgmesh.io/mesh", &req.mesh));
-        let apply = json!({
-            "apiVersion": "wgmesh.io/v1alpha1",
-            "kind": "WireGuardPeer",
-            "metadata": {
-                "name": name,
-                "labels": labels,
-                "annotations": { convert::REGISTERED_ENDPOINT_ANNOTATION: registered },
-                "ownerReferences": [node_owner(&node)],
-            },
-            "spec": {
-                "mesh": req.mesh,
-                "node": req.node,
-                "publicKey": key.to_base64(),
-                "endpoint": endpoint,
-            }
+        let owner = node_owner(&node);
+        let unchanged = existing.as_deref().is_some_and(|e| {
+            registration_is_current(e, &key.to_base64(), &registered, &labels, &owner)
         });
-        let patched = api
-            .patch(
+        if unchanged {
+            // An agent's every restart and reconnection, and every agent after a controller
+            // restart: nothing to write, and no call to the API server.
+            self.metrics.registration("unchanged");
+        } else {
+            let moved = existing
+                .as_deref()
+                .is_some_and(|e| registered_endpoint(e) != Some(registered.as_str()));
+            if key_changed || moved {
+                self.charge_registration_change(&req.node, key_changed)?;
+            }
+            self.write_registration(
                 &name,
-                &PatchParams::apply(REGISTER_MANAGER).force(),
-                &Patch::Apply(&apply),
+                &req.node,
+                &req.mesh,
+                &key,
+                key_changed,
+                RegisteredPeer {
+                    labels,
+                    registered,
+                    owner,
+                    endpoint,
+                },
             )
-            .await
-            .map_err(|e| {
-                self.metrics.error("register");
-                Status::unavailable(format!("writing WireGuardPeer {name}: {e}"))
-            })?;
-        if key_changed {
-            tracing::info!(node = %req.node, peer = %name, "node registered a new public key");
-            let event = Event {
-                type_: EventType::Normal,
-                reason: "KeyChanged".into(),
-                note: Some(format!(
-                    "node {} registered a new public key {key}",
-                    req.node
-                )),
-                action: "Register".into(),
-                secondary: None,
-            };
-            let _ = self
-                .recorder
-                .publish(&event, &patched.object_ref(&()))
-                .await;
+            .await?;
         }
-        tracing::info!(node = %req.node, mesh = %req.mesh, agent = %req.agent_version, "agent registered");
+        tracing::info!(node = %req.node, mesh = %req.mesh, agent = %req.agent_version, unchanged, "agent registered");
 
         // Answer with the tunnel addresses once the writer has allocated them.
         let mut view = self.index.subscribe(&req.mesh, &req.node);
@@ -564,16 +546,94 @@ impl MeshServer {
     }
 
     /// Counts a key change of `node`, or refuses it when the node changed keys too often.
-    fn charge_key_change(&self, node: &str) -> Result<(), Status> {
+    /// Writes the node's peer as a registration says (server-side apply, the fields
+    /// [`REGISTER_MANAGER`] owns), with an Event when its key changed.
+    async fn write_registration(
+        &self,
+        name: &str,
+        node: &str,
+        mesh: &str,
+        key: &PublicKey,
+        key_changed: bool,
+        peer: RegisteredPeer,
+    ) -> Result<(), Status> {
+        let api: Api<WireGuardPeer> = Api::all(self.client.clone());
+        let apply = json!({
+            "apiVersion": "wgmesh.io/v1alpha1",
+            "kind": "WireGuardPeer",
+            "metadata": {
+                "name": name,
+                "labels": peer.labels,
+                "annotations": { convert::REGISTERED_ENDPOINT_ANNOTATION: peer.registered },
+                "ownerReferences": [peer.owner],
+            },
+            "spec": {
+                "mesh": mesh,
+                "node": node,
+                "publicKey": key.to_base64(),
+                "endpoint": peer.endpoint,
+            }
+        });
+        let patched = api
+            .patch(
+                name,
+                &PatchParams::apply(REGISTER_MANAGER).force(),
+                &Patch::Apply(&apply),
+            )
+            .await
+            .map_err(|e| {
+                self.metrics.error("register");
+                Status::unavailable(format!("writing WireGuardPeer {name}: {e}"))
+            })?;
+        self.metrics.registration("written");
+        // Until the cache shows this write, the next registration could be judged unchanged
+        // against what it replaced (an endpoint changed and changed back): wait for it.
+        let written = patched.metadata.resource_version.clone();
+        let caught_up = async {
+            while self
+                .caches
+                .peers
+                .get(&ObjectRef::new(name))
+                .is_none_or(|p| p.metadata.resource_version != written)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let _ = tokio::time::timeout(REGISTER_WAIT, caught_up).await;
+        if key_changed {
+            tracing::info!(node, peer = %name, "node registered a new public key");
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "KeyChanged".into(),
+                note: Some(format!("node {node} registered a new public key {key}")),
+                action: "Register".into(),
+                secondary: None,
+            };
+            let _ = self
+                .recorder
+                .publish(&event, &patched.object_ref(&()))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Counts a change of a registered node's peer (its key, or its endpoint) against the
+    /// node's budget: each is a write and an update to every member.
+    fn charge_registration_change(&self, node: &str, key_changed: bool) -> Result<(), Status> {
         let now = std::time::Instant::now();
         let mut budgets = self.key_changes.lock().unwrap_or_else(|e| e.into_inner());
         let budget = budgets
             .entry(node.to_owned())
             .or_insert_with(|| TokenBucket::with(now, KEY_CHANGE_BURST, KEY_CHANGES_PER_SECOND));
         if !budget.allows(now) {
-            self.metrics.error("register_key_change_limited");
+            self.metrics.error(if key_changed {
+                "register_key_change_limited"
+            } else {
+                "register_change_limited"
+            });
+            let what = if key_changed { "key" } else { "registration" };
             return Err(Status::resource_exhausted(format!(
-                "node {node} changed its key {KEY_CHANGE_BURST} times in a short while; \
+                "node {node} changed its {what} {KEY_CHANGE_BURST} times in a short while; \
                  the next change is taken in {:.0} s",
                 1.0 / KEY_CHANGES_PER_SECOND
             )));
@@ -664,6 +724,48 @@ impl MeshServer {
             "public key {key} is held by WireGuardPeer {holder_name}; a node must register its own key"
         )))
     }
+}
+
+/// What a registration writes to the node's peer besides its key, mesh and node.
+struct RegisteredPeer {
+    labels: std::collections::BTreeMap<String, String>,
+    /// The endpoint the agent registered (an annotation).
+    registered: String,
+    owner: OwnerReference,
+    /// The endpoint the other members are told.
+    endpoint: String,
+}
+
+/// The endpoint the node's agent last registered (the annotation).
+fn registered_endpoint(peer: &WireGuardPeer) -> Option<&str> {
+    peer.metadata
+        .annotations
+        .as_ref()?
+        .get(convert::REGISTERED_ENDPOINT_ANNOTATION)
+        .map(String::as_str)
+}
+
+/// Whether the node's peer already holds what a registration would write (the agent
+/// restarted or reconnected, or the controller did): then nothing is written. Its
+/// `spec.endpoint` is not compared: the writer keeps it in step with the desired mesh (the
+/// relay's observation for a node behind NAT), which the annotation decides.
+fn registration_is_current(
+    peer: &WireGuardPeer,
+    key: &str,
+    registered: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+    owner: &OwnerReference,
+) -> bool {
+    let meta = &peer.metadata;
+    peer.spec.public_key == key
+        && registered_endpoint(peer) == Some(registered)
+        && labels
+            .iter()
+            .all(|(k, v)| meta.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
+        && meta.owner_references.as_ref().is_some_and(|refs| {
+            refs.iter()
+                .any(|r| r.uid == owner.uid && r.kind == owner.kind && r.name == owner.name)
+        })
 }
 
 fn node_owner(node: &k8s_openapi::api::core::v1::Node) -> OwnerReference {
@@ -928,6 +1030,108 @@ mod tests {
                 .map(|ip| ip.to_string())
                 .map_err(|s| s.code());
             assert_eq!(got, want.map(str::to_owned), "{named:?} {node_addrs:?}");
+        }
+    }
+
+    #[test]
+    fn registration_is_current_table() {
+        let owner = OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: "a".into(),
+            uid: "uid-a".into(),
+            ..Default::default()
+        };
+        let labels =
+            std::collections::BTreeMap::from([("wgmesh.io/node".to_owned(), "a".to_owned())]);
+        let key = "k".repeat(43) + "=";
+        let peer = || {
+            let spec: wgmesh_api::WireGuardPeerSpec = serde_json::from_value(json!({
+                "mesh": "default", "node": "a", "publicKey": key, "endpoint": "198.51.100.9:40000",
+            }))
+            .unwrap();
+            let mut p = WireGuardPeer::new("node-a", spec);
+            p.metadata.labels = Some(labels.clone());
+            p.metadata.annotations = Some(
+                [(
+                    convert::REGISTERED_ENDPOINT_ANNOTATION.to_owned(),
+                    "192.168.0.1:51820".to_owned(),
+                )]
+                .into(),
+            );
+            p.metadata.owner_references = Some(vec![owner.clone()]);
+            p
+        };
+        let cases: Vec<(&str, WireGuardPeer, bool)> = vec![
+            // spec.endpoint is the writer's (a relay's observation): not compared.
+            ("as registered", peer(), true),
+            (
+                "another key",
+                {
+                    let mut p = peer();
+                    p.spec.public_key = "j".repeat(43) + "=";
+                    p
+                },
+                false,
+            ),
+            (
+                "another registered endpoint",
+                {
+                    let mut p = peer();
+                    p.metadata.annotations = Some(
+                        [(
+                            convert::REGISTERED_ENDPOINT_ANNOTATION.to_owned(),
+                            "192.168.0.2:51820".to_owned(),
+                        )]
+                        .into(),
+                    );
+                    p
+                },
+                false,
+            ),
+            (
+                "no annotation",
+                {
+                    let mut p = peer();
+                    p.metadata.annotations = None;
+                    p
+                },
+                false,
+            ),
+            (
+                "a label missing",
+                {
+                    let mut p = peer();
+                    p.metadata.labels = None;
+                    p
+                },
+                false,
+            ),
+            (
+                "owned by an older Node of that name",
+                {
+                    let mut p = peer();
+                    p.metadata.owner_references.as_mut().unwrap()[0].uid = "uid-old".into();
+                    p
+                },
+                false,
+            ),
+            (
+                "no owner",
+                {
+                    let mut p = peer();
+                    p.metadata.owner_references = None;
+                    p
+                },
+                false,
+            ),
+        ];
+        for (name, p, want) in cases {
+            assert_eq!(
+                registration_is_current(&p, &key, "192.168.0.1:51820", &labels, &owner),
+                want,
+                "{name}"
+            );
         }
     }
 

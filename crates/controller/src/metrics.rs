@@ -30,6 +30,7 @@ struct Inner {
     is_leader: Gauge,
     refused_updates: Family<Labels, Counter>,
     gateway_failovers: Family<Labels, Counter>,
+    registrations: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -52,6 +53,12 @@ impl Metrics {
         let is_leader = Gauge::default();
         let refused_updates = Family::<Labels, Counter>::default();
         let gateway_failovers = Family::<Labels, Counter>::default();
+        let registrations = Family::<Labels, Counter>::default();
+        registry.register(
+            "registrations",
+            "Registrations taken, by outcome: written (the node's peer changed or is new) or unchanged (nothing to write)",
+            registrations.clone(),
+        );
         registry.register(
             "gateway_failovers",
             "Moves of the active gateway off a gateway whose agent was down, by mesh",
@@ -117,6 +124,7 @@ impl Metrics {
                 is_leader,
                 refused_updates,
                 gateway_failovers,
+                registrations,
             }),
         }
     }
@@ -137,6 +145,14 @@ impl Metrics {
         self.inner
             .refused_updates
             .get_or_create(&vec![("mesh", mesh.to_owned())])
+            .inc();
+    }
+
+    /// A registration taken: `written` or `unchanged`.
+    pub fn registration(&self, outcome: &'static str) {
+        self.inner
+            .registrations
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
             .inc();
     }
 
