@@ -726,6 +726,14 @@ impl MeshServer {
     }
 }
 
+/// `period` shortened by up to a half, by stream: thousands of streams opened together (a
+/// controller restart) are not all reviewed in the same second.
+fn spread(period: Duration, stream: u64) -> Duration {
+    // Fibonacci hashing: consecutive ids land far apart in [0, 1).
+    let fraction = (stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    period.mul_f64(1.0 - fraction / 2.0)
+}
+
 /// What a registration writes to the node's peer besides its key, mesh and node.
 struct RegisteredPeer {
     labels: std::collections::BTreeMap<String, String>,
@@ -820,7 +828,8 @@ impl PeerStream {
             .grant
             .expires()
             .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default());
-        now + until_expiry.map_or(self.review_every, |d| d.min(self.review_every))
+        let every = spread(self.review_every, self.id);
+        now + until_expiry.map_or(every, |d| d.min(every))
     }
 
     /// Sends `message` when the stream has room, giving the snapshot `turn` up if that
@@ -980,9 +989,15 @@ impl PeerStream {
             if review_due {
                 match self.auth.still_authorized(&self.grant).await {
                     Ok(()) => next_review = self.next_review(),
-                    // The API server cannot say: the stream stays (an outage changes
-                    // nothing), and the token is reviewed again shortly.
-                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                    // The API server cannot say, or the source's budget of failed reviews
+                    // is spent (by someone else's bogus tokens, maybe): neither says anything
+                    // of this token. The stream stays; it is reviewed again shortly.
+                    Err(status)
+                        if matches!(
+                            status.code(),
+                            tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+                        ) =>
+                    {
                         next_review = tokio::time::Instant::now() + REVIEW_RETRY;
                     }
                     Err(status) => {
@@ -1031,6 +1046,16 @@ mod tests {
                 .map_err(|s| s.code());
             assert_eq!(got, want.map(str::to_owned), "{named:?} {node_addrs:?}");
         }
+    }
+
+    #[test]
+    fn reviews_of_streams_opened_together_are_spread() {
+        let period = Duration::from_secs(600);
+        let mut at: Vec<u64> = (0..1000).map(|id| spread(period, id).as_secs()).collect();
+        assert!(at.iter().all(|s| (300..=600).contains(s)), "{at:?}");
+        at.sort_unstable();
+        at.dedup();
+        assert!(at.len() > 250, "1000 streams over {} seconds", at.len());
     }
 
     #[test]
