@@ -281,6 +281,8 @@ impl Authenticator {
         let expires = jwt_expiry(token);
         if expires.is_some_and(|at| at <= SystemTime::now()) {
             // Within the API server's leeway, but a stream would end at once.
+            tracing::warn!(node, "refused a peer stream: its token has expired");
+            self.metrics.auth_failure(tonic::Code::Unauthenticated);
             return Err(Status::unauthenticated(
                 "the token has expired: connect again with a fresh one",
             ));

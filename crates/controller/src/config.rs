@@ -142,7 +142,7 @@ pub struct Config {
     /// Seconds between reviews of an open peer stream's token: a stream whose token no longer
     /// passes (its pod was deleted) ends then, and every stream ends when its token expires.
     /// Reviews answered in the last 30 s (the agent's own calls) are reused.
-    #[arg(long, env = "WGMESH_STREAM_REVIEW_SECONDS", default_value_t = 600)]
+    #[arg(long, env = "WGMESH_STREAM_REVIEW_SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub stream_review_seconds: u64,
 
     /// Minimum seconds between two writes of agent-reported status to one object.

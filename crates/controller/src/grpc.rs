@@ -49,8 +49,11 @@ const SNAPSHOT_TURN: Duration = Duration::from_secs(5);
 const SNAPSHOT_TURN_HELD: Duration = Duration::from_secs(10);
 /// Field manager of the node peer fields a registration owns.
 const REGISTER_MANAGER: &str = "wgmesh-controller-register";
-/// How soon a stream's token is reviewed again when the API server could not answer.
+/// How soon a stream's token is reviewed again when the API server could not answer (then
+/// twice that, and so on up to the usual period).
 const REVIEW_RETRY: Duration = Duration::from_secs(30);
+/// How long a stream waits for its token's review.
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stream for a mesh that does not exist stays open (its agent then connects
 /// again, as it does when the mesh appears).
 const MISSING_MESH_STREAM: Duration = Duration::from_secs(120);
@@ -820,15 +823,15 @@ struct PeerStream {
 }
 
 impl PeerStream {
-    /// When to review the stream's token next: after `review_every`, or when it expires if
-    /// that is sooner.
-    fn next_review(&self) -> tokio::time::Instant {
+    /// When to review the stream's token next: after `period` (spread by stream), or when it
+    /// expires if that is sooner.
+    fn next_review(&self, period: Duration) -> tokio::time::Instant {
         let now = tokio::time::Instant::now();
         let until_expiry = self
             .grant
             .expires()
             .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default());
-        let every = spread(self.review_every, self.id);
+        let every = spread(period, self.id);
         now + until_expiry.map_or(every, |d| d.min(every))
     }
 
@@ -908,7 +911,8 @@ impl PeerStream {
             config.settings = None;
             config
         });
-        let mut next_review = self.next_review();
+        let mut next_review = self.next_review(self.review_every);
+        let mut retry = REVIEW_RETRY;
         loop {
             let view = self.views.borrow_and_update().clone();
             // No settings: the mesh was never computed, is held (a Secret it needs is not
@@ -987,8 +991,17 @@ impl PeerStream {
                 () = tokio::time::sleep_until(next_review) => true,
             };
             if review_due {
-                match self.auth.still_authorized(&self.grant).await {
-                    Ok(()) => next_review = self.next_review(),
+                // Bounded: meanwhile this stream sends nothing, and a hung API server must
+                // not hold it (a review that does not answer says nothing of the token).
+                let review =
+                    tokio::time::timeout(REVIEW_TIMEOUT, self.auth.still_authorized(&self.grant))
+                        .await
+                        .unwrap_or_else(|_| Err(Status::unavailable("the token review timed out")));
+                match review {
+                    Ok(()) => {
+                        retry = REVIEW_RETRY;
+                        next_review = self.next_review(self.review_every);
+                    }
                     // The API server cannot say, or the source's budget of failed reviews
                     // is spent (by someone else's bogus tokens, maybe): neither says anything
                     // of this token. The stream stays; it is reviewed again shortly.
@@ -998,7 +1011,10 @@ impl PeerStream {
                             tonic::Code::Unavailable | tonic::Code::ResourceExhausted
                         ) =>
                     {
-                        next_review = tokio::time::Instant::now() + REVIEW_RETRY;
+                        // Later each time, up to the usual period: thousands of streams must
+                        // not press an API server that is struggling.
+                        next_review = self.next_review(retry);
+                        retry = (retry * 2).min(self.review_every);
                     }
                     Err(status) => {
                         // The agent connects again with its current token.

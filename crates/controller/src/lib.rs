@@ -247,7 +247,7 @@ pub async fn run(config: Config) -> Result<()> {
         forwarder,
         replica_name: config.peer_server_name.clone(),
         peers_per_part: config.peers_per_part as usize,
-        stream_review: std::time::Duration::from_secs(config.stream_review_seconds.max(1)),
+        stream_review: std::time::Duration::from_secs(config.stream_review_seconds),
         snapshot_turns: Arc::new(tokio::sync::Semaphore::new(grpc::SNAPSHOTS_IN_FLIGHT)),
         open_streams: Arc::default(),
         key_changes: Default::default(),

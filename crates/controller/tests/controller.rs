@@ -1570,21 +1570,22 @@ async fn a_peer_stream_ends_with_its_token() -> Result<()> {
         cluster::AGENT_SERVICE_ACCOUNT,
         sa_uid.as_str(),
     );
+    let signed = std::time::Instant::now();
     let short = wgmesh_e2e::tokens::signed_token(&fx.cp, who, &pod, "wgmesh", 8)?;
     let mut agent = SimAgent::new(ch.clone(), "a", "default", &short, [1; 32]);
     agent.register("192.168.0.1").await?;
     agent.watch().await?;
-    let opened = std::time::Instant::now();
     agent
         .next_update(Duration::from_secs(10))
         .await?
         .context("the snapshot")?;
     let ended = stream_end(&mut agent, Duration::from_secs(20)).await?;
     assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
+    // `exp` is in whole seconds: 7 to 8 s after signing.
     assert!(
-        opened.elapsed() >= Duration::from_secs(5),
+        signed.elapsed() >= Duration::from_secs(7),
         "the stream ended before its token expired: {:?}",
-        opened.elapsed()
+        signed.elapsed()
     );
 
     // A token from the API server (valid for an hour): the stream ends once its pod is gone.

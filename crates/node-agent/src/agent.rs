@@ -35,6 +35,8 @@ const REREGISTER: Duration = Duration::from_secs(5);
 /// table. A removed guard or rule would let pod traffic out in plaintext until the next
 /// change of the mesh.
 const REPAIR_EVERY: Duration = Duration::from_secs(10);
+/// A handshake this recent says a peer answers where it is (sessions rekey every 2 minutes).
+const RECENT_HANDSHAKE: Duration = Duration::from_secs(180);
 /// Priority of the rule that sends marked (encrypted) packets to the fwmark table; ahead of
 /// the add-on mode's rule, so encrypted packets never loop into the tunnel.
 const FWMARK_RULE_PRIORITY: u32 = 5200;
@@ -125,6 +127,7 @@ impl Agent {
                 // routine, and the next session carries the kubelet's newer token.
                 Err(Error::Rpc(status))
                     if status.code() == tonic::Code::Unauthenticated
+                        && status.message().contains("expired")
                         && started.elapsed() > BACKOFF_MAX =>
                 {
                     tracing::info!(
@@ -192,14 +195,10 @@ impl Agent {
         // Nothing is programmed from the registration alone: the stream's first message is
         // the whole view, and until it arrives what is programmed (or was saved) stays.
 
-        let req = client.request(pb::WatchPeersRequest {
-            node: self.args.node.clone(),
-            mesh: self.args.mesh.clone(),
-            resume_epoch: self.desired.epoch.clone(),
-            resume_revision: self.desired.revision,
-            accepts_parts: true,
-        });
-        let mut stream = client.grpc().watch_peers(req).await?.into_inner();
+        // The token the stream is opened with: the controller ends the stream when it
+        // expires, so a renewed token opens the next one first.
+        let mut stream_token = client.current_token();
+        let mut stream = self.watch(&mut client).await?;
         // Large updates come in parts; nothing is applied before the last one.
         let mut parts = wgmesh_proto::decode::PartsJoiner::default();
         self.metrics.set_connected(true);
@@ -214,6 +213,22 @@ impl Agent {
                 _ = refresh.tick(), if refresh_every > 0 => self.refresh_endpoints().await,
                 _ = repair.tick() => self.repair().await,
                 _ = membership.tick() => {
+                    // The kubelet renewed the token (at 80% of its life): a new stream with
+                    // it takes over from this one (the controller ends the older stream of a
+                    // node), resuming where this one is, before the controller would end it
+                    // at its token's expiry. Never a gap in which the node looks down.
+                    let token = client.current_token();
+                    if token != stream_token {
+                        match self.watch(&mut client).await {
+                            Ok(next) => {
+                                tracing::info!("the token was renewed; the peer stream moved to the new one");
+                                stream = next;
+                                stream_token = token;
+                                parts = wgmesh_proto::decode::PartsJoiner::default();
+                            }
+                            Err(e) => tracing::debug!(error = %e, "opening a stream with the renewed token failed; keeping this one"),
+                        }
+                    }
                     // Registration pending (or refused): say we are here again. A node the
                     // mesh said left (deleted, deselected, mesh gone) waits for the stream to
                     // say it may register again (its departure turns NotRegistered), rather
@@ -286,6 +301,21 @@ impl Agent {
                 _ = tick.tick() => self.report(&mut client).await?,
             }
         }
+    }
+
+    /// Opens the peer stream, resuming from what this agent has.
+    async fn watch(
+        &self,
+        client: &mut ControllerClient,
+    ) -> Result<tonic::Streaming<pb::PeerUpdate>> {
+        let req = client.request(pb::WatchPeersRequest {
+            node: self.args.node.clone(),
+            mesh: self.args.mesh.clone(),
+            resume_epoch: self.desired.epoch.clone(),
+            resume_revision: self.desired.revision,
+            accepts_parts: true,
+        });
+        Ok(client.grpc().watch_peers(req).await?.into_inner())
     }
 
     /// Resolves the programmed peers' DNS endpoints again and moves a peer whose name now
@@ -583,11 +613,24 @@ impl Agent {
         // Names are resolved all at once: one after another, a few unreachable names (the
         // cluster's DNS may be behind tunnels not programmed yet) held every change for
         // their timeouts added up.
-        // What each name resolved to last time is kept while the name still resolves to it:
-        // a name with several addresses (round robin) must not move a peer every refresh.
+        let observed = device.observe().await?;
+        // What each name resolved to last time is kept while the name still resolves to it
+        // and the peer answers there: a name with several addresses (round robin) must not
+        // move a working peer every refresh, nor keep one on a dead address.
+        let answering: std::collections::HashSet<&PublicKey> = observed
+            .peers
+            .iter()
+            .filter(|p| {
+                p.last_handshake
+                    .and_then(|at| SystemTime::now().duration_since(at).ok())
+                    .is_some_and(|age| age < RECENT_HANDSHAKE)
+            })
+            .map(|p| &p.config.public_key)
+            .collect();
         let before: std::collections::HashMap<&PublicKey, SocketAddr> = self
             .last_wanted
             .iter()
+            .filter(|p| answering.contains(&p.public_key))
             .filter_map(|p| Some((&p.public_key, p.endpoint?)))
             .collect();
         let endpoints = futures::future::join_all(desired.peers.values().map(|peer| {
@@ -603,7 +646,6 @@ impl Agent {
             .zip(endpoints)
             .map(|(peer, endpoint)| peer_config(peer, endpoint))
             .collect();
-        let observed = device.observe().await?;
         let port = u16::try_from(settings.listen_port).unwrap_or(0);
         let changes = device_changes(&observed, &wanted, &self.last_wanted, port, settings.fwmark);
         if !changes.is_empty() {

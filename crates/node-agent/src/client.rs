@@ -74,6 +74,13 @@ impl ControllerClient {
         req
     }
 
+    /// The token the next call carries: the file's, or the last one read.
+    pub fn current_token(&self) -> String {
+        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        refresh_token(&mut token, &self.token_file);
+        token.clone()
+    }
+
     pub fn grpc(&mut self) -> &mut MeshServiceClient<Channel> {
         &mut self.inner
     }

@@ -1084,6 +1084,23 @@ impl TestMesh {
         }
     }
 
+    /// Renews node `i`'s agent token as the kubelet does at 80% of its life: a new token of
+    /// its pod, written over the projected one (a new file renamed into place).
+    pub async fn renew_agent_token(&self, i: usize) -> Result<()> {
+        let node = &self.nodes[i];
+        let token = cluster::running_agent_token(&self.client, &node.name).await?;
+        let dir = self
+            .dir
+            .path()
+            .join(format!("node-{}", node.index))
+            .join("volumes")
+            .join("token");
+        let fresh = dir.join(".token.new");
+        std::fs::write(&fresh, token)?;
+        std::fs::rename(&fresh, dir.join("token"))?;
+        Ok(())
+    }
+
     /// The tail of every agent's log, for failure messages.
     pub fn agent_logs(&self, lines: usize) -> String {
         self.nodes

@@ -115,6 +115,28 @@ async fn userspace_mesh_end_to_end() -> Result<()> {
         "recent handshake with node-2: {hs} vs {now}"
     );
 
+    // 3b. The kubelet renews an agent's token: the agent opens its peer stream again with
+    // it, which takes over before the old token expires (the controller ends a stream at its
+    // token's expiry), without a new session.
+    mesh.renew_agent_token(0).await?;
+    wait_for(
+        "node-1's stream on the renewed token",
+        Duration::from_secs(30),
+        || {
+            Ok(mesh
+                .agent_log(0)?
+                .contains("the peer stream moved to the new one"))
+        },
+    )
+    .await?;
+    assert!(
+        !mesh
+            .agent_log(0)?
+            .contains("the session with the controller ended"),
+        "{}",
+        mesh.agent_logs(20)
+    );
+
     // 4. Restarting an agent keeps its public key; the other nodes' session is untouched.
     let key0 = mesh.public_key(0)?;
     let key2 = mesh.public_key(2)?;
