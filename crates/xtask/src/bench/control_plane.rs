@@ -69,8 +69,10 @@ pub struct Args {
     detailed_reports: bool,
 }
 
-/// Agents per gRPC connection (HTTP/2 limits concurrent streams per connection).
-const AGENTS_PER_CHANNEL: usize = 100;
+/// Agents per gRPC connection: the controller serves 64 streams at once per connection, and
+/// each agent holds one open (its peer stream) besides its short calls. Real agents have a
+/// connection each.
+const AGENTS_PER_CHANNEL: usize = 50;
 const CONCURRENCY: usize = 32;
 /// No status write for this long: the last change is written.
 const SETTLED_AFTER: Duration = Duration::from_secs(5);
