@@ -440,14 +440,7 @@ async fn agents_are_authenticated_and_bound_to_their_node() -> Result<()> {
     );
 
     // An expired token, signed with the cluster's real key.
-    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-        Api::namespaced(fx.client.clone(), AGENT_NAMESPACE);
-    let sa_uid = sas
-        .get(cluster::AGENT_SERVICE_ACCOUNT)
-        .await?
-        .metadata
-        .uid
-        .context("sa uid")?;
+    let sa_uid = agent_service_account_uid(&fx.client).await?;
     let expired = wgmesh_e2e::tokens::expired_token(
         &fx.cp,
         AGENT_NAMESPACE,
@@ -470,7 +463,12 @@ async fn agents_are_authenticated_and_bound_to_their_node() -> Result<()> {
         },
         ..Default::default()
     };
-    sas.create(&PostParams::default(), &other_sa).await?;
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(
+        fx.client.clone(),
+        AGENT_NAMESPACE,
+    )
+    .create(&PostParams::default(), &other_sa)
+    .await?;
     let intruder_pod = cluster::agent_pod(&fx.client, "intruder-pod", "a", "intruder").await?;
     let intruder = cluster::bound_token(&fx.client, "intruder", &intruder_pod, "wgmesh").await?;
     let mut sa = SimAgent::new(ch.clone(), "a", "default", &intruder, [1; 32]);
@@ -1515,6 +1513,17 @@ async fn a_call_without_a_token_is_refused_before_its_body_is_read() -> Result<(
     Ok(())
 }
 
+/// The UID of the agents' service account (a token signed here names it).
+async fn agent_service_account_uid(client: &kube::Client) -> Result<String> {
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    sas.get(cluster::AGENT_SERVICE_ACCOUNT)
+        .await?
+        .metadata
+        .uid
+        .context("the agents' service account has no uid")
+}
+
 /// Waits for `agent`'s stream to end and returns the status it ended with.
 async fn stream_end(agent: &mut SimAgent, within: Duration) -> Result<tonic::Status> {
     let until = tokio::time::Instant::now() + within;
@@ -1557,14 +1566,7 @@ async fn a_peer_stream_ends_with_its_token() -> Result<()> {
     // pod is there and nothing else changed.
     let pod =
         cluster::agent_pod(&fx.client, "agent-a", "a", cluster::AGENT_SERVICE_ACCOUNT).await?;
-    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-        Api::namespaced(fx.client.clone(), AGENT_NAMESPACE);
-    let sa_uid = sas
-        .get(cluster::AGENT_SERVICE_ACCOUNT)
-        .await?
-        .metadata
-        .uid
-        .context("sa uid")?;
+    let sa_uid = agent_service_account_uid(&fx.client).await?;
     let who = (
         AGENT_NAMESPACE,
         cluster::AGENT_SERVICE_ACCOUNT,

@@ -17,20 +17,7 @@ use wgmesh_device::{DeviceChange, InterfaceConfig, PeerConfig, device_changes};
 
 mod common;
 
-use common::{Netns, in_netns, is_root};
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{Netns, in_netns, is_root, run};
 
 fn underlay(link: u8, host: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 210, link, host))

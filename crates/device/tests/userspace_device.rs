@@ -20,22 +20,9 @@ use wgmesh_device::{DeviceChange, InterfaceConfig, PeerConfig, PeerState};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 mod common;
 
-use common::{Netns, in_netns, is_root, spawn_in_netns};
+use common::{Netns, in_netns, is_root, run, spawn_in_netns};
 
 /// What a test created, undone on drop in reverse: processes (by PID), namespaces, files.
 struct Lab {

@@ -14,22 +14,9 @@ use nix::unistd::Pid;
 #[path = "../../device/tests/common/mod.rs"]
 mod common;
 
-use common::{Netns, is_root};
+use common::{Netns, is_root, run};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// What the test created, undone on drop: the device process (by PID), then its namespace.
 struct Lab {

@@ -12,6 +12,20 @@ use std::thread::JoinHandle;
 
 use nix::sched::{CloneFlags, setns};
 
+/// Runs a command, which must succeed; its output.
+pub fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Whether we may create namespaces; says why the suite is skipped when not.
 pub fn is_root(suite: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
