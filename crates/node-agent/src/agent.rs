@@ -610,9 +610,6 @@ impl Agent {
         // leaves them dropping traffic, not sending it in plaintext). Plaintext fallback: a
         // userspace interface goes with the process, and the node's other routes take over.
         device.keep_after_exit(!settings.plaintext_fallback)?;
-        // Names are resolved all at once: one after another, a few unreachable names (the
-        // cluster's DNS may be behind tunnels not programmed yet) held every change for
-        // their timeouts added up.
         let observed = device.observe().await?;
         // What each name resolved to last time is kept while the name still resolves to it
         // and the peer answers there: a name with several addresses (round robin) must not
@@ -633,6 +630,9 @@ impl Agent {
             .filter(|p| answering.contains(&p.public_key))
             .filter_map(|p| Some((&p.public_key, p.endpoint?)))
             .collect();
+        // Names are resolved all at once: one after another, a few unreachable names (the
+        // cluster's DNS may be behind tunnels not programmed yet) held every change for
+        // their timeouts added up.
         let endpoints = futures::future::join_all(desired.peers.values().map(|peer| {
             resolve(
                 peer.endpoint.as_deref(),
