@@ -240,7 +240,7 @@ impl Authenticator {
         source: Option<IpAddr>,
         node: &str,
     ) -> Result<(), Status> {
-        let source = source.unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+        let source = known_or_unspecified(source);
         let result = self.check(metadata, source, node).await;
         if let Err(status) = &result {
             tracing::warn!(node, code = ?status.code(), reason = status.message(), "refused an agent");
@@ -257,7 +257,7 @@ impl Authenticator {
         headers: &http::HeaderMap,
         source: Option<IpAddr>,
     ) -> Result<(), Status> {
-        let source = source.unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+        let source = known_or_unspecified(source);
         let metadata = MetadataMap::from_headers(headers.clone());
         let result = self.agent_identity(&metadata, source).await.map(|_| ());
         if let Err(status) = &result {
@@ -289,7 +289,7 @@ impl Authenticator {
         }
         Ok(StreamGrant {
             token: token.to_owned(),
-            source: source.unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+            source: known_or_unspecified(source),
             node: node.to_owned(),
             expires,
         })
@@ -303,13 +303,10 @@ impl Authenticator {
                 "the stream's token has expired: connect again with a fresh one",
             ));
         }
-        let result = self
-            .check_identity(
-                self.reviewed_agent(&grant.token, grant.source).await,
-                grant.source,
-                &grant.node,
-            )
-            .map(|_| ());
+        let result = match self.reviewed_agent(&grant.token, grant.source).await {
+            Ok(identity) => self.check_identity(identity, grant.source, &grant.node),
+            Err(status) => Err(status),
+        };
         if let Err(status) = &result
             && status.code() != tonic::Code::Unavailable
         {
@@ -346,17 +343,12 @@ impl Authenticator {
         source: IpAddr,
         node: &str,
     ) -> Result<(), Status> {
-        self.check_identity(self.agent_identity(metadata, source).await, source, node)
+        let identity = self.agent_identity(metadata, source).await?;
+        self.check_identity(identity, source, node)
     }
 
     /// Whether a reviewed agent `identity` may speak for `node`.
-    fn check_identity(
-        &self,
-        identity: Result<Identity, Status>,
-        source: IpAddr,
-        node: &str,
-    ) -> Result<(), Status> {
-        let identity = identity?;
+    fn check_identity(&self, identity: Identity, source: IpAddr, node: &str) -> Result<(), Status> {
         match identity.node.as_deref() {
             Some(n) if n == node => {
                 // An agent's own token, for its own node: its source is exempt from the
@@ -517,6 +509,12 @@ impl Authenticator {
             ))),
         }
     }
+}
+
+/// A call's source address; the unspecified address when the transport does not say (one
+/// budget for all such calls).
+fn known_or_unspecified(source: Option<IpAddr>) -> IpAddr {
+    source.unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
 }
 
 fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {

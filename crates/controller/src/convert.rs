@@ -79,6 +79,13 @@ pub const ENDPOINT_ANNOTATION: &str = "wgmesh.io/endpoint";
 /// endpoint the mesh chose, which may differ (an override, an address type preference).
 pub const REGISTERED_ENDPOINT_ANNOTATION: &str = "wgmesh.io/registered-endpoint";
 
+/// The endpoint a node peer's agent last registered ([`REGISTERED_ENDPOINT_ANNOTATION`]).
+pub fn registered_endpoint(peer: &WireGuardPeer) -> Option<&str> {
+    peer.annotations()
+        .get(REGISTERED_ENDPOINT_ANNOTATION)
+        .map(String::as_str)
+}
+
 /// Where the other members reach a node: the Node's endpoint annotation, else its first
 /// address of the mesh's preferred types, else what its agent registered. An annotation that
 /// does not parse is ignored with a warning.
@@ -295,10 +302,8 @@ pub fn peer_input(
         allowed_ips,
         // A node peer: what its agent registered; the desired mesh decides what to publish.
         endpoint: match &spec.node {
-            Some(_) => peer
-                .annotations()
-                .get(REGISTERED_ENDPOINT_ANNOTATION)
-                .cloned()
+            Some(_) => registered_endpoint(peer)
+                .map(str::to_owned)
                 .or_else(|| spec.endpoint.as_ref().map(|e| e.0.clone())),
             None => spec.endpoint.as_ref().map(|e| e.0.clone()),
         },

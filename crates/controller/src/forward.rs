@@ -116,12 +116,6 @@ pub fn lease_identity(name: &str, advertise: Option<&str>) -> String {
     }
 }
 
-/// Whether `der`, the leaf certificate a client presented (already verified against the CA),
-/// names the replicas: a DNS subject alternative name equal to `replica_name` (the chart's
-/// generated certificate has `wgmesh-controller`, also the `--peer-server-name` replicas
-/// check when they connect to each other). The CA may sign other certificates; only this
-/// name makes a client a replica whose forwarded reports skip agent authentication.
-/// Unparsable input is not a replica.
 /// Whether a call is a report another replica forwarded: it says so ([`FORWARDED`]) and its
 /// client certificate is a replica's ([`is_replica_certificate`]).
 pub fn forwarded_by_replica(
@@ -135,6 +129,12 @@ pub fn forwarded_by_replica(
             .is_some_and(|leaf| is_replica_certificate(leaf, replica_name))
 }
 
+/// Whether `der`, the leaf certificate a client presented (already verified against the CA),
+/// names the replicas: a DNS subject alternative name equal to `replica_name` (the chart's
+/// generated certificate has `wgmesh-controller`, also the `--peer-server-name` replicas
+/// check when they connect to each other). The CA may sign other certificates; only this
+/// name makes a client a replica whose forwarded reports skip agent authentication.
+/// Unparsable input is not a replica.
 pub fn is_replica_certificate(der: &[u8], replica_name: &str) -> bool {
     use x509_parser::extensions::GeneralName;
     let Ok((rest, cert)) = x509_parser::parse_x509_certificate(der) else {

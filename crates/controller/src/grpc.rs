@@ -270,7 +270,7 @@ impl MeshService for MeshServer {
         } else {
             let moved = existing
                 .as_deref()
-                .is_some_and(|e| registered_endpoint(e) != Some(registered.as_str()));
+                .is_some_and(|e| convert::registered_endpoint(e) != Some(registered.as_str()));
             if key_changed || moved {
                 self.charge_registration_change(&req.node, key_changed)?;
             }
@@ -548,7 +548,6 @@ impl MeshServer {
         }
     }
 
-    /// Counts a key change of `node`, or refuses it when the node changed keys too often.
     /// Writes the node's peer as a registration says (server-side apply, the fields
     /// [`REGISTER_MANAGER`] owns), with an Event when its key changed.
     async fn write_registration(
@@ -747,15 +746,6 @@ struct RegisteredPeer {
     endpoint: String,
 }
 
-/// The endpoint the node's agent last registered (the annotation).
-fn registered_endpoint(peer: &WireGuardPeer) -> Option<&str> {
-    peer.metadata
-        .annotations
-        .as_ref()?
-        .get(convert::REGISTERED_ENDPOINT_ANNOTATION)
-        .map(String::as_str)
-}
-
 /// Whether the node's peer already holds what a registration would write (the agent
 /// restarted or reconnected, or the controller did): then nothing is written. Its
 /// `spec.endpoint` is not compared: the writer keeps it in step with the desired mesh (the
@@ -769,7 +759,7 @@ fn registration_is_current(
 ) -> bool {
     let meta = &peer.metadata;
     peer.spec.public_key == key
-        && registered_endpoint(peer) == Some(registered)
+        && convert::registered_endpoint(peer) == Some(registered)
         && labels
             .iter()
             .all(|(k, v)| meta.labels.as_ref().and_then(|l| l.get(k)) == Some(v))

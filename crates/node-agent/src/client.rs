@@ -65,8 +65,7 @@ impl ControllerClient {
 
     /// A call carrying the current token (the last one read, if the file cannot be read now).
     pub fn request<T>(&self, body: T) -> Request<T> {
-        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
-        refresh_token(&mut token, &self.token_file);
+        let token = self.current_token();
         let mut req = Request::new(body);
         if let Ok(value) = format!("Bearer {token}").parse() {
             req.metadata_mut().insert("authorization", value);
