@@ -23,6 +23,7 @@
 
 mod allowed_ips;
 mod datapath;
+mod edit;
 mod handover;
 mod limits;
 mod offload;
@@ -42,7 +43,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 
-use self::handover::{Handover, Handshakes};
+use self::edit::PeerEdit;
+use self::handover::Handshakes;
 use self::limits::{BUF_LEN, TICK};
 use self::peers::{Identity, Peer, PeerEntry, PeerTable};
 use self::sockets::Sockets;
@@ -50,9 +52,7 @@ use self::tun::Tun;
 use self::uapi::Op;
 pub use self::workers::WorkerPolicy;
 use self::workers::Workers;
-use super::{
-    DeviceChange, DeviceState, Error, InterfaceConfig, PeerConfig, PeerState, validate_name,
-};
+use super::{DeviceChange, DeviceState, Error, InterfaceConfig, PeerState, validate_name};
 
 /// A running userspace WireGuard device. Dropping it stops it.
 pub struct UserspaceDevice {
@@ -399,40 +399,25 @@ impl Inner {
 
     /// Applies the operations `build` derives from the current peer configurations, as one
     /// transaction against concurrent writers.
-    fn apply_ops(&self, build: impl FnOnce(&[PeerConfig]) -> Vec<Op>) -> Result<(), Error> {
+    fn apply_ops(&self, build: impl FnOnce(&[PeerEntry]) -> Vec<Op>) -> Result<(), Error> {
         if self.stopping() {
             return Err(Error::Stopped);
         }
         let mut writer = lock(&self.writer);
         let current = self.table.load_full();
-        let configs: Vec<PeerConfig> = current.entries.iter().map(|e| e.config.clone()).collect();
-        let ops = build(&configs);
+        let ops = build(&current.entries);
 
         let mut identity = Arc::clone(&current.identity);
         let mut listen_port = current.listen_port;
         let mut fwmark = current.fwmark;
-        let mut entries = current.entries.clone();
-        let mut handover = Handover::default();
+        let mut edit = PeerEdit::new(&current);
         let mut result = Ok(());
         for (change, explicit_endpoint) in ops {
             match change {
                 DeviceChange::UpsertPeer(cfg) => {
-                    upsert(
-                        &mut writer,
-                        &identity,
-                        &mut entries,
-                        &mut handover,
-                        cfg,
-                        explicit_endpoint,
-                    );
+                    edit.upsert(&identity, &mut writer.next_index, cfg, explicit_endpoint);
                 }
-                DeviceChange::RemovePeer(key) => entries.retain(|e| {
-                    let removed = e.config.public_key == key;
-                    if removed && e.peer.had_session_lately() {
-                        handover.released.extend(&e.config.allowed_ips);
-                    }
-                    !removed
-                }),
+                DeviceChange::RemovePeer(key) => edit.remove(&key),
                 // Port 0 means "any": an already bound device keeps its port, so that an agent
                 // reapplying "0" does not rebind on every reconcile.
                 DeviceChange::SetListenPort(port) if port == 0 || port == listen_port => {}
@@ -458,19 +443,12 @@ impl Inner {
                     let new = Identity::new(key);
                     if new.public_key != identity.public_key {
                         identity = Arc::new(new);
-                        // A peer with our own key cannot exist (the kernel drops it too).
-                        entries.retain(|e| e.config.public_key != identity.public_key);
-                        for e in &entries {
-                            let in_use = e.peer.had_session_lately();
-                            e.peer.set_identity(&identity);
-                            if in_use {
-                                handover.restart.push(Arc::clone(&e.peer));
-                            }
-                        }
+                        edit.set_identity(&identity);
                     }
                 }
             }
         }
+        let (entries, handover) = edit.finish();
         // Publish even after an error: the changes before it already touched runtime state.
         self.table.store(Arc::new(PeerTable::build(
             identity,
@@ -508,7 +486,9 @@ impl Inner {
                 uapi::render_get(&table.identity.private_key, &state_of(&table))
             }
             Ok(uapi::Request::Set(req)) => {
-                match self.apply_ops(|current| uapi::set_to_ops(req, current)) {
+                match self
+                    .apply_ops(|current| uapi::set_to_ops(req, current.iter().map(|e| &e.config)))
+                {
                     Ok(()) => uapi::render_errno(0),
                     Err(e) => {
                         tracing::debug!(error = %e, "UAPI set");
@@ -520,84 +500,6 @@ impl Inner {
                 tracing::debug!(error = %e, "UAPI request");
                 uapi::render_errno(uapi::errno(&e))
             }
-        }
-    }
-}
-
-/// Adds a peer or changes it in place: only a new preshared key restarts its session.
-fn upsert(
-    writer: &mut Writer,
-    identity: &Identity,
-    entries: &mut Vec<PeerEntry>,
-    handover: &mut Handover,
-    mut cfg: PeerConfig,
-    explicit_endpoint: bool,
-) {
-    if cfg.public_key == identity.public_key {
-        tracing::warn!(peer = %cfg.public_key, "ignoring a peer with our own public key");
-        return;
-    }
-    let mut seen = Vec::with_capacity(cfg.allowed_ips.len());
-    cfg.allowed_ips.retain(|c| {
-        let new = !seen.contains(c);
-        seen.push(*c);
-        new
-    });
-    // An allowed IP belongs to one peer: the latest assignment takes it from the others.
-    for e in entries
-        .iter_mut()
-        .filter(|e| e.config.public_key != cfg.public_key)
-    {
-        let in_use = e.peer.had_session_lately();
-        e.config.allowed_ips.retain(|c| {
-            let taken = cfg.allowed_ips.contains(c);
-            if taken && in_use {
-                handover.released.insert(*c);
-            }
-            !taken
-        });
-    }
-    match entries
-        .iter_mut()
-        .find(|e| e.config.public_key == cfg.public_key)
-    {
-        Some(e) => {
-            if e.config.preshared_key != cfg.preshared_key {
-                let in_use = e.peer.had_session_lately();
-                e.peer.reset_session(identity, cfg.preshared_key);
-                if in_use {
-                    handover.restart.push(Arc::clone(&e.peer));
-                }
-            }
-            if e.config.persistent_keepalive != cfg.persistent_keepalive {
-                e.peer.set_keepalive(cfg.persistent_keepalive);
-            }
-            // A configured endpoint replaces a roamed one only when it is new (or set
-            // explicitly over the UAPI), so reapplying the same config keeps roaming intact.
-            if let Some(ep) = cfg.endpoint
-                && (explicit_endpoint || e.config.endpoint != cfg.endpoint)
-            {
-                e.peer.set_endpoint(ep);
-            }
-            e.config = cfg;
-        }
-        None => {
-            let index = loop {
-                let i = writer.next_index & 0x00FF_FFFF;
-                writer.next_index = writer.next_index.wrapping_add(1);
-                if !entries.iter().any(|e| e.peer.index == i) {
-                    break i;
-                }
-            };
-            let peer = Arc::new(Peer::new(identity, &cfg, index));
-            if cfg
-                .allowed_ips
-                .iter()
-                .any(|c| handover.released.contains(c))
-            {
-                handover.restart.push(Arc::clone(&peer));
-            }
-            entries.push(PeerEntry { config: cfg, peer });
         }
     }
 }

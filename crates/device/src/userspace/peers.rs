@@ -11,7 +11,7 @@ use arc_swap::ArcSwapOption;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
-use wgmesh_core::{Key, PrivateKey, PublicKey};
+use wgmesh_core::{Cidr, Key, PrivateKey, PublicKey};
 
 use super::allowed_ips::AllowedIps;
 use crate::PeerConfig;
@@ -309,6 +309,10 @@ pub(crate) struct PeerEntry {
     pub peer: Arc<Peer>,
 }
 
+/// The entry each allowed IP belongs to. Hashed with foldhash (seeded per process): built
+/// for every change, over every peer's allowed IPs.
+pub(crate) type OwnerMap = HashMap<Cidr, usize, foldhash::fast::RandomState>;
+
 /// Everything the data path needs, immutable once built.
 pub(crate) struct PeerTable {
     pub identity: Arc<Identity>,
@@ -320,6 +324,8 @@ pub(crate) struct PeerTable {
     /// Sorted by index: a binary search per packet is cheaper than SipHash.
     by_index: Vec<(u32, usize)>,
     allowed: AllowedIps<usize>,
+    /// The entry each allowed IP belongs to, for the next change (`PeerEdit`).
+    owner: OwnerMap,
 }
 
 impl PeerTable {
@@ -332,11 +338,13 @@ impl PeerTable {
         let mut by_key = HashMap::with_capacity(entries.len());
         let mut by_index = Vec::with_capacity(entries.len());
         let mut allowed = AllowedIps::new();
+        let mut owner = OwnerMap::default();
         for (i, e) in entries.iter().enumerate() {
             by_key.insert(e.config.public_key, i);
             by_index.push((e.peer.index, i));
             for cidr in &e.config.allowed_ips {
                 allowed.insert(cidr.net(), i);
+                owner.insert(*cidr, i);
             }
         }
         by_index.sort_unstable();
@@ -348,6 +356,7 @@ impl PeerTable {
             by_key,
             by_index,
             allowed,
+            owner,
         }
     }
 
@@ -375,6 +384,18 @@ impl PeerTable {
 
     pub(crate) fn by_key(&self, key: &PublicKey) -> Option<&PeerEntry> {
         self.by_key.get(key).map(|&i| &self.entries[i])
+    }
+
+    /// The table's lookups as a change starts from them: entry by key, allowed IP by owner.
+    pub(crate) fn lookups(&self) -> (HashMap<PublicKey, usize>, OwnerMap) {
+        (self.by_key.clone(), self.owner.clone())
+    }
+
+    /// Whether a receiver index is taken in this table.
+    pub(crate) fn index_in_use(&self, index: u32) -> bool {
+        self.by_index
+            .binary_search_by_key(&index, |&(i, _)| i)
+            .is_ok()
     }
 }
 
