@@ -66,7 +66,8 @@ impl fmt::Display for BackendKind {
 }
 
 pub enum Device {
-    Kernel(KernelDevice),
+    // Boxed: the kernel device holds what it knows of its peers inline.
+    Kernel(Box<KernelDevice>),
     Userspace(UserspaceDevice),
 }
 
@@ -120,7 +121,9 @@ impl Device {
                     if existing == Some(ExistingLink::Tun) {
                         replace(ExistingLink::Tun).await?;
                     }
-                    Ok(Device::Kernel(KernelDevice::create(config).await?))
+                    Ok(Device::Kernel(Box::new(
+                        KernelDevice::create(config).await?,
+                    )))
                 }
                 KernelSupport::Unavailable(reason) => Err(Error::KernelUnavailable(reason)),
             },
@@ -131,7 +134,9 @@ impl Device {
             Requested::Auto => {
                 let reason = match kernel_wireguard_available().await {
                     Ok(KernelSupport::Available) => {
-                        return Ok(Device::Kernel(KernelDevice::create(config).await?));
+                        return Ok(Device::Kernel(Box::new(
+                            KernelDevice::create(config).await?,
+                        )));
                     }
                     Ok(KernelSupport::Unavailable(reason)) => reason,
                     Err(e) => e.to_string(),
@@ -209,7 +214,7 @@ impl Device {
     /// removes its interface (persistent or not).
     pub async fn delete(self) -> Result<(), Error> {
         match self {
-            Device::Kernel(d) => d.delete().await,
+            Device::Kernel(d) => (*d).delete().await,
             Device::Userspace(d) => d.delete(),
         }
     }

@@ -4,6 +4,7 @@
 //! [`DeviceState`]. No I/O here, so all of it is unit-tested.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -84,12 +85,21 @@ pub fn set_device_messages(
                 };
                 let ips = network_set(&peer.allowed_ips);
                 let same_ips = known.allowed_ips.get(&peer.public_key) == Some(&ips);
-                batch.upsert(peer, psk, same_ips);
+                // The endpoint the device had at its dump is left out: the kernel keeps
+                // where the peer roams to, even if that changed after the dump.
+                let endpoint = peer
+                    .endpoint
+                    .filter(|e| known.endpoints.get(&peer.public_key) != Some(e));
+                batch.upsert(peer, psk, endpoint, same_ips);
                 known.allowed_ips.insert(peer.public_key, ips);
+                if let Some(e) = peer.endpoint {
+                    known.endpoints.insert(peer.public_key, e);
+                }
             }
             DeviceChange::RemovePeer(key) => {
                 known.psk.remove(key);
                 known.allowed_ips.remove(key);
+                known.endpoints.remove(key);
                 batch.push_whole(WireguardPeer(vec![
                     WireguardPeerAttribute::PublicKey(*key.as_bytes()),
                     WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
@@ -104,12 +114,15 @@ pub fn set_device_messages(
 }
 
 /// What the device is known to hold of its peers, from its last dump ([`Known::of`]) and the
-/// messages built since: which peers have a preshared key, and each peer's allowed IPs.
+/// messages built since: which peers have a preshared key, each peer's allowed IPs, and its
+/// endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Known {
     pub psk: HashSet<PublicKey>,
     /// Sorted and without repetitions ([`network_set`]).
     pub allowed_ips: HashMap<PublicKey, Vec<Cidr>>,
+    /// Where the device sent to at its dump (roamed or configured), or was last told to.
+    pub endpoints: HashMap<PublicKey, SocketAddr>,
 }
 
 impl Known {
@@ -126,6 +139,11 @@ impl Known {
                 .peers
                 .iter()
                 .map(|p| (p.config.public_key, network_set(&p.config.allowed_ips)))
+                .collect(),
+            endpoints: state
+                .peers
+                .iter()
+                .filter_map(|p| Some((p.config.public_key, p.current_endpoint?)))
                 .collect(),
         }
     }
@@ -219,8 +237,15 @@ impl Batch {
         self.push(peer);
     }
 
-    /// A peer's attributes; its allowed IPs (replacing the device's) unless `same_ips`.
-    fn upsert(&mut self, peer: &PeerConfig, psk: Option<[u8; 32]>, same_ips: bool) {
+    /// A peer's attributes; its endpoint if `endpoint` is given, its allowed IPs (replacing
+    /// the device's) unless `same_ips`.
+    fn upsert(
+        &mut self,
+        peer: &PeerConfig,
+        psk: Option<[u8; 32]>,
+        endpoint: Option<SocketAddr>,
+        same_ips: bool,
+    ) {
         let public_key = *peer.public_key.as_bytes();
         let mut head = vec![WireguardPeerAttribute::PublicKey(public_key)];
         if !same_ips {
@@ -229,7 +254,7 @@ impl Batch {
             ));
         }
         head.extend(psk.map(WireguardPeerAttribute::PresharedKey));
-        head.extend(peer.endpoint.map(WireguardPeerAttribute::Endpoint));
+        head.extend(endpoint.map(WireguardPeerAttribute::Endpoint));
         head.push(WireguardPeerAttribute::PersistentKeepalive(
             peer.persistent_keepalive,
         ));

@@ -573,3 +573,75 @@ fn handshake_times() {
     assert_eq!(handshake_time(1, 2_000_000_000), None);
     assert_eq!(handshake_time(3, 4), Some(UNIX_EPOCH + Duration::new(3, 4)));
 }
+
+#[test]
+fn an_endpoint_the_device_had_at_its_dump_is_left_out() {
+    // The dump saw the peer at `roamed`; the agent's update for another reason carries that
+    // endpoint (device_changes keeps a roamed one). Sending it would move the peer back if
+    // it roamed again after the dump: it is left out, and the kernel keeps its own.
+    let configured: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let roamed: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    let state = DeviceState {
+        public_key: pk(0),
+        listen_port: 51820,
+        fwmark: 0,
+        peers: vec![PeerState {
+            config: PeerConfig {
+                endpoint: Some(configured),
+                ..peer(1, &["10.250.0.2/32"])
+            },
+            current_endpoint: Some(roamed),
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }],
+    };
+    let mut known = Known::of(&state);
+    let keepalive = PeerConfig {
+        endpoint: Some(roamed),
+        persistent_keepalive: 25,
+        ..peer(1, &["10.250.0.2/32"])
+    };
+    let got = set_device_messages(
+        IFINDEX,
+        &[DeviceChange::UpsertPeer(keepalive.clone())],
+        &mut known,
+        MESSAGE_BUDGET,
+    );
+    assert_eq!(
+        peers_of(&got)[0].1,
+        WireguardPeer(vec![
+            P::PublicKey(*pk(1).as_bytes()),
+            P::PersistentKeepalive(25),
+        ])
+    );
+    // A new endpoint is sent, and is then what the device is known to have.
+    let pinned = PeerConfig {
+        endpoint: Some(configured),
+        ..keepalive
+    };
+    for (n, want_sent) in [(1, true), (2, false)] {
+        let got = set_device_messages(
+            IFINDEX,
+            &[DeviceChange::UpsertPeer(pinned.clone())],
+            &mut known,
+            MESSAGE_BUDGET,
+        );
+        let sent = peers_of(&got)[0].1.0.contains(&P::Endpoint(configured));
+        assert_eq!(sent, want_sent, "update {n}");
+    }
+    // A peer removed and added again gets its endpoint.
+    let _ = set_device_messages(
+        IFINDEX,
+        &[DeviceChange::RemovePeer(pk(1))],
+        &mut known,
+        MESSAGE_BUDGET,
+    );
+    let got = set_device_messages(
+        IFINDEX,
+        &[DeviceChange::UpsertPeer(pinned)],
+        &mut known,
+        MESSAGE_BUDGET,
+    );
+    assert!(peers_of(&got)[0].1.0.contains(&P::Endpoint(configured)));
+}
