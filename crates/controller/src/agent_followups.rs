@@ -8,7 +8,7 @@
 //! mode the other CNI would otherwise carry their traffic in plaintext before our agent ever
 //! started there. Like Cilium's `node.cilium.io/agent-not-ready`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -157,7 +157,7 @@ impl AgentFollowUps {
             .iter()
             .map(|n| (n.name_any(), n.as_ref()))
             .collect();
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         for (mesh, (_, desired)) in &snapshot.meshes {
             for (node_name, state) in reports.agents(mesh) {
                 if !desired.members.contains_key(&node_name) {
@@ -184,7 +184,7 @@ impl AgentFollowUps {
                 } else if state.refused_update.is_empty() {
                     self.announced.remove(&key);
                 }
-                seen.push(key);
+                seen.insert(key);
                 if state.programmed && without_startup_taint(node).is_some() {
                     remove_startup_taint(client, &node_name).await;
                 }

@@ -700,12 +700,13 @@ impl MeshServer {
         own: &str,
         node: &str,
     ) -> Result<(), Status> {
+        // A key has one text form (parsing trims, and refuses non-canonical base64), so the
+        // texts compare: no copy of the cache, no decoding of every peer's key.
+        let text = key.to_base64();
         let Some(holder) = self
             .caches
             .peers
-            .state()
-            .into_iter()
-            .find(|p| p.name_any() != own && p.spec.public_key.parse().ok() == Some(*key))
+            .find(|p| p.spec.public_key.trim() == text && p.metadata.name.as_deref() != Some(own))
         else {
             return Ok(());
         };

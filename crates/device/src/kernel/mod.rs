@@ -5,6 +5,7 @@
 
 pub mod messages;
 
+use std::collections::HashSet;
 use std::io;
 use std::sync::{Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -537,10 +538,11 @@ pub async fn claim_link(
         .map_err(|e| netlink_err(format!("reading the WireGuard device {name}"), e))?;
     let state = messages::parse_device(&messages)?;
     let holds_ours = ours.is_some_and(|k| *k == state.public_key);
+    let known: HashSet<&PublicKey> = known_peers.iter().collect();
     let knows_ours = state
         .peers
         .iter()
-        .any(|p| known_peers.contains(&p.config.public_key));
+        .any(|p| known.contains(&p.config.public_key));
     if !holds_ours && !knows_ours {
         return Ok(false);
     }
