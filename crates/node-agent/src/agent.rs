@@ -12,6 +12,7 @@ use wgmesh_proto as pb;
 
 use crate::client::ControllerClient;
 use crate::config::{NetworkArgs, NetworkMode, RunArgs};
+use crate::endpoints::{Lookups, Resolutions, is_dns_endpoint};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::metrics::{Metrics, PeerSample};
@@ -53,6 +54,8 @@ pub struct Agent {
     /// The peers as last applied to the device (endpoints as asked), to tell a roamed
     /// endpoint from one the controller changed.
     last_wanted: Vec<PeerConfig>,
+    /// What the peers' DNS endpoints resolved to last.
+    resolutions: Resolutions,
     /// Why the last update was not programmed; empty once one is.
     refused: String,
     /// The netfilter rules as last applied by this process (pod egress, MSS clamping).
@@ -90,6 +93,7 @@ impl Agent {
             desired: Desired::default(),
             programmed: Desired::default(),
             last_wanted: Vec::new(),
+            resolutions: Resolutions::default(),
             node_rules: None,
             refused: String::new(),
             departed: Departure::Unspecified,
@@ -331,7 +335,7 @@ impl Agent {
             return;
         }
         let programmed = self.programmed.clone();
-        if let Err(e) = self.reconcile(&programmed).await {
+        if let Err(e) = self.reconcile(&programmed, Lookups::All).await {
             tracing::warn!(error = %e, "re-resolving peer endpoints failed");
         }
     }
@@ -449,7 +453,7 @@ impl Agent {
             return Ok(());
         }
         self.ensure_device(next.settings.as_ref()).await?;
-        self.reconcile(&next).await?;
+        self.reconcile(&next, Lookups::New).await?;
         self.refused.clear();
         let dir = self.args.mesh_state_dir();
         if next.is_member() {
@@ -494,6 +498,7 @@ impl Agent {
             device.delete().await?;
         }
         self.last_wanted.clear();
+        self.resolutions = Resolutions::default();
         let routing = routing_config(
             &self.args.network,
             &settings,
@@ -600,8 +605,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Applies the difference between the device and `desired`, then the routes and guards.
-    async fn reconcile(&mut self, desired: &Desired) -> Result<()> {
+    /// Applies the difference between the device and `desired`, then the routes and guards;
+    /// `lookups` says which peers' DNS names are looked up again.
+    async fn reconcile(&mut self, desired: &Desired, lookups: Lookups) -> Result<()> {
         let Some(device) = &self.device else {
             return Ok(());
         };
@@ -630,16 +636,12 @@ impl Agent {
             .filter(|p| answering.contains(&p.public_key))
             .filter_map(|p| Some((&p.public_key, p.endpoint?)))
             .collect();
-        // Names are resolved all at once: one after another, a few unreachable names (the
-        // cluster's DNS may be behind tunnels not programmed yet) held every change for
-        // their timeouts added up.
-        let endpoints = futures::future::join_all(desired.peers.values().map(|peer| {
-            resolve(
-                peer.endpoint.as_deref(),
-                before.get(&peer.public_key).copied(),
-            )
-        }))
-        .await;
+        let named: Vec<(PublicKey, Option<&str>)> = desired
+            .peers
+            .values()
+            .map(|p| (p.public_key, p.endpoint.as_deref()))
+            .collect();
+        let endpoints = self.resolutions.endpoints(&named, lookups, &before).await;
         let wanted: Vec<PeerConfig> = desired
             .peers
             .values()
@@ -1078,70 +1080,6 @@ fn wgmesh_api_default_interface() -> String {
     "wgmesh0".to_owned()
 }
 
-/// An endpoint naming a host (resolved through DNS) rather than an address.
-fn is_dns_endpoint(endpoint: &str) -> bool {
-    endpoint.parse::<SocketAddr>().is_err()
-}
-
-/// How long a peer's DNS endpoint may take to resolve before the peer is programmed without
-/// it (its packets then teach the device where it is).
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// `ip:port` or `[v6]:port` directly; `host:port` through the resolver. Unresolvable: none
-/// (the peer is then answered wherever it comes from).
-async fn resolve(endpoint: Option<&str>, before: Option<SocketAddr>) -> Option<SocketAddr> {
-    let endpoint = endpoint?;
-    if let Ok(addr) = endpoint.parse() {
-        return Some(addr);
-    }
-    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(endpoint)).await {
-        Ok(Ok(addrs)) => {
-            // The controller judges literal addresses; a name is judged here, once resolved:
-            // whoever controls its DNS (or writes `0x7f000001`, which the resolver reads as
-            // 127.0.0.1) must not point this host's handshakes at loopback, cloud metadata,
-            // multicast or the unspecified address.
-            let (usable, refused): (Vec<SocketAddr>, Vec<SocketAddr>) =
-                addrs.partition(|a| forbidden_resolved_endpoint(a.ip()).is_none());
-            if usable.is_empty()
-                && let Some(a) = refused.first()
-            {
-                tracing::warn!(
-                    endpoint,
-                    address = %a.ip(),
-                    range = forbidden_resolved_endpoint(a.ip()).unwrap_or_default(),
-                    "a peer endpoint resolves only to addresses no handshake may go to; not using it"
-                );
-            }
-            keep_or_first(&usable, before)
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(endpoint, error = %e, "cannot resolve a peer endpoint");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(endpoint, "resolving a peer endpoint timed out");
-            None
-        }
-    }
-}
-
-/// The address a name resolved to `before`, while it is still among `resolved`; else the
-/// first (the resolver's order).
-fn keep_or_first(resolved: &[SocketAddr], before: Option<SocketAddr>) -> Option<SocketAddr> {
-    before
-        .filter(|b| resolved.contains(b))
-        .or_else(|| resolved.first().copied())
-}
-
-/// What a resolved endpoint address may not be ([`wgmesh_core::desired::fixed_reserved`]:
-/// loopback, link-local and cloud metadata, multicast, unspecified...), described.
-fn forbidden_resolved_endpoint(ip: std::net::IpAddr) -> Option<String> {
-    wgmesh_core::desired::fixed_reserved()
-        .into_iter()
-        .find(|r| r.cidr.contains_addr(ip))
-        .map(|r| format!("{} ({})", r.cidr, r.what))
-}
-
 /// Up to ±25% around `d`, so agents restarted together do not retry in lockstep.
 fn jitter(d: Duration) -> Duration {
     let nanos = SystemTime::now()
@@ -1255,55 +1193,6 @@ mod tests {
         crate::config::Cli::parse_from(["wgmesh-agent", "--network-mode", mode])
             .run
             .network
-    }
-
-    #[tokio::test]
-    async fn a_name_resolving_to_loopback_or_metadata_is_not_used() {
-        // The resolver reads these as addresses, without asking DNS.
-        assert_eq!(
-            resolve(Some("0x7f000001:22"), None).await,
-            None,
-            "127.0.0.1"
-        );
-        assert_eq!(
-            resolve(Some("2852039166:80"), None).await,
-            None,
-            "169.254.169.254"
-        );
-        assert_eq!(resolve(Some("localhost:51820"), None).await, None);
-        // Literal addresses are the controller's to judge; a usable one resolves.
-        assert_eq!(
-            resolve(Some("192.0.2.7:51820"), None).await,
-            Some("192.0.2.7:51820".parse().unwrap())
-        );
-        assert!(forbidden_resolved_endpoint("203.0.113.9".parse().unwrap()).is_none());
-        assert!(forbidden_resolved_endpoint("fe80::1".parse().unwrap()).is_some());
-    }
-
-    #[test]
-    fn a_name_keeps_its_address_while_it_still_resolves_to_it() {
-        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
-        let (x, y, z) = (
-            a("192.0.2.1:51820"),
-            a("192.0.2.2:51820"),
-            a("[2001:db8::3]:51820"),
-        );
-        let cases: &[(&[SocketAddr], Option<SocketAddr>, Option<SocketAddr>)] = &[
-            (&[x, y], None, Some(x)),
-            // Round robin: the other order keeps what was chosen.
-            (&[y, x], Some(x), Some(x)),
-            (&[z, y, x], Some(y), Some(y)),
-            // Gone from the answer: the first.
-            (&[y, z], Some(x), Some(y)),
-            (&[], Some(x), None),
-        ];
-        for (resolved, before, want) in cases {
-            assert_eq!(
-                keep_or_first(resolved, *before),
-                *want,
-                "{resolved:?} {before:?}"
-            );
-        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod client;
 pub mod cni;
 pub mod config;
+pub mod endpoints;
 pub mod error;
 pub mod http;
 pub mod keys;
