@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::keys;
 use crate::metrics::{Metrics, PeerSample};
 use crate::netfilter::{ControllerConnections, Egress, MssClamp, NodeRules};
-use crate::routing::{Routing, RoutingConfig, RuleConfig, sparing};
+use crate::routing::{RouteSnapshot, Routing, RoutingConfig, RuleConfig, sparing};
 use crate::saved;
 use crate::state::{
     DEFAULT_LISTEN_PORT, Desired, listen_port, peer_config, requested_backend, wire_backend,
@@ -662,18 +662,21 @@ impl Agent {
         let peers = wanted.len();
         self.last_wanted = wanted;
         let device_name = device.name().to_owned();
-        let routing = self.routing_of(desired, &device_name).await?;
+        // The routing table is read once for the underlay, the sync and the MTU.
+        let snapshot = self.routing.snapshot().await?;
+        let routing = self.routing_of(desired, &device_name, &snapshot).await?;
         // A refused guard or rule is an error here: nothing (no CNI configuration, no gate)
         // may let pods start on a node whose protection is not in place.
-        let changed = self.routing.sync(&routing).await?;
+        let changed = self.routing.sync_from(&routing, &snapshot).await?;
         if !changed.is_empty() {
             tracing::info!(?changed, "routes updated");
         }
         if !changed.refused.is_empty() {
             tracing::warn!(refused = ?changed.refused, "the kernel refused routing changes; the guards drop what they would carry, the rest is in place");
         }
-        let mtu = self.tunnel_mtu(&settings).await?;
-        self.write_pod_network(desired, Some(mtu)).await?;
+        let mtu = self.tunnel_mtu(&settings, &snapshot).await?;
+        drop(snapshot);
+        self.write_pod_network(desired, mtu).await?;
         let net = &self.args.network;
         let rules = NodeRules {
             egress: (net.masquerades() && !desired.pod_cidrs.is_empty()).then(|| Egress {
@@ -719,9 +722,14 @@ impl Agent {
     }
 
     /// The routes, guards and rules `desired` asks for on interface `interface`.
-    async fn routing_of(&self, desired: &Desired, interface: &str) -> Result<RoutingConfig> {
+    async fn routing_of(
+        &self,
+        desired: &Desired,
+        interface: &str,
+        snapshot: &RouteSnapshot,
+    ) -> Result<RoutingConfig> {
         let settings = desired.settings.clone().unwrap_or_default();
-        let mut keep_reachable = self.routing.underlay_addresses().await?;
+        let mut keep_reachable = self.routing.underlay_addresses_in(snapshot).await?;
         keep_reachable.extend(self.args.endpoint_address.iter().copied());
         keep_reachable.extend(self.controller_addresses.iter().copied());
         Ok(routing_config(
@@ -751,14 +759,21 @@ impl Agent {
         }
         let programmed = self.programmed.clone();
         let name = device.name().to_owned();
-        let routing = match self.routing_of(&programmed, &name).await {
+        let snapshot = match self.routing.snapshot().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "checking the node's routes failed");
+                return;
+            }
+        };
+        let routing = match self.routing_of(&programmed, &name, &snapshot).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "checking the node's routes failed");
                 return;
             }
         };
-        let routed = match self.routing.sync(&routing).await {
+        let routed = match self.routing.sync_from(&routing, &snapshot).await {
             Ok(changed) => {
                 if !changed.is_empty() {
                     self.metrics.repaired();
@@ -784,11 +799,14 @@ impl Agent {
         let settings = programmed.settings.clone().unwrap_or_default();
         let cni_without_pods =
             self.args.network.network_mode == NetworkMode::Cni && programmed.pod_cidrs.is_empty();
-        if routed
-            && !cni_without_pods
-            && let Err(e) = self.write_pod_network(&programmed, None).await
-        {
-            tracing::warn!(error = %e, "writing the pods' CNI configuration again failed");
+        if routed && !cni_without_pods {
+            let written = match self.tunnel_mtu(&settings, &snapshot).await {
+                Ok(mtu) => self.write_pod_network(&programmed, mtu).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "writing the pods' CNI configuration again failed");
+            }
         }
         if let Some(rules) = &self.node_rules
             && let Err(e) = crate::netfilter::apply(Some(rules)).await
@@ -825,9 +843,13 @@ impl Agent {
     }
 
     /// The tunnel's MTU: the mesh's, or the underlay's less WireGuard's overhead.
-    async fn tunnel_mtu(&self, settings: &pb::MeshSettings) -> Result<u32> {
+    async fn tunnel_mtu(
+        &self,
+        settings: &pb::MeshSettings,
+        snapshot: &RouteSnapshot,
+    ) -> Result<u32> {
         Ok(match settings.mtu {
-            0 => crate::routing::auto_mtu(self.routing.underlay_mtu().await?),
+            0 => crate::routing::auto_mtu(self.routing.underlay_mtu_in(snapshot, None).await?),
             m => m,
         })
     }
@@ -854,18 +876,11 @@ impl Agent {
     }
 
     /// What the container runtime reads for pods, written over routes and guards in place:
-    /// CNI mode's conflist (pods get the tunnel's MTU: `mtu`, or read when None) or add-on
-    /// mode's gate; each mode removes the other's, which would sort before its own.
-    async fn write_pod_network(&mut self, desired: &Desired, mtu: Option<u32>) -> Result<()> {
+    /// CNI mode's conflist (pods get the tunnel's MTU, `mtu`) or add-on mode's gate; each
+    /// mode removes the other's, which would sort before its own.
+    async fn write_pod_network(&mut self, desired: &Desired, mtu: u32) -> Result<()> {
         match self.args.network.network_mode {
             NetworkMode::Cni => {
-                let mtu = match mtu {
-                    Some(m) => m,
-                    None => {
-                        let settings = desired.settings.clone().unwrap_or_default();
-                        self.tunnel_mtu(&settings).await?
-                    }
-                };
                 self.write_cni_config(mtu, desired).await?;
                 self.sync_pod_gate(false);
             }

@@ -8,5 +8,5 @@
 pub mod netlink;
 pub mod plan;
 
-pub use netlink::{Routing, RoutingError};
+pub use netlink::{RouteSnapshot, Routing, RoutingError};
 pub use plan::*;

@@ -231,6 +231,14 @@ fn link_mtu(link: &LinkMessage) -> Option<u32> {
 // ---------------------------------------------------------------------------------------
 // The I/O shell.
 
+/// The node's routes, every table and both families, as one dump read them. One
+/// reconciliation reads the routing table once and derives from it the underlay (its
+/// default routes, their gateways and links' MTU) and what a sync compares: at 5,000 peers
+/// a dump is some 20,000 routes, and each reading costs more than the change it serves.
+pub struct RouteSnapshot {
+    routes: Vec<RouteMessage>,
+}
+
 /// Programs the mesh interface's addresses, MTU, routes and rule. Its netlink socket lives in
 /// the network namespace of the thread that called [`Routing::new`].
 pub struct Routing {
@@ -268,13 +276,24 @@ impl Routing {
     /// was applied (the node is not fully protected: nothing may start relying on it); other
     /// refusals are in [`RouteChanges::refused`], their traffic dropped by the guards.
     pub async fn sync(&self, cfg: &RoutingConfig) -> Result<RouteChanges, RoutingError> {
+        let snapshot = self.snapshot().await?;
+        self.sync_from(cfg, &snapshot).await
+    }
+
+    /// [`Routing::sync`], comparing with `snapshot` (taken just before, as the caller read
+    /// the underlay from it) rather than reading the routes again.
+    pub async fn sync_from(
+        &self,
+        cfg: &RoutingConfig,
+        snapshot: &RouteSnapshot,
+    ) -> Result<RouteChanges, RoutingError> {
         let table = normalize_table(cfg.table);
         let mut changes = RouteChanges::default();
         let mut refused = Refused {
             guarding: true,
             ..Refused::default()
         };
-        let specials = self.specials().await?;
+        let specials = specials_in(snapshot);
         let plain: Vec<ObservedSpecial> = specials.iter().map(|(r, _)| r.clone()).collect();
         let special_plan = plan_specials(&plain, &wanted_specials(cfg), table);
         for (dst, kind) in &special_plan.add {
@@ -335,7 +354,7 @@ impl Routing {
         // Link state and MTU.
         let want_mtu = match cfg.mtu {
             Some(m) => m,
-            None => auto_mtu(self.underlay_mtu_excluding(Some(ifindex)).await?),
+            None => auto_mtu(self.underlay_mtu_in(snapshot, Some(ifindex)).await?),
         };
         let link_plan = plan_link(
             link.header.flags.contains(LinkFlags::Up),
@@ -422,8 +441,17 @@ impl Routing {
         }
         changes.addresses_added = added.len();
 
-        // Routes (after the addresses, whose prefix routes count as present).
-        let observed = self.routes_via(ifindex).await?;
+        // Routes (after the addresses, whose prefix routes count as present: read again
+        // when addresses or the link's state changed, which add and remove such routes).
+        let reread;
+        let current =
+            if changes.addresses_added + changes.addresses_removed > 0 || changes.link_set_up {
+                reread = self.snapshot().await?;
+                &reread
+            } else {
+                snapshot
+            };
+        let observed = routes_via_in(current, ifindex);
         let plain: Vec<ObservedRoute> = observed.iter().map(|(r, _)| r.clone()).collect();
         let plan = plan_routes(&plain, &cfg.routes, table);
         // New routes first: when the table moves (a new fwmark), the rules already lead to
@@ -466,7 +494,14 @@ impl Routing {
     /// largest MTU among the up links other than loopback, WireGuard and TUN links; 1500 if
     /// there is none.
     pub async fn underlay_mtu(&self) -> Result<u32, RoutingError> {
-        self.underlay_mtu_excluding(None).await
+        self.underlay_mtu_in(&self.snapshot().await?, None).await
+    }
+
+    /// The routes now: [`RouteSnapshot`].
+    pub async fn snapshot(&self) -> Result<RouteSnapshot, RoutingError> {
+        let mut routes = self.dump_routes(AddressFamily::Inet, "the node").await?;
+        routes.extend(self.dump_routes(AddressFamily::Inet6, "the node").await?);
+        Ok(RouteSnapshot { routes })
     }
 
     /// The names of the links holding the node's IPv4 default routes (main table).
@@ -491,16 +526,19 @@ impl Routing {
     /// Addresses the node must keep reaching over the underlay whatever the mesh says: the
     /// gateways of its default routes and the addresses of the interfaces holding them.
     pub async fn underlay_addresses(&self) -> Result<Vec<IpAddr>, RoutingError> {
+        self.underlay_addresses_in(&self.snapshot().await?).await
+    }
+
+    /// [`Routing::underlay_addresses`], from the default routes in `snapshot`.
+    pub async fn underlay_addresses_in(
+        &self,
+        snapshot: &RouteSnapshot,
+    ) -> Result<Vec<IpAddr>, RoutingError> {
         let mut gateways = Vec::new();
         let mut links = HashSet::new();
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            for msg in self.dump_routes(family, "the node").await? {
-                if !is_main_default(&msg) {
-                    continue;
-                }
-                gateways.extend(route_gateway(&msg));
-                links.extend(route_oif(&msg));
-            }
+        for msg in snapshot.routes.iter().filter(|m| is_main_default(m)) {
+            gateways.extend(route_gateway(msg));
+            links.extend(route_oif(msg));
         }
         let mut addrs = gateways;
         let mut all = self.handle.address().get().execute();
@@ -551,7 +589,7 @@ impl Routing {
                 }
             }
         }
-        for (observed, msg) in self.specials().await? {
+        for (observed, msg) in specials_in(&self.snapshot().await?) {
             // CNI mode keeps its guards in the main table, add-on mode in its own.
             if observed.table == table || observed.table == MAIN_TABLE {
                 match self.delete_special(&msg, &observed).await {
@@ -704,7 +742,13 @@ impl Routing {
             .map_err(netlink("listing links"))
     }
 
-    async fn underlay_mtu_excluding(&self, exclude: Option<u32>) -> Result<u32, RoutingError> {
+    /// [`Routing::underlay_mtu`] from the default routes in `snapshot`, leaving out the
+    /// link `exclude` (the mesh's own).
+    pub async fn underlay_mtu_in(
+        &self,
+        snapshot: &RouteSnapshot,
+        exclude: Option<u32>,
+    ) -> Result<u32, RoutingError> {
         let links = self.links().await?;
         let mtu_of = |index: u32| {
             links
@@ -713,12 +757,11 @@ impl Routing {
                 .and_then(link_mtu)
         };
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            let default = self
-                .dump_routes(family, "the underlay")
-                .await?
-                .into_iter()
-                .filter(is_main_default)
-                .filter_map(|m| route_oif(&m).map(|oif| (route_priority(&m), oif)))
+            let default = snapshot
+                .routes
+                .iter()
+                .filter(|m| m.header.address_family == family && is_main_default(m))
+                .filter_map(|m| route_oif(m).map(|oif| (route_priority(m), oif)))
                 .filter(|(_, oif)| Some(*oif) != exclude)
                 .min();
             if let Some(mtu) = default.and_then(|(_, oif)| mtu_of(oif)) {
@@ -753,30 +796,6 @@ impl Routing {
             .try_collect()
             .await
             .map_err(netlink(format!("listing the routes of {what}")))
-    }
-
-    /// Unicast routes via the interface, in every table.
-    async fn routes_via(
-        &self,
-        ifindex: u32,
-    ) -> Result<Vec<(ObservedRoute, RouteMessage)>, RoutingError> {
-        let mut out = Vec::new();
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            for msg in self.dump_routes(family, "the interface").await? {
-                if msg.header.kind != RouteType::Unicast || route_oif(&msg) != Some(ifindex) {
-                    continue;
-                }
-                if let Some(dst) = route_dst(&msg) {
-                    let observed = ObservedRoute {
-                        dst,
-                        table: route_table(&msg),
-                        protocol: u8::from(msg.header.protocol),
-                    };
-                    out.push((observed, msg));
-                }
-            }
-        }
-        Ok(out)
     }
 
     /// Adds a route; false if an identical one appeared meanwhile or another interface
@@ -821,33 +840,6 @@ impl Routing {
             }
             Err(e) => Err(e),
         }
-    }
-
-    /// Our blackhole and throw routes, in every table.
-    async fn specials(&self) -> Result<Vec<(ObservedSpecial, RouteMessage)>, RoutingError> {
-        let mut out = Vec::new();
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            for msg in self.dump_routes(family, "the guards").await? {
-                let kind = match msg.header.kind {
-                    RouteType::BlackHole => SpecialKind::Blackhole,
-                    RouteType::Throw => SpecialKind::Throw,
-                    _ => continue,
-                };
-                if msg.header.protocol != RouteProtocol::from(ROUTE_PROTOCOL) {
-                    continue;
-                }
-                if let Some(dst) = route_dst(&msg) {
-                    let observed = ObservedSpecial {
-                        dst,
-                        table: route_table(&msg),
-                        kind,
-                        metric: route_priority(&msg),
-                    };
-                    out.push((observed, msg));
-                }
-            }
-        }
-        Ok(out)
     }
 
     async fn add_special(
@@ -1018,6 +1010,46 @@ impl Routing {
             other => other,
         }
     }
+}
+
+/// Unicast routes via the interface, in every table.
+fn routes_via_in(snapshot: &RouteSnapshot, ifindex: u32) -> Vec<(ObservedRoute, RouteMessage)> {
+    snapshot
+        .routes
+        .iter()
+        .filter(|m| m.header.kind == RouteType::Unicast && route_oif(m) == Some(ifindex))
+        .filter_map(|m| {
+            let observed = ObservedRoute {
+                dst: route_dst(m)?,
+                table: route_table(m),
+                protocol: u8::from(m.header.protocol),
+            };
+            Some((observed, m.clone()))
+        })
+        .collect()
+}
+
+/// Our blackhole and throw routes, in every table.
+fn specials_in(snapshot: &RouteSnapshot) -> Vec<(ObservedSpecial, RouteMessage)> {
+    snapshot
+        .routes
+        .iter()
+        .filter(|m| m.header.protocol == RouteProtocol::from(ROUTE_PROTOCOL))
+        .filter_map(|m| {
+            let kind = match m.header.kind {
+                RouteType::BlackHole => SpecialKind::Blackhole,
+                RouteType::Throw => SpecialKind::Throw,
+                _ => return None,
+            };
+            let observed = ObservedSpecial {
+                dst: route_dst(m)?,
+                table: route_table(m),
+                kind,
+                metric: route_priority(m),
+            };
+            Some((observed, m.clone()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
