@@ -802,9 +802,8 @@ fn apply_observation(status: &mut WireGuardPeerStatus, agg: &Aggregate) {
         status.endpoint = agg.endpoint.clone();
     }
     status.last_handshake_time = agg.last_handshake.and_then(to_time);
-    status.handshakes = agg
-        .by_node
-        .iter()
+    status.handshakes = latest_handshakes(&agg.by_node)
+        .into_iter()
         .filter_map(|(node, t)| {
             Some(NodeHandshake {
                 node: node.clone(),
@@ -812,6 +811,25 @@ fn apply_observation(status: &mut WireGuardPeerStatus, agg: &Aggregate) {
             })
         })
         .collect();
+}
+
+/// At most this many nodes' handshakes are listed in a peer's status. An external peer can
+/// hold sessions with every gateway, by default every node: at 5,000 nodes a full list is
+/// some 320 KB, rewritten whole at every report interval.
+const HANDSHAKES_LISTED: usize = 64;
+
+/// The latest [`HANDSHAKES_LISTED`] handshakes, by node name (a stable order: a status
+/// whose entries only moved is not written again).
+fn latest_handshakes(by_node: &BTreeMap<String, SystemTime>) -> Vec<(&String, &SystemTime)> {
+    let mut all: Vec<(&String, &SystemTime)> = by_node.iter().collect();
+    if all.len() > HANDSHAKES_LISTED {
+        all.select_nth_unstable_by(HANDSHAKES_LISTED - 1, |a, b| {
+            b.1.cmp(a.1).then(a.0.cmp(b.0))
+        });
+        all.truncate(HANDSHAKES_LISTED);
+        all.sort_unstable_by_key(|(node, _)| *node);
+    }
+    all
 }
 
 /// What a node's own agent reported of itself, for its node peer's status.
@@ -1219,5 +1237,24 @@ mod tests {
             );
             assert_eq!(status.endpoint.as_deref(), want, "{case}");
         }
+    }
+
+    #[test]
+    fn a_status_lists_the_latest_handshakes_only() {
+        let at = |secs: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let few: BTreeMap<String, SystemTime> = (0..3)
+            .map(|i| (format!("node-{i}"), at(1000 + i)))
+            .collect();
+        assert_eq!(latest_handshakes(&few).len(), 3, "all of a few");
+        // 5,000 nodes: the 64 latest (node-4936..node-4999), in name order.
+        let many: BTreeMap<String, SystemTime> = (0..5000)
+            .map(|i| (format!("node-{i:04}"), at(1000 + i)))
+            .collect();
+        let listed: Vec<&String> = latest_handshakes(&many)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let want: Vec<String> = (4936..5000).map(|i| format!("node-{i:04}")).collect();
+        assert_eq!(listed, want.iter().collect::<Vec<_>>());
     }
 }
