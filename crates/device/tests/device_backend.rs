@@ -172,7 +172,7 @@ async fn exercise_kernel_device(device: Device, ns: &str) {
     assert_eq!(p1.last_handshake, None);
     assert_eq!(p1.config.allowed_ips, peer(1, None).allowed_ips);
 
-    // Dropping the preshared key clears it; removal removes.
+    // Dropping the preshared key clears it; removal removes; allowed IPs are added.
     let mut p1_new = peer(1, None);
     p1_new
         .allowed_ips
@@ -188,6 +188,13 @@ async fn exercise_kernel_device(device: Device, ns: &str) {
     assert_eq!(state.peers.len(), 1);
     assert_eq!(state.peers[0].config.preshared_key, None);
     assert_eq!(state.peers[0].config.allowed_ips, p1_new.allowed_ips);
+    // Above, the allowed IPs only grew (sent without the replace flag); here one goes.
+    device
+        .apply(&[DeviceChange::UpsertPeer(peer(1, None))])
+        .await
+        .unwrap();
+    let state = device.observe().await.unwrap();
+    assert_eq!(state.peers[0].config.allowed_ips, peer(1, None).allowed_ips);
 
     let name = device.name().to_owned();
     let (_, shown) = ip(ns, &["link", "show", &name]);

@@ -84,13 +84,13 @@ pub fn set_device_messages(
                     None => None,
                 };
                 let ips = network_set(&peer.allowed_ips);
-                let same_ips = known.allowed_ips.get(&peer.public_key) == Some(&ips);
+                let change = allowed_ips_change(known.allowed_ips.get(&peer.public_key), &ips);
                 // The endpoint the device had at its dump is left out: the kernel keeps
                 // where the peer roams to, even if that changed after the dump.
                 let endpoint = peer
                     .endpoint
                     .filter(|e| known.endpoints.get(&peer.public_key) != Some(e));
-                batch.upsert(peer, psk, endpoint, same_ips);
+                batch.upsert(peer, psk, endpoint, change);
                 known.allowed_ips.insert(peer.public_key, ips);
                 if let Some(e) = peer.endpoint {
                     known.endpoints.insert(peer.public_key, e);
@@ -147,6 +147,46 @@ impl Known {
                 .collect(),
         }
     }
+}
+
+/// What a peer's update does to the allowed IPs the device holds for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AllowedIpsChange {
+    /// Leave them (the same set).
+    Keep,
+    /// Add these to them (the set only grew): the kernel appends without touching the
+    /// others, so traffic to them never misses a route.
+    Add(Vec<Cidr>),
+    /// Replace them with the peer's (something was removed, or the set is not known). The
+    /// kernel empties the list first: a packet for the peer in between is dropped.
+    Replace,
+}
+
+/// How to take a peer's allowed IPs from `known` (sorted, as [`network_set`]) to `wanted`
+/// (the same).
+fn allowed_ips_change(known: Option<&Vec<Cidr>>, wanted: &[Cidr]) -> AllowedIpsChange {
+    let Some(known) = known else {
+        return AllowedIpsChange::Replace;
+    };
+    if known.as_slice() == wanted {
+        return AllowedIpsChange::Keep;
+    }
+    // Both sorted: one walk tells whether every known one is still wanted.
+    let mut added = Vec::new();
+    let mut k = known.iter().peekable();
+    for w in wanted {
+        match k.peek() {
+            Some(&&c) if c == *w => {
+                k.next();
+            }
+            Some(&&c) if c < *w => return AllowedIpsChange::Replace,
+            _ => added.push(*w),
+        }
+    }
+    if k.next().is_some() {
+        return AllowedIpsChange::Replace;
+    }
+    AllowedIpsChange::Add(added)
 }
 
 /// Networks as a set: sorted, without repetitions.
@@ -237,18 +277,18 @@ impl Batch {
         self.push(peer);
     }
 
-    /// A peer's attributes; its endpoint if `endpoint` is given, its allowed IPs (replacing
-    /// the device's) unless `same_ips`.
+    /// A peer's attributes; its endpoint if `endpoint` is given, its allowed IPs as
+    /// `change` says.
     fn upsert(
         &mut self,
         peer: &PeerConfig,
         psk: Option<[u8; 32]>,
         endpoint: Option<SocketAddr>,
-        same_ips: bool,
+        change: AllowedIpsChange,
     ) {
         let public_key = *peer.public_key.as_bytes();
         let mut head = vec![WireguardPeerAttribute::PublicKey(public_key)];
-        if !same_ips {
+        if change == AllowedIpsChange::Replace {
             head.push(WireguardPeerAttribute::Flags(
                 WireguardPeerFlags::ReplaceAllowedIps,
             ));
@@ -258,12 +298,12 @@ impl Batch {
         head.push(WireguardPeerAttribute::PersistentKeepalive(
             peer.persistent_keepalive,
         ));
-        if same_ips {
+        let ips: Vec<WireguardAllowedIp> = match &change {
             // Without the flag and the list, the kernel leaves the allowed IPs as they are.
-            self.push_whole(WireguardPeer(head));
-            return;
-        }
-        let ips: Vec<WireguardAllowedIp> = peer.allowed_ips.iter().map(allowed_ip).collect();
+            AllowedIpsChange::Keep => return self.push_whole(WireguardPeer(head)),
+            AllowedIpsChange::Add(added) => added.iter().map(allowed_ip).collect(),
+            AllowedIpsChange::Replace => peer.allowed_ips.iter().map(allowed_ip).collect(),
+        };
         let ips_len: usize = ips.as_slice().buffer_len();
 
         if ips.is_empty() {
@@ -272,7 +312,8 @@ impl Batch {
             return;
         }
         // Keep a peer in one message whenever it fits in one, so that its allowed IPs are
-        // replaced atomically; split only peers larger than a whole message.
+        // replaced atomically; split only peers larger than a whole message (each part after
+        // the first adds to what the first set).
         let whole = WireguardPeer(head.clone()).buffer_len() + NEST_HEADER_LEN + ips_len;
         if whole > self.room() && !self.peers.is_empty() {
             self.flush();

@@ -241,7 +241,8 @@ fn unchanged_allowed_ips_are_not_replaced() {
             ])]),
         ])]
     );
-    // Allowed IPs that change are replaced, and are then what is known.
+    // Allowed IPs that only grew are added, without the replace flag (the kernel keeps
+    // the others in place), and are then what is known.
     let wider = peer(1, &["10.244.1.0/24", "10.250.0.2/32", "10.99.0.0/16"]);
     let got = set_device_messages(
         IFINDEX,
@@ -251,6 +252,27 @@ fn unchanged_allowed_ips_are_not_replaced() {
     );
     let sent = peers_of(&got);
     assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].1,
+        WireguardPeer(vec![
+            P::PublicKey(*pk(1).as_bytes()),
+            P::PersistentKeepalive(0),
+            P::AllowedIps(vec![ip_attr("10.99.0.0/16")]),
+        ])
+    );
+    assert_eq!(
+        known.allowed_ips.get(&pk(1)),
+        Some(&network_set(&wider.allowed_ips))
+    );
+    // Allowed IPs of which one went are replaced.
+    let narrower = peer(1, &["10.244.1.0/24", "10.99.0.0/16"]);
+    let got = set_device_messages(
+        IFINDEX,
+        &[DeviceChange::UpsertPeer(narrower.clone())],
+        &mut known,
+        MESSAGE_BUDGET,
+    );
+    let sent = peers_of(&got);
     assert!(
         sent[0]
             .1
@@ -259,7 +281,7 @@ fn unchanged_allowed_ips_are_not_replaced() {
     );
     assert_eq!(
         known.allowed_ips.get(&pk(1)),
-        Some(&network_set(&wider.allowed_ips))
+        Some(&network_set(&narrower.allowed_ips))
     );
     // A removed peer is forgotten: added again, it gets its allowed IPs.
     let _ = set_device_messages(
@@ -644,4 +666,55 @@ fn an_endpoint_the_device_had_at_its_dump_is_left_out() {
         MESSAGE_BUDGET,
     );
     assert!(peers_of(&got)[0].1.0.contains(&P::Endpoint(configured)));
+}
+
+#[test]
+fn allowed_ips_change_table() {
+    let set = |v: &[&str]| network_set(&v.iter().map(|s| cidr(s)).collect::<Vec<_>>());
+    let (a, b, c) = ("10.0.1.0/24", "10.0.2.0/24", "10.0.3.0/24");
+    // (case, what the device is known to hold, what is wanted, the change)
+    type Case<'a> = (
+        &'a str,
+        Option<&'a [&'a str]>,
+        &'a [&'a str],
+        AllowedIpsChange,
+    );
+    let cases: &[Case] = &[
+        ("unknown peer", None, &[a], AllowedIpsChange::Replace),
+        ("the same", Some(&[a, b]), &[b, a], AllowedIpsChange::Keep),
+        (
+            "grew at the end",
+            Some(&[a]),
+            &[a, c],
+            AllowedIpsChange::Add(set(&[c])),
+        ),
+        (
+            "grew in the middle",
+            Some(&[a, c]),
+            &[a, b, c],
+            AllowedIpsChange::Add(set(&[b])),
+        ),
+        (
+            "grew from none",
+            Some(&[]),
+            &[b],
+            AllowedIpsChange::Add(set(&[b])),
+        ),
+        ("lost one", Some(&[a, b]), &[a], AllowedIpsChange::Replace),
+        (
+            "lost the first, gained one",
+            Some(&[a, b]),
+            &[b, c],
+            AllowedIpsChange::Replace,
+        ),
+        ("lost all", Some(&[a]), &[], AllowedIpsChange::Replace),
+    ];
+    for (case, known, wanted, want) in cases {
+        let known = known.map(set);
+        assert_eq!(
+            allowed_ips_change(known.as_ref(), &set(wanted)),
+            *want,
+            "{case}"
+        );
+    }
 }
