@@ -72,6 +72,9 @@ pub fn set_device_messages(
         .extend(listen_port.map(WireguardAttribute::ListenPort));
     batch.device.extend(fwmark.map(WireguardAttribute::Fwmark));
 
+    // Allowed IPs sent for a peer in this batch: the kernel took them from whoever held them,
+    // so what is known of that holder is stale until the next dump.
+    let mut sent_to: HashMap<Cidr, PublicKey> = HashMap::new();
     for change in changes {
         match change {
             DeviceChange::UpsertPeer(peer) => {
@@ -84,7 +87,18 @@ pub fn set_device_messages(
                     None => None,
                 };
                 let ips = network_set(&peer.allowed_ips);
-                let change = allowed_ips_change(known.allowed_ips.get(&peer.public_key), &ips);
+                let known_ips = known.allowed_ips.get(&peer.public_key).filter(|held| {
+                    !held
+                        .iter()
+                        .any(|c| sent_to.get(c).is_some_and(|k| *k != peer.public_key))
+                });
+                let change = allowed_ips_change(known_ips, &ips);
+                let sent = match &change {
+                    AllowedIpsChange::Keep => &[][..],
+                    AllowedIpsChange::Add(added) => added.as_slice(),
+                    AllowedIpsChange::Replace => ips.as_slice(),
+                };
+                sent_to.extend(sent.iter().map(|c| (*c, peer.public_key)));
                 // The endpoint the device had at its dump is left out: the kernel keeps
                 // where the peer roams to, even if that changed after the dump.
                 let endpoint = peer

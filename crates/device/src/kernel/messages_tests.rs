@@ -718,3 +718,31 @@ fn allowed_ips_change_table() {
         );
     }
 }
+
+#[test]
+fn an_allowed_ip_taken_earlier_in_the_batch_is_won_back_by_a_replace() {
+    // A holds X. B takes X, then A wants X and Y back in the same batch: appending Y alone
+    // would leave X with B (the kernel moved it), so A's list is replaced.
+    let (x, y) = ("10.0.1.0/24", "10.0.2.0/24");
+    let mut known = Known {
+        allowed_ips: [(pk(1), network_set(&[cidr(x)])), (pk(2), Vec::new())].into(),
+        ..Known::default()
+    };
+    let got = set_device_messages(
+        IFINDEX,
+        &[
+            DeviceChange::UpsertPeer(peer(2, &[x])),
+            DeviceChange::UpsertPeer(peer(1, &[x, y])),
+        ],
+        &mut known,
+        MESSAGE_BUDGET,
+    );
+    let sent = peers_of(&got);
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(
+        sent[1]
+            .1
+            .contains(&P::Flags(WireguardPeerFlags::ReplaceAllowedIps)),
+        "{sent:?}"
+    );
+}

@@ -46,7 +46,7 @@ use arc_swap::ArcSwap;
 use self::edit::PeerEdit;
 use self::handover::Handshakes;
 use self::limits::{BUF_LEN, TICK};
-use self::peers::{Identity, Peer, PeerEntry, PeerTable};
+use self::peers::{Identity, Peer, PeerTable};
 use self::sockets::Sockets;
 use self::tun::Tun;
 use self::uapi::Op;
@@ -399,13 +399,13 @@ impl Inner {
 
     /// Applies the operations `build` derives from the current peer configurations, as one
     /// transaction against concurrent writers.
-    fn apply_ops(&self, build: impl FnOnce(&[PeerEntry]) -> Vec<Op>) -> Result<(), Error> {
+    fn apply_ops(&self, build: impl FnOnce(&PeerTable) -> Vec<Op>) -> Result<(), Error> {
         if self.stopping() {
             return Err(Error::Stopped);
         }
         let mut writer = lock(&self.writer);
         let current = self.table.load_full();
-        let ops = build(&current.entries);
+        let ops = build(&current);
 
         let mut identity = Arc::clone(&current.identity);
         let mut listen_port = current.listen_port;
@@ -486,9 +486,13 @@ impl Inner {
                 uapi::render_get(&table.identity.private_key, &state_of(&table))
             }
             Ok(uapi::Request::Set(req)) => {
-                match self
-                    .apply_ops(|current| uapi::set_to_ops(req, current.iter().map(|e| &e.config)))
-                {
+                match self.apply_ops(|current| {
+                    uapi::set_to_ops(
+                        req,
+                        &current.identity.public_key,
+                        current.entries.iter().map(|e| &e.config),
+                    )
+                }) {
                     Ok(()) => uapi::render_errno(0),
                     Err(e) => {
                         tracing::debug!(error = %e, "UAPI set");

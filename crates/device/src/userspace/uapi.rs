@@ -214,17 +214,25 @@ struct Touched {
     explicit_endpoint: bool,
 }
 
-/// Turns a `set` into the changes it makes to a device whose peers are `current`.
+/// Turns a `set` into the changes it makes to a device whose key is `device_key` and whose
+/// peers are `current`.
 ///
 /// Later sections see the effect of earlier ones (remove then re-add, replace_peers then
 /// add, an allowed IP taken by a later peer), as in wireguard-go and the kernel; the result
 /// is one removal for each peer removed and one upsert with the final configuration for
 /// each peer changed. The cost is linear in the request and the device's peers: a request
 /// naming one peer thousands of times does not copy its configuration thousands of times.
+/// A section for the device's own key (the one this request sets, or else `device_key`) is
+/// ignored whole, as the kernel does: it takes no allowed IP from anyone.
 pub(crate) fn set_to_ops<'a>(
     req: SetRequest,
+    device_key: &PublicKey,
     current: impl IntoIterator<Item = &'a PeerConfig>,
 ) -> Vec<Op> {
+    let own = req
+        .private_key
+        .as_ref()
+        .map_or(*device_key, PrivateKey::public_key);
     let mut ops = Vec::new();
     if let Some(k) = req.private_key {
         ops.push((DeviceChange::SetPrivateKey(k), false));
@@ -275,6 +283,9 @@ pub(crate) fn set_to_ops<'a>(
         };
     for u in req.peers {
         let key = u.public_key;
+        if key == own {
+            continue;
+        }
         touch(key, &mut touched, &mut order);
         let Some(t) = touched.get_mut(&key) else {
             continue;
@@ -590,6 +601,43 @@ mod tests {
         };
         assert_eq!(errno(&in_use), -libc::EADDRINUSE);
         assert_eq!(render_errno(0), "errno=0\n\n");
+    }
+
+    /// The device's own key in these tests.
+    const DEVICE: PublicKey = PublicKey::from_bytes([0xdd; 32]);
+
+    /// `set_to_ops` on a device whose key is [`DEVICE`].
+    fn set_to_ops<'a>(
+        req: SetRequest,
+        current: impl IntoIterator<Item = &'a PeerConfig>,
+    ) -> Vec<Op> {
+        super::set_to_ops(req, &DEVICE, current)
+    }
+
+    #[test]
+    fn a_section_for_the_devices_own_key_is_ignored() {
+        let current = vec![peer(1, &["10.0.0.0/24"])];
+        let ours = PrivateKey::from_bytes([7; 32]);
+        let cases = [
+            ("the device's key", DEVICE, String::new()),
+            (
+                "the key this request sets",
+                ours.public_key(),
+                format!("private_key={}\n", hex(&[7; 32])),
+            ),
+        ];
+        for (case, own, device_lines) in cases {
+            let text = format!(
+                "set=1\n{device_lines}public_key={}\nallowed_ip=10.0.0.0/24\n",
+                hex(own.as_bytes())
+            );
+            let ops = set_to_ops(set(&text), &current);
+            assert!(
+                ops.iter()
+                    .all(|(op, _)| matches!(op, DeviceChange::SetPrivateKey(_))),
+                "{case}: {ops:?}"
+            );
+        }
     }
 
     fn peer(b: u8, ips: &[&str]) -> PeerConfig {
