@@ -453,7 +453,13 @@ impl Agent {
             return Ok(());
         }
         self.ensure_device(next.settings.as_ref()).await?;
-        self.reconcile(&next, Lookups::New).await?;
+        // Without a refresh timer, every change of the mesh is when names are followed.
+        let lookups = if self.args.endpoint_refresh_seconds == 0 {
+            Lookups::All
+        } else {
+            Lookups::New
+        };
+        self.reconcile(&next, lookups).await?;
         self.refused.clear();
         let dir = self.args.mesh_state_dir();
         if next.is_member() {
@@ -800,7 +806,12 @@ impl Agent {
         let cni_without_pods =
             self.args.network.network_mode == NetworkMode::Cni && programmed.pod_cidrs.is_empty();
         if routed && !cni_without_pods {
-            let written = match self.tunnel_mtu(&settings, &snapshot).await {
+            // Add-on mode writes its gate only: no MTU to read for it.
+            let mtu = match self.args.network.network_mode {
+                NetworkMode::Cni => self.tunnel_mtu(&settings, &snapshot).await,
+                NetworkMode::Addon => Ok(0),
+            };
+            let written = match mtu {
                 Ok(mtu) => self.write_pod_network(&programmed, mtu).await,
                 Err(e) => Err(e),
             };

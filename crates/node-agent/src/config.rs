@@ -129,7 +129,7 @@ pub struct RunArgs {
     /// Seconds between resolutions of peers' DNS endpoints (nodes with a DNS name in their
     /// `wgmesh.io/endpoint` annotation, external peers), so a name whose address changes is
     /// followed. Between them a name is looked up only for a new peer or endpoint, or after
-    /// a lookup that found nothing usable; 0: only then.
+    /// a lookup that found nothing usable; 0: every name at each change of the mesh instead.
     #[arg(long, env = "WGMESH_ENDPOINT_REFRESH_SECONDS", default_value_t = 30)]
     pub endpoint_refresh_seconds: u64,
 

@@ -5,6 +5,7 @@
 //! found nothing usable, and for every peer on the refresh timer (which follows a name
 //! whose address changes). A change of the mesh (a node joining) does not look up the
 //! names resolved already: that was one lookup per named peer per change on every node.
+//! Without the timer (`--endpoint-refresh-seconds 0`) every change looks up every name.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

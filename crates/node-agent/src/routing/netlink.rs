@@ -442,15 +442,16 @@ impl Routing {
         changes.addresses_added = added.len();
 
         // Routes (after the addresses, whose prefix routes count as present: read again
-        // when addresses or the link's state changed, which add and remove such routes).
+        // when addresses or the link's state or MTU changed, which add and remove such
+        // routes; an MTU below 1280 takes the link's IPv6 ones).
         let reread;
-        let current =
-            if changes.addresses_added + changes.addresses_removed > 0 || changes.link_set_up {
-                reread = self.snapshot().await?;
-                &reread
-            } else {
-                snapshot
-            };
+        let relinked = changes.link_set_up || changes.mtu.is_some();
+        let current = if changes.addresses_added + changes.addresses_removed > 0 || relinked {
+            reread = self.snapshot().await?;
+            &reread
+        } else {
+            snapshot
+        };
         let observed = routes_via_in(current, ifindex);
         let plain: Vec<ObservedRoute> = observed.iter().map(|(r, _)| r.clone()).collect();
         let plan = plan_routes(&plain, &cfg.routes, table);
