@@ -227,10 +227,11 @@ pub struct WireGuardPeerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handshake_time: Option<Time>,
     /// The latest handshake each node reported with this peer, by node name (nodes that
-    /// never completed one are left out; of more than 64, the 64 latest). For a node peer,
-    /// only in a mesh of at most 65 nodes: above, per-node detail would grow as nodes
-    /// squared, and `liveSessions` says how the node is doing instead (the agents' metrics
-    /// keep each pair's handshake age).
+    /// never completed one are left out; of more than 65, the 65 latest, or as many as the
+    /// controller's node-peer detail limit plus one). For a node peer, only in a mesh of at
+    /// most 65 nodes: above, per-node detail would grow as nodes squared, and `liveSessions`
+    /// says how the node is doing instead (the agents' metrics keep each pair's handshake
+    /// age).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub handshakes: Vec<NodeHandshake>,
     /// For a node peer: how many of the other member nodes it holds a live WireGuard session

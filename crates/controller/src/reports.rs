@@ -74,6 +74,13 @@ impl Reports {
         wgmesh_core::report::node_peers_in_detail(node_peers, self.node_peer_detail_limit)
     }
 
+    /// How many nodes' handshakes a peer's status lists at most: every node of a mesh whose
+    /// node peers are shown in detail (so `kubectl wgmesh status` misses none there), and
+    /// the latest that many in larger ones.
+    pub fn handshakes_listed(&self) -> usize {
+        self.node_peer_detail_limit.saturating_add(1)
+    }
+
     /// Replaces a node's report. Wakes the status writer only when it differs.
     pub fn record(&self, mesh: &str, node: &str, observations: Vec<Observation>) {
         let mut by_mesh = self.by_mesh.lock().expect("reports lock");

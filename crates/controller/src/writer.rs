@@ -419,7 +419,7 @@ impl Writer {
         let mut wrote_reports = false;
         let mut with_reports = desired.clone();
         if let Some(agg) = key.and_then(|k| observed.get(&k)) {
-            apply_observation(&mut with_reports, agg);
+            apply_observation(&mut with_reports, agg, self.reports.handshakes_listed());
         }
         match node_report {
             Some(report) => apply_node_report(&mut with_reports, &desired, report),
@@ -795,14 +795,14 @@ fn ready_condition(
     }
 }
 
-fn apply_observation(status: &mut WireGuardPeerStatus, agg: &Aggregate) {
+fn apply_observation(status: &mut WireGuardPeerStatus, agg: &Aggregate, listed: usize) {
     status.rx_bytes = i64::try_from(agg.rx_bytes).unwrap_or(i64::MAX);
     status.tx_bytes = i64::try_from(agg.tx_bytes).unwrap_or(i64::MAX);
     if agg.endpoint.is_some() {
         status.endpoint = agg.endpoint.clone();
     }
     status.last_handshake_time = agg.last_handshake.and_then(to_time);
-    status.handshakes = latest_handshakes(&agg.by_node)
+    status.handshakes = latest_handshakes(&agg.by_node, listed)
         .into_iter()
         .filter_map(|(node, t)| {
             Some(NodeHandshake {
@@ -813,20 +813,18 @@ fn apply_observation(status: &mut WireGuardPeerStatus, agg: &Aggregate) {
         .collect();
 }
 
-/// At most this many nodes' handshakes are listed in a peer's status. An external peer can
-/// hold sessions with every gateway, by default every node: at 5,000 nodes a full list is
-/// some 320 KB, rewritten whole at every report interval.
-const HANDSHAKES_LISTED: usize = 64;
-
-/// The latest [`HANDSHAKES_LISTED`] handshakes, by node name (a stable order: a status
-/// whose entries only moved is not written again).
-fn latest_handshakes(by_node: &BTreeMap<String, SystemTime>) -> Vec<(&String, &SystemTime)> {
+/// The latest `listed` handshakes ([`Reports::handshakes_listed`]), by node name (a stable
+/// order: a status whose entries only moved is not written again). An external peer can hold
+/// sessions with every gateway, by default every node: at 5,000 nodes a full list is some
+/// 320 KB, rewritten whole at every report interval.
+fn latest_handshakes(
+    by_node: &BTreeMap<String, SystemTime>,
+    listed: usize,
+) -> Vec<(&String, &SystemTime)> {
     let mut all: Vec<(&String, &SystemTime)> = by_node.iter().collect();
-    if all.len() > HANDSHAKES_LISTED {
-        all.select_nth_unstable_by(HANDSHAKES_LISTED - 1, |a, b| {
-            b.1.cmp(a.1).then(a.0.cmp(b.0))
-        });
-        all.truncate(HANDSHAKES_LISTED);
+    if listed > 0 && all.len() > listed {
+        all.select_nth_unstable_by(listed - 1, |a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        all.truncate(listed);
         all.sort_unstable_by_key(|(node, _)| *node);
     }
     all
@@ -1245,16 +1243,16 @@ mod tests {
         let few: BTreeMap<String, SystemTime> = (0..3)
             .map(|i| (format!("node-{i}"), at(1000 + i)))
             .collect();
-        assert_eq!(latest_handshakes(&few).len(), 3, "all of a few");
-        // 5,000 nodes: the 64 latest (node-4936..node-4999), in name order.
+        assert_eq!(latest_handshakes(&few, 65).len(), 3, "all of a few");
+        // 5,000 nodes: the 65 latest (node-4935..node-4999), in name order.
         let many: BTreeMap<String, SystemTime> = (0..5000)
             .map(|i| (format!("node-{i:04}"), at(1000 + i)))
             .collect();
-        let listed: Vec<&String> = latest_handshakes(&many)
+        let listed: Vec<&String> = latest_handshakes(&many, 65)
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        let want: Vec<String> = (4936..5000).map(|i| format!("node-{i:04}")).collect();
+        let want: Vec<String> = (4935..5000).map(|i| format!("node-{i:04}")).collect();
         assert_eq!(listed, want.iter().collect::<Vec<_>>());
     }
 }
