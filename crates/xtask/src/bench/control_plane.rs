@@ -114,23 +114,6 @@ fn key_of(i: usize) -> Key {
     k
 }
 
-/// Runs this benchmark again from a release build of xtask, with the same arguments: the
-/// simulated agents share the machine's cores with the controller and the API server, and in
-/// a debug build decoding 25 million peer entries (5,000 snapshots of 5,000 peers after a
-/// restart) would cost the machine more than the controller sending them. Real agents decode
-/// on their own nodes; here their CPU is reported apart.
-pub fn run_in_release() -> Result<()> {
-    step("building the benchmark (release) and running it");
-    let status = Command::new(env!("CARGO"))
-        .current_dir(repo_root())
-        .args(["run", "--release", "--quiet", "-p", "xtask", "--"])
-        .args(std::env::args_os().skip(1))
-        .status()
-        .context("running the release build of xtask")?;
-    anyhow::ensure!(status.success(), "the benchmark failed ({status})");
-    Ok(())
-}
-
 pub async fn run(args: Args) -> Result<()> {
     step("building the controller (release)");
     let mut build = Command::new(env!("CARGO"));
