@@ -224,12 +224,7 @@ fn unchanged_allowed_ips_are_not_replaced() {
         ..peer(1, &["10.244.1.0/24", "10.250.0.2/32", "10.244.1.0/24"])
     };
     let mut known = Known::of(&state);
-    let got = set_device_messages(
-        IFINDEX,
-        &[DeviceChange::UpsertPeer(updated.clone())],
-        &mut known,
-        MESSAGE_BUDGET,
-    );
+    let got = messages(&mut known, &[DeviceChange::UpsertPeer(updated.clone())]);
     assert_eq!(
         got,
         vec![set(vec![
@@ -244,12 +239,7 @@ fn unchanged_allowed_ips_are_not_replaced() {
     // Allowed IPs that only grew are added, without the replace flag (the kernel keeps
     // the others in place), and are then what is known.
     let wider = peer(1, &["10.244.1.0/24", "10.250.0.2/32", "10.99.0.0/16"]);
-    let got = set_device_messages(
-        IFINDEX,
-        &[DeviceChange::UpsertPeer(wider.clone())],
-        &mut known,
-        MESSAGE_BUDGET,
-    );
+    let got = messages(&mut known, &[DeviceChange::UpsertPeer(wider.clone())]);
     let sent = peers_of(&got);
     assert_eq!(sent.len(), 1);
     assert_eq!(
@@ -266,12 +256,7 @@ fn unchanged_allowed_ips_are_not_replaced() {
     );
     // Allowed IPs of which one went are replaced.
     let narrower = peer(1, &["10.244.1.0/24", "10.99.0.0/16"]);
-    let got = set_device_messages(
-        IFINDEX,
-        &[DeviceChange::UpsertPeer(narrower.clone())],
-        &mut known,
-        MESSAGE_BUDGET,
-    );
+    let got = messages(&mut known, &[DeviceChange::UpsertPeer(narrower.clone())]);
     let sent = peers_of(&got);
     assert!(
         sent[0]
@@ -284,24 +269,19 @@ fn unchanged_allowed_ips_are_not_replaced() {
         Some(&network_set(&narrower.allowed_ips))
     );
     // A removed peer is forgotten: added again, it gets its allowed IPs.
-    let _ = set_device_messages(
-        IFINDEX,
-        &[DeviceChange::RemovePeer(pk(1))],
-        &mut known,
-        MESSAGE_BUDGET,
-    );
-    let got = set_device_messages(
-        IFINDEX,
-        &[DeviceChange::UpsertPeer(wider)],
-        &mut known,
-        MESSAGE_BUDGET,
-    );
+    let _ = messages(&mut known, &[DeviceChange::RemovePeer(pk(1))]);
+    let got = messages(&mut known, &[DeviceChange::UpsertPeer(wider)]);
     assert!(
         peers_of(&got)[0]
             .1
             .iter()
             .any(|a| matches!(a, P::AllowedIps(_)))
     );
+}
+
+/// The messages for `changes` with the usual interface and budget.
+fn messages(known: &mut Known, changes: &[DeviceChange]) -> Vec<WireguardMessage> {
+    set_device_messages(IFINDEX, changes, known, MESSAGE_BUDGET)
 }
 
 /// Every peer's attributes, in message order, with the message number.
@@ -624,12 +604,7 @@ fn an_endpoint_the_device_had_at_its_dump_is_left_out() {
         persistent_keepalive: 25,
         ..peer(1, &["10.250.0.2/32"])
     };
-    let got = set_device_messages(
-        IFINDEX,
-        &[DeviceChange::UpsertPeer(keepalive.clone())],
-        &mut known,
-        MESSAGE_BUDGET,
-    );
+    let got = messages(&mut known, &[DeviceChange::UpsertPeer(keepalive.clone())]);
     assert_eq!(
         peers_of(&got)[0].1,
         WireguardPeer(vec![
@@ -643,28 +618,13 @@ fn an_endpoint_the_device_had_at_its_dump_is_left_out() {
         ..keepalive
     };
     for (n, want_sent) in [(1, true), (2, false)] {
-        let got = set_device_messages(
-            IFINDEX,
-            &[DeviceChange::UpsertPeer(pinned.clone())],
-            &mut known,
-            MESSAGE_BUDGET,
-        );
+        let got = messages(&mut known, &[DeviceChange::UpsertPeer(pinned.clone())]);
         let sent = peers_of(&got)[0].1.0.contains(&P::Endpoint(configured));
         assert_eq!(sent, want_sent, "update {n}");
     }
     // A peer removed and added again gets its endpoint.
-    let _ = set_device_messages(
-        IFINDEX,
-        &[DeviceChange::RemovePeer(pk(1))],
-        &mut known,
-        MESSAGE_BUDGET,
-    );
-    let got = set_device_messages(
-        IFINDEX,
-        &[DeviceChange::UpsertPeer(pinned)],
-        &mut known,
-        MESSAGE_BUDGET,
-    );
+    let _ = messages(&mut known, &[DeviceChange::RemovePeer(pk(1))]);
+    let got = messages(&mut known, &[DeviceChange::UpsertPeer(pinned)]);
     assert!(peers_of(&got)[0].1.0.contains(&P::Endpoint(configured)));
 }
 
@@ -728,14 +688,12 @@ fn an_allowed_ip_taken_earlier_in_the_batch_is_won_back_by_a_replace() {
         allowed_ips: [(pk(1), network_set(&[cidr(x)])), (pk(2), Vec::new())].into(),
         ..Known::default()
     };
-    let got = set_device_messages(
-        IFINDEX,
+    let got = messages(
+        &mut known,
         &[
             DeviceChange::UpsertPeer(peer(2, &[x])),
             DeviceChange::UpsertPeer(peer(1, &[x, y])),
         ],
-        &mut known,
-        MESSAGE_BUDGET,
     );
     let sent = peers_of(&got);
     assert_eq!(sent.len(), 2, "{sent:?}");

@@ -397,7 +397,7 @@ impl Inner {
         Ok(sockets.port)
     }
 
-    /// Applies the operations `build` derives from the current peer configurations, as one
+    /// Applies the operations `build` derives from the current peer table, as one
     /// transaction against concurrent writers.
     fn apply_ops(&self, build: impl FnOnce(&PeerTable) -> Vec<Op>) -> Result<(), Error> {
         if self.stopping() {
