@@ -193,15 +193,14 @@ pub fn run(args: Args) -> Result<()> {
 /// Peer `i`: a /24 pod CIDR and a tunnel address, an endpoint on the underlay.
 fn peer(i: usize) -> PeerConfig {
     let (hi, lo) = ((i >> 8) as u8, (i & 255) as u8);
-    let pod = IpNet::new(IpAddr::V4(Ipv4Addr::new(10, 64 + hi, lo, 0)), 24).expect("a /24");
-    let tunnel = IpAddr::V4(Ipv4Addr::new(100, 64 + hi, lo, 1));
+    let [pod, tunnel] = peer_networks(i);
     PeerConfig {
         public_key: PrivateKey::generate().public_key(),
         endpoint: Some(SocketAddr::new(
             IpAddr::V4(Ipv4Addr::new(192, 168, hi, lo)),
             51820,
         )),
-        allowed_ips: vec![Cidr::from(pod), Cidr::host(tunnel)],
+        allowed_ips: vec![Cidr::from(pod), Cidr::from(tunnel)],
         persistent_keepalive: 0,
         preshared_key: None,
     }
@@ -232,12 +231,7 @@ fn setconf_file(peers: &[PeerConfig]) -> String {
 async fn routing_rounds(n: usize, rounds: usize) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
     let routing = Routing::new().await?;
     let config = |peers: usize| {
-        let mut routes: Vec<IpNet> = (0..peers)
-            .flat_map(|i| {
-                let p = peer_networks(i);
-                [p.0, p.1]
-            })
-            .collect();
+        let mut routes: Vec<IpNet> = (0..peers).flat_map(peer_networks).collect();
         routes.sort();
         let mut guards = routes.clone();
         guards.push("100.64.0.0/10".parse().expect("a CIDR"));
@@ -288,10 +282,13 @@ async fn routing_rounds(n: usize, rounds: usize) -> Result<(Vec<f64>, Vec<f64>, 
     Ok((join, repair, dump))
 }
 
-fn peer_networks(i: usize) -> (IpNet, IpNet) {
-    let p = peer(i);
-    let nets: Vec<IpNet> = p.allowed_ips.iter().map(|c| c.net()).collect();
-    (nets[0], nets[1])
+/// Peer `i`'s networks: its pod CIDR (a /24 in 10.64.0.0/10) and its tunnel address (a /32
+/// in 100.64.0.0/10).
+fn peer_networks(i: usize) -> [IpNet; 2] {
+    let (hi, lo) = ((i >> 8) as u8, (i & 255) as u8);
+    let pod = IpNet::new(IpAddr::V4(Ipv4Addr::new(10, 64 + hi, lo, 0)), 24).expect("a /24");
+    let tunnel = IpNet::from(IpAddr::V4(Ipv4Addr::new(100, 64 + hi, lo, 1)));
+    [pod, tunnel]
 }
 
 /// Seconds `f` took; its error, if any.
