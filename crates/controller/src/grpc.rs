@@ -392,6 +392,7 @@ impl MeshService for MeshServer {
             } else {
                 usize::MAX
             },
+            takes_allowed_ips_changes: req.accepts_allowed_ips_changes,
             meshes: self.caches.meshes.clone(),
             epoch: self.index.epoch().to_owned(),
             index: self.index.clone(),
@@ -787,6 +788,8 @@ struct PeerStream {
     mesh: String,
     /// Most peers per message: `usize::MAX` for an agent that does not join parts.
     per_part: usize,
+    /// The agent applies changes of allowed IPs; an older one gets such peers whole.
+    takes_allowed_ips_changes: bool,
     /// The synced mesh cache: a mesh absent from it is deleted, and its nodes are told so.
     meshes: kube::runtime::reflector::Store<wgmesh_api::WireGuardMesh>,
     epoch: String,
@@ -929,7 +932,14 @@ impl PeerStream {
                     }
                     _ => None,
                 };
-                if let Some(update) = next_update_within(sent.as_ref(), &now, changed.as_ref()) {
+                let update = next_update_within(sent.as_ref(), &now, changed.as_ref());
+                let update = match (update, &sent) {
+                    (Some(NodeUpdate::Delta(d)), Some(sent)) if self.takes_allowed_ips_changes => {
+                        Some(NodeUpdate::Delta(d.with_allowed_ips_changes(sent, &now)))
+                    }
+                    (update, _) => update,
+                };
+                if let Some(update) = update {
                     let kind = match update {
                         NodeUpdate::Snapshot => "snapshot",
                         NodeUpdate::Delta(_) => "delta",

@@ -314,6 +314,7 @@ mod tests {
                 preshared_key: PresharedKey::None,
                 node: Some(format!("n{n}")),
                 encoding: Default::default(),
+                allowed_ips_diff: Default::default(),
             }),
         )
     }

@@ -1419,6 +1419,114 @@ async fn a_node_changing_its_key_in_a_loop_is_slowed_down() -> Result<()> {
     Ok(())
 }
 
+/// The active gateway's allowed IPs carry every external peer's networks, a list as long as
+/// the external peers: an agent that takes changes of allowed IPs gets an external peer's
+/// coming and going as a change of two entries, an older agent the gateway whole, and both
+/// end with the same list.
+#[tokio::test]
+async fn the_gateways_growing_list_goes_as_changes_to_agents_that_take_them() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let meshes: Api<wgmesh_api::WireGuardMesh> = Api::all(fx.client.clone());
+    meshes
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"gatewaySelector": {"matchLabels": {"gw": "yes"}}}})),
+        )
+        .await?;
+    let controller = fx.controller("c1").await?;
+    cluster::create_node(
+        &fx.client,
+        "a",
+        &["10.244.1.0/24"],
+        "192.168.0.1",
+        &[("gw", "yes")],
+    )
+    .await?;
+    let token = cluster::agent_token(&fx.client, "a").await?;
+    let ch = channel(&controller.grpc_url(), &fx.tls.ca_pem).await?;
+    let mut a = SimAgent::new(ch, "a", "default", &token, [1; 32]);
+    a.register("192.168.0.1").await?;
+    a.watch().await?;
+    let mut old = fx.agent(&controller, "b", 2).await?;
+    cluster::create_node(&fx.client, "c", &["10.244.3.0/24"], "192.168.0.3", &[]).await?;
+    let token = cluster::agent_token(&fx.client, "c").await?;
+    let ch = channel(&controller.grpc_url(), &fx.tls.ca_pem).await?;
+    let mut new = SimAgent::new(ch, "c", "default", &token, [3; 32]);
+    new.accepts_allowed_ips_changes = true;
+    new.register("192.168.0.3").await?;
+    new.watch().await?;
+    for agent in [&mut a, &mut old, &mut new] {
+        agent
+            .wait_until(WAIT, "the two other nodes", |s| s.peers.len() == 2)
+            .await?;
+    }
+    let gateway_at = |s: &SimAgent| s.peer("node-a").map(|p| p.allowed_ips.clone());
+    let before = gateway_at(&new).context("a at c")?;
+
+    for (step, site, n) in [
+        ("add", "office", 20u8),
+        ("add", "home", 21),
+        ("delete", "office", 20),
+    ] {
+        if step == "add" {
+            fx.apply_peer(
+                site,
+                json!({"publicKey": key(n), "allowedIPs": [format!("192.168.{n}.0/24")]}),
+            )
+            .await?;
+        } else {
+            let api: Api<WireGuardPeer> = Api::all(fx.client.clone());
+            api.delete(site, &DeleteParams::default()).await?;
+        }
+        let network = format!("192.168.{n}.0/24");
+        let carried = |s: &SimAgent| {
+            gateway_at(s).is_some_and(|ips| ips.contains(&network) == (step == "add"))
+        };
+        for agent in [&mut old, &mut new] {
+            agent
+                .wait_until(WAIT, &format!("{step} {site} at the gateway"), carried)
+                .await?;
+        }
+        let (whole, changed) = (last_delta(&old), last_delta(&new));
+        assert_eq!(
+            (names(&whole.upserted), whole.changed_allowed_ips.len()),
+            (vec!["node-a".to_owned()], 0),
+            "{step} {site}: the older agent gets the gateway whole"
+        );
+        assert!(
+            changed.upserted.is_empty(),
+            "{step} {site}: {:?}",
+            names(&changed.upserted)
+        );
+        let [change] = changed.changed_allowed_ips.as_slice() else {
+            panic!("{step} {site}: one change: {changed:?}");
+        };
+        assert_eq!(change.public_key, vec![1u8; 32]);
+        let moved = if step == "add" {
+            (change.added.len(), change.removed.len())
+        } else {
+            (change.removed.len(), change.added.len())
+        };
+        assert_eq!(
+            moved,
+            (2, 0),
+            "{step} {site}: its network and tunnel address: {change:?}"
+        );
+        assert!(
+            change.added.contains(&network) || change.removed.contains(&network),
+            "{change:?}"
+        );
+        assert_eq!(
+            gateway_at(&new),
+            gateway_at(&old),
+            "{step} {site}: one list"
+        );
+    }
+    assert_ne!(gateway_at(&new), Some(before), "home is still carried");
+    Ok(())
+}
+
 /// The lease holder judges gateways by their agents' streams, also those open on another
 /// replica (which tells it each stream's count there, in order): the active gateway stays
 /// while its stream to the other replica is open, and moves once it closes.

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
+use crate::diff::AllowedIpsChange;
 use crate::{Cidr, Key, PublicKey};
 
 /// Why a node is not a member of a mesh. Only the mesh ends a membership: the first three.
@@ -128,21 +129,32 @@ pub enum AgentChange<S> {
         addresses: Option<Vec<IpNet>>,
         pod_cidrs: Option<Vec<IpNet>>,
         members: Option<u32>,
+        /// Peers held whose allowed IPs alone change, none of them upserted or removed.
+        allowed_ips_changes: Vec<AllowedIpsChange>,
     },
 }
 
 impl<S> AgentConfig<S> {
     /// Whether `update` applies to this state: a snapshot always; a delta only to the state
     /// it was computed from, of its epoch and at its revision or before (a resumed stream's
-    /// first delta may carry only the settings, at the revision the agent has). A delta to
-    /// anything else would leave a mix of two states.
+    /// first delta may carry only the settings, at the revision the agent has), and whose
+    /// changes of allowed IPs fit the peers held. A delta to anything else would leave a mix
+    /// of two states.
     pub fn follows(&self, update: &AgentUpdate<S>) -> bool {
-        match update.change {
+        match &update.change {
             AgentChange::Snapshot { .. } => true,
-            AgentChange::Delta { .. } => {
+            AgentChange::Delta {
+                allowed_ips_changes,
+                ..
+            } => {
                 !self.epoch.is_empty()
                     && update.epoch == self.epoch
                     && update.revision >= self.revision
+                    && allowed_ips_changes.iter().all(|c| {
+                        self.peers
+                            .get(&c.public_key)
+                            .is_some_and(|p| c.fits(&p.allowed_ips))
+                    })
             }
         }
     }
@@ -172,12 +184,18 @@ impl<S> AgentConfig<S> {
                 addresses,
                 pod_cidrs,
                 members,
+                allowed_ips_changes,
             } => {
                 for key in &removed {
                     self.peers.remove(key);
                 }
                 self.peers
                     .extend(upserted.into_iter().map(|p| (p.public_key, p)));
+                for change in &allowed_ips_changes {
+                    if let Some(peer) = self.peers.get_mut(&change.public_key) {
+                        peer.allowed_ips = change.applied_to(&peer.allowed_ips);
+                    }
+                }
                 if settings.is_some() {
                     self.settings = settings;
                 }

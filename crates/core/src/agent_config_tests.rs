@@ -57,6 +57,7 @@ fn snapshots_replace_and_deltas_change_only_what_they_carry() {
             addresses: None,
             pod_cidrs: None,
             members: None,
+            allowed_ips_changes: vec![],
         },
     ));
     let keys: Vec<u8> = c.peers.keys().map(|k| k.as_bytes()[0]).collect();
@@ -79,6 +80,7 @@ fn snapshots_replace_and_deltas_change_only_what_they_carry() {
             addresses: Some(nets(&["10.250.0.9/16"])),
             pod_cidrs: Some(nets(&["10.244.9.0/24"])),
             members: Some(4),
+            allowed_ips_changes: vec![],
         },
     ));
     assert_eq!(
@@ -216,6 +218,7 @@ fn a_delta_follows_only_the_state_it_was_made_from() {
             addresses: None,
             pod_cidrs: None,
             members: None,
+            allowed_ips_changes: vec![],
         },
     };
     let snapshot = |epoch: &str, revision| AgentUpdate {
@@ -248,4 +251,87 @@ fn a_delta_follows_only_the_state_it_was_made_from() {
     for (i, (state, update, want)) in cases.into_iter().enumerate() {
         assert_eq!(state.follows(&update), want, "case {i}");
     }
+}
+
+/// A change of allowed IPs applies to the peer held, and only a change that fits what the
+/// agent holds follows it: one computed from another state makes the agent start over from
+/// a snapshot instead of holding a mix of two.
+#[test]
+fn allowed_ips_changes_apply_only_to_what_they_were_made_from() {
+    let cidrs = |list: &[&str]| -> Vec<Cidr> {
+        list.iter()
+            .map(|c| Cidr::parse_strict(c).unwrap())
+            .collect()
+    };
+    let mut at_5 = Config::default();
+    at_5.apply(update(
+        5,
+        AgentChange::Snapshot {
+            peers: vec![
+                peer(1, &["10.0.1.0/24", "10.0.2.0/24", "10.250.0.1/32"]),
+                peer(2, &["10.0.9.0/24"]),
+            ],
+            settings: Some("wgmesh0"),
+            addresses: nets(&["10.250.0.3/16"]),
+            pod_cidrs: vec![],
+            departure: Departure::Unspecified,
+            members: 3,
+        },
+    ));
+    let changed = |key: u8, added: &[&str], removed: &[&str]| {
+        update(
+            6,
+            AgentChange::Delta {
+                upserted: vec![],
+                removed: vec![],
+                settings: None,
+                addresses: None,
+                pod_cidrs: None,
+                members: None,
+                allowed_ips_changes: vec![AllowedIpsChange {
+                    public_key: PublicKey::from_bytes([key; 32]),
+                    added: cidrs(added),
+                    removed: cidrs(removed),
+                }],
+            },
+        )
+    };
+    // (name, update, follows)
+    let cases = [
+        ("grows", changed(1, &["10.0.3.0/24"], &[]), true),
+        ("shrinks", changed(1, &[], &["10.0.2.0/24"]), true),
+        ("both", changed(1, &["10.0.0.0/24"], &["10.0.1.0/24"]), true),
+        ("a peer not held", changed(7, &["10.0.3.0/24"], &[]), false),
+        (
+            "adds what is there",
+            changed(1, &["10.0.1.0/24"], &[]),
+            false,
+        ),
+        (
+            "removes what is not",
+            changed(1, &[], &["10.0.3.0/24"]),
+            false,
+        ),
+    ];
+    for (name, u, want) in cases {
+        assert_eq!(at_5.follows(&u), want, "{name}");
+    }
+
+    let mut c = at_5.clone();
+    c.apply(changed(
+        1,
+        &["10.0.0.0/24", "10.0.3.0/24"],
+        &["10.0.2.0/24"],
+    ));
+    assert_eq!(
+        c.peers[&PublicKey::from_bytes([1; 32])].allowed_ips,
+        cidrs(&["10.0.0.0/24", "10.0.1.0/24", "10.0.3.0/24", "10.250.0.1/32"]),
+        "sorted, the removed one gone"
+    );
+    assert_eq!(
+        c.peers[&PublicKey::from_bytes([2; 32])],
+        at_5.peers[&PublicKey::from_bytes([2; 32])],
+        "the other peer as it was"
+    );
+    assert_eq!(c.revision, 6);
 }

@@ -258,6 +258,9 @@ pub struct DesiredPeer {
     pub node: Option<String>,
     /// The peer's fields as the wire carries them, made once and shared by every stream.
     pub encoding: EncodingMemo,
+    /// How its allowed IPs differ from the version streams sent before, worked out once and
+    /// shared by every stream that sends the change.
+    pub allowed_ips_diff: AllowedIpsDiffMemo,
 }
 
 /// A peer's wire encoding, made by the first stream that sends the peer and then shared by
@@ -303,6 +306,66 @@ impl std::fmt::Debug for EncodingMemo {
             "encoded"
         } else {
             "not encoded"
+        })
+    }
+}
+
+/// The difference of a peer's allowed IPs from an earlier version of the same peer, (added,
+/// removed) as [`crate::diff::sorted_difference`] gives them: the relay between the nodes
+/// behind NAT and the active gateway hold lists as long as the mesh, and a change of one
+/// entry goes to every node holding them; each stream taking the difference again would
+/// cost O(nodes x list). Kept for the first earlier version asked about (the one most
+/// streams sent); another is worked out uncached. Like [`EncodingMemo`], a clone starts
+/// empty and the memo takes no part in comparing or hashing peers.
+#[derive(Default)]
+pub struct AllowedIpsDiffMemo(std::sync::OnceLock<(std::sync::Weak<DesiredPeer>, Arc<IpsDiff>)>);
+
+/// Allowed IPs added and removed, each sorted.
+pub type IpsDiff = (Vec<Cidr>, Vec<Cidr>);
+
+impl AllowedIpsDiffMemo {
+    /// How `new` (the peer holding this memo) differs from `old`.
+    pub fn get_or_init(&self, new: &DesiredPeer, old: &Arc<DesiredPeer>) -> Arc<IpsDiff> {
+        let compute = || {
+            Arc::new(crate::diff::sorted_difference(
+                &old.allowed_ips,
+                &new.allowed_ips,
+            ))
+        };
+        let (from, diff) = self.0.get_or_init(|| (Arc::downgrade(old), compute()));
+        // The weak reference keeps `old`'s allocation, so no other peer can be at its address.
+        if std::ptr::eq(from.as_ptr(), Arc::as_ptr(old)) {
+            diff.clone()
+        } else {
+            compute()
+        }
+    }
+}
+
+impl Clone for AllowedIpsDiffMemo {
+    fn clone(&self) -> Self {
+        AllowedIpsDiffMemo::default()
+    }
+}
+
+impl PartialEq for AllowedIpsDiffMemo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for AllowedIpsDiffMemo {}
+
+impl std::hash::Hash for AllowedIpsDiffMemo {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
+}
+
+impl std::fmt::Debug for AllowedIpsDiffMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "diffed"
+        } else {
+            "not diffed"
         })
     }
 }
@@ -811,19 +874,29 @@ pub fn without_own_networks(
     me: &Member,
     mine: Option<&DesiredPeer>,
 ) -> Vec<Cidr> {
-    let own: Vec<Cidr> = mine
-        .map(|p| p.allowed_ips.clone())
+    let own = own_networks(me, mine);
+    relay
+        .allowed_ips
+        .iter()
+        .filter(|c| !overlaps_any(&own, c))
+        .copied()
+        .collect()
+}
+
+/// Member `me`'s own networks, which it never routes into the tunnel: its node peer's allowed
+/// IPs (`mine`), its pod CIDRs and its tunnel addresses.
+pub fn own_networks(me: &Member, mine: Option<&DesiredPeer>) -> Vec<Cidr> {
+    mine.map(|p| p.allowed_ips.clone())
         .unwrap_or_default()
         .into_iter()
         .chain(me.pod_cidrs.iter().copied())
         .chain(me.interface_addresses.iter().map(|a| Cidr::host(a.addr())))
-        .collect();
-    relay
-        .allowed_ips
-        .iter()
-        .filter(|c| !own.iter().any(|o| o.overlaps(c)))
-        .copied()
         .collect()
+}
+
+/// Whether `c` overlaps any of `networks`.
+pub fn overlaps_any(networks: &[Cidr], c: &Cidr) -> bool {
+    networks.iter().any(|o| o.overlaps(c))
 }
 
 /// What an endpoint an agent observed (for a node behind NAT, a roaming external peer) is
@@ -1360,6 +1433,7 @@ fn desired_peer(mesh: &MeshInput, peer: &PeerInput, node: Option<&NodeInput>) ->
         preshared_key,
         node: peer.node.clone(),
         encoding: EncodingMemo::default(),
+        allowed_ips_diff: AllowedIpsDiffMemo::default(),
     }
 }
 

@@ -72,7 +72,7 @@ pub(crate) fn node_peer(node: &str, n: u8) -> PeerInput {
 }
 
 /// An external peer with key n, created at time n, tunnel address 10.250.1.n.
-fn external(name: &str, n: u8, allowed: &[&str]) -> PeerInput {
+pub(crate) fn external(name: &str, n: u8, allowed: &[&str]) -> PeerInput {
     PeerInput {
         name: name.into(),
         created: i64::from(n),

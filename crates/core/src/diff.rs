@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::PublicKey;
 use crate::desired::DesiredPeer;
+use crate::{Cidr, PublicKey};
 
 /// The changes that turn one peer set into another.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -68,6 +68,67 @@ pub fn diff_peer_sets_over(
     delta
 }
 
+/// A peer the node holds whose allowed IPs are all that changed: what to add to its list and
+/// what to take out. The lists that grow with the mesh (the relay between the nodes behind
+/// NAT carries all their networks, the active gateway every external peer's) change by an
+/// entry when a node or peer comes or goes; sent whole, each such change would cost every
+/// node holding the list the whole list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedIpsChange {
+    pub public_key: PublicKey,
+    /// Sorted; none of them in the list.
+    pub added: Vec<Cidr>,
+    /// Sorted; each of them in the list.
+    pub removed: Vec<Cidr>,
+}
+
+impl AllowedIpsChange {
+    /// Whether the change fits `list` (sorted, without duplicates): it removes only entries
+    /// the list has and adds only entries it lacks. A change that does not fit was computed
+    /// from another state than the holder's.
+    pub fn fits(&self, list: &[Cidr]) -> bool {
+        self.removed.iter().all(|c| list.binary_search(c).is_ok())
+            && self.added.iter().all(|c| list.binary_search(c).is_err())
+    }
+
+    /// `list` (sorted, without duplicates) with the change made: sorted, without duplicates.
+    pub fn applied_to(&self, list: &[Cidr]) -> Vec<Cidr> {
+        let kept = list
+            .iter()
+            .filter(|c| self.removed.binary_search(c).is_err());
+        let mut out: Vec<Cidr> = kept.chain(self.added.iter()).copied().collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// What turns the sorted list `old` into the sorted list `new`: the entries only `new` has
+/// (added) and those only `old` has (removed), each sorted. One merge of the two lists.
+pub fn sorted_difference(old: &[Cidr], new: &[Cidr]) -> (Vec<Cidr>, Vec<Cidr>) {
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() && j < new.len() {
+        match old[i].cmp(&new[j]) {
+            std::cmp::Ordering::Less => {
+                removed.push(old[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                added.push(new[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    removed.extend_from_slice(&old[i..]);
+    added.extend_from_slice(&new[j..]);
+    (added, removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +144,7 @@ mod tests {
             preshared_key: PresharedKey::None,
             node: None,
             encoding: Default::default(),
+            allowed_ips_diff: Default::default(),
         })
     }
 
@@ -195,6 +257,73 @@ mod tests {
                     d,
                     "{name} over keys"
                 );
+            }
+        }
+    }
+
+    fn cidrs(list: &[&str]) -> Vec<Cidr> {
+        let mut out: Vec<Cidr> = list.iter().map(|c| c.parse().unwrap()).collect();
+        out.sort();
+        out
+    }
+
+    /// name, old list, new list
+    type ListCase<'a> = (&'a str, Vec<&'a str>, Vec<&'a str>);
+
+    #[test]
+    fn allowed_ips_change_table() {
+        let cases: Vec<ListCase> = vec![
+            ("equal", vec!["10.0.0.0/24"], vec!["10.0.0.0/24"]),
+            ("empty to one", vec![], vec!["10.0.0.0/24"]),
+            ("one to empty", vec!["10.0.0.0/24"], vec![]),
+            (
+                "grown in the middle",
+                vec!["10.0.0.0/24", "10.0.2.0/24"],
+                vec!["10.0.0.0/24", "10.0.1.0/24", "10.0.2.0/24"],
+            ),
+            (
+                "shrunk at both ends",
+                vec!["10.0.0.0/24", "10.0.1.0/24", "10.0.2.0/24", "fd00::/64"],
+                vec!["10.0.1.0/24"],
+            ),
+            (
+                "one in, one out",
+                vec!["10.0.0.0/24", "10.250.0.1/32"],
+                vec!["10.0.0.0/24", "10.250.0.2/32"],
+            ),
+            (
+                "all new",
+                vec!["10.0.0.0/24", "10.0.1.0/24"],
+                vec!["192.168.0.0/16", "fd00::/64"],
+            ),
+        ];
+        for (name, old, new) in cases {
+            let (old, new) = (cidrs(&old), cidrs(&new));
+            let (added, removed) = sorted_difference(&old, &new);
+            let change = AllowedIpsChange {
+                public_key: PublicKey::from_bytes([1; 32]),
+                added: added.clone(),
+                removed: removed.clone(),
+            };
+            assert!(change.fits(&old), "{name}: fits the old list");
+            assert_eq!(change.applied_to(&old), new, "{name}: gives the new list");
+            assert!(added.is_sorted() && removed.is_sorted(), "{name}: sorted");
+            assert!(
+                added.iter().all(|c| !old.contains(c)),
+                "{name}: added are new"
+            );
+            assert!(
+                removed.iter().all(|c| !new.contains(c)),
+                "{name}: removed are gone"
+            );
+            // A change from another state does not fit it.
+            if !added.is_empty() {
+                assert!(
+                    !change.fits(&new),
+                    "{name}: an added entry is already there"
+                );
+            } else if !removed.is_empty() {
+                assert!(!change.fits(&new), "{name}: a removed entry is not there");
             }
         }
     }

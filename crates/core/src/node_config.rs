@@ -14,10 +14,11 @@ use std::sync::Arc;
 
 use crate::agent_config::Departure;
 use crate::desired::{
-    DesiredMesh, DesiredPeer, Member, PresharedKey, View, pair_preshared_key, without_own_networks,
+    DesiredMesh, DesiredPeer, Member, PresharedKey, View, overlaps_any, own_networks,
+    pair_preshared_key, without_own_networks,
 };
-use crate::diff::{diff_peer_sets, diff_peer_sets_over};
-use crate::{Key, PublicKey};
+use crate::diff::{AllowedIpsChange, diff_peer_sets, diff_peer_sets_over, sorted_difference};
+use crate::{Cidr, Key, PublicKey};
 
 /// What one node should have of one mesh.
 #[derive(Debug, Clone)]
@@ -117,6 +118,19 @@ impl<S> NodeConfig<S> {
         })
     }
 
+    /// For a member behind NAT: the relay's key and the member's own networks, which its copy
+    /// of the relay leaves out ([`Self::as_sent`]); `None` for every other node.
+    fn relay_filter(&self) -> Option<(PublicKey, Vec<Cidr>)> {
+        let me = self.member.as_ref().filter(|m| m.behind_nat)?;
+        let relay = self
+            .desired
+            .relay
+            .as_ref()
+            .and_then(|r| self.desired.members.get(r))?;
+        let mine = self.desired.peers.get(&me.public_key).map(|p| &**p);
+        Some((relay.public_key, own_networks(me, mine)))
+    }
+
     /// The preshared key this node uses with `peer`: the peer's own, or the pair's key derived
     /// from the mesh secret (node peers, when the mesh has one), or none.
     pub fn preshared_key(&self, peer: &DesiredPeer) -> Option<Key> {
@@ -143,6 +157,104 @@ pub struct NodeDelta<S> {
     pub addresses_changed: bool,
     /// The node's pod CIDRs, when they changed.
     pub pod_cidrs_changed: bool,
+    /// Peers the node holds whose allowed IPs are all that changed, sorted by key: set only
+    /// for agents that take such changes ([`NodeDelta::with_allowed_ips_changes`]).
+    pub allowed_ips_changes: Vec<AllowedIpsChange>,
+}
+
+/// How one upserted peer goes to an agent that takes changes of allowed IPs.
+enum Sent {
+    Whole,
+    Change(AllowedIpsChange),
+    /// The peer changed only where this node's copy leaves it out (the relay, in networks
+    /// of the node's own): the node's copy is as it was.
+    Nothing,
+}
+
+impl<S> NodeDelta<S> {
+    /// This delta from `sent` to `now` (the views it was computed between) for an agent that
+    /// takes changes of allowed IPs (`WatchPeersRequest.accepts_allowed_ips_changes`): an
+    /// upserted peer that the node holds with every other field as it is goes as the change
+    /// of its allowed IPs instead, when that is shorter than its list. A node behind NAT gets
+    /// the change of its own copy of the relay; while its own networks and the relay stay
+    /// the same, that is the shared change without its own networks, O(change), not O(list).
+    pub fn with_allowed_ips_changes(mut self, sent: &NodeConfig<S>, now: &NodeConfig<S>) -> Self {
+        let (before, after) = (sent.relay_filter(), now.relay_filter());
+        // The node's copy of the relay is the shared one filtered the same way on both sides.
+        let same_filter = (before == after).then_some(after.as_ref()).flatten();
+        let filtered = |f: &Option<(PublicKey, Vec<Cidr>)>, key: &PublicKey| {
+            f.as_ref().is_some_and(|(relay, _)| relay == key)
+        };
+        let same_secret = sent
+            .member
+            .as_ref()
+            .map(|m| (&m.public_key, &m.mesh_secret))
+            == now.member.as_ref().map(|m| (&m.public_key, &m.mesh_secret));
+        let mut upserted = Vec::with_capacity(self.upserted.len());
+        for new in std::mem::take(&mut self.upserted) {
+            let key = new.public_key;
+            let sent_as = match sent.shared_peers().get(&key) {
+                Some(old) if same_secret && same_but_allowed_ips(old, &new) => {
+                    if !filtered(&before, &key) && !filtered(&after, &key) {
+                        let diff = new.allowed_ips_diff.get_or_init(&new, old);
+                        change(key, diff.0.clone(), diff.1.clone(), new.allowed_ips.len())
+                    } else if let Some((_, own)) = same_filter {
+                        let diff = new.allowed_ips_diff.get_or_init(&new, old);
+                        let mine = |list: &[Cidr]| -> Vec<Cidr> {
+                            list.iter()
+                                .filter(|c| !overlaps_any(own, c))
+                                .copied()
+                                .collect()
+                        };
+                        // The list's length as shared: at most a few entries longer than the
+                        // node's copy, and not worth the O(list) filtering to know.
+                        change(key, mine(&diff.0), mine(&diff.1), new.allowed_ips.len())
+                    } else {
+                        // The node's own networks or the relay moved: compare its copies.
+                        let (old_copy, new_copy) = (sent.as_sent(old), now.as_sent(&new));
+                        let (added, removed) =
+                            sorted_difference(&old_copy.allowed_ips, &new_copy.allowed_ips);
+                        change(key, added, removed, new_copy.allowed_ips.len())
+                    }
+                }
+                _ => Sent::Whole,
+            };
+            match sent_as {
+                Sent::Whole => upserted.push(new),
+                Sent::Change(c) => self.allowed_ips_changes.push(c),
+                Sent::Nothing => {}
+            }
+        }
+        self.upserted = upserted;
+        self
+    }
+}
+
+/// Whether two versions of a peer differ in their allowed IPs alone (the encoding memos
+/// aside).
+fn same_but_allowed_ips(old: &DesiredPeer, new: &DesiredPeer) -> bool {
+    old.public_key == new.public_key
+        && old.name == new.name
+        && old.endpoint == new.endpoint
+        && old.persistent_keepalive == new.persistent_keepalive
+        && old.preshared_key == new.preshared_key
+        && old.node == new.node
+}
+
+/// A change of `added` and `removed`, sent as such only when shorter than the list it
+/// changes (`list_len` entries after it).
+fn change(key: PublicKey, added: Vec<Cidr>, removed: Vec<Cidr>, list_len: usize) -> Sent {
+    if added.is_empty() && removed.is_empty() {
+        Sent::Nothing
+    } else if added.len() + removed.len() >= list_len {
+        Sent::Whole
+    } else {
+        Sent::Change(AllowedIpsChange {
+            public_key: key,
+            added,
+            removed,
+        })
+    }
 }
 
 /// What to send a node.
@@ -224,6 +336,7 @@ pub fn next_update_within<S: PartialEq>(
         },
         addresses_changed,
         pod_cidrs_changed,
+        allowed_ips_changes: Vec::new(),
     }))
 }
 

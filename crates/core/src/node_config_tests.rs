@@ -325,3 +325,194 @@ fn a_node_behind_nat_gets_the_relay_again_when_another_one_joins() {
         ]
     );
 }
+
+/// A mesh of nodes 1..=count: `natted` behind NAT, `interior` not gateways, and external
+/// peers 20.. with one network each (`192.168.<n>.0/24`).
+fn mesh_with(count: u8, natted: &[u8], interior: &[u8], externals: &[u8]) -> Arc<DesiredMesh> {
+    mesh_of(count, |_, nodes, peers| {
+        for (i, n) in nodes.iter_mut().enumerate() {
+            let n_index = u8::try_from(i + 1).unwrap();
+            n.behind_nat = natted.contains(&n_index);
+            n.gateway = !interior.contains(&n_index) && !n.behind_nat;
+        }
+        for &e in externals {
+            peers.push(fixtures::external(
+                &format!("ext{e}"),
+                e,
+                &[&format!("192.168.{e}.0/24")],
+            ));
+        }
+    })
+}
+
+/// A node's peers as its agent holds them: key -> (the peer but its allowed IPs, the list).
+type Held = BTreeMap<PublicKey, (DesiredPeer, Vec<Cidr>)>;
+
+fn held<S>(view: &NodeConfig<S>) -> Held {
+    view.peers()
+        .map(|p| {
+            let copy = view.as_sent(p).into_owned();
+            let list = copy.allowed_ips.clone();
+            (
+                p.public_key,
+                (
+                    DesiredPeer {
+                        allowed_ips: vec![],
+                        ..copy
+                    },
+                    list,
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Every node of both meshes, taken from `before` to `after` by a delta with changes of
+/// allowed IPs, as an agent applies it: it ends with what `after` gives it, every change
+/// fits what it held, and the changes are what the case expects (node -> "key:+n-m", a
+/// change with n entries added and m removed).
+#[test]
+fn allowed_ips_changes_take_every_node_to_its_next_view() {
+    type Case<'a> = (
+        &'a str,
+        Arc<DesiredMesh>,
+        Arc<DesiredMesh>,
+        Vec<(&'a str, &'a str)>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "a node joins behind NAT: the relay grows by its two networks",
+            mesh_with(4, &[2, 3], &[], &[]),
+            mesh_with(5, &[2, 3, 5], &[], &[]),
+            vec![("n2", "1:+2-0"), ("n3", "1:+2-0"), ("n1", ""), ("n4", "")],
+        ),
+        (
+            "a node behind NAT leaves: the relay shrinks",
+            mesh_with(5, &[2, 3, 5], &[], &[]),
+            mesh_with(4, &[2, 3], &[], &[]),
+            vec![("n2", "1:+0-2"), ("n3", "1:+0-2")],
+        ),
+        (
+            "a node goes behind NAT: the relay grows for the others; it gets its peers whole \
+             (kept alive from behind NAT now)",
+            mesh_with(4, &[2, 3], &[], &[]),
+            mesh_with(4, &[2, 3, 4], &[], &[]),
+            vec![("n2", "1:+2-0"), ("n3", "1:+2-0"), ("n4", "")],
+        ),
+        (
+            "a node behind NAT gets another pod CIDR: the others' relay changes, its own not",
+            mesh_with(4, &[2, 3], &[], &[]),
+            mesh_of(4, |_, nodes, _| {
+                for n in nodes
+                    .iter_mut()
+                    .filter(|n| ["n2", "n3"].contains(&n.name.as_str()))
+                {
+                    n.behind_nat = true;
+                }
+                nodes[1].pod_cidrs = vec!["10.244.42.0/24".parse().unwrap()];
+            }),
+            vec![("n2", ""), ("n3", "1:+1-1"), ("n4", "")],
+        ),
+        (
+            "an external peer comes: the active gateway grows for interior nodes",
+            mesh_with(4, &[], &[2, 3, 4], &[20, 21, 22]),
+            mesh_with(4, &[], &[2, 3, 4], &[20, 21, 22, 23]),
+            vec![("n2", "1:+2-0"), ("n3", "1:+2-0"), ("n1", "")],
+        ),
+        (
+            "an external peer goes",
+            mesh_with(4, &[], &[2, 3, 4], &[20, 21, 22, 23]),
+            mesh_with(4, &[], &[2, 3, 4], &[20, 21, 22]),
+            vec![("n2", "1:+0-2"), ("n4", "1:+0-2")],
+        ),
+        (
+            "the only external peer goes: a change as long as the list goes whole",
+            mesh_with(3, &[], &[2, 3], &[20]),
+            mesh_with(3, &[], &[2, 3], &[]),
+            vec![("n2", ""), ("n3", "")],
+        ),
+    ];
+    for (name, before, after, expected) in cases {
+        let names: BTreeSet<&String> = before.members.keys().chain(after.members.keys()).collect();
+        for node in names {
+            let sent = NodeConfig::of(node, Some(Arc::new("s")), before.clone());
+            let now = NodeConfig::of(node, Some(Arc::new("s")), after.clone());
+            let mut agent = held(&sent);
+            let changes = match next_update(Some(&sent), &now) {
+                None => String::new(),
+                Some(NodeUpdate::Snapshot) => {
+                    agent = held(&now);
+                    "snapshot".into()
+                }
+                Some(NodeUpdate::Delta(d)) => {
+                    let d = d.with_allowed_ips_changes(&sent, &now);
+                    for k in &d.removed {
+                        agent.remove(k);
+                    }
+                    for p in &d.upserted {
+                        let copy = now.as_sent(p).into_owned();
+                        let list = copy.allowed_ips.clone();
+                        agent.insert(
+                            p.public_key,
+                            (
+                                DesiredPeer {
+                                    allowed_ips: vec![],
+                                    ..copy
+                                },
+                                list,
+                            ),
+                        );
+                    }
+                    let mut out = Vec::new();
+                    for c in &d.allowed_ips_changes {
+                        let (_, list) = agent.get_mut(&c.public_key).unwrap_or_else(|| {
+                            panic!("{name}: {node} got a change of a peer it lacks")
+                        });
+                        assert!(c.fits(list), "{name}: {node}: {c:?} does not fit {list:?}");
+                        *list = c.applied_to(list);
+                        out.push(format!(
+                            "{}:+{}-{}",
+                            c.public_key.as_bytes()[0],
+                            c.added.len(),
+                            c.removed.len()
+                        ));
+                    }
+                    out.join(" ")
+                }
+            };
+            assert_eq!(agent, held(&now), "{name}: {node} ends with its next view");
+            if let Some((_, want)) = expected.iter().find(|(n, _)| *n == node.as_str()) {
+                assert_eq!(&changes, want, "{name}: {node}'s changes");
+            }
+        }
+    }
+}
+
+/// The shared difference is worked out once per earlier version: every node behind NAT
+/// that was sent the same relay gets the change from one computation.
+#[test]
+fn the_relays_difference_is_shared_by_the_nodes_sent_the_same_relay() {
+    let (before, after) = (
+        mesh_with(4, &[2, 3], &[], &[]),
+        mesh_with(5, &[2, 3, 5], &[], &[]),
+    );
+    let relay = &after.nat_peers[&key(1)];
+    for node in ["n2", "n3"] {
+        let sent = NodeConfig::of(node, Some(Arc::new("s")), before.clone());
+        let now = NodeConfig::of(node, Some(Arc::new("s")), after.clone());
+        let Some(NodeUpdate::Delta(d)) = next_update(Some(&sent), &now) else {
+            panic!("{node}: a delta");
+        };
+        let d = d.with_allowed_ips_changes(&sent, &now);
+        assert!(d.upserted.is_empty(), "{node}: {:?}", d.upserted);
+        assert_eq!(d.allowed_ips_changes.len(), 1);
+    }
+    assert_eq!(format!("{:?}", relay.allowed_ips_diff), "diffed");
+    let first = relay
+        .allowed_ips_diff
+        .get_or_init(relay, &before.nat_peers[&key(1)]);
+    let again = relay
+        .allowed_ips_diff
+        .get_or_init(relay, &before.nat_peers[&key(1)]);
+    assert!(Arc::ptr_eq(&first, &again), "one difference, shared");
+}

@@ -55,6 +55,7 @@ fn debug_never_shows_a_secret() {
         preshared_key: PresharedKey::Static(key),
         node: None,
         encoding: Default::default(),
+        allowed_ips_diff: Default::default(),
     };
     let mut wg_peer = Peer::new(public);
     wg_peer.preshared_key = Some(key);

@@ -318,6 +318,7 @@ impl Agent {
             resume_epoch: self.desired.epoch.clone(),
             resume_revision: self.desired.revision,
             accepts_parts: true,
+            accepts_allowed_ips_changes: true,
         });
         Ok(client.grpc().watch_peers(req).await?.into_inner())
     }

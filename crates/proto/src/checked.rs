@@ -47,6 +47,8 @@ pub struct Watch {
     pub resume_revision: u64,
     /// The agent joins updates sent in parts.
     pub accepts_parts: bool,
+    /// The agent applies changes of allowed IPs.
+    pub accepts_allowed_ips_changes: bool,
 }
 
 /// A checked `ReportStatusRequest`: well-formed, not yet scoped to the node's peers.
@@ -175,6 +177,7 @@ pub fn watch(req: &WatchPeersRequest) -> Result<Watch, Status> {
         },
         resume_revision: req.resume_revision,
         accepts_parts: req.accepts_parts,
+        accepts_allowed_ips_changes: req.accepts_allowed_ips_changes,
     })
 }
 
@@ -355,6 +358,7 @@ mod tests {
             resume_epoch: "e".repeat(10_000),
             resume_revision: 5,
             accepts_parts: true,
+            accepts_allowed_ips_changes: true,
         };
         assert_eq!(watch(&req).unwrap().resume_epoch, "");
     }

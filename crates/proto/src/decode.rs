@@ -5,6 +5,7 @@
 
 use ipnet::IpNet;
 use wgmesh_core::agent_config::{AgentChange, AgentConfig, AgentPeer, AgentUpdate, Departure};
+use wgmesh_core::diff::AllowedIpsChange;
 use wgmesh_core::validate::check_endpoint;
 use wgmesh_core::{Cidr, Key, PublicKey};
 
@@ -41,17 +42,7 @@ fn key(field: &str, bytes: &[u8]) -> Result<PublicKey, DecodeError> {
 
 fn peer(field: &str, p: &Peer) -> Result<AgentPeer, DecodeError> {
     let public_key = key(&format!("{field}.public_key"), &p.public_key)?;
-    let mut allowed_ips = p
-        .allowed_ips
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            Cidr::parse_masked(c)
-                .map_err(|e| err(format!("{field}.allowed_ips[{i}]"), format!("{c:?}: {e}")))
-        })
-        .collect::<Result<Vec<Cidr>, _>>()?;
-    allowed_ips.sort();
-    allowed_ips.dedup();
+    let allowed_ips = cidrs(&format!("{field}.allowed_ips"), &p.allowed_ips)?;
     let endpoint = match p.endpoint.as_str() {
         "" => None,
         e => {
@@ -86,6 +77,57 @@ fn peer(field: &str, p: &Peer) -> Result<AgentPeer, DecodeError> {
         preshared_key,
         node: (!p.node.is_empty()).then(|| p.node.clone()),
     })
+}
+
+/// A list of CIDRs, sorted, each once.
+fn cidrs(field: &str, list: &[String]) -> Result<Vec<Cidr>, DecodeError> {
+    let mut out = list
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            Cidr::parse_masked(c).map_err(|e| err(format!("{field}[{i}]"), format!("{c:?}: {e}")))
+        })
+        .collect::<Result<Vec<Cidr>, _>>()?;
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// A delta's changes of allowed IPs: each of a peer the delta neither upserts nor removes,
+/// each peer once, no network both added and removed.
+fn allowed_ips_changes(
+    field: &str,
+    list: &[crate::AllowedIpsChange],
+    upserted: &[AgentPeer],
+    removed: &[PublicKey],
+) -> Result<Vec<AllowedIpsChange>, DecodeError> {
+    let mut seen = std::collections::BTreeSet::new();
+    list.iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let field = format!("{field}[{i}]");
+            let public_key = key(&format!("{field}.public_key"), &c.public_key)?;
+            if !seen.insert(public_key)
+                || upserted.iter().any(|p| p.public_key == public_key)
+                || removed.contains(&public_key)
+            {
+                return Err(err(
+                    format!("{field}.public_key"),
+                    "names a peer the delta already changes",
+                ));
+            }
+            let added = cidrs(&format!("{field}.added"), &c.added)?;
+            let removed = cidrs(&format!("{field}.removed"), &c.removed)?;
+            if let Some(both) = added.iter().find(|a| removed.binary_search(a).is_ok()) {
+                return Err(err(field, format!("{both} is both added and removed")));
+            }
+            Ok(AllowedIpsChange {
+                public_key,
+                added,
+                removed,
+            })
+        })
+        .collect()
 }
 
 fn peers(field: &str, list: &[Peer]) -> Result<Vec<AgentPeer>, DecodeError> {
@@ -157,23 +199,34 @@ impl TryFrom<&PeerUpdate> for AgentUpdate<MeshSettings> {
                 departure: departure(s.departure),
                 members: s.members,
             },
-            Some(peer_update::Update::Delta(d)) => AgentChange::Delta {
-                upserted: peers("delta.upserted", &d.upserted)?,
-                removed: d
+            Some(peer_update::Update::Delta(d)) => {
+                let upserted = peers("delta.upserted", &d.upserted)?;
+                let removed: Vec<PublicKey> = d
                     .removed
                     .iter()
                     .enumerate()
                     .map(|(i, k)| key(&format!("delta.removed[{i}]"), k))
-                    .collect::<Result<_, _>>()?,
-                settings: d.mesh.clone(),
-                addresses: (!d.tunnel_addresses.is_empty())
-                    .then(|| addresses("delta.tunnel_addresses", &d.tunnel_addresses))
-                    .transpose()?,
-                pod_cidrs: (!d.pod_cidrs.is_empty())
-                    .then(|| pod_cidrs("delta.pod_cidrs", &d.pod_cidrs))
-                    .transpose()?,
-                members: (d.members != 0).then_some(d.members),
-            },
+                    .collect::<Result<_, _>>()?;
+                let allowed_ips_changes = allowed_ips_changes(
+                    "delta.changed_allowed_ips",
+                    &d.changed_allowed_ips,
+                    &upserted,
+                    &removed,
+                )?;
+                AgentChange::Delta {
+                    upserted,
+                    removed,
+                    allowed_ips_changes,
+                    settings: d.mesh.clone(),
+                    addresses: (!d.tunnel_addresses.is_empty())
+                        .then(|| addresses("delta.tunnel_addresses", &d.tunnel_addresses))
+                        .transpose()?,
+                    pod_cidrs: (!d.pod_cidrs.is_empty())
+                        .then(|| pod_cidrs("delta.pod_cidrs", &d.pod_cidrs))
+                        .transpose()?,
+                    members: (d.members != 0).then_some(d.members),
+                }
+            }
             None => return Err(err("update", "carries neither a snapshot nor a delta")),
         };
         Ok(AgentUpdate {
@@ -241,6 +294,7 @@ impl PartsJoiner {
                     ) => {
                         whole.upserted.extend(more.upserted);
                         whole.removed.extend(more.removed);
+                        whole.changed_allowed_ips.extend(more.changed_allowed_ips);
                     }
                     _ => return Err(err("more_parts", "a part of another kind of update")),
                 }
@@ -249,7 +303,9 @@ impl PartsJoiner {
         };
         let peers = match &joined.update {
             Some(peer_update::Update::Snapshot(s)) => s.peers.len(),
-            Some(peer_update::Update::Delta(d)) => d.upserted.len() + d.removed.len(),
+            Some(peer_update::Update::Delta(d)) => {
+                d.upserted.len() + d.removed.len() + d.changed_allowed_ips.len()
+            }
             None => 0,
         };
         if peers > MAX_JOINED_PEERS {

@@ -88,9 +88,11 @@ fn deltas_carry_only_what_changed() {
             addresses,
             pod_cidrs,
             members,
+            allowed_ips_changes,
         } => {
             assert_eq!(upserted.len(), 1);
             assert_eq!(removed, vec![PublicKey::from_bytes([2; 32])]);
+            assert_eq!(allowed_ips_changes, vec![]);
             assert_eq!(
                 (settings, addresses, pod_cidrs, members),
                 (None, None, None, None)
@@ -98,6 +100,37 @@ fn deltas_carry_only_what_changed() {
         }
         other => panic!("not a delta: {other:?}"),
     }
+}
+
+#[test]
+fn a_change_of_allowed_ips_is_read_sorted_and_once_each() {
+    let update = AgentUpdate::try_from(&delta_update(PeerDelta {
+        changed_allowed_ips: vec![crate::AllowedIpsChange {
+            public_key: vec![3; 32],
+            added: vec![
+                "10.0.2.0/24".into(),
+                "10.0.1.0/24".into(),
+                "10.0.2.0/24".into(),
+            ],
+            removed: vec!["fd00::/64".into()],
+        }],
+        ..Default::default()
+    }))
+    .unwrap();
+    let AgentChange::Delta {
+        allowed_ips_changes,
+        ..
+    } = update.change
+    else {
+        panic!("not a delta");
+    };
+    let text = |list: &[Cidr]| list.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let [change] = allowed_ips_changes.as_slice() else {
+        panic!("one change: {allowed_ips_changes:?}");
+    };
+    assert_eq!(change.public_key, PublicKey::from_bytes([3; 32]));
+    assert_eq!(text(&change.added), ["10.0.1.0/24", "10.0.2.0/24"]);
+    assert_eq!(text(&change.removed), ["fd00::/64"]);
 }
 
 /// Every malformed field is refused, and the error names it.
@@ -167,6 +200,53 @@ fn malformed_fields_are_named() {
             }),
             "delta.upserted[0].public_key",
         ),
+        (
+            changed(vec![change(vec![9; 31], &["10.0.1.0/24"], &[])]),
+            "delta.changed_allowed_ips[0].public_key",
+        ),
+        (
+            changed(vec![change(
+                vec![9; 32],
+                &["10.0.1.0/24", "10.0.0.0/33"],
+                &[],
+            )]),
+            "delta.changed_allowed_ips[0].added[1]",
+        ),
+        (
+            changed(vec![change(vec![9; 32], &[], &["bogus"])]),
+            "delta.changed_allowed_ips[0].removed[0]",
+        ),
+        (
+            changed(vec![
+                change(vec![9; 32], &["10.0.1.0/24"], &[]),
+                change(vec![9; 32], &["10.0.2.0/24"], &[]),
+            ]),
+            "delta.changed_allowed_ips[1].public_key",
+        ),
+        (
+            delta_update(PeerDelta {
+                removed: vec![vec![9; 32]],
+                changed_allowed_ips: vec![change(vec![9; 32], &["10.0.1.0/24"], &[])],
+                ..Default::default()
+            }),
+            "delta.changed_allowed_ips[0].public_key",
+        ),
+        (
+            delta_update(PeerDelta {
+                upserted: vec![wire_peer(4)],
+                changed_allowed_ips: vec![change(vec![4; 32], &["10.0.1.0/24"], &[])],
+                ..Default::default()
+            }),
+            "delta.changed_allowed_ips[0].public_key",
+        ),
+        (
+            changed(vec![change(
+                vec![9; 32],
+                &["10.0.1.0/24"],
+                &["10.0.1.0/24"],
+            )]),
+            "delta.changed_allowed_ips[0]",
+        ),
     ];
     for (update, field) in cases {
         match AgentUpdate::try_from(&update) {
@@ -174,6 +254,22 @@ fn malformed_fields_are_named() {
             Ok(u) => panic!("{field}: accepted {u:?}"),
         }
     }
+}
+
+fn change(public_key: Vec<u8>, added: &[&str], removed: &[&str]) -> crate::AllowedIpsChange {
+    let text = |list: &[&str]| list.iter().map(ToString::to_string).collect();
+    crate::AllowedIpsChange {
+        public_key,
+        added: text(added),
+        removed: text(removed),
+    }
+}
+
+fn changed(changes: Vec<crate::AllowedIpsChange>) -> PeerUpdate {
+    delta_update(PeerDelta {
+        changed_allowed_ips: changes,
+        ..Default::default()
+    })
 }
 
 #[test]

@@ -6,6 +6,7 @@
 
 use prost::Message;
 use wgmesh_core::desired::{DesiredPeer, Member};
+use wgmesh_core::diff::AllowedIpsChange;
 use wgmesh_core::node_config::{NodeConfig, NodeUpdate};
 
 use crate::encoded::EncodedPeer;
@@ -56,6 +57,23 @@ pub fn encoded_peer(peer: &DesiredPeer, view: &NodeConfig<MeshSettings>) -> Enco
         peer.name
     );
     EncodedPeer::new(shared, view.preshared_key(peer).map(|k| *k.as_bytes()))
+}
+
+/// A change of a peer's allowed IPs on the wire.
+fn wire_change(c: &AllowedIpsChange) -> crate::AllowedIpsChange {
+    crate::AllowedIpsChange {
+        public_key: c.public_key.as_bytes().to_vec(),
+        added: c.added.iter().map(ToString::to_string).collect(),
+        removed: c.removed.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// The changes of allowed IPs a delta carries, none for a snapshot.
+fn changes<S>(update: &NodeUpdate<S>) -> &[AllowedIpsChange] {
+    match update {
+        NodeUpdate::Snapshot => &[],
+        NodeUpdate::Delta(d) => &d.allowed_ips_changes,
+    }
 }
 
 /// The member's interface addresses (`10.250.0.3/16`), none for a non-member.
@@ -111,7 +129,8 @@ pub fn peer_update(
             d.removed.iter().map(|k| k.as_bytes().to_vec()).collect(),
         ),
     };
-    first_part(epoch, revision, view, update, peers, removed)
+    let changed = changes(update).iter().map(wire_change).collect();
+    first_part(epoch, revision, view, update, peers, removed, changed)
 }
 
 /// The message of `update` with every field, carrying `peers` (upserted, for a delta) and
@@ -123,6 +142,7 @@ fn first_part(
     update: &NodeUpdate<MeshSettings>,
     peers: Vec<EncodedPeer>,
     removed: Vec<Vec<u8>>,
+    changed: Vec<crate::AllowedIpsChange>,
 ) -> PeerUpdate {
     let member = view.member.as_ref();
     let update = match update {
@@ -145,6 +165,7 @@ fn first_part(
                 Vec::new()
             },
             members: members(view),
+            changed_allowed_ips: changed,
         }),
     };
     PeerUpdate {
@@ -158,8 +179,8 @@ fn first_part(
     }
 }
 
-/// [`peer_update`] in parts of at most `max_peers` peers each (upserted and removed counted
-/// apart), made one at a time as the iterator is driven, for agents that accept parts
+/// [`peer_update`] in parts of at most `max_peers` peers each (upserted, removed and changed
+/// counted apart), made one at a time as the iterator is driven, for agents that accept parts
 /// (`WatchPeersRequest.accepts_parts`): a stream's buffers grow to its largest message, and a
 /// whole snapshot per stream would make the controller's memory grow with the square of the
 /// nodes. The first part carries every field, the others only peers; every part but the last
@@ -176,10 +197,12 @@ pub fn peer_update_parts<'a>(
         NodeUpdate::Snapshot => (view.peers().map(|p| &**p).collect(), &[]),
         NodeUpdate::Delta(d) => (d.upserted.iter().map(|p| &**p).collect(), &d.removed),
     };
+    let changed = changes(update);
     let parts = peers
         .len()
         .div_ceil(max)
         .max(removed.len().div_ceil(max))
+        .max(changed.len().div_ceil(max))
         .max(1);
     (0..parts).map(move |i| {
         let chunk = |len: usize| (i * max).min(len)..((i + 1) * max).min(len);
@@ -191,8 +214,20 @@ pub fn peer_update_parts<'a>(
             .iter()
             .map(|k| k.as_bytes().to_vec())
             .collect();
+        let part_changed: Vec<crate::AllowedIpsChange> = changed[chunk(changed.len())]
+            .iter()
+            .map(wire_change)
+            .collect();
         let mut message = if i == 0 {
-            first_part(epoch, revision, view, update, part_peers, part_removed)
+            first_part(
+                epoch,
+                revision,
+                view,
+                update,
+                part_peers,
+                part_removed,
+                part_changed,
+            )
         } else {
             let update = match update {
                 NodeUpdate::Snapshot => peer_update::Update::Snapshot(PeerSnapshot {
@@ -202,6 +237,7 @@ pub fn peer_update_parts<'a>(
                 NodeUpdate::Delta(_) => peer_update::Update::Delta(PeerDelta {
                     upserted: part_peers,
                     removed: part_removed,
+                    changed_allowed_ips: part_changed,
                     ..PeerDelta::default()
                 }),
             };

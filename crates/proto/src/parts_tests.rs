@@ -125,6 +125,13 @@ fn split_updates_join_back_into_the_whole_message() {
         settings: view.settings.clone(),
         addresses_changed: true,
         pod_cidrs_changed: false,
+        allowed_ips_changes: (2000..2060)
+            .map(|n| wgmesh_core::diff::AllowedIpsChange {
+                public_key: key(n),
+                added: vec!["192.168.1.0/24".parse().unwrap()],
+                removed: vec!["192.168.2.0/24".parse().unwrap()],
+            })
+            .collect(),
     });
     struct Case<'a> {
         name: &'a str,
@@ -146,7 +153,7 @@ fn split_updates_join_back_into_the_whole_message() {
             parts: 1,
         },
         Case {
-            name: "delta of 7 upserted, 120 removed by 50",
+            name: "delta of 7 upserted, 120 removed, 60 changed by 50",
             update: &delta,
             max: 50,
             parts: 3,
@@ -182,7 +189,10 @@ fn split_updates_join_back_into_the_whole_message() {
                         "{}: only peers",
                         case.name
                     );
-                    d.upserted.len().max(d.removed.len())
+                    d.upserted
+                        .len()
+                        .max(d.removed.len())
+                        .max(d.changed_allowed_ips.len())
                 }
                 None => panic!("{}: an empty part", case.name),
             };

@@ -40,6 +40,9 @@ pub struct SimAgent {
     pub updates: Vec<pb::PeerUpdate>,
     pub epoch: String,
     pub revision: u64,
+    /// Asks for changes of allowed IPs (as the real agent does); off by default, as agents
+    /// before them.
+    pub accepts_allowed_ips_changes: bool,
 }
 
 impl SimAgent {
@@ -64,6 +67,7 @@ impl SimAgent {
             updates: Vec::new(),
             epoch: String::new(),
             revision: 0,
+            accepts_allowed_ips_changes: false,
         }
     }
 
@@ -111,6 +115,7 @@ impl SimAgent {
             resume_revision: self.revision,
             // As agents before parts: every update whole (the real agent takes parts).
             accepts_parts: false,
+            accepts_allowed_ips_changes: self.accepts_allowed_ips_changes,
         });
         self.stream = Some(self.client.watch_peers(req).await?.into_inner());
         Ok(())
@@ -207,6 +212,15 @@ impl SimAgent {
                 }
                 for k in &d.removed {
                     self.peers.remove(k);
+                }
+                for c in &d.changed_allowed_ips {
+                    if let Some(p) = self.peers.get_mut(&c.public_key) {
+                        p.allowed_ips.retain(|ip| !c.removed.contains(ip));
+                        p.allowed_ips.extend(c.added.iter().cloned());
+                        // In the controller's order, as a whole peer would carry them.
+                        p.allowed_ips
+                            .sort_by_key(|ip| ip.parse::<wgmesh_core::Cidr>().ok());
+                    }
                 }
                 if d.mesh.is_some() {
                     self.settings = d.mesh.clone();
