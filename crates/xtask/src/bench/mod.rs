@@ -4,6 +4,7 @@ mod agent;
 mod control_plane;
 mod dataplane;
 mod disruption;
+mod fan_out;
 mod heap;
 mod procfs;
 mod real_agent;
@@ -32,12 +33,18 @@ pub enum Bench {
     /// key rotation, peer deletion, Secrets denied) costs pod traffic on a local mesh: the
     /// longest stall, pings lost, plaintext packets seen, TCP resets (root).
     Disruption(disruption::Args),
+    /// What one change costs the controller to send to every node (a node joining behind
+    /// NAT, an external peer coming), for agents that take changes of allowed IPs and for
+    /// agents that take peers whole, side by side; in process, no API server.
+    FanOut(fan_out::Args),
 }
 
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
         // Both time our own code: measured in a release build.
-        Bench::Agent(_) | Bench::ControlPlane(_) if cfg!(debug_assertions) => run_in_release(),
+        Bench::Agent(_) | Bench::ControlPlane(_) | Bench::FanOut(_) if cfg!(debug_assertions) => {
+            run_in_release()
+        }
         Bench::Agent(args) => agent::run(args),
         Bench::ControlPlane(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -46,6 +53,7 @@ pub fn run(bench: Bench) -> Result<()> {
             rt.block_on(control_plane::run(args))
         }
         Bench::Dataplane(args) => dataplane::run(args),
+        Bench::FanOut(args) => fan_out::run(args),
         Bench::Disruption(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
