@@ -26,6 +26,11 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "wireguard-tools",
     "wireguard-go",
     "containernetworking-plugins",
+    // ping between pods and nodes (the device's and the mesh's tests); a minimal Debian
+    // has none
+    "iputils-ping",
+    // nft, with which the pod-egress test removes the agent's table to see it come back
+    "nftables",
     // sysctl, unshare, nsenter and mount in the end-to-end tests' node namespaces
     "procps",
     "util-linux",
