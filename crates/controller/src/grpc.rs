@@ -590,14 +590,18 @@ impl MeshServer {
             })?;
         self.metrics.registration("written");
         // Until the cache shows this write, the next registration could be judged unchanged
-        // against what it replaced (an endpoint changed and changed back): wait for it.
-        let written = patched.metadata.resource_version.clone();
+        // against what it replaced (an endpoint changed and changed back): wait for it. By
+        // what was written, not by resourceVersion: the writer's status update can follow
+        // this write before the cache is looked at, and the exact version is never seen.
+        let text = key.to_base64();
         let caught_up = async {
             while self
                 .caches
                 .peers
                 .get(&ObjectRef::new(name))
-                .is_none_or(|p| p.metadata.resource_version != written)
+                .is_none_or(|p| {
+                    !registration_is_current(&p, &text, &peer.registered, &peer.labels, &peer.owner)
+                })
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
