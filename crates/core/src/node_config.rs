@@ -95,15 +95,10 @@ impl<S> NodeConfig<S> {
     /// `peer` as this node gets it: as shared, except the relay for a node behind NAT, whose
     /// allowed IPs carry every node behind NAT's networks but never this node's own.
     pub fn as_sent<'a>(&self, peer: &'a DesiredPeer) -> Cow<'a, DesiredPeer> {
-        let Some(me) = self.member.as_ref().filter(|m| m.behind_nat) else {
+        let Some((me, relay_key)) = self.behind_nat_with_relay() else {
             return Cow::Borrowed(peer);
         };
-        let relay = self
-            .desired
-            .relay
-            .as_ref()
-            .and_then(|r| self.desired.members.get(r));
-        if relay.map(|r| r.public_key) != Some(peer.public_key) {
+        if relay_key != peer.public_key {
             return Cow::Borrowed(peer);
         }
         let mine = self.desired.peers.get(&me.public_key).map(|p| &**p);
@@ -121,14 +116,16 @@ impl<S> NodeConfig<S> {
     /// For a member behind NAT: the relay's key and the member's own networks, which its copy
     /// of the relay leaves out ([`Self::as_sent`]); `None` for every other node.
     fn relay_filter(&self) -> Option<(PublicKey, Vec<Cidr>)> {
-        let me = self.member.as_ref().filter(|m| m.behind_nat)?;
-        let relay = self
-            .desired
-            .relay
-            .as_ref()
-            .and_then(|r| self.desired.members.get(r))?;
+        let (me, relay_key) = self.behind_nat_with_relay()?;
         let mine = self.desired.peers.get(&me.public_key).map(|p| &**p);
-        Some((relay.public_key, own_networks(me, mine)))
+        Some((relay_key, own_networks(me, mine)))
+    }
+
+    /// This node and its relay's key, when the node is a member behind NAT with a relay.
+    fn behind_nat_with_relay(&self) -> Option<(&Member, PublicKey)> {
+        let me = self.member.as_ref().filter(|m| m.behind_nat)?;
+        let relay = self.desired.relay.as_ref()?;
+        Some((me, self.desired.members.get(relay)?.public_key))
     }
 
     /// The preshared key this node uses with `peer`: the peer's own, or the pair's key derived
