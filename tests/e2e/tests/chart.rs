@@ -88,6 +88,79 @@ fn a_wrong_value_type_is_refused_by_the_schema() -> Result<()> {
     Ok(())
 }
 
+/// `mesh.spec` is checked against the WireGuardMesh CRD's own schema (written into
+/// values.schema.json by `cargo xtask crdgen`): a typo the API server would silently prune,
+/// or a wrong type, fails the render naming the value; every example mesh renders.
+#[test]
+fn a_wrong_mesh_spec_is_refused_by_the_schema_and_the_examples_are_not() -> Result<()> {
+    let helm = Helm::new()?;
+    let dir = tempfile::tempdir()?;
+    let values = |name: &str, spec: serde_yaml::Value| -> Result<String> {
+        let path = dir.path().join(format!("{name}.values.yaml"));
+        let doc = serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
+            "mesh".into(),
+            serde_yaml::Mapping::from_iter([("spec".into(), spec)]).into(),
+        )]))?;
+        std::fs::write(&path, doc)?;
+        Ok(path.display().to_string())
+    };
+    let refused: [(&str, &str, &[&str]); 5] = [
+        (
+            "a misspelt field",
+            "tunelCIDRs: [10.250.0.0/16]",
+            &["/mesh/spec", "tunelCIDRs"],
+        ),
+        (
+            "a port as text",
+            "listenPort: fifty",
+            &["/mesh/spec/listenPort", "want integer"],
+        ),
+        (
+            "an unknown backend",
+            "backend: fastest",
+            &["/mesh/spec/backend", "must be one of"],
+        ),
+        (
+            "a misspelt nested field",
+            "fwmark: {mark: 4183, tabel: 7}",
+            &["/mesh/spec/fwmark", "tabel"],
+        ),
+        (
+            "a port out of range",
+            "listenPort: 70000",
+            &["/mesh/spec/listenPort", "maximum"],
+        ),
+    ];
+    for (name, spec, expect) in refused {
+        let path = values("bad", serde_yaml::from_str(spec)?)?;
+        let err = helm
+            .template(&["--values", &path])
+            .expect_err(&format!("{name} was rendered"));
+        let message = format!("{err:#}");
+        for want in expect {
+            assert!(message.contains(want), "{name}: no {want:?} in {message}");
+        }
+    }
+
+    let examples = repo_root().join("deploy/examples");
+    let mut rendered = 0;
+    for entry in std::fs::read_dir(&examples)? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        let doc: serde_yaml::Value = serde_yaml::from_str(&text)?;
+        if doc["kind"].as_str() != Some("WireGuardMesh") {
+            continue;
+        }
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let values = values(&name, doc["spec"].clone())?;
+        helm.template(&["--values", &values])
+            .with_context(|| format!("rendering {name} as mesh.spec"))?;
+        rendered += 1;
+    }
+    assert!(rendered >= 2, "{rendered} example meshes in {examples:?}");
+    Ok(())
+}
+
 #[test]
 fn the_release_namespace_is_never_a_secret_namespace() -> Result<()> {
     // It holds the controller's TLS key: a Secret namespace there would let any peer author
