@@ -71,7 +71,9 @@ pub struct WireGuardMeshSpec {
     pub listen_port: i32,
 
     /// MTU of the interface. Absent means automatic: the underlay MTU minus 80 bytes of
-    /// WireGuard, UDP and IPv6 overhead. At most 65,475: a packet of that size encrypted (32
+    /// WireGuard, UDP and IPv6 overhead, where the underlay is the link of the default route
+    /// the tunnel's packets take (in the `fwmark` table if it has one, else the main
+    /// table). At most 65,475: a packet of that size encrypted (32
     /// bytes more) is the largest a UDP datagram carries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 576, max = 65475))]

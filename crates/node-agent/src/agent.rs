@@ -861,7 +861,15 @@ impl Agent {
         snapshot: &RouteSnapshot,
     ) -> Result<u32> {
         Ok(match settings.mtu {
-            0 => crate::routing::auto_mtu(self.routing.underlay_mtu_in(snapshot, None).await?),
+            0 => crate::routing::auto_mtu(
+                self.routing
+                    .underlay_mtu_in(
+                        snapshot,
+                        None,
+                        marked_packets_table(&self.args.network, settings),
+                    )
+                    .await?,
+            ),
             m => m,
         })
     }
@@ -1129,6 +1137,19 @@ fn jitter(d: Duration) -> Duration {
 /// whatever happens to the interface that traffic is dropped rather than sent elsewhere in
 /// plaintext; the node's own pod CIDRs stay local. Nothing containing an address in
 /// `keep_reachable` (the underlay, the controller) is ever routed into the mesh or guarded.
+fn dedicated_table(net: &NetworkArgs, settings: &pb::MeshSettings) -> bool {
+    net.network_mode == NetworkMode::Addon || settings.fwmark != 0
+}
+
+/// The routing table the mesh's encrypted (marked) packets are looked up in ahead of the
+/// main table: the mesh's fwmark table, unless it is the agent's own route table, where
+/// they would be routed back into the tunnel. `None`: the main table.
+fn marked_packets_table(net: &NetworkArgs, settings: &pb::MeshSettings) -> Option<u32> {
+    let into_ours = dedicated_table(net, settings) && settings.fwmark_table == net.route_table;
+    (settings.fwmark != 0 && settings.fwmark_table != 0 && !into_ours)
+        .then_some(settings.fwmark_table)
+}
+
 pub fn routing_config(
     net: &NetworkArgs,
     settings: &pb::MeshSettings,
@@ -1140,20 +1161,18 @@ pub fn routing_config(
     // A mesh that marks its packets has its routes in our table behind `not fwmark` in
     // every mode: the marked packets skip them, so a peer whose allowed IPs cover its own
     // endpoint (which the controller then accepts) does not loop.
-    let dedicated = net.network_mode == NetworkMode::Addon || settings.fwmark != 0;
-    // Marked packets looked up in our own table would be routed back into the tunnel.
-    let marked_into_ours = dedicated && settings.fwmark_table == net.route_table;
-    if marked_into_ours {
+    let dedicated = dedicated_table(net, settings);
+    if dedicated && settings.fwmark_table == net.route_table {
         tracing::warn!(
             table = net.route_table,
             "the mesh's fwmark table is the agent's route table: marked packets use the main table instead"
         );
     }
-    if settings.fwmark != 0 && settings.fwmark_table != 0 && !marked_into_ours {
+    if let Some(table) = marked_packets_table(net, settings) {
         rules.push(RuleConfig {
             priority: FWMARK_RULE_PRIORITY,
             fwmark: settings.fwmark,
-            table: settings.fwmark_table,
+            table,
             invert: false,
         });
     }
@@ -1224,6 +1243,7 @@ mod tests {
 
     #[test]
     fn routing_per_network_mode() {
+        #[derive(Debug)]
         struct Case {
             mode: &'static str,
             fwmark: (u32, u32),
@@ -1318,6 +1338,15 @@ mod tests {
                 .map(|r| (r.priority, r.fwmark, r.table, r.invert))
                 .collect();
             assert_eq!(rules, case.rules, "{} {:?}", case.mode, case.fwmark);
+            // The underlay MTU is read where the marked packets go: the agent's reading and
+            // the routing's agree.
+            let marked = case.rules.iter().find(|r| r.1 != 0 && !r.3).map(|r| r.2);
+            assert_eq!(cfg.marked_packets_table(), marked, "{case:?}");
+            assert_eq!(
+                marked_packets_table(&net(case.mode), &settings),
+                marked,
+                "{case:?}"
+            );
         }
     }
 

@@ -285,6 +285,31 @@ fn underlay_mtu_and_auto_mtu() {
         ]);
         // The link holding the default route.
         assert_eq!(routing.underlay_mtu().await.unwrap(), 1420);
+        // A mesh whose packets are marked into a table of their own (fwmark.table) leaves
+        // through that table's default route, where it has one: the path its packets take.
+        ns.ip(&["addr", "add", "192.168.88.2/24", "dev", "ul1"]);
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.88.1",
+            "dev",
+            "ul1",
+            "table",
+            "51821",
+        ]);
+        let snapshot = routing.snapshot().await.unwrap();
+        for (marked_table, want) in [(None, 1420), (Some(51821), 9000), (Some(7), 1420)] {
+            assert_eq!(
+                routing
+                    .underlay_mtu_in(&snapshot, None, marked_table)
+                    .await
+                    .unwrap(),
+                want,
+                "{marked_table:?}"
+            );
+        }
 
         let cfg = RoutingConfig {
             interface: "wgt2".into(),

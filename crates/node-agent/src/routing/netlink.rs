@@ -99,11 +99,16 @@ fn route_table(m: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(m.header.table))
 }
 
-/// Whether `m` is a default route of the main table: the underlay's way out.
-fn is_main_default(m: &RouteMessage) -> bool {
+/// Whether `m` is a default route of `table`: the underlay's way out.
+fn is_default_in(m: &RouteMessage, table: u32) -> bool {
     m.header.destination_prefix_length == 0
         && m.header.kind == RouteType::Unicast
-        && route_table(m) == MAIN_TABLE
+        && route_table(m) == table
+}
+
+/// Whether `m` is a default route of the main table.
+fn is_main_default(m: &RouteMessage) -> bool {
+    is_default_in(m, MAIN_TABLE)
 }
 
 fn link_name(l: &LinkMessage) -> Option<&str> {
@@ -354,7 +359,10 @@ impl Routing {
         // Link state and MTU.
         let want_mtu = match cfg.mtu {
             Some(m) => m,
-            None => auto_mtu(self.underlay_mtu_in(snapshot, Some(ifindex)).await?),
+            None => auto_mtu(
+                self.underlay_mtu_in(snapshot, Some(ifindex), cfg.marked_packets_table())
+                    .await?,
+            ),
         };
         let link_plan = plan_link(
             link.header.flags.contains(LinkFlags::Up),
@@ -495,7 +503,8 @@ impl Routing {
     /// largest MTU among the up links other than loopback, WireGuard and TUN links; 1500 if
     /// there is none.
     pub async fn underlay_mtu(&self) -> Result<u32, RoutingError> {
-        self.underlay_mtu_in(&self.snapshot().await?, None).await
+        self.underlay_mtu_in(&self.snapshot().await?, None, None)
+            .await
     }
 
     /// The routes now: [`RouteSnapshot`].
@@ -744,11 +753,14 @@ impl Routing {
     }
 
     /// [`Routing::underlay_mtu`] from the default routes in `snapshot`, leaving out the
-    /// link `exclude` (the mesh's own).
+    /// link `exclude` (the mesh's own). `marked_table`: the table the tunnel's packets are
+    /// looked up in ahead of the main table (the mesh's fwmark table), whose default route
+    /// is then their way out.
     pub async fn underlay_mtu_in(
         &self,
         snapshot: &RouteSnapshot,
         exclude: Option<u32>,
+        marked_table: Option<u32>,
     ) -> Result<u32, RoutingError> {
         let links = self.links().await?;
         let mtu_of = |index: u32| {
@@ -757,11 +769,14 @@ impl Routing {
                 .find(|l| l.header.index == index)
                 .and_then(link_mtu)
         };
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let tables = marked_table.into_iter().chain([MAIN_TABLE]);
+        for (table, family) in
+            tables.flat_map(|t| [(t, AddressFamily::Inet), (t, AddressFamily::Inet6)])
+        {
             let default = snapshot
                 .routes
                 .iter()
-                .filter(|m| m.header.address_family == family && is_main_default(m))
+                .filter(|m| m.header.address_family == family && is_default_in(m, table))
                 .filter_map(|m| route_oif(m).map(|oif| (route_priority(m), oif)))
                 .filter(|(_, oif)| Some(*oif) != exclude)
                 .min();

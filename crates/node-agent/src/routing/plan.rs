@@ -43,6 +43,17 @@ pub struct RoutingConfig {
     pub local: Vec<IpNet>,
 }
 
+impl RoutingConfig {
+    /// The table the rule `fwmark M lookup T` sends the tunnel's own packets to, ahead of
+    /// the main table, if there is such a rule.
+    pub fn marked_packets_table(&self) -> Option<u32> {
+        self.rules
+            .iter()
+            .find(|r| r.fwmark != 0 && !r.invert)
+            .map(|r| r.table)
+    }
+}
+
 /// A policy rule: `[not] fwmark M lookup T` at priority P, or `lookup T` when the mark is 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleConfig {

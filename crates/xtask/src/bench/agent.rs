@@ -256,7 +256,7 @@ async fn routing_rounds(n: usize, rounds: usize) -> Result<(Vec<f64>, Vec<f64>, 
             let snapshot = routing.snapshot().await?;
             routing.underlay_addresses_in(&snapshot).await?;
             let changes = routing.sync_from(&cfg, &snapshot).await?;
-            routing.underlay_mtu_in(&snapshot, None).await?;
+            routing.underlay_mtu_in(&snapshot, None, None).await?;
             anyhow::Ok(changes)
         }
     };
