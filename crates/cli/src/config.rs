@@ -106,10 +106,18 @@ pub fn client_input(
             .map_err(|e| err(exit::INVALID_INPUT, format!("spec.client.addresses: {e}")))?
     };
     if addresses.is_empty() {
+        // A refused peer is given no address (it keeps one it held): say why it is refused.
+        let why = match ready_condition(peer) {
+            Some(c) if c.status == "False" => format!(
+                ": it is not Ready ({}: {}); it gets one once it is programmed",
+                c.reason, c.message
+            ),
+            _ => " yet (is the controller running?)".to_owned(),
+        };
         return Err(err(
             exit::NOT_READY,
             format!(
-                "WireGuardPeer {} has no tunnel address yet (is the controller running?)",
+                "WireGuardPeer {} has no tunnel address{why}",
                 peer.name_any()
             ),
         ));

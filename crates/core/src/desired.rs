@@ -598,7 +598,84 @@ fn mesh_secret_key(secret: &[u8]) -> Key {
 }
 
 /// Computes the desired mesh. Pure: same inputs, same output.
+///
+/// A refused peer keeps the tunnel addresses it holds (fixing its spec brings it back with
+/// them) but is given none: every peer is allocated one before it is judged, so a refused
+/// peer's new address is taken back from the result, and when the pool is full the mesh is
+/// computed once more without giving refused peers any, so that a bad peer never keeps a
+/// good one from the last free address.
 pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> DesiredMesh {
+    let first = compute_withholding(mesh, nodes, peers, &BTreeSet::new());
+    if refused_with_new_addresses(&first, peers).is_empty() {
+        return first;
+    }
+    let mut out = if first.verdicts.values().any(is_exhausted) {
+        // Every peer refused for another reason is withheld, not only those that took an
+        // address: one that found the pool full would take what the others free.
+        let withheld: BTreeSet<String> = first
+            .verdicts
+            .iter()
+            .filter(|(_, v)| matches!(v, Verdict::Refused { .. }) && !is_exhausted(v))
+            .map(|(name, _)| name.clone())
+            .collect();
+        // Judged the same way (`judge` says a full pool last), they keep their reasons.
+        compute_withholding(mesh, nodes, peers, &withheld)
+    } else {
+        first
+    };
+    // Peers refused in the last computation (one exhausted in the first may now hold an
+    // address, and its claims refuse another) keep only what they held.
+    let held: BTreeMap<&str, &[IpAddr]> = peers
+        .iter()
+        .map(|p| (p.name.as_str(), p.tunnel_addresses.as_slice()))
+        .collect();
+    for name in refused_with_new_addresses(&out, peers) {
+        if let Some(addresses) = out.tunnel_addresses.get_mut(&name) {
+            let kept = held.get(name.as_str()).copied().unwrap_or_default();
+            addresses.retain(|a| kept.contains(a));
+        }
+    }
+    out
+}
+
+fn is_exhausted(v: &Verdict) -> bool {
+    matches!(v, Verdict::Refused { reason, .. } if *reason == Reason::TunnelPoolExhausted)
+}
+
+/// The peers refused in `d` (not for want of an address) that were given an address they
+/// did not hold in `peers`. O(peers) to find none, which is the usual answer.
+fn refused_with_new_addresses(d: &DesiredMesh, peers: &[PeerInput]) -> BTreeSet<String> {
+    let refused: Vec<&String> = d
+        .verdicts
+        .iter()
+        .filter(|(_, v)| matches!(v, Verdict::Refused { .. }) && !is_exhausted(v))
+        .map(|(name, _)| name)
+        .collect();
+    if refused.is_empty() {
+        return BTreeSet::new();
+    }
+    let held: BTreeMap<&str, &[IpAddr]> = peers
+        .iter()
+        .map(|p| (p.name.as_str(), p.tunnel_addresses.as_slice()))
+        .collect();
+    refused
+        .into_iter()
+        .filter(|name| {
+            let held = held.get(name.as_str()).copied().unwrap_or_default();
+            d.tunnel_addresses
+                .get(*name)
+                .is_some_and(|a| a.iter().any(|a| !held.contains(a)))
+        })
+        .cloned()
+        .collect()
+}
+
+fn compute_withholding(
+    mesh: &MeshInput,
+    nodes: &[NodeInput],
+    peers: &[PeerInput],
+    withheld: &BTreeSet<String>,
+) -> DesiredMesh {
     let nodes_by_name: BTreeMap<&str, &NodeInput> =
         nodes.iter().map(|n| (n.name.as_str(), n)).collect();
 
@@ -619,11 +696,12 @@ pub fn compute(mesh: &MeshInput, nodes: &[NodeInput], peers: &[PeerInput]) -> De
     // Tunnel addresses, in precedence order: what a peer holds it keeps, a peer without one
     // gets the lowest free one now, and is judged and programmed with it in this same
     // computation (a joining node is published without waiting for the status write).
-    let allocation = crate::ipam::allocate(
+    let allocation = crate::ipam::allocate_withholding(
         &mesh.tunnel_pools,
         order
             .iter()
             .map(|p| (p.name.as_str(), p.tunnel_addresses.as_slice())),
+        |name| withheld.contains(name),
     );
     let allocated: Vec<Cow<'_, PeerInput>> = order
         .iter()
@@ -1257,19 +1335,6 @@ fn judge(
             format!("mesh {}: {why}", mesh.name),
         );
     }
-    // Every address that could be allocated was (in `compute`): a pool the peer has none
-    // from is full.
-    for pool in &mesh.tunnel_pools {
-        if !peer.tunnel_addresses.iter().any(|a| pool.contains_addr(*a)) {
-            return refuse(
-                Reason::TunnelPoolExhausted,
-                format!(
-                    "tunnel pool {pool} of mesh {} has no free address",
-                    mesh.name
-                ),
-            );
-        }
-    }
     for cidr in claimed_networks(peer, node) {
         if let Some((range, what)) = judged.reserved.first_overlap(&cidr) {
             return refuse(
@@ -1385,6 +1450,20 @@ fn judge(
                 format!(
                     "spec.endpoint {ip} is inside {theirs}, {owner}: without a mesh fwmark the \
                      tunnel's packets to it would be routed into that tunnel"
+                ),
+            );
+        }
+    }
+    // Last, so that what is wrong with the spec is said first, and a refused peer given no
+    // address (`compute`) reads as refused for it. Every address that could be allocated
+    // was: a pool the peer has none from is full.
+    for pool in &mesh.tunnel_pools {
+        if !peer.tunnel_addresses.iter().any(|a| pool.contains_addr(*a)) {
+            return refuse(
+                Reason::TunnelPoolExhausted,
+                format!(
+                    "tunnel pool {pool} of mesh {} has no free address",
+                    mesh.name
                 ),
             );
         }

@@ -648,6 +648,126 @@ fn exhausted_pool_is_reported() {
     assert!(message.contains("10.250.0.0/30"), "{message}");
 }
 
+/// A refused peer keeps the tunnel addresses it holds and is given none, so bad input never
+/// keeps a good peer from an address, even the last one.
+#[test]
+fn refused_peers_keep_what_they_hold_and_take_no_new_address() {
+    let addr = |s: &str| -> IpAddr { s.parse().unwrap() };
+    struct Case {
+        name: &'static str,
+        pool: &'static str,
+        // (peer, allowed IPs, held, disabled)
+        externals: Vec<(&'static str, &'static str, Option<&'static str>, bool)>,
+        // (peer, its addresses, refused for)
+        want: Vec<(&'static str, Vec<&'static str>, Option<Reason>)>,
+    }
+    let cases = [
+        Case {
+            name: "a new refused peer gets no address",
+            pool: "10.250.0.0/16",
+            externals: vec![
+                ("office", "192.168.50.0/24", None, false),
+                ("intruder", "192.168.50.128/25", None, false),
+                ("laptop", "192.168.60.0/24", None, false),
+            ],
+            want: vec![
+                ("office", vec!["10.250.0.4"], None),
+                ("intruder", vec![], Some(Reason::AllowedIpsOverlap)),
+                // The pool is not full: the refused peer's address was taken in the same
+                // computation, so the next one is given the one after it.
+                ("laptop", vec!["10.250.0.6"], None),
+            ],
+        },
+        Case {
+            name: "a refused peer keeps what it holds",
+            pool: "10.250.0.0/16",
+            externals: vec![
+                ("office", "192.168.50.0/24", None, false),
+                ("paused", "192.168.70.0/24", Some("10.250.0.9"), true),
+                ("intruder", "192.168.50.128/25", Some("10.250.0.8"), false),
+            ],
+            want: vec![
+                ("paused", vec!["10.250.0.9"], Some(Reason::Disabled)),
+                (
+                    "intruder",
+                    vec!["10.250.0.8"],
+                    Some(Reason::AllowedIpsOverlap),
+                ),
+                ("office", vec!["10.250.0.4"], None),
+            ],
+        },
+        Case {
+            // Six usable addresses, five held: one left, which the older, refused peers
+            // would have taken.
+            name: "the last free address goes to the good peer",
+            pool: "10.250.0.0/29",
+            externals: vec![
+                ("office", "192.168.50.0/24", Some("10.250.0.4"), false),
+                ("phone", "192.168.90.0/24", Some("10.250.0.5"), false),
+                ("intruder", "192.168.50.128/25", None, false),
+                ("duplicate", "192.168.80.0/24", None, false),
+                ("laptop", "192.168.60.0/24", None, false),
+            ],
+            want: vec![
+                ("intruder", vec![], Some(Reason::AllowedIpsOverlap)),
+                ("duplicate", vec![], Some(Reason::DuplicatePublicKey)),
+                ("laptop", vec!["10.250.0.6"], None),
+            ],
+        },
+        Case {
+            name: "a refused peer holding the last address keeps it",
+            pool: "10.250.0.0/29",
+            externals: vec![
+                ("office", "192.168.50.0/24", Some("10.250.0.4"), false),
+                ("phone", "192.168.90.0/24", Some("10.250.0.5"), false),
+                ("intruder", "192.168.50.128/25", Some("10.250.0.6"), false),
+                ("laptop", "192.168.60.0/24", None, false),
+            ],
+            want: vec![
+                (
+                    "intruder",
+                    vec!["10.250.0.6"],
+                    Some(Reason::AllowedIpsOverlap),
+                ),
+                ("laptop", vec![], Some(Reason::TunnelPoolExhausted)),
+            ],
+        },
+    ];
+    for case in cases {
+        let mut m = mesh();
+        m.tunnel_pools = cidrs(&[case.pool]);
+        let (nodes, mut peers) = three_nodes();
+        for (i, (name, allowed, held, disabled)) in case.externals.iter().enumerate() {
+            let mut p = external(name, 20 + i as u8, &[allowed]);
+            p.tunnel_addresses = held.iter().map(|a| addr(a)).collect();
+            p.disabled = *disabled;
+            if *name == "duplicate" {
+                p.public_key = key(20);
+            }
+            peers.push(p);
+        }
+        let d = compute(&m, &nodes, &peers);
+        for (peer, addresses, reason) in &case.want {
+            let want: Vec<IpAddr> = addresses.iter().map(|a| addr(a)).collect();
+            assert_eq!(d.tunnel_addresses[*peer], want, "{}: {peer}", case.name);
+            assert_eq!(
+                refused(&d, peer).map(|r| r.0),
+                *reason,
+                "{}: {peer}",
+                case.name
+            );
+        }
+        // The result is a fixed point: fed back as what peers hold, nothing moves.
+        let mut again = peers.clone();
+        for p in &mut again {
+            p.tunnel_addresses = d.tunnel_addresses[&p.name].clone();
+        }
+        let d2 = compute(&m, &nodes, &again);
+        assert_eq!(d2.tunnel_addresses, d.tunnel_addresses, "{}", case.name);
+        assert_eq!(d2.verdicts, d.verdicts, "{}", case.name);
+    }
+}
+
 #[test]
 fn keepalive_and_preshared_keys() {
     let mut m = mesh();

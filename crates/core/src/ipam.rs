@@ -28,6 +28,16 @@ pub fn allocate<'a>(
     pools: &[Cidr],
     requesters: impl IntoIterator<Item = (&'a str, &'a [IpAddr])>,
 ) -> Allocation {
+    allocate_withholding(pools, requesters, |_| false)
+}
+
+/// [`allocate`], where a requester `withheld` says is for keeps what it holds and gets no
+/// new address (a refused peer's, which needs none and must not take one from another).
+pub fn allocate_withholding<'a>(
+    pools: &[Cidr],
+    requesters: impl IntoIterator<Item = (&'a str, &'a [IpAddr])>,
+    withheld: impl Fn(&str) -> bool,
+) -> Allocation {
     let requesters: Vec<(&str, &[IpAddr])> = requesters.into_iter().collect();
     let mut used: Vec<BTreeSet<IpAddr>> = vec![BTreeSet::new(); pools.len()];
     let mut result = Allocation::default();
@@ -53,6 +63,12 @@ pub fn allocate<'a>(
     // resumes where the last one ended (many joining at once cost O(n), not O(n^2)).
     let mut searched_to: Vec<u128> = vec![1; pools.len()];
     for ((name, _), slots) in requesters.iter().zip(&mut kept) {
+        if withheld(name) {
+            result
+                .addresses
+                .insert(name.to_string(), slots.iter().flatten().copied().collect());
+            continue;
+        }
         let mut missing = Vec::new();
         for (i, pool) in pools.iter().enumerate() {
             if slots[i].is_none() {
