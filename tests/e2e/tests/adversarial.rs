@@ -129,19 +129,23 @@ async fn apply_peer(client: &kube::Client, name: &str, spec: serde_json::Value) 
 }
 
 /// Waits until the peer's Ready condition is False with `reason`; returns its message.
+/// Waits for the new peer `name` to be refused for `reason`; it holds no tunnel address
+/// then (a refused peer is given none, so hostile peers cannot use up a pool).
 async fn refused_with(client: &kube::Client, name: &str, reason: &str) -> Result<String> {
     let api: Api<WireGuardPeer> = Api::all(client.clone());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ready = api
-            .get(name)
-            .await?
-            .status
-            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"));
-        if let Some(c) = &ready
+        let status = api.get(name).await?.status.unwrap_or_default();
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+        if let Some(c) = ready
             && c.reason == reason
         {
             assert_eq!(c.status, "False", "{name}: {c:?}");
+            assert!(
+                status.addresses.is_empty(),
+                "{name} is refused but was given {:?}",
+                status.addresses
+            );
             eprintln!("{name}: Ready=False {reason}: {}", c.message);
             return Ok(c.message.clone());
         }
