@@ -21,7 +21,7 @@ pub fn run(check: bool) -> Result<()> {
     write_values_schema(check, &mut stale)?;
     if !stale.is_empty() {
         bail!(
-            "these CRDs differ from the Rust types; run `cargo xtask crdgen`: {}",
+            "these files differ from the Rust types; run `cargo xtask crdgen`: {}",
             stale.join(", ")
         );
     }
@@ -31,17 +31,28 @@ pub fn run(check: bool) -> Result<()> {
 fn write_dir(dir: &std::path::Path, check: bool, stale: &mut Vec<String>) -> Result<()> {
     for (file, crd) in wgmesh_api::crds() {
         let path = dir.join(file);
-        let want = wgmesh_api::crd_yaml(&crd);
         let have = fs::read_to_string(&path).unwrap_or_default();
-        if have == want {
-            continue;
-        }
-        if check {
-            stale.push(path.display().to_string());
-        } else {
-            fs::write(&path, want).with_context(|| format!("writing {}", path.display()))?;
-            println!("wrote {}", path.display());
-        }
+        write_if_changed(&path, &have, &wgmesh_api::crd_yaml(&crd), check, stale)?;
+    }
+    Ok(())
+}
+
+/// Writes `want` to `path` unless it holds it (`have`); with `check`, names it stale instead.
+fn write_if_changed(
+    path: &std::path::Path,
+    have: &str,
+    want: &str,
+    check: bool,
+    stale: &mut Vec<String>,
+) -> Result<()> {
+    if have == want {
+        return Ok(());
+    }
+    if check {
+        stale.push(path.display().to_string());
+    } else {
+        fs::write(path, want).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
     }
     Ok(())
 }
@@ -56,16 +67,7 @@ fn write_values_schema(check: bool, stale: &mut Vec<String>) -> Result<()> {
     let path = values_schema_path();
     let have = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let want = splice_mesh_spec(&have, &values_spec_schema(&mesh_spec_schema()?))?;
-    if have == want {
-        return Ok(());
-    }
-    if check {
-        stale.push(path.display().to_string());
-    } else {
-        fs::write(&path, want).with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {}", path.display());
-    }
-    Ok(())
+    write_if_changed(&path, &have, &want, check, stale)
 }
 
 /// The WireGuardMesh CRD's schema of `spec`.
