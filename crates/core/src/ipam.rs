@@ -31,8 +31,8 @@ pub fn allocate<'a>(
     allocate_withholding(pools, requesters, |_| false)
 }
 
-/// [`allocate`], where a requester `withheld` says is for keeps what it holds and gets no
-/// new address (a refused peer's, which needs none and must not take one from another).
+/// [`allocate`], except that a requester for which `withheld` is true keeps what it holds
+/// and is given no new address (a refused peer, which must not take one from another).
 pub fn allocate_withholding<'a>(
     pools: &[Cidr],
     requesters: impl IntoIterator<Item = (&'a str, &'a [IpAddr])>,

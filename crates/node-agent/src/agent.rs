@@ -1125,18 +1125,7 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(factor)
 }
 
-/// Where the routes to peers go, and the rules that select them. CNI mode: the main table
-/// (nothing else routes pods), unless the mesh marks its packets (`fwmark`, which host
-/// encryption needs). Add-on mode, and a marking mesh: a table of our own, looked up ahead
-/// of the main table, where the other CNI's plaintext routes to the same pod CIDRs are; when
-/// the mesh marks its encrypted packets, they are exempt (`not fwmark`), which keeps a peer
-/// whose allowed IPs cover its own endpoint from looping.
-///
-/// Strict meshes (the default) also get guards: a blackhole behind every network the mesh
-/// protects (peers' allowed IPs, the tunnel pools, the cluster's pod networks), so that
-/// whatever happens to the interface that traffic is dropped rather than sent elsewhere in
-/// plaintext; the node's own pod CIDRs stay local. Nothing containing an address in
-/// `keep_reachable` (the underlay, the controller) is ever routed into the mesh or guarded.
+/// Whether the routes to peers go in a table of our own ([`routing_config`]).
 fn dedicated_table(net: &NetworkArgs, settings: &pb::MeshSettings) -> bool {
     net.network_mode == NetworkMode::Addon || settings.fwmark != 0
 }
@@ -1150,6 +1139,18 @@ fn marked_packets_table(net: &NetworkArgs, settings: &pb::MeshSettings) -> Optio
         .then_some(settings.fwmark_table)
 }
 
+/// Where the routes to peers go, and the rules that select them. CNI mode: the main table
+/// (nothing else routes pods), unless the mesh marks its packets (`fwmark`, which host
+/// encryption needs). Add-on mode, and a marking mesh: a table of our own, looked up ahead
+/// of the main table, where the other CNI's plaintext routes to the same pod CIDRs are; when
+/// the mesh marks its encrypted packets, they are exempt (`not fwmark`), which keeps a peer
+/// whose allowed IPs cover its own endpoint from looping.
+///
+/// Strict meshes (the default) also get guards: a blackhole behind every network the mesh
+/// protects (peers' allowed IPs, the tunnel pools, the cluster's pod networks), so that
+/// whatever happens to the interface that traffic is dropped rather than sent elsewhere in
+/// plaintext; the node's own pod CIDRs stay local. Nothing containing an address in
+/// `keep_reachable` (the underlay, the controller) is ever routed into the mesh or guarded.
 pub fn routing_config(
     net: &NetworkArgs,
     settings: &pb::MeshSettings,
